@@ -1,0 +1,92 @@
+// Shared helpers of the CPU kernels: activation codes, argument checks, the fused epilogue.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace slimops {
+namespace cpu {
+
+// Matches the schema's `int activation` (and slimops.ops._common.ACTIVATION_CODES).
+enum Activation : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2 };
+
+inline void check_activation(int64_t activation) {
+  TORCH_CHECK(activation >= 0 && activation <= 2,
+              "slimops: activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
+}
+
+template <typename scalar_t>
+inline scalar_t activate(scalar_t v, int64_t activation) {
+  if (activation == kRelu) return v > scalar_t(0) ? v : scalar_t(0);
+  if (activation == kRelu6) return std::min(std::max(v, scalar_t(0)), scalar_t(6));
+  return v;
+}
+
+// d act / d pre evaluated from the activation's *output* (so the pre-activation need not be
+// saved): relu passes where out > 0, relu6 where 0 < out < 6.
+template <typename scalar_t>
+inline scalar_t activation_mask(scalar_t out, int64_t activation) {
+  if (activation == kRelu) return out > scalar_t(0) ? scalar_t(1) : scalar_t(0);
+  if (activation == kRelu6)
+    return (out > scalar_t(0) && out < scalar_t(6)) ? scalar_t(1) : scalar_t(0);
+  return scalar_t(1);
+}
+
+inline void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "slimops::", op,
+              ": the CPU kernel supports float32 and float64; ", name, " is ", t.scalar_type());
+}
+
+inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                       const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "slimops::", op, ": ", name, " has dtype ",
+              t.scalar_type(), " but input has ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "slimops::", op, ": ", name, " is on ", t.device(),
+              " but input is on ", ref.device());
+}
+
+inline void check_vector(const c10::optional<at::Tensor>& t, int64_t len, const at::Tensor& ref,
+                         const char* op, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  check_same(*t, ref, op, name);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == len, "slimops::", op, ": ", name,
+              " must be a vector of length ", len, ", got shape ", t->sizes());
+}
+
+inline const at::Tensor* opt_ptr(const c10::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? &*t : nullptr;
+}
+
+// Fused epilogue, in one pass over a contiguous NCHW output `out` ([N, C, HW]) holding z:
+//   out = act((z + bias[bias_index(c)]) * scale[c] + shift[c] + residual)
+// `bias` is indexed through `bias_index` (grouped convs read per-group bias prefixes).
+// Every pointer may be null. `residual` must be contiguous NCHW of out's shape.
+template <typename scalar_t, typename BiasIndex>
+void apply_epilogue(scalar_t* out, int64_t N, int64_t C, int64_t HW, const scalar_t* bias,
+                    BiasIndex bias_index, const scalar_t* scale, const scalar_t* shift,
+                    const scalar_t* residual, int64_t activation) {
+  if (!bias && !scale && !shift && !residual && activation == kNone) return;
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t c = row % C;
+      const scalar_t b = bias ? bias[bias_index(c)] : scalar_t(0);
+      const scalar_t s = scale ? scale[c] : scalar_t(1);
+      const scalar_t t = (shift ? shift[c] : scalar_t(0)) + b * s;
+      scalar_t* o = out + row * HW;
+      const scalar_t* r = residual ? residual + row * HW : nullptr;
+      // (z + b) * s + shift == z * s + (b * s + shift): one multiply-add per element.
+      if (r) {
+        for (int64_t i = 0; i < HW; ++i) o[i] = activate<scalar_t>(o[i] * s + t + r[i], activation);
+      } else {
+        for (int64_t i = 0; i < HW; ++i) o[i] = activate<scalar_t>(o[i] * s + t, activation);
+      }
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace slimops

@@ -1,0 +1,370 @@
+// Slimmable (grouped) conv2d on per-group channel prefixes of a shared weight: the forward
+// with fused epilogue, and the input and weight gradients of the pre-epilogue output z.
+//
+// Every GEMM reads group g's weight prefix as a strided [og, ig*kh*kw] view of the full
+// weight (row stride Ig*kh*kw, unit column stride), which BLAS takes through its leading
+// dimension: the weight is never copied, only activations are (im2col, .contiguous()).
+#include "cpu/common.h"
+
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace slimops {
+namespace cpu {
+namespace {
+
+struct ConvGeometry {
+  int64_t N, C, H, W;      // input
+  int64_t O, Ho, Wo;       // output
+  int64_t G, Og, Ig;       // full weight: [G * Og, Ig, kh, kw]
+  int64_t og, ig;          // active per-group prefix
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+
+  int64_t kernel_area() const { return kh * kw; }
+  int64_t P() const { return Ho * Wo; }
+  // Rows of one group's im2col matrix, i.e. the inner dimension of its GEMM.
+  int64_t K() const { return ig * kernel_area(); }
+  // A 1x1 kernel with unit stride and no padding sees each input pixel once, in order, so
+  // the image [C, H*W] is already the im2col matrix (dilation has no effect on 1x1).
+  bool pointwise() const { return kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0; }
+};
+
+ConvGeometry make_geometry(const char* op, at::IntArrayRef input_size, const at::Tensor& weight,
+                           int64_t out_channels, at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(input_size.size() == 4, "slimops::", op, ": expected a 4-D NCHW input, got size ",
+              input_size);
+  for (int64_t v : input_size)
+    TORCH_CHECK(v >= 0, "slimops::", op, ": input size must be non-negative, got ", input_size);
+  TORCH_CHECK(input_size[2] >= 1 && input_size[3] >= 1, "slimops::", op,
+              ": input height and width must be >= 1, got size ", input_size);
+  TORCH_CHECK(weight.dim() == 4, "slimops::", op, ": weight must be 4-D [G*Og, Ig, kh, kw], got ",
+              weight.sizes());
+  TORCH_CHECK(weight.is_contiguous(), "slimops::", op,
+              ": weight must be contiguous (its channel prefixes are read in place, never "
+              "copied); got strides ",
+              weight.strides(), " for sizes ", weight.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "slimops::", op,
+              ": stride, padding and dilation must be pairs");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, "slimops::", op, ": stride must be >= 1, got ",
+              stride);
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, "slimops::", op,
+              ": dilation must be >= 1, got ", dilation);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "slimops::", op,
+              ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(groups >= 1, "slimops::", op, ": groups must be >= 1, got ", groups);
+  TORCH_CHECK(weight.size(0) >= groups && weight.size(0) % groups == 0, "slimops::", op,
+              ": groups=", groups, " must divide the weight's ", weight.size(0), " rows");
+  TORCH_CHECK(weight.size(1) >= 1 && weight.size(2) >= 1 && weight.size(3) >= 1, "slimops::", op,
+              ": weight has an empty dimension: ", weight.sizes());
+
+  ConvGeometry s;
+  s.N = input_size[0];
+  s.C = input_size[1];
+  s.H = input_size[2];
+  s.W = input_size[3];
+  s.G = groups;
+  s.Og = weight.size(0) / groups;
+  s.Ig = weight.size(1);
+  s.kh = weight.size(2);
+  s.kw = weight.size(3);
+  s.sh = stride[0];
+  s.sw = stride[1];
+  s.ph = padding[0];
+  s.pw = padding[1];
+  s.dh = dilation[0];
+  s.dw = dilation[1];
+  s.O = out_channels;
+
+  TORCH_CHECK(s.O >= groups && s.O % groups == 0, "slimops::", op, ": out_channels=", s.O,
+              " must be a positive multiple of groups=", groups);
+  TORCH_CHECK(s.C >= groups && s.C % groups == 0, "slimops::", op, ": in_channels=", s.C,
+              " must be a positive multiple of groups=", groups);
+  s.og = s.O / groups;
+  s.ig = s.C / groups;
+  TORCH_CHECK(s.og <= s.Og, "slimops::", op, ": out_channels=", s.O, " needs ", s.og,
+              " rows per group but the weight ", weight.sizes(), " has ", s.Og, " (groups=",
+              groups, ")");
+  TORCH_CHECK(s.ig <= s.Ig, "slimops::", op, ": in_channels=", s.C, " needs ", s.ig,
+              " input channels per group but the weight ", weight.sizes(), " has ", s.Ig,
+              " (groups=", groups, ")");
+
+  const int64_t span_h = s.dh * (s.kh - 1) + 1, span_w = s.dw * (s.kw - 1) + 1;
+  TORCH_CHECK(s.H + 2 * s.ph >= span_h && s.W + 2 * s.pw >= span_w, "slimops::", op,
+              ": input too small for kernel: padded input ", s.H + 2 * s.ph, "x",
+              s.W + 2 * s.pw, " is smaller than the dilated kernel ", span_h, "x", span_w);
+  s.Ho = (s.H + 2 * s.ph - span_h) / s.sh + 1;
+  s.Wo = (s.W + 2 * s.pw - span_w) / s.sw + 1;
+  return s;
+}
+
+// [G, og, ig*kh*kw] view of the active per-group prefixes of a contiguous [G*Og, Ig, kh, kw]
+// tensor; element [g] is a row-major matrix with leading dimension Ig*kh*kw.
+at::Tensor group_prefixes(const at::Tensor& w, const ConvGeometry& s) {
+  return w.view({s.G, s.Og, s.Ig * s.kernel_area()}).narrow(1, 0, s.og).narrow(2, 0, s.K());
+}
+
+// Output positions o in [0, out_size) whose input index o * stride + offset lies in [0, size).
+struct Span {
+  int64_t lo, hi;
+};
+
+Span valid_span(int64_t offset, int64_t stride, int64_t size, int64_t out_size) {
+  const int64_t lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  const int64_t hi = size - 1 - offset < 0 ? 0 : (size - 1 - offset) / stride + 1;
+  const int64_t clo = std::min(lo, out_size);
+  return {clo, std::max(clo, std::min(hi, out_size))};
+}
+
+// Items per task for ~32K elements of work per task, ATen's own grain.
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, int64_t{32768} / std::max<int64_t>(1, work_per_item));
+}
+
+// cols[(c*kh + i)*kw + j, oh*Wo + ow] = image[c, oh*sh - ph + i*dh, ow*sw - pw + j*dw] (0 off
+// the image). Rows are ordered channel-major, so group g's rows are the contiguous block
+// [g*K, (g+1)*K).
+template <typename scalar_t>
+void im2col(const scalar_t* image, scalar_t* cols, const ConvGeometry& s) {
+  const int64_t P = s.P();
+  at::parallel_for(0, s.C * s.kernel_area(), grain_for(P), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t j = r % s.kw, i = (r / s.kw) % s.kh, c = r / s.kernel_area();
+      const scalar_t* src = image + c * s.H * s.W;
+      const int64_t off_w = j * s.dw - s.pw;
+      const Span w = valid_span(off_w, s.sw, s.W, s.Wo);
+      scalar_t* dst = cols + r * P;
+      for (int64_t oh = 0; oh < s.Ho; ++oh, dst += s.Wo) {
+        const int64_t ih = oh * s.sh + i * s.dh - s.ph;
+        if (ih < 0 || ih >= s.H) {
+          std::fill(dst, dst + s.Wo, scalar_t(0));
+          continue;
+        }
+        const scalar_t* row = src + ih * s.W;
+        std::fill(dst, dst + w.lo, scalar_t(0));
+        for (int64_t ow = w.lo; ow < w.hi; ++ow) dst[ow] = row[ow * s.sw + off_w];
+        std::fill(dst + w.hi, dst + s.Wo, scalar_t(0));
+      }
+    }
+  });
+}
+
+// Adjoint of im2col: image[c, ih, iw] += cols[...] over every (row, position) reading it.
+// Parallel over channels, so each thread owns the image plane it accumulates into.
+template <typename scalar_t>
+void col2im(const scalar_t* cols, scalar_t* image, const ConvGeometry& s) {
+  const int64_t P = s.P();
+  at::parallel_for(0, s.C, grain_for(s.kernel_area() * P), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      scalar_t* plane = image + c * s.H * s.W;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        for (int64_t j = 0; j < s.kw; ++j) {
+          const scalar_t* src = cols + ((c * s.kh + i) * s.kw + j) * P;
+          const int64_t off_w = j * s.dw - s.pw;
+          const Span w = valid_span(off_w, s.sw, s.W, s.Wo);
+          const int64_t off_h = i * s.dh - s.ph;
+          const Span h = valid_span(off_h, s.sh, s.H, s.Ho);
+          for (int64_t oh = h.lo; oh < h.hi; ++oh) {
+            scalar_t* row = plane + (oh * s.sh + off_h) * s.W;
+            const scalar_t* in = src + oh * s.Wo;
+            for (int64_t ow = w.lo; ow < w.hi; ++ow) row[ow * s.sw + off_w] += in[ow];
+          }
+        }
+      }
+    }
+  });
+}
+
+// Runs body(begin, end) over the images. With at least one image per thread each thread
+// takes whole images and its GEMMs run single-threaded (BLAS inside an OpenMP region);
+// otherwise the images go in order and BLAS and the im2col loops use the threads.
+// Worker threads do not inherit the caller's thread-local state, so the ATen calls in body
+// must see an explicit below-autograd guard (see ImageGuard).
+template <typename F>
+void for_each_image(int64_t N, const F& body) {
+  if (N >= at::get_num_threads()) {
+    at::parallel_for(0, N, 1, body);
+  } else {
+    body(0, N);
+  }
+}
+
+struct ImageGuard {
+  at::NoGradGuard no_grad;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+};
+
+at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, int64_t out_channels,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                  int64_t groups, const c10::optional<at::Tensor>& scale,
+                  const c10::optional<at::Tensor>& shift,
+                  const c10::optional<at::Tensor>& residual, int64_t activation) {
+  constexpr const char* op = "conv2d";
+  check_activation(activation);
+  check_float(input, op, "input");
+  check_same(weight, input, op, "weight");
+  TORCH_CHECK(input.dim() == 4, "slimops::conv2d: expected a 4-D NCHW input, got shape ",
+              input.sizes());
+  const ConvGeometry s =
+      make_geometry(op, input.sizes(), weight, out_channels, stride, padding, dilation, groups);
+  check_vector(bias, s.G * s.Og, input, op, "bias");
+  check_vector(scale, s.O, input, op, "scale");
+  check_vector(shift, s.O, input, op, "shift");
+  const std::vector<int64_t> out_size = {s.N, s.O, s.Ho, s.Wo};
+  if (const at::Tensor* r = opt_ptr(residual)) {
+    check_same(*r, input, op, "residual");
+    TORCH_CHECK(r->sizes() == at::IntArrayRef(out_size), "slimops::conv2d: residual must have "
+                "the output's shape ", at::IntArrayRef(out_size), ", got ", r->sizes());
+  }
+
+  at::Tensor out = at::empty(out_size, input.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor x = input.contiguous().view({s.N, s.C, s.H * s.W});
+  const at::Tensor out3 = out.view({s.N, s.O, s.P()});
+  const at::Tensor w = group_prefixes(weight, s);
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "slimops_conv2d", [&] {
+    for_each_image(s.N, [&](int64_t begin, int64_t end) {
+      ImageGuard guard;
+      const at::Tensor cols = s.pointwise()
+                                  ? at::Tensor()
+                                  : at::empty({s.C * s.kernel_area(), s.P()}, x.options());
+      for (int64_t n = begin; n < end; ++n) {
+        const at::Tensor image = x.select(0, n);
+        if (!s.pointwise()) im2col(image.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(), s);
+        const at::Tensor& b = s.pointwise() ? image : cols;
+        const at::Tensor out_n = out3.select(0, n);
+        for (int64_t g = 0; g < s.G; ++g) {
+          at::Tensor out_ng = out_n.narrow(0, g * s.og, s.og);
+          at::mm_out(out_ng, w.select(0, g), b.narrow(0, g * s.K(), s.K()));
+        }
+      }
+    });
+
+    const at::Tensor* b = opt_ptr(bias);
+    const int64_t bias_stride = b ? b->stride(0) : 0;
+    const auto contiguous_or_undefined = [](const c10::optional<at::Tensor>& t) {
+      const at::Tensor* p = opt_ptr(t);
+      return p ? p->contiguous() : at::Tensor();
+    };
+    const at::Tensor sc = contiguous_or_undefined(scale);
+    const at::Tensor sh = contiguous_or_undefined(shift);
+    const at::Tensor res = contiguous_or_undefined(residual);
+    const int64_t og = s.og, Og = s.Og;
+    // Output channel c = g*og + j reads bias row g*Og + j, through the bias's own stride.
+    apply_epilogue<scalar_t>(
+        out.data_ptr<scalar_t>(), s.N, s.O, s.P(), b ? b->data_ptr<scalar_t>() : nullptr,
+        [=](int64_t c) { return ((c / og) * Og + c % og) * bias_stride; },
+        sc.defined() ? sc.data_ptr<scalar_t>() : nullptr,
+        sh.defined() ? sh.data_ptr<scalar_t>() : nullptr,
+        res.defined() ? res.data_ptr<scalar_t>() : nullptr, activation);
+  });
+  return out;
+}
+
+// grad_z: [N, O, Ho, Wo] with O = grad_z.size(1) the active output width.
+ConvGeometry backward_geometry(const char* op, const at::Tensor& grad_z,
+                               at::IntArrayRef input_size, const at::Tensor& weight,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups) {
+  check_float(grad_z, op, "grad_z");
+  TORCH_CHECK(weight.scalar_type() == grad_z.scalar_type() && weight.device() == grad_z.device(),
+              "slimops::", op, ": weight (", weight.scalar_type(), ", ", weight.device(),
+              ") must match grad_z (", grad_z.scalar_type(), ", ", grad_z.device(), ")");
+  TORCH_CHECK(grad_z.dim() == 4, "slimops::", op, ": grad_z must be 4-D [N, O, Ho, Wo], got ",
+              grad_z.sizes());
+  const ConvGeometry s = make_geometry(op, input_size, weight, grad_z.size(1), stride, padding,
+                                       dilation, groups);
+  TORCH_CHECK(grad_z.size(0) == s.N && grad_z.size(2) == s.Ho && grad_z.size(3) == s.Wo,
+              "slimops::", op, ": grad_z shape ", grad_z.sizes(), " does not match the output [",
+              s.N, ", ", s.O, ", ", s.Ho, ", ", s.Wo, "] of an input of size ", input_size);
+  return s;
+}
+
+at::Tensor conv2d_backward_input(const at::Tensor& grad_z, const at::Tensor& weight,
+                                 at::IntArrayRef input_size, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
+  const ConvGeometry s = backward_geometry("conv2d_backward_input", grad_z, input_size, weight,
+                                           stride, padding, dilation, groups);
+  // The pointwise path writes every element through its GEMMs; col2im accumulates.
+  at::Tensor grad_input = s.pointwise() ? at::empty(input_size, grad_z.options())
+                                        : at::zeros(input_size, grad_z.options());
+  if (grad_input.numel() == 0) return grad_input;
+  const at::Tensor gz = grad_z.contiguous().view({s.N, s.O, s.P()});
+  const at::Tensor gi = grad_input.view({s.N, s.C, s.H * s.W});
+  const at::Tensor w = group_prefixes(weight, s);
+
+  AT_DISPATCH_FLOATING_TYPES(grad_z.scalar_type(), "slimops_conv2d_backward_input", [&] {
+    for_each_image(s.N, [&](int64_t begin, int64_t end) {
+      ImageGuard guard;
+      const at::Tensor cols = s.pointwise()
+                                  ? at::Tensor()
+                                  : at::empty({s.C * s.kernel_area(), s.P()}, gz.options());
+      for (int64_t n = begin; n < end; ++n) {
+        const at::Tensor gi_n = gi.select(0, n);
+        const at::Tensor gz_n = gz.select(0, n);
+        const at::Tensor& dst = s.pointwise() ? gi_n : cols;
+        for (int64_t g = 0; g < s.G; ++g) {
+          at::Tensor dst_g = dst.narrow(0, g * s.K(), s.K());
+          // The transposed prefix is column-major with the same leading dimension.
+          at::mm_out(dst_g, w.select(0, g).t(), gz_n.narrow(0, g * s.og, s.og));
+        }
+        if (!s.pointwise()) col2im(cols.data_ptr<scalar_t>(), gi_n.data_ptr<scalar_t>(), s);
+      }
+    });
+  });
+  return grad_input;
+}
+
+at::Tensor conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& input,
+                                  const at::Tensor& weight, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups) {
+  constexpr const char* op = "conv2d_backward_weight";
+  check_float(input, op, "input");
+  check_same(grad_z, input, op, "grad_z");
+  TORCH_CHECK(input.dim() == 4, "slimops::", op, ": expected a 4-D NCHW input, got shape ",
+              input.sizes());
+  const ConvGeometry s =
+      backward_geometry(op, grad_z, input.sizes(), weight, stride, padding, dilation, groups);
+  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
+  if (s.N == 0) return grad_weight;
+  const at::Tensor x = input.contiguous().view({s.N, s.C, s.H * s.W});
+  const at::Tensor gz = grad_z.contiguous().view({s.N, s.O, s.P()});
+  // The GEMMs accumulate straight into the strided prefixes of the full-size gradient.
+  const at::Tensor gw = group_prefixes(grad_weight, s);
+
+  // Every image adds into the same prefixes, so images go in order; BLAS uses the threads.
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "slimops_conv2d_backward_weight", [&] {
+    const at::Tensor cols = s.pointwise()
+                                ? at::Tensor()
+                                : at::empty({s.C * s.kernel_area(), s.P()}, x.options());
+    for (int64_t n = 0; n < s.N; ++n) {
+      const at::Tensor image = x.select(0, n);
+      if (!s.pointwise()) im2col(image.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(), s);
+      const at::Tensor& b = s.pointwise() ? image : cols;
+      const at::Tensor gz_n = gz.select(0, n);
+      for (int64_t g = 0; g < s.G; ++g) {
+        gw.select(0, g).addmm_(gz_n.narrow(0, g * s.og, s.og),
+                               b.narrow(0, g * s.K(), s.K()).t());
+      }
+    }
+  });
+  return grad_weight;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slimops, CPU, m) {
+  m.impl("conv2d", &conv2d);
+  m.impl("conv2d_backward_input", &conv2d_backward_input);
+  m.impl("conv2d_backward_weight", &conv2d_backward_weight);
+}
+
+}  // namespace cpu
+}  // namespace slimops

@@ -1,0 +1,417 @@
+// Direct depthwise convolution on the channel prefix W[:C] of a [C_full, 1, kh, kw] weight,
+// with the fused epilogue, and its two backward ops.
+//
+// Every op works one (n, c) plane at a time, so planes are independent and parallel_for needs
+// no synchronisation. A plane that needs padding is first copied into a zero-bordered
+// thread-local buffer, so the convolution loops carry no bounds tests at all: with the kernel
+// size and stride fixed at compile time (the common depthwise shapes) the row loop unrolls over
+// the taps and vectorises over output columns. The stride-1 input gradient reuses that loop (it
+// is a correlation with the flipped kernel); other strides scatter into the padded buffer.
+#include "cpu/common.h"
+
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+namespace slimops {
+namespace cpu {
+namespace {
+
+// A strided, dilated, zero-padded 2-D correlation of one H x W plane with a KH x KW kernel:
+// out[oh][ow] = sum_{i,j} w[i][j] * padded[oh * sh + i * dh][ow * sw + j * dw], where `padded`
+// is the plane placed at (ph, pw) in an HP x WP field of zeros, HP x WP being exactly the
+// extent the output reads. The padding may be negative (the stride-1 backward correlation of a
+// heavily padded conv): the plane is then cropped.
+struct PlaneConv {
+  int64_t H, W, KH, KW, OH, OW;
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t HP, WP;
+
+  PlaneConv(int64_t H_, int64_t W_, int64_t KH_, int64_t KW_, int64_t OH_, int64_t OW_,
+            int64_t sh_, int64_t sw_, int64_t ph_, int64_t pw_, int64_t dh_, int64_t dw_)
+      : H(H_), W(W_), KH(KH_), KW(KW_), OH(OH_), OW(OW_), sh(sh_), sw(sw_), ph(ph_), pw(pw_),
+        dh(dh_), dw(dw_), HP((OH_ - 1) * sh_ + (KH_ - 1) * dh_ + 1),
+        WP((OW_ - 1) * sw_ + (KW_ - 1) * dw_ + 1) {}
+
+  // Without padding the plane itself serves as `padded` (rows past HP are simply not read).
+  bool needs_padding() const { return ph != 0 || pw != 0; }
+  // The input rows [row_begin, row_end) and columns [col_begin, col_end) inside the field.
+  int64_t row_begin() const { return std::max<int64_t>(0, -ph); }
+  int64_t row_end() const { return std::min(H, HP - ph); }
+  int64_t col_begin() const { return std::max<int64_t>(0, -pw); }
+  int64_t col_end() const { return std::min(W, WP - pw); }
+};
+
+// The forward problem: N x C planes, and the plane geometry.
+struct Problem {
+  int64_t N, C;
+  PlaneConv conv;
+};
+
+void check_pair(at::IntArrayRef v, const char* op, const char* name, int64_t min) {
+  TORCH_CHECK(v.size() == 2, "slimops::", op, ": ", name, " must have 2 elements, got ", v);
+  TORCH_CHECK(v[0] >= min && v[1] >= min, "slimops::", op, ": ", name, " must be >= ", min,
+              ", got ", v);
+}
+
+void check_weight(const at::Tensor& weight, const char* op) {
+  check_float(weight, op, "weight");
+  TORCH_CHECK(weight.device().is_cpu(), "slimops::", op, ": weight must be on the CPU, got ",
+              weight.device());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1,
+              "slimops::", op, ": weight must have shape [C_full, 1, kh, kw], got ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, "slimops::", op,
+              ": weight kernel size must be >= 1, got ", weight.sizes());
+  // The kernels read the prefix W[:C] in place; copying the shared weight is what slimops avoids.
+  TORCH_CHECK(weight.is_contiguous(), "slimops::", op,
+              ": weight must be contiguous (its channel prefix is read in place, never copied); "
+              "got strides ",
+              weight.strides());
+}
+
+// Validates everything shape-related that the three ops share and derives the output size.
+Problem make_problem(const char* op, at::IntArrayRef input_size, const at::Tensor& weight,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_weight(weight, op);
+  check_pair(stride, op, "stride", 1);
+  check_pair(padding, op, "padding", 0);
+  check_pair(dilation, op, "dilation", 1);
+  TORCH_CHECK(input_size.size() == 4, "slimops::", op,
+              ": input size must be 4-D [N, C, H, W], got ", input_size);
+  for (int64_t s : input_size)
+    TORCH_CHECK(s >= 0, "slimops::", op, ": input size must be non-negative, got ", input_size);
+  const int64_t C = input_size[1], H = input_size[2], W = input_size[3];
+  const int64_t C_full = weight.size(0), KH = weight.size(2), KW = weight.size(3);
+  TORCH_CHECK(C >= 1 && C <= C_full, "slimops::", op, ": input has ", C,
+              " channels; expected between 1 and the weight's ", C_full);
+  TORCH_CHECK(H >= 1 && W >= 1, "slimops::", op, ": input spatial size must be non-zero, got ",
+              input_size);
+  const int64_t span_h = H + 2 * padding[0] - dilation[0] * (KH - 1) - 1;
+  const int64_t span_w = W + 2 * padding[1] - dilation[1] * (KW - 1) - 1;
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, "slimops::", op, ": input spatial size (", H, ", ", W,
+              ") with padding ", padding, " is smaller than the dilated kernel (",
+              dilation[0] * (KH - 1) + 1, ", ", dilation[1] * (KW - 1) + 1,
+              "); the output size would be < 1");
+  return Problem{input_size[0], C,
+                 PlaneConv(H, W, KH, KW, span_h / stride[0] + 1, span_w / stride[1] + 1,
+                           stride[0], stride[1], padding[0], padding[1], dilation[0],
+                           dilation[1])};
+}
+
+void check_shaped(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                  at::IntArrayRef expected) {
+  check_same(t, ref, op, name);
+  TORCH_CHECK(t.sizes() == expected, "slimops::", op, ": ", name, " must have shape ", expected,
+              ", got ", t.sizes());
+}
+
+// The zero-padded plane of a correlation, addressed with row stride `ld`.
+template <typename scalar_t>
+struct Field {
+  scalar_t* data;
+  int64_t ld;
+};
+
+// A thread's padding buffer: HP x WP zeros, or nothing when the plane needs no padding.
+template <typename scalar_t>
+std::vector<scalar_t> field_buffer(const PlaneConv& p) {
+  return std::vector<scalar_t>(p.needs_padding() ? p.HP * p.WP : 0, scalar_t(0));
+}
+
+// The padded plane of x: x itself when there is no padding, else x copied into `buffer` at
+// (ph, pw). Only that region of the buffer is ever written, so its border stays zero.
+template <typename scalar_t>
+Field<const scalar_t> pad_plane(const PlaneConv& p, const scalar_t* x,
+                                std::vector<scalar_t>& buffer) {
+  if (!p.needs_padding()) return {x, p.W};
+  // The field can miss whole rows or columns of the plane: past the last one a large stride
+  // reads, or, with negative padding, cropped away.
+  const int64_t c0 = p.col_begin(), c1 = p.col_end();
+  for (int64_t ih = p.row_begin(); ih < p.row_end() && c0 < c1; ++ih) {
+    const scalar_t* row = x + ih * p.W;
+    std::copy(row + c0, row + c1, buffer.data() + (ih + p.ph) * p.WP + c0 + p.pw);
+  }
+  return {buffer.data(), p.WP};
+}
+
+// Calls f(kh, kw, sw) with std::integral_constant arguments: the kernel size and column stride
+// of the common depthwise shapes, so the kernels' loops over the taps unroll and their loops
+// over columns vectorise, or zeros, meaning "read them from `p` at run time".
+template <typename F>
+void dispatch_shape(const PlaneConv& p, const F& f) {
+  using Zero = std::integral_constant<int64_t, 0>;
+  using One = std::integral_constant<int64_t, 1>;
+  using Two = std::integral_constant<int64_t, 2>;
+  using Three = std::integral_constant<int64_t, 3>;
+  using Five = std::integral_constant<int64_t, 5>;
+  using Seven = std::integral_constant<int64_t, 7>;
+  const auto is = [&](int64_t k, int64_t s) { return p.KH == k && p.KW == k && p.sw == s; };
+  if (is(3, 1)) return f(Three(), Three(), One());
+  if (is(3, 2)) return f(Three(), Three(), Two());
+  if (is(5, 1)) return f(Five(), Five(), One());
+  if (is(5, 2)) return f(Five(), Five(), Two());
+  if (is(7, 1)) return f(Seven(), Seven(), One());
+  f(Zero(), Zero(), Zero());
+}
+
+// o[ow] = sum_{i,j} w[i][j] * src[i * dh * ld + ow * sw + j * dw] for ow in [0, OW), src being
+// padded row oh * sh: output row oh of the correlation.
+template <int64_t KH_, int64_t KW_, int64_t SW_, typename scalar_t>
+void correlate_row(scalar_t* __restrict__ o, const scalar_t* __restrict__ src, int64_t ld,
+                   const scalar_t* __restrict__ w, const PlaneConv& p) {
+  const int64_t KH = KH_ ? KH_ : p.KH, KW = KW_ ? KW_ : p.KW, SW = SW_ ? SW_ : p.sw;
+  const int64_t row_step = p.dh * ld, dw = p.dw, OW = p.OW;
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    scalar_t acc = 0;
+    for (int64_t i = 0; i < KH; ++i)
+      for (int64_t j = 0; j < KW; ++j) acc += w[i * KW + j] * src[i * row_step + ow * SW + j * dw];
+    o[ow] = acc;
+  }
+}
+
+// partial[(i * KW + j) * OW + ow] += g[ow] * src[i * dh * ld + ow * sw + j * dw]: output row oh's
+// contribution to each tap's weight gradient, kept per column so the loop vectorises.
+template <int64_t KH_, int64_t KW_, int64_t SW_, typename scalar_t>
+void accumulate_row(scalar_t* __restrict__ partial, const scalar_t* __restrict__ g,
+                    const scalar_t* __restrict__ src, int64_t ld, const PlaneConv& p) {
+  const int64_t KH = KH_ ? KH_ : p.KH, KW = KW_ ? KW_ : p.KW, SW = SW_ ? SW_ : p.sw;
+  const int64_t row_step = p.dh * ld, dw = p.dw, OW = p.OW;
+  for (int64_t i = 0; i < KH; ++i) {
+    for (int64_t j = 0; j < KW; ++j) {
+      scalar_t* part = partial + (i * KW + j) * OW;
+      const scalar_t* x = src + i * row_step + j * dw;
+      for (int64_t ow = 0; ow < OW; ++ow) part[ow] += g[ow] * x[ow * SW];
+    }
+  }
+}
+
+at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation,
+                            const c10::optional<at::Tensor>& scale,
+                            const c10::optional<at::Tensor>& shift,
+                            const c10::optional<at::Tensor>& residual, int64_t activation) {
+  constexpr const char* op = "depthwise_conv2d";
+  check_activation(activation);
+  check_float(input, op, "input");
+  TORCH_CHECK(input.device().is_cpu(), "slimops::", op, ": input must be on the CPU, got ",
+              input.device());
+  TORCH_CHECK(input.dim() == 4, "slimops::", op, ": input must be 4-D [N, C, H, W], got ",
+              input.sizes());
+  check_same(weight, input, op, "weight");
+  const Problem pr = make_problem(op, input.sizes(), weight, stride, padding, dilation);
+  const PlaneConv& p = pr.conv;
+  check_vector(bias, weight.size(0), input, op, "bias");
+  check_vector(scale, pr.C, input, op, "scale");
+  check_vector(shift, pr.C, input, op, "shift");
+  const std::vector<int64_t> out_size{pr.N, pr.C, p.OH, p.OW};
+  at::Tensor res;
+  if (const at::Tensor* r = opt_ptr(residual)) {
+    check_shaped(*r, input, op, "residual", out_size);
+    res = r->contiguous();
+  }
+
+  const at::Tensor x = input.contiguous();
+  at::Tensor out = at::empty(out_size, x.options());
+  const at::Tensor* b = opt_ptr(bias);
+  const at::Tensor* sc = opt_ptr(scale);
+  const at::Tensor* sh = opt_ptr(shift);
+  const bool has_epilogue = b || sc || sh || res.defined() || activation != kNone;
+  const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_depthwise_conv2d", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const scalar_t* rp = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
+    // The 1-D vectors are read through their strides so parameters are never copied.
+    const scalar_t* bp = b ? b->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* scp = sc ? sc->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* shp = sh ? sh->data_ptr<scalar_t>() : nullptr;
+    const int64_t bs = b ? b->stride(0) : 0, scs = sc ? sc->stride(0) : 0,
+                  shs = sh ? sh->stride(0) : 0;
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
+      at::parallel_for(0, pr.N * pr.C, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t c = plane % pr.C;
+          const Field<const scalar_t> in = pad_plane(p, xp + plane * in_plane, buffer);
+          // act((z + bias) * s + shift + r) == act(z * s + t + r) with t = bias * s + shift.
+          const scalar_t s = scp ? scp[c * scs] : scalar_t(1);
+          const scalar_t t =
+              (bp ? bp[c * bs] : scalar_t(0)) * s + (shp ? shp[c * shs] : scalar_t(0));
+          for (int64_t oh = 0; oh < p.OH; ++oh) {
+            scalar_t* o = outp + plane * out_plane + oh * p.OW;
+            correlate_row<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value>(
+                o, in.data + oh * p.sh * in.ld, in.ld, wp + c * taps, p);
+            // The epilogue runs while the row is still in L1.
+            if (!has_epilogue) continue;
+            if (rp) {
+              const scalar_t* r = rp + plane * out_plane + oh * p.OW;
+              for (int64_t k = 0; k < p.OW; ++k)
+                o[k] = activate<scalar_t>(o[k] * s + t + r[k], activation);
+            } else {
+              for (int64_t k = 0; k < p.OW; ++k)
+                o[k] = activate<scalar_t>(o[k] * s + t, activation);
+            }
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::Tensor& weight,
+                                           at::IntArrayRef input_size, at::IntArrayRef stride,
+                                           at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "depthwise_conv2d_backward_input";
+  check_float(grad_z, op, "grad_z");
+  TORCH_CHECK(grad_z.device().is_cpu(), "slimops::", op, ": grad_z must be on the CPU, got ",
+              grad_z.device());
+  check_same(weight, grad_z, op, "weight");
+  const Problem pr = make_problem(op, input_size, weight, stride, padding, dilation);
+  const PlaneConv& p = pr.conv;
+  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef({pr.N, pr.C, p.OH, p.OW}), "slimops::", op,
+              ": grad_z must have shape [", pr.N, ", ", pr.C, ", ", p.OH, ", ", p.OW,
+              "] for input_size ", input_size, ", got ", grad_z.sizes());
+
+  const at::Tensor gz = grad_z.contiguous();
+  at::Tensor grad_input = at::empty(input_size, gz.options());
+  const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;
+
+  AT_DISPATCH_FLOATING_TYPES(gz.scalar_type(), "slimops_depthwise_conv2d_backward_input", [&] {
+    const scalar_t* gp = gz.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* gip = grad_input.data_ptr<scalar_t>();
+    if (p.sh == 1 && p.sw == 1) {
+      // At stride 1 the transpose is itself a correlation: of grad_z with the flipped kernel
+      // and padding d * (k - 1) - p, producing exactly H x W.
+      const PlaneConv t(p.OH, p.OW, p.KH, p.KW, p.H, p.W, 1, 1, p.dh * (p.KH - 1) - p.ph,
+                        p.dw * (p.KW - 1) - p.pw, p.dh, p.dw);
+      dispatch_shape(t, [&](auto kh, auto kw, auto sw) {
+        at::parallel_for(0, pr.N * pr.C, 1, [&](int64_t begin, int64_t end) {
+          std::vector<scalar_t> buffer = field_buffer<scalar_t>(t);
+          std::vector<scalar_t> flipped(taps);
+          for (int64_t plane = begin; plane < end; ++plane) {
+            const scalar_t* wc = wp + (plane % pr.C) * taps;
+            std::reverse_copy(wc, wc + taps, flipped.begin());
+            const Field<const scalar_t> in = pad_plane(t, gp + plane * out_plane, buffer);
+            for (int64_t ih = 0; ih < p.H; ++ih)
+              correlate_row<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value>(
+                  gip + plane * in_plane + ih * p.W, in.data + ih * in.ld, in.ld,
+                  flipped.data(), t);
+          }
+        });
+      });
+      return;
+    }
+    at::parallel_for(0, pr.N * pr.C, 1, [&](int64_t begin, int64_t end) {
+      // Scatter each output row back through the taps into the padded field, then crop the
+      // field to the plane; the plane belongs to this thread alone, so this is race free.
+      std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const scalar_t* wc = wp + (plane % pr.C) * taps;
+        scalar_t* gi = gip + plane * in_plane;
+        std::fill(gi, gi + in_plane, scalar_t(0));
+        const Field<scalar_t> field = p.needs_padding() ? Field<scalar_t>{buffer.data(), p.WP}
+                                                        : Field<scalar_t>{gi, p.W};
+        if (p.needs_padding()) std::fill(buffer.begin(), buffer.end(), scalar_t(0));
+        for (int64_t oh = 0; oh < p.OH; ++oh) {
+          const scalar_t* grow = gp + plane * out_plane + oh * p.OW;
+          for (int64_t i = 0; i < p.KH; ++i) {
+            scalar_t* frow = field.data + (oh * p.sh + i * p.dh) * field.ld;
+            for (int64_t j = 0; j < p.KW; ++j) {
+              const scalar_t w = wc[i * p.KW + j];
+              scalar_t* f = frow + j * p.dw;
+              for (int64_t ow = 0; ow < p.OW; ++ow) f[ow * p.sw] += w * grow[ow];
+            }
+          }
+        }
+        if (!p.needs_padding()) continue;
+        // Input pixels outside the field are never read by the forward: their gradient is 0.
+        // (A stride larger than the padded plane can leave whole columns outside.)
+        const int64_t cols = p.col_end();
+        for (int64_t ih = 0; ih < p.row_end() && cols > 0; ++ih) {
+          const scalar_t* frow = field.data + (ih + p.ph) * p.WP + p.pw;
+          std::copy(frow, frow + cols, gi + ih * p.W);
+        }
+      }
+    });
+  });
+  return grad_input;
+}
+
+at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& input,
+                                            const at::Tensor& weight, at::IntArrayRef stride,
+                                            at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "depthwise_conv2d_backward_weight";
+  check_float(input, op, "input");
+  TORCH_CHECK(input.device().is_cpu(), "slimops::", op, ": input must be on the CPU, got ",
+              input.device());
+  TORCH_CHECK(input.dim() == 4, "slimops::", op, ": input must be 4-D [N, C, H, W], got ",
+              input.sizes());
+  check_same(grad_z, input, op, "grad_z");
+  check_same(weight, input, op, "weight");
+  const Problem pr = make_problem(op, input.sizes(), weight, stride, padding, dilation);
+  const PlaneConv& p = pr.conv;
+  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef({pr.N, pr.C, p.OH, p.OW}), "slimops::", op,
+              ": grad_z must have shape [", pr.N, ", ", pr.C, ", ", p.OH, ", ", p.OW,
+              "] for input ", input.sizes(), ", got ", grad_z.sizes());
+
+  const at::Tensor x = input.contiguous();
+  const at::Tensor gz = grad_z.contiguous();
+  // Full weight shape: rows past C stay zero so autograd accumulates it as is.
+  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
+  const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_depthwise_conv2d_backward_weight", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = gz.data_ptr<scalar_t>();
+    scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
+    dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
+      // One channel per task: each grad_weight row has a single writer.
+      at::parallel_for(0, pr.C, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
+        // Per-tap, per-column partial sums over the rows of a plane, reduced in double once per
+        // plane so float32 sums over large batches stay accurate.
+        std::vector<scalar_t> partial(taps * p.OW);
+        std::vector<double> acc(taps);
+        for (int64_t c = begin; c < end; ++c) {
+          std::fill(acc.begin(), acc.end(), 0.0);
+          for (int64_t n = 0; n < pr.N; ++n) {
+            const int64_t plane = n * pr.C + c;
+            const Field<const scalar_t> in = pad_plane(p, xp + plane * in_plane, buffer);
+            std::fill(partial.begin(), partial.end(), scalar_t(0));
+            for (int64_t oh = 0; oh < p.OH; ++oh)
+              accumulate_row<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value>(
+                  partial.data(), gp + plane * out_plane + oh * p.OW,
+                  in.data + oh * p.sh * in.ld, in.ld, p);
+            for (int64_t tap = 0; tap < taps; ++tap) {
+              const scalar_t* part = partial.data() + tap * p.OW;
+              double sum = 0.0;
+              for (int64_t k = 0; k < p.OW; ++k) sum += part[k];
+              acc[tap] += sum;
+            }
+          }
+          for (int64_t tap = 0; tap < taps; ++tap)
+            gwp[c * taps + tap] = static_cast<scalar_t>(acc[tap]);
+        }
+      });
+    });
+  });
+  return grad_weight;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slimops, CPU, m) {
+  m.impl("depthwise_conv2d", &depthwise_conv2d);
+  m.impl("depthwise_conv2d_backward_input", &depthwise_conv2d_backward_input);
+  m.impl("depthwise_conv2d_backward_weight", &depthwise_conv2d_backward_weight);
+}
+
+}  // namespace cpu
+}  // namespace slimops

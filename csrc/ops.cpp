@@ -1,0 +1,62 @@
+// Schemas of every slimops op, in one place. Kernels register against these in
+// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(slimops, CPU, m)); fakes and autograd are registered
+// from Python (slimops/ops/*.py) so the ops trace under torch.compile and pass opcheck.
+//
+// Conventions (docs/ARCHITECTURE.md, slimops/reference.py for the exact math):
+//  * weights and biases are passed full size; the active width is the input's channel
+//    count plus an explicit output channel count, and kernels read the channel prefix
+//    through the full tensor's strides (no copy);
+//  * `activation`: 0 = none, 1 = relu, 2 = relu6;
+//  * the fused epilogue is act((z + bias) * scale + shift + residual);
+//  * backward ops that return a weight gradient return it at the full weight's shape,
+//    with the prefix filled and the rest zero, so autograd can accumulate it as is.
+#include <torch/library.h>
+
+TORCH_LIBRARY(slimops, m) {
+  // Dense / grouped convolution; groups = G fixed across widths, per-group prefixes.
+  m.def(
+      "conv2d(Tensor input, Tensor weight, Tensor? bias, int out_channels, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, Tensor? scale, Tensor? shift, "
+      "Tensor? residual, int activation) -> Tensor");
+  m.def(
+      "conv2d_backward_input(Tensor grad_z, Tensor weight, int[] input_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "conv2d_backward_weight(Tensor grad_z, Tensor input, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+
+  // Depthwise convolution on W[:C] of a [C_full, 1, kh, kw] weight.
+  m.def(
+      "depthwise_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, Tensor? scale, Tensor? shift, Tensor? residual, "
+      "int activation) -> Tensor");
+  m.def(
+      "depthwise_conv2d_backward_input(Tensor grad_z, Tensor weight, int[] input_size, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "depthwise_conv2d_backward_weight(Tensor grad_z, Tensor input, Tensor weight, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+
+  // grad of z (the pre-epilogue conv output) from grad of the epilogue's output:
+  // grad_out * act'(out) * scale[c]; scale optional.
+  m.def("epilogue_backward(Tensor grad_out, Tensor out, Tensor? scale, int activation) -> Tensor");
+
+  // Linear on W[:out_features, :in_features] and b[:out_features].
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias, int out_features) -> Tensor");
+  m.def("linear_backward_input(Tensor grad_out, Tensor weight, int in_features) -> Tensor");
+  m.def("linear_backward_weight(Tensor grad_out, Tensor input, Tensor weight) -> Tensor");
+
+  // One width's batch norm (+ residual) + activation. Training normalises with the batch
+  // statistics, eval with the running ones (required then). Functional: returns
+  // (out, mean, var) — the statistics used, var biased — and the caller folds batch
+  // statistics into the width's running stats (torch.library autograd needs a functional op).
+  m.def(
+      "batch_norm_act(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps, Tensor? residual, int activation) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Returns (grad_input, grad_weight, grad_bias); grad of residual is epilogue_backward.
+  m.def(
+      "batch_norm_act_backward(Tensor grad_out, Tensor input, Tensor out, Tensor? weight, "
+      "Tensor mean, Tensor var, float eps, bool training, int activation) "
+      "-> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,56 @@
+"""Build slimops: the Python package plus the compiled CPU kernels (slimops._C).
+
+`models/` and `kernels/` are top-level folders (so the architecture shows at a glance) and
+are installed as `slimops.models` and `slimops.kernels`.
+
+Build with `pip install --no-build-isolation -e .` so the build compiles against the torch
+already installed (requirements.txt pins it). SLIMOPS_NO_EXTENSION=1 skips the C++ build
+(the package then runs on the pure-PyTorch reference path).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions():
+    if os.environ.get("SLIMOPS_NO_EXTENSION") == "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    debug = os.environ.get("SLIMOPS_DEBUG") == "1"
+    cxx = ["-std=c++17", "-fopenmp", "-O0" if debug else "-O3", "-g" if debug else "-DNDEBUG"]
+    ext = CppExtension(
+        "slimops._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+        # Only the stable part of the CPython ABI is used (the PyInit stub).
+        py_limited_api=False,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    packages=[
+        "slimops",
+        "slimops.ops",
+        "slimops.nn",
+        "slimops.models",
+        "slimops.kernels",
+    ],
+    package_dir={
+        "slimops": "slimops",
+        "slimops.models": "models",
+        "slimops.kernels": "kernels",
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
