@@ -1,0 +1,12 @@
+"""Reference builders of slimmable models (installed as ``slimops.models``)."""
+
+from typing import Callable, Dict
+
+from torch import nn
+
+from slimops.models.slim_cnn import SlimCNN, slim_cnn
+
+# name -> builder, for the command line (`python -m slimops profile NAME`).
+MODELS: Dict[str, Callable[..., nn.Module]] = {"slim_cnn": slim_cnn}
+
+__all__ = ["MODELS", "SlimCNN", "slim_cnn"]

@@ -1,0 +1,64 @@
+"""A small slimmable CNN: the demo model and the test workhorse.
+
+MobileNet-style: a 3x3 stem, depthwise-separable blocks (one with a residual), global
+average pooling and a classifier whose outputs never slim. Channels follow the MobileNet
+rule (multiples of 8 without losing more than 10%), the first conv's inputs never slim.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from slimops.nn import SlimConvBNAct, SlimmableLinear
+from slimops.width import channels
+
+
+class SeparableBlock(nn.Module):
+    """Depthwise 3x3 + pointwise 1x1, each conv + switchable BN + ReLU6; residual when the
+    shape is kept (added before the pointwise activation, as the fused op allows)."""
+
+    def __init__(self, cin: Sequence[int], cout: Sequence[int], stride: int,
+                 widths: Sequence[float]) -> None:
+        super().__init__()
+        self.depthwise = SlimConvBNAct(cin, cin, 3, stride, groups=max(cin), activation="relu6",
+                                       widths=widths)
+        self.pointwise = SlimConvBNAct(cin, cout, 1, activation="relu6", widths=widths)
+        self.residual = stride == 1 and list(cin) == list(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise(self.depthwise(x), x if self.residual else None)
+
+
+class SlimCNN(nn.Module):
+    """Stem, three separable blocks, pooling, classifier; see ``slim_cnn``."""
+
+    def __init__(self, widths: Sequence[float], num_classes: int, in_channels: int,
+                 base: Sequence[int]) -> None:
+        super().__init__()
+        c = [channels(b, widths, divisor=8) for b in base]
+        self.stem = SlimConvBNAct([in_channels] * len(widths), c[0], 3, 1, activation="relu6",
+                                  widths=widths)
+        self.blocks = nn.Sequential(
+            SeparableBlock(c[0], c[1], 2, widths),
+            SeparableBlock(c[1], c[2], 2, widths),
+            SeparableBlock(c[2], c[2], 1, widths),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = SlimmableLinear(c[2], num_classes, widths=widths)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.stem(x))
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def slim_cnn(
+    widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    num_classes: int = 10,
+    in_channels: int = 3,
+    base: Optional[Sequence[int]] = None,
+) -> SlimCNN:
+    """A small slimmable CNN with full-width channels ``base`` (default 32, 64, 128)."""
+    return SlimCNN(widths, num_classes, in_channels, tuple(base or (32, 64, 128)))

@@ -1,0 +1,56 @@
+"""Input checks shared by the slimmable layers: clear errors naming layer, width and widths."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+from torch import Tensor
+
+from slimops.width import Slimmable, normalize_widths
+
+
+def per_width(value: Union[int, Sequence[int]], widths: Sequence[float], what: str) -> List[int]:
+    """A per-width list of channel counts: an int means the same count at every width."""
+    n = len(widths)
+    if isinstance(value, int):
+        values = [value] * n
+    else:
+        values = [int(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{what}: got {len(values)} channel counts for {n} widths {tuple(widths)}")
+    if min(values) < 1:
+        raise ValueError(f"{what}: channel counts must be positive, got {values}")
+    return values
+
+
+def resolve_widths(widths, *channel_args) -> tuple:
+    """``widths`` as given, or ``(1.0,)`` for a single-width layer built with ints.
+
+    With per-width lists and no ``widths``, there is no way to know the switches: error.
+    """
+    if widths is not None:
+        return normalize_widths(widths)
+    if all(isinstance(c, int) for c in channel_args):
+        return (1.0,)
+    raise ValueError("per-width channel lists need `widths=` (the switches they belong to)")
+
+
+def check_layer_input(
+    layer: Slimmable, x: Tensor, expected: int, param: Tensor, dims: Optional[int], channel_dim: int
+) -> None:
+    """``x`` must have ``dims`` dims (any if None), ``expected`` channels along
+    ``channel_dim``, and ``param``'s dtype and device."""
+    name = type(layer).__name__
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: input must be a Tensor, got {type(x).__name__}")
+    if (dims is not None and x.dim() != dims) or x.dim() < 1:
+        raise ValueError(f"{name}: expected a {dims}-D input, got shape {tuple(x.shape)}")
+    if x.shape[channel_dim] != expected:
+        raise ValueError(
+            f"{name}: at width {layer.active_width()} it expects {expected} input channels, "
+            f"got {x.shape[channel_dim]} (input shape {tuple(x.shape)}; widths {layer.widths})"
+        )
+    if x.dtype != param.dtype:
+        raise TypeError(f"{name}: input dtype {x.dtype} does not match the layer's {param.dtype}")
+    if x.device != param.device:
+        raise ValueError(f"{name}: input is on {x.device}, the layer's parameters on {param.device}")

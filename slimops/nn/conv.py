@@ -1,0 +1,122 @@
+"""``SlimmableConv2d``: a drop-in ``nn.Conv2d`` whose active channels follow the width."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from slimops import ops
+from slimops.nn._checks import check_layer_input, per_width, resolve_widths
+from slimops.width import Slimmable
+
+Channels = Union[int, Sequence[int]]
+IntPair = Union[int, Tuple[int, int]]
+
+
+class SlimmableConv2d(Slimmable, nn.Conv2d):
+    """``nn.Conv2d`` with per-width channel counts, running on prefixes of one shared weight.
+
+    Args:
+        in_channels, out_channels: an int (the same at every width) or one count per width,
+            in the order of ``widths`` (ascending). The weight is allocated for the largest.
+        kernel_size, stride, padding, dilation, bias, device, dtype: as ``nn.Conv2d``
+            (``padding`` may be ``"same"`` or ``"valid"``; only ``padding_mode="zeros"``).
+        groups: as ``nn.Conv2d``. If ``groups`` equals the largest in and out channel count
+            and the in and out lists are equal, the conv is *depthwise* at every width
+            (``groups = channels(width)``, using ``W[:c]``). Otherwise the group count is fixed
+            across widths and each group uses the prefix of its own block of the weight
+            (ShuffleNet's grouped 1x1 convs).
+        widths: the width switches (ascending after sorting). Needed with per-width lists;
+            with ints it defaults to ``(1.0,)``, and the layer behaves exactly like
+            ``nn.Conv2d`` (same parameters, initialisation and state_dict keys).
+
+    The active width comes from ``slimops.set_width`` / ``slimops.width``.
+    """
+
+    def __init__(
+        self,
+        in_channels: Channels,
+        out_channels: Channels,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: Union[str, IntPair] = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        widths: Optional[Sequence[float]] = None,
+    ) -> None:
+        if padding_mode != "zeros":
+            raise ValueError(f"SlimmableConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
+        ws = resolve_widths(widths, in_channels, out_channels)
+        in_list = per_width(in_channels, ws, "SlimmableConv2d in_channels")
+        out_list = per_width(out_channels, ws, "SlimmableConv2d out_channels")
+        in_max, out_max = max(in_list), max(out_list)
+        depthwise = groups > 1 and groups == in_max == out_max and in_list == out_list
+        if not depthwise:
+            bad = [(i, o) for i, o in zip(in_list, out_list) if i % groups or o % groups]
+            if bad:
+                raise ValueError(
+                    f"SlimmableConv2d: with groups={groups} every width's in/out channel count "
+                    f"must be divisible by {groups}; got (in, out) = {bad}"
+                )
+        super().__init__(in_max, out_max, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self._init_widths(ws)
+        self.in_channels_list = in_list
+        self.out_channels_list = out_list
+        self.depthwise = depthwise
+        self._op_padding = self._resolve_padding()
+
+    def _resolve_padding(self) -> Tuple[int, int]:
+        if self.padding == "valid":
+            return (0, 0)
+        if self.padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            if any(t % 2 for t in total):
+                raise ValueError(
+                    "SlimmableConv2d: padding='same' needs an odd effective kernel size, got "
+                    f"kernel_size={self.kernel_size}, dilation={self.dilation}"
+                )
+            return (total[0] // 2, total[1] // 2)
+        return tuple(self.padding)  # type: ignore[return-value]
+
+    def active_channels(self) -> Tuple[int, int]:
+        """``(in_channels, out_channels)`` at the active width."""
+        i = self.width_index()
+        return self.in_channels_list[i], self.out_channels_list[i]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.conv(input)
+
+    def conv(
+        self,
+        input: Tensor,
+        scale: Optional[Tensor] = None,
+        shift: Optional[Tensor] = None,
+        residual: Optional[Tensor] = None,
+        activation: Optional[str] = None,
+    ) -> Tensor:
+        """The convolution at the active width with the fused epilogue
+        ``act((conv + bias) * scale + shift + residual)`` (every term optional)."""
+        cin, cout = self.active_channels()
+        check_layer_input(self, input, cin, self.weight, dims=4, channel_dim=1)
+        if self.depthwise:
+            return ops.depthwise_conv2d(
+                input, self.weight, self.bias, self.stride, self._op_padding, self.dilation,
+                scale, shift, residual, activation,
+            )
+        return ops.conv2d(
+            input, self.weight, self.bias, cout, self.stride, self._op_padding, self.dilation,
+            self.groups, scale, shift, residual, activation,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, widths={self.widths}, "
+                f"in_channels_list={self.in_channels_list}, "
+                f"out_channels_list={self.out_channels_list}")

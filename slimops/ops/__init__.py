@@ -1,0 +1,14 @@
+"""The op surface: one module per op family, each dispatching to the compiled kernel
+(``torch.ops.slimops.*``, registered by ``slimops._C``) or to ``slimops.reference``.
+
+Every function takes the *full* shared weight and reads the active width's channel prefix
+without copying it. Fakes (for ``torch.compile``) and autograd formulas are registered here,
+on import, when the compiled extension is present.
+"""
+
+from slimops.ops.batch_norm_act import batch_norm_act
+from slimops.ops.conv2d import conv2d
+from slimops.ops.depthwise_conv2d import depthwise_conv2d
+from slimops.ops.linear import linear
+
+__all__ = ["conv2d", "depthwise_conv2d", "linear", "batch_norm_act"]

@@ -1,0 +1,130 @@
+"""Argument handling shared by the op families: activation codes, pairs, input checks."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from slimops.reference import ACTIVATIONS
+
+IntPair = Union[int, Sequence[int]]
+
+# Matches csrc/cpu/common.h `enum Activation`.
+ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
+ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
+
+
+def activation_code(activation: Optional[str]) -> int:
+    try:
+        return ACTIVATION_CODES[activation]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown activation {activation!r}; expected one of {ACTIVATIONS}"
+        ) from None
+
+
+def pair(v: IntPair, name: str) -> List[int]:
+    if isinstance(v, int):
+        return [v, v]
+    out = [int(x) for x in v]
+    if len(out) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return out
+
+
+def conv_geometry(
+    stride: IntPair, padding: IntPair, dilation: IntPair
+) -> Tuple[List[int], List[int], List[int]]:
+    s, p, d = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    if min(s) < 1 or min(d) < 1 or min(p) < 0:
+        raise ValueError(
+            f"need stride >= 1, dilation >= 1, padding >= 0; got stride={s}, "
+            f"padding={p}, dilation={d}"
+        )
+    return s, p, d
+
+
+def conv_output_hw(
+    h: int, w: int, kernel: Sequence[int], s: Sequence[int], p: Sequence[int], d: Sequence[int]
+) -> Tuple[int, int]:
+    ho = (h + 2 * p[0] - d[0] * (kernel[0] - 1) - 1) // s[0] + 1
+    wo = (w + 2 * p[1] - d[1] * (kernel[1] - 1) - 1) // s[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"input of spatial size {h}x{w} is too small for kernel {tuple(kernel)} with "
+            f"stride {tuple(s)}, padding {tuple(p)}, dilation {tuple(d)}"
+        )
+    return ho, wo
+
+
+def check_tensor(t: Tensor, ref: Tensor, op: str, name: str) -> None:
+    """``t`` must be a tensor on ``ref``'s device with ``ref``'s dtype."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"slimops.{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"slimops.{op}: {name} has dtype {t.dtype} but input has {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"slimops.{op}: {name} is on {t.device} but input is on {ref.device}")
+
+
+def check_input(x: Tensor, op: str, dims: Union[int, Tuple[int, ...]]) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"slimops.{op}: input must be a Tensor, got {type(x).__name__}")
+    allowed = (dims,) if isinstance(dims, int) else dims
+    if x.dim() not in allowed:
+        raise ValueError(f"slimops.{op}: expected a {'/'.join(map(str, allowed))}-D input, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"slimops.{op}: input must be floating point, got {x.dtype}")
+
+
+def check_vector(v: Optional[Tensor], length: int, ref: Tensor, op: str, name: str) -> None:
+    if v is None:
+        return
+    check_tensor(v, ref, op, name)
+    if v.dim() != 1 or v.shape[0] != length:
+        raise ValueError(
+            f"slimops.{op}: {name} must be a vector of length {length}, got shape {tuple(v.shape)}"
+        )
+
+
+def check_residual(r: Optional[Tensor], shape: Sequence[int], ref: Tensor, op: str) -> None:
+    if r is None:
+        return
+    check_tensor(r, ref, op, "residual")
+    if tuple(r.shape) != tuple(shape):
+        raise ValueError(
+            f"slimops.{op}: residual has shape {tuple(r.shape)}, the output has {tuple(shape)}"
+        )
+
+
+def channel_sum(g: Tensor) -> Tensor:
+    """Sum over every dim but the channel dim (1)."""
+    return g.sum(dim=[0] + list(range(2, g.dim()))) if g.dim() > 2 else g.sum(0)
+
+
+def pad_prefix(g: Tensor, full: int) -> Tensor:
+    """A length-``full`` vector whose prefix is ``g`` and the rest zero (for full-size grads)."""
+    return torch.nn.functional.pad(g, (0, full - g.shape[-1]))
+
+
+def epilogue_grads(
+    grad_out: Tensor, out: Tensor, scale: Optional[Tensor], activation: int, need_pre: bool
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Gradients through the fused epilogue ``act(z * scale + shift + residual)``.
+
+    Returns ``(grad_z, grad_pre)``: w.r.t. the convolution output ``z`` and, if ``need_pre``,
+    w.r.t. the activation's input (which is also the gradient of ``shift``'s broadcast and of
+    ``residual``). The activation's mask is read from the op's output, so nothing else is saved.
+    """
+    grad_pre = None
+    if need_pre or scale is None:
+        grad_pre = (
+            torch.ops.slimops.epilogue_backward(grad_out, out, None, activation)
+            if activation
+            else grad_out
+        )
+    if scale is None:
+        return grad_pre, (grad_pre if need_pre else None)
+    return torch.ops.slimops.epilogue_backward(grad_out, out, scale, activation), grad_pre

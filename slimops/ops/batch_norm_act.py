@@ -1,0 +1,128 @@
+"""``slimops.ops.batch_norm_act``: one width's batch norm + residual + activation, fused.
+
+The training-mode half of switchable batch norm (eval mode folds into the conv epilogue as
+a per-channel scale/shift, see ``slimops.nn``). Op surface, fake and autograd. Semantics:
+``slimops.reference.batch_norm_act``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from slimops import _backend, reference
+from slimops.ops._common import (
+    activation_code,
+    check_residual,
+    check_tensor,
+    check_vector,
+    epilogue_grads,
+)
+
+OP = "batch_norm_act"
+
+
+def batch_norm_act(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """``act(batch_norm(input) + residual)``, updating the running stats when training.
+
+    Args:
+        input: ``[N, C, *]``.
+        weight, bias: the width's private γ and β (length ``C``) or None.
+        running_mean, running_var: the width's running statistics (length ``C``); updated in
+            place in training with ``momentum`` (unbiased variance), as ``F.batch_norm`` does.
+        training: use batch statistics (True) or the running ones (False).
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"slimops.batch_norm_act: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2 or not input.is_floating_point():
+        raise ValueError(
+            f"slimops.batch_norm_act: expected a floating-point [N, C, *] input, got shape "
+            f"{tuple(input.shape)} and dtype {input.dtype}"
+        )
+    c = input.shape[1]
+    for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        check_vector(v, c, input, OP, name)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("slimops.batch_norm_act: eval mode needs running_mean and running_var")
+    if training and input.numel() // max(c, 1) <= 1:
+        raise ValueError(
+            f"slimops.batch_norm_act: expected more than 1 value per channel when training, "
+            f"got input of shape {tuple(input.shape)}"
+        )
+    check_residual(residual, input.shape, input, OP)
+    act = activation_code(activation)
+    if not _backend.use_native(input):
+        return reference.batch_norm_act(
+            input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
+            activation,
+        )
+    out, mean, var = torch.ops.slimops.batch_norm_act(
+        input, weight, bias, running_mean, running_var, training, eps, residual, act
+    )
+    if training and running_mean is not None and running_var is not None:
+        # F.batch_norm's update: exponential average, unbiased variance. O(channels).
+        count = input.numel() // c
+        with torch.no_grad():
+            running_mean.lerp_(mean, momentum)
+            running_var.lerp_(var * (count / (count - 1)), momentum)
+    return out
+
+
+def _register() -> None:
+    @torch.library.register_fake("slimops::batch_norm_act")
+    def _(input, weight, bias, running_mean, running_var, training, eps, residual, activation):
+        c = input.shape[1]
+        return input.new_empty(input.shape), input.new_empty((c,)), input.new_empty((c,))
+
+    @torch.library.register_fake("slimops::batch_norm_act_backward")
+    def _(grad_out, input, out, weight, mean, var, eps, training, activation):
+        c = input.shape[1]
+        return input.new_empty(input.shape), input.new_empty((c,)), input.new_empty((c,))
+
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, running_mean, running_var, training, eps, residual, activation = inputs
+        out, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.training, ctx.eps, ctx.activation = training, eps, activation
+        ctx.save_for_backward(input, weight, out, mean, var)
+
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        input, weight, out, mean, var = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_input = grad_weight = grad_bias = grad_residual = None
+        if needs[0] or needs[1] or needs[2]:
+            grad_input, grad_weight, grad_bias = torch.ops.slimops.batch_norm_act_backward(
+                grad_out, input, out, weight, mean, var, ctx.eps, ctx.training, ctx.activation
+            )
+        if needs[7]:
+            _, grad_residual = epilogue_grads(grad_out, out, None, ctx.activation, True)
+        return (
+            grad_input if needs[0] else None,
+            grad_weight if needs[1] else None,
+            grad_bias if needs[2] else None,
+            None, None, None, None, grad_residual, None,
+        )
+
+    torch.library.register_autograd(
+        "slimops::batch_norm_act", backward, setup_context=setup_context
+    )
+
+
+if _backend.HAS_C:
+    _register()
+
+__all__ = ["batch_norm_act"]

@@ -1,0 +1,175 @@
+"""``slimops.ops.conv2d``: dense and grouped convolution on per-group weight prefixes.
+
+The op surface (argument checks, dispatch to the compiled kernel or the reference), its fake
+for tracing, and its autograd formula. Semantics: ``slimops.reference.conv2d``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from slimops import _backend, reference
+from slimops.ops._common import (
+    IntPair,
+    activation_code,
+    channel_sum,
+    check_input,
+    check_residual,
+    check_tensor,
+    check_vector,
+    conv_geometry,
+    conv_output_hw,
+    epilogue_grads,
+    pad_prefix,
+)
+
+OP = "conv2d"
+
+
+def conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    out_channels: Optional[int] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """Convolve ``input`` with the channel prefix of the shared ``weight``, epilogue fused.
+
+    Args:
+        input: ``[N, C_in, H, W]``; ``C_in`` is the active width's input channel count.
+        weight: the full shared weight ``[G * Og, Ig, kh, kw]`` (never copied).
+        bias: the full bias ``[G * Og]`` or None.
+        out_channels: active output channels (default: all of ``weight``'s).
+        groups: ``G``, fixed across widths; group ``g`` uses the first ``out_channels // G``
+            rows of its block of ``Og`` rows and the first ``C_in // G`` input channels.
+        scale, shift: per-output-channel vectors of length ``out_channels`` (eval-mode BN).
+        residual: added before the activation; shape of the output.
+        activation: ``None``, ``"relu"`` or ``"relu6"``.
+
+    Returns:
+        ``act((conv + bias) * scale + shift + residual)`` of shape ``[N, out_channels, Ho, Wo]``.
+    """
+    check_input(input, OP, 4)
+    check_tensor(weight, input, OP, "weight")
+    if weight.dim() != 4:
+        raise ValueError(f"slimops.conv2d: weight must be 4-D, got shape {tuple(weight.shape)}")
+    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise ValueError(
+            f"slimops.conv2d: groups={groups!r} must be a positive int dividing the weight's "
+            f"{weight.shape[0]} rows"
+        )
+    if out_channels is None:
+        out_channels = weight.shape[0]
+    in_channels = input.shape[1]
+    rows_per_group, ig_full = weight.shape[0] // groups, weight.shape[1]
+    if out_channels < 1 or out_channels % groups or out_channels // groups > rows_per_group:
+        raise ValueError(
+            f"slimops.conv2d: out_channels={out_channels} must be a positive multiple of "
+            f"groups={groups} and at most {weight.shape[0]}"
+        )
+    if in_channels < 1 or in_channels % groups or in_channels // groups > ig_full:
+        raise ValueError(
+            f"slimops.conv2d: input has {in_channels} channels; with groups={groups} and a "
+            f"weight of shape {tuple(weight.shape)} it must be a positive multiple of {groups} "
+            f"and at most {groups * ig_full}"
+        )
+    s, p, d = conv_geometry(stride, padding, dilation)
+    ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], s, p, d)
+    if bias is not None:
+        check_tensor(bias, input, OP, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"slimops.conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
+            )
+    check_vector(scale, out_channels, input, OP, "scale")
+    check_vector(shift, out_channels, input, OP, "shift")
+    check_residual(residual, (input.shape[0], out_channels, ho, wo), input, OP)
+    act = activation_code(activation)
+    if _backend.use_native(input, weight):
+        return torch.ops.slimops.conv2d(
+            input, weight, bias, out_channels, s, p, d, groups, scale, shift, residual, act
+        )
+    return reference.conv2d(
+        input, weight, bias, out_channels, s, p, d, groups, scale, shift, residual, activation
+    )
+
+
+def _register() -> None:
+    @torch.library.register_fake("slimops::conv2d")
+    def _(input, weight, bias, out_channels, stride, padding, dilation, groups, scale, shift,
+          residual, activation):
+        ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], stride,
+                                padding, dilation)
+        return input.new_empty((input.shape[0], out_channels, ho, wo))
+
+    @torch.library.register_fake("slimops::conv2d_backward_input")
+    def _(grad_z, weight, input_size, stride, padding, dilation, groups):
+        return grad_z.new_empty(input_size)
+
+    @torch.library.register_fake("slimops::conv2d_backward_weight")
+    def _(grad_z, input, weight, stride, padding, dilation, groups):
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        (input, weight, bias, out_channels, stride, padding, dilation, groups, scale, shift,
+         residual, activation) = inputs
+        ctx.geometry = (stride, padding, dilation, groups)
+        ctx.out_channels = out_channels
+        ctx.activation = activation
+        ctx.has_bias = bias is not None
+        ctx.bias_rows = None if bias is None else bias.shape[0]
+        # The output is needed for the activation's mask; `bias` only to recompute the
+        # pre-scale conv when `scale` itself needs a gradient (rare: eval-mode BN fine-tuning),
+        # which is cheaper than saving that tensor on every forward.
+        ctx.save_for_backward(input, weight, bias, scale, output)
+
+    def backward(ctx, grad_out):
+        input, weight, bias, scale, out = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        act = ctx.activation
+        needs = ctx.needs_input_grad
+        # needs[8..10]: scale, shift, residual
+        grad_z, grad_pre = epilogue_grads(
+            grad_out, out, scale, act, needs[8] or needs[9] or needs[10]
+        )
+        grad_input = grad_weight = grad_bias = grad_scale = grad_shift = None
+        if needs[0]:
+            grad_input = torch.ops.slimops.conv2d_backward_input(
+                grad_z, weight, list(input.shape), stride, padding, dilation, groups
+            )
+        if needs[1]:
+            grad_weight = torch.ops.slimops.conv2d_backward_weight(
+                grad_z, input, weight, stride, padding, dilation, groups
+            )
+        if needs[2]:
+            g = channel_sum(grad_z).view(groups, -1)
+            grad_bias = pad_prefix(g, ctx.bias_rows // groups).reshape(-1)
+        if needs[8]:
+            z = torch.ops.slimops.conv2d(
+                input, weight, bias, ctx.out_channels, stride, padding, dilation, groups,
+                None, None, None, 0,
+            )
+            grad_scale = channel_sum(grad_pre * z)
+        if needs[9]:
+            grad_shift = channel_sum(grad_pre)
+        grad_residual = grad_pre if needs[10] else None
+        return (grad_input, grad_weight, grad_bias, None, None, None, None, None, grad_scale,
+                grad_shift, grad_residual, None)
+
+    torch.library.register_autograd("slimops::conv2d", backward, setup_context=setup_context)
+
+
+if _backend.HAS_C:
+    _register()
+
+__all__ = ["conv2d"]

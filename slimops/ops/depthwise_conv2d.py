@@ -1,0 +1,149 @@
+"""``slimops.ops.depthwise_conv2d``: depthwise convolution on ``W[:C]``, epilogue fused.
+
+Op surface, fake and autograd. Semantics: ``slimops.reference.depthwise_conv2d``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from slimops import _backend, reference
+from slimops.ops._common import (
+    IntPair,
+    activation_code,
+    channel_sum,
+    check_input,
+    check_residual,
+    check_tensor,
+    check_vector,
+    conv_geometry,
+    conv_output_hw,
+    epilogue_grads,
+    pad_prefix,
+)
+
+OP = "depthwise_conv2d"
+
+
+def depthwise_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """Depthwise convolution of ``input`` ``[N, C, H, W]`` with ``weight[:C]``.
+
+    Args:
+        weight: the full shared weight ``[C_full, 1, kh, kw]`` (never copied), ``C <= C_full``.
+        bias: the full bias ``[C_full]`` or None.
+        scale, shift: per-channel vectors of length ``C``; residual: the output's shape;
+        activation: ``None``, ``"relu"`` or ``"relu6"``.
+
+    Returns:
+        ``act((conv + bias) * scale + shift + residual)`` of shape ``[N, C, Ho, Wo]``.
+    """
+    check_input(input, OP, 4)
+    check_tensor(weight, input, OP, "weight")
+    if weight.dim() != 4 or weight.shape[1] != 1:
+        raise ValueError(
+            f"slimops.depthwise_conv2d: weight must have shape [C, 1, kh, kw], got {tuple(weight.shape)}"
+        )
+    c = input.shape[1]
+    if c < 1 or c > weight.shape[0]:
+        raise ValueError(
+            f"slimops.depthwise_conv2d: input has {c} channels; the weight has {weight.shape[0]}"
+        )
+    s, p, d = conv_geometry(stride, padding, dilation)
+    ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], s, p, d)
+    if bias is not None:
+        check_tensor(bias, input, OP, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"slimops.depthwise_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
+            )
+    check_vector(scale, c, input, OP, "scale")
+    check_vector(shift, c, input, OP, "shift")
+    check_residual(residual, (input.shape[0], c, ho, wo), input, OP)
+    act = activation_code(activation)
+    if _backend.use_native(input, weight):
+        return torch.ops.slimops.depthwise_conv2d(
+            input, weight, bias, s, p, d, scale, shift, residual, act
+        )
+    return reference.depthwise_conv2d(
+        input, weight, bias, s, p, d, scale, shift, residual, activation
+    )
+
+
+def _register() -> None:
+    @torch.library.register_fake("slimops::depthwise_conv2d")
+    def _(input, weight, bias, stride, padding, dilation, scale, shift, residual, activation):
+        ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], stride,
+                                padding, dilation)
+        return input.new_empty((input.shape[0], input.shape[1], ho, wo))
+
+    @torch.library.register_fake("slimops::depthwise_conv2d_backward_input")
+    def _(grad_z, weight, input_size, stride, padding, dilation):
+        return grad_z.new_empty(input_size)
+
+    @torch.library.register_fake("slimops::depthwise_conv2d_backward_weight")
+    def _(grad_z, input, weight, stride, padding, dilation):
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        (input, weight, bias, stride, padding, dilation, scale, shift, residual,
+         activation) = inputs
+        ctx.geometry = (stride, padding, dilation)
+        ctx.activation = activation
+        ctx.bias_rows = None if bias is None else bias.shape[0]
+        ctx.save_for_backward(input, weight, bias, scale, output)
+
+    def backward(ctx, grad_out):
+        input, weight, bias, scale, out = ctx.saved_tensors
+        stride, padding, dilation = ctx.geometry
+        act = ctx.activation
+        needs = ctx.needs_input_grad
+        # needs[6..8]: scale, shift, residual
+        grad_z, grad_pre = epilogue_grads(
+            grad_out, out, scale, act, needs[6] or needs[7] or needs[8]
+        )
+        grad_input = grad_weight = grad_bias = grad_scale = grad_shift = None
+        if needs[0]:
+            grad_input = torch.ops.slimops.depthwise_conv2d_backward_input(
+                grad_z, weight, list(input.shape), stride, padding, dilation
+            )
+        if needs[1]:
+            grad_weight = torch.ops.slimops.depthwise_conv2d_backward_weight(
+                grad_z, input, weight, stride, padding, dilation
+            )
+        if needs[2]:
+            grad_bias = pad_prefix(channel_sum(grad_z), ctx.bias_rows)
+        if needs[6]:
+            # Recompute the pre-scale conv rather than saving it on every forward.
+            z = torch.ops.slimops.depthwise_conv2d(
+                input, weight, bias, stride, padding, dilation, None, None, None, 0
+            )
+            grad_scale = channel_sum(grad_pre * z)
+        if needs[7]:
+            grad_shift = channel_sum(grad_pre)
+        grad_residual = grad_pre if needs[8] else None
+        return (grad_input, grad_weight, grad_bias, None, None, None, grad_scale, grad_shift,
+                grad_residual, None)
+
+    torch.library.register_autograd(
+        "slimops::depthwise_conv2d", backward, setup_context=setup_context
+    )
+
+
+if _backend.HAS_C:
+    _register()
+
+__all__ = ["depthwise_conv2d"]

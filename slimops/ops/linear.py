@@ -1,0 +1,98 @@
+"""``slimops.ops.linear``: a linear layer on ``W[:out, :in]`` and ``b[:out]``.
+
+Op surface, fake and autograd. Semantics: ``slimops.reference.linear``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from slimops import _backend, reference
+from slimops.ops._common import check_tensor, pad_prefix
+
+OP = "linear"
+
+
+def linear(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out_features: Optional[int] = None
+) -> Tensor:
+    """``input @ weight[:out_features, :in_features].T + bias[:out_features]``.
+
+    Args:
+        input: ``[..., in_features]``, ``in_features`` the active width's input size.
+        weight: the full shared weight ``[O_full, I_full]`` (never copied).
+        bias: the full bias ``[O_full]`` or None.
+        out_features: active output features (default ``O_full``).
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"slimops.linear: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 1 or not input.is_floating_point():
+        raise ValueError(
+            f"slimops.linear: input must be a floating-point tensor with at least 1 dim, got "
+            f"shape {tuple(input.shape)} and dtype {input.dtype}"
+        )
+    check_tensor(weight, input, OP, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"slimops.linear: weight must be 2-D, got shape {tuple(weight.shape)}")
+    if out_features is None:
+        out_features = weight.shape[0]
+    in_features = input.shape[-1]
+    if not 1 <= in_features <= weight.shape[1]:
+        raise ValueError(
+            f"slimops.linear: input has {in_features} features; the weight takes at most {weight.shape[1]}"
+        )
+    if not 1 <= out_features <= weight.shape[0]:
+        raise ValueError(
+            f"slimops.linear: out_features={out_features} must be in [1, {weight.shape[0]}]"
+        )
+    if bias is not None:
+        check_tensor(bias, input, OP, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"slimops.linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
+            )
+    if _backend.use_native(input, weight):
+        return torch.ops.slimops.linear(input, weight, bias, out_features)
+    return reference.linear(input, weight, bias, out_features)
+
+
+def _register() -> None:
+    @torch.library.register_fake("slimops::linear")
+    def _(input, weight, bias, out_features):
+        return input.new_empty((*input.shape[:-1], out_features))
+
+    @torch.library.register_fake("slimops::linear_backward_input")
+    def _(grad_out, weight, in_features):
+        return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+    @torch.library.register_fake("slimops::linear_backward_weight")
+    def _(grad_out, input, weight):
+        return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, out_features = inputs
+        ctx.bias_rows = None if bias is None else bias.shape[0]
+        ctx.save_for_backward(input, weight)
+
+    def backward(ctx, grad_out):
+        input, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_input = grad_weight = grad_bias = None
+        if needs[0]:
+            grad_input = torch.ops.slimops.linear_backward_input(grad_out, weight, input.shape[-1])
+        if needs[1]:
+            grad_weight = torch.ops.slimops.linear_backward_weight(grad_out, input, weight)
+        if needs[2]:
+            grad_bias = pad_prefix(grad_out.reshape(-1, grad_out.shape[-1]).sum(0), ctx.bias_rows)
+        return grad_input, grad_weight, grad_bias, None
+
+    torch.library.register_autograd("slimops::linear", backward, setup_context=setup_context)
+
+
+if _backend.HAS_C:
+    _register()
+
+__all__ = ["linear"]
