@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -35,12 +36,14 @@ def _overrides() -> Dict[int, float]:
 
 
 def normalize_widths(widths: Sequence[float]) -> Tuple[float, ...]:
-    """Validate a width list: non-empty, positive, distinct; returned sorted ascending."""
-    try:
-        ws = tuple(sorted(float(w) for w in widths))
-    except TypeError:
-        raise TypeError(f"widths must be a sequence of numbers, got {widths!r}") from None
-    if not ws or ws[0] <= 0 or len(set(ws)) != len(ws):
+    """Validate a width list: non-empty, finite, positive, distinct; returned sorted ascending."""
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Iterable):
+        raise TypeError(f"widths must be a sequence of numbers, got {widths!r}")
+    widths = list(widths)
+    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in widths):
+        raise TypeError(f"widths must be a sequence of numbers, got {widths!r}")
+    ws = tuple(sorted(float(w) for w in widths))
+    if not ws or not all(math.isfinite(w) and w > 0 for w in ws) or len(set(ws)) != len(ws):
         raise ValueError(f"widths must be distinct positive numbers, got {tuple(widths)}")
     return ws
 

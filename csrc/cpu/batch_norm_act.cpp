@@ -57,7 +57,7 @@ void dispatch_activation(int64_t activation, const F& f) {
 // HW == 1, over the channels of a row, so an inlined f vectorises.
 template <typename F>
 void for_each_element(int64_t N, int64_t C, int64_t HW, const F& f) {
-  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
     if (HW == 1) {
       for (int64_t i = begin; i < end;) {
         const int64_t c0 = i % C, run = std::min(end - i, C - c0);
@@ -94,7 +94,7 @@ template <int kSums, typename F>
 void channel_sums(int64_t N, int64_t C, int64_t HW, std::vector<double> (&sums)[kSums],
                   const F& f) {
   for (auto& s : sums) s.assign(C, 0.0);
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
     if (HW == 1) {
       double* out[kSums];
       for (int s = 0; s < kSums; ++s) out[s] = sums[s].data();

@@ -14,6 +14,13 @@ namespace cpu {
 // Matches the schema's `int activation` (and slimops.ops._common.ACTIVATION_CODES).
 enum Activation : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2 };
 
+// Grain size for at::parallel_for over items of `work_per_item` elements each: small layers
+// (a 7x7 plane, a few channels) run on one thread instead of paying for a parallel region,
+// which costs more than the work and stalls badly when the other core is busy.
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_item));
+}
+
 inline void check_activation(int64_t activation) {
   TORCH_CHECK(activation >= 0 && activation <= 2,
               "slimops: activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
@@ -70,7 +77,7 @@ void apply_epilogue(scalar_t* out, int64_t N, int64_t C, int64_t HW, const scala
                     BiasIndex bias_index, const scalar_t* scale, const scalar_t* shift,
                     const scalar_t* residual, int64_t activation) {
   if (!bias && !scale && !shift && !residual && activation == kNone) return;
-  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t c = row % C;
       const scalar_t b = bias ? bias[bias_index(c)] : scalar_t(0);

@@ -120,10 +120,6 @@ Span valid_span(int64_t offset, int64_t stride, int64_t size, int64_t out_size) 
 }
 
 // Items per task for ~32K elements of work per task, ATen's own grain.
-int64_t grain_for(int64_t work_per_item) {
-  return std::max<int64_t>(1, int64_t{32768} / std::max<int64_t>(1, work_per_item));
-}
-
 // cols[(c*kh + i)*kw + j, oh*Wo + ow] = image[c, oh*sh - ph + i*dh, ow*sw - pw + j*dw] (0 off
 // the image). Rows are ordered channel-major, so group g's rows are the contiguous block
 // [g*K, (g+1)*K).

@@ -220,6 +220,7 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor* sh = opt_ptr(shift);
   const bool has_epilogue = b || sc || sh || res.defined() || activation != kNone;
   const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;
+  const int64_t plane_work = std::max(in_plane, out_plane) * taps;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_depthwise_conv2d", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -233,7 +234,7 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
                   shs = sh ? sh->stride(0) : 0;
     scalar_t* outp = out.data_ptr<scalar_t>();
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
-      at::parallel_for(0, pr.N * pr.C, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, pr.N * pr.C, grain_for(plane_work), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t c = plane % pr.C;
@@ -281,6 +282,7 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
   const at::Tensor gz = grad_z.contiguous();
   at::Tensor grad_input = at::empty(input_size, gz.options());
   const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;
+  const int64_t plane_work = std::max(in_plane, out_plane) * taps;
 
   AT_DISPATCH_FLOATING_TYPES(gz.scalar_type(), "slimops_depthwise_conv2d_backward_input", [&] {
     const scalar_t* gp = gz.data_ptr<scalar_t>();
@@ -292,7 +294,7 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
       const PlaneConv t(p.OH, p.OW, p.KH, p.KW, p.H, p.W, 1, 1, p.dh * (p.KH - 1) - p.ph,
                         p.dw * (p.KW - 1) - p.pw, p.dh, p.dw);
       dispatch_shape(t, [&](auto kh, auto kw, auto sw) {
-        at::parallel_for(0, pr.N * pr.C, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, pr.N * pr.C, grain_for(plane_work), [&](int64_t begin, int64_t end) {
           std::vector<scalar_t> buffer = field_buffer<scalar_t>(t);
           std::vector<scalar_t> flipped(taps);
           for (int64_t plane = begin; plane < end; ++plane) {
@@ -308,7 +310,7 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
       });
       return;
     }
-    at::parallel_for(0, pr.N * pr.C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pr.N * pr.C, grain_for(plane_work), [&](int64_t begin, int64_t end) {
       // Scatter each output row back through the taps into the padded field, then crop the
       // field to the plane; the plane belongs to this thread alone, so this is race free.
       std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
@@ -366,6 +368,7 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
   // Full weight shape: rows past C stay zero so autograd accumulates it as is.
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;
+  const int64_t plane_work = std::max(in_plane, out_plane) * taps;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_depthwise_conv2d_backward_weight", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -373,7 +376,7 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
       // One channel per task: each grad_weight row has a single writer.
-      at::parallel_for(0, pr.C, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, pr.C, grain_for(pr.N * plane_work), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
         // Per-tap, per-column partial sums over the rows of a plane, reduced in double once per
         // plane so float32 sums over large batches stay accurate.

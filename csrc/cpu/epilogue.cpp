@@ -27,7 +27,7 @@ at::Tensor epilogue_backward(const at::Tensor& grad_out, const at::Tensor& out,
     const scalar_t* op = o.data_ptr<scalar_t>();
     const scalar_t* sp = scale.has_value() && scale->defined() ? scale->data_ptr<scalar_t>() : nullptr;
     scalar_t* rp = result.data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t s = sp ? sp[row % C] : scalar_t(1);
         const int64_t base = row * HW;

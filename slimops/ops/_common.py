@@ -108,23 +108,3 @@ def pad_prefix(g: Tensor, full: int) -> Tensor:
     """A length-``full`` vector whose prefix is ``g`` and the rest zero (for full-size grads)."""
     return torch.nn.functional.pad(g, (0, full - g.shape[-1]))
 
-
-def epilogue_grads(
-    grad_out: Tensor, out: Tensor, scale: Optional[Tensor], activation: int, need_pre: bool
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """Gradients through the fused epilogue ``act(z * scale + shift + residual)``.
-
-    Returns ``(grad_z, grad_pre)``: w.r.t. the convolution output ``z`` and, if ``need_pre``,
-    w.r.t. the activation's input (which is also the gradient of ``shift``'s broadcast and of
-    ``residual``). The activation's mask is read from the op's output, so nothing else is saved.
-    """
-    grad_pre = None
-    if need_pre or scale is None:
-        grad_pre = (
-            torch.ops.slimops.epilogue_backward(grad_out, out, None, activation)
-            if activation
-            else grad_out
-        )
-    if scale is None:
-        return grad_pre, (grad_pre if need_pre else None)
-    return torch.ops.slimops.epilogue_backward(grad_out, out, scale, activation), grad_pre

@@ -18,8 +18,8 @@ from slimops.ops._common import (
     check_residual,
     check_tensor,
     check_vector,
-    epilogue_grads,
 )
+from slimops.ops.epilogue import epilogue_grads
 
 OP = "batch_norm_act"
 

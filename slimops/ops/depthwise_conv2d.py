@@ -21,9 +21,9 @@ from slimops.ops._common import (
     check_vector,
     conv_geometry,
     conv_output_hw,
-    epilogue_grads,
     pad_prefix,
 )
+from slimops.ops.epilogue import epilogue_grads
 
 OP = "depthwise_conv2d"
 

@@ -1,0 +1,78 @@
+"""Shared fixtures of the slimops test suite.
+
+Every test starts from the same RNG state, and the helpers below are exposed as fixtures (not
+imported), so test modules in sub-folders can use them without a package layout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear
+from slimops.width import channels
+
+WIDTHS = (0.25, 0.5, 1.0)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def _tol(dtype: torch.dtype, like: torch.Tensor = None) -> dict:
+    # float32: room for a kernel's different summation order; float64: tight.
+    out = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    if like is not None and like.numel():
+        # long reductions (weight gradients of bigger shapes): absolute error grows with the
+        # magnitude of the terms, so scale atol by the expected tensor's largest entry
+        out["atol"] *= max(1.0, float(like.detach().abs().max()))
+    return out
+
+
+@pytest.fixture
+def tol():
+    """``tol(dtype, like=None)``: ``rtol``/``atol`` keyword arguments for ``assert_close``;
+    with ``like`` (the expected tensor), ``atol`` scales with its largest magnitude."""
+    return _tol
+
+
+def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial γ, β and running statistics for every batch norm of ``model`` (in place)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 4.0)
+                    m.bias.normal_()
+                if m.running_mean is not None:
+                    m.running_mean.normal_()
+                    m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _make_cnn(dtype: torch.dtype = torch.float32, widths=WIDTHS) -> torch.nn.Module:
+    """A small slimmable CNN: conv-BN-ReLU (stride 2) -> depthwise conv -> pool -> linear."""
+    c = channels(16, widths)
+    model = torch.nn.Sequential(
+        SlimConvBNAct(3, c, 3, stride=2, widths=widths, dtype=dtype),
+        SlimmableConv2d(c, c, 3, padding=1, groups=max(c), widths=widths, dtype=dtype),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        SlimmableLinear(c, 10, widths=widths, dtype=dtype),
+    )
+    return randomize_bn(model)
+
+
+@pytest.fixture
+def make_cnn():
+    """``make_cnn(dtype=float32, widths=(0.25, 0.5, 1.0))``: the small slimmable CNN above,
+    with randomized batch norm parameters and statistics."""
+    return _make_cnn
+
+
+@pytest.fixture(name="randomize_bn")
+def _randomize_bn_fixture():
+    """``randomize_bn(model)``: randomize every BN's γ, β and running stats in place."""
+    return randomize_bn

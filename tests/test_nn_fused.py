@@ -1,0 +1,389 @@
+"""slimops.nn.SlimConvBNAct: fused conv + switchable BN (+ residual) + activation equals the
+unfused composition at every width, in training and eval, forward and backward; state dicts
+round-trip; torch.compile gives the eager result."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slimops
+from slimops.nn import SlimConvBNAct, SlimmableLinear
+from slimops.width import channels
+
+DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
+WIDTHS = (0.25, 0.5, 1.0)
+ACTS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
+
+# (in_channels, out_channels, groups)
+KINDS = {
+    "dense": ([1, 7, 13], [3, 7, 13], 1),
+    "depthwise": ([3, 7, 13], [3, 7, 13], 13),
+    "grouped": ([3, 6, 12], [6, 9, 12], 3),
+}
+
+
+def make_block(kind, dtype, randomize_bn, **kwargs):
+    cin, cout, groups = KINDS[kind]
+    block = SlimConvBNAct(cin, cout, 3, groups=groups, widths=WIDTHS, dtype=dtype, **kwargs)
+    return randomize_bn(block)
+
+
+def conv_prefix(conv, x, weight):
+    """The block's convolution at the active width, by hand (no bias)."""
+    cin, cout = conv.active_channels()
+    geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    if conv.depthwise:
+        return F.conv2d(x, weight[:cin], None, groups=cin, **geometry)
+    g = conv.groups
+    rows, og, ig = weight.shape[0] // g, cout // g, cin // g
+    w = torch.cat([weight[i * rows: i * rows + og, :ig] for i in range(g)])
+    return F.conv2d(x, w, None, groups=g, **geometry)
+
+
+def unfused(block, x, residual, weight, bn):
+    """act(batch_norm(conv(x)) + residual) from stock ops; ``bn`` is a plain nn.BatchNorm2d
+    holding the active width's γ, β and running statistics (updated in training)."""
+    z = conv_prefix(block.conv, x, weight)
+    y = F.batch_norm(
+        z, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+        block.training, _momentum(bn, block.training), bn.eps,
+    )
+    if residual is not None:
+        y = y + residual
+    return ACTS[block.activation](y)
+
+
+def _momentum(bn, training):
+    if training and bn.momentum is None:
+        bn.num_batches_tracked.add_(1)
+        return 1.0 / float(bn.num_batches_tracked)
+    if training:
+        bn.num_batches_tracked.add_(1)
+    return 0.0 if bn.momentum is None else bn.momentum
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", list(ACTS), ids=["none", "relu", "relu6"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_matches_unfused(kind, activation, with_residual, stride, train, dtype, tol,
+                         randomize_bn):
+    block = make_block(kind, dtype, randomize_bn, stride=stride, activation=activation)
+    block.train(train)
+    n_clipped = 0
+    for i, w in enumerate(WIDTHS):
+        slimops.set_width(block, w)
+        block.zero_grad(set_to_none=True)
+        before = {k: v.clone() for k, v in block.state_dict().items()}
+        bn_ref = copy.deepcopy(block.bn.bn[i])
+        bn_ref.zero_grad(set_to_none=True)
+        weight = block.conv.weight.detach().clone().requires_grad_()
+
+        cin, cout = block.conv.active_channels()
+        x = (torch.randn(2, cin, 7, 5, dtype=dtype) * 3).requires_grad_()
+        ho, wo = (7, 5) if stride == 1 else (4, 3)
+        r = None
+        if with_residual:
+            r = (torch.randn(2, cout, ho, wo, dtype=dtype) * 3).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        r_ref = None if r is None else r.detach().clone().requires_grad_()
+
+        y = block(x, r)
+        y_ref = unfused(block, x_ref, r_ref, weight, bn_ref)
+        assert y.shape == (2, cout, ho, wo)
+        torch.testing.assert_close(y, y_ref, **tol(dtype))
+        if activation == "relu6":
+            n_clipped += int((y_ref == 6).sum())
+
+        # running statistics: the active width's as the unfused path's, the others untouched
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(block.bn.bn[i], name), getattr(bn_ref, name),
+                                       **tol(dtype), msg=name)
+        for k, v in block.state_dict().items():
+            if not k.startswith(f"bn.bn.{i}."):
+                torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(x.grad, x_ref.grad, **tol(dtype), msg="input grad")
+        torch.testing.assert_close(block.conv.weight.grad, weight.grad, **tol(dtype),
+                                   msg="weight grad")
+        torch.testing.assert_close(block.bn.bn[i].weight.grad, bn_ref.weight.grad, **tol(dtype),
+                                   msg="gamma grad")
+        torch.testing.assert_close(block.bn.bn[i].bias.grad, bn_ref.bias.grad, **tol(dtype),
+                                   msg="beta grad")
+        if with_residual:
+            torch.testing.assert_close(r.grad, r_ref.grad, **tol(dtype), msg="residual grad")
+        assert all(block.bn.bn[j].weight.grad is None for j in range(3) if j != i)
+    if activation == "relu6":
+        assert n_clipped > 0  # the upper clip was exercised
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+@pytest.mark.parametrize("kind", ["dense", "depthwise"])
+def test_running_stats_over_steps(kind, momentum, tol, randomize_bn):
+    dtype = torch.float64
+    block = make_block(kind, dtype, randomize_bn, momentum=momentum).train()
+    refs = [copy.deepcopy(bn) for bn in block.bn.bn]
+    for step, i in enumerate([2, 2, 0, 1, 0, 2, 1]):
+        slimops.set_width(block, WIDTHS[i])
+        x = torch.randn(3, block.conv.active_channels()[0], 5, 5, dtype=dtype) + step
+        with torch.no_grad():
+            block(x)
+            unfused(block, x, None, block.conv.weight, refs[i])
+    for bn, ref in zip(block.bn.bn, refs):
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(bn, name), getattr(ref, name), **tol(dtype))
+    # and eval mode then uses those statistics
+    block.eval()
+    for i, w in enumerate(WIDTHS):
+        slimops.set_width(block, w)
+        x = torch.randn(2, block.conv.active_channels()[0], 4, 4, dtype=dtype)
+        torch.testing.assert_close(block(x), unfused(block, x, None, block.conv.weight, refs[i]),
+                                   **tol(dtype))
+
+
+def test_default_padding_is_same():
+    for k, d in [(1, 1), (3, 1), (5, 1), (3, 2)]:
+        block = SlimConvBNAct([2, 4], [3, 5], k, dilation=d, widths=(0.5, 1.0))
+        assert block(torch.randn(2, 4, 9, 7)).shape == (2, 5, 9, 7)
+        slimops.set_width(block, 0.5)
+        assert block(torch.randn(2, 2, 9, 7)).shape == (2, 3, 9, 7)
+    assert block.conv.bias is None
+
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match="activation"):
+        SlimConvBNAct(3, 4, 3, activation="gelu")
+
+
+def test_wrong_input():
+    block = SlimConvBNAct([1, 7, 13], [3, 7, 13], 3, widths=WIDTHS)
+    for train in (True, False):
+        block.train(train)
+        slimops.set_width(block, 0.5)
+        with pytest.raises(ValueError, match=r"at width 0\.5.*\(0\.25, 0\.5, 1\.0\)"):
+            block(torch.randn(2, 13, 5, 5))
+        with pytest.raises(TypeError, match="dtype"):
+            block(torch.randn(2, 7, 5, 5, dtype=torch.float64))
+        with pytest.raises(ValueError, match="residual"):
+            block(torch.randn(2, 7, 5, 5), torch.randn(2, 13, 5, 5))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_noncontiguous_input_and_residual(train, tol, randomize_bn):
+    dtype = torch.float64
+    block = make_block("dense", dtype, randomize_bn).train(train)
+    slimops.set_width(block, 0.5)
+    bn_ref = copy.deepcopy(block.bn.bn[1])
+    x = torch.randn(2, 7, 5, 6, dtype=dtype).to(memory_format=torch.channels_last)
+    r = torch.randn(2, 7, 6, 5, dtype=dtype).transpose(2, 3)
+    y = block(x, r)
+    y_ref = unfused(block, x.contiguous(), r.contiguous(), block.conv.weight, bn_ref)
+    torch.testing.assert_close(y, y_ref, **tol(dtype))
+
+
+def test_empty_batch_eval(randomize_bn):
+    block = make_block("dense", torch.float32, randomize_bn).eval()
+    slimops.set_width(block, 0.5)
+    x = torch.randn(0, 7, 5, 5, requires_grad=True)
+    y = block(x)
+    assert y.shape == (0, 7, 5, 5)
+    y.sum().backward()
+    assert torch.all(block.conv.weight.grad == 0)
+
+
+# --------------------------------------------------------------------------- state_dict
+
+
+def _outputs(model, x):
+    out = {}
+    with torch.no_grad():
+        for w in WIDTHS:
+            with slimops.width(model, w):
+                out[w] = model(x)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_state_dict_round_trip(dtype, make_cnn):
+    torch.manual_seed(1)
+    a = make_cnn(dtype)
+    # train the statistics of every width a little
+    a.train()
+    for w in WIDTHS:
+        slimops.set_width(a, w)
+        for _ in range(2):
+            a(torch.randn(4, 3, 9, 9, dtype=dtype))
+    a.eval()
+    keys = set(a.state_dict())
+    for i in range(3):
+        assert f"0.bn.bn.{i}.running_mean" in keys and f"0.bn.bn.{i}.weight" in keys
+    assert "0.conv.weight" in keys and "1.weight" in keys and "4.weight" in keys
+
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(2)
+    b = make_cnn(dtype).eval()
+    x = torch.randn(2, 3, 9, 9, dtype=dtype)
+    before = _outputs(b, x)
+    expected = _outputs(a, x)
+    assert not torch.allclose(before[1.0], expected[1.0])  # b really started different
+    b.load_state_dict(torch.load(buffer, weights_only=True))
+    got = _outputs(b, x)
+    for w in WIDTHS:
+        torch.testing.assert_close(got[w], expected[w], rtol=0, atol=0)
+    # training-mode outputs agree too (batch statistics, same γ/β)
+    a.train()
+    b.train()
+    for w in WIDTHS:
+        slimops.set_width(a, w)
+        slimops.set_width(b, w)
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------- torch.compile
+
+
+@pytest.fixture
+def dynamo_reset():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _check_compiled_eval(model, compiled, x, tol):
+    for w in (0.25, 1.0):
+        slimops.set_width(model, w)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), **tol)
+    slimops.set_width(model, 1.0)
+    with slimops.width(model, 0.5), torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), **tol)
+    with torch.no_grad():  # and back to the default after the scope
+        torch.testing.assert_close(compiled(x), model(x), **tol)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_eval(backend, make_cnn, dynamo_reset):
+    model = make_cnn().eval()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(2, 3, 9, 9)
+    _check_compiled_eval(model, compiled, x, dict(rtol=1e-5, atol=1e-6))
+    # the widths really differ (so a stale compiled width would be caught)
+    with torch.no_grad():
+        slimops.set_width(model, 0.25)
+        small = compiled(x)
+        slimops.set_width(model, 1.0)
+        assert not torch.allclose(small, compiled(x))
+
+
+@pytest.mark.slow
+def test_compile_eval_inductor(make_cnn, dynamo_reset):
+    model = make_cnn().eval()
+    compiled = torch.compile(model, fullgraph=True)  # the default backend, inductor
+    x = torch.randn(2, 3, 9, 9)
+    _check_compiled_eval(model, compiled, x, dict(rtol=1e-4, atol=1e-5))
+
+
+class _ResidualNet(torch.nn.Module):
+    """A stem, then a block with a residual and relu6 (the epilogue's backward), then a
+    classifier."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        c = channels(16, WIDTHS)
+        self.stem = SlimConvBNAct(3, c, 3, stride=2, widths=WIDTHS, dtype=dtype)
+        self.block = SlimConvBNAct(c, c, 3, widths=WIDTHS, activation="relu6", dtype=dtype)
+        self.head = SlimmableLinear(c, 10, widths=WIDTHS, dtype=dtype)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = self.block(h, residual=h)
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "net, train",
+    [pytest.param("cnn", True, id="cnn-train"),
+     pytest.param("cnn", False, id="cnn-eval"),
+     pytest.param("residual", True, id="residual-train"),
+     pytest.param("residual", False, id="residual-eval")],
+)
+def test_compile_forward_backward(net, train, dtype, make_cnn, randomize_bn, dynamo_reset,
+                                  tol):
+    """Training, and fine-tuning with frozen BN statistics (eval mode, gradients through the
+    fused epilogue's scale and shift), compiled in one graph, match eager."""
+    eager = make_cnn(dtype) if net == "cnn" else randomize_bn(_ResidualNet(dtype))
+    eager.train(train)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for step, w in enumerate((0.25, 1.0, 0.25, 0.5)):
+        slimops.set_width(eager, w)
+        slimops.set_width(model, 1.0 if w == 0.5 else w)
+        x = torch.randn(4, 3, 9, 9, dtype=dtype) + step
+        g = torch.randn(4, 10, dtype=dtype)
+        x_e = x.clone().requires_grad_()
+        x_c = x.clone().requires_grad_()
+        eager.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        y_e = eager(x_e)
+        if w == 0.5:  # the last step through a scoped width
+            with slimops.width(model, w):
+                y_c = compiled(x_c)
+        else:
+            y_c = compiled(x_c)
+        torch.testing.assert_close(y_c, y_e, **tol(dtype))
+        y_e.backward(g)
+        y_c.backward(g)
+        torch.testing.assert_close(x_c.grad, x_e.grad, **tol(dtype))
+        for (name, p_e), (_, p_c) in zip(eager.named_parameters(), model.named_parameters()):
+            if p_e.grad is None:
+                assert p_c.grad is None, name
+            else:
+                torch.testing.assert_close(p_c.grad, p_e.grad, **tol(dtype), msg=name)
+        for (name, b_e), (_, b_c) in zip(eager.named_buffers(), model.named_buffers()):
+            torch.testing.assert_close(b_c, b_e, **tol(dtype), msg=name)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["dense", "depthwise"])
+def test_medium_shapes(kind, train, tol, randomize_bn):
+    """Sizes past any kernel's block/vector width, with ragged tails."""
+    widths = (0.25, 0.5, 0.75, 1.0)
+    cout = [12, 24, 36, 48]
+    cin, groups = ([9, 18, 27, 36], 1) if kind == "dense" else (cout, 48)
+    block = randomize_bn(SlimConvBNAct(cin, cout, 3, groups=groups, widths=widths,
+                                       activation="relu6")).train(train)
+    for i, w in enumerate(widths):
+        slimops.set_width(block, w)
+        block.zero_grad(set_to_none=True)
+        bn_ref = copy.deepcopy(block.bn.bn[i])
+        weight = block.conv.weight.detach().clone().requires_grad_()
+        x = (torch.randn(3, cin[i], 17, 21) * 2).requires_grad_()
+        r = torch.randn(3, cout[i], 17, 21, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        r_ref = r.detach().clone().requires_grad_()
+        y, y_ref = block(x, r), unfused(block, x_ref, r_ref, weight, bn_ref)
+        torch.testing.assert_close(y, y_ref, **tol(torch.float32, y_ref))
+        torch.testing.assert_close(block.bn.bn[i].running_var, bn_ref.running_var,
+                                   **tol(torch.float32, bn_ref.running_var))
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(x.grad, x_ref.grad, **tol(torch.float32, x_ref.grad))
+        torch.testing.assert_close(r.grad, r_ref.grad, **tol(torch.float32, r_ref.grad))
+        torch.testing.assert_close(block.conv.weight.grad, weight.grad,
+                                   **tol(torch.float32, weight.grad))
+        torch.testing.assert_close(block.bn.bn[i].weight.grad, bn_ref.weight.grad,
+                                   **tol(torch.float32, bn_ref.weight.grad))
