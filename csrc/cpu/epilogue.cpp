@@ -25,11 +25,14 @@ at::Tensor epilogue_backward(const at::Tensor& grad_out, const at::Tensor& out,
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "slimops_epilogue_backward", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* op = o.data_ptr<scalar_t>();
-    const scalar_t* sp = scale.has_value() && scale->defined() ? scale->data_ptr<scalar_t>() : nullptr;
+    // scale is read through its stride: it may be a view (e.g. of a BN parameter).
+    const at::Tensor* sc = opt_ptr(scale);
+    const scalar_t* sp = sc ? sc->data_ptr<scalar_t>() : nullptr;
+    const int64_t ss = sc ? sc->stride(0) : 0;
     scalar_t* rp = result.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const scalar_t s = sp ? sp[row % C] : scalar_t(1);
+        const scalar_t s = sp ? sp[(row % C) * ss] : scalar_t(1);
         const int64_t base = row * HW;
         for (int64_t i = 0; i < HW; ++i)
           rp[base + i] = gp[base + i] * activation_mask<scalar_t>(op[base + i], activation) * s;

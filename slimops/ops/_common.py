@@ -69,14 +69,15 @@ def check_tensor(t: Tensor, ref: Tensor, op: str, name: str) -> None:
         raise ValueError(f"slimops.{op}: {name} is on {t.device} but input is on {ref.device}")
 
 
-def check_input(x: Tensor, op: str, dims: Union[int, Tuple[int, ...]]) -> None:
+def check_input(x: Tensor, op: str, dims: Optional[int] = None, min_dims: int = 0) -> None:
+    """``x`` must be a floating-point tensor with exactly ``dims`` (or at least ``min_dims``) dims."""
     if not isinstance(x, Tensor):
         raise TypeError(f"slimops.{op}: input must be a Tensor, got {type(x).__name__}")
-    allowed = (dims,) if isinstance(dims, int) else dims
-    if x.dim() not in allowed:
-        raise ValueError(f"slimops.{op}: expected a {'/'.join(map(str, allowed))}-D input, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"slimops.{op}: input must be floating point, got {x.dtype}")
+    if (dims is not None and x.dim() != dims) or x.dim() < min_dims:
+        want = f"a {dims}-D input" if dims is not None else f"an input of at least {min_dims} dims"
+        raise ValueError(f"slimops.{op}: expected {want}, got shape {tuple(x.shape)}")
 
 
 def check_vector(v: Optional[Tensor], length: int, ref: Tensor, op: str, name: str) -> None:

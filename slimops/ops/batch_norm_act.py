@@ -15,6 +15,7 @@ from torch import Tensor
 from slimops import _backend, reference
 from slimops.ops._common import (
     activation_code,
+    check_input,
     check_residual,
     check_tensor,
     check_vector,
@@ -45,13 +46,7 @@ def batch_norm_act(
             place in training with ``momentum`` (unbiased variance), as ``F.batch_norm`` does.
         training: use batch statistics (True) or the running ones (False).
     """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"slimops.batch_norm_act: input must be a Tensor, got {type(input).__name__}")
-    if input.dim() < 2 or not input.is_floating_point():
-        raise ValueError(
-            f"slimops.batch_norm_act: expected a floating-point [N, C, *] input, got shape "
-            f"{tuple(input.shape)} and dtype {input.dtype}"
-        )
+    check_input(input, OP, min_dims=2)
     c = input.shape[1]
     for name, v in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):

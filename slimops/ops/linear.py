@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from slimops import _backend, reference
-from slimops.ops._common import check_tensor, pad_prefix
+from slimops.ops._common import check_input, check_tensor, pad_prefix
 
 OP = "linear"
 
@@ -27,13 +27,7 @@ def linear(
         bias: the full bias ``[O_full]`` or None.
         out_features: active output features (default ``O_full``).
     """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"slimops.linear: input must be a Tensor, got {type(input).__name__}")
-    if input.dim() < 1 or not input.is_floating_point():
-        raise ValueError(
-            f"slimops.linear: input must be a floating-point tensor with at least 1 dim, got "
-            f"shape {tuple(input.shape)} and dtype {input.dtype}"
-        )
+    check_input(input, OP, min_dims=1)
     check_tensor(weight, input, OP, "weight")
     if weight.dim() != 2:
         raise ValueError(f"slimops.linear: weight must be 2-D, got shape {tuple(weight.shape)}")

@@ -1,0 +1,377 @@
+"""slimops.ops.batch_norm_act (the compiled kernel behind it) against
+slimops.reference.batch_norm_act, in training and eval: outputs, the updated running
+statistics, gradients; residual, activations, weight/bias None, momentum, 2-D/3-D/4-D inputs;
+float64 gradcheck; torch.library.opcheck of the (functional) op and its backward; compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimops
+from slimops import reference
+
+pytestmark = pytest.mark.skipif(
+    slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
+)
+
+F32, F64 = torch.float32, torch.float64
+DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
+ACTS = [pytest.param(None, id="none"), pytest.param("relu", id="relu"),
+        pytest.param("relu6", id="relu6")]
+SHAPES = {"2d": (16, 5), "3d": (3, 5, 7), "4d": (3, 5, 4, 3)}
+AFFINE = {"affine": (True, True), "none": (False, False), "weight": (True, False),
+          "bias": (False, True)}
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
+                 "test_aot_dispatch_dynamic")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-threaded unless a test asks for ``all_threads`` (see test_ops_conv2d.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield n
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def all_threads(_one_thread):
+    torch.set_num_threads(max(2, _one_thread))
+
+
+def leaf(t, grad=True):
+    return t.detach().requires_grad_(grad)
+
+
+def make_case(shape, dtype, *, with_weight=True, with_bias=True, with_residual=False,
+              spread=3.0):
+    """Inputs with a per-channel offset and scale (so the statistics matter), γ, β, running
+    statistics and an optional residual."""
+    c = shape[1]
+    view = (1, c) + (1,) * (len(shape) - 2)
+    x = torch.randn(*shape, dtype=dtype) * (torch.rand(c, dtype=dtype) * 2 + 0.5).view(view)
+    x = x + (torch.randn(c, dtype=dtype) * spread).view(view)
+    return dict(
+        input=x,
+        weight=torch.rand(c, dtype=dtype) * 4 + 1 if with_weight else None,
+        bias=torch.randn(c, dtype=dtype) * 2 if with_bias else None,
+        running_mean=torch.randn(c, dtype=dtype),
+        running_var=torch.rand(c, dtype=dtype) + 0.5,
+        residual=torch.randn(*shape, dtype=dtype) * 2 if with_residual else None,
+    )
+
+
+def run_and_compare(case, training, momentum, activation, tol, *, grad_out=None, eps=1e-5):
+    """Both implementations on independent leaves and running-stat clones: outputs, the
+    running statistics after the call, and input/γ/β/residual gradients."""
+    def args(contiguous_vectors=False):
+        a = {k: (None if v is None else
+                 (v.clone() if k.startswith("running") else leaf(v)))
+             for k, v in case.items()}
+        if contiguous_vectors:
+            # torch's own CPU batch_norm backward gives a wrong input gradient for a
+            # channels_last input and gradient with a non-contiguous weight (torch 2.13), so
+            # the oracle gets contiguous copies of γ and β (same values)
+            for k in ("weight", "bias"):
+                if a[k] is not None:
+                    a[k] = leaf(a[k].contiguous())
+        return a
+
+    mine, ref_args = args(), args(contiguous_vectors=True)
+    out = slimops.ops.batch_norm_act(training=training, momentum=momentum, eps=eps,
+                                     activation=activation, **mine)
+    ref = reference.batch_norm_act(training=training, momentum=momentum, eps=eps,
+                                   activation=activation, **ref_args)
+    dtype = case["input"].dtype
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, **tol(dtype, ref))
+    for k in ("running_mean", "running_var"):
+        if case[k] is not None:
+            torch.testing.assert_close(mine[k], ref_args[k], **tol(dtype, ref_args[k]),
+                                       msg=lambda m: f"{k}: {m}")
+    names = [k for k in ("input", "weight", "bias", "residual") if case[k] is not None]
+    if out.numel() == 0:
+        return out, ref, mine
+    g = torch.randn_like(ref) if grad_out is None else grad_out
+    grads = torch.autograd.grad(out, [mine[k] for k in names], g)
+    ref_grads = torch.autograd.grad(ref, [ref_args[k] for k in names], g)
+    for name, got, exp in zip(names, grads, ref_grads):
+        assert got.shape == case[name].shape, name
+        torch.testing.assert_close(got, exp, **tol(dtype, exp), msg=lambda m: f"{name}: {m}")
+    return out, ref, mine
+
+
+# --------------------------------------------------------------------------------------
+# training and eval against the reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("affine", list(AFFINE))
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_reference(training, shape, affine, with_residual, activation, dtype, tol):
+    with_weight, with_bias = AFFINE[affine]
+    case = make_case(SHAPES[shape], dtype, with_weight=with_weight, with_bias=with_bias,
+                     with_residual=with_residual)
+    before = case["running_mean"].clone(), case["running_var"].clone()
+    _, ref, mine = run_and_compare(case, training, 0.1, activation, tol)
+    changed = not torch.equal(mine["running_mean"], before[0])
+    assert changed == training  # only training updates the running statistics
+    assert torch.equal(case["running_var"], before[1])  # the clones were updated, not these
+    if activation is not None:
+        assert (ref == 0).any() and (ref > 0).any()
+    if activation == "relu6" and with_weight:  # γ up to 5: the upper clip is reached
+        assert (ref == 6).any()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 0.5, 1.0])
+def test_momentum(momentum, tol):
+    """Several training steps in a row: the exponential averages follow F.batch_norm's."""
+    case = make_case((4, 6, 3, 3), F64)
+    ours = case["running_mean"].clone(), case["running_var"].clone()
+    theirs = case["running_mean"].clone(), case["running_var"].clone()
+    for step in range(3):
+        x = case["input"] * (step + 1) + step
+        slimops.ops.batch_norm_act(x, case["weight"], case["bias"], *ours, True, momentum)
+        reference.batch_norm_act(x, case["weight"], case["bias"], *theirs, True, momentum)
+        torch.testing.assert_close(ours[0], theirs[0], **tol(F64))
+        torch.testing.assert_close(ours[1], theirs[1], **tol(F64, theirs[1]))
+    if momentum == 0.0:
+        assert torch.equal(ours[0], case["running_mean"])
+
+
+def test_training_without_running_stats(tol):
+    case = make_case((5, 4, 3), F64, with_residual=True)
+    case["running_mean"] = case["running_var"] = None
+    run_and_compare(case, True, 0.1, "relu", tol)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.5])
+def test_eps(eps, tol):
+    case = make_case((4, 3, 5), F64)
+    for training in (True, False):
+        run_and_compare(case, training, 0.1, None, tol, eps=eps)
+
+
+def test_eval_is_affine_in_the_running_stats(tol):
+    """Eval mode uses the running statistics, not the batch's."""
+    case = make_case((4, 3, 2, 2), F64)
+    out = slimops.ops.batch_norm_act(case["input"], case["weight"], case["bias"],
+                                     case["running_mean"], case["running_var"], False)
+    view = (1, 3, 1, 1)
+    expected = ((case["input"] - case["running_mean"].view(view))
+                / (case["running_var"].view(view) + 1e-5).sqrt()
+                * case["weight"].view(view) + case["bias"].view(view))
+    torch.testing.assert_close(out, expected, **tol(F64, expected))
+
+
+@pytest.mark.parametrize("n", [0, 1], ids=["N0", "N1"])
+def test_eval_small_batches(n, tol):
+    case = make_case((n, 4, 3, 3), F64, with_residual=True)
+    run_and_compare(case, False, 0.1, "relu6", tol)
+
+
+def test_training_single_value_per_channel_raises():
+    case = make_case((1, 4), F64)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        slimops.ops.batch_norm_act(case["input"], None, None, None, None, True)
+
+
+def test_eval_without_running_stats_raises():
+    x = torch.randn(3, 4, dtype=F64)
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        slimops.ops.batch_norm_act(x, None, None, None, None, False)
+
+
+# --------------------------------------------------------------------------------------
+# threads and layouts
+
+
+@pytest.mark.parametrize("shape", [(64, 33), (3, 17, 9, 11), (1, 5, 40, 40)],
+                         ids=["2d_wide", "4d", "4d_one_image"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_threaded(training, shape, all_threads, tol):
+    assert torch.get_num_threads() >= 2
+    case = make_case(shape, F32, with_residual=True)
+    run_and_compare(case, training, 0.1, "relu", tol)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("how", ["channels_last", "sliced"])
+def test_layouts(how, training, tol, all_threads):
+    """Non-contiguous input, residual, gradient, and strided 1-D parameters and statistics
+    (read through their strides; the statistics updated in place through them)."""
+    case = make_case((3, 6, 5, 4), F64, with_residual=True)
+
+    def relayout(t):
+        if how == "channels_last":
+            return t.contiguous(memory_format=torch.channels_last)
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+
+    def strided(v):
+        wide = torch.zeros(2 * v.shape[0], dtype=v.dtype)
+        wide[::2] = v
+        return wide[::2]
+
+    case["input"], case["residual"] = relayout(case["input"]), relayout(case["residual"])
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        case[k] = strided(case[k])
+    assert not case["input"].is_contiguous() and not case["running_var"].is_contiguous()
+    g = relayout(torch.randn(3, 6, 5, 4, dtype=F64))
+    run_and_compare(case, training, 0.3, "relu6", tol, grad_out=g)
+
+
+# --------------------------------------------------------------------------------------
+# gradcheck (float64)
+
+
+def _away_from_kinks(pre):
+    target = torch.where(pre.abs() < 0.5, pre.sign() * 0.5 + (pre == 0) * 0.5, pre)
+    target = torch.where((target - 6).abs() < 0.5, 6 + (target - 6).sign() * 0.5, target)
+    return target - pre
+
+
+GRADCHECK_CASES = {
+    # name: (shape, training, affine, activation, fast_mode)
+    "train_4d_affine": ((2, 3, 3, 2), True, True, None, False),
+    "train_2d_relu": ((6, 4), True, True, "relu", False),
+    "train_3d_noaffine_relu6": ((3, 2, 4), True, False, "relu6", False),
+    "eval_4d_affine_relu6": ((2, 3, 3, 2), False, True, "relu6", False),
+    "eval_2d_noaffine": ((5, 3), False, False, None, False),
+    "train_4d_bigger_fast": ((3, 5, 4, 4), True, True, "relu", True),
+}
+
+
+@pytest.mark.parametrize("case_name", list(GRADCHECK_CASES))
+def test_gradcheck(case_name):
+    shape, training, affine, act, fast = GRADCHECK_CASES[case_name]
+    case = make_case(shape, F64, with_weight=affine, with_bias=affine)
+    rm, rv = case["running_mean"], case["running_var"]
+    with torch.no_grad():
+        pre = reference.batch_norm_act(case["input"], case["weight"], case["bias"], rm.clone(),
+                                       rv.clone(), training)
+        residual = torch.randn_like(pre)
+        residual += _away_from_kinks(pre + residual)
+    tensors = [leaf(case["input"]), leaf(residual)]
+    if affine:
+        tensors += [leaf(case["weight"]), leaf(case["bias"])]
+
+    def fn(x, r, w=None, b=None):
+        # running stats as fresh clones: the op updates them in training
+        return slimops.ops.batch_norm_act(x, w, b, rm.clone(), rv.clone(), training,
+                                          residual=r, activation=act)
+
+    assert torch.autograd.gradcheck(fn, tuple(tensors), fast_mode=fast)
+
+
+# --------------------------------------------------------------------------------------
+# torch.library.opcheck: the op is functional (returns the statistics it used)
+
+
+def _bn_sample(shape, training, grad, *, stats=True, affine=True, residual=True, act=0,
+               dtype=F64):
+    case = make_case(shape, dtype, with_weight=affine, with_bias=affine,
+                     with_residual=residual)
+    opt = lambda t: None if t is None else leaf(t, grad)
+    return (leaf(case["input"], grad), opt(case["weight"]), opt(case["bias"]),
+            case["running_mean"].clone() if stats else None,
+            case["running_var"].clone() if stats else None, training, 1e-5,
+            opt(case["residual"]), act)
+
+
+OPCHECK_SAMPLES = {
+    "train_no_stats_no_grad": lambda: _bn_sample((3, 4, 2, 2), True, False, stats=False, act=1),
+    "train_stats_grad": lambda: _bn_sample((3, 4, 2, 2), True, True),
+    "train_2d_grad_relu_no_residual": lambda: _bn_sample((6, 3), True, True, residual=False,
+                                                         act=1),
+    "eval_grad_noaffine_f32": lambda: _bn_sample((3, 4, 5), False, True, affine=False,
+                                                 dtype=F32),
+    "eval_grad_relu6_no_residual": lambda: _bn_sample((2, 3, 3, 3), False, True, residual=False,
+                                                      act=2),
+    "train_grad_relu_residual": lambda: _bn_sample((3, 4, 2, 2), True, True, act=1),
+}
+
+
+@pytest.mark.parametrize("make", list(OPCHECK_SAMPLES.values()), ids=list(OPCHECK_SAMPLES))
+def test_opcheck_batch_norm_act(make):
+    torch.library.opcheck(torch.ops.slimops.batch_norm_act.default, make(),
+                          test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_backward(training):
+    case = make_case((3, 4, 2, 3), F64)
+    out, mean, var = torch.ops.slimops.batch_norm_act(
+        case["input"], case["weight"], case["bias"], case["running_mean"], case["running_var"],
+        training, 1e-5, None, 1)
+    args = (torch.randn_like(out), case["input"], out, case["weight"], mean, var, 1e-5,
+            training, 1)
+    torch.library.opcheck(torch.ops.slimops.batch_norm_act_backward.default, args,
+                          test_utils=OPCHECK_UTILS)
+
+
+def test_functional_op_returns_statistics_and_leaves_stats_alone(tol):
+    case = make_case((4, 3, 5), F64)
+    rm, rv = case["running_mean"].clone(), case["running_var"].clone()
+    out, mean, var = torch.ops.slimops.batch_norm_act(case["input"], None, None, rm, rv, True,
+                                                      1e-5, None, 0)
+    torch.testing.assert_close(mean, case["input"].mean((0, 2)), **tol(F64))
+    torch.testing.assert_close(var, case["input"].var((0, 2), unbiased=False), **tol(F64))
+    assert torch.equal(rm, case["running_mean"]) and torch.equal(rv, case["running_var"])
+    _, mean_e, var_e = torch.ops.slimops.batch_norm_act(case["input"], None, None, rm, rv, False,
+                                                        1e-5, None, 0)
+    assert torch.equal(mean_e, rm) and torch.equal(var_e, rv)
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+COMPILE_CASES = {
+    "train_relu": (True, "relu", False),
+    "train_residual_none": (True, None, True),
+    "eval_relu6": (False, "relu6", False),
+    "train_residual_relu": (True, "relu", True),
+}
+
+
+@pytest.mark.parametrize("training,act,with_residual", list(COMPILE_CASES.values()),
+                         ids=list(COMPILE_CASES))
+def test_compile(training, act, with_residual, fresh_dynamo, tol):
+    case = make_case((4, 5, 3, 3), F32, with_residual=with_residual)
+    g = torch.randn(4, 5, 3, 3)
+    names = [k for k in ("input", "weight", "bias", "residual") if case[k] is not None]
+
+    def fn(input, weight, bias, running_mean, running_var, residual=None):
+        y = slimops.ops.batch_norm_act(input, weight, bias, running_mean, running_var, training,
+                                       0.2, residual=residual, activation=act)
+        return (y * g).sum(), y
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        a = {k: (v.clone() if k.startswith("running") else leaf(v.clone()))
+             for k, v in case.items() if v is not None}
+        loss, y = f(**a)
+        grads = torch.autograd.grad(loss, [a[k] for k in names])
+        results.append((y, grads, a["running_mean"], a["running_var"]))
+    (y_e, g_e, rm_e, rv_e), (y_c, g_c, rm_c, rv_c) = results
+    torch.testing.assert_close(y_c, y_e, **tol(F32, y_e))
+    torch.testing.assert_close(rm_c, rm_e, **tol(F32, rm_e))
+    torch.testing.assert_close(rv_c, rv_e, **tol(F32, rv_e))
+    if training:
+        assert not torch.equal(rm_c, case["running_mean"])
+    for name, a, b in zip(names, g_c, g_e):
+        torch.testing.assert_close(a, b, **tol(F32, b), msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,516 @@
+"""slimops.ops.conv2d (the compiled kernel behind it) against slimops.reference.conv2d:
+forward and backward over geometry, per-group prefixes, the fused epilogue, batch sizes and
+memory layouts; float64 gradcheck; torch.library.opcheck of the op and its backward ops;
+torch.compile (aot_eager, fullgraph) against eager."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import slimops
+from slimops import reference
+
+pytestmark = pytest.mark.skipif(
+    slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
+)
+
+F32, F64 = torch.float32, torch.float64
+DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
+ACTS = [pytest.param(None, id="none"), pytest.param("relu", id="relu"),
+        pytest.param("relu6", id="relu6")]
+
+# groups -> (full weight shape [G*Og, Ig] without the kernel, active (out, in) prefixes).
+# Prefixes: full size, og = ig = 1, and mixed ones.
+WEIGHTS = {
+    1: ((13, 7), [(13, 7), (1, 1), (7, 3), (3, 7)]),
+    3: ((15, 3), [(15, 9), (3, 3), (6, 9), (15, 3)]),
+}
+# (H, W, N): odd spatial sizes, with batches below and above the thread count (2) so both
+# the image-serial and the image-parallel paths of the kernel run.
+SIZES = [(1, 1, 3), (3, 7, 1), (7, 3, 2), (13, 13, 1)]
+
+# The epilogue is act((z + b) * scale + shift + residual) on the active channels.
+EPILOGUE_FLAGS = list(itertools.product([False, True], repeat=4))  # bias, scale, shift, residual
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
+                 "test_aot_dispatch_dynamic")
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Run single-threaded unless a test asks for ``all_threads``: on a busy 2-core machine
+    every OpenMP region of a tiny op can wait milliseconds for a descheduled worker, which
+    makes sweeps of hundreds of small cases slow. The threaded code paths (images in
+    parallel, BLAS threads) have their own tests, which request ``all_threads``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield n
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def all_threads(_one_thread):
+    torch.set_num_threads(max(2, _one_thread))
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def out_hw(h, w, k, s, p, d):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, _pair(s), _pair(p), _pair(d)
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def leaf(t, grad=True):
+    """A new leaf on ``t``'s storage: keeps its strides (clone() would not for a sliced one)."""
+    return t.detach().requires_grad_(grad)
+
+
+def run_and_compare(kwargs, tol, *, check_weight_zeros=True, grad_out=None):
+    """Forward and backward of slimops.ops.conv2d and the reference on the same arguments
+    (independent leaf copies); every tensor argument that requires grad is differentiated."""
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    ref_kwargs = {k: (leaf(v) if k in names else v) for k, v in kwargs.items()}
+    out = slimops.ops.conv2d(**kwargs)
+    ref = reference.conv2d(**ref_kwargs)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    dtype = ref.dtype
+    torch.testing.assert_close(out, ref, **tol(dtype, ref))
+    if not names:
+        return out, ref
+    g = torch.randn_like(ref) if grad_out is None else grad_out
+    grads = torch.autograd.grad(out, [kwargs[k] for k in names], g, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, [ref_kwargs[k] for k in names], g, allow_unused=True)
+    for name, got, exp in zip(names, grads, ref_grads):
+        if exp is None:
+            exp = torch.zeros_like(kwargs[name])
+        assert got is not None, name
+        assert got.shape == kwargs[name].shape, name
+        torch.testing.assert_close(got, exp, **tol(dtype, exp), msg=lambda m: f"{name}: {m}")
+    if check_weight_zeros and "weight" in names:
+        gw = grads[names.index("weight")]
+        w = kwargs["weight"]
+        groups = kwargs.get("groups", 1)
+        og = kwargs["out_channels"] // groups
+        ig = kwargs["input"].shape[1] // groups
+        used = torch.zeros(groups, w.shape[0] // groups, w.shape[1], dtype=torch.bool)
+        used[:, :og, :ig] = True
+        outside = gw.view(groups, w.shape[0] // groups, w.shape[1], -1)[~used]
+        assert torch.equal(outside, torch.zeros_like(outside)), "grad outside the prefix"
+    return out, ref
+
+
+# --------------------------------------------------------------------------------------
+# forward + backward over the geometry, every prefix, odd sizes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dilation", [1, 2], ids=["d1", "d2"])
+@pytest.mark.parametrize("padding", [0, 1, (2, 1)], ids=["p0", "p1", "p21"])
+@pytest.mark.parametrize("stride", [1, 2, (2, 1)], ids=["s1", "s2", "s21"])
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3), (5, 3)], ids=["k1", "k3", "k53"])
+@pytest.mark.parametrize("groups", [1, 3], ids=["g1", "g3"])
+def test_geometry_prefixes(groups, kernel, stride, padding, dilation, dtype, tol):
+    (rows, ig_full), prefixes = WEIGHTS[groups]
+    weight = torch.randn(rows, ig_full, *kernel, dtype=dtype)
+    bias = torch.randn(rows, dtype=dtype)
+    ran = 0
+    for (o, i), (h, w, n) in itertools.product(prefixes, SIZES):
+        ho, wo = out_hw(h, w, kernel, stride, padding, dilation)
+        if ho < 1 or wo < 1:
+            continue
+        kwargs = dict(
+            input=torch.randn(n, i, h, w, dtype=dtype, requires_grad=True),
+            weight=leaf(weight), bias=leaf(bias), out_channels=o, stride=stride,
+            padding=padding, dilation=dilation, groups=groups,
+        )
+        out, _ = run_and_compare(kwargs, tol)
+        assert out.shape == (n, o, ho, wo)
+        ran += 1
+    assert ran >= 4  # the sweep is not vacuous
+
+
+@pytest.mark.parametrize("n", [1, 3], ids=["N1", "N3"])
+@pytest.mark.parametrize("groups", [1, 3], ids=["g1", "g3"])
+def test_threaded(groups, n, all_threads, tol):
+    """Both thread strategies: N < threads (images in order, BLAS threaded) and N >= threads
+    (whole images per thread), with im2col and the pointwise (1x1) path."""
+    assert torch.get_num_threads() >= 2
+    (rows, ig_full), prefixes = WEIGHTS[groups]
+    for kernel, stride, padding in [((3, 3), 1, 1), ((1, 1), 1, 0), ((5, 3), (2, 1), (2, 1))]:
+        weight = torch.randn(rows, ig_full, *kernel, dtype=F64)
+        for o, i in prefixes[:3]:
+            kwargs = dict(input=leaf(torch.randn(n, i, 13, 7, dtype=F64)), weight=leaf(weight),
+                          bias=leaf(torch.randn(rows, dtype=F64)), out_channels=o,
+                          stride=stride, padding=padding, groups=groups)
+            run_and_compare(kwargs, tol)
+
+
+# --------------------------------------------------------------------------------------
+# the fused epilogue, piece by piece
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("flags", EPILOGUE_FLAGS,
+                         ids=["".join(n for n, f in zip("bcsr", fl) if f) or "plain"
+                              for fl in EPILOGUE_FLAGS])
+@pytest.mark.parametrize("groups", [1, 3], ids=["g1", "g3"])
+def test_epilogue(groups, flags, activation, dtype, tol):
+    with_bias, with_scale, with_shift, with_residual = flags
+    if groups == 1:
+        weight = torch.randn(13, 7, 3, 3, dtype=dtype)
+        o, i, geometry = 7, 5, dict(stride=1, padding=1, dilation=1)
+    else:
+        weight = torch.randn(15, 3, 3, 3, dtype=dtype)
+        o, i, geometry = 9, 6, dict(stride=2, padding=1, dilation=1)
+    x = torch.randn(2, i, 7, 7, dtype=dtype)
+    ho, wo = out_hw(7, 7, (3, 3), geometry["stride"], 1, 1)
+    kwargs = dict(
+        input=leaf(x), weight=leaf(weight),
+        bias=leaf(torch.randn(weight.shape[0], dtype=dtype)) if with_bias else None,
+        out_channels=o, groups=groups, **geometry,
+        scale=leaf(torch.randn(o, dtype=dtype) * 2) if with_scale else None,
+        shift=leaf(torch.randn(o, dtype=dtype) * 3) if with_shift else None,
+        residual=leaf(torch.randn(2, o, ho, wo, dtype=dtype) * 3) if with_residual else None,
+        activation=activation,
+    )
+    out, ref = run_and_compare(kwargs, tol)
+    # the data exercises every branch of the activation
+    if activation is not None:
+        assert (ref == 0).any() and (ref > 0).any()
+    if activation == "relu6":
+        assert (ref == 6).any() and ((ref > 0) & (ref < 6)).any()
+
+
+def test_epilogue_changes_the_output():
+    """Guard against an epilogue argument being silently ignored."""
+    w = torch.randn(8, 4, 3, 3, dtype=F64)
+    x = torch.randn(2, 4, 5, 5, dtype=F64)
+    base = slimops.ops.conv2d(x, w, None, 6, padding=1)
+    for kw in (dict(bias=torch.ones(8, dtype=F64)), dict(scale=torch.full((6,), 2.0, dtype=F64)),
+               dict(shift=torch.ones(6, dtype=F64)),
+               dict(residual=torch.ones(2, 6, 5, 5, dtype=F64))):
+        assert not torch.allclose(slimops.ops.conv2d(x, w, out_channels=6, padding=1, **kw), base)
+    torch.testing.assert_close(slimops.ops.conv2d(x, w, None, 6, padding=1, activation="relu"),
+                               base.clamp_min(0), rtol=0, atol=0)
+
+
+def test_grouped_bias_follows_weight_rows(tol):
+    """groups=3, og=1 of Og=4: output channel g reads bias row g*4, not row g."""
+    w = torch.randn(12, 2, 1, 1, dtype=F64)
+    b = torch.arange(12, dtype=F64)
+    x = torch.zeros(1, 3, 2, 2, dtype=F64)
+    out = slimops.ops.conv2d(x, w, b, 3, groups=3)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.0, 4.0, 8.0], dtype=F64))
+
+
+# --------------------------------------------------------------------------------------
+# batch sizes, including the empty batch
+
+
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "epilogue"])
+@pytest.mark.parametrize("n", [0, 1, 3], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("groups", [1, 3], ids=["g1", "g3"])
+def test_batch_sizes(groups, n, epilogue, tol, all_threads):
+    dtype = F64
+    weight = torch.randn(12, 4, 3, 3, dtype=dtype)
+    o, i = (6, 3) if groups == 1 else (6, 6)
+    kwargs = dict(input=leaf(torch.randn(n, i, 5, 6, dtype=dtype)), weight=leaf(weight),
+                  bias=leaf(torch.randn(12, dtype=dtype)), out_channels=o, stride=(2, 1),
+                  padding=1, groups=groups)
+    if epilogue:
+        kwargs.update(scale=leaf(torch.randn(o, dtype=dtype)),
+                      shift=leaf(torch.randn(o, dtype=dtype)),
+                      residual=leaf(torch.randn(n, o, 3, 6, dtype=dtype)), activation="relu6")
+    out, _ = run_and_compare(kwargs, tol)
+    assert out.shape == (n, o, 3, 6)
+    if n == 0:
+        # backward through an empty batch: zero parameter gradients, at the full shapes
+        slimops.ops.conv2d(**kwargs).sum().backward()
+        assert torch.equal(kwargs["weight"].grad, torch.zeros_like(weight))
+        assert torch.equal(kwargs["bias"].grad, torch.zeros(12, dtype=dtype))
+        assert kwargs["input"].grad.shape == (0, i, 5, 6)
+
+
+# --------------------------------------------------------------------------------------
+# memory layouts: channels_last and non-contiguous tensors
+
+
+def _non_contiguous(t, how):
+    if how == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if how == "sliced":  # every other column of a wider tensor
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if how == "transposed":  # H and W stored swapped
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("how", ["channels_last", "sliced", "transposed"])
+@pytest.mark.parametrize("groups", [1, 3], ids=["g1", "g3"])
+def test_layouts(groups, how, dtype, tol, all_threads):
+    weight = torch.randn(12, 4, 3, 3, dtype=dtype)
+    o, i = (9, 6) if groups == 3 else (5, 3)
+    x = _non_contiguous(torch.randn(3, i, 7, 5, dtype=dtype), how)
+    assert not x.is_contiguous()
+    residual = _non_contiguous(torch.randn(3, o, 7, 5, dtype=dtype), how)
+    vec = lambda n: torch.randn(2 * n, dtype=dtype)[::2]  # strided 1-D parameters
+    grad_out = _non_contiguous(torch.randn(3, o, 7, 5, dtype=dtype), how)
+    # (a strided `scale` has its own test below)
+    kwargs = dict(input=leaf(x), weight=leaf(weight), bias=leaf(vec(12)), out_channels=o,
+                  padding=1, groups=groups, scale=leaf(torch.randn(o, dtype=dtype)),
+                  shift=leaf(vec(o)), residual=leaf(residual), activation="relu")
+    assert not kwargs["input"].is_contiguous() and not kwargs["bias"].is_contiguous()
+    run_and_compare(kwargs, tol, grad_out=grad_out)
+
+
+@pytest.mark.parametrize("needs", ["input", "weight", "bias", "scale", "shift", "residual"])
+def test_single_input_requires_grad(needs, tol):
+    """Only one argument needs a gradient (frozen layers, first-layer inputs): the backward
+    computes just that one, correctly."""
+    t = dict(input=torch.randn(2, 6, 5, 5, dtype=F64),
+             weight=torch.randn(12, 4, 3, 3, dtype=F64), bias=torch.randn(12, dtype=F64),
+             scale=torch.rand(9, dtype=F64) + 0.5,
+             shift=torch.randn(9, dtype=F64), residual=torch.randn(2, 9, 5, 5, dtype=F64))
+    kwargs = {k: leaf(v, k == needs) for k, v in t.items()}
+    run_and_compare(dict(kwargs, out_channels=9, padding=1, groups=3, activation="relu"), tol)
+
+
+def test_strided_scale_forward(tol):
+    weight = torch.randn(12, 4, 3, 3, dtype=F64)
+    scale = torch.randn(18, dtype=F64)[::2]
+    kwargs = dict(input=torch.randn(2, 6, 5, 5, dtype=F64), weight=weight, bias=None,
+                  out_channels=9, padding=1, groups=3, scale=scale, activation="relu6")
+    run_and_compare(kwargs, tol)
+
+
+@pytest.mark.parametrize("groups", [1, 3], ids=["g1", "g3"])
+def test_strided_scale(groups, tol):
+    weight = torch.randn(12, 4, 3, 3, dtype=F64)
+    o, i = (9, 6) if groups == 3 else (5, 3)
+    scale = torch.randn(2 * o, dtype=F64)[::2]
+    kwargs = dict(input=leaf(torch.randn(2, i, 5, 5, dtype=F64)), weight=leaf(weight),
+                  bias=leaf(torch.randn(12, dtype=F64)), out_channels=o, padding=1,
+                  groups=groups, scale=leaf(scale))
+    run_and_compare(kwargs, tol)
+
+
+def test_epilogue_backward_strided_scale():
+    g = torch.ones(1, 3, 2, 1, dtype=F64)
+    out = torch.ones(1, 3, 2, 1, dtype=F64)
+    scale = torch.tensor([1.0, 10.0, 2.0, 20.0, 3.0, 30.0], dtype=F64)[::2]
+    got = torch.ops.slimops.epilogue_backward(g, out, scale, 0)
+    torch.testing.assert_close(got, g * scale.view(1, -1, 1, 1), rtol=0, atol=0)
+
+
+def test_expanded_grad_out(tol):
+    """`out.sum().backward()` hands the backward a zero-stride gradient."""
+    w = torch.randn(8, 4, 3, 3, dtype=F64)
+    kwargs = dict(input=torch.randn(2, 4, 6, 6, dtype=F64, requires_grad=True), weight=leaf(w),
+                  bias=None, out_channels=6, padding=1,
+                  scale=leaf(torch.randn(6, dtype=F64)), activation="relu")
+    g = torch.ones(1, 1, 1, 1, dtype=F64).expand(2, 6, 6, 6)
+    run_and_compare(kwargs, tol, grad_out=g)
+
+
+def test_channels_last_weight_falls_back_to_reference(tol, monkeypatch):
+    """A non-contiguous shared weight is not a strided-prefix matrix: the op runs on the
+    reference path (warning once) and still gives the reference's answer."""
+    from slimops import _backend
+
+    monkeypatch.setattr(_backend, "_warned_layout", False)
+    w = torch.randn(8, 4, 3, 3, dtype=F64).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    with pytest.warns(RuntimeWarning, match="not contiguous"):
+        out = slimops.ops.conv2d(x, w, None, 5, padding=1)
+    torch.testing.assert_close(out, reference.conv2d(x, w, None, 5, 1, 1, 1, 1), **tol(F64))
+
+
+# --------------------------------------------------------------------------------------
+# gradcheck (float64)
+
+
+def _away_from_kinks(pre):
+    """A residual that moves the pre-activation `pre` to values at least 0.5 away from the
+    kinks of relu (0) and relu6 (0, 6), so finite differences are valid."""
+    target = torch.where(pre.abs() < 0.5, pre.sign() * 0.5 + (pre == 0) * 0.5, pre)
+    target = torch.where((target - 6).abs() < 0.5, 6 + (target - 6).sign() * 0.5, target)
+    return target - pre
+
+
+GRADCHECK_CASES = {
+    # name: (groups, weight shape, out, in, x hw, kernel geometry, activation, fast_mode)
+    "g3_prefix_affine": (3, (9, 2, 3, 3), 6, 3, (5, 4), dict(stride=2, padding=1), None, False),
+    "g1_prefix_relu": (1, (5, 4, 3, 2), 3, 2, (5, 5), dict(padding=(1, 0), dilation=2), "relu",
+                       False),
+    "g1_k53_relu6": (1, (6, 5, 5, 3), 4, 3, (7, 6), dict(stride=(2, 1), padding=(2, 1),
+                                                         dilation=(1, 2)), "relu6", True),
+    "g3_k1_full": (3, (6, 2, 1, 1), 6, 6, (3, 5), dict(), "relu", True),
+}
+
+
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
+def test_gradcheck(case):
+    groups, wshape, o, i, (h, w), geometry, act, fast = GRADCHECK_CASES[case]
+    x = torch.randn(2, i, h, w, dtype=F64, requires_grad=True)
+    weight = torch.randn(*wshape, dtype=F64, requires_grad=True)
+    bias = torch.randn(wshape[0], dtype=F64, requires_grad=True)
+    scale = (torch.rand(o, dtype=F64) + 0.5).requires_grad_()
+    shift = torch.randn(o, dtype=F64, requires_grad=True)
+    with torch.no_grad():
+        pre = reference.conv2d(x, weight, bias, o, groups=groups, scale=scale, shift=shift,
+                               **geometry)
+        residual = torch.randn_like(pre) * 2
+        residual += _away_from_kinks(pre + residual)
+    residual.requires_grad_()
+
+    def fn(x, weight, bias, scale, shift, residual):
+        return slimops.ops.conv2d(x, weight, bias, o, groups=groups, scale=scale, shift=shift,
+                                  residual=residual, activation=act, **geometry)
+
+    args = (x, weight, bias, scale, shift, residual)
+    assert torch.autograd.gradcheck(fn, args, fast_mode=fast)
+
+
+# --------------------------------------------------------------------------------------
+# torch.library.opcheck
+
+
+def _conv_sample(groups, grad, *, scale=False, act=0, dtype=F64):
+    w = torch.randn(12, 3, 3, 3, dtype=dtype)
+    o, i = (6, 6) if groups == 3 else (5, 2)
+    x = torch.randn(2, i, 6, 5, dtype=dtype)
+    ho, wo = out_hw(6, 5, (3, 3), (2, 1), 1, 1)
+    return (leaf(x, grad), leaf(w, grad), leaf(torch.randn(12, dtype=dtype), grad), o, [2, 1],
+            [1, 1], [1, 1], groups,
+            leaf(torch.rand(o, dtype=dtype) + 0.5, grad) if scale else None,
+            leaf(torch.randn(o, dtype=dtype), grad),
+            leaf(torch.randn(2, o, ho, wo, dtype=dtype), grad), act)
+
+
+OPCHECK_SAMPLES = {
+    "no_grad_g1": lambda: _conv_sample(1, False, scale=True, act=2),
+    "no_grad_g3_f32": lambda: _conv_sample(3, False, act=1, dtype=F32),
+    "grad_g3_shift_residual": lambda: _conv_sample(3, True),
+    "grad_g1_shift_residual": lambda: _conv_sample(1, True),
+    "grad_g1_scale_relu": lambda: _conv_sample(1, True, scale=True, act=1),
+    "grad_g3_relu6": lambda: _conv_sample(3, True, act=2),
+}
+
+
+@pytest.mark.parametrize("make", list(OPCHECK_SAMPLES.values()), ids=list(OPCHECK_SAMPLES))
+def test_opcheck_conv2d(make):
+    torch.library.opcheck(torch.ops.slimops.conv2d.default, make(), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("groups", [1, 3], ids=["g1", "g3"])
+def test_opcheck_backward_ops(groups):
+    w = torch.randn(12, 3, 3, 3, dtype=F64)
+    o, i = (6, 6) if groups == 3 else (5, 2)
+    x = torch.randn(2, i, 6, 5, dtype=F64)
+    gz = torch.randn(2, o, 3, 5, dtype=F64)
+    geometry = ([2, 1], [1, 1], [1, 1], groups)
+    torch.library.opcheck(torch.ops.slimops.conv2d_backward_input.default,
+                          (gz, w, [2, i, 6, 5], *geometry), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.slimops.conv2d_backward_weight.default,
+                          (gz, x, w, *geometry), test_utils=OPCHECK_UTILS)
+
+
+def test_opcheck_epilogue_backward():
+    out = torch.randn(2, 5, 3, 4, dtype=F64).relu()
+    torch.library.opcheck(torch.ops.slimops.epilogue_backward.default,
+                          (torch.randn_like(out), out, torch.randn(5, dtype=F64), 1),
+                          test_utils=OPCHECK_UTILS)
+
+
+def test_backward_ops_match_reference(tol):
+    """The backward ops called directly: full-size weight gradient, zero outside the prefix."""
+    w = torch.randn(12, 3, 3, 3, dtype=F64)
+    x = torch.randn(2, 6, 6, 5, dtype=F64)
+    gz = torch.randn(2, 9, 3, 5, dtype=F64)
+    xr, wr = leaf(x), leaf(w)
+    z = reference.conv2d(xr, wr, None, 9, (2, 1), 1, 1, 3)
+    gx_ref, gw_ref = torch.autograd.grad(z, (xr, wr), gz)
+    gx = torch.ops.slimops.conv2d_backward_input(gz, w, [2, 6, 6, 5], [2, 1], [1, 1], [1, 1], 3)
+    gw = torch.ops.slimops.conv2d_backward_weight(gz, x, w, [2, 1], [1, 1], [1, 1], 3)
+    torch.testing.assert_close(gx, gx_ref, **tol(F64, gx_ref))
+    torch.testing.assert_close(gw, gw_ref, **tol(F64, gw_ref))
+    assert gw.shape == w.shape and gw.view(3, 4, 3, 9)[:, 3:].abs().sum() == 0
+    assert gw.view(3, 4, 3, 9)[:, :, 2:].abs().sum() == 0
+    out = torch.randn(2, 5, 3, 4, dtype=F64) * 4
+    act_out = out.clamp(0, 6)
+    g = torch.randn_like(out)
+    s = torch.randn(5, dtype=F64)
+    expected = g * ((act_out > 0) & (act_out < 6)) * s.view(1, -1, 1, 1)
+    torch.testing.assert_close(torch.ops.slimops.epilogue_backward(g, act_out, s, 2), expected,
+                               rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+COMPILE_CASES = {
+    "g1_bias": (1, dict(), None),
+    "g3_shift_residual": (3, dict(shift=True, residual=True), None),
+    "g1_scale_relu": (1, dict(scale=True, shift=True), "relu"),
+    "g3_relu6_residual": (3, dict(residual=True), "relu6"),
+}
+
+
+@pytest.mark.parametrize("groups,extra,act", list(COMPILE_CASES.values()), ids=list(COMPILE_CASES))
+def test_compile(groups, extra, act, fresh_dynamo, tol):
+    dtype = F32
+    w = torch.randn(12, 4, 3, 3, dtype=dtype)
+    o, i = (6, 6) if groups == 3 else (5, 3)
+    x = torch.randn(2, i, 7, 6, dtype=dtype)
+    tensors = dict(input=x, weight=w, bias=torch.randn(12, dtype=dtype))
+    if extra.get("scale"):
+        tensors["scale"] = torch.rand(o, dtype=dtype) + 0.5
+    if extra.get("shift"):
+        tensors["shift"] = torch.randn(o, dtype=dtype)
+    if extra.get("residual"):
+        tensors["residual"] = torch.randn(2, o, 4, 6, dtype=dtype)
+    g = torch.randn(2, o, 4, 6, dtype=dtype)
+
+    def fn(**t):
+        y = slimops.ops.conv2d(out_channels=o, stride=(2, 1), padding=1, groups=groups,
+                               activation=act, **t)
+        return (y * g).sum(), y
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        leaves = {k: leaf(v) for k, v in tensors.items()}
+        loss, y = f(**leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        results.append((y, grads))
+    (y_e, g_e), (y_c, g_c) = results
+    torch.testing.assert_close(y_c, y_e, **tol(dtype, y_e))
+    for name, a, b in zip(tensors, g_c, g_e):
+        torch.testing.assert_close(a, b, **tol(dtype, b), msg=lambda m: f"{name}: {m}")
+
+
+def test_compile_forward_full_epilogue_no_grad(fresh_dynamo, tol):
+    """Inference under torch.compile with every epilogue piece (no backward needed)."""
+    w = torch.randn(12, 4, 3, 3)
+    args = (torch.randn(3, 6, 7, 7), w, torch.randn(12), 9, 2, 1, 1, 3, torch.rand(9) + 0.5,
+            torch.randn(9), torch.randn(3, 9, 4, 4), "relu6")
+    compiled = torch.compile(slimops.ops.conv2d, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), slimops.ops.conv2d(*args), **tol(F32))

@@ -1,0 +1,414 @@
+"""slimops.ops.depthwise_conv2d (the compiled kernel behind it) against
+slimops.reference.depthwise_conv2d: forward and backward over kernels, strides, paddings,
+dilations, channel prefixes W[:C], the fused epilogue, batch sizes and memory layouts;
+float64 gradcheck; torch.library.opcheck of the op and its backward ops; torch.compile."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import slimops
+from slimops import reference
+
+pytestmark = pytest.mark.skipif(
+    slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
+)
+
+F32, F64 = torch.float32, torch.float64
+DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
+ACTS = [pytest.param(None, id="none"), pytest.param("relu", id="relu"),
+        pytest.param("relu6", id="relu6")]
+C_FULL = 13
+PREFIXES = [13, 1, 5]  # full width, one channel, a middle prefix
+# (H, W, N): odd sizes; batches below and above the thread count.
+SIZES = [(1, 1, 3), (3, 7, 1), (7, 3, 2), (13, 13, 1)]
+EPILOGUE_FLAGS = list(itertools.product([False, True], repeat=4))  # bias, scale, shift, residual
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
+                 "test_aot_dispatch_dynamic")
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-threaded unless a test asks for ``all_threads`` (see test_ops_conv2d.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield n
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def all_threads(_one_thread):
+    torch.set_num_threads(max(2, _one_thread))
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def out_hw(h, w, k, s, p, d):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, _pair(s), _pair(p), _pair(d)
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def leaf(t, grad=True):
+    """A new leaf on ``t``'s storage (keeps its strides)."""
+    return t.detach().requires_grad_(grad)
+
+
+def run_and_compare(kwargs, tol, *, grad_out=None):
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    ref_kwargs = {k: (leaf(v) if k in names else v) for k, v in kwargs.items()}
+    out = slimops.ops.depthwise_conv2d(**kwargs)
+    ref = reference.depthwise_conv2d(**ref_kwargs)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    dtype = ref.dtype
+    torch.testing.assert_close(out, ref, **tol(dtype, ref))
+    if not names:
+        return out, ref
+    g = torch.randn_like(ref) if grad_out is None else grad_out
+    grads = torch.autograd.grad(out, [kwargs[k] for k in names], g, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, [ref_kwargs[k] for k in names], g, allow_unused=True)
+    for name, got, exp in zip(names, grads, ref_grads):
+        if exp is None:
+            exp = torch.zeros_like(kwargs[name])
+        assert got is not None and got.shape == kwargs[name].shape, name
+        torch.testing.assert_close(got, exp, **tol(dtype, exp), msg=lambda m: f"{name}: {m}")
+    c = kwargs["input"].shape[1]
+    for name in ("weight", "bias"):
+        if name in names:
+            rest = grads[names.index(name)][c:]
+            assert torch.equal(rest, torch.zeros_like(rest)), f"{name} grad outside W[:C]"
+    return out, ref
+
+
+# --------------------------------------------------------------------------------------
+# forward + backward over the geometry
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dilation", [1, 2], ids=["d1", "d2"])
+# padding 3 > dilation * (k - 1) for small kernels: the stride-1 input gradient then
+# correlates with a negative padding (a crop)
+@pytest.mark.parametrize("padding", [0, 1, (2, 1), 3], ids=["p0", "p1", "p21", "p3"])
+@pytest.mark.parametrize("stride", [1, 2, (2, 1), (1, 2)], ids=["s1", "s2", "s21", "s12"])
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 5), (3, 1), (7, 7)],
+                         ids=["k3", "k5", "k31", "k7"])
+def test_geometry_prefixes(kernel, stride, padding, dilation, dtype, tol):
+    weight = torch.randn(C_FULL, 1, *kernel, dtype=dtype)
+    bias = torch.randn(C_FULL, dtype=dtype)
+    ran = 0
+    for c, (h, w, n) in itertools.product(PREFIXES, SIZES):
+        ho, wo = out_hw(h, w, kernel, stride, padding, dilation)
+        if ho < 1 or wo < 1:
+            continue
+        kwargs = dict(input=torch.randn(n, c, h, w, dtype=dtype, requires_grad=True),
+                      weight=leaf(weight), bias=leaf(bias), stride=stride, padding=padding,
+                      dilation=dilation)
+        out, _ = run_and_compare(kwargs, tol)
+        assert out.shape == (n, c, ho, wo)
+        ran += 1
+    assert ran >= 3
+
+
+@pytest.mark.parametrize("n", [1, 3], ids=["N1", "N3"])
+def test_threaded(n, all_threads, tol):
+    assert torch.get_num_threads() >= 2
+    for kernel, stride, padding, dilation in [((3, 3), 1, 1, 1), ((5, 5), 2, 2, 1),
+                                               ((7, 7), 1, 3, 1), ((3, 1), (2, 1), 3, 2)]:
+        weight = torch.randn(C_FULL, 1, *kernel, dtype=F64)
+        for c in PREFIXES:
+            kwargs = dict(input=leaf(torch.randn(n, c, 13, 9, dtype=F64)), weight=leaf(weight),
+                          bias=leaf(torch.randn(C_FULL, dtype=F64)), stride=stride,
+                          padding=padding, dilation=dilation, activation="relu")
+            run_and_compare(kwargs, tol)
+
+
+# --------------------------------------------------------------------------------------
+# the fused epilogue
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("flags", EPILOGUE_FLAGS,
+                         ids=["".join(n for n, f in zip("bcsr", fl) if f) or "plain"
+                              for fl in EPILOGUE_FLAGS])
+def test_epilogue(flags, activation, dtype, tol):
+    with_bias, with_scale, with_shift, with_residual = flags
+    c = 9
+    weight = torch.randn(C_FULL, 1, 3, 3, dtype=dtype)
+    x = torch.randn(2, c, 8, 7, dtype=dtype)
+    kwargs = dict(
+        input=leaf(x), weight=leaf(weight),
+        bias=leaf(torch.randn(C_FULL, dtype=dtype)) if with_bias else None,
+        stride=(2, 1), padding=1,
+        scale=leaf(torch.randn(c, dtype=dtype) * 2) if with_scale else None,
+        shift=leaf(torch.randn(c, dtype=dtype) * 3) if with_shift else None,
+        residual=leaf(torch.randn(2, c, 4, 7, dtype=dtype) * 3) if with_residual else None,
+        activation=activation,
+    )
+    _, ref = run_and_compare(kwargs, tol)
+    if activation is not None:
+        assert (ref == 0).any() and (ref > 0).any()
+    if activation == "relu6":
+        assert (ref == 6).any() and ((ref > 0) & (ref < 6)).any()
+
+
+def test_epilogue_changes_the_output():
+    w = torch.randn(8, 1, 3, 3, dtype=F64)
+    x = torch.randn(2, 5, 5, 5, dtype=F64)
+    base = slimops.ops.depthwise_conv2d(x, w, padding=1)
+    for kw in (dict(bias=torch.ones(8, dtype=F64)), dict(scale=torch.full((5,), 2.0, dtype=F64)),
+               dict(shift=torch.ones(5, dtype=F64)),
+               dict(residual=torch.ones(2, 5, 5, 5, dtype=F64))):
+        assert not torch.allclose(slimops.ops.depthwise_conv2d(x, w, padding=1, **kw), base)
+    torch.testing.assert_close(slimops.ops.depthwise_conv2d(x, w, padding=1, activation="relu6"),
+                               base.clamp(0, 6), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# batch sizes, layouts
+
+
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "epilogue"])
+@pytest.mark.parametrize("n", [0, 1, 3], ids=lambda n: f"N{n}")
+def test_batch_sizes(n, epilogue, tol, all_threads):
+    c = 5
+    weight = torch.randn(C_FULL, 1, 3, 3, dtype=F64)
+    kwargs = dict(input=leaf(torch.randn(n, c, 7, 6, dtype=F64)), weight=leaf(weight),
+                  bias=leaf(torch.randn(C_FULL, dtype=F64)), stride=2, padding=1)
+    if epilogue:
+        kwargs.update(scale=leaf(torch.randn(c, dtype=F64)), shift=leaf(torch.randn(c, dtype=F64)),
+                      residual=leaf(torch.randn(n, c, 4, 3, dtype=F64)), activation="relu6")
+    out, _ = run_and_compare(kwargs, tol)
+    assert out.shape == (n, c, 4, 3)
+    if n == 0:
+        slimops.ops.depthwise_conv2d(**kwargs).sum().backward()
+        assert torch.equal(kwargs["weight"].grad, torch.zeros_like(weight))
+        assert torch.equal(kwargs["bias"].grad, torch.zeros(C_FULL, dtype=F64))
+        assert kwargs["input"].grad.shape == (0, c, 7, 6)
+
+
+def _non_contiguous(t, how):
+    if how == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if how == "sliced":
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if how == "transposed":
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("how", ["channels_last", "sliced", "transposed"])
+def test_layouts(how, dtype, tol, all_threads):
+    c = 6
+    x = _non_contiguous(torch.randn(3, c, 7, 5, dtype=dtype), how)
+    assert not x.is_contiguous()
+    vec = lambda n: torch.randn(2 * n, dtype=dtype)[::2]
+    kwargs = dict(input=leaf(x), weight=leaf(torch.randn(C_FULL, 1, 3, 3, dtype=dtype)),
+                  bias=leaf(vec(C_FULL)), padding=1, scale=leaf(torch.randn(c, dtype=dtype)),
+                  shift=leaf(vec(c)),
+                  residual=leaf(_non_contiguous(torch.randn(3, c, 7, 5, dtype=dtype), how)),
+                  activation="relu")
+    g = _non_contiguous(torch.randn(3, c, 7, 5, dtype=dtype), how)
+    run_and_compare(kwargs, tol, grad_out=g)
+
+
+@pytest.mark.parametrize("needs", ["input", "weight", "bias", "scale", "shift", "residual"])
+def test_single_input_requires_grad(needs, tol):
+    c = 6
+    t = dict(input=torch.randn(2, c, 5, 5, dtype=F64),
+             weight=torch.randn(C_FULL, 1, 3, 3, dtype=F64), bias=torch.randn(C_FULL, dtype=F64),
+             scale=torch.rand(c, dtype=F64) + 0.5,
+             shift=torch.randn(c, dtype=F64), residual=torch.randn(2, c, 5, 5, dtype=F64))
+    kwargs = {k: leaf(v, k == needs) for k, v in t.items()}
+    run_and_compare(dict(kwargs, padding=1, activation="relu"), tol)
+
+
+def test_strided_scale_forward(tol):
+    c = 6
+    kwargs = dict(input=torch.randn(2, c, 5, 5, dtype=F64),
+                  weight=torch.randn(C_FULL, 1, 3, 3, dtype=F64), bias=None, padding=1,
+                  scale=torch.randn(2 * c, dtype=F64)[::2], activation="relu6")
+    run_and_compare(kwargs, tol)
+
+
+def test_strided_scale(tol):
+    c = 6
+    kwargs = dict(input=leaf(torch.randn(2, c, 5, 5, dtype=F64)),
+                  weight=leaf(torch.randn(C_FULL, 1, 3, 3, dtype=F64)), bias=None, padding=1,
+                  scale=leaf(torch.randn(2 * c, dtype=F64)[::2]))
+    run_and_compare(kwargs, tol)
+
+
+def test_channels_last_weight_falls_back_to_reference(tol, monkeypatch):
+    from slimops import _backend
+
+    monkeypatch.setattr(_backend, "_warned_layout", False)
+    # [C, 1, kh, kw] in channels_last is still contiguous; a transposed kernel is not
+    w = torch.randn(8, 1, 3, 3, dtype=F64).transpose(2, 3)
+    x = torch.randn(2, 5, 5, 5, dtype=F64)
+    with pytest.warns(RuntimeWarning, match="not contiguous"):
+        out = slimops.ops.depthwise_conv2d(x, w, padding=1)
+    torch.testing.assert_close(out, reference.depthwise_conv2d(x, w, None, 1, 1, 1), **tol(F64))
+
+
+# --------------------------------------------------------------------------------------
+# gradcheck (float64)
+
+
+def _away_from_kinks(pre):
+    target = torch.where(pre.abs() < 0.5, pre.sign() * 0.5 + (pre == 0) * 0.5, pre)
+    target = torch.where((target - 6).abs() < 0.5, 6 + (target - 6).sign() * 0.5, target)
+    return target - pre
+
+
+GRADCHECK_CASES = {
+    # name: (C_full, C, kernel, x hw, geometry, activation, fast_mode)
+    "k3_s1_affine": (5, 3, (3, 3), (5, 4), dict(padding=1), None, False),
+    "k31_s21_d2_relu": (4, 2, (3, 1), (7, 4), dict(stride=(2, 1), padding=(3, 1), dilation=2),
+                        "relu", False),
+    "k5_s2_relu6": (6, 4, (5, 5), (9, 8), dict(stride=2, padding=2), "relu6", True),
+    "k7_p3_full": (3, 3, (7, 7), (6, 7), dict(padding=3), "relu", True),
+}
+
+
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
+def test_gradcheck(case):
+    c_full, c, kernel, (h, w), geometry, act, fast = GRADCHECK_CASES[case]
+    x = torch.randn(2, c, h, w, dtype=F64, requires_grad=True)
+    weight = torch.randn(c_full, 1, *kernel, dtype=F64, requires_grad=True)
+    bias = torch.randn(c_full, dtype=F64, requires_grad=True)
+    scale = (torch.rand(c, dtype=F64) + 0.5).requires_grad_()
+    shift = torch.randn(c, dtype=F64, requires_grad=True)
+    with torch.no_grad():
+        pre = reference.depthwise_conv2d(x, weight, bias, scale=scale, shift=shift, **geometry)
+        residual = torch.randn_like(pre) * 2
+        residual += _away_from_kinks(pre + residual)
+    residual.requires_grad_()
+
+    def fn(x, weight, bias, scale, shift, residual):
+        return slimops.ops.depthwise_conv2d(x, weight, bias, scale=scale, shift=shift,
+                                            residual=residual, activation=act, **geometry)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, scale, shift, residual),
+                                    fast_mode=fast)
+
+
+# --------------------------------------------------------------------------------------
+# torch.library.opcheck
+
+
+def _dw_sample(grad, *, scale=False, act=0, dtype=F64, kernel=(3, 3), stride=(2, 1)):
+    c = 5
+    w = torch.randn(C_FULL, 1, *kernel, dtype=dtype)
+    ho, wo = out_hw(6, 5, kernel, stride, 1, 1)
+    return (leaf(torch.randn(2, c, 6, 5, dtype=dtype), grad), leaf(w, grad),
+            leaf(torch.randn(C_FULL, dtype=dtype), grad), list(stride), [1, 1], [1, 1],
+            leaf(torch.rand(c, dtype=dtype) + 0.5, grad) if scale else None,
+            leaf(torch.randn(c, dtype=dtype), grad),
+            leaf(torch.randn(2, c, ho, wo, dtype=dtype), grad), act)
+
+
+OPCHECK_SAMPLES = {
+    "no_grad": lambda: _dw_sample(False, scale=True, act=2),
+    "no_grad_f32_k5": lambda: _dw_sample(False, act=1, dtype=F32, kernel=(5, 5), stride=(1, 1)),
+    "grad_shift_residual": lambda: _dw_sample(True),
+    "grad_scale_relu": lambda: _dw_sample(True, scale=True, act=1),
+}
+
+
+@pytest.mark.parametrize("make", list(OPCHECK_SAMPLES.values()), ids=list(OPCHECK_SAMPLES))
+def test_opcheck_depthwise_conv2d(make):
+    torch.library.opcheck(torch.ops.slimops.depthwise_conv2d.default, make(),
+                          test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("stride", [[1, 1], [2, 1]], ids=["s1", "s21"])
+def test_opcheck_backward_ops(stride):
+    w = torch.randn(C_FULL, 1, 3, 3, dtype=F64)
+    x = torch.randn(2, 5, 6, 5, dtype=F64)
+    ho, wo = out_hw(6, 5, (3, 3), stride, 1, 1)
+    gz = torch.randn(2, 5, ho, wo, dtype=F64)
+    geometry = (stride, [1, 1], [1, 1])
+    torch.library.opcheck(torch.ops.slimops.depthwise_conv2d_backward_input.default,
+                          (gz, w, [2, 5, 6, 5], *geometry), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.slimops.depthwise_conv2d_backward_weight.default,
+                          (gz, x, w, *geometry), test_utils=OPCHECK_UTILS)
+
+
+def test_backward_ops_match_reference(tol):
+    w = torch.randn(C_FULL, 1, 3, 3, dtype=F64)
+    x = torch.randn(2, 5, 6, 5, dtype=F64)
+    gz = torch.randn(2, 5, 3, 5, dtype=F64)
+    xr, wr = leaf(x), leaf(w)
+    z = reference.depthwise_conv2d(xr, wr, None, (2, 1), 1, 1)
+    gx_ref, gw_ref = torch.autograd.grad(z, (xr, wr), gz)
+    gx = torch.ops.slimops.depthwise_conv2d_backward_input(gz, w, [2, 5, 6, 5], [2, 1], [1, 1],
+                                                           [1, 1])
+    gw = torch.ops.slimops.depthwise_conv2d_backward_weight(gz, x, w, [2, 1], [1, 1], [1, 1])
+    torch.testing.assert_close(gx, gx_ref, **tol(F64, gx_ref))
+    torch.testing.assert_close(gw, gw_ref, **tol(F64, gw_ref))
+    assert gw.shape == w.shape and gw[5:].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+COMPILE_CASES = {
+    "bias": (dict(), None),
+    "shift_residual": (dict(shift=True, residual=True), None),
+    "scale_relu": (dict(scale=True, shift=True), "relu"),
+    "relu6_residual": (dict(residual=True), "relu6"),
+}
+
+
+@pytest.mark.parametrize("extra,act", list(COMPILE_CASES.values()), ids=list(COMPILE_CASES))
+def test_compile(extra, act, fresh_dynamo, tol):
+    dtype, c = F32, 7
+    tensors = dict(input=torch.randn(2, c, 7, 6, dtype=dtype),
+                   weight=torch.randn(C_FULL, 1, 3, 3, dtype=dtype),
+                   bias=torch.randn(C_FULL, dtype=dtype))
+    if extra.get("scale"):
+        tensors["scale"] = torch.rand(c, dtype=dtype) + 0.5
+    if extra.get("shift"):
+        tensors["shift"] = torch.randn(c, dtype=dtype)
+    if extra.get("residual"):
+        tensors["residual"] = torch.randn(2, c, 4, 6, dtype=dtype)
+    g = torch.randn(2, c, 4, 6, dtype=dtype)
+
+    def fn(**t):
+        y = slimops.ops.depthwise_conv2d(stride=(2, 1), padding=1, activation=act, **t)
+        return (y * g).sum(), y
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        leaves = {k: leaf(v.clone()) for k, v in tensors.items()}
+        loss, y = f(**leaves)
+        results.append((y, torch.autograd.grad(loss, list(leaves.values()))))
+    (y_e, g_e), (y_c, g_c) = results
+    torch.testing.assert_close(y_c, y_e, **tol(dtype, y_e))
+    for name, a, b in zip(tensors, g_c, g_e):
+        torch.testing.assert_close(a, b, **tol(dtype, b), msg=lambda m: f"{name}: {m}")
+
+
+def test_compile_forward_full_epilogue_no_grad(fresh_dynamo, tol):
+    args = (torch.randn(3, 6, 7, 7), torch.randn(C_FULL, 1, 5, 5), torch.randn(C_FULL), 2, 2, 1,
+            torch.rand(6) + 0.5, torch.randn(6), torch.randn(3, 6, 4, 4), "relu6")
+    compiled = torch.compile(slimops.ops.depthwise_conv2d, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), slimops.ops.depthwise_conv2d(*args),
+                                   **tol(F32))
