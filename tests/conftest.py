@@ -76,3 +76,22 @@ def make_cnn():
 def _randomize_bn_fixture():
     """``randomize_bn(model)``: randomize every BN's γ, β and running stats in place."""
     return randomize_bn
+
+
+@pytest.fixture
+def one_thread():
+    """Run single-threaded (the op sweeps use it, unless a test asks for ``all_threads``):
+    on a busy 2-core machine every OpenMP region of a tiny op can wait milliseconds for a
+    descheduled worker, which makes sweeps of hundreds of small cases slow. The threaded code
+    paths (images in parallel, BLAS threads) have their own tests, which request
+    ``all_threads``. Yields the thread count it replaced."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield n
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def all_threads(one_thread):
+    torch.set_num_threads(max(2, one_thread))
+

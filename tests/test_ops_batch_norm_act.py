@@ -11,9 +11,14 @@ import torch
 import slimops
 from slimops import reference
 
-pytestmark = pytest.mark.skipif(
-    slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
-)
+from helpers import OPCHECK_UTILS, leaf
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
+    ),
+]
 
 F32, F64 = torch.float32, torch.float64
 DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
@@ -22,26 +27,6 @@ ACTS = [pytest.param(None, id="none"), pytest.param("relu", id="relu"),
 SHAPES = {"2d": (16, 5), "3d": (3, 5, 7), "4d": (3, 5, 4, 3)}
 AFFINE = {"affine": (True, True), "none": (False, False), "weight": (True, False),
           "bias": (False, True)}
-OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
-                 "test_aot_dispatch_dynamic")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded unless a test asks for ``all_threads`` (see test_ops_conv2d.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield n
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def all_threads(_one_thread):
-    torch.set_num_threads(max(2, _one_thread))
-
-
-def leaf(t, grad=True):
-    return t.detach().requires_grad_(grad)
 
 
 def make_case(shape, dtype, *, with_weight=True, with_bias=True, with_residual=False,

@@ -13,9 +13,14 @@ import torch
 import slimops
 from slimops import reference
 
-pytestmark = pytest.mark.skipif(
-    slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
-)
+from helpers import OPCHECK_UTILS, leaf
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
+    ),
+]
 
 F32, F64 = torch.float32, torch.float64
 DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
@@ -26,21 +31,6 @@ PREFIXES = [13, 1, 5]  # full width, one channel, a middle prefix
 # (H, W, N): odd sizes; batches below and above the thread count.
 SIZES = [(1, 1, 3), (3, 7, 1), (7, 3, 2), (13, 13, 1)]
 EPILOGUE_FLAGS = list(itertools.product([False, True], repeat=4))  # bias, scale, shift, residual
-OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
-                 "test_aot_dispatch_dynamic")
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded unless a test asks for ``all_threads`` (see test_ops_conv2d.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield n
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def all_threads(_one_thread):
-    torch.set_num_threads(max(2, _one_thread))
 
 
 def _pair(v):
@@ -50,11 +40,6 @@ def _pair(v):
 def out_hw(h, w, k, s, p, d):
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, _pair(s), _pair(p), _pair(d)
     return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
-
-def leaf(t, grad=True):
-    """A new leaf on ``t``'s storage (keeps its strides)."""
-    return t.detach().requires_grad_(grad)
 
 
 def run_and_compare(kwargs, tol, *, grad_out=None):

@@ -10,9 +10,14 @@ import torch
 import slimops
 from slimops import reference
 
-pytestmark = pytest.mark.skipif(
-    slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
-)
+from helpers import OPCHECK_UTILS, leaf
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
+    ),
+]
 
 F32, F64 = torch.float32, torch.float64
 DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
@@ -20,26 +25,6 @@ O_FULL, I_FULL = 13, 7
 # (out_features, in_features): full, 1x1, mixed
 PREFIXES = [(13, 7), (1, 1), (7, 3), (3, 7), (13, 1)]
 LEADING = {"1d": (), "2d": (5,), "3d": (3, 4), "2d_one_row": (1,), "3d_empty": (2, 0)}
-OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
-                 "test_aot_dispatch_dynamic")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded unless a test asks for ``all_threads`` (see test_ops_conv2d.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield n
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def all_threads(_one_thread):
-    torch.set_num_threads(max(2, _one_thread))
-
-
-def leaf(t, grad=True):
-    return t.detach().requires_grad_(grad)
 
 
 def run_and_compare(x, weight, bias, out_features, tol, grad_out=None):
