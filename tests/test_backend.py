@@ -527,3 +527,26 @@ CPP_CHECKS = {
 def test_cpp_checks_raise_runtime_error(case):
     with pytest.raises(RuntimeError, match="slimops:"):  # our TORCH_CHECK, not a stray error
         CPP_CHECKS[case]()
+
+
+def test_missing_extension_warns_once_and_falls_back():
+    """The extension not importable at all (not built, or an ABI mismatch): import works,
+    one RuntimeWarning names the cause, and layers run on the reference path."""
+    child = (
+        "import sys, warnings\n"
+        "sys.modules['slimops._C'] = None  # makes `import slimops._C` raise ImportError\n"
+        "warnings.simplefilter('always')\n"
+        "import slimops, torch\n"
+        "import slimops.ops, slimops.nn\n"
+        "m = slimops.nn.SlimmableConv2d([2, 4], [3, 6], 3, widths=[0.5, 1.0])\n"
+        "for _ in range(3):\n"
+        "    m(torch.randn(1, 4, 5, 5))\n"
+        "print(slimops.backend_info()['cpu'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SLIMOPS_DISABLE_C"}
+    proc = subprocess.run([sys.executable, "-c", child], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "reference"
+    assert proc.stderr.count("RuntimeWarning") == 1, proc.stderr
+    assert "slimops._C is not available" in proc.stderr
