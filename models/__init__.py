@@ -4,9 +4,13 @@ from typing import Callable, Dict
 
 from torch import nn
 
+from slimops.models.s_resnet import SResNet, s_resnet50
 from slimops.models.slim_cnn import SlimCNN, slim_cnn
 
 # name -> builder, for the command line (`python -m slimops profile NAME`).
-MODELS: Dict[str, Callable[..., nn.Module]] = {"slim_cnn": slim_cnn}
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "s_resnet50": s_resnet50,
+    "slim_cnn": slim_cnn,
+}
 
-__all__ = ["MODELS", "SlimCNN", "slim_cnn"]
+__all__ = ["MODELS", "SResNet", "SlimCNN", "s_resnet50", "slim_cnn"]
