@@ -1,0 +1,198 @@
+"""S-MobileNet v1: the slimmable MobileNet v1 of the slimmable networks paper (Table 3).
+
+A 3x3 stride-2 stem, 13 depthwise-separable blocks (3x3 depthwise + 1x1 pointwise, each
+conv + switchable BN + ReLU6), global average pooling and a fully connected classifier.
+Default switches ``[0.25, 0.5, 0.75, 1.0]x``.
+
+Fidelity to the original implementation (github.com/JiahuiYu/slimmable_networks,
+``models/s_mobilenet_v1.py``), whose checkpoints ``convert_original_state_dict`` loads:
+
+* every channel count, the stem's included, is ``make_divisible(c * w, 8)`` (a multiple of 8
+  never more than 10% below ``c * w``, at least 8); the stem's 3 inputs and the classifier's
+  outputs never slim;
+* the activation is ReLU6, as in the original code (the MobileNet v1 paper says ReLU; the
+  released slimmable checkpoints were trained with ReLU6, so that is what reproduces them);
+* the original pools with ``AvgPool2d(input_size // 32)``; ``AdaptiveAvgPool2d(1)`` is the
+  same at 224x224 (and wherever the last map is 7x7) and also works on other input sizes.
+
+At 224x224 this gives 4,210,088 conv + FC parameters and 21,888 BN parameters at 1.0x, and
+569M / 325M / 150M / 41M MACs at 1.0 / 0.75 / 0.5 / 0.25x (the paper prints 317M for 0.75x;
+the architecture, like the original MobileNet paper, gives 325M).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from slimops.models._original import CheckpointMismatchError, take
+from slimops.nn import SlimConvBNAct, SlimmableLinear
+from slimops.width import channels, normalize_widths
+
+# (output channels at 1.0x, number of blocks, stride of the first block): MobileNet v1's body.
+BLOCK_SETTING: Tuple[Tuple[int, int, int], ...] = (
+    (64, 1, 1),
+    (128, 2, 2),
+    (256, 2, 2),
+    (512, 6, 2),
+    (1024, 2, 2),
+)
+STEM_CHANNELS = 32
+
+
+def convert_by_prefix(
+    model: nn.Module, sd: Mapping[str, Tensor], prefixes: Mapping[str, str]
+) -> Dict[str, Tensor]:
+    """Map an original state_dict onto ``model``'s keys by module prefix.
+
+    ``prefixes`` maps a module path of ``model`` to the original's module path; each of the
+    model's state_dict keys takes the longest matching prefix (several of ours may map to one
+    original module, e.g. one shared BN fanned out to every width). Every original key must
+    be used, and every shape must fit: errors name the original key, ours and both shapes.
+    """
+    out: Dict[str, Tensor] = {}
+    used = set()
+    by_length = sorted(prefixes, key=len, reverse=True)
+    for key, expected in model.state_dict().items():
+        ours = next((p for p in by_length if key.startswith(p + ".")), None)
+        if ours is None:
+            raise KeyError(f"{type(model).__name__}: no original prefix maps onto {key!r}")
+        theirs = prefixes[ours] + key[len(ours):]
+        tensor = take(sd, theirs)  # type: ignore[arg-type]
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise CheckpointMismatchError(
+                f"shape mismatch for {theirs!r} (loaded into {key!r}): the model has "
+                f"{tuple(expected.shape)}, the checkpoint {tuple(tensor.shape)}"
+            )
+        out[key] = tensor
+        used.add(theirs)
+    extra = sorted(k for k in sd if k not in used)
+    if extra:
+        raise CheckpointMismatchError(
+            f"checkpoint has an unexpected key {extra[0]!r} ({len(extra)} unused in all); it "
+            f"was saved from a different architecture or width list"
+        )
+    return out
+
+
+def init_like_original(model: nn.Module) -> None:
+    """The original implementation's initialisation (its ``reset_parameters``, on in every
+    config): convs ``N(0, sqrt(2 / (kh * kw * out_channels)))`` (He, fan-out), linear layers
+    ``N(0, 0.01)``, zero biases, BN γ = 1 and β = 0, so that training from scratch starts
+    where the original's did. (Fan-out counts all output channels, depthwise convs
+    included: their weights start small, which the training-mode BN after each absorbs.)"""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                m.weight.normal_(0.0, math.sqrt(2.0 / n))
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d) and m.affine:
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, 0.01)
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+class DepthwiseSeparable(nn.Module):
+    """3x3 depthwise conv (stride ``stride``) then 1x1 pointwise conv, each + S-BN + ReLU6."""
+
+    def __init__(self, cin: Sequence[int], cout: Sequence[int], stride: int,
+                 widths: Sequence[float]) -> None:
+        super().__init__()
+        # groups = the largest channel count makes the conv depthwise at every width.
+        self.depthwise = SlimConvBNAct(cin, cin, 3, stride, groups=max(cin), activation="relu6",
+                                       widths=widths)
+        self.pointwise = SlimConvBNAct(cin, cout, 1, activation="relu6", widths=widths)
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+class SMobileNetV1(nn.Module):
+    """Slimmable MobileNet v1; build it with ``s_mobilenet_v1``.
+
+    Attributes:
+        widths: the width switches, ascending.
+        stem, blocks, pool, classifier: the layers (``blocks`` is an ``nn.Sequential`` of 13
+            ``DepthwiseSeparable``).
+    """
+
+    def __init__(self, widths: Sequence[float], num_classes: int) -> None:
+        super().__init__()
+        self.widths = normalize_widths(widths)
+        n = len(self.widths)
+        c = channels(STEM_CHANNELS, self.widths, divisor=8)
+        # The input image has 3 channels at every width.
+        self.stem = SlimConvBNAct([3] * n, c, 3, 2, activation="relu6", widths=self.widths)
+        blocks: List[nn.Module] = []
+        # The last block of each output stride feeds forward_features.
+        last: Dict[str, int] = {}
+        stride = 2
+        for base, repeats, first_stride in BLOCK_SETTING:
+            out = channels(base, self.widths, divisor=8)
+            for i in range(repeats):
+                s = first_stride if i == 0 else 1
+                blocks.append(DepthwiseSeparable(c, out, s, self.widths))
+                stride *= s
+                c = out
+                if stride in (8, 16, 32):
+                    last[f"stride{stride}"] = len(blocks) - 1
+        self._taps = {i: name for name, i in last.items()}
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        # The class count never slims.
+        self.classifier = SlimmableLinear(c, [num_classes] * n, widths=self.widths)
+        init_like_original(self)
+
+    def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
+        """Feature maps at the active width: the last map of output stride 8, 16 and 32
+        (keys ``"stride8"``, ``"stride16"``, ``"stride32"``)."""
+        feats: Dict[str, Tensor] = {}
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self._taps:
+                feats[self._taps[i]] = x
+        return feats
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits ``[N, num_classes]`` at the active width."""
+        x = self.forward_features(x)["stride32"]
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+    def convert_original_state_dict(self, sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Map the original implementation's keys (``module.`` already stripped) onto ours.
+
+        The original is ``features.0`` = (conv, S-BN, ReLU6), ``features.k.body`` =
+        (dw conv, S-BN, ReLU6, pw conv, S-BN, ReLU6) for the k-th block, then the pooling and
+        ``classifier.0`` (a slimmable linear layer). Its switchable BNs keep ``bn.{i}`` in
+        its ascending width list, like ours, so a checkpoint loads into a model built with
+        the same widths.
+        """
+        prefixes = {"stem.conv": "features.0.0", "stem.bn": "features.0.1",
+                    "classifier": "classifier.0"}
+        for k in range(len(self.blocks)):
+            body = f"features.{k + 1}.body"
+            prefixes.update({
+                f"blocks.{k}.depthwise.conv": f"{body}.0",
+                f"blocks.{k}.depthwise.bn": f"{body}.1",
+                f"blocks.{k}.pointwise.conv": f"{body}.3",
+                f"blocks.{k}.pointwise.bn": f"{body}.4",
+            })
+        return convert_by_prefix(self, sd, prefixes)
+
+
+def s_mobilenet_v1(
+    widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0), num_classes: int = 1000
+) -> SMobileNetV1:
+    """S-MobileNet v1 with switches ``widths`` (any list of distinct positive widths) and a
+    ``num_classes``-way classifier. Starts at the largest width."""
+    return SMobileNetV1(widths, num_classes)

@@ -1,0 +1,180 @@
+"""S-MobileNet v2: the slimmable MobileNet v2 of the slimmable networks paper (Table 3).
+
+A 3x3 stride-2 stem, 17 inverted residual blocks (1x1 expansion, 3x3 depthwise, linear 1x1
+projection; ReLU6 after the first two; a residual add when the shape is kept), a 1x1 conv to
+1280 channels, global average pooling and a fully connected classifier. Default switches
+``[0.35, 0.5, 0.75, 1.0]x``.
+
+Fidelity to the original implementation (github.com/JiahuiYu/slimmable_networks,
+``models/s_mobilenet_v2.py``), whose checkpoints ``convert_original_state_dict`` loads:
+
+* block and stem channels are ``make_divisible(c * w, 8, min_value=1)`` (the original's
+  v2 rounding; it differs from v1's ``min_value=8`` only below 4 channels);
+* a block's expanded width is ``expand_ratio`` times its input channels *at that width*
+  (not rounded again);
+* the last 1x1 conv has 1280 outputs at every width (``make_divisible(1280 * max(widths))``
+  when the largest width exceeds 1.0), and the classifier reads all of them: neither slims;
+* the residual add follows the projection's BN and is fused into its conv epilogue.
+
+One deliberate difference: the original normalizes the 1280-channel tail with a single
+``nn.BatchNorm2d`` shared by every width, here the tail's BN is switchable like every other
+(private statistics per width, which is the paper's S-BN rule; the input statistics of that
+layer do differ between widths). An original checkpoint loads by copying its one tail BN to
+every width, so the loaded model computes exactly what the original does; only training
+from scratch differs (each width then tracks its own tail statistics).
+
+The original pools with ``AvgPool2d(input_size // 32)``; ``AdaptiveAvgPool2d(1)`` is the
+same at 224x224 and also works on other input sizes.
+
+At 224x224 this gives 3,470,760 conv + FC parameters and 34,112 BN parameters at 1.0x, and
+about 301M / 209M / 97M / 59M MACs at 1.0 / 0.75 / 0.5 / 0.35x.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from slimops.models.s_mobilenet_v1 import convert_by_prefix, init_like_original
+from slimops.nn import SlimConvBNAct, SlimmableLinear
+from slimops.width import make_divisible, normalize_widths
+
+# (expand ratio, output channels at 1.0x, number of blocks, stride of the first block).
+BLOCK_SETTING: Tuple[Tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+STEM_CHANNELS = 32
+LAST_CHANNELS = 1280
+
+
+def v2_channels(c: int, widths: Sequence[float]) -> List[int]:
+    """Per-width channels of a layer with ``c`` at 1.0x, rounded as the original v2 does
+    (``make_divisible(c * w, 8, min_value=1)``)."""
+    return [make_divisible(c * w, 8, min_value=1) for w in normalize_widths(widths)]
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expansion (skipped when ``expand_ratio`` is 1), 3x3 depthwise, linear 1x1
+    projection; the input is added to the projection's BN output when the shape is kept."""
+
+    def __init__(self, cin: Sequence[int], cout: Sequence[int], stride: int, expand_ratio: int,
+                 widths: Sequence[float]) -> None:
+        super().__init__()
+        hidden = [expand_ratio * c for c in cin]
+        self.expand: Optional[SlimConvBNAct] = None
+        if expand_ratio != 1:
+            self.expand = SlimConvBNAct(cin, hidden, 1, activation="relu6", widths=widths)
+        # groups = the largest channel count makes the conv depthwise at every width.
+        self.depthwise = SlimConvBNAct(hidden, hidden, 3, stride, groups=max(hidden),
+                                       activation="relu6", widths=widths)
+        # Linear bottleneck: no activation after the projection.
+        self.project = SlimConvBNAct(hidden, cout, 1, activation=None, widths=widths)
+        self.stride = stride
+        self.use_residual = stride == 1 and list(cin) == list(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x if self.expand is None else self.expand(x)
+        # The residual goes into the projection's epilogue (one pass over its output).
+        return self.project(self.depthwise(h), x if self.use_residual else None)
+
+
+class SMobileNetV2(nn.Module):
+    """Slimmable MobileNet v2; build it with ``s_mobilenet_v2``.
+
+    Attributes:
+        widths: the width switches, ascending.
+        stem, blocks, last_conv, pool, classifier: the layers (``blocks`` is an
+            ``nn.Sequential`` of 17 ``InvertedResidual``).
+    """
+
+    def __init__(self, widths: Sequence[float], num_classes: int) -> None:
+        super().__init__()
+        self.widths = normalize_widths(widths)
+        n = len(self.widths)
+        c = v2_channels(STEM_CHANNELS, self.widths)
+        # The input image has 3 channels at every width.
+        self.stem = SlimConvBNAct([3] * n, c, 3, 2, activation="relu6", widths=self.widths)
+        blocks: List[nn.Module] = []
+        # The last block of output stride 8 and 16 feed forward_features (stride 32: the
+        # last conv's output).
+        last: Dict[str, int] = {}
+        stride = 2
+        for t, base, repeats, first_stride in BLOCK_SETTING:
+            out = v2_channels(base, self.widths)
+            for i in range(repeats):
+                s = first_stride if i == 0 else 1
+                blocks.append(InvertedResidual(c, out, s, t, self.widths))
+                stride *= s
+                c = out
+                if stride in (8, 16):
+                    last[f"stride{stride}"] = len(blocks) - 1
+        self._taps = {i: name for name, i in last.items()}
+        self.blocks = nn.Sequential(*blocks)
+        # Never slims: 1280 outputs at every width (more only if a width exceeds 1.0).
+        top = max(self.widths)
+        self.last_channels = (make_divisible(LAST_CHANNELS * top, 8, min_value=1) if top > 1.0
+                              else LAST_CHANNELS)
+        self.last_conv = SlimConvBNAct(c, [self.last_channels] * n, 1, activation="relu6",
+                                       widths=self.widths)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = SlimmableLinear(self.last_channels, num_classes, widths=self.widths)
+        init_like_original(self)
+
+    def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
+        """Feature maps at the active width: the last map of output stride 8, 16 and 32
+        (keys ``"stride8"``, ``"stride16"``, ``"stride32"``; the last is the 1280-channel
+        output of the last conv)."""
+        feats: Dict[str, Tensor] = {}
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self._taps:
+                feats[self._taps[i]] = x
+        feats["stride32"] = self.last_conv(x)
+        return feats
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits ``[N, num_classes]`` at the active width."""
+        x = self.forward_features(x)["stride32"]
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+    def convert_original_state_dict(self, sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Map the original implementation's keys (``module.`` already stripped) onto ours.
+
+        The original is ``features.0`` = (conv, S-BN, ReLU6); ``features.k.body`` for the
+        k-th block = (expand conv, S-BN, ReLU6, dw conv, S-BN, ReLU6, project conv, S-BN),
+        without the first three when the expand ratio is 1; then ``features.18`` = (conv,
+        plain BN, ReLU6), the pooling, and ``classifier.0`` (a plain linear layer). Its
+        switchable BNs keep ``bn.{i}`` in its ascending width list, like ours; its single
+        tail BN is copied to every width of ours.
+        """
+        prefixes = {"stem.conv": "features.0.0", "stem.bn": "features.0.1",
+                    "classifier": "classifier.0"}
+        for k, block in enumerate(self.blocks):
+            body = f"features.{k + 1}.body"
+            parts = ["depthwise", "project"] if block.expand is None else [
+                "expand", "depthwise", "project"]
+            for j, part in enumerate(parts):
+                prefixes[f"blocks.{k}.{part}.conv"] = f"{body}.{3 * j}"
+                prefixes[f"blocks.{k}.{part}.bn"] = f"{body}.{3 * j + 1}"
+        tail = f"features.{len(self.blocks) + 1}"
+        prefixes["last_conv.conv"] = f"{tail}.0"
+        for i in range(len(self.widths)):
+            prefixes[f"last_conv.bn.bn.{i}"] = f"{tail}.1"
+        return convert_by_prefix(self, sd, prefixes)
+
+
+def s_mobilenet_v2(
+    widths: Sequence[float] = (0.35, 0.5, 0.75, 1.0), num_classes: int = 1000
+) -> SMobileNetV2:
+    """S-MobileNet v2 with switches ``widths`` (any list of distinct positive widths) and a
+    ``num_classes``-way classifier. Starts at the largest width."""
+    return SMobileNetV2(widths, num_classes)
