@@ -22,13 +22,12 @@ the architecture, like the original MobileNet paper, gives 325M).
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from slimops.models._original import CheckpointMismatchError, take
+from slimops.models._original import convert_by_prefix, init_like_original
 from slimops.nn import SlimConvBNAct, SlimmableLinear
 from slimops.width import channels, normalize_widths
 
@@ -41,63 +40,6 @@ BLOCK_SETTING: Tuple[Tuple[int, int, int], ...] = (
     (1024, 2, 2),
 )
 STEM_CHANNELS = 32
-
-
-def convert_by_prefix(
-    model: nn.Module, sd: Mapping[str, Tensor], prefixes: Mapping[str, str]
-) -> Dict[str, Tensor]:
-    """Map an original state_dict onto ``model``'s keys by module prefix.
-
-    ``prefixes`` maps a module path of ``model`` to the original's module path; each of the
-    model's state_dict keys takes the longest matching prefix (several of ours may map to one
-    original module, e.g. one shared BN fanned out to every width). Every original key must
-    be used, and every shape must fit: errors name the original key, ours and both shapes.
-    """
-    out: Dict[str, Tensor] = {}
-    used = set()
-    by_length = sorted(prefixes, key=len, reverse=True)
-    for key, expected in model.state_dict().items():
-        ours = next((p for p in by_length if key.startswith(p + ".")), None)
-        if ours is None:
-            raise KeyError(f"{type(model).__name__}: no original prefix maps onto {key!r}")
-        theirs = prefixes[ours] + key[len(ours):]
-        tensor = take(sd, theirs)  # type: ignore[arg-type]
-        if tuple(tensor.shape) != tuple(expected.shape):
-            raise CheckpointMismatchError(
-                f"shape mismatch for {theirs!r} (loaded into {key!r}): the model has "
-                f"{tuple(expected.shape)}, the checkpoint {tuple(tensor.shape)}"
-            )
-        out[key] = tensor
-        used.add(theirs)
-    extra = sorted(k for k in sd if k not in used)
-    if extra:
-        raise CheckpointMismatchError(
-            f"checkpoint has an unexpected key {extra[0]!r} ({len(extra)} unused in all); it "
-            f"was saved from a different architecture or width list"
-        )
-    return out
-
-
-def init_like_original(model: nn.Module) -> None:
-    """The original implementation's initialisation (its ``reset_parameters``, on in every
-    config): convs ``N(0, sqrt(2 / (kh * kw * out_channels)))`` (He, fan-out), linear layers
-    ``N(0, 0.01)``, zero biases, BN γ = 1 and β = 0, so that training from scratch starts
-    where the original's did. (Fan-out counts all output channels, depthwise convs
-    included: their weights start small, which the training-mode BN after each absorbs.)"""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.normal_(0.0, math.sqrt(2.0 / n))
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.BatchNorm2d) and m.affine:
-                m.weight.fill_(1.0)
-                m.bias.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, 0.01)
-                if m.bias is not None:
-                    m.bias.zero_()
 
 
 class DepthwiseSeparable(nn.Module):

@@ -37,7 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from slimops.models.s_mobilenet_v1 import convert_by_prefix, init_like_original
+from slimops.models._original import convert_by_prefix, init_like_original
 from slimops.nn import SlimConvBNAct, SlimmableLinear
 from slimops.width import make_divisible, normalize_widths
 

@@ -17,14 +17,13 @@ paper's parameter and MAC counts).
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from slimops.models._original import CheckpointMismatchError, take
-from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear
+from slimops.models._original import CheckpointMismatchError, init_like_original, take
+from slimops.nn import SlimConvBNAct, SlimmableLinear
 from slimops.width import channels, normalize_widths
 
 # depth -> number of bottleneck blocks per stage. Another depth of the original (101:
@@ -104,23 +103,7 @@ class SResNet(nn.Module):
             self.stage_names.append(name)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(cin, [num_classes] * len(ws), widths=ws)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """The original's initialisation (``reset_parameters: True`` in its configs):
-        convs N(0, 2 / (k*k*out)), BN γ=1 β=0, classifier N(0, 0.01) with zero bias."""
-        for m in self.modules():
-            if isinstance(m, SlimmableConv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, SlimmableLinear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_like_original(self)
 
     def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
         """The last feature map at output strides 8, 16 and 32 (ends of stages 2, 3, 4), at

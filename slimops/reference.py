@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

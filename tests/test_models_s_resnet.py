@@ -21,7 +21,7 @@ from torch import nn
 
 from slimops.models._original import CheckpointMismatchError, load_original
 from slimops.models.s_resnet import Bottleneck, SResNet, s_resnet50
-from slimops.nn import SlimmableConv2d, SlimmableLinear
+from slimops.nn import SlimmableConv2d
 from slimops.profile import profile
 from slimops.width import channels, set_width, width
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from slimops import ops

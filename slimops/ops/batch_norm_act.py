@@ -17,7 +17,6 @@ from slimops.ops._common import (
     activation_code,
     check_input,
     check_residual,
-    check_tensor,
     check_vector,
 )
 from slimops.ops.epilogue import epilogue_grads

@@ -1,0 +1,324 @@
+"""S-MobileNet v1 (models/s_mobilenet_v1.py): the paper's parameter and MAC counts, the
+channel rules, forward at every width, the backbone API, and loading checkpoints of the
+original implementation (checked against an independent re-implementation of its structure).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimops.models._original import CheckpointMismatchError, load_original
+from slimops.models.s_mobilenet_v1 import s_mobilenet_v1
+from slimops.nn import SlimConvBNAct
+from slimops.profile import profile
+from slimops.width import width
+
+WIDTHS = (0.25, 0.5, 0.75, 1.0)
+# Table 3 of the paper, except 0.75x: the paper prints 317M, the architecture (and the
+# original MobileNet paper) gives 325M.
+PAPER_MACS = {1.0: 569e6, 0.75: 325e6, 0.5: 150e6, 0.25: 41e6}
+# Table 2 of the paper (largest width).
+PAPER_PARAMS = 4_210_088
+PAPER_BN_PARAMS = 21_888
+# MobileNet v1's body: (channels at 1.0x, blocks, first stride).
+SETTING = [(64, 1, 1), (128, 2, 2), (256, 2, 2), (512, 6, 2), (1024, 2, 2)]
+
+
+def original_round(v: float, divisor: int = 8, min_value: int = 8) -> int:
+    """The original v1's ``_make_divisible`` (nearest multiple of 8, at least 8, never more
+    than 10% below ``v``), written out independently of slimops."""
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+@pytest.fixture(scope="module")
+def model():
+    return s_mobilenet_v1()
+
+
+@pytest.fixture(scope="module")
+def rows(model):
+    return {r.width: r for r in profile(model, (1, 3, 224, 224))}
+
+
+# --- fidelity to the paper ---------------------------------------------------------------
+
+def test_params_exact_at_largest_width(rows):
+    assert rows[1.0].params == PAPER_PARAMS
+    assert rows[1.0].bn_params == PAPER_BN_PARAMS
+
+
+@pytest.mark.parametrize("w", WIDTHS)
+def test_macs_within_one_percent(rows, w):
+    assert rows[w].output_shape == (1, 1000)
+    assert abs(rows[w].macs - PAPER_MACS[w]) <= 0.01 * PAPER_MACS[w], rows[w].macs
+
+
+def test_params_grow_with_width(rows):
+    params = [rows[w].params for w in WIDTHS]
+    assert params == sorted(params) and len(set(params)) == len(params)
+
+
+# --- channel rules -----------------------------------------------------------------------
+
+def _expected_channels(widths: Sequence[float]) -> List[List[int]]:
+    """Per-layer per-width channel counts of the original: stem, then each block's output."""
+    out = [[original_round(32 * w) for w in widths]]
+    for c, n, _ in SETTING:
+        out += [[original_round(c * w) for w in widths]] * n
+    return out
+
+
+@pytest.mark.parametrize("widths", [WIDTHS, (0.3, 0.6, 1.0)])
+def test_channel_rules(widths):
+    m = s_mobilenet_v1(widths)
+    expected = _expected_channels(sorted(widths))
+    n = len(widths)
+    assert m.stem.conv.in_channels_list == [3] * n  # the image never slims
+    assert m.stem.conv.out_channels_list == expected[0]
+    assert len(m.blocks) == 13
+    for block, cin, cout in zip(m.blocks, expected, expected[1:]):
+        dw = block.depthwise.conv
+        assert dw.depthwise and dw.groups == max(cin)
+        assert dw.in_channels_list == dw.out_channels_list == cin
+        assert block.pointwise.conv.in_channels_list == cin
+        assert block.pointwise.conv.out_channels_list == cout
+        assert block.depthwise.activation == block.pointwise.activation == "relu6"
+    assert m.stem.activation == "relu6"
+    assert m.classifier.in_features_list == expected[-1]
+    assert m.classifier.out_features_list == [1000] * n  # the classes never slim
+    assert isinstance(m.pool, nn.AdaptiveAvgPool2d)
+
+
+def test_channel_values():
+    m = s_mobilenet_v1()
+    assert m.stem.conv.out_channels_list == [8, 16, 24, 32]
+    assert m.blocks[-1].pointwise.conv.out_channels_list == [256, 512, 768, 1024]
+    # 32 * 0.3 = 9.6 rounds to 8, more than 10% below: the rule takes 16.
+    assert s_mobilenet_v1((0.3, 1.0)).stem.conv.out_channels_list == [16, 32]
+
+
+def test_every_conv_is_fused():
+    m = s_mobilenet_v1()
+    fused = [x for x in m.modules() if isinstance(x, SlimConvBNAct)]
+    convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
+    assert len(fused) == len(convs) == 27
+    # every batch norm is a switchable one inside a fused block (4 widths each)
+    bns = [x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]
+    assert len(bns) == 27 * 4
+
+
+# --- forward -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_every_width(model, train):
+    x = torch.randn(2, 3, 64, 64)
+    model.train(train)
+    try:
+        outs = []
+        for w in WIDTHS:
+            with width(model, w):
+                out = model(x)
+            assert out.shape == (2, 1000) and torch.isfinite(out).all()
+            outs.append(out)
+        if train:  # batch statistics: the widths give different logits
+            assert not torch.allclose(outs[0], outs[-1])
+    finally:
+        model.eval()
+
+
+def test_training_updates_only_the_active_width_stats():
+    m = s_mobilenet_v1().train()
+    before = [bn.running_mean.clone() for bn in m.stem.bn.bn]
+    with width(m, 0.5):
+        m(torch.randn(2, 3, 64, 64))
+    after = [bn.running_mean for bn in m.stem.bn.bn]
+    changed = [not torch.equal(b, a) for b, a in zip(before, after)]
+    assert changed == [False, True, False, False]
+
+
+def test_forward_features(model):
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    for i, w in enumerate(WIDTHS):
+        with width(model, w):
+            feats = model.forward_features(x)
+            logits = model(x)
+        assert set(feats) == {"stride8", "stride16", "stride32"}
+        assert feats["stride8"].shape == (2, original_round(256 * w), 8, 8)
+        assert feats["stride16"].shape == (2, original_round(512 * w), 4, 4)
+        assert feats["stride32"].shape == (2, original_round(1024 * w), 2, 2)
+        # forward is the classifier on the pooled stride-32 map
+        pooled = feats["stride32"].mean((2, 3))
+        torch.testing.assert_close(logits, F.linear(
+            pooled, model.classifier.weight[:, :pooled.shape[1]], model.classifier.bias))
+
+
+def test_custom_widths_and_classes():
+    m = s_mobilenet_v1((1.0, 0.35, 0.6), num_classes=10).eval()
+    assert m.widths == (0.35, 0.6, 1.0)
+    x = torch.randn(2, 3, 32, 32)
+    for w in m.widths:
+        with width(m, w):
+            assert m(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown width"):
+        with width(m, 0.5):
+            pass
+
+
+# --- loading original checkpoints --------------------------------------------------------
+# An independent minimal re-implementation of the original's module structure and key
+# names (models/s_mobilenet_v1.py and models/slimmable_ops.py of JiahuiYu/slimmable_networks),
+# in plain torch: each layer slices the prefix of its weight for the current width index.
+
+class Switch:
+    """The original's global FLAGS: a width list and the current width."""
+
+    def __init__(self, widths):
+        self.widths = list(widths)
+        self.width = max(widths)
+
+    @property
+    def idx(self):
+        return self.widths.index(self.width)
+
+
+class OrigConv(nn.Conv2d):
+    def __init__(self, sw, ins, outs, k, stride, pad, groups_list=None):
+        super().__init__(max(ins), max(outs), k, stride, pad,
+                         groups=max(groups_list) if groups_list else 1, bias=False)
+        self.sw, self.ins, self.outs, self.groups_list = sw, ins, outs, groups_list
+
+    def forward(self, x):
+        i = self.sw.idx
+        groups = self.groups_list[i] if self.groups_list else 1
+        w = self.weight[:self.outs[i], :self.ins[i]]
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, groups)
+
+
+class OrigSBN(nn.Module):
+    def __init__(self, sw, num_features_list):
+        super().__init__()
+        self.sw = sw
+        self.bn = nn.ModuleList(nn.BatchNorm2d(c) for c in num_features_list)
+
+    def forward(self, x):
+        return self.bn[self.sw.idx](x)
+
+
+class OrigLinear(nn.Linear):
+    def __init__(self, sw, ins, outs):
+        super().__init__(max(ins), max(outs))
+        self.sw, self.ins, self.outs = sw, ins, outs
+
+    def forward(self, x):
+        i = self.sw.idx
+        return F.linear(x, self.weight[:self.outs[i], :self.ins[i]], self.bias[:self.outs[i]])
+
+
+class OrigDepthwiseSeparable(nn.Module):
+    def __init__(self, sw, inp, outp, stride):
+        super().__init__()
+        self.body = nn.Sequential(
+            OrigConv(sw, inp, inp, 3, stride, 1, groups_list=inp), OrigSBN(sw, inp), nn.ReLU6(),
+            OrigConv(sw, inp, outp, 1, 1, 0), OrigSBN(sw, outp), nn.ReLU6(),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class OrigMobileNetV1(nn.Module):
+    def __init__(self, sw, num_classes=1000, input_size=224):
+        super().__init__()
+        ch = [original_round(32 * w) for w in sw.widths]
+        layers = [nn.Sequential(OrigConv(sw, [3] * len(ch), ch, 3, 2, 1), OrigSBN(sw, ch),
+                                nn.ReLU6())]
+        for c, n, s in SETTING:
+            outp = [original_round(c * w) for w in sw.widths]
+            for i in range(n):
+                layers.append(OrigDepthwiseSeparable(sw, ch, outp, s if i == 0 else 1))
+                ch = outp
+        layers.append(nn.AvgPool2d(input_size // 32))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(OrigLinear(sw, ch, [num_classes] * len(ch)))
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(x.view(-1, x.size(1)))
+
+
+def _original(widths=WIDTHS, num_classes=1000, input_size=64, seed=1):
+    torch.manual_seed(seed)
+    sw = Switch(widths)
+    orig = OrigMobileNetV1(sw, num_classes, input_size)
+    with torch.no_grad():
+        for m in orig.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(7)
+    return sw, orig.eval()
+
+
+def _checkpoint(orig):
+    return {"model": {"module." + k: v for k, v in orig.state_dict().items()}}
+
+
+def test_loads_original_checkpoint(tmp_path, tol):
+    sw, orig = _original()
+    path = tmp_path / "s_mobilenet_v1.pt"
+    torch.save(_checkpoint(orig), path)
+    model = load_original(s_mobilenet_v1(), path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    outs = []
+    for w in WIDTHS:
+        sw.width = w
+        with torch.no_grad():
+            expected = orig(x)
+            with width(model, w):
+                got = model(x)
+        assert expected.std() > 0
+        torch.testing.assert_close(got, expected, **tol(torch.float32, like=expected))
+        outs.append(expected)
+    assert not torch.allclose(outs[0], outs[-1])  # the widths really differ
+
+
+def test_loads_into_custom_widths(tol):
+    sw, orig = _original(widths=(0.3, 1.0), num_classes=10)
+    model = load_original(s_mobilenet_v1((0.3, 1.0), num_classes=10), _checkpoint(orig)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    for w in (0.3, 1.0):
+        sw.width = w
+        with torch.no_grad(), width(model, w):
+            expected = orig(x)
+            torch.testing.assert_close(model(x), expected, **tol(torch.float32, like=expected))
+
+
+def test_mismatched_checkpoints():
+    _, orig = _original()
+    ckpt = _checkpoint(orig)
+    sd = ckpt["model"]
+    key = "module.features.2.body.3.weight"  # block 2's pointwise conv: (128, 64, 1, 1)
+    bad = dict(sd, **{key: torch.zeros(128, 65, 1, 1)})
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"features\.2\.body\.3\.weight.*\(128, 64, 1, 1\).*\(128, 65, 1, 1\)"):
+        load_original(s_mobilenet_v1(), {"model": bad})
+    missing = {k: v for k, v in sd.items() if k != "module.features.0.1.bn.3.running_var"}
+    with pytest.raises(CheckpointMismatchError, match=r"features\.0\.1\.bn\.3\.running_var"):
+        load_original(s_mobilenet_v1(), {"model": missing})
+    extra = dict(sd, **{"module.features.14.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected key 'features\.14\.weight'"):
+        load_original(s_mobilenet_v1(), {"model": extra})
+    # a checkpoint trained with other switches, or for another class count
+    with pytest.raises(CheckpointMismatchError):
+        load_original(s_mobilenet_v1((0.5, 1.0)), ckpt)
+    with pytest.raises(CheckpointMismatchError, match=r"classifier\.0\.weight"):
+        load_original(s_mobilenet_v1(num_classes=10), ckpt)

@@ -1,0 +1,341 @@
+"""S-MobileNet v2 (models/s_mobilenet_v2.py): the paper's parameter and MAC counts, the
+channel rules (expansion at each width, the unslimmed 1280-channel tail), the fused residual,
+forward at every width, the backbone API, and loading checkpoints of the original
+implementation (checked against an independent re-implementation of its structure).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimops.models._original import CheckpointMismatchError, load_original
+from slimops.models.s_mobilenet_v2 import s_mobilenet_v2
+from slimops.nn import SlimConvBNAct
+from slimops.profile import profile
+from slimops.width import width
+
+WIDTHS = (0.35, 0.5, 0.75, 1.0)
+# Table 3 and Table 2 of the paper.
+PAPER_MACS = {1.0: 301e6, 0.75: 209e6, 0.5: 97e6, 0.35: 59e6}
+PAPER_PARAMS = 3_470_760
+PAPER_BN_PARAMS = 34_112
+# MobileNet v2's body: (expand ratio, channels at 1.0x, blocks, first stride).
+SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+           (6, 160, 3, 2), (6, 320, 1, 1)]
+
+
+def original_round(v: float, divisor: int = 8, min_value: int = 1) -> int:
+    """The original v2's ``_make_divisible`` (nearest multiple of 8, never more than 10% below
+    ``v``; ``min_value=1`` unlike v1), written out independently of slimops."""
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+def original_blocks(widths: Sequence[float]) -> List[Tuple[List[int], List[int], int, int]]:
+    """(input channels, output channels, stride, expand ratio) of each block, per width."""
+    cin = [original_round(32 * w) for w in widths]
+    out = []
+    for t, c, n, s in SETTING:
+        cout = [original_round(c * w) for w in widths]
+        for i in range(n):
+            out.append((cin, cout, s if i == 0 else 1, t))
+            cin = cout
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return s_mobilenet_v2()
+
+
+@pytest.fixture(scope="module")
+def rows(model):
+    return {r.width: r for r in profile(model, (1, 3, 224, 224))}
+
+
+# --- fidelity to the paper ---------------------------------------------------------------
+
+def test_params_exact_at_largest_width(rows):
+    assert rows[1.0].params == PAPER_PARAMS
+    assert rows[1.0].bn_params == PAPER_BN_PARAMS
+
+
+@pytest.mark.parametrize("w", WIDTHS)
+def test_macs_within_one_percent(rows, w):
+    assert rows[w].output_shape == (1, 1000)
+    assert abs(rows[w].macs - PAPER_MACS[w]) <= 0.01 * PAPER_MACS[w], rows[w].macs
+
+
+# --- channel rules -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("widths", [WIDTHS, (0.1, 0.6, 1.0)])
+def test_channel_rules(widths):
+    m = s_mobilenet_v2(widths)
+    ws = sorted(widths)
+    n = len(ws)
+    assert m.stem.conv.in_channels_list == [3] * n  # the image never slims
+    assert m.stem.conv.out_channels_list == [original_round(32 * w) for w in ws]
+    expected = original_blocks(ws)
+    assert len(m.blocks) == len(expected) == 17
+    for block, (cin, cout, stride, t) in zip(m.blocks, expected):
+        hidden = [t * c for c in cin]  # expansion of the input channels at each width
+        if t == 1:
+            assert block.expand is None
+        else:
+            assert block.expand.conv.in_channels_list == cin
+            assert block.expand.conv.out_channels_list == hidden
+            assert block.expand.activation == "relu6"
+        dw = block.depthwise.conv
+        assert dw.depthwise and dw.groups == max(hidden) and dw.stride == (stride, stride)
+        assert dw.in_channels_list == dw.out_channels_list == hidden
+        assert block.depthwise.activation == "relu6"
+        assert block.project.conv.in_channels_list == hidden
+        assert block.project.conv.out_channels_list == cout
+        assert block.project.activation is None  # linear bottleneck
+        assert block.use_residual == (stride == 1 and cin == cout)
+    # the last conv and the classifier never slim
+    assert m.last_conv.conv.in_channels_list == expected[-1][1]
+    assert m.last_conv.conv.out_channels_list == [1280] * n
+    assert m.classifier.in_features_list == [1280] * n
+    assert m.classifier.out_features_list == [1000] * n
+    assert isinstance(m.pool, nn.AdaptiveAvgPool2d)
+
+
+def test_channel_values():
+    m = s_mobilenet_v2()
+    # 32 * 0.35 = 11.2 rounds to 8, more than 10% below: the rule takes 16 (so does the
+    # original, and TF-slim).
+    assert m.stem.conv.out_channels_list == [16, 16, 24, 32]
+    assert m.blocks[0].project.conv.out_channels_list == [8, 8, 16, 16]
+    assert m.blocks[1].expand.conv.out_channels_list == [48, 48, 96, 96]
+    assert m.blocks[-1].project.conv.out_channels_list == [112, 160, 240, 320]
+    assert sum(b.use_residual for b in m.blocks) == 10
+    # A width above 1.0 widens the tail (the original's rule), still the same at every width.
+    wide = s_mobilenet_v2((0.5, 1.4))
+    assert wide.last_conv.conv.out_channels_list == [1792, 1792]
+    assert wide.classifier.in_features_list == [1792, 1792]
+
+
+def test_every_conv_is_fused():
+    m = s_mobilenet_v2()
+    fused = [x for x in m.modules() if isinstance(x, SlimConvBNAct)]
+    convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
+    assert len(fused) == len(convs) == 1 + 16 * 3 + 2 + 1
+    assert len([x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]) == len(fused) * 4
+
+
+def test_residual_fused_into_projection(model):
+    """The residual goes to the projection's SlimConvBNAct (its epilogue), not a separate
+    add after it."""
+    seen = []
+    hooks = [b.project.register_forward_pre_hook(
+        lambda mod, args, b=b: seen.append((b.use_residual, len(args) > 1 and args[1] is not None)))
+        for b in model.blocks]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 17 and all(res == passed for res, passed in seen)
+
+
+# --- forward -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_every_width(model, train):
+    x = torch.randn(2, 3, 64, 64)
+    model.train(train)
+    try:
+        outs = []
+        for w in WIDTHS:
+            with width(model, w):
+                out = model(x)
+            assert out.shape == (2, 1000) and torch.isfinite(out).all()
+            outs.append(out)
+        if train:  # batch statistics: the widths give different logits
+            assert not torch.allclose(outs[0], outs[-1])
+    finally:
+        model.eval()
+
+
+def test_forward_features(model):
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    for w in WIDTHS:
+        with width(model, w):
+            feats = model.forward_features(x)
+            logits = model(x)
+        assert set(feats) == {"stride8", "stride16", "stride32"}
+        assert feats["stride8"].shape == (2, original_round(32 * w), 8, 8)
+        assert feats["stride16"].shape == (2, original_round(96 * w), 4, 4)
+        assert feats["stride32"].shape == (2, 1280, 2, 2)
+        pooled = feats["stride32"].mean((2, 3))
+        torch.testing.assert_close(logits, model.classifier(pooled))
+
+
+def test_custom_widths_and_classes():
+    m = s_mobilenet_v2((1.0, 0.25, 0.6), num_classes=10).eval()
+    assert m.widths == (0.25, 0.6, 1.0)
+    x = torch.randn(2, 3, 32, 32)
+    for w in m.widths:
+        with width(m, w):
+            assert m(x).shape == (2, 10)
+
+
+# --- loading original checkpoints --------------------------------------------------------
+# An independent minimal re-implementation of the original's module structure and key
+# names (models/s_mobilenet_v2.py and models/slimmable_ops.py of JiahuiYu/slimmable_networks),
+# in plain torch: each layer slices the prefix of its weight for the current width index.
+
+class Switch:
+    """The original's global FLAGS: a width list and the current width."""
+
+    def __init__(self, widths):
+        self.widths = list(widths)
+        self.width = max(widths)
+
+    @property
+    def idx(self):
+        return self.widths.index(self.width)
+
+
+class OrigConv(nn.Conv2d):
+    def __init__(self, sw, ins, outs, k, stride, pad, groups_list=None):
+        super().__init__(max(ins), max(outs), k, stride, pad,
+                         groups=max(groups_list) if groups_list else 1, bias=False)
+        self.sw, self.ins, self.outs, self.groups_list = sw, ins, outs, groups_list
+
+    def forward(self, x):
+        i = self.sw.idx
+        groups = self.groups_list[i] if self.groups_list else 1
+        w = self.weight[:self.outs[i], :self.ins[i]]
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, groups)
+
+
+class OrigSBN(nn.Module):
+    def __init__(self, sw, num_features_list):
+        super().__init__()
+        self.sw = sw
+        self.bn = nn.ModuleList(nn.BatchNorm2d(c) for c in num_features_list)
+
+    def forward(self, x):
+        return self.bn[self.sw.idx](x)
+
+
+class OrigInvertedResidual(nn.Module):
+    def __init__(self, sw, inp, outp, stride, t):
+        super().__init__()
+        self.residual_connection = stride == 1 and inp == outp
+        hidden = [i * t for i in inp]
+        layers = []
+        if t != 1:
+            layers += [OrigConv(sw, inp, hidden, 1, 1, 0), OrigSBN(sw, hidden), nn.ReLU6()]
+        layers += [OrigConv(sw, hidden, hidden, 3, stride, 1, groups_list=hidden),
+                   OrigSBN(sw, hidden), nn.ReLU6(),
+                   OrigConv(sw, hidden, outp, 1, 1, 0), OrigSBN(sw, outp)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.body(x) + x if self.residual_connection else self.body(x)
+
+
+class OrigMobileNetV2(nn.Module):
+    def __init__(self, sw, num_classes=1000, input_size=224):
+        super().__init__()
+        ch = [original_round(32 * w) for w in sw.widths]
+        top = max(sw.widths)
+        self.outp = original_round(1280 * top) if top > 1.0 else 1280
+        layers = [nn.Sequential(OrigConv(sw, [3] * len(ch), ch, 3, 2, 1), OrigSBN(sw, ch),
+                                nn.ReLU6())]
+        for cin, cout, stride, t in original_blocks(sw.widths):
+            layers.append(OrigInvertedResidual(sw, cin, cout, stride, t))
+        ch = cout
+        # the tail: a conv to 1280 at every width and ONE plain BN shared by all widths
+        layers.append(nn.Sequential(OrigConv(sw, ch, [self.outp] * len(ch), 1, 1, 0),
+                                    nn.BatchNorm2d(self.outp), nn.ReLU6()))
+        layers.append(nn.AvgPool2d(input_size // 32))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(self.outp, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).view(-1, self.outp))
+
+
+def _original(widths=WIDTHS, num_classes=1000, input_size=64, seed=1):
+    torch.manual_seed(seed)
+    sw = Switch(widths)
+    orig = OrigMobileNetV2(sw, num_classes, input_size)
+    with torch.no_grad():
+        for m in orig.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(7)
+    return sw, orig.eval()
+
+
+def _checkpoint(orig):
+    return {"model": {"module." + k: v for k, v in orig.state_dict().items()}}
+
+
+def test_loads_original_checkpoint(tmp_path, tol):
+    sw, orig = _original()
+    path = tmp_path / "s_mobilenet_v2.pt"
+    torch.save(_checkpoint(orig), path)
+    model = load_original(s_mobilenet_v2(), path).eval()
+    # the original's one tail BN went to every width
+    tail = orig.features[18][1]
+    for bn in model.last_conv.bn.bn:
+        torch.testing.assert_close(bn.running_var, tail.running_var, rtol=0, atol=0)
+    x = torch.randn(2, 3, 64, 64)
+    outs = []
+    for w in WIDTHS:
+        sw.width = w
+        with torch.no_grad():
+            expected = orig(x)
+            with width(model, w):
+                got = model(x)
+        assert expected.std() > 0
+        torch.testing.assert_close(got, expected, **tol(torch.float32, like=expected))
+        outs.append(expected)
+    assert not torch.allclose(outs[0], outs[-1])  # the widths really differ
+
+
+def test_loads_into_custom_widths(tol):
+    widths = (0.1, 0.6, 1.4)  # 0.1: the original's odd 9-channel layers; 1.4: a wider tail
+    sw, orig = _original(widths=widths, num_classes=10)
+    model = load_original(s_mobilenet_v2(widths, num_classes=10), _checkpoint(orig)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    for w in widths:
+        sw.width = w
+        with torch.no_grad(), width(model, w):
+            expected = orig(x)
+            torch.testing.assert_close(model(x), expected, **tol(torch.float32, like=expected))
+
+
+def test_mismatched_checkpoints():
+    _, orig = _original()
+    ckpt = _checkpoint(orig)
+    sd = ckpt["model"]
+    key = "module.features.2.body.0.weight"  # block 2's expansion conv: (96, 16, 1, 1)
+    bad = dict(sd, **{key: torch.zeros(96, 17, 1, 1)})
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"features\.2\.body\.0\.weight.*\(96, 16, 1, 1\).*\(96, 17, 1, 1\)"):
+        load_original(s_mobilenet_v2(), {"model": bad})
+    missing = {k: v for k, v in sd.items() if k != "module.features.18.1.running_mean"}
+    with pytest.raises(CheckpointMismatchError, match=r"features\.18\.1\.running_mean"):
+        load_original(s_mobilenet_v2(), {"model": missing})
+    extra = dict(sd, **{"module.features.19.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected key 'features\.19\.weight'"):
+        load_original(s_mobilenet_v2(), {"model": extra})
+    with pytest.raises(CheckpointMismatchError):  # trained with other switches
+        load_original(s_mobilenet_v2((0.5, 1.0)), ckpt)
