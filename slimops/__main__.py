@@ -37,18 +37,27 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from slimops.models import MODELS
-    from slimops.profile import format_table, profile
+    from slimops.models.paper import PAPER_MACS, PAPER_MODELS
+    from slimops.profile import format_table, human, profile
 
-    if args.model not in MODELS:
-        print(f"unknown model {args.model!r}; available: {', '.join(sorted(MODELS))}",
+    names = args.models or list(PAPER_MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        print(f"unknown model {unknown[0]!r}; available: {', '.join(sorted(MODELS))}",
               file=sys.stderr)
         return 2
-    model = MODELS[args.model]()
-    rows = profile(model, args.input_size, latency=args.latency, repeats=args.repeats)
-    print(f"{args.model}, input {tuple(args.input_size)}")
     if args.latency:
         print(_environment())
-    print(format_table(rows))
+    for name in names:
+        model = MODELS[name]()
+        rows = profile(model, args.input_size, latency=args.latency, repeats=args.repeats)
+        extra = {}
+        paper = PAPER_MACS.get(name)
+        if paper and tuple(args.input_size[1:]) == (3, 224, 224):
+            extra["paper MACs"] = [human(paper[r.width]) if r.width in paper else "-"
+                                   for r in rows]
+        print(f"\n{name}, input {tuple(args.input_size)}")
+        print(format_table(rows, extra))
     return 0
 
 
@@ -70,8 +79,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--repeats", type=int, default=20)
     demo.set_defaults(func=_demo)
 
-    prof = sub.add_parser("profile", help="per-width parameters, MACs (and latency) of a model")
-    prof.add_argument("model")
+    prof = sub.add_parser(
+        "profile", help="per-width parameters, MACs (and latency) of models (default: the paper's four)"
+    )
+    prof.add_argument("models", nargs="*", metavar="MODEL")
     prof.add_argument("--input-size", type=int, nargs=4, default=[1, 3, 224, 224],
                       metavar=("N", "C", "H", "W"))
     prof.add_argument("--latency", action="store_true")

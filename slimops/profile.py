@@ -159,7 +159,7 @@ def format_table(rows: List[WidthProfile], extra: Optional[Dict[str, List[str]]]
     body = []
     for i, r in enumerate(rows):
         cells = [f"{r.width:g}x", "x".join(map(str, r.output_shape)), f"{r.params:,}",
-                 f"{r.bn_params:,}", _human(r.macs)]
+                 f"{r.bn_params:,}", human(r.macs)]
         if "latency ms" in header:
             cells.append("-" if r.latency_ms is None else f"{r.latency_ms:.2f}")
         cells += [col[i] for col in extra.values()]
@@ -171,8 +171,9 @@ def format_table(rows: List[WidthProfile], extra: Optional[Dict[str, List[str]]]
     return "\n".join(lines)
 
 
-def _human(n: int) -> str:
+def human(n: float) -> str:
+    """``n`` with a K/M/G suffix (MACs, parameter counts)."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
-    return str(n)
+    return f"{n:g}"
