@@ -21,11 +21,12 @@ class SeparableBlock(nn.Module):
     shape is kept (added before the pointwise activation, as the fused op allows)."""
 
     def __init__(self, cin: Sequence[int], cout: Sequence[int], stride: int,
-                 widths: Sequence[float]) -> None:
+                 widths: Sequence[float], shared_bn: bool = False) -> None:
         super().__init__()
         self.depthwise = SlimConvBNAct(cin, cin, 3, stride, groups=max(cin), activation="relu6",
-                                       widths=widths)
-        self.pointwise = SlimConvBNAct(cin, cout, 1, activation="relu6", widths=widths)
+                                       widths=widths, shared_bn=shared_bn)
+        self.pointwise = SlimConvBNAct(cin, cout, 1, activation="relu6", widths=widths,
+                                       shared_bn=shared_bn)
         self.residual = stride == 1 and list(cin) == list(cout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -36,15 +37,15 @@ class SlimCNN(nn.Module):
     """Stem, three separable blocks, pooling, classifier; see ``slim_cnn``."""
 
     def __init__(self, widths: Sequence[float], num_classes: int, in_channels: int,
-                 base: Sequence[int]) -> None:
+                 base: Sequence[int], shared_bn: bool = False) -> None:
         super().__init__()
         c = [channels(b, widths, divisor=8) for b in base]
         self.stem = SlimConvBNAct([in_channels] * len(widths), c[0], 3, 1, activation="relu6",
-                                  widths=widths)
+                                  widths=widths, shared_bn=shared_bn)
         self.blocks = nn.Sequential(
-            SeparableBlock(c[0], c[1], 2, widths),
-            SeparableBlock(c[1], c[2], 2, widths),
-            SeparableBlock(c[2], c[2], 1, widths),
+            SeparableBlock(c[0], c[1], 2, widths, shared_bn),
+            SeparableBlock(c[1], c[2], 2, widths, shared_bn),
+            SeparableBlock(c[2], c[2], 1, widths, shared_bn),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(c[2], num_classes, widths=widths)
@@ -59,6 +60,11 @@ def slim_cnn(
     num_classes: int = 10,
     in_channels: int = 3,
     base: Optional[Sequence[int]] = None,
+    shared_bn: bool = False,
 ) -> SlimCNN:
-    """A small slimmable CNN with full-width channels ``base`` (default 32, 64, 128)."""
-    return SlimCNN(widths, num_classes, in_channels, tuple(base or (32, 64, 128)))
+    """A small slimmable CNN with full-width channels ``base`` (default 32, 64, 128).
+
+    ``shared_bn=True`` builds the naive baseline of the paper: one batch norm shared by all
+    widths instead of switchable batch norm.
+    """
+    return SlimCNN(widths, num_classes, in_channels, tuple(base or (32, 64, 128)), shared_bn)

@@ -44,8 +44,10 @@ def _conv_counts(conv: nn.Conv2d, cin: int, cout: int, out: torch.Tensor) -> Tup
 
 
 def _bn_params(bn: nn.Module) -> int:
-    target = bn.active_bn() if isinstance(bn, SwitchableBatchNorm2d) else bn
-    return 2 * target.num_features if getattr(target, "affine", False) else 0
+    if isinstance(bn, SwitchableBatchNorm2d):
+        active = bn.num_features_list[bn.width_index()]
+        return 2 * active if bn.active_bn().affine else 0
+    return 2 * bn.num_features if getattr(bn, "affine", False) else 0
 
 
 class _Counter:

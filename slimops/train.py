@@ -290,6 +290,9 @@ def calibrate_bn(
     switchable = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
     if not switchable:
         raise ValueError(f"{type(model).__name__} has no SwitchableBatchNorm2d to calibrate")
+    if any(m.shared for m in switchable):
+        raise ValueError("calibrate_bn needs per-width batch norms; this model shares one BN "
+                         "across widths (SwitchableBatchNorm2d(shared=True))")
     owned = {id(bn) for layer in switchable for bn in layer.bn}
     shared = [m for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in owned]

@@ -256,3 +256,32 @@ def test_noncontiguous_input(tol):
                   torch.randn(3, 7, 4, 5, dtype=dtype).to(memory_format=torch.channels_last)):
             torch.testing.assert_close(sbn(x), plain(x.contiguous()), **tol(dtype))
             torch.testing.assert_close(sbn.bn[1].running_var, plain.running_var, **tol(dtype))
+
+
+# ------------------------------------------------------------ shared BN (naive baseline)
+
+
+def test_shared_bn_uses_prefixes_of_one_bn():
+    """shared=True: one BN sized for the largest width; width w normalises with the prefix of
+    its γ, β and running stats, and training at w updates only that prefix."""
+    from slimops.nn import SwitchableBatchNorm2d
+
+    m = SwitchableBatchNorm2d([2, 4], widths=(0.5, 1.0), shared=True)
+    assert len(m.bn) == 1 and m.bn[0].num_features == 4
+    with torch.no_grad():
+        m.bn[0].weight.uniform_(0.5, 2.0)
+        m.bn[0].bias.normal_()
+    x = torch.randn(3, 2, 5, 5)
+    before = m.bn[0].running_mean.clone()
+    slimops.set_width(m, 0.5)
+    y = m(x)
+    ref_mean, ref_var = before[:2].clone(), torch.ones(2)
+    ref = torch.nn.functional.batch_norm(x, ref_mean, ref_var, m.bn[0].weight[:2],
+                                         m.bn[0].bias[:2], True, 0.1, 1e-5)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(m.bn[0].running_mean[:2], ref_mean)
+    torch.testing.assert_close(m.bn[0].running_mean[2:], before[2:])
+    m.eval()
+    scale, shift = m.eval_scale_shift()
+    assert scale.shape == (2,) and shift.shape == (2,)
+    torch.testing.assert_close(m(x), x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         num_features: an int (the same at every width) or one count per width.
         eps, momentum, affine, track_running_stats, device, dtype: as ``nn.BatchNorm2d``.
         widths: the width switches; defaults to ``(1.0,)`` with an int.
+        shared: the *naive* baseline, for comparison only: one batch norm for all widths
+            (``self.bn[0]``, sized for the largest), each width using the prefix of its γ, β
+            and running statistics. This is what the paper shows fails at test time.
     """
 
     def __init__(
@@ -37,19 +40,33 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         dtype=None,
         *,
         widths: Optional[Sequence[float]] = None,
+        shared: bool = False,
     ) -> None:
         super().__init__()
         ws = resolve_widths(widths, num_features)
         self._init_widths(ws)
         self.num_features_list = per_width(num_features, ws, "SwitchableBatchNorm2d num_features")
+        self.shared = shared
+        sizes = [max(self.num_features_list)] if shared else self.num_features_list
         self.bn = nn.ModuleList(
             nn.BatchNorm2d(c, eps, momentum, affine, track_running_stats, device, dtype)
-            for c in self.num_features_list
+            for c in sizes
         )
 
     def active_bn(self) -> nn.BatchNorm2d:
-        """The active width's batch norm."""
-        return self.bn[self.width_index()]
+        """The active width's batch norm (the one shared BN when ``shared``)."""
+        return self.bn[0] if self.shared else self.bn[self.width_index()]
+
+    def _active(self) -> Tuple[nn.BatchNorm2d, int, List[Optional[Tensor]]]:
+        """The active BN, the active channel count, and its (γ, β, mean, var) for those
+        channels: the tensors themselves, or prefix views of the shared BN's (no copy)."""
+        i = self.width_index()
+        bn = self.bn[0] if self.shared else self.bn[i]
+        c = self.num_features_list[i]
+        tensors = [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        if self.shared:
+            tensors = [None if t is None else t[:c] for t in tensors]
+        return bn, c, tensors
 
     def forward(self, input: Tensor) -> Tensor:
         return self.normalize(input)
@@ -68,17 +85,16 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         self, input: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None
     ) -> Tensor:
         """``act(bn(input) + residual)`` with the active width's batch norm, fused."""
-        bn = self.active_bn()
-        param = bn.running_mean if bn.running_mean is not None else bn.weight
-        check_layer_input(self, input, bn.num_features, param if param is not None else input,
+        bn, c, (weight, bias, mean, var) = self._active()
+        param = mean if mean is not None else weight
+        check_layer_input(self, input, c, param if param is not None else input,
                           dims=4, channel_dim=1)
         training = self.uses_batch_stats(bn)
         if self.training and bn.track_running_stats:
             bn.num_batches_tracked.add_(1)
+        track = not training or bn.track_running_stats
         return ops.batch_norm_act(
-            input, bn.weight, bn.bias,
-            bn.running_mean if not training or bn.track_running_stats else None,
-            bn.running_var if not training or bn.track_running_stats else None,
+            input, weight, bias, mean if track else None, var if track else None,
             training, self._momentum(bn) if training and bn.track_running_stats else 0.0,
             bn.eps, residual, activation,
         )
@@ -89,14 +105,15 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         O(channels) work per call, no weight is touched: this is what the fused conv block
         hands to the convolution's epilogue, so switching width never re-folds anything.
         """
-        bn = self.active_bn()
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
+        bn, _, (weight, bias, mean, var) = self._active()
+        scale = torch.rsqrt(var + bn.eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias
         return scale, shift
 
     def extra_repr(self) -> str:
-        return f"widths={self.widths}, num_features_list={self.num_features_list}"
+        return (f"widths={self.widths}, num_features_list={self.num_features_list}"
+                + (", shared=True" if self.shared else ""))

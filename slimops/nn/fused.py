@@ -25,6 +25,8 @@ class SlimConvBNAct(nn.Module):
         padding: defaults to ``dilation * (kernel_size - 1) // 2`` ("same" at stride 1).
         activation: ``"relu"`` (default), ``"relu6"`` or ``None``.
         eps, momentum: of the switchable BN.
+        shared_bn: one BN for all widths instead of switchable BN (the naive baseline the
+            paper compares against; see ``SwitchableBatchNorm2d(shared=True)``).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class SlimConvBNAct(nn.Module):
         widths: Optional[Sequence[float]] = None,
         eps: float = 1e-5,
         momentum: Optional[float] = 0.1,
+        shared_bn: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -55,7 +58,8 @@ class SlimConvBNAct(nn.Module):
                                     dilation, groups, bias=False, device=device, dtype=dtype,
                                     widths=widths)
         self.bn = SwitchableBatchNorm2d(self.conv.out_channels_list, eps, momentum,
-                                        device=device, dtype=dtype, widths=self.conv.widths)
+                                        device=device, dtype=dtype, widths=self.conv.widths,
+                                        shared=shared_bn)
         self.activation = activation
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
