@@ -4,6 +4,7 @@ from typing import Callable, Dict
 
 from torch import nn
 
+from slimops.models._original import CheckpointMismatchError, load_original
 from slimops.models.s_mobilenet_v1 import SMobileNetV1, s_mobilenet_v1
 from slimops.models.s_mobilenet_v2 import SMobileNetV2, s_mobilenet_v2
 from slimops.models.s_resnet import SResNet, s_resnet50
@@ -20,6 +21,6 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 __all__ = [
-    "MODELS", "SMobileNetV1", "SMobileNetV2", "SResNet", "ShuffleNetV1", "SlimCNN",
+    "CheckpointMismatchError", "MODELS", "load_original", "SMobileNetV1", "SMobileNetV2", "SResNet", "ShuffleNetV1", "SlimCNN",
     "s_mobilenet_v1", "s_mobilenet_v2", "s_resnet50", "s_shufflenet", "slim_cnn",
 ]
