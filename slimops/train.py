@@ -16,12 +16,73 @@ The building blocks are plain functions (``slimmable_step``, ``calibrate_bn``,
 (``tqdm``, optional) and checkpoints that resume exactly.
 
 This module imports ``torch``, ``slimops.width`` and ``slimops.nn`` only (never
-``slimops.models``): it trains any ``nn.Module`` built from slimmable layers. Distributed
-training is not handled here.
+``slimops.models``): it trains any ``nn.Module`` built from slimmable layers.
+
+Distributed data-parallel training
+----------------------------------
+Every function and the ``Trainer`` accept a model wrapped in ``torch.nn.parallel.
+DistributedDataParallel`` (one process per device; ``gloo`` on CPU, ``nccl`` on GPU)::
+
+    dist.init_process_group("nccl")                 # or "gloo"; torchrun sets the env vars
+    torch.cuda.set_device(local_rank)
+    model = wrap_distributed(slim_cnn().cuda())     # DDP(find_unused_parameters=True, ...)
+    optimizer = torch.optim.SGD(param_groups(model, 4e-5), lr=0.1, momentum=0.9)
+    sampler = DistributedSampler(train_set, shuffle=True, seed=0)   # each rank: its shard
+    loader = DataLoader(train_set, batch_size=global_batch // world_size, sampler=sampler)
+    trainer = Trainer(model, optimizer, seed=0)     # calls sampler.set_epoch(epoch) itself
+    trainer.fit(loader, epochs, val_loader)         # val_loader: a DistributedSampler too
+    trainer.save_checkpoint("ckpt.pt")              # on every rank; only rank 0 writes
+
+What happens, and why it is right:
+
+* **Gradients.** Each width uses only part of the parameters (its own BN's γ/β, and not
+  the larger widths' ones), so DDP needs ``find_unused_parameters=True`` (``slimmable_step``
+  refuses a DDP model without it, and one with ``static_graph=True``, which fails on the
+  passes below). Algorithm 1 back-propagates once per width; ``slimmable_step`` runs every
+  width but the last (the smallest) under ``ddp.no_sync()`` (local accumulation, no
+  communication) and lets the last backward all-reduce, once, the gradients accumulated
+  over all widths, averaged over the ranks. A parameter that the smallest width does not
+  use (a larger width's private BN γ/β) is averaged too: DDP marks a parameter "used" if
+  any pass since the last synchronised one gave it a gradient, and all-reduces every used
+  parameter's accumulated ``.grad`` at the synchronised backward; only parameters that no
+  pass on any rank used keep ``.grad`` untouched (``None`` after ``zero_grad()``). The
+  ranks' mean of per-rank mean losses is the global batch's mean loss, so ``world_size``
+  processes with shards of ``B / world_size`` train like one process on batches of ``B``
+  whose BN layers normalise each shard separately (``tests/test_train_distributed.py``
+  checks the weights against exactly that single-process computation, a larger width's
+  private γ included).
+* **Width switching** reaches the wrapped layers: ``slimops.width(ddp, w)`` and
+  ``set_width`` walk ``ddp.modules()``, which contain the module's layers, and DDP runs
+  the module's forward in the calling thread.
+* **BN running statistics are per rank** (as with plain DDP without ``SyncBatchNorm``;
+  batch statistics are per shard). ``wrap_distributed`` turns DDP's buffer broadcast off:
+  DDP broadcasts rank 0's buffers at the start of a synchronised forward, so with the
+  ``no_sync`` passes some widths' statistics would be overwritten mid-step by rank 0's and
+  others not, neither local nor global. The ``Trainer`` instead averages every
+  floating-point buffer over the ranks at the end of each epoch (``average_buffers``, as
+  timm's ``distribute_bn``), before evaluating or checkpointing, so all ranks hold the same
+  model; ``calibrate_bn`` merges the ranks' calibration exactly (as one process over all
+  ranks' batches).
+* **Sandwich rule.** Every rank must draw the same widths: the ``Trainer`` broadcasts rank
+  0's generator state at construction; with ``slimmable_step`` directly, seed the
+  ``generator`` alike on every rank.
+* **Data.** Give each rank a disjoint shard of the same size per step (a
+  ``DistributedSampler``; every rank must run the same number of steps, or DDP hangs).
+* **Evaluation** (``evaluate``/``Trainer.evaluate`` with a DDP model) runs the unwrapped
+  module on each rank's loader and sums the correct/total counts over the ranks: every
+  rank gets the accuracy over the union of the shards.
+* **Checkpoints** hold ``model.module``'s state dict (no ``module.`` prefix: it loads into
+  an unwrapped model); only rank 0 writes. Every rank resumes from the one file (call
+  ``torch.distributed.barrier()`` between writing and reading); its RNG states are rank
+  0's, so the global ``torch``/``random``/``numpy`` streams of the other ranks (e.g. data
+  augmentation) do not resume exactly; the model, optimizer, scheduler, counters and the
+  sandwich rule's generator do.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import itertools
 import math
 import os
@@ -29,8 +90,10 @@ import random
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from slimops.nn import SwitchableBatchNorm2d
 from slimops.width import model_widths, normalize_widths
@@ -38,12 +101,14 @@ from slimops.width import width as width_scope
 
 __all__ = [
     "Trainer",
+    "average_buffers",
     "calibrate_bn",
     "evaluate",
     "param_groups",
     "sandwich_widths",
     "slimmable_step",
     "soft_cross_entropy",
+    "wrap_distributed",
 ]
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -128,6 +193,162 @@ def soft_cross_entropy(logits: Tensor, teacher_probs: Tensor) -> Tensor:
             f"{tuple(teacher_probs.shape)} differ in shape"
         )
     return -(teacher_probs * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+# --------------------------------------------------------------------------- distributed
+
+# torch >= 2.13 splits DDP's ``broadcast_buffers`` into ``forward_sync_buffers`` (the
+# broadcast at each forward) and an always-on broadcast at construction.
+_HAS_FORWARD_SYNC_BUFFERS = (
+    "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+)
+
+
+def _ddp(model: nn.Module) -> Optional[DistributedDataParallel]:
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wraps, or ``model`` itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _check_ddp(model: DistributedDataParallel) -> None:
+    """Refuse DDP settings under which Algorithm 1 cannot run (see the module docstring)."""
+    if getattr(model, "static_graph", False):
+        raise ValueError(
+            "DistributedDataParallel(static_graph=True) cannot run Algorithm 1: it back-"
+            "propagates once per width, all but the last under no_sync(), which a static "
+            "graph does not support; wrap with wrap_distributed(model) instead"
+        )
+    if not model.find_unused_parameters:
+        raise ValueError(
+            "slimmable training needs DistributedDataParallel(..., find_unused_parameters="
+            "True): each width uses only part of the parameters (e.g. only its own switchable "
+            "BN's weight and bias); wrap with wrap_distributed(model)"
+        )
+
+
+def _comm_device(module: nn.Module) -> torch.device:
+    """Where a collective's tensors must live: the module's device (CUDA for NCCL)."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _require_process_group(what: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{what} needs an initialised default process group: call "
+            "torch.distributed.init_process_group() first ('gloo' on CPU, 'nccl' on GPU)"
+        )
+
+
+@torch.no_grad()
+def _all_reduce_(tensors: Sequence[Tensor], group: Any, scale: Optional[float] = None) -> None:
+    """Sum ``tensors`` over the ranks of ``group`` in place (then multiply by ``scale``): one
+    collective per (device, dtype), on a flattened copy. Every rank must pass the same
+    tensors (shapes and order)."""
+    buckets: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    for ts in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat, group=group)
+        if scale is not None:
+            flat.mul_(scale)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def _group_of(model: nn.Module, group: Any = None) -> Any:
+    ddp = _ddp(model)
+    if group is None and ddp is not None:
+        return ddp.process_group
+    return group
+
+
+def wrap_distributed(
+    model: nn.Module,
+    device_ids: Optional[Sequence[Union[int, torch.device]]] = None,
+    process_group: Any = None,
+    **ddp_kwargs: Any,
+) -> DistributedDataParallel:
+    """``model`` wrapped in ``DistributedDataParallel`` the way slimmable training needs.
+
+    Call it on every rank after ``torch.distributed.init_process_group`` and after moving
+    the model to its device (the DDP constructor broadcasts rank 0's parameters and
+    buffers, so every rank starts from the same model). The settings:
+
+    * ``find_unused_parameters=True``: each width uses only part of the parameters;
+    * no buffer broadcast at forward time (``forward_sync_buffers=False``, or
+      ``broadcast_buffers=False`` before torch 2.13, after which rank 0's buffers are
+      broadcast once here): BN running statistics stay per rank (see the module docstring;
+      ``Trainer`` averages them every epoch, or call ``average_buffers``);
+    * ``device_ids=[model's CUDA device]`` for a CUDA model (NCCL), none on CPU (gloo).
+
+    Other keyword arguments go to ``DistributedDataParallel`` (``bucket_cap_mb``,
+    ``gradient_as_bucket_view``, an explicit ``forward_sync_buffers=True``, ...); asking for
+    ``find_unused_parameters=False`` or ``static_graph=True`` is a ``ValueError``.
+    """
+    _require_process_group("wrap_distributed")
+    if isinstance(model, DistributedDataParallel):
+        raise TypeError("wrap_distributed: the model is already a DistributedDataParallel")
+    if not ddp_kwargs.get("find_unused_parameters", True):
+        raise ValueError("slimmable training needs find_unused_parameters=True: each width "
+                         "uses only part of the parameters")
+    if ddp_kwargs.get("static_graph", False):
+        raise ValueError("static_graph=True cannot run Algorithm 1's no_sync() passes")
+    ddp_kwargs["find_unused_parameters"] = True
+    if next(model.parameters(), None) is None:
+        raise ValueError(f"{type(model).__name__} has no parameters to train")
+    device = _comm_device(model)
+    if device_ids is None and device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    broadcast_once = False
+    if "broadcast_buffers" not in ddp_kwargs and "forward_sync_buffers" not in ddp_kwargs:
+        if _HAS_FORWARD_SYNC_BUFFERS:
+            ddp_kwargs["forward_sync_buffers"] = False
+        else:  # older torch: False also skips the construction-time broadcast; do it here
+            ddp_kwargs["broadcast_buffers"] = False
+            broadcast_once = True
+    ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=process_group,
+                                  **ddp_kwargs)
+    if broadcast_once:
+        src = dist.get_global_rank(ddp.process_group, 0)
+        with torch.no_grad():
+            for b in model.buffers():
+                dist.broadcast(b, src=src, group=ddp.process_group)
+    return ddp
+
+
+def average_buffers(model: nn.Module, group: Any = None) -> None:
+    """Average every floating-point buffer of ``model`` over the ranks, in place.
+
+    In a slimmable model those are the switchable BNs' running means and variances (the
+    integer ``num_batches_tracked`` counters are left alone: every rank runs the same number
+    of steps). ``group`` defaults to a DDP model's process group, else the default group.
+    A collective: every rank calls it, with the same model structure.
+
+    The average of the ranks' running means is the running mean of the mean over the
+    ranks' shards; the average of their running variances is the mean of per-shard
+    variances, the usual estimate (timm's ``distribute_bn``; ``calibrate_bn`` gives exact
+    statistics).
+    """
+    _require_process_group("average_buffers")
+    group = _group_of(model, group)
+    buffers = [b for b in _unwrap(model).buffers() if b.is_floating_point()]
+    if buffers:
+        _all_reduce_(buffers, group, scale=1.0 / dist.get_world_size(group))
+
+
+def _broadcast_generator(generator: torch.Generator, group: Any, device: torch.device) -> None:
+    """Give every rank of ``group`` the generator state of its rank 0 (a collective)."""
+    state = generator.get_state().to(device)
+    dist.broadcast(state, src=dist.get_global_rank(group, 0), group=group)
+    generator.set_state(state.cpu())
 
 
 # --------------------------------------------------------------------------- Algorithm 1
@@ -219,7 +440,17 @@ def slimmable_step(
     Returns:
         ``{width: loss}`` as Python floats, in processing order (largest first). With the
         sandwich rule a width drawn more than once reports the mean of its losses.
+
+    Distributed: ``model`` may be a ``DistributedDataParallel`` (``wrap_distributed``) fed
+    with this rank's shard of the batch. Every width but the last runs under
+    ``model.no_sync()``; the last (smallest) width's backward all-reduces the gradients
+    accumulated over all widths, averaged over the ranks, parameters that only larger
+    widths use included (see the module docstring). The losses returned are this rank's.
+    The widths must agree on every rank (seed ``generator`` alike for the sandwich rule).
     """
+    ddp = _ddp(model)
+    if ddp is not None:
+        _check_ddp(ddp)
     ws = _check_widths(model, widths)
     if sandwich is None:
         order = list(reversed(ws))
@@ -229,22 +460,26 @@ def slimmable_step(
     optimizer.zero_grad()
     losses: Dict[float, List[Tensor]] = {}
     teacher: Optional[Tensor] = None
-    for w in order:
-        with width_scope(model, w):
-            output = model(inputs)
-        if inplace_distillation and teacher is not None:
-            loss = soft_cross_entropy(output, teacher)
-        else:
-            loss = loss_fn(output, targets)
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar tensor (e.g. reduction='mean'), got {shape}"
-            )
-        if inplace_distillation and teacher is None:
-            # Only a detached copy of the largest width's prediction outlives its backward.
-            teacher = F.softmax(output.detach(), dim=-1)
-        loss.backward()
+    for i, w in enumerate(order):
+        # DDP: accumulate locally in every pass but the last, whose backward all-reduces the
+        # gradients accumulated over all passes (a no_sync() block must hold the forward).
+        sync = ddp is None or i == len(order) - 1
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            with width_scope(model, w):
+                output = model(inputs)
+            if inplace_distillation and teacher is not None:
+                loss = soft_cross_entropy(output, teacher)
+            else:
+                loss = loss_fn(output, targets)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(
+                    f"loss_fn must return a scalar tensor (e.g. reduction='mean'), got {shape}"
+                )
+            if inplace_distillation and teacher is None:
+                # Only a detached copy of the largest width's prediction outlives its backward.
+                teacher = F.softmax(output.detach(), dim=-1)
+            loss.backward()
         # to floats after the step: no device sync between widths
         losses.setdefault(w, []).append(loss.detach())
         del output, loss  # this width's graph is freed by backward; drop its last handles
@@ -253,6 +488,24 @@ def slimmable_step(
 
 
 # --------------------------------------------------------------------------- BN calibration
+
+
+@torch.no_grad()
+def _merge_calibration(bns: Sequence[nn.Module], seen: int, group: Any,
+                       device: torch.device) -> None:
+    """Each rank's BNs hold cumulative averages over its ``seen`` batches; make them the
+    cumulative averages over all ranks' batches, on every rank."""
+    counts = torch.tensor([seen, int(seen == 0)], dtype=torch.int64, device=device)
+    dist.all_reduce(counts, group=group)
+    total, empty = int(counts[0]), int(counts[1])
+    if empty:
+        raise ValueError(f"calibrate_bn: the loader yielded no batch on {empty} rank(s)")
+    stats = [t for bn in bns for t in (bn.running_mean, bn.running_var)]
+    for t in stats:
+        t.mul_(seen / total)
+    _all_reduce_(stats, group)
+    for bn in bns:
+        bn.num_batches_tracked.fill_(total)
 
 
 def calibrate_bn(
@@ -281,12 +534,21 @@ def calibrate_bn(
         widths: the widths to calibrate (default: all of the model's).
         num_batches: batches per width (a positive int, or ``None`` for the whole loader).
         device: where to move each batch's inputs (default: leave them where they are).
+
+    Distributed: with a ``DistributedDataParallel`` model (a collective: every rank calls
+    it), each rank runs the unwrapped module over its own ``loader`` (e.g. a
+    ``DistributedSampler`` shard), then the ranks' cumulative averages are merged, weighted
+    by their batch counts, into the cumulative average over all ranks' batches (what one
+    process would compute over all of them; ``num_batches_tracked`` becomes the total), so
+    every rank ends with the same statistics. A rank whose loader yields no batch makes
+    every rank raise.
     """
     ws = _check_widths(model, widths)
     if num_batches is not None and (
         isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
     ):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    ddp, module = _ddp(model), _unwrap(model)
     switchable = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
     if not switchable:
         raise ValueError(f"{type(model).__name__} has no SwitchableBatchNorm2d to calibrate")
@@ -315,11 +577,13 @@ def calibrate_bn(
                     bn.reset_running_stats()
                     bn.momentum = None
                 seen = 0
-                with width_scope(model, w):
+                with width_scope(module, w):
                     for batch in itertools.islice(loader, num_batches):
-                        model(_to(_inputs_only(batch), device))
+                        module(_to(_inputs_only(batch), device))
                         seen += 1
-                if seen == 0:
+                if ddp is not None:
+                    _merge_calibration(targets, seen, ddp.process_group, _comm_device(module))
+                elif seen == 0:
                     raise ValueError("calibrate_bn: the loader yielded no batch")
                 for bn, *_, momentum in backup:
                     bn.momentum = momentum
@@ -416,8 +680,14 @@ def evaluate(
 
     Returns:
         ``{width: accuracy}``, largest width first.
+
+    Distributed: with a ``DistributedDataParallel`` model (a collective: every rank calls
+    it), each rank runs the unwrapped module over its own ``loader`` (e.g. a
+    ``DistributedSampler`` shard) and the correct/total counts are summed over the ranks:
+    every rank returns the accuracy over all ranks' samples.
     """
     ws = tuple(reversed(_check_widths(model, widths)))
+    ddp, module = _ddp(model), _unwrap(model)
     correct = {w: 0 for w in ws}
     total = 0
     modes = _modes(model)
@@ -428,12 +698,18 @@ def evaluate(
                 inputs, targets = _split_batch(batch)
                 inputs, targets = _to(inputs, device), _to(targets, device)
                 for w in ws:
-                    with width_scope(model, w):
-                        output = model(inputs)
+                    with width_scope(module, w):
+                        output = module(inputs)
                     correct[w] += int((output.argmax(dim=-1) == targets).sum())
                 total += int(targets.numel())
     finally:
         _restore_modes(modes)
+    if ddp is not None:
+        counts = torch.tensor([correct[w] for w in ws] + [total], dtype=torch.int64,
+                              device=_comm_device(module))
+        dist.all_reduce(counts, group=ddp.process_group)
+        correct = {w: int(c) for w, c in zip(ws, counts[:-1])}
+        total = int(counts[-1])
     if total == 0:
         raise ValueError("evaluate: the loader yielded no samples")
     return {w: correct[w] / total for w in ws}
@@ -519,9 +795,24 @@ class Trainer:
         progress: show a ``tqdm`` bar with each width's running loss (silently off when
             ``tqdm`` is not installed).
         scheduler_interval: ``"epoch"`` or ``"step"``.
+        sync_buffers: with a ``DistributedDataParallel`` model, average every
+            floating-point buffer (the BN running statistics) over the ranks at the end of
+            each epoch (``average_buffers``), so evaluation and checkpoints see one model on
+            every rank; ``False`` keeps each rank's own statistics.
 
     ``epoch`` counts completed epochs; ``history`` holds one entry per epoch
     (``{"epoch", "train_loss", "val_acc"}``).
+
+    Distributed: pass the ``DistributedDataParallel`` model (``wrap_distributed``) and give
+    each rank its shard of the data (a loader over a ``DistributedSampler``: ``train_epoch``
+    calls ``loader.sampler.set_epoch(epoch)`` when the sampler has it), and construct, fit,
+    evaluate and checkpoint on every rank. The constructor broadcasts rank 0's generator
+    (so all ranks draw the same sandwich widths); ``train_epoch``'s losses (and so
+    ``history``) are the means over all ranks' batches; evaluation counts over all ranks'
+    samples; the progress bar and the per-epoch line are shown on rank 0 only; checkpoints
+    hold ``module``'s state dict and only rank 0 writes them (see the module docstring).
+    ``rank`` and ``world_size`` are those of the model's process group (0 and 1 without
+    DDP); ``module`` is the unwrapped model.
     """
 
     def __init__(
@@ -538,11 +829,15 @@ class Trainer:
         device: Optional[Union[str, torch.device]] = None,
         progress: bool = True,
         scheduler_interval: str = "epoch",
+        sync_buffers: bool = True,
     ) -> None:
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(
                 f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
             )
+        self._ddp = _ddp(model)
+        if self._ddp is not None:
+            _check_ddp(self._ddp)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
@@ -560,9 +855,20 @@ class Trainer:
         self.device = device
         self.progress = progress
         self.scheduler_interval = scheduler_interval
+        self.sync_buffers = sync_buffers
+        self.rank, self.world_size = 0, 1
+        if self._ddp is not None:
+            group = self._ddp.process_group
+            self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+            _broadcast_generator(self.generator, group, _comm_device(self.module))
         self.epoch = 0
         self.global_step = 0
         self.history: List[Dict[str, Any]] = []
+
+    @property
+    def module(self) -> nn.Module:
+        """The model itself (``model.module`` for a ``DistributedDataParallel``)."""
+        return _unwrap(self.model)
 
     def train_step(self, inputs: Any, targets: Any) -> Dict[float, float]:
         """One ``slimmable_step`` on a batch (moved to ``device``); returns per-width loss."""
@@ -580,13 +886,19 @@ class Trainer:
         """One epoch over ``loader`` in train mode; returns each width's mean batch loss.
 
         Advances ``epoch`` (and steps an epoch-interval scheduler). Raises ``ValueError``
-        if the loader yields no batch.
+        if the loader yields no batch. Calls ``loader.sampler.set_epoch(epoch)`` first when
+        the sampler has it (a ``DistributedSampler``: a new shuffle every epoch). With DDP
+        the returned means are over all ranks' batches, and the buffers are averaged over
+        the ranks afterwards (``sync_buffers``).
         """
+        set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.epoch)
         try:
             total = len(loader)  # type: ignore[arg-type]
         except TypeError:
             total = None
-        bar = _progress_bar(total, f"epoch {self.epoch + 1}", self.progress)
+        bar = _progress_bar(total, f"epoch {self.epoch + 1}", self.progress and self.rank == 0)
         sums: Dict[float, float] = {}
         counts: Dict[float, int] = {}
         self.model.train()
@@ -604,6 +916,16 @@ class Trainer:
                 bar.close()
         if not counts:
             raise ValueError("train_epoch: the loader yielded no batch")
+        if self._ddp is not None:
+            group = self._ddp.process_group
+            ws = self.widths
+            totals = torch.tensor([sums.get(w, 0.0) for w in ws] + [counts.get(w, 0) for w in ws],
+                                  dtype=torch.float64, device=_comm_device(self.module))
+            dist.all_reduce(totals, group=group)
+            sums = {w: float(v) for w, v, n in zip(ws, totals[:len(ws)], totals[len(ws):]) if n}
+            counts = {w: int(n) for w, n in zip(ws, totals[len(ws):]) if n}
+            if self.sync_buffers:
+                average_buffers(self.model)
         self.epoch += 1
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self.scheduler.step()
@@ -631,7 +953,7 @@ class Trainer:
                 entry["val_acc"] = self.evaluate(val_loader)
             self.history.append(entry)
             new.append(entry)
-            if self.progress:
+            if self.progress and self.rank == 0:
                 line = f"epoch {self.epoch}/{epochs} loss {_format_losses(train_loss)}"
                 if "val_acc" in entry:
                     line += " acc " + " ".join(
@@ -648,7 +970,7 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "widths": list(self.widths),
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "rng": _rng_state(self.generator),
@@ -674,7 +996,7 @@ class Trainer:
                 f"the checkpoint {has} scheduler state, but this trainer "
                 f"{'has no' if self.scheduler is None else 'has a'} scheduler"
             )
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -684,7 +1006,14 @@ class Trainer:
         _set_rng_state(state["rng"], self.generator)
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``state_dict()`` to ``path`` (atomically: a temporary file, then a rename)."""
+        """Write ``state_dict()`` to ``path`` (atomically: a temporary file, then a rename).
+
+        Distributed: only rank 0 writes (the others return at once; no collective), the
+        unwrapped module's state dict; ranks that read the file next should wait for it
+        (``torch.distributed.barrier()``).
+        """
+        if self.rank != 0:
+            return
         path = os.fspath(path)
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(self.state_dict(), tmp)
