@@ -34,10 +34,11 @@ class SeparableBlock(nn.Module):
 
 
 class SlimCNN(nn.Module):
-    """Stem, three separable blocks, pooling, classifier; see ``slim_cnn``."""
+    """Stem, three (+ ``extra_blocks``) separable blocks, pooling, classifier; see
+    ``slim_cnn``."""
 
     def __init__(self, widths: Sequence[float], num_classes: int, in_channels: int,
-                 base: Sequence[int], shared_bn: bool = False) -> None:
+                 base: Sequence[int], shared_bn: bool = False, extra_blocks: int = 0) -> None:
         super().__init__()
         c = [channels(b, widths, divisor=8) for b in base]
         self.stem = SlimConvBNAct([in_channels] * len(widths), c[0], 3, 1, activation="relu6",
@@ -46,6 +47,7 @@ class SlimCNN(nn.Module):
             SeparableBlock(c[0], c[1], 2, widths, shared_bn),
             SeparableBlock(c[1], c[2], 2, widths, shared_bn),
             SeparableBlock(c[2], c[2], 1, widths, shared_bn),
+            *(SeparableBlock(c[2], c[2], 1, widths, shared_bn) for _ in range(extra_blocks)),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(c[2], num_classes, widths=widths)
@@ -61,10 +63,14 @@ def slim_cnn(
     in_channels: int = 3,
     base: Optional[Sequence[int]] = None,
     shared_bn: bool = False,
+    extra_blocks: int = 0,
 ) -> SlimCNN:
     """A small slimmable CNN with full-width channels ``base`` (default 32, 64, 128).
 
     ``shared_bn=True`` builds the naive baseline of the paper: one batch norm shared by all
-    widths instead of switchable batch norm.
+    widths instead of switchable batch norm. ``extra_blocks`` adds that many stride-1
+    residual separable blocks at the last stage (deeper networks show the shared-BN failure
+    more: the per-layer statistics mismatch compounds with depth).
     """
-    return SlimCNN(widths, num_classes, in_channels, tuple(base or (32, 64, 128)), shared_bn)
+    return SlimCNN(widths, num_classes, in_channels, tuple(base or (32, 64, 128)), shared_bn,
+                   extra_blocks)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m slimops {demo,profile,info}``."""
+"""Command line: ``python -m slimops {demo,train,profile,info}``."""
 
 from __future__ import annotations
 
@@ -6,32 +6,29 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import List, Optional
 
 import torch
 
+from slimops.profile import environment
+from slimops.imagefolder import (
+    RECIPES,
+    ImageFolder,
+    TrainTransform,
+    ValTransform,
+    make_scheduler,
+)
 
-def _environment() -> str:
-    from slimops import backend_info
 
-    info = backend_info()
-    malloc = {k: os.environ[k] for k in os.environ if k.startswith("MALLOC_")} or "glibc defaults"
-    return (f"backend: cpu={info['cpu']} ({', '.join(info['native_dtypes'])}), "
-            f"torch {info['torch']}, threads={torch.get_num_threads()}, allocator: {malloc}")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from slimops.models import slim_cnn
-    from slimops.profile import format_table, profile
+    from slimops.demo import run_demo
 
-    torch.manual_seed(0)
-    model = slim_cnn(widths=args.widths)
-    print("slimops demo: one slimmable CNN, one set of shared weights, "
-          f"{len(model.classifier.widths)} widths")
-    print(_environment())
-    print(f"input: {tuple(args.input_size)} (latency: median of {args.repeats} runs, eval)\n")
-    rows = profile(model, args.input_size, latency=True, repeats=args.repeats)
-    print(format_table(rows))
+    run_demo(epochs=args.epochs, seed=args.seed, widths=args.widths,
+             extra_blocks=args.extra_blocks, batch_size=args.batch_size, lr=args.lr,
+             repeats=args.repeats, quick=args.quick)
     return 0
 
 
@@ -47,7 +44,7 @@ def _profile(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.latency:
-        print(_environment())
+        print(environment())
     for name in names:
         model = MODELS[name]()
         rows = profile(model, args.input_size, latency=args.latency, repeats=args.repeats)
@@ -68,16 +65,163 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from slimops.models import MODELS
+    from slimops.train import Trainer, param_groups
+
+    if args.model not in RECIPES:
+        print(f"unknown model {args.model!r}; available: {', '.join(sorted(RECIPES))}",
+              file=sys.stderr)
+        return 2
+    recipe = dict(RECIPES[args.model])
+    for key in ("epochs", "batch_size", "lr", "weight_decay", "image_size"):
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    if args.widths:
+        recipe["widths"] = tuple(args.widths)
+    torch.manual_seed(args.seed)  # model init; data order and augmentation: see below
+
+    train_dir, val_dir = os.path.join(args.data, "train"), os.path.join(args.data, "val")
+    try:
+        train_set = ImageFolder(train_dir, TrainTransform(recipe["image_size"],
+                                                          recipe["crop_scale"]))
+        val_set = (ImageFolder(val_dir, ValTransform(recipe["image_size"]), train_set.classes)
+                   if os.path.isdir(val_dir) else None)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 2
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loader_kwargs = dict(batch_size=recipe["batch_size"], num_workers=args.workers,
+                         pin_memory=device.type == "cuda")
+    # Shuffling and the workers' seeds come from this generator, re-seeded from (seed,
+    # epoch) before every epoch, so a resumed run sees the batches an uninterrupted one
+    # would (in-process augmentation draws from torch's global RNG, which the checkpoint
+    # restores; workers are not persistent, so their seeds follow the generator too).
+    generator = torch.Generator()
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator,
+                                               drop_last=False, **loader_kwargs)
+    val_loader = (torch.utils.data.DataLoader(val_set, shuffle=False, **loader_kwargs)
+                  if val_set is not None else None)
+
+    model = MODELS[args.model](widths=recipe["widths"], num_classes=len(train_set.classes))
+    model.to(device)
+    optimizer = torch.optim.SGD(param_groups(model, recipe["weight_decay"]), lr=recipe["lr"],
+                                momentum=0.9, nesterov=True)
+    scheduler, interval = make_scheduler(optimizer, recipe, recipe["epochs"], len(train_loader))
+    trainer = Trainer(model, optimizer, scheduler=scheduler, scheduler_interval=interval,
+                      inplace_distillation=args.inplace_distillation, seed=args.seed,
+                      device=device, progress=not args.no_progress)
+
+    out = args.out or os.path.join("runs", args.model)
+    os.makedirs(out, exist_ok=True)
+    latest = os.path.join(out, "latest.pt")
+    if args.resume is not None:
+        path = latest if args.resume == "" else args.resume
+        if not os.path.isfile(path):
+            print(f"train: no checkpoint to resume at {path}", file=sys.stderr)
+            return 2
+        try:
+            trainer.load_checkpoint(path)
+        except (ValueError, RuntimeError, KeyError) as e:  # another model, widths, recipe
+            print(f"train: cannot resume from {path}: {e}", file=sys.stderr)
+            return 2
+        print(f"resumed from {path} after epoch {trainer.epoch}")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"model": args.model, "data": os.path.abspath(args.data),
+                   "classes": train_set.classes, "device": str(device), **recipe}, f, indent=1,
+                  default=list)
+
+    widths = ", ".join(f"{w:g}x" for w in trainer.widths)
+    print(f"train {args.model} (widths {widths}) on {args.data}: {len(train_set.classes)} "
+          f"classes, {len(train_set)} train / {len(val_set) if val_set else 0} val images, "
+          f"{recipe['image_size']}px; device {device}")
+    sched = {"exp": f"x{recipe.get('gamma')} per epoch",
+             "multistep": f"x{recipe.get('gamma')} at epochs {list(recipe.get('milestones', ()))}",
+             "linear": "linear to 0 per step"}[recipe["schedule"]]
+    print(f"SGD Nesterov 0.9, lr {recipe['lr']:g} ({sched}), weight decay "
+          f"{recipe['weight_decay']:g}, batch {recipe['batch_size']}, {recipe['epochs']} epochs; "
+          f"checkpoints: {latest}")
+    if recipe["batch_size"] != RECIPES[args.model]["batch_size"] and args.lr is None:
+        print(f"note: the recipe's lr {recipe['lr']:g} is for batch "
+              f"{RECIPES[args.model]['batch_size']}; it is not rescaled (set --lr)")
+    if val_set is None:
+        print(f"(no {val_dir}: no validation)")
+
+    while trainer.epoch < recipe["epochs"]:
+        t0 = time.perf_counter()
+        generator.manual_seed(args.seed * 1_000_003 + trainer.epoch)
+        losses = trainer.train_epoch(train_loader)
+        entry = {"epoch": trainer.epoch, "train_loss": losses}
+        if val_loader is not None:
+            entry["val_acc"] = trainer.evaluate(val_loader)
+        trainer.history.append(entry)
+        trainer.save_checkpoint(latest)
+        line = (f"epoch {trainer.epoch}/{recipe['epochs']} {time.perf_counter() - t0:.1f}s "
+                "loss " + " ".join(f"{w:g}x:{v:.4f}" for w, v in losses.items()))
+        if "val_acc" in entry:
+            line += " top-1 " + " ".join(f"{w:g}x:{a:.4f}" for w, a in entry["val_acc"].items())
+        print(line, flush=True)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="slimops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="switch a small slimmable CNN through its widths")
+    demo = sub.add_parser(
+        "demo", help="train a slimmable CNN on real digits (about a minute): per width, "
+        "switchable BN vs one shared BN vs individually trained networks",
+        description="Trains slim_cnn on scikit-learn's 8x8 handwritten digits with Algorithm 1 "
+        "and prints, per width, the test accuracy of (a) the slimmable network (switchable "
+        "BN), (b) the same trained with one BN shared by all widths, (c) one network per "
+        "width trained individually, and the slimmable model's params, MACs and latency. "
+        "(The per-width cost table of a randomly initialised model: "
+        "python -m slimops profile slim_cnn --latency.)")
+    demo.add_argument("--epochs", type=int, default=30, help="epochs of every training (30)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="init, shuffling (0); the train/test split is fixed")
     demo.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
-    demo.add_argument("--input-size", type=int, nargs=4, default=[1, 3, 64, 64],
-                      metavar=("N", "C", "H", "W"))
-    demo.add_argument("--repeats", type=int, default=20)
+    demo.add_argument("--extra-blocks", type=int, default=4,
+                      help="separable blocks added to slim_cnn's 3 (4; 0: plain slim_cnn)")
+    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--lr", type=float, default=0.1)
+    demo.add_argument("--repeats", type=int, default=50, help="latency runs per width (50)")
+    demo.add_argument("--quick", action="store_true",
+                      help="1 epoch on 192 training images (a smoke test, not a result)")
     demo.set_defaults(func=_demo)
+
+    tr = sub.add_parser(
+        "train", help="train a slimmable model on an ImageFolder directory (Algorithm 1, "
+        "the original recipe per model)",
+        description="Algorithm 1 on DATA/train/<class>/*.jpg|png, validated per width on "
+        "DATA/val/<class>/... after every epoch, with the original implementation's recipe "
+        "for the model (SGD Nesterov 0.9; lr, schedule, epochs, batch size, weight decay, "
+        "crop scale): " + "; ".join(
+            f"{n}: lr {r['lr']:g} {r['schedule']}, {r['epochs']} epochs, batch {r['batch_size']}"
+            for n, r in RECIPES.items()) + ". The trainer's full state goes to OUT/latest.pt "
+        "after every epoch.")
+    tr.add_argument("--model", required=True, choices=sorted(RECIPES))
+    tr.add_argument("--data", required=True, metavar="DIR",
+                    help="with train/<class>/ and (optional) val/<class>/ image folders")
+    tr.add_argument("--epochs", type=int, help="total epochs (default: the recipe's)")
+    tr.add_argument("--batch-size", type=int, help="default: the recipe's")
+    tr.add_argument("--lr", type=float, help="initial learning rate (default: the recipe's)")
+    tr.add_argument("--weight-decay", type=float, help="default: the recipe's (1e-4)")
+    tr.add_argument("--image-size", type=int, help="training crop (default: 224; slim_cnn 32)")
+    tr.add_argument("--widths", type=float, nargs="+", help="default: the recipe's")
+    tr.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="data loading processes (default: min(8, CPUs); 0: in-process)")
+    tr.add_argument("--out", metavar="DIR",
+                    help="checkpoints (latest.pt) and config.json (default: runs/MODEL)")
+    tr.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                    help="continue from CHECKPOINT (default: OUT/latest.pt)")
+    tr.add_argument("--device", help="default: cuda if available, else cpu")
+    tr.add_argument("--seed", type=int, default=0, help="(0)")
+    tr.add_argument("--inplace-distillation", action="store_true",
+                    help="smaller widths learn from the largest width's prediction")
+    tr.add_argument("--no-progress", action="store_true", help="no per-batch progress bar")
+    tr.set_defaults(func=_train)
 
     prof = sub.add_parser(
         "profile", help="per-width parameters, MACs (and latency) of models (default: the paper's four)"

@@ -8,6 +8,7 @@ counts and the output sizes seen in one forward pass per width.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -179,3 +180,13 @@ def human(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:g}"
+
+
+def environment() -> str:
+    """One line: the active backend, torch, threads and allocator settings."""
+    from slimops import backend_info
+
+    info = backend_info()
+    malloc = {k: os.environ[k] for k in os.environ if k.startswith("MALLOC_")} or "glibc defaults"
+    return (f"backend: cpu={info['cpu']} ({', '.join(info['native_dtypes'])}), "
+            f"torch {info['torch']}, threads={torch.get_num_threads()}, allocator: {malloc}")
