@@ -10,7 +10,6 @@ from typing import List, Sequence, Tuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimops.models._original import CheckpointMismatchError, load_original
@@ -18,6 +17,8 @@ from slimops.models.s_mobilenet_v2 import s_mobilenet_v2
 from slimops.nn import SlimConvBNAct
 from slimops.profile import profile
 from slimops.width import width
+
+from original_layers import OrigConv, OrigSBN, Switch
 
 WIDTHS = (0.35, 0.5, 0.75, 1.0)
 # Table 3 and Table 2 of the paper.
@@ -193,41 +194,6 @@ def test_custom_widths_and_classes():
 # An independent minimal re-implementation of the original's module structure and key
 # names (models/s_mobilenet_v2.py and models/slimmable_ops.py of JiahuiYu/slimmable_networks),
 # in plain torch: each layer slices the prefix of its weight for the current width index.
-
-class Switch:
-    """The original's global FLAGS: a width list and the current width."""
-
-    def __init__(self, widths):
-        self.widths = list(widths)
-        self.width = max(widths)
-
-    @property
-    def idx(self):
-        return self.widths.index(self.width)
-
-
-class OrigConv(nn.Conv2d):
-    def __init__(self, sw, ins, outs, k, stride, pad, groups_list=None):
-        super().__init__(max(ins), max(outs), k, stride, pad,
-                         groups=max(groups_list) if groups_list else 1, bias=False)
-        self.sw, self.ins, self.outs, self.groups_list = sw, ins, outs, groups_list
-
-    def forward(self, x):
-        i = self.sw.idx
-        groups = self.groups_list[i] if self.groups_list else 1
-        w = self.weight[:self.outs[i], :self.ins[i]]
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, groups)
-
-
-class OrigSBN(nn.Module):
-    def __init__(self, sw, num_features_list):
-        super().__init__()
-        self.sw = sw
-        self.bn = nn.ModuleList(nn.BatchNorm2d(c) for c in num_features_list)
-
-    def forward(self, x):
-        return self.bn[self.sw.idx](x)
-
 
 class OrigInvertedResidual(nn.Module):
     def __init__(self, sw, inp, outp, stride, t):

@@ -1,0 +1,42 @@
+"""Building blocks of the ORIGINAL implementation's structure (JiahuiYu/slimmable_networks,
+models/slimmable_ops.py), re-implemented independently in plain torch for the loader tests:
+a global width switch, and layers that slice the prefix of their weight for the current
+width index, with the original's attribute (state_dict key) names."""
+
+import torch.nn.functional as F
+from torch import nn
+
+
+class Switch:
+    """The original's global FLAGS: a width list and the current width."""
+
+    def __init__(self, widths):
+        self.widths = list(widths)
+        self.width = max(widths)
+
+    @property
+    def idx(self):
+        return self.widths.index(self.width)
+
+
+class OrigConv(nn.Conv2d):
+    def __init__(self, sw, ins, outs, k, stride, pad, groups_list=None):
+        super().__init__(max(ins), max(outs), k, stride, pad,
+                         groups=max(groups_list) if groups_list else 1, bias=False)
+        self.sw, self.ins, self.outs, self.groups_list = sw, ins, outs, groups_list
+
+    def forward(self, x):
+        i = self.sw.idx
+        groups = self.groups_list[i] if self.groups_list else 1
+        w = self.weight[:self.outs[i], :self.ins[i]]
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, groups)
+
+
+class OrigSBN(nn.Module):
+    def __init__(self, sw, num_features_list):
+        super().__init__()
+        self.sw = sw
+        self.bn = nn.ModuleList(nn.BatchNorm2d(c) for c in num_features_list)
+
+    def forward(self, x):
+        return self.bn[self.sw.idx](x)
