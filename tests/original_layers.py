@@ -3,6 +3,7 @@ models/slimmable_ops.py), re-implemented independently in plain torch for the lo
 a global width switch, and layers that slice the prefix of their weight for the current
 width index, with the original's attribute (state_dict key) names."""
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,3 +41,22 @@ class OrigSBN(nn.Module):
 
     def forward(self, x):
         return self.bn[self.sw.idx](x)
+
+
+def randomize_bn_state(model: nn.Module, gamma=(0.5, 2.0), std: float = 1.0) -> nn.Module:
+    """Non-trivial γ, β and running statistics for every BN of an original-structure model
+    (in place), so a loader that maps a BN to the wrong width or layer shows in the outputs."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(*gamma)
+                m.bias.normal_(0, std)
+                m.running_mean.normal_(0, std)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(7)
+    return model
+
+
+def original_checkpoint(state_dict, **extra):
+    """The original training script's layout: {'model': DataParallel state_dict, ...}."""
+    return {"model": {"module." + k: v for k, v in state_dict.items()}, **extra}

@@ -18,7 +18,13 @@ from slimops.nn import SlimConvBNAct
 from slimops.profile import profile
 from slimops.width import width
 
-from original_layers import OrigConv, OrigSBN, Switch
+from original_layers import (
+    OrigConv,
+    OrigSBN,
+    Switch,
+    original_checkpoint,
+    randomize_bn_state,
+)
 
 WIDTHS = (0.35, 0.5, 0.75, 1.0)
 # Table 3 and Table 2 of the paper.
@@ -237,20 +243,12 @@ class OrigMobileNetV2(nn.Module):
 def _original(widths=WIDTHS, num_classes=1000, input_size=64, seed=1):
     torch.manual_seed(seed)
     sw = Switch(widths)
-    orig = OrigMobileNetV2(sw, num_classes, input_size)
-    with torch.no_grad():
-        for m in orig.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 2.0)
-                m.bias.normal_()
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(7)
+    orig = randomize_bn_state(OrigMobileNetV2(sw, num_classes, input_size))
     return sw, orig.eval()
 
 
 def _checkpoint(orig):
-    return {"model": {"module." + k: v for k, v in orig.state_dict().items()}}
+    return original_checkpoint(orig.state_dict())
 
 
 def test_loads_original_checkpoint(tmp_path, tol):

@@ -25,6 +25,8 @@ from slimops.nn import SlimmableConv2d
 from slimops.profile import profile
 from slimops.width import channels, set_width, width
 
+from original_layers import original_checkpoint, randomize_bn_state
+
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 BLOCKS = (3, 4, 6, 3)  # ResNet-50's bottleneck blocks per stage
 MID = (64, 128, 256, 512)  # full-width bottleneck channels per stage (outputs: 4x)
@@ -330,16 +332,10 @@ def _randomize(model: nn.Module) -> nn.Module:
             if isinstance(m, nn.Conv2d):
                 fan_in = m.weight[0].numel()
                 m.weight.normal_(0, (1.0 / fan_in) ** 0.5)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.2, 1.0)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.num_batches_tracked.fill_(7)
             elif isinstance(m, nn.Linear):
                 m.weight.normal_(0, m.in_features ** -0.5)
                 m.bias.normal_()
-    return model
+    return randomize_bn_state(model, gamma=(0.2, 1.0), std=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -352,8 +348,7 @@ def original() -> OrigResNet50:
 def checkpoint(original, tmp_path_factory):
     """The original's checkpoint layout: {'model': DataParallel state_dict}."""
     path = tmp_path_factory.mktemp("ckpt") / "s_resnet50.pt"
-    torch.save({"model": {"module." + k: v for k, v in original.state_dict().items()},
-                "last_epoch": 99}, path)
+    torch.save(original_checkpoint(original.state_dict(), last_epoch=99), path)
     return path
 
 

@@ -21,6 +21,8 @@ from slimops.nn import SlimConvBNAct, SlimmableConv2d
 from slimops.profile import profile
 from slimops.width import set_width
 
+from original_layers import original_checkpoint, randomize_bn_state
+
 PAPER_WIDTHS = (0.5, 1.0, 2.0)
 # Paper, Table 2 (ShuffleNet 2.0x) and Table 3 (S-ShuffleNet FLOPs per width).
 PAPER_PARAMS = 5_401_816
@@ -307,20 +309,12 @@ class OrigShuffleNet(nn.Module):
 
 def random_original(widths, num_classes=1000, input_size=64):
     torch.manual_seed(1)
-    orig = OrigShuffleNet(widths, num_classes, input_size)
-    with torch.no_grad():
-        for mod in orig.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.2)
-                mod.running_mean.normal_(0, 0.2)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.num_batches_tracked.fill_(7)
-    return orig
+    return randomize_bn_state(OrigShuffleNet(widths, num_classes, input_size),
+                              gamma=(0.5, 1.5), std=0.2)
 
 
 def save_checkpoint(path, sd):
-    torch.save({"model": {"module." + k: v for k, v in sd.items()}}, path)
+    torch.save(original_checkpoint(sd), path)
     return path
 
 
