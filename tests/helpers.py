@@ -10,3 +10,27 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
 def leaf(t: torch.Tensor, grad: bool = True) -> torch.Tensor:
     """A new leaf on ``t``'s storage: keeps its strides (clone() would not for a sliced one)."""
     return t.detach().requires_grad_(grad)
+
+
+def compare_with_reference(op, ref_op, kwargs, tol, grad_out=None):
+    """Forward and backward of ``op`` and ``ref_op`` on the same keyword arguments
+    (independent leaf copies); every tensor argument that requires grad is differentiated
+    and its gradient compared (a reference grad of None means zero). Returns
+    ``(out, ref, names, grads)``: the names of the differentiated arguments and ``op``'s grads."""
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    ref_kwargs = {k: (leaf(v) if k in names else v) for k, v in kwargs.items()}
+    out = op(**kwargs)
+    ref = ref_op(**ref_kwargs)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, **tol(ref.dtype, ref))
+    if not names:
+        return out, ref, names, []
+    g = torch.randn_like(ref) if grad_out is None else grad_out
+    grads = torch.autograd.grad(out, [kwargs[k] for k in names], g, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, [ref_kwargs[k] for k in names], g, allow_unused=True)
+    for name, got, exp in zip(names, grads, ref_grads):
+        if exp is None:
+            exp = torch.zeros_like(kwargs[name])
+        assert got is not None and got.shape == kwargs[name].shape, name
+        torch.testing.assert_close(got, exp, **tol(ref.dtype, exp), msg=lambda m: f"{name}: {m}")
+    return out, ref, names, grads

@@ -13,7 +13,7 @@ import torch
 import slimops
 from slimops import reference
 
-from helpers import OPCHECK_UTILS, leaf
+from helpers import OPCHECK_UTILS, compare_with_reference, leaf
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -51,26 +51,10 @@ def out_hw(h, w, k, s, p, d):
 
 
 def run_and_compare(kwargs, tol, *, check_weight_zeros=True, grad_out=None):
-    """Forward and backward of slimops.ops.conv2d and the reference on the same arguments
-    (independent leaf copies); every tensor argument that requires grad is differentiated."""
-    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    ref_kwargs = {k: (leaf(v) if k in names else v) for k, v in kwargs.items()}
-    out = slimops.ops.conv2d(**kwargs)
-    ref = reference.conv2d(**ref_kwargs)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    dtype = ref.dtype
-    torch.testing.assert_close(out, ref, **tol(dtype, ref))
-    if not names:
-        return out, ref
-    g = torch.randn_like(ref) if grad_out is None else grad_out
-    grads = torch.autograd.grad(out, [kwargs[k] for k in names], g, allow_unused=True)
-    ref_grads = torch.autograd.grad(ref, [ref_kwargs[k] for k in names], g, allow_unused=True)
-    for name, got, exp in zip(names, grads, ref_grads):
-        if exp is None:
-            exp = torch.zeros_like(kwargs[name])
-        assert got is not None, name
-        assert got.shape == kwargs[name].shape, name
-        torch.testing.assert_close(got, exp, **tol(dtype, exp), msg=lambda m: f"{name}: {m}")
+    """slimops.ops.conv2d vs the reference, forward and backward (helpers.compare_with_reference),
+    and the weight gradient exactly zero outside the active per-group prefixes."""
+    out, ref, names, grads = compare_with_reference(slimops.ops.conv2d, reference.conv2d,
+                                                    kwargs, tol, grad_out)
     if check_weight_zeros and "weight" in names:
         gw = grads[names.index("weight")]
         w = kwargs["weight"]

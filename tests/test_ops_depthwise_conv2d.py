@@ -13,7 +13,7 @@ import torch
 import slimops
 from slimops import reference
 
-from helpers import OPCHECK_UTILS, leaf
+from helpers import OPCHECK_UTILS, compare_with_reference, leaf
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -43,23 +43,10 @@ def out_hw(h, w, k, s, p, d):
 
 
 def run_and_compare(kwargs, tol, *, grad_out=None):
-    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    ref_kwargs = {k: (leaf(v) if k in names else v) for k, v in kwargs.items()}
-    out = slimops.ops.depthwise_conv2d(**kwargs)
-    ref = reference.depthwise_conv2d(**ref_kwargs)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    dtype = ref.dtype
-    torch.testing.assert_close(out, ref, **tol(dtype, ref))
-    if not names:
-        return out, ref
-    g = torch.randn_like(ref) if grad_out is None else grad_out
-    grads = torch.autograd.grad(out, [kwargs[k] for k in names], g, allow_unused=True)
-    ref_grads = torch.autograd.grad(ref, [ref_kwargs[k] for k in names], g, allow_unused=True)
-    for name, got, exp in zip(names, grads, ref_grads):
-        if exp is None:
-            exp = torch.zeros_like(kwargs[name])
-        assert got is not None and got.shape == kwargs[name].shape, name
-        torch.testing.assert_close(got, exp, **tol(dtype, exp), msg=lambda m: f"{name}: {m}")
+    """slimops.ops.depthwise_conv2d vs the reference, forward and backward, and the weight and
+    bias gradients exactly zero outside W[:C]."""
+    out, ref, names, grads = compare_with_reference(
+        slimops.ops.depthwise_conv2d, reference.depthwise_conv2d, kwargs, tol, grad_out)
     c = kwargs["input"].shape[1]
     for name in ("weight", "bias"):
         if name in names:
