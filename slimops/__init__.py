@@ -15,12 +15,14 @@ from slimops._backend import backend_info
 from slimops import ops, reference
 from slimops import nn
 from slimops.width import channels, get_width, make_divisible, model_widths, set_width, width
+from slimops.export import export
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backend_info",
     "channels",
+    "export",
     "get_width",
     "make_divisible",
     "model_widths",

@@ -1,0 +1,246 @@
+"""Export a slimmable model at one width as a plain PyTorch module.
+
+``export(model, width)`` returns a deep copy of ``model`` in which every slimmable layer is
+replaced by the stock ``torch.nn`` layer of the active width, holding a *copy* of the active
+channel prefix of the shared weights (an export is the one place where copying is the point:
+the result is independent of the slimmable model and of slimops):
+
+=========================  ==================================================================
+slimmable layer            exported as
+=========================  ==================================================================
+``SlimmableConv2d``        ``nn.Conv2d`` (depthwise: ``groups`` = active channels; fixed
+                           ``G`` groups: each group's prefix block, gathered into one
+                           ``[G * og, ig, kh, kw]`` weight)
+``SlimmableLinear``        ``nn.Linear``
+``SwitchableBatchNorm2d``  ``nn.BatchNorm2d`` of the active width (the shared BN's prefix
+                           when ``shared=True``)
+``SlimConvBNAct``          ``ConvBNAct``: ``act(bn(conv(x)) + residual)``; with ``fold_bn``
+                           the eval-mode BN is folded into the conv's weight and bias
+=========================  ==================================================================
+
+Everything else (the model's own ``forward``: residual adds, ShuffleNet's channel shuffle,
+pooling, ...) is kept as it is, so the export works for any model built from these layers.
+The result calls no ``slimops`` op: it traces, freezes and runs under
+``torch.jit.optimize_for_inference`` or ``torch.compile`` like any dense network.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import skip_init  # no random init of weights about to be replaced
+
+from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear, SwitchableBatchNorm2d
+from slimops.reference import ACTIVATIONS
+from slimops.width import Slimmable, model_widths, width as scoped_width
+
+__all__ = ["ConvBNAct", "export"]
+
+
+class ConvBNAct(nn.Module):
+    """``act(bn(conv(x)) + residual)`` in plain PyTorch: what ``SlimConvBNAct`` exports to.
+
+    Attributes:
+        conv: an ``nn.Conv2d`` (with a bias when the BN was folded into it).
+        bn: an ``nn.BatchNorm2d``, or ``None`` when folded into ``conv``.
+        act: ``nn.ReLU``, ``nn.ReLU6`` or ``nn.Identity``.
+        activation: ``"relu"``, ``"relu6"`` or ``None`` (as ``SlimConvBNAct``).
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d],
+                 activation: Optional[str]) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        self.conv = conv
+        self.bn = bn
+        self.activation = activation
+        self.act = {None: nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6}[activation]()
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        y = self.conv(x)
+        if self.bn is not None:
+            y = self.bn(y)
+        if residual is not None:
+            y = y + residual
+        return self.act(y)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, bn_folded={self.bn is None}"
+
+
+def _param(t: Tensor, like: nn.Parameter) -> nn.Parameter:
+    # A fresh contiguous copy: never a view of (or aliased with) the shared weight.
+    return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format),
+                        requires_grad=like.requires_grad)
+
+
+def _conv_prefix(conv: SlimmableConv2d) -> tuple:
+    """``(weight, bias, in_channels, out_channels, groups)`` of the active width, as views."""
+    cin, cout = conv.active_channels()
+    w, b = conv.weight, conv.bias
+    if conv.depthwise:
+        return w[:cout], None if b is None else b[:cout], cin, cout, cin
+    g = conv.groups
+    og, ig = cout // g, cin // g
+    # Group k of the shared weight is the block of rows [k * Og, (k + 1) * Og); at a width it
+    # uses the first og rows of its block and the first ig input channels (per-group
+    # prefixes, as slimops.reference.grouped_prefix).
+    w = w.view(g, w.shape[0] // g, *w.shape[1:])[:, :og, :ig].reshape(cout, ig, *w.shape[2:])
+    if b is not None:
+        b = b.view(g, -1)[:, :og].reshape(cout)
+    return w, b, cin, cout, g
+
+
+def _export_conv(conv: SlimmableConv2d, scale: Optional[Tensor] = None,
+                 shift: Optional[Tensor] = None) -> nn.Conv2d:
+    """The active width of ``conv`` as an ``nn.Conv2d``; ``scale``/``shift`` (a folded BN)
+    give ``conv(x) * scale + shift`` with a bias."""
+    w, b, cin, cout, groups = _conv_prefix(conv)
+    folded = scale is not None
+    out = skip_init(nn.Conv2d, cin, cout, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, groups, bias=b is not None or folded, device=w.device,
+                    dtype=w.dtype)
+    with torch.no_grad():
+        if folded:
+            bias = shift if b is None else b * scale + shift
+            w = w * scale.view(-1, 1, 1, 1)
+            out.bias = _param(bias.to(w.dtype), conv.weight)
+        elif b is not None:
+            out.bias = _param(b, conv.bias)
+        out.weight = _param(w, conv.weight)
+    return out
+
+
+def _export_linear(linear: SlimmableLinear) -> nn.Linear:
+    fin, fout = linear.active_features()
+    w = linear.weight
+    out = skip_init(nn.Linear, fin, fout, bias=linear.bias is not None, device=w.device,
+                    dtype=w.dtype)
+    out.weight = _param(w[:fout, :fin], w)
+    if linear.bias is not None:
+        out.bias = _param(linear.bias[:fout], linear.bias)
+    return out
+
+
+def _bn_state(sbn: SwitchableBatchNorm2d) -> Tuple[int, nn.BatchNorm2d, nn.BatchNorm2d]:
+    """``(channels, BN giving γ/β, BN holding the running stats)`` at the active width.
+
+    γ, β and the statistics are always the first ``channels`` entries of those BNs' tensors
+    (the whole tensors at a listed width, a prefix for a shared BN or a width between the
+    listed ones).
+    """
+    affine = sbn.active_bn()
+    if hasattr(sbn, "active_features"):  # layers that also run between their listed widths
+        c, stats = sbn.active_features(), sbn.stats_bn()
+    else:
+        c, stats = sbn.num_features_list[sbn.width_index()], affine
+    if stats is None:
+        raise ValueError(
+            f"export: {type(sbn).__name__} has no running statistics at width "
+            f"{sbn.active_width()} (calibrate them first: slimops.train.calibrate_bn)")
+    return c, affine, stats
+
+
+def _export_bn(sbn: SwitchableBatchNorm2d) -> nn.BatchNorm2d:
+    """The active width's batch norm as an ``nn.BatchNorm2d`` of its channels."""
+    c, affine, stats = _bn_state(sbn)
+    ref = stats.running_mean if stats.running_mean is not None else affine.weight
+    out = nn.BatchNorm2d(c, stats.eps, stats.momentum, affine.affine,
+                         stats.running_mean is not None,
+                         device=None if ref is None else ref.device,
+                         dtype=None if ref is None else ref.dtype)
+    with torch.no_grad():
+        if affine.weight is not None:
+            out.weight = _param(affine.weight[:c], affine.weight)
+            out.bias = _param(affine.bias[:c], affine.bias)
+        if stats.running_mean is not None:
+            out.running_mean.copy_(stats.running_mean[:c])
+            out.running_var.copy_(stats.running_var[:c])
+            out.num_batches_tracked.copy_(stats.num_batches_tracked)
+    return out
+
+
+def _export_block(block: SlimConvBNAct, fold_bn: bool) -> ConvBNAct:
+    c, affine, stats = _bn_state(block.bn)
+    # Folding needs eval-mode statistics; a BN without running stats normalises with the
+    # batch's statistics even in eval, so it stays a BN.
+    if fold_bn and stats.running_mean is not None:
+        with torch.no_grad():
+            # slimops' eval-mode epilogue: x * scale + shift (SwitchableBatchNorm2d's
+            # eval_scale_shift), here multiplied into the weight once.
+            scale = torch.rsqrt(stats.running_var[:c] + stats.eps)
+            shift = -stats.running_mean[:c] * scale
+            if affine.weight is not None:
+                scale = scale * affine.weight[:c]
+                shift = affine.bias[:c] - stats.running_mean[:c] * scale
+        return ConvBNAct(_export_conv(block.conv, scale, shift), None, block.activation)
+    return ConvBNAct(_export_conv(block.conv), _export_bn(block.bn), block.activation)
+
+
+def _replacements(model: nn.Module, fold_bn: bool) -> Dict[int, nn.Module]:
+    """``id(slimmable module) -> its plain export`` at the active width, outermost first
+    (a fused block's conv and BN are exported as part of the block)."""
+    out: Dict[int, nn.Module] = {}
+    inside = set()
+    for m in model.modules():
+        if id(m) in inside or id(m) in out:
+            continue
+        if isinstance(m, SlimConvBNAct):
+            new: nn.Module = _export_block(m, fold_bn)
+            inside.update(id(s) for s in m.modules())
+        elif isinstance(m, SlimmableConv2d):
+            new = _export_conv(m)
+        elif isinstance(m, SlimmableLinear):
+            new = _export_linear(m)
+        elif isinstance(m, SwitchableBatchNorm2d):
+            new = _export_bn(m)
+        elif isinstance(m, Slimmable):
+            raise TypeError(f"export: no plain PyTorch equivalent is known for the slimmable "
+                            f"layer {type(m).__name__}")
+        else:
+            continue
+        new.train(m.training)
+        out[id(m)] = new
+    return out
+
+
+def export(model: nn.Module, width: float, fold_bn: bool = True) -> nn.Module:
+    """``model`` at ``width`` as a plain PyTorch module (a deep copy; ``model`` is untouched).
+
+    Every ``SlimmableConv2d`` / ``SlimmableLinear`` / ``SwitchableBatchNorm2d`` becomes the
+    ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` of its active channels at ``width``,
+    and every ``SlimConvBNAct`` a ``ConvBNAct``; their parameters and buffers are copies of the
+    active prefixes (never views of the shared weights). The rest of the model, its
+    ``forward`` included, is deep-copied as is.
+
+    Args:
+        model: a module containing slimmable layers (a whole model or a single layer).
+        width: one of the model's widths (``slimops.model_widths(model)``), or any width the
+            model accepts (a model built from channel rules runs between its switches).
+        fold_bn: fold each ``SlimConvBNAct``'s eval-mode batch norm (the width's running
+            statistics, γ and β) into its conv's weight and bias, as deployment does. With
+            ``False`` the block keeps an ``nn.BatchNorm2d`` (the form to fine-tune, or to let
+            ``torch.jit.freeze`` fold). Standalone ``SwitchableBatchNorm2d`` layers are never
+            folded (they have no conv to fold into).
+
+    Returns:
+        The exported module, in eval mode (call ``.train()`` to fine-tune it; a folded block
+        then has no BN to train). Its outputs equal ``model``'s at ``width`` in eval mode, up
+        to float round-off from folding.
+
+    Raises:
+        ValueError: ``model`` has no slimmable layers, or ``width`` is not one of its widths.
+        TypeError: ``width`` is not a number, or a slimmable layer has no known export.
+    """
+    model_widths(model)  # ValueError naming the model when it has no slimmable layers
+    with scoped_width(model, width):  # validates `width`, this thread only
+        memo: Dict[int, object] = dict(_replacements(model, fold_bn))
+    exported = copy.deepcopy(model, memo)
+    leftover = [type(m).__name__ for m in exported.modules() if isinstance(m, Slimmable)]
+    if leftover:  # a slimmable layer reachable only outside the module tree
+        raise TypeError(f"export: slimmable layers left in the export: {sorted(set(leftover))}")
+    return exported.eval()
