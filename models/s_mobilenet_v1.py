@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from slimops.models._original import convert_by_prefix, init_like_original
 from slimops.nn import SlimConvBNAct, SlimmableLinear
-from slimops.width import channels, normalize_widths
+from slimops.width import ChannelRule, normalize_widths
 
 # (output channels at 1.0x, number of blocks, stride of the first block): MobileNet v1's body.
 BLOCK_SETTING: Tuple[Tuple[int, int, int], ...] = (
@@ -45,12 +45,12 @@ STEM_CHANNELS = 32
 class DepthwiseSeparable(nn.Module):
     """3x3 depthwise conv (stride ``stride``) then 1x1 pointwise conv, each + S-BN + ReLU6."""
 
-    def __init__(self, cin: Sequence[int], cout: Sequence[int], stride: int,
+    def __init__(self, cin: ChannelRule, cout: ChannelRule, stride: int,
                  widths: Sequence[float]) -> None:
         super().__init__()
         # groups = the largest channel count makes the conv depthwise at every width.
-        self.depthwise = SlimConvBNAct(cin, cin, 3, stride, groups=max(cin), activation="relu6",
-                                       widths=widths)
+        self.depthwise = SlimConvBNAct(cin, cin, 3, stride, groups=cin(max(widths)),
+                                       activation="relu6", widths=widths)
         self.pointwise = SlimConvBNAct(cin, cout, 1, activation="relu6", widths=widths)
         self.stride = stride
 
@@ -70,16 +70,16 @@ class SMobileNetV1(nn.Module):
     def __init__(self, widths: Sequence[float], num_classes: int) -> None:
         super().__init__()
         self.widths = normalize_widths(widths)
-        n = len(self.widths)
-        c = channels(STEM_CHANNELS, self.widths, divisor=8)
-        # The input image has 3 channels at every width.
-        self.stem = SlimConvBNAct([3] * n, c, 3, 2, activation="relu6", widths=self.widths)
+        # Channel rules (not per-width lists): the model also runs at any width between its
+        # switches. The input image has 3 channels at every width.
+        c = ChannelRule(STEM_CHANNELS, divisor=8)
+        self.stem = SlimConvBNAct(3, c, 3, 2, activation="relu6", widths=self.widths)
         blocks: List[nn.Module] = []
         # The last block of each output stride feeds forward_features.
         last: Dict[str, int] = {}
         stride = 2
         for base, repeats, first_stride in BLOCK_SETTING:
-            out = channels(base, self.widths, divisor=8)
+            out = ChannelRule(base, divisor=8)
             for i in range(repeats):
                 s = first_stride if i == 0 else 1
                 blocks.append(DepthwiseSeparable(c, out, s, self.widths))
@@ -91,7 +91,7 @@ class SMobileNetV1(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         # The class count never slims.
-        self.classifier = SlimmableLinear(c, [num_classes] * n, widths=self.widths)
+        self.classifier = SlimmableLinear(c, num_classes, widths=self.widths)
         init_like_original(self)
 
     def forward_features(self, x: Tensor) -> Dict[str, Tensor]:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from slimops.models._original import convert_by_prefix, init_like_original
 from slimops.nn import SlimConvBNAct, SlimmableLinear
-from slimops.width import make_divisible, normalize_widths
+from slimops.width import ChannelRule, make_divisible, normalize_widths
 
 # (expand ratio, output channels at 1.0x, number of blocks, stride of the first block).
 BLOCK_SETTING: Tuple[Tuple[int, int, int, int], ...] = (
@@ -55,30 +55,30 @@ STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
 
 
-def v2_channels(c: int, widths: Sequence[float]) -> List[int]:
-    """Per-width channels of a layer with ``c`` at 1.0x, rounded as the original v2 does
-    (``make_divisible(c * w, 8, min_value=1)``)."""
-    return [make_divisible(c * w, 8, min_value=1) for w in normalize_widths(widths)]
+def v2_channels(c: int) -> ChannelRule:
+    """The channels of a layer with ``c`` at 1.0x at any width, rounded as the original v2
+    does (``make_divisible(c * w, 8, min_value=1)``)."""
+    return ChannelRule(c, divisor=8, min_value=1)
 
 
 class InvertedResidual(nn.Module):
     """1x1 expansion (skipped when ``expand_ratio`` is 1), 3x3 depthwise, linear 1x1
     projection; the input is added to the projection's BN output when the shape is kept."""
 
-    def __init__(self, cin: Sequence[int], cout: Sequence[int], stride: int, expand_ratio: int,
+    def __init__(self, cin: ChannelRule, cout: ChannelRule, stride: int, expand_ratio: int,
                  widths: Sequence[float]) -> None:
         super().__init__()
-        hidden = [expand_ratio * c for c in cin]
+        hidden = cin * expand_ratio
         self.expand: Optional[SlimConvBNAct] = None
         if expand_ratio != 1:
             self.expand = SlimConvBNAct(cin, hidden, 1, activation="relu6", widths=widths)
         # groups = the largest channel count makes the conv depthwise at every width.
-        self.depthwise = SlimConvBNAct(hidden, hidden, 3, stride, groups=max(hidden),
+        self.depthwise = SlimConvBNAct(hidden, hidden, 3, stride, groups=hidden(max(widths)),
                                        activation="relu6", widths=widths)
         # Linear bottleneck: no activation after the projection.
         self.project = SlimConvBNAct(hidden, cout, 1, activation=None, widths=widths)
         self.stride = stride
-        self.use_residual = stride == 1 and list(cin) == list(cout)
+        self.use_residual = stride == 1 and cin == cout
 
     def forward(self, x: Tensor) -> Tensor:
         h = x if self.expand is None else self.expand(x)
@@ -98,17 +98,17 @@ class SMobileNetV2(nn.Module):
     def __init__(self, widths: Sequence[float], num_classes: int) -> None:
         super().__init__()
         self.widths = normalize_widths(widths)
-        n = len(self.widths)
-        c = v2_channels(STEM_CHANNELS, self.widths)
-        # The input image has 3 channels at every width.
-        self.stem = SlimConvBNAct([3] * n, c, 3, 2, activation="relu6", widths=self.widths)
+        # Channel rules (not per-width lists): the model also runs at any width between its
+        # switches. The input image has 3 channels at every width.
+        c = v2_channels(STEM_CHANNELS)
+        self.stem = SlimConvBNAct(3, c, 3, 2, activation="relu6", widths=self.widths)
         blocks: List[nn.Module] = []
         # The last block of output stride 8 and 16 feed forward_features (stride 32: the
         # last conv's output).
         last: Dict[str, int] = {}
         stride = 2
         for t, base, repeats, first_stride in BLOCK_SETTING:
-            out = v2_channels(base, self.widths)
+            out = v2_channels(base)
             for i in range(repeats):
                 s = first_stride if i == 0 else 1
                 blocks.append(InvertedResidual(c, out, s, t, self.widths))
@@ -122,7 +122,7 @@ class SMobileNetV2(nn.Module):
         top = max(self.widths)
         self.last_channels = (make_divisible(LAST_CHANNELS * top, 8, min_value=1) if top > 1.0
                               else LAST_CHANNELS)
-        self.last_conv = SlimConvBNAct(c, [self.last_channels] * n, 1, activation="relu6",
+        self.last_conv = SlimConvBNAct(c, self.last_channels, 1, activation="relu6",
                                        widths=self.widths)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(self.last_channels, num_classes, widths=self.widths)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from slimops.models._original import CheckpointMismatchError, init_like_original, take
 from slimops.nn import SlimConvBNAct, SlimmableLinear
-from slimops.width import channels, normalize_widths
+from slimops.width import ChannelRule, normalize_widths
 
 # depth -> number of bottleneck blocks per stage. Another depth of the original (101:
 # (3, 4, 23, 3), 152: (3, 8, 36, 3)) is one more row here.
@@ -51,17 +51,17 @@ class Bottleneck(nn.Module):
     passed as ``residual`` to ``conv3`` so the add and the ReLU run in that conv's epilogue.
     """
 
-    def __init__(self, cin: Sequence[int], cout: Sequence[int], stride: int,
+    def __init__(self, cin: ChannelRule, cout: ChannelRule, stride: int,
                  widths: Sequence[float]) -> None:
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"Bottleneck: stride must be 1 or 2, got {stride}")
-        mid = [c // _EXPANSION for c in cout]
+        mid = cout // _EXPANSION
         self.conv1 = SlimConvBNAct(cin, mid, 1, widths=widths)
         self.conv2 = SlimConvBNAct(mid, mid, 3, stride, widths=widths)
         self.conv3 = SlimConvBNAct(mid, cout, 1, widths=widths)
         self.shortcut: Optional[SlimConvBNAct] = None
-        if stride != 1 or list(cin) != list(cout):
+        if stride != 1 or cin != cout:
             self.shortcut = SlimConvBNAct(cin, cout, 1, stride, activation=None, widths=widths)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -84,14 +84,15 @@ class SResNet(nn.Module):
         self.depth = depth
         self.widths = normalize_widths(widths)
         ws = self.widths
-        stem = channels(_STEM, ws)
-        # The image's 3 channels are the same at every width.
-        self.stem = SlimConvBNAct([3] * len(ws), stem, 7, 2, widths=ws)
+        # Channel rules (not per-width lists): the model also runs at any width between its
+        # switches. The image's 3 channels are the same at every width.
+        stem = ChannelRule(_STEM)
+        self.stem = SlimConvBNAct(3, stem, 7, 2, widths=ws)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         cin = stem
         self.stage_names: List[str] = []
         for s, (n_blocks, mid) in enumerate(zip(_STAGE_BLOCKS[depth], _STAGE_MID)):
-            cout = channels(mid * _EXPANSION, ws)
+            cout = ChannelRule(mid * _EXPANSION)
             blocks = []
             for b in range(n_blocks):
                 # Stage 1 keeps the max pool's resolution; the others halve it in block 0.
@@ -102,7 +103,7 @@ class SResNet(nn.Module):
             self.add_module(name, nn.Sequential(*blocks))
             self.stage_names.append(name)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = SlimmableLinear(cin, [num_classes] * len(ws), widths=ws)
+        self.classifier = SlimmableLinear(cin, num_classes, widths=ws)
         init_like_original(self)
 
     def forward_features(self, x: Tensor) -> Dict[str, Tensor]:

@@ -13,21 +13,22 @@ import torch
 from torch import Tensor, nn
 
 from slimops.nn import SlimConvBNAct, SlimmableLinear
-from slimops.width import channels
+from slimops.width import ChannelRule
 
 
 class SeparableBlock(nn.Module):
     """Depthwise 3x3 + pointwise 1x1, each conv + switchable BN + ReLU6; residual when the
     shape is kept (added before the pointwise activation, as the fused op allows)."""
 
-    def __init__(self, cin: Sequence[int], cout: Sequence[int], stride: int,
+    def __init__(self, cin: ChannelRule, cout: ChannelRule, stride: int,
                  widths: Sequence[float], shared_bn: bool = False) -> None:
         super().__init__()
-        self.depthwise = SlimConvBNAct(cin, cin, 3, stride, groups=max(cin), activation="relu6",
+        self.depthwise = SlimConvBNAct(cin, cin, 3, stride, groups=cin(max(widths)),
+                                       activation="relu6",
                                        widths=widths, shared_bn=shared_bn)
         self.pointwise = SlimConvBNAct(cin, cout, 1, activation="relu6", widths=widths,
                                        shared_bn=shared_bn)
-        self.residual = stride == 1 and list(cin) == list(cout)
+        self.residual = stride == 1 and cin == cout
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pointwise(self.depthwise(x), x if self.residual else None)
@@ -40,8 +41,9 @@ class SlimCNN(nn.Module):
     def __init__(self, widths: Sequence[float], num_classes: int, in_channels: int,
                  base: Sequence[int], shared_bn: bool = False, extra_blocks: int = 0) -> None:
         super().__init__()
-        c = [channels(b, widths, divisor=8) for b in base]
-        self.stem = SlimConvBNAct([in_channels] * len(widths), c[0], 3, 1, activation="relu6",
+        # Channel rules, not lists: the model also runs at any width between its switches.
+        c = [ChannelRule(b, divisor=8) for b in base]
+        self.stem = SlimConvBNAct(in_channels, c[0], 3, 1, activation="relu6",
                                   widths=widths, shared_bn=shared_bn)
         self.blocks = nn.Sequential(
             SeparableBlock(c[0], c[1], 2, widths, shared_bn),

@@ -14,12 +14,22 @@ without copying it, and switchable batch norm folds into the convolution's epilo
 from slimops._backend import backend_info
 from slimops import ops, reference
 from slimops import nn
-from slimops.width import channels, get_width, make_divisible, model_widths, set_width, width
+from slimops.width import (
+    ChannelRule,
+    channels,
+    get_width,
+    make_divisible,
+    model_widths,
+    set_width,
+    width,
+    width_range,
+)
 from slimops.export import export
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelRule",
     "backend_info",
     "channels",
     "export",
@@ -31,4 +41,5 @@ __all__ = [
     "reference",
     "set_width",
     "width",
+    "width_range",
 ]

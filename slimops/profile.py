@@ -46,7 +46,7 @@ def _conv_counts(conv: nn.Conv2d, cin: int, cout: int, out: torch.Tensor) -> Tup
 
 def _bn_params(bn: nn.Module) -> int:
     if isinstance(bn, SwitchableBatchNorm2d):
-        active = bn.num_features_list[bn.width_index()]
+        active = bn.active_features()
         return 2 * active if bn.active_bn().affine else 0
     return 2 * bn.num_features if getattr(bn, "affine", False) else 0
 

@@ -96,10 +96,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from slimops.nn import SwitchableBatchNorm2d
-from slimops.width import model_widths, normalize_widths
+from slimops.width import WIDTH_DECIMALS, model_widths, normalize_widths, width_range
 from slimops.width import width as width_scope
 
 __all__ = [
+    "RANDOM_WIDTHS",
     "Trainer",
     "average_buffers",
     "calibrate_bn",
@@ -113,6 +114,11 @@ __all__ = [
 
 LossFn = Callable[[Any, Any], Tensor]
 
+# The Trainer's epoch losses: one entry per listed width, and the sandwich rule's random
+# widths between the switches (each drawn once, so per-width means would be noise) as one.
+RANDOM_WIDTHS = "random"
+LossKey = Union[float, str]
+
 CHECKPOINT_FORMAT = "slimops.train/1"
 
 
@@ -121,21 +127,29 @@ CHECKPOINT_FORMAT = "slimops.train/1"
 
 def _check_widths(model: nn.Module, widths: Optional[Sequence[float]]) -> Tuple[float, ...]:
     """``widths`` (default: all the model's widths) as the model's own width values,
-    ascending; a ``ValueError`` naming the model's widths for any it does not have."""
+    ascending; a width between the listed ones is accepted (rounded as ``slimops.width``
+    does) when the model runs at any width in between (see ``width_range``); a
+    ``ValueError`` naming the model's widths for any other."""
     available = model_widths(model)
     if not available:
         raise ValueError(f"{type(model).__name__}: its slimmable layers share no width")
     if widths is None:
         return available
+    span = width_range(model)
     resolved = []
     for w in normalize_widths(widths):
         match = [a for a in available if math.isclose(a, w, rel_tol=1e-9, abs_tol=1e-12)]
-        if not match:
+        if match:
+            resolved.append(match[0])
+        elif span is not None and span[0] < w < span[1]:
+            resolved.append(round(w, WIDTH_DECIMALS))
+        else:
+            extra = f" (or any width between {span[0]} and {span[1]})" if span else ""
             raise ValueError(
-                f"{type(model).__name__}: unknown width {w!r}; the model has widths {available}"
+                f"{type(model).__name__}: unknown width {w!r}; the model has widths "
+                f"{available}{extra}"
             )
-        resolved.append(match[0])
-    return tuple(resolved)
+    return tuple(sorted(set(resolved)))
 
 
 def _split_batch(batch: Any) -> Tuple[Any, Any]:
@@ -354,48 +368,62 @@ def _broadcast_generator(generator: torch.Generator, group: Any, device: torch.d
 # --------------------------------------------------------------------------- Algorithm 1
 
 
-def _check_sandwich(widths: Sequence[float], n: int) -> Tuple[float, ...]:
+def _check_sandwich(widths: Sequence[float], n: int, continuous: bool = False) -> Tuple[float, ...]:
     """Validate a sandwich-rule request; returns the widths ascending."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"sandwich: n must be a non-negative int, got {n!r}")
     ws = normalize_widths(widths)
     if len(ws) < 2:
         raise ValueError(f"the sandwich rule needs at least two widths, got {ws}")
-    if n > 0 and len(ws) == 2:
+    if n > 0 and len(ws) == 2 and not continuous:
         raise ValueError(
-            f"sandwich={n}: no listed width lies strictly between {ws[0]} and {ws[-1]} "
-            "(random widths between the listed ones need universally slimmable layers)"
+            f"sandwich={n}: no listed width lies strictly between {ws[0]} and {ws[-1]}, and "
+            "this model only runs at its listed widths (build its layers from channel rules, "
+            "slimops.width.ChannelRule, to train random widths in between)"
         )
     return ws
 
 
 def sandwich_widths(
-    widths: Sequence[float], n: int, generator: Optional[torch.Generator] = None
+    widths: Sequence[float],
+    n: int,
+    generator: Optional[torch.Generator] = None,
+    continuous: bool = False,
 ) -> List[float]:
     """The widths of one sandwich-rule step, largest first: the largest, ``n`` random widths
     between the extremes, the smallest.
 
-    The sandwich rule draws the ``n`` widths uniformly from the *interval*
-    ``[min, max]``. That needs layers that run at any width (the "universally slimmable"
-    layers, with BN calibration instead of switchable BN); today's layers only run at their
-    listed widths (``SwitchableBatchNorm2d`` keeps one BN per listed width), so the ``n``
-    widths are drawn from the listed widths strictly between the extremes, uniformly and
-    without replacement. If ``n`` exceeds how many there are, the draw goes in rounds, each
-    without replacement (every in-between width once per round), so some widths repeat.
+    ``continuous=True`` (a model that runs at any width between its switches, see
+    ``slimops.width.width_range``): the ``n`` widths are drawn uniformly from the open
+    interval ``(min, max)``, as the universally slimmable networks' sandwich rule does
+    (rounded to ``slimops.width.WIDTH_DECIMALS`` decimals). Otherwise they are drawn from the
+    listed widths strictly between the extremes, uniformly and without replacement; if
+    ``n`` exceeds how many there are, the draw goes in rounds, each without replacement
+    (every in-between width once per round), so some widths repeat.
 
     Args:
-        widths: the candidate widths (any order; at least two).
+        widths: the candidate widths (any order; at least two): their smallest and largest
+            are the sandwich's ends.
         n: how many in-between widths (``0``: just the largest and the smallest).
         generator: a CPU ``torch.Generator`` for a reproducible draw (default: torch's
             global RNG).
+        continuous: draw from the interval instead of the listed widths.
     """
-    ws = _check_sandwich(widths, n)
-    middle = ws[1:-1]
+    ws = _check_sandwich(widths, n, continuous)
+    lo, hi = ws[0], ws[-1]
     drawn: List[float] = []
-    while len(drawn) < n:
-        perm = torch.randperm(len(middle), generator=generator)
-        drawn.extend(middle[int(i)] for i in perm[: n - len(drawn)])
-    return [ws[-1]] + sorted(drawn, reverse=True) + [ws[0]]
+    if continuous:
+        while len(drawn) < n:
+            u = float(torch.rand((), generator=generator, dtype=torch.float64))
+            w = round(lo + (hi - lo) * u, WIDTH_DECIMALS)
+            if lo < w < hi:
+                drawn.append(w)
+    else:
+        middle = ws[1:-1]
+        while len(drawn) < n:
+            perm = torch.randperm(len(middle), generator=generator)
+            drawn.extend(middle[int(i)] for i in perm[: n - len(drawn)])
+    return [hi] + sorted(drawn, reverse=True) + [lo]
 
 
 def slimmable_step(
@@ -429,7 +457,12 @@ def slimmable_step(
         widths: the widths to train (default: all of the model's).
         sandwich: ``None`` trains every width in ``widths``. An int ``n`` applies the
             sandwich rule: the largest, the smallest and ``n`` widths drawn between them
-            (see ``sandwich_widths``: today drawn from the listed widths, not the interval).
+            (``sandwich_widths``): uniformly from the interval when the model runs at any
+            width in between (layers built from channel rules; ``width_range(model)`` is not
+            ``None``), else from the listed widths. A random width between the listed ones
+            normalises with batch statistics and uses a prefix of the next larger listed
+            width's BN γ/β (see ``SwitchableBatchNorm2d``); calibrate its statistics with
+            ``calibrate_bn`` before evaluating it.
         inplace_distillation: the largest width learns from ``targets`` with ``loss_fn``;
             every smaller width learns from the largest width's soft prediction
             (``softmax`` of its logits, detached: no gradient flows back into the largest
@@ -455,7 +488,8 @@ def slimmable_step(
     if sandwich is None:
         order = list(reversed(ws))
     else:
-        order = sandwich_widths(ws, sandwich, generator)
+        order = sandwich_widths(ws, sandwich, generator,
+                                continuous=width_range(_unwrap(model)) is not None)
 
     optimizer.zero_grad()
     losses: Dict[float, List[Tensor]] = {}
@@ -517,6 +551,10 @@ def calibrate_bn(
 ) -> None:
     """Recompute each width's switchable-BN running statistics from data (BN calibration).
 
+    ``widths`` may include widths between the model's listed ones when it runs at any
+    width in between (``slimops.width.width_range``): each layer then gets fresh statistics
+    for that width (``SwitchableBatchNorm2d.calibrated``), which eval at that width needs.
+
     For each width: reset that width's running stats in every ``SwitchableBatchNorm2d``
     (``bn[i].reset_running_stats()``), set their ``momentum`` to ``None`` (a cumulative
     average: after ``k`` batches the running mean/var are the means of the ``k`` per-batch
@@ -562,6 +600,9 @@ def calibrate_bn(
     all_bns = [bn for layer in switchable for bn in layer.bn if bn.track_running_stats]
     backup = [(bn, bn.running_mean.clone(), bn.running_var.clone(),
                bn.num_batches_tracked.clone(), bn.momentum) for bn in all_bns]
+    # Widths between the listed ones get new statistics modules; on an error the layers get
+    # back the ones they had.
+    calibrated_before = [(layer, dict(layer.calibrated)) for layer in switchable]
     modes = _modes(model)
     ok = False
     try:
@@ -570,9 +611,9 @@ def calibrate_bn(
             m.eval()
         with torch.no_grad():
             for w in ws:
-                targets = [layer.bn[layer._width_index[layer.canonical_width(w)]]
-                           for layer in switchable]
-                targets = [bn for bn in targets if bn.track_running_stats]
+                targets = [_calibration_target(layer, w) for layer in switchable]
+                targets = [bn for bn in targets if bn is not None and bn.track_running_stats]
+                momenta = [(bn, bn.momentum) for bn in targets]
                 for bn in targets:
                     bn.reset_running_stats()
                     bn.momentum = None
@@ -585,7 +626,7 @@ def calibrate_bn(
                     _merge_calibration(targets, seen, ddp.process_group, _comm_device(module))
                 elif seen == 0:
                     raise ValueError("calibrate_bn: the loader yielded no batch")
-                for bn, *_, momentum in backup:
+                for bn, momentum in momenta:
                     bn.momentum = momentum
         ok = True
     finally:
@@ -596,7 +637,22 @@ def calibrate_bn(
                     bn.running_mean.copy_(mean)
                     bn.running_var.copy_(var)
                     bn.num_batches_tracked.copy_(count)
+        if not ok:
+            for layer, before in calibrated_before:
+                layer.calibrated = nn.ModuleDict(before)
         _restore_modes(modes)
+
+
+def _calibration_target(layer: SwitchableBatchNorm2d, w: float) -> Optional[nn.BatchNorm2d]:
+    """The BN whose statistics calibrating width ``w`` recomputes: the listed width's own
+    (``None`` if it tracks none), or fresh statistics for a width between the listed ones."""
+    w = layer.canonical_width(w)
+    i = layer._width_index.get(w)
+    if i is not None:
+        return layer.bn[i]
+    if not layer.bn[-1].track_running_stats:
+        return None
+    return layer.new_calibration(w)
 
 
 # --------------------------------------------------------------------------- weight decay
@@ -773,8 +829,15 @@ def _progress_bar(total: Optional[int], desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
 
 
-def _format_losses(losses: Dict[float, float]) -> str:
-    return " ".join(f"{w:g}x:{v:.4f}" for w, v in sorted(losses.items(), reverse=True))
+def _loss_order(losses: Dict[LossKey, Any]) -> List[LossKey]:
+    """Listed widths largest first, then the random in-between widths' entry."""
+    widths = sorted((w for w in losses if w != RANDOM_WIDTHS), reverse=True)
+    return widths + ([RANDOM_WIDTHS] if RANDOM_WIDTHS in losses else [])
+
+
+def _format_losses(losses: Dict[LossKey, float]) -> str:
+    return " ".join(f"{w:g}x:{losses[w]:.4f}" if w != RANDOM_WIDTHS
+                    else f"{w}:{losses[w]:.4f}" for w in _loss_order(losses))
 
 
 class Trainer:
@@ -843,8 +906,8 @@ class Trainer:
         self.loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
         self.scheduler = scheduler
         self.widths = _check_widths(model, widths)
-        if sandwich is not None:
-            _check_sandwich(self.widths, sandwich)  # fail now, not at the first batch
+        if sandwich is not None:  # fail now, not at the first batch
+            _check_sandwich(self.widths, sandwich, width_range(_unwrap(model)) is not None)
         self.sandwich = sandwich
         self.inplace_distillation = inplace_distillation
         self.generator = torch.Generator()
@@ -882,8 +945,12 @@ class Trainer:
             self.scheduler.step()
         return losses
 
-    def train_epoch(self, loader: Iterable[Any]) -> Dict[float, float]:
+    def train_epoch(self, loader: Iterable[Any]) -> Dict[LossKey, float]:
         """One epoch over ``loader`` in train mode; returns each width's mean batch loss.
+
+        Keys: the listed widths, largest first; with the sandwich rule on a model that runs
+        at any width in between, the random widths' losses are averaged under one key,
+        ``RANDOM_WIDTHS`` (``"random"``), last.
 
         Advances ``epoch`` (and steps an epoch-interval scheduler). Raises ``ValueError``
         if the loader yields no batch. Calls ``loader.sampler.set_epoch(epoch)`` first when
@@ -899,15 +966,18 @@ class Trainer:
         except TypeError:
             total = None
         bar = _progress_bar(total, f"epoch {self.epoch + 1}", self.progress and self.rank == 0)
-        sums: Dict[float, float] = {}
-        counts: Dict[float, int] = {}
+        sums: Dict[LossKey, float] = {}
+        counts: Dict[LossKey, int] = {}
+        listed = set(self.widths)
         self.model.train()
         try:
             for batch in loader:
                 inputs, targets = _split_batch(batch)
                 for w, loss in self.train_step(inputs, targets).items():
-                    sums[w] = sums.get(w, 0.0) + loss
-                    counts[w] = counts.get(w, 0) + 1
+                    # the sandwich rule's random widths between the switches: one entry
+                    key: LossKey = w if w in listed else RANDOM_WIDTHS
+                    sums[key] = sums.get(key, 0.0) + loss
+                    counts[key] = counts.get(key, 0) + 1
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_format_losses({w: sums[w] / counts[w] for w in sums}))
@@ -918,7 +988,7 @@ class Trainer:
             raise ValueError("train_epoch: the loader yielded no batch")
         if self._ddp is not None:
             group = self._ddp.process_group
-            ws = self.widths
+            ws: List[LossKey] = [*self.widths, RANDOM_WIDTHS]
             totals = torch.tensor([sums.get(w, 0.0) for w in ws] + [counts.get(w, 0) for w in ws],
                                   dtype=torch.float64, device=_comm_device(self.module))
             dist.all_reduce(totals, group=group)
@@ -929,7 +999,7 @@ class Trainer:
         self.epoch += 1
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self.scheduler.step()
-        return {w: sums[w] / counts[w] for w in sorted(sums, reverse=True)}
+        return {w: sums[w] / counts[w] for w in _loss_order(sums)}
 
     def evaluate(self, loader: Iterable[Any]) -> Dict[float, float]:
         """Per-width top-1 accuracy over ``loader`` (see ``evaluate``)."""

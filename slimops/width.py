@@ -4,6 +4,12 @@ A *width* is a float switch (e.g. ``0.5``); a model's ``widths`` is the tuple of
 layers were built for; ``channels(c, widths)`` turns a full channel count into per-width
 counts (the rounding rules of the paper's models).
 
+Layers built from *channel rules* (``ChannelRule``: a channel count as a function of the
+width, instead of one count per listed width) also run at any width between their smallest
+and largest switch (the "universally slimmable" setting of Yu & Huang, ICCV 2019: the
+sandwich rule trains random widths, BN calibration gives them statistics). The listed
+widths keep their switchable BN; see ``slimops.nn.SwitchableBatchNorm2d``.
+
 The state has two levels, so that one model instance can serve several widths at once:
 
 * ``set_width(model, w)`` sets the *default* width of every slimmable layer in ``model`` (a
@@ -19,12 +25,18 @@ a compiled model follows both the default and the scoped width, recompiling once
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
 import threading
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
+
+# A width that is not one of a layer's listed switches is kept to this many decimals, so
+# that 0.6 and 0.6000000001 are one width (one set of calibrated BN statistics).
+WIDTH_DECIMALS = 6
 
 # `.overrides`: id(layer) -> width, for the layers of models entered with `width(...)` in
 # this thread.
@@ -60,44 +72,117 @@ def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = No
     return rounded
 
 
+@dataclass(frozen=True)
+class ChannelRule:
+    """A layer's channel count at any width: ``multiplier * (round(c * width) // per)``.
+
+    The rounding is the paper's models': ``divisor=None`` truncates ``int(c * w)`` (never
+    below 1; ResNet, ShuffleNet), an int rounds with ``make_divisible(c * w, divisor,
+    min_value)`` (MobileNets use 8). ``fixed=True`` is a count that does not slim (the
+    image's 3 channels, a classifier's outputs): ``c`` at every width.
+
+    Layers take a rule wherever they take a per-width channel list; a layer whose counts all
+    come from rules (or ints) runs at any width between its smallest and largest switch.
+    ``rule * k`` multiplies the count (an inverted residual's expansion), ``rule // k``
+    divides it, rounding down but never below 1 (a bottleneck's middle, ``out // 4``).
+    """
+
+    c: int
+    divisor: Optional[int] = None
+    min_value: Optional[int] = None
+    multiplier: int = 1
+    fixed: bool = False
+    per: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("c", "multiplier", "per"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ChannelRule.{name} must be a positive int, got {v!r}")
+        if self.divisor is not None and (isinstance(self.divisor, bool)
+                                         or not isinstance(self.divisor, int) or self.divisor < 1):
+            raise ValueError(f"ChannelRule.divisor must be None or a positive int, got {self.divisor!r}")
+
+    def __call__(self, w: float) -> int:
+        if self.fixed:
+            base = self.c
+        elif self.divisor is None:
+            base = max(1, int(self.c * w))
+        else:
+            base = make_divisible(self.c * w, self.divisor, self.min_value)
+        if self.per > 1:
+            base = max(1, base // self.per)
+        return self.multiplier * base
+
+    def __mul__(self, k: int) -> "ChannelRule":
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            return NotImplemented
+        return dataclasses.replace(self, multiplier=self.multiplier * k)
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, k: int) -> "ChannelRule":
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or self.multiplier != 1:
+            return NotImplemented
+        return dataclasses.replace(self, per=self.per * k)
+
+    def at(self, widths: Sequence[float]) -> List[int]:
+        """The counts at ``widths`` (validated, ascending)."""
+        return [self(w) for w in normalize_widths(widths)]
+
+
+# What a layer accepts as a channel count: the same int at every width, one count per
+# listed width (ascending widths), or a rule giving the count at any width.
+ChannelSpec = Union[int, Sequence[int], Callable[[float], int]]
+
+
 def channels(c: int, widths: Sequence[float], divisor: Optional[int] = None) -> List[int]:
     """Per-width channel counts of a layer with ``c`` channels at full width.
 
     ``divisor=None`` truncates ``int(c * w)`` (ResNet, ShuffleNet); an int rounds with
-    ``make_divisible`` (MobileNets use 8). Never fewer than 1 channel.
+    ``make_divisible`` (MobileNets use 8). Never fewer than 1 channel. The same counts as
+    ``ChannelRule(c, divisor).at(widths)``; pass the rule itself to a layer to let it run
+    at any width in between.
     """
-    ws = normalize_widths(widths)
-    if divisor is None:
-        return [max(1, int(c * w)) for w in ws]
-    return [make_divisible(c * w, divisor) for w in ws]
+    return ChannelRule(c, divisor).at(widths)
 
 
 class Slimmable:
     """Mixin of every layer whose active channel counts depend on the width.
 
-    Subclasses call ``_init_widths(widths)`` in ``__init__``; ``active_width()`` and
-    ``width_index()`` resolve the width for the current thread.
+    Subclasses call ``_init_widths(widths, any_width)`` in ``__init__``; ``active_width()``
+    resolves the width for the current thread and ``width_index()`` its index among the
+    listed widths (``None`` for a width between them, which only layers built with
+    ``any_width=True`` accept).
     """
 
     widths: Tuple[float, ...]
+    any_width: bool
     _width: float
     _width_index: Dict[float, int]
 
-    def _init_widths(self, widths: Sequence[float]) -> None:
+    def _init_widths(self, widths: Sequence[float], any_width: bool = False) -> None:
         self.widths = normalize_widths(widths)
+        self.any_width = bool(any_width)
         self._width_index = {w: i for i, w in enumerate(self.widths)}
         self._width = self.widths[-1]
 
     def canonical_width(self, w: float) -> float:
-        """``w`` as one of ``self.widths`` (tolerating float round-off), or a clear error."""
+        """``w`` as one of ``self.widths`` (tolerating float round-off); for a layer that
+        runs at any width, a width between its extremes (rounded to ``WIDTH_DECIMALS``);
+        otherwise a clear error."""
         if w in self._width_index:
             return w
         for known in self.widths:
             if math.isclose(known, float(w), rel_tol=1e-9, abs_tol=1e-12):
                 return known
-        raise ValueError(
-            f"{type(self).__name__}: unknown width {w!r}; this layer has widths {self.widths}"
-        )
+        lo, hi = self.widths[0], self.widths[-1]
+        if self.any_width and math.isfinite(w) and lo < w < hi:
+            return round(float(w), WIDTH_DECIMALS)
+        allowed = f"widths {self.widths}"
+        if self.any_width:
+            allowed += f" (or any width between {lo} and {hi})"
+        raise ValueError(f"{type(self).__name__}: unknown width {w!r}; this layer has {allowed}")
 
     def active_width(self) -> float:
         """The width this layer runs at in the current thread."""
@@ -106,9 +191,21 @@ class Slimmable:
             return overrides.get(id(self), self._width)
         return self._width
 
-    def width_index(self) -> int:
-        """Index of the active width in ``self.widths`` (and in per-width channel lists)."""
-        return self._width_index[self.active_width()]
+    def width_index(self) -> Optional[int]:
+        """Index of the active width in ``self.widths`` (and in per-width channel lists);
+        ``None`` when the layer runs at a width between its listed ones."""
+        return self._width_index.get(self.active_width())
+
+    def _active_count(self, listed: Sequence[int], rule: Optional[Callable[[float], int]]) -> int:
+        """A channel count at the active width: from the per-width list at a listed width,
+        else from the layer's rule."""
+        w = self.active_width()
+        i = self._width_index.get(w)
+        if i is not None:
+            return listed[i]
+        if rule is None:  # unreachable through set_width/width, which validate widths
+            raise ValueError(f"{type(self).__name__}: width {w} is not one of {self.widths}")
+        return rule(w)
 
 
 def slimmable_layers(model: nn.Module) -> List[Slimmable]:
@@ -127,6 +224,18 @@ def model_widths(model: nn.Module) -> Tuple[float, ...]:
     return tuple(sorted(common))
 
 
+def width_range(model: nn.Module) -> Optional[Tuple[float, float]]:
+    """``(smallest, largest)`` width when every slimmable layer of ``model`` runs at any
+    width in between (all built from channel rules); ``None`` when some layer only runs at
+    its listed widths."""
+    layers = slimmable_layers(model)
+    if not layers or not all(layer.any_width for layer in layers):
+        return None
+    lo = max(layer.widths[0] for layer in layers)
+    hi = min(layer.widths[-1] for layer in layers)
+    return (lo, hi) if lo < hi else None
+
+
 def _resolve(model: nn.Module, w: float) -> List[Tuple[Slimmable, float]]:
     layers = slimmable_layers(model)
     if not layers:
@@ -136,9 +245,11 @@ def _resolve(model: nn.Module, w: float) -> List[Tuple[Slimmable, float]]:
     try:
         return [(layer, layer.canonical_width(w)) for layer in layers]
     except ValueError:
+        span = width_range(model)
+        extra = f" (or any width between {span[0]} and {span[1]})" if span else ""
         raise ValueError(
             f"{type(model).__name__}: unknown width {w!r}; the model has widths "
-            f"{model_widths(model)}"
+            f"{model_widths(model)}{extra}"
         ) from None
 
 
@@ -146,7 +257,8 @@ def set_width(model: nn.Module, w: float) -> nn.Module:
     """Set the default width of every slimmable layer of ``model``; returns ``model``.
 
     Visible to every thread that does not override it with ``width(...)``.
-    Raises ``ValueError`` listing the model's widths when ``w`` is not one of them.
+    Raises ``ValueError`` listing the model's widths when ``w`` is not one of them (and,
+    for a model built from channel rules, not between its smallest and largest).
     """
     for layer, canonical in _resolve(model, w):
         layer._width = canonical

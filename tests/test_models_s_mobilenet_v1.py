@@ -174,8 +174,8 @@ def test_custom_widths_and_classes():
     for w in m.widths:
         with width(m, w):
             assert m(x).shape == (2, 10)
-    with pytest.raises(ValueError, match="unknown width"):
-        with width(m, 0.5):
+    with pytest.raises(ValueError, match=r"unknown width 0\.3.*or any width between 0\.35 and 1\.0"):
+        with width(m, 0.3):
             pass
 
 
@@ -287,3 +287,26 @@ def test_mismatched_checkpoints():
         load_original(s_mobilenet_v1((0.5, 1.0)), ckpt)
     with pytest.raises(CheckpointMismatchError, match=r"classifier\.0\.weight"):
         load_original(s_mobilenet_v1(num_classes=10), ckpt)
+
+
+# (width, the stem's output channels at that width)
+_IN_BETWEEN = [(0.3, 16), (0.6, 24), (0.9, 32)]
+
+
+def test_runs_at_any_width_between_the_switches():
+    # Built from channel rules: the sandwich rule can train any width in between, and BN
+    # calibration gives it statistics for eval (universally slimmable networks).
+    from slimops.train import calibrate_bn
+    from slimops.width import width_range
+
+    model = s_mobilenet_v1()
+    assert width_range(model) == (0.25, 1.0)
+    x = torch.randn(2, 3, 64, 64)
+    for w, expected in _IN_BETWEEN:
+        with width(model, w):
+            assert model.stem.conv.active_channels()[1] == expected
+    calibrate_bn(model, [x], widths=[w for w, _ in _IN_BETWEEN])
+    counts = profile(model.eval(), (1, 3, 64, 64),
+                     widths=sorted({*model.widths, *(w for w, _ in _IN_BETWEEN)}))
+    macs = [row.macs for row in counts]
+    assert macs == sorted(macs) and len(set(macs)) == len(macs)  # more width, more work

@@ -413,3 +413,14 @@ def test_checkpoint_of_other_widths_is_rejected(tmp_path):
     sd = random_original((0.25, 0.75, 1.0)).state_dict()
     with pytest.raises(CheckpointMismatchError, match="shape mismatch"):
         load_original(s_shufflenet(), save_checkpoint(tmp_path / "bad.pt", sd))
+
+
+def test_runs_at_its_listed_widths_only():
+    # Its grouped channel plan is per listed width (lists, not channel rules): the sandwich
+    # rule draws listed widths, and a width in between is a clear error.
+    from slimops.width import width_range
+
+    model = s_shufflenet()
+    assert width_range(model) is None
+    with pytest.raises(ValueError, match=r"unknown width 0\.75"):
+        set_width(model, 0.75)

@@ -285,3 +285,105 @@ def test_shared_bn_uses_prefixes_of_one_bn():
     scale, shift = m.eval_scale_shift()
     assert scale.shape == (2,) and shift.shape == (2,)
     torch.testing.assert_close(m(x), x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+
+
+# ------------------------------------------------------ widths between the listed ones
+
+
+def make_any(dtype=torch.float64):
+    """S-BN over a rule (8 channels at 1.0x, int(8 * w)): runs at any width in between."""
+    from slimops.width import ChannelRule
+
+    sbn = SwitchableBatchNorm2d(ChannelRule(8), widths=(0.25, 0.5, 1.0), dtype=dtype)
+    with torch.no_grad():
+        for bn in sbn.bn:
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return sbn
+
+
+@pytest.mark.parametrize("w, channels, affine_index", [(0.3, 2, 1), (0.5, 4, 1), (0.6, 4, 2),
+                                                        (0.99, 7, 2)])
+def test_in_between_width_trains_on_batch_stats_with_the_next_larger_affine(
+        w, channels, affine_index, tol):
+    sbn = make_any().train()
+    assert sbn.any_width and sbn.num_features_list == [2, 4, 8]
+    before = snapshot(sbn)
+    x = torch.randn(3, channels, 5, 5, dtype=torch.float64, requires_grad=True)
+    with slimops.width(sbn, w):
+        assert sbn.active_features() == channels
+        i = sbn.width_index()
+        out = sbn(x)
+    bn = sbn.bn[affine_index]
+    expected = F.batch_norm(x, None, None, bn.weight[:channels], bn.bias[:channels],
+                            training=True, eps=bn.eps)
+    torch.testing.assert_close(out, expected, **tol(torch.float64))
+    out.square().sum().backward()
+    grads = {j: b.weight.grad for j, b in enumerate(sbn.bn)}
+    assert all((g is None) == (j != affine_index) for j, g in grads.items())
+    if i is None:  # no listed width's statistics change at an uncalibrated width
+        assert all(torch.equal(v, snapshot(sbn)[k]) for k, v in before.items())
+        assert bn.weight.grad[channels:].abs().sum() == 0
+
+
+def test_in_between_width_eval_needs_calibration_then_uses_its_own_stats(tol):
+    sbn = make_any().eval()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    with slimops.width(sbn, 0.6):
+        with pytest.raises(RuntimeError, match=r"width 0\.6 .*calibrate_bn\(model, loader, "
+                                               r"widths=\[0\.6\]\)"):
+            sbn(x)
+        with pytest.raises(RuntimeError, match="calibrate"):
+            sbn.eval_scale_shift()
+    stats = sbn.new_calibration(0.6)
+    assert stats.num_features == 4 and not stats.affine and sbn.calibrated["0_6"] is stats
+    with torch.no_grad():
+        stats.running_mean.normal_()
+        stats.running_var.uniform_(0.5, 2.0)
+    with slimops.width(sbn, 0.6):
+        out = sbn(x)
+        scale, shift = sbn.eval_scale_shift()
+    bn = sbn.bn[2]  # 0.6: 4 channels, the γ/β prefix of the next larger listed width, 1.0
+    expected = F.batch_norm(x, stats.running_mean, stats.running_var, bn.weight[:4],
+                            bn.bias[:4], training=False, eps=bn.eps)
+    torch.testing.assert_close(out, expected, **tol(torch.float64))
+    torch.testing.assert_close(x * scale[:, None, None] + shift[:, None, None], expected,
+                               **tol(torch.float64))
+    # ... and in training the calibrated statistics track like a listed width's
+    sbn.train()
+    mean = stats.running_mean.clone()
+    with slimops.width(sbn, 0.6):
+        sbn(x)
+    assert int(stats.num_batches_tracked) == 1
+    torch.testing.assert_close(stats.running_mean, 0.9 * mean + 0.1 * x.mean((0, 2, 3)),
+                               **tol(torch.float64))
+
+
+def test_calibrated_stats_are_in_the_state_dict_and_load_into_a_fresh_layer(tol):
+    sbn = make_any()
+    with torch.no_grad():
+        sbn.new_calibration(0.6).running_mean.normal_()
+        sbn.new_calibration(0.3).running_var.uniform_(0.5, 2.0)
+    state = sbn.state_dict()
+    assert "calibrated.0_6.running_mean" in state and "calibrated.0_3.running_var" in state
+    fresh = make_any()
+    fresh.load_state_dict(state)
+    assert sorted(fresh.calibrated) == ["0_3", "0_6"]
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())
+    assert "calibrated=[0.3, 0.6]" in repr(fresh)
+    bad = dict(state)
+    bad["calibrated.0_6.running_mean"] = torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="calibrated.0_6"):
+        make_any().load_state_dict(bad)
+
+
+def test_new_calibration_errors():
+    sbn = make_any()
+    with pytest.raises(ValueError, match="is listed"):
+        sbn.new_calibration(0.5)
+    with pytest.raises(ValueError, match="unknown width 1.5"):
+        sbn.new_calibration(1.5)
+    with pytest.raises(ValueError, match="unknown width 0.6"):
+        make(shared=False).new_calibration(0.6)  # per-width lists: listed widths only

@@ -432,3 +432,52 @@ def test_medium_shapes(cin, cout, groups, stride, tol):
         torch.testing.assert_close(x.grad, x_ref.grad, **tol(torch.float32, x_ref.grad))
         torch.testing.assert_close(layer.weight.grad, weight.grad,
                                    **tol(torch.float32, weight.grad))
+
+
+# ------------------------------------------------------ widths between the listed ones
+
+RULE_LAYOUTS = {  # (in rule, out rule, groups): counts int(c * w) at any width
+    "dense": (13, 11, 1),
+    "depthwise": (13, 13, 13),
+    "fixed_in": (3, 16, 1),  # an int: the stem's image channels never slim
+}
+
+
+def make_any(layout, dtype=torch.float64, **kwargs):
+    from slimops.width import ChannelRule
+
+    cin, cout, groups = RULE_LAYOUTS[layout]
+    rin = cin if layout == "fixed_in" else ChannelRule(cin)
+    return SlimmableConv2d(rin, ChannelRule(cout), 3, groups=groups, widths=WIDTHS,
+                           dtype=dtype, **kwargs)
+
+
+@pytest.mark.parametrize("w", [0.3, 0.61, 0.999])
+@pytest.mark.parametrize("layout", list(RULE_LAYOUTS))
+def test_in_between_width_matches_reference(layout, w, tol):
+    layer = make_any(layout, padding=1, stride=2, bias=True)
+    assert layer.any_width
+    cin, cout, _ = RULE_LAYOUTS[layout]
+    slimops.set_width(layer, w)
+    expected = (cin if layout == "fixed_in" else int(cin * w), int(cout * w))
+    assert layer.active_channels() == expected and layer.width_index() is None
+    x = torch.randn(2, expected[0], 7, 6, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, hand_sliced(layer, x), **tol(torch.float64))
+    y.square().sum().backward()
+    assert (layer.weight.grad != 0).eq(active_mask(layer)).all()  # only the prefix
+
+
+def test_in_between_width_shape_errors():
+    from slimops.width import ChannelRule
+
+    layer = SlimmableConv2d(ChannelRule(12), ChannelRule(12), 1, groups=3, widths=WIDTHS)
+    slimops.set_width(layer, 0.5)  # listed: 6 channels, divisible by 3
+    slimops.set_width(layer, 0.6)  # int(12 * 0.6) = 7: not
+    with pytest.raises(ValueError, match=r"at width 0\.6 .*\(7, 7\), not divisible by groups=3"):
+        layer(torch.randn(1, 7, 4, 4))
+    odd = SlimmableConv2d(ChannelRule(8), ChannelRule(8, divisor=2), 3, groups=8, widths=WIDTHS)
+    assert odd.depthwise  # equal at the listed widths, not in between
+    slimops.set_width(odd, 0.45)
+    with pytest.raises(ValueError, match="depthwise.*3 inputs but 4 outputs"):
+        odd.active_channels()

@@ -287,3 +287,19 @@ def test_medium_shapes(tol):
         torch.testing.assert_close(x.grad, x_ref.grad, **tol(torch.float32, x_ref.grad))
         torch.testing.assert_close(layer.weight.grad, weight.grad,
                                    **tol(torch.float32, weight.grad))
+
+
+@pytest.mark.parametrize("w", [0.3, 0.7])
+def test_in_between_width_matches_reference(w, tol):
+    from slimops.width import ChannelRule
+
+    layer = SlimmableLinear(ChannelRule(20), 10, widths=WIDTHS, dtype=torch.float64)
+    assert layer.any_width
+    with slimops.width(layer, w):
+        assert layer.active_features() == (int(20 * w), 10)
+        x = torch.randn(3, int(20 * w), dtype=torch.float64)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight[:, :int(20 * w)],
+                                                      layer.bias), **tol(torch.float64))
+    listed = SlimmableLinear([5, 10, 20], 10, widths=WIDTHS)
+    with pytest.raises(ValueError, match="unknown width 0.3"):
+        slimops.set_width(listed, 0.3)

@@ -18,6 +18,7 @@ from torch import nn
 from slimops.models import slim_cnn
 from slimops.nn import SlimConvBNAct, SwitchableBatchNorm2d
 from slimops.train import (
+    RANDOM_WIDTHS,
     Trainer,
     calibrate_bn,
     evaluate,
@@ -150,8 +151,8 @@ def test_step_subset_of_widths_and_errors_leave_gradients_alone():
         == [1.0, 0.25]
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    with pytest.raises(ValueError, match=r"unknown width 0\.75.*\(0\.25, 0\.5, 1\.0\)"):
-        slimmable_step(model, x, y, nn.CrossEntropyLoss(), opt, widths=[0.75, 1.0])
+    with pytest.raises(ValueError, match=r"unknown width 1\.5.*\(0\.25, 0\.5, 1\.0\)"):
+        slimmable_step(model, x, y, nn.CrossEntropyLoss(), opt, widths=[1.5, 1.0])
     assert all(bool((p.grad == 1).all()) for p in model.parameters())
     with pytest.raises(ValueError, match="scalar"):
         slimmable_step(model, x, y, nn.CrossEntropyLoss(reduction="none"), opt)
@@ -194,9 +195,12 @@ def test_sandwich_widths_errors(n, widths, match):
         sandwich_widths(widths, n)
 
 
-def test_step_with_sandwich_trains_the_drawn_widths():
-    model = tiny(MANY).train()
-    x, y = batch()
+@pytest.mark.parametrize("any_width", [True, False], ids=["rules", "lists"])
+def test_step_with_sandwich_trains_the_drawn_widths(any_width, make_cnn):
+    # slim_cnn is built from channel rules (any width in between); make_cnn from lists
+    model = (tiny(MANY) if any_width else make_cnn(torch.float64, MANY)).train()
+    x, y = batch() if any_width else (torch.randn(6, 3, 8, 8, dtype=torch.float64),
+                                      torch.randint(0, 10, (6,)))
     order = []
     model.register_forward_pre_hook(lambda m, a: order.append(get_width(m)))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -204,8 +208,48 @@ def test_step_with_sandwich_trains_the_drawn_widths():
         order.clear()
         losses = slimmable_step(model, x, y, nn.CrossEntropyLoss(), opt, sandwich=2,
                                 generator=torch.Generator().manual_seed(seed))
-        expected = sandwich_widths(MANY, 2, torch.Generator().manual_seed(seed))
+        expected = sandwich_widths(MANY, 2, torch.Generator().manual_seed(seed),
+                                   continuous=any_width)
         assert order == expected and list(losses) == expected
+        assert any_width == any(w not in MANY for w in expected)
+
+
+def test_sandwich_widths_continuous_draws_from_the_interval():
+    seen = set()
+    for seed in range(50):
+        ws = sandwich_widths((0.25, 1.0), 3, torch.Generator().manual_seed(seed),
+                             continuous=True)
+        assert ws[0] == 1.0 and ws[-1] == 0.25 and len(ws) == 5
+        assert all(0.25 < w < 1.0 and w == round(w, 6) for w in ws[1:-1])
+        assert ws[1:-1] == sorted(ws[1:-1], reverse=True)
+        assert ws == sandwich_widths((0.25, 1.0), 3, torch.Generator().manual_seed(seed),
+                                     continuous=True)
+        seen.update(ws[1:-1])
+    assert len(seen) == 150  # continuous: no repeats
+    assert min(seen) < 0.3 and max(seen) > 0.95  # spread over the interval
+
+
+def test_sandwich_step_gradient_is_the_sum_over_the_drawn_widths():
+    # Algorithm 1 with the sandwich rule at random widths between the switches: the shared
+    # gradient is the sum of the per-width gradients at exactly the drawn widths.
+    model = tiny((0.25, 1.0)).train()
+    x, y = batch()
+    drawn = sandwich_widths((0.25, 1.0), 2, torch.Generator().manual_seed(3), continuous=True)
+    total = None
+    for w in drawn:
+        _, g = per_width_grads(model, x, y, w)
+        total = g if total is None else {n: total[n] + g[n] for n in g}
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    losses = slimmable_step(model, x, y, nn.CrossEntropyLoss(), opt, sandwich=2,
+                            generator=torch.Generator().manual_seed(3))
+    assert list(losses) == drawn
+    for n, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(g, total[n], **EXACT, msg=n)
+    # an in-between width's BN γ is the next larger listed width's (here 1.0x's) prefix
+    bn = model.stem.bn
+    assert bn.bn[0].weight.grad is not None and bn.bn[1].weight.grad is not None
+    assert len(bn.calibrated) == 0  # training never creates statistics by itself
 
 
 # --------------------------------------------------------------------------- distillation
@@ -341,13 +385,65 @@ def test_calibrate_bn_all_widths_bare_tensors_and_errors():
     assert all(torch.equal(a, b) for k in before for a, b in zip(before[k], after[k]))
     assert all(bn.momentum == 0.1 for layer in model.modules()
                if isinstance(layer, SwitchableBatchNorm2d) for bn in layer.bn)
-    with pytest.raises(ValueError, match="unknown width"):
-        calibrate_bn(model, xs, widths=[0.3])
+    with pytest.raises(ValueError, match=r"unknown width 0\.2.*or any width between"):
+        calibrate_bn(model, xs, widths=[0.2])
     with pytest.raises(ValueError, match="num_batches"):
         calibrate_bn(model, xs, num_batches=0)
     with pytest.raises(ValueError, match="SwitchableBatchNorm2d"):
         from slimops.nn import SlimmableLinear
         calibrate_bn(SlimmableLinear([2, 4], 3, widths=(0.5, 1.0)), xs)
+
+
+def test_calibrate_bn_in_between_width_then_eval():
+    model = tiny()
+    _randomize_stats(model)
+    model.eval()
+    x, y = batch()
+    with pytest.raises(RuntimeError, match="calibrate"):
+        evaluate(model, [(x, y)], widths=[0.6])
+    before = _bn_stats(model)
+    blocks = [m for m in model.modules() if isinstance(m, SlimConvBNAct)]
+    seen = {id(b): [] for b in blocks}
+    for b in blocks:
+        b.conv.register_forward_hook(lambda m, a, out, b=b: seen[id(b)].append(out.clone()))
+    batches = [batch(n=4, seed=s) for s in range(3)]
+
+    calibrate_bn(model, batches, widths=[0.6000000001], num_batches=3)
+
+    assert not model.training
+    after = _bn_stats(model)  # no listed width's statistics change
+    assert all(torch.equal(a, b) for k in before for a, b in zip(before[k], after[k]))
+    for b in blocks:
+        stats = b.bn.calibrated["0_6"]
+        assert stats.momentum == 0.1 and int(stats.num_batches_tracked) == 3
+        mean = torch.stack([t.mean((0, 2, 3)) for t in seen[id(b)]]).mean(0)
+        torch.testing.assert_close(stats.running_mean, mean, **EXACT)
+    acc = evaluate(model, [(x, y)], widths=[0.6])
+    assert list(acc) == [0.6]
+
+    # a failed calibration takes the new statistics away again
+    with pytest.raises(ValueError, match="no batch"):
+        calibrate_bn(model, [], widths=[0.7])
+    assert all("0_7" not in b.bn.calibrated and "0_6" in b.bn.calibrated for b in blocks)
+
+
+def test_trainer_sandwich_between_two_switches():
+    # US-Nets style: only the two extremes are listed (and keep their own BN); random widths
+    # in between are trained, then calibrated and evaluated.
+    model = tiny((0.25, 1.0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = Trainer(model, opt, sandwich=2, seed=0, progress=False)
+    loader = [batch(seed=s) for s in range(3)]
+    losses = trainer.train_epoch(loader)
+    assert list(losses) == [1.0, 0.25, RANDOM_WIDTHS]
+    calibrate_bn(model, loader, widths=[0.4, 0.8])
+    acc = evaluate(model, loader, widths=[0.25, 0.4, 0.8, 1.0])
+    assert list(acc) == [1.0, 0.8, 0.4, 0.25]
+    from slimops.nn import SlimmableLinear
+
+    listed_only = SlimmableLinear([2, 4], 3, widths=(0.5, 1.0))
+    with pytest.raises(ValueError, match="channel rules"):
+        Trainer(listed_only, torch.optim.SGD(listed_only.parameters(), lr=0.1), sandwich=1)
 
 
 # --------------------------------------------------------------------------- weight decay
@@ -526,8 +622,9 @@ def test_trainer_fit_history_and_errors():
     t = make_trainer(0)
     new = t.fit(loader, 2, loader)
     assert [e["epoch"] for e in new] == [1, 2] and t.history == new
-    keys = set(new[0]["train_loss"])  # sandwich=1: the extremes and what was drawn
-    assert {1.0, 0.25} < keys <= {1.0, 0.75, 0.5, 0.25}
+    # sandwich=1 on a model built from channel rules: the extremes, and the random width
+    # drawn between them on each batch, reported together
+    assert list(new[0]["train_loss"]) == [1.0, 0.25, RANDOM_WIDTHS]
     assert set(new[0]["val_acc"]) == {1.0, 0.75, 0.5, 0.25}
     assert t.fit(loader, 2) == []  # already there
     assert t.scheduler.last_epoch == 2
@@ -536,8 +633,8 @@ def test_trainer_fit_history_and_errors():
     with pytest.raises(ValueError, match="epochs"):
         t.fit(loader, -1)
     with pytest.raises(ValueError, match="unknown width"):
-        make_trainer(0, widths=[0.3, 1.0])
-    with pytest.raises(ValueError, match="strictly between"):
-        make_trainer(0, widths=[0.25, 1.0], sandwich=1)
+        make_trainer(0, widths=[0.2, 1.0])
+    # two widths and the sandwich rule: the model runs at any width in between
+    assert make_trainer(0, widths=[0.25, 1.0], sandwich=1).widths == (0.25, 1.0)
     with pytest.raises(ValueError, match="scheduler_interval"):
         make_trainer(0, scheduler_interval="batch")

@@ -437,3 +437,70 @@ def test_scope_is_invisible_to_other_threads():
         t.start()
         t.join(30)
     assert seen == [1.0]
+
+
+# ----------------------------------------------------------- channel rules and any width
+
+
+@pytest.mark.parametrize("divisor", [None, 8])
+def test_channel_rule_is_the_channels_rounding(divisor):
+    from slimops.width import ChannelRule
+
+    ws = (0.25, 0.35, 0.5, 0.75, 1.0, 1.3)
+    rule = ChannelRule(96, divisor)
+    assert rule.at(ws) == channels(96, ws, divisor)
+    assert (rule * 6).at(ws) == [6 * c for c in channels(96, ws, divisor)]
+    assert (rule // 4).at(ws) == [max(1, c // 4) for c in channels(96, ws, divisor)]
+    assert ChannelRule(3, fixed=True).at(ws) == [3] * len(ws)
+    assert ChannelRule(7, 8, min_value=1)(0.1) == make_divisible(0.7, 8, 1)
+    assert rule * 2 == ChannelRule(96, divisor, multiplier=2) and rule * 2 != rule
+
+
+@pytest.mark.parametrize("bad", [dict(c=0), dict(c=2.5), dict(c=8, divisor=0),
+                                 dict(c=8, multiplier=True), dict(c=8, per=0)])
+def test_channel_rule_errors(bad):
+    from slimops.width import ChannelRule
+
+    with pytest.raises(ValueError, match="ChannelRule"):
+        ChannelRule(**bad)
+
+
+def rule_model(widths=WIDTHS):
+    from slimops.width import ChannelRule
+
+    return torch.nn.Sequential(
+        SlimmableConv2d(3, ChannelRule(8), 3, padding=1, widths=widths),
+        SwitchableBatchNorm2d(ChannelRule(8), widths=widths),
+    )
+
+
+def test_layers_built_from_rules_run_at_any_width_in_between():
+    from slimops.width import width_range
+
+    model = rule_model()
+    assert width_range(model) == (0.25, 1.0)
+    assert width_range(small_model()) is None  # per-width lists: listed widths only
+    slimops.set_width(model, 0.6)
+    assert slimops.get_width(model) == 0.6 and slimops.model_widths(model) == WIDTHS
+    assert model[0].active_channels() == (3, 4) and model[0].width_index() is None
+    with slimops.width(model, 0.6000000001):  # rounded to one width
+        assert slimops.get_width(model) == 0.6
+    for w in (0.2, 1.01, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"or any width between 0\.25 and 1\.0"):
+            slimops.set_width(model, w)
+    with pytest.raises(ValueError, match=r"unknown width 0\.6.*\(0\.25, 0\.5, 1\.0\)$"):
+        slimops.set_width(small_model(), 0.6)
+
+
+def test_a_layer_with_a_list_pins_the_model_to_its_listed_widths():
+    from slimops.width import ChannelRule, width_range
+
+    model = torch.nn.Sequential(
+        SlimmableConv2d(3, ChannelRule(8), 3, padding=1, widths=WIDTHS),
+        SlimmableConv2d(channels(8, WIDTHS), 4, 1, widths=WIDTHS),
+    )
+    assert model[0].any_width and not model[1].any_width
+    assert width_range(model) is None
+    with pytest.raises(ValueError, match="unknown width 0.6"):
+        slimops.set_width(model, 0.6)
+    assert slimops.get_width(model) == 1.0  # nothing changed on the error

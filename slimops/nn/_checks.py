@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence
 
 from torch import Tensor
 
-from slimops.width import Slimmable, normalize_widths
+from slimops.width import ChannelRule, ChannelSpec, Slimmable, normalize_widths
 
 
-def per_width(value: Union[int, Sequence[int]], widths: Sequence[float], what: str) -> List[int]:
-    """A per-width list of channel counts: an int means the same count at every width."""
+def channel_rule(value: ChannelSpec) -> Optional[Callable[[float], int]]:
+    """The count at any width, if ``value`` defines one: a rule (callable) as given, an int
+    as a fixed count; ``None`` for a per-width list (it only knows its listed widths)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ChannelRule(value, fixed=True) if value >= 1 else None
+    if callable(value):
+        return value
+    return None
+
+
+def per_width(value: ChannelSpec, widths: Sequence[float], what: str) -> List[int]:
+    """A per-width list of channel counts: an int means the same count at every width, a
+    rule (callable ``width -> count``) is evaluated at each width."""
     n = len(widths)
+    if isinstance(value, bool):
+        raise TypeError(f"{what}: expected an int, a list of ints or a channel rule, got {value!r}")
     if isinstance(value, int):
         values = [value] * n
+    elif callable(value):
+        values = [value(w) for w in widths]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise TypeError(f"{what}: the channel rule {value!r} must return ints, got {values}")
     else:
         values = [int(v) for v in value]
     if len(values) != n:
@@ -32,7 +49,8 @@ def resolve_widths(widths, *channel_args) -> tuple:
         return normalize_widths(widths)
     if all(isinstance(c, int) for c in channel_args):
         return (1.0,)
-    raise ValueError("per-width channel lists need `widths=` (the switches they belong to)")
+    raise ValueError("per-width channel lists and channel rules need `widths=` (the switches "
+                     "they belong to)")
 
 
 def check_layer_input(

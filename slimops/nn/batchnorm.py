@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from slimops import ops
-from slimops.nn._checks import check_layer_input, per_width, resolve_widths
-from slimops.width import Slimmable
+from slimops.nn._checks import channel_rule, check_layer_input, per_width, resolve_widths
+from slimops.width import ChannelSpec, Slimmable
+
+
+def width_key(w: float) -> str:
+    """The ``calibrated`` key of a width: ``0.6`` -> ``"0_6"`` (module names hold no dot)."""
+    return repr(float(w)).replace(".", "_")
 
 
 class SwitchableBatchNorm2d(Slimmable, nn.Module):
@@ -20,8 +25,17 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
     only the active width's statistics update in training. Parameters live in ``self.bn[i]``
     for the ``i``-th width (ascending), the layout of the original implementation.
 
+    **Widths between the listed ones** (when ``num_features`` is an int or a channel rule,
+    see ``slimops.width.ChannelRule``): such a width ``w`` with ``c`` channels uses the
+    prefix ``[:c]`` of γ and β of the next larger listed width (its gradient goes there). In training it normalises with batch statistics, as the
+    sandwich rule of universally slimmable networks does. In eval it needs statistics of its
+    own: ``slimops.train.calibrate_bn(model, loader, widths=[w])`` computes them into
+    ``self.calibrated[width_key(w)]`` (an ``nn.BatchNorm2d(c, affine=False)``; it is part
+    of the ``state_dict`` and loads back), and they then also track in training like a listed
+    width's. Eval at a width without statistics raises an error that says so.
+
     Args:
-        num_features: an int (the same at every width) or one count per width.
+        num_features: an int (the same at every width), one count per width, or a rule.
         eps, momentum, affine, track_running_stats, device, dtype: as ``nn.BatchNorm2d``.
         widths: the width switches; defaults to ``(1.0,)`` with an int.
         shared: the *naive* baseline, for comparison only: one batch norm for all widths
@@ -31,7 +45,7 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
 
     def __init__(
         self,
-        num_features: Union[int, Sequence[int]],
+        num_features: ChannelSpec,
         eps: float = 1e-5,
         momentum: Optional[float] = 0.1,
         affine: bool = True,
@@ -44,7 +58,8 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
     ) -> None:
         super().__init__()
         ws = resolve_widths(widths, num_features)
-        self._init_widths(ws)
+        self.num_features_rule = channel_rule(num_features)
+        self._init_widths(ws, any_width=self.num_features_rule is not None)
         self.num_features_list = per_width(num_features, ws, "SwitchableBatchNorm2d num_features")
         self.shared = shared
         sizes = [max(self.num_features_list)] if shared else self.num_features_list
@@ -52,51 +67,121 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
             nn.BatchNorm2d(c, eps, momentum, affine, track_running_stats, device, dtype)
             for c in sizes
         )
+        # Statistics of calibrated widths between the listed ones, keyed by width_key(w).
+        self.calibrated = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ which BN is active
+
+    def active_features(self) -> int:
+        """The channel count at the active width."""
+        return self._active_count(self.num_features_list, self.num_features_rule)
+
+    def _affine_index(self) -> int:
+        """The listed width whose γ/β prefix the active (in-between) width uses: the next
+        larger one (it has at least as many channels)."""
+        w = self.active_width()
+        return next(i for i, listed in enumerate(self.widths) if listed > w)
 
     def active_bn(self) -> nn.BatchNorm2d:
-        """The active width's batch norm (the one shared BN when ``shared``)."""
-        return self.bn[0] if self.shared else self.bn[self.width_index()]
-
-    def _active(self) -> Tuple[nn.BatchNorm2d, int, List[Optional[Tensor]]]:
-        """The active BN, the active channel count, and its (γ, β, mean, var) for those
-        channels: the tensors themselves, or prefix views of the shared BN's (no copy)."""
-        i = self.width_index()
-        bn = self.bn[0] if self.shared else self.bn[i]
-        c = self.num_features_list[i]
-        tensors = [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        """The batch norm whose γ, β the active width uses: its own (the one shared BN when
+        ``shared``); between listed widths, the next larger listed width's."""
         if self.shared:
+            return self.bn[0]
+        i = self.width_index()
+        return self.bn[i if i is not None else self._affine_index()]
+
+    def stats_bn(self) -> Optional[nn.BatchNorm2d]:
+        """The module holding the active width's running statistics: its BN at a listed
+        width (the shared BN when ``shared``), its calibrated statistics between them
+        (``None`` if not calibrated)."""
+        if self.shared:
+            return self.bn[0]
+        i = self.width_index()
+        if i is not None:
+            return self.bn[i]
+        return self.calibrated[width_key(self.active_width())] \
+            if width_key(self.active_width()) in self.calibrated else None
+
+    def new_calibration(self, w: float) -> nn.BatchNorm2d:
+        """Fresh statistics for width ``w`` between the listed ones, stored in
+        ``self.calibrated`` (replacing any earlier ones); what ``calibrate_bn`` fills."""
+        w = self.canonical_width(w)
+        if w in self._width_index:
+            raise ValueError(f"SwitchableBatchNorm2d: width {w} is listed; it has its own BN")
+        if self.shared:
+            raise ValueError("SwitchableBatchNorm2d(shared=True) has no per-width statistics")
+        ref = self.bn[-1]
+        if not ref.track_running_stats:
+            raise ValueError("SwitchableBatchNorm2d: track_running_stats=False, no statistics "
+                             "to calibrate")
+        stats = nn.BatchNorm2d(self.num_features_rule(w), ref.eps, ref.momentum, affine=False,
+                               device=ref.running_mean.device, dtype=ref.running_mean.dtype)
+        self.calibrated[width_key(w)] = stats
+        return stats
+
+    def _active(self) -> Tuple[nn.BatchNorm2d, Optional[nn.BatchNorm2d], int,
+                               List[Optional[Tensor]]]:
+        """The BN giving γ/β, the one holding running stats (or None), the active channel
+        count, and its (γ, β, mean, var) for those channels: the tensors themselves, or
+        prefix views (no copy)."""
+        c = self.active_features()
+        affine, stats = self.active_bn(), self.stats_bn()
+        weight, bias = affine.weight, affine.bias
+        mean = var = None
+        if stats is not None:
+            mean, var = stats.running_mean, stats.running_var
+        tensors = [weight, bias, mean, var]
+        if self.shared or self.width_index() is None:
             tensors = [None if t is None else t[:c] for t in tensors]
-        return bn, c, tensors
+        return affine, stats, c, tensors
+
+    # ------------------------------------------------------------------ forward
 
     def forward(self, input: Tensor) -> Tensor:
         return self.normalize(input)
 
-    def _momentum(self, bn: nn.BatchNorm2d) -> float:
+    @staticmethod
+    def _momentum(bn: nn.BatchNorm2d) -> float:
         # nn.BatchNorm2d's rule: momentum=None means a cumulative moving average.
         if bn.momentum is not None:
             return bn.momentum
         return 1.0 / float(bn.num_batches_tracked)
 
-    def uses_batch_stats(self, bn: Optional[nn.BatchNorm2d] = None) -> bool:
-        bn = self.active_bn() if bn is None else bn
-        return self.training or bn.running_mean is None
+    def uses_batch_stats(self) -> bool:
+        """Whether the active width normalises with batch statistics: in training, or when
+        its BN tracks none. Raises in eval at an uncalibrated width between the listed ones."""
+        if self.training:
+            return True
+        stats = self.stats_bn()
+        if stats is None:
+            if not self.active_bn().track_running_stats:
+                return True
+            w = self.active_width()
+            raise RuntimeError(
+                f"SwitchableBatchNorm2d: width {w} lies between the listed widths "
+                f"{self.widths} and has no BN statistics for eval; calibrate it first: "
+                f"slimops.train.calibrate_bn(model, loader, widths=[{w}])"
+            )
+        return stats.running_mean is None
 
     def normalize(
         self, input: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None
     ) -> Tensor:
         """``act(bn(input) + residual)`` with the active width's batch norm, fused."""
-        bn, c, (weight, bias, mean, var) = self._active()
-        param = mean if mean is not None else weight
+        training = self.uses_batch_stats()
+        affine, stats, c, (weight, bias, mean, var) = self._active()
+        param = affine.running_mean if affine.running_mean is not None else affine.weight
         check_layer_input(self, input, c, param if param is not None else input,
                           dims=4, channel_dim=1)
-        training = self.uses_batch_stats(bn)
-        if self.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-        track = not training or bn.track_running_stats
+        tracking = stats is not None and stats.track_running_stats
+        if self.training and tracking:
+            stats.num_batches_tracked.add_(1)
+        # Eval passes the running stats; training passes them only to update them.
+        track = stats is not None and (not training or tracking)
         return ops.batch_norm_act(
             input, weight, bias, mean if track else None, var if track else None,
-            training, self._momentum(bn) if training and bn.track_running_stats else 0.0,
-            bn.eps, residual, activation,
+            training, self._momentum(stats) if training and track else 0.0,
+            (stats or affine).eps, residual, activation,
         )
 
     def eval_scale_shift(self) -> Tuple[Tensor, Tensor]:
@@ -105,8 +190,9 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         O(channels) work per call, no weight is touched: this is what the fused conv block
         hands to the convolution's epilogue, so switching width never re-folds anything.
         """
-        bn, _, (weight, bias, mean, var) = self._active()
-        scale = torch.rsqrt(var + bn.eps)
+        self.uses_batch_stats()  # the error for an uncalibrated in-between width
+        affine, stats, _, (weight, bias, mean, var) = self._active()
+        scale = torch.rsqrt(var + (stats or affine).eps)
         if weight is not None:
             scale = scale * weight
         shift = -mean * scale
@@ -114,6 +200,31 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
             shift = shift + bias
         return scale, shift
 
+    # ------------------------------------------------------------------ state_dict
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Tensor], prefix: str, *args) -> None:
+        # Calibrated statistics are created on demand, so a state_dict saved after
+        # calibration loads into a freshly built model (the children load after this).
+        head = prefix + "calibrated."
+        for key, value in state_dict.items():
+            if key.startswith(head) and key.endswith(".running_mean"):
+                name = key[len(head):-len(".running_mean")]
+                if "." not in name and name not in self.calibrated:
+                    try:
+                        w = float(name.replace("_", "."))
+                    except ValueError:
+                        continue  # left for the strict check to report as unexpected
+                    if w not in self._width_index and self.any_width \
+                            and self.widths[0] < w < self.widths[-1] and value.dim() == 1:
+                        stats = self.new_calibration(w)
+                        if stats.num_features != value.numel():
+                            del self.calibrated[name]  # wrong size: let loading report it
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self) -> str:
-        return (f"widths={self.widths}, num_features_list={self.num_features_list}"
-                + (", shared=True" if self.shared else ""))
+        extra = ", shared=True" if self.shared else ""
+        if self.any_width:
+            extra += ", any_width=True"
+        if len(self.calibrated):
+            extra += f", calibrated={sorted(float(k.replace('_', '.')) for k in self.calibrated)}"
+        return f"widths={self.widths}, num_features_list={self.num_features_list}{extra}"

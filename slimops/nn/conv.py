@@ -7,10 +7,10 @@ from typing import Optional, Sequence, Tuple, Union
 from torch import Tensor, nn
 
 from slimops import ops
-from slimops.nn._checks import check_layer_input, per_width, resolve_widths
-from slimops.width import Slimmable
+from slimops.nn._checks import channel_rule, check_layer_input, per_width, resolve_widths
+from slimops.width import ChannelSpec, Slimmable
 
-Channels = Union[int, Sequence[int]]
+Channels = ChannelSpec
 IntPair = Union[int, Tuple[int, int]]
 
 
@@ -18,8 +18,11 @@ class SlimmableConv2d(Slimmable, nn.Conv2d):
     """``nn.Conv2d`` with per-width channel counts, running on prefixes of one shared weight.
 
     Args:
-        in_channels, out_channels: an int (the same at every width) or one count per width,
-            in the order of ``widths`` (ascending). The weight is allocated for the largest.
+        in_channels, out_channels: an int (the same at every width), one count per width
+            in the order of ``widths`` (ascending), or a ``slimops.width.ChannelRule`` (any
+            callable ``width -> count``). The weight is allocated for the largest. When
+            neither is a list, the layer also runs at any width between the smallest and
+            the largest switch (``any_width``).
         kernel_size, stride, padding, dilation, bias, device, dtype: as ``nn.Conv2d``
             (``padding`` may be ``"same"`` or ``"valid"``; only ``padding_mode="zeros"``).
         groups: as ``nn.Conv2d``. If ``groups`` equals the largest in and out channel count
@@ -66,7 +69,10 @@ class SlimmableConv2d(Slimmable, nn.Conv2d):
                 )
         super().__init__(in_max, out_max, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        self._init_widths(ws)
+        self.in_channels_rule = channel_rule(in_channels)
+        self.out_channels_rule = channel_rule(out_channels)
+        self._init_widths(ws, any_width=self.in_channels_rule is not None
+                          and self.out_channels_rule is not None)
         self.in_channels_list = in_list
         self.out_channels_list = out_list
         self.depthwise = depthwise
@@ -88,7 +94,24 @@ class SlimmableConv2d(Slimmable, nn.Conv2d):
     def active_channels(self) -> Tuple[int, int]:
         """``(in_channels, out_channels)`` at the active width."""
         i = self.width_index()
-        return self.in_channels_list[i], self.out_channels_list[i]
+        if i is not None:
+            return self.in_channels_list[i], self.out_channels_list[i]
+        cin = self._active_count(self.in_channels_list, self.in_channels_rule)
+        cout = self._active_count(self.out_channels_list, self.out_channels_rule)
+        # Between the listed widths the rules give the counts; the shapes they allow at the
+        # listed widths are checked at construction, so check them here.
+        if self.depthwise and cin != cout:
+            raise ValueError(f"SlimmableConv2d (depthwise): at width {self.active_width()} the "
+                             f"channel rules give {cin} inputs but {cout} outputs")
+        if not self.depthwise and (cin % self.groups or cout % self.groups):
+            raise ValueError(f"SlimmableConv2d: at width {self.active_width()} the channel "
+                             f"rules give (in, out) = ({cin}, {cout}), not divisible by "
+                             f"groups={self.groups}")
+        if cin > self.in_channels or cout > self.out_channels:
+            raise ValueError(f"SlimmableConv2d: at width {self.active_width()} the channel "
+                             f"rules give (in, out) = ({cin}, {cout}), more than the weight's "
+                             f"({self.in_channels}, {self.out_channels})")
+        return cin, cout
 
     def forward(self, input: Tensor) -> Tensor:
         return self.conv(input)

@@ -57,7 +57,9 @@ class SlimConvBNAct(nn.Module):
         self.conv = SlimmableConv2d(in_channels, out_channels, kernel_size, stride, padding,
                                     dilation, groups, bias=False, device=device, dtype=dtype,
                                     widths=widths)
-        self.bn = SwitchableBatchNorm2d(self.conv.out_channels_list, eps, momentum,
+        # The conv's out channels: its rule if it has one (then both run at any width).
+        out = self.conv.out_channels_rule or self.conv.out_channels_list
+        self.bn = SwitchableBatchNorm2d(out, eps, momentum,
                                         device=device, dtype=dtype, widths=self.conv.widths,
                                         shared=shared_bn)
         self.activation = activation

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
 from slimops import ops
-from slimops.nn._checks import check_layer_input, per_width, resolve_widths
-from slimops.width import Slimmable
+from slimops.nn._checks import channel_rule, check_layer_input, per_width, resolve_widths
+from slimops.width import ChannelSpec, Slimmable
 
 
 class SlimmableLinear(Slimmable, nn.Linear):
     """``nn.Linear`` with per-width feature counts, on prefixes of one shared weight.
 
     Args:
-        in_features, out_features: an int (the same at every width) or one count per width
-            (in the order of ascending ``widths``); a classifier keeps ``out_features`` fixed.
+        in_features, out_features: an int (the same at every width), one count per width
+            (in the order of ascending ``widths``) or a ``ChannelRule``; a classifier keeps
+            ``out_features`` fixed. Without lists the layer also runs at any width between
+            its smallest and largest switch.
         bias, device, dtype: as ``nn.Linear``.
         widths: the width switches; defaults to ``(1.0,)`` with ints (then it behaves exactly
             like ``nn.Linear``).
@@ -24,8 +26,8 @@ class SlimmableLinear(Slimmable, nn.Linear):
 
     def __init__(
         self,
-        in_features: Union[int, Sequence[int]],
-        out_features: Union[int, Sequence[int]],
+        in_features: ChannelSpec,
+        out_features: ChannelSpec,
         bias: bool = True,
         device=None,
         dtype=None,
@@ -36,14 +38,25 @@ class SlimmableLinear(Slimmable, nn.Linear):
         in_list = per_width(in_features, ws, "SlimmableLinear in_features")
         out_list = per_width(out_features, ws, "SlimmableLinear out_features")
         super().__init__(max(in_list), max(out_list), bias, device, dtype)
-        self._init_widths(ws)
+        self.in_features_rule = channel_rule(in_features)
+        self.out_features_rule = channel_rule(out_features)
+        self._init_widths(ws, any_width=self.in_features_rule is not None
+                          and self.out_features_rule is not None)
         self.in_features_list = in_list
         self.out_features_list = out_list
 
     def active_features(self) -> Tuple[int, int]:
         """``(in_features, out_features)`` at the active width."""
         i = self.width_index()
-        return self.in_features_list[i], self.out_features_list[i]
+        if i is not None:
+            return self.in_features_list[i], self.out_features_list[i]
+        fin = self._active_count(self.in_features_list, self.in_features_rule)
+        fout = self._active_count(self.out_features_list, self.out_features_rule)
+        if fin > self.in_features or fout > self.out_features:
+            raise ValueError(f"SlimmableLinear: at width {self.active_width()} the channel "
+                             f"rules give (in, out) = ({fin}, {fout}), more than the weight's "
+                             f"({self.in_features}, {self.out_features})")
+        return fin, fout
 
     def forward(self, input: Tensor) -> Tensor:
         fin, fout = self.active_features()
