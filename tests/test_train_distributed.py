@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import slimops.train as train_mod
 from slimops.models import slim_cnn
 from slimops.train import (
+    RANDOM_WIDTHS,
     Trainer,
     average_buffers,
     calibrate_bn,
@@ -455,8 +456,9 @@ def test_trainer_equals_single_process_and_checkpoints_from_rank0(ranks):
                 assert got["train_loss"][w] == pytest.approx(want["train_loss"][w], rel=1e-10)
         for n, v in model.state_dict().items():
             torch.testing.assert_close(t["state"][n], v, **EXACT, msg=n)
-    # the sandwich rule drew the in-between widths differently across the 4 steps
-    assert any(len(e["train_loss"]) == 3 for e in ref.history)
+    # the sandwich rule drew random widths between the switches (slim_cnn is built from
+    # channel rules), the same on both ranks: the weights above agree
+    assert all(list(e["train_loss"]) == [1.0, 0.25, RANDOM_WIDTHS] for e in ref.history)
 
     assert [r["trainer"]["saves"] for r in results] == [1, 0]  # only rank 0 writes
     assert sorted(os.listdir(out / "ckpt")) == ["trainer.pt"]
