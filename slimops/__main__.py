@@ -1,4 +1,4 @@
-"""Command line: ``python -m slimops {demo,train,profile,info}``."""
+"""Command line: ``python -m slimops {demo,train,profile,info,bench}``."""
 
 from __future__ import annotations
 
@@ -165,6 +165,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from slimops.benchmark_report import main as bench_main
+
+    return bench_main(quick=args.quick, keyword=args.k, out_dir=args.out, json_path=args.json,
+                      plot_path=args.plot, report_only=args.report, threads=args.threads)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="slimops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +242,25 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     info = sub.add_parser("info", help="which backends are active")
     info.set_defaults(func=_info)
+
+    bench = sub.add_parser(
+        "bench", help="run the benchmark suite (bench/ of a source checkout) and report it",
+        description="Runs bench/ with pytest-benchmark (per layer and per model at every "
+        "width: slimops, the original implementation's style, the dense network in eager "
+        "PyTorch, and traced + frozen + optimized for inference; an Algorithm 1 training "
+        "step with peak memory), then prints median ms per variant with slimops' ratios and "
+        "plots latency against width. The full run takes several minutes on 2 cores.")
+    bench.add_argument("--quick", action="store_true",
+                       help="smoke run: extreme widths, batch 1, few rounds (not a result)")
+    bench.add_argument("-k", metavar="EXPR", help="pytest -k expression selecting benchmarks")
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    bench.add_argument("--out", default=os.path.join("runs", "bench"), metavar="DIR",
+                       help="where the JSON and PNG go (runs/bench)")
+    bench.add_argument("--json", metavar="PATH", help="the JSON file (default: OUT/bench-<time>.json)")
+    bench.add_argument("--plot", metavar="PATH", help="the PNG (default: the JSON's name, .png)")
+    bench.add_argument("--report", metavar="JSON",
+                       help="no run: report a saved pytest-benchmark JSON")
+    bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     return args.func(args)
