@@ -8,7 +8,7 @@ import slimops
 from slimops.export import ConvBNAct, export
 from slimops.models import MODELS, slim_cnn
 from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear, SwitchableBatchNorm2d
-from slimops.width import Slimmable
+from slimops.width import ChannelRule, Slimmable
 
 # Small inputs keep every width of every model (ResNet-50 included) fast.
 INPUT = (1, 3, 64, 64)
@@ -202,3 +202,21 @@ def test_unknown_slimmable_layer():
 
 def test_exported_as_slimops_export():
     assert slimops.export is export and "export" in slimops.__all__
+
+
+def test_width_between_the_switches(tol, randomize_bn):
+    """A model built from channel rules runs between its listed widths; its export there
+    needs that width's calibrated BN statistics, and says so when they are missing."""
+    from slimops.train import calibrate_bn
+
+    model = randomize_bn(slim_cnn()).eval()
+    with pytest.raises(ValueError, match="no running statistics at width 0.6.*calibrate"):
+        export(model, 0.6)
+    x = torch.randn(4, 3, 16, 16)
+    calibrate_bn(model, [x], widths=[0.6], num_batches=1)
+    for fold in (True, False):
+        exported = export(model, 0.6, fold_bn=fold)
+        _assert_plain(exported)
+        expected = _slim_output(model, 0.6, x)
+        torch.testing.assert_close(exported(x).detach(), expected, **tol(torch.float32, expected))
+    assert exported.stem.conv.out_channels == ChannelRule(32, 8)(0.6)
