@@ -15,6 +15,10 @@
   layouts and fusions where it applies).
 
 ``VARIANTS`` names them, with ``"slimops"`` (the slimmable model itself) first.
+``"dense-compile"`` (opt-in: ``SLIMOPS_BENCH_COMPILE=1`` or ``python -m slimops bench
+--compile``) adds ``torch.compile`` (inductor, ``freezing=True``) of the dense network: it
+compiles for tens of seconds per model, width and batch on 2 cores, too long for the
+default suite.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import slimops
 from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear, SwitchableBatchNorm2d
 
 VARIANTS = ("slimops", "reference", "dense-eager", "dense-jit")
+OPTIONAL_VARIANTS = ("dense-compile",)
 
 
 # -- the original implementation's style, on the shared weights --------------------------
@@ -180,6 +185,18 @@ def dense_jit(model: nn.Module, width: float, example: Tensor) -> torch.jit.Scri
     return frozen
 
 
+def dense_compiled(model: nn.Module, width: float, example: Tensor) -> Callable[[Tensor], Tensor]:
+    """``torch.compile`` (inductor, weights frozen into the graph) of the dense network,
+    compiled on ``example`` before it is returned."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(dense_eager(model, width))
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        for _ in range(2):
+            compiled(example)
+    return compiled
+
+
 def runner(variant: str, model: nn.Module, width: float, example: Tensor,
            reference: Optional[nn.Module] = None) -> Callable[[Tensor], Tensor]:
     """A callable ``x -> output`` running ``model`` at ``width`` the ``variant`` way, under
@@ -196,8 +213,11 @@ def runner(variant: str, model: nn.Module, width: float, example: Tensor,
         net = dense_eager(model, width)
     elif variant == "dense-jit":
         net = dense_jit(model, width, example)
+    elif variant == "dense-compile":
+        net = dense_compiled(model, width, example)
     elif variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        raise ValueError(f"unknown variant {variant!r}; expected one of "
+                         f"{VARIANTS + OPTIONAL_VARIANTS}")
 
     def run(x: Tensor) -> Tensor:
         with torch.inference_mode():

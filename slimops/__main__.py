@@ -169,7 +169,8 @@ def _bench(args: argparse.Namespace) -> int:
     from slimops.benchmark_report import main as bench_main
 
     return bench_main(quick=args.quick, keyword=args.k, out_dir=args.out, json_path=args.json,
-                      plot_path=args.plot, report_only=args.report, threads=args.threads)
+                      plot_path=args.plot, report_only=args.report, threads=args.threads,
+                      with_compile=args.compile)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -254,6 +255,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help="smoke run: extreme widths, batch 1, few rounds (not a result)")
     bench.add_argument("-k", metavar="EXPR", help="pytest -k expression selecting benchmarks")
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    bench.add_argument("--compile", action="store_true",
+                       help="also torch.compile (inductor, freezing) the dense networks "
+                       "per model (slow to compile: minutes more)")
     bench.add_argument("--out", default=os.path.join("runs", "bench"), metavar="DIR",
                        help="where the JSON and PNG go (runs/bench)")
     bench.add_argument("--json", metavar="PATH", help="the JSON file (default: OUT/bench-<time>.json)")

@@ -22,9 +22,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-VARIANTS = ("slimops", "reference", "dense-eager", "dense-jit")
+VARIANTS = ("slimops", "reference", "dense-eager", "dense-jit", "dense-compile")
 RATIOS = (("reference", "slimops/ref"), ("dense-eager", "slimops/eager"),
-          ("dense-jit", "slimops/jit"))
+          ("dense-jit", "slimops/jit"), ("dense-compile", "slimops/compile"))
 
 Key = Tuple[str, str, int]  # (suite, subject, batch)
 
@@ -223,7 +223,8 @@ def run_suite(json_path: Path, quick: bool = False, keyword: Optional[str] = Non
 
 def main(quick: bool = False, keyword: Optional[str] = None, out_dir: str = "runs/bench",
          json_path: Optional[str] = None, plot_path: Optional[str] = None,
-         report_only: Optional[str] = None, threads: Optional[int] = None) -> int:
+         report_only: Optional[str] = None, threads: Optional[int] = None,
+         with_compile: bool = False) -> int:
     """The ``bench`` command: run (unless ``report_only``), print the report, plot."""
     import sys
 
@@ -239,6 +240,8 @@ def main(quick: bool = False, keyword: Optional[str] = None, out_dir: str = "run
         path = Path(json_path) if json_path else Path(out_dir) / f"bench-{stamp}.json"
         if threads:
             os.environ["SLIMOPS_BENCH_THREADS"] = str(threads)
+        if with_compile:
+            os.environ["SLIMOPS_BENCH_COMPILE"] = "1"
         t0 = time.time()
         code = run_suite(path, quick=quick, keyword=keyword)
         print(f"\nbench: suite ran in {time.time() - t0:.0f} s; JSON: {path}")
