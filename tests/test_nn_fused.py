@@ -387,3 +387,93 @@ def test_medium_shapes(kind, train, tol, randomize_bn):
                                    **tol(torch.float32, weight.grad))
         torch.testing.assert_close(block.bn.bn[i].weight.grad, bn_ref.weight.grad,
                                    **tol(torch.float32, bn_ref.weight.grad))
+
+
+# ------------------------------------------------------------ the inference fast path
+
+
+def _slow(block, x, residual=None):
+    """The checked path: with autograd on, every call recomputes the BN scale/shift."""
+    with torch.enable_grad():
+        return block(x, residual).detach()
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fast_path_equals_the_checked_path(kind, with_residual, randomize_bn):
+    block = make_block(kind, torch.float64, randomize_bn, activation="relu6", stride=1).eval()
+    for w in WIDTHS:
+        with slimops.width(block, w):
+            cin, cout = block.conv.active_channels()
+            x = torch.randn(2, cin, 6, 5, dtype=torch.float64)
+            r = torch.randn(2, cout, 6, 5, dtype=torch.float64) if with_residual else None
+            for mode in (torch.no_grad, torch.inference_mode):
+                with mode():
+                    assert torch.equal(block(x, r), _slow(block, x, r))
+    assert sorted(block._eval_plans) == list(WIDTHS)
+    # what is kept per width: the scale/shift vectors, the size of its BN's γ/β
+    for i, w in enumerate(WIDTHS):
+        plan = block._eval_plans[w]
+        assert plan.scale.shape == plan.shift.shape == (block.bn.num_features_list[i],)
+
+
+def test_fast_path_follows_every_bn_change(randomize_bn):
+    block = make_block("dense", torch.float64, randomize_bn).eval()
+    x = torch.randn(2, 13, 6, 5, dtype=torch.float64)
+
+    def check():
+        with torch.no_grad():
+            assert torch.equal(block(x), _slow(block, x))
+
+    check()
+    with torch.no_grad():  # in-place writes: running stats, γ, β
+        block.bn.bn[2].running_mean.add_(1.0)
+    check()
+    with torch.no_grad():
+        block.bn.bn[2].weight.mul_(2.0)
+    check()
+    block.bn.bn[2].eps = 0.5
+    check()
+    block.load_state_dict(randomize_bn(copy.deepcopy(block)).state_dict())
+    check()
+    block.train()  # a training step updates the running stats
+    block(x)
+    block.eval()
+    check()
+    block.bn.bn[2] = randomize_bn(torch.nn.BatchNorm2d(13, dtype=torch.float64))  # replaced
+    check()
+    block.float()  # another dtype
+    x = x.float()
+    with torch.no_grad():
+        assert block(x).dtype == torch.float32
+    check()
+
+
+def test_fast_path_follows_recalibration_between_widths():
+    from slimops.train import calibrate_bn
+    from slimops.width import ChannelRule
+
+    block = SlimConvBNAct(3, ChannelRule(16), 3, widths=(0.25, 1.0), dtype=torch.float64)
+    xs = [torch.randn(4, 3, 6, 6, dtype=torch.float64) for _ in range(2)]
+    calibrate_bn(block, xs[:1], widths=[0.5])
+    block.eval()
+    with torch.no_grad(), slimops.width(block, 0.5):
+        first = block(xs[0])
+        calibrate_bn(block, xs[1:], widths=[0.5])  # new statistics module for 0.5
+        block.eval()
+        again = block(xs[0])
+        assert not torch.equal(first, again)
+        assert torch.equal(again, _slow(block, xs[0]))
+
+
+def test_fast_path_records_the_bn_arithmetic_when_traced(randomize_bn):
+    block = make_block("dense", torch.float32, randomize_bn).eval()
+    x = torch.randn(1, 13, 5, 5)
+    with torch.no_grad():
+        block(x)  # a cached plan exists
+        traced = torch.jit.trace(block, x)
+    graph = str(traced.inlined_graph)
+    assert "aten::rsqrt" in graph  # scale/shift computed in the graph, not baked in
+    with torch.no_grad():
+        block.bn.bn[2].running_var.mul_(4.0)
+        torch.testing.assert_close(traced(x), block(x))

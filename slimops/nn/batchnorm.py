@@ -102,6 +102,19 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         return self.calibrated[width_key(self.active_width())] \
             if width_key(self.active_width()) in self.calibrated else None
 
+    def active_modules(self) -> Tuple[nn.BatchNorm2d, Optional[nn.BatchNorm2d]]:
+        """``(active_bn(), stats_bn())`` with one width lookup (the inference fast path
+        checks them on every call)."""
+        if self.shared:
+            bn = self.bn[0]
+            return bn, bn
+        w = self.active_width()
+        i = self._width_index.get(w)
+        if i is not None:
+            bn = self.bn[i]
+            return bn, bn
+        return self.active_bn(), self.stats_bn()
+
     def new_calibration(self, w: float) -> nn.BatchNorm2d:
         """Fresh statistics for width ``w`` between the listed ones, stored in
         ``self.calibrated`` (replacing any earlier ones); what ``calibrate_bn`` fills."""

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
+from slimops import _backend
 from slimops.nn.batchnorm import SwitchableBatchNorm2d
 from slimops.nn.conv import Channels, IntPair, SlimmableConv2d
+from slimops.ops._common import ACTIVATION_CODES
 from slimops.reference import ACTIVATIONS
+
+
+class _EvalPlan:
+    """What the inference fast path of one width needs: the active channel counts and the
+    BN's eval scale/shift, with the versions of the tensors they came from."""
+
+    __slots__ = ("sources", "versions", "affine", "stats", "eps", "cin", "cout", "scale",
+                 "shift")
+
+    def __init__(self, sources, affine: nn.BatchNorm2d, stats: Optional[nn.BatchNorm2d],
+                 cin: int, cout: int, scale: Tensor, shift: Tensor) -> None:
+        self.sources = sources
+        self.versions = [t._version for t in sources]
+        self.affine, self.stats = affine, stats
+        self.eps = (stats or affine).eps
+        self.cin, self.cout, self.scale, self.shift = cin, cout, scale, shift
+
+    def valid(self, sbn: SwitchableBatchNorm2d, dtype: torch.dtype) -> bool:
+        """Still right: same BN modules (not replaced, not re-calibrated), same eps, same
+        dtype, and no BN tensor written since (in-place writes bump ``_version``)."""
+        if self.scale.dtype != dtype or (self.affine, self.stats) != sbn.active_modules():
+            return False
+        return ((self.stats or self.affine).eps == self.eps
+                and [t._version for t in self.sources] == self.versions)
 
 
 class SlimConvBNAct(nn.Module):
@@ -18,6 +45,14 @@ class SlimConvBNAct(nn.Module):
     residual add and the activation, in the convolution's epilogue: one op, one pass over the
     output. In training the convolution is followed by the fused batch-statistics
     BN + residual + activation op (only the active width's running stats update).
+
+    Inference fast path: in eval mode without autograd (``torch.no_grad()`` /
+    ``torch.inference_mode()``), the scale/shift of each width used is kept (two vectors of
+    the width's channel count, the size of its BN γ/β; never a weight) and reused while the
+    BN's tensors are unchanged (their version counters say so), and the compiled op is
+    called directly: no per-call BN arithmetic and no Python-level re-validation of
+    arguments the layer already validated. With autograd on, every call recomputes
+    scale/shift from the BN parameters so that gradients reach them.
 
     Args:
         in_channels, out_channels, kernel_size, stride, dilation, groups, widths: as
@@ -63,8 +98,55 @@ class SlimConvBNAct(nn.Module):
                                         device=device, dtype=dtype, widths=self.conv.widths,
                                         shared=shared_bn)
         self.activation = activation
+        self._act_code = ACTIVATION_CODES[activation]
+        # width -> its inference fast path plan (channel counts, BN scale/shift)
+        self._eval_plans: Dict[float, _EvalPlan] = {}
+
+    def _eval_plan(self, w: float, dtype: torch.dtype) -> "_EvalPlan":
+        """Width ``w``'s (the active width's) cached plan, rebuilt when a BN tensor it was
+        computed from changed (in-place updates bump ``_version``; ``.to()`` changes the
+        dtype) or its ``eps`` did."""
+        plan = self._eval_plans.get(w)
+        if plan is not None and plan.valid(self.bn, dtype):
+            return plan
+        bn = self.bn
+        affine, stats = bn.active_modules()
+        sources = [t for t in (affine.weight, affine.bias,
+                               None if stats is None else stats.running_mean,
+                               None if stats is None else stats.running_var) if t is not None]
+        cin, cout = self.conv.active_channels()
+        scale, shift = bn.eval_scale_shift()
+        plan = _EvalPlan(sources, affine, stats, cin, cout, scale, shift)
+        self._eval_plans[w] = plan
+        return plan
+
+    def _fast_eval(self, input: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
+        """The conv + BN + activation op at the active width, or None where the checked
+        path must run (a bad input gets its error there)."""
+        conv = self.conv
+        weight = conv.weight
+        if not (isinstance(input, Tensor) and input.dim() == 4 and input.dtype == weight.dtype
+                and _backend.use_native(input, weight)):
+            return None
+        plan = self._eval_plan(conv.active_width(), weight.dtype)
+        if input.shape[1] != plan.cin:
+            return None
+        if conv.depthwise:
+            return torch.ops.slimops.depthwise_conv2d.default(
+                input, weight, conv.bias, conv.stride, conv._op_padding, conv.dilation,
+                plan.scale, plan.shift, residual, self._act_code)
+        return torch.ops.slimops.conv2d.default(
+            input, weight, conv.bias, plan.cout, conv.stride, conv._op_padding, conv.dilation,
+            conv.groups, plan.scale, plan.shift, residual, self._act_code)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        # Not while tracing or compiling: a trace must record the BN arithmetic, not bake
+        # in one width's cached scale/shift as constants.
+        if not (self.training or torch.is_grad_enabled() or self.bn.shared
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            out = self._fast_eval(input, residual)
+            if out is not None:
+                return out
         if self.bn.uses_batch_stats():
             return self.bn.normalize(self.conv(input), residual, self.activation)
         scale, shift = self.bn.eval_scale_shift()
