@@ -5,6 +5,11 @@ Round policy: one untimed warm-up call, one timed call to estimate the cost, the
 rounds of one call each (so a 50 us layer gets hundreds of rounds and ResNet-50 at batch 8 a
 handful, and the whole suite stays within minutes on 2 cores). Reports use the median.
 
+Contention: a 2-core machine shared with other work gives inflated and erratic timings
+(an OpenMP region waits for its descheduled worker thread). Each benchmark records the
+share of time its threads were runnable but waiting for a CPU while it was timed (the
+kernel's per-thread ``schedstat``, nanosecond resolution); the report flags rows above 5%.
+
 Every benchmark is tagged in ``extra_info`` with ``suite`` (``layer`` / ``model`` /
 ``train``), ``subject`` (layer or model name), ``batch``, ``width`` and ``variant``: the
 report groups on those, not on test names.
@@ -13,9 +18,10 @@ report groups on those, not on test names.
 from __future__ import annotations
 
 import math
+import os
 import time
 from functools import lru_cache
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import pytest
 import torch
@@ -26,9 +32,9 @@ from slimops.models import MODELS
 
 # (budget_s, min_rounds, max_rounds) per suite; quick: a smoke run.
 ROUNDS = {
-    "layer": (0.5, 10, 400),
-    "model": (1.5, 5, 100),
-    "train": (6.0, 3, 10),
+    "layer": (0.3, 10, 300),
+    "model": (1.0, 5, 100),
+    "train": (4.0, 3, 10),
 }
 QUICK_ROUNDS = (0.05, 1, 3)
 
@@ -46,8 +52,40 @@ def tag(benchmark, suite: str, subject: str, batch: int, width: float, variant: 
                                 variant=variant, **extra)
 
 
+def _sched_snapshot() -> Optional[Tuple[int, int]]:
+    """(ns on a CPU, ns runnable but waiting for a CPU), summed over this process's threads
+    (``/proc/<pid>/task/*/schedstat``), or None where the kernel does not provide it."""
+    run = wait = 0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    found = False
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                r, w = f.read().split()[:2]
+        except (OSError, ValueError):
+            continue  # a thread that just ended
+        run, wait, found = run + int(r), wait + int(w), True
+    return (run, wait) if found else None
+
+
+def cpu_wait(before, after) -> Optional[float]:
+    """Share (0..1) of the time this process's threads wanted a CPU but waited for one,
+    between two ``_sched_snapshot``s: the contention a timing was taken under (0 on an
+    otherwise idle machine)."""
+    if before is None or after is None:
+        return None
+    run, wait = after[0] - before[0], after[1] - before[1]
+    if run <= 0 or wait < 0:
+        return None
+    return wait / (run + wait)
+
+
 def measure(benchmark, fn: Callable[..., Any], *args: Any, suite: str, quick: bool) -> None:
-    """Time ``fn(*args)`` with the round policy above."""
+    """Time ``fn(*args)`` with the round policy above; ``extra_info["cpu_wait"]`` is the
+    share of time this process's threads waited for a CPU meanwhile (see ``cpu_wait``)."""
     budget, lo, hi = QUICK_ROUNDS if quick else ROUNDS[suite]
     fn(*args)  # warm-up: first-call allocations, oneDNN primitive creation, JIT profiling
     t0 = time.perf_counter()
@@ -55,7 +93,11 @@ def measure(benchmark, fn: Callable[..., Any], *args: Any, suite: str, quick: bo
     estimate = max(time.perf_counter() - t0, 1e-6)
     rounds = max(lo, min(hi, math.ceil(budget / estimate)))
     benchmark.extra_info["rounds"] = rounds
+    before = _sched_snapshot()
     benchmark.pedantic(fn, args=args, rounds=rounds, iterations=1, warmup_rounds=0)
+    share = cpu_wait(before, _sched_snapshot())
+    if share is not None:
+        benchmark.extra_info["cpu_wait"] = round(share, 3)
 
 
 @lru_cache(maxsize=None)

@@ -86,10 +86,28 @@ def _table(header: Sequence[str], rows: List[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+# Rows timed while the benchmark's threads waited for a CPU more than this share of the
+# time (other processes on the machine) are flagged.
+WAIT_FLAG = 0.05
+WAIT_NOTE = (f"wait: the largest share of time the benchmark's threads were runnable but "
+             f"waiting for a CPU (other work on the machine) while a variant of the row was "
+             f"timed; '!' above {WAIT_FLAG:.0%}: that row's timings are inflated and not "
+             "comparable (an OpenMP region waits for its descheduled thread)")
+
+
+def _wait(records: Iterable[dict]) -> str:
+    shares = [r["cpu_wait"] for r in records if r.get("cpu_wait") is not None]
+    if not shares:
+        return "-"
+    top = max(shares)
+    return f"{top:.0%}" + ("!" if top > WAIT_FLAG else "")
+
+
 def latency_tables(data: dict) -> str:
     """Per layer and per model/batch: one row per width, median ms of each variant and the
     ratios of slimops to the others."""
     recs = results(data)
+    wait_column = any("cpu_wait" in r for r in recs)
     parts = []
     for suite, title in (("layer", "layer"), ("model", "model")):
         for (_, subject, batch), by_width in _grouped(recs, suite).items():
@@ -103,11 +121,16 @@ def latency_tables(data: dict) -> str:
                     if other in variants:
                         ok = "slimops" in ms and ms.get(other)
                         row.append(f"{ms['slimops'] / ms[other]:.2f}" if ok else "-")
+                if wait_column:
+                    row.append(_wait(d.values()))
                 rows.append(row)
             header = ["width"] + [f"{v} ms" for v in variants] + \
-                     [name for other, name in RATIOS if other in variants]
+                     [name for other, name in RATIOS if other in variants] + \
+                     (["wait"] if wait_column else [])
             parts.append(f"{title} {subject}, batch {batch} (median ms; ratio < 1: slimops "
                          f"faster)\n{_table(header, rows)}")
+    if wait_column:
+        parts.append(WAIT_NOTE)
     return "\n\n".join(parts)
 
 
@@ -118,11 +141,12 @@ def train_tables(data: dict) -> str:
         d = next(iter(by_width.values()))
         any_rec = next(iter(d.values()))
         rows = [[v, _fmt_ms(d[v]["median_ms"]),
-                 f"{d[v]['peak_mib']:.1f}" if "peak_mib" in d[v] else "-", str(d[v]["rounds"])]
+                 f"{d[v]['peak_mib']:.1f}" if "peak_mib" in d[v] else "-", str(d[v]["rounds"]),
+                 _wait([d[v]])]
                 for v in VARIANTS if v in d]
         text = (f"train step (Algorithm 1) {subject}, batch {batch}, input "
                 f"{any_rec.get('input', '?')}px, widths {any_rec.get('widths', '?')}\n"
-                + _table(["variant", "median ms", "peak MiB", "rounds"], rows))
+                + _table(["variant", "median ms", "peak MiB", "rounds", "wait"], rows))
         if "slimops" in d and "reference" in d:
             s, r = d["slimops"], d["reference"]
             text += f"\nslimops/reference: time {s['median_ms'] / r['median_ms']:.2f}"

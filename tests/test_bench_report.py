@@ -34,7 +34,8 @@ def synthetic(tmp_path):
     for w, scale in ((0.25, 1.0), (1.0, 4.0)):
         for variant, ms in (("slimops", 2.0), ("reference", 4.0), ("dense-eager", 2.5),
                             ("dense-jit", 1.0)):
-            benches.append(_bench("model", "s_mobilenet_v1", 8, w, variant, ms * scale / 1e3))
+            benches.append(_bench("model", "s_mobilenet_v1", 8, w, variant, ms * scale / 1e3,
+                                  cpu_wait=0.5 if (w, variant) == (1.0, "dense-jit") else 0.02))
         benches.append(_bench("layer", "linear", 1, w, "slimops", 0.05e-3))
         benches.append(_bench("layer", "linear", 1, w, "reference", 0.1e-3))
     benches.append(_bench("train", "s_mobilenet_v2", 8, 0.0, "slimops", 0.9, peak_mib=400.0,
@@ -60,14 +61,17 @@ def test_report_tables(synthetic):
     i = lines.index("model s_mobilenet_v1, batch 8 (median ms; ratio < 1: slimops faster)")
     assert lines[i + 1].split() == ["width", "slimops", "ms", "reference", "ms", "dense-eager",
                                     "ms", "dense-jit", "ms", "slimops/ref", "slimops/eager",
-                                    "slimops/jit"]
+                                    "slimops/jit", "wait"]
     assert lines[i + 3].split() == ["0.25x", "2.000", "4.000", "2.500", "1.000", "0.50", "0.80",
-                                    "2.00"]
+                                    "2.00", "2%"]
+    # A row timed while its threads waited for a CPU half of the time is flagged.
     assert lines[i + 4].split() == ["1x", "8.000", "16.0", "10.0", "4.000", "0.50", "0.80",
-                                    "2.00"]
+                                    "2.00", "50%!"]
+    assert "'!' above 5%" in text
     # A group with only two variants gets only the ratio it can compute.
     j = lines.index("layer linear, batch 1 (median ms; ratio < 1: slimops faster)")
-    assert lines[j + 1].split()[-1] == "slimops/ref" and lines[j + 3].split()[-1] == "0.50"
+    assert lines[j + 1].split()[-2:] == ["slimops/ref", "wait"]
+    assert lines[j + 3].split()[-2:] == ["0.50", "-"]
     assert "slimops/reference: time 0.75, peak memory 0.67" in text
     assert "untagged" not in text
 
@@ -93,6 +97,14 @@ def test_cli_without_a_checkout(monkeypatch, tmp_path, capsys):
         br.bench_dir()
     assert main(["bench", "--quick"]) == 2
     assert "no benchmark suite at" in capsys.readouterr().err
+
+
+def test_cpu_wait():
+    # 3 ms on a CPU, 1 ms waiting for one: a quarter of the time waiting.
+    assert benchutil.cpu_wait((10, 5), (3_000_010, 1_000_005)) == pytest.approx(0.25)
+    assert benchutil.cpu_wait(None, (1, 1)) is None
+    snap = benchutil._sched_snapshot()
+    assert snap is None or (len(snap) == 2 and snap[0] > 0)
 
 
 def test_peak_step_bytes():
