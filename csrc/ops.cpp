@@ -12,7 +12,18 @@
 //    with the prefix filled and the rest zero, so autograd can accumulate it as is.
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/isa.h"
+
+namespace {
+// The instruction set the CPU kernels' vectorised loops run with ("avx512", "avx2",
+// "base"): the CPU's best, capped by SLIMOPS_CPU_ISA. Reported by slimops.backend_info().
+std::string cpu_isa() { return slimops::cpu::isa_name(slimops::cpu::cpu_isa()); }
+}  // namespace
+
 TORCH_LIBRARY(slimops, m) {
+  m.def("cpu_isa() -> str", &cpu_isa);
   // Dense / grouped convolution; groups = G fixed across widths, per-group prefixes.
   m.def(
       "conv2d(Tensor input, Tensor weight, Tensor? bias, int out_channels, int[2] stride, "

@@ -73,10 +73,13 @@ def backend_info() -> Dict[str, object]:
     Returns a dict with ``"cpu"`` (``"C++"`` when ``slimops._C`` is loaded, else
     ``"reference"``), ``"cuda"`` (the GPU path: ``"reference"`` until GPU kernels land, or
     ``"unavailable"`` without CUDA), ``"extension_error"`` (why ``_C`` did not load, or None),
-    ``"native_dtypes"`` and the torch version.
+    ``"native_dtypes"``, ``"cpu_isa"`` (the vector instruction set the C++ kernels'
+    hot loops use: ``"avx512"``, ``"avx2"`` or ``"base"``; capped by the environment
+    variable ``SLIMOPS_CPU_ISA``) and the torch version.
     """
     return {
         "cpu": "C++" if HAS_C else "reference",
+        "cpu_isa": torch.ops.slimops.cpu_isa() if HAS_C else None,
         "cuda": "reference" if torch.cuda.is_available() else "unavailable",
         "extension_error": _C_ERROR,
         "native_dtypes": [str(d).replace("torch.", "") for d in NATIVE_CPU_DTYPES],

@@ -29,14 +29,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_backend_info_keys_and_values():
     info = slimops.backend_info()
-    assert set(info) == {"cpu", "cuda", "extension_error", "native_dtypes", "torch"}
+    assert set(info) == {"cpu", "cpu_isa", "cuda", "extension_error", "native_dtypes", "torch"}
     assert info["cpu"] in ("C++", "reference")
     assert info["cuda"] == ("reference" if torch.cuda.is_available() else "unavailable")
     assert info["native_dtypes"] == ["float32", "float64"]
     assert info["torch"] == torch.__version__
     if info["cpu"] == "C++":
         assert info["extension_error"] is None
+        assert info["cpu_isa"] in ("avx512", "avx2", "base")
     else:
+        assert info["cpu_isa"] is None
         assert isinstance(info["extension_error"], str) and info["extension_error"]
     json.dumps(info)  # plain data, printable by the CLI
 

@@ -8,6 +8,7 @@
 // the taps and vectorises over output columns. The stride-1 input gradient reuses that loop (it
 // is a correlation with the flipped kernel); other strides scatter into the padded buffer.
 #include "cpu/common.h"
+#include "cpu/isa.h"
 
 #include <torch/library.h>
 
@@ -156,36 +157,55 @@ void dispatch_shape(const PlaneConv& p, const F& f) {
   f(Zero(), Zero(), Zero());
 }
 
-// o[ow] = sum_{i,j} w[i][j] * src[i * dh * ld + ow * sw + j * dw] for ow in [0, OW), src being
-// padded row oh * sh: output row oh of the correlation.
-template <int64_t KH_, int64_t KW_, int64_t SW_, typename scalar_t>
-void correlate_row(scalar_t* __restrict__ o, const scalar_t* __restrict__ src, int64_t ld,
-                   const scalar_t* __restrict__ w, const PlaneConv& p) {
-  const int64_t KH = KH_ ? KH_ : p.KH, KW = KW_ ? KW_ : p.KW, SW = SW_ ? SW_ : p.sw;
-  const int64_t row_step = p.dh * ld, dw = p.dw, OW = p.OW;
-  for (int64_t ow = 0; ow < OW; ++ow) {
-    scalar_t acc = 0;
-    for (int64_t i = 0; i < KH; ++i)
-      for (int64_t j = 0; j < KW; ++j) acc += w[i * KW + j] * src[i * row_step + ow * SW + j * dw];
-    o[ow] = acc;
-  }
+// Elements of forward_plane's scratch: OH rows of the field's row stride (WP when padded,
+// else the plane's W).
+inline int64_t scratch_size(const PlaneConv& p) {
+  return p.OH * (p.needs_padding() ? p.WP : p.W);
 }
 
-// partial[(i * KW + j) * OW + ow] += g[ow] * src[i * dh * ld + ow * sw + j * dw]: output row oh's
-// contribution to each tap's weight gradient, kept per column so the loop vectorises.
-template <int64_t KH_, int64_t KW_, int64_t SW_, typename scalar_t>
-void accumulate_row(scalar_t* __restrict__ partial, const scalar_t* __restrict__ g,
-                    const scalar_t* __restrict__ src, int64_t ld, const PlaneConv& p) {
-  const int64_t KH = KH_ ? KH_ : p.KH, KW = KW_ ? KW_ : p.KW, SW = SW_ ? SW_ : p.sw;
-  const int64_t row_step = p.dh * ld, dw = p.dw, OW = p.OW;
-  for (int64_t i = 0; i < KH; ++i) {
-    for (int64_t j = 0; j < KW; ++j) {
-      scalar_t* part = partial + (i * KW + j) * OW;
-      const scalar_t* x = src + i * row_step + j * dw;
-      for (int64_t ow = 0; ow < OW; ++ow) part[ow] += g[ow] * x[ow * SW];
+// The row kernels, compiled once per instruction set (see isa.h and depthwise_rows.inc).
+namespace isa_avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#include "cpu/depthwise_rows.inc"
+#pragma GCC pop_options
+}  // namespace isa_avx512
+
+namespace isa_avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "cpu/depthwise_rows.inc"
+#pragma GCC pop_options
+}  // namespace isa_avx2
+
+namespace isa_base {
+#include "cpu/depthwise_rows.inc"
+}  // namespace isa_base
+
+// The plane kernels of one shape (kernel size and column stride as compile-time constants,
+// 0 = read at run time) for the instruction set chosen at run time.
+template <int64_t KH, int64_t KW, int64_t SW, typename scalar_t>
+struct PlaneKernels {
+  using Forward = void (*)(scalar_t*, const scalar_t*, int64_t, const scalar_t*,
+                           const PlaneConv&, bool, scalar_t, scalar_t, const scalar_t*, int64_t,
+                           scalar_t*);
+  using Accumulate = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t,
+                              const PlaneConv&);
+  static Forward forward() {
+    switch (cpu_isa()) {
+      case Isa::kAvx512: return &isa_avx512::forward_plane<KH, KW, SW, scalar_t>;
+      case Isa::kAvx2: return &isa_avx2::forward_plane<KH, KW, SW, scalar_t>;
+      default: return &isa_base::forward_plane<KH, KW, SW, scalar_t>;
     }
   }
-}
+  static Accumulate accumulate() {
+    switch (cpu_isa()) {
+      case Isa::kAvx512: return &isa_avx512::accumulate_plane<KH, KW, SW, scalar_t>;
+      case Isa::kAvx2: return &isa_avx2::accumulate_plane<KH, KW, SW, scalar_t>;
+      default: return &isa_base::accumulate_plane<KH, KW, SW, scalar_t>;
+    }
+  }
+};
 
 at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -234,8 +254,12 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
                   shs = sh ? sh->stride(0) : 0;
     scalar_t* outp = out.data_ptr<scalar_t>();
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
+      const auto forward_plane =
+          PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
+                       scalar_t>::forward();
       at::parallel_for(0, pr.N * pr.C, grain_for(plane_work), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
+        std::vector<scalar_t> scratch(scratch_size(p));
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t c = plane % pr.C;
           const Field<const scalar_t> in = pad_plane(p, xp + plane * in_plane, buffer);
@@ -243,21 +267,9 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
           const scalar_t s = scp ? scp[c * scs] : scalar_t(1);
           const scalar_t t =
               (bp ? bp[c * bs] : scalar_t(0)) * s + (shp ? shp[c * shs] : scalar_t(0));
-          for (int64_t oh = 0; oh < p.OH; ++oh) {
-            scalar_t* o = outp + plane * out_plane + oh * p.OW;
-            correlate_row<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value>(
-                o, in.data + oh * p.sh * in.ld, in.ld, wp + c * taps, p);
-            // The epilogue runs while the row is still in L1.
-            if (!has_epilogue) continue;
-            if (rp) {
-              const scalar_t* r = rp + plane * out_plane + oh * p.OW;
-              for (int64_t k = 0; k < p.OW; ++k)
-                o[k] = activate<scalar_t>(o[k] * s + t + r[k], activation);
-            } else {
-              for (int64_t k = 0; k < p.OW; ++k)
-                o[k] = activate<scalar_t>(o[k] * s + t, activation);
-            }
-          }
+          forward_plane(outp + plane * out_plane, in.data, in.ld, wp + c * taps, p,
+                        has_epilogue, s, t, rp ? rp + plane * out_plane : nullptr, activation,
+                        scratch.data());
         }
       });
     });
@@ -294,17 +306,20 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
       const PlaneConv t(p.OH, p.OW, p.KH, p.KW, p.H, p.W, 1, 1, p.dh * (p.KH - 1) - p.ph,
                         p.dw * (p.KW - 1) - p.pw, p.dh, p.dw);
       dispatch_shape(t, [&](auto kh, auto kw, auto sw) {
+        const auto correlate_plane =
+            PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
+                         scalar_t>::forward();
         at::parallel_for(0, pr.N * pr.C, grain_for(plane_work), [&](int64_t begin, int64_t end) {
           std::vector<scalar_t> buffer = field_buffer<scalar_t>(t);
+          std::vector<scalar_t> scratch(scratch_size(t));
           std::vector<scalar_t> flipped(taps);
           for (int64_t plane = begin; plane < end; ++plane) {
             const scalar_t* wc = wp + (plane % pr.C) * taps;
             std::reverse_copy(wc, wc + taps, flipped.begin());
             const Field<const scalar_t> in = pad_plane(t, gp + plane * out_plane, buffer);
-            for (int64_t ih = 0; ih < p.H; ++ih)
-              correlate_row<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value>(
-                  gip + plane * in_plane + ih * p.W, in.data + ih * in.ld, in.ld,
-                  flipped.data(), t);
+            correlate_plane(gip + plane * in_plane, in.data, in.ld, flipped.data(), t,
+                            /*epilogue=*/false, scalar_t(1), scalar_t(0), nullptr, kNone,
+                            scratch.data());
           }
         });
       });
@@ -375,6 +390,9 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
     const scalar_t* gp = gz.data_ptr<scalar_t>();
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
+      const auto accumulate_plane =
+          PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
+                       scalar_t>::accumulate();
       // One channel per task: each grad_weight row has a single writer.
       at::parallel_for(0, pr.C, grain_for(pr.N * plane_work), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
@@ -388,10 +406,7 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
             const int64_t plane = n * pr.C + c;
             const Field<const scalar_t> in = pad_plane(p, xp + plane * in_plane, buffer);
             std::fill(partial.begin(), partial.end(), scalar_t(0));
-            for (int64_t oh = 0; oh < p.OH; ++oh)
-              accumulate_row<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value>(
-                  partial.data(), gp + plane * out_plane + oh * p.OW,
-                  in.data + oh * p.sh * in.ld, in.ld, p);
+            accumulate_plane(partial.data(), gp + plane * out_plane, in.data, in.ld, p);
             for (int64_t tap = 0; tap < taps; ++tap) {
               const scalar_t* part = partial.data() + tap * p.OW;
               double sum = 0.0;

@@ -1,0 +1,51 @@
+// Which vector instruction set the CPU kernels' hot loops run with, chosen at run time.
+//
+// The extension is compiled for the baseline x86-64 target (it must load on any x86-64 CPU),
+// which limits auto-vectorised loops to 4-wide SSE2. Loops that matter are therefore compiled
+// once more per instruction set (`#pragma GCC target` regions, see depthwise_conv2d.cpp) and
+// dispatched here: AVX-512 where the CPU has it, else AVX2 + FMA, else the baseline.
+// SLIMOPS_CPU_ISA=avx512|avx2|base caps the choice (read once; tests run every path with it).
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+namespace slimops {
+namespace cpu {
+
+enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline Isa detect_isa() {
+  Isa best = Isa::kBase;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq"))
+    best = Isa::kAvx512;
+#endif
+  const char* cap = std::getenv("SLIMOPS_CPU_ISA");
+  if (cap == nullptr) return best;
+  Isa wanted = best;
+  if (std::strcmp(cap, "base") == 0) wanted = Isa::kBase;
+  else if (std::strcmp(cap, "avx2") == 0) wanted = Isa::kAvx2;
+  else if (std::strcmp(cap, "avx512") == 0) wanted = Isa::kAvx512;
+  return static_cast<int>(wanted) < static_cast<int>(best) ? wanted : best;
+}
+
+inline Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "base";
+  }
+}
+
+}  // namespace cpu
+}  // namespace slimops
