@@ -5,6 +5,8 @@
 // weight (row stride Ig*kh*kw, unit column stride), which BLAS takes through its leading
 // dimension: the weight is never copied, only activations are (im2col, .contiguous()).
 #include "cpu/common.h"
+#include "cpu/gemm.h"
+#include "cpu/isa.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
@@ -193,6 +195,99 @@ struct ImageGuard {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 };
 
+// cols[r, q] for the output positions q in [p0, p0 + ncols) (row stride ncols): the columns
+// [p0, p0 + ncols) of the im2col matrix above, for one block of the blocked forward.
+template <typename scalar_t>
+void im2col_block(const scalar_t* image, scalar_t* cols, const ConvGeometry& s, int64_t p0,
+                  int64_t ncols) {
+  const int64_t rows = s.C * s.kernel_area();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t j = r % s.kw, i = (r / s.kw) % s.kh, c = r / s.kernel_area();
+    const scalar_t* src = image + c * s.H * s.W;
+    const int64_t off_w = j * s.dw - s.pw;
+    const Span w = valid_span(off_w, s.sw, s.W, s.Wo);
+    scalar_t* dst = cols + r * ncols;
+    for (int64_t p = p0, end = p0 + ncols; p < end;) {
+      const int64_t oh = p / s.Wo, ow0 = p % s.Wo, ow1 = std::min(s.Wo, ow0 + (end - p));
+      const int64_t ih = oh * s.sh + i * s.dh - s.ph;
+      if (ih < 0 || ih >= s.H) {
+        std::fill(dst, dst + (ow1 - ow0), scalar_t(0));
+      } else {
+        const scalar_t* row = src + ih * s.W + off_w;
+        const int64_t lo = std::max(ow0, w.lo), hi = std::min(ow1, std::max(w.hi, ow0));
+        for (int64_t ow = ow0; ow < std::min(lo, ow1); ++ow) dst[ow - ow0] = scalar_t(0);
+        if (s.sw == 1) {
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow - ow0] = row[ow];
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow - ow0] = row[ow * s.sw];
+        }
+        for (int64_t ow = std::max(hi, lo); ow < ow1; ++ow) dst[ow - ow0] = scalar_t(0);
+      }
+      dst += ow1 - ow0;
+      p += ow1 - ow0;
+    }
+  }
+}
+
+// How the forward splits its work: every image's output columns (positions) in blocks of
+// `cols`, one task per (image, block). A block's GEMM inputs and output, (K + O) x cols
+// values, stay within about 1 MiB, so its epilogue reads the output while it is still in
+// cache; with fewer images than threads, each image splits into enough blocks to keep every
+// thread busy (a multiple of the thread count, so no thread gets two blocks while another
+// idles).
+struct BlockPlan {
+  int64_t cols, per_image, tasks;
+};
+
+BlockPlan plan_blocks(const ConvGeometry& s, int64_t threads) {
+  const int64_t P = s.P();
+  const int64_t budget = std::max<int64_t>(64, (int64_t{1} << 18) / (s.C * s.kernel_area() + s.O));
+  int64_t per_image = (P + budget - 1) / budget;
+  if (s.N < threads) {
+    const int64_t want = (threads + s.N - 1) / s.N;
+    per_image = std::max(per_image, want);
+    per_image = (per_image + want - 1) / want * want;
+  }
+  // Blocks of at least 16 columns (a vector of floats, a MKL-friendly width).
+  per_image = std::max<int64_t>(1, std::min(per_image, (P + 15) / 16));
+  int64_t cols = (P + per_image - 1) / per_image;
+  if (cols < P) cols = std::min(P, (cols + 15) / 16 * 16);
+  per_image = (P + cols - 1) / cols;
+  return {cols, per_image, s.N * per_image};
+}
+
+// The epilogue's row loop, compiled once per instruction set (isa.h, epilogue_rows.inc).
+namespace isa_avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#include "cpu/epilogue_rows.inc"
+#pragma GCC pop_options
+}  // namespace isa_avx512
+
+namespace isa_avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "cpu/epilogue_rows.inc"
+#pragma GCC pop_options
+}  // namespace isa_avx2
+
+namespace isa_base {
+#include "cpu/epilogue_rows.inc"
+}  // namespace isa_base
+
+template <typename scalar_t>
+using EpilogueRows = void (*)(scalar_t*, int64_t, int64_t, int64_t, const scalar_t*,
+                              const scalar_t*, const scalar_t*, int64_t);
+
+template <typename scalar_t>
+EpilogueRows<scalar_t> epilogue_rows_for_cpu() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return &isa_avx512::epilogue_rows<scalar_t>;
+    case Isa::kAvx2: return &isa_avx2::epilogue_rows<scalar_t>;
+    default: return &isa_base::epilogue_rows<scalar_t>;
+  }
+}
+
 at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, int64_t out_channels,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -219,45 +314,80 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
 
   at::Tensor out = at::empty(out_size, input.options());
   if (out.numel() == 0) return out;
-  const at::Tensor x = input.contiguous().view({s.N, s.C, s.H * s.W});
-  const at::Tensor out3 = out.view({s.N, s.O, s.P()});
-  const at::Tensor w = group_prefixes(weight, s);
+  const at::Tensor x = input.contiguous();
+  const auto contiguous_or_undefined = [](const c10::optional<at::Tensor>& t) {
+    const at::Tensor* p = opt_ptr(t);
+    return p ? p->contiguous() : at::Tensor();
+  };
+  const at::Tensor sc = contiguous_or_undefined(scale);
+  const at::Tensor sh = contiguous_or_undefined(shift);
+  const at::Tensor res = contiguous_or_undefined(residual);
+  const at::Tensor* b = opt_ptr(bias);
+  const bool has_epilogue = b || sc.defined() || sh.defined() || res.defined() ||
+                            activation != kNone;
+  const int64_t threads = at::get_num_threads();
+  const BlockPlan plan = plan_blocks(s, threads);
+  const int64_t P = s.P(), K = s.K(), lda = s.Ig * s.kernel_area();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "slimops_conv2d", [&] {
-    for_each_image(s.N, [&](int64_t begin, int64_t end) {
-      ImageGuard guard;
-      const at::Tensor cols = s.pointwise()
-                                  ? at::Tensor()
-                                  : at::empty({s.C * s.kernel_area(), s.P()}, x.options());
-      for (int64_t n = begin; n < end; ++n) {
-        const at::Tensor image = x.select(0, n);
-        if (!s.pointwise()) im2col(image.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(), s);
-        const at::Tensor& b = s.pointwise() ? image : cols;
-        const at::Tensor out_n = out3.select(0, n);
-        for (int64_t g = 0; g < s.G; ++g) {
-          at::Tensor out_ng = out_n.narrow(0, g * s.og, s.og);
-          at::mm_out(out_ng, w.select(0, g), b.narrow(0, g * s.K(), s.K()));
-        }
-      }
-    });
-
-    const at::Tensor* b = opt_ptr(bias);
-    const int64_t bias_stride = b ? b->stride(0) : 0;
-    const auto contiguous_or_undefined = [](const c10::optional<at::Tensor>& t) {
-      const at::Tensor* p = opt_ptr(t);
-      return p ? p->contiguous() : at::Tensor();
-    };
-    const at::Tensor sc = contiguous_or_undefined(scale);
-    const at::Tensor sh = contiguous_or_undefined(shift);
-    const at::Tensor res = contiguous_or_undefined(residual);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
     const int64_t og = s.og, Og = s.Og;
-    // Output channel c = g*og + j reads bias row g*Og + j, through the bias's own stride.
-    apply_epilogue<scalar_t>(
-        out.data_ptr<scalar_t>(), s.N, s.O, s.P(), b ? b->data_ptr<scalar_t>() : nullptr,
-        [=](int64_t c) { return ((c / og) * Og + c % og) * bias_stride; },
-        sc.defined() ? sc.data_ptr<scalar_t>() : nullptr,
-        sh.defined() ? sh.data_ptr<scalar_t>() : nullptr,
-        res.defined() ? res.data_ptr<scalar_t>() : nullptr, activation);
+    const scalar_t* rp = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
+    // The epilogue as one multiply-add per element: act(z * a[c] + t[c] + r), with
+    // (z + bias) * scale + shift == z * scale + (bias * scale + shift). Output channel
+    // c = g*og + j reads bias row g*Og + j, through the bias's own stride.
+    std::vector<scalar_t> a(has_epilogue ? s.O : 0), t(has_epilogue ? s.O : 0);
+    if (has_epilogue) {
+      const scalar_t* bp = b ? b->data_ptr<scalar_t>() : nullptr;
+      const scalar_t* scp = sc.defined() ? sc.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* shp = sh.defined() ? sh.data_ptr<scalar_t>() : nullptr;
+      const int64_t bias_stride = b ? b->stride(0) : 0;
+      for (int64_t c = 0; c < s.O; ++c) {
+        const scalar_t bias_c = bp ? bp[((c / og) * Og + c % og) * bias_stride] : scalar_t(0);
+        a[c] = scp ? scp[c] : scalar_t(1);
+        t[c] = (shp ? shp[c] : scalar_t(0)) + bias_c * a[c];
+      }
+    }
+    const EpilogueRows<scalar_t> epilogue = epilogue_rows_for_cpu<scalar_t>();
+
+    // One (image, column block): im2col of the block (unless pointwise: the image is its own
+    // im2col matrix), one GEMM per group on the weight's prefix in place, then the epilogue
+    // on the block while it is in cache.
+    const auto run_block = [&](int64_t task, scalar_t* cols) {
+      const int64_t n = task / plan.per_image;
+      const int64_t p0 = (task % plan.per_image) * plan.cols;
+      const int64_t ncols = std::min(plan.cols, P - p0);
+      const scalar_t* image = xp + n * s.C * s.H * s.W;
+      const scalar_t* B = image + p0;
+      int64_t ldb = s.H * s.W;
+      if (!s.pointwise()) {
+        im2col_block(image, cols, s, p0, ncols);
+        B = cols;
+        ldb = ncols;
+      }
+      scalar_t* C = op_ + n * s.O * P + p0;
+      for (int64_t g = 0; g < s.G; ++g)
+        gemm<scalar_t>(og, ncols, K, wp + g * Og * lda, lda, B + g * K * ldb, ldb,
+                       C + g * og * P, P);
+      if (has_epilogue)
+        epilogue(C, P, s.O, ncols, a.data(), t.data(), rp ? rp + n * s.O * P + p0 : nullptr,
+                 activation);
+    };
+    const int64_t cols_size = s.pointwise() ? 0 : s.C * s.kernel_area() * plan.cols;
+    if (plan.tasks >= threads && threads > 1) {
+      // One task per thread at a time; BLAS inside a parallel region runs single-threaded.
+      at::parallel_for(0, plan.tasks, 1, [&](int64_t begin, int64_t end) {
+        ImageGuard guard;  // only the fallback GEMM creates tensors
+        std::vector<scalar_t> cols(cols_size);
+        for (int64_t task = begin; task < end; ++task) run_block(task, cols.data());
+      });
+    } else {
+      // Too little work to split (or one thread): BLAS uses the threads itself.
+      std::vector<scalar_t> cols(cols_size);
+      for (int64_t task = 0; task < plan.tasks; ++task) run_block(task, cols.data());
+    }
   });
   return out;
 }
