@@ -25,7 +25,7 @@ import time
 import pytest
 import torch
 
-_START = {"time": time.time(), "loadavg": None}
+_START = {"time": time.time(), "loadavg": None, "code": None}
 
 
 def pytest_addoption(parser):
@@ -40,6 +40,7 @@ def pytest_configure(config):
         torch.set_num_threads(int(threads))
     _START["time"] = time.time()
     _START["loadavg"] = _loadavg()
+    _START["code"] = _code_state()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -63,6 +64,34 @@ def _loadavg():
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def _code_state() -> dict:
+    """What is being measured, taken at the start (pytest-benchmark's commit_info is taken
+    at the end, and the kernels may be rebuilt meanwhile): HEAD, whether sources differ
+    from it, and the compiled extension's modification time."""
+    import subprocess
+
+    import slimops
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(slimops.__file__)))
+    state = {}
+    try:
+        state["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                         capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "slimops", "models"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+        state["dirty_sources"] = sorted(line[3:] for line in dirty.splitlines())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from slimops import _C
+
+        state["extension_mtime"] = time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(_C.__file__)))
+    except (ImportError, OSError, AttributeError):
+        state["extension_mtime"] = None
+    return state
 
 
 def _cpu_model() -> str:
@@ -103,6 +132,7 @@ def settings() -> dict:
         "allocator": allocator(),
         "backend": slimops.backend_info(),
         "loadavg_start": _START["loadavg"],
+        "code": _START["code"],
     }
 
 
@@ -117,6 +147,7 @@ def pytest_report_header(config):
         f"allocator: {s['allocator']}",
         f"load average at start (1, 5, 15 min): {s['loadavg_start']} -- other work on the "
         "machine inflates and spreads the timings",
+        f"code: {s['code']}",
         "slimops bench: " + ("QUICK smoke run (not a result)" if quick else "full run"),
     ]
 
@@ -129,3 +160,9 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     info = output_json.setdefault("machine_info", {}).setdefault("slimops", {})
     info["loadavg_end"] = _loadavg()
     info["suite_wall_s"] = round(time.time() - _START["time"], 1)
+    try:
+        import benchutil
+
+        info["quiet_wait_s"] = round(benchutil._SESSION["waited_s"], 1)
+    except ImportError:
+        pass

@@ -262,8 +262,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help="where the JSON and PNG go (runs/bench)")
     bench.add_argument("--json", metavar="PATH", help="the JSON file (default: OUT/bench-<time>.json)")
     bench.add_argument("--plot", metavar="PATH", help="the PNG (default: the JSON's name, .png)")
-    bench.add_argument("--report", metavar="JSON",
-                       help="no run: report a saved pytest-benchmark JSON")
+    bench.add_argument("--report", metavar="JSON", nargs="+",
+                       help="no run: report saved pytest-benchmark JSON files (several "
+                       "runs of the same code: the least contended measurement of each)")
     bench.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)

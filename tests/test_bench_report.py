@@ -156,3 +156,28 @@ def test_reference_style_trains_like_slimops(tol, one_thread):
     for (name, s), t in zip(a.named_buffers(), b.buffers()):
         torch.testing.assert_close(t, s, **tol(torch.float32, s) if s.is_floating_point()
                                    else dict(rtol=0, atol=0), msg=lambda m: f"{name}: {m}")
+
+
+def test_merge_keeps_the_least_contended_measurement(synthetic, tmp_path, capsys):
+    first = br.load(synthetic)
+    second = json.loads(json.dumps(first))
+    for b in second["benchmarks"]:
+        info = b["extra_info"]
+        if info.get("width") == 1.0 and info.get("variant") == "dense-jit":
+            b["stats"]["median"] = 3.0e-3  # re-measured without contention
+            info["cpu_wait"] = 0.0
+        elif "cpu_wait" in info:
+            info["cpu_wait"] = 0.3  # contended this time: the first run's value stays
+            b["stats"]["median"] *= 10
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps(second))
+    assert main(["bench", "--report", str(synthetic), str(again)]) == 0
+    out = capsys.readouterr().out
+    assert "merged from 2 runs" in out
+    row = next(line for line in out.splitlines() if line.startswith("   1x") and "8.000" in line)
+    assert row.split() == ["1x", "8.000", "16.0", "10.0", "3.000", "0.50", "0.80", "2.67", "2%"]
+
+    second["machine_info"]["slimops"]["code"] = {"commit": "other"}
+    again.write_text(json.dumps(second))
+    assert main(["bench", "--report", str(synthetic), str(again)]) == 2
+    assert "different code" in capsys.readouterr().err
