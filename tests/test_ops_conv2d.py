@@ -101,8 +101,8 @@ def test_geometry_prefixes(groups, kernel, stride, padding, dilation, dtype, tol
 @pytest.mark.parametrize("n", [1, 3], ids=["N1", "N3"])
 @pytest.mark.parametrize("groups", [1, 3], ids=["g1", "g3"])
 def test_threaded(groups, n, all_threads, tol):
-    """Both thread strategies: N < threads (images in order, BLAS threaded) and N >= threads
-    (whole images per thread), with im2col and the pointwise (1x1) path."""
+    """Threaded (image, column block) tasks: N < threads (each image split into blocks of
+    output positions) and N >= threads, with im2col and the pointwise (1x1) path."""
     assert torch.get_num_threads() >= 2
     (rows, ig_full), prefixes = WEIGHTS[groups]
     for kernel, stride, padding in [((3, 3), 1, 1), ((1, 1), 1, 0), ((5, 3), (2, 1), (2, 1))]:
@@ -112,6 +112,27 @@ def test_threaded(groups, n, all_threads, tol):
                           bias=leaf(torch.randn(rows, dtype=F64)), out_channels=o,
                           stride=stride, padding=padding, groups=groups)
             run_and_compare(kwargs, tol)
+
+
+@pytest.mark.parametrize("threads", ["one_thread", "all_threads"])
+@pytest.mark.parametrize("geometry", [dict(kernel=(3, 3), stride=1, padding=1),
+                                      dict(kernel=(3, 3), stride=2, padding=1),
+                                      dict(kernel=(1, 1), stride=1, padding=0)],
+                         ids=["k3s1", "k3s2", "k1"])
+def test_many_column_blocks(geometry, threads, request, tol):
+    """Outputs large enough that each image splits into several blocks of output positions
+    (a block's GEMM operands stay within ~1 MiB), block edges falling inside output rows:
+    im2col per block, per-block GEMMs into the strided output, the epilogue per block."""
+    request.getfixturevalue(threads)
+    kernel = geometry["kernel"]
+    weight = torch.randn(80, 72, *kernel)
+    kwargs = dict(input=leaf(torch.randn(2, 70, 37, 41)), weight=leaf(weight),
+                  bias=leaf(torch.randn(80)), out_channels=77, stride=geometry["stride"],
+                  padding=geometry["padding"], scale=leaf(torch.randn(77)),
+                  shift=leaf(torch.randn(77)), activation="relu")
+    ho, wo = out_hw(37, 41, kernel, geometry["stride"], geometry["padding"], 1)
+    kwargs["residual"] = leaf(torch.randn(2, 77, ho, wo))
+    run_and_compare(kwargs, tol)
 
 
 # --------------------------------------------------------------------------------------

@@ -84,6 +84,38 @@ def test_geometry_prefixes(kernel, stride, padding, dilation, dtype, tol):
     assert ran >= 3
 
 
+# The forward kernel takes one of three paths by plane size (csrc/cpu/depthwise_conv2d.cpp):
+# planes of at most 16x16 go 16 channels at a time (vectorised across channels: full and
+# partial channel blocks here), stride-1 rows narrower than 64 as one flattened correlation,
+# wider ones row by row. (H, W, channels, prefix) per path:
+PATHS = {
+    "lanes": (16, 11, 40, 35),   # two full 16-channel blocks and a partial one
+    "flat": (21, 30, 6, 5),
+    "rows": (9, 70, 3, 3),       # stride 1: 70 - k + 1 + 2p >= 64 output columns
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", [dict(kernel=(3, 3), stride=1, padding=1, dilation=1),
+                                      dict(kernel=(3, 3), stride=2, padding=1, dilation=1),
+                                      dict(kernel=(5, 5), stride=1, padding=2, dilation=2),
+                                      dict(kernel=(3, 1), stride=(1, 2), padding=(0, 1),
+                                           dilation=1)],
+                         ids=["k3s1", "k3s2", "k5d2", "k31s12"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_plane_size_paths(path, geometry, dtype, tol):
+    h, w, c_full, c = PATHS[path]
+    geometry = dict(geometry)  # the parameter is shared between test cases
+    kernel = geometry.pop("kernel")
+    weight = torch.randn(c_full, 1, *kernel, dtype=dtype)
+    kwargs = dict(input=leaf(torch.randn(2, c, h, w, dtype=dtype)), weight=leaf(weight),
+                  bias=leaf(torch.randn(c_full, dtype=dtype)), **geometry,
+                  scale=leaf(torch.randn(c, dtype=dtype)), activation="relu6")
+    ho, wo = out_hw(h, w, kernel, geometry["stride"], geometry["padding"], geometry["dilation"])
+    kwargs["residual"] = leaf(torch.randn(2, c, ho, wo, dtype=dtype))
+    run_and_compare(kwargs, tol)
+
+
 @pytest.mark.parametrize("n", [1, 3], ids=["N1", "N3"])
 def test_threaded(n, all_threads, tol):
     assert torch.get_num_threads() >= 2
