@@ -135,6 +135,19 @@ def test_many_column_blocks(geometry, threads, request, tol):
     run_and_compare(kwargs, tol)
 
 
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3)], ids=["k1", "k3"])
+def test_small_output_split_by_channels(kernel, all_threads, tol):
+    """One image, a small output (P < 256 per thread): the threads split the output channels
+    (blocks of 16 rows and a remainder), each with its own rows of the weight prefix."""
+    weight = torch.randn(80, 72, *kernel)
+    ho, wo = out_hw(9, 11, kernel, 1, kernel[0] // 2, 1)
+    kwargs = dict(input=leaf(torch.randn(1, 70, 9, 11)), weight=leaf(weight),
+                  bias=leaf(torch.randn(80)), out_channels=77, padding=kernel[0] // 2,
+                  scale=leaf(torch.randn(77)), shift=leaf(torch.randn(77)),
+                  residual=leaf(torch.randn(1, 77, ho, wo)), activation="relu6")
+    run_and_compare(kwargs, tol)
+
+
 # --------------------------------------------------------------------------------------
 # the fused epilogue, piece by piece
 

@@ -229,31 +229,38 @@ void im2col_block(const scalar_t* image, scalar_t* cols, const ConvGeometry& s, 
   }
 }
 
-// How the forward splits its work: every image's output columns (positions) in blocks of
-// `cols`, one task per (image, block). A block's GEMM inputs and output, (K + O) x cols
-// values, stay within about 1 MiB, so its epilogue reads the output while it is still in
-// cache; with fewer images than threads, each image splits into enough blocks to keep every
-// thread busy (a multiple of the thread count, so no thread gets two blocks while another
-// idles).
+// How the forward splits its work: one task per (image, block of output positions, block of
+// output channels). A column block's GEMM operands, (K + O) x cols values, stay within about
+// 1 MiB, so its epilogue reads the output while it is still in cache. With fewer images than
+// threads each image is split further: small outputs (7x7, 14x14 at batch 1: a few hundred
+// positions) by output channels, each thread reading its own rows of the weight prefix, so
+// the threads get equal shares; larger ones by positions (a multiple of the thread count).
 struct BlockPlan {
-  int64_t cols, per_image, tasks;
+  int64_t cols, col_blocks;  // output positions per block, blocks per image
+  int64_t rows, row_blocks;  // output channels per block, blocks per image
+  int64_t tasks;
 };
 
 BlockPlan plan_blocks(const ConvGeometry& s, int64_t threads) {
   const int64_t P = s.P();
   const int64_t budget = std::max<int64_t>(64, (int64_t{1} << 18) / (s.C * s.kernel_area() + s.O));
-  int64_t per_image = (P + budget - 1) / budget;
-  if (s.N < threads) {
-    const int64_t want = (threads + s.N - 1) / s.N;
-    per_image = std::max(per_image, want);
-    per_image = (per_image + want - 1) / want * want;
+  int64_t col_blocks = (P + budget - 1) / budget, row_blocks = 1;
+  const int64_t split = s.N < threads ? (threads + s.N - 1) / s.N : 1;
+  if (split > 1) {
+    if (s.G == 1 && P < 256 * split && s.O >= 16 * split) {
+      row_blocks = split;
+    } else {
+      col_blocks = (std::max(col_blocks, split) + split - 1) / split * split;
+    }
   }
-  // Blocks of at least 16 columns (a vector of floats, a MKL-friendly width).
-  per_image = std::max<int64_t>(1, std::min(per_image, (P + 15) / 16));
-  int64_t cols = (P + per_image - 1) / per_image;
-  if (cols < P) cols = std::min(P, (cols + 15) / 16 * 16);
-  per_image = (P + cols - 1) / cols;
-  return {cols, per_image, s.N * per_image};
+  col_blocks = std::max<int64_t>(1, std::min(col_blocks, P));
+  const int64_t cols = (P + col_blocks - 1) / col_blocks;
+  col_blocks = (P + cols - 1) / cols;
+  // Row blocks in multiples of 16 channels (whole vectors for the GEMM's output tiles).
+  int64_t rows = (s.O + row_blocks - 1) / row_blocks;
+  if (row_blocks > 1) rows = (rows + 15) / 16 * 16;
+  row_blocks = (s.O + rows - 1) / rows;
+  return {cols, col_blocks, rows, row_blocks, s.N * col_blocks * row_blocks};
 }
 
 // The epilogue's row loop, compiled once per instruction set (isa.h, epilogue_rows.inc).
@@ -356,9 +363,12 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     // im2col matrix), one GEMM per group on the weight's prefix in place, then the epilogue
     // on the block while it is in cache.
     const auto run_block = [&](int64_t task, scalar_t* cols) {
-      const int64_t n = task / plan.per_image;
-      const int64_t p0 = (task % plan.per_image) * plan.cols;
+      const int64_t per_image = plan.col_blocks * plan.row_blocks;
+      const int64_t n = task / per_image;
+      const int64_t p0 = (task % per_image) / plan.row_blocks * plan.cols;
+      const int64_t r0 = (task % plan.row_blocks) * plan.rows;  // row blocks: G == 1 only
       const int64_t ncols = std::min(plan.cols, P - p0);
+      const int64_t nrows = std::min(plan.rows, s.O - r0);
       const scalar_t* image = xp + n * s.C * s.H * s.W;
       const scalar_t* B = image + p0;
       int64_t ldb = s.H * s.W;
@@ -368,12 +378,16 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
         ldb = ncols;
       }
       scalar_t* C = op_ + n * s.O * P + p0;
-      for (int64_t g = 0; g < s.G; ++g)
-        gemm<scalar_t>(og, ncols, K, wp + g * Og * lda, lda, B + g * K * ldb, ldb,
-                       C + g * og * P, P);
+      if (plan.row_blocks > 1) {
+        gemm<scalar_t>(nrows, ncols, K, wp + r0 * lda, lda, B, ldb, C + r0 * P, P);
+      } else {
+        for (int64_t g = 0; g < s.G; ++g)
+          gemm<scalar_t>(og, ncols, K, wp + g * Og * lda, lda, B + g * K * ldb, ldb,
+                         C + g * og * P, P);
+      }
       if (has_epilogue)
-        epilogue(C, P, s.O, ncols, a.data(), t.data(), rp ? rp + n * s.O * P + p0 : nullptr,
-                 activation);
+        epilogue(C + r0 * P, P, nrows, ncols, a.data() + r0, t.data() + r0,
+                 rp ? rp + n * s.O * P + p0 + r0 * P : nullptr, activation);
     };
     const int64_t cols_size = s.pointwise() ? 0 : s.C * s.kernel_area() * plan.cols;
     if (plan.tasks >= threads && threads > 1) {
