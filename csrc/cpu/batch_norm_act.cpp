@@ -8,6 +8,7 @@
 // copied. The op is functional (torch.library autograd needs that): it returns the batch
 // statistics and the caller folds them into the width's running stats.
 #include "cpu/common.h"
+#include "cpu/isa.h"
 
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
@@ -83,6 +84,54 @@ inline scalar_t mask_grad(scalar_t grad, scalar_t out, int64_t activation) {
   if (activation == kRelu6) return (out > scalar_t(0)) & (out < scalar_t(6)) ? grad : scalar_t(0);
   return grad;
 }
+
+// The per-plane loops (HW > 1), compiled once per instruction set (isa.h).
+namespace isa_avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#include "cpu/batch_norm_rows.inc"
+#pragma GCC pop_options
+}  // namespace isa_avx512
+
+namespace isa_avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "cpu/batch_norm_rows.inc"
+#pragma GCC pop_options
+}  // namespace isa_avx2
+
+namespace isa_base {
+#include "cpu/batch_norm_rows.inc"
+}  // namespace isa_base
+
+template <typename scalar_t>
+struct PlaneOps {
+  double (*sum)(const scalar_t*, int64_t);
+  double (*sq_dev)(const scalar_t*, int64_t, double);
+  void (*grad_sums)(const scalar_t*, const scalar_t*, int64_t, double, double*);
+  void (*affine_act)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, scalar_t, scalar_t,
+                     int64_t);
+  void (*mask)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, int64_t);
+  void (*grad_input)(scalar_t*, const scalar_t*, int64_t, scalar_t, scalar_t, scalar_t,
+                     scalar_t);
+};
+
+#define SLIMOPS_PLANE_OPS(ns)                                                         \
+  PlaneOps<scalar_t> {                                                                \
+    &ns::sum_plane<scalar_t>, &ns::sq_dev_plane<scalar_t>,                            \
+        &ns::grad_sums_plane<scalar_t>, &ns::affine_act_plane<scalar_t>,              \
+        &ns::mask_plane<scalar_t>, &ns::grad_input_plane<scalar_t>                    \
+  }
+
+template <typename scalar_t>
+PlaneOps<scalar_t> plane_ops() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return SLIMOPS_PLANE_OPS(isa_avx512);
+    case Isa::kAvx2: return SLIMOPS_PLANE_OPS(isa_avx2);
+    default: return SLIMOPS_PLANE_OPS(isa_base);
+  }
+}
+#undef SLIMOPS_PLANE_OPS
 
 constexpr int64_t kBlock = 64;
 
@@ -185,19 +234,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const StridedVector<scalar_t> w(opt_ptr(weight), 1.0), b(opt_ptr(bias), 0.0);
     const StridedVector<scalar_t> rm(opt_ptr(running_mean), 0.0), rv(opt_ptr(running_var), 0.0);
+    const PlaneOps<scalar_t> ops = plane_ops<scalar_t>();
 
     std::vector<double> mean(C), var(C);
     if (training) {
       // Two passes (mean, then squared deviations): no cancellation, unlike E[x^2] - E[x]^2.
-      std::vector<double> sums[1];
-      channel_sums<1>(N, C, HW, sums,
-                      [&](int64_t, int64_t i) { return std::array<double, 1>{double(xp[i])}; });
-      for (int64_t c = 0; c < C; ++c) mean[c] = sums[0][c] / count;
-      channel_sums<1>(N, C, HW, sums, [&](int64_t c, int64_t i) {
-        const double d = xp[i] - mean[c];
-        return std::array<double, 1>{d * d};
-      });
-      for (int64_t c = 0; c < C; ++c) var[c] = sums[0][c] / count;
+      if (HW > 1) {
+        // Per channel (one writer each): the planes' sums, then the squared deviations.
+        at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            double total = 0.0;
+            for (int64_t n = 0; n < N; ++n) total += ops.sum(xp + (n * C + c) * HW, HW);
+            mean[c] = total / count;
+            double dev = 0.0;
+            for (int64_t n = 0; n < N; ++n) dev += ops.sq_dev(xp + (n * C + c) * HW, HW, mean[c]);
+            var[c] = dev / count;
+          }
+        });
+      } else {
+        std::vector<double> sums[1];
+        channel_sums<1>(N, C, HW, sums,
+                        [&](int64_t, int64_t i) { return std::array<double, 1>{double(xp[i])}; });
+        for (int64_t c = 0; c < C; ++c) mean[c] = sums[0][c] / count;
+        channel_sums<1>(N, C, HW, sums, [&](int64_t c, int64_t i) {
+          const double d = xp[i] - mean[c];
+          return std::array<double, 1>{d * d};
+        });
+        for (int64_t c = 0; c < C; ++c) var[c] = sums[0][c] / count;
+      }
     } else {
       for (int64_t c = 0; c < C; ++c) {
         mean[c] = rm.get(c);
@@ -222,6 +286,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
     scalar_t* yp = out.data_ptr<scalar_t>();
     const scalar_t* ap = alpha.data();
     const scalar_t* bp = beta.data();
+    if (HW > 1) {
+      at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t c = plane % C, base = plane * HW;
+          ops.affine_act(yp + base, xp + base, rp ? rp + base : nullptr, HW, ap[c], bp[c],
+                         activation);
+        }
+      });
+      return;
+    }
     dispatch_activation(activation, [&](auto act) {
       if (rp) {
         for_each_element(N, C, HW, [&](int64_t c, int64_t i) {
@@ -280,17 +354,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
     // g = grad_out * act'(out), kept in grad_input: computed on its own the masking vectorises
     // (inside the double-precision sums it would not), and the later passes read g instead of
     // both grad_out and out.
-    dispatch_activation(activation, [&](auto act) {
-      for_each_element(N, C, HW, [&](int64_t, int64_t i) {
-        gip[i] = mask_grad<scalar_t>(gop[i], yp[i], act);
-      });
-    });
     // sums[0] = sum(g), sums[1] = sum(g * (x - mean)).
     std::vector<double> sums[2];
-    channel_sums<2>(N, C, HW, sums, [&](int64_t c, int64_t i) {
-      const double g = gip[i];
-      return std::array<double, 2>{g, g * (xp[i] - mean[c])};
-    });
+    const PlaneOps<scalar_t> ops = plane_ops<scalar_t>();
+    if (HW > 1) {
+      sums[0].assign(C, 0.0);
+      sums[1].assign(C, 0.0);
+      // Per channel (one writer each): mask each plane, then its two sums while it is hot.
+      at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          double s[2] = {0.0, 0.0};
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t base = (n * C + c) * HW;
+            ops.mask(gip + base, gop + base, yp + base, HW, activation);
+            ops.grad_sums(gip + base, xp + base, HW, mean[c], s);
+          }
+          sums[0][c] = s[0];
+          sums[1][c] = s[1];
+        }
+      });
+    } else {
+      dispatch_activation(activation, [&](auto act) {
+        for_each_element(N, C, HW, [&](int64_t, int64_t i) {
+          gip[i] = mask_grad<scalar_t>(gop[i], yp[i], act);
+        });
+      });
+      channel_sums<2>(N, C, HW, sums, [&](int64_t c, int64_t i) {
+        const double g = gip[i];
+        return std::array<double, 2>{g, g * (xp[i] - mean[c])};
+      });
+    }
 
     // grad_input = k_g[c] * g + k_x[c] * (x - mean[c]) + k_0[c]; training also differentiates
     // through the batch mean and variance (k_x, k_0).
@@ -310,7 +403,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
     const scalar_t* kg = k_g.data();
     const scalar_t* kx = k_x.data();
     const scalar_t* k0 = k_0.data();
-    if (training) {
+    if (training && HW > 1) {
+      at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t c = plane % C, base = plane * HW;
+          ops.grad_input(gip + base, xp + base, HW, kg[c], kx[c], mp[c], k0[c]);
+        }
+      });
+    } else if (training) {
       for_each_element(N, C, HW, [&](int64_t c, int64_t i) {
         gip[i] = kg[c] * gip[i] + kx[c] * (xp[i] - mp[c]) + k0[c];
       });
