@@ -188,8 +188,12 @@ def dense_jit(model: nn.Module, width: float, example: Tensor) -> torch.jit.Scri
 def dense_compiled(model: nn.Module, width: float, example: Tensor) -> Callable[[Tensor], Tensor]:
     """``torch.compile`` (inductor, weights frozen into the graph) of the dense network,
     compiled on ``example`` before it is returned."""
+    import torch._dynamo
     import torch._inductor.config as inductor_config
 
+    # Every width and batch is a new module running the same forward code: without a reset
+    # dynamo's per-code recompile limit (8) is soon reached and it silently runs eager.
+    torch._dynamo.reset()
     compiled = torch.compile(dense_eager(model, width))
     with torch.no_grad(), inductor_config.patch(freezing=True):
         for _ in range(2):
