@@ -69,6 +69,7 @@ def test_every_width_of_every_model(name, fold_bn, models, tol):
                                    msg=lambda m: f"{name} width {w}: {m}")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript, deprecated in 2.13
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_traced_graph_has_no_slimops_op(name, models, tol):
     """Trace -> freeze -> optimize_for_inference at the smallest width; nothing of slimops
@@ -86,6 +87,7 @@ def test_traced_graph_has_no_slimops_op(name, models, tol):
         torch.testing.assert_close(frozen(x), expected, **tol(torch.float32, expected))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_the_slimmable_model_does_call_slimops_ops():
     # The check above would pass vacuously if slimops ops never showed up in a trace.
     model = slim_cnn().eval()
