@@ -148,6 +148,24 @@ def test_small_output_split_by_channels(kernel, all_threads, tol):
     run_and_compare(kwargs, tol)
 
 
+@pytest.mark.parametrize("threads", ["one_thread", "all_threads"])
+@pytest.mark.parametrize("groups", [1, 3], ids=["g1", "g3"])
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3)], ids=["k1", "k3"])
+def test_small_outputs_several_images_per_gemm(kernel, groups, threads, request, tol):
+    """Outputs under 256 positions: tasks take several images (5 here: an uneven split) and
+    run one GEMM over their positions side by side, then scatter per image with the
+    epilogue."""
+    request.getfixturevalue(threads)
+    weight = torch.randn(24 * groups, 9, *kernel)
+    ho, wo = out_hw(7, 9, kernel, 1, kernel[0] // 2, 1)
+    kwargs = dict(input=leaf(torch.randn(5, 8 * groups, 7, 9)), weight=leaf(weight),
+                  bias=leaf(torch.randn(24 * groups)), out_channels=21 * groups,
+                  padding=kernel[0] // 2, groups=groups,
+                  scale=leaf(torch.randn(21 * groups)), shift=leaf(torch.randn(21 * groups)),
+                  residual=leaf(torch.randn(5, 21 * groups, ho, wo)), activation="relu")
+    run_and_compare(kwargs, tol)
+
+
 # --------------------------------------------------------------------------------------
 # the fused epilogue, piece by piece
 

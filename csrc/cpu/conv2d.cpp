@@ -195,18 +195,18 @@ struct ImageGuard {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 };
 
-// cols[r, q] for the output positions q in [p0, p0 + ncols) (row stride ncols): the columns
+// cols[r, q] for the output positions q in [p0, p0 + ncols) (row stride ld): the columns
 // [p0, p0 + ncols) of the im2col matrix above, for one block of the blocked forward.
 template <typename scalar_t>
 void im2col_block(const scalar_t* image, scalar_t* cols, const ConvGeometry& s, int64_t p0,
-                  int64_t ncols) {
+                  int64_t ncols, int64_t ld) {
   const int64_t rows = s.C * s.kernel_area();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t j = r % s.kw, i = (r / s.kw) % s.kh, c = r / s.kernel_area();
     const scalar_t* src = image + c * s.H * s.W;
     const int64_t off_w = j * s.dw - s.pw;
     const Span w = valid_span(off_w, s.sw, s.W, s.Wo);
-    scalar_t* dst = cols + r * ncols;
+    scalar_t* dst = cols + r * ld;
     for (int64_t p = p0, end = p0 + ncols; p < end;) {
       const int64_t oh = p / s.Wo, ow0 = p % s.Wo, ow1 = std::min(s.Wo, ow0 + (end - p));
       const int64_t ih = oh * s.sh + i * s.dh - s.ph;
@@ -239,10 +239,21 @@ struct BlockPlan {
   int64_t cols, col_blocks;  // output positions per block, blocks per image
   int64_t rows, row_blocks;  // output channels per block, blocks per image
   int64_t tasks;
+  int64_t images = 1;        // > 1: each task one GEMM over the positions of this many images
 };
+
+// Below this many output positions an image's GEMM is too skinny for BLAS's tiles (a 7x7
+// output is 49 columns): tasks then take several images and run one GEMM over all their
+// positions side by side, scattering the result back per image with the epilogue.
+constexpr int64_t kMinGemmColumns = 256;
 
 BlockPlan plan_blocks(const ConvGeometry& s, int64_t threads) {
   const int64_t P = s.P();
+  if (P < kMinGemmColumns && s.N >= 2) {
+    const int64_t want = (kMinGemmColumns + P - 1) / P;
+    const int64_t images = std::max<int64_t>(1, std::min(want, s.N / std::max<int64_t>(1, threads)));
+    if (images > 1) return {P, 1, s.O, 1, (s.N + images - 1) / images, images};
+  }
   const int64_t budget = std::max<int64_t>(64, (int64_t{1} << 18) / (s.C * s.kernel_area() + s.O));
   int64_t col_blocks = (P + budget - 1) / budget, row_blocks = 1;
   const int64_t split = s.N < threads ? (threads + s.N - 1) / s.N : 1;
@@ -362,6 +373,33 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     // One (image, column block): im2col of the block (unless pointwise: the image is its own
     // im2col matrix), one GEMM per group on the weight's prefix in place, then the epilogue
     // on the block while it is in cache.
+    // Several small images per task: their im2col (or, pointwise, their inputs) side by side
+    // in `cols` [Ktot, k * P], one GEMM per group into `tmp` [O, k * P], then each image's
+    // slice copied to its output and the epilogue applied there (in cache).
+    const auto run_images = [&](int64_t task, scalar_t* cols, scalar_t* tmp) {
+      const int64_t n0 = task * plan.images, k = std::min(plan.images, s.N - n0);
+      const int64_t ld = k * P, rows = s.C * s.kernel_area();
+      for (int64_t j = 0; j < k; ++j) {
+        const scalar_t* image = xp + (n0 + j) * s.C * s.H * s.W;
+        if (s.pointwise()) {
+          for (int64_t r = 0; r < rows; ++r)
+            std::copy(image + r * P, image + (r + 1) * P, cols + r * ld + j * P);
+        } else {
+          im2col_block(image, cols + j * P, s, 0, P, ld);
+        }
+      }
+      for (int64_t g = 0; g < s.G; ++g)
+        gemm<scalar_t>(og, ld, K, wp + g * Og * lda, lda, cols + g * K * ld, ld,
+                       tmp + g * og * ld, ld);
+      for (int64_t j = 0; j < k; ++j) {
+        scalar_t* C = op_ + (n0 + j) * s.O * P;
+        for (int64_t c = 0; c < s.O; ++c)
+          std::copy(tmp + c * ld + j * P, tmp + c * ld + (j + 1) * P, C + c * P);
+        if (has_epilogue)
+          epilogue(C, P, s.O, P, a.data(), t.data(), rp ? rp + (n0 + j) * s.O * P : nullptr,
+                   activation);
+      }
+    };
     const auto run_block = [&](int64_t task, scalar_t* cols) {
       const int64_t per_image = plan.col_blocks * plan.row_blocks;
       const int64_t n = task / per_image;
@@ -373,7 +411,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
       const scalar_t* B = image + p0;
       int64_t ldb = s.H * s.W;
       if (!s.pointwise()) {
-        im2col_block(image, cols, s, p0, ncols);
+        im2col_block(image, cols, s, p0, ncols, ncols);
         B = cols;
         ldb = ncols;
       }
@@ -389,18 +427,29 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
         epilogue(C + r0 * P, P, nrows, ncols, a.data() + r0, t.data() + r0,
                  rp ? rp + n * s.O * P + p0 + r0 * P : nullptr, activation);
     };
-    const int64_t cols_size = s.pointwise() ? 0 : s.C * s.kernel_area() * plan.cols;
+    const bool multi = plan.images > 1;
+    const int64_t cols_size = multi ? s.C * s.kernel_area() * plan.images * P
+                                    : (s.pointwise() ? 0 : s.C * s.kernel_area() * plan.cols);
+    const int64_t tmp_size = multi ? s.O * plan.images * P : 0;
+    const auto run_tasks = [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> cols(cols_size), tmp(tmp_size);
+      for (int64_t task = begin; task < end; ++task) {
+        if (multi) {
+          run_images(task, cols.data(), tmp.data());
+        } else {
+          run_block(task, cols.data());
+        }
+      }
+    };
     if (plan.tasks >= threads && threads > 1) {
       // One task per thread at a time; BLAS inside a parallel region runs single-threaded.
       at::parallel_for(0, plan.tasks, 1, [&](int64_t begin, int64_t end) {
         ImageGuard guard;  // only the fallback GEMM creates tensors
-        std::vector<scalar_t> cols(cols_size);
-        for (int64_t task = begin; task < end; ++task) run_block(task, cols.data());
+        run_tasks(begin, end);
       });
     } else {
       // Too little work to split (or one thread): BLAS uses the threads itself.
-      std::vector<scalar_t> cols(cols_size);
-      for (int64_t task = 0; task < plan.tasks; ++task) run_block(task, cols.data());
+      run_tasks(0, plan.tasks);
     }
   });
   return out;
