@@ -261,7 +261,9 @@ def set_width(model: nn.Module, w: float) -> nn.Module:
     for a model built from channel rules, not between its smallest and largest).
     """
     for layer, canonical in _resolve(model, w):
-        layer._width = canonical
+        # A plain attribute: bypass nn.Module.__setattr__'s parameter/buffer/module checks
+        # (switching walks every layer; this is most of its cost).
+        layer.__dict__["_width"] = canonical
     return model
 
 

@@ -208,9 +208,9 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         scale = torch.rsqrt(var + (stats or affine).eps)
         if weight is not None:
             scale = scale * weight
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias
+        # shift = bias - mean * scale, in one op
+        shift = (torch.addcmul(bias, mean, scale, value=-1) if bias is not None
+                 else -mean * scale)
         return scale, shift
 
     # ------------------------------------------------------------------ state_dict
