@@ -114,8 +114,9 @@ def test_matches_unfused(kind, activation, with_residual, stride, train, dtype, 
         y.backward(g)
         y_ref.backward(g)
         torch.testing.assert_close(x.grad, x_ref.grad, **tol(dtype), msg="input grad")
-        torch.testing.assert_close(block.conv.weight.grad, weight.grad, **tol(dtype),
-                                   msg="weight grad")
+        # a reduction over the batch and positions: atol scales with the gradient's size
+        torch.testing.assert_close(block.conv.weight.grad, weight.grad,
+                                   **tol(dtype, weight.grad), msg="weight grad")
         torch.testing.assert_close(block.bn.bn[i].weight.grad, bn_ref.weight.grad, **tol(dtype),
                                    msg="gamma grad")
         torch.testing.assert_close(block.bn.bn[i].bias.grad, bn_ref.bias.grad, **tol(dtype),
