@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
-from slimops import _backend, ops
+from slimops import ops
 from slimops.nn._checks import channel_rule, check_layer_input, per_width, resolve_widths
 from slimops.width import ChannelSpec, Slimmable
 
@@ -61,16 +60,8 @@ class SlimmableLinear(Slimmable, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         fin, fout = self.active_features()
-        weight = self.weight
-        # Inference fast path: without autograd, a well-formed input goes straight to the
-        # compiled op (which still checks shapes); anything else takes the checked path.
-        if (not torch.is_grad_enabled() and isinstance(input, Tensor) and input.dim() >= 1
-                and input.shape[-1] == fin and input.dtype == weight.dtype
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-                and _backend.use_native(input, weight)):
-            return torch.ops.slimops.linear.default(input, weight, self.bias, fout)
-        check_layer_input(self, input, fin, weight, dims=None, channel_dim=-1)
-        return ops.linear(input, weight, self.bias, fout)
+        check_layer_input(self, input, fin, self.weight, dims=None, channel_dim=-1)
+        return ops.linear(input, self.weight, self.bias, fout)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, widths={self.widths}, "
