@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from slimops import _backend
 from slimops.nn.batchnorm import SwitchableBatchNorm2d
+from slimops.width import width as width_scope
 from slimops.nn.conv import Channels, IntPair, SlimmableConv2d
 from slimops.ops._common import ACTIVATION_CODES
 from slimops.reference import ACTIVATIONS
@@ -47,9 +48,10 @@ class SlimConvBNAct(nn.Module):
     BN + residual + activation op (only the active width's running stats update).
 
     Inference fast path: in eval mode without autograd (``torch.no_grad()`` /
-    ``torch.inference_mode()``), the scale/shift of each width used is kept (two vectors of
-    the width's channel count, the size of its BN γ/β; never a weight) and reused while the
-    BN's tensors are unchanged (their version counters say so), and the compiled op is
+    ``torch.inference_mode()``), each width's scale/shift is kept (two vectors of the width's
+    channel count, the size of its BN γ/β; never a weight) and reused while the BN's tensors
+    are unchanged (their version counters say so); a missing or stale listed width refreshes
+    every listed width's at once, so later switches cost only ``set_width``. The compiled op is
     called directly: no per-call BN arithmetic and no Python-level re-validation of
     arguments the layer already validated. With autograd on, every call recomputes
     scale/shift from the BN parameters so that gradients reach them.
@@ -109,6 +111,20 @@ class SlimConvBNAct(nn.Module):
         plan = self._eval_plans.get(w)
         if plan is not None and plan.valid(self.bn, dtype):
             return plan
+        plan = self._build_plan()
+        self._eval_plans[w] = plan
+        if w in self.conv._width_index:
+            # A listed width's plan was missing or stale (first eval, or the BN changed):
+            # refresh every listed width's now, so that switching among them later costs
+            # only set_width (the vectors are O(channels); no weight is touched).
+            for other in self.conv.widths:
+                if other != w:
+                    with width_scope(self, other):
+                        self._eval_plans[other] = self._build_plan()
+        return plan
+
+    def _build_plan(self) -> "_EvalPlan":
+        """The active width's plan, computed from the BN tensors as they are."""
         bn = self.bn
         affine, stats = bn.active_modules()
         sources = [t for t in (affine.weight, affine.bias,
@@ -116,9 +132,7 @@ class SlimConvBNAct(nn.Module):
                                None if stats is None else stats.running_var) if t is not None]
         cin, cout = self.conv.active_channels()
         scale, shift = bn.eval_scale_shift()
-        plan = _EvalPlan(sources, affine, stats, cin, cout, scale, shift)
-        self._eval_plans[w] = plan
-        return plan
+        return _EvalPlan(sources, affine, stats, cin, cout, scale, shift)
 
     def _fast_eval(self, input: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
         """The conv + BN + activation op at the active width, or None where the checked
