@@ -478,3 +478,20 @@ def test_fast_path_records_the_bn_arithmetic_when_traced(randomize_bn):
     with torch.no_grad():
         block.bn.bn[2].running_var.mul_(4.0)
         torch.testing.assert_close(traced(x), block(x))
+
+
+def test_fast_path_first_eval_prepares_every_listed_width(randomize_bn):
+    block = make_block("dense", torch.float32, randomize_bn).eval()
+    with torch.no_grad(), slimops.width(block, 0.5):
+        block(torch.randn(1, 7, 5, 5))
+    assert sorted(block._eval_plans) == list(WIDTHS)  # one forward prepared all widths
+    plans = dict(block._eval_plans)
+    with torch.no_grad(), slimops.width(block, 0.25):
+        block(torch.randn(1, 1, 5, 5))
+    assert all(block._eval_plans[w] is plans[w] for w in WIDTHS)  # a switch rebuilds none
+    with torch.no_grad():
+        block.bn.bn[0].running_var.mul_(2.0)  # the BN changed: the next miss refreshes all
+    with torch.no_grad(), slimops.width(block, 0.25):
+        out = block(torch.randn(1, 1, 5, 5))
+    assert all(block._eval_plans[w] is not plans[w] for w in WIDTHS)
+    assert out.shape == (1, 3, 5, 5)
