@@ -1,4 +1,4 @@
-"""Command line: ``python -m slimops {demo,train,profile,info,bench}``."""
+"""Command line: ``python -m slimops {demo,train,profile,info,bench,pick-width}``."""
 
 from __future__ import annotations
 
@@ -173,6 +173,41 @@ def _bench(args: argparse.Namespace) -> int:
                       with_compile=args.compile)
 
 
+def _pick_width(args: argparse.Namespace) -> int:
+    from slimops.deploy import LatencyTable
+    from slimops.models import MODELS
+
+    if args.model not in MODELS:
+        print(f"unknown model {args.model!r}; available: {', '.join(sorted(MODELS))}",
+              file=sys.stderr)
+        return 2
+    if args.table:
+        try:
+            table = LatencyTable.load(args.table)
+        except (OSError, ValueError) as e:
+            print(f"pick-width: cannot load {args.table}: {e}", file=sys.stderr)
+            return 2
+        print(f"latency table from {args.table} (not measured now)")
+    else:
+        print(environment())
+        model = MODELS[args.model]()
+        print(f"measuring {args.model}, input {tuple(args.input_size)}, {args.repeats} runs "
+              "per width ...", flush=True)
+        table = LatencyTable.measure(model, tuple(args.input_size), repeats=args.repeats)
+    print(table.format(args.budget_ms))
+    if args.save:
+        table.save(args.save)
+        print(f"saved to {args.save}")
+    try:
+        choice = table.pick_width(args.budget_ms)
+    except ValueError as e:
+        print(f"pick-width: {e}", file=sys.stderr)
+        return 1
+    print(f"budget {args.budget_ms:g} ms -> width {choice:g}x "
+          f"({table.latency(choice):.2f} ms median)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="slimops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +301,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help="no run: report saved pytest-benchmark JSON files (several "
                        "runs of the same code: the least contended measurement of each)")
     bench.set_defaults(func=_bench)
+
+    pick = sub.add_parser(
+        "pick-width", help="measure a model's latency per width here (or load a saved "
+        "table) and pick the widest width within a latency budget",
+        description="Times MODEL at each of its widths on this machine (eval, inference mode, "
+        "median of --repeats runs after 3 warm-up runs, random weights: latency does not "
+        "depend on them) and prints the widest width whose median latency is at most "
+        "--budget-ms. Exit code 1 if no width fits, 2 for an unknown model or a broken table.")
+    pick.add_argument("model", metavar="MODEL")
+    pick.add_argument("--budget-ms", type=float, required=True, help="latency budget (ms)")
+    pick.add_argument("--input-size", type=int, nargs=4, default=[1, 3, 224, 224],
+                      metavar=("N", "C", "H", "W"))
+    pick.add_argument("--repeats", type=int, default=20, help="timed runs per width (20)")
+    pick.add_argument("--table", metavar="JSON",
+                      help="load a table saved with --save instead of measuring")
+    pick.add_argument("--save", metavar="JSON", help="save the table as JSON")
+    pick.set_defaults(func=_pick_width)
 
     args = parser.parse_args(argv)
     return args.func(args)
