@@ -199,27 +199,43 @@ class LatencyTable:
         """The entry with the smallest median latency."""
         return min(self.entries, key=lambda e: e.median_ms)
 
-    def pick_width(self, budget_ms: float) -> float:
-        """The widest width whose median latency is at most ``budget_ms`` milliseconds.
+    def pick_width(self, budget_ms: float, statistic: str = "median") -> float:
+        """The widest width whose latency is at most ``budget_ms`` milliseconds.
+
+        ``statistic``: ``"median"`` (default: about half the requests at the picked width
+        can exceed a budget equal to its median) or ``"p90"`` (the 90th percentile: about
+        90% of them meet it; needs a table with p90 figures, as ``measure`` makes).
 
         Raises:
             ValueError: ``budget_ms`` is not a positive finite number (bools and strings
-                are refused), or no width fits (the message gives the fastest width's
-                latency).
+                are refused), an unknown ``statistic`` or missing p90 figures, or no width
+                fits (the message gives the fastest width's latency).
         """
         if not _is_number(budget_ms) or not math.isfinite(float(budget_ms)) or budget_ms <= 0:
             raise ValueError(f"budget_ms must be a positive finite number, got {budget_ms!r}")
-        fitting = [e for e in self.entries if e.median_ms <= float(budget_ms)]
+        if statistic == "median":
+            lat = {e.width: e.median_ms for e in self.entries}
+        elif statistic == "p90":
+            if any(e.p90_ms is None for e in self.entries):
+                raise ValueError("this table has no p90 figures for every width; "
+                                 "use statistic='median'")
+            lat = {e.width: e.p90_ms for e in self.entries}
+        else:
+            raise ValueError(f"statistic must be 'median' or 'p90', got {statistic!r}")
+        fitting = [w for w, ms in lat.items() if ms <= float(budget_ms)]
         if not fitting:
-            f = self.fastest()
+            fastest = min(lat, key=lat.__getitem__)
             raise ValueError(f"no width fits a budget of {float(budget_ms):g} ms: the fastest, "
-                             f"width {f.width:g}, takes {f.median_ms:.3f} ms")
-        return max(e.width for e in fitting)
+                             f"width {fastest:g}, takes {lat[fastest]:.3f} ms ({statistic})")
+        return max(fitting)
 
     # --- JSON ------------------------------------------------------------------------
 
     def to_dict(self) -> Dict[str, Any]:
-        """The JSON-ready content: ``{"format", "meta", "entries": [{width, median_ms, p90_ms}]}``."""
+        """The JSON-ready content.
+
+        ``{"format": 1, "meta": {...}, "entries": [{"width", "median_ms", "p90_ms"}, ...]}``
+        """
         return {
             "format": FORMAT_VERSION,
             "meta": dict(self.meta),

@@ -6,6 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -51,6 +54,19 @@ def test_nothing_fits_names_the_fastest():
 def test_bad_budgets(budget):
     with pytest.raises(ValueError, match="budget_ms must be a positive finite number"):
         _table().pick_width(budget)
+
+
+def test_pick_width_by_p90():
+    t = LatencyTable([LatencyEntry(0.5, 2.0, 3.0), LatencyEntry(1.0, 4.0, 6.0)])
+    assert t.pick_width(4.5) == 1.0
+    assert t.pick_width(4.5, "p90") == 0.5
+    assert t.pick_width(6.0, "p90") == 1.0
+    with pytest.raises(ValueError, match=r"3.000 ms \(p90\)"):
+        t.pick_width(2.5, "p90")
+    with pytest.raises(ValueError, match="statistic must be"):
+        t.pick_width(4.5, "mean")
+    with pytest.raises(ValueError, match="no p90"):
+        _table().pick_width(4.5, "p90")
 
 
 @pytest.mark.parametrize("bad", [{}, {0.5: 0.0}, {0.5: -1.0}, {0.5: float("nan")},
@@ -254,3 +270,14 @@ def test_cli_pick_width_measures_and_saves(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "backend:" in out and "-> width 1x" in out
     assert LatencyTable.load(path).widths == (0.25, 0.5, 0.75, 1.0)
+
+
+def test_serving_example_runs():
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "serve_widths.py"), "--model", "slim_cnn",
+         "--input-size", "1", "3", "16", "16", "--requests", "40", "--repeats", "3"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "served 40 requests" in proc.stdout
+    assert "parameters not copied" in proc.stdout
