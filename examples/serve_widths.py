@@ -163,16 +163,16 @@ def main(argv: List[str] = None) -> int:
 
     table = LatencyTable.measure(model, tuple(args.input_size), repeats=args.repeats,
                                  threads=args.torch_threads)
+    warm_full = table.latency(widths[-1])  # idle, like the first forward
     print("idle (one request at a time):")
     print(table)
     if not args.idle_table and args.workers > 1:
         table = table_under_load(model, x, args.workers, args.repeats)
         print(f"under load ({args.workers} requests at a time; the widths are picked from this):")
         print(table)
-    warm_full = table.latency(widths[-1])
     print(f"switching: set_width {cost['set_width_us']:.1f} us, `with slimops.width` "
           f"{cost['width_block_us']:.1f} us (median); first forward of the fresh model "
-          f"{first_ms:.2f} ms vs {warm_full:.2f} ms warm at {widths[-1]:g}x")
+          f"{first_ms:.2f} ms vs {warm_full:.2f} ms warm (idle) at {widths[-1]:g}x")
 
     budgets = budget_stream(table, args.requests, pick_by=args.pick_by)
     params_before = {n: t.data_ptr() for n, t in model.named_parameters()}
