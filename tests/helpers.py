@@ -34,3 +34,24 @@ def compare_with_reference(op, ref_op, kwargs, tol, grad_out=None):
         assert got is not None and got.shape == kwargs[name].shape, name
         torch.testing.assert_close(got, exp, **tol(ref.dtype, exp), msg=lambda m: f"{name}: {m}")
     return out, ref, names, grads
+
+
+def check_runs_between_switches(model, expected_range, in_between):
+    """A model built from channel rules runs at any width between its switches: its
+    ``width_range``, the stem's output channels at each ``(width, channels)`` of
+    ``in_between``, BN calibration at those widths, then eval MACs that grow with the width
+    (the universally slimmable setting the sandwich rule trains)."""
+    from slimops.profile import profile
+    from slimops.train import calibrate_bn
+    from slimops.width import width, width_range
+
+    assert width_range(model) == expected_range
+    x = torch.randn(2, 3, 64, 64)
+    for w, expected in in_between:
+        with width(model, w):
+            assert model.stem.conv.active_channels()[1] == expected
+    calibrate_bn(model, [x], widths=[w for w, _ in in_between])
+    counts = profile(model.eval(), (1, 3, 64, 64),
+                     widths=sorted({*model.widths, *(w for w, _ in in_between)}))
+    macs = [row.macs for row in counts]
+    assert macs == sorted(macs) and len(set(macs)) == len(macs)  # more width, more work

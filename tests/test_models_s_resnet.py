@@ -453,17 +453,6 @@ _IN_BETWEEN = [(0.3, 19), (0.6, 38), (0.9, 57)]
 def test_runs_at_any_width_between_the_switches():
     # Built from channel rules: the sandwich rule can train any width in between, and BN
     # calibration gives it statistics for eval (universally slimmable networks).
-    from slimops.train import calibrate_bn
-    from slimops.width import width_range
+    from helpers import check_runs_between_switches
 
-    model = s_resnet50()
-    assert width_range(model) == (0.25, 1.0)
-    x = torch.randn(2, 3, 64, 64)
-    for w, expected in _IN_BETWEEN:
-        with width(model, w):
-            assert model.stem.conv.active_channels()[1] == expected
-    calibrate_bn(model, [x], widths=[w for w, _ in _IN_BETWEEN])
-    counts = profile(model.eval(), (1, 3, 64, 64),
-                     widths=sorted({*model.widths, *(w for w, _ in _IN_BETWEEN)}))
-    macs = [row.macs for row in counts]
-    assert macs == sorted(macs) and len(set(macs)) == len(macs)  # more width, more work
+    check_runs_between_switches(s_resnet50(), (0.25, 1.0), _IN_BETWEEN)
