@@ -68,32 +68,5 @@ inline const at::Tensor* opt_ptr(const c10::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? &*t : nullptr;
 }
 
-// Fused epilogue, in one pass over a contiguous NCHW output `out` ([N, C, HW]) holding z:
-//   out = act((z + bias[bias_index(c)]) * scale[c] + shift[c] + residual)
-// `bias` is indexed through `bias_index` (grouped convs read per-group bias prefixes).
-// Every pointer may be null. `residual` must be contiguous NCHW of out's shape.
-template <typename scalar_t, typename BiasIndex>
-void apply_epilogue(scalar_t* out, int64_t N, int64_t C, int64_t HW, const scalar_t* bias,
-                    BiasIndex bias_index, const scalar_t* scale, const scalar_t* shift,
-                    const scalar_t* residual, int64_t activation) {
-  if (!bias && !scale && !shift && !residual && activation == kNone) return;
-  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t c = row % C;
-      const scalar_t b = bias ? bias[bias_index(c)] : scalar_t(0);
-      const scalar_t s = scale ? scale[c] : scalar_t(1);
-      const scalar_t t = (shift ? shift[c] : scalar_t(0)) + b * s;
-      scalar_t* o = out + row * HW;
-      const scalar_t* r = residual ? residual + row * HW : nullptr;
-      // (z + b) * s + shift == z * s + (b * s + shift): one multiply-add per element.
-      if (r) {
-        for (int64_t i = 0; i < HW; ++i) o[i] = activate<scalar_t>(o[i] * s + t + r[i], activation);
-      } else {
-        for (int64_t i = 0; i < HW; ++i) o[i] = activate<scalar_t>(o[i] * s + t, activation);
-      }
-    }
-  });
-}
-
 }  // namespace cpu
 }  // namespace slimops

@@ -82,26 +82,6 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         w = self.active_width()
         return next(i for i, listed in enumerate(self.widths) if listed > w)
 
-    def active_bn(self) -> nn.BatchNorm2d:
-        """The batch norm whose γ, β the active width uses: its own (the one shared BN when
-        ``shared``); between listed widths, the next larger listed width's."""
-        if self.shared:
-            return self.bn[0]
-        i = self.width_index()
-        return self.bn[i if i is not None else self._affine_index()]
-
-    def stats_bn(self) -> Optional[nn.BatchNorm2d]:
-        """The module holding the active width's running statistics: its BN at a listed
-        width (the shared BN when ``shared``), its calibrated statistics between them
-        (``None`` if not calibrated)."""
-        if self.shared:
-            return self.bn[0]
-        i = self.width_index()
-        if i is not None:
-            return self.bn[i]
-        return self.calibrated[width_key(self.active_width())] \
-            if width_key(self.active_width()) in self.calibrated else None
-
     def active_modules(self) -> Tuple[nn.BatchNorm2d, Optional[nn.BatchNorm2d]]:
         """``(active_bn(), stats_bn())`` with one width lookup (the inference fast path
         checks them on every call)."""
@@ -113,7 +93,20 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         if i is not None:
             bn = self.bn[i]
             return bn, bn
-        return self.active_bn(), self.stats_bn()
+        # Between listed widths: γ/β of the next larger listed width, calibrated statistics.
+        return self.bn[self._affine_index()], self.calibrated[width_key(w)] \
+            if width_key(w) in self.calibrated else None
+
+    def active_bn(self) -> nn.BatchNorm2d:
+        """The batch norm whose γ, β the active width uses: its own (the one shared BN when
+        ``shared``); between listed widths, the next larger listed width's."""
+        return self.active_modules()[0]
+
+    def stats_bn(self) -> Optional[nn.BatchNorm2d]:
+        """The module holding the active width's running statistics: its BN at a listed
+        width (the shared BN when ``shared``), its calibrated statistics between them
+        (``None`` if not calibrated)."""
+        return self.active_modules()[1]
 
     def new_calibration(self, w: float) -> nn.BatchNorm2d:
         """Fresh statistics for width ``w`` between the listed ones, stored in
@@ -138,7 +131,7 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         count, and its (γ, β, mean, var) for those channels: the tensors themselves, or
         prefix views (no copy)."""
         c = self.active_features()
-        affine, stats = self.active_bn(), self.stats_bn()
+        affine, stats = self.active_modules()
         weight, bias = affine.weight, affine.bias
         mean = var = None
         if stats is not None:
