@@ -6,8 +6,18 @@ imported), so test modules in sub-folders can use them without a package layout.
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# The Triton kernels' tests (tests/kernels/) run them under the interpreter on CPU tensors
+# when no GPU is present. Triton reads the switch when a kernel is defined, so it is set
+# before anything imports slimops.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
 
 from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear
 from slimops.width import channels

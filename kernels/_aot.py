@@ -1,0 +1,101 @@
+"""Ahead-of-time compilation of the Triton kernels for a GPU this machine does not have.
+
+``triton.compile`` with an explicit ``GPUTarget`` runs the whole pipeline (TTIR -> TTGIR ->
+LLVM IR -> PTX -> cubin through the ptxas bundled with triton) without a driver or a GPU.
+The cubin's resource usage (registers, local memory = spills, stack) is read back with the
+``cuobjdump`` bundled beside that ptxas; shared memory comes from triton's own metadata.
+
+Every kernel module lists its compile cases as ``aot_cases() -> list[AotCase]``: one case per
+(kernel, dtype, tuning configuration), so a test can compile all of them for sm_80 and sm_90
+and assert that none spills.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+ARCHS = (80, 90)
+
+# Triton 3.9 warns once when this is unset; fusion on is the documented current default and
+# what the kernels are written for (fp32 accumulation via fma).
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+@dataclass
+class AotCase:
+    """One compile of one kernel: its ``signature`` (arg name -> triton type, ``constexpr``
+    for meta-parameters), the ``constexprs`` values and launch options."""
+
+    name: str
+    fn: Any  # a @triton.jit function
+    signature: Dict[str, str]
+    constexprs: Dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AotResult:
+    name: str
+    arch: int
+    registers: int
+    spill_bytes: int  # LOCAL memory per thread: > 0 means ptxas spilled registers
+    stack_bytes: int
+    shared_bytes: int  # triton's shared-memory allocation (static + pipelining buffers)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found next to triton's ptxas ({path})")
+    return path
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", f.name],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text.split("Function", 1)[-1]))
+    return {k: int(v) for k, v in usage.items()}
+
+
+def compile_case(case: AotCase, arch: int) -> AotResult:
+    """Compile ``case`` for ``sm_<arch>`` and report the cubin's resource usage."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs)
+    options = {"num_warps": case.num_warps, "num_stages": case.num_stages, **case.options}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    usage = _resource_usage(kernel.asm["cubin"])
+    return AotResult(
+        name=case.name,
+        arch=arch,
+        registers=usage.get("REG", -1),
+        spill_bytes=usage.get("LOCAL", 0),
+        stack_bytes=usage.get("STACK", 0),
+        shared_bytes=int(kernel.metadata.shared),
+    )
+
+
+def all_cases() -> List[AotCase]:
+    """Every compile case of every kernel module."""
+    from slimops.kernels import kernel_modules
+
+    cases: List[AotCase] = []
+    for module in kernel_modules():
+        cases.extend(module.aot_cases())
+    return cases
