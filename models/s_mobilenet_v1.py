@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from slimops.models._original import convert_by_prefix, init_like_original
-from slimops.nn import SlimConvBNAct, SlimmableLinear
+from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule, normalize_widths
 
 # (output channels at 1.0x, number of blocks, stride of the first block): MobileNet v1's body.
@@ -58,7 +58,7 @@ class DepthwiseSeparable(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
-class SMobileNetV1(nn.Module):
+class SMobileNetV1(ChecksBNWidthsOnLoad, nn.Module):
     """Slimmable MobileNet v1; build it with ``s_mobilenet_v1``.
 
     Attributes:

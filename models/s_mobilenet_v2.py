@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from slimops.models._original import convert_by_prefix, init_like_original
-from slimops.nn import SlimConvBNAct, SlimmableLinear
+from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule, make_divisible, normalize_widths
 
 # (expand ratio, output channels at 1.0x, number of blocks, stride of the first block).
@@ -86,7 +86,7 @@ class InvertedResidual(nn.Module):
         return self.project(self.depthwise(h), x if self.use_residual else None)
 
 
-class SMobileNetV2(nn.Module):
+class SMobileNetV2(ChecksBNWidthsOnLoad, nn.Module):
     """Slimmable MobileNet v2; build it with ``s_mobilenet_v2``.
 
     Attributes:

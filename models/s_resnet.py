@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from slimops.models._original import CheckpointMismatchError, init_like_original, take
-from slimops.nn import SlimConvBNAct, SlimmableLinear
+from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule, normalize_widths
 
 # depth -> number of bottleneck blocks per stage. Another depth of the original (101:
@@ -69,7 +69,7 @@ class Bottleneck(nn.Module):
         return self.conv3(self.conv2(self.conv1(x)), residual)
 
 
-class SResNet(nn.Module):
+class SResNet(ChecksBNWidthsOnLoad, nn.Module):
     """Slimmable ResNet with bottleneck blocks; build it with ``s_resnet50``.
 
     Attributes (modules): ``stem`` (7x7/2 conv + S-BN + ReLU), ``maxpool`` (3x3/2),

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from slimops.models._original import CheckpointMismatchError, take
-from slimops.nn import SlimConvBNAct, SlimmableLinear
+from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import channels, normalize_widths
 
 GROUPS = 3
@@ -138,7 +138,7 @@ class ShuffleUnit(nn.Module):
         return torch.cat([self.c(y), self.pool(x)], 1)
 
 
-class ShuffleNetV1(nn.Module):
+class ShuffleNetV1(ChecksBNWidthsOnLoad, nn.Module):
     """Slimmable ShuffleNet v1 (3 groups); build it with ``s_shufflenet``.
 
     Submodules: ``stem`` (the 3x3 stride-2 conv + BN + ReLU, 3 output groups), ``maxpool``,

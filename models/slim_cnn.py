@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from slimops.nn import SlimConvBNAct, SlimmableLinear
+from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule
 
 
@@ -34,7 +34,7 @@ class SeparableBlock(nn.Module):
         return self.pointwise(self.depthwise(x), x if self.residual else None)
 
 
-class SlimCNN(nn.Module):
+class SlimCNN(ChecksBNWidthsOnLoad, nn.Module):
     """Stem, three (+ ``extra_blocks``) separable blocks, pooling, classifier; see
     ``slim_cnn``."""
 

@@ -24,7 +24,7 @@ from slimops.width import (
     width,
     width_range,
 )
-from slimops.export import export
+from slimops.export import export, export_onnx
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "backend_info",
     "channels",
     "export",
+    "export_onnx",
     "get_width",
     "make_divisible",
     "model_widths",

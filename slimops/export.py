@@ -27,7 +27,9 @@ The result calls no ``slimops`` op: it traces, freezes and runs under
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Tuple
+import os
+import warnings
+from typing import IO, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +39,7 @@ from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear, Switchab
 from slimops.reference import ACTIVATIONS
 from slimops.width import Slimmable, model_widths, width as scoped_width
 
-__all__ = ["ConvBNAct", "export"]
+__all__ = ["ConvBNAct", "export", "export_onnx"]
 
 
 class ConvBNAct(nn.Module):
@@ -244,3 +246,67 @@ def export(model: nn.Module, width: float, fold_bn: bool = True) -> nn.Module:
     if leftover:  # a slimmable layer reachable only outside the module tree
         raise TypeError(f"export: slimmable layers left in the export: {sorted(set(leftover))}")
     return exported.eval()
+
+
+def export_onnx(
+    model: nn.Module,
+    width: float,
+    f: Union[str, "os.PathLike[str]", IO[bytes]],
+    input_size: Sequence[int] = (1, 3, 224, 224),
+    fold_bn: bool = True,
+    dynamic_batch: bool = True,
+    dynamo: bool = True,
+    opset_version: Optional[int] = None,
+) -> nn.Module:
+    """Write ``model`` at ``width`` to ``f`` as an ONNX graph (for onnxruntime and friends).
+
+    The graph is that of ``export(model, width, fold_bn)``: stock convolutions, linear layers
+    and (unless folded) batch norms, so no custom op is needed to run it. Input ``"input"``,
+    output ``"output"``.
+
+    Args:
+        model, width, fold_bn: as ``export``.
+        f: a path or a binary file object.
+        input_size: the example input's shape used to trace the model.
+        dynamic_batch: make the batch dimension symbolic (any batch size at run time).
+        dynamo: use ``torch.onnx.export``'s default ``torch.export``-based exporter (needs the
+            ``onnx`` and ``onnxscript`` packages); ``False`` selects the legacy TorchScript
+            exporter (deprecated by PyTorch, but faster and with no extra package).
+        opset_version: the ONNX opset (default: the exporter's).
+
+    Returns:
+        The plain module that was exported (``export``'s result), e.g. to compare outputs.
+
+    Raises:
+        ValueError / TypeError: as ``export``; ``ValueError`` for a malformed ``input_size``.
+        ImportError: ``dynamo=True`` and ``onnxscript`` is not installed.
+    """
+    shape = tuple(int(d) for d in input_size)
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"export_onnx: input_size must be positive dims (N, C, ...), got {input_size!r}")
+    plain = export(model, width, fold_bn=fold_bn)
+    example = torch.randn(shape)
+    kwargs: Dict[str, object] = dict(input_names=["input"], output_names=["output"])
+    if opset_version is not None:
+        kwargs["opset_version"] = opset_version
+    if dynamo:
+        try:
+            import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
+        except ImportError as e:
+            raise ImportError(
+                "export_onnx(dynamo=True) needs the onnx and onnxscript packages "
+                "(pip install onnx onnxscript), or pass dynamo=False"
+            ) from e
+        if dynamic_batch:
+            kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
+        program = torch.onnx.export(plain, (example,), dynamo=True, verbose=False, **kwargs)
+        program.save(f) if isinstance(f, (str, os.PathLike)) else f.write(
+            program.model_proto.SerializeToString())
+    else:
+        if dynamic_batch:
+            kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
+        with warnings.catch_warnings():
+            # "legacy TorchScript-based ONNX export": chosen explicitly by the caller
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(plain, (example,), f, dynamo=False, **kwargs)
+    return plain

@@ -1,9 +1,16 @@
 """Drop-in slimmable layers. Each runs at the width set by ``slimops.set_width`` (or, for
 the current thread, ``slimops.width``) on the channel prefix of its shared weight."""
 
-from slimops.nn.batchnorm import SwitchableBatchNorm2d
+from slimops.nn.batchnorm import ChecksBNWidthsOnLoad, SwitchableBatchNorm2d, missing_bn_widths
 from slimops.nn.conv import SlimmableConv2d
 from slimops.nn.fused import SlimConvBNAct
 from slimops.nn.linear import SlimmableLinear
 
-__all__ = ["SlimmableConv2d", "SlimmableLinear", "SwitchableBatchNorm2d", "SlimConvBNAct"]
+__all__ = [
+    "ChecksBNWidthsOnLoad",
+    "SlimConvBNAct",
+    "SlimmableConv2d",
+    "SlimmableLinear",
+    "SwitchableBatchNorm2d",
+    "missing_bn_widths",
+]

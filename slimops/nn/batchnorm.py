@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -234,3 +235,60 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         if len(self.calibrated):
             extra += f", calibrated={sorted(float(k.replace('_', '.')) for k in self.calibrated)}"
         return f"widths={self.widths}, num_features_list={self.num_features_list}{extra}"
+
+
+# ---------------------------------------------------------------------- loading a model
+
+
+def missing_bn_widths(model: nn.Module, state_dict: Mapping[str, Any]) -> Dict[str, List[float]]:
+    """The listed widths whose switchable batch norm ``state_dict`` lacks, per layer.
+
+    Returns ``{qualified layer name: [widths]}`` for every ``SwitchableBatchNorm2d`` of
+    ``model`` with at least one key of a width's ``nn.BatchNorm2d`` (``<name>.bn.<i>.*``)
+    missing from ``state_dict`` (empty when every width is complete). Typical cause: the
+    state_dict was saved from a model built with fewer widths.
+    """
+    keys = set(state_dict.keys())
+    out: Dict[str, List[float]] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, SwitchableBatchNorm2d) or m.shared:
+            continue  # (a shared BN has no per-width entries: the usual missing-key error)
+        head = f"{name}.bn." if name else "bn."
+        lacking = [
+            w for i, w in zip(range(len(m.bn)), m.widths)
+            if any(f"{head}{i}.{k}" not in keys for k in m.bn[i].state_dict())
+        ]
+        if lacking:
+            out[name] = lacking
+    return out
+
+
+def describe_missing_bn_widths(model: nn.Module, missing: Dict[str, List[float]]) -> str:
+    """One message for ``missing_bn_widths``'s result: the widths, a layer, what to do."""
+    widths = sorted({w for ws in missing.values() for w in ws})
+    first = next(iter(missing))
+    return (
+        f"{type(model).__name__}: the state_dict has no switchable batch norm for width(s) "
+        f"{', '.join(f'{w:g}' for w in widths)} in {len(missing)} layer(s) (first: "
+        f"{first or '<model>'!r}, its widths {list(model.get_submodule(first).widths)}); it was "
+        "probably saved from a model built with other widths. Build the model with the "
+        "state_dict's widths, or load with strict=False and compute the missing widths' "
+        "statistics with slimops.train.calibrate_bn (their γ, β keep their initial values)."
+    )
+
+
+class ChecksBNWidthsOnLoad:
+    """Mixin for a model class (before ``nn.Module`` in the bases): ``load_state_dict`` of a
+    state_dict lacking a width's switchable batch norm fails (``strict=True``) or warns
+    (``strict=False``) with a message naming the widths, instead of a list of missing keys
+    or, worse, a model that silently runs those widths with initial statistics."""
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False):
+        missing = missing_bn_widths(self, state_dict)  # type: ignore[arg-type]
+        if missing:
+            message = describe_missing_bn_widths(self, missing)  # type: ignore[arg-type]
+            if strict:
+                raise RuntimeError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
