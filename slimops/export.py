@@ -27,6 +27,7 @@ The result calls no ``slimops`` op: it traces, freezes and runs under
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import warnings
 from typing import IO, Dict, Optional, Sequence, Tuple, Union
@@ -291,7 +292,7 @@ def export_onnx(
         kwargs["opset_version"] = opset_version
     if dynamo:
         try:
-            import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
+            importlib.import_module("onnxscript")  # the dynamo exporter's dependency
         except ImportError as e:
             raise ImportError(
                 "export_onnx(dynamo=True) needs the onnx and onnxscript packages "
