@@ -99,3 +99,35 @@ def all_cases() -> List[AotCase]:
     for module in kernel_modules():
         cases.extend(module.aot_cases())
     return cases
+
+
+def compile_all(archs=ARCHS) -> List[AotResult]:
+    """Compile every case of every kernel module for each arch."""
+    return [compile_case(case, arch) for case in all_cases() for arch in archs]
+
+
+def format_table(results: List[AotResult]) -> str:
+    """A markdown table: one row per case, registers / spills / shared bytes per arch."""
+    by_name: Dict[str, Dict[int, AotResult]] = {}
+    for r in results:
+        by_name.setdefault(r.name, {})[r.arch] = r
+    archs = sorted({r.arch for r in results})
+    head = "| kernel case | " + " | ".join(
+        f"sm_{a} regs | sm_{a} spill B | sm_{a} smem B" for a in archs) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * len(archs))]
+    for name, per_arch in by_name.items():
+        cells = []
+        for a in archs:
+            r = per_arch.get(a)
+            cells += ([str(r.registers), str(r.spill_bytes + r.stack_bytes), str(r.shared_bytes)]
+                      if r else ["-", "-", "-"])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m slimops.kernels._aot: the table for docs/KERNELS.md
+    import sys
+
+    table = format_table(compile_all())
+    print(table)
+    sys.exit(0)

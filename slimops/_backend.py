@@ -36,6 +36,15 @@ else:
 
 # dtypes the C++ CPU kernels implement; other floating dtypes run on the reference path.
 NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
+# dtypes the GPU kernels (Triton, fp32 accumulation) implement; float64 on CUDA runs on
+# the reference path.
+NATIVE_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# {op: "triton" | "cuda"}: the ops with a CUDA kernel, filled by
+# slimops.ops.cuda_registration.register() (the Triton kernels, or the extension's own).
+CUDA_KERNELS: Dict[str, str] = {}
+# True when every op has one (only then do CUDA tensors leave the reference path).
+CUDA_READY = False
 
 
 _warned_layout = False
@@ -49,7 +58,15 @@ def use_native(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> bool:
     ``model.to(memory_format=torch.channels_last)``) runs on the reference path, with a
     one-time warning.
     """
-    if not (HAS_C and x.device.type == "cpu" and x.dtype in NATIVE_CPU_DTYPES):
+    if not HAS_C:
+        return False
+    if x.device.type == "cpu":
+        if x.dtype not in NATIVE_CPU_DTYPES:
+            return False
+    elif x.device.type == "cuda":
+        if not CUDA_READY or x.dtype not in NATIVE_CUDA_DTYPES:
+            return False
+    else:
         return False
     if weight is not None and not weight.is_contiguous():
         global _warned_layout
@@ -67,12 +84,19 @@ def use_native(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> bool:
     return True
 
 
+def _cuda_kernel_names() -> str:
+    return "+".join(sorted(set(CUDA_KERNELS.values())))
+
+
 def backend_info() -> Dict[str, object]:
     """Report which backends are active.
 
     Returns a dict with ``"cpu"`` (``"C++"`` when ``slimops._C`` is loaded, else
-    ``"reference"``), ``"cuda"`` (the GPU path: ``"reference"`` until GPU kernels land, or
-    ``"unavailable"`` without CUDA), ``"extension_error"`` (why ``_C`` did not load, or None),
+    ``"reference"``), ``"cuda"`` (the GPU path for CUDA tensors: ``"triton"`` (``slimops.kernels``),
+    ``"cuda"`` (the extension's own CUDA kernels), ``"cuda+triton"``, ``"reference"`` when
+    the ops have no CUDA kernels, or ``"unavailable"`` without a GPU), ``"cuda_kernels"``
+    (the CUDA kernels registered, GPU or not, e.g. ``"triton"``; None when none),
+    ``"extension_error"`` (why ``_C`` did not load, or None),
     ``"native_dtypes"``, ``"cpu_isa"`` (the vector instruction set the C++ kernels'
     hot loops use: ``"avx512"``, ``"avx2"`` or ``"base"``; capped by the environment
     variable ``SLIMOPS_CPU_ISA``) and the torch version.
@@ -80,7 +104,9 @@ def backend_info() -> Dict[str, object]:
     return {
         "cpu": "C++" if HAS_C else "reference",
         "cpu_isa": torch.ops.slimops.cpu_isa() if HAS_C else None,
-        "cuda": "reference" if torch.cuda.is_available() else "unavailable",
+        "cuda": (_cuda_kernel_names() if CUDA_READY else "reference")
+        if torch.cuda.is_available() else "unavailable",
+        "cuda_kernels": _cuda_kernel_names() or None,
         "extension_error": _C_ERROR,
         "native_dtypes": [str(d).replace("torch.", "") for d in NATIVE_CPU_DTYPES],
         "torch": torch.__version__,

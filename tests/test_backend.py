@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import slimops
-from slimops import reference
+from slimops import _backend, reference
 
 F32, F64 = torch.float32, torch.float64
 HAS_C = slimops.backend_info()["cpu"] == "C++"
@@ -29,9 +29,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_backend_info_keys_and_values():
     info = slimops.backend_info()
-    assert set(info) == {"cpu", "cpu_isa", "cuda", "extension_error", "native_dtypes", "torch"}
+    assert set(info) == {"cpu", "cpu_isa", "cuda", "cuda_kernels", "extension_error",
+                         "native_dtypes", "torch"}
     assert info["cpu"] in ("C++", "reference")
-    assert info["cuda"] == ("reference" if torch.cuda.is_available() else "unavailable")
+    if not torch.cuda.is_available():
+        assert info["cuda"] == "unavailable"
+    else:
+        assert info["cuda"] == (info["cuda_kernels"] or "reference")
     assert info["native_dtypes"] == ["float32", "float64"]
     assert info["torch"] == torch.__version__
     if info["cpu"] == "C++":
@@ -552,3 +556,50 @@ def test_missing_extension_warns_once_and_falls_back():
     assert proc.stdout.strip() == "reference"
     assert proc.stderr.count("RuntimeWarning") == 1, proc.stderr
     assert "slimops._C is not available" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# CUDA kernels: the Triton launchers registered for the CUDA dispatch key
+
+
+def test_every_op_has_a_cuda_kernel_when_triton_is_installed():
+    from slimops import kernels
+    from slimops.ops.cuda_registration import OP_FAMILIES
+
+    if not (_backend.HAS_C and kernels.available()):
+        pytest.skip("needs the compiled extension (it defines the ops) and triton")
+    for op in OP_FAMILIES:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"slimops::{op}", "CUDA"), op
+    assert set(_backend.CUDA_KERNELS) == set(OP_FAMILIES)
+    assert _backend.CUDA_READY
+    assert slimops.backend_info()["cuda_kernels"] in ("triton", "cuda+triton", "cuda")
+
+
+def test_registration_is_idempotent_and_keeps_the_record():
+    from slimops import kernels
+    from slimops.ops import cuda_registration
+
+    if not (_backend.HAS_C and kernels.available()):
+        pytest.skip("needs the compiled extension and triton")
+    before = dict(_backend.CUDA_KERNELS)
+    assert cuda_registration.register() == before
+    assert _backend.CUDA_KERNELS == before
+
+
+def test_every_registered_launcher_exists_with_the_schema_arity():
+    """The launcher named after each op exists in its kernel module and takes the op's
+    arguments (so the dispatcher's call reaches it)."""
+    import importlib
+    import inspect
+
+    from slimops import kernels
+    from slimops.ops.cuda_registration import OP_FAMILIES
+
+    if not kernels.available() or not _backend.HAS_C:
+        pytest.skip("needs triton and the compiled extension")
+    for op, family in OP_FAMILIES.items():
+        module = importlib.import_module(f"slimops.kernels.{family}")
+        launcher = getattr(module, op)
+        schema = getattr(torch.ops.slimops, op).default._schema
+        params = inspect.signature(launcher).parameters
+        assert list(params) == [a.name for a in schema.arguments], op

@@ -10,5 +10,8 @@ from slimops.ops.batch_norm_act import batch_norm_act
 from slimops.ops.conv2d import conv2d
 from slimops.ops.depthwise_conv2d import depthwise_conv2d
 from slimops.ops.linear import linear
+from slimops.ops import cuda_registration
+
+cuda_registration.register()
 
 __all__ = ["conv2d", "depthwise_conv2d", "linear", "batch_norm_act"]
