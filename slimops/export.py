@@ -30,7 +30,7 @@ import copy
 import importlib
 import os
 import warnings
-from typing import IO, Dict, Optional, Sequence, Tuple, Union
+from typing import IO, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear, Switchab
 from slimops.reference import ACTIVATIONS
 from slimops.width import Slimmable, model_widths, width as scoped_width
 
-__all__ = ["ConvBNAct", "export", "export_onnx"]
+__all__ = ["ConvBNAct", "WidthSwitch", "export", "export_onnx", "torchscript_widths"]
 
 
 class ConvBNAct(nn.Module):
@@ -311,3 +311,60 @@ def export_onnx(
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(plain, (example,), f, dynamo=False, **kwargs)
     return plain
+
+
+class WidthSwitch(nn.Module):
+    """``forward(x, width)``: runs the branch traced at ``width`` (TorchScript-friendly).
+
+    Built by ``torchscript_widths``; ``branches[i]`` is the model traced at ``widths[i]``.
+    """
+
+    def __init__(self, branches: Sequence[nn.Module], widths: Sequence[float]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.widths: List[float] = [float(w) for w in widths]
+
+    def forward(self, x: Tensor, width: float) -> Tensor:
+        for i, branch in enumerate(self.branches):
+            if self.widths[i] == width:
+                return branch(x)
+        raise ValueError("WidthSwitch: unknown width " + str(width) + "; it runs at "
+                         + str(self.widths))
+
+
+def torchscript_widths(
+    model: nn.Module, example_input: Tensor, widths: Optional[Sequence[float]] = None
+) -> torch.jit.ScriptModule:
+    """``model`` at several widths as one TorchScript module that keeps the slimops ops.
+
+    Unlike ``export`` (one width, stock layers, copies), the result calls
+    ``torch.ops.slimops.*`` on the *full* shared weights, so every width is in one file with
+    the weights stored once (``torch.jit.save``), and C++ programs run it through libtorch
+    with libslimops linked (see ``csrc/tools/run_widths.cpp``). ``forward(x, width)``
+    picks the width per call; each branch is ``model`` traced at that width (eval mode) on
+    ``example_input``, so input shapes that change the control flow need their own trace.
+
+    Args:
+        model: a slimmable model (put in eval mode for the trace and left so).
+        example_input: an input to trace with.
+        widths: the widths to include (default: all of ``slimops.model_widths(model)``).
+
+    Raises:
+        ValueError: ``model`` has no slimmable layers, or a width is not one of its widths.
+    """
+    ws = list(model_widths(model) if widths is None else widths)
+    if not ws:
+        raise ValueError("torchscript_widths: no widths given")
+    model.eval()
+    branches = []
+    for w in ws:
+        with torch.no_grad(), scoped_width(model, w), warnings.catch_warnings():
+            # TorchScript is deprecated in torch 2.13 (still what libtorch programs load);
+            # the tracer's warnings are about the ops' Python-side shape checks, which a
+            # trace need not (and does not) replay
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            branches.append(torch.jit.trace(model, example_input, check_trace=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(WidthSwitch(branches, ws))
