@@ -1,0 +1,342 @@
+"""Triton kernels of the fused epilogue: its elementwise apply and its backward.
+
+* ``epilogue(z, bias, scale, shift, residual, activation)`` computes
+  ``act((z + bias[c]) * scale[c] + shift[c] + residual)`` over an ``[N, C, *]`` tensor. The
+  convolutions fuse this into their own output pass; this standalone kernel serves the
+  batch norm's normalisation (``scale``/``shift`` = the per-channel affine map a batch norm
+  folds to) and any op without a fused epilogue.
+* ``epilogue_backward(grad_out, out, scale, activation)`` is ``slimops::epilogue_backward``:
+  ``grad_out * act'(out) * scale[c]``, the activation's mask read from the op's output
+  (relu: ``out > 0``; relu6: ``0 < out < 6``, as csrc/cpu/common.h ``activation_mask``), so a
+  masked-out gradient is exactly zero.
+
+Both kernels walk the tensor as one flat range (``c = (i // HW) % C``): that covers a 2-D
+``[N, C]`` input (HW = 1) as well as large planes without wasting lanes, and the
+per-channel vectors are gathered (they stay in L1/L2). Every per-channel vector is read
+through its stride, so it may be a view of a full-width parameter. Arithmetic is fp32
+whatever the storage dtype; the result is stored in the input's dtype.
+
+This module also holds the AOT-signature helper the other kernel modules share.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from slimops.kernels._aot import AotCase
+from slimops.kernels._common import (
+    ACT_NONE,
+    ACT_RELU,
+    ACT_RELU6,
+    TRITON_PTR,
+    check_device,
+)
+
+# Flat elementwise kernels: elements per program and warps. The launchers pick the first
+# entry whose BLOCK is at least 1/64 of the tensor (large tensors get the large block).
+CONFIGS: List[Dict[str, int]] = [
+    {"BLOCK": 256, "num_warps": 2},
+    {"BLOCK": 1024, "num_warps": 4},
+    {"BLOCK": 2048, "num_warps": 8},
+]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def pick_config(numel: int, configs: List[Dict[str, int]] = CONFIGS) -> Dict[str, int]:
+    """The tuning entry for a flat pass over ``numel`` elements: the smallest block that
+    still gives each program a useful amount of work (one entry per 64 blocks of it)."""
+    for cfg in configs:
+        if numel <= cfg["BLOCK"] * 64:
+            return cfg
+    return configs[-1]
+
+
+_COMPILED: Dict[int, Any] = {}
+
+
+def compiled(kernel: Any) -> Any:
+    """``kernel`` as a compilable ``JITFunction``, for the AOT cases.
+
+    Under ``TRITON_INTERPRET=1`` (the tests without a GPU) ``@triton.jit`` returns an
+    ``InterpretedFunction``, which ``triton.compile`` cannot take, and a compiled kernel
+    cannot call interpreted helpers. So this rebuilds the Python function with a globals
+    dict in which every interpreted ``@triton.jit`` helper is replaced by its compiled twin
+    (recursively, cached) and wraps it in a ``JITFunction``. Without the interpreter the
+    kernel is returned as is.
+    """
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return kernel
+    key = id(kernel)
+    if key not in _COMPILED:
+        fn = kernel.fn
+        scope = dict(fn.__globals__)
+        for name in fn.__code__.co_names:  # the globals the kernel body refers to
+            value = fn.__globals__.get(name)
+            if value is not kernel and type(value).__name__ == "InterpretedFunction":
+                scope[name] = compiled(value)
+        twin = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+        twin.__module__ = fn.__module__
+        twin.__qualname__ = fn.__qualname__
+        _COMPILED[key] = JITFunction(twin)
+    return _COMPILED[key]
+
+
+def aot_signature(
+    fn: Any, ptr_type: str, constexprs: Mapping[str, Any], overrides: Optional[Dict[str, str]] = None
+) -> Dict[str, str]:
+    """The full triton signature of ``fn`` by naming convention: ``*_ptr`` arguments are
+    pointers of ``ptr_type``, meta-parameters ``constexpr``, anything else ``i32``;
+    ``overrides`` names the exceptions (fp32 work buffers, ``fp32`` scalars such as eps)."""
+    overrides = overrides or {}
+    sig: Dict[str, str] = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in overrides:
+            sig[name] = overrides[name]
+        elif name.endswith("_ptr"):
+            sig[name] = ptr_type
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs a reduction launch should aim for: four waves of the GPU's SMs. 0 off the
+    GPU (the interpreter), meaning "at most two tiles per channel": few programs, as each is
+    slow to interpret, but more than one, so the tests exercise the cross-tile reduction."""
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 0
+
+
+def split_tiles(total: int, channels: int, block: int, device: torch.device) -> Tuple[int, int]:
+    """Split a per-channel reduction over ``total`` elements into tiles: returns
+    ``(num_tiles, per_tile)``, ``per_tile`` a multiple of ``block``. Enough (tile, channel)
+    programs to fill the GPU; never a tile shorter than one block."""
+    blocks = max(1, triton.cdiv(total, block))
+    target = _target_programs(device)
+    tiles = min(blocks, 2) if target == 0 else max(1, min(blocks, target // max(channels, 1)))
+    per_tile = triton.cdiv(blocks, tiles) * block
+    return triton.cdiv(max(total, 1), per_tile), per_tile
+
+
+# tl.sum's combine function (a + b). The kernels call ``tl.reduce(x, axis, _sum_combine)``
+# instead of ``tl.sum(x, axis)``, and ``tl.full(shape, 0.0, dtype)`` instead of ``tl.zeros``:
+# with TRITON_INTERPRET=1 set when triton is imported, ``tl.sum`` and ``tl.zeros`` are
+# themselves interpreted functions that no compiled kernel can call (the code generator runs
+# them as Python, which patches triton.language for the interpreter), so the AOT check
+# (``compiled``) could not build those kernels; a module global like this one it remaps to
+# its compiled twin. The interpreter recognises this very function and reduces with numpy.
+_sum_combine = tl.standard._sum_combine
+
+
+@triton.jit
+def _flat_block(numel, C, HW, BLOCK: tl.constexpr):
+    """This program's flat offsets (int64: activations can exceed 2^31 elements), their mask
+    and their channels ``(i // HW) % C``. The one 64-bit division is per program; per
+    element the divisions are 32-bit (a 64-bit one is a called subroutine that costs
+    registers and stack)."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    row0 = start // HW
+    local = (start - row0 * HW).to(tl.int32) + tl.arange(0, BLOCK)
+    c = ((row0 % C).to(tl.int32) + local // HW) % C
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < numel, c
+
+
+@triton.jit
+def _activate(y, ACT: tl.constexpr):
+    # Codes as in csrc/cpu/common.h. relu6 clamps like F.hardtanh(x, 0, 6).
+    if ACT == 1:
+        y = tl.maximum(y, 0.0)
+    elif ACT == 2:
+        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+    return y
+
+
+@triton.jit
+def _activation_mask(grad, out, ACT: tl.constexpr):
+    # A select, not a multiply: a masked-out gradient is exactly zero even if grad is inf/nan,
+    # like torch's threshold/hardtanh backward and the CPU kernels.
+    if ACT == 1:
+        grad = tl.where(out > 0.0, grad, 0.0)
+    elif ACT == 2:
+        grad = tl.where((out > 0.0) & (out < 6.0), grad, 0.0)
+    return grad
+
+
+@triton.jit
+def _epilogue_kernel(
+    z_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    numel, C, HW, bias_stride, scale_stride, shift_stride,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs, mask, c = _flat_block(numel, C, HW, BLOCK)
+    y = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + c * bias_stride, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        y *= tl.load(scale_ptr + c * scale_stride, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        y += tl.load(shift_ptr + c * shift_stride, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = _activate(y, ACT)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue_backward_kernel(
+    grad_ptr, out_ptr, scale_ptr, result_ptr,
+    numel, C, HW, scale_stride,
+    HAS_SCALE: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs, mask, c = _flat_block(numel, C, HW, BLOCK)
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = _activation_mask(g, o, ACT)
+    if HAS_SCALE:
+        g *= tl.load(scale_ptr + c * scale_stride, mask=mask, other=0.0).to(tl.float32)
+    tl.store(result_ptr + offs, g.to(result_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_activation(activation: int) -> None:
+    if activation not in (ACT_NONE, ACT_RELU, ACT_RELU6):
+        raise ValueError(f"slimops.kernels: unknown activation code {activation}")
+
+
+def _check_vector(v: Optional[Tensor], c: int, name: str) -> None:
+    if v is not None and (v.dim() != 1 or v.shape[0] != c):
+        raise ValueError(f"slimops.kernels: {name} must be a vector of length {c}, got {tuple(v.shape)}")
+
+
+def _plane(t: Tensor) -> int:
+    return t[0, 0].numel() if t.shape[0] and t.shape[1] else 1
+
+
+def epilogue(
+    z: Tensor,
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    residual: Optional[Tensor],
+    activation: int,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """``act((z + bias[c]) * scale[c] + shift[c] + residual)`` over ``z = [N, C, *]``.
+
+    ``bias``, ``scale``, ``shift``: length-``C`` vectors (any stride, any float dtype: they
+    are read and applied in fp32) or None; ``residual``: ``z``'s shape or None;
+    ``activation``: 0 none, 1 relu, 2 relu6. Returns a new contiguous tensor of ``z``'s dtype
+    (or writes ``out``, contiguous with ``z``'s shape, which may alias ``z``).
+    """
+    _check_activation(activation)
+    check_device(z, bias, scale, shift, residual)
+    if z.dim() < 2:
+        raise ValueError(f"slimops.kernels.epilogue: expected [N, C, *], got {tuple(z.shape)}")
+    c = z.shape[1]
+    for name, v in (("bias", bias), ("scale", scale), ("shift", shift)):
+        _check_vector(v, c, name)
+    z = z.contiguous()
+    if residual is not None:
+        if residual.shape != z.shape:
+            raise ValueError(f"slimops.kernels.epilogue: residual shape {tuple(residual.shape)} "
+                             f"differs from {tuple(z.shape)}")
+        residual = residual.contiguous()
+    if out is None:
+        out = torch.empty_like(z, memory_format=torch.contiguous_format)
+    numel = z.numel()
+    if numel == 0:
+        return out
+    cfg = pick_config(numel)
+    grid = (triton.cdiv(numel, cfg["BLOCK"]),)
+    # Absent vectors: a dummy pointer of the input's dtype keeps the signature stable.
+    _epilogue_kernel[grid](
+        z, z if bias is None else bias, z if scale is None else scale,
+        z if shift is None else shift, z if residual is None else residual, out,
+        numel, c, _plane(z),
+        0 if bias is None else bias.stride(0), 0 if scale is None else scale.stride(0),
+        0 if shift is None else shift.stride(0),
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        HAS_RES=residual is not None, ACT=activation, BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def epilogue_backward(
+    grad_out: Tensor, out: Tensor, scale: Optional[Tensor], activation: int
+) -> Tensor:
+    """``slimops::epilogue_backward``: ``grad_out * act'(out) * scale[c]`` (``scale``
+    optional, read through its stride), a new contiguous tensor of ``grad_out``'s dtype."""
+    _check_activation(activation)
+    check_device(grad_out, out, scale)
+    if grad_out.shape != out.shape:
+        raise ValueError(f"slimops.kernels.epilogue_backward: grad_out shape {tuple(grad_out.shape)} "
+                         f"differs from out shape {tuple(out.shape)}")
+    if out.dim() < 2:
+        raise ValueError(f"slimops.kernels.epilogue_backward: expected at least 2 dims, got {tuple(out.shape)}")
+    c = out.shape[1]
+    _check_vector(scale, c, "scale")
+    g = grad_out.contiguous()
+    o = out.contiguous()
+    result = torch.empty_like(g, memory_format=torch.contiguous_format)
+    numel = g.numel()
+    if numel == 0:
+        return result
+    cfg = pick_config(numel)
+    grid = (triton.cdiv(numel, cfg["BLOCK"]),)
+    _epilogue_backward_kernel[grid](
+        g, o, g if scale is None else scale, result,
+        numel, c, _plane(g), 0 if scale is None else scale.stride(0),
+        HAS_SCALE=scale is not None, ACT=activation, BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"],
+    )
+    return result
+
+
+def aot_cases() -> List[AotCase]:
+    """Per dtype and configuration: the apply kernel without epilogue and with the full one
+    (bias, scale, shift, residual, relu6); the backward without and with scale + relu6."""
+    cases: List[AotCase] = []
+    for dtype in DTYPES:
+        ptr = TRITON_PTR[dtype]
+        tag = str(dtype).split(".")[-1]
+        for cfg in CONFIGS:
+            block, warps = cfg["BLOCK"], cfg["num_warps"]
+            for full in (False, True):
+                ce = dict(HAS_BIAS=full, HAS_SCALE=full, HAS_SHIFT=full, HAS_RES=full,
+                          ACT=ACT_RELU6 if full else ACT_NONE, BLOCK=block)
+                cases.append(AotCase(
+                    f"epilogue_{tag}_b{block}_w{warps}_{'full' if full else 'plain'}",
+                    _epilogue_kernel, aot_signature(_epilogue_kernel, ptr, ce), ce, warps))
+                ce = dict(HAS_SCALE=full, ACT=ACT_RELU6 if full else ACT_NONE, BLOCK=block)
+                cases.append(AotCase(
+                    f"epilogue_backward_{tag}_b{block}_w{warps}_{'scale_relu6' if full else 'plain'}",
+                    _epilogue_backward_kernel,
+                    aot_signature(_epilogue_backward_kernel, ptr, ce), ce, warps))
+    # Compilable JITFunctions even when the tests run under the interpreter.
+    for case in cases:
+        case.fn = compiled(case.fn)
+    return cases
+
+
+__all__ = ["CONFIGS", "aot_cases", "epilogue", "epilogue_backward"]

@@ -1,0 +1,220 @@
+"""The depthwise convolution's Triton kernels (``slimops.kernels.depthwise_conv2d``) against
+``slimops.reference`` (forward) and autograd of the reference on the sliced weight (backward).
+
+Without a GPU they run under the Triton interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1); sizes stay small (N <= 2, H, W <= 9, C <= 16) so that stays fast.
+bf16 is checked by compilation only: the interpreter's bf16 arithmetic is not the GPU's.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from slimops import reference  # noqa: E402
+from slimops.kernels import _aot  # noqa: E402
+from slimops.kernels import depthwise_conv2d as K  # noqa: E402
+from slimops.ops._common import ACTIVATION_NAMES  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2)}
+
+# (kernel, stride, padding, dilation, H, W): strides 1/2, paddings 0/1/2, dilations 1/2,
+# 3x3 and 5x5, odd and tiny planes.
+GEOMETRIES = [
+    (3, 1, 1, 1, 9, 9),
+    (3, 2, 1, 1, 9, 7),
+    (3, 1, 0, 1, 3, 3),
+    (3, 2, 2, 2, 7, 9),
+    (3, 1, 2, 2, 1, 1),
+    (5, 1, 2, 1, 7, 7),
+    (5, 2, 0, 1, 9, 8),
+    (5, 1, 1, 2, 9, 9),
+]
+# (active channels, full channels): a prefix of the shared weight, and the full width.
+WIDTHS = [(5, 13), (7, 7)]
+
+
+def _geo_id(g):
+    return "k{}s{}p{}d{}_{}x{}".format(*g)
+
+
+def _make(geo, width, dtype=torch.float32, n=2):
+    k, s, p, d, h, w = geo
+    c, c_full = width
+    x = torch.randn(n, c, h, w, device=DEVICE).to(dtype)
+    weight = torch.randn(c_full, 1, k, k, device=DEVICE).to(dtype)
+    return x, weight, [s, s], [p, p], [d, d]
+
+
+def _f(t):
+    return None if t is None else t.float()
+
+
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "full_relu6"])
+@pytest.mark.parametrize("width", WIDTHS, ids=str)
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=_geo_id)
+def test_forward_matches_reference(geo, width, epilogue):
+    x, weight, s, p, d = _make(geo, width)
+    c, c_full = width
+    bias = scale = shift = residual = None
+    act = 0
+    if epilogue:
+        bias = torch.randn(c_full, device=DEVICE)
+        scale, shift = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
+        act = 2
+    expected = reference.depthwise_conv2d(x, weight, bias, s, p, d, scale, shift, None,
+                                          ACTIVATION_NAMES[act])
+    if epilogue:
+        residual = torch.randn_like(expected)
+        expected = reference.depthwise_conv2d(x, weight, bias, s, p, d, scale, shift, residual,
+                                              ACTIVATION_NAMES[act])
+    out = K.depthwise_conv2d(x, weight, bias, s, p, d, scale, shift, residual, act)
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("activation", [0, 1, 2])
+@pytest.mark.parametrize("terms", ["bias", "scale", "shift_residual", "all"])
+def test_forward_epilogue_terms(terms, activation):
+    x, weight, s, p, d = _make(GEOMETRIES[1], (3, 16))
+    c, c_full = 3, 16
+    bias = torch.randn(c_full, device=DEVICE) if terms in ("bias", "all") else None
+    # scale as a strided view: per-channel vectors are read through their strides
+    scale = (torch.randn(2 * c, device=DEVICE)[::2] * 2) if terms in ("scale", "all") else None
+    shift = torch.randn(c, device=DEVICE) if terms in ("shift_residual", "all") else None
+    z = reference.depthwise_conv2d(x, weight, None, s, p, d)
+    residual = torch.randn_like(z) * 3 if terms in ("shift_residual", "all") else None
+    expected = reference.depthwise_conv2d(x, weight, bias, s, p, d, scale, shift, residual,
+                                          ACTIVATION_NAMES[activation])
+    out = K.depthwise_conv2d(x, weight, bias, s, p, d, scale, shift, residual, activation)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+def test_forward_reads_strided_input_and_weight_in_place():
+    # The input as a channel prefix of a wider activation (non-contiguous), the weight as a
+    # [C_full, 1, k, k] view with a non-packed channel stride: both are read through their
+    # strides, nothing is copied.
+    wide = torch.randn(2, 11, 9, 9, device=DEVICE)
+    x = wide[:, :6]
+    storage = torch.randn(13, 2, 3, 3, device=DEVICE)
+    weight = storage[:, :1]
+    assert not x.is_contiguous() and not weight.is_contiguous()
+    expected = reference.depthwise_conv2d(x, weight, None, 2, 1, 1)
+    out = K.depthwise_conv2d(x, weight, None, [2, 2], [1, 1], [1, 1], None, None, None, 0)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    gz = torch.randn_like(out)
+    gw = K.depthwise_conv2d_backward_weight(gz, x, weight, [2, 2], [1, 1], [1, 1])
+    w = weight.detach().clone().requires_grad_()
+    reference.depthwise_conv2d(x, w, None, 2, 1, 1).backward(gz)
+    torch.testing.assert_close(gw, w.grad, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("width", WIDTHS, ids=str)
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=_geo_id)
+def test_backward_matches_autograd(geo, width):
+    x, weight, s, p, d = _make(geo, width)
+    c = width[0]
+    xr = x.clone().requires_grad_()
+    wr = weight.clone().requires_grad_()
+    z = reference.depthwise_conv2d(xr, wr, None, s, p, d)
+    grad_z = torch.randn_like(z)
+    z.backward(grad_z)
+    grad_input = K.depthwise_conv2d_backward_input(grad_z, weight, list(x.shape), s, p, d)
+    grad_weight = K.depthwise_conv2d_backward_weight(grad_z, x, weight, s, p, d)
+    torch.testing.assert_close(grad_input, xr.grad, **TOL[torch.float32])
+    assert grad_weight.shape == weight.shape and grad_weight.dtype == weight.dtype
+    torch.testing.assert_close(grad_weight, wr.grad, **TOL[torch.float32])
+    # past the active width: exactly zero (autograd accumulates the full-size gradient)
+    assert torch.count_nonzero(grad_weight[c:]) == 0
+
+
+@pytest.mark.parametrize("geo", [GEOMETRIES[0], GEOMETRIES[6]], ids=_geo_id)
+def test_single_channel_of_three(geo):
+    x, weight, s, p, d = _make(geo, (1, 3), n=1)
+    xr = x.clone().requires_grad_()
+    wr = weight.clone().requires_grad_()
+    z = reference.depthwise_conv2d(xr, wr, None, s, p, d, activation="relu")
+    grad = torch.randn_like(z)
+    z.backward(grad)
+    out = K.depthwise_conv2d(x, weight, None, s, p, d, None, None, None, 1)
+    torch.testing.assert_close(out, z.detach(), **TOL[torch.float32])
+    grad_z = grad * (out > 0)
+    torch.testing.assert_close(
+        K.depthwise_conv2d_backward_input(grad_z, weight, list(x.shape), s, p, d), xr.grad,
+        **TOL[torch.float32])
+    grad_weight = K.depthwise_conv2d_backward_weight(grad_z, x, weight, s, p, d)
+    torch.testing.assert_close(grad_weight, wr.grad, **TOL[torch.float32])
+    assert torch.count_nonzero(grad_weight[1:]) == 0
+
+
+def test_weight_gradient_is_deterministic():
+    x, weight, s, p, d = _make(GEOMETRIES[0], (16, 16))
+    grad_z = torch.randn(2, 16, 9, 9, device=DEVICE)
+    a = K.depthwise_conv2d_backward_weight(grad_z, x, weight, s, p, d)
+    b = K.depthwise_conv2d_backward_weight(grad_z, x, weight, s, p, d)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("geo", [GEOMETRIES[1], GEOMETRIES[5]], ids=_geo_id)
+def test_fp16_matches_fp32_reference(geo):
+    dtype = torch.float16
+    x, weight, s, p, d = _make(geo, (5, 13), dtype)
+    c = 5
+    bias = torch.randn(13, device=DEVICE).to(dtype)
+    scale = torch.rand(c, device=DEVICE).to(dtype) + 0.5
+    shift = torch.randn(c, device=DEVICE).to(dtype)
+    z32 = reference.depthwise_conv2d(x.float(), weight.float(), None, s, p, d)
+    residual = torch.randn_like(z32).to(dtype)
+    expected = reference.depthwise_conv2d(x.float(), weight.float(), bias.float(), s, p, d,
+                                          scale.float(), shift.float(), residual.float(), "relu6")
+    out = K.depthwise_conv2d(x, weight, bias, s, p, d, scale, shift, residual, 2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.to(dtype).float(), **TOL[dtype])
+
+    xr = x.float().requires_grad_()
+    wr = weight.float().requires_grad_()
+    grad_z = torch.randn_like(z32).to(dtype)
+    reference.depthwise_conv2d(xr, wr, None, s, p, d).backward(grad_z.float())
+    grad_input = K.depthwise_conv2d_backward_input(grad_z, weight, list(x.shape), s, p, d)
+    grad_weight = K.depthwise_conv2d_backward_weight(grad_z, x, weight, s, p, d)
+    assert grad_input.dtype == dtype and grad_weight.dtype == dtype
+    torch.testing.assert_close(grad_input.float(), xr.grad.to(dtype).float(), **TOL[dtype])
+    torch.testing.assert_close(grad_weight.float(), wr.grad.to(dtype).float(), **TOL[dtype])
+    assert torch.count_nonzero(grad_weight[c:]) == 0
+
+
+def test_bad_arguments_raise():
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    weight = torch.randn(3, 1, 3, 3, device=DEVICE)  # narrower than the input
+    with pytest.raises(ValueError):
+        K.depthwise_conv2d(x, weight, None, [1, 1], [0, 0], [1, 1], None, None, None, 0)
+    weight = torch.randn(4, 1, 7, 7, device=DEVICE)  # bigger than the plane
+    with pytest.raises(ValueError):
+        K.depthwise_conv2d(x, weight, None, [1, 1], [0, 0], [1, 1], None, None, None, 0)
+    weight = torch.randn(4, 1, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError):
+        K.depthwise_conv2d(x, weight, None, [1, 1], [0, 0], [1, 1], None, None, None, 5)
+    with pytest.raises(ValueError):
+        K.depthwise_conv2d(x, weight, torch.randn(3, device=DEVICE), [1, 1], [0, 0], [1, 1],
+                           None, None, None, 0)
+
+
+def test_aot_representative_case_has_no_spills():
+    case = next(c for c in K.aot_cases() if c.name == "dw_forward_float32_k3_b256_w4_full")
+    r = _aot.compile_case(case, 90)
+    assert r.registers > 0
+    assert r.spill_bytes == 0 and r.stack_bytes == 0
+
+
+def test_bf16_compiles():
+    # Compile-only: the interpreter's bf16 arithmetic is not the GPU's.
+    names = ("dw_forward_bfloat16_k5_b128_w4_full", "dw_backward_input_bfloat16_k5_b128_w4",
+             "dw_weight_partials_bfloat16_k5_t1024_w4", "dw_weight_reduce_bfloat16_k5")
+    cases = {c.name: c for c in K.aot_cases()}
+    for name in names:
+        r = _aot.compile_case(cases[name], 90)
+        assert r.registers > 0 and r.spill_bytes == 0 and r.stack_bytes == 0, name
