@@ -5,7 +5,8 @@ are installed as `slimops.models` and `slimops.kernels`.
 
 Build with `pip install --no-build-isolation -e .` so the build compiles against the torch
 already installed (requirements.txt pins it). SLIMOPS_NO_EXTENSION=1 skips the C++ build
-(the package then runs on the pure-PyTorch reference path).
+(the package then runs on the pure-PyTorch reference path). With a CUDA build of torch and a
+visible GPU (or FORCE_CUDA=1), the CUDA kernels of csrc/cuda are compiled in as well.
 """
 
 import glob
@@ -16,19 +17,38 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def with_cuda():
+    """Build csrc/cuda too: when a GPU is visible, or FORCE_CUDA=1 (building on a machine
+    without one); either way only if this torch was built with CUDA. Otherwise the
+    extension is CPU-only and csrc/cuda is not compiled at all."""
+    import torch
+
+    if torch.version.cuda is None:
+        return False
+    return os.environ.get("FORCE_CUDA") == "1" or torch.cuda.is_available()
+
+
 def extensions():
     if os.environ.get("SLIMOPS_NO_EXTENSION") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     debug = os.environ.get("SLIMOPS_DEBUG") == "1"
     cxx = ["-std=c++17", "-fopenmp", "-O0" if debug else "-O3", "-g" if debug else "-DNDEBUG"]
-    ext = CppExtension(
+    compile_args = {"cxx": cxx}
+    extension = CppExtension
+    if with_cuda():
+        # The CUDA kernels (nvcc) and their registration (host compiler). Not
+        # csrc/cuda/host_harness.cpp: that is the CPU test harness of the kernels' math.
+        sources += ["csrc/cuda/bindings.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
+        compile_args["nvcc"] = ["-std=c++17", "-O0" if debug else "-O3", "-lineinfo"]
+        extension = CUDAExtension
+    ext = extension(
         "slimops._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx},
+        extra_compile_args=compile_args,
         extra_link_args=["-fopenmp"],
         # Only the stable part of the CPython ABI is used (the PyInit stub).
         py_limited_api=False,

@@ -1,0 +1,10 @@
+// SLIMOPS_HD marks the per-element math of the CUDA kernels __host__ __device__ under nvcc and
+// plain inline under a host compiler, so the exact functions the kernels run can be compiled by
+// g++ and checked on a machine without a GPU (csrc/cuda/host_harness.cpp).
+#pragma once
+
+#if defined(__CUDACC__)
+#define SLIMOPS_HD __host__ __device__ __forceinline__
+#else
+#define SLIMOPS_HD inline
+#endif
