@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from slimops.kernels._aot import AotCase
-from slimops.kernels._common import ACT_NONE, ACT_RELU6, TRITON_PTR, check_device, interpreting
+from slimops.kernels._common import ACT_NONE, ACT_RELU6, TRITON_PTR, check_device
 from slimops.kernels.epilogue import (
     DTYPES,
     _activate,
@@ -50,6 +50,7 @@ from slimops.kernels.epilogue import (
 # the weight-gradient tile [TAPS, WTILE // TAPS] (taps padded to a power of two), so the tile,
 # and with it the registers per thread, stays the same size for 3x3 and 5x5 kernels.
 CONFIGS: List[Dict[str, int]] = [
+    {"BLOCK": 64, "WTILE": 1024, "num_warps": 2},
     {"BLOCK": 128, "WTILE": 1024, "num_warps": 4},
     {"BLOCK": 256, "WTILE": 2048, "num_warps": 4},
     {"BLOCK": 512, "WTILE": 2048, "num_warps": 8},
@@ -62,10 +63,14 @@ AOT_KERNEL_SIZES = (3, 5)
 
 
 def _pick(pixels: int) -> Dict[str, int]:
-    # Small planes (late MobileNet stages, 7x7 / 14x14) waste lanes in a big block.
-    if interpreting() or pixels <= 4096:
+    """The configuration for planes of ``pixels`` pixels: one program covers a plane's row
+    block, so small planes (the late MobileNet stages, 7x7 and 14x14) take small blocks that
+    leave few lanes idle, large planes large blocks (fewer programs, longer runs)."""
+    if pixels <= 64:
         return CONFIGS[0]
-    return CONFIGS[1] if pixels <= 1 << 16 else CONFIGS[2]
+    if pixels <= 4096:
+        return CONFIGS[1]
+    return CONFIGS[2] if pixels <= 1 << 16 else CONFIGS[3]
 
 
 def _taps_p2(kh: int, kw: int) -> int:
@@ -400,7 +405,6 @@ def aot_cases() -> List[AotCase]:
                     _dw_weight_partials_kernel,
                     aot_signature(_dw_weight_partials_kernel, ptr, ce, {"part_ptr": "*fp32"}),
                     ce, warps))
-    # Configs 2 and 3 share WTILE but not num_warps; names stay distinct via _w{warps}.
     # Compilable JITFunctions even when the tests run under the interpreter.
     for case in cases:
         case.fn = compiled(case.fn)

@@ -14,12 +14,13 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from slimops import reference  # noqa: E402
+from slimops import _backend, reference  # noqa: E402
 from slimops.kernels import _aot  # noqa: E402
 from slimops.kernels import depthwise_conv2d as K  # noqa: E402
 from slimops.ops._common import ACTIVATION_NAMES  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CPU_OP = _backend.HAS_C and DEVICE == "cpu"
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2)}
 
 # (kernel, stride, padding, dilation, H, W): strides 1/2, paddings 0/1/2, dilations 1/2,
@@ -75,6 +76,10 @@ def test_forward_matches_reference(geo, width, epilogue):
     out = K.depthwise_conv2d(x, weight, bias, s, p, d, scale, shift, residual, act)
     assert out.shape == expected.shape and out.is_contiguous()
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    if CPU_OP:
+        cpu = torch.ops.slimops.depthwise_conv2d(x, weight, bias, s, p, d, scale, shift,
+                                                 residual, act)
+        torch.testing.assert_close(out, cpu, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("activation", [0, 1, 2])
@@ -130,6 +135,13 @@ def test_backward_matches_autograd(geo, width):
     torch.testing.assert_close(grad_weight, wr.grad, **TOL[torch.float32])
     # past the active width: exactly zero (autograd accumulates the full-size gradient)
     assert torch.count_nonzero(grad_weight[c:]) == 0
+    if CPU_OP:  # the registered CPU ops, called with the same (schema) arguments
+        torch.testing.assert_close(
+            grad_input, torch.ops.slimops.depthwise_conv2d_backward_input(
+                grad_z, weight, list(x.shape), s, p, d), **TOL[torch.float32])
+        torch.testing.assert_close(
+            grad_weight, torch.ops.slimops.depthwise_conv2d_backward_weight(
+                grad_z, x, weight, s, p, d), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("geo", [GEOMETRIES[0], GEOMETRIES[6]], ids=_geo_id)
@@ -218,3 +230,26 @@ def test_bf16_compiles():
     for name in names:
         r = _aot.compile_case(cases[name], 90)
         assert r.registers > 0 and r.spill_bytes == 0 and r.stack_bytes == 0, name
+
+
+def test_fused_layer_backward_composes_like_the_op():
+    # slimops.ops.depthwise_conv2d's autograd: grad_z = epilogue_backward(grad_out, out,
+    # scale, act), then the two backward kernels on grad_z. Checked end to end against autograd
+    # of the reference layer (prefix weight, scale/shift, relu6).
+    from slimops.kernels.epilogue import epilogue_backward
+
+    x, weight, s, p, d = _make(GEOMETRIES[1], (5, 13))
+    scale = torch.rand(5, device=DEVICE) + 0.5
+    shift = torch.randn(5, device=DEVICE)
+    xr = x.clone().requires_grad_()
+    wr = weight.clone().requires_grad_()
+    expected = reference.depthwise_conv2d(xr, wr, None, s, p, d, scale, shift, None, "relu6")
+    grad_out = torch.randn_like(expected)
+    expected.backward(grad_out)
+    out = K.depthwise_conv2d(x, weight, None, s, p, d, scale, shift, None, 2)
+    grad_z = epilogue_backward(grad_out, out, scale, 2)
+    torch.testing.assert_close(
+        K.depthwise_conv2d_backward_input(grad_z, weight, list(x.shape), s, p, d), xr.grad,
+        **TOL[torch.float32])
+    torch.testing.assert_close(K.depthwise_conv2d_backward_weight(grad_z, x, weight, s, p, d),
+                               wr.grad, **TOL[torch.float32])
