@@ -125,9 +125,52 @@ def format_table(results: List[AotResult]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m slimops.kernels._aot: the table for docs/KERNELS.md
+def results_in_subprocesses(archs=ARCHS, timeout: float = 1800) -> List[AotResult]:
+    """``compile_all`` for each arch in its own process (in parallel), without
+    ``TRITON_INTERPRET``: under the interpreter ``@triton.jit`` yields interpreter objects
+    that ``triton.compile`` cannot take, and the test suite runs with it set (no GPU)."""
+    import json
     import sys
 
-    table = format_table(compile_all())
-    print(table)
-    sys.exit(0)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for arch in archs:
+            out = os.path.join(tmp, f"sm_{arch}.json")
+            cmd = [sys.executable, "-m", "slimops.kernels._aot", "--arch", str(arch), "--json", out]
+            procs.append((out, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True)))
+        results: List[AotResult] = []
+        for out, proc in procs:
+            log, _ = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                raise RuntimeError(f"AOT compile failed ({' '.join(proc.args)}):\n{log[-4000:]}")
+            with open(out) as f:
+                results += [AotResult(**r) for r in json.load(f)]
+    return results
+
+
+def main(argv=None) -> int:
+    """``python -m slimops.kernels._aot [--arch 80 ...] [--json PATH]``: compile every case,
+    print the markdown table (docs/GPU_KERNELS.md), optionally write the results as JSON."""
+    import argparse
+    import dataclasses
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--arch", type=int, action="append", help="default: 80 and 90")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    results = compile_all(tuple(args.arch or ARCHS))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in results], f)
+    else:
+        print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
