@@ -139,3 +139,14 @@ def test_bindings_compile_and_match_the_launch_wrappers(tmp_path):
     needed = symbols(str(obj), "U")
     assert needed, "bindings.cpp calls no slimops::cuda launch wrapper"
     assert needed <= defined, f"undefined launch wrappers: {sorted(needed - defined)}"
+
+
+def test_registered_cuda_ops_have_schemas():
+    """Every op csrc/cuda/bindings.cpp registers for CUDA is defined in csrc/ops.cpp (a typo
+    would only fail at load time of a CUDA build, which no machine here has)."""
+    with open(os.path.join(CSRC, "ops.cpp")) as f:
+        defined = set(re.findall(r'm\.def\(\s*"(\w+)\(', f.read()))
+    with open(os.path.join(CSRC, "cuda", "bindings.cpp")) as f:
+        registered = re.findall(r'm\.impl\("(\w+)"', f.read())
+    assert registered and set(registered) <= defined, sorted(set(registered) - defined)
+    assert len(registered) == len(set(registered))

@@ -117,6 +117,13 @@ DwGeom make_geom(const char* op, at::IntArrayRef input_size, const at::Tensor& w
               " channels; expected between 1 and the weight's ", weight.size(0));
   TORCH_CHECK(H >= 1 && W >= 1, "slimops::", op, ": input spatial size must be non-zero, got ",
               input_size);
+  // The tap loop computes plane coordinates in 32 bits (fewer registers, no spills).
+  constexpr int64_t kMax32 = (int64_t(1) << 31) - 1;
+  TORCH_CHECK(H + 2 * padding[0] < kMax32 && W + 2 * padding[1] < kMax32 &&
+                  dilation[0] * KH < kMax32 && dilation[1] * KW < kMax32,
+              "slimops::", op, ": the CUDA kernel needs padded plane sizes and dilated kernel "
+              "sizes below 2^31, got input ", input_size, ", padding ", padding, ", dilation ",
+              dilation);
   const int64_t span_h = H + 2 * padding[0] - dilation[0] * (KH - 1) - 1;
   const int64_t span_w = W + 2 * padding[1] - dilation[1] * (KW - 1) - 1;
   TORCH_CHECK(span_h >= 0 && span_w >= 0, "slimops::", op, ": input spatial size (", H, ", ", W,

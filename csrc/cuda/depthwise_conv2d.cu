@@ -27,10 +27,11 @@ struct DwForwardArgs {
 
 // One thread per output pixel (grid-stride); consecutive threads take consecutive columns, so
 // loads of x within a tap row coalesce for stride 1.
-template <typename T>
+// KH / KW: the kernel size when fixed at compile time (3x3, 5x5: the taps unroll), else 0.
+template <typename T, int KH, int KW>
 __global__ void __launch_bounds__(kThreads) depthwise_forward_kernel(const DwForwardArgs<T> a) {
   using Acc = typename AccOf<T>::type;
-  const DwGeom& g = a.g;
+  const DwGeom g = a.g;
   const int64_t total = a.N * a.C * g.OH * g.OW;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
@@ -39,7 +40,7 @@ __global__ void __launch_bounds__(kThreads) depthwise_forward_kernel(const DwFor
     const int64_t oh = t % g.OH;
     t /= g.OH;
     const int64_t c = t % a.C, n = t / a.C;
-    const Acc z = depthwise_taps<Acc>(a.x + n * a.xs.s[0] + c * a.xs.s[1], a.xs.s[2], a.xs.s[3],
+    const Acc z = depthwise_taps<Acc, KH, KW>(a.x + n * a.xs.s[0] + c * a.xs.s[1], a.xs.s[2], a.xs.s[3],
                                       a.w + c * a.ws.s[0], a.ws.s[2], a.ws.s[3], g, oh, ow);
     const Acc r = a.residual ? to_acc<Acc>(a.residual[idx]) : Acc(0);
     a.out[idx] = from_acc<T>(epilogue<Acc>(z, channel_value<Acc>(a.bias, a.bs, c, Acc(0)),
@@ -107,7 +108,14 @@ cudaError_t depthwise_conv2d_forward(DType dtype, void* out, const void* x, Stri
                              shift.stride,         x_strides,            w_strides,
                              N,                    C,                    geom,
                              activation};
-    depthwise_forward_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(a);
+    const unsigned grid = grid_for(total);
+    if (geom.KH == 3 && geom.KW == 3) {
+      depthwise_forward_kernel<T, 3, 3><<<grid, kThreads, 0, stream>>>(a);
+    } else if (geom.KH == 5 && geom.KW == 5) {
+      depthwise_forward_kernel<T, 5, 5><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      depthwise_forward_kernel<T, 0, 0><<<grid, kThreads, 0, stream>>>(a);
+    }
   })
   return cudaGetLastError();
 }

@@ -186,18 +186,29 @@ struct DwGeom {
 // z[oh][ow] of one plane: sum over the taps of w[i][j] * x[oh*sh - ph + i*dh][ow*sw - pw + j*dw]
 // (zero outside the plane). `x` is the plane's origin with row / column strides, `w` the
 // channel's origin in the FULL weight with its kh / kw strides (the prefix W[:C] is read in
-// place).
-template <typename Acc, typename T>
+// place). KH_ / KW_ > 0 fix the kernel size at compile time (g.KH / g.KW must then equal
+// them) so the tap loops unroll; 0 reads it from `g`.
+template <typename Acc, int KH_ = 0, int KW_ = 0, typename T>
 SLIMOPS_HD Acc depthwise_taps(const T* x, int64_t sxh, int64_t sxw, const T* w, int64_t swh,
                               int64_t sww, const DwGeom& g, int64_t oh, int64_t ow) {
   Acc acc = Acc(0);
-  const int64_t ih0 = oh * g.sh - g.ph, iw0 = ow * g.sw - g.pw;
-  for (int64_t i = 0; i < g.KH; ++i) {
-    const int64_t ih = ih0 + i * g.dh;
-    if (ih < 0 || ih >= g.H) continue;
-    for (int64_t j = 0; j < g.KW; ++j) {
-      const int64_t iw = iw0 + j * g.dw;
-      if (iw < 0 || iw >= g.W) continue;
+  // Plane coordinates fit in 32 bits (the bindings check H, W < 2^31); only the address
+  // arithmetic needs 64.
+  const int KH = KH_ > 0 ? KH_ : int(g.KH), KW = KW_ > 0 ? KW_ : int(g.KW);
+  const int H = int(g.H), W = int(g.W), dh = int(g.dh), dw = int(g.dw);
+  const int ih0 = int(oh * g.sh - g.ph), iw0 = int(ow * g.sw - g.pw);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int i = 0; i < KH; ++i) {
+    const int ih = ih0 + i * dh;
+    if (ih < 0 || ih >= H) continue;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < KW; ++j) {
+      const int iw = iw0 + j * dw;
+      if (iw < 0 || iw >= W) continue;
       acc += to_acc<Acc>(w[i * swh + j * sww]) * to_acc<Acc>(x[ih * sxh + iw * sxw]);
     }
   }

@@ -136,8 +136,14 @@ void slimops_h_depthwise_forward(float* out, const float* x, const int64_t* xs, 
     const int64_t oh = t % g.OH;
     t /= g.OH;
     const int64_t c = t % C, n = t / C;
-    const float z = depthwise_taps<float>(x + n * xs[0] + c * xs[1], xs[2], xs[3], w + c * ws[0],
-                                          ws[2], ws[3], g, oh, ow);
+    const float* xc = x + n * xs[0] + c * xs[1];
+    const float* wc = w + c * ws[0];
+    // The kernel's compile-time kernel sizes, as its launch wrapper dispatches them.
+    const float z =
+        g.KH == 3 && g.KW == 3 ? depthwise_taps<float, 3, 3>(xc, xs[2], xs[3], wc, ws[2], ws[3], g, oh, ow)
+        : g.KH == 5 && g.KW == 5
+            ? depthwise_taps<float, 5, 5>(xc, xs[2], xs[3], wc, ws[2], ws[3], g, oh, ow)
+            : depthwise_taps<float>(xc, xs[2], xs[3], wc, ws[2], ws[3], g, oh, ow);
     out[idx] = epilogue<float>(z, channel_value<float>(bias, 1, c, 0.0f),
                                channel_value<float>(scale, 1, c, 1.0f),
                                channel_value<float>(shift, 1, c, 0.0f),
