@@ -48,6 +48,8 @@ class AotResult:
     spill_bytes: int  # LOCAL memory per thread: > 0 means ptxas spilled registers
     stack_bytes: int
     shared_bytes: int  # triton's shared-memory allocation (static + pipelining buffers)
+    kernel: str = ""  # the @triton.jit function's name
+    num_warps: int = 0
 
 
 def _tool(name: str) -> str:
@@ -88,6 +90,8 @@ def compile_case(case: AotCase, arch: int) -> AotResult:
         spill_bytes=usage.get("LOCAL", 0),
         stack_bytes=usage.get("STACK", 0),
         shared_bytes=int(kernel.metadata.shared),
+        kernel=getattr(case.fn, "__name__", case.name),
+        num_warps=case.num_warps,
     )
 
 
@@ -122,6 +126,29 @@ def format_table(results: List[AotResult]) -> str:
             cells += ([str(r.registers), str(r.spill_bytes + r.stack_bytes), str(r.shared_bytes)]
                       if r else ["-", "-", "-"])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_summary(results: List[AotResult]) -> str:
+    """A markdown table per @triton.jit kernel: compile cases (dtypes x configurations x
+    flags), register range and largest shared memory per arch, spills."""
+    groups: Dict[str, List[AotResult]] = {}
+    for r in results:
+        groups.setdefault(r.kernel, []).append(r)
+    archs = sorted({r.arch for r in results})
+    head = "| kernel | cases | " + " | ".join(
+        f"sm_{a} registers | sm_{a} max smem B" for a in archs) + " | spills / stack B |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(archs))]
+    for kernel, rs in groups.items():
+        cells = []
+        for a in archs:
+            ra = [r for r in rs if r.arch == a]
+            regs = sorted(r.registers for r in ra)
+            cells += [f"{regs[0]}-{regs[-1]}" if regs[0] != regs[-1] else str(regs[0]),
+                      str(max(r.shared_bytes for r in ra))]
+        spill = max(r.spill_bytes + r.stack_bytes for r in rs)
+        lines.append(f"| `{kernel}` | {len(rs) // len(archs)} | " + " | ".join(cells)
+                     + f" | {spill} |")
     return "\n".join(lines)
 
 
@@ -160,6 +187,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--arch", type=int, action="append", help="default: 80 and 90")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--cases", action="store_true", help="one row per compile case")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
@@ -168,7 +196,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in results], f)
     else:
-        print(format_table(results))
+        print(format_table(results) if args.cases else format_summary(results))
     return 0
 
 
