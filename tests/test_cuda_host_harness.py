@@ -6,7 +6,9 @@ whose extern "C" entry points loop over float buffers exactly as the kernels ind
 module builds that library into a temporary folder and compares it with ``slimops.reference``
 and torch autograd: activations and their derivatives, the fused epilogue and its backward, BN
 normalisation, the two-stage partial-statistics combine, BN backward, and the depthwise tap
-loops on a prefix of a larger weight. No GPU needed; skipped only without g++.
+loops on a prefix of a larger weight. No GPU needed; skipped only without g++. When nvcc is
+present the same file is also built by nvcc as host code, which adds the fp16 / bf16 paths
+(conversions and the depthwise forward on 16-bit buffers).
 """
 
 from __future__ import annotations
@@ -61,11 +63,45 @@ def lib(tmp_path_factory):
     return handle
 
 
+def _nvcc():
+    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"),
+                 os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+@pytest.fixture(scope="module")
+def lib16(tmp_path_factory):
+    """The same harness built by nvcc as host code: adds the fp16 / bf16 entry points (the
+    __half / __nv_bfloat16 conversions), with the no-implicit-half-conversion switches torch's
+    CUDAExtension compiles the kernels with."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: cannot build the fp16/bf16 host harness")
+    so = tmp_path_factory.mktemp("cuda_host_harness16") / "libslimops_cuda_host_harness16.so"
+    cmd = [nvcc, "-std=c++17", "-O2", "-x", "cu", "-shared", "-Xcompiler", "-fPIC", "-I", CSRC,
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           os.path.join(CSRC, "cuda", "host_harness.cpp"), "-o", str(so)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
+    handle = ctypes.CDLL(str(so))
+    assert handle.slimops_h_has_half() == 1
+    handle.slimops_h_round.argtypes = [P, P, I64, INT]
+    handle.slimops_h_depthwise_forward_16.argtypes = [P, P, P, P, P, I64, I64, P, P, P, P, P,
+                                                      INT, INT]
+    for h in (handle.slimops_h_round, handle.slimops_h_depthwise_forward_16):
+        h.restype = None
+    return handle
+
+
 def ptr(t):
-    """The address of a float32 tensor (None for an absent optional)."""
+    """The address of a float32 (or, for the 16-bit entry points, fp16/bf16) tensor; None for
+    an absent optional."""
     if t is None:
         return None
-    assert t.dtype == torch.float32
+    assert t.dtype in (torch.float32, torch.float16, torch.bfloat16)
     return t.data_ptr()
 
 
@@ -303,3 +339,46 @@ def test_depthwise_backward_on_weight_prefix(lib, case, c, c_full):
     lib.slimops_h_depthwise_backward_weight(ptr(gw), ptr(gf), ptr(xf), n, c, geom)
     torch.testing.assert_close(gw, gw_ref.float(), rtol=1e-4, atol=1e-4)
     assert gw[c:].abs().sum() == 0
+
+
+# ---- fp16 / bf16 (harness built by nvcc as host code) ---------------------------------------
+
+HALF = {"float16": (torch.float16, 0), "bfloat16": (torch.bfloat16, 1)}
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_conversions_round_like_torch(lib16, dtype):
+    tdtype, bf16 = HALF[dtype]
+    x = torch.cat([torch.randn(4000) * 10, torch.randn(1000) * 1e-4,
+                   torch.tensor([0.0, -0.0, 1.0, 65504.0, 3.3895e38, 1e-8])])
+    y = torch.empty_like(x)
+    lib16.slimops_h_round(ptr(x), ptr(y), x.numel(), bf16)
+    torch.testing.assert_close(y, x.to(tdtype).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("case", DW_CASES[:5])
+@pytest.mark.parametrize("epi", ["", "bstr-relu6"])
+def test_depthwise_forward_half(lib16, dtype, case, epi):
+    tdtype, bf16 = HALF[dtype]
+    h, w, (kh, kw), stride, padding, dilation = case
+    n, c, c_full = 2, 3, 8
+    weight = torch.randn(c_full, 1, kh, kw).to(tdtype)
+    x = torch.randn(n, c, h, w).to(tdtype)
+    geom, (oh, ow) = _geom(h, w, kh, kw, stride, padding, dilation)
+    bias = torch.randn(c_full).to(tdtype) if "b" in epi else None
+    scale = (torch.rand(c) + 0.5).to(tdtype) if "s" in epi else None
+    shift = torch.randn(c).to(tdtype) if "t" in epi else None
+    res = torch.randn(n, c, oh, ow).to(tdtype) if "r" in epi else None
+    act = 2 if "relu6" in epi else 0
+    out = torch.empty(n, c, oh, ow, dtype=tdtype)
+    lib16.slimops_h_depthwise_forward_16(ptr(out), ptr(x), i64s(x.stride()), ptr(weight),
+                                         i64s(weight.stride()), n, c, geom, ptr(bias),
+                                         ptr(scale), ptr(shift), ptr(res), act, bf16)
+    # The oracle in float32 on the same 16-bit values, rounded once at the end, as the
+    # kernel accumulates in float and stores once.
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    expected = reference.depthwise_conv2d(f(x), f(weight), f(bias), stride, padding, dilation,
+                                          f(scale), f(shift), f(res), ACTS[act]).to(tdtype)
+    tol = dict(rtol=1e-2, atol=1e-2) if bf16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out, expected, **tol)

@@ -122,12 +122,16 @@ static DwGeom geom_of(const int64_t* g) {
   return DwGeom{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11]};
 }
 
+}  // extern "C"
+
 // The depthwise forward with epilogue, indexed as depthwise_forward_kernel: `w` is the FULL
 // weight (only rows [0, C) are read, through ws); x strided; out contiguous [N, C, OH, OW].
-void slimops_h_depthwise_forward(float* out, const float* x, const int64_t* xs, const float* w,
-                                 const int64_t* ws, int64_t N, int64_t C, const int64_t* geom,
-                                 const float* bias, const float* scale, const float* shift,
-                                 const float* residual, int activation) {
+template <typename T>
+static void depthwise_forward(T* out, const T* x, const int64_t* xs, const T* w,
+                              const int64_t* ws, int64_t N, int64_t C, const int64_t* geom,
+                              const T* bias, const T* scale, const T* shift, const T* residual,
+                              int activation) {
+  using Acc = typename AccOf<T>::type;
   const DwGeom g = geom_of(geom);
   const int64_t total = N * C * g.OH * g.OW;
   for (int64_t idx = 0; idx < total; ++idx) {
@@ -136,19 +140,30 @@ void slimops_h_depthwise_forward(float* out, const float* x, const int64_t* xs, 
     const int64_t oh = t % g.OH;
     t /= g.OH;
     const int64_t c = t % C, n = t / C;
-    const float* xc = x + n * xs[0] + c * xs[1];
-    const float* wc = w + c * ws[0];
+    const T* xc = x + n * xs[0] + c * xs[1];
+    const T* wc = w + c * ws[0];
     // The kernel's compile-time kernel sizes, as its launch wrapper dispatches them.
-    const float z =
-        g.KH == 3 && g.KW == 3 ? depthwise_taps<float, 3, 3>(xc, xs[2], xs[3], wc, ws[2], ws[3], g, oh, ow)
+    const Acc z =
+        g.KH == 3 && g.KW == 3 ? depthwise_taps<Acc, 3, 3>(xc, xs[2], xs[3], wc, ws[2], ws[3], g, oh, ow)
         : g.KH == 5 && g.KW == 5
-            ? depthwise_taps<float, 5, 5>(xc, xs[2], xs[3], wc, ws[2], ws[3], g, oh, ow)
-            : depthwise_taps<float>(xc, xs[2], xs[3], wc, ws[2], ws[3], g, oh, ow);
-    out[idx] = epilogue<float>(z, channel_value<float>(bias, 1, c, 0.0f),
-                               channel_value<float>(scale, 1, c, 1.0f),
-                               channel_value<float>(shift, 1, c, 0.0f),
-                               residual ? residual[idx] : 0.0f, activation);
+            ? depthwise_taps<Acc, 5, 5>(xc, xs[2], xs[3], wc, ws[2], ws[3], g, oh, ow)
+            : depthwise_taps<Acc>(xc, xs[2], xs[3], wc, ws[2], ws[3], g, oh, ow);
+    out[idx] = from_acc<T>(epilogue<Acc>(z, channel_value<Acc>(bias, 1, c, Acc(0)),
+                                         channel_value<Acc>(scale, 1, c, Acc(1)),
+                                         channel_value<Acc>(shift, 1, c, Acc(0)),
+                                         residual ? to_acc<Acc>(residual[idx]) : Acc(0),
+                                         activation));
   }
+}
+
+extern "C" {
+
+void slimops_h_depthwise_forward(float* out, const float* x, const int64_t* xs, const float* w,
+                                 const int64_t* ws, int64_t N, int64_t C, const int64_t* geom,
+                                 const float* bias, const float* scale, const float* shift,
+                                 const float* residual, int activation) {
+  depthwise_forward<float>(out, x, xs, w, ws, N, C, geom, bias, scale, shift, residual,
+                           activation);
 }
 
 // grad_input contiguous [N, C, H, W] from a contiguous grad_z.
@@ -185,3 +200,40 @@ void slimops_h_depthwise_backward_weight(float* grad_weight, const float* grad_z
 }
 
 }  // extern "C"
+
+#if defined(__CUDACC__)
+// Built by nvcc as host code (tests/test_cuda_host_harness.py, when nvcc is present): the
+// fp16 / bf16 paths, i.e. the __half / __nv_bfloat16 specialisations of to_acc / from_acc
+// that torch's build flags (no implicit half conversions) make the kernels use. 16-bit
+// buffers are passed as raw uint16 storage.
+extern "C" {
+
+int slimops_h_has_half() { return 1; }
+
+void slimops_h_round(const float* x, float* y, int64_t n, int bf16) {
+  for (int64_t i = 0; i < n; ++i)
+    y[i] = bf16 ? to_acc<float>(from_acc<__nv_bfloat16>(x[i])) : to_acc<float>(from_acc<__half>(x[i]));
+}
+
+void slimops_h_depthwise_forward_16(void* out, const void* x, const int64_t* xs, const void* w,
+                                    const int64_t* ws, int64_t N, int64_t C,
+                                    const int64_t* geom, const void* bias, const void* scale,
+                                    const void* shift, const void* residual, int activation,
+                                    int bf16) {
+  if (bf16) {
+    using T = __nv_bfloat16;
+    depthwise_forward<T>(static_cast<T*>(out), static_cast<const T*>(x), xs,
+                         static_cast<const T*>(w), ws, N, C, geom, static_cast<const T*>(bias),
+                         static_cast<const T*>(scale), static_cast<const T*>(shift),
+                         static_cast<const T*>(residual), activation);
+  } else {
+    using T = __half;
+    depthwise_forward<T>(static_cast<T*>(out), static_cast<const T*>(x), xs,
+                         static_cast<const T*>(w), ws, N, C, geom, static_cast<const T*>(bias),
+                         static_cast<const T*>(scale), static_cast<const T*>(shift),
+                         static_cast<const T*>(residual), activation);
+  }
+}
+
+}  // extern "C"
+#endif
