@@ -1,0 +1,226 @@
+"""Triton kernels of the slimmable linear layer and its two backward ops.
+
+The active weight is the prefix ``W[:out_features, :in_features]`` of the full
+``[O_full, I_full]`` weight. It is a strided matrix (row stride ``I_full``), so every GEMM
+below reads it in place through the full tensor's strides; slicing + ``contiguous()`` would
+copy the shared weight on every call, which is what slimops exists to avoid.
+
+All three ops are one tiled ``tl.dot`` GEMM, ``C[M, N] = A[M, K] @ B[K, N] (+ bias[N])``,
+with every operand addressed through run-time strides, so transposes are free:
+
+==========================  =====================  ====================  =================
+op                          A [M, K]               B [K, N]              C [M, N]
+==========================  =====================  ====================  =================
+``linear``                  input [B, in]          W[:out, :in]^T        out [B, out]
+``linear_backward_input``   grad_out [B, out]      W[:out, :in]          grad_in [B, in]
+``linear_backward_weight``  grad_out^T [out, B]    input [B, in]         grad_W[:out, :in]
+==========================  =====================  ====================  =================
+
+Accumulation is fp32 for every dtype; C is stored in its tensor's dtype. fp32 operands use
+TF32 tensor cores only when ``torch.backends.cuda.matmul.allow_tf32`` says so (off by
+default, as for ``F.linear``), through the ``ALLOW_TF32`` constexpr.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from slimops.kernels._aot import AotCase
+from slimops.kernels._common import TRITON_PTR, check_device, interpreting
+from slimops.kernels.epilogue import DTYPES, aot_signature, compiled
+
+# GEMM tiles. The launchers pick one per call (_pick): the small tile for narrow widths
+# and small batches (classifier heads: B x 1000 with B small), where a big tile would leave
+# most SMs idle; the larger ones when both M and N are large. BLOCK_K is 16 on the larger
+# tiles: with 32, fp32 operands on the IEEE (FMA) dot path spill registers.
+CONFIGS: List[Dict[str, int]] = [
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},
+]
+
+
+def _pick(m: int, n: int) -> Dict[str, int]:
+    """The tuning entry for an ``M x N`` output (the interpreter always gets the smallest:
+    its cost is per program op, and the tests then exercise several tiles)."""
+    if interpreting() or m <= 32:
+        return CONFIGS[0]
+    if m >= 128 and n >= 128 and triton.cdiv(m, 128) * triton.cdiv(n, 128) >= 64:
+        return CONFIGS[2]
+    return CONFIGS[1]
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, bias_ptr, c_ptr,
+    M, N, K,
+    sam, sak, sbk, sbn, scm, scn, bias_stride,
+    HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mmask = rm < M
+    nmask = rn < N
+    # Row/column offsets in int64 (a large batch times a wide row can pass 2^31); the K
+    # offset is added per iteration.
+    a_rows = a_ptr + rm.to(tl.int64)[:, None] * sam
+    b_cols = b_ptr + rn.to(tl.int64)[None, :] * sbn
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)  # not tl.zeros: see conv2d.py
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        kmask = kk < K
+        a = tl.load(a_rows + kk[None, :] * sak, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_cols + kk[:, None] * sbk, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if ALLOW_TF32:
+            acc = tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn * bias_stride, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    c = c_ptr + rm.to(tl.int64)[:, None] * scm + rn.to(tl.int64)[None, :] * scn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+def _allow_tf32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def _gemm(
+    a: Tensor, a_strides: Tuple[int, int], b: Tensor, b_strides: Tuple[int, int],
+    c: Tensor, c_strides: Tuple[int, int], m: int, n: int, k: int, bias: Optional[Tensor],
+) -> None:
+    """``c[:m, :n] = a @ b (+ bias)`` with each operand given as (pointer, its (row, col)
+    strides); ``k == 0`` gives the bias (or zeros), like ``F.linear``."""
+    if m == 0 or n == 0:
+        return
+    cfg = _pick(m, n)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _gemm_kernel[grid](
+        a, b, c if bias is None else bias, c,
+        m, n, k, *a_strides, *b_strides, *c_strides, 0 if bias is None else bias.stride(0),
+        HAS_BIAS=bias is not None, ALLOW_TF32=_allow_tf32(a.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _check(weight: Tensor, *tensors: Tensor) -> None:
+    check_device(weight, *tensors)
+    if weight.dim() != 2:
+        raise ValueError(f"slimops.kernels.linear: weight must be 2-D, got {tuple(weight.shape)}")
+    for t in tensors:
+        if t is not None and t.dtype != weight.dtype:
+            raise TypeError(f"slimops.kernels.linear: dtype mismatch ({t.dtype} vs the weight's "
+                             f"{weight.dtype})")
+    if weight.dtype not in DTYPES:
+        raise TypeError(f"slimops.kernels.linear: unsupported dtype {weight.dtype}")
+
+
+def _rows(x: Tensor) -> Tensor:
+    # Leading dims flattened: a view when possible, else a copy of the activation (never of
+    # the weight). A 2-D input is used as is, with its own strides.
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_features: int) -> Tensor:
+    """``slimops::linear``: ``input @ W[:out_features, :in_features]^T + b[:out_features]``
+    with ``in_features = input.shape[-1]``.
+
+    ``input``: ``[*, in_features]`` (leading dims flattened); ``weight``: the full
+    ``[O_full, I_full]`` weight, read in place; ``bias``: the full ``[O_full]`` bias or None.
+    Returns a contiguous ``[*, out_features]`` tensor of the input's dtype.
+    """
+    _check(weight, input, bias)
+    if input.dim() < 1:
+        raise ValueError("slimops.kernels.linear: input must have at least 1 dim")
+    in_features = input.shape[-1]
+    if not 1 <= in_features <= weight.shape[1]:
+        raise ValueError(f"slimops.kernels.linear: input has {in_features} features; the weight "
+                         f"takes 1 to {weight.shape[1]}")
+    if not 1 <= out_features <= weight.shape[0]:
+        raise ValueError(f"slimops.kernels.linear: out_features={out_features} must be in "
+                         f"[1, {weight.shape[0]}]")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"slimops.kernels.linear: bias must be [{weight.shape[0]}], "
+                         f"got {tuple(bias.shape)}")
+    x = _rows(input)
+    b = x.shape[0]
+    out = torch.empty((b, out_features), dtype=input.dtype, device=input.device)
+    # B[k, n] = W[n, k]: the weight's strides swapped.
+    _gemm(x, (x.stride(0), x.stride(1)), weight, (weight.stride(1), weight.stride(0)),
+          out, (out.stride(0), out.stride(1)), b, out_features, in_features, bias)
+    return out.view(*input.shape[:-1], out_features)
+
+
+def linear_backward_input(grad_out: Tensor, weight: Tensor, in_features: int) -> Tensor:
+    """``slimops::linear_backward_input``: ``grad_out @ W[:out_features, :in_features]``,
+    ``out_features = grad_out.shape[-1]``; returns ``[*, in_features]`` in grad_out's dtype."""
+    _check(weight, grad_out)
+    out_features = grad_out.shape[-1]
+    if not 1 <= out_features <= weight.shape[0] or not 1 <= in_features <= weight.shape[1]:
+        raise ValueError(f"slimops.kernels.linear_backward_input: widths ({out_features}, "
+                         f"{in_features}) exceed the weight's {tuple(weight.shape)}")
+    g = _rows(grad_out)
+    b = g.shape[0]
+    grad_input = torch.empty((b, in_features), dtype=grad_out.dtype, device=grad_out.device)
+    _gemm(g, (g.stride(0), g.stride(1)), weight, (weight.stride(0), weight.stride(1)),
+          grad_input, (grad_input.stride(0), grad_input.stride(1)), b, in_features,
+          out_features, None)
+    return grad_input.view(*grad_out.shape[:-1], in_features)
+
+
+def linear_backward_weight(grad_out: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+    """``slimops::linear_backward_weight``: ``grad_out^T @ input`` written into the
+    ``[:out_features, :in_features]`` prefix of a zero tensor of the full weight's shape and
+    dtype (so autograd accumulates it as is); the rest stays zero."""
+    _check(weight, grad_out, input)
+    out_features, in_features = grad_out.shape[-1], input.shape[-1]
+    if not 1 <= out_features <= weight.shape[0] or not 1 <= in_features <= weight.shape[1]:
+        raise ValueError(f"slimops.kernels.linear_backward_weight: widths ({out_features}, "
+                         f"{in_features}) exceed the weight's {tuple(weight.shape)}")
+    g, x = _rows(grad_out), _rows(input)
+    if g.shape[0] != x.shape[0]:
+        raise ValueError(f"slimops.kernels.linear_backward_weight: grad_out has {g.shape[0]} rows, "
+                         f"input {x.shape[0]}")
+    grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    # A[m, k] = grad_out[k, m]: grad_out's strides swapped; C is the prefix of grad_weight.
+    _gemm(g, (g.stride(1), g.stride(0)), x, (x.stride(0), x.stride(1)),
+          grad_weight, (grad_weight.stride(0), grad_weight.stride(1)), out_features,
+          in_features, g.shape[0], None)
+    return grad_weight
+
+
+def aot_cases() -> List[AotCase]:
+    """Per dtype and configuration: the GEMM with and without bias (the backward ops are the
+    same binary without bias); fp32 in both dot precisions (IEEE fp32 and TF32)."""
+    cases: List[AotCase] = []
+    for dtype in DTYPES:
+        ptr = TRITON_PTR[dtype]
+        tag = str(dtype).split(".")[-1]
+        for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
+            for cfg in CONFIGS:
+                for has_bias in (False, True):
+                    ce = dict(HAS_BIAS=has_bias, ALLOW_TF32=tf32, BLOCK_M=cfg["BLOCK_M"],
+                              BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+                    name = (f"linear_gemm_{tag}{'_tf32' if tf32 else ''}_m{cfg['BLOCK_M']}"
+                            f"n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}_w{cfg['num_warps']}"
+                            f"s{cfg['num_stages']}{'_bias' if has_bias else ''}")
+                    cases.append(AotCase(name, _gemm_kernel,
+                                         aot_signature(_gemm_kernel, ptr, ce), ce,
+                                         cfg["num_warps"], cfg["num_stages"]))
+    # Compilable JITFunctions even when the tests run under the interpreter.
+    for case in cases:
+        case.fn = compiled(case.fn)
+    return cases
+
+
+__all__ = ["CONFIGS", "aot_cases", "linear", "linear_backward_input", "linear_backward_weight"]

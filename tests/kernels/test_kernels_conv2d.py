@@ -1,0 +1,278 @@
+"""slimops.kernels.conv2d (Triton) against slimops.reference.conv2d and its autograd.
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors (tests/conftest.py
+sets TRITON_INTERPRET=1), so shapes stay small. fp32 is compared tightly; fp16 against the
+reference computed in fp32 from the same fp16 values, with a tolerance for fp16 rounding of
+the output. bf16 is covered by the AOT compile only (the interpreter's bf16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from slimops import reference  # noqa: E402
+from slimops.kernels import _aot  # noqa: E402
+from slimops.kernels import conv2d as K  # noqa: E402
+
+ACTS = {0: None, 1: "relu", 2: "relu6"}
+
+
+def _tols(dtype: torch.dtype, expected: torch.Tensor) -> Dict[str, float]:
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    if dtype == torch.float32:
+        return dict(rtol=1e-4, atol=1e-4 * scale)
+    return dict(rtol=1e-2, atol=1e-2 * scale)
+
+
+# (name, N, C_in, out_channels, weight shape [G*Og, Ig, kh, kw], groups, H, W, stride,
+#  padding, dilation, epilogue terms, activation)
+CASES = [
+    ("full_width_3x3_all_terms", 2, 8, 8, (8, 8, 3, 3), 1, 9, 9, 1, 1, 1, "bssr", 2),
+    ("prefix_odd_s2", 1, 7, 13, (16, 16, 3, 3), 1, 7, 9, 2, 1, 1, "b", 1),
+    ("1x1_tiny", 2, 3, 5, (7, 4, 1, 1), 1, 1, 3, 1, 0, 1, "", 0),
+    ("groups2_prefix_dil2_pad2", 2, 6, 8, (12, 4, 3, 3), 2, 9, 7, 1, 2, 2, "ssr", 0),
+    ("groups3_s2_pad0", 1, 9, 6, (9, 3, 3, 3), 3, 9, 9, 2, 0, 1, "b", 1),
+    ("groups2_1x1_one_channel", 2, 2, 2, (6, 2, 1, 1), 2, 9, 5, 2, 1, 1, "br", 2),
+    ("dil2_pad0_residual", 1, 13, 3, (16, 16, 3, 3), 1, 9, 9, 1, 0, 2, "r", 2),
+    ("1x3_kernel", 2, 5, 4, (6, 5, 1, 3), 1, 5, 7, 1, (0, 1), 1, "bs", 1),
+    ("asym_stride_pad", 1, 4, 6, (8, 4, 3, 3), 1, 8, 6, (2, 1), (1, 0), (1, 2), "bssr", 2),
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _make(case, dtype: torch.dtype):
+    _, n, cin, cout, wshape, groups, h, w, s, p, d, terms, act = case
+    weight = torch.randn(wshape).to(dtype)
+    x = torch.randn(n, cin, h, w).to(dtype)
+    bias = torch.randn(wshape[0]).to(dtype) if "b" in terms else None
+    scale = (torch.rand(cout) + 0.5).to(dtype) if terms.count("s") >= 1 else None
+    shift = torch.randn(cout).to(dtype) if terms.count("s") >= 2 else None
+    geo = dict(stride=_pair(s), padding=_pair(p), dilation=_pair(d))
+    z = reference.conv2d(x.float(), weight.float(), None, cout, groups=groups, **geo)
+    residual = torch.randn(z.shape).to(dtype) if "r" in terms else None
+    return dict(x=x, weight=weight, bias=bias, cout=cout, groups=groups, scale=scale,
+                shift=shift, residual=residual, act=act, **geo)
+
+
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_matches_reference(case, dtype):
+    a = _make(case, dtype)
+    out = K.conv2d(a["x"], a["weight"], a["bias"], a["cout"], a["stride"], a["padding"],
+                   a["dilation"], a["groups"], a["scale"], a["shift"], a["residual"], a["act"])
+    expected = reference.conv2d(
+        a["x"].float(), a["weight"].float(), _f32(a["bias"]), a["cout"], a["stride"],
+        a["padding"], a["dilation"], a["groups"], _f32(a["scale"]), _f32(a["shift"]),
+        _f32(a["residual"]), ACTS[a["act"]])
+    assert out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.float(), expected, **_tols(dtype, expected))
+
+
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["none", "relu", "relu6"])
+def test_each_activation_with_full_epilogue(act):
+    # Scale/shift chosen so that the pre-activation straddles both relu6 bounds.
+    case = ("acts", 2, 4, 6, (8, 6, 3, 3), 1, 6, 6, 1, 1, 1, "bssr", act)
+    a = _make(case, torch.float32)
+    a["scale"] = a["scale"] * 3
+    out = K.conv2d(a["x"], a["weight"], a["bias"], 6, a["stride"], a["padding"],
+                   a["dilation"], 1, a["scale"], a["shift"], a["residual"], act)
+    expected = reference.conv2d(a["x"], a["weight"], a["bias"], 6, a["stride"], a["padding"],
+                                a["dilation"], 1, a["scale"], a["shift"], a["residual"],
+                                ACTS[act])
+    torch.testing.assert_close(out, expected, **_tols(torch.float32, expected))
+    if act == 2:
+        assert (expected == 6).any() and (expected == 0).any()
+
+
+def _grads(a):
+    """Autograd of the reference (fp32) on the sliced weight: grad wrt input and weight."""
+    x = a["x"].float().requires_grad_()
+    w = a["weight"].float().requires_grad_()
+    z = reference.conv2d(x, w, None, a["cout"], a["stride"], a["padding"], a["dilation"],
+                         a["groups"])
+    gz = torch.randn(z.shape).to(a["x"].dtype)
+    gx, gw = torch.autograd.grad(z, (x, w), gz.float())
+    return gz, gx, gw
+
+
+def _prefix_mask(weight: torch.Tensor, groups: int, og: int, ig: int) -> torch.Tensor:
+    mask = torch.zeros(weight.shape, dtype=torch.bool)
+    mask.view(groups, weight.shape[0] // groups, *weight.shape[1:])[:, :og, :ig] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_backward_matches_autograd(case, dtype):
+    a = _make(case, dtype)
+    gz, gx, gw = _grads(a)
+    geo = (a["stride"], a["padding"], a["dilation"], a["groups"])
+    grad_input = K.conv2d_backward_input(gz, a["weight"], list(a["x"].shape), *geo)
+    assert grad_input.shape == a["x"].shape and grad_input.dtype == dtype
+    torch.testing.assert_close(grad_input.float(), gx, **_tols(dtype, gx))
+    grad_weight = K.conv2d_backward_weight(gz, a["x"], a["weight"], *geo)
+    assert grad_weight.shape == a["weight"].shape and grad_weight.dtype == dtype
+    torch.testing.assert_close(grad_weight.float(), gw, **_tols(dtype, gw))
+    # Exactly zero outside each group's active prefix.
+    g = a["groups"]
+    inside = _prefix_mask(a["weight"], g, a["cout"] // g, a["x"].shape[1] // g)
+    assert (grad_weight[~inside] == 0).all()
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_backward_weight_split_k(monkeypatch, splits):
+    # One split writes straight into the full gradient; several go through fp32 partials.
+    monkeypatch.setattr(K, "_split_k", lambda tiles, k_blocks, device: min(splits, k_blocks))
+    a = _make(("split", 2, 6, 4, (6, 4, 3, 3), 2, 9, 9, 1, 1, 1, "", 0), torch.float32)
+    gz, _, gw = _grads(a)
+    out = K.conv2d_backward_weight(gz, a["x"], a["weight"], a["stride"], a["padding"],
+                                   a["dilation"], 2)
+    torch.testing.assert_close(out, gw, **_tols(torch.float32, gw))
+
+
+@pytest.mark.parametrize("cfg", range(len(K.CONFIGS)), ids=lambda i: f"config{i}")
+def test_every_config(monkeypatch, cfg):
+    # Each tuning entry on a shape with several N tiles for the small one (40 output channels)
+    # and several M tiles (N * Ho * Wo = 72).
+    monkeypatch.setattr(K, "_pick", lambda m, n: K.CONFIGS[cfg])
+    a = _make(("cfg", 2, 6, 40, (48, 8, 3, 3), 2, 6, 6, 1, 1, 1, "bssr", 2), torch.float32)
+    out = K.conv2d(a["x"], a["weight"], a["bias"], 40, a["stride"], a["padding"],
+                   a["dilation"], 2, a["scale"], a["shift"], a["residual"], 2)
+    expected = reference.conv2d(a["x"], a["weight"], a["bias"], 40, a["stride"], a["padding"],
+                                a["dilation"], 2, a["scale"], a["shift"], a["residual"], "relu6")
+    torch.testing.assert_close(out, expected, **_tols(torch.float32, expected))
+    gz, gx, gw = _grads(a)
+    geo = (a["stride"], a["padding"], a["dilation"], 2)
+    torch.testing.assert_close(K.conv2d_backward_input(gz, a["weight"], list(a["x"].shape), *geo),
+                               gx, **_tols(torch.float32, gx))
+    torch.testing.assert_close(K.conv2d_backward_weight(gz, a["x"], a["weight"], *geo), gw,
+                               **_tols(torch.float32, gw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[4]],
+                         ids=[CASE_IDS[i] for i in (0, 1, 3, 4)])
+def test_with_stats(case, dtype):
+    a = _make(case, dtype)
+    bias = a["bias"] if a["bias"] is not None else torch.randn(a["weight"].shape[0]).to(dtype)
+    z, psum, psumsq = K.conv2d_with_stats(a["x"], a["weight"], bias, a["cout"], a["stride"],
+                                          a["padding"], a["dilation"], a["groups"])
+    expected = reference.conv2d(a["x"].float(), a["weight"].float(), bias.float(), a["cout"],
+                                a["stride"], a["padding"], a["dilation"], a["groups"])
+    torch.testing.assert_close(z.float(), expected, **_tols(dtype, expected))
+    m = z.shape[0] * z.shape[2] * z.shape[3]
+    block_m = K._pick(m, a["cout"] // a["groups"])["BLOCK_M"]
+    assert psum.dtype == psumsq.dtype == torch.float32
+    assert psum.shape == psumsq.shape == (-(-m // block_m), a["cout"])
+    zf = z.float()
+    # The statistics are those of z as stored, reduced in fp32.
+    torch.testing.assert_close(psum.sum(0), zf.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(psumsq.sum(0), (zf * zf).sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
+
+
+def test_stats_several_tiles_deterministic():
+    a = _make(CASES[0], torch.float32)
+    first = K.conv2d_with_stats(a["x"], a["weight"], None, 8, a["stride"], a["padding"],
+                                a["dilation"], 1)
+    assert first[1].shape[0] > 1  # 2 * 9 * 9 = 162 output pixels: several M tiles
+    second = K.conv2d_with_stats(a["x"], a["weight"], None, 8, a["stride"], a["padding"],
+                                 a["dilation"], 1)
+    for u, v in zip(first, second):
+        assert torch.equal(u, v)
+
+
+def test_weight_read_in_place_not_copied(monkeypatch):
+    # The launcher never makes the weight contiguous: a weight that is a non-contiguous view
+    # (every other row of a bigger tensor) is read through its strides.
+    base = torch.randn(16, 4, 3, 3)
+    weight = base[::2]
+    assert not weight.is_contiguous()
+    x = torch.randn(1, 4, 5, 5)
+    out = K.conv2d(x, weight, None, 6, (1, 1), (1, 1), (1, 1), 1, None, None, None, 0)
+    expected = reference.conv2d(x, weight, None, 6, 1, 1, 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_input_and_grad():
+    x = torch.randn(2, 9, 9, 4).permute(0, 3, 1, 2)  # channels_last-like strides
+    weight = torch.randn(6, 4, 3, 3)
+    out = K.conv2d(x, weight, None, 5, (2, 2), (1, 1), (1, 1), 1, None, None, None, 0)
+    torch.testing.assert_close(out, reference.conv2d(x, weight, None, 5, 2, 1, 1, 1),
+                               rtol=1e-4, atol=1e-4)
+    gz = torch.randn(2, 5, 5, 5).transpose(2, 3)
+    gx = K.conv2d_backward_input(gz, weight, [2, 4, 9, 9], (2, 2), (1, 1), (1, 1), 1)
+    xx = x.detach().clone().requires_grad_()
+    z = reference.conv2d(xx, weight, None, 5, 2, 1, 1, 1)
+    (ref_gx,) = torch.autograd.grad(z, xx, gz)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs_raise():
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(8, 4, 3, 3)
+    geo = ((1, 1), (1, 1), (1, 1))
+    with pytest.raises(TypeError, match="dtype"):
+        K.conv2d(x.half(), w, None, 8, *geo, 1, None, None, None, 0)
+    with pytest.raises(TypeError, match="dtype"):
+        K.conv2d_backward_weight(torch.randn(1, 8, 5, 5), x, w.half(), *geo, 1)
+    with pytest.raises(TypeError, match="dtype"):
+        K.conv2d(x.double(), w.double(), None, 8, *geo, 1, None, None, None, 0)
+    with pytest.raises(ValueError, match="out_channels"):
+        K.conv2d(x, w, None, 9, *geo, 1, None, None, None, 0)
+    with pytest.raises(ValueError, match="out_channels"):
+        K.conv2d(x, w, None, 3, *geo, 2, None, None, None, 0)  # not a multiple of groups
+    with pytest.raises(ValueError, match="input channels"):
+        K.conv2d(torch.randn(1, 5, 5, 5), w, None, 8, *geo, 1, None, None, None, 0)
+    with pytest.raises(ValueError, match="groups"):
+        K.conv2d(x, w, None, 8, *geo, 3, None, None, None, 0)
+    with pytest.raises(ValueError, match="residual"):
+        K.conv2d(x, w, None, 8, *geo, 1, None, None, torch.randn(1, 8, 4, 4), 0)
+    with pytest.raises(ValueError, match="scale"):
+        K.conv2d(x, w, None, 8, *geo, 1, torch.ones(7), None, None, 0)
+    with pytest.raises(ValueError, match="bias"):
+        K.conv2d(x, w, torch.ones(7), 8, *geo, 1, None, None, None, 0)
+    with pytest.raises(ValueError, match="activation"):
+        K.conv2d(x, w, None, 8, *geo, 1, None, None, None, 3)
+    with pytest.raises(ValueError, match="too small"):
+        K.conv2d(torch.randn(1, 4, 1, 1), w, None, 8, (1, 1), (0, 0), (1, 1), 1, None, None,
+                 None, 0)
+    with pytest.raises(ValueError, match="grad_z"):
+        K.conv2d_backward_input(torch.randn(1, 8, 4, 4), w, [1, 4, 5, 5], *geo, 1)
+    with pytest.raises(ValueError, match="stride"):
+        K.conv2d(x, w, None, 8, (0, 1), (1, 1), (1, 1), 1, None, None, None, 0)
+
+
+def test_aot_cases_enumerate_fast_and_distinct():
+    cases = K.aot_cases()
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names))
+    for needed in ("_plain", "_full", "_stats", "backward_input", "backward_weight",
+                   "bfloat16", "float16", "float32"):
+        assert any(needed in n for n in names), needed
+    for c in cases:
+        assert set(c.signature) == set(c.fn.arg_names)
+        assert all(c.signature[k] == "constexpr" for k in c.constexprs)
+
+
+def test_aot_representative_case_compiles_without_spills():
+    # fp32 (TF32 dot) forward, full epilogue, largest tile: the heaviest in registers (254 on
+    # sm_90).
+    # aot_cases() hands compilable JITFunctions even under the interpreter.
+    case = next(c for c in K.aot_cases()
+                if c.name.startswith("conv2d_forward_float32_tf32_m128") and c.name.endswith("full"))
+    r = _aot.compile_case(case, 90)
+    assert r.registers > 0 and r.spill_bytes == 0 and r.stack_bytes == 0, r
