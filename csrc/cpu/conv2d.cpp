@@ -299,11 +299,7 @@ using EpilogueRows = void (*)(scalar_t*, int64_t, int64_t, int64_t, const scalar
 
 template <typename scalar_t>
 EpilogueRows<scalar_t> epilogue_rows_for_cpu() {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: return &isa_avx512::epilogue_rows<scalar_t>;
-    case Isa::kAvx2: return &isa_avx2::epilogue_rows<scalar_t>;
-    default: return &isa_base::epilogue_rows<scalar_t>;
-  }
+  SLIMOPS_RETURN_FOR_CPU_ISA(epilogue_rows<scalar_t>);
 }
 
 at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,

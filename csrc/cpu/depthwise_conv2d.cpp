@@ -201,27 +201,9 @@ struct PlaneKernels {
   using Lanes = void (*)(scalar_t*, const scalar_t*, int64_t, const scalar_t*, const PlaneConv&,
                          bool, const scalar_t*, const scalar_t*, const scalar_t*, int64_t,
                          scalar_t*, scalar_t*, scalar_t*);
-  static Lanes lanes() {
-    switch (cpu_isa()) {
-      case Isa::kAvx512: return &isa_avx512::forward_lanes<KH, KW, SW, scalar_t>;
-      case Isa::kAvx2: return &isa_avx2::forward_lanes<KH, KW, SW, scalar_t>;
-      default: return &isa_base::forward_lanes<KH, KW, SW, scalar_t>;
-    }
-  }
-  static Forward forward() {
-    switch (cpu_isa()) {
-      case Isa::kAvx512: return &isa_avx512::forward_plane<KH, KW, SW, scalar_t>;
-      case Isa::kAvx2: return &isa_avx2::forward_plane<KH, KW, SW, scalar_t>;
-      default: return &isa_base::forward_plane<KH, KW, SW, scalar_t>;
-    }
-  }
-  static Accumulate accumulate() {
-    switch (cpu_isa()) {
-      case Isa::kAvx512: return &isa_avx512::accumulate_plane<KH, KW, SW, scalar_t>;
-      case Isa::kAvx2: return &isa_avx2::accumulate_plane<KH, KW, SW, scalar_t>;
-      default: return &isa_base::accumulate_plane<KH, KW, SW, scalar_t>;
-    }
-  }
+  static Lanes lanes() { SLIMOPS_RETURN_FOR_CPU_ISA(forward_lanes<KH, KW, SW, scalar_t>); }
+  static Forward forward() { SLIMOPS_RETURN_FOR_CPU_ISA(forward_plane<KH, KW, SW, scalar_t>); }
+  static Accumulate accumulate() { SLIMOPS_RETURN_FOR_CPU_ISA(accumulate_plane<KH, KW, SW, scalar_t>); }
 };
 
 at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
