@@ -71,6 +71,20 @@ class LatencyEntry:
     p90_ms: Optional[float] = None
 
 
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """What makes a timed region wait for the device: ``torch.cuda.synchronize`` on a CUDA
+    device (kernels run asynchronously), nothing on the CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
 class LatencyTable:
     """Per-width latency of one model on one device, and the width choice it implies.
 
@@ -141,6 +155,7 @@ class LatencyTable:
         param = next(model.parameters(), None)
         x = torch.randn(*shape, dtype=param.dtype if param is not None else torch.float32,
                         device=param.device if param is not None else "cpu")
+        sync = _synchronizer(x.device)
         old_threads = torch.get_num_threads()
         was_training = model.training
         entries = []
@@ -155,8 +170,10 @@ class LatencyTable:
                             model(x)
                         times = []
                         for _ in range(repeats):
+                            sync()
                             t0 = timer()
                             model(x)
+                            sync()  # a GPU forward returns before it has run
                             times.append((timer() - t0) * 1e3)
                     entries.append(LatencyEntry(w, statistics.median(times),
                                                 _percentile(times, 90)))
@@ -173,7 +190,8 @@ class LatencyTable:
             "threads": used_threads,
             "warmup": warmup,
             "repeats": repeats,
-            "backend": info.get("cpu"),
+            "device": _device_name(x.device),
+            "backend": info.get("cuda" if x.device.type == "cuda" else "cpu"),
             "cpu_isa": info.get("cpu_isa"),
             "torch": torch.__version__,
             "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(

@@ -159,6 +159,20 @@ def test_measure_covers_every_width_and_restores_state():
     assert t.meta["threads"] == 1 and t.meta["repeats"] == 2
     for key in ("cpu_isa", "torch", "measured_at"):
         assert key in t.meta
+    assert t.meta["device"] == "cpu" and t.meta["backend"] in ("C++", "reference")
+
+
+def test_timed_region_waits_for_a_cuda_device(monkeypatch):
+    """On a GPU the forward returns before it has run: the timer must read after a
+    synchronize (checked with a recorder in place of torch.cuda.synchronize; no GPU here)."""
+    from slimops.deploy import _synchronizer
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    _synchronizer(torch.device("cuda", 0))()
+    assert calls == [torch.device("cuda", 0)]
+    _synchronizer(torch.device("cpu"))()
+    assert len(calls) == 1
 
 
 def test_measure_real_clock_positive_and_subset_of_widths():
