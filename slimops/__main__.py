@@ -190,9 +190,13 @@ def _pick_width(args: argparse.Namespace) -> int:
         print(f"latency table from {args.table} (not measured now)")
     else:
         print(environment())
-        model = MODELS[args.model]()
-        print(f"measuring {args.model}, input {tuple(args.input_size)}, {args.repeats} runs "
-              "per width ...", flush=True)
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("pick-width: --device cuda but no CUDA device is available", file=sys.stderr)
+            return 2
+        model = MODELS[args.model]().to(device)
+        print(f"measuring {args.model} on {device}, input {tuple(args.input_size)}, "
+              f"{args.repeats} runs per width ...", flush=True)
         table = LatencyTable.measure(model, tuple(args.input_size), repeats=args.repeats)
     print(table.format(args.budget_ms))
     if args.save:
@@ -317,6 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     pick.add_argument("--table", metavar="JSON",
                       help="load a table saved with --save instead of measuring")
     pick.add_argument("--save", metavar="JSON", help="save the table as JSON")
+    pick.add_argument("--device", default="cpu",
+                      help="where to measure: cpu (default) or cuda (synchronised timings)")
     pick.set_defaults(func=_pick_width)
 
     args = parser.parse_args(argv)

@@ -295,3 +295,9 @@ def test_serving_example_runs():
     assert proc.returncode == 0, proc.stderr
     assert "served 40 requests" in proc.stdout
     assert "parameters not copied" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cli_pick_width_cuda_without_a_gpu(capsys):
+    assert main(["pick-width", "slim_cnn", "--budget-ms", "3", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
