@@ -191,6 +191,23 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
             (stats or affine).eps, residual, activation,
         )
 
+    def training_affine(self) -> Tuple[Optional[Tensor], Optional[Tensor], float]:
+        """``(γ, β, eps)`` of the active width, for an op that normalises with batch
+        statistics it computes itself (``slimops.ops.conv2d_bn_act_train``); it then hands
+        them to ``record_batch_stats``."""
+        affine, stats, _, (weight, bias, _, _) = self._active()
+        return weight, bias, (stats or affine).eps
+
+    def record_batch_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """Fold a training batch's statistics (``var`` biased, ``count`` values per channel)
+        into the active width's running statistics, as ``normalize`` does in training."""
+        _, stats, _, (_, _, running_mean, running_var) = self._active()
+        if not (self.training and stats is not None and stats.track_running_stats):
+            return
+        stats.num_batches_tracked.add_(1)
+        ops.update_running_stats(running_mean, running_var, mean, var, count,
+                                 self._momentum(stats))
+
     def eval_scale_shift(self) -> Tuple[Tensor, Tensor]:
         """The active width's eval-mode BN as a per-channel affine map ``x * scale + shift``.
 

@@ -8,11 +8,18 @@ import torch
 from torch import Tensor, nn
 
 from slimops import _backend
+from slimops.nn._checks import check_layer_input
 from slimops.nn.batchnorm import SwitchableBatchNorm2d
-from slimops.width import width as width_scope
 from slimops.nn.conv import Channels, IntPair, SlimmableConv2d
-from slimops.ops._common import ACTIVATION_CODES
+from slimops.ops import conv2d_bn_act as fused_train
+from slimops.ops._common import (
+    ACTIVATION_CODES,
+    check_residual,
+    conv_geometry,
+    conv_output_hw,
+)
 from slimops.reference import ACTIVATIONS
+from slimops.width import width as width_scope
 
 
 class _EvalPlan:
@@ -153,6 +160,35 @@ class SlimConvBNAct(nn.Module):
             input, weight, conv.bias, plan.cout, conv.stride, conv._op_padding, conv.dilation,
             conv.groups, plan.scale, plan.shift, residual, self._act_code)
 
+    def _fuses_training_stats(self, input: Tensor) -> bool:
+        # Training on the GPU: the conv's epilogue reduces the BN statistics (one read of
+        # the conv output saved per layer). Dense and grouped convs; not the naive shared BN.
+        return (self.training and isinstance(input, Tensor) and not self.conv.depthwise
+                and not self.bn.shared and fused_train.fused_train_available(input)
+                and _backend.use_native(input, self.conv.weight))
+
+    def _conv_bn_train(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        conv = self.conv
+        cin, cout = conv.active_channels()
+        check_layer_input(conv, input, cin, conv.weight, dims=4, channel_dim=1)
+        gamma, beta, eps = self.bn.training_affine()
+        if self.bn.active_features() != cout:
+            raise ValueError(f"SlimConvBNAct: at width {conv.active_width()} the conv gives "
+                             f"{cout} channels, the batch norm expects "
+                             f"{self.bn.active_features()}")
+        s, p, d = conv_geometry(conv.stride, conv._op_padding, conv.dilation)
+        ho, wo = conv_output_hw(input.shape[2], input.shape[3], conv.weight.shape[2:], s, p, d)
+        check_residual(residual, (input.shape[0], cout, ho, wo), input, "conv2d_bn_act_train")
+        count = input.shape[0] * ho * wo
+        if count <= 1:
+            raise ValueError(f"SlimConvBNAct: expected more than 1 value per channel when "
+                             f"training, got an output of shape {(input.shape[0], cout, ho, wo)}")
+        out, mean, var = fused_train.conv2d_bn_act_train(
+            input, conv.weight, conv.bias, cout, s, p, d, conv.groups, gamma, beta, eps,
+            residual, self._act_code)
+        self.bn.record_batch_stats(mean, var, count)
+        return out
+
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         # Not while tracing or compiling: a trace must record the BN arithmetic, not bake
         # in one width's cached scale/shift as constants.
@@ -162,6 +198,8 @@ class SlimConvBNAct(nn.Module):
             if out is not None:
                 return out
         if self.bn.uses_batch_stats():
+            if self._fuses_training_stats(input):
+                return self._conv_bn_train(input, residual)
             return self.bn.normalize(self.conv(input), residual, self.activation)
         scale, shift = self.bn.eval_scale_shift()
         return self.conv.conv(input, scale, shift, residual, self.activation)

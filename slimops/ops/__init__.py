@@ -6,12 +6,14 @@ without copying it. Fakes (for ``torch.compile``) and autograd formulas are regi
 on import, when the compiled extension is present.
 """
 
-from slimops.ops.batch_norm_act import batch_norm_act
+from slimops.ops.batch_norm_act import batch_norm_act, update_running_stats
 from slimops.ops.conv2d import conv2d
+from slimops.ops.conv2d_bn_act import conv2d_bn_act_train
 from slimops.ops.depthwise_conv2d import depthwise_conv2d
 from slimops.ops.linear import linear
 from slimops.ops import cuda_registration
 
 cuda_registration.register()
 
-__all__ = ["conv2d", "depthwise_conv2d", "linear", "batch_norm_act"]
+__all__ = ["conv2d", "depthwise_conv2d", "linear", "batch_norm_act", "conv2d_bn_act_train",
+           "update_running_stats"]

@@ -68,12 +68,18 @@ def batch_norm_act(
         input, weight, bias, running_mean, running_var, training, eps, residual, act
     )
     if training and running_mean is not None and running_var is not None:
-        # F.batch_norm's update: exponential average, unbiased variance. O(channels).
-        count = input.numel() // c
-        with torch.no_grad():
-            running_mean.lerp_(mean, momentum)
-            running_var.lerp_(var * (count / (count - 1)), momentum)
+        update_running_stats(running_mean, running_var, mean, var, input.numel() // c, momentum)
     return out
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: int, momentum: float) -> None:
+    """Fold a batch's statistics (``var`` biased, over ``count`` values per channel) into
+    running ones, in place, as ``F.batch_norm`` does: exponential average, unbiased
+    variance. O(channels)."""
+    with torch.no_grad():
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(var * (count / (count - 1)), momentum)
 
 
 def _register() -> None:
@@ -119,4 +125,4 @@ def _register() -> None:
 if _backend.HAS_C:
     _register()
 
-__all__ = ["batch_norm_act"]
+__all__ = ["batch_norm_act", "update_running_stats"]

@@ -4,7 +4,8 @@ Without a GPU the CUDA dispatch key is never reached, so this test registers the
 launchers (``slimops.ops.cuda_registration``) for the CPU key in a subprocess running under
 ``TRITON_INTERPRET=1``, and checks that a slimmable model's training step (forward, loss,
 backward through every op's autograd formula) and eval forward at two widths match the
-C++ CPU kernels. It checks the plumbing a CUDA tensor would take: the launchers' arguments
+C++ CPU kernels, with training-mode S-BN taking its statistics from the Triton conv's
+epilogue (``conv2d_bn_act_train``) as it does on a GPU. It checks the plumbing a CUDA tensor would take: the launchers' arguments
 as the dispatcher passes them, their outputs' shapes and dtypes as the autograd formulas
 expect, and the full-size weight gradients.
 """
@@ -63,6 +64,16 @@ SCRIPT = textwrap.dedent(r"""
         for op in cuda_registration.OP_FAMILIES:
             lib.impl(op, counted(op), "CPU")
 
+    # training-mode S-BN with statistics from the conv's epilogue, as on a CUDA tensor
+    from slimops.ops import conv2d_bn_act as fused
+
+    def fused_triton(*args):
+        called.add("conv2d_bn_act_train")
+        return fused._triton(*args)
+
+    torch.library.register_kernel("slimops::conv2d_bn_act_train", "cpu", fused_triton)
+    fused.fused_train_available = lambda x: True
+
     report = {}
     for w in widths:
         out, y, grads = step(copy.deepcopy(base), w)
@@ -94,7 +105,7 @@ def test_model_step_on_the_triton_launchers_matches_the_cpu_kernels():
     assert {"conv2d", "conv2d_backward_input", "conv2d_backward_weight", "depthwise_conv2d",
             "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight", "linear",
             "linear_backward_input", "linear_backward_weight", "batch_norm_act",
-            "batch_norm_act_backward"} <= called, sorted(called)
+            "batch_norm_act_backward", "conv2d_bn_act_train"} <= called, sorted(called)
     assert len(report) == 2
     for w, r in report.items():
         assert r["grad_shapes_full"], w

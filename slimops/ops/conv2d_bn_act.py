@@ -1,0 +1,150 @@
+"""``slimops.ops.conv2d_bn_act_train``: convolution + training-mode switchable BN + residual
++ activation, with the batch statistics reduced in the convolution's epilogue on the GPU.
+
+Training-mode BN needs each channel's mean and variance of the conv output ``z`` before it
+can normalise it. Run as two ops, the statistics cost one extra read of ``z`` per layer; on
+the GPU every layer of the paper's models is memory-bound (docs/GPU_KERNELS.md), so that
+read is a real share of the step. Here the Triton conv writes per-tile partial sums of
+``z`` and ``z^2`` while ``z`` is still in registers (``slimops.kernels.conv2d.
+conv2d_with_stats``) and the BN kernels finalise them and normalise
+(``batch_norm_act_from_partials``).
+
+The op is defined from Python (``torch.library.custom_op``), not in csrc/ops.cpp: it is a
+training-only composite of two existing ops, its one fused implementation is the Triton one
+(CUDA), and its implementation on every other device is exactly those two ops. Its autograd
+is the two ops' backward ops. ``slimops.nn.SlimConvBNAct`` uses it in training on CUDA
+tensors (dense and grouped convs; a depthwise conv keeps the two-op path).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from slimops import _backend, kernels
+from slimops.ops._common import channel_sum, conv_output_hw, pad_prefix
+from slimops.ops.epilogue import epilogue_grads
+
+QUALNAME = "slimops::conv2d_bn_act_train"
+
+
+def _two_ops(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: int,
+             stride: List[int], padding: List[int], dilation: List[int], groups: int,
+             bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+             residual: Optional[Tensor], activation: int
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    z = torch.ops.slimops.conv2d(input, weight, bias, out_channels, stride, padding, dilation,
+                                 groups, None, None, None, 0)
+    out, mean, var = torch.ops.slimops.batch_norm_act(z, bn_weight, bn_bias, None, None, True,
+                                                      eps, residual, activation)
+    return out, z, mean, var
+
+
+def _triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: int,
+            stride: List[int], padding: List[int], dilation: List[int], groups: int,
+            bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+            residual: Optional[Tensor], activation: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused path: statistics from the conv's epilogue (imports triton on first use)."""
+    from slimops.kernels.batch_norm_act import batch_norm_act_from_partials
+    from slimops.kernels.conv2d import conv2d_with_stats
+
+    z, psum, psumsq = conv2d_with_stats(input, weight, bias, out_channels, stride, padding,
+                                        dilation, groups)
+    count = z.numel() // out_channels
+    out, mean, var = batch_norm_act_from_partials(z, psum, psumsq, count, bn_weight, bn_bias,
+                                                  eps, residual, activation)
+    return out, z, mean, var
+
+
+def _define() -> None:
+    @torch.library.custom_op(QUALNAME, mutates_args=())
+    def conv2d_bn_act_train_op(
+        input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: int,
+        stride: List[int], padding: List[int], dilation: List[int], groups: int,
+        bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+        residual: Optional[Tensor], activation: int,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Returns ``(out, z, mean, var)``: ``z`` the conv output (kept for the backward),
+        ``mean``/``var`` its batch statistics (biased variance)."""
+        return _two_ops(input, weight, bias, out_channels, stride, padding, dilation, groups,
+                        bn_weight, bn_bias, eps, residual, activation)
+
+    if kernels.available():
+        conv2d_bn_act_train_op.register_kernel("cuda")(_triton)
+
+    @conv2d_bn_act_train_op.register_fake
+    def _(input, weight, bias, out_channels, stride, padding, dilation, groups, bn_weight,
+          bn_bias, eps, residual, activation):
+        ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], stride,
+                                padding, dilation)
+        shape = (input.shape[0], out_channels, ho, wo)
+        return (input.new_empty(shape), input.new_empty(shape),
+                input.new_empty((out_channels,)), input.new_empty((out_channels,)))
+
+    def setup_context(ctx, inputs, output):
+        (input, weight, bias, out_channels, stride, padding, dilation, groups, bn_weight,
+         _bn_bias, eps, _residual, activation) = inputs
+        out, z, mean, var = output
+        ctx.mark_non_differentiable(z, mean, var)
+        ctx.geometry = (stride, padding, dilation, groups)
+        ctx.eps, ctx.activation = eps, activation
+        ctx.bias_rows = None if bias is None else bias.shape[0]
+        ctx.save_for_backward(input, weight, bn_weight, z, out, mean, var)
+
+    def backward(ctx, grad_out, _grad_z, _grad_mean, _grad_var):
+        input, weight, bn_weight, z, out, mean, var = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        needs = ctx.needs_input_grad
+        grad_z, grad_bn_weight, grad_bn_bias = torch.ops.slimops.batch_norm_act_backward(
+            grad_out, z, out, bn_weight, mean, var, ctx.eps, True, ctx.activation)
+        grad_input = grad_weight = grad_bias = grad_residual = None
+        if needs[0]:
+            grad_input = torch.ops.slimops.conv2d_backward_input(
+                grad_z, weight, list(input.shape), stride, padding, dilation, groups)
+        if needs[1]:
+            grad_weight = torch.ops.slimops.conv2d_backward_weight(
+                grad_z, input, weight, stride, padding, dilation, groups)
+        if needs[2]:
+            g = channel_sum(grad_z).view(groups, -1)
+            grad_bias = pad_prefix(g, ctx.bias_rows // groups).reshape(-1)
+        if needs[11]:
+            _, grad_residual = epilogue_grads(grad_out, out, None, ctx.activation, True)
+        return (grad_input, grad_weight, grad_bias, None, None, None, None, None,
+                grad_bn_weight if needs[8] else None, grad_bn_bias if needs[9] else None,
+                None, grad_residual, None)
+
+    conv2d_bn_act_train_op.register_autograd(backward, setup_context=setup_context)
+
+
+def conv2d_bn_act_train(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: int,
+    stride: List[int], padding: List[int], dilation: List[int], groups: int,
+    bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+    residual: Optional[Tensor], activation: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``act(bn_train(conv(input)) + residual)`` on the width's prefixes; returns
+    ``(out, mean, var)`` (the batch statistics, for the caller's running-stat update).
+
+    Arguments are the ``slimops::conv2d`` schema's (normalised: lists, an activation code)
+    plus the width's γ/β (length ``out_channels``) and ``eps``; callers check them first
+    (``SlimConvBNAct`` does, through its layers).
+    """
+    out, _z, mean, var = torch.ops.slimops.conv2d_bn_act_train(
+        input, weight, bias, out_channels, list(stride), list(padding), list(dilation), groups,
+        bn_weight, bn_bias, eps, residual, activation)
+    return out, mean, var
+
+
+def fused_train_available(input: Tensor) -> bool:
+    """True where ``conv2d_bn_act_train`` has its fused (Triton) implementation: CUDA
+    tensors with the Triton conv registered. Elsewhere the two-op path is as fast."""
+    return (input.device.type == "cuda" and _backend.HAS_C and kernels.available()
+            and _backend.CUDA_READY)
+
+
+if _backend.HAS_C:
+    _define()
+
+__all__ = ["conv2d_bn_act_train", "fused_train_available"]
