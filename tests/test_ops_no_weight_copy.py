@@ -186,6 +186,27 @@ def test_slim_conv_bn_act(groups, training):
     assert block.conv.weight.grad is not None
 
 
+@pytest.mark.parametrize("groups", [1, 4], ids=["g1", "g4"])
+def test_slim_conv_bn_act_fused_training_statistics(groups, monkeypatch):
+    """Training through ``conv2d_bn_act_train`` (the GPU's path, taken on the CPU here)."""
+    from slimops.ops import conv2d_bn_act
+
+    monkeypatch.setattr(conv2d_bn_act, "fused_train_available", lambda x: True)
+    block = SlimConvBNAct([8, 16], [8, 16], 3, groups=groups, widths=(0.5, 1.0)).train()
+    slimops.set_width(block, 0.5)
+    x = torch.randn(2, 8, 9, 7, requires_grad=True)
+
+    def run():
+        for _ in range(2):
+            block(x).square().sum().backward()
+
+    prof = profiled(run)
+    assert_no_weight_copy(prof, conv_weight_shapes(block.conv.weight.shape, groups, 8, 8),
+                          ["slimops::conv2d_bn_act_train", "slimops::conv2d",
+                           "slimops::conv2d_backward_weight",
+                           "slimops::batch_norm_act_backward"])
+
+
 def test_depthwise_slim_conv_bn_act():
     block = SlimConvBNAct([8, 16], [8, 16], 3, groups=16, widths=(0.5, 1.0))
     block.eval()
