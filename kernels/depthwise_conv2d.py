@@ -11,6 +11,11 @@ slimops exists to avoid.
   arguments (one binary per kernel size, not per geometry). The epilogue
   ``act((z + bias[c]) * scale[c] + shift[c] + residual)`` is fused into the same pass, each
   term switched by a constexpr flag so an absent term costs nothing.
+* Forward with statistics (``depthwise_conv2d_with_stats``): the same kernel under the
+  ``STATS`` constexpr (bias only, no other epilogue) also reduces each program's sum and sum
+  of squares of its stored outputs into row ``n * num_pixel_blocks + pixel_block``, column
+  ``c`` of fp32 ``[N * num_pixel_blocks, C]`` buffers: deterministic, no atomics; the batch
+  norm's finalize (``batch_norm_act_from_partials``) sums the rows.
 * Input gradient (``depthwise_conv2d_backward_input``): a gather, one program per (plane,
   block of input pixels): each input pixel sums the output pixels that read it, so there
   are no atomics and the result is deterministic.
@@ -79,7 +84,7 @@ def _taps_p2(kh: int, kw: int) -> int:
 
 @triton.jit
 def _dw_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, psum_ptr, psumsq_ptr,
     C, H, W, Ho, Wo,
     sxn, sxc, sxh, sxw, swc, swh, sww,
     bias_stride, scale_stride, shift_stride,
@@ -87,6 +92,7 @@ def _dw_forward_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+    STATS: tl.constexpr = False,
 ):
     plane = tl.program_id(0)
     n = plane // C
@@ -111,6 +117,14 @@ def _dw_forward_kernel(
             acc += xv * wv
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c * bias_stride).to(tl.float32)
+    if STATS:
+        # Statistics of the stored values (rounded to the output dtype), so that batch norm
+        # normalises with the exact moments of the tensor it reads. Row n * blocks + block:
+        # unique per (image, pixel block) of channel c, so the rows sum to N * Ho * Wo.
+        zs = tl.where(pmask, acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        stat = (n.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * C + c
+        tl.store(psum_ptr + stat, tl.reduce(zs, 0, _sum_combine))
+        tl.store(psumsq_ptr + stat, tl.reduce(zs * zs, 0, _sum_combine))
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + c * scale_stride).to(tl.float32)
     if HAS_SHIFT:
@@ -252,6 +266,50 @@ def _geometry(
     return n, c, h, w, ho, wo, kh, kw, s + p + d
 
 
+def _forward(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+    padding: Sequence[int], dilation: Sequence[int], scale: Optional[Tensor],
+    shift: Optional[Tensor], residual: Optional[Tensor], activation: int, stats: bool,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    _check_activation(activation)
+    check_device(input, weight, bias, scale, shift, residual)
+    n, c, h, w, ho, wo, kh, kw, geo = _geometry(input.shape, weight, stride, padding, dilation)
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"slimops.kernels.depthwise_conv2d: bias must be [{weight.shape[0]}], "
+                         f"got {tuple(bias.shape)}")
+    _check_vector(scale, c, "scale")
+    _check_vector(shift, c, "shift")
+    out = torch.empty((n, c, ho, wo), dtype=input.dtype, device=input.device)
+    if residual is not None:
+        if tuple(residual.shape) != tuple(out.shape):
+            raise ValueError(f"slimops.kernels.depthwise_conv2d: residual must be "
+                             f"{tuple(out.shape)}, got {tuple(residual.shape)}")
+        residual = residual.contiguous()  # an activation, not a weight: read like `out`
+    cfg = _pick(ho * wo)
+    blocks = triton.cdiv(ho * wo, cfg["BLOCK"])
+    psum = psumsq = None
+    if stats:
+        psum = torch.zeros((n * blocks, c), dtype=torch.float32, device=input.device)
+        psumsq = torch.zeros_like(psum)
+    if out.numel() == 0:
+        return out, psum, psumsq
+    grid = (n * c, blocks)
+    _dw_forward_kernel[grid](
+        input, weight, input if bias is None else bias, input if scale is None else scale,
+        input if shift is None else shift, input if residual is None else residual, out,
+        out if psum is None else psum, out if psumsq is None else psumsq,
+        c, h, w, ho, wo,
+        *input.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+        0 if bias is None else bias.stride(0), 0 if scale is None else scale.stride(0),
+        0 if shift is None else shift.stride(0),
+        *geo,
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None, HAS_RES=residual is not None, ACT=activation,
+        BLOCK=cfg["BLOCK"], STATS=stats, num_warps=cfg["num_warps"],
+    )
+    return out, psum, psumsq
+
+
 def depthwise_conv2d(
     input: Tensor,
     weight: Tensor,
@@ -272,37 +330,30 @@ def depthwise_conv2d(
     length ``C`` or None; ``residual``: ``[N, C, Ho, Wo]`` or None; ``activation``: 0 none,
     1 relu, 2 relu6. Returns a contiguous ``[N, C, Ho, Wo]`` tensor of the input's dtype.
     """
-    _check_activation(activation)
-    check_device(input, weight, bias, scale, shift, residual)
-    n, c, h, w, ho, wo, kh, kw, geo = _geometry(input.shape, weight, stride, padding, dilation)
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"slimops.kernels.depthwise_conv2d: bias must be [{weight.shape[0]}], "
-                         f"got {tuple(bias.shape)}")
-    _check_vector(scale, c, "scale")
-    _check_vector(shift, c, "shift")
-    out = torch.empty((n, c, ho, wo), dtype=input.dtype, device=input.device)
-    if residual is not None:
-        if tuple(residual.shape) != tuple(out.shape):
-            raise ValueError(f"slimops.kernels.depthwise_conv2d: residual must be "
-                             f"{tuple(out.shape)}, got {tuple(residual.shape)}")
-        residual = residual.contiguous()  # an activation, not a weight: read like `out`
-    if out.numel() == 0:
-        return out
-    cfg = _pick(ho * wo)
-    grid = (n * c, triton.cdiv(ho * wo, cfg["BLOCK"]))
-    _dw_forward_kernel[grid](
-        input, weight, input if bias is None else bias, input if scale is None else scale,
-        input if shift is None else shift, input if residual is None else residual, out,
-        c, h, w, ho, wo,
-        *input.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
-        0 if bias is None else bias.stride(0), 0 if scale is None else scale.stride(0),
-        0 if shift is None else shift.stride(0),
-        *geo,
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, HAS_RES=residual is not None, ACT=activation,
-        BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
-    )
-    return out
+    return _forward(input, weight, bias, stride, padding, dilation, scale, shift, residual,
+                    activation, False)[0]
+
+
+def depthwise_conv2d_with_stats(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The forward of ``depthwise_conv2d`` (bias added, no other epilogue) returning
+    ``(z, psum, psumsq)``: ``psum``/``psumsq`` are fp32 ``[N * num_pixel_blocks, C]``, row
+    ``n * num_pixel_blocks + b`` the per-channel sum / sum of squares of ``z`` over image
+    ``n``'s ``b``-th block of output pixels (``num_pixel_blocks = cdiv(Ho * Wo, BLOCK)``).
+    ``psum.sum(0)`` is the channel sum over (N, H, W); the batch norm's finalize
+    (``batch_norm_act_from_partials``, ``count = N * Ho * Wo``) computes the mean and variance
+    from them. The statistics are those of ``z`` as stored (rounded to its dtype), reduced in
+    fp32, deterministically (no atomics).
+    """
+    z, psum, psumsq = _forward(input, weight, bias, stride, padding, dilation, None, None,
+                               None, ACT_NONE, True)
+    return z, psum, psumsq  # type: ignore[return-value]
 
 
 def depthwise_conv2d_backward_input(
@@ -372,13 +423,14 @@ def depthwise_conv2d_backward_weight(
 
 
 def aot_cases() -> List[AotCase]:
-    """Per dtype, configuration and kernel size (3x3, 5x5): the forward without epilogue and
-    with the full one (bias, scale, shift, residual, relu6), the input gradient, and the two
-    weight-gradient stages."""
+    """Per dtype, configuration and kernel size (3x3, 5x5): the forward without epilogue,
+    with the full one (bias, scale, shift, residual, relu6) and with STATS (bias +
+    statistics), the input gradient, and the two weight-gradient stages."""
     cases: List[AotCase] = []
     for dtype in DTYPES:
         ptr = TRITON_PTR[dtype]
         tag = str(dtype).split(".")[-1]
+        stats_ptrs = {"psum_ptr": "*fp32", "psumsq_ptr": "*fp32"}
         for k in AOT_KERNEL_SIZES:
             taps = _taps_p2(k, k)
             red = dict(KH=k, KW=k, TAPS=taps, BLOCK_T=REDUCE_BLOCK_T)
@@ -388,12 +440,14 @@ def aot_cases() -> List[AotCase]:
             for cfg in CONFIGS:
                 block, warps = cfg["BLOCK"], cfg["num_warps"]
                 suffix = f"{tag}_k{k}_b{block}_w{warps}"
-                for full in (False, True):
-                    ce = dict(KH=k, KW=k, HAS_BIAS=full, HAS_SCALE=full, HAS_SHIFT=full,
-                              HAS_RES=full, ACT=ACT_RELU6 if full else ACT_NONE, BLOCK=block)
+                for mode in ("plain", "full", "stats"):
+                    full = mode == "full"
+                    ce = dict(KH=k, KW=k, HAS_BIAS=mode != "plain", HAS_SCALE=full,
+                              HAS_SHIFT=full, HAS_RES=full, ACT=ACT_RELU6 if full else ACT_NONE,
+                              BLOCK=block, STATS=mode == "stats")
                     cases.append(AotCase(
-                        f"dw_forward_{suffix}_{'full' if full else 'plain'}", _dw_forward_kernel,
-                        aot_signature(_dw_forward_kernel, ptr, ce), ce, warps))
+                        f"dw_forward_{suffix}_{mode}", _dw_forward_kernel,
+                        aot_signature(_dw_forward_kernel, ptr, ce, stats_ptrs), ce, warps))
                 ce = dict(KH=k, KW=k, BLOCK=block)
                 cases.append(AotCase(
                     f"dw_backward_input_{suffix}", _dw_backward_input_kernel,
@@ -417,4 +471,5 @@ __all__ = [
     "depthwise_conv2d",
     "depthwise_conv2d_backward_input",
     "depthwise_conv2d_backward_weight",
+    "depthwise_conv2d_with_stats",
 ]

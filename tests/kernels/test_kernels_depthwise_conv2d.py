@@ -229,7 +229,8 @@ def test_aot_representative_case_has_no_spills():
 def test_bf16_compiles():
     # Compile-only: the interpreter's bf16 arithmetic is not the GPU's.
     names = ("dw_forward_bfloat16_k5_b128_w4_full", "dw_backward_input_bfloat16_k5_b128_w4",
-             "dw_weight_partials_bfloat16_k5_t1024_w4", "dw_weight_reduce_bfloat16_k5")
+             "dw_weight_partials_bfloat16_k5_t1024_w4", "dw_weight_reduce_bfloat16_k5",
+             "dw_forward_bfloat16_k5_b256_w4_stats")
     cases = {c.name: c for c in K.aot_cases()}
     for name in names:
         r = _aot.compile_case(cases[name], 90)
@@ -257,3 +258,75 @@ def test_fused_layer_backward_composes_like_the_op():
         **TOL[torch.float32])
     torch.testing.assert_close(K.depthwise_conv2d_backward_weight(grad_z, x, weight, s, p, d),
                                wr.grad, **TOL[torch.float32])
+
+
+# ----------------------------------------------------------------- forward with statistics
+
+# (kernel, stride, padding, dilation, H, W): as GEOMETRIES, plus a 13x11 plane whose 143
+# output pixels span two pixel blocks per image (several partial rows per image).
+STATS_GEOMETRIES = [
+    (3, 1, 1, 1, 13, 11),
+    (3, 2, 1, 1, 9, 7),
+    (3, 2, 2, 2, 7, 9),
+    (5, 1, 2, 1, 7, 7),
+    (5, 2, 0, 1, 9, 8),
+    (5, 1, 1, 2, 9, 9),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("geo", STATS_GEOMETRIES, ids=_geo_id)
+def test_forward_with_stats_matches_reference(geo, dtype):
+    x, weight, s, p, d = _make(geo, (5, 13), dtype)
+    c = 5
+    bias = torch.randn(13, device=DEVICE).to(dtype)
+    z, psum, psumsq = K.depthwise_conv2d_with_stats(x, weight, bias, s, p, d)
+    expected = reference.depthwise_conv2d(x.float(), weight.float(), bias.float(), s, p, d)
+    assert z.dtype == dtype and z.is_contiguous() and z.shape == expected.shape
+    torch.testing.assert_close(z.float(), expected.to(dtype).float(), **TOL[dtype])
+    # one partial row per (image, pixel block), fp32, summing to the stored z's moments
+    n, blocks = z.shape[0], psum.shape[0] // z.shape[0]
+    assert psum.dtype == psumsq.dtype == torch.float32
+    assert psum.shape == psumsq.shape == (n * blocks, c)
+    assert blocks == -(-(z.shape[2] * z.shape[3]) // K._pick(z.shape[2] * z.shape[3])["BLOCK"])
+    zf = z.float()
+    torch.testing.assert_close(psum.sum(0), zf.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(psumsq.sum(0), (zf * zf).sum(dim=(0, 2, 3)), rtol=1e-5,
+                               atol=1e-4)
+    # the same inputs give bit-identical outputs and partials
+    z2, psum2, psumsq2 = K.depthwise_conv2d_with_stats(x, weight, bias, s, p, d)
+    assert torch.equal(z, z2) and torch.equal(psum, psum2) and torch.equal(psumsq, psumsq2)
+
+
+def test_forward_with_stats_without_bias_leaves_plain_forward_unchanged():
+    x, weight, s, p, d = _make(STATS_GEOMETRIES[0], (7, 7))
+    z, psum, psumsq = K.depthwise_conv2d_with_stats(x, weight, None, s, p, d)
+    plain = K.depthwise_conv2d(x, weight, None, s, p, d, None, None, None, 0)
+    assert torch.equal(z, plain)
+    assert psum.shape == (2 * 2, 7)  # 143 output pixels: two blocks of 128 per image
+    torch.testing.assert_close(psum.sum(0), z.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(psumsq.sum(0), (z * z).sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+@pytest.mark.parametrize("geo", [STATS_GEOMETRIES[0], STATS_GEOMETRIES[4]], ids=_geo_id)
+def test_stats_epilogue_then_bn_equals_reference(geo, activation):
+    from slimops.kernels import batch_norm_act as bn_kernels
+
+    x, weight, s, p, d = _make(geo, (5, 13))
+    c = 5
+    bias = torch.randn(13, device=DEVICE)
+    gamma, beta = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
+    z, psum, psumsq = K.depthwise_conv2d_with_stats(x, weight, bias, s, p, d)
+    residual = torch.randn_like(z) if activation != "relu6" else None
+    out, mean, var = bn_kernels.batch_norm_act_from_partials(
+        z, psum, psumsq, z.numel() // c, gamma, beta, 1e-5, residual,
+        {None: 0, "relu": 1, "relu6": 2}[activation])
+    z_ref = reference.depthwise_conv2d(x, weight, bias, s, p, d)
+    out_ref = reference.batch_norm_act(z_ref, gamma, beta, None, None, True, eps=1e-5,
+                                       residual=residual, activation=activation)
+    torch.testing.assert_close(z, z_ref, **TOL[torch.float32])
+    torch.testing.assert_close(mean, z_ref.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var, z_ref.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(out, out_ref, **TOL[torch.float32])
