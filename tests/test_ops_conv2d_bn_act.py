@@ -79,6 +79,53 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.slimops.conv2d_bn_act_train.default, args)
 
 
+def _dw_args(dtype, c=5, full=9, k=3, stride=1, dilation=1, residual=False, activation="relu6"):
+    torch.manual_seed(0)
+    x = torch.randn(2, c, 7, 6, dtype=dtype)
+    w = torch.randn(full, 1, k, k, dtype=dtype)
+    b = torch.randn(full, dtype=dtype)
+    gamma = torch.rand(c, dtype=dtype) + 0.5
+    beta = torch.randn(c, dtype=dtype)
+    p = dilation * (k // 2)
+    ho = (7 + 2 * p - dilation * (k - 1) - 1) // stride + 1
+    wo = (6 + 2 * p - dilation * (k - 1) - 1) // stride + 1
+    r = torch.randn(2, c, ho, wo, dtype=dtype) if residual else None
+    return (x, w, b, [stride, stride], [p, p], [dilation, dilation], gamma, beta, 1e-5, r,
+            ACT[activation])
+
+
+@pytest.mark.parametrize("activation", [None, "relu6"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (5, 2, 1), (3, 1, 2)])
+def test_depthwise_equals_reference(k, stride, dilation, residual, activation):
+    args = _dw_args(torch.float64, k=k, stride=stride, dilation=dilation, residual=residual,
+                    activation=activation)
+    x, w, b, s, p, d, gamma, beta, eps, r, _ = args
+    out, mean, var = fused.depthwise_conv2d_bn_act_train(*args)
+    z = reference.depthwise_conv2d(x, w, b, s, p, d)
+    expected = reference.batch_norm_act(z, gamma, beta, None, None, True, eps=eps, residual=r,
+                                        activation=activation)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(mean, z.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(var, z.var(dim=(0, 2, 3), unbiased=False))
+
+
+def test_depthwise_gradcheck_and_opcheck():
+    x, w, b, s, p, d, gamma, beta, eps, r, act = _dw_args(torch.float64, residual=True)
+    tensors = [t.requires_grad_() for t in (x, w, b, gamma, beta, r)]
+
+    def f(x, w, b, gamma, beta, r):
+        return fused.depthwise_conv2d_bn_act_train(x, w, b, s, p, d, gamma, beta, eps, r,
+                                                   act)[0]
+
+    assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-5)
+    for dtype in (torch.float32, torch.float64):
+        args = _dw_args(dtype, residual=True)
+        for i in (0, 1, 2, 6, 7, 9):
+            args[i].requires_grad_()
+        torch.library.opcheck(torch.ops.slimops.depthwise_conv2d_bn_act_train.default, args)
+
+
 def test_fused_path_is_only_for_cuda():
     assert not fused.fused_train_available(torch.randn(1, 3, 4, 4))
 

@@ -219,6 +219,20 @@ def test_depthwise_slim_conv_bn_act():
                            "slimops::depthwise_conv2d_backward_weight"])
 
 
+def test_depthwise_slim_conv_bn_act_fused_training_statistics(monkeypatch):
+    from slimops.ops import conv2d_bn_act
+
+    monkeypatch.setattr(conv2d_bn_act, "fused_train_available", lambda x: True)
+    block = SlimConvBNAct([8, 16], [8, 16], 3, groups=16, widths=(0.5, 1.0)).train()
+    slimops.set_width(block, 0.5)
+    x = torch.randn(2, 8, 9, 7, requires_grad=True)
+    prof = profiled(lambda: block(x).sum().backward())
+    assert_no_weight_copy(prof, {(16, 1, 3, 3), (8, 1, 3, 3), (8, 9), (16, 9)},
+                          ["slimops::depthwise_conv2d_bn_act_train",
+                           "slimops::depthwise_conv2d",
+                           "slimops::depthwise_conv2d_backward_weight"])
+
+
 # --------------------------------------------------------------------------------------
 # the check can fail
 

@@ -162,9 +162,9 @@ class SlimConvBNAct(nn.Module):
 
     def _fuses_training_stats(self, input: Tensor) -> bool:
         # Training on the GPU: the conv's epilogue reduces the BN statistics (one read of
-        # the conv output saved per layer). Dense and grouped convs; not the naive shared BN.
-        return (self.training and isinstance(input, Tensor) and not self.conv.depthwise
-                and not self.bn.shared and fused_train.fused_train_available(input)
+        # the conv output saved per layer). Not for the naive shared BN (the baseline).
+        return (self.training and isinstance(input, Tensor) and not self.bn.shared
+                and fused_train.fused_train_available(input)
                 and _backend.use_native(input, self.conv.weight))
 
     def _conv_bn_train(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
@@ -183,9 +183,14 @@ class SlimConvBNAct(nn.Module):
         if count <= 1:
             raise ValueError(f"SlimConvBNAct: expected more than 1 value per channel when "
                              f"training, got an output of shape {(input.shape[0], cout, ho, wo)}")
-        out, mean, var = fused_train.conv2d_bn_act_train(
-            input, conv.weight, conv.bias, cout, s, p, d, conv.groups, gamma, beta, eps,
-            residual, self._act_code)
+        if conv.depthwise:
+            out, mean, var = fused_train.depthwise_conv2d_bn_act_train(
+                input, conv.weight, conv.bias, s, p, d, gamma, beta, eps, residual,
+                self._act_code)
+        else:
+            out, mean, var = fused_train.conv2d_bn_act_train(
+                input, conv.weight, conv.bias, cout, s, p, d, conv.groups, gamma, beta, eps,
+                residual, self._act_code)
         self.bn.record_batch_stats(mean, var, count)
         return out
 

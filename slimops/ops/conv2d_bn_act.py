@@ -13,7 +13,8 @@ The op is defined from Python (``torch.library.custom_op``), not in csrc/ops.cpp
 training-only composite of two existing ops, its one fused implementation is the Triton one
 (CUDA), and its implementation on every other device is exactly those two ops. Its autograd
 is the two ops' backward ops. ``slimops.nn.SlimConvBNAct`` uses it in training on CUDA
-tensors (dense and grouped convs; a depthwise conv keeps the two-op path).
+tensors; ``depthwise_conv2d_bn_act_train`` is the same for a depthwise conv (the Triton
+depthwise kernel's epilogue reduces the statistics).
 """
 
 from __future__ import annotations
@@ -118,6 +119,107 @@ def _define() -> None:
     conv2d_bn_act_train_op.register_autograd(backward, setup_context=setup_context)
 
 
+DEPTHWISE_QUALNAME = "slimops::depthwise_conv2d_bn_act_train"
+
+
+def _dw_two_ops(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+                padding: List[int], dilation: List[int], bn_weight: Optional[Tensor],
+                bn_bias: Optional[Tensor], eps: float, residual: Optional[Tensor],
+                activation: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    z = torch.ops.slimops.depthwise_conv2d(input, weight, bias, stride, padding, dilation,
+                                           None, None, None, 0)
+    out, mean, var = torch.ops.slimops.batch_norm_act(z, bn_weight, bn_bias, None, None, True,
+                                                      eps, residual, activation)
+    return out, z, mean, var
+
+
+def _dw_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+               padding: List[int], dilation: List[int], bn_weight: Optional[Tensor],
+               bn_bias: Optional[Tensor], eps: float, residual: Optional[Tensor],
+               activation: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from slimops.kernels.batch_norm_act import batch_norm_act_from_partials
+    from slimops.kernels.depthwise_conv2d import depthwise_conv2d_with_stats
+
+    z, psum, psumsq = depthwise_conv2d_with_stats(input, weight, bias, stride, padding,
+                                                  dilation)
+    count = z.numel() // z.shape[1]
+    out, mean, var = batch_norm_act_from_partials(z, psum, psumsq, count, bn_weight, bn_bias,
+                                                  eps, residual, activation)
+    return out, z, mean, var
+
+
+def _define_depthwise() -> None:
+    @torch.library.custom_op(DEPTHWISE_QUALNAME, mutates_args=())
+    def depthwise_conv2d_bn_act_train_op(
+        input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+        padding: List[int], dilation: List[int], bn_weight: Optional[Tensor],
+        bn_bias: Optional[Tensor], eps: float, residual: Optional[Tensor], activation: int,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The depthwise counterpart of ``conv2d_bn_act_train``: ``(out, z, mean, var)``."""
+        return _dw_two_ops(input, weight, bias, stride, padding, dilation, bn_weight, bn_bias,
+                           eps, residual, activation)
+
+    if kernels.available():
+        depthwise_conv2d_bn_act_train_op.register_kernel("cuda")(_dw_triton)
+
+    @depthwise_conv2d_bn_act_train_op.register_fake
+    def _(input, weight, bias, stride, padding, dilation, bn_weight, bn_bias, eps, residual,
+          activation):
+        ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], stride,
+                                padding, dilation)
+        c = input.shape[1]
+        shape = (input.shape[0], c, ho, wo)
+        return (input.new_empty(shape), input.new_empty(shape), input.new_empty((c,)),
+                input.new_empty((c,)))
+
+    def setup_context(ctx, inputs, output):
+        (input, weight, bias, stride, padding, dilation, bn_weight, _bn_bias, eps, _residual,
+         activation) = inputs
+        out, z, mean, var = output
+        ctx.mark_non_differentiable(z, mean, var)
+        ctx.geometry = (stride, padding, dilation)
+        ctx.eps, ctx.activation = eps, activation
+        ctx.bias_rows = None if bias is None else bias.shape[0]
+        ctx.save_for_backward(input, weight, bn_weight, z, out, mean, var)
+
+    def backward(ctx, grad_out, _grad_z, _grad_mean, _grad_var):
+        input, weight, bn_weight, z, out, mean, var = ctx.saved_tensors
+        stride, padding, dilation = ctx.geometry
+        needs = ctx.needs_input_grad
+        grad_z, grad_bn_weight, grad_bn_bias = torch.ops.slimops.batch_norm_act_backward(
+            grad_out, z, out, bn_weight, mean, var, ctx.eps, True, ctx.activation)
+        grad_input = grad_weight = grad_bias = grad_residual = None
+        if needs[0]:
+            grad_input = torch.ops.slimops.depthwise_conv2d_backward_input(
+                grad_z, weight, list(input.shape), stride, padding, dilation)
+        if needs[1]:
+            grad_weight = torch.ops.slimops.depthwise_conv2d_backward_weight(
+                grad_z, input, weight, stride, padding, dilation)
+        if needs[2]:
+            grad_bias = pad_prefix(channel_sum(grad_z), ctx.bias_rows)
+        if needs[9]:
+            _, grad_residual = epilogue_grads(grad_out, out, None, ctx.activation, True)
+        return (grad_input, grad_weight, grad_bias, None, None, None,
+                grad_bn_weight if needs[6] else None, grad_bn_bias if needs[7] else None,
+                None, grad_residual, None)
+
+    depthwise_conv2d_bn_act_train_op.register_autograd(backward, setup_context=setup_context)
+
+
+def depthwise_conv2d_bn_act_train(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+    padding: List[int], dilation: List[int], bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor], eps: float, residual: Optional[Tensor], activation: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``act(bn_train(depthwise_conv(input)) + residual)`` on ``W[:C]``: ``(out, mean, var)``
+    as ``conv2d_bn_act_train`` (on CUDA the depthwise kernel's epilogue reduces the
+    statistics)."""
+    out, _z, mean, var = torch.ops.slimops.depthwise_conv2d_bn_act_train(
+        input, weight, bias, list(stride), list(padding), list(dilation), bn_weight, bn_bias,
+        eps, residual, activation)
+    return out, mean, var
+
+
 def conv2d_bn_act_train(
     input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: int,
     stride: List[int], padding: List[int], dilation: List[int], groups: int,
@@ -146,5 +248,6 @@ def fused_train_available(input: Tensor) -> bool:
 
 if _backend.HAS_C:
     _define()
+    _define_depthwise()
 
-__all__ = ["conv2d_bn_act_train", "fused_train_available"]
+__all__ = ["conv2d_bn_act_train", "depthwise_conv2d_bn_act_train", "fused_train_available"]

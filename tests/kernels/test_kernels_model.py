@@ -5,7 +5,7 @@ launchers (``slimops.ops.cuda_registration``) for the CPU key in a subprocess ru
 ``TRITON_INTERPRET=1``, and checks that a slimmable model's training step (forward, loss,
 backward through every op's autograd formula) and eval forward at two widths match the
 C++ CPU kernels, with training-mode S-BN taking its statistics from the Triton conv's
-epilogue (``conv2d_bn_act_train``) as it does on a GPU. It checks the plumbing a CUDA tensor would take: the launchers' arguments
+epilogue (``conv2d_bn_act_train``, ``depthwise_conv2d_bn_act_train``) as it does on a GPU. It checks the plumbing a CUDA tensor would take: the launchers' arguments
 as the dispatcher passes them, their outputs' shapes and dtypes as the autograd formulas
 expect, and the full-size weight gradients.
 """
@@ -71,15 +71,23 @@ SCRIPT = textwrap.dedent(r"""
         called.add("conv2d_bn_act_train")
         return fused._triton(*args)
 
-    torch.library.register_kernel("slimops::conv2d_bn_act_train", "cpu", fused_triton)
-    fused.fused_train_available = lambda x: True
+    def fused_dw_triton(*args):
+        called.add("depthwise_conv2d_bn_act_train")
+        return fused._dw_triton(*args)
 
+    torch.library.register_kernel("slimops::conv2d_bn_act_train", "cpu", fused_triton)
+    torch.library.register_kernel("slimops::depthwise_conv2d_bn_act_train", "cpu",
+                                  fused_dw_triton)
+
+    # every width twice: training-mode BN as its own op (as a CPU tensor runs), then with
+    # the statistics from the conv's epilogue (as a CUDA tensor runs)
     report = {}
-    for w in widths:
+    for path, w in [(path, w) for path in ("two_ops", "fused") for w in widths]:
+        fused.fused_train_available = lambda x, on=(path == "fused"): on
         out, y, grads = step(copy.deepcopy(base), w)
         e_out, e_y, e_grads = expected[w]
         assert set(grads) == set(e_grads), sorted(set(grads) ^ set(e_grads))
-        report[str(w)] = {
+        report[f"{path} {w}"] = {
             "train_out": float((out - e_out).abs().max()),
             "eval_out": float((y - e_y).abs().max()),
             "grads": max(float((grads[n] - e_grads[n]).abs().max()
@@ -105,8 +113,9 @@ def test_model_step_on_the_triton_launchers_matches_the_cpu_kernels():
     assert {"conv2d", "conv2d_backward_input", "conv2d_backward_weight", "depthwise_conv2d",
             "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight", "linear",
             "linear_backward_input", "linear_backward_weight", "batch_norm_act",
-            "batch_norm_act_backward", "conv2d_bn_act_train"} <= called, sorted(called)
-    assert len(report) == 2
+            "batch_norm_act_backward", "conv2d_bn_act_train",
+            "depthwise_conv2d_bn_act_train"} <= called, sorted(called)
+    assert len(report) == 4
     for w, r in report.items():
         assert r["grad_shapes_full"], w
         assert r["train_out"] <= 1e-4 * max(1.0, r["scale"]), (w, r)
