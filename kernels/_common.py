@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence, Tuple
 
 import torch
 
@@ -28,3 +29,27 @@ def check_device(*tensors: torch.Tensor) -> None:
                 f"slimops.kernels: tensor on {t.device}; Triton kernels run on CUDA tensors "
                 "(or on CPU tensors under TRITON_INTERPRET=1)"
             )
+
+
+def conv_geometry(
+    op: str, h: int, w: int, kernel: Sequence[int], stride: Sequence[int],
+    padding: Sequence[int], dilation: Sequence[int],
+) -> Tuple[int, int, Tuple[int, ...]]:
+    """``(ho, wo, stride + padding + dilation)`` of a convolution (the six ints the kernels
+    take), with a ``ValueError`` naming ``slimops.kernels.<op>`` for malformed arguments or
+    an input too small for the kernel."""
+
+    def pair(v: Sequence[int], name: str, minimum: int) -> Tuple[int, int]:
+        t = tuple(int(x) for x in v)
+        if len(t) != 2 or min(t) < minimum:
+            raise ValueError(f"slimops.kernels.{op}: {name} must be 2 ints >= {minimum}, got {t}")
+        return t  # type: ignore[return-value]
+
+    s, p, d = pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1)
+    kh, kw = int(kernel[0]), int(kernel[1])
+    ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1
+    wo = (w + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"slimops.kernels.{op}: input {h}x{w} too small for kernel {kh}x{kw}, "
+                         f"stride {s}, padding {p}, dilation {d}")
+    return ho, wo, s + p + d

@@ -47,7 +47,14 @@ import triton.language as tl
 from torch import Tensor
 
 from slimops.kernels._aot import AotCase
-from slimops.kernels._common import ACT_NONE, ACT_RELU6, TRITON_PTR, check_device, interpreting
+from slimops.kernels._common import (
+    ACT_NONE,
+    ACT_RELU6,
+    TRITON_PTR,
+    check_device,
+    conv_geometry,
+    interpreting,
+)
 from slimops.kernels.epilogue import (
     DTYPES,
     _activate,
@@ -301,13 +308,6 @@ def _conv_backward_weight_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _pair(v: Sequence[int], name: str, minimum: int) -> Tuple[int, int]:
-    v = tuple(int(x) for x in v)
-    if len(v) != 2 or min(v) < minimum:
-        raise ValueError(f"slimops.kernels.conv2d: {name} must be 2 ints >= {minimum}, got {v}")
-    return v  # type: ignore[return-value]
-
-
 def _allow_tf32(dtype: torch.dtype) -> bool:
     # F.conv2d on CUDA follows cuDNN's switch (TF32 on by default for convolutions).
     return dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
@@ -343,17 +343,8 @@ def _geometry(
     if c_in < 1 or c_in % groups or c_in // groups > weight.shape[1]:
         raise ValueError(f"slimops.kernels.conv2d: {c_in} input channels must be a positive "
                          f"multiple of groups={groups} and at most {groups * weight.shape[1]}")
-    s = _pair(stride, "stride", 1)
-    p = _pair(padding, "padding", 0)
-    d = _pair(dilation, "dilation", 1)
-    kh, kw = weight.shape[2], weight.shape[3]
-    ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1
-    wo = (w + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1
-    if ho < 1 or wo < 1:
-        raise ValueError(f"slimops.kernels.conv2d: input {h}x{w} too small for kernel {kh}x{kw}, "
-                         f"stride {s}, padding {p}, dilation {d}")
-    return (n, h, w, ho, wo, out_channels // groups, c_in // groups, rows_per_group,
-            s + p + d)
+    ho, wo, spd = conv_geometry("conv2d", h, w, weight.shape[2:], stride, padding, dilation)
+    return n, h, w, ho, wo, out_channels // groups, c_in // groups, rows_per_group, spd
 
 
 def _vector(v: Optional[Tensor], length: int, name: str) -> None:

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from slimops.kernels._aot import AotCase
-from slimops.kernels._common import ACT_NONE, ACT_RELU6, TRITON_PTR, check_device
+from slimops.kernels._common import ACT_NONE, ACT_RELU6, TRITON_PTR, check_device, conv_geometry
 from slimops.kernels.epilogue import (
     DTYPES,
     _activate,
@@ -232,13 +232,6 @@ def _dw_weight_reduce_kernel(
              total.to(gw_ptr.dtype.element_ty), mask=taps < KH * KW)
 
 
-def _pair(v: Sequence[int], name: str, minimum: int) -> Tuple[int, int]:
-    v = tuple(int(x) for x in v)
-    if len(v) != 2 or min(v) < minimum:
-        raise ValueError(f"slimops.kernels.depthwise_conv2d: {name} must be 2 ints >= {minimum}, got {v}")
-    return v  # type: ignore[return-value]
-
-
 def _geometry(
     input_size: Sequence[int], weight: Tensor, stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int],
@@ -254,16 +247,9 @@ def _geometry(
     if not 1 <= c <= weight.shape[0]:
         raise ValueError(f"slimops.kernels.depthwise_conv2d: input has {c} channels; expected "
                          f"between 1 and the weight's {weight.shape[0]}")
-    s = _pair(stride, "stride", 1)
-    p = _pair(padding, "padding", 0)
-    d = _pair(dilation, "dilation", 1)
-    kh, kw = weight.shape[2], weight.shape[3]
-    ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1
-    wo = (w + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1
-    if ho < 1 or wo < 1:
-        raise ValueError(f"slimops.kernels.depthwise_conv2d: input {h}x{w} too small for kernel "
-                         f"{kh}x{kw}, stride {s}, padding {p}, dilation {d}")
-    return n, c, h, w, ho, wo, kh, kw, s + p + d
+    ho, wo, spd = conv_geometry("depthwise_conv2d", h, w, weight.shape[2:], stride, padding,
+                                dilation)
+    return n, c, h, w, ho, wo, weight.shape[2], weight.shape[3], spd
 
 
 def _forward(
