@@ -25,7 +25,7 @@ BUILD_STAMP := $(VENV)/.slimops-build.stamp
 
 # Everything the extension is compiled from. The directories are listed too, so adding or
 # removing a source file (which changes its directory's mtime) also triggers a rebuild.
-CSRC := $(shell find csrc \( -name '*.cpp' -o -name '*.h' -o -type d \) -print 2>/dev/null)
+CSRC := $(shell find csrc \( -name '*.cpp' -o -name '*.h' -o -name '*.inc' -o -name '*.cu' -o -name '*.cuh' -o -type d \) -print 2>/dev/null)
 
 # Every recipe line runs in bash with errexit, nounset and pipefail.
 SHELL := /bin/bash

@@ -24,7 +24,11 @@ F32, F64 = torch.float32, torch.float64
 DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
 ACTS = [pytest.param(None, id="none"), pytest.param("relu", id="relu"),
         pytest.param("relu6", id="relu6")]
-SHAPES = {"2d": (16, 5), "3d": (3, 5, 7), "4d": (3, 5, 4, 3)}
+# Planes below the kernel's small-plane cut (256 positions) take its row path, whose column
+# blocks are 512 positions wide ("4d_wide": 630 positions per image, two blocks); larger
+# planes take the per-plane path ("4d_big_plane").
+SHAPES = {"2d": (16, 5), "3d": (3, 5, 7), "4d": (3, 5, 4, 3), "4d_wide": (3, 70, 3, 3),
+          "4d_big_plane": (2, 3, 17, 16)}
 AFFINE = {"affine": (True, True), "none": (False, False), "weight": (True, False),
           "bias": (False, True)}
 
@@ -175,8 +179,8 @@ def test_eval_without_running_stats_raises():
 # threads and layouts
 
 
-@pytest.mark.parametrize("shape", [(64, 33), (3, 17, 9, 11), (1, 5, 40, 40)],
-                         ids=["2d_wide", "4d", "4d_one_image"])
+@pytest.mark.parametrize("shape", [(64, 33), (3, 17, 9, 11), (1, 5, 40, 40), (64, 96, 6, 6)],
+                         ids=["2d_wide", "4d", "4d_one_image", "4d_small_planes"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_threaded(training, shape, all_threads, tol):
     assert torch.get_num_threads() >= 2

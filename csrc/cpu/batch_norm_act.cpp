@@ -9,6 +9,7 @@
 // statistics and the caller folds them into the width's running stats.
 #include "cpu/common.h"
 #include "cpu/isa.h"
+#include "cpu/parallel.h"
 
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
@@ -133,6 +134,77 @@ PlaneOps<scalar_t> plane_ops() {
 }
 #undef SLIMOPS_PLANE_OPS
 
+// The small-plane row loops (batch_norm_rows.inc), chosen per instruction set like PlaneOps.
+template <typename scalar_t>
+struct RowOps {
+  void (*sum)(double*, const scalar_t*, int64_t, int64_t, int64_t);
+  void (*sq_dev)(double*, const scalar_t*, const double*, int64_t, int64_t, int64_t);
+  void (*grad_sums)(double*, double*, scalar_t*, const scalar_t*, const scalar_t*,
+                    const scalar_t*, const double*, int64_t, int64_t, int64_t, int64_t);
+  void (*affine_act)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, const scalar_t*,
+                     const scalar_t*, int64_t);
+  void (*grad_input)(scalar_t*, const scalar_t*, int64_t, const scalar_t*, const scalar_t*,
+                     const scalar_t*, const scalar_t*);
+  void (*scale)(scalar_t*, int64_t, const scalar_t*);
+};
+
+#define SLIMOPS_ROW_OPS(ns)                                                               \
+  RowOps<scalar_t> {                                                                      \
+    &ns::sum_rows<scalar_t>, &ns::sq_dev_rows<scalar_t>, &ns::grad_sums_rows<scalar_t>,   \
+        &ns::affine_act_row<scalar_t>, &ns::grad_input_row<scalar_t>,                     \
+        &ns::scale_row<scalar_t>                                                          \
+  }
+
+template <typename scalar_t>
+RowOps<scalar_t> row_ops() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return SLIMOPS_ROW_OPS(isa_avx512);
+    case Isa::kAvx2: return SLIMOPS_ROW_OPS(isa_avx2);
+    default: return SLIMOPS_ROW_OPS(isa_base);
+  }
+}
+#undef SLIMOPS_ROW_OPS
+
+// Planes smaller than this (4x4, 7x7, 1x1 ...) take the row path: per-position coefficient
+// vectors of C*HW entries, loops over whole image rows. Larger planes loop per plane.
+constexpr int64_t kSmallPlane = 256;
+// Positions per column block of the row path's sums (its accumulators live on the stack).
+constexpr int64_t kColumnBlock = 512;
+
+// Column sums over the N rows of an [N, R] tensor, in blocks of kColumnBlock positions (one
+// task each, one writer per position): fn(j0, len, acc0, acc1) adds rows' positions
+// [j0, j0 + len) into the zeroed accumulators; out1 may be null.
+template <typename F>
+void column_sums(int64_t N, int64_t R, double* out0, double* out1, const F& fn) {
+  const int64_t blocks = (R + kColumnBlock - 1) / kColumnBlock;
+  run_tasks(blocks, N * kColumnBlock, [&](int64_t b) {
+    const int64_t j0 = b * kColumnBlock, len = std::min(kColumnBlock, R - j0);
+    double a0[kColumnBlock], a1[kColumnBlock];
+    std::fill(a0, a0 + len, 0.0);
+    std::fill(a1, a1 + len, 0.0);
+    fn(j0, len, a0, a1);
+    std::copy(a0, a0 + len, out0 + j0);
+    if (out1) std::copy(a1, a1 + len, out1 + j0);
+  });
+}
+
+// Per-channel totals of per-position sums (positions c*HW .. c*HW + HW - 1), in order.
+std::vector<double> per_channel(const std::vector<double>& pos, int64_t C, int64_t HW) {
+  std::vector<double> out(C, 0.0);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < HW; ++k) out[c] += pos[c * HW + k];
+  return out;
+}
+
+// v[c] repeated HW times: a per-position vector of C*HW entries.
+template <typename T, typename U>
+std::vector<T> expand(const std::vector<U>& v, int64_t HW) {
+  std::vector<T> out(v.size() * HW);
+  for (size_t c = 0; c < v.size(); ++c)
+    std::fill(out.begin() + c * HW, out.begin() + (c + 1) * HW, static_cast<T>(v[c]));
+  return out;
+}
+
 constexpr int64_t kBlock = 64;
 
 // sums[s][c] = sum over the elements i of channel c of f(c, i)[s], accumulated in double, in
@@ -239,7 +311,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
     std::vector<double> mean(C), var(C);
     if (training) {
       // Two passes (mean, then squared deviations): no cancellation, unlike E[x^2] - E[x]^2.
-      if (HW > 1) {
+      if (HW < kSmallPlane) {
+        const RowOps<scalar_t> rows = row_ops<scalar_t>();
+        const int64_t R = C * HW;
+        std::vector<double> pos(R);
+        column_sums(N, R, pos.data(), nullptr, [&](int64_t j0, int64_t len, double* a, double*) {
+          rows.sum(a, xp + j0, N, R, len);
+        });
+        mean = per_channel(pos, C, HW);
+        for (int64_t c = 0; c < C; ++c) mean[c] /= count;
+        const std::vector<double> mean_pos = expand<double>(mean, HW);
+        column_sums(N, R, pos.data(), nullptr, [&](int64_t j0, int64_t len, double* a, double*) {
+          rows.sq_dev(a, xp + j0, mean_pos.data() + j0, N, R, len);
+        });
+        var = per_channel(pos, C, HW);
+        for (int64_t c = 0; c < C; ++c) var[c] /= count;
+      } else if (HW > 1) {
         // Per channel (one writer each): the planes' sums, then the squared deviations.
         at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
           for (int64_t c = c0; c < c1; ++c) {
@@ -286,6 +373,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
     scalar_t* yp = out.data_ptr<scalar_t>();
     const scalar_t* ap = alpha.data();
     const scalar_t* bp = beta.data();
+    if (HW < kSmallPlane) {
+      const RowOps<scalar_t> rows = row_ops<scalar_t>();
+      const int64_t R = C * HW;
+      const std::vector<scalar_t> a_pos = expand<scalar_t>(alpha, HW), b_pos = expand<scalar_t>(beta, HW);
+      run_ranges(N, R, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n)
+          rows.affine_act(yp + n * R, xp + n * R, rp ? rp + n * R : nullptr, R, a_pos.data(),
+                          b_pos.data(), activation);
+      });
+      return;
+    }
     if (HW > 1) {
       at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
@@ -357,7 +455,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
     // sums[0] = sum(g), sums[1] = sum(g * (x - mean)).
     std::vector<double> sums[2];
     const PlaneOps<scalar_t> ops = plane_ops<scalar_t>();
-    if (HW > 1) {
+    const RowOps<scalar_t> rows = row_ops<scalar_t>();
+    const int64_t R = C * HW;
+    const bool small = HW < kSmallPlane;
+    if (small) {
+      const std::vector<double> mean_pos = expand<double>(mean, HW);
+      std::vector<double> pos0(R), pos1(R);
+      column_sums(N, R, pos0.data(), pos1.data(), [&](int64_t j0, int64_t len, double* a0,
+                                                      double* a1) {
+        rows.grad_sums(a0, a1, gip + j0, gop + j0, yp + j0, xp + j0, mean_pos.data() + j0, N, R,
+                       len, activation);
+      });
+      sums[0] = per_channel(pos0, C, HW);
+      sums[1] = per_channel(pos1, C, HW);
+    } else if (HW > 1) {
       sums[0].assign(C, 0.0);
       sums[1].assign(C, 0.0);
       // Per channel (one writer each): mask each plane, then its two sums while it is hot.
@@ -403,7 +514,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
     const scalar_t* kg = k_g.data();
     const scalar_t* kx = k_x.data();
     const scalar_t* k0 = k_0.data();
-    if (training && HW > 1) {
+    if (small) {
+      std::vector<scalar_t> kg_pos = expand<scalar_t>(k_g, HW), kx_pos, k0_pos, m_pos;
+      if (training) {
+        kx_pos = expand<scalar_t>(k_x, HW);
+        k0_pos = expand<scalar_t>(k_0, HW);
+        m_pos = expand<scalar_t>(mean_s, HW);
+      }
+      run_ranges(N, R, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) {
+          if (training) {
+            rows.grad_input(gip + n * R, xp + n * R, R, kg_pos.data(), kx_pos.data(),
+                            m_pos.data(), k0_pos.data());
+          } else {
+            rows.scale(gip + n * R, R, kg_pos.data());
+          }
+        }
+      });
+    } else if (training && HW > 1) {
       at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t c = plane % C, base = plane * HW;

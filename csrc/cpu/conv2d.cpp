@@ -7,6 +7,7 @@
 #include "cpu/common.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
+#include "cpu/parallel.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
@@ -103,12 +104,6 @@ ConvGeometry make_geometry(const char* op, at::IntArrayRef input_size, const at:
   return s;
 }
 
-// [G, og, ig*kh*kw] view of the active per-group prefixes of a contiguous [G*Og, Ig, kh, kw]
-// tensor; element [g] is a row-major matrix with leading dimension Ig*kh*kw.
-at::Tensor group_prefixes(const at::Tensor& w, const ConvGeometry& s) {
-  return w.view({s.G, s.Og, s.Ig * s.kernel_area()}).narrow(1, 0, s.og).narrow(2, 0, s.K());
-}
-
 // Output positions o in [0, out_size) whose input index o * stride + offset lies in [0, size).
 struct Span {
   int64_t lo, hi;
@@ -121,112 +116,153 @@ Span valid_span(int64_t offset, int64_t stride, int64_t size, int64_t out_size) 
   return {clo, std::max(clo, std::min(hi, out_size))};
 }
 
-// Items per task for ~32K elements of work per task, ATen's own grain.
-// cols[(c*kh + i)*kw + j, oh*Wo + ow] = image[c, oh*sh - ph + i*dh, ow*sw - pw + j*dw] (0 off
-// the image). Rows are ordered channel-major, so group g's rows are the contiguous block
-// [g*K, (g+1)*K).
-template <typename scalar_t>
-void im2col(const scalar_t* image, scalar_t* cols, const ConvGeometry& s) {
-  const int64_t P = s.P();
-  at::parallel_for(0, s.C * s.kernel_area(), grain_for(P), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t j = r % s.kw, i = (r / s.kw) % s.kh, c = r / s.kernel_area();
-      const scalar_t* src = image + c * s.H * s.W;
-      const int64_t off_w = j * s.dw - s.pw;
-      const Span w = valid_span(off_w, s.sw, s.W, s.Wo);
-      scalar_t* dst = cols + r * P;
-      for (int64_t oh = 0; oh < s.Ho; ++oh, dst += s.Wo) {
-        const int64_t ih = oh * s.sh + i * s.dh - s.ph;
-        if (ih < 0 || ih >= s.H) {
-          std::fill(dst, dst + s.Wo, scalar_t(0));
-          continue;
-        }
-        const scalar_t* row = src + ih * s.W;
-        std::fill(dst, dst + w.lo, scalar_t(0));
-        for (int64_t ow = w.lo; ow < w.hi; ++ow) dst[ow] = row[ow * s.sw + off_w];
-        std::fill(dst + w.hi, dst + s.Wo, scalar_t(0));
-      }
-    }
-  });
-}
-
-// Adjoint of im2col: image[c, ih, iw] += cols[...] over every (row, position) reading it.
-// Parallel over channels, so each thread owns the image plane it accumulates into.
-template <typename scalar_t>
-void col2im(const scalar_t* cols, scalar_t* image, const ConvGeometry& s) {
-  const int64_t P = s.P();
-  at::parallel_for(0, s.C, grain_for(s.kernel_area() * P), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      scalar_t* plane = image + c * s.H * s.W;
-      for (int64_t i = 0; i < s.kh; ++i) {
-        for (int64_t j = 0; j < s.kw; ++j) {
-          const scalar_t* src = cols + ((c * s.kh + i) * s.kw + j) * P;
-          const int64_t off_w = j * s.dw - s.pw;
-          const Span w = valid_span(off_w, s.sw, s.W, s.Wo);
-          const int64_t off_h = i * s.dh - s.ph;
-          const Span h = valid_span(off_h, s.sh, s.H, s.Ho);
-          for (int64_t oh = h.lo; oh < h.hi; ++oh) {
-            scalar_t* row = plane + (oh * s.sh + off_h) * s.W;
-            const scalar_t* in = src + oh * s.Wo;
-            for (int64_t ow = w.lo; ow < w.hi; ++ow) row[ow * s.sw + off_w] += in[ow];
-          }
-        }
-      }
-    }
-  });
-}
-
-// Runs body(begin, end) over the images. With at least one image per thread each thread
-// takes whole images and its GEMMs run single-threaded (BLAS inside an OpenMP region);
-// otherwise the images go in order and BLAS and the im2col loops use the threads.
-// Worker threads do not inherit the caller's thread-local state, so the ATen calls in body
-// must see an explicit below-autograd guard (see ImageGuard).
-template <typename F>
-void for_each_image(int64_t N, const F& body) {
-  if (N >= at::get_num_threads()) {
-    at::parallel_for(0, N, 1, body);
-  } else {
-    body(0, N);
-  }
-}
-
+// Worker threads do not inherit the caller's thread-local state, so ATen calls inside a task
+// (only the fallback GEMM makes any) must see an explicit below-autograd guard.
 struct ImageGuard {
   at::NoGradGuard no_grad;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 };
 
-// cols[r, q] for the output positions q in [p0, p0 + ncols) (row stride ld): the columns
-// [p0, p0 + ncols) of the im2col matrix above, for one block of the blocked forward.
+// One row r = (c*kh + i)*kw + j of the im2col matrix, over output positions [p0, p0 + ncols):
+//   dst[q] = image[c, oh*sh - ph + i*dh, ow*sw - pw + j*dw] for p0 + q = oh*Wo + ow (0 off the
+// image). Rows are ordered channel-major, so group g's rows are the block [g*K, (g+1)*K).
+template <typename scalar_t>
+void im2col_row(const scalar_t* image, scalar_t* dst, const ConvGeometry& s, int64_t r,
+                int64_t p0, int64_t ncols) {
+  const int64_t j = r % s.kw, i = (r / s.kw) % s.kh, c = r / s.kernel_area();
+  const scalar_t* src = image + c * s.H * s.W;
+  const int64_t off_w = j * s.dw - s.pw;
+  const Span w = valid_span(off_w, s.sw, s.W, s.Wo);
+  for (int64_t p = p0, end = p0 + ncols; p < end;) {
+    const int64_t oh = p / s.Wo, ow0 = p % s.Wo, ow1 = std::min(s.Wo, ow0 + (end - p));
+    const int64_t ih = oh * s.sh + i * s.dh - s.ph;
+    if (ih < 0 || ih >= s.H) {
+      std::fill(dst, dst + (ow1 - ow0), scalar_t(0));
+    } else {
+      const scalar_t* row = src + ih * s.W + off_w;
+      const int64_t lo = std::max(ow0, w.lo), hi = std::min(ow1, std::max(w.hi, ow0));
+      for (int64_t ow = ow0; ow < std::min(lo, ow1); ++ow) dst[ow - ow0] = scalar_t(0);
+      if (s.sw == 1) {
+        for (int64_t ow = lo; ow < hi; ++ow) dst[ow - ow0] = row[ow];
+      } else {
+        for (int64_t ow = lo; ow < hi; ++ow) dst[ow - ow0] = row[ow * s.sw];
+      }
+      for (int64_t ow = std::max(hi, lo); ow < ow1; ++ow) dst[ow - ow0] = scalar_t(0);
+    }
+    dst += ow1 - ow0;
+    p += ow1 - ow0;
+  }
+}
+
+// Columns [p0, p0 + ncols) of the im2col matrix (row stride ld), on the calling thread.
 template <typename scalar_t>
 void im2col_block(const scalar_t* image, scalar_t* cols, const ConvGeometry& s, int64_t p0,
                   int64_t ncols, int64_t ld) {
   const int64_t rows = s.C * s.kernel_area();
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t j = r % s.kw, i = (r / s.kw) % s.kh, c = r / s.kernel_area();
-    const scalar_t* src = image + c * s.H * s.W;
-    const int64_t off_w = j * s.dw - s.pw;
-    const Span w = valid_span(off_w, s.sw, s.W, s.Wo);
-    scalar_t* dst = cols + r * ld;
-    for (int64_t p = p0, end = p0 + ncols; p < end;) {
-      const int64_t oh = p / s.Wo, ow0 = p % s.Wo, ow1 = std::min(s.Wo, ow0 + (end - p));
-      const int64_t ih = oh * s.sh + i * s.dh - s.ph;
-      if (ih < 0 || ih >= s.H) {
-        std::fill(dst, dst + (ow1 - ow0), scalar_t(0));
-      } else {
-        const scalar_t* row = src + ih * s.W + off_w;
-        const int64_t lo = std::max(ow0, w.lo), hi = std::min(ow1, std::max(w.hi, ow0));
-        for (int64_t ow = ow0; ow < std::min(lo, ow1); ++ow) dst[ow - ow0] = scalar_t(0);
-        if (s.sw == 1) {
-          for (int64_t ow = lo; ow < hi; ++ow) dst[ow - ow0] = row[ow];
-        } else {
-          for (int64_t ow = lo; ow < hi; ++ow) dst[ow - ow0] = row[ow * s.sw];
+  for (int64_t r = 0; r < rows; ++r) im2col_row(image, cols + r * ld, s, r, p0, ncols);
+}
+
+// Adjoint of im2col_row for the kh*kw rows of one channel: plane[ih, iw] += src rows, over
+// output positions [p0, p0 + ncols) (src row stride ld). One writer per plane.
+template <typename scalar_t>
+void col2im_channel(const scalar_t* src, int64_t ld, scalar_t* plane, const ConvGeometry& s,
+                    int64_t p0, int64_t ncols) {
+  for (int64_t i = 0; i < s.kh; ++i) {
+    const int64_t off_h = i * s.dh - s.ph;
+    for (int64_t j = 0; j < s.kw; ++j, src += ld) {
+      const int64_t off_w = j * s.dw - s.pw;
+      const Span w = valid_span(off_w, s.sw, s.W, s.Wo);
+      const scalar_t* in = src;
+      for (int64_t p = p0, end = p0 + ncols; p < end;) {
+        const int64_t oh = p / s.Wo, ow0 = p % s.Wo, ow1 = std::min(s.Wo, ow0 + (end - p));
+        const int64_t ih = oh * s.sh + off_h;
+        if (ih >= 0 && ih < s.H) {
+          scalar_t* row = plane + ih * s.W + off_w;
+          const int64_t lo = std::max(ow0, w.lo), hi = std::min(ow1, w.hi);
+          if (s.sw == 1) {
+            for (int64_t ow = lo; ow < hi; ++ow) row[ow] += in[ow - ow0];
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) row[ow * s.sw] += in[ow - ow0];
+          }
         }
-        for (int64_t ow = std::max(hi, lo); ow < ow1; ++ow) dst[ow - ow0] = scalar_t(0);
+        in += ow1 - ow0;
+        p += ow1 - ow0;
       }
-      dst += ow1 - ow0;
-      p += ow1 - ow0;
     }
   }
+}
+
+// The backward passes walk the batch in chunks whose GEMM operands fit a fixed budget, so
+// their scratch stays in reused buffers of bounded size whatever the batch. Small images go
+// several to a chunk, side by side along the GEMM's inner (weight gradient) or column (input
+// gradient) dimension: one GEMM per chunk and group instead of one per image, which for an
+// 8x8 image is a 64-column product dominated by call overhead. An image larger than the
+// budget is cut into blocks of output positions. The chunking depends on the shapes only
+// (never on the thread count), and chunks are accumulated in order: deterministic.
+constexpr int64_t kChunkBudget = int64_t{1} << 20;  // operand elements per chunk
+
+struct Chunk {
+  int64_t n0, k, p0, cnt;                 // images [n0, n0 + k), positions [p0, p0 + cnt)
+  int64_t L() const { return k * cnt; }   // columns of the chunk's operands
+};
+
+struct ChunkPlan {
+  int64_t images;  // images per chunk (> 1: whole images side by side)
+  int64_t cols;    // positions per chunk and image
+  int64_t blocks;  // position blocks per image (> 1 only when images == 1)
+  int64_t chunks;
+
+  Chunk at(int64_t c, int64_t N, int64_t P) const {
+    if (blocks == 1) {
+      const int64_t n0 = c * images;
+      return {n0, std::min(images, N - n0), 0, P};
+    }
+    const int64_t p0 = (c % blocks) * cols;
+    return {c / blocks, 1, p0, std::min(cols, P - p0)};
+  }
+};
+
+// rows: operand rows per output position (what one position of one image costs).
+ChunkPlan plan_chunks(const ConvGeometry& s, int64_t rows) {
+  const int64_t P = s.P(), per_image = rows * P;
+  if (per_image <= kChunkBudget) {
+    const int64_t images = std::max<int64_t>(1, std::min(s.N, kChunkBudget / per_image));
+    return {images, P, 1, (s.N + images - 1) / images};
+  }
+  const int64_t cols = std::min(P, std::max<int64_t>(256, kChunkBudget / rows));
+  const int64_t blocks = (P + cols - 1) / cols;
+  return {1, cols, blocks, s.N * blocks};
+}
+
+// The chunk's im2col matrix [C*kh*kw, L]: image n0 + j at columns [j*cnt, (j+1)*cnt).
+template <typename scalar_t>
+void gather_cols(const scalar_t* x, const ConvGeometry& s, const Chunk& ch, scalar_t* cols) {
+  const int64_t rows = s.C * s.kernel_area(), L = ch.L(), HW = s.H * s.W;
+  run_ranges(ch.k * rows, ch.cnt, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t j = item / rows, r = item % rows;
+      const scalar_t* image = x + (ch.n0 + j) * s.C * HW;
+      scalar_t* dst = cols + r * L + j * ch.cnt;
+      if (s.pointwise()) {
+        std::copy(image + r * HW + ch.p0, image + r * HW + ch.p0 + ch.cnt, dst);
+      } else {
+        im2col_row(image, dst, s, r, ch.p0, ch.cnt);
+      }
+    }
+  });
+}
+
+// The chunk's output gradient as one matrix [O, L] (channels by the positions of its images).
+template <typename scalar_t>
+void gather_grad(const scalar_t* gz, const ConvGeometry& s, const Chunk& ch, scalar_t* dst) {
+  const int64_t P = s.P(), L = ch.L();
+  run_ranges(ch.k * s.O, ch.cnt, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t j = item / s.O, o = item % s.O;
+      const scalar_t* src = gz + ((ch.n0 + j) * s.O + o) * P + ch.p0;
+      std::copy(src, src + ch.cnt, dst + o * L + j * ch.cnt);
+    }
+  });
 }
 
 // How the forward splits its work: one task per (image, block of output positions, block of
@@ -480,28 +516,54 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_z, const at::Tensor& wei
   at::Tensor grad_input = s.pointwise() ? at::empty(input_size, grad_z.options())
                                         : at::zeros(input_size, grad_z.options());
   if (grad_input.numel() == 0) return grad_input;
-  const at::Tensor gz = grad_z.contiguous().view({s.N, s.O, s.P()});
-  const at::Tensor gi = grad_input.view({s.N, s.C, s.H * s.W});
-  const at::Tensor w = group_prefixes(weight, s);
+  const at::Tensor gz = grad_z.contiguous();
+  // Operand rows per position: the gathered output gradient (O) and the column gradient
+  // (C*kh*kw); a pointwise conv writes its columns straight into grad_input when a chunk is
+  // one image.
+  const ChunkPlan plan = plan_chunks(s, s.O + s.C * s.kernel_area());
 
   AT_DISPATCH_FLOATING_TYPES(grad_z.scalar_type(), "slimops_conv2d_backward_input", [&] {
-    for_each_image(s.N, [&](int64_t begin, int64_t end) {
-      ImageGuard guard;
-      const at::Tensor cols = s.pointwise()
-                                  ? at::Tensor()
-                                  : at::empty({s.C * s.kernel_area(), s.P()}, gz.options());
-      for (int64_t n = begin; n < end; ++n) {
-        const at::Tensor gi_n = gi.select(0, n);
-        const at::Tensor gz_n = gz.select(0, n);
-        const at::Tensor& dst = s.pointwise() ? gi_n : cols;
-        for (int64_t g = 0; g < s.G; ++g) {
-          at::Tensor dst_g = dst.narrow(0, g * s.K(), s.K());
-          // The transposed prefix is column-major with the same leading dimension.
-          at::mm_out(dst_g, w.select(0, g).t(), gz_n.narrow(0, g * s.og, s.og));
-        }
-        if (!s.pointwise()) col2im(cols.data_ptr<scalar_t>(), gi_n.data_ptr<scalar_t>(), s);
+    const scalar_t* gzp = gz.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* gip = grad_input.data_ptr<scalar_t>();
+    const int64_t P = s.P(), HW = s.H * s.W, K = s.K(), lda = s.Ig * s.kernel_area();
+    const int64_t rows = s.C * s.kernel_area();
+    for (int64_t c = 0; c < plan.chunks; ++c) {
+      const Chunk ch = plan.at(c, s.N, P);
+      const int64_t L = ch.L();
+      // B: the chunk's output gradient [O, L]; one image is already that matrix (ld P).
+      const scalar_t* B = gzp + ch.n0 * s.O * P + ch.p0;
+      int64_t ldb = P;
+      if (ch.k > 1) {
+        scalar_t* g = scratch<scalar_t>(ScratchSlot::kGradT, s.O * L);
+        gather_grad(gzp, s, ch, g);
+        B = g;
+        ldb = L;
       }
-    });
+      // Columns' gradient [C*kh*kw, L] = W_g^T [K, og] @ B_g [og, L], per group; the
+      // transposed prefix is read in place (column-major with the same leading dimension).
+      const bool direct = s.pointwise() && ch.k == 1;
+      scalar_t* cols = direct ? gip + ch.n0 * s.C * HW + ch.p0
+                              : scratch<scalar_t>(ScratchSlot::kCols, rows * L);
+      const int64_t ldc = direct ? HW : L;
+      for (int64_t g = 0; g < s.G; ++g)
+        gemm<scalar_t>(true, false, K, L, s.og, wp + g * s.Og * lda, lda, B + g * s.og * ldb,
+                       ldb, scalar_t(0), cols + g * K * ldc, ldc);
+      if (direct) continue;
+      // Scatter back, one (image, channel) plane per item: planes never share a writer.
+      run_ranges(ch.k * s.C, s.kernel_area() * ch.cnt, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t j = item / s.C, cc = item % s.C;
+          scalar_t* plane = gip + ((ch.n0 + j) * s.C + cc) * HW;
+          const scalar_t* src = cols + cc * s.kernel_area() * L + j * ch.cnt;
+          if (s.pointwise()) {
+            std::copy(src, src + ch.cnt, plane + ch.p0);
+          } else {
+            col2im_channel(src, L, plane, s, ch.p0, ch.cnt);
+          }
+        }
+      });
+    }
   });
   return grad_input;
 }
@@ -519,25 +581,41 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& in
       backward_geometry(op, grad_z, input.sizes(), weight, stride, padding, dilation, groups);
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   if (s.N == 0) return grad_weight;
-  const at::Tensor x = input.contiguous().view({s.N, s.C, s.H * s.W});
-  const at::Tensor gz = grad_z.contiguous().view({s.N, s.O, s.P()});
-  // The GEMMs accumulate straight into the strided prefixes of the full-size gradient.
-  const at::Tensor gw = group_prefixes(grad_weight, s);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor gz = grad_z.contiguous();
+  const ChunkPlan plan = plan_chunks(s, s.O + s.C * s.kernel_area());
 
-  // Every image adds into the same prefixes, so images go in order; BLAS uses the threads.
+  // Per chunk and group, one GEMM accumulates gz_g [og, L] @ cols_g^T [L, K] straight into the
+  // strided prefix of the full-size gradient (leading dimension Ig*kh*kw): the chunk's images
+  // and positions are the GEMM's inner dimension.
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "slimops_conv2d_backward_weight", [&] {
-    const at::Tensor cols = s.pointwise()
-                                ? at::Tensor()
-                                : at::empty({s.C * s.kernel_area(), s.P()}, x.options());
-    for (int64_t n = 0; n < s.N; ++n) {
-      const at::Tensor image = x.select(0, n);
-      if (!s.pointwise()) im2col(image.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(), s);
-      const at::Tensor& b = s.pointwise() ? image : cols;
-      const at::Tensor gz_n = gz.select(0, n);
-      for (int64_t g = 0; g < s.G; ++g) {
-        gw.select(0, g).addmm_(gz_n.narrow(0, g * s.og, s.og),
-                               b.narrow(0, g * s.K(), s.K()).t());
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gzp = gz.data_ptr<scalar_t>();
+    scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
+    const int64_t P = s.P(), HW = s.H * s.W, K = s.K(), ldw = s.Ig * s.kernel_area();
+    const int64_t rows = s.C * s.kernel_area();
+    for (int64_t c = 0; c < plan.chunks; ++c) {
+      const Chunk ch = plan.at(c, s.N, P);
+      const int64_t L = ch.L();
+      const scalar_t* A = gzp + ch.n0 * s.O * P + ch.p0;
+      int64_t lda = P;
+      if (ch.k > 1) {
+        scalar_t* g = scratch<scalar_t>(ScratchSlot::kGradT, s.O * L);
+        gather_grad(gzp, s, ch, g);
+        A = g;
+        lda = L;
       }
+      const scalar_t* B = xp + ch.n0 * s.C * HW + ch.p0;  // a pointwise image: [C, HW]
+      int64_t ldb = HW;
+      if (!(s.pointwise() && ch.k == 1)) {
+        scalar_t* cols = scratch<scalar_t>(ScratchSlot::kCols, rows * L);
+        gather_cols(xp, s, ch, cols);
+        B = cols;
+        ldb = L;
+      }
+      for (int64_t g = 0; g < s.G; ++g)
+        gemm<scalar_t>(false, true, s.og, K, L, A + g * s.og * lda, lda, B + g * K * ldb, ldb,
+                       scalar_t(1), gwp + g * s.Og * ldw, ldw);
     }
   });
   return grad_weight;

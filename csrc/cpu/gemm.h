@@ -1,14 +1,19 @@
-// Row-major GEMM on raw pointers with leading dimensions: C[M, N] = A[M, K] * B[K, N].
+// Row-major GEMM on raw pointers with leading dimensions:
+//   C[M, N] = op(A)[M, K] * op(B)[K, N] + beta * C,   op(X) = X or X^T.
 //
 // It calls the BLAS that libtorch_cpu already links and exports (MKL's Fortran sgemm_ /
-// dgemm_, LP64, the interface at::mm uses), so a GEMM costs no tensor objects and can write
-// any block of an output: this is what lets conv2d fuse its epilogue block by block. Should
-// a torch build not export them (weak symbols resolve to null), the same product goes
-// through at::mm_out on strided views of the same memory.
+// dgemm_, LP64, the interface at::mm uses), so a GEMM costs no tensor objects and can read a
+// weight prefix in place (a strided matrix: its leading dimension is the full row length) and
+// write any block of an output. Should a torch build not export them (weak symbols resolve to
+// null), the same product goes through at::addmm_ on strided views of the same memory.
+// Called outside an OpenMP region, BLAS uses the thread team; inside one (from a task of
+// parallel.h's run_tasks), it runs on the calling thread.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 
+#include <climits>
 #include <cstdint>
 
 extern "C" {
@@ -25,37 +30,70 @@ namespace slimops {
 namespace cpu {
 
 template <typename scalar_t>
-inline void gemm_fallback(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
-                          const scalar_t* B, int64_t ldb, scalar_t* C, int64_t ldc) {
+inline void gemm_fallback(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                          const scalar_t* A, int64_t lda, const scalar_t* B, int64_t ldb,
+                          scalar_t beta, scalar_t* C, int64_t ldc) {
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  const at::Tensor a = at::from_blob(const_cast<scalar_t*>(A), {M, K}, {lda, 1}, options);
-  const at::Tensor b = at::from_blob(const_cast<scalar_t*>(B), {K, N}, {ldb, 1}, options);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    // A stored [rows, cols] matrix, transposed when op() transposes it.
+    const at::Tensor t = trans ? at::from_blob(const_cast<scalar_t*>(p), {cols, rows}, {ld, 1},
+                                               options).t()
+                               : at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1},
+                                               options);
+    return t;
+  };
+  const at::Tensor a = view(A, M, K, lda, trans_a), b = view(B, K, N, ldb, trans_b);
   at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, options);
-  at::mm_out(c, a, b);
+  if (beta == scalar_t(0)) {
+    at::mm_out(c, a, b);
+  } else {
+    c.mul_(beta).addmm_(a, b);
+  }
 }
 
-// Row-major C = A * B is column-major C^T = B^T * A^T: the Fortran call swaps the operands.
+// BLAS takes 32-bit sizes (LP64): a dimension that does not fit is an error, never a wrap.
+inline int blas_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= INT_MAX, "slimops: GEMM ", what, " = ", v,
+              " exceeds the BLAS 32-bit limit (", INT_MAX, ")");
+  return static_cast<int>(v);
+}
+
+// Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the Fortran call swaps the
+// operands, and a row-major operand read as column-major is already transposed, so each
+// operand's flag carries over unchanged.
 template <typename scalar_t>
-inline void gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
-                 const scalar_t* B, int64_t ldb, scalar_t* C, int64_t ldc) {
+inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const scalar_t* A,
+                 int64_t lda, const scalar_t* B, int64_t ldb, scalar_t beta, scalar_t* C,
+                 int64_t ldc) {
   if (M == 0 || N == 0) return;
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const char no = 'N';
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == scalar_t(0) ? 0 : beta * C[i * ldc + j];
+    return;
+  }
+  const int m = blas_int(N, "N"), n = blas_int(M, "M"), k = blas_int(K, "K");
+  const int la = blas_int(ldb, "ldb"), lb = blas_int(lda, "lda"), lc = blas_int(ldc, "ldc");
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const scalar_t one = 1;
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (sgemm_ != nullptr) {
-      const float one = 1.f, zero = 0.f;
-      sgemm_(&no, &no, &m, &n, &k, &one, B, &la, A, &lb, &zero, C, &lc);
+      sgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
       return;
     }
   } else if constexpr (std::is_same_v<scalar_t, double>) {
     if (dgemm_ != nullptr) {
-      const double one = 1.0, zero = 0.0;
-      dgemm_(&no, &no, &m, &n, &k, &one, B, &la, A, &lb, &zero, C, &lc);
+      dgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
       return;
     }
   }
-  gemm_fallback(M, N, K, A, lda, B, ldb, C, ldc);
+  gemm_fallback(trans_a, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+
+// The common case: C = A * B.
+template <typename scalar_t>
+inline void gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                 const scalar_t* B, int64_t ldb, scalar_t* C, int64_t ldc) {
+  gemm<scalar_t>(false, false, M, N, K, A, lda, B, ldb, scalar_t(0), C, ldc);
 }
 
 inline bool has_blas_symbols() { return sgemm_ != nullptr && dgemm_ != nullptr; }
