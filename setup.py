@@ -33,7 +33,8 @@ def extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(
+        glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp"))
     debug = os.environ.get("SLIMOPS_DEBUG") == "1"
     cxx = ["-std=c++17", "-fopenmp", "-O0" if debug else "-O3", "-g" if debug else "-DNDEBUG"]
     compile_args = {"cxx": cxx}

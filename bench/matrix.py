@@ -1,0 +1,217 @@
+"""The CPU performance matrix: slimops vs the reference style (and the dense networks) per cell.
+
+    python bench/matrix.py                 # training and eval cells, this machine as it is
+    python bench/matrix.py --busy          # the same with another process spinning on one core
+    SLIMOPS_CPU_ISA=avx2 python bench/matrix.py   # the AVX2 kernels on an AVX-512 machine
+    python bench/matrix.py --quick --cells train  # a smoke run of the training cells
+
+A cell is one workload: a training step of Algorithm 1 (``slimops.train.slimmable_step``: all
+four widths, forward + cross-entropy + backward each, one SGD step) or one eval forward at one
+width. Each variant of a cell runs the *same* model (shared Parameters): ``slimops`` (the
+model's own layers, the compiled kernels), ``reference`` (``baselines.reference_style``: slice
+the shared weight + ``F.conv2d`` + the width's ``nn.BatchNorm2d``, the original code's style)
+and, for eval, ``dense-jit`` (the network built densely at that width, traced, frozen and
+``optimize_for_inference``: the best plain PyTorch offers on CPU).
+
+Timings are interleaved (round r runs every variant once, in turn) so that drift of the
+machine hits every variant alike, and the median per variant is reported with the ratio
+``slimops / reference`` (and ``slimops / dense-jit``). A ratio above 1.0 against the reference
+style is a bug (the kernels must never lose to the plain-PyTorch path they replace); such cells
+are marked ``SLOWER`` and the run exits with status 1 when ``--guard`` is given.
+
+The header states the CPU model, the kernels' instruction set (``SLIMOPS_CPU_ISA`` caps it),
+torch threads, whether a core was kept busy, and the glibc allocator settings in the
+environment (``MALLOC_*``: glibc returns big freed blocks to the OS, and re-faulting them can
+double a CNN's CPU time; both variants run under the same settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import slimops  # noqa: E402
+from baselines import dense_jit, reference_style  # noqa: E402
+from slimops.demo import demo_model  # noqa: E402
+from slimops.models import s_mobilenet_v1, s_mobilenet_v2  # noqa: E402
+from slimops.train import slimmable_step  # noqa: E402
+
+WIDTHS = (0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class Cell:
+    """One workload; ``variants`` maps a variant's name to a zero-argument callable."""
+
+    name: str
+    variants: Dict[str, Callable[[], object]]
+    budget_s: float
+    rows: Dict[str, float] = field(default_factory=dict)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _train_cell(name: str, model: nn.Module, x: torch.Tensor, classes: int,
+                budget_s: float) -> Cell:
+    torch.manual_seed(0)
+    y = torch.randint(0, classes, (x.shape[0],))
+    loss_fn = nn.CrossEntropyLoss()
+    ref = reference_style(model)
+    variants: Dict[str, Callable[[], object]] = {}
+    for label, net in (("slimops", model), ("reference", ref)):
+        # lr 0: the two variants share Parameters, and the weights must stay the same while
+        # they alternate (momentum buffers are per optimizer, zero updates keep them zero).
+        opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
+        variants[label] = (lambda net=net, opt=opt:
+                           slimmable_step(net, x, y, loss_fn, opt, widths=WIDTHS))
+    return Cell(name, variants, budget_s)
+
+
+def _eval_cells(label: str, model: nn.Module, x: torch.Tensor, budget_s: float,
+                widths: Sequence[float]) -> List[Cell]:
+    model = model.eval()
+    ref = reference_style(model)
+    cells = []
+    for w in widths:
+        jit = dense_jit(model, w, x)
+
+        def run(net: nn.Module, w: float = w) -> Callable[[], object]:
+            def call() -> object:
+                with torch.inference_mode(), slimops.width(net, w):
+                    return net(x)
+            return call
+
+        def run_jit(jit=jit) -> object:
+            with torch.inference_mode():
+                return jit(x)
+
+        cells.append(Cell(f"eval {label} {w:g}x", {"slimops": run(model), "reference": run(ref),
+                                                  "dense-jit": run_jit}, budget_s))
+    return cells
+
+
+def build_cells(which: str, quick: bool) -> List[Cell]:
+    torch.manual_seed(0)
+    budget = 0.5 if quick else 4.0
+    cells: List[Cell] = []
+    if which in ("train", "all"):
+        cells.append(_train_cell("train digits-cnn 8x8 b64", demo_model(WIDTHS),
+                                 torch.randn(64, 1, 8, 8), 10, budget))
+        res, batch = (32, 16) if quick else (32, 64)
+        cells.append(_train_cell(f"train s-mobilenet-v2 {res}x{res} b{batch}",
+                                 s_mobilenet_v2(WIDTHS, num_classes=10),
+                                 torch.randn(batch, 3, res, res), 10, budget * 2))
+        if not quick:
+            cells.append(_train_cell("train s-mobilenet-v2 32x32 b128",
+                                     s_mobilenet_v2(WIDTHS, num_classes=10),
+                                     torch.randn(128, 3, 32, 32), 10, budget * 2))
+    if which in ("eval", "all"):
+        widths = (0.25, 1.0) if quick else WIDTHS
+        res = 96 if quick else 224
+        cells += _eval_cells("digits-cnn 8x8 b1", demo_model(WIDTHS), torch.randn(1, 1, 8, 8),
+                             budget / 2, widths)
+        for label, build in (("s-mobilenet-v1", s_mobilenet_v1), ("s-mobilenet-v2", s_mobilenet_v2)):
+            cells += _eval_cells(f"{label} {res} b1", build(WIDTHS), torch.randn(1, 3, res, res),
+                                 budget / 2, widths)
+    return cells
+
+
+def measure(cell: Cell) -> None:
+    """Interleaved rounds until the budget is spent (at least 5); medians per variant."""
+    names = list(cell.variants)
+    for fn in cell.variants.values():  # warm-up: first-call costs, caches, allocator
+        fn()
+        fn()
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() - start < cell.budget_s and rounds < 200):
+        for n in names:
+            t0 = time.perf_counter()
+            cell.variants[n]()
+            times[n].append(time.perf_counter() - t0)
+        rounds += 1
+    cell.rows = {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def _fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.2f}" if s < 0.1 else f"{s * 1e3:.1f}"
+
+
+def report(cells: Sequence[Cell], header: str) -> str:
+    lines = [header, "",
+             "| cell | slimops ms | reference ms | dense-jit ms | slimops/reference | "
+             "slimops/dense-jit | |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for c in cells:
+        s, r, d = c.rows["slimops"], c.rows["reference"], c.rows.get("dense-jit")
+        flag = "SLOWER" if s > r else ""
+        lines.append(f"| {c.name} | {_fmt_ms(s)} | {_fmt_ms(r)} | "
+                     f"{_fmt_ms(d) if d else '-'} | {s / r:.2f} | "
+                     f"{f'{s / d:.2f}' if d else '-'} | {flag} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cells", choices=("train", "eval", "all"), default="all")
+    p.add_argument("--quick", action="store_true", help="small shapes, short budgets (smoke)")
+    p.add_argument("--busy", action="store_true",
+                   help="keep one core busy with another process while timing")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--guard", action="store_true",
+                   help="exit 1 when slimops is slower than the reference style in any cell")
+    p.add_argument("--out", help="also append the table to this Markdown file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = slimops.backend_info()
+    alloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                     if k.startswith("MALLOC_")) or "glibc defaults"
+    header = (f"**{cpu_model()}**, kernels `{info.get('cpu_isa')}`, "
+              f"{torch.get_num_threads()} torch threads, "
+              f"{'one core busy (another process spinning)' if args.busy else 'idle'}, "
+              f"allocator: {alloc}, torch {torch.__version__}")
+    cells = build_cells(args.cells, args.quick)
+    spinner = subprocess.Popen(["sh", "-c", "while :; do :; done"]) if args.busy else None
+    try:
+        for c in cells:
+            measure(c)
+            print(f"  {c.name}: " + ", ".join(f"{n} {_fmt_ms(t)} ms" for n, t in c.rows.items()),
+                  file=sys.stderr, flush=True)
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+    table = report(cells, header)
+    print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(table + "\n\n")
+    slower = [c.name for c in cells if c.rows["slimops"] > c.rows["reference"]]
+    return 1 if (args.guard and slower) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

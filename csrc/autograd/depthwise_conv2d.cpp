@@ -1,0 +1,102 @@
+// Autograd of slimops::depthwise_conv2d (depthwise convolution on W[:C], fused epilogue).
+// Reference: slimops.reference.depthwise_conv2d. See common.h for why this is C++.
+#include "autograd/common.h"
+
+namespace slimops {
+namespace autograd {
+namespace {
+
+using DepthwiseSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
+                                const OptTensor&, const OptTensor&, const OptTensor&, int64_t);
+
+at::Tensor depthwise_op(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
+                        c10::IntArrayRef stride, c10::IntArrayRef padding,
+                        c10::IntArrayRef dilation, const OptTensor& scale, const OptTensor& shift,
+                        const OptTensor& residual, int64_t activation) {
+  static const auto op = op_handle<DepthwiseSig>("slimops::depthwise_conv2d");
+  return op.call(input, weight, bias, stride, padding, dilation, scale, shift, residual,
+                 activation);
+}
+
+class DepthwiseConv2dFunction : public torch::autograd::Function<DepthwiseConv2dFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            const at::Tensor& weight, const OptTensor& bias,
+                            c10::IntArrayRef stride, c10::IntArrayRef padding,
+                            c10::IntArrayRef dilation, const OptTensor& scale,
+                            const OptTensor& shift, const OptTensor& residual,
+                            int64_t activation) {
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = depthwise_op(input, weight, bias, stride, padding, dilation, scale, shift, residual,
+                         activation);
+    }
+    save_edges(ctx, {true, true, present(bias), false, false, false, present(scale),
+                     present(shift), present(residual), false});
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["activation"] = activation;
+    ctx->save_for_backward({input, weight, bias.value_or(at::Tensor()),
+                            scale.value_or(at::Tensor()), out});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_input = op_handle<at::Tensor(
+        const at::Tensor&, const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef,
+        c10::IntArrayRef, c10::IntArrayRef)>("slimops::depthwise_conv2d_backward_input");
+    static const auto backward_weight = op_handle<at::Tensor(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
+        c10::IntArrayRef, c10::IntArrayRef)>("slimops::depthwise_conv2d_backward_weight");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &scale = saved[3],
+                     &out = saved[4];
+    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
+    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
+    const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
+    const int64_t activation = ctx->saved_data["activation"].toInt();
+    const std::vector<bool> needs = needs_input_grad(ctx);
+    const OptTensor scale_opt = scale.defined() ? OptTensor(scale) : std::nullopt;
+    // needs[6..8]: scale, shift, residual
+    const EpilogueGrads eg = epilogue_grads(grads[0], out, scale_opt, activation,
+                                            needs[6] || needs[7] || needs[8]);
+    variable_list result(10);
+    if (needs[0])
+      result[0] = backward_input.call(eg.grad_z, weight, int_sizes(input), stride, padding,
+                                      dilation);
+    if (needs[1])
+      result[1] = backward_weight.call(eg.grad_z, input, weight, stride, padding, dilation);
+    if (needs[2]) result[2] = pad_prefix(channel_sum(eg.grad_z), bias.size(0));
+    if (needs[6]) {
+      // Recompute the pre-scale conv rather than saving it on every forward.
+      const at::Tensor z =
+          depthwise_op(input, weight, bias.defined() ? OptTensor(bias) : std::nullopt, stride,
+                       padding, dilation, std::nullopt, std::nullopt, std::nullopt, 0);
+      result[6] = channel_sum(eg.grad_pre * z);
+    }
+    if (needs[7]) result[7] = channel_sum(eg.grad_pre);
+    if (needs[8]) result[8] = eg.grad_pre;
+    return result;
+  }
+};
+
+at::Tensor depthwise_conv2d_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                     const OptTensor& bias, c10::IntArrayRef stride,
+                                     c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                     const OptTensor& scale, const OptTensor& shift,
+                                     const OptTensor& residual, int64_t activation) {
+  return DepthwiseConv2dFunction::apply(input, weight, bias, stride, padding, dilation, scale,
+                                        shift, residual, activation);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slimops, Autograd, m) {
+  m.impl("depthwise_conv2d", &depthwise_conv2d_autograd);
+}
+
+}  // namespace autograd
+}  // namespace slimops
