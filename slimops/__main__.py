@@ -28,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(epochs=args.epochs, seed=args.seed, widths=args.widths,
              extra_blocks=args.extra_blocks, batch_size=args.batch_size, lr=args.lr,
-             repeats=args.repeats, quick=args.quick)
+             repeats=args.repeats, quick=args.quick, reference_epochs=args.reference_epochs)
     return 0
 
 
@@ -234,6 +234,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--lr", type=float, default=0.1)
     demo.add_argument("--repeats", type=int, default=50, help="latency runs per width (50)")
+    demo.add_argument("--reference-epochs", type=int, default=5, metavar="N",
+                      help="epochs of the same training through plain PyTorch, timed beside "
+                           "slimops' (5; 0: skip)")
     demo.add_argument("--quick", action="store_true",
                       help="1 epoch on 192 training images (a smoke test, not a result)")
     demo.set_defaults(func=_demo)

@@ -201,6 +201,7 @@ def run_demo(
     repeats: int = 50,
     quick: bool = False,
     verbose: bool = True,
+    reference_epochs: int = 5,
 ) -> DemoResult:
     """Train and compare the three variants on the digits; print (``verbose``) and return
     the per-width table.
@@ -213,7 +214,12 @@ def run_demo(
             ``extra_blocks``: separable blocks added to ``slim_cnn`` (``demo_model``).
         repeats: latency runs per width (median after 3 warm-up runs).
         quick: for tests: 1 epoch on the first 192 training images, 3 latency runs.
+        reference_epochs: train (a) again for this many epochs (at most ``epochs``; 0: not
+            at all) through plain PyTorch (``slimops.baselines.reference_style``: slice the
+            shared weights, ``F.conv2d``, the width's ``nn.BatchNorm2d``) and print both
+            trainings' seconds per epoch (``train_seconds["reference"]``: its seconds).
     """
+    from slimops.baselines import reference_style
     from slimops.profile import environment, profile
     from slimops.width import channels, normalize_widths
 
@@ -251,11 +257,16 @@ def run_demo(
     seconds: Dict[str, float] = {}
 
     def build_and_train(key: str, widths: Sequence[float], base: Sequence[int],
-                        shared_bn: bool = False) -> nn.Module:
+                        shared_bn: bool = False, reference: bool = False,
+                        epochs_: Optional[int] = None) -> nn.Module:
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         model = demo_model(widths, data.num_classes, 1, base, extra_blocks, shared_bn)
-        _train(model, loader(), epochs, lr, weight_decay, seed)
+        # reference: the same model trained through plain PyTorch (slice the shared weights,
+        # F.conv2d, the width's nn.BatchNorm2d), sharing its Parameters, so `model` is the
+        # result either way.
+        _train(reference_style(model) if reference else model, loader(),
+               epochs if epochs_ is None else epochs_, lr, weight_decay, seed)
         seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
         return model
 
@@ -264,6 +275,17 @@ def run_demo(
     acc_a = evaluate(slim, test)
     log("trained (a) switchable BN, Algorithm 1 (all widths, every batch)  "
         f"{seconds['switchable']:5.1f} s")
+    # (a) again without slimops' kernels, for the first `reference_epochs` epochs: the same
+    # network, seed and batches through plain PyTorch, so every user sees what the kernels buy
+    # on their own machine (a full second training would add half again to the demo's time).
+    ref_epochs = min(epochs, reference_epochs)
+    if ref_epochs > 0:
+        build_and_train("reference", widths, base, reference=True, epochs_=ref_epochs)
+        per_epoch = seconds["switchable"] / epochs, seconds["reference"] / ref_epochs
+        log(f"        (a) through plain PyTorch (slice + F.conv2d + per-width BN), "
+            f"{ref_epochs} epoch{'s' if ref_epochs != 1 else ''}: {per_epoch[1]:.2f} s/epoch "
+            f"vs slimops' {per_epoch[0]:.2f}: slimops takes {per_epoch[0] / per_epoch[1]:.2f}x "
+            "the time")
     # (b) the naive baseline: one BN shared by all widths, same training
     naive = build_and_train("shared", widths, base, shared_bn=True)
     acc_b = evaluate(naive, test)

@@ -50,7 +50,8 @@ def test_run_demo_quick_gives_a_row_per_width_and_three_variants(capsys):
     assert macs == sorted(macs)
     assert result.n_train == 192 and result.n_test == 360 and result.n_total == 1797
     assert result.num_classes == 10 and result.epochs == 1 and result.seed == 0
-    assert set(result.train_seconds) == {"switchable", "shared", "individual"}
+    assert set(result.train_seconds) == {"switchable", "reference", "shared", "individual"}
+    assert "(a) through plain PyTorch" in out and "slimops takes" in out
 
     header = next(line for line in out.splitlines() if line.lstrip().startswith("width"))
     for column in ("switchable BN", "shared BN", "individual", "params", "MACs", "latency ms"):
@@ -96,9 +97,10 @@ def test_demo_model_is_slim_cnn_plus_blocks():
 
 
 def test_run_demo_knobs_widths_and_silence(capsys):
-    result = run_demo(widths=(0.5, 1.0), seed=3, quick=True, verbose=False)
+    result = run_demo(widths=(0.5, 1.0), seed=3, quick=True, verbose=False, reference_epochs=0)
     assert capsys.readouterr().out == ""
     assert [r.width for r in result.rows] == [0.5, 1.0] and result.seed == 3
+    assert "reference" not in result.train_seconds
 
 
 def test_format_demo_table():
