@@ -6,6 +6,9 @@ torch.compile (aot_eager, fullgraph) against eager."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -530,3 +533,17 @@ def test_compile_forward_full_epilogue_no_grad(fresh_dynamo, tol):
     compiled = torch.compile(slimops.ops.conv2d, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(*args), slimops.ops.conv2d(*args), **tol(F32))
+
+
+@pytest.mark.skipif(os.environ.get("SLIMOPS_CONV_ONEDNN") == "0"
+                    or "SLIMOPS_CPU_ISA" in os.environ,
+                    reason="already a subprocess run of this file")
+def test_every_conv2d_test_passes_without_the_onednn_route():
+    # Full-input-width float32 convs run on oneDNN by default (csrc/cpu/conv2d.cpp,
+    # use_onednn); SLIMOPS_CONV_ONEDNN=0 sends them through im2col + GEMM, which the
+    # partial widths always take. Both paths must pass the same tests.
+    env = dict(os.environ, SLIMOPS_CONV_ONEDNN="0")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             __file__], env=env, capture_output=True, text=True, timeout=900,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -130,6 +130,31 @@ def test_conv2d(groups, kernel):
                            "slimops::conv2d_backward_weight", "slimops::epilogue_backward"])
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("kernel", [1, 3], ids=["k1", "k3"])
+def test_conv2d_full_input_width_runs_on_onednn_without_a_copy(kernel):
+    # Every input channel active (ig == Ig): W[:o] is contiguous and the conv runs on oneDNN
+    # (csrc/cpu/conv2d.cpp, use_onednn: at::convolution, whose own backend choice is oneDNN
+    # for these shapes with 2+ threads) with that view, never a copy of it.
+    weight = torch.randn(18, 4, kernel, kernel, requires_grad=True)
+    o, p = 9, kernel // 2
+    x = torch.randn(1, 4, 11, 9, requires_grad=True)
+    shift = torch.randn(o, requires_grad=True)
+
+    def out():
+        return slimops.ops.conv2d(x, weight, None, o, 1, p, 1, 1, None, shift, None, "relu")
+
+    prof = profiled(_fwd_bwd(out, [x, weight, shift]))
+    assert_no_weight_copy(prof, conv_weight_shapes(weight.shape, 1, o, 4),
+                          ["slimops::conv2d", "aten::convolution",
+                           "slimops::conv2d_backward_input", "slimops::conv2d_backward_weight"])
+    # A partial input width keeps the GEMM path (oneDNN would need the strided prefix copied).
+    x_half = torch.randn(1, 2, 11, 9)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        slimops.ops.conv2d(x_half, weight.detach(), None, o, 1, p, 1, 1)
+    assert "aten::convolution" not in event_names(prof)
+
+
 @pytest.mark.parametrize("kernel", [(3, 3), (5, 5)], ids=["k3", "k5"])
 def test_depthwise_conv2d(kernel):
     weight = torch.randn(16, 1, *kernel, requires_grad=True)

@@ -1,7 +1,10 @@
 // Backward of the fused epilogue: grad_z = grad_out * act'(out) * scale[c].
 #include "cpu/common.h"
+#include "cpu/parallel.h"
 
 #include <torch/library.h>
+
+#include <type_traits>
 
 namespace slimops {
 namespace cpu {
@@ -30,14 +33,25 @@ at::Tensor epilogue_backward(const at::Tensor& grad_out, const at::Tensor& out,
     const scalar_t* sp = sc ? sc->data_ptr<scalar_t>() : nullptr;
     const int64_t ss = sc ? sc->stride(0) : 0;
     scalar_t* rp = result.data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const scalar_t s = sp ? sp[(row % C) * ss] : scalar_t(1);
-        const int64_t base = row * HW;
-        for (int64_t i = 0; i < HW; ++i)
-          rp[base + i] = gp[base + i] * activation_mask<scalar_t>(op[base + i], activation) * s;
-      }
-    });
+    const auto rows = [&](auto act) {
+      constexpr int64_t ACT = decltype(act)::value;
+      run_ranges(N * C, HW, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const scalar_t s = sp ? sp[(row % C) * ss] : scalar_t(1);
+          const scalar_t* __restrict__ g_row = gp + row * HW;
+          const scalar_t* __restrict__ o_row = op + row * HW;
+          scalar_t* __restrict__ r_row = rp + row * HW;
+          // A select, not a multiply by the mask: where the activation is flat the gradient
+          // is 0 even when grad_out is NaN or Inf, as torch's threshold_backward gives.
+          for (int64_t i = 0; i < HW; ++i)
+            r_row[i] = activation_mask<scalar_t>(o_row[i], ACT) != scalar_t(0) ? g_row[i] * s
+                                                                               : scalar_t(0);
+        }
+      });
+    };
+    if (activation == kRelu) rows(std::integral_constant<int64_t, kRelu>());
+    else if (activation == kRelu6) rows(std::integral_constant<int64_t, kRelu6>());
+    else rows(std::integral_constant<int64_t, kNone>());
   });
   return result;
 }
