@@ -20,9 +20,13 @@ style is a bug (the kernels must never lose to the plain-PyTorch path they repla
 are marked ``SLOWER`` and the run exits with status 1 when ``--guard`` is given.
 
 The header states the CPU model, the kernels' instruction set (``SLIMOPS_CPU_ISA`` caps it),
-torch threads, whether a core was kept busy, and the glibc allocator settings in the
-environment (``MALLOC_*``: glibc returns big freed blocks to the OS, and re-faulting them can
-double a CNN's CPU time; both variants run under the same settings).
+torch threads, whether a core was kept busy, and the allocator settings. glibc hands big freed
+blocks straight back to the OS (above its mmap threshold, which moves with the program's
+history), so the same op can pay a page fault per 4 KiB of output on one call and none on the
+next: 10x swings on a single conv were seen here. By default this script therefore raises
+glibc's mmap and trim thresholds to 1 GiB at start (``mallopt``; the same for every variant,
+like ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` in the environment);
+``--glibc-defaults`` leaves the allocator alone.
 """
 
 from __future__ import annotations
@@ -59,6 +63,21 @@ class Cell:
     variants: Dict[str, Callable[[], object]]
     budget_s: float
     rows: Dict[str, float] = field(default_factory=dict)
+
+
+def pin_glibc_heap() -> bool:
+    """Raise glibc's mmap and trim thresholds to 1 GiB (``mallopt``), so freed buffers stay
+    in the heap for reuse instead of being unmapped and faulted in again. False when this is
+    not glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
+            libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def cpu_model() -> str:
@@ -183,12 +202,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--guard", action="store_true",
                    help="exit 1 when slimops is slower than the reference style in any cell")
     p.add_argument("--out", help="also append the table to this Markdown file")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="leave glibc's mmap/trim thresholds as they are (see the module doc)")
     args = p.parse_args(argv)
+    pinned = False if args.glibc_defaults else pin_glibc_heap()
     if args.threads:
         torch.set_num_threads(args.threads)
     info = slimops.backend_info()
     alloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
                      if k.startswith("MALLOC_")) or "glibc defaults"
+    if pinned:
+        alloc = "glibc, mmap and trim thresholds 1 GiB (mallopt)"
     header = (f"**{cpu_model()}**, kernels `{info.get('cpu_isa')}`, "
               f"{torch.get_num_threads()} torch threads, "
               f"{'one core busy (another process spinning)' if args.busy else 'idle'}, "

@@ -9,6 +9,7 @@
 // is a correlation with the flipped kernel); other strides scatter into the padded buffer.
 #include "cpu/common.h"
 #include "cpu/isa.h"
+#include "cpu/parallel.h"
 
 #include <torch/library.h>
 
@@ -204,6 +205,16 @@ struct PlaneKernels {
   static Lanes lanes() { SLIMOPS_RETURN_FOR_CPU_ISA(forward_lanes<KH, KW, SW, scalar_t>); }
   static Forward forward() { SLIMOPS_RETURN_FOR_CPU_ISA(forward_plane<KH, KW, SW, scalar_t>); }
   static Accumulate accumulate() { SLIMOPS_RETURN_FOR_CPU_ISA(accumulate_plane<KH, KW, SW, scalar_t>); }
+  using WeightGradLanes = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t,
+                                   const PlaneConv&, scalar_t*, scalar_t*);
+  using InputGradLanes = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t,
+                                  const PlaneConv&, scalar_t*, scalar_t*, scalar_t*);
+  static InputGradLanes input_grad_lanes() {
+    SLIMOPS_RETURN_FOR_CPU_ISA(input_grad_lanes<KH, KW, SW, scalar_t>);
+  }
+  static WeightGradLanes weight_grad_lanes() {
+    SLIMOPS_RETURN_FOR_CPU_ISA(weight_grad_lanes<KH, KW, SW, scalar_t>);
+  }
 };
 
 at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
@@ -324,6 +335,31 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
     const scalar_t* gp = gz.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     scalar_t* gip = grad_input.data_ptr<scalar_t>();
+    // Strided, or tiny planes: kLanes channels at a time, vectorised across the channels; each
+    // task writes its own block of planes. Measured on S-MobileNet v2's shapes at batch 64
+    // (AMD EPYC, AVX-512): 1.3-2x faster than the per-plane loops for 4x4 and smaller planes
+    // and for stride 2 up to 16x16; at stride 1 on 8x8 and larger the per-plane correlation
+    // (below) stays faster.
+    const bool strided = p.sh != 1 || p.sw != 1;
+    if ((strided && p.OH <= kLanesMaxSide && p.OW <= kLanesMaxSide) || (p.OH <= 4 && p.OW <= 4)) {
+      dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
+        const auto input_grad_lanes =
+            PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
+                         scalar_t>::input_grad_lanes();
+        const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
+        run_tasks(pr.N * blocks, kLanes * plane_work, [&](int64_t task) {
+          const int64_t n = task / blocks, c0 = (task % blocks) * kLanes;
+          const int64_t lanes = std::min(kLanes, pr.C - c0);
+          scalar_t* field = scratch<scalar_t>(ScratchSlot::kCols, p.HP * p.WP * kLanes);
+          scalar_t* gl = scratch<scalar_t>(ScratchSlot::kGradT, out_plane * kLanes);
+          scalar_t* wl = scratch<scalar_t>(ScratchSlot::kTmp, taps * kLanes);
+          const int64_t plane = n * pr.C + c0;
+          input_grad_lanes(gip + plane * in_plane, gp + plane * out_plane, wp + c0 * taps,
+                           lanes, p, field, gl, wl);
+        });
+      });
+      return;
+    }
     if (p.sh == 1 && p.sw == 1) {
       // At stride 1 the transpose is itself a correlation: of grad_z with the flipped kernel
       // and padding d * (k - 1) - p, producing exactly H x W.
@@ -414,9 +450,33 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
     const scalar_t* gp = gz.data_ptr<scalar_t>();
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
-      const auto accumulate_plane =
-          PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
-                       scalar_t>::accumulate();
+      using Kernels = PlaneKernels<decltype(kh)::value, decltype(kw)::value,
+                                   decltype(sw)::value, scalar_t>;
+      if (p.OH <= kLanesMaxSide && p.OW <= kLanesMaxSide) {
+        // Small planes: kLanes channels at a time, vectorised across the channels. One block
+        // of channels per task (each grad_weight row has a single writer); per image a
+        // partial in scalar_t, summed over the images in double, in image order.
+        const auto weight_grad_lanes = Kernels::weight_grad_lanes();
+        const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
+        run_tasks(blocks, pr.N * kLanes * plane_work, [&](int64_t block) {
+          const int64_t c0 = block * kLanes, lanes = std::min(kLanes, pr.C - c0);
+          scalar_t* field = scratch<scalar_t>(ScratchSlot::kCols, p.HP * p.WP * kLanes);
+          scalar_t* gl = scratch<scalar_t>(ScratchSlot::kGradT, out_plane * kLanes);
+          scalar_t* partial = scratch<scalar_t>(ScratchSlot::kTmp, taps * kLanes);
+          std::vector<double> acc(taps * kLanes, 0.0);
+          for (int64_t n = 0; n < pr.N; ++n) {
+            const int64_t plane = n * pr.C + c0;
+            weight_grad_lanes(partial, gp + plane * out_plane, xp + plane * in_plane, lanes, p,
+                              field, gl);
+            for (int64_t k = 0; k < taps * kLanes; ++k) acc[k] += static_cast<double>(partial[k]);
+          }
+          for (int64_t l = 0; l < lanes; ++l)
+            for (int64_t tap = 0; tap < taps; ++tap)
+              gwp[(c0 + l) * taps + tap] = static_cast<scalar_t>(acc[tap * kLanes + l]);
+        });
+        return;
+      }
+      const auto accumulate_plane = Kernels::accumulate();
       // One channel per task: each grad_weight row has a single writer.
       at::parallel_for(0, pr.C, grain_for(pr.N * plane_work), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
