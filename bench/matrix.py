@@ -24,9 +24,9 @@ torch threads, whether a core was kept busy, and the allocator settings. glibc h
 blocks straight back to the OS (above its mmap threshold, which moves with the program's
 history), so the same op can pay a page fault per 4 KiB of output on one call and none on the
 next: 10x swings on a single conv were seen here. By default this script therefore raises
-glibc's mmap and trim thresholds to 1 GiB at start (``mallopt``; the same for every variant,
-like ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` in the environment);
-``--glibc-defaults`` leaves the allocator alone.
+glibc's mmap threshold (1 GiB where accepted, else 32 MiB) and trim threshold (1 GiB) at
+start (``mallopt``; the same for every variant, like ``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_TRIM_THRESHOLD_`` in the environment); ``--glibc-defaults`` leaves it alone.
 """
 
 from __future__ import annotations
@@ -65,19 +65,24 @@ class Cell:
     rows: Dict[str, float] = field(default_factory=dict)
 
 
-def pin_glibc_heap() -> bool:
-    """Raise glibc's mmap and trim thresholds to 1 GiB (``mallopt``), so freed buffers stay
-    in the heap for reuse instead of being unmapped and faulted in again. False when this is
-    not glibc."""
+def pin_glibc_heap() -> Optional[str]:
+    """Raise glibc's mmap threshold (1 GiB, else the largest some glibc builds accept, 32 MiB)
+    and trim threshold (1 GiB) with ``mallopt``, so freed buffers stay in the heap for reuse
+    instead of being unmapped and faulted in again. Returns what was set, None when nothing
+    could be (not glibc)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
-            libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
+    except OSError:
+        return None
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mmap = next((f"{v >> 20} MiB" for v in (1 << 30, 32 << 20)
+                 if libc.mallopt(m_mmap_threshold, v)), None)
+    trim = "1024 MiB" if libc.mallopt(m_trim_threshold, 1 << 30) else None
+    if mmap is None and trim is None:
+        return None
+    return f"glibc, mallopt mmap threshold {mmap or 'default'}, trim threshold {trim or 'default'}"
 
 
 def cpu_model() -> str:
@@ -205,14 +210,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--glibc-defaults", action="store_true",
                    help="leave glibc's mmap/trim thresholds as they are (see the module doc)")
     args = p.parse_args(argv)
-    pinned = False if args.glibc_defaults else pin_glibc_heap()
+    pinned = None if args.glibc_defaults else pin_glibc_heap()
     if args.threads:
         torch.set_num_threads(args.threads)
     info = slimops.backend_info()
     alloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
                      if k.startswith("MALLOC_")) or "glibc defaults"
     if pinned:
-        alloc = "glibc, mmap and trim thresholds 1 GiB (mallopt)"
+        alloc = pinned
     header = (f"**{cpu_model()}**, kernels `{info.get('cpu_isa')}`, "
               f"{torch.get_num_threads()} torch threads, "
               f"{'one core busy (another process spinning)' if args.busy else 'idle'}, "

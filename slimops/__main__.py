@@ -166,8 +166,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from slimops.benchmark_report import main as bench_main
+    from slimops.benchmark_report import bench_dir, main as bench_main
 
+    if args.matrix:
+        # bench/matrix.py: the performance matrix (its own interleaved runner, not
+        # pytest-benchmark). bench/ is a folder of scripts, not a package.
+        import importlib
+        import sys
+
+        folder = str(bench_dir())
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        matrix = importlib.import_module("matrix")
+        argv = (["--quick"] if args.quick else []) + (["--busy"] if args.busy else []) + (
+            ["--threads", str(args.threads)] if args.threads else []) + (
+            ["--guard"] if args.guard else [])
+        return matrix.main(argv)
     return bench_main(quick=args.quick, keyword=args.k, out_dir=args.out, json_path=args.json,
                       plot_path=args.plot, report_only=args.report, threads=args.threads,
                       with_compile=args.compile)
@@ -295,6 +309,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         "plots latency against width. The full run takes several minutes on 2 cores.")
     bench.add_argument("--quick", action="store_true",
                        help="smoke run: extreme widths, batch 1, few rounds (not a result)")
+    bench.add_argument("--matrix", action="store_true",
+                       help="run the performance matrix instead (bench/matrix.py: training "
+                       "steps and batch-1 eval, slimops vs the reference style vs dense-jit, "
+                       "interleaved; ratios as a Markdown table)")
+    bench.add_argument("--busy", action="store_true",
+                       help="with --matrix: keep one core busy with another process")
+    bench.add_argument("--guard", action="store_true",
+                       help="with --matrix: exit 1 if slimops is slower than the reference "
+                       "style in any cell")
     bench.add_argument("-k", metavar="EXPR", help="pytest -k expression selecting benchmarks")
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     bench.add_argument("--compile", action="store_true",

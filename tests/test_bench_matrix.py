@@ -1,0 +1,65 @@
+"""bench/matrix.py, the performance matrix, without asserting on any timing: the table, the
+SLOWER flag and --guard on synthetic cells, the cells it builds computing what slimops
+computes, and one quick run through ``python -m slimops bench --matrix``."""
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimops.__main__ import main
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import matrix  # noqa: E402  (bench/ is not a package)
+
+
+def _cell(name, slow, fast):
+    def wait(seconds):
+        def run():
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+        return run
+    return matrix.Cell(name, {"slimops": wait(slow), "reference": wait(fast)}, budget_s=0.0)
+
+
+def test_interleaved_medians_and_the_slower_flag():
+    slower, faster = _cell("a", 0.004, 0.001), _cell("b", 0.001, 0.004)
+    for c in (slower, faster):
+        matrix.measure(c)
+        assert set(c.rows) == {"slimops", "reference"}
+    table = matrix.report([slower, faster], "header").splitlines()
+    assert table[0] == "header"
+    row_a = next(line for line in table if line.startswith("| a "))
+    row_b = next(line for line in table if line.startswith("| b "))
+    assert row_a.rstrip().endswith("| SLOWER |")
+    assert not row_b.rstrip().endswith("SLOWER |")
+
+
+def test_glibc_pin_reports_what_it_set():
+    got = matrix.pin_glibc_heap()
+    assert got is None or got.startswith("glibc, mallopt mmap threshold")
+
+
+def test_training_cells_run_the_same_step_on_shared_weights():
+    cells = matrix.build_cells("train", quick=True)
+    assert [c.name.split()[1] for c in cells] == ["digits-cnn", "s-mobilenet-v2"]
+    for c in cells:
+        assert set(c.variants) == {"slimops", "reference"}
+        c.variants["slimops"]()
+        c.variants["reference"]()
+
+
+def test_cli_matrix_quick_prints_the_table(capsys, monkeypatch):
+    # The CLI imports bench/matrix.py (this module) and calls its main(); toy cells keep
+    # this test short.
+    monkeypatch.setattr(matrix, "build_cells", lambda which, quick: [_cell("toy", 0.0, 0.0)])
+    monkeypatch.setitem(sys.modules, "matrix", matrix)
+    code = main(["bench", "--matrix", "--quick"])
+    out = capsys.readouterr().out
+    assert code in (0, None)
+    assert "| cell | slimops ms | reference ms |" in out
