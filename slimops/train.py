@@ -97,6 +97,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from slimops.nn import SwitchableBatchNorm2d
 from slimops.width import WIDTH_DECIMALS, model_widths, normalize_widths, width_range
+from slimops.width import _override, _resolve, slimmable_layers
 from slimops.width import width as width_scope
 
 __all__ = [
@@ -494,12 +495,14 @@ def slimmable_step(
     optimizer.zero_grad()
     losses: Dict[float, List[Tensor]] = {}
     teacher: Optional[Tensor] = None
+    # The model's slimmable layers, walked once per step rather than at every width switch.
+    layers = slimmable_layers(model)
     for i, w in enumerate(order):
         # DDP: accumulate locally in every pass but the last, whose backward all-reduces the
         # gradients accumulated over all passes (a no_sync() block must hold the forward).
         sync = ddp is None or i == len(order) - 1
         with contextlib.nullcontext() if sync else ddp.no_sync():
-            with width_scope(model, w):
+            with _override(_resolve(model, w, layers)):
                 output = model(inputs)
             if inplace_distillation and teacher is not None:
                 loss = soft_cross_entropy(output, teacher)

@@ -236,8 +236,13 @@ def width_range(model: nn.Module) -> Optional[Tuple[float, float]]:
     return (lo, hi) if lo < hi else None
 
 
-def _resolve(model: nn.Module, w: float) -> List[Tuple[Slimmable, float]]:
-    layers = slimmable_layers(model)
+def _resolve(model: nn.Module, w: float,
+             layers: Optional[List[Slimmable]] = None) -> List[Tuple[Slimmable, float]]:
+    """Every slimmable layer of ``model`` with ``w`` as its canonical width. ``layers``:
+    ``slimmable_layers(model)`` when the caller already has it (walking the model is most of
+    a width switch's cost; a training step switches several times)."""
+    if layers is None:
+        layers = slimmable_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no slimmable layers")
     if isinstance(w, bool) or not isinstance(w, (int, float)):
@@ -287,12 +292,19 @@ def width(model: nn.Module, w: float) -> Iterator[nn.Module]:
     Other threads (and the model's default, ``set_width``) are unaffected, so concurrent
     requests can each use their own width on one shared model. Blocks nest.
     """
-    resolved = _resolve(model, w)
+    with _override(_resolve(model, w)):
+        yield model
+
+
+@contextlib.contextmanager
+def _override(resolved: List[Tuple[Slimmable, float]]) -> Iterator[None]:
+    """Run the resolved ``(layer, width)`` pairs at those widths inside the block, in this
+    thread only (the body of ``width``; ``slimops.train`` resolves once per step)."""
     previous = _overrides()
     overrides = dict(previous)
     overrides.update((id(layer), canonical) for layer, canonical in resolved)
     _LOCAL.overrides = overrides
     try:
-        yield model
+        yield
     finally:
         _LOCAL.overrides = previous
