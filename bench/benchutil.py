@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import time
 from functools import lru_cache
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -43,6 +44,18 @@ CONTENDED = 0.05
 QUIET_WAIT = float(os.environ.get("SLIMOPS_BENCH_QUIET_WAIT", "30"))
 QUIET_BUDGET = float(os.environ.get("SLIMOPS_BENCH_QUIET_BUDGET", "120"))
 _SESSION = {"waited_s": 0.0}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def full(value: Any) -> Any:

@@ -19,11 +19,12 @@ load average at the start and at the end of the run, for the report.
 from __future__ import annotations
 
 import os
-import platform
 import time
 
 import pytest
 import torch
+
+from benchutil import cpu_model
 
 _START = {"time": time.time(), "loadavg": None, "code": None}
 
@@ -94,17 +95,6 @@ def _code_state() -> dict:
     return state
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def allocator() -> str:
     """The CPU allocator in effect: glibc malloc (with its MALLOC_* settings) or a preload."""
     malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
@@ -123,7 +113,7 @@ def settings() -> dict:
     import slimops
 
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

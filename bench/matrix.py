@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import slimops  # noqa: E402
 from baselines import dense_jit, reference_style  # noqa: E402
+from benchutil import cpu_model  # noqa: E402
 from slimops.demo import demo_model  # noqa: E402
 from slimops.models import s_mobilenet_v1, s_mobilenet_v2  # noqa: E402
 from slimops.train import slimmable_step  # noqa: E402
@@ -83,17 +83,6 @@ def pin_glibc_heap() -> Optional[str]:
     if mmap is None and trim is None:
         return None
     return f"glibc, mallopt mmap threshold {mmap or 'default'}, trim threshold {trim or 'default'}"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _train_cell(name: str, model: nn.Module, x: torch.Tensor, classes: int,

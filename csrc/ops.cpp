@@ -1,6 +1,7 @@
 // Schemas of every slimops op, in one place. Kernels register against these in
-// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(slimops, CPU, m)); fakes and autograd are registered
-// from Python (slimops/ops/*.py) so the ops trace under torch.compile and pass opcheck.
+// csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(slimops, CPU, m)), autograd in csrc/autograd/*.cpp
+// (TORCH_LIBRARY_IMPL(slimops, Autograd, m)); fakes are registered from Python
+// (slimops/ops/*.py) so the ops trace under torch.compile and pass opcheck.
 //
 // Conventions (docs/ARCHITECTURE.md, slimops/reference.py for the exact math):
 //  * weights and biases are passed full size; the active width is the input's channel

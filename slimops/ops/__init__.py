@@ -2,8 +2,10 @@
 (``torch.ops.slimops.*``, registered by ``slimops._C``) or to ``slimops.reference``.
 
 Every function takes the *full* shared weight and reads the active width's channel prefix
-without copying it. Fakes (for ``torch.compile``) and autograd formulas are registered here,
-on import, when the compiled extension is present.
+without copying it. Fakes (for ``torch.compile``) are registered here, on import, when the
+compiled extension is present; the autograd formulas of ``conv2d``, ``depthwise_conv2d``,
+``linear`` and ``batch_norm_act`` are C++ kernels at the Autograd key (``csrc/autograd/``),
+those of the CUDA-only fused training ops (``conv2d_bn_act``) are registered here.
 """
 
 from slimops.ops.batch_norm_act import batch_norm_act, update_running_stats

@@ -2,7 +2,8 @@
 
 Each ``slimops::<op>`` gets, for the CUDA dispatch key, the launcher of the same name in
 ``slimops.kernels.<family>`` (their arguments mirror the schemas in ``csrc/ops.cpp``). The
-fakes and autograd formulas registered in ``slimops.ops.<family>`` are device-independent,
+fakes (``slimops.ops.<family>``) and autograd formulas (``csrc/autograd/``, which call the
+ops through the dispatcher) are device-independent,
 so ``SlimmableConv2d`` on a CUDA tensor runs forward and backward on these kernels.
 
 Registration is cheap and lazy: it needs only that triton is installed (it is not imported
