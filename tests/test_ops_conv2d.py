@@ -303,6 +303,23 @@ def test_single_input_requires_grad(needs, tol):
     run_and_compare(dict(kwargs, out_channels=9, padding=1, groups=3, activation="relu"), tol)
 
 
+@pytest.mark.parametrize("absent", ["bias", "scale", "shift"])
+@pytest.mark.parametrize("needs", ["weight", "scale", "shift", "residual"])
+def test_gradients_after_an_absent_optional_argument(needs, absent, tol):
+    """The autograd kernel (csrc/autograd/conv2d.cpp) numbers its gradient edges over the
+    tensors present only: with an optional argument absent, each later argument still gets
+    its own gradient."""
+    if needs == absent:
+        pytest.skip("an absent argument has no gradient")
+    t = dict(input=torch.randn(2, 6, 5, 5, dtype=F64),
+             weight=torch.randn(12, 4, 3, 3, dtype=F64), bias=torch.randn(12, dtype=F64),
+             scale=torch.rand(9, dtype=F64) + 0.5,
+             shift=torch.randn(9, dtype=F64), residual=torch.randn(2, 9, 5, 5, dtype=F64))
+    t[absent] = None
+    kwargs = {k: (None if v is None else leaf(v, k in (needs, "input"))) for k, v in t.items()}
+    run_and_compare(dict(kwargs, out_channels=9, padding=1, groups=3, activation="relu"), tol)
+
+
 def test_strided_scale_forward(tol):
     weight = torch.randn(12, 4, 3, 3, dtype=F64)
     scale = torch.randn(18, dtype=F64)[::2]

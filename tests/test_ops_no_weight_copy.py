@@ -131,25 +131,31 @@ def test_conv2d(groups, kernel):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-@pytest.mark.parametrize("kernel", [1, 3], ids=["k1", "k3"])
-def test_conv2d_full_input_width_runs_on_onednn_without_a_copy(kernel):
+@pytest.mark.parametrize("kernel, rows, cin, o", [(3, 18, 4, 9), (1, 600, 512, 512)],
+                         ids=["k3", "k1_large"])
+def test_conv2d_full_input_width_runs_on_onednn_without_a_copy(kernel, rows, cin, o):
     # Every input channel active (ig == Ig): W[:o] is contiguous and the conv runs on oneDNN
-    # (csrc/cpu/conv2d.cpp, use_onednn: at::convolution, whose own backend choice is oneDNN
-    # for these shapes with 2+ threads) with that view, never a copy of it.
-    weight = torch.randn(18, 4, kernel, kernel, requires_grad=True)
-    o, p = 9, kernel // 2
-    x = torch.randn(1, 4, 11, 9, requires_grad=True)
+    # (csrc/cpu/conv2d.cpp, use_onednn: every 3x3, pointwise with a weight of 256K+ entries;
+    # at::convolution, whose own backend choice is oneDNN for these shapes with 2+ threads)
+    # with that view, never a copy of it.
+    weight = torch.randn(rows, cin, kernel, kernel, requires_grad=True)
+    p = kernel // 2
+    x = torch.randn(1, cin, 5, 4, requires_grad=True)
     shift = torch.randn(o, requires_grad=True)
 
     def out():
         return slimops.ops.conv2d(x, weight, None, o, 1, p, 1, 1, None, shift, None, "relu")
 
+    with torch.no_grad():
+        expected = reference.conv2d(x, weight, None, o, [1, 1], [p, p], [1, 1], 1, None, shift,
+                                    None, "relu")
+        torch.testing.assert_close(out(), expected, rtol=1e-4, atol=1e-4)
     prof = profiled(_fwd_bwd(out, [x, weight, shift]))
-    assert_no_weight_copy(prof, conv_weight_shapes(weight.shape, 1, o, 4),
+    assert_no_weight_copy(prof, conv_weight_shapes(weight.shape, 1, o, cin),
                           ["slimops::conv2d", "aten::convolution",
                            "slimops::conv2d_backward_input", "slimops::conv2d_backward_weight"])
     # A partial input width keeps the GEMM path (oneDNN would need the strided prefix copied).
-    x_half = torch.randn(1, 2, 11, 9)
+    x_half = torch.randn(1, cin // 2, 5, 4)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         slimops.ops.conv2d(x_half, weight.detach(), None, o, 1, p, 1, 1)
     assert "aten::convolution" not in event_names(prof)

@@ -348,10 +348,13 @@ EpilogueRows<scalar_t> epilogue_rows_for_cpu() {
 // it copied (the reference style does that copy every call), so those stay on the GEMM path.
 // Measured side by side (2-core AMD EPYC with AVX-512, float32, 2 threads, glibc mmap/trim
 // thresholds raised so neither side pays page faults; sweep in issue 13's closing note):
-// oneDNN's direct 3x3 convolutions ran 1.7-3.1x faster than im2col + GEMM at batch 1 to 64;
-// pointwise convs 1.3-2.2x faster on planes of 8x8 and more or at batch 1, while on smaller
-// planes at batch 64 (4x4, 2x2: the GEMM path batches the images) it ran at 0.53-0.65x the
-// speed. SLIMOPS_CONV_ONEDNN=0 turns the route off (tests run both paths).
+// oneDNN's direct 3x3 convolutions ran 1.7-3.1x faster than im2col + GEMM at batch 1 to 64.
+// Pointwise convs split by size: with a large weight (C * O >= 256K: 512x512 at 14x14, 1024
+// x 1024 at 7x7, 960 -> 320) oneDNN was 1.3-2.1x faster, and on 112x112 planes with 64+
+// outputs 1.2-1.3x; on every other S-MobileNet v2 pointwise shape at batch 1 the GEMM path
+// was 1.0-2.4x faster (oneDNN reorders the weight into its blocked layout on every call, a
+// fixed cost the small layers do not amortise), as it was on 4x4/2x2 planes at batch 64.
+// SLIMOPS_CONV_ONEDNN=0 turns the route off (tests run both paths).
 bool conv_onednn_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("SLIMOPS_CONV_ONEDNN");
@@ -363,7 +366,8 @@ bool conv_onednn_enabled() {
 bool use_onednn(const ConvGeometry& s, const at::Tensor& input) {
   if (s.G != 1 || s.ig != s.Ig || input.scalar_type() != at::kFloat) return false;
   if (!conv_onednn_enabled()) return false;
-  return !s.pointwise() || s.N == 1 || s.P() >= 64;
+  if (!s.pointwise()) return true;
+  return s.C * s.O >= (int64_t{1} << 18) || (s.P() >= 112 * 112 && s.O >= 64);
 }
 
 // The conv on oneDNN, then the epilogue (the same per-row pass as the GEMM path) in place.
