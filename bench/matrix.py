@@ -6,8 +6,10 @@
     python bench/matrix.py --quick --cells train  # a smoke run of the training cells
 
 A cell is one workload: a training step of Algorithm 1 (``slimops.train.slimmable_step``: all
-four widths, forward + cross-entropy + backward each, one SGD step) or one eval forward at one
-width. Each variant of a cell runs the *same* model (shared Parameters): ``slimops`` (the
+four widths, forward + cross-entropy + backward each, one SGD step), one eval forward of a model
+at one width, or one op family's layer (``--cells ops``: 3x3 s1/s2, 1x1, depthwise, each as
+conv + switchable BN + ReLU, BN alone, linear) at one width, eval forward at batch 1 and
+training forward + backward at batch 8. Each variant of a cell runs the *same* model (shared Parameters): ``slimops`` (the
 model's own layers, the compiled kernels), ``reference`` (``baselines.reference_style``: slice
 the shared weight + ``F.conv2d`` + the width's ``nn.BatchNorm2d``, the original code's style)
 and, for eval, ``dense-jit`` (the network built densely at that width, traced, frozen and
@@ -38,7 +40,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -50,6 +52,7 @@ from baselines import dense_jit, reference_style  # noqa: E402
 from benchutil import cpu_model  # noqa: E402
 from slimops.demo import demo_model  # noqa: E402
 from slimops.models import s_mobilenet_v1, s_mobilenet_v2  # noqa: E402
+from slimops.nn import SlimConvBNAct, SlimmableLinear, SwitchableBatchNorm2d  # noqa: E402
 from slimops.train import slimmable_step  # noqa: E402
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
@@ -124,6 +127,64 @@ def _eval_cells(label: str, model: nn.Module, x: torch.Tensor, budget_s: float,
     return cells
 
 
+def _mb(c: int) -> List[int]:
+    return slimops.channels(c, WIDTHS, divisor=8)
+
+
+# The op families, one layer each at MobileNet / ResNet shapes: name -> (builder, input side).
+OP_LAYERS: Dict[str, Tuple[Callable[[], nn.Module], int]] = {
+    "3x3 s1 64->64 (conv+BN+ReLU)": (
+        lambda: SlimConvBNAct(_mb(64), _mb(64), 3, widths=WIDTHS), 56),
+    "3x3 s2 32->64 (conv+BN+ReLU)": (
+        lambda: SlimConvBNAct(_mb(32), _mb(64), 3, 2, widths=WIDTHS), 112),
+    "1x1 256->256 (conv+BN+ReLU)": (
+        lambda: SlimConvBNAct(_mb(256), _mb(256), 1, widths=WIDTHS), 28),
+    "depthwise 3x3 128 (conv+BN+ReLU)": (
+        lambda: SlimConvBNAct(_mb(128), _mb(128), 3, groups=128, widths=WIDTHS), 56),
+    "BN 128": (lambda: SwitchableBatchNorm2d(_mb(128), widths=WIDTHS), 56),
+    "linear 1024->1000": (lambda: SlimmableLinear(_mb(1024), [1000] * 4, widths=WIDTHS), 0),
+}
+
+
+def _op_cells(budget_s: float, quick: bool) -> List[Cell]:
+    """Per op family and width: eval forward at batch 1 and a training forward + backward at
+    batch 8 (input and parameter gradients), slimops vs the reference style."""
+    cells = []
+    widths = (0.5, 1.0) if not quick else (1.0,)
+    for name, (build, side) in OP_LAYERS.items():
+        torch.manual_seed(0)
+        layer = build()
+        ref = reference_style(layer)
+        for w in widths:
+            with slimops.width(layer, w):
+                if isinstance(layer, SlimmableLinear):
+                    cin = layer.active_features()[0]
+                elif isinstance(layer, SwitchableBatchNorm2d):
+                    cin = layer.active_features()
+                else:
+                    cin = layer.conv.active_channels()[0]
+            for mode, batch in (("eval", 1), ("train", 8)):
+                shape = (batch, cin) if side == 0 else (batch, cin, side, side)
+                x = torch.randn(*shape, requires_grad=mode == "train")
+
+                def run(net: nn.Module, w: float = w, x: torch.Tensor = x, mode: str = mode):
+                    def call() -> object:
+                        if mode == "eval":
+                            net.eval()
+                            with torch.inference_mode(), slimops.width(net, w):
+                                return net(x)
+                        net.train()
+                        with slimops.width(net, w):
+                            y = net(x)
+                        y.backward(torch.ones_like(y))
+                        return y
+                    return call
+
+                cells.append(Cell(f"op {mode} {name} {w:g}x b{batch}",
+                                  {"slimops": run(layer), "reference": run(ref)}, budget_s))
+    return cells
+
+
 def build_cells(which: str, quick: bool) -> List[Cell]:
     torch.manual_seed(0)
     budget = 0.5 if quick else 4.0
@@ -139,6 +200,8 @@ def build_cells(which: str, quick: bool) -> List[Cell]:
             cells.append(_train_cell("train s-mobilenet-v2 32x32 b128",
                                      s_mobilenet_v2(WIDTHS, num_classes=10),
                                      torch.randn(128, 3, 32, 32), 10, budget * 2))
+    if which in ("ops", "all"):
+        cells += _op_cells(budget / 8, quick)
     if which in ("eval", "all"):
         widths = (0.25, 1.0) if quick else WIDTHS
         res = 96 if quick else 224
@@ -188,7 +251,7 @@ def report(cells: Sequence[Cell], header: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cells", choices=("train", "eval", "all"), default="all")
+    p.add_argument("--cells", choices=("train", "ops", "eval", "all"), default="all")
     p.add_argument("--quick", action="store_true", help="small shapes, short budgets (smoke)")
     p.add_argument("--busy", action="store_true",
                    help="keep one core busy with another process while timing")

@@ -63,3 +63,13 @@ def test_cli_matrix_quick_prints_the_table(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert code in (0, None)
     assert "| cell | slimops ms | reference ms |" in out
+
+
+def test_op_cells_cover_every_family_eval_and_train():
+    cells = matrix.build_cells("ops", quick=True)
+    assert len(cells) == 2 * len(matrix.OP_LAYERS)  # eval and train, one width when quick
+    assert {c.name.split()[1] for c in cells} == {"eval", "train"}
+    for c in cells:
+        assert set(c.variants) == {"slimops", "reference"}
+        out, ref = c.variants["slimops"](), c.variants["reference"]()
+        assert out.shape == ref.shape
