@@ -135,12 +135,12 @@ def test_conv2d(groups, kernel):
                          ids=["k3", "k1_large"])
 def test_conv2d_full_input_width_runs_on_onednn_without_a_copy(kernel, rows, cin, o):
     # Every input channel active (ig == Ig): W[:o] is contiguous and the conv runs on oneDNN
-    # (csrc/cpu/conv2d.cpp, use_onednn: every 3x3, pointwise with a weight of 256K+ entries;
+    # (csrc/cpu/conv2d.cpp, use_onednn: every 3x3, pointwise from 14M multiply-adds;
     # at::convolution, whose own backend choice is oneDNN for these shapes with 2+ threads)
     # with that view, never a copy of it.
     weight = torch.randn(rows, cin, kernel, kernel, requires_grad=True)
     p = kernel // 2
-    x = torch.randn(1, cin, 5, 4, requires_grad=True)
+    x = torch.randn(1, cin, 8, 8, requires_grad=True)  # k1_large: 512 * 512 * 64 = 16.8M MACs
     shift = torch.randn(o, requires_grad=True)
 
     def out():
@@ -155,7 +155,7 @@ def test_conv2d_full_input_width_runs_on_onednn_without_a_copy(kernel, rows, cin
                           ["slimops::conv2d", "aten::convolution",
                            "slimops::conv2d_backward_input", "slimops::conv2d_backward_weight"])
     # A partial input width keeps the GEMM path (oneDNN would need the strided prefix copied).
-    x_half = torch.randn(1, cin // 2, 5, 4)
+    x_half = torch.randn(1, cin // 2, 8, 8)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         slimops.ops.conv2d(x_half, weight.detach(), None, o, 1, p, 1, 1)
     assert "aten::convolution" not in event_names(prof)

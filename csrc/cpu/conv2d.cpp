@@ -13,6 +13,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -349,12 +350,15 @@ EpilogueRows<scalar_t> epilogue_rows_for_cpu() {
 // Measured side by side (2-core AMD EPYC with AVX-512, float32, 2 threads, glibc mmap/trim
 // thresholds raised so neither side pays page faults; sweep in issue 13's closing note):
 // oneDNN's direct 3x3 convolutions ran 1.7-3.1x faster than im2col + GEMM at batch 1 to 64.
-// Pointwise convs split by size: with a large weight (C * O >= 256K: 512x512 at 14x14, 1024
-// x 1024 at 7x7, 960 -> 320) oneDNN was 1.3-2.1x faster, and on 112x112 planes with 64+
-// outputs 1.2-1.3x; on every other S-MobileNet v2 pointwise shape at batch 1 the GEMM path
-// was 1.0-2.4x faster (oneDNN reorders the weight into its blocked layout on every call, a
-// fixed cost the small layers do not amortise), as it was on 4x4/2x2 planes at batch 64.
+// Pointwise convs split by size: at 14M multiply-adds and more (512x512 at 14x14, 1024x1024
+// at 7x7, 960 -> 320 at 7x7, 16 -> 96 at 112x112, 256x256 at 28x28, batch 8 at 14x14) oneDNN
+// was 1.2-2.1x faster; below (most of S-MobileNet v2's pointwise layers at batch 1, 4x4/2x2
+// planes at batch 64) the GEMM path was 1.0-2.4x faster (oneDNN reorders the weight into its
+// blocked layout on every call, a fixed cost small layers do not amortise). The backward ops
+// take the same route (at::convolution_backward) under the same rule.
 // SLIMOPS_CONV_ONEDNN=0 turns the route off (tests run both paths).
+constexpr int64_t kOnednnPointwiseMacs = int64_t{14} << 20;
+
 bool conv_onednn_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("SLIMOPS_CONV_ONEDNN");
@@ -367,7 +371,7 @@ bool use_onednn(const ConvGeometry& s, const at::Tensor& input) {
   if (s.G != 1 || s.ig != s.Ig || input.scalar_type() != at::kFloat) return false;
   if (!conv_onednn_enabled()) return false;
   if (!s.pointwise()) return true;
-  return s.C * s.O >= (int64_t{1} << 18) || (s.P() >= 112 * 112 && s.O >= 64);
+  return s.N * s.P() * s.C * s.O >= kOnednnPointwiseMacs;
 }
 
 // The conv on oneDNN, then the epilogue (the same per-row pass as the GEMM path) in place.
@@ -576,6 +580,15 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_z, const at::Tensor& wei
                                  int64_t groups) {
   const ConvGeometry s = backward_geometry("conv2d_backward_input", grad_z, input_size, weight,
                                            stride, padding, dilation, groups);
+  if (s.N * s.C * s.H * s.W > 0 && s.O > 0 && use_onednn(s, grad_z)) {
+    // Full input width: oneDNN on the contiguous prefix W[:O] (see use_onednn). The input's
+    // values are not needed for its gradient; convolution_backward reads only its sizes.
+    const at::Tensor sizes_only = at::empty(input_size, grad_z.options());
+    auto grads = at::convolution_backward(
+        grad_z.contiguous(), sizes_only, weight.narrow(0, 0, s.O), c10::nullopt, {s.sh, s.sw},
+        {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1, {true, false, false});
+    return std::get<0>(grads).contiguous();
+  }
   // The pointwise path writes every element through its GEMMs; col2im accumulates.
   at::Tensor grad_input = s.pointwise() ? at::empty(input_size, grad_z.options())
                                         : at::zeros(input_size, grad_z.options());
@@ -647,6 +660,18 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& in
   if (s.N == 0) return grad_weight;
   const at::Tensor x = input.contiguous();
   const at::Tensor gz = grad_z.contiguous();
+  if (s.O > 0 && use_onednn(s, x)) {
+    // Full input width: oneDNN on the contiguous prefix W[:O] (see use_onednn), its gradient
+    // [O, Ig, kh, kw] written into the first O rows of the full-size gradient (contiguous
+    // there too, as ig == Ig).
+    auto grads = at::convolution_backward(gz, x, weight.narrow(0, 0, s.O), c10::nullopt,
+                                          {s.sh, s.sw}, {s.ph, s.pw}, {s.dh, s.dw}, false,
+                                          {0, 0}, 1, {false, true, false});
+    const at::Tensor gw = std::get<1>(grads).contiguous();
+    const float* src = gw.data_ptr<float>();
+    std::copy(src, src + gw.numel(), grad_weight.data_ptr<float>());
+    return grad_weight;
+  }
   const ChunkPlan plan = plan_chunks(s, s.O + s.C * s.kernel_area());
 
   // Per chunk and group, one GEMM accumulates gz_g [og, L] @ cols_g^T [L, K] straight into the
