@@ -51,7 +51,7 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
     variable_list result(9);
     if (needs[0] || needs[1] || needs[2]) {
       auto [gi, gw, gb] = backward_op.call(
-          grad_out, input, out, weight.defined() ? OptTensor(weight) : std::nullopt, mean, var,
+          grad_out, input, out, optional(weight), mean, var,
           ctx->saved_data["eps"].toDouble(), ctx->saved_data["training"].toBool(), activation);
       if (needs[0]) result[0] = gi;
       if (needs[1]) result[1] = gw;

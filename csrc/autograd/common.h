@@ -35,6 +35,11 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 
 inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+// A saved tensor back as an optional argument (saved undefined when it was absent).
+inline OptTensor optional(const at::Tensor& t) {
+  return t.defined() ? OptTensor(t) : std::nullopt;
+}
+
 // Autograd numbers a custom Function's gradient edges over its *tensor* arguments only (an
 // absent optional tensor or an int has none). `tensor_args[i]` says whether forward argument
 // i is a present tensor; saved in forward, it maps argument positions to edges in backward.
@@ -92,6 +97,18 @@ inline at::Tensor channel_sum(const at::Tensor& g) {
   std::vector<int64_t> dims{0};
   for (int64_t d = 2; d < g.dim(); ++d) dims.push_back(d);
   return g.sum(dims);
+}
+
+// The gradients of the epilogue's scale, shift and residual (forward arguments first,
+// first + 1, first + 2), shared by the conv op families. `pre_scale()` recomputes the conv
+// output before the scale; it runs only when scale needs a gradient (rare: eval-mode BN
+// fine-tuning), which is cheaper than saving that tensor on every forward.
+template <typename F>
+void epilogue_param_grads(variable_list& result, const std::vector<bool>& needs, size_t first,
+                          const EpilogueGrads& eg, const F& pre_scale) {
+  if (needs[first]) result[first] = channel_sum(eg.grad_pre * pre_scale());
+  if (needs[first + 1]) result[first + 1] = channel_sum(eg.grad_pre);
+  if (needs[first + 2]) result[first + 2] = eg.grad_pre;
 }
 
 // A length-`full` vector (last dim) whose prefix is g and the rest zero: full-size grads.

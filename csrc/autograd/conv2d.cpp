@@ -66,9 +66,8 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const int64_t activation = ctx->saved_data["activation"].toInt();
     const std::vector<bool> needs = needs_input_grad(ctx);
-    const OptTensor scale_opt = scale.defined() ? OptTensor(scale) : std::nullopt;
     // needs[8..10]: scale, shift, residual
-    const EpilogueGrads eg = epilogue_grads(grads[0], out, scale_opt, activation,
+    const EpilogueGrads eg = epilogue_grads(grads[0], out, optional(scale), activation,
                                             needs[8] || needs[9] || needs[10]);
     variable_list result(12);
     if (needs[0])
@@ -81,14 +80,11 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
       const at::Tensor g = channel_sum(eg.grad_z).view({groups, -1});
       result[2] = pad_prefix(g, bias.size(0) / groups).reshape({-1});
     }
-    if (needs[8]) {
-      const at::Tensor z = conv2d_op(input, weight, bias.defined() ? OptTensor(bias) : std::nullopt,
-                                     ctx->saved_data["out_channels"].toInt(), stride, padding,
-                                     dilation, groups, std::nullopt, std::nullopt, std::nullopt, 0);
-      result[8] = channel_sum(eg.grad_pre * z);
-    }
-    if (needs[9]) result[9] = channel_sum(eg.grad_pre);
-    if (needs[10]) result[10] = eg.grad_pre;
+    epilogue_param_grads(result, needs, 8, eg, [&] {
+      return conv2d_op(input, weight, optional(bias), ctx->saved_data["out_channels"].toInt(),
+                       stride, padding, dilation, groups, std::nullopt, std::nullopt,
+                       std::nullopt, 0);
+    });
     return result;
   }
 };

@@ -59,9 +59,8 @@ class DepthwiseConv2dFunction : public torch::autograd::Function<DepthwiseConv2d
     const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
     const int64_t activation = ctx->saved_data["activation"].toInt();
     const std::vector<bool> needs = needs_input_grad(ctx);
-    const OptTensor scale_opt = scale.defined() ? OptTensor(scale) : std::nullopt;
     // needs[6..8]: scale, shift, residual
-    const EpilogueGrads eg = epilogue_grads(grads[0], out, scale_opt, activation,
+    const EpilogueGrads eg = epilogue_grads(grads[0], out, optional(scale), activation,
                                             needs[6] || needs[7] || needs[8]);
     variable_list result(10);
     if (needs[0])
@@ -70,15 +69,10 @@ class DepthwiseConv2dFunction : public torch::autograd::Function<DepthwiseConv2d
     if (needs[1])
       result[1] = backward_weight.call(eg.grad_z, input, weight, stride, padding, dilation);
     if (needs[2]) result[2] = pad_prefix(channel_sum(eg.grad_z), bias.size(0));
-    if (needs[6]) {
-      // Recompute the pre-scale conv rather than saving it on every forward.
-      const at::Tensor z =
-          depthwise_op(input, weight, bias.defined() ? OptTensor(bias) : std::nullopt, stride,
-                       padding, dilation, std::nullopt, std::nullopt, std::nullopt, 0);
-      result[6] = channel_sum(eg.grad_pre * z);
-    }
-    if (needs[7]) result[7] = channel_sum(eg.grad_pre);
-    if (needs[8]) result[8] = eg.grad_pre;
+    epilogue_param_grads(result, needs, 6, eg, [&] {
+      return depthwise_op(input, weight, optional(bias), stride, padding, dilation,
+                          std::nullopt, std::nullopt, std::nullopt, 0);
+    });
     return result;
   }
 };
