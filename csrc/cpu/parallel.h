@@ -16,6 +16,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
 
 #include <algorithm>
 #include <atomic>
@@ -77,7 +78,7 @@ void run_ranges(int64_t items, int64_t work_per_item, const F& fn) {
 // straight back to the OS on free, so a fresh multi-MB buffer per call pays page faults on
 // every touch (measured: up to 2x a small CNN's step); a buffer that stays costs nothing after
 // the first call. Each kernel uses its own slot so that buffers in use at once never alias.
-enum class ScratchSlot : int { kCols = 0, kGradT = 1, kTmp = 2, kCount = 3 };
+enum class ScratchSlot : int { kCols = 0, kGradT = 1, kTmp = 2, kField = 3, kCount = 4 };
 
 template <typename scalar_t>
 scalar_t* scratch(ScratchSlot slot, int64_t count) {
