@@ -75,15 +75,13 @@ void for_each_element(int64_t N, int64_t C, int64_t HW, const F& f) {
   });
 }
 
-// grad * activation_mask(out, activation), written as a select on the gradient: GCC leaves
-// grad * activation_mask(...) as branches in the element loop (no vectorisation, and
+// The gradient where passes_gradient(out, activation), else 0, written as a select: GCC left
+// grad * (0/1 mask) as branches in the element loop (no vectorisation, and
 // mispredictions on the roughly half-masked data a relu produces). Like torch's threshold and
 // hardtanh backward, a masked-out gradient is exactly zero.
 template <typename scalar_t>
 inline scalar_t mask_grad(scalar_t grad, scalar_t out, int64_t activation) {
-  if (activation == kRelu) return out > scalar_t(0) ? grad : scalar_t(0);
-  if (activation == kRelu6) return (out > scalar_t(0)) & (out < scalar_t(6)) ? grad : scalar_t(0);
-  return grad;
+  return passes_gradient(out, activation) ? grad : scalar_t(0);
 }
 
 // The per-plane loops (HW > 1), compiled once per instruction set (isa.h).

@@ -26,21 +26,27 @@ inline void check_activation(int64_t activation) {
               "slimops: activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
 }
 
+// relu and relu6 as torch computes them, NaN included: a NaN pre-activation gives NaN (torch's
+// relu is clamp_min and propagates it; `v > 0 ? v : 0` would turn it into 0).
 template <typename scalar_t>
 inline scalar_t activate(scalar_t v, int64_t activation) {
-  if (activation == kRelu) return v > scalar_t(0) ? v : scalar_t(0);
-  if (activation == kRelu6) return std::min(std::max(v, scalar_t(0)), scalar_t(6));
+  if (activation == kRelu) return v <= scalar_t(0) ? scalar_t(0) : v;
+  if (activation == kRelu6) return std::min(std::max(v, scalar_t(0)), scalar_t(6));  // NaN stays
   return v;
 }
 
-// d act / d pre evaluated from the activation's *output* (so the pre-activation need not be
-// saved): relu passes where out > 0, relu6 where 0 < out < 6.
+// Whether d act / d pre passes the incoming gradient, evaluated from the activation's *output*
+// (so the pre-activation need not be saved), with torch's comparisons for a NaN: relu's
+// threshold_backward zeroes where out <= 0, so a NaN passes its gradient; relu6's
+// hardtanh_backward (vectorised loop) keeps only 0 < x < 6, so a NaN gets 0. (Its scalar
+// remainder loop passes a NaN's gradient: torch gives 1 for a 4-element tensor and 0 in a
+// 64-element one; slimops follows the vectorised loop every real tensor takes.) Written
+// without branches, so that the element loops using it vectorise to a compare and a blend.
 template <typename scalar_t>
-inline scalar_t activation_mask(scalar_t out, int64_t activation) {
-  if (activation == kRelu) return out > scalar_t(0) ? scalar_t(1) : scalar_t(0);
-  if (activation == kRelu6)
-    return (out > scalar_t(0) && out < scalar_t(6)) ? scalar_t(1) : scalar_t(0);
-  return scalar_t(1);
+inline bool passes_gradient(scalar_t out, int64_t activation) {
+  if (activation == kRelu) return !(out <= scalar_t(0));
+  if (activation == kRelu6) return (out > scalar_t(0)) & (out < scalar_t(6));
+  return true;
 }
 
 inline void check_float(const at::Tensor& t, const char* op, const char* name) {

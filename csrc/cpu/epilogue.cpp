@@ -20,9 +20,7 @@ namespace {
 template <int64_t ACT, typename scalar_t>
 inline scalar_t select_grad(scalar_t grad, scalar_t out, scalar_t s) {
   const scalar_t v = grad * s;
-  if (ACT == kRelu) return out > scalar_t(0) ? v : scalar_t(0);
-  if (ACT == kRelu6) return (out > scalar_t(0)) & (out < scalar_t(6)) ? v : scalar_t(0);
-  return v;
+  return passes_gradient(out, ACT) ? v : scalar_t(0);
 }
 
 at::Tensor epilogue_backward(const at::Tensor& grad_out, const at::Tensor& out,
