@@ -51,7 +51,7 @@ import slimops  # noqa: E402
 from baselines import dense_jit, reference_style  # noqa: E402
 from benchutil import cpu_model  # noqa: E402
 from slimops.demo import demo_model  # noqa: E402
-from slimops.models import s_mobilenet_v1, s_mobilenet_v2  # noqa: E402
+from slimops.models import s_mobilenet_v1, s_mobilenet_v2, s_resnet50  # noqa: E402
 from slimops.nn import SlimConvBNAct, SlimmableLinear, SwitchableBatchNorm2d  # noqa: E402
 from slimops.train import slimmable_step  # noqa: E402
 
@@ -66,6 +66,8 @@ class Cell:
     variants: Dict[str, Callable[[], object]]
     budget_s: float
     rows: Dict[str, float] = field(default_factory=dict)
+    min_rounds: int = 5  # fewer for multi-second cells (S-ResNet-50 training at 224)
+    warmups: int = 2
 
 
 def pin_glibc_heap() -> Optional[str]:
@@ -202,6 +204,16 @@ def build_cells(which: str, quick: bool) -> List[Cell]:
                                      torch.randn(128, 3, 32, 32), 10, budget * 2))
     if which in ("ops", "all"):
         cells += _op_cells(budget / 8, quick)
+    if which in ("resnet", "all") and not quick:
+        # S-ResNet-50 at 224: its partial-width 3x3 and 1x1 convs are dense (no depthwise), the
+        # shapes the MobileNet cells do not reach. A training step of 8 images is seconds.
+        resnet = s_resnet50(WIDTHS, num_classes=1000)
+        cells += _eval_cells("s-resnet-50 224 b1", resnet, torch.randn(1, 3, 224, 224),
+                             budget / 2, WIDTHS)
+        train = _train_cell("train s-resnet-50 224 b8", s_resnet50(WIDTHS, num_classes=1000),
+                            torch.randn(8, 3, 224, 224), 1000, 0.0)
+        train.min_rounds, train.warmups = 3, 1
+        cells.append(train)
     if which in ("eval", "all"):
         widths = (0.25, 1.0) if quick else WIDTHS
         res = 96 if quick else 224
@@ -217,12 +229,13 @@ def measure(cell: Cell) -> None:
     """Interleaved rounds until the budget is spent (at least 5); medians per variant."""
     names = list(cell.variants)
     for fn in cell.variants.values():  # warm-up: first-call costs, caches, allocator
-        fn()
-        fn()
+        for _ in range(cell.warmups):
+            fn()
     times: Dict[str, List[float]] = {n: [] for n in names}
     start = time.perf_counter()
     rounds = 0
-    while rounds < 5 or (time.perf_counter() - start < cell.budget_s and rounds < 200):
+    while rounds < cell.min_rounds or (time.perf_counter() - start < cell.budget_s
+                                       and rounds < 200):
         for n in names:
             t0 = time.perf_counter()
             cell.variants[n]()
@@ -251,7 +264,9 @@ def report(cells: Sequence[Cell], header: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cells", choices=("train", "ops", "eval", "all"), default="all")
+    p.add_argument("--cells", choices=("train", "ops", "eval", "resnet", "all"), default="all",
+                   help="resnet: S-ResNet-50 at 224 (eval b1 per width, a training step at "
+                        "batch 8; ~2 min), part of all")
     p.add_argument("--quick", action="store_true", help="small shapes, short budgets (smoke)")
     p.add_argument("--busy", action="store_true",
                    help="keep one core busy with another process while timing")

@@ -180,7 +180,8 @@ def _bench(args: argparse.Namespace) -> int:
         matrix = importlib.import_module("matrix")
         argv = (["--quick"] if args.quick else []) + (["--busy"] if args.busy else []) + (
             ["--threads", str(args.threads)] if args.threads else []) + (
-            ["--guard"] if args.guard else [])
+            ["--guard"] if args.guard else []) + (
+            ["--cells", args.cells] if args.cells else [])
         return matrix.main(argv)
     return bench_main(quick=args.quick, keyword=args.k, out_dir=args.out, json_path=args.json,
                       plot_path=args.plot, report_only=args.report, threads=args.threads,
@@ -315,6 +316,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                        "interleaved; ratios as a Markdown table)")
     bench.add_argument("--busy", action="store_true",
                        help="with --matrix: keep one core busy with another process")
+    bench.add_argument("--cells", choices=("train", "ops", "eval", "resnet", "all"),
+                       help="with --matrix: which cells (default all; resnet: S-ResNet-50 at "
+                       "224, eval b1 per width and a batch-8 training step, ~1 min more)")
     bench.add_argument("--guard", action="store_true",
                        help="with --matrix: exit 1 if slimops is slower than the reference "
                        "style in any cell")

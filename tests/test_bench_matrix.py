@@ -73,3 +73,23 @@ def test_op_cells_cover_every_family_eval_and_train():
         assert set(c.variants) == {"slimops", "reference"}
         out, ref = c.variants["slimops"](), c.variants["reference"]()
         assert out.shape == ref.shape
+
+
+def test_cli_forwards_the_cells_choice(capsys, monkeypatch):
+    asked = []
+    monkeypatch.setattr(matrix, "build_cells",
+                        lambda which, quick: asked.append(which) or [_cell("toy", 0.0, 0.0)])
+    monkeypatch.setitem(sys.modules, "matrix", matrix)
+    main(["bench", "--matrix", "--quick", "--cells", "resnet"])
+    assert asked == ["resnet"]
+
+
+def test_resnet_cells_eval_per_width_and_a_short_training_cell(monkeypatch):
+    # Tracing four dense ResNet-50s is slow and not what is tested here.
+    monkeypatch.setattr(matrix, "dense_jit", lambda model, w, x: (lambda t: model(t)))
+    cells = matrix.build_cells("resnet", quick=False)
+    names = [c.name for c in cells]
+    assert names == [f"eval s-resnet-50 224 b1 {w:g}x" for w in matrix.WIDTHS] + [
+        "train s-resnet-50 224 b8"]
+    assert cells[-1].min_rounds == 3 and set(cells[-1].variants) == {"slimops", "reference"}
+    assert matrix.build_cells("resnet", quick=True) == []  # too slow for a smoke run
