@@ -566,12 +566,13 @@ def test_every_conv2d_test_passes_without_the_onednn_route():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("side", [8, 34], ids=["small_plane", "large_plane"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
-def test_full_width_large_plane_backward_on_onednn(stride, tol):
-    # Full input width, float32, 3x3, output planes of 32x32 and more: forward and both
-    # backward ops take the oneDNN route (csrc/cpu/conv2d.cpp, use_onednn and
-    # kOnednnBackwardMinPlane); the grads must match the reference like every other path.
-    h = 34 * stride
+def test_full_width_backward_on_onednn(stride, side, tol):
+    # Full input width, float32, 3x3: forward and both backward ops take the oneDNN route
+    # (csrc/cpu/conv2d.cpp, use_onednn), small planes too; the grads must match the reference
+    # like every other path.
+    h = side * stride
     kwargs = dict(input=leaf(torch.randn(2, 5, h, h)), weight=leaf(torch.randn(7, 5, 3, 3)),
                   bias=leaf(torch.randn(7)), out_channels=6, stride=stride, padding=1,
                   shift=leaf(torch.randn(6)), activation="relu")
