@@ -495,3 +495,50 @@ def test_fast_path_first_eval_prepares_every_listed_width(randomize_bn):
         out = block(torch.randn(1, 1, 5, 5))
     assert all(block._eval_plans[w] is not plans[w] for w in WIDTHS)
     assert out.shape == (1, 3, 5, 5)
+
+
+@pytest.mark.parametrize("how", ["data_assignment", "load_state_dict_assign",
+                                 "buffer_reassigned", "parameter_reassigned",
+                                 "set_on_same_storage"])
+def test_fast_path_follows_replaced_bn_state(how, randomize_bn):
+    """Ways of replacing BN state that leave version counters behind (a new tensor starts at
+    version 0, like the one it replaces may be): the plan is keyed by identity and storage too
+    (issue 14: the fast path served the old scale/shift, max error 1.9 on slim_cnn)."""
+    block = make_block("dense", torch.float64, randomize_bn).eval()
+    x = torch.randn(2, 13, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        before = block(x)  # plans cached for every width
+    bn = block.bn.bn[2]
+    new = torch.rand(13, dtype=torch.float64) + 2.0
+    if how == "data_assignment":
+        bn.weight.data = new
+    elif how == "load_state_dict_assign":
+        other = randomize_bn(copy.deepcopy(block))
+        block.load_state_dict(other.state_dict(), assign=True)
+    elif how == "buffer_reassigned":
+        bn.running_var = new
+    elif how == "parameter_reassigned":
+        bn.bias = torch.nn.Parameter(new)
+    else:  # same storage, written through another view: the version counter is shared
+        with torch.no_grad():
+            bn.running_mean.view(-1)[:5] += 3.0
+    with torch.no_grad():
+        after = block(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, _slow(block, x))
+
+
+def test_model_built_under_inference_mode_runs(randomize_bn):
+    """Issue 14: a model created inside torch.inference_mode() (its tensors are inference
+    tensors, without version counters) runs there, with results equal to the checked path;
+    its plans are not cached, since no version counter could tell they went stale."""
+    with torch.inference_mode():
+        block = make_block("dense", torch.float64, randomize_bn).eval()
+        x = torch.randn(2, 13, 6, 5, dtype=torch.float64)
+        out = block(x)
+        block.bn.bn[2].running_mean.add_(1.0)  # in place, no version counter to bump
+        again = block(x)
+        expected = _slow(block, x)  # autograd "on": the checked path, BN recomputed
+    assert not torch.equal(out, again)
+    assert torch.equal(again, expected)
+    assert block._eval_plans == {}

@@ -22,28 +22,55 @@ from slimops.reference import ACTIVATIONS
 from slimops.width import width as width_scope
 
 
+def _bn_sources(affine: nn.BatchNorm2d, stats: Optional[nn.BatchNorm2d]) -> list:
+    """The tensors a width's eval scale/shift is computed from, as the modules hold them now."""
+    return [affine.weight, affine.bias, None if stats is None else stats.running_mean,
+            None if stats is None else stats.running_var]
+
+
+def _state_key(t: Optional[Tensor]):
+    """What identifies a tensor's current contents without reading them: its storage (data
+    pointer), layout and version counter (bumped by every in-place write). Inference tensors
+    (created under ``torch.inference_mode()``) have no version counter: None (never cached)."""
+    if t is None:
+        return ()
+    if t.is_inference():
+        return None
+    return (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t._version)
+
+
 class _EvalPlan:
     """What the inference fast path of one width needs: the active channel counts and the
-    BN's eval scale/shift, with the versions of the tensors they came from."""
+    BN's eval scale/shift, with the identity and state of the tensors they came from."""
 
-    __slots__ = ("sources", "versions", "affine", "stats", "eps", "cin", "cout", "scale",
-                 "shift")
+    __slots__ = ("sources", "keys", "affine", "stats", "eps", "cin", "cout", "scale", "shift")
 
     def __init__(self, sources, affine: nn.BatchNorm2d, stats: Optional[nn.BatchNorm2d],
                  cin: int, cout: int, scale: Tensor, shift: Tensor) -> None:
         self.sources = sources
-        self.versions = [t._version for t in sources]
+        self.keys = [_state_key(t) for t in sources]
         self.affine, self.stats = affine, stats
         self.eps = (stats or affine).eps
         self.cin, self.cout, self.scale, self.shift = cin, cout, scale, shift
 
+    def cacheable(self) -> bool:
+        """False when a source tensor cannot tell whether it was written since (an inference
+        tensor): such a plan serves one call only."""
+        return all(k is not None for k in self.keys)
+
     def valid(self, sbn: SwitchableBatchNorm2d, dtype: torch.dtype) -> bool:
-        """Still right: same BN modules (not replaced, not re-calibrated), same eps, same
-        dtype, and no BN tensor written since (in-place writes bump ``_version``)."""
-        if self.scale.dtype != dtype or (self.affine, self.stats) != sbn.active_modules():
+        """Still right: same BN modules (not replaced, not re-calibrated), same eps and dtype,
+        and each BN tensor the same object, on the same storage, unwritten since. Identity and
+        storage catch what version counters miss: ``load_state_dict(..., assign=True)``, a
+        reassigned buffer, ``bn.weight.data = ...`` (a new tensor starts at version 0)."""
+        if (not self.cacheable() or self.scale.dtype != dtype
+                or (self.affine, self.stats) != sbn.active_modules()):
             return False
-        return ((self.stats or self.affine).eps == self.eps
-                and [t._version for t in self.sources] == self.versions)
+        if (self.stats or self.affine).eps != self.eps:
+            return False
+        current = _bn_sources(self.affine, self.stats)
+        return (all(a is b for a, b in zip(current, self.sources))
+                and [_state_key(t) for t in current] == self.keys)
 
 
 class SlimConvBNAct(nn.Module):
@@ -57,7 +84,8 @@ class SlimConvBNAct(nn.Module):
     Inference fast path: in eval mode without autograd (``torch.no_grad()`` /
     ``torch.inference_mode()``), each width's scale/shift is kept (two vectors of the width's
     channel count, the size of its BN γ/β; never a weight) and reused while the BN's tensors
-    are unchanged (their version counters say so); a missing or stale listed width refreshes
+    are unchanged (the same tensor objects, on the same storage, with the same version
+    counters; tensors made under ``torch.inference_mode()`` have none and are never cached); a missing or stale listed width refreshes
     every listed width's at once, so later switches cost only ``set_width``. The compiled op is
     called directly: no per-call BN arithmetic and no Python-level re-validation of
     arguments the layer already validated. With autograd on, every call recomputes
@@ -119,6 +147,8 @@ class SlimConvBNAct(nn.Module):
         if plan is not None and plan.valid(self.bn, dtype):
             return plan
         plan = self._build_plan()
+        if not plan.cacheable():
+            return plan
         self._eval_plans[w] = plan
         if w in self.conv._width_index:
             # A listed width's plan was missing or stale (first eval, or the BN changed):
@@ -134,9 +164,7 @@ class SlimConvBNAct(nn.Module):
         """The active width's plan, computed from the BN tensors as they are."""
         bn = self.bn
         affine, stats = bn.active_modules()
-        sources = [t for t in (affine.weight, affine.bias,
-                               None if stats is None else stats.running_mean,
-                               None if stats is None else stats.running_var) if t is not None]
+        sources = _bn_sources(affine, stats)
         cin, cout = self.conv.active_channels()
         scale, shift = bn.eval_scale_shift()
         return _EvalPlan(sources, affine, stats, cin, cout, scale, shift)
