@@ -188,6 +188,29 @@ def _bench(args: argparse.Namespace) -> int:
                       with_compile=args.compile)
 
 
+def _table_mismatch(table, name: str) -> Optional[str]:
+    """Why a saved latency table does not describe model ``name`` (None if it may): the
+    registry name the CLI recorded when it measured, else the model class and the widths
+    that LatencyTable.measure recorded. A table without either (hand-made) is taken as is."""
+    from slimops.models import MODELS
+    from slimops.width import model_widths
+
+    recorded = table.meta.get("model_name")
+    if recorded is not None:
+        return None if recorded == name else f"was measured for {recorded}, not {name}"
+    cls = table.meta.get("model")
+    if cls is None:
+        return None
+    model = MODELS[name]()
+    if type(model).__name__ != cls:
+        return f"was measured for a {cls} model, not {name} (a {type(model).__name__})"
+    unknown = sorted(set(table.widths) - set(model_widths(model)))
+    if unknown:
+        return (f"has widths {', '.join(f'{w:g}' for w in unknown)} that {name} does not "
+                f"run at (its widths: {', '.join(f'{w:g}' for w in model_widths(model))})")
+    return None
+
+
 def _pick_width(args: argparse.Namespace) -> int:
     from slimops.deploy import LatencyTable
     from slimops.models import MODELS
@@ -202,6 +225,10 @@ def _pick_width(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             print(f"pick-width: cannot load {args.table}: {e}", file=sys.stderr)
             return 2
+        problem = _table_mismatch(table, args.model)
+        if problem is not None:
+            print(f"pick-width: the table {args.table} {problem}", file=sys.stderr)
+            return 2
         print(f"latency table from {args.table} (not measured now)")
     else:
         print(environment())
@@ -213,6 +240,7 @@ def _pick_width(args: argparse.Namespace) -> int:
         print(f"measuring {args.model} on {device}, input {tuple(args.input_size)}, "
               f"{args.repeats} runs per width ...", flush=True)
         table = LatencyTable.measure(model, tuple(args.input_size), repeats=args.repeats)
+        table.meta["model_name"] = args.model  # what a later --table run checks
     print(table.format(args.budget_ms))
     if args.save:
         table.save(args.save)

@@ -241,8 +241,9 @@ def test_threads_serve_different_widths_on_one_model():
 
 
 def _saved(tmp_path) -> str:
+    """A table for slim_cnn (the model the CLI tests name), saved."""
     path = str(tmp_path / "table.json")
-    _table().save(path)
+    LatencyTable(TABLE, meta={"model": "SlimCNN", "threads": 2}).save(path)
     return path
 
 
@@ -301,3 +302,43 @@ def test_serving_example_runs():
 def test_cli_pick_width_cuda_without_a_gpu(capsys):
     assert main(["pick-width", "slim_cnn", "--budget-ms", "3", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def _saved_with_meta(tmp_path, meta, widths=None) -> str:
+    t = LatencyTable({w: TABLE[w] for w in (widths or TABLE)}, meta)
+    path = str(tmp_path / "table.json")
+    t.save(path)
+    return path
+
+
+@pytest.mark.parametrize("meta,ok", [
+    ({"model_name": "s_mobilenet_v2"}, False),   # recorded by the CLI for another model
+    ({"model": "SMobileNetV2"}, False),          # recorded by LatencyTable.measure
+    ({"model_name": "slim_cnn"}, True),
+    ({}, True),                                  # hand-made: nothing to check
+])
+def test_cli_pick_width_checks_the_tables_model(meta, ok, tmp_path, capsys):
+    """Issue 14: a table measured for s_mobilenet_v2 answered for another model, exit 0."""
+    code = main(["pick-width", "slim_cnn", "--budget-ms", "3",
+                 "--table", _saved_with_meta(tmp_path, meta)])
+    err = capsys.readouterr().err
+    if ok:
+        assert code == 0
+    else:
+        assert code == 2 and "was measured for" in err and "slim_cnn" in err
+
+
+def test_cli_pick_width_checks_the_tables_widths(tmp_path, capsys):
+    from slimops.models import slim_cnn
+    from slimops.width import model_widths
+
+    cls = type(slim_cnn()).__name__
+    listed = model_widths(slim_cnn())
+    path = _saved_with_meta(tmp_path, {"model": cls}, widths=[w for w in TABLE if w in listed])
+    assert main(["pick-width", "slim_cnn", "--budget-ms", "3", "--table", path]) == 0
+    capsys.readouterr()
+    table = LatencyTable({0.3: 1.0, 1.0: 4.0}, {"model": cls})
+    path = str(tmp_path / "other.json")
+    table.save(path)
+    assert main(["pick-width", "slim_cnn", "--budget-ms", "3", "--table", path]) == 2
+    assert "0.3" in capsys.readouterr().err
