@@ -374,7 +374,6 @@ bool conv_onednn_enabled() {
   return enabled && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
 }
 
-
 bool use_onednn(const ConvGeometry& s, const at::Tensor& input) {
   if (s.G != 1 || s.ig != s.Ig || input.scalar_type() != at::kFloat) return false;
   if (!conv_onednn_enabled()) return false;
@@ -447,17 +446,15 @@ bool direct_wins(const ConvGeometry& s, Pass pass) {
 }
 
 bool use_direct(const ConvGeometry& s, const at::Tensor& input, Pass pass) {
-  if (input.scalar_type() != at::kFloat || !conv_direct_enabled() || s.pointwise()) return false;
-  return direct_wins(s, pass) &&
-         direct_conv_suits(direct_forward_problem(s, 0, nullptr, nullptr, nullptr));
-}
-
-bool use_direct_input_grad(const ConvGeometry& s, const at::Tensor& grad_z) {
-  if (grad_z.scalar_type() != at::kFloat || !conv_direct_enabled() || s.pointwise()) return false;
+  if (input.scalar_type() != at::kFloat || !conv_direct_enabled() || s.pointwise() ||
+      !direct_wins(s, pass))
+    return false;
+  if (pass != Pass::kInputGrad)
+    return direct_conv_suits(direct_forward_problem(s, 0, nullptr, nullptr, nullptr));
+  // The input gradient is a correlation only at stride 1, with padding (k-1)*d - p >= 0.
   if (s.sh != 1 || s.sw != 1 || s.ph > (s.kh - 1) * s.dh || s.pw > (s.kw - 1) * s.dw)
     return false;
-  return direct_wins(s, Pass::kInputGrad) &&
-         direct_conv_suits(direct_input_grad_problem(s, 0, nullptr, nullptr, nullptr));
+  return direct_conv_suits(direct_input_grad_problem(s, 0, nullptr, nullptr, nullptr));
 }
 
 // The forward on the direct kernels, group by group (float32 only: use_direct is false for
@@ -701,9 +698,8 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_z, const at::Tensor& wei
         {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1, {true, false, false});
     return std::get<0>(grads).contiguous();
   }
-  if (s.N * s.C * s.H * s.W > 0 && use_direct_input_grad(s, grad_z)) {
-    // Every element is written (an output channel beyond og per group gets a zero gradient:
-    // there is none, as the groups' og rows cover O).
+  if (s.N * s.C * s.H * s.W > 0 && use_direct(s, grad_z, Pass::kInputGrad)) {
+    // The groups' ig input channels cover C: every element of grad_input is written.
     at::Tensor grad_input = at::empty(input_size, grad_z.options());
     const at::Tensor gz = grad_z.contiguous();
     for (int64_t g = 0; g < s.G; ++g)

@@ -100,7 +100,6 @@ struct Field {
   int64_t HP, WP;  // padded extent read by the convolution
   int64_t wb;      // field columns per phase row (covers the widest vector overrun)
   int64_t rows;    // padded rows held per channel
-  int64_t phase_row() const { return wb; }
 };
 
 // Fills the field of `C` channel planes (plane stride H*W at x) for padded rows
