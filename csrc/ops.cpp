@@ -14,17 +14,30 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/route.h"
 
 namespace {
 // The instruction set the CPU kernels' vectorised loops run with ("avx512", "avx2",
 // "base"): the CPU's best, capped by SLIMOPS_CPU_ISA. Reported by slimops.backend_info().
 std::string cpu_isa() { return slimops::cpu::isa_name(slimops::cpu::cpu_isa()); }
+
+// How many conv passes measured so far (csrc/cpu/route.h) went to oneDNN and how many to the
+// kernels: [onednn, kernels]; `clear` forgets them (the next call of each shape measures
+// again). Reported by slimops.backend_info(); benchmarks clear between settings.
+std::vector<int64_t> conv2d_routes(bool clear) {
+  auto& cache = slimops::cpu::route_cache();
+  std::vector<int64_t> counts = {cache.count(true), cache.count(false)};
+  if (clear) cache.clear();
+  return counts;
+}
 }  // namespace
 
 TORCH_LIBRARY(slimops, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("conv2d_routes(bool clear=False) -> int[]", &conv2d_routes);
   // Dense / grouped convolution; groups = G fixed across widths, per-group prefixes.
   m.def(
       "conv2d(Tensor input, Tensor weight, Tensor? bias, int out_channels, int[2] stride, "

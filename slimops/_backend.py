@@ -99,11 +99,18 @@ def backend_info() -> Dict[str, object]:
     ``"extension_error"`` (why ``_C`` did not load, or None),
     ``"native_dtypes"``, ``"cpu_isa"`` (the vector instruction set the C++ kernels'
     hot loops use: ``"avx512"``, ``"avx2"`` or ``"base"``; capped by the environment
-    variable ``SLIMOPS_CPU_ISA``) and the torch version.
+    variable ``SLIMOPS_CPU_ISA``), ``"conv_route"`` (how the C++ conv passes choose between
+    slimops' kernels and oneDNN: ``"auto"``, measured per shape, ``"fixed"`` or ``"onednn"``,
+    from ``SLIMOPS_CONV_ROUTE``; None without the extension), ``"conv_routes_measured"``
+    (``{"onednn": n, "kernels": m}``: the conv passes measured so far in this process and
+    where each went) and the torch version.
     """
+    routes = torch.ops.slimops.conv2d_routes(False) if HAS_C else None
     return {
         "cpu": "C++" if HAS_C else "reference",
         "cpu_isa": torch.ops.slimops.cpu_isa() if HAS_C else None,
+        "conv_route": (os.environ.get("SLIMOPS_CONV_ROUTE") or "auto") if HAS_C else None,
+        "conv_routes_measured": {"onednn": routes[0], "kernels": routes[1]} if HAS_C else None,
         "cuda": (_cuda_kernel_names() if CUDA_READY else "reference")
         if torch.cuda.is_available() else "unavailable",
         "cuda_kernels": _cuda_kernel_names() or None,

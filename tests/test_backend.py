@@ -29,8 +29,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_backend_info_keys_and_values():
     info = slimops.backend_info()
-    assert set(info) == {"cpu", "cpu_isa", "cuda", "cuda_kernels", "extension_error",
-                         "native_dtypes", "torch"}
+    assert set(info) == {"cpu", "cpu_isa", "conv_route", "conv_routes_measured", "cuda",
+                         "cuda_kernels", "extension_error", "native_dtypes", "torch"}
     assert info["cpu"] in ("C++", "reference")
     if not torch.cuda.is_available():
         assert info["cuda"] == "unavailable"
@@ -41,8 +41,11 @@ def test_backend_info_keys_and_values():
     if info["cpu"] == "C++":
         assert info["extension_error"] is None
         assert info["cpu_isa"] in ("avx512", "avx2", "base")
+        assert info["conv_route"] == os.environ.get("SLIMOPS_CONV_ROUTE", "auto")
+        assert set(info["conv_routes_measured"]) == {"onednn", "kernels"}
     else:
         assert info["cpu_isa"] is None
+        assert info["conv_route"] is None and info["conv_routes_measured"] is None
         assert isinstance(info["extension_error"], str) and info["extension_error"]
     json.dumps(info)  # plain data, printable by the CLI
 

@@ -1,6 +1,13 @@
 """The spec's no-copy guarantee, checked with the profiler: forward and backward of every op
 at a non-full width never copy the shared weight, neither whole nor its active prefix.
 
+The conv passes run here on the fixed route (SLIMOPS_CONV_ROUTE=fixed: slimops' kernels at
+a partial width). With the default measured route, a conv pass that oneDNN ran faster on this
+machine takes oneDNN, which gets a copy of the prefix for the forward and the input gradient
+(the reference style's copy; DESIGN.md: a kernel is as fast as the reference "or the op uses
+the reference"); tests/test_ops_conv2d_route.py checks that copy and its absence in the
+weight gradient.
+
 A copy shows up as an ``aten::copy_`` / ``aten::clone`` / ``aten::contiguous`` /
 ``aten::_to_copy`` event, or an ``aten::reshape`` that has to copy (it then runs
 ``aten::clone``), whose input has the full weight's shape or one of the prefix's shapes. The
@@ -25,6 +32,11 @@ from slimops.nn import SlimConvBNAct
 pytestmark = pytest.mark.skipif(
     slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
 )
+
+@pytest.fixture(autouse=True)
+def _fixed_route(monkeypatch):
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "fixed")
+
 
 COPY_EVENTS = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"}
 COPYING_CHILDREN = {"aten::clone", "aten::copy_", "aten::_to_copy"}

@@ -48,11 +48,13 @@ def _compare(op, ref_op, kwargs, tol):
                                    msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("path", ["direct", "gemm", "full_width"])
+@pytest.mark.parametrize("path", ["direct", "gemm", "full_width", "onednn"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("value", VALUES, ids=["nan", "inf", "-inf"])
 def test_conv2d(value, act, path, monkeypatch, tol):
     monkeypatch.setenv("SLIMOPS_CONV_DIRECT", "0" if path == "gemm" else "1")
+    if path == "onednn":  # the other route (csrc/cpu/route.h), with the same epilogue
+        monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
     cin = 8 if path == "full_width" else 5
     weight = torch.randn(10, 8, 3, 3)
     kwargs = dict(input=torch.randn(2, cin, 14, 30), weight=weight, bias=torch.randn(10),

@@ -9,6 +9,7 @@
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
 #include "cpu/parallel.h"
+#include "cpu/route.h"
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
@@ -342,28 +343,24 @@ EpilogueRows<scalar_t> epilogue_rows_for_cpu() {
   SLIMOPS_RETURN_FOR_CPU_ISA(epilogue_rows<scalar_t>);
 }
 
-// When the conv runs on oneDNN (through at::convolution) instead of im2col + GEMM.
+// oneDNN (through at::convolution, the library behind F.conv2d) is the other route a pass can
+// take; route.h picks between it and the kernels per shape by measuring both. What it costs:
+// at full input width (width 1.0, a first layer) the active weight W[:O] is contiguous and
+// handed over as a view; at a partial width the forward and the input gradient need the
+// prefix W[:O, :ig] as a contiguous copy (what the reference style copies on every call), and
+// the weight gradient never reads the weight (it gets an empty tensor of the prefix's sizes).
 //
-// Only when the active weight W[:O, :Ig] is itself contiguous, i.e. the input is at full
-// width (Ig equals the weight's), as at width 1.0 and in a first layer: then the prefix is
-// handed to oneDNN as a view, no copy. A partial-width prefix is strided, and oneDNN would need
-// it copied (the reference style does that copy every call), so those stay on the GEMM path.
-// Measured side by side (2-core AMD EPYC with AVX-512, float32, 2 threads, glibc mmap/trim
-// thresholds raised so neither side pays page faults; sweep in issue 13's closing note):
-// oneDNN's direct 3x3 convolutions ran 1.7-3.1x faster than im2col + GEMM at batch 1 to 64.
-// Pointwise convs split by size: at 14M multiply-adds and more (512x512 at 14x14, 1024x1024
-// at 7x7, 960 -> 320 at 7x7, 16 -> 96 at 112x112, 256x256 at 28x28, batch 8 at 14x14) oneDNN
-// was 1.2-2.1x faster; below (most of S-MobileNet v2's pointwise layers at batch 1, 4x4/2x2
-// planes at batch 64) the GEMM path was 1.0-2.4x faster (oneDNN reorders the weight into its
-// blocked layout on every call, a fixed cost small layers do not amortise). The backward ops
-// take the same route (at::convolution_backward) under the same rule: on 56x56 and 112x112
-// planes at batch 8 conv+BN+ReLU training went 1.25-1.67x -> 0.94-1.00x the reference style,
-// and the GEMM backward measured 1.35-2.4x behind it on 3x3 convs at 28x28, 14x14, 7x7
-// (batch 8) and 8x8 (batch 64), 1.04-1.2x on large 1x1 input gradients, with glibc's default
-// allocator as with raised thresholds. (It had been limited to planes of 32x32 and more after
-// one demo run looked slower on the 8x8 digits; repeated A/B runs of the demo and of the
-// training cells showed no difference.)
-// SLIMOPS_CONV_ONEDNN=0 turns the route off (tests run both paths).
+// The fixed rule (SLIMOPS_CONV_ROUTE=fixed, and passes too small to measure) takes oneDNN at
+// full width only. Measured side by side (2-core AMD EPYC with AVX-512, float32, 2 threads,
+// glibc mmap/trim thresholds raised so neither side pays page faults; sweep in issue 13's
+// closing note): oneDNN's direct 3x3 convolutions ran 1.7-3.1x faster than im2col + GEMM at
+// batch 1 to 64. Pointwise convs split by size: at 14M multiply-adds and more (512x512 at
+// 14x14, 1024x1024 at 7x7, 960 -> 320 at 7x7, 16 -> 96 at 112x112, 256x256 at 28x28, batch 8
+// at 14x14) oneDNN was 1.2-2.1x faster; below (most of S-MobileNet v2's pointwise layers at
+// batch 1, 4x4/2x2 planes at batch 64) the GEMM path was 1.0-2.4x faster (oneDNN reorders the
+// weight into its blocked layout on every call, a fixed cost small layers do not amortise).
+// The backward passes follow the same rule.
+// SLIMOPS_CONV_ONEDNN=0 turns the route off altogether (tests run both paths).
 constexpr int64_t kOnednnPointwiseMacs = int64_t{14} << 20;
 
 bool conv_onednn_enabled() {
@@ -374,11 +371,35 @@ bool conv_onednn_enabled() {
   return enabled && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
 }
 
-bool use_onednn(const ConvGeometry& s, const at::Tensor& input) {
-  if (s.G != 1 || s.ig != s.Ig || input.scalar_type() != at::kFloat) return false;
-  if (!conv_onednn_enabled()) return false;
+bool conv_direct_enabled();
+
+// Whether oneDNN can run the pass at all: one group, float32, the route enabled.
+bool onednn_possible(const ConvGeometry& s, const at::Tensor& input) {
+  return s.G == 1 && input.scalar_type() == at::kFloat && conv_onednn_enabled();
+}
+
+// The fixed rule: oneDNN at full input width (3x3 always, pointwise from 14M multiply-adds).
+bool onednn_fixed(const ConvGeometry& s) {
+  if (s.ig != s.Ig) return false;
   if (!s.pointwise()) return true;
   return s.N * s.P() * s.C * s.O >= kOnednnPointwiseMacs;
+}
+
+int64_t conv_macs(const ConvGeometry& s) { return s.N * s.P() * s.O * s.K(); }
+
+enum class Pass { kForward, kInputGrad, kWeightGrad };
+
+// Everything a pass's speed depends on, for route.h's cache.
+RouteKey route_key(const ConvGeometry& s, Pass pass, int64_t epilogue) {
+  return {static_cast<int64_t>(pass), s.N, s.C, s.H, s.W, s.O, s.Ig, s.kh, s.kw, s.sh, s.sw,
+          s.ph, s.pw, s.dh, s.dw, epilogue, at::get_num_threads(),
+          static_cast<int64_t>(cpu_isa()), conv_direct_enabled() ? 1 : 0, 0, 0, 0, 0, 0};
+}
+
+// The prefix W[:O, :ig] as oneDNN takes it: a view at full input width, else a copy.
+at::Tensor onednn_weight(const at::Tensor& weight, const ConvGeometry& s) {
+  const at::Tensor w = weight.narrow(0, 0, s.O).narrow(1, 0, s.ig);
+  return w.is_contiguous() ? w : w.contiguous();
 }
 
 // Group g of the conv as a direct-kernel problem (conv2d_direct.h): W[g*Og : g*Og + og, :ig]
@@ -437,16 +458,14 @@ bool conv_direct_enabled() {
 // more input channels) on planes under 28 columns, where the GEMM's long inner dimension
 // wins. Under AVX2 (the 9-accumulator tile) they won up to 32 channels on either side and lost
 // beyond it in the forward and input gradient.
-enum class Pass { kForward, kInputGrad, kWeightGrad };
-
 bool direct_wins(const ConvGeometry& s, Pass pass) {
   if (cpu_isa() == Isa::kAvx512)
     return pass != Pass::kForward || s.ig < 128 || s.Wo >= 28;
   return s.ig <= 32 && s.og <= 32;
 }
 
-bool use_direct(const ConvGeometry& s, const at::Tensor& input, Pass pass) {
-  if (input.scalar_type() != at::kFloat || !conv_direct_enabled() || s.pointwise() ||
+bool use_direct(const ConvGeometry& s, bool is_float, Pass pass) {
+  if (!is_float || !conv_direct_enabled() || s.pointwise() ||
       !direct_wins(s, pass))
     return false;
   if (pass != Pass::kInputGrad)
@@ -483,9 +502,8 @@ template <typename scalar_t>
 at::Tensor conv2d_onednn(const at::Tensor& input, const at::Tensor& weight,
                    const ConvGeometry& s, const scalar_t* a, const scalar_t* t,
                    const scalar_t* rp, int64_t activation, bool has_epilogue) {
-  const at::Tensor w = weight.narrow(0, 0, s.O);  // contiguous: W[:O] with every input channel
   // NCHW in, NCHW out (contiguous() is a no-op then; it only guards another layout).
-  at::Tensor out = at::convolution(input, w, c10::nullopt, {s.sh, s.sw}, {s.ph, s.pw},
+  at::Tensor out = at::convolution(input, onednn_weight(weight, s), c10::nullopt, {s.sh, s.sw}, {s.ph, s.pw},
                                    {s.dh, s.dw}, false, {0, 0}, 1)
                        .contiguous();
   if (!has_epilogue) return out;
@@ -500,6 +518,12 @@ at::Tensor conv2d_onednn(const at::Tensor& input, const at::Tensor& weight,
   });
   return out;
 }
+
+template <typename scalar_t>
+void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t threads,
+                    const scalar_t* xp, const scalar_t* wp, scalar_t* op_, const scalar_t* a_,
+                    const scalar_t* t_, const scalar_t* rp, int64_t activation,
+                    bool has_epilogue);
 
 at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, int64_t out_channels,
@@ -528,10 +552,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   const bool empty = s.N * s.O * s.Ho * s.Wo == 0;
   if (empty) return at::empty(out_size, input.options());
   const at::Tensor x = input.contiguous();
-  const bool onednn = use_onednn(s, x);
-  // The oneDNN route returns its own output: no second (unused) buffer, which for a large
-  // output would be fresh pages to fault in on every call.
-  at::Tensor out = onednn ? at::Tensor() : at::empty(out_size, input.options());
+  at::Tensor out;
   const auto contiguous_or_undefined = [](const c10::optional<at::Tensor>& t) {
     const at::Tensor* p = opt_ptr(t);
     return p ? p->contiguous() : at::Tensor();
@@ -544,7 +565,6 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                             activation != kNone;
   const int64_t threads = at::get_num_threads();
   const BlockPlan plan = plan_blocks(s, threads);
-  const int64_t P = s.P(), K = s.K(), lda = s.Ig * s.kernel_area();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "slimops_conv2d", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -566,16 +586,37 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
         t[c] = (shp ? shp[c] : scalar_t(0)) + bias_c * a[c];
       }
     }
-    if (onednn) {
-      out = conv2d_onednn<scalar_t>(x, weight, s, a.data(), t.data(), rp, activation,
-                                    has_epilogue);
-      return;
-    }
-    scalar_t* op_ = out.data_ptr<scalar_t>();
+    // The oneDNN route returns its own output (no second, unused buffer: for a large output
+    // that would be fresh pages to fault in on every call).
+    const auto by_onednn = [&] {
+      return conv2d_onednn<scalar_t>(x, weight, s, a.data(), t.data(), rp, activation,
+                                     has_epilogue);
+    };
+    const auto by_kernels = [&] {
+      at::Tensor result = at::empty(out_size, input.options());
+      conv2d_kernels<scalar_t>(s, plan, threads, xp, wp, result.data_ptr<scalar_t>(), a.data(),
+                               t.data(), rp, activation, has_epilogue);
+      return result;
+    };
+    const int64_t epilogue_key = (has_epilogue ? 1 : 0) + (rp ? 2 : 0) + 4 * activation;
+    out = run_routed<at::Tensor>(route_key(s, Pass::kForward, epilogue_key),
+                                 onednn_possible(s, x), conv_macs(s), onednn_fixed(s),
+                                 by_onednn, by_kernels);
+  });
+  return out;
+}
+
+// The forward on slimops' kernels: the direct kernels where they suit, else im2col + GEMM.
+template <typename scalar_t>
+void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t threads,
+                    const scalar_t* xp, const scalar_t* wp, scalar_t* op_, const scalar_t* a_,
+                    const scalar_t* t_, const scalar_t* rp, int64_t activation,
+                    bool has_epilogue) {
+    const int64_t P = s.P(), K = s.K(), lda = s.Ig * s.kernel_area();
+    const int64_t og = s.og, Og = s.Og;
     const EpilogueRows<scalar_t> epilogue = epilogue_rows_for_cpu<scalar_t>();
-    if (use_direct(s, x, Pass::kForward)) {
-      conv2d_direct<scalar_t>(s, xp, wp, op_, epilogue, a.data(), t.data(), rp, activation,
-                              has_epilogue);
+    if (use_direct(s, std::is_same<scalar_t, float>::value, Pass::kForward)) {
+      conv2d_direct<scalar_t>(s, xp, wp, op_, epilogue, a_, t_, rp, activation, has_epilogue);
       return;
     }
 
@@ -605,7 +646,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
         for (int64_t c = 0; c < s.O; ++c)
           std::copy(tmp + c * ld + j * P, tmp + c * ld + (j + 1) * P, C + c * P);
         if (has_epilogue)
-          epilogue(C, P, s.O, P, a.data(), t.data(), rp ? rp + (n0 + j) * s.O * P : nullptr,
+          epilogue(C, P, s.O, P, a_, t_, rp ? rp + (n0 + j) * s.O * P : nullptr,
                    activation);
       }
     };
@@ -633,7 +674,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                          C + g * og * P, P);
       }
       if (has_epilogue)
-        epilogue(C + r0 * P, P, nrows, ncols, a.data() + r0, t.data() + r0,
+        epilogue(C + r0 * P, P, nrows, ncols, a_ + r0, t_ + r0,
                  rp ? rp + n * s.O * P + p0 + r0 * P : nullptr, activation);
     };
     const bool multi = plan.images > 1;
@@ -660,8 +701,6 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
       // Too little work to split (or one thread): BLAS uses the threads itself.
       run_tasks(0, plan.tasks);
     }
-  });
-  return out;
 }
 
 // grad_z: [N, O, Ho, Wo] with O = grad_z.size(1) the active output width.
@@ -683,22 +722,37 @@ ConvGeometry backward_geometry(const char* op, const at::Tensor& grad_z,
   return s;
 }
 
+// The input gradient on oneDNN (see onednn_possible). The input's values are not needed for
+// its gradient; convolution_backward reads only its sizes.
+at::Tensor conv2d_backward_input_onednn(const ConvGeometry& s, const at::Tensor& grad_z,
+                                        const at::Tensor& weight, at::IntArrayRef input_size) {
+  const at::Tensor sizes_only = at::empty(input_size, grad_z.options());
+  auto grads = at::convolution_backward(
+      grad_z.contiguous(), sizes_only, onednn_weight(weight, s), c10::nullopt, {s.sh, s.sw},
+      {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1, {true, false, false});
+  return std::get<0>(grads).contiguous();
+}
+
+at::Tensor conv2d_backward_input_kernels(const ConvGeometry& s, const at::Tensor& grad_z,
+                                         const at::Tensor& weight, at::IntArrayRef input_size);
+
 at::Tensor conv2d_backward_input(const at::Tensor& grad_z, const at::Tensor& weight,
                                  at::IntArrayRef input_size, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t groups) {
   const ConvGeometry s = backward_geometry("conv2d_backward_input", grad_z, input_size, weight,
                                            stride, padding, dilation, groups);
-  if (s.N * s.C * s.H * s.W > 0 && s.O > 0 && use_onednn(s, grad_z)) {
-    // Full input width: oneDNN on the contiguous prefix W[:O] (see use_onednn). The input's
-    // values are not needed for its gradient; convolution_backward reads only its sizes.
-    const at::Tensor sizes_only = at::empty(input_size, grad_z.options());
-    auto grads = at::convolution_backward(
-        grad_z.contiguous(), sizes_only, weight.narrow(0, 0, s.O), c10::nullopt, {s.sh, s.sw},
-        {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1, {true, false, false});
-    return std::get<0>(grads).contiguous();
-  }
-  if (s.N * s.C * s.H * s.W > 0 && use_direct(s, grad_z, Pass::kInputGrad)) {
+  const bool work = s.N * s.C * s.H * s.W > 0 && s.O > 0;
+  return run_routed<at::Tensor>(
+      route_key(s, Pass::kInputGrad, 0), work && onednn_possible(s, grad_z), conv_macs(s),
+      onednn_fixed(s), [&] { return conv2d_backward_input_onednn(s, grad_z, weight, input_size); },
+      [&] { return conv2d_backward_input_kernels(s, grad_z, weight, input_size); });
+}
+
+at::Tensor conv2d_backward_input_kernels(const ConvGeometry& s, const at::Tensor& grad_z,
+                                         const at::Tensor& weight, at::IntArrayRef input_size) {
+  if (s.N * s.C * s.H * s.W > 0 &&
+      use_direct(s, grad_z.scalar_type() == at::kFloat, Pass::kInputGrad)) {
     // The groups' ig input channels cover C: every element of grad_input is written.
     at::Tensor grad_input = at::empty(input_size, grad_z.options());
     const at::Tensor gz = grad_z.contiguous();
@@ -765,6 +819,11 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_z, const at::Tensor& wei
   return grad_input;
 }
 
+at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor& gz,
+                                         const at::Tensor& x, const at::Tensor& weight);
+at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tensor& gz,
+                                          const at::Tensor& x, const at::Tensor& weight);
+
 at::Tensor conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& input,
                                   const at::Tensor& weight, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -776,23 +835,37 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& in
               input.sizes());
   const ConvGeometry s =
       backward_geometry(op, grad_z, input.sizes(), weight, stride, padding, dilation, groups);
-  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
-  if (s.N == 0) return grad_weight;
+  if (s.N == 0) return at::zeros(weight.sizes(), weight.options());
   const at::Tensor x = input.contiguous();
   const at::Tensor gz = grad_z.contiguous();
-  if (s.O > 0 && use_onednn(s, x)) {
-    // Full input width: oneDNN on the contiguous prefix W[:O] (see use_onednn), its gradient
-    // [O, Ig, kh, kw] written into the first O rows of the full-size gradient (contiguous
-    // there too, as ig == Ig).
-    auto grads = at::convolution_backward(gz, x, weight.narrow(0, 0, s.O), c10::nullopt,
-                                          {s.sh, s.sw}, {s.ph, s.pw}, {s.dh, s.dw}, false,
-                                          {0, 0}, 1, {false, true, false});
-    const at::Tensor gw = std::get<1>(grads).contiguous();
-    const float* src = gw.data_ptr<float>();
-    std::copy(src, src + gw.numel(), grad_weight.data_ptr<float>());
-    return grad_weight;
-  }
-  if (use_direct(s, x, Pass::kWeightGrad)) {
+  return run_routed<at::Tensor>(
+      route_key(s, Pass::kWeightGrad, 0), s.O > 0 && onednn_possible(s, x), conv_macs(s),
+      onednn_fixed(s), [&] { return conv2d_backward_weight_onednn(s, gz, x, weight); },
+      [&] { return conv2d_backward_weight_kernels(s, gz, x, weight); });
+}
+
+// The weight gradient on oneDNN. It never reads the weight, so oneDNN gets an empty tensor of
+// the prefix's sizes (no copy at any width); its gradient [O, ig, kh, kw] is written into the
+// prefix of the full-size gradient, row by row.
+at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor& gz,
+                                         const at::Tensor& x, const at::Tensor& weight) {
+  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
+  const at::Tensor sizes_only = at::empty({s.O, s.ig, s.kh, s.kw}, weight.options());
+  auto grads = at::convolution_backward(gz, x, sizes_only, c10::nullopt, {s.sh, s.sw},
+                                        {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1,
+                                        {false, true, false});
+  const at::Tensor gw = std::get<1>(grads).contiguous();
+  const int64_t row = s.ig * s.kernel_area(), ldw = s.Ig * s.kernel_area();
+  const float* src = gw.data_ptr<float>();
+  float* dst = grad_weight.data_ptr<float>();
+  for (int64_t o = 0; o < s.O; ++o) std::copy(src + o * row, src + (o + 1) * row, dst + o * ldw);
+  return grad_weight;
+}
+
+at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tensor& gz,
+                                          const at::Tensor& x, const at::Tensor& weight) {
+  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
+  if (use_direct(s, x.scalar_type() == at::kFloat, Pass::kWeightGrad)) {
     for (int64_t g = 0; g < s.G; ++g) {
       DirectConv d = direct_forward_problem(s, g, x.data_ptr<float>(), nullptr, nullptr);
       direct_conv_weight_grad(d, gz.data_ptr<float>() + g * s.og * s.P(), s.O * s.P(),
@@ -805,7 +878,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& in
   // Per chunk and group, one GEMM accumulates gz_g [og, L] @ cols_g^T [L, K] straight into the
   // strided prefix of the full-size gradient (leading dimension Ig*kh*kw): the chunk's images
   // and positions are the GEMM's inner dimension.
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "slimops_conv2d_backward_weight", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_conv2d_backward_weight", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gzp = gz.data_ptr<scalar_t>();
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();

@@ -1,0 +1,156 @@
+"""The conv passes' route between slimops' kernels and oneDNN (csrc/cpu/route.h).
+
+``SLIMOPS_CONV_ROUTE=onednn`` forces oneDNN wherever it applies (one group, float32), so its
+results are checked here against the reference at partial and full widths, with every part of
+the epilogue; ``auto`` (the default outside the test suite) measures both routes on the first
+call of each shape and keeps the faster; ``fixed`` (the suite's setting, tests/conftest.py)
+never measures. The oneDNN route copies the weight prefix for the forward and the input
+gradient at a partial width (as the reference style does), never for the weight gradient.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import slimops
+from slimops import reference
+
+from test_ops_no_weight_copy import conv_weight_shapes, weight_copies
+
+pytestmark = [
+    pytest.mark.skipif(slimops.backend_info()["cpu"] != "C++",
+                       reason="needs the compiled extension slimops._C"),
+    pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN"),
+]
+
+
+def _routes():
+    onednn, kernels = torch.ops.slimops.conv2d_routes(False)
+    return onednn + kernels
+
+
+def _check(x, weight, o, stride, padding, dilation, epilogue, tol):
+    """Forward and the three gradients of slimops.ops.conv2d against the reference."""
+    def run(op):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+        extra = {k: (v.detach().clone().requires_grad_() if v is not None else None)
+                 for k, v in epilogue.items() if k != "activation"}
+        out = op(leaves[0], leaves[1], None, o, stride, padding, dilation, 1,
+                 extra["scale"], extra["shift"], extra["residual"], epilogue["activation"])
+        wanted = leaves + [v for v in extra.values() if v is not None]
+        g = torch.linspace(-1, 1, out.numel()).view_as(out)
+        return out, torch.autograd.grad(out, wanted, g)
+
+    out, grads = run(slimops.ops.conv2d)
+    exp, exp_grads = run(reference.conv2d)
+    torch.testing.assert_close(out, exp, **tol(torch.float32, exp))
+    for got, e in zip(grads, exp_grads):
+        torch.testing.assert_close(got, e, **tol(torch.float32, e))
+
+
+CASES = [
+    # (I_full, O_full, i, o, kernel, stride, padding, dilation, H, W, N)
+    (16, 24, 8, 12, 3, 1, 1, 1, 9, 11, 3),     # partial width, 3x3
+    (16, 24, 16, 12, 3, 2, 1, 1, 13, 8, 2),    # full input width, stride 2
+    (32, 32, 20, 32, 1, 1, 0, 1, 15, 15, 4),   # partial pointwise
+    (8, 8, 5, 7, 3, 2, 2, 2, 11, 12, 2),       # stride, padding and dilation 2
+    (12, 12, 7, 5, 5, 1, 3, 1, 7, 6, 1),       # 5x5, padding over the kernel's reach
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("with_epilogue", [False, True], ids=["plain", "epilogue"])
+def test_onednn_route_matches_reference(case, with_epilogue, monkeypatch, tol):
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
+    I, O, i, o, k, s, p, d, H, W, N = case
+    x = torch.randn(N, i, H, W)
+    weight = torch.randn(O, I, k, k)
+    Ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
+    Wo = (W + 2 * p - d * (k - 1) - 1) // s + 1
+    epilogue = dict(scale=None, shift=None, residual=None, activation=None)
+    if with_epilogue:
+        epilogue = dict(scale=torch.rand(o) + 0.5, shift=torch.randn(o),
+                        residual=torch.randn(N, o, Ho, Wo), activation="relu")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        slimops.ops.conv2d(x, weight, None, o, s, p, d)
+    assert "aten::convolution" in {e.name for e in prof.events()}, "oneDNN did not run"
+    _check(x, weight, o, s, p, d, epilogue, tol)
+
+
+def test_auto_measures_each_pass_once_per_shape(monkeypatch, tol):
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "auto")
+    torch.ops.slimops.conv2d_routes(True)
+    # 2 * 24 * 24 * 16 * 16*9 = 2.65M multiply-adds: above the measuring threshold.
+    x, weight = torch.randn(2, 16, 24, 24), torch.randn(32, 32, 3, 3)
+    epilogue = dict(scale=None, shift=torch.randn(16), residual=None, activation="relu6")
+    for _ in range(3):  # the first call measures; the others reuse the choice
+        _check(x, weight, 16, 1, 1, 1, epilogue, tol)
+    # forward (with its epilogue), input and weight gradients; the reference ran no slimops op
+    assert _routes() == 3
+    info = slimops.backend_info()
+    assert info["conv_route"] == "auto"
+    assert sum(info["conv_routes_measured"].values()) == 3
+    assert torch.ops.slimops.conv2d_routes(True) != [0, 0] and _routes() == 0
+
+
+def test_auto_does_not_measure_tiny_passes(monkeypatch):
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "auto")
+    torch.ops.slimops.conv2d_routes(True)
+    x = torch.randn(1, 3, 5, 5, requires_grad=True)
+    weight = torch.randn(4, 4, 3, 3, requires_grad=True)
+    slimops.ops.conv2d(x, weight, None, 2, 1, 1, 1).sum().backward()
+    assert _routes() == 0
+
+
+def test_fixed_route_never_measures(monkeypatch):
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "fixed")
+    torch.ops.slimops.conv2d_routes(True)
+    x = torch.randn(2, 16, 24, 24, requires_grad=True)
+    weight = torch.randn(32, 32, 3, 3, requires_grad=True)
+    slimops.ops.conv2d(x, weight, None, 16, 1, 1, 1).sum().backward()
+    assert _routes() == 0
+
+
+def test_onednn_route_copies_the_prefix_only_where_it_reads_the_weight(monkeypatch):
+    """Forward and input gradient at a partial width hand oneDNN a contiguous copy of
+    W[:o, :i] (what the reference style copies); the weight gradient reads no weight."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
+    weight = torch.randn(24, 16, 3, 3, requires_grad=True)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    shapes = conv_weight_shapes(weight.shape, 1, 12, 8)
+    out = slimops.ops.conv2d(x, weight, None, 12, 1, 1, 1)
+    g = torch.randn_like(out)
+
+    def copies(fn):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn()
+        return weight_copies(prof, shapes)
+
+    assert copies(lambda: slimops.ops.conv2d(x, weight, None, 12, 1, 1, 1))
+    assert copies(lambda: torch.ops.slimops.conv2d_backward_input(
+        g, weight.detach(), list(x.shape), [1, 1], [1, 1], [1, 1], 1))
+    assert not copies(lambda: torch.ops.slimops.conv2d_backward_weight(
+        g, x.detach(), weight.detach(), [1, 1], [1, 1], [1, 1], 1))
+
+
+@pytest.mark.parametrize("what", ["groups", "float64"])
+def test_onednn_route_skips_what_it_cannot_run(what, monkeypatch, tol):
+    """Grouped convs and float64 stay on the kernels even when oneDNN is forced."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
+    groups = 2 if what == "groups" else 1
+    dtype = torch.float64 if what == "float64" else torch.float32
+    x = torch.randn(2, 8, 9, 9, dtype=dtype)
+    weight = torch.randn(24, 8 // groups * 2, 3, 3, dtype=dtype)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = slimops.ops.conv2d(x, weight, None, 12, 1, 1, 1, groups)
+    assert "aten::convolution" not in {e.name for e in prof.events()}
+    exp = reference.conv2d(x, weight, None, 12, [1, 1], [1, 1], [1, 1], groups, None, None,
+                           None, None)
+    torch.testing.assert_close(out, exp, **tol(dtype, exp))
+
+
+def test_bad_route_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "fastest")
+    with pytest.raises(RuntimeError, match="SLIMOPS_CONV_ROUTE must be auto, fixed or onednn"):
+        slimops.ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3), None, 4, 1, 1, 1)
