@@ -4,6 +4,7 @@
 // Every GEMM reads group g's weight prefix as a strided [og, ig*kh*kw] view of the full
 // weight (row stride Ig*kh*kw, unit column stride), which BLAS takes through its leading
 // dimension: the weight is never copied, only activations are (im2col, .contiguous()).
+#include "checked_size.h"
 #include "cpu/common.h"
 #include "cpu/conv2d_direct.h"
 #include "cpu/gemm.h"
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -100,12 +102,15 @@ ConvGeometry make_geometry(const char* op, at::IntArrayRef input_size, const at:
               " input channels per group but the weight ", weight.sizes(), " has ", s.Ig,
               " (groups=", groups, ")");
 
-  const int64_t span_h = s.dh * (s.kh - 1) + 1, span_w = s.dw * (s.kw - 1) + 1;
-  TORCH_CHECK(s.H + 2 * s.ph >= span_h && s.W + 2 * s.pw >= span_w, "slimops::", op,
-              ": input too small for kernel: padded input ", s.H + 2 * s.ph, "x",
-              s.W + 2 * s.pw, " is smaller than the dilated kernel ", span_h, "x", span_w);
-  s.Ho = (s.H + 2 * s.ph - span_h) / s.sh + 1;
-  s.Wo = (s.W + 2 * s.pw - span_w) / s.sw + 1;
+  // Checked 64-bit arithmetic (checked_size.h): an extreme stride, padding or dilation is an
+  // error or the right size, never a wrapped one.
+  s.Ho = conv_output_size(op, "height", s.H, s.kh, s.sh, s.ph, s.dh);
+  s.Wo = conv_output_size(op, "width", s.W, s.kw, s.sw, s.pw, s.dw);
+  checked_numel(std::vector<int64_t>{s.N, s.O, s.Ho, s.Wo}, op, "the output's element count");
+  // im2col's rows and the direct kernels' padded field are sized from these.
+  checked_mul(checked_mul(s.C, s.kernel_area(), op, "the im2col rows"), s.P(), op,
+              "the im2col matrix");
+  checked_mul(s.H + 2 * s.ph, s.W + 2 * s.pw, op, "the padded input plane");
   return s;
 }
 
@@ -115,7 +120,9 @@ struct Span {
 };
 
 Span valid_span(int64_t offset, int64_t stride, int64_t size, int64_t out_size) {
-  const int64_t lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  // ceil(-offset / stride) without forming -offset + stride - 1, which wraps for a stride
+  // near 2^63 (the fuzz in tests/fuzz_geometry.py found stride 2^63 - 1 reading garbage).
+  const int64_t lo = offset >= 0 ? 0 : -offset / stride + (-offset % stride != 0);
   const int64_t hi = size - 1 - offset < 0 ? 0 : (size - 1 - offset) / stride + 1;
   const int64_t clo = std::min(lo, out_size);
   return {clo, std::max(clo, std::min(hi, out_size))};
@@ -373,9 +380,25 @@ bool conv_onednn_enabled() {
 
 bool conv_direct_enabled();
 
-// Whether oneDNN can run the pass at all: one group, float32, the route enabled.
+// Whether oneDNN can run the pass at all: one group, float32, the route enabled, and the
+// geometry inside 32-bit ranges. PyTorch's conv sizes its output in ways that break past
+// them (stride 2^63 - 1 with padding 2^31 - 1 gave an empty output where the formula gives
+// one row, and the epilogue then wrote through a null pointer; tests/fuzz_geometry.py), so
+// such geometry stays on slimops' kernels, whose 64-bit arithmetic is checked.
 bool onednn_possible(const ConvGeometry& s, const at::Tensor& input) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  for (int64_t v : {s.sh, s.sw, s.dh, s.dw, s.H + 2 * s.ph, s.W + 2 * s.pw}) {
+    if (v > kMax) return false;
+  }
   return s.G == 1 && input.scalar_type() == at::kFloat && conv_onednn_enabled();
+}
+
+// oneDNN's result must have the shape slimops' checked geometry gives (a guard behind
+// onednn_possible's ranges: a mis-sized result would be indexed past its end).
+void check_onednn_shape(const at::Tensor& t, at::IntArrayRef expected, const char* what) {
+  TORCH_CHECK(t.sizes() == expected, "slimops::conv2d: oneDNN's ", what, " has shape ",
+              t.sizes(), " where the geometry gives ", expected,
+              "; set SLIMOPS_CONV_ROUTE=fixed to run this geometry on slimops' kernels");
 }
 
 // The fixed rule: oneDNN at full input width (3x3 always, pointwise from 14M multiply-adds).
@@ -506,6 +529,7 @@ at::Tensor conv2d_onednn(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor out = at::convolution(input, onednn_weight(weight, s), c10::nullopt, {s.sh, s.sw}, {s.ph, s.pw},
                                    {s.dh, s.dw}, false, {0, 0}, 1)
                        .contiguous();
+  check_onednn_shape(out, {s.N, s.O, s.Ho, s.Wo}, "output");
   if (!has_epilogue) return out;
   const EpilogueRows<scalar_t> epilogue = epilogue_rows_for_cpu<scalar_t>();
   scalar_t* op_ = out.data_ptr<scalar_t>();
@@ -730,6 +754,7 @@ at::Tensor conv2d_backward_input_onednn(const ConvGeometry& s, const at::Tensor&
   auto grads = at::convolution_backward(
       grad_z.contiguous(), sizes_only, onednn_weight(weight, s), c10::nullopt, {s.sh, s.sw},
       {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1, {true, false, false});
+  check_onednn_shape(std::get<0>(grads), input_size, "input gradient");
   return std::get<0>(grads).contiguous();
 }
 
@@ -855,6 +880,7 @@ at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor
                                         {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1,
                                         {false, true, false});
   const at::Tensor gw = std::get<1>(grads).contiguous();
+  check_onednn_shape(gw, sizes_only.sizes(), "weight gradient");
   const int64_t row = s.ig * s.kernel_area(), ldw = s.Ig * s.kernel_area();
   const float* src = gw.data_ptr<float>();
   float* dst = grad_weight.data_ptr<float>();

@@ -82,7 +82,9 @@ const Tiles* tiles_for_cpu() {
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Rounds toward +infinity for any sign of a (b > 0), and never forms a + b - 1, which wraps
+// for b near 2^63.
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b > 0); }
 
 // A field channel's stride (floats) rounded up to an odd number of 64-byte lines. A tile reads
 // the same rows of every channel in turn; with a stride near a multiple of 4 KiB (a 28x28

@@ -7,6 +7,7 @@
 // size and stride fixed at compile time (the common depthwise shapes) the row loop unrolls over
 // the taps and vectorises over output columns. The stride-1 input gradient reuses that loop (it
 // is a correlation with the flipped kernel); other strides scatter into the padded buffer.
+#include "checked_size.h"
 #include "cpu/common.h"
 #include "cpu/isa.h"
 #include "cpu/parallel.h"
@@ -90,16 +91,16 @@ Problem make_problem(const char* op, at::IntArrayRef input_size, const at::Tenso
               " channels; expected between 1 and the weight's ", C_full);
   TORCH_CHECK(H >= 1 && W >= 1, "slimops::", op, ": input spatial size must be non-zero, got ",
               input_size);
-  const int64_t span_h = H + 2 * padding[0] - dilation[0] * (KH - 1) - 1;
-  const int64_t span_w = W + 2 * padding[1] - dilation[1] * (KW - 1) - 1;
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, "slimops::", op, ": input spatial size (", H, ", ", W,
-              ") with padding ", padding, " is smaller than the dilated kernel (",
-              dilation[0] * (KH - 1) + 1, ", ", dilation[1] * (KW - 1) + 1,
-              "); the output size would be < 1");
+  // Checked 64-bit arithmetic (checked_size.h): an extreme stride, padding or dilation is an
+  // error or the right size, never a wrapped one. The padded plane is what the field
+  // buffers hold.
+  const int64_t OH = conv_output_size(op, "height", H, KH, stride[0], padding[0], dilation[0]);
+  const int64_t OW = conv_output_size(op, "width", W, KW, stride[1], padding[1], dilation[1]);
+  checked_numel(std::vector<int64_t>{input_size[0], C, OH, OW}, op, "the output's element count");
+  checked_mul(H + 2 * padding[0], W + 2 * padding[1], op, "the padded input plane");
   return Problem{input_size[0], C,
-                 PlaneConv(H, W, KH, KW, span_h / stride[0] + 1, span_w / stride[1] + 1,
-                           stride[0], stride[1], padding[0], padding[1], dilation[0],
-                           dilation[1])};
+                 PlaneConv(H, W, KH, KW, OH, OW, stride[0], stride[1], padding[0], padding[1],
+                           dilation[0], dilation[1])};
 }
 
 void check_shaped(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,

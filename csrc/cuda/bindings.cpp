@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checked_size.h"
 #include "cuda/launch.h"
 
 namespace slimops {
@@ -117,22 +118,19 @@ DwGeom make_geom(const char* op, at::IntArrayRef input_size, const at::Tensor& w
               " channels; expected between 1 and the weight's ", weight.size(0));
   TORCH_CHECK(H >= 1 && W >= 1, "slimops::", op, ": input spatial size must be non-zero, got ",
               input_size);
+  // Checked 64-bit arithmetic first (checked_size.h), then the kernel's 32-bit limit.
+  const int64_t OH = conv_output_size(op, "height", H, KH, stride[0], padding[0], dilation[0]);
+  const int64_t OW = conv_output_size(op, "width", W, KW, stride[1], padding[1], dilation[1]);
   // The tap loop computes plane coordinates in 32 bits (fewer registers, no spills).
   constexpr int64_t kMax32 = (int64_t(1) << 31) - 1;
   TORCH_CHECK(H + 2 * padding[0] < kMax32 && W + 2 * padding[1] < kMax32 &&
-                  dilation[0] * KH < kMax32 && dilation[1] * KW < kMax32,
-              "slimops::", op, ": the CUDA kernel needs padded plane sizes and dilated kernel "
-              "sizes below 2^31, got input ", input_size, ", padding ", padding, ", dilation ",
-              dilation);
-  const int64_t span_h = H + 2 * padding[0] - dilation[0] * (KH - 1) - 1;
-  const int64_t span_w = W + 2 * padding[1] - dilation[1] * (KW - 1) - 1;
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, "slimops::", op, ": input spatial size (", H, ", ", W,
-              ") with padding ", padding, " is smaller than the dilated kernel (",
-              dilation[0] * (KH - 1) + 1, ", ", dilation[1] * (KW - 1) + 1,
-              "); the output size would be < 1");
-  return DwGeom{H,          W,           KH,         KW,         span_h / stride[0] + 1,
-                span_w / stride[1] + 1,  stride[0],  stride[1],  padding[0],
-                padding[1], dilation[0], dilation[1]};
+                  dilation[0] * (KH - 1) + 1 < kMax32 && dilation[1] * (KW - 1) + 1 < kMax32 &&
+                  stride[0] < kMax32 && stride[1] < kMax32,
+              "slimops::", op, ": the CUDA kernel needs padded plane sizes, dilated kernel "
+              "sizes and strides below 2^31, got input ", input_size, ", padding ", padding,
+              ", dilation ", dilation, ", stride ", stride);
+  return DwGeom{H, W, KH, KW, OH, OW, stride[0], stride[1], padding[0], padding[1],
+                dilation[0], dilation[1]};
 }
 
 at::Tensor depthwise_conv2d_op(const at::Tensor& input, const at::Tensor& weight,
