@@ -14,6 +14,9 @@ TRITON_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*
 ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 2
 
 
+INT32_MAX = 2 ** 31 - 1
+
+
 def interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1``: kernels then run on CPU tensors (numpy), for tests."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,4 +55,28 @@ def conv_geometry(
     if ho < 1 or wo < 1:
         raise ValueError(f"slimops.kernels.{op}: input {h}x{w} too small for kernel {kh}x{kw}, "
                          f"stride {s}, padding {p}, dilation {d}")
+    # The kernels index within a plane in 32 bits (image and plane bases are int64): every
+    # coordinate they form must fit, or a large plane would read wrapped addresses.
+    extents = (h + 2 * p[0], w + 2 * p[1], d[0] * (kh - 1) + 1, d[1] * (kw - 1) + 1, *s,
+               h * w, ho * wo)
+    if max(extents) > INT32_MAX:
+        raise ValueError(f"slimops.kernels.{op}: the Triton kernels index a plane in 32 bits; "
+                         f"input {h}x{w}, kernel {kh}x{kw}, stride {s}, padding {p}, "
+                         f"dilation {d} (output {ho}x{wo}) exceed 2^31 - 1")
     return ho, wo, s + p + d
+
+
+def image_span(t: "torch.Tensor") -> int:
+    """How far one image of a [N, ...] tensor reaches through its strides (the largest in-image
+    offset + 1): what a kernel offsetting within an image in 32 bits must fit."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:])
+                   if size > 0)
+
+
+def check_int32(op: str, **counts: int) -> None:
+    """``ValueError`` when one of ``counts`` (elements a kernel offsets in 32 bits, e.g. one
+    image's channels x plane) exceeds 2^31 - 1."""
+    for name, value in counts.items():
+        if value > INT32_MAX:
+            raise ValueError(f"slimops.kernels.{op}: {name} = {value} exceeds the kernels' "
+                             f"32-bit offsets (2^31 - 1)")

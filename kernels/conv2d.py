@@ -52,7 +52,9 @@ from slimops.kernels._common import (
     ACT_RELU6,
     TRITON_PTR,
     check_device,
+    check_int32,
     conv_geometry,
+    image_span,
     interpreting,
 )
 from slimops.kernels.epilogue import (
@@ -344,6 +346,9 @@ def _geometry(
         raise ValueError(f"slimops.kernels.conv2d: {c_in} input channels must be a positive "
                          f"multiple of groups={groups} and at most {groups * weight.shape[1]}")
     ho, wo, spd = conv_geometry("conv2d", h, w, weight.shape[2:], stride, padding, dilation)
+    # offsets inside one image are int32 (kernels/conv2d.py's kernels, see their comments)
+    check_int32("conv2d", input_image_elements=c_in * h * w,
+                output_image_elements=out_channels * ho * wo)
     return n, h, w, ho, wo, out_channels // groups, c_in // groups, rows_per_group, spd
 
 
@@ -364,6 +369,7 @@ def _forward(
     _check_dtypes(input, weight, bias, scale, shift, residual)
     n, h, w, ho, wo, og, ig, rows, geo = _geometry(
         input.shape, weight, out_channels, stride, padding, dilation, groups)
+    check_int32("conv2d", input_image_span=image_span(input))
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"slimops.kernels.conv2d: bias must be [{weight.shape[0]}], "
                          f"got {tuple(bias.shape)}")
@@ -480,6 +486,7 @@ def conv2d_backward_input(
     if tuple(grad_z.shape) != (n, out_channels, ho, wo):
         raise ValueError(f"slimops.kernels.conv2d_backward_input: grad_z must be "
                          f"{(n, out_channels, ho, wo)}, got {tuple(grad_z.shape)}")
+    check_int32("conv2d_backward_input", grad_z_image_span=image_span(grad_z))
     c_in = ig * groups
     grad_input = torch.empty((n, c_in, h, w), dtype=grad_z.dtype, device=grad_z.device)
     m = n * h * w
@@ -522,6 +529,8 @@ def conv2d_backward_weight(
     if tuple(grad_z.shape) != (n, out_channels, ho, wo):
         raise ValueError(f"slimops.kernels.conv2d_backward_weight: grad_z must be "
                          f"{(n, out_channels, ho, wo)}, got {tuple(grad_z.shape)}")
+    check_int32("conv2d_backward_weight", grad_z_image_span=image_span(grad_z),
+                input_image_span=image_span(input))
     grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     kh, kw = weight.shape[2], weight.shape[3]
     total = n * ho * wo

@@ -254,6 +254,16 @@ def test_bad_inputs_raise():
         K.conv2d_backward_input(torch.randn(1, 8, 4, 4), w, [1, 4, 5, 5], *geo, 1)
     with pytest.raises(ValueError, match="stride"):
         K.conv2d(x, w, None, 8, (0, 1), (1, 1), (1, 1), 1, None, None, None, 0)
+    # past the kernels' 32-bit in-plane offsets: an error before anything is allocated or
+    # launched, never a wrapped address
+    for geo_big in [((1, 2 ** 31), (1, 1), (1, 1)), ((1, 1), (0, 2 ** 30), (1, 1)),
+                    ((1, 1), (1, 1), (1, 2 ** 31))]:
+        with pytest.raises(ValueError, match="32 bits|too small"):
+            K.conv2d(x, w, None, 8, *geo_big, 1, None, None, None, 0)
+    # an image past 2^31 elements, as a zero-stride view (no memory behind it)
+    huge = torch.empty(1, 1, 1, 1).expand(1, 4, 2 ** 15, 2 ** 14)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        K.conv2d(huge, w, None, 8, *geo, 1, None, None, None, 0)
 
 
 def test_aot_cases_enumerate_fast_and_distinct():
@@ -276,3 +286,13 @@ def test_aot_representative_case_compiles_without_spills():
                 if c.name.startswith("conv2d_forward_float32_tf32_m128") and c.name.endswith("full"))
     r = _aot.compile_case(case, 90)
     assert r.registers > 0 and r.spill_bytes == 0 and r.stack_bytes == 0, r
+
+
+def test_image_span_follows_the_strides():
+    from slimops.kernels._common import image_span
+
+    x = torch.empty(2, 3, 4, 5)
+    assert image_span(x) == 60
+    assert image_span(x[:, :, ::2]) == 1 + 2 * 20 + 1 * 10 + 4 * 1
+    assert image_span(x.transpose(2, 3)) == 60
+    assert image_span(torch.empty(1, 1, 1, 1).expand(1, 4, 7, 7)) == 1
