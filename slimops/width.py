@@ -14,17 +14,20 @@ The state has two levels, so that one model instance can serve several widths at
 
 * ``set_width(model, w)`` sets the *default* width of every slimmable layer in ``model`` (a
   plain attribute: visible to all threads, and what ``torch.compile`` specialises on);
-* ``with width(model, w): ...`` overrides it for the current thread only, through a
-  thread-local mapping of layer ids to widths. Two threads can run the same model at
-  different widths at the same time, each inside its own ``width(...)`` block.
+* ``with width(model, w): ...`` overrides it for the current thread *and* asyncio task only,
+  through a ``contextvars.ContextVar`` holding a mapping of layer ids to widths. Two threads,
+  or two tasks of one event loop awaiting inside their blocks, can run the same model at
+  different widths at the same time, each inside its own ``width(...)`` block; leaving a
+  block restores exactly the mapping it entered with (its token), whatever ran in between.
 
-A thread-local (not a ``ContextVar``) because ``torch.compile`` can trace and guard on it:
-a compiled model follows both the default and the scoped width, recompiling once per width.
+``torch.compile`` traces the variable's value and guards on it: a compiled model follows both
+the default and the scoped width, recompiling once per width.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 import numbers
@@ -32,19 +35,32 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
 # A width that is not one of a layer's listed switches is kept to this many decimals, so
 # that 0.6 and 0.6000000001 are one width (one set of calibrated BN statistics).
 WIDTH_DECIMALS = 6
 
-# `.overrides`: id(layer) -> width, for the layers of models entered with `width(...)` in
-# this thread.
-_LOCAL = threading.local()
+# id(layer) -> width, for the layers of models entered with `width(...)` in this context (a
+# thread, an asyncio task: each has its own). The mapping is never mutated, only replaced.
+_NO_OVERRIDES: Dict[int, float] = {}
+_OVERRIDES: contextvars.ContextVar[Dict[int, float]] = contextvars.ContextVar(
+    "slimops_width_overrides", default=_NO_OVERRIDES)
+
+
+# The same mapping per thread, for code torch.compile traces: Dynamo cannot trace
+# ContextVar.get (torch 2.13), but it traces a thread-local attribute and guards on it. Each
+# `width(...)` block stores the context's mapping here on entry and exit, so a compiled model
+# follows scoped widths per thread; asyncio tasks that interleave their blocks on one thread
+# see each other's widths through a *compiled* model (documented in `width`).
+_THREAD = threading.local()
 
 
 def _overrides() -> Dict[int, float]:
-    return getattr(_LOCAL, "overrides", None) or {}
+    if torch.compiler.is_compiling():
+        return getattr(_THREAD, "overrides", _NO_OVERRIDES)
+    return _OVERRIDES.get()
 
 
 def normalize_widths(widths: Sequence[float]) -> Tuple[float, ...]:
@@ -173,8 +189,10 @@ class Slimmable:
         otherwise a clear error."""
         if w in self._width_index:
             return w
+        # Relative 1e-6: a float32 copy of a switch (np.float32(0.35) is 0.3499999940...) is
+        # that switch; no two switches of a model are that close.
         for known in self.widths:
-            if math.isclose(known, float(w), rel_tol=1e-9, abs_tol=1e-12):
+            if math.isclose(known, float(w), rel_tol=1e-6, abs_tol=1e-12):
                 return known
         lo, hi = self.widths[0], self.widths[-1]
         if self.any_width and math.isfinite(w) and lo < w < hi:
@@ -245,8 +263,9 @@ def _resolve(model: nn.Module, w: float,
         layers = slimmable_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no slimmable layers")
-    if isinstance(w, bool) or not isinstance(w, (int, float)):
+    if isinstance(w, bool) or not isinstance(w, numbers.Real):
         raise TypeError(f"a width is a number (e.g. 0.5), got {w!r}")
+    w = float(w)  # numpy scalars of any precision, fractions, ...
     try:
         return [(layer, layer.canonical_width(w)) for layer in layers]
     except ValueError:
@@ -287,10 +306,17 @@ def get_width(model: nn.Module) -> float:
 
 @contextlib.contextmanager
 def width(model: nn.Module, w: float) -> Iterator[nn.Module]:
-    """Run ``model`` at width ``w`` inside the block, in this thread only.
+    """Run ``model`` at width ``w`` inside the block, in this thread and asyncio task only.
 
-    Other threads (and the model's default, ``set_width``) are unaffected, so concurrent
-    requests can each use their own width on one shared model. Blocks nest.
+    Other threads and tasks (and the model's default, ``set_width``) are unaffected, so
+    concurrent requests can each use their own width on one shared model, also across
+    ``await``. Blocks nest. A generator that yields inside a block shares its caller's
+    context (Python's rule): the caller sees the width while the generator is suspended there.
+
+    A ``torch.compile``'d model reads the scoped width per thread (Dynamo cannot trace a
+    ``ContextVar``): asyncio tasks of one thread that share a compiled model and interleave
+    their ``width`` blocks see each other's widths; give them separate models or widths set
+    with ``set_width`` between calls.
     """
     with _override(_resolve(model, w)):
         yield model
@@ -299,12 +325,19 @@ def width(model: nn.Module, w: float) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def _override(resolved: List[Tuple[Slimmable, float]]) -> Iterator[None]:
     """Run the resolved ``(layer, width)`` pairs at those widths inside the block, in this
-    thread only (the body of ``width``; ``slimops.train`` resolves once per step)."""
-    previous = _overrides()
+    context only (the body of ``width``; ``slimops.train`` resolves once per step)."""
+    previous = _OVERRIDES.get()
     overrides = dict(previous)
     overrides.update((id(layer), canonical) for layer, canonical in resolved)
-    _LOCAL.overrides = overrides
+    token = _OVERRIDES.set(overrides)
+    _THREAD.overrides = overrides
     try:
         yield
     finally:
-        _LOCAL.overrides = previous
+        try:
+            _OVERRIDES.reset(token)
+        except ValueError:
+            # Left in another context than it was entered in (a generator finalised
+            # elsewhere): restore the entry mapping there instead.
+            _OVERRIDES.set(previous)
+        _THREAD.overrides = _OVERRIDES.get()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 
 import pytest
 import torch
@@ -286,6 +287,29 @@ def test_compile_eval(backend, make_cnn, dynamo_reset):
         small = compiled(x)
         slimops.set_width(model, 1.0)
         assert not torch.allclose(small, compiled(x))
+
+
+def test_compile_follows_scoped_widths_per_thread(make_cnn, dynamo_reset):
+    """A compiled model reads `with slimops.width(...)` (through width.py's per-thread mirror
+    of the ContextVar Dynamo cannot trace): inside a block, after it, and in a thread whose
+    block differs from the main thread's."""
+    model = make_cnn().eval()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        expected = {}
+        for w in (0.25, 1.0):
+            slimops.set_width(model, w)
+            expected[w] = model(x)
+        slimops.set_width(model, 1.0)
+        with slimops.width(model, 0.25):
+            torch.testing.assert_close(compiled(x), expected[0.25])
+            seen = []
+            thread = threading.Thread(target=lambda: seen.append(compiled(x)))
+            thread.start()
+            thread.join()
+            torch.testing.assert_close(seen[0], expected[1.0])  # no block in that thread
+        torch.testing.assert_close(compiled(x), expected[1.0])
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""slimops.width: channel rules, width validation, default and per-thread (scoped) widths."""
+"""slimops.width: channel rules, width validation, default and scoped widths (per thread and
+per asyncio task)."""
 
 from __future__ import annotations
 
@@ -504,3 +505,108 @@ def test_a_layer_with_a_list_pins_the_model_to_its_listed_widths():
     with pytest.raises(ValueError, match="unknown width 0.6"):
         slimops.set_width(model, 0.6)
     assert slimops.get_width(model) == 1.0  # nothing changed on the error
+
+
+# ------------------------------------------------------------------- asyncio and generators
+
+
+def test_asyncio_tasks_keep_their_own_width_across_await():
+    """Three tasks of one event loop enter different widths and interleave at every await:
+    each sees only its own width, and the model's width afterwards is its default (with a
+    thread-local, the tasks overwrote each other's and one width stayed behind)."""
+    import asyncio
+
+    model = small_model()
+    slimops.set_width(model, 1.0)
+    seen = {}
+
+    async def serve(w):
+        with slimops.width(model, w):
+            for step in range(5):
+                await asyncio.sleep(0)  # let the other tasks run inside their blocks
+                seen.setdefault(w, set()).add(slimops.get_width(model))
+        return slimops.get_width(model)
+
+    async def main():
+        return await asyncio.gather(*(serve(w) for w in (0.25, 0.5, 1.0)))
+
+    after = asyncio.run(main())
+    assert seen == {0.25: {0.25}, 0.5: {0.5}, 1.0: {1.0}}
+    assert after == [1.0, 1.0, 1.0]
+    assert slimops.get_width(model) == 1.0
+
+
+def test_asyncio_task_keeps_the_width_it_was_created_in():
+    import asyncio
+
+    model = small_model()
+
+    async def main():
+        with slimops.width(model, 0.25):
+            inner = asyncio.create_task(_width_later(model))
+        # the task copied the context at creation: it keeps 0.25 after the block ended here
+        return await inner, slimops.get_width(model)
+
+    inside, outside = asyncio.run(main())
+    assert inside == 0.25 and outside == 1.0
+
+
+async def _width_later(model):
+    import asyncio
+
+    await asyncio.sleep(0)
+    return slimops.get_width(model)
+
+
+def test_generator_scope_is_restored_when_it_finishes_or_is_closed():
+    model = small_model()
+
+    def widths_of(w):
+        with slimops.width(model, w):
+            yield slimops.get_width(model)
+            yield slimops.get_width(model)
+
+    gen = widths_of(0.25)
+    assert next(gen) == 0.25
+    # Python's rule: a suspended generator shares its caller's context, so the caller sees
+    # the scope until the generator leaves its block.
+    assert slimops.get_width(model) == 0.25
+    gen.close()
+    assert slimops.get_width(model) == 1.0
+    assert list(widths_of(0.5)) == [0.5, 0.5]
+    assert slimops.get_width(model) == 1.0
+
+
+def test_generator_closed_in_another_context_does_not_raise():
+    import contextvars
+
+    model = small_model()
+
+    def scoped():
+        with slimops.width(model, 0.5):
+            yield
+
+    gen = scoped()
+    next(gen)
+    # Closed from a copy of the context, its token belongs to another context: leaving the
+    # block must not raise (ContextVar.reset would, with ValueError).
+    contextvars.copy_context().run(gen.close)
+    gen = scoped()
+    next(gen)
+    contextvars.copy_context().run(gen.close)
+
+
+@pytest.mark.parametrize("make", ["np.float32", "np.float64", "torch scalar item", "Fraction"])
+def test_numpy_and_other_real_widths_are_accepted(make):
+    import fractions
+
+    import numpy as np
+
+    model = small_model((0.35, 0.5, 1.0))
+    value = {"np.float32": lambda: np.float32(0.35), "np.float64": lambda: np.float64(0.35),
+             "torch scalar item": lambda: torch.tensor(0.35).item(),
+             "Fraction": lambda: fractions.Fraction(7, 20)}[make]()
+    slimops.set_width(model, value)
+    assert slimops.get_width(model) == 0.35
+    with slimops.width(model, np.float32(0.5)):
+        assert slimops.get_width(model) == 0.5
