@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
+from slimops._files import atomic_write_text
 from slimops.width import model_widths, normalize_widths, width
 
 __all__ = ["LatencyEntry", "LatencyTable", "FORMAT_VERSION"]
@@ -45,10 +46,32 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _as_float(v: Any) -> Optional[float]:
+    """``v`` as a float, or None when it is not a number or too large for one (a 400-digit
+    integer from a JSON file)."""
+    if not _is_number(v):
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return None
+
+
 def _positive_ms(v: Any, what: str) -> float:
-    if not _is_number(v) or not math.isfinite(float(v)) or float(v) <= 0:
-        raise ValueError(f"{what} must be a positive finite number of milliseconds, got {v!r}")
-    return float(v)
+    f = _as_float(v)
+    if f is None or not math.isfinite(f) or f <= 0:
+        raise ValueError(f"{what} must be a positive finite number of milliseconds, "
+                         f"got {_short(v)}")
+    return f
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    """``repr(v)``, cut to ``limit`` characters (a hostile file's values can be huge)."""
+    try:
+        r = repr(v)
+    except ValueError:  # an int past Python's int -> str digit limit
+        return f"<{type(v).__name__} too large to print>"
+    return r if len(r) <= limit else r[:limit] + "..."
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -109,11 +132,15 @@ class LatencyTable:
         for e in entries:
             if not isinstance(e, LatencyEntry):
                 raise TypeError(f"expected LatencyEntry items, got {e!r}")
-            if not _is_number(e.width):
-                raise ValueError(f"width must be a number, got {e.width!r}")
-            median = _positive_ms(e.median_ms, f"latency of width {e.width:g}")
-            p90 = None if e.p90_ms is None else _positive_ms(e.p90_ms, f"p90 of width {e.width:g}")
-            checked.append(LatencyEntry(float(e.width), median, p90))
+            w = _as_float(e.width)
+            if w is None:
+                raise ValueError(f"width must be a number, got {_short(e.width)}")
+            median = _positive_ms(e.median_ms, f"latency of width {w:g}")
+            p90 = None if e.p90_ms is None else _positive_ms(e.p90_ms, f"p90 of width {w:g}")
+            if p90 is not None and p90 < median:
+                raise ValueError(f"p90 of width {w:g} ({p90:g} ms) is below its median "
+                                 f"({median:g} ms)")
+            checked.append(LatencyEntry(w, median, p90))
         normalize_widths([e.width for e in checked])  # finite, positive, distinct
         self.entries: Tuple[LatencyEntry, ...] = tuple(sorted(checked, key=lambda e: e.width))
         self.meta: Dict[str, Any] = dict(meta or {})
@@ -269,8 +296,9 @@ class LatencyTable:
         missing = [k for k in ("format", "entries") if k not in data]
         if missing:
             raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
-        if data["format"] != FORMAT_VERSION:
-            raise ValueError(f"{source}: unsupported format {data['format']!r} "
+        fmt = data["format"]
+        if type(fmt) is not int or fmt != FORMAT_VERSION:  # noqa: E721 (true == 1 is refused)
+            raise ValueError(f"{source}: unsupported format {_short(fmt)} "
                              f"(this slimops reads format {FORMAT_VERSION})")
         meta = data.get("meta", {})
         if not isinstance(meta, dict):
@@ -281,13 +309,14 @@ class LatencyTable:
         entries = []
         for i, item in enumerate(raw):
             if not isinstance(item, dict):
-                raise ValueError(f"{source}: entries[{i}] must be an object, got {item!r}")
+                raise ValueError(f"{source}: entries[{i}] must be an object, got {_short(item)}")
             for key in ("width", "median_ms"):
                 if key not in item:
                     raise ValueError(f"{source}: entries[{i}] is missing {key!r}")
-            w = item["width"]
-            if not _is_number(w):
-                raise ValueError(f"{source}: entries[{i}].width must be a number, got {w!r}")
+            w = _as_float(item["width"])
+            if w is None:
+                raise ValueError(f"{source}: entries[{i}].width must be a number, got "
+                                 f"{_short(item['width'])}")
             try:
                 median = _positive_ms(item["median_ms"], f"entries[{i}].median_ms")
                 p90 = item.get("p90_ms")
@@ -301,10 +330,19 @@ class LatencyTable:
             raise ValueError(f"{source}: {e}") from None
 
     def save(self, path: str) -> None:
-        """Write the table as JSON to ``path``."""
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
+        """Write the table as JSON to ``path``, atomically.
+
+        The text is made and checked with ``load``'s rules first (metadata that is not JSON,
+        NaN or Infinity: ``ValueError``, nothing written), then written to a temporary file
+        beside ``path``, flushed to disk and renamed over it: an existing table is replaced
+        whole or not at all.
+        """
+        try:
+            text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"cannot save the latency table to {path}: {e}") from None
+        type(self).from_dict(json.loads(text), source=f"the table for {path}")
+        atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str) -> "LatencyTable":
@@ -317,8 +355,10 @@ class LatencyTable:
         try:
             # NaN / Infinity are not JSON; refuse them here rather than as latencies later.
             data = json.loads(text, parse_constant=_refuse_constant)
-        except ValueError as e:  # json.JSONDecodeError, or NaN / Infinity
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except ValueError as e:  # json.JSONDecodeError, NaN / Infinity, too many digits
+            raise ValueError(f"{path}: not valid JSON ({_short(str(e), 200)})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: not a latency table (JSON nested too deeply)") from None
         return cls.from_dict(data, source=path)
 
     # --- printing ------------------------------------------------------------------------

@@ -95,6 +95,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from slimops._files import atomic_write
 from slimops.nn import SwitchableBatchNorm2d
 from slimops.width import WIDTH_DECIMALS, model_widths, normalize_widths, width_range
 from slimops.width import _override, _resolve, slimmable_layers
@@ -1079,7 +1080,9 @@ class Trainer:
         _set_rng_state(state["rng"], self.generator)
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``state_dict()`` to ``path`` (atomically: a temporary file, then a rename).
+        """Write ``state_dict()`` to ``path`` atomically: a temporary file beside it, flushed to
+        disk (fsync), renamed over ``path``, the folder fsync'ed (``slimops._files``); a failed
+        save removes its temporary file and leaves ``path`` as it was.
 
         Distributed: only rank 0 writes (the others return at once; no collective), the
         unwrapped module's state dict; ranks that read the file next should wait for it
@@ -1087,10 +1090,8 @@ class Trainer:
         """
         if self.rank != 0:
             return
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        state = self.state_dict()
+        atomic_write(os.fspath(path), lambda f: torch.save(state, f))
 
     def load_checkpoint(self, path: Union[str, os.PathLike]) -> int:
         """Resume from ``save_checkpoint``'s file (``torch.load(weights_only=True)``: no

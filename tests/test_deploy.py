@@ -127,12 +127,42 @@ def _good() -> dict:
      "distinct"),
     ({"format": 1, "entries": [{"width": -1.0, "median_ms": 1}]}, "positive"),
     ({"format": 1, "meta": [], "entries": [{"width": 1.0, "median_ms": 1}]}, "'meta' must be"),
+    ({"format": True, "entries": [{"width": 1.0, "median_ms": 1}]}, "unsupported format True"),
+    ({"format": 1.0, "entries": [{"width": 1.0, "median_ms": 1}]}, "unsupported format"),
+    ({"format": 1, "entries": [{"width": 1.0, "median_ms": 2, "p90_ms": 1}]},
+     "p90 of width 1 .* below its median"),
+    ('{"format": 1, "entries": [{"width": 1.0, "median_ms": 1' + "0" * 400 + '}]}',
+     "median_ms must be a positive"),
+    ('{"format": 1, "entries": [{"width": 1' + "0" * 400 + ', "median_ms": 1}]}',
+     "width must be a number"),
+    ('{"format": 1, "entries": [{"width": 1.0, "median_ms": 1' + "0" * 5000 + '}]}',
+     "not valid JSON"),
+    ('{"format": 1, "entries": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
 ])
 def test_broken_files_give_clear_errors(tmp_path, content, match):
     path = _write(tmp_path, content)
     with pytest.raises(ValueError, match=match) as info:
         LatencyTable.load(path)
     assert path in str(info.value)
+
+
+def test_save_is_atomic_and_refuses_what_load_would_refuse(tmp_path):
+    path = tmp_path / "t.json"
+    good = _table()
+    good.save(str(path))
+    saved = path.read_text()
+    for meta, match in (({"when": object()}, "cannot save"), ({"x": float("nan")}, "cannot save"),
+                        ({"x": [1, {"y": float("inf")}]}, "cannot save")):
+        with pytest.raises(ValueError, match=match):
+            LatencyTable(TABLE, meta=meta).save(str(path))
+        assert path.read_text() == saved  # the good table is still there, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # no temporary left
+    assert LatencyTable.load(str(path)).entries == good.entries
+
+
+def test_p90_below_median_is_refused():
+    with pytest.raises(ValueError, match="below its median"):
+        LatencyTable([LatencyEntry(1.0, 2.0, 1.5)])
 
 
 # --------------------------------------------------------------------------------- measure
@@ -300,7 +330,9 @@ def test_serving_example_runs():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_cli_pick_width_cuda_without_a_gpu(capsys):
-    assert main(["pick-width", "slim_cnn", "--budget-ms", "3", "--device", "cuda"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # refused while parsing the arguments
+        main(["pick-width", "slim_cnn", "--budget-ms", "3", "--device", "cuda"])
+    assert exit_info.value.code == 2
     assert "no CUDA device" in capsys.readouterr().err
 
 
