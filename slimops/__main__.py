@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
+from slimops._files import atomic_write_text, remove_stale_temporaries
 from slimops.profile import environment
 from slimops.imagefolder import (
     RECIPES,
@@ -21,6 +23,68 @@ from slimops.imagefolder import (
 )
 
 
+# --- argument types: every value is checked while parsing (argparse then prints a one-line
+# error and exits 2), before a command creates a folder, a file or a model.
+
+
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _float_in(positive: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or v < 0 or (positive and v == 0):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'> 0' if positive else '>= 0'}, got {text}")
+        return v
+    parse.__name__ = "positive number" if positive else "non-negative number"
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+_positive_float, _non_negative_float = _float_in(True), _float_in(False)
+
+
+def _width_value(text: str) -> float:
+    v = _positive_float(text)
+    if v > 1e6:
+        raise argparse.ArgumentTypeError(f"a width is a fraction of the full model, got {text}")
+    return v
+
+
+def _device_arg(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available")
+    return text
+
+
+def _new_file(text: str) -> str:
+    """A path a command will write: its folder must exist now (not after minutes of work)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text}: the folder {folder} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    return text
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -73,6 +137,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"unknown model {args.model!r}; available: {', '.join(sorted(RECIPES))}",
               file=sys.stderr)
         return 2
+    if args.resume is not None and args.overwrite:
+        print("train: --resume and --overwrite exclude each other", file=sys.stderr)
+        return 2
     recipe = dict(RECIPES[args.model])
     for key in ("epochs", "batch_size", "lr", "weight_decay", "image_size"):
         if getattr(args, key) is not None:
@@ -114,8 +181,11 @@ def _train(args: argparse.Namespace) -> int:
                       device=device, progress=not args.no_progress)
 
     out = args.out or os.path.join("runs", args.model)
-    os.makedirs(out, exist_ok=True)
     latest = os.path.join(out, "latest.pt")
+    if os.path.exists(latest) and args.resume is None and not args.overwrite:
+        print(f"train: {latest} exists (a previous run's checkpoint); continue it with "
+              f"--resume, or start over with --overwrite", file=sys.stderr)
+        return 2
     if args.resume is not None:
         path = latest if args.resume == "" else args.resume
         if not os.path.isfile(path):
@@ -123,14 +193,18 @@ def _train(args: argparse.Namespace) -> int:
             return 2
         try:
             trainer.load_checkpoint(path)
-        except (ValueError, RuntimeError, KeyError) as e:  # another model, widths, recipe
-            print(f"train: cannot resume from {path}: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 (another model, widths, recipe; not a checkpoint)
+            print(f"train: cannot resume from {path}: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:300] if str(e) else 'not a checkpoint'}",
+                  file=sys.stderr)
             return 2
         print(f"resumed from {path} after epoch {trainer.epoch}")
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({"model": args.model, "data": os.path.abspath(args.data),
-                   "classes": train_set.classes, "device": str(device), **recipe}, f, indent=1,
-                  default=list)
+    os.makedirs(out, exist_ok=True)
+    # Temporary files of saves that were killed (no other process writes OUT meanwhile).
+    remove_stale_temporaries(latest)
+    atomic_write_text(os.path.join(out, "config.json"), json.dumps(
+        {"model": args.model, "data": os.path.abspath(args.data), "classes": train_set.classes,
+         "device": str(device), **recipe}, indent=1, default=list))
 
     widths = ", ".join(f"{w:g}x" for w in trainer.widths)
     print(f"train {args.model} (widths {widths}) on {args.data}: {len(train_set.classes)} "
@@ -152,6 +226,13 @@ def _train(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         generator.manual_seed(args.seed * 1_000_003 + trainer.epoch)
         losses = trainer.train_epoch(train_loader)
+        bad = {w: v for w, v in losses.items() if not math.isfinite(v)}
+        if bad:
+            # Parameters and BN statistics are non-finite now: keep the last good checkpoint.
+            print(f"train: epoch {trainer.epoch}: non-finite training loss at width(s) "
+                  f"{', '.join(f'{w:g}x' for w in bad)}; stopped without saving ({latest} "
+                  f"keeps the last good epoch). Try a lower --lr.", file=sys.stderr)
+            return 1
         entry = {"epoch": trainer.epoch, "train_loss": losses}
         if val_loader is not None:
             entry["val_acc"] = trainer.evaluate(val_loader)
@@ -268,16 +349,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         "width trained individually, and the slimmable model's params, MACs and latency. "
         "(The per-width cost table of a randomly initialised model: "
         "python -m slimops profile slim_cnn --latency.)")
-    demo.add_argument("--epochs", type=int, default=30, help="epochs of every training (30)")
+    demo.add_argument("--epochs", type=_positive_int, default=30, help="epochs of every training (30)")
     demo.add_argument("--seed", type=int, default=0,
                       help="init, shuffling (0); the train/test split is fixed")
-    demo.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
-    demo.add_argument("--extra-blocks", type=int, default=4,
+    demo.add_argument("--widths", type=_width_value, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    demo.add_argument("--extra-blocks", type=_non_negative_int, default=4,
                       help="separable blocks added to slim_cnn's 3 (4; 0: plain slim_cnn)")
-    demo.add_argument("--batch-size", type=int, default=64)
-    demo.add_argument("--lr", type=float, default=0.1)
-    demo.add_argument("--repeats", type=int, default=50, help="latency runs per width (50)")
-    demo.add_argument("--reference-epochs", type=int, default=5, metavar="N",
+    demo.add_argument("--batch-size", type=_positive_int, default=64)
+    demo.add_argument("--lr", type=_positive_float, default=0.1)
+    demo.add_argument("--repeats", type=_positive_int, default=50, help="latency runs per width (50)")
+    demo.add_argument("--reference-epochs", type=_non_negative_int, default=5, metavar="N",
                       help="epochs of the same training through plain PyTorch, timed beside "
                            "slimops' (5; 0: skip)")
     demo.add_argument("--quick", action="store_true",
@@ -297,19 +378,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     tr.add_argument("--model", required=True, choices=sorted(RECIPES))
     tr.add_argument("--data", required=True, metavar="DIR",
                     help="with train/<class>/ and (optional) val/<class>/ image folders")
-    tr.add_argument("--epochs", type=int, help="total epochs (default: the recipe's)")
-    tr.add_argument("--batch-size", type=int, help="default: the recipe's")
-    tr.add_argument("--lr", type=float, help="initial learning rate (default: the recipe's)")
-    tr.add_argument("--weight-decay", type=float, help="default: the recipe's (1e-4)")
-    tr.add_argument("--image-size", type=int, help="training crop (default: 224; slim_cnn 32)")
-    tr.add_argument("--widths", type=float, nargs="+", help="default: the recipe's")
-    tr.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    tr.add_argument("--epochs", type=_positive_int, help="total epochs (default: the recipe's)")
+    tr.add_argument("--batch-size", type=_positive_int, help="default: the recipe's")
+    tr.add_argument("--lr", type=_positive_float, help="initial learning rate (default: the recipe's)")
+    tr.add_argument("--weight-decay", type=_non_negative_float, help="default: the recipe's (1e-4)")
+    tr.add_argument("--image-size", type=_positive_int, help="training crop (default: 224; slim_cnn 32)")
+    tr.add_argument("--widths", type=_width_value, nargs="+", help="default: the recipe's")
+    tr.add_argument("--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
                     help="data loading processes (default: min(8, CPUs); 0: in-process)")
     tr.add_argument("--out", metavar="DIR",
                     help="checkpoints (latest.pt) and config.json (default: runs/MODEL)")
     tr.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                     help="continue from CHECKPOINT (default: OUT/latest.pt)")
-    tr.add_argument("--device", help="default: cuda if available, else cpu")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start a fresh run even if OUT/latest.pt exists (it is replaced "
+                    "after the first epoch); without it, an existing checkpoint needs --resume")
+    tr.add_argument("--device", type=_device_arg, help="default: cuda if available, else cpu")
     tr.add_argument("--seed", type=int, default=0, help="(0)")
     tr.add_argument("--inplace-distillation", action="store_true",
                     help="smaller widths learn from the largest width's prediction")
@@ -320,10 +404,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "profile", help="per-width parameters, MACs (and latency) of models (default: the paper's four)"
     )
     prof.add_argument("models", nargs="*", metavar="MODEL")
-    prof.add_argument("--input-size", type=int, nargs=4, default=[1, 3, 224, 224],
+    prof.add_argument("--input-size", type=_positive_int, nargs=4, default=[1, 3, 224, 224],
                       metavar=("N", "C", "H", "W"))
     prof.add_argument("--latency", action="store_true")
-    prof.add_argument("--repeats", type=int, default=10)
+    prof.add_argument("--repeats", type=_positive_int, default=10)
     prof.set_defaults(func=_profile)
 
     info = sub.add_parser("info", help="which backends are active")
@@ -351,7 +435,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help="with --matrix: exit 1 if slimops is slower than the reference "
                        "style in any cell")
     bench.add_argument("-k", metavar="EXPR", help="pytest -k expression selecting benchmarks")
-    bench.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    bench.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     bench.add_argument("--compile", action="store_true",
                        help="also torch.compile (inductor, freezing) the dense networks "
                        "per model (slow to compile: minutes more)")
@@ -372,14 +456,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         "depend on them) and prints the widest width whose median latency is at most "
         "--budget-ms. Exit code 1 if no width fits, 2 for an unknown model or a broken table.")
     pick.add_argument("model", metavar="MODEL")
-    pick.add_argument("--budget-ms", type=float, required=True, help="latency budget (ms)")
-    pick.add_argument("--input-size", type=int, nargs=4, default=[1, 3, 224, 224],
+    pick.add_argument("--budget-ms", type=_positive_float, required=True, help="latency budget (ms)")
+    pick.add_argument("--input-size", type=_positive_int, nargs=4, default=[1, 3, 224, 224],
                       metavar=("N", "C", "H", "W"))
-    pick.add_argument("--repeats", type=int, default=20, help="timed runs per width (20)")
+    pick.add_argument("--repeats", type=_positive_int, default=20, help="timed runs per width (20)")
     pick.add_argument("--table", metavar="JSON",
                       help="load a table saved with --save instead of measuring")
-    pick.add_argument("--save", metavar="JSON", help="save the table as JSON")
-    pick.add_argument("--device", default="cpu",
+    pick.add_argument("--save", metavar="JSON", type=_new_file, help="save the table as JSON")
+    pick.add_argument("--device", type=_device_arg, default="cpu",
                       help="where to measure: cpu (default) or cuda (synchronised timings)")
     pick.set_defaults(func=_pick_width)
 

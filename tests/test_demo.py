@@ -235,3 +235,71 @@ def test_image_folder_and_transforms(tmp_path):
     expected = (128 / 255 - mean) / std
     torch.testing.assert_close(gray.mean(dim=(1, 2)), expected, rtol=1e-4, atol=1e-4)
     assert not os.path.exists(data / "val")
+
+
+# ------------------------------------------------------- train: no lost work, clear errors
+
+
+def test_train_refuses_to_overwrite_a_checkpoint_without_resume_or_overwrite(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data")
+    assert _train(data, tmp_path / "run", "--epochs", "1") == 0
+    latest = tmp_path / "run" / "latest.pt"
+    saved = latest.read_bytes()
+    assert _train(data, tmp_path / "run", "--epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "--resume" in err and "--overwrite" in err
+    assert latest.read_bytes() == saved
+    assert _train(data, tmp_path / "run", "--epochs", "1", "--resume", "--overwrite") == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert _train(data, tmp_path / "run", "--epochs", "1", "--overwrite") == 0
+    assert torch.load(latest, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01random bytes" * 50, "pickle"],
+                         ids=["empty", "random", "malicious-pickle"])
+def test_train_resume_from_a_broken_file_is_a_clean_error(tmp_path, capsys, content):
+    import pickle
+
+    data = _image_folder(tmp_path / "data")
+    bad = tmp_path / "bad.pt"
+    if content == "pickle":
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+        content = pickle.dumps(Evil())
+    bad.write_bytes(content)
+    assert _train(data, tmp_path / "run", "--epochs", "1", "--resume", str(bad)) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume from {bad}" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "run").exists()  # nothing created before the checks passed
+
+
+def test_train_removes_temporaries_of_killed_saves(tmp_path):
+    data = _image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("latest.pt.tmp123", "latest.pt.tmpabc_x"):
+        (run / name).write_bytes(b"partial")
+    (run / "other.tmp1").write_bytes(b"not ours")
+    assert _train(data, run, "--epochs", "1") == 0
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "latest.pt", "other.tmp1"]
+
+
+def test_train_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(
+        tmp_path, capsys, monkeypatch):
+    from slimops.train import Trainer
+
+    data = _image_folder(tmp_path / "data")
+    train_epoch = Trainer.train_epoch
+
+    def diverging(self, loader):
+        losses = train_epoch(self, loader)
+        return {w: (float("nan") if self.epoch >= 2 else v) for w, v in losses.items()}
+
+    monkeypatch.setattr(Trainer, "train_epoch", diverging)
+    assert _train(data, tmp_path / "run", "--epochs", "3") == 1
+    assert "non-finite training loss" in capsys.readouterr().err
+    assert torch.load(tmp_path / "run" / "latest.pt", weights_only=True)["epoch"] == 1

@@ -37,3 +37,44 @@ def test_info_is_json(capsys):
 def test_no_command_is_an_error():
     with pytest.raises(SystemExit):
         main([])
+
+
+# ------------------------------------------------------------- argument validation (exit 2)
+
+BAD_ARGUMENTS = [
+    ["demo", "--epochs", "-1"], ["demo", "--epochs", "0"], ["demo", "--batch-size", "0"],
+    ["demo", "--lr", "nan"], ["demo", "--lr", "-1"], ["demo", "--repeats", "0"],
+    ["demo", "--widths", "0.5", "inf"], ["demo", "--reference-epochs", "-2"],
+    ["train", "--batch-size", "0"], ["train", "--lr", "-1"], ["train", "--lr", "nan"],
+    ["train", "--epochs", "-3"], ["train", "--device", "foo"], ["train", "--image-size", "0"],
+    ["train", "--workers", "-1"], ["train", "--weight-decay", "inf"], ["train", "--widths", "0"],
+    ["train", "--epochs", "two"],
+    ["profile", "slim_cnn", "--repeats", "0"], ["profile", "--input-size", "1", "3", "0", "32"],
+    ["pick-width", "slim_cnn", "--budget-ms", "3", "--repeats", "0"],
+    ["pick-width", "slim_cnn", "--budget-ms", "-1"],
+    ["pick-width", "slim_cnn", "--budget-ms", "nan"],
+    ["pick-width", "slim_cnn", "--budget-ms", "3", "--input-size", "0", "3", "32", "32"],
+    ["pick-width", "slim_cnn", "--budget-ms", "3", "--input-size", "1", "3", "x", "32"],
+    ["pick-width", "slim_cnn", "--budget-ms", "3", "--device", "foo"],
+    ["pick-width", "slim_cnn", "--budget-ms", "3", "--save", "no/such/folder/t.json"],
+    ["bench", "--threads", "0"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_ARGUMENTS, ids=[" ".join(a) for a in BAD_ARGUMENTS])
+def test_bad_arguments_exit_2_before_any_side_effect(argv, tmp_path, monkeypatch, capsys):
+    """Every value is checked while parsing: a one-line error, exit 2, and nothing created
+    (no run folder, no file), before any model is built or measured."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    if argv[0] == "train":
+        argv = ["train", "--model", "slim_cnn", "--data", str(data), "--out",
+                str(tmp_path / "run")] + argv[1:]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
