@@ -577,3 +577,26 @@ def test_full_width_backward_on_onednn(stride, side, tol):
                   bias=leaf(torch.randn(7)), out_channels=6, stride=stride, padding=1,
                   shift=leaf(torch.randn(6)), activation="relu")
     run_and_compare(kwargs, tol)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(out_channels=True), "out_channels must be an int, got True"),
+    (dict(out_channels=2.0), "out_channels must be an int, got 2.0"),
+    (dict(groups=True), "groups must be an int, got True"),
+    (dict(stride=1.5), "stride must be an int, got 1.5"),
+    (dict(padding=(1, True)), "padding must be an int, got True"),
+    (dict(dilation="1"), "dilation must be an int"),
+])
+def test_non_integer_sizes_are_type_errors(kwargs, match):
+    """A bool or a float is not silently an int (out_channels=True ran as 1 before)."""
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(6, 4, 3, 3)
+    with pytest.raises(TypeError, match=match):
+        slimops.ops.conv2d(x, w, **kwargs)
+
+
+def test_numpy_integer_sizes_are_accepted():
+    import numpy as np
+
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(6, 4, 3, 3)
+    got = slimops.ops.conv2d(x, w, None, np.int64(4), stride=np.int32(1), padding=(1, np.int8(1)))
+    torch.testing.assert_close(got, reference.conv2d(x, w, None, 4, 1, 1))

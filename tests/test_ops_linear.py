@@ -199,3 +199,9 @@ def test_compile(leading, with_bias, fresh_dynamo, tol):
     torch.testing.assert_close(y_c, y_e, **tol(F32, y_e))
     for name, a, b in zip(tensors, g_c, g_e):
         torch.testing.assert_close(a, b, **tol(F32, b), msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("out_features", [True, 3.0, "3"])
+def test_non_integer_out_features_is_a_type_error(out_features):
+    with pytest.raises(TypeError, match="out_features must be an int"):
+        slimops.ops.linear(torch.randn(2, 4), torch.randn(5, 4), None, out_features)

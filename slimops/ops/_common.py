@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -25,10 +26,21 @@ def activation_code(activation: Optional[str]) -> int:
         ) from None
 
 
+def as_int(v: object, name: str) -> int:
+    """``v`` as a Python int: ints and integer scalars (numpy, 0-d tensors' ``__index__``);
+    ``TypeError`` for anything else, bools included (``out_channels=True`` is not 1)."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {v!r}") from None
+
+
 def pair(v: IntPair, name: str) -> List[int]:
-    if isinstance(v, int):
-        return [v, v]
-    out = [int(x) for x in v]
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        return [as_int(v, name)] * 2
+    out = [as_int(x, name) for x in v]
     if len(out) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
     return out

@@ -15,6 +15,7 @@ from slimops import _backend, reference
 from slimops.ops._common import (
     IntPair,
     activation_code,
+    as_int,
     check_input,
     check_residual,
     check_tensor,
@@ -60,13 +61,14 @@ def conv2d(
     check_tensor(weight, input, OP, "weight")
     if weight.dim() != 4:
         raise ValueError(f"slimops.conv2d: weight must be 4-D, got shape {tuple(weight.shape)}")
-    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+    groups = as_int(groups, "slimops.conv2d: groups")
+    if groups < 1 or weight.shape[0] % groups:
         raise ValueError(
             f"slimops.conv2d: groups={groups!r} must be a positive int dividing the weight's "
             f"{weight.shape[0]} rows"
         )
-    if out_channels is None:
-        out_channels = weight.shape[0]
+    out_channels = (weight.shape[0] if out_channels is None
+                    else as_int(out_channels, "slimops.conv2d: out_channels"))
     in_channels = input.shape[1]
     rows_per_group, ig_full = weight.shape[0] // groups, weight.shape[1]
     if out_channels < 1 or out_channels % groups or out_channels // groups > rows_per_group:

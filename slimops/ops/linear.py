@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from slimops import _backend, reference
-from slimops.ops._common import check_input, check_tensor
+from slimops.ops._common import as_int, check_input, check_tensor
 
 OP = "linear"
 
@@ -31,8 +31,8 @@ def linear(
     check_tensor(weight, input, OP, "weight")
     if weight.dim() != 2:
         raise ValueError(f"slimops.linear: weight must be 2-D, got shape {tuple(weight.shape)}")
-    if out_features is None:
-        out_features = weight.shape[0]
+    out_features = (weight.shape[0] if out_features is None
+                    else as_int(out_features, "slimops.linear: out_features"))
     in_features = input.shape[-1]
     if not 1 <= in_features <= weight.shape[1]:
         raise ValueError(
