@@ -286,7 +286,11 @@ def export_onnx(
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"export_onnx: input_size must be positive dims (N, C, ...), got {input_size!r}")
     plain = export(model, width, fold_bn=fold_bn)
-    example = torch.randn(shape)
+    # The example input takes the model's dtype and device (a float64 model traced with a
+    # float32 input failed inside the exporter with a dtype mismatch).
+    param = next(plain.parameters(), None)
+    example = (torch.randn(shape) if param is None
+               else torch.randn(shape, dtype=param.dtype, device=param.device))
     kwargs: Dict[str, object] = dict(input_names=["input"], output_names=["output"])
     if opset_version is not None:
         kwargs["opset_version"] = opset_version

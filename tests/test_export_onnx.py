@@ -117,3 +117,17 @@ def test_bad_arguments():
         export_onnx(model, 2.0, io.BytesIO(), input_size=INPUT)
     with pytest.raises(ValueError, match="input_size"):
         export_onnx(model, 1.0, io.BytesIO(), input_size=(1, 0, 8, 8))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_float64_model_exports_in_float64(dynamo, tmp_path):
+    """The example input follows the model's dtype (a float32 example failed inside the
+    exporter for a float64 model)."""
+    model = MODELS["slim_cnn"]().double().eval()
+    path = tmp_path / "m64.onnx"
+    export_onnx(model, 0.5, path, input_size=INPUT, dynamo=dynamo)
+    # ONNX Runtime's CPU provider has no float64 Conv, so the graph is checked, not run.
+    graph = onnx.load(str(path)).graph
+    double = onnx.TensorProto.DOUBLE
+    assert [i.type.tensor_type.elem_type for i in graph.input] == [double]
+    assert [o.type.tensor_type.elem_type for o in graph.output] == [double]
