@@ -162,20 +162,25 @@ def _flat_block(numel, C, HW, BLOCK: tl.constexpr):
 
 @triton.jit
 def _activate(y, ACT: tl.constexpr):
-    # Codes as in csrc/cpu/common.h. relu6 clamps like F.hardtanh(x, 0, 6).
+    # Codes as in csrc/cpu/common.h. Selects on comparisons that are false for NaN, so a NaN
+    # stays NaN as in torch.relu / F.relu6 (tl.maximum on the GPU returns the non-NaN
+    # operand: relu(NaN) would be 0 and a NaN batch would train on silently). relu6 clamps
+    # like F.hardtanh(x, 0, 6): +Inf -> 6, -Inf -> 0.
     if ACT == 1:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y <= 0.0, 0.0, y)
     elif ACT == 2:
-        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+        y = tl.where(y <= 0.0, 0.0, tl.where(y >= 6.0, 6.0, y))
     return y
 
 
 @triton.jit
 def _activation_mask(grad, out, ACT: tl.constexpr):
     # A select, not a multiply: a masked-out gradient is exactly zero even if grad is inf/nan,
-    # like torch's threshold/hardtanh backward and the CPU kernels.
+    # like torch's threshold/hardtanh backward and the CPU kernels (csrc/cpu/common.h
+    # activation_mask). For a NaN output relu passes the gradient (threshold_backward zeroes
+    # only where out <= 0) and relu6 zeroes it (hardtanh_backward keeps only 0 < out < 6).
     if ACT == 1:
-        grad = tl.where(out > 0.0, grad, 0.0)
+        grad = tl.where(out <= 0.0, 0.0, grad)
     elif ACT == 2:
         grad = tl.where((out > 0.0) & (out < 6.0), grad, 0.0)
     return grad

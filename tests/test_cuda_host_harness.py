@@ -131,6 +131,25 @@ def test_activation_and_derivative(lib, act):
     torch.testing.assert_close(dx, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("act", [1, 2], ids=["relu", "relu6"])
+def test_activation_non_finite_follows_torch(lib, act):
+    """relu(NaN) is NaN (the kernels' `v > 0 ? v : 0` made it 0), relu6(+-Inf) is 6 / 0; in the
+    backward relu passes a NaN output's gradient (threshold_backward) and relu6 zeroes it
+    (hardtanh_backward keeps only 0 < out < 6), as the CPU kernels do."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([nan, inf, -inf, 0.0, 3.0, 7.0, -1.0])
+    y = torch.empty_like(x)
+    lib.slimops_h_activate(ptr(x), ptr(y), x.numel(), act)
+    torch.testing.assert_close(y, reference.activate(x, ACTS[act]), rtol=0, atol=0,
+                               equal_nan=True)
+    out = torch.tensor([nan, inf, 6.0, 0.0, 3.0])
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    dx = torch.empty_like(g)
+    lib.slimops_h_activation_grad(ptr(g), ptr(out), ptr(dx), g.numel(), act)
+    expected = [1.0, 2.0, 3.0, 0.0, 5.0] if act == 1 else [0.0, 0.0, 0.0, 0.0, 5.0]
+    torch.testing.assert_close(dx, torch.tensor(expected), rtol=0, atol=0)
+
+
 def _strided_vector(c):
     """A length-c vector with stride 2 (a view of a bigger buffer, as a parameter view is)."""
     return torch.randn(2 * c + 3)[1 : 1 + 2 * c : 2]

@@ -49,18 +49,22 @@ SLIMOPS_HD Acc channel_value(const T* v, int64_t stride, int64_t c, Acc fallback
 }
 
 // ---- activation ----------------------------------------------------------------------------
+// NaN stays NaN, as in torch.relu / F.relu6: every select tests a comparison that is false
+// for NaN and then returns v (relu was `v > 0 ? v : 0`, which turned NaN into 0).
 template <typename Acc>
 SLIMOPS_HD Acc activate(Acc v, int activation) {
-  if (activation == kRelu) return v > Acc(0) ? v : Acc(0);
+  if (activation == kRelu) return v <= Acc(0) ? Acc(0) : v;
   if (activation == kRelu6) return v < Acc(0) ? Acc(0) : (v > Acc(6) ? Acc(6) : v);
   return v;
 }
 
-// d act / d pre from the activation's *output* (the pre-activation is not saved): relu passes
-// where out > 0, relu6 where 0 < out < 6; a masked gradient is exactly zero (as in torch).
+// d act / d pre from the activation's *output* (the pre-activation is not saved): relu zeroes
+// where out <= 0 (torch's threshold_backward: a NaN output passes its gradient), relu6 passes
+// only where 0 < out < 6 (hardtanh_backward: a NaN output gets 0); a masked gradient is
+// exactly zero (as in torch), even an Inf or NaN one.
 template <typename Acc>
 SLIMOPS_HD Acc activation_grad(Acc grad, Acc out, int activation) {
-  if (activation == kRelu) return out > Acc(0) ? grad : Acc(0);
+  if (activation == kRelu) return out <= Acc(0) ? Acc(0) : grad;
   if (activation == kRelu6) return (out > Acc(0) && out < Acc(6)) ? grad : Acc(0);
   return grad;
 }
