@@ -49,7 +49,14 @@ import triton.language as tl
 from torch import Tensor
 
 from slimops.kernels._aot import AotCase
-from slimops.kernels._common import ACT_NONE, ACT_RELU6, TRITON_PTR, check_device, interpreting
+from slimops.kernels._common import (
+    ACT_NONE,
+    ACT_RELU6,
+    TRITON_PTR,
+    check_device,
+    check_int32,
+    interpreting,
+)
 from slimops.kernels.epilogue import CONFIGS as EPILOGUE_CONFIGS
 from slimops.kernels.epilogue import (
     DTYPES,
@@ -314,6 +321,8 @@ def batch_norm_act(
     if eps < 0:
         raise ValueError(f"slimops.kernels.batch_norm_act: eps must be non-negative, got {eps}")
     count = n * hw
+    if training:  # the statistics kernel walks a channel's values with one 32-bit index
+        check_int32("batch_norm_act", values_per_channel=count)
     if training and count <= 1:
         raise ValueError(f"slimops.kernels.batch_norm_act: expected more than 1 value per channel "
                          f"when training, got input of shape {tuple(input.shape)}")
@@ -395,6 +404,8 @@ def batch_norm_act_backward(
                              f"{tuple(t.shape)} differs from the input's {tuple(input.shape)}")
     _check_vector(mean, c, "mean")
     _check_vector(var, c, "var")
+    # The reduction kernel walks a channel's values with one 32-bit index.
+    check_int32("batch_norm_act_backward", values_per_channel=n * hw)
     x = input.contiguous()
     go = grad_out.contiguous()
     y = out.contiguous()

@@ -39,7 +39,15 @@ import triton.language as tl
 from torch import Tensor
 
 from slimops.kernels._aot import AotCase
-from slimops.kernels._common import ACT_NONE, ACT_RELU6, TRITON_PTR, check_device, conv_geometry
+from slimops.kernels._common import (
+    ACT_NONE,
+    ACT_RELU6,
+    TRITON_PTR,
+    check_device,
+    check_int32,
+    conv_geometry,
+    image_span,
+)
 from slimops.kernels.epilogue import (
     DTYPES,
     _activate,
@@ -265,6 +273,8 @@ def _forward(
                          f"got {tuple(bias.shape)}")
     _check_vector(scale, c, "scale")
     _check_vector(shift, c, "shift")
+    # Within an image the kernel offsets the input in 32 bits (image bases are int64).
+    check_int32("depthwise_conv2d", input_image_span=image_span(input))
     out = torch.empty((n, c, ho, wo), dtype=input.dtype, device=input.device)
     if residual is not None:
         if tuple(residual.shape) != tuple(out.shape):
@@ -358,6 +368,7 @@ def depthwise_conv2d_backward_input(
     if tuple(grad_z.shape) != (n, c, ho, wo):
         raise ValueError(f"slimops.kernels.depthwise_conv2d_backward_input: grad_z must be "
                          f"{(n, c, ho, wo)}, got {tuple(grad_z.shape)}")
+    check_int32("depthwise_conv2d_backward_input", grad_z_image_span=image_span(grad_z))
     grad_input = torch.empty((n, c, h, w), dtype=grad_z.dtype, device=grad_z.device)
     if grad_input.numel() == 0:
         return grad_input
@@ -389,6 +400,10 @@ def depthwise_conv2d_backward_weight(
                          f"{(n, c, ho, wo)}, got {tuple(grad_z.shape)}")
     grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     total = n * ho * wo
+    # The partials kernel walks the batch's output pixels as one 32-bit index and offsets
+    # within an image in 32 bits.
+    check_int32("depthwise_conv2d_backward_weight", output_pixels=total,
+                grad_z_image_span=image_span(grad_z), input_image_span=image_span(input))
     if total == 0:
         return grad_weight
     cfg = _pick(ho * wo)

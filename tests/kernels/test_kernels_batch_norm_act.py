@@ -234,3 +234,16 @@ def test_bf16_compiles():
                  "bn_backward_apply_bfloat16_b1024_w8_relu6_train"):
         r = _aot.compile_case(cases[name], 90)
         assert r.registers > 0 and r.spill_bytes == 0 and r.stack_bytes == 0, name
+
+
+def test_past_32_bit_offsets_raises_before_launch():
+    """Issue 14, item 2: the statistics and backward kernels walk a channel's N*H*W values
+    with one 32-bit index; past 2^31 they raise before copying or launching anything (a
+    zero-stride view: no memory behind it)."""
+    x = torch.empty(1, 1, 1, 1, device=DEVICE).expand(2 ** 16, 2, 2 ** 8, 2 ** 8)
+    w, b = torch.ones(2, device=DEVICE), torch.zeros(2, device=DEVICE)
+    with pytest.raises(ValueError, match="values_per_channel .* 32-bit offsets"):
+        K.batch_norm_act(x, w, b, None, None, True, 1e-5, None, 0)
+    stats = torch.zeros(2, device=DEVICE)
+    with pytest.raises(ValueError, match="values_per_channel .* 32-bit offsets"):
+        K.batch_norm_act_backward(x, x, x, w, stats, stats + 1, 1e-5, True, 0)

@@ -330,3 +330,15 @@ def test_stats_epilogue_then_bn_equals_reference(geo, activation):
     torch.testing.assert_close(var, z_ref.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4,
                                atol=1e-5)
     torch.testing.assert_close(out, out_ref, **TOL[torch.float32])
+
+
+def test_past_32_bit_offsets_raises_before_launch():
+    """Issue 14, item 2: the weight-gradient kernel walks the batch's output pixels with one
+    32-bit index; past 2^31 it raises instead of wrapping. Zero-stride views: no memory."""
+    weight = torch.randn(4, 1, 3, 3, device=DEVICE)
+    x = torch.empty(1, 1, 1, 1, device=DEVICE).expand(2 ** 16, 4, 2 ** 8, 2 ** 8)
+    with pytest.raises(ValueError, match="output_pixels .* 32-bit offsets"):
+        K.depthwise_conv2d_backward_weight(x, x, weight, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(ValueError, match="32 bits"):  # a stride past the in-plane offsets
+        K.depthwise_conv2d(torch.randn(1, 4, 5, 5, device=DEVICE), weight, None, [1, 2 ** 31],
+                           [1, 1], [1, 1], None, None, None, 0)
