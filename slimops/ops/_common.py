@@ -17,12 +17,14 @@ ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
 
 
-def activation_code(activation: Optional[str]) -> int:
+def activation_code(activation: Optional[str], op: str) -> int:
+    """The C++/Triton code of ``activation`` (None, "relu", "relu6"); ``op`` names the op in
+    the error."""
     try:
         return ACTIVATION_CODES[activation]
     except (KeyError, TypeError):
         raise ValueError(
-            f"unknown activation {activation!r}; expected one of {ACTIVATIONS}"
+            f"slimops.{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}"
         ) from None
 
 
@@ -47,26 +49,32 @@ def pair(v: IntPair, name: str) -> List[int]:
 
 
 def conv_geometry(
-    stride: IntPair, padding: IntPair, dilation: IntPair
+    stride: IntPair, padding: IntPair, dilation: IntPair, op: str
 ) -> Tuple[List[int], List[int], List[int]]:
-    s, p, d = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    """Stride, padding and dilation as pairs of ints, checked (``op`` names the op in errors)."""
+    s = pair(stride, f"slimops.{op}: stride")
+    p = pair(padding, f"slimops.{op}: padding")
+    d = pair(dilation, f"slimops.{op}: dilation")
     if min(s) < 1 or min(d) < 1 or min(p) < 0:
         raise ValueError(
-            f"need stride >= 1, dilation >= 1, padding >= 0; got stride={s}, "
+            f"slimops.{op}: need stride >= 1, dilation >= 1, padding >= 0; got stride={s}, "
             f"padding={p}, dilation={d}"
         )
     return s, p, d
 
 
 def conv_output_hw(
-    h: int, w: int, kernel: Sequence[int], s: Sequence[int], p: Sequence[int], d: Sequence[int]
+    h: int, w: int, kernel: Sequence[int], s: Sequence[int], p: Sequence[int], d: Sequence[int],
+    op: str,
 ) -> Tuple[int, int]:
+    """The output's height and width; ``ValueError`` naming ``op`` when the dilated kernel does
+    not fit the padded input."""
     ho = (h + 2 * p[0] - d[0] * (kernel[0] - 1) - 1) // s[0] + 1
     wo = (w + 2 * p[1] - d[1] * (kernel[1] - 1) - 1) // s[1] + 1
     if ho < 1 or wo < 1:
         raise ValueError(
-            f"input of spatial size {h}x{w} is too small for kernel {tuple(kernel)} with "
-            f"stride {tuple(s)}, padding {tuple(p)}, dilation {tuple(d)}"
+            f"slimops.{op}: input of spatial size {h}x{w} is too small for kernel "
+            f"{tuple(kernel)} with stride {tuple(s)}, padding {tuple(p)}, dilation {tuple(d)}"
         )
     return ho, wo
 

@@ -57,7 +57,7 @@ def batch_norm_act(
             f"got input of shape {tuple(input.shape)}"
         )
     check_residual(residual, input.shape, input, OP)
-    act = activation_code(activation)
+    act = activation_code(activation, "batch_norm_act")
     if not _backend.use_native(input):
         return reference.batch_norm_act(
             input, weight, bias, running_mean, running_var, training, momentum, eps, residual,

@@ -82,8 +82,9 @@ def conv2d(
             f"weight of shape {tuple(weight.shape)} it must be a positive multiple of {groups} "
             f"and at most {groups * ig_full}"
         )
-    s, p, d = conv_geometry(stride, padding, dilation)
-    ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], s, p, d)
+    s, p, d = conv_geometry(stride, padding, dilation, "conv2d")
+    ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], s, p, d,
+                            "conv2d")
     if bias is not None:
         check_tensor(bias, input, OP, "bias")
         if tuple(bias.shape) != (weight.shape[0],):
@@ -93,7 +94,7 @@ def conv2d(
     check_vector(scale, out_channels, input, OP, "scale")
     check_vector(shift, out_channels, input, OP, "shift")
     check_residual(residual, (input.shape[0], out_channels, ho, wo), input, OP)
-    act = activation_code(activation)
+    act = activation_code(activation, "conv2d")
     if _backend.use_native(input, weight):
         return torch.ops.slimops.conv2d(
             input, weight, bias, out_channels, s, p, d, groups, scale, shift, residual, act
@@ -108,7 +109,7 @@ def _register() -> None:
     def _(input, weight, bias, out_channels, stride, padding, dilation, groups, scale, shift,
           residual, activation):
         ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], stride,
-                                padding, dilation)
+                                padding, dilation, "conv2d")
         return input.new_empty((input.shape[0], out_channels, ho, wo))
 
     @torch.library.register_fake("slimops::conv2d_backward_input")

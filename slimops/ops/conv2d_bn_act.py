@@ -79,7 +79,7 @@ def _define() -> None:
     def _(input, weight, bias, out_channels, stride, padding, dilation, groups, bn_weight,
           bn_bias, eps, residual, activation):
         ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], stride,
-                                padding, dilation)
+                                padding, dilation, "conv2d_bn_act")
         shape = (input.shape[0], out_channels, ho, wo)
         return (input.new_empty(shape), input.new_empty(shape),
                 input.new_empty((out_channels,)), input.new_empty((out_channels,)))
@@ -166,7 +166,7 @@ def _define_depthwise() -> None:
     def _(input, weight, bias, stride, padding, dilation, bn_weight, bn_bias, eps, residual,
           activation):
         ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], stride,
-                                padding, dilation)
+                                padding, dilation, "conv2d_bn_act")
         c = input.shape[1]
         shape = (input.shape[0], c, ho, wo)
         return (input.new_empty(shape), input.new_empty(shape), input.new_empty((c,)),

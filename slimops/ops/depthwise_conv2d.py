@@ -59,8 +59,9 @@ def depthwise_conv2d(
         raise ValueError(
             f"slimops.depthwise_conv2d: input has {c} channels; the weight has {weight.shape[0]}"
         )
-    s, p, d = conv_geometry(stride, padding, dilation)
-    ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], s, p, d)
+    s, p, d = conv_geometry(stride, padding, dilation, "depthwise_conv2d")
+    ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], s, p, d,
+                            "depthwise_conv2d")
     if bias is not None:
         check_tensor(bias, input, OP, "bias")
         if tuple(bias.shape) != (weight.shape[0],):
@@ -70,7 +71,7 @@ def depthwise_conv2d(
     check_vector(scale, c, input, OP, "scale")
     check_vector(shift, c, input, OP, "shift")
     check_residual(residual, (input.shape[0], c, ho, wo), input, OP)
-    act = activation_code(activation)
+    act = activation_code(activation, "depthwise_conv2d")
     if _backend.use_native(input, weight):
         return torch.ops.slimops.depthwise_conv2d(
             input, weight, bias, s, p, d, scale, shift, residual, act
@@ -84,7 +85,7 @@ def _register() -> None:
     @torch.library.register_fake("slimops::depthwise_conv2d")
     def _(input, weight, bias, stride, padding, dilation, scale, shift, residual, activation):
         ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], stride,
-                                padding, dilation)
+                                padding, dilation, "depthwise_conv2d")
         return input.new_empty((input.shape[0], input.shape[1], ho, wo))
 
     @torch.library.register_fake("slimops::depthwise_conv2d_backward_input")
