@@ -7,11 +7,13 @@ from typing import Sequence, Tuple
 
 import torch
 
+from slimops.reference import ACTIVATION_CODES
+
 # torch dtype -> triton pointer type in AOT signatures.
 TRITON_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
-# Activation codes, as in csrc/cpu/common.h and slimops/ops/_common.py.
-ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 2
+# Activation codes, from the one table (slimops/reference.py).
+ACT_NONE, ACT_RELU, ACT_RELU6 = (ACTIVATION_CODES[a] for a in (None, "relu", "relu6"))
 
 
 INT32_MAX = 2 ** 31 - 1

@@ -28,7 +28,12 @@ from typing import Optional, Sequence, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = (None, "relu", "relu6")
+# The one table of the fused activations: name -> the integer code the compiled ops take.
+# The C++ and CUDA enums (csrc/cpu/common.h, csrc/cuda/epilogue_math.cuh) and the Triton
+# kernels' constants (kernels/_common.py, derived from this) are checked against it by
+# tests/test_activation_table.py.
+ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
+ACTIVATIONS = tuple(ACTIVATION_CODES)
 
 IntPair = Union[int, Sequence[int]]
 

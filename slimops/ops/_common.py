@@ -8,12 +8,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from slimops.reference import ACTIVATIONS
+from slimops.reference import ACTIVATION_CODES, ACTIVATIONS
 
 IntPair = Union[int, Sequence[int]]
 
-# Matches csrc/cpu/common.h `enum Activation`.
-ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
 
 
