@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import operator
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.utils import flop_counter
 
 from slimops.reference import ACTIVATION_CODES, ACTIVATIONS
 
@@ -127,3 +129,20 @@ def pad_prefix(g: Tensor, full: int) -> Tensor:
     """A length-``full`` vector whose prefix is ``g`` and the rest zero (for full-size grads)."""
     return torch.nn.functional.pad(g, (0, full - g.shape[-1]))
 
+
+
+def register_flops(op: "torch._ops.OpOverloadPacket", formula: Callable[..., int]) -> None:
+    """Give ``torch.utils.flop_counter.FlopCounterMode`` the FLOPs of a compiled op (without
+    one it counts 0 for the op, so a slimmable model looked free). ``formula`` gets the op's
+    arguments with tensors replaced by their shapes and ``out_shape=`` (torch's convention);
+    it counts 2 FLOPs per multiply-add at the active width, as torch's conv and mm formulas
+    do. Registering twice is a no-op (torch raises)."""
+    if op not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(op)(formula)
+
+
+def conv_flops(grad_or_out_shape: Sequence[int], in_channels_per_group: int,
+               kernel_hw: Sequence[int]) -> int:
+    """2 x multiply-adds of a convolution (or of either of its gradients, which cost the
+    same): every output element takes ``in_channels_per_group * kh * kw`` products."""
+    return 2 * math.prod(grad_or_out_shape) * in_channels_per_group * kernel_hw[0] * kernel_hw[1]

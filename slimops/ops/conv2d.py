@@ -20,8 +20,10 @@ from slimops.ops._common import (
     check_residual,
     check_tensor,
     check_vector,
+    conv_flops,
     conv_geometry,
     conv_output_hw,
+    register_flops,
 )
 
 OP = "conv2d"
@@ -119,6 +121,17 @@ def _register() -> None:
     @torch.library.register_fake("slimops::conv2d_backward_weight")
     def _(grad_z, input, weight, stride, padding, dilation, groups):
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    # FLOPs at the active width: the input's channels per group (not the weight's).
+    register_flops(torch.ops.slimops.conv2d,
+                   lambda input, weight, bias, out_channels, stride, padding, dilation, groups,
+                   *_, out_shape, **__: conv_flops(out_shape, input[1] // groups, weight[2:]))
+    register_flops(torch.ops.slimops.conv2d_backward_input,
+                   lambda grad_z, weight, input_size, stride, padding, dilation, groups, *_,
+                   out_shape, **__: conv_flops(grad_z, input_size[1] // groups, weight[2:]))
+    register_flops(torch.ops.slimops.conv2d_backward_weight,
+                   lambda grad_z, input, weight, stride, padding, dilation, groups, *_,
+                   out_shape, **__: conv_flops(grad_z, input[1] // groups, weight[2:]))
 
     # Autograd: a C++ kernel at the Autograd key, csrc/autograd/conv2d.cpp (the formula in
     # Python cost ~85 us of interpreter and torch.library overhead per call, forward and

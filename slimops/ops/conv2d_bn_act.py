@@ -25,7 +25,13 @@ import torch
 from torch import Tensor
 
 from slimops import _backend, kernels
-from slimops.ops._common import channel_sum, conv_output_hw, pad_prefix
+from slimops.ops._common import (
+    channel_sum,
+    conv_flops,
+    conv_output_hw,
+    pad_prefix,
+    register_flops,
+)
 from slimops.ops.epilogue import epilogue_grads
 
 QUALNAME = "slimops::conv2d_bn_act_train"
@@ -74,6 +80,11 @@ def _define() -> None:
 
     if kernels.available():
         conv2d_bn_act_train_op.register_kernel("cuda")(_triton)
+    # The conv's FLOPs (out_shape holds the four outputs' shapes; BN adds none, as torch
+    # counts no FLOPs for batch norm).
+    register_flops(torch.ops.slimops.conv2d_bn_act_train,
+                   lambda input, weight, bias, out_channels, stride, padding, dilation, groups,
+                   *_, out_shape, **__: conv_flops(out_shape[0], input[1] // groups, weight[2:]))
 
     @conv2d_bn_act_train_op.register_fake
     def _(input, weight, bias, out_channels, stride, padding, dilation, groups, bn_weight,
@@ -161,6 +172,9 @@ def _define_depthwise() -> None:
 
     if kernels.available():
         depthwise_conv2d_bn_act_train_op.register_kernel("cuda")(_dw_triton)
+    register_flops(torch.ops.slimops.depthwise_conv2d_bn_act_train,
+                   lambda input, weight, *_, out_shape, **__: conv_flops(out_shape[0], 1,
+                                                                         weight[2:]))
 
     @depthwise_conv2d_bn_act_train_op.register_fake
     def _(input, weight, bias, stride, padding, dilation, bn_weight, bn_bias, eps, residual,

@@ -18,8 +18,10 @@ from slimops.ops._common import (
     check_residual,
     check_tensor,
     check_vector,
+    conv_flops,
     conv_geometry,
     conv_output_hw,
+    register_flops,
 )
 
 OP = "depthwise_conv2d"
@@ -95,6 +97,16 @@ def _register() -> None:
     @torch.library.register_fake("slimops::depthwise_conv2d_backward_weight")
     def _(grad_z, input, weight, stride, padding, dilation):
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    # FLOPs: one input channel per output channel; each gradient costs the forward's.
+    register_flops(torch.ops.slimops.depthwise_conv2d,
+                   lambda input, weight, *_, out_shape, **__: conv_flops(out_shape, 1,
+                                                                         weight[2:]))
+    register_flops(torch.ops.slimops.depthwise_conv2d_backward_input,
+                   lambda grad_z, weight, *_, out_shape, **__: conv_flops(grad_z, 1, weight[2:]))
+    register_flops(torch.ops.slimops.depthwise_conv2d_backward_weight,
+                   lambda grad_z, input, weight, *_, out_shape, **__: conv_flops(grad_z, 1,
+                                                                                 weight[2:]))
 
     # Autograd: a C++ kernel at the Autograd key, csrc/autograd/depthwise_conv2d.cpp (the formula in
     # Python cost ~85 us of interpreter and torch.library overhead per call, forward and

@@ -5,13 +5,14 @@ Op surface, fake and autograd. Semantics: ``slimops.reference.linear``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from slimops import _backend, reference
-from slimops.ops._common import as_int, check_input, check_tensor
+from slimops.ops._common import as_int, check_input, check_tensor, register_flops
 
 OP = "linear"
 
@@ -65,6 +66,18 @@ def _register() -> None:
     @torch.library.register_fake("slimops::linear_backward_weight")
     def _(grad_out, input, weight):
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+    # FLOPs: 2 per multiply-add at the active width, as torch's mm formula; each gradient
+    # is one GEMM of the forward's size.
+    register_flops(torch.ops.slimops.linear,
+                   lambda input, weight, *_, out_shape, **__: 2 * math.prod(out_shape)
+                   * input[-1])
+    register_flops(torch.ops.slimops.linear_backward_input,
+                   lambda grad_out, weight, in_features, *_, out_shape, **__:
+                   2 * math.prod(grad_out) * in_features)
+    register_flops(torch.ops.slimops.linear_backward_weight,
+                   lambda grad_out, input, weight, *_, out_shape, **__:
+                   2 * math.prod(grad_out) * input[-1])
 
     # Autograd: a C++ kernel at the Autograd key, csrc/autograd/linear.cpp (the formula in
     # Python cost ~85 us of interpreter and torch.library overhead per call, forward and
