@@ -72,6 +72,8 @@ setup(
         "slimops.models": "models",
         "slimops.kernels": "kernels",
     },
+    # py.typed: the package's annotations are for type checkers (PEP 561).
+    package_data={"slimops": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -12,6 +12,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+import slimops
 from slimops._files import atomic_write_text, remove_stale_temporaries
 from slimops.profile import environment
 from slimops.imagefolder import (
@@ -338,6 +339,8 @@ def _pick_width(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="slimops", description=__doc__)
+    parser.add_argument("--version", action="version",
+                        version=f"slimops {slimops.__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(

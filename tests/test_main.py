@@ -78,3 +78,17 @@ def test_bad_arguments_exit_2_before_any_side_effect(argv, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "error: argument" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_version_is_written_once(capsys):
+    """`slimops --version` answers (it was an error), and the installed metadata's version is
+    slimops.__version__ (pyproject.toml reads it from there: one place)."""
+    import importlib.metadata
+
+    import slimops
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"slimops {slimops.__version__} ")
+    assert importlib.metadata.version("slimops") == slimops.__version__
