@@ -5,7 +5,7 @@ Networks*, ICLR 2019): every op runs on the channel-prefix view of the shared we
 without copying it, and switchable batch norm folds into the convolution's epilogue.
 
     import slimops
-    model = slimops.models.slim_cnn()
+    model = slimops.create_model("slim_cnn")   # slimops.list_models(): the registered names
     slimops.set_width(model, 0.5)          # default width, all threads
     with slimops.width(model, 0.25):       # this thread only
         y = model(x)
@@ -14,6 +14,8 @@ without copying it, and switchable batch norm folds into the convolution's epilo
 from slimops._backend import backend_info
 from slimops import ops, reference
 from slimops import nn
+from slimops import models
+from slimops.models import create_model, list_models
 from slimops.width import (
     ChannelRule,
     channels,
@@ -32,11 +34,14 @@ __all__ = [
     "ChannelRule",
     "backend_info",
     "channels",
+    "create_model",
     "export",
     "export_onnx",
     "get_width",
+    "list_models",
     "make_divisible",
     "model_widths",
+    "models",
     "nn",
     "ops",
     "reference",
