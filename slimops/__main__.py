@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -337,6 +338,36 @@ def _pick_width(args: argparse.Namespace) -> int:
     return 0
 
 
+# Optional packages each command needs: (module, pip name, extra of pyproject.toml). Checked
+# after parsing and before the command makes anything, so a missing one is a one-line error
+# naming what to install (exit 2), not a traceback halfway through (issue 16).
+COMMAND_NEEDS = {
+    "demo": [("sklearn", "scikit-learn", "demo")],
+    "train": [("PIL", "Pillow", "train")],
+}
+# Packages a command runs without, with a note of what is missing.
+COMMAND_WANTS = {
+    "train": [("tqdm", "tqdm", "train", "no progress bar")],
+}
+
+
+def _missing_packages(command: str) -> Optional[str]:
+    """The one-line error for ``command``'s missing required packages, or None; prints a note
+    for each missing optional one."""
+    missing = [(pip, extra) for module, pip, extra in COMMAND_NEEDS.get(command, [])
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        names = ", ".join(pip for pip, _ in missing)
+        extras = ",".join(sorted({extra for _, extra in missing}))
+        return (f"slimops {command}: needs {names}, which is not installed "
+                f"(pip install {names}, or the package's extra: pip install 'slimops[{extras}]')")
+    for module, pip, extra, without in COMMAND_WANTS.get(command, []):
+        if importlib.util.find_spec(module) is None:
+            print(f"slimops {command}: {pip} is not installed: {without} "
+                  f"(pip install {pip}, or 'slimops[{extra}]')", file=sys.stderr)
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="slimops", description=__doc__)
     parser.add_argument("--version", action="version",
@@ -471,6 +502,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     pick.set_defaults(func=_pick_width)
 
     args = parser.parse_args(argv)
+    error = _missing_packages(args.command)
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 2
+    if args.command == "bench":  # a source checkout's bench/ folder, never installed
+        from slimops.benchmark_report import bench_dir
+
+        try:
+            bench_dir()
+        except FileNotFoundError as e:
+            print(f"slimops bench: {e}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

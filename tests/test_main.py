@@ -92,3 +92,55 @@ def test_version_is_written_once(capsys):
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith(f"slimops {slimops.__version__} ")
     assert importlib.metadata.version("slimops") == slimops.__version__
+
+
+# ------------------------------------------------- optional packages (issue 16, exit 2)
+
+def _without(monkeypatch, *modules):
+    """importlib.util.find_spec as if ``modules`` were not installed."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name in modules else real(name, *a, **k))
+
+
+@pytest.mark.parametrize("argv,module,pip,extra", [
+    (["demo"], "sklearn", "scikit-learn", "demo"),
+    (["train", "--model", "slim_cnn", "--data", "DATA", "--out", "RUN"], "PIL", "Pillow",
+     "train"),
+])
+def test_missing_package_is_one_line_before_any_side_effect(argv, module, pip, extra,
+                                                            tmp_path, monkeypatch, capsys):
+    """`slimops demo` without scikit-learn exited 1 with a 22-line traceback; `train` without
+    Pillow made its output folder, then died. Now: one line naming the package and the
+    extra, exit 2, nothing created."""
+    (tmp_path / "data").mkdir()
+    argv = [str(tmp_path / "data") if a == "DATA" else str(tmp_path / "run") if a == "RUN"
+            else a for a in argv]
+    _without(monkeypatch, module)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert pip in err and f"slimops[{extra}]" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_missing_tqdm_is_a_note_not_an_error(monkeypatch, capsys):
+    from slimops.__main__ import _missing_packages
+
+    _without(monkeypatch, "tqdm")
+    assert _missing_packages("train") is None
+    assert "no progress bar" in capsys.readouterr().err
+
+
+def test_bench_outside_a_source_checkout_is_one_line(monkeypatch, capsys):
+    import slimops.benchmark_report as report
+
+    def no_suite():
+        raise FileNotFoundError("no benchmark suite at /site-packages/bench: ...")
+
+    monkeypatch.setattr(report, "bench_dir", no_suite)
+    assert main(["bench", "--matrix"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("slimops bench: no benchmark suite")
