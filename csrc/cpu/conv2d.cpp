@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -106,7 +107,7 @@ ConvGeometry make_geometry(const char* op, at::IntArrayRef input_size, const at:
   // error or the right size, never a wrapped one.
   s.Ho = conv_output_size(op, "height", s.H, s.kh, s.sh, s.ph, s.dh);
   s.Wo = conv_output_size(op, "width", s.W, s.kw, s.sw, s.pw, s.dw);
-  checked_numel(std::vector<int64_t>{s.N, s.O, s.Ho, s.Wo}, op, "the output's element count");
+  checked_numel(std::array<int64_t, 4>{s.N, s.O, s.Ho, s.Wo}, op, "the output's element count");
   // im2col's rows and the direct kernels' padded field are sized from these.
   checked_mul(checked_mul(s.C, s.kernel_area(), op, "the im2col rows"), s.P(), op,
               "the im2col matrix");

@@ -14,6 +14,7 @@
 
 #include <torch/library.h>
 
+#include <array>
 #include <type_traits>
 #include <vector>
 
@@ -96,7 +97,8 @@ Problem make_problem(const char* op, at::IntArrayRef input_size, const at::Tenso
   // buffers hold.
   const int64_t OH = conv_output_size(op, "height", H, KH, stride[0], padding[0], dilation[0]);
   const int64_t OW = conv_output_size(op, "width", W, KW, stride[1], padding[1], dilation[1]);
-  checked_numel(std::vector<int64_t>{input_size[0], C, OH, OW}, op, "the output's element count");
+  checked_numel(std::array<int64_t, 4>{input_size[0], C, OH, OW}, op,
+                "the output's element count");
   checked_mul(H + 2 * padding[0], W + 2 * padding[1], op, "the padded input plane");
   return Problem{input_size[0], C,
                  PlaneConv(H, W, KH, KW, OH, OW, stride[0], stride[1], padding[0], padding[1],
