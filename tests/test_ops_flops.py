@@ -112,3 +112,23 @@ def test_model_counts_equal_profile_at_every_width(name):
             with torch.inference_mode():
                 counted = flops(lambda: model(x))
             assert counted == 2 * (row.macs - _pooling_macs(model, x)), row.width
+
+
+@pytest.mark.parametrize("first", ["slimops", "torch.utils.flop_counter"])
+def test_formulas_register_in_either_import_order_without_importing_the_counter(first):
+    """slimops does not import torch.utils.flop_counter (it imports triton: ~0.2 s of
+    `import slimops`); its formulas register when the counter is imported, before or after."""
+    import subprocess
+    import sys
+
+    second = "torch.utils.flop_counter" if first == "slimops" else "slimops"
+    code = (f"import sys, {first}\n"
+            "counter_loaded = 'torch.utils.flop_counter' in sys.modules\n"
+            f"import {second}\n"
+            "from torch.utils.flop_counter import flop_registry\n"
+            "ops = sorted(str(k) for k in flop_registry if 'slimops' in str(k))\n"
+            "print(counter_loaded, len(ops))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == ("False" if first == "slimops" else "True")
+    assert int(out[1]) == 11  # conv2d, depthwise, linear x (forward + 2 gradients), 2 fused

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import math
 import operator
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+import sys
+from types import ModuleType
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.utils import flop_counter
 
 from slimops.reference import ACTIVATION_CODES, ACTIVATIONS
 
@@ -131,14 +134,55 @@ def pad_prefix(g: Tensor, full: int) -> Tensor:
 
 
 
+FLOP_COUNTER = "torch.utils.flop_counter"
+# Formulas waiting for torch.utils.flop_counter to be imported. slimops does not import it
+# itself: it imports triton (about 0.2 s, an eighth of `import slimops`) and only
+# FlopCounterMode's users need it.
+_pending_flops: List[Tuple[Any, Callable[..., int]]] = []
+
+
+def _register_flops_now(module: ModuleType, op: Any, formula: Callable[..., int]) -> None:
+    if op not in module.flop_registry:  # registering twice raises in torch
+        module.register_flop_formula(op)(formula)
+
+
+class _AfterFlopCounterImport(importlib.abc.MetaPathFinder):
+    """Registers the pending formulas as soon as torch.utils.flop_counter has been executed
+    (then leaves sys.meta_path): the import finds the module as usual, its loader runs it,
+    then the formulas are added to its registry."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != FLOP_COUNTER:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            execute(module)
+            for op, formula in _pending_flops:
+                _register_flops_now(module, op, formula)
+            _pending_flops.clear()
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
 def register_flops(op: "torch._ops.OpOverloadPacket", formula: Callable[..., int]) -> None:
     """Give ``torch.utils.flop_counter.FlopCounterMode`` the FLOPs of a compiled op (without
     one it counts 0 for the op, so a slimmable model looked free). ``formula`` gets the op's
     arguments with tensors replaced by their shapes and ``out_shape=`` (torch's convention);
     it counts 2 FLOPs per multiply-add at the active width, as torch's conv and mm formulas
-    do. Registering twice is a no-op (torch raises)."""
-    if op not in flop_counter.flop_registry:
-        flop_counter.register_flop_formula(op)(formula)
+    do. Registered at once if the flop counter is imported, else when it is."""
+    module = sys.modules.get(FLOP_COUNTER)
+    if module is not None:
+        _register_flops_now(module, op, formula)
+        return
+    if not _pending_flops:
+        sys.meta_path.insert(0, _AfterFlopCounterImport())
+    _pending_flops.append((op, formula))
 
 
 def conv_flops(grad_or_out_shape: Sequence[int], in_channels_per_group: int,
