@@ -11,7 +11,8 @@ without copying it, and switchable batch norm folds into the convolution's epilo
         y = model(x)
 """
 
-from slimops._backend import backend_info
+from slimops._version import __version__
+from slimops.ops import backend_info
 from slimops import ops, reference
 from slimops import nn
 from slimops import models
@@ -28,7 +29,6 @@ from slimops.width import (
 )
 from slimops.export import export, export_onnx
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ChannelRule",

@@ -13,8 +13,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-import slimops
 from slimops._files import atomic_write_text, remove_stale_temporaries
+from slimops._version import __version__
 from slimops.profile import environment
 from slimops.imagefolder import (
     RECIPES,
@@ -125,7 +125,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from slimops import backend_info
+    from slimops.ops import backend_info
 
     print(json.dumps(backend_info(), indent=2))
     return 0
@@ -371,7 +371,7 @@ def _missing_packages(command: str) -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="slimops", description=__doc__)
     parser.add_argument("--version", action="version",
-                        version=f"slimops {slimops.__version__} (torch {torch.__version__})")
+                        version=f"slimops {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(

@@ -33,9 +33,7 @@ Key = Tuple[str, str, int]  # (suite, subject, batch)
 def bench_dir() -> Path:
     """The ``bench/`` folder next to the ``slimops`` package (a source checkout), or a
     ``FileNotFoundError`` saying so."""
-    import slimops
-
-    root = Path(slimops.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent
     bench = root / "bench"
     if not (bench / "conftest.py").is_file():
         raise FileNotFoundError(

@@ -208,7 +208,7 @@ class LatencyTable:
         finally:
             model.train(was_training)
             torch.set_num_threads(old_threads)
-        from slimops._backend import backend_info
+        from slimops.ops._backend import backend_info
 
         info = backend_info()
         meta = {

@@ -184,7 +184,7 @@ def human(n: float) -> str:
 
 def environment() -> str:
     """One line: the active backend, torch, threads and allocator settings."""
-    from slimops import backend_info
+    from slimops.ops import backend_info
 
     info = backend_info()
     malloc = {k: os.environ[k] for k in os.environ if k.startswith("MALLOC_")} or "glibc defaults"

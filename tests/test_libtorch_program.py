@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import slimops
-from slimops import _backend
+from slimops.ops import _backend
 from slimops.export import torchscript_widths
 from slimops.models import MODELS
 

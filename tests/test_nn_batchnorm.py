@@ -213,6 +213,9 @@ def test_normalize_with_residual_and_activation(train, activation, tol):
         torch.testing.assert_close(sbn.bn[i].running_mean, plain.running_mean, **tol(dtype))
     with pytest.raises(ValueError, match="activation"):
         sbn.normalize(torch.randn(3, 13, 2, 2, dtype=dtype), None, "gelu")
+    with pytest.raises(ValueError, match="residual"):  # would broadcast: refused
+        sbn.normalize(torch.randn(3, 13, 2, 2, dtype=dtype), torch.randn(3, 13, 1, 1,
+                                                                         dtype=dtype))
 
 
 def test_training_needs_more_than_one_value_per_channel():

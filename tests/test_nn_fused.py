@@ -180,6 +180,17 @@ def test_wrong_input():
             block(torch.randn(2, 7, 5, 5), torch.randn(2, 13, 5, 5))
 
 
+@pytest.mark.parametrize("residual_shape", [(2, 7, 1, 1), (7, 5, 5), (1, 7, 5, 5)],
+                         ids=["broadcast-plane", "3d", "broadcast-batch"])
+def test_fast_path_refuses_a_residual_that_would_broadcast(residual_shape):
+    # The inference fast path hands the residual to the op unchecked; one that torch would
+    # broadcast (a silent wrong answer on the reference path) must take the checked path.
+    block = SlimConvBNAct([1, 7, 13], [3, 7, 13], 3, widths=WIDTHS).eval()
+    slimops.set_width(block, 0.5)
+    with torch.inference_mode(), pytest.raises(ValueError, match="residual"):
+        block(torch.randn(2, 7, 5, 5), torch.randn(*residual_shape))
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_noncontiguous_input_and_residual(train, tol, randomize_bn):
     dtype = torch.float64

@@ -360,7 +360,7 @@ def test_expanded_grad_out(tol):
 def test_channels_last_weight_falls_back_to_reference(tol, monkeypatch):
     """A non-contiguous shared weight is not a strided-prefix matrix: the op runs on the
     reference path (warning once) and still gives the reference's answer."""
-    from slimops import _backend
+    from slimops.ops import _backend
 
     monkeypatch.setattr(_backend, "_warned_layout", False)
     w = torch.randn(8, 4, 3, 3, dtype=F64).contiguous(memory_format=torch.channels_last)

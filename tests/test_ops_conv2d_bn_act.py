@@ -13,7 +13,8 @@ import copy
 import pytest
 import torch
 
-from slimops import _backend, reference
+from slimops import reference
+from slimops.ops import _backend
 from slimops.models import slim_cnn
 from slimops.nn import SlimConvBNAct
 from slimops.ops import conv2d_bn_act as fused
@@ -136,7 +137,7 @@ def fused_everywhere(monkeypatch):
     implementation is the two-op path it replaces on the GPU)."""
     calls = []
 
-    def available(x):
+    def available(x, weight=None):
         calls.append(x.device.type)
         return True
 
@@ -158,7 +159,7 @@ def test_model_training_with_fused_statistics_equals_two_ops(w, fused_everywhere
     base = slim_cnn()
     x = torch.randn(4, 3, 16, 16)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused, "fused_train_available", lambda x: False)
+        mp.setattr(fused, "fused_train_available", lambda x, w=None: False)
         two_ops = copy.deepcopy(base)
         expected = _train_step(two_ops, x, w)
     one_op = copy.deepcopy(base)

@@ -253,7 +253,7 @@ def test_strided_scale(tol):
 
 
 def test_channels_last_weight_falls_back_to_reference(tol, monkeypatch):
-    from slimops import _backend
+    from slimops.ops import _backend
 
     monkeypatch.setattr(_backend, "_warned_layout", False)
     # [C, 1, kh, kw] in channels_last is still contiguous; a transposed kernel is not

@@ -102,7 +102,7 @@ def test_layouts(how, dtype, tol):
 
 
 def test_non_contiguous_weight_falls_back_to_reference(tol, monkeypatch):
-    from slimops import _backend
+    from slimops.ops import _backend
 
     monkeypatch.setattr(_backend, "_warned_layout", False)
     w = torch.randn(7, 9, dtype=F64).t()  # [9, 7], transposed storage

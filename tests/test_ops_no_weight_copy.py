@@ -234,7 +234,7 @@ def test_slim_conv_bn_act_fused_training_statistics(groups, monkeypatch):
     """Training through ``conv2d_bn_act_train`` (the GPU's path, taken on the CPU here)."""
     from slimops.ops import conv2d_bn_act
 
-    monkeypatch.setattr(conv2d_bn_act, "fused_train_available", lambda x: True)
+    monkeypatch.setattr(conv2d_bn_act, "fused_train_available", lambda x, w=None: True)
     block = SlimConvBNAct([8, 16], [8, 16], 3, groups=groups, widths=(0.5, 1.0)).train()
     slimops.set_width(block, 0.5)
     x = torch.randn(2, 8, 9, 7, requires_grad=True)
@@ -265,7 +265,7 @@ def test_depthwise_slim_conv_bn_act():
 def test_depthwise_slim_conv_bn_act_fused_training_statistics(monkeypatch):
     from slimops.ops import conv2d_bn_act
 
-    monkeypatch.setattr(conv2d_bn_act, "fused_train_available", lambda x: True)
+    monkeypatch.setattr(conv2d_bn_act, "fused_train_available", lambda x, w=None: True)
     block = SlimConvBNAct([8, 16], [8, 16], 3, groups=16, widths=(0.5, 1.0)).train()
     slimops.set_width(block, 0.5)
     x = torch.randn(2, 8, 9, 7, requires_grad=True)

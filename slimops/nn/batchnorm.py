@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from slimops import ops
 from slimops.nn._checks import channel_rule, check_layer_input, per_width, resolve_widths
+from slimops.ops._common import activation_code, check_residual
 from slimops.width import ChannelSpec, Slimmable
 
 
@@ -39,9 +40,11 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         num_features: an int (the same at every width), one count per width, or a rule.
         eps, momentum, affine, track_running_stats, device, dtype: as ``nn.BatchNorm2d``.
         widths: the width switches; defaults to ``(1.0,)`` with an int.
-        shared: the *naive* baseline, for comparison only: one batch norm for all widths
-            (``self.bn[0]``, sized for the largest), each width using the prefix of its γ, β
-            and running statistics. This is what the paper shows fails at test time.
+        shared: one batch norm for all widths (``self.bn[0]``, sized for the largest), each
+            width using the prefix of its γ, β and running statistics. Everywhere in a
+            network this is the *naive* baseline the paper shows failing at test time; on a
+            layer whose channel count never changes with the width it is what the original
+            implementation does (S-MobileNet v2's 1280-channel tail).
     """
 
     def __init__(
@@ -77,26 +80,30 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         """The channel count at the active width."""
         return self._active_count(self.num_features_list, self.num_features_rule)
 
-    def _affine_index(self) -> int:
-        """The listed width whose γ/β prefix the active (in-between) width uses: the next
-        larger one (it has at least as many channels)."""
-        w = self.active_width()
+    def _affine_index(self, w: float) -> int:
+        """The listed width whose γ/β prefix width ``w`` (between the listed ones) uses: the
+        next larger one (it has at least as many channels)."""
         return next(i for i, listed in enumerate(self.widths) if listed > w)
 
-    def active_modules(self) -> Tuple[nn.BatchNorm2d, Optional[nn.BatchNorm2d]]:
-        """``(active_bn(), stats_bn())`` with one width lookup (the inference fast path
-        checks them on every call)."""
+    def _modules_at(self, w: float, i: Optional[int]
+                    ) -> Tuple[nn.BatchNorm2d, Optional[nn.BatchNorm2d]]:
+        """``(active_bn(), stats_bn())`` at width ``w`` (``i`` its listed index or None)."""
         if self.shared:
             bn = self.bn[0]
             return bn, bn
-        w = self.active_width()
-        i = self._width_index.get(w)
         if i is not None:
             bn = self.bn[i]
             return bn, bn
         # Between listed widths: γ/β of the next larger listed width, calibrated statistics.
-        return self.bn[self._affine_index()], self.calibrated[width_key(w)] \
-            if width_key(w) in self.calibrated else None
+        key = width_key(w)
+        return self.bn[self._affine_index(w)], self.calibrated[key] \
+            if key in self.calibrated else None
+
+    def active_modules(self) -> Tuple[nn.BatchNorm2d, Optional[nn.BatchNorm2d]]:
+        """``(active_bn(), stats_bn())`` with one width lookup (the inference fast path
+        checks them on every call)."""
+        w = self.active_width()
+        return self._modules_at(w, self._width_index.get(w))
 
     def active_bn(self) -> nn.BatchNorm2d:
         """The batch norm whose γ, β the active width uses: its own (the one shared BN when
@@ -130,15 +137,15 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
                                List[Optional[Tensor]]]:
         """The BN giving γ/β, the one holding running stats (or None), the active channel
         count, and its (γ, β, mean, var) for those channels: the tensors themselves, or
-        prefix views (no copy)."""
-        c = self.active_features()
-        affine, stats = self.active_modules()
-        weight, bias = affine.weight, affine.bias
-        mean = var = None
-        if stats is not None:
-            mean, var = stats.running_mean, stats.running_var
-        tensors = [weight, bias, mean, var]
-        if self.shared or self.width_index() is None:
+        prefix views (no copy). One width lookup: it runs on every forward."""
+        w = self.active_width()
+        i = self._width_index.get(w)
+        affine, stats = self._modules_at(w, i)
+        c = (self.num_features_list[i] if i is not None
+             else self._active_count(self.num_features_list, self.num_features_rule))
+        tensors = [affine.weight, affine.bias, None if stats is None else stats.running_mean,
+                   None if stats is None else stats.running_var]
+        if self.shared or i is None:
             tensors = [None if t is None else t[:c] for t in tensors]
         return affine, stats, c, tensors
 
@@ -157,11 +164,13 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
     def uses_batch_stats(self) -> bool:
         """Whether the active width normalises with batch statistics: in training, or when
         its BN tracks none. Raises in eval at an uncalibrated width between the listed ones."""
+        return self._uses_batch_stats(*self.active_modules())
+
+    def _uses_batch_stats(self, affine: nn.BatchNorm2d, stats: Optional[nn.BatchNorm2d]) -> bool:
         if self.training:
             return True
-        stats = self.stats_bn()
         if stats is None:
-            if not self.active_bn().track_running_stats:
+            if not affine.track_running_stats:
                 return True
             w = self.active_width()
             raise RuntimeError(
@@ -175,20 +184,27 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         self, input: Tensor, residual: Optional[Tensor] = None, activation: Optional[str] = None
     ) -> Tensor:
         """``act(bn(input) + residual)`` with the active width's batch norm, fused."""
-        training = self.uses_batch_stats()
         affine, stats, c, (weight, bias, mean, var) = self._active()
+        training = self._uses_batch_stats(affine, stats)
         param = affine.running_mean if affine.running_mean is not None else affine.weight
         check_layer_input(self, input, c, param if param is not None else input,
                           dims=4, channel_dim=1)
+        check_residual(residual, input.shape, input, "batch_norm_act")
+        act = activation_code(activation, "batch_norm_act")
+        if training and input.numel() // c <= 1:
+            raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
+                             f"when training, got input of shape {tuple(input.shape)}")
         tracking = stats is not None and stats.track_running_stats
         if self.training and tracking:
             stats.num_batches_tracked.add_(1)
         # Eval passes the running stats; training passes them only to update them.
         track = stats is not None and (not training or tracking)
-        return ops.batch_norm_act(
+        # Everything the op needs is checked above against this layer's own tensors and
+        # width: the op need not re-validate (a third of the call at batch 1 on a 7x7 plane).
+        return ops.batch_norm_act_unchecked(
             input, weight, bias, mean if track else None, var if track else None,
             training, self._momentum(stats) if training and track else 0.0,
-            (stats or affine).eps, residual, activation,
+            (stats or affine).eps, residual, act,
         )
 
     def training_affine(self) -> Tuple[Optional[Tensor], Optional[Tensor], float]:

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from slimops import _backend
+from slimops import ops
 from slimops.nn._checks import check_layer_input
 from slimops.nn.batchnorm import SwitchableBatchNorm2d
 from slimops.nn.conv import Channels, IntPair, SlimmableConv2d
@@ -175,25 +175,38 @@ class SlimConvBNAct(nn.Module):
         conv = self.conv
         weight = conv.weight
         if not (isinstance(input, Tensor) and input.dim() == 4 and input.dtype == weight.dtype
-                and _backend.use_native(input, weight)):
+                and input.device == weight.device):
             return None
         plan = self._eval_plan(conv.active_width(), weight.dtype)
-        if input.shape[1] != plan.cin:
+        if input.shape[1] != plan.cin or (
+                residual is not None and not self._residual_fits(input, residual, plan.cout)):
             return None
         if conv.depthwise:
-            return torch.ops.slimops.depthwise_conv2d.default(
+            return ops.depthwise_conv2d_unchecked(
                 input, weight, conv.bias, conv.stride, conv._op_padding, conv.dilation,
                 plan.scale, plan.shift, residual, self._act_code)
-        return torch.ops.slimops.conv2d.default(
+        return ops.conv2d_unchecked(
             input, weight, conv.bias, plan.cout, conv.stride, conv._op_padding, conv.dilation,
             conv.groups, plan.scale, plan.shift, residual, self._act_code)
+
+    def _residual_fits(self, input: Tensor, residual: Tensor, cout: int) -> bool:
+        """A residual the fast path can hand on: a tensor of the output's shape, dtype and
+        device (anything else takes the checked path, which names what is wrong)."""
+        if not (isinstance(residual, Tensor) and residual.dtype == input.dtype
+                and residual.device == input.device and residual.dim() == 4):
+            return False
+        conv = self.conv
+        s, p, d = conv.stride, conv._op_padding, conv.dilation
+        k = conv.kernel_size
+        ho = (input.shape[2] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+        wo = (input.shape[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        return tuple(residual.shape) == (input.shape[0], cout, ho, wo)
 
     def _fuses_training_stats(self, input: Tensor) -> bool:
         # Training on the GPU: the conv's epilogue reduces the BN statistics (one read of
         # the conv output saved per layer). Not for the naive shared BN (the baseline).
         return (self.training and isinstance(input, Tensor) and not self.bn.shared
-                and fused_train.fused_train_available(input)
-                and _backend.use_native(input, self.conv.weight))
+                and fused_train.fused_train_available(input, self.conv.weight))
 
     def _conv_bn_train(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         conv = self.conv
@@ -226,7 +239,7 @@ class SlimConvBNAct(nn.Module):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         # Not while tracing or compiling: a trace must record the BN arithmetic, not bake
         # in one width's cached scale/shift as constants.
-        if not (self.training or torch.is_grad_enabled() or self.bn.shared
+        if not (self.training or torch.is_grad_enabled()
                 or torch.compiler.is_compiling() or torch.jit.is_tracing()):
             out = self._fast_eval(input, residual)
             if out is not None:

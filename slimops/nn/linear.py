@@ -61,7 +61,9 @@ class SlimmableLinear(Slimmable, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         fin, fout = self.active_features()
         check_layer_input(self, input, fin, self.weight, dims=None, channel_dim=-1)
-        return ops.linear(input, self.weight, self.bias, fout)
+        # The input is checked against this layer's own weight and width: the op need not
+        # re-validate (at batch 1 that was ~5 us of a ~60 us call).
+        return ops.linear_unchecked(input, self.weight, self.bias, fout)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, widths={self.widths}, "

@@ -12,8 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from slimops import _backend, reference
+from slimops import reference
+from slimops.ops import _backend
 from slimops.ops._common import (
+    ACTIVATION_NAMES,
     activation_code,
     check_input,
     check_residual,
@@ -57,17 +59,39 @@ def batch_norm_act(
             f"got input of shape {tuple(input.shape)}"
         )
     check_residual(residual, input.shape, input, OP)
-    act = activation_code(activation, "batch_norm_act")
+    return batch_norm_act_unchecked(input, weight, bias, running_mean, running_var, training,
+                                    momentum, eps, residual,
+                                    activation_code(activation, "batch_norm_act"))
+
+
+def batch_norm_act_unchecked(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    residual: Optional[Tensor],
+    activation: int,
+) -> Tensor:
+    """``batch_norm_act`` for a caller that has validated its arguments
+    (``SwitchableBatchNorm2d`` checks the input against its width; its vectors are its own),
+    with the activation as its code (``ACTIVATION_CODES``): only the backend is chosen here.
+    At batch 1 on a 7x7 plane the Python checks were a third of the op's time. The compiled
+    kernel still checks what it reads."""
     if not _backend.use_native(input):
         return reference.batch_norm_act(
             input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
-            activation,
+            ACTIVATION_NAMES[activation],
         )
-    out, mean, var = torch.ops.slimops.batch_norm_act(
-        input, weight, bias, running_mean, running_var, training, eps, residual, act
+    out, mean, var = torch.ops.slimops.batch_norm_act.default(
+        input, weight, bias, running_mean, running_var, training, eps, residual, activation
     )
     if training and running_mean is not None and running_var is not None:
-        update_running_stats(running_mean, running_var, mean, var, input.numel() // c, momentum)
+        update_running_stats(running_mean, running_var, mean, var,
+                             input.numel() // input.shape[1], momentum)
     return out
 
 
@@ -100,4 +124,4 @@ def _register() -> None:
 if _backend.HAS_C:
     _register()
 
-__all__ = ["batch_norm_act", "update_running_stats"]
+__all__ = ["batch_norm_act", "batch_norm_act_unchecked", "update_running_stats"]

@@ -6,13 +6,15 @@ for tracing, and its autograd formula. Semantics: ``slimops.reference.conv2d``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-from slimops import _backend, reference
+from slimops import reference
+from slimops.ops import _backend
 from slimops.ops._common import (
+    ACTIVATION_NAMES,
     IntPair,
     activation_code,
     as_int,
@@ -96,14 +98,26 @@ def conv2d(
     check_vector(scale, out_channels, input, OP, "scale")
     check_vector(shift, out_channels, input, OP, "shift")
     check_residual(residual, (input.shape[0], out_channels, ho, wo), input, OP)
-    act = activation_code(activation, "conv2d")
+    return conv2d_unchecked(input, weight, bias, out_channels, s, p, d, groups, scale, shift,
+                            residual, activation_code(activation, "conv2d"))
+
+
+def conv2d_unchecked(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: int,
+    stride: List[int], padding: List[int], dilation: List[int], groups: int,
+    scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
+    activation: int,
+) -> Tensor:
+    """``conv2d`` for a caller that has validated its arguments, in the schema's normal form
+    (pairs as lists of ints, the activation as its code): only the backend is chosen here.
+    ``SlimConvBNAct``'s inference path calls it with the channel counts and BN scale/shift it
+    keeps per width. The compiled kernel still checks what it reads."""
     if _backend.use_native(input, weight):
-        return torch.ops.slimops.conv2d(
-            input, weight, bias, out_channels, s, p, d, groups, scale, shift, residual, act
-        )
-    return reference.conv2d(
-        input, weight, bias, out_channels, s, p, d, groups, scale, shift, residual, activation
-    )
+        return torch.ops.slimops.conv2d.default(
+            input, weight, bias, out_channels, stride, padding, dilation, groups, scale, shift,
+            residual, activation)
+    return reference.conv2d(input, weight, bias, out_channels, stride, padding, dilation,
+                            groups, scale, shift, residual, ACTIVATION_NAMES[activation])
 
 
 def _register() -> None:
@@ -141,4 +155,4 @@ def _register() -> None:
 if _backend.HAS_C:
     _register()
 
-__all__ = ["conv2d"]
+__all__ = ["conv2d", "conv2d_unchecked"]

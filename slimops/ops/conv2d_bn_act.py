@@ -24,7 +24,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from slimops import _backend, kernels
+from slimops import kernels
+from slimops.ops import _backend
 from slimops.ops._common import (
     channel_sum,
     conv_flops,
@@ -253,11 +254,14 @@ def conv2d_bn_act_train(
     return out, mean, var
 
 
-def fused_train_available(input: Tensor) -> bool:
-    """True where ``conv2d_bn_act_train`` has its fused (Triton) implementation: CUDA
-    tensors with the Triton conv registered. Elsewhere the two-op path is as fast."""
+def fused_train_available(input: Tensor, weight: Optional[Tensor] = None) -> bool:
+    """True where training should run ``conv2d_bn_act_train`` (one op) rather than the conv
+    op then ``batch_norm_act``: where it has its fused (Triton) implementation, CUDA tensors
+    with the Triton conv registered and ``weight`` (the shared conv weight) in the layout
+    the kernels read. Elsewhere the two-op path is as fast. The op layer decides this;
+    ``SlimConvBNAct`` asks."""
     return (input.device.type == "cuda" and _backend.HAS_C and kernels.available()
-            and _backend.CUDA_READY)
+            and _backend.cuda_ready() and _backend.use_native(input, weight))
 
 
 if _backend.HAS_C:

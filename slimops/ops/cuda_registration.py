@@ -19,7 +19,7 @@ from typing import Callable, Dict
 
 import torch
 
-from slimops import _backend
+from slimops.ops import _backend
 from slimops import kernels
 
 # op name -> kernel module (the launcher has the op's name).
@@ -56,7 +56,7 @@ def _lazy(op: str) -> Callable:
 def register() -> Dict[str, str]:
     """Register the Triton launchers as the CUDA kernels of the ops that have none.
 
-    Returns (and records in ``slimops._backend.CUDA_KERNELS``) ``{op: "triton" | "cuda"}``
+    Returns (and records in ``slimops.ops._backend.CUDA_KERNELS``) ``{op: "triton" | "cuda"}``
     for every op with a CUDA kernel; empty without the compiled extension (it defines the
     ops) or without triton.
     """
@@ -74,7 +74,5 @@ def register() -> Dict[str, str]:
                 _library.impl(op, _lazy(op), "CUDA")
                 _triton_ops.add(op)
                 found[op] = "triton"
-    _backend.CUDA_KERNELS.clear()
-    _backend.CUDA_KERNELS.update(found)
-    _backend.CUDA_READY = len(found) == len(OP_FAMILIES)
+    _backend.set_cuda_kernels(found, complete=len(found) == len(OP_FAMILIES))
     return dict(found)

@@ -5,13 +5,15 @@ Op surface, fake and autograd. Semantics: ``slimops.reference.depthwise_conv2d``
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-from slimops import _backend, reference
+from slimops import reference
+from slimops.ops import _backend
 from slimops.ops._common import (
+    ACTIVATION_NAMES,
     IntPair,
     activation_code,
     check_input,
@@ -73,14 +75,23 @@ def depthwise_conv2d(
     check_vector(scale, c, input, OP, "scale")
     check_vector(shift, c, input, OP, "shift")
     check_residual(residual, (input.shape[0], c, ho, wo), input, OP)
-    act = activation_code(activation, "depthwise_conv2d")
+    return depthwise_conv2d_unchecked(input, weight, bias, s, p, d, scale, shift, residual,
+                                      activation_code(activation, "depthwise_conv2d"))
+
+
+def depthwise_conv2d_unchecked(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+    padding: List[int], dilation: List[int], scale: Optional[Tensor], shift: Optional[Tensor],
+    residual: Optional[Tensor], activation: int,
+) -> Tensor:
+    """``depthwise_conv2d`` for a caller that has validated its arguments, in the schema's
+    normal form (pairs as lists of ints, the activation as its code): only the backend is
+    chosen here. The compiled kernel still checks what it reads."""
     if _backend.use_native(input, weight):
-        return torch.ops.slimops.depthwise_conv2d(
-            input, weight, bias, s, p, d, scale, shift, residual, act
-        )
-    return reference.depthwise_conv2d(
-        input, weight, bias, s, p, d, scale, shift, residual, activation
-    )
+        return torch.ops.slimops.depthwise_conv2d.default(
+            input, weight, bias, stride, padding, dilation, scale, shift, residual, activation)
+    return reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation, scale,
+                                      shift, residual, ACTIVATION_NAMES[activation])
 
 
 def _register() -> None:
@@ -116,4 +127,4 @@ def _register() -> None:
 if _backend.HAS_C:
     _register()
 
-__all__ = ["depthwise_conv2d"]
+__all__ = ["depthwise_conv2d", "depthwise_conv2d_unchecked"]

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from slimops import _backend
+from slimops.ops import _backend
 
 
 def epilogue_grads(

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from slimops import _backend, reference
+from slimops import reference
+from slimops.ops import _backend
 from slimops.ops._common import as_int, check_input, check_tensor, register_flops
 
 OP = "linear"
@@ -49,8 +50,19 @@ def linear(
             raise ValueError(
                 f"slimops.linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
             )
+    return linear_unchecked(input, weight, bias, out_features)
+
+
+def linear_unchecked(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], out_features: int
+) -> Tensor:
+    """``linear`` for a caller that has validated its arguments (``SlimmableLinear`` checks
+    its input against its own weight and width): only the backend is chosen here. At batch 1
+    the Python checks were a tenth of the op's time (~5 us of ~60 us). The compiled kernel
+    still checks everything it reads (``TORCH_CHECK``), so a wrong argument raises, with a
+    terser message."""
     if _backend.use_native(input, weight):
-        return torch.ops.slimops.linear(input, weight, bias, out_features)
+        return torch.ops.slimops.linear.default(input, weight, bias, out_features)
     return reference.linear(input, weight, bias, out_features)
 
 
@@ -87,4 +99,4 @@ def _register() -> None:
 if _backend.HAS_C:
     _register()
 
-__all__ = ["linear"]
+__all__ = ["linear", "linear_unchecked"]

@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from slimops import _backend, reference  # noqa: E402
+from slimops import reference  # noqa: E402
+from slimops.ops import _backend  # noqa: E402
 from slimops.kernels import _aot  # noqa: E402
 from slimops.kernels import batch_norm_act as K  # noqa: E402
 from slimops.ops._common import ACTIVATION_NAMES  # noqa: E402

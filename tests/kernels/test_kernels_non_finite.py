@@ -18,7 +18,8 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from slimops import _backend, reference  # noqa: E402
+from slimops import reference  # noqa: E402
+from slimops.ops import _backend  # noqa: E402
 from slimops.kernels import batch_norm_act as KB  # noqa: E402
 from slimops.kernels import conv2d as KC  # noqa: E402
 from slimops.kernels import depthwise_conv2d as KD  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import slimops
-from slimops import _backend
+from slimops.ops import _backend
 from slimops.models import MODELS
 
 pytestmark = pytest.mark.skipif(

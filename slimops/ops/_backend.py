@@ -1,4 +1,8 @@
-"""Which backends are active: the compiled CPU kernels (``slimops._C``) or the reference.
+"""Which backend runs an op: the compiled kernels (``slimops._C``, and on CUDA the Triton or
+CUDA C++ kernels registered for the ops) or ``slimops.reference``.
+
+The op layer owns this decision: the op entry points (``slimops.ops.*``) ask ``use_native``,
+and nothing above them reads or changes this module's state except through its functions.
 
 Importing ``slimops._C`` runs its static ``TORCH_LIBRARY`` registrations, which define the
 ``torch.ops.slimops.*`` ops. Without it (not built, or built against another torch) the
@@ -40,11 +44,26 @@ NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
 # the reference path.
 NATIVE_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# {op: "triton" | "cuda"}: the ops with a CUDA kernel, filled by
-# slimops.ops.cuda_registration.register() (the Triton kernels, or the extension's own).
+# {op: "triton" | "cuda"}: the ops with a CUDA kernel, recorded by
+# slimops.ops.cuda_registration.register() through set_cuda_kernels (the Triton kernels, or
+# the extension's own).
 CUDA_KERNELS: Dict[str, str] = {}
 # True when every op has one (only then do CUDA tensors leave the reference path).
 CUDA_READY = False
+
+
+def set_cuda_kernels(kernels: Dict[str, str], complete: bool) -> None:
+    """Record which ops have a CUDA kernel (``{op: "triton" | "cuda"}``); CUDA tensors run on
+    them only when ``complete`` (every op has one)."""
+    global CUDA_READY
+    CUDA_KERNELS.clear()
+    CUDA_KERNELS.update(kernels)
+    CUDA_READY = bool(complete)
+
+
+def cuda_ready() -> bool:
+    """True when CUDA tensors run on compiled kernels (every op has a CUDA kernel)."""
+    return CUDA_READY
 
 
 _warned_layout = False

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import slimops
-from slimops import _backend, reference
+from slimops import reference
+from slimops.ops import _backend
 
 F32, F64 = torch.float32, torch.float64
 HAS_C = slimops.backend_info()["cpu"] == "C++"
