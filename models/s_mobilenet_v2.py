@@ -16,12 +16,10 @@ Fidelity to the original implementation (github.com/JiahuiYu/slimmable_networks,
   when the largest width exceeds 1.0), and the classifier reads all of them: neither slims;
 * the residual add follows the projection's BN and is fused into its conv epilogue.
 
-One deliberate difference: the original normalizes the 1280-channel tail with a single
-``nn.BatchNorm2d`` shared by every width, here the tail's BN is switchable like every other
-(private statistics per width, which is the paper's S-BN rule; the input statistics of that
-layer do differ between widths). An original checkpoint loads by copying its one tail BN to
-every width, so the loaded model computes exactly what the original does; only training
-from scratch differs (each width then tracks its own tail statistics).
+* the tail's 1280 channels are normalised by one batch norm shared by every width (the
+  original's plain ``nn.BatchNorm2d`` there; ``SlimConvBNAct(shared_bn=True)`` here, state
+  keys ``last_conv.bn.bn.0.*``): 3,556,456 stored parameters at the default widths, the
+  original's count. Every other BN is switchable.
 
 The original pools with ``AvgPool2d(input_size // 32)``; ``AdaptiveAvgPool2d(1)`` is the
 same at 224x224 and also works on other input sizes.
@@ -122,8 +120,9 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, nn.Module):
         top = max(self.widths)
         self.last_channels = (make_divisible(LAST_CHANNELS * top, 8, min_value=1) if top > 1.0
                               else LAST_CHANNELS)
+        # One BN for every width, as the original has (its channel count never changes).
         self.last_conv = SlimConvBNAct(c, self.last_channels, 1, activation="relu6",
-                                       widths=self.widths)
+                                       widths=self.widths, shared_bn=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(self.last_channels, num_classes, widths=self.widths)
         init_like_original(self)
@@ -154,7 +153,7 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, nn.Module):
         without the first three when the expand ratio is 1; then ``features.18`` = (conv,
         plain BN, ReLU6), the pooling, and ``classifier.0`` (a plain linear layer). Its
         switchable BNs keep ``bn.{i}`` in its ascending width list, like ours; its single
-        tail BN is copied to every width of ours.
+        tail BN is our tail's one shared BN (``last_conv.bn.bn.0``).
         """
         prefixes = {"stem.conv": "features.0.0", "stem.bn": "features.0.1",
                     "classifier": "classifier.0"}
@@ -167,8 +166,7 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, nn.Module):
                 prefixes[f"blocks.{k}.{part}.bn"] = f"{body}.{3 * j + 1}"
         tail = f"features.{len(self.blocks) + 1}"
         prefixes["last_conv.conv"] = f"{tail}.0"
-        for i in range(len(self.widths)):
-            prefixes[f"last_conv.bn.bn.{i}"] = f"{tail}.1"
+        prefixes["last_conv.bn.bn.0"] = f"{tail}.1"
         return convert_by_prefix(self, sd, prefixes)
 
 

@@ -566,9 +566,10 @@ def calibrate_bn(
     ``torch.no_grad()`` on the first ``num_batches`` batches of ``loader`` (all of it with
     ``None``). The loader is iterated once per width. Afterwards every BN's ``momentum``
     and every submodule's train/eval mode are restored; the other widths' statistics are
-    untouched (each forward only updates the active width's BN). Plain (shared, not
-    switchable) batch norms are kept in eval mode during calibration, so their statistics
-    are not touched either. On an error every statistic is put back as it was.
+    untouched (each forward only updates the active width's BN). Batch norms shared by
+    every width (plain ones, and ``SwitchableBatchNorm2d(shared=True)`` such as S-MobileNet
+    v2's tail) are kept in eval mode during calibration, so their statistics are not
+    touched either. On an error every statistic is put back as it was.
 
     Args:
         model: a module built from slimmable layers, with ``SwitchableBatchNorm2d``.
@@ -594,12 +595,16 @@ def calibrate_bn(
     switchable = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
     if not switchable:
         raise ValueError(f"{type(model).__name__} has no SwitchableBatchNorm2d to calibrate")
-    if any(m.shared for m in switchable):
+    if all(m.shared for m in switchable):
         raise ValueError("calibrate_bn needs per-width batch norms; this model shares one BN "
-                         "across widths (SwitchableBatchNorm2d(shared=True))")
-    owned = {id(bn) for layer in switchable for bn in layer.bn}
-    shared = [m for m in model.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in owned]
+                         "across widths everywhere (SwitchableBatchNorm2d(shared=True))")
+    # A BN shared by every width (a plain one, or SwitchableBatchNorm2d(shared=True), as in
+    # S-MobileNet v2's tail) has no statistics of a width to recompute: it stays in eval.
+    shared: List[nn.Module] = [m for m in switchable if m.shared]
+    switchable = [m for m in switchable if not m.shared]
+    owned = {id(bn) for layer in switchable + shared for bn in layer.bn}
+    shared += [m for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in owned]
 
     all_bns = [bn for layer in switchable for bn in layer.bn if bn.track_running_stats]
     backup = [(bn, bn.running_mean.clone(), bn.running_var.clone(),

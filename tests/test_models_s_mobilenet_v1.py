@@ -237,6 +237,12 @@ def _checkpoint(orig):
     return original_checkpoint(orig.state_dict())
 
 
+def test_stored_parameters_equal_the_originals():
+    ours = sum(p.numel() for p in s_mobilenet_v1().parameters())
+    original = sum(p.numel() for p in OrigMobileNetV1(Switch(WIDTHS)).parameters())
+    assert ours == original == 4_264_808
+
+
 def test_loads_original_checkpoint(tmp_path, tol):
     sw, orig = _original()
     path = tmp_path / "s_mobilenet_v1.pt"

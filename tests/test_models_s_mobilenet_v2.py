@@ -133,7 +133,10 @@ def test_every_conv_is_fused():
     fused = [x for x in m.modules() if isinstance(x, SlimConvBNAct)]
     convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
     assert len(fused) == len(convs) == 1 + 16 * 3 + 2 + 1
-    assert len([x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]) == len(fused) * 4
+    # one BN per width in every block but the tail, whose one BN is shared (the original's)
+    assert len([x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]) == \
+        (len(fused) - 1) * 4 + 1
+    assert m.last_conv.bn.shared and len(m.last_conv.bn.bn) == 1
 
 
 def test_residual_fused_into_projection(model):
@@ -251,12 +254,20 @@ def _checkpoint(orig):
     return original_checkpoint(orig.state_dict())
 
 
+def test_stored_parameters_equal_the_originals():
+    # Every width's parameters as stored (shared weights once, each width's BN): the
+    # original has one tail BN for all widths, so the count is 3,556,456, not 3,564,136.
+    ours = sum(p.numel() for p in s_mobilenet_v2().parameters())
+    original = sum(p.numel() for p in OrigMobileNetV2(Switch(WIDTHS)).parameters())
+    assert ours == original == 3_556_456
+
+
 def test_loads_original_checkpoint(tmp_path, tol):
     sw, orig = _original()
     path = tmp_path / "s_mobilenet_v2.pt"
     torch.save(_checkpoint(orig), path)
     model = load_original(s_mobilenet_v2(), path).eval()
-    # the original's one tail BN went to every width
+    # the original's one tail BN is ours
     tail = orig.features[18][1]
     for bn in model.last_conv.bn.bn:
         torch.testing.assert_close(bn.running_var, tail.running_var, rtol=0, atol=0)

@@ -344,6 +344,11 @@ def original() -> OrigResNet50:
     return _randomize(OrigResNet50(WIDTHS)).eval()
 
 
+def test_stored_parameters_equal_the_originals(original):
+    ours = sum(p.numel() for p in s_resnet50().parameters())
+    assert ours == sum(p.numel() for p in original.parameters()) == 25_636_712
+
+
 @pytest.fixture(scope="module")
 def checkpoint(original, tmp_path_factory):
     """The original's checkpoint layout: {'model': DataParallel state_dict}."""

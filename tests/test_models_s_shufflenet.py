@@ -72,6 +72,34 @@ def original_plan(widths):
     return plan
 
 
+def original_stored_parameters(widths, num_classes=1000):
+    """The parameters the original's S-ShuffleNet stores, counted from its structure: three
+    stem convs (3 -> int(24w)/3, 3x3) with switchable BNs; per unit three group convs
+    (inp/first_group -> midp/3, 1x1) + S-BNs, a depthwise 3x3 over midp + S-BN, three group
+    convs (midp/3 -> block_outp/3) + S-BNs; a linear classifier with bias. Each conv is
+    sized for the largest width, each S-BN holds γ and β for every width."""
+    ws = sorted(widths)
+
+    def sbn(counts):
+        return sum(2 * c for c in counts)
+
+    stem = [int(24 * w) // 3 for w in ws]
+    total = 3 * (3 * 9 * max(stem) + sbn(stem))
+    for inp, midp, block_outp, _, first_group in original_plan(ws):
+        first = [m // 3 for m in midp]
+        last = [b // 3 for b in block_outp]
+        total += 3 * (max(inp) // first_group * max(first) + sbn(first))
+        total += 9 * max(midp) + sbn(midp)
+        total += 3 * (max(midp) // 3 * max(last) + sbn(last))
+    channels = int(960 * max(ws))
+    return total + channels * num_classes + num_classes
+
+
+def test_stored_parameters_equal_the_originals():
+    ours = sum(p.numel() for p in s_shufflenet().parameters())
+    assert ours == original_stored_parameters(PAPER_WIDTHS) == 5_487_496
+
+
 @pytest.mark.parametrize("widths", [PAPER_WIDTHS, (0.25, 0.75, 1.0)])
 def test_channels_follow_the_original_arithmetic(widths):
     plan = unit_channels(widths)

@@ -394,6 +394,32 @@ def test_calibrate_bn_all_widths_bare_tensors_and_errors():
         calibrate_bn(SlimmableLinear([2, 4], 3, widths=(0.5, 1.0)), xs)
 
 
+def test_calibrate_bn_leaves_a_bn_shared_by_all_widths_alone():
+    # S-MobileNet v2's tail BN is shared by every width (as in the original): calibration
+    # recomputes the switchable BNs and keeps the shared one as it was, also at a width
+    # between the listed ones.
+    from slimops.models import s_mobilenet_v2
+
+    torch.manual_seed(0)
+    model = s_mobilenet_v2(num_classes=10)
+    _randomize_stats(model)
+    tail = model.last_conv.bn.bn[0]
+    tail_before = (tail.running_mean.clone(), tail.running_var.clone())
+    stem_before = model.stem.bn.bn[0].running_mean.clone()
+    xs = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    calibrate_bn(model, xs, widths=[0.35, 0.6])
+    assert torch.equal(tail.running_mean, tail_before[0])
+    assert torch.equal(tail.running_var, tail_before[1])
+    assert not torch.equal(model.stem.bn.bn[0].running_mean, stem_before)
+    model.eval()
+    with width_scope(model, 0.6), torch.no_grad():
+        assert torch.isfinite(model(xs[0])).all()
+    # a model whose every BN is shared has nothing per width to calibrate
+    naive = SlimConvBNAct([2, 4], [2, 4], 3, widths=(0.5, 1.0), shared_bn=True)
+    with pytest.raises(ValueError, match="shares one BN"):
+        calibrate_bn(naive, [torch.randn(2, 4, 5, 5)])
+
+
 def test_calibrate_bn_in_between_width_then_eval():
     model = tiny()
     _randomize_stats(model)
