@@ -4,6 +4,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import nn
 
+from slimops.models._features import FeatureInfo
 from slimops.models._original import (
     Checkpoint,
     CheckpointMismatchError,
@@ -76,7 +77,8 @@ def create_model(name: str, widths: Optional[Sequence[float]] = None,
 
 
 __all__ = [
-    "CheckpointMismatchError", "MODELS", "create_model", "list_models", "load_original",
+    "CheckpointMismatchError", "FeatureInfo", "MODELS", "create_model", "list_models",
+    "load_original",
     "SMobileNetV1", "SMobileNetV2", "SResNet", "ShuffleNetV1", "SlimCNN",
     "s_mobilenet_v1", "s_mobilenet_v2", "s_resnet50", "s_shufflenet", "slim_cnn",
 ]

@@ -27,6 +27,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from slimops.models._features import FeatureInfoMixin, FeatureTap
 from slimops.models._original import convert_by_prefix, init_like_original
 from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule, normalize_widths
@@ -58,13 +59,16 @@ class DepthwiseSeparable(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
-class SMobileNetV1(ChecksBNWidthsOnLoad, nn.Module):
+class SMobileNetV1(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
     """Slimmable MobileNet v1; build it with ``s_mobilenet_v1``.
 
     Attributes:
         widths: the width switches, ascending.
         stem, blocks, pool, classifier: the layers (``blocks`` is an ``nn.Sequential`` of 13
             ``DepthwiseSeparable``).
+        feature_info: the maps of ``forward_features`` (``FeatureInfo``: name, stride,
+            module, channels per width); ``feature_channels(width)`` gives their channels at
+            any width the model runs at.
     """
 
     def __init__(self, widths: Sequence[float], num_classes: int) -> None:
@@ -76,7 +80,7 @@ class SMobileNetV1(ChecksBNWidthsOnLoad, nn.Module):
         self.stem = SlimConvBNAct(3, c, 3, 2, activation="relu6", widths=self.widths)
         blocks: List[nn.Module] = []
         # The last block of each output stride feeds forward_features.
-        last: Dict[str, int] = {}
+        last: Dict[int, int] = {}
         stride = 2
         for base, repeats, first_stride in BLOCK_SETTING:
             out = ChannelRule(base, divisor=8)
@@ -86,8 +90,11 @@ class SMobileNetV1(ChecksBNWidthsOnLoad, nn.Module):
                 stride *= s
                 c = out
                 if stride in (8, 16, 32):
-                    last[f"stride{stride}"] = len(blocks) - 1
-        self._taps = {i: name for name, i in last.items()}
+                    last[stride] = len(blocks) - 1
+        self._taps = {i: f"stride{s}" for s, i in last.items()}
+        self._feature_taps = tuple(
+            FeatureTap(f"stride{s}", s, f"blocks.{i}", f"blocks.{i}.pointwise")
+            for s, i in sorted(last.items()))
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         # The class count never slims.

@@ -35,6 +35,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from slimops.models._features import FeatureInfoMixin, FeatureTap
 from slimops.models._original import convert_by_prefix, init_like_original
 from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule, make_divisible, normalize_widths
@@ -84,13 +85,16 @@ class InvertedResidual(nn.Module):
         return self.project(self.depthwise(h), x if self.use_residual else None)
 
 
-class SMobileNetV2(ChecksBNWidthsOnLoad, nn.Module):
+class SMobileNetV2(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
     """Slimmable MobileNet v2; build it with ``s_mobilenet_v2``.
 
     Attributes:
         widths: the width switches, ascending.
         stem, blocks, last_conv, pool, classifier: the layers (``blocks`` is an
             ``nn.Sequential`` of 17 ``InvertedResidual``).
+        feature_info: the maps of ``forward_features`` (``FeatureInfo``: name, stride,
+            module, channels per width); ``feature_channels(width)`` gives their channels at
+            any width the model runs at.
     """
 
     def __init__(self, widths: Sequence[float], num_classes: int) -> None:
@@ -103,7 +107,7 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, nn.Module):
         blocks: List[nn.Module] = []
         # The last block of output stride 8 and 16 feed forward_features (stride 32: the
         # last conv's output).
-        last: Dict[str, int] = {}
+        last: Dict[int, int] = {}
         stride = 2
         for t, base, repeats, first_stride in BLOCK_SETTING:
             out = v2_channels(base)
@@ -113,8 +117,8 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, nn.Module):
                 stride *= s
                 c = out
                 if stride in (8, 16):
-                    last[f"stride{stride}"] = len(blocks) - 1
-        self._taps = {i: name for name, i in last.items()}
+                    last[stride] = len(blocks) - 1
+        self._taps = {i: f"stride{s}" for s, i in last.items()}
         self.blocks = nn.Sequential(*blocks)
         # Never slims: 1280 outputs at every width (more only if a width exceeds 1.0).
         top = max(self.widths)
@@ -123,6 +127,10 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, nn.Module):
         # One BN for every width, as the original has (its channel count never changes).
         self.last_conv = SlimConvBNAct(c, self.last_channels, 1, activation="relu6",
                                        widths=self.widths, shared_bn=True)
+        self._feature_taps = tuple(
+            FeatureTap(f"stride{s}", s, f"blocks.{i}", f"blocks.{i}.project")
+            for s, i in sorted(last.items())
+        ) + (FeatureTap("stride32", 32, "last_conv", "last_conv"),)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(self.last_channels, num_classes, widths=self.widths)
         init_like_original(self)

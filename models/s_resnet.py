@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from slimops.models._features import FeatureInfoMixin, FeatureTap
 from slimops.models._original import CheckpointMismatchError, init_like_original, take
 from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule, normalize_widths
@@ -69,12 +70,16 @@ class Bottleneck(nn.Module):
         return self.conv3(self.conv2(self.conv1(x)), residual)
 
 
-class SResNet(ChecksBNWidthsOnLoad, nn.Module):
+class SResNet(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
     """Slimmable ResNet with bottleneck blocks; build it with ``s_resnet50``.
 
     Attributes (modules): ``stem`` (7x7/2 conv + S-BN + ReLU), ``maxpool`` (3x3/2),
     ``layer1`` .. ``layer4`` (``nn.Sequential`` of ``Bottleneck``), ``pool`` (global
     average), ``classifier`` (``SlimmableLinear``, outputs never slim).
+
+    ``feature_info``: the maps of ``forward_features`` (``FeatureInfo``: name, stride,
+    module, channels per width); ``feature_channels(width)`` gives their channels at any
+    width the model runs at.
     """
 
     def __init__(self, depth: int, widths: Sequence[float], num_classes: int) -> None:
@@ -91,6 +96,7 @@ class SResNet(ChecksBNWidthsOnLoad, nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         cin = stem
         self.stage_names: List[str] = []
+        self._feature_taps: List[FeatureTap] = []
         for s, (n_blocks, mid) in enumerate(zip(_STAGE_BLOCKS[depth], _STAGE_MID)):
             cout = ChannelRule(mid * _EXPANSION)
             blocks = []
@@ -102,6 +108,11 @@ class SResNet(ChecksBNWidthsOnLoad, nn.Module):
             name = f"layer{s + 1}"
             self.add_module(name, nn.Sequential(*blocks))
             self.stage_names.append(name)
+            stride = _STAGE_STRIDES[s]
+            if stride in _FEATURE_KEYS:
+                # The shortcut add and the ReLU keep conv3's channel count.
+                self._feature_taps.append(FeatureTap(_FEATURE_KEYS[stride], stride, name,
+                                                     f"{name}.{n_blocks - 1}.conv3"))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(cin, num_classes, widths=ws)
         init_like_original(self)

@@ -24,6 +24,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
+from slimops.models._features import FeatureInfoMixin, FeatureTap
 from slimops.models._original import CheckpointMismatchError, take
 from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import channels, normalize_widths
@@ -35,7 +36,9 @@ STEM_CHANNELS = 24
 # (output channels at 1.0x, units); the first unit of each stage has stride 2.
 STAGES = ((240, 4), (480, 8), (960, 4))
 STAGE_NAMES = ("stage2", "stage3", "stage4")
-FEATURE_KEYS = ("stride8", "stride16", "stride32")
+# Output stride of each stage's last map; forward_features' keys are "stride{s}".
+FEATURE_STRIDES = (8, 16, 32)
+FEATURE_KEYS = tuple(f"stride{s}" for s in FEATURE_STRIDES)
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
@@ -138,17 +141,22 @@ class ShuffleUnit(nn.Module):
         return torch.cat([self.c(y), self.pool(x)], 1)
 
 
-class ShuffleNetV1(ChecksBNWidthsOnLoad, nn.Module):
+class ShuffleNetV1(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
     """Slimmable ShuffleNet v1 (3 groups); build it with ``s_shufflenet``.
 
     Submodules: ``stem`` (the 3x3 stride-2 conv + BN + ReLU, 3 output groups), ``maxpool``,
     ``stage2``/``stage3``/``stage4`` (``nn.Sequential`` of ``ShuffleUnit``), ``avgpool``,
-    ``classifier``.
+    ``classifier``; ``widths``: the width switches, ascending.
+
+    ``feature_info``: the maps of ``forward_features`` (``FeatureInfo``: name, stride,
+    module, channels per width); ``feature_channels(width)`` gives their channels at every
+    width the model runs at (its listed ones: the channels are per-width lists).
     """
 
     def __init__(self, widths: Sequence[float], num_classes: int) -> None:
         super().__init__()
         ws = normalize_widths(widths)
+        self.widths = ws
         plan = unit_channels(ws)
         stem_out = plan[0].cin
         # The original's stem is 3 separate convs (3 -> 24w/3 each) whose outputs are
@@ -159,9 +167,15 @@ class ShuffleNetV1(ChecksBNWidthsOnLoad, nn.Module):
                                   groups=GROUPS, activation="relu", widths=ws)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2)  # no padding, as the original
         i = 0
-        for name, (_, units) in zip(STAGE_NAMES, STAGES):
+        self._feature_taps: List[FeatureTap] = []
+        for name, key, stride, (_, units) in zip(STAGE_NAMES, FEATURE_KEYS, FEATURE_STRIDES,
+                                                 STAGES):
             setattr(self, name, nn.Sequential(*(ShuffleUnit(ch, ws) for ch in plan[i:i + units])))
             i += units
+            # A stage ends with a stride-1 unit: its output is `c`'s (the residual add keeps
+            # the count; only stride-2 units concatenate the pooled input).
+            assert plan[i - 1].stride == 1
+            self._feature_taps.append(FeatureTap(key, stride, name, f"{name}.{units - 1}.c"))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(plan[-1].cout, num_classes, widths=ws)
 

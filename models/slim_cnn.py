@@ -7,13 +7,14 @@ rule (multiples of 8 without losing more than 10%), the first conv's inputs neve
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from slimops.models._features import FeatureInfoMixin, FeatureTap
 from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
-from slimops.width import ChannelRule
+from slimops.width import ChannelRule, normalize_widths
 
 
 class SeparableBlock(nn.Module):
@@ -34,13 +35,19 @@ class SeparableBlock(nn.Module):
         return self.pointwise(self.depthwise(x), x if self.residual else None)
 
 
-class SlimCNN(ChecksBNWidthsOnLoad, nn.Module):
+class SlimCNN(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
     """Stem, three (+ ``extra_blocks``) separable blocks, pooling, classifier; see
-    ``slim_cnn``."""
+    ``slim_cnn``.
+
+    ``widths``: the width switches, ascending. ``feature_info``: the maps of
+    ``forward_features`` (``FeatureInfo``: name, stride, module, channels per width);
+    ``feature_channels(width)`` gives their channels at any width the model runs at.
+    """
 
     def __init__(self, widths: Sequence[float], num_classes: int, in_channels: int,
                  base: Sequence[int], shared_bn: bool = False, extra_blocks: int = 0) -> None:
         super().__init__()
+        self.widths = normalize_widths(widths)
         # Channel rules, not lists: the model also runs at any width between its switches.
         c = [ChannelRule(b, divisor=8) for b in base]
         self.stem = SlimConvBNAct(in_channels, c[0], 3, 1, activation="relu6",
@@ -51,8 +58,26 @@ class SlimCNN(ChecksBNWidthsOnLoad, nn.Module):
             SeparableBlock(c[2], c[2], 1, widths, shared_bn),
             *(SeparableBlock(c[2], c[2], 1, widths, shared_bn) for _ in range(extra_blocks)),
         )
+        last = f"blocks.{len(self.blocks) - 1}"
+        self._feature_taps = (
+            FeatureTap("stride1", 1, "stem", "stem"),
+            FeatureTap("stride2", 2, "blocks.0", "blocks.0.pointwise"),
+            FeatureTap("stride4", 4, last, f"{last}.pointwise"),
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(c[2], num_classes, widths=widths)
+
+    def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
+        """Feature maps at the active width: the stem's output and the last map of output
+        stride 2 and 4 (keys ``"stride1"``, ``"stride2"``, ``"stride4"``)."""
+        x = self.stem(x)
+        feats = {"stride1": x}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == 0:
+                feats["stride2"] = x
+        feats["stride4"] = x
+        return feats
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.blocks(self.stem(x))
