@@ -75,18 +75,18 @@ class FeatureInfoMixin:
 
     widths: Tuple[float, ...]
     _feature_taps: Sequence[FeatureTap]
-    # Tracing never compiles properties, but scripting a module does; this one walks the
-    # model under width contexts, which TorchScript cannot compile.
-    __jit_unused_properties__ = ["feature_info"]
+    #: One ``FeatureInfo`` per map of ``forward_features``, ascending stride, with its
+    #: channel count at each of ``self.widths``. Plain data set at construction
+    #: (``_init_feature_info``), not a property: ``torch.jit.trace`` reads every attribute
+    #: of a module, and an exported dense copy has no width to evaluate one at.
+    feature_info: List[FeatureInfo]
 
-    @property
-    def feature_info(self) -> List[FeatureInfo]:
-        """One ``FeatureInfo`` per map of ``forward_features``, ascending stride, with its
-        channel count at each of ``self.widths``."""
+    def _init_feature_info(self) -> None:
+        """Set ``feature_info``; call it at the end of ``__init__`` (the layers exist)."""
         per_width = [self.feature_channels(w) for w in self.widths]
-        return [FeatureInfo(tap.name, tap.reduction, tap.module,
-                            tuple(counts[k] for counts in per_width))
-                for k, tap in enumerate(self._feature_taps)]
+        self.feature_info = [FeatureInfo(tap.name, tap.reduction, tap.module,
+                                         tuple(counts[k] for counts in per_width))
+                             for k, tap in enumerate(self._feature_taps)]
 
     def feature_channels(self, width: Optional[float] = None) -> List[int]:
         """The channel count of each ``forward_features`` map (``feature_info`` order) at

@@ -100,6 +100,7 @@ class SMobileNetV1(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
         # The class count never slims.
         self.classifier = SlimmableLinear(c, num_classes, widths=self.widths)
         init_like_original(self)
+        self._init_feature_info()
 
     def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
         """Feature maps at the active width: the last map of output stride 8, 16 and 32

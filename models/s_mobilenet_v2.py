@@ -134,6 +134,7 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(self.last_channels, num_classes, widths=self.widths)
         init_like_original(self)
+        self._init_feature_info()
 
     def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
         """Feature maps at the active width: the last map of output stride 8, 16 and 32

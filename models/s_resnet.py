@@ -116,6 +116,7 @@ class SResNet(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(cin, num_classes, widths=ws)
         init_like_original(self)
+        self._init_feature_info()
 
     def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
         """The last feature map at output strides 8, 16 and 32 (ends of stages 2, 3, 4), at

@@ -178,6 +178,7 @@ class ShuffleNetV1(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
             self._feature_taps.append(FeatureTap(key, stride, name, f"{name}.{units - 1}.c"))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(plan[-1].cout, num_classes, widths=ws)
+        self._init_feature_info()
 
     def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
         """Feature maps at the active width: the last of each stage, keyed by its stride

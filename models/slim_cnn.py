@@ -66,6 +66,7 @@ class SlimCNN(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(c[2], num_classes, widths=widths)
+        self._init_feature_info()
 
     def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
         """Feature maps at the active width: the stem's output and the last map of output
