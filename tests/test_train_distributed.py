@@ -39,7 +39,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import slimops.train as train_mod
+import slimops.train.distributed as train_mod
 from slimops.models import slim_cnn
 from slimops.train import (
     RANDOM_WIDTHS,

@@ -133,6 +133,21 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         self.calibrated[width_key(w)] = stats
         return stats
 
+    def calibration_target(self, w: float) -> Optional[nn.BatchNorm2d]:
+        """The batch norm whose running statistics calibrating width ``w`` recomputes
+        (``slimops.train.calibrate_bn``): a listed width's own, fresh statistics for a width
+        between the listed ones (``new_calibration``); ``None`` when there are none to
+        recompute (the BN tracks no statistics, or one BN is ``shared`` by every width)."""
+        w = self.canonical_width(w)
+        if self.shared:
+            return None
+        i = self._width_index.get(w)
+        if i is not None:
+            return self.bn[i]
+        if not self.bn[-1].track_running_stats:
+            return None
+        return self.new_calibration(w)
+
     def _active(self) -> Tuple[nn.BatchNorm2d, Optional[nn.BatchNorm2d], int,
                                List[Optional[Tensor]]]:
         """The BN giving γ/β, the one holding running stats (or None), the active channel
