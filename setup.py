@@ -64,6 +64,8 @@ setup(
         "slimops",
         "slimops.ops",
         "slimops.nn",
+        "slimops.train",
+        "slimops.apps",
         "slimops.models",
         "slimops.kernels",
     ],

@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import slimops  # noqa: E402
 from baselines import dense_jit, reference_style  # noqa: E402
 from benchutil import cpu_model  # noqa: E402
-from slimops.demo import demo_model  # noqa: E402
+from slimops.apps.demo import demo_model  # noqa: E402
 from slimops.models import s_mobilenet_v1, s_mobilenet_v2, s_resnet50  # noqa: E402
 from slimops.nn import SlimConvBNAct, SlimmableLinear, SwitchableBatchNorm2d  # noqa: E402
 from slimops.train import slimmable_step  # noqa: E402

@@ -7,7 +7,7 @@ Every conv / linear slices the *shared* weight (``weight[:out, :in]``) and calls
 separate ops. ``reference_style(model)`` shares the model's Parameters and buffers (no
 copies): the same weights, the same widths. It is the plain-PyTorch path slimops' kernels
 replace, and the floor they are measured against: the demo times training through it beside
-slimops (``slimops.demo``), and ``bench/`` compares every cell with it.
+slimops (``slimops.apps.demo``), and ``bench/`` compares every cell with it.
 """
 
 from __future__ import annotations

@@ -20,15 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first. A module imports from its own layer or below.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("base", ("slimops._version", "slimops._files", "slimops.reference", "slimops.width",
-              "slimops.kernels", "slimops._C")),
+    ("base", ("slimops._version", "slimops._files", "slimops.op_families", "slimops.reference",
+              "slimops.width", "slimops.kernels", "slimops._C")),
     ("ops", ("slimops.ops",)),
     ("nn", ("slimops.nn",)),
     ("library", ("slimops.models", "slimops.export", "slimops.profile", "slimops.deploy",
                  "slimops.baselines", "slimops.train")),
     ("package", ("slimops",)),
-    ("apps", ("slimops.demo", "slimops.benchmark_report", "slimops.imagefolder",
-              "slimops.__main__")),
+    ("apps", ("slimops.apps", "slimops.__main__")),
 ]
 
 
@@ -79,6 +78,22 @@ def imports_of(module: str) -> Set[str]:
 def test_every_module_has_a_layer():
     for module in MODULES:
         layer_of(module)
+
+
+def test_import_slimops_loads_the_library_only():
+    # The applications (CLI, demo, benchmark report, image folders) and the trainer load
+    # when used, never with the library.
+    import subprocess
+    import sys
+
+    code = ("import sys, slimops; print(' '.join(sorted(m for m in sys.modules "
+            "if m.startswith('slimops'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert not [m for m in loaded if m.startswith(("slimops.apps", "slimops.train",
+                                                   "slimops.__main__", "slimops.deploy",
+                                                   "slimops.profile", "slimops.baselines"))]
+    assert {"slimops.ops", "slimops.nn", "slimops.width", "slimops.models"} <= set(loaded)
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimops.__main__ import main
+from slimops.apps.cli import main
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import slimops
-from slimops.__main__ import main
+from slimops.apps.cli import main
 from slimops.deploy import FORMAT_VERSION, LatencyEntry, LatencyTable
 from slimops.models import slim_cnn
 

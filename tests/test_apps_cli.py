@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from slimops.__main__ import main
+from slimops.apps.cli import main
 
 
 def test_profile_prints_a_row_per_width(capsys):
@@ -127,7 +127,7 @@ def test_missing_package_is_one_line_before_any_side_effect(argv, module, pip, e
 
 
 def test_missing_tqdm_is_a_note_not_an_error(monkeypatch, capsys):
-    from slimops.__main__ import _missing_packages
+    from slimops.apps.cli import _missing_packages
 
     _without(monkeypatch, "tqdm")
     assert _missing_packages("train") is None
@@ -135,7 +135,7 @@ def test_missing_tqdm_is_a_note_not_an_error(monkeypatch, capsys):
 
 
 def test_bench_outside_a_source_checkout_is_one_line(monkeypatch, capsys):
-    import slimops.benchmark_report as report
+    import slimops.apps.benchmark_report as report
 
     def no_suite():
         raise FileNotFoundError("no benchmark suite at /site-packages/bench: ...")

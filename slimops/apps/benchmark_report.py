@@ -33,7 +33,7 @@ Key = Tuple[str, str, int]  # (suite, subject, batch)
 def bench_dir() -> Path:
     """The ``bench/`` folder next to the ``slimops`` package (a source checkout), or a
     ``FileNotFoundError`` saying so."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # slimops/apps/benchmark_report.py
     bench = root / "bench"
     if not (bench / "conftest.py").is_file():
         raise FileNotFoundError(

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import slimops
-from slimops import benchmark_report as br
-from slimops.__main__ import main
+from slimops.apps import benchmark_report as br
+from slimops.apps.cli import main
 from slimops.models import slim_cnn
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -92,7 +92,7 @@ def test_cli_reports_a_saved_run(synthetic, tmp_path, capsys):
 
 def test_cli_without_a_checkout(monkeypatch, tmp_path, capsys):
     assert br.bench_dir() == BENCH
-    monkeypatch.setattr(br, "__file__", str(tmp_path / "site-packages" / "slimops" / "x.py"))
+    monkeypatch.setattr(br, "__file__", str(tmp_path / "site-packages" / "slimops" / "apps" / "x.py"))
     with pytest.raises(FileNotFoundError, match="source checkout"):
         br.bench_dir()
     assert main(["bench", "--quick"]) == 2

@@ -1,4 +1,4 @@
-"""The demo (slimops.demo, ``python -m slimops demo``) in quick mode, and ``python -m slimops
+"""The demo (slimops.apps.demo, ``python -m slimops demo``) in quick mode, and ``python -m slimops
 train`` on a tiny generated ImageFolder. The demo's full run (about a minute) is not run here."""
 
 import math
@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from slimops.__main__ import main
-from slimops.imagefolder import ImageFolder, TrainTransform, ValTransform
-from slimops.demo import DemoRow, demo_model, format_demo_table, load_digits_split, run_demo
+from slimops.apps.cli import main
+from slimops.apps.imagefolder import ImageFolder, TrainTransform, ValTransform
+from slimops.apps.demo import DemoRow, demo_model, format_demo_table, load_digits_split, run_demo
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 

@@ -1,0 +1,521 @@
+"""Command line: ``python -m slimops {demo,train,profile,info,bench,pick-width}``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from slimops._files import atomic_write_text, remove_stale_temporaries
+from slimops._version import __version__
+from slimops.profile import environment
+from slimops.apps.imagefolder import (
+    RECIPES,
+    ImageFolder,
+    TrainTransform,
+    ValTransform,
+    make_scheduler,
+)
+
+
+# --- argument types: every value is checked while parsing (argparse then prints a one-line
+# error and exits 2), before a command creates a folder, a file or a model.
+
+
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _float_in(positive: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or v < 0 or (positive and v == 0):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'> 0' if positive else '>= 0'}, got {text}")
+        return v
+    parse.__name__ = "positive number" if positive else "non-negative number"
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+_positive_float, _non_negative_float = _float_in(True), _float_in(False)
+
+
+def _width_value(text: str) -> float:
+    v = _positive_float(text)
+    if v > 1e6:
+        raise argparse.ArgumentTypeError(f"a width is a fraction of the full model, got {text}")
+    return v
+
+
+def _device_arg(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available")
+    return text
+
+
+def _new_file(text: str) -> str:
+    """A path a command will write: its folder must exist now (not after minutes of work)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text}: the folder {folder} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    return text
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from slimops.apps.demo import run_demo
+
+    run_demo(epochs=args.epochs, seed=args.seed, widths=args.widths,
+             extra_blocks=args.extra_blocks, batch_size=args.batch_size, lr=args.lr,
+             repeats=args.repeats, quick=args.quick, reference_epochs=args.reference_epochs)
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from slimops.models import MODELS
+    from slimops.models.paper import PAPER_MACS, PAPER_MODELS
+    from slimops.profile import format_table, human, profile
+
+    names = args.models or list(PAPER_MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        print(f"unknown model {unknown[0]!r}; available: {', '.join(sorted(MODELS))}",
+              file=sys.stderr)
+        return 2
+    if args.latency:
+        print(environment())
+    for name in names:
+        model = MODELS[name]()
+        rows = profile(model, args.input_size, latency=args.latency, repeats=args.repeats)
+        extra = {}
+        paper = PAPER_MACS.get(name)
+        if paper and tuple(args.input_size[1:]) == (3, 224, 224):
+            extra["paper MACs"] = [human(paper[r.width]) if r.width in paper else "-"
+                                   for r in rows]
+        print(f"\n{name}, input {tuple(args.input_size)}")
+        print(format_table(rows, extra))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from slimops.ops import backend_info
+
+    print(json.dumps(backend_info(), indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from slimops.models import MODELS
+    from slimops.train import Trainer, param_groups
+
+    if args.model not in RECIPES:
+        print(f"unknown model {args.model!r}; available: {', '.join(sorted(RECIPES))}",
+              file=sys.stderr)
+        return 2
+    if args.resume is not None and args.overwrite:
+        print("train: --resume and --overwrite exclude each other", file=sys.stderr)
+        return 2
+    recipe = dict(RECIPES[args.model])
+    for key in ("epochs", "batch_size", "lr", "weight_decay", "image_size"):
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    if args.widths:
+        recipe["widths"] = tuple(args.widths)
+    torch.manual_seed(args.seed)  # model init; data order and augmentation: see below
+
+    train_dir, val_dir = os.path.join(args.data, "train"), os.path.join(args.data, "val")
+    try:
+        train_set = ImageFolder(train_dir, TrainTransform(recipe["image_size"],
+                                                          recipe["crop_scale"]))
+        val_set = (ImageFolder(val_dir, ValTransform(recipe["image_size"]), train_set.classes)
+                   if os.path.isdir(val_dir) else None)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 2
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loader_kwargs = dict(batch_size=recipe["batch_size"], num_workers=args.workers,
+                         pin_memory=device.type == "cuda")
+    # Shuffling and the workers' seeds come from this generator, re-seeded from (seed,
+    # epoch) before every epoch, so a resumed run sees the batches an uninterrupted one
+    # would (in-process augmentation draws from torch's global RNG, which the checkpoint
+    # restores; workers are not persistent, so their seeds follow the generator too).
+    generator = torch.Generator()
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator,
+                                               drop_last=False, **loader_kwargs)
+    val_loader = (torch.utils.data.DataLoader(val_set, shuffle=False, **loader_kwargs)
+                  if val_set is not None else None)
+
+    model = MODELS[args.model](widths=recipe["widths"], num_classes=len(train_set.classes))
+    model.to(device)
+    optimizer = torch.optim.SGD(param_groups(model, recipe["weight_decay"]), lr=recipe["lr"],
+                                momentum=0.9, nesterov=True)
+    scheduler, interval = make_scheduler(optimizer, recipe, recipe["epochs"], len(train_loader))
+    trainer = Trainer(model, optimizer, scheduler=scheduler, scheduler_interval=interval,
+                      inplace_distillation=args.inplace_distillation, seed=args.seed,
+                      device=device, progress=not args.no_progress)
+
+    out = args.out or os.path.join("runs", args.model)
+    latest = os.path.join(out, "latest.pt")
+    if os.path.exists(latest) and args.resume is None and not args.overwrite:
+        print(f"train: {latest} exists (a previous run's checkpoint); continue it with "
+              f"--resume, or start over with --overwrite", file=sys.stderr)
+        return 2
+    if args.resume is not None:
+        path = latest if args.resume == "" else args.resume
+        if not os.path.isfile(path):
+            print(f"train: no checkpoint to resume at {path}", file=sys.stderr)
+            return 2
+        try:
+            trainer.load_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 (another model, widths, recipe; not a checkpoint)
+            print(f"train: cannot resume from {path}: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:300] if str(e) else 'not a checkpoint'}",
+                  file=sys.stderr)
+            return 2
+        print(f"resumed from {path} after epoch {trainer.epoch}")
+    os.makedirs(out, exist_ok=True)
+    # Temporary files of saves that were killed (no other process writes OUT meanwhile).
+    remove_stale_temporaries(latest)
+    atomic_write_text(os.path.join(out, "config.json"), json.dumps(
+        {"model": args.model, "data": os.path.abspath(args.data), "classes": train_set.classes,
+         "device": str(device), **recipe}, indent=1, default=list))
+
+    widths = ", ".join(f"{w:g}x" for w in trainer.widths)
+    print(f"train {args.model} (widths {widths}) on {args.data}: {len(train_set.classes)} "
+          f"classes, {len(train_set)} train / {len(val_set) if val_set else 0} val images, "
+          f"{recipe['image_size']}px; device {device}")
+    sched = {"exp": f"x{recipe.get('gamma')} per epoch",
+             "multistep": f"x{recipe.get('gamma')} at epochs {list(recipe.get('milestones', ()))}",
+             "linear": "linear to 0 per step"}[recipe["schedule"]]
+    print(f"SGD Nesterov 0.9, lr {recipe['lr']:g} ({sched}), weight decay "
+          f"{recipe['weight_decay']:g}, batch {recipe['batch_size']}, {recipe['epochs']} epochs; "
+          f"checkpoints: {latest}")
+    if recipe["batch_size"] != RECIPES[args.model]["batch_size"] and args.lr is None:
+        print(f"note: the recipe's lr {recipe['lr']:g} is for batch "
+              f"{RECIPES[args.model]['batch_size']}; it is not rescaled (set --lr)")
+    if val_set is None:
+        print(f"(no {val_dir}: no validation)")
+
+    while trainer.epoch < recipe["epochs"]:
+        t0 = time.perf_counter()
+        generator.manual_seed(args.seed * 1_000_003 + trainer.epoch)
+        losses = trainer.train_epoch(train_loader)
+        bad = {w: v for w, v in losses.items() if not math.isfinite(v)}
+        if bad:
+            # Parameters and BN statistics are non-finite now: keep the last good checkpoint.
+            print(f"train: epoch {trainer.epoch}: non-finite training loss at width(s) "
+                  f"{', '.join(f'{w:g}x' for w in bad)}; stopped without saving ({latest} "
+                  f"keeps the last good epoch). Try a lower --lr.", file=sys.stderr)
+            return 1
+        entry = {"epoch": trainer.epoch, "train_loss": losses}
+        if val_loader is not None:
+            entry["val_acc"] = trainer.evaluate(val_loader)
+        trainer.history.append(entry)
+        trainer.save_checkpoint(latest)
+        line = (f"epoch {trainer.epoch}/{recipe['epochs']} {time.perf_counter() - t0:.1f}s "
+                "loss " + " ".join(f"{w:g}x:{v:.4f}" for w, v in losses.items()))
+        if "val_acc" in entry:
+            line += " top-1 " + " ".join(f"{w:g}x:{a:.4f}" for w, a in entry["val_acc"].items())
+        print(line, flush=True)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from slimops.apps.benchmark_report import bench_dir, main as bench_main
+
+    if args.matrix:
+        # bench/matrix.py: the performance matrix (its own interleaved runner, not
+        # pytest-benchmark). bench/ is a folder of scripts, not a package.
+        import importlib
+        import sys
+
+        folder = str(bench_dir())
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        matrix = importlib.import_module("matrix")
+        argv = (["--quick"] if args.quick else []) + (["--busy"] if args.busy else []) + (
+            ["--threads", str(args.threads)] if args.threads else []) + (
+            ["--guard"] if args.guard else []) + (
+            ["--cells", args.cells] if args.cells else [])
+        return matrix.main(argv)
+    return bench_main(quick=args.quick, keyword=args.k, out_dir=args.out, json_path=args.json,
+                      plot_path=args.plot, report_only=args.report, threads=args.threads,
+                      with_compile=args.compile)
+
+
+def _table_mismatch(table, name: str) -> Optional[str]:
+    """Why a saved latency table does not describe model ``name`` (None if it may): the
+    registry name the CLI recorded when it measured, else the model class and the widths
+    that LatencyTable.measure recorded. A table without either (hand-made) is taken as is."""
+    from slimops.models import MODELS
+    from slimops.width import model_widths
+
+    recorded = table.meta.get("model_name")
+    if recorded is not None:
+        return None if recorded == name else f"was measured for {recorded}, not {name}"
+    cls = table.meta.get("model")
+    if cls is None:
+        return None
+    model = MODELS[name]()
+    if type(model).__name__ != cls:
+        return f"was measured for a {cls} model, not {name} (a {type(model).__name__})"
+    unknown = sorted(set(table.widths) - set(model_widths(model)))
+    if unknown:
+        return (f"has widths {', '.join(f'{w:g}' for w in unknown)} that {name} does not "
+                f"run at (its widths: {', '.join(f'{w:g}' for w in model_widths(model))})")
+    return None
+
+
+def _pick_width(args: argparse.Namespace) -> int:
+    from slimops.deploy import LatencyTable
+    from slimops.models import MODELS
+
+    if args.model not in MODELS:
+        print(f"unknown model {args.model!r}; available: {', '.join(sorted(MODELS))}",
+              file=sys.stderr)
+        return 2
+    if args.table:
+        try:
+            table = LatencyTable.load(args.table)
+        except (OSError, ValueError) as e:
+            print(f"pick-width: cannot load {args.table}: {e}", file=sys.stderr)
+            return 2
+        problem = _table_mismatch(table, args.model)
+        if problem is not None:
+            print(f"pick-width: the table {args.table} {problem}", file=sys.stderr)
+            return 2
+        print(f"latency table from {args.table} (not measured now)")
+    else:
+        print(environment())
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("pick-width: --device cuda but no CUDA device is available", file=sys.stderr)
+            return 2
+        model = MODELS[args.model]().to(device)
+        print(f"measuring {args.model} on {device}, input {tuple(args.input_size)}, "
+              f"{args.repeats} runs per width ...", flush=True)
+        table = LatencyTable.measure(model, tuple(args.input_size), repeats=args.repeats)
+        table.meta["model_name"] = args.model  # what a later --table run checks
+    print(table.format(args.budget_ms))
+    if args.save:
+        table.save(args.save)
+        print(f"saved to {args.save}")
+    try:
+        choice = table.pick_width(args.budget_ms)
+    except ValueError as e:
+        print(f"pick-width: {e}", file=sys.stderr)
+        return 1
+    print(f"budget {args.budget_ms:g} ms -> width {choice:g}x "
+          f"({table.latency(choice):.2f} ms median)")
+    return 0
+
+
+# Optional packages each command needs: (module, pip name, extra of pyproject.toml). Checked
+# after parsing and before the command makes anything, so a missing one is a one-line error
+# naming what to install (exit 2), not a traceback halfway through (issue 16).
+COMMAND_NEEDS = {
+    "demo": [("sklearn", "scikit-learn", "demo")],
+    "train": [("PIL", "Pillow", "train")],
+}
+# Packages a command runs without, with a note of what is missing.
+COMMAND_WANTS = {
+    "train": [("tqdm", "tqdm", "train", "no progress bar")],
+}
+
+
+def _missing_packages(command: str) -> Optional[str]:
+    """The one-line error for ``command``'s missing required packages, or None; prints a note
+    for each missing optional one."""
+    missing = [(pip, extra) for module, pip, extra in COMMAND_NEEDS.get(command, [])
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        names = ", ".join(pip for pip, _ in missing)
+        extras = ",".join(sorted({extra for _, extra in missing}))
+        return (f"slimops {command}: needs {names}, which is not installed "
+                f"(pip install {names}, or the package's extra: pip install 'slimops[{extras}]')")
+    for module, pip, extra, without in COMMAND_WANTS.get(command, []):
+        if importlib.util.find_spec(module) is None:
+            print(f"slimops {command}: {pip} is not installed: {without} "
+                  f"(pip install {pip}, or 'slimops[{extra}]')", file=sys.stderr)
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="slimops", description=__doc__)
+    parser.add_argument("--version", action="version",
+                        version=f"slimops {__version__} (torch {torch.__version__})")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="train a slimmable CNN on real digits (about a minute): per width, "
+        "switchable BN vs one shared BN vs individually trained networks",
+        description="Trains slim_cnn on scikit-learn's 8x8 handwritten digits with Algorithm 1 "
+        "and prints, per width, the test accuracy of (a) the slimmable network (switchable "
+        "BN), (b) the same trained with one BN shared by all widths, (c) one network per "
+        "width trained individually, and the slimmable model's params, MACs and latency. "
+        "(The per-width cost table of a randomly initialised model: "
+        "python -m slimops profile slim_cnn --latency.)")
+    demo.add_argument("--epochs", type=_positive_int, default=30, help="epochs of every training (30)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="init, shuffling (0); the train/test split is fixed")
+    demo.add_argument("--widths", type=_width_value, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    demo.add_argument("--extra-blocks", type=_non_negative_int, default=4,
+                      help="separable blocks added to slim_cnn's 3 (4; 0: plain slim_cnn)")
+    demo.add_argument("--batch-size", type=_positive_int, default=64)
+    demo.add_argument("--lr", type=_positive_float, default=0.1)
+    demo.add_argument("--repeats", type=_positive_int, default=50, help="latency runs per width (50)")
+    demo.add_argument("--reference-epochs", type=_non_negative_int, default=5, metavar="N",
+                      help="epochs of the same training through plain PyTorch, timed beside "
+                           "slimops' (5; 0: skip)")
+    demo.add_argument("--quick", action="store_true",
+                      help="1 epoch on 192 training images (a smoke test, not a result)")
+    demo.set_defaults(func=_demo)
+
+    tr = sub.add_parser(
+        "train", help="train a slimmable model on an ImageFolder directory (Algorithm 1, "
+        "the original recipe per model)",
+        description="Algorithm 1 on DATA/train/<class>/*.jpg|png, validated per width on "
+        "DATA/val/<class>/... after every epoch, with the original implementation's recipe "
+        "for the model (SGD Nesterov 0.9; lr, schedule, epochs, batch size, weight decay, "
+        "crop scale): " + "; ".join(
+            f"{n}: lr {r['lr']:g} {r['schedule']}, {r['epochs']} epochs, batch {r['batch_size']}"
+            for n, r in RECIPES.items()) + ". The trainer's full state goes to OUT/latest.pt "
+        "after every epoch.")
+    tr.add_argument("--model", required=True, choices=sorted(RECIPES))
+    tr.add_argument("--data", required=True, metavar="DIR",
+                    help="with train/<class>/ and (optional) val/<class>/ image folders")
+    tr.add_argument("--epochs", type=_positive_int, help="total epochs (default: the recipe's)")
+    tr.add_argument("--batch-size", type=_positive_int, help="default: the recipe's")
+    tr.add_argument("--lr", type=_positive_float, help="initial learning rate (default: the recipe's)")
+    tr.add_argument("--weight-decay", type=_non_negative_float, help="default: the recipe's (1e-4)")
+    tr.add_argument("--image-size", type=_positive_int, help="training crop (default: 224; slim_cnn 32)")
+    tr.add_argument("--widths", type=_width_value, nargs="+", help="default: the recipe's")
+    tr.add_argument("--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
+                    help="data loading processes (default: min(8, CPUs); 0: in-process)")
+    tr.add_argument("--out", metavar="DIR",
+                    help="checkpoints (latest.pt) and config.json (default: runs/MODEL)")
+    tr.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                    help="continue from CHECKPOINT (default: OUT/latest.pt)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start a fresh run even if OUT/latest.pt exists (it is replaced "
+                    "after the first epoch); without it, an existing checkpoint needs --resume")
+    tr.add_argument("--device", type=_device_arg, help="default: cuda if available, else cpu")
+    tr.add_argument("--seed", type=int, default=0, help="(0)")
+    tr.add_argument("--inplace-distillation", action="store_true",
+                    help="smaller widths learn from the largest width's prediction")
+    tr.add_argument("--no-progress", action="store_true", help="no per-batch progress bar")
+    tr.set_defaults(func=_train)
+
+    prof = sub.add_parser(
+        "profile", help="per-width parameters, MACs (and latency) of models (default: the paper's four)"
+    )
+    prof.add_argument("models", nargs="*", metavar="MODEL")
+    prof.add_argument("--input-size", type=_positive_int, nargs=4, default=[1, 3, 224, 224],
+                      metavar=("N", "C", "H", "W"))
+    prof.add_argument("--latency", action="store_true")
+    prof.add_argument("--repeats", type=_positive_int, default=10)
+    prof.set_defaults(func=_profile)
+
+    info = sub.add_parser("info", help="which backends are active")
+    info.set_defaults(func=_info)
+
+    bench = sub.add_parser(
+        "bench", help="run the benchmark suite (bench/ of a source checkout) and report it",
+        description="Runs bench/ with pytest-benchmark (per layer and per model at every "
+        "width: slimops, the original implementation's style, the dense network in eager "
+        "PyTorch, and traced + frozen + optimized for inference; an Algorithm 1 training "
+        "step with peak memory), then prints median ms per variant with slimops' ratios and "
+        "plots latency against width. The full run takes several minutes on 2 cores.")
+    bench.add_argument("--quick", action="store_true",
+                       help="smoke run: extreme widths, batch 1, few rounds (not a result)")
+    bench.add_argument("--matrix", action="store_true",
+                       help="run the performance matrix instead (bench/matrix.py: training "
+                       "steps and batch-1 eval, slimops vs the reference style vs dense-jit, "
+                       "interleaved; ratios as a Markdown table)")
+    bench.add_argument("--busy", action="store_true",
+                       help="with --matrix: keep one core busy with another process")
+    bench.add_argument("--cells", choices=("train", "ops", "eval", "resnet", "all"),
+                       help="with --matrix: which cells (default all; resnet: S-ResNet-50 at "
+                       "224, eval b1 per width and a batch-8 training step, ~1 min more)")
+    bench.add_argument("--guard", action="store_true",
+                       help="with --matrix: exit 1 if slimops is slower than the reference "
+                       "style in any cell")
+    bench.add_argument("-k", metavar="EXPR", help="pytest -k expression selecting benchmarks")
+    bench.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    bench.add_argument("--compile", action="store_true",
+                       help="also torch.compile (inductor, freezing) the dense networks "
+                       "per model (slow to compile: minutes more)")
+    bench.add_argument("--out", default=os.path.join("runs", "bench"), metavar="DIR",
+                       help="where the JSON and PNG go (runs/bench)")
+    bench.add_argument("--json", metavar="PATH", help="the JSON file (default: OUT/bench-<time>.json)")
+    bench.add_argument("--plot", metavar="PATH", help="the PNG (default: the JSON's name, .png)")
+    bench.add_argument("--report", metavar="JSON", nargs="+",
+                       help="no run: report saved pytest-benchmark JSON files (several "
+                       "runs of the same code: the least contended measurement of each)")
+    bench.set_defaults(func=_bench)
+
+    pick = sub.add_parser(
+        "pick-width", help="measure a model's latency per width here (or load a saved "
+        "table) and pick the widest width within a latency budget",
+        description="Times MODEL at each of its widths on this machine (eval, inference mode, "
+        "median of --repeats runs after 3 warm-up runs, random weights: latency does not "
+        "depend on them) and prints the widest width whose median latency is at most "
+        "--budget-ms. Exit code 1 if no width fits, 2 for an unknown model or a broken table.")
+    pick.add_argument("model", metavar="MODEL")
+    pick.add_argument("--budget-ms", type=_positive_float, required=True, help="latency budget (ms)")
+    pick.add_argument("--input-size", type=_positive_int, nargs=4, default=[1, 3, 224, 224],
+                      metavar=("N", "C", "H", "W"))
+    pick.add_argument("--repeats", type=_positive_int, default=20, help="timed runs per width (20)")
+    pick.add_argument("--table", metavar="JSON",
+                      help="load a table saved with --save instead of measuring")
+    pick.add_argument("--save", metavar="JSON", type=_new_file, help="save the table as JSON")
+    pick.add_argument("--device", type=_device_arg, default="cpu",
+                      help="where to measure: cpu (default) or cuda (synchronised timings)")
+    pick.set_defaults(func=_pick_width)
+
+    args = parser.parse_args(argv)
+    error = _missing_packages(args.command)
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 2
+    if args.command == "bench":  # a source checkout's bench/ folder, never installed
+        from slimops.apps.benchmark_report import bench_dir
+
+        try:
+            bench_dir()
+        except FileNotFoundError as e:
+            print(f"slimops bench: {e}", file=sys.stderr)
+            return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
