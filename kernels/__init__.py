@@ -17,7 +17,10 @@ import importlib.util
 from types import ModuleType
 from typing import List
 
-KERNEL_MODULE_NAMES = ("epilogue", "batch_norm_act", "depthwise_conv2d", "conv2d", "linear")
+from slimops.op_families import OP_FAMILIES
+
+# One module per op family (slimops.op_families), in its order.
+KERNEL_MODULE_NAMES = tuple(OP_FAMILIES)
 
 
 def available() -> bool:

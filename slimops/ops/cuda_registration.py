@@ -21,22 +21,10 @@ import torch
 
 from slimops.ops import _backend
 from slimops import kernels
+from slimops.op_families import FAMILY_OF
 
-# op name -> kernel module (the launcher has the op's name).
-OP_FAMILIES: Dict[str, str] = {
-    "conv2d": "conv2d",
-    "conv2d_backward_input": "conv2d",
-    "conv2d_backward_weight": "conv2d",
-    "depthwise_conv2d": "depthwise_conv2d",
-    "depthwise_conv2d_backward_input": "depthwise_conv2d",
-    "depthwise_conv2d_backward_weight": "depthwise_conv2d",
-    "epilogue_backward": "epilogue",
-    "linear": "linear",
-    "linear_backward_input": "linear",
-    "linear_backward_weight": "linear",
-    "batch_norm_act": "batch_norm_act",
-    "batch_norm_act_backward": "batch_norm_act",
-}
+# op name -> its family, whose kernel module holds a launcher of the op's name.
+OP_FAMILIES: Dict[str, str] = dict(FAMILY_OF)
 
 _library = None  # the torch.library.Library the Triton implementations live in
 _triton_ops: set = set()  # the ops given a Triton implementation by register()
