@@ -368,7 +368,9 @@ def _missing_packages(command: str) -> Optional[str]:
     return None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: one subcommand per command (tests/test_packaging.py runs
+    ``slimops COMMAND --help`` of an installed wheel for each)."""
     parser = argparse.ArgumentParser(prog="slimops", description=__doc__)
     parser.add_argument("--version", action="version",
                         version=f"slimops {__version__} (torch {torch.__version__})")
@@ -500,8 +502,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     pick.add_argument("--device", type=_device_arg, default="cpu",
                       help="where to measure: cpu (default) or cuda (synchronised timings)")
     pick.set_defaults(func=_pick_width)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def command_names() -> List[str]:
+    """The commands of ``slimops``, in the order ``--help`` lists them."""
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(sub.choices)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     error = _missing_packages(args.command)
     if error is not None:
         print(error, file=sys.stderr)
