@@ -7,10 +7,16 @@ Build with `pip install --no-build-isolation -e .` so the build compiles against
 already installed (requirements.txt pins it). SLIMOPS_NO_EXTENSION=1 skips the C++ build
 (the package then runs on the pure-PyTorch reference path). With a CUDA build of torch and a
 visible GPU (or FORCE_CUDA=1), the CUDA kernels of csrc/cuda are compiled in as well.
+
+`pip wheel .` and `pip install .` write nothing into the source tree: their build/ and
+slimops.egg-info go to a temporary folder (see out_of_tree_options).
 """
 
 import glob
 import os
+import shutil
+import sys
+import tempfile
 
 from setuptools import setup
 
@@ -57,25 +63,52 @@ def extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = extensions()
+def out_of_tree_options():
+    """setup()'s ``options`` and the temporary folder to remove afterwards (or None).
 
-setup(
-    packages=[
-        "slimops",
-        "slimops.ops",
-        "slimops.nn",
-        "slimops.train",
-        "slimops.apps",
-        "slimops.models",
-        "slimops.kernels",
-    ],
-    package_dir={
-        "slimops": "slimops",
-        "slimops.models": "models",
-        "slimops.kernels": "kernels",
-    },
-    # py.typed: the package's annotations are for type checkers (PEP 561).
-    package_data={"slimops": ["py.typed"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+    Under a PEP 517 frontend (pip, python -m build: setuptools.build_meta runs this file)
+    building a wheel, setuptools would leave build/ (build_base) and slimops.egg-info
+    (egg_info's egg_base) in the source tree; both go to a temporary folder instead, removed
+    when setup() returns (the wheel or metadata is written to the folder the frontend asked
+    for). An sdist keeps its egg-info in the tree: setuptools archives it from there (the
+    sdist's slimops.egg-info/SOURCES.txt). Editable installs (``pip install -e .``, the
+    Makefile's build: its object files under build/ make ninja's rebuilds incremental) and
+    direct ``python setup.py ...`` runs (``build_ext --inplace``) keep setuptools' defaults."""
+    commands = sys.argv[1:]
+    if "setuptools.build_meta" not in sys.modules or "editable_wheel" in commands:
+        return {}, None
+    tmp = tempfile.mkdtemp(prefix="slimops-build-")
+    options = {"build": {"build_base": os.path.join(tmp, "build")}}
+    if "sdist" not in commands:
+        options["egg_info"] = {"egg_base": tmp}
+    return options, tmp
+
+
+ext_modules, cmdclass = extensions()
+options, build_tmp = out_of_tree_options()
+
+try:
+    setup(
+        packages=[
+            "slimops",
+            "slimops.ops",
+            "slimops.nn",
+            "slimops.train",
+            "slimops.apps",
+            "slimops.models",
+            "slimops.kernels",
+        ],
+        package_dir={
+            "slimops": "slimops",
+            "slimops.models": "models",
+            "slimops.kernels": "kernels",
+        },
+        # py.typed: the package's annotations are for type checkers (PEP 561).
+        package_data={"slimops": ["py.typed"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        options=options,
+    )
+finally:
+    if build_tmp is not None:
+        shutil.rmtree(build_tmp, ignore_errors=True)
