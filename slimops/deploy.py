@@ -14,8 +14,8 @@ with where and how it was measured, loaded back (validated) on the device, and
     with slimops.width(model, table.pick_width(10.0)):   # this thread only
         y = model(x)
 
-Layering: this module uses ``slimops.width`` / ``slimops.profile`` only (never
-``slimops.models``); the command line (``python -m slimops pick-width``) and
+Layering: this module uses ``slimops.width`` / ``slimops.timing`` (the timing loop) /
+``slimops.profile`` only (never ``slimops.models``); the command line (``python -m slimops pick-width``) and
 ``examples/serve_widths.py`` sit above it.
 """
 
@@ -25,7 +25,6 @@ import datetime
 import json
 import math
 import numbers
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from slimops._files import atomic_write_text
+from slimops.timing import check_counts, summarize, time_calls
 from slimops.width import model_widths, normalize_widths, width
 
 __all__ = ["LatencyEntry", "LatencyTable", "FORMAT_VERSION"]
@@ -74,17 +74,6 @@ def _short(v: Any, limit: int = 60) -> str:
     return r if len(r) <= limit else r[:limit] + "..."
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) of ``values``, linear interpolation."""
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 @dataclass(frozen=True)
 class LatencyEntry:
     """One width's measured latency, in milliseconds (``p90_ms``: optional)."""
@@ -92,14 +81,6 @@ class LatencyEntry:
     width: float
     median_ms: float
     p90_ms: Optional[float] = None
-
-
-def _synchronizer(device: torch.device) -> Callable[[], None]:
-    """What makes a timed region wait for the device: ``torch.cuda.synchronize`` on a CUDA
-    device (kernels run asynchronously), nothing on the CPU."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
 
 
 def _device_name(device: torch.device) -> str:
@@ -169,9 +150,7 @@ class LatencyTable:
             ValueError: bad ``warmup``/``repeats``/``threads``, or a width the model does
                 not run at (from ``slimops.width``).
         """
-        for name, v, lo in (("warmup", warmup, 0), ("repeats", repeats, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        check_counts(warmup, repeats)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
             raise ValueError(f"threads must be a positive int, got {threads!r}")
@@ -182,7 +161,6 @@ class LatencyTable:
         param = next(model.parameters(), None)
         x = torch.randn(*shape, dtype=param.dtype if param is not None else torch.float32,
                         device=param.device if param is not None else "cpu")
-        sync = _synchronizer(x.device)
         old_threads = torch.get_num_threads()
         was_training = model.training
         entries = []
@@ -193,17 +171,12 @@ class LatencyTable:
             with torch.inference_mode():
                 for w in ws:
                     with width(model, w):
-                        for _ in range(warmup):
-                            model(x)
-                        times = []
-                        for _ in range(repeats):
-                            sync()
-                            t0 = timer()
-                            model(x)
-                            sync()  # a GPU forward returns before it has run
-                            times.append((timer() - t0) * 1e3)
-                    entries.append(LatencyEntry(w, statistics.median(times),
-                                                _percentile(times, 90)))
+                        # CUDA: synchronised around each timed run (a GPU forward returns
+                        # before it has run)
+                        times = time_calls(lambda: model(x), repeats, warmup, device=x.device,
+                                           clock=timer, scale=1e3)
+                    stats = summarize(times)
+                    entries.append(LatencyEntry(w, stats.median, stats.p90))
             used_threads = torch.get_num_threads()
         finally:
             model.train(was_training)

@@ -194,15 +194,24 @@ def test_measure_covers_every_width_and_restores_state():
 
 def test_timed_region_waits_for_a_cuda_device(monkeypatch):
     """On a GPU the forward returns before it has run: the timer must read after a
-    synchronize (checked with a recorder in place of torch.cuda.synchronize; no GPU here)."""
-    from slimops.deploy import _synchronizer
+    synchronize (checked with a recorder in place of torch.cuda.synchronize and a model on
+    the CPU whose input device is reported as CUDA; no GPU here)."""
+    import slimops.deploy as deploy
 
-    calls = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
-    _synchronizer(torch.device("cuda", 0))()
-    assert calls == [torch.device("cuda", 0)]
-    _synchronizer(torch.device("cpu"))()
-    assert len(calls) == 1
+    log = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    real = deploy.time_calls
+
+    def on_cuda(fn, repeats, warmup, **kwargs):
+        assert kwargs["device"] == torch.device("cpu")
+        return real(lambda: (fn(), log.append("fwd")), repeats, warmup,
+                    **dict(kwargs, device=torch.device("cuda", 0)))
+
+    monkeypatch.setattr(deploy, "time_calls", on_cuda)
+    clock = _fake_clock()
+    LatencyTable.measure(slim_cnn(), (1, 3, 16, 16), widths=[1.0], repeats=2, warmup=1,
+                         timer=lambda: (log.append("clock"), clock())[1])
+    assert log == ["fwd"] + ["sync", "clock", "fwd", "sync", "clock"] * 2
 
 
 def test_measure_real_clock_positive_and_subset_of_widths():
