@@ -15,8 +15,8 @@ with where and how it was measured, loaded back (validated) on the device, and
         y = model(x)
 
 Layering: this module uses ``slimops.width`` / ``slimops.timing`` (the timing loop) /
-``slimops.profile`` only (never ``slimops.models``); the command line (``python -m slimops pick-width``) and
-``examples/serve_widths.py`` sit above it.
+``slimops.profile`` only (never ``slimops.models``); the command line (``python -m slimops
+pick-width``) and ``examples/serve_widths.py`` sit above it.
 """
 
 from __future__ import annotations
