@@ -9,8 +9,6 @@ counts and the output sizes seen in one forward pass per width.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear, SwitchableBatchNorm2d
+from slimops.timing import summarize, time_calls
 from slimops.width import model_widths, width
 
 
@@ -98,16 +97,11 @@ class _Counter:
 
 
 def measure_latency(model: nn.Module, x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of ``model(x)`` in milliseconds (inference mode, after warm-up)."""
+    """Median wall time of ``model(x)`` in milliseconds (inference mode, after warm-up; on a
+    CUDA input the device is synchronised around each timed run)."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        times = time_calls(lambda: model(x), repeats, warmup, device=x.device, scale=1e3)
+    return summarize(times).median
 
 
 def profile(
