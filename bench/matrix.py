@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import slimops  # noqa: E402
 from baselines import dense_jit, reference_style  # noqa: E402
 from benchutil import cpu_model  # noqa: E402
+from slimops._table import markdown_table  # noqa: E402
 from slimops.apps.demo import demo_model  # noqa: E402
 from slimops.models import s_mobilenet_v1, s_mobilenet_v2, s_resnet50  # noqa: E402
 from slimops.nn import SlimConvBNAct, SlimmableLinear, SwitchableBatchNorm2d  # noqa: E402
@@ -249,17 +250,14 @@ def _fmt_ms(s: float) -> str:
 
 
 def report(cells: Sequence[Cell], header: str) -> str:
-    lines = [header, "",
-             "| cell | slimops ms | reference ms | dense-jit ms | slimops/reference | "
-             "slimops/dense-jit | |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    rows = []
     for c in cells:
         s, r, d = c.rows["slimops"], c.rows["reference"], c.rows.get("dense-jit")
-        flag = "SLOWER" if s > r else ""
-        lines.append(f"| {c.name} | {_fmt_ms(s)} | {_fmt_ms(r)} | "
-                     f"{_fmt_ms(d) if d else '-'} | {s / r:.2f} | "
-                     f"{f'{s / d:.2f}' if d else '-'} | {flag} |")
-    return "\n".join(lines)
+        rows.append([c.name, _fmt_ms(s), _fmt_ms(r), _fmt_ms(d) if d else "-", f"{s / r:.2f}",
+                     f"{s / d:.2f}" if d else "-", "SLOWER" if s > r else ""])
+    table = markdown_table(["cell", "slimops ms", "reference ms", "dense-jit ms",
+                            "slimops/reference", "slimops/dense-jit", ""], rows, align="lrrrrrl")
+    return f"{header}\n\n{table}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from slimops._files import atomic_write_text
+from slimops._table import text_table
 from slimops.timing import check_counts, summarize, time_calls
 from slimops.width import model_widths, normalize_widths, width
 
@@ -349,10 +350,7 @@ class LatencyTable:
             if budget_ms is not None:
                 row.append("yes" if e.median_ms <= budget_ms else "no")
             rows.append(row)
-        cols = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(header)]
-        lines = ["  ".join(h.rjust(c) for h, c in zip(header, cols)),
-                 "  ".join("-" * c for c in cols)]
-        lines += ["  ".join(v.rjust(c) for v, c in zip(r, cols)) for r in rows]
+        lines = text_table(header, rows).split("\n")
         m = self.meta
         if m:
             desc = ", ".join(f"{k} {m[k]}" for k in ("model", "input_shape", "threads", "cpu_isa",

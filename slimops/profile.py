@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from slimops._table import text_table
 from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear, SwitchableBatchNorm2d
 from slimops.timing import summarize, time_calls
 from slimops.width import model_widths, width
@@ -161,11 +162,7 @@ def format_table(rows: List[WidthProfile], extra: Optional[Dict[str, List[str]]]
             cells.append("-" if r.latency_ms is None else f"{r.latency_ms:.2f}")
         cells += [col[i] for col in extra.values()]
         body.append(cells)
-    widths = [max(len(h), *(len(b[j]) for b in body)) for j, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
+    return text_table(header, body)
 
 
 def human(n: float) -> str:

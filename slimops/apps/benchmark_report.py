@@ -23,6 +23,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from slimops._table import text_table
+
 VARIANTS = ("slimops", "reference", "dense-eager", "dense-jit", "dense-compile")
 RATIOS = (("reference", "slimops/ref"), ("dense-eager", "slimops/eager"),
           ("dense-jit", "slimops/jit"), ("dense-compile", "slimops/compile"))
@@ -77,14 +79,6 @@ def _fmt_ms(ms: Optional[float]) -> str:
     return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
 
 
-def _table(header: Sequence[str], rows: List[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
-
-
 # Rows timed while the benchmark's threads waited for a CPU more than this share of the
 # time (other processes on the machine) are flagged.
 WAIT_FLAG = 0.05
@@ -127,7 +121,7 @@ def latency_tables(data: dict) -> str:
                      [name for other, name in RATIOS if other in variants] + \
                      (["wait"] if wait_column else [])
             parts.append(f"{title} {subject}, batch {batch} (median ms; ratio < 1: slimops "
-                         f"faster)\n{_table(header, rows)}")
+                         f"faster)\n{text_table(header, rows)}")
     if wait_column:
         parts.append(WAIT_NOTE)
     return "\n\n".join(parts)
@@ -145,7 +139,7 @@ def train_tables(data: dict) -> str:
                 for v in VARIANTS if v in d]
         text = (f"train step (Algorithm 1) {subject}, batch {batch}, input "
                 f"{any_rec.get('input', '?')}px, widths {any_rec.get('widths', '?')}\n"
-                + _table(["variant", "median ms", "peak MiB", "rounds", "wait"], rows))
+                + text_table(["variant", "median ms", "peak MiB", "rounds", "wait"], rows))
         if "slimops" in d and "reference" in d:
             s, r = d["slimops"], d["reference"]
             text += f"\nslimops/reference: time {s['median_ms'] / r['median_ms']:.2f}"

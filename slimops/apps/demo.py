@@ -39,6 +39,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from slimops._table import text_table
+
 __all__ = ["DemoResult", "DemoRow", "DigitsSplit", "demo_model",
            "format_demo_table", "load_digits_split", "run_demo"]
 
@@ -150,11 +152,7 @@ def format_demo_table(rows: Sequence[DemoRow]) -> str:
     body = [[f"{r.width:g}x", f"{100 * r.acc_switchable:.1f}%", f"{100 * r.acc_shared_bn:.1f}%",
              f"{100 * r.acc_individual:.1f}%", f"{r.params:,}", f"{r.bn_params:,}", human(r.macs),
              "-" if r.latency_ms is None else f"{r.latency_ms:.3f}"] for r in rows]
-    widths = [max(len(h), *(len(b[j]) for b in body)) for j, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
+    return text_table(header, body)
 
 
 # --------------------------------------------------------------------------- training
