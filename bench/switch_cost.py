@@ -12,24 +12,19 @@ holds next to the weights. Nothing is copied or re-folded per width: the weights
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import torch
 
 import slimops
 from slimops.models import MODELS
 from slimops.nn import SlimConvBNAct
+from slimops.timing import summarize, time_calls
 
 
-def _median_ms(fn, repeats: int = 21) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def _median_ms(fn, repeats: int = 21, setup=None) -> float:
+    """Median ms of ``repeats`` timed calls of ``fn`` (``setup`` untimed before each)."""
+    return summarize(time_calls(fn, repeats, setup=setup)).median * 1e3
 
 
 def main(name: str = "s_mobilenet_v2") -> None:
@@ -51,15 +46,9 @@ def main(name: str = "s_mobilenet_v2") -> None:
             slimops.set_width(model, w)
             model(x)
             steady = _median_ms(lambda: model(x), 11)
-            times = []
-            for _ in range(11):
-                slimops.set_width(model, other)
-                model(x)
-                start = time.perf_counter()
-                slimops.set_width(model, w)
-                model(x)
-                times.append(time.perf_counter() - start)
-            switched = statistics.median(times) * 1e3
+            # each timed call follows a forward at the other width (untimed)
+            switched = _median_ms(lambda: (slimops.set_width(model, w), model(x)), 11,
+                                  setup=lambda: (slimops.set_width(model, other), model(x)))
             print(f"{w:>6g} {set_ms * 1e3:>8.1f}us {steady:>9.2f}ms {switched:>11.2f}ms "
                   f"{switched - steady:>7.2f}ms")
 

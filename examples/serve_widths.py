@@ -33,8 +33,8 @@ what a server should pick from.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
-import statistics
 import sys
 import threading
 import time
@@ -49,11 +49,7 @@ import slimops  # noqa: E402
 from slimops.deploy import LatencyEntry, LatencyTable  # noqa: E402
 from slimops.models import MODELS  # noqa: E402
 from slimops.profile import environment  # noqa: E402
-
-
-def _pct(xs: List[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round((len(xs) - 1) * q / 100)))]
+from slimops.timing import summarize, time_calls  # noqa: E402
 
 
 def budget_stream(table: LatencyTable, n: int, phase: int = 25,
@@ -76,19 +72,18 @@ def switching_cost(model: torch.nn.Module, widths: Tuple[float, ...],
                    n: int = 2000) -> Dict[str, float]:
     """Median microseconds of ``set_width`` and of entering + leaving ``slimops.width``."""
     default = slimops.get_width(model)
-    t_set, t_ctx = [], []
-    for i in range(n):
-        w = widths[i % len(widths)]
-        t0 = time.perf_counter()
-        slimops.set_width(model, w)
-        t_set.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+
+    def enter_and_leave(w: float) -> None:
         with slimops.width(model, w):
             pass
-        t_ctx.append(time.perf_counter() - t0)
+
+    medians = {}
+    for key, fn in (("set_width_us", lambda w: slimops.set_width(model, w)),
+                    ("width_block_us", enter_and_leave)):
+        cycle = itertools.cycle(widths)  # widths in turn, as a server switches
+        medians[key] = summarize(time_calls(lambda: fn(next(cycle)), n, scale=1e6)).median
     slimops.set_width(model, default)
-    return {"set_width_us": statistics.median(t_set) * 1e6,
-            "width_block_us": statistics.median(t_ctx) * 1e6}
+    return medians
 
 
 def table_under_load(model: torch.nn.Module, x: torch.Tensor, workers: int,
@@ -106,20 +101,16 @@ def table_under_load(model: torch.nn.Module, x: torch.Tensor, workers: int,
         lock = threading.Lock()
 
         def run() -> None:
-            mine = []
             with torch.inference_mode(), slimops.width(model, w):
-                model(x)  # warm-up
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    model(x)
-                    mine.append((time.perf_counter() - t0) * 1e3)
+                mine = time_calls(lambda: model(x), repeats, warmup=1, scale=1e3)
             with lock:
                 times.extend(mine)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for f in [pool.submit(run) for _ in range(workers)]:
                 f.result()
-        entries.append(LatencyEntry(w, statistics.median(times), _pct(times, 90)))
+        stats = summarize(times)
+        entries.append(LatencyEntry(w, stats.median, stats.p90))
     return LatencyTable(entries, meta={"model": type(model).__name__,
                                        "input_shape": list(x.shape),
                                        "threads": f"{workers} workers x {torch.get_num_threads()}"})
@@ -216,9 +207,9 @@ def main(argv: List[str] = None) -> int:
         if not rows:
             print(f"{w:>5g}x {0:>8} {'-':>10} {'-':>8} {'-':>10}")
             continue
-        ms = [r[0] for r in rows]
+        stats = summarize([r[0] for r in rows])
         met = 100.0 * sum(r[1] for r in rows) / len(rows)
-        print(f"{w:>5g}x {len(rows):>8} {statistics.median(ms):>10.2f} {_pct(ms, 90):>8.2f} "
+        print(f"{w:>5g}x {len(rows):>8} {stats.median:>10.2f} {stats.p90:>8.2f} "
               f"{met:>9.0f}%")
     total_met = sum(r[1] for rows in served.values() for r in rows)
     print(f"all: {100.0 * total_met / args.requests:.0f}% of requests met their budget "
