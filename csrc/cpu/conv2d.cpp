@@ -875,7 +875,8 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& in
 // prefix of the full-size gradient, row by row.
 at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor& gz,
                                          const at::Tensor& x, const at::Tensor& weight) {
-  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
+  // Every element is written below (the prefix copied, the rest zeroed): no zero-fill first.
+  at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
   const at::Tensor sizes_only = at::empty({s.O, s.ig, s.kh, s.kw}, weight.options());
   auto grads = at::convolution_backward(gz, x, sizes_only, c10::nullopt, {s.sh, s.sw},
                                         {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1,
@@ -885,7 +886,11 @@ at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor
   const int64_t row = s.ig * s.kernel_area(), ldw = s.Ig * s.kernel_area();
   const float* src = gw.data_ptr<float>();
   float* dst = grad_weight.data_ptr<float>();
-  for (int64_t o = 0; o < s.O; ++o) std::copy(src + o * row, src + (o + 1) * row, dst + o * ldw);
+  for (int64_t o = 0; o < s.O; ++o) {
+    std::copy(src + o * row, src + (o + 1) * row, dst + o * ldw);
+    std::fill(dst + o * ldw + row, dst + (o + 1) * ldw, 0.0f);
+  }
+  std::fill(dst + s.O * ldw, dst + grad_weight.numel(), 0.0f);
   return grad_weight;
 }
 

@@ -118,8 +118,15 @@ at::Tensor linear_backward_weight(const at::Tensor& grad_out, const at::Tensor& 
               " features but the weight has only ", weight.size(0), " output features");
 
   const int64_t M = rows(input);
-  // Full weight shape: the part outside the prefix stays zero so autograd accumulates it as is.
-  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
+  // Full weight shape: the part outside the prefix is zero so autograd accumulates it as is.
+  // The GEMM overwrites the prefix (beta = 0), so only the rest is cleared: at full width
+  // nothing is (zeroing a 1000 x 1024 classifier's gradient first was 4 MB of stores).
+  at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
+  if (out_features < weight.size(0))
+    grad_weight.narrow(0, out_features, weight.size(0) - out_features).zero_();
+  if (in_features < weight.size(1))
+    grad_weight.narrow(0, 0, out_features).narrow(1, in_features, weight.size(1) - in_features)
+        .zero_();
   at::Tensor grad_prefix = prefix(grad_weight, out_features, in_features);
   at::mm_out(grad_prefix, grad_out.reshape({M, out_features}).t(),
              input.reshape({M, in_features}));
