@@ -53,7 +53,7 @@ def _cuda_include():
 
 
 def _compile_kernels(src, obj):
-    cmd = [NVCC, "-std=c++17", "-O3", "-c", "-I", CSRC, *TORCH_NVCC_DEFINES, *ARCHS,
+    cmd = [NVCC, "-std=c++20", "-O3", "-c", "-I", CSRC, *TORCH_NVCC_DEFINES, *ARCHS,
            "-Xptxas=-v,-warn-spills", src, "-o", obj]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
@@ -111,7 +111,7 @@ def test_bindings_compile_and_match_the_launch_wrappers(tmp_path):
             "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     abi = int(torch.compiled_with_cxx11_abi())
     obj = tmp_path / "bindings.o"
-    cmd = [cxx, "-std=c++17", "-c", "-fPIC", "-O0", "-Wall", "-Werror", "-DUSE_CUDA",
+    cmd = [cxx, "-std=c++20", "-c", "-fPIC", "-O0", "-Wall", "-Werror", "-DUSE_CUDA",
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-I", CSRC, "-I", str(stub)]
     for d in incs + [cuda_inc]:
         cmd += ["-isystem", d]
@@ -132,7 +132,7 @@ def test_bindings_compile_and_match_the_launch_wrappers(tmp_path):
     defined = set()
     for src in KERNEL_FILES:
         kobj = str(tmp_path / (os.path.basename(src) + ".o"))
-        subprocess.run([NVCC, "-std=c++17", "-c", "-I", CSRC, *TORCH_NVCC_DEFINES,
+        subprocess.run([NVCC, "-std=c++20", "-c", "-I", CSRC, *TORCH_NVCC_DEFINES,
                         "-arch=sm_80", src, "-o", kobj], check=True, capture_output=True,
                        timeout=300)
         defined |= symbols(kobj, "T")

@@ -52,7 +52,7 @@ def lib(tmp_path_factory):
     if shutil.which(cxx) is None:
         pytest.skip(f"{cxx} not found: cannot build the CUDA host harness")
     so = tmp_path_factory.mktemp("cuda_host_harness") / "libslimops_cuda_host_harness.so"
-    cmd = [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
+    cmd = [cxx, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
            "-I", CSRC, os.path.join(CSRC, "cuda", "host_harness.cpp"), "-o", str(so)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
@@ -80,7 +80,7 @@ def lib16(tmp_path_factory):
     if nvcc is None:
         pytest.skip("nvcc not found: cannot build the fp16/bf16 host harness")
     so = tmp_path_factory.mktemp("cuda_host_harness16") / "libslimops_cuda_host_harness16.so"
-    cmd = [nvcc, "-std=c++17", "-O2", "-x", "cu", "-shared", "-Xcompiler", "-fPIC", "-I", CSRC,
+    cmd = [nvcc, "-std=c++20", "-O2", "-x", "cu", "-shared", "-Xcompiler", "-fPIC", "-I", CSRC,
            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
            os.path.join(CSRC, "cuda", "host_harness.cpp"), "-o", str(so)]
