@@ -84,24 +84,9 @@ inline scalar_t mask_grad(scalar_t grad, scalar_t out, int64_t activation) {
   return passes_gradient(out, activation) ? grad : scalar_t(0);
 }
 
-// The per-plane loops (HW > 1), compiled once per instruction set (isa.h).
-namespace isa_avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
-#include "cpu/batch_norm_rows.inc"
-#pragma GCC pop_options
-}  // namespace isa_avx512
-
-namespace isa_avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#include "cpu/batch_norm_rows.inc"
-#pragma GCC pop_options
-}  // namespace isa_avx2
-
-namespace isa_base {
-#include "cpu/batch_norm_rows.inc"
-}  // namespace isa_base
+// The per-plane loops (HW > 1), compiled once per instruction set (isa_variants.h).
+#define SLIMOPS_ISA_INC "cpu/batch_norm_rows.inc"
+#include "cpu/isa_variants.h"
 
 template <typename scalar_t>
 struct PlaneOps {

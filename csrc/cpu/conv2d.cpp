@@ -323,24 +323,9 @@ BlockPlan plan_blocks(const ConvGeometry& s, int64_t threads) {
   return {cols, col_blocks, rows, row_blocks, s.N * col_blocks * row_blocks};
 }
 
-// The epilogue's row loop, compiled once per instruction set (isa.h, epilogue_rows.inc).
-namespace isa_avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
-#include "cpu/epilogue_rows.inc"
-#pragma GCC pop_options
-}  // namespace isa_avx512
-
-namespace isa_avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#include "cpu/epilogue_rows.inc"
-#pragma GCC pop_options
-}  // namespace isa_avx2
-
-namespace isa_base {
-#include "cpu/epilogue_rows.inc"
-}  // namespace isa_base
+// The epilogue's row loop, compiled once per instruction set (isa_variants.h, epilogue_rows.inc).
+#define SLIMOPS_ISA_INC "cpu/epilogue_rows.inc"
+#include "cpu/isa_variants.h"
 
 template <typename scalar_t>
 using EpilogueRows = void (*)(scalar_t*, int64_t, int64_t, int64_t, const scalar_t*,

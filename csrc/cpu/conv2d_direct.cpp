@@ -23,23 +23,11 @@
 namespace slimops {
 namespace cpu {
 
-namespace isa_avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
-#define SLIMOPS_VEC_BYTES 64
-#include "cpu/conv2d_direct_tiles.inc"
-#undef SLIMOPS_VEC_BYTES
-#pragma GCC pop_options
-}  // namespace isa_avx512
-
-namespace isa_avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define SLIMOPS_VEC_BYTES 32
-#include "cpu/conv2d_direct_tiles.inc"
-#undef SLIMOPS_VEC_BYTES
-#pragma GCC pop_options
-}  // namespace isa_avx2
+// The tiles per vector instruction set (isa_variants.h); none for the baseline, where
+// tiles_for_cpu() gives nullptr and the callers take another route.
+#define SLIMOPS_ISA_INC "cpu/conv2d_direct_tiles.inc"
+#define SLIMOPS_ISA_NO_BASE
+#include "cpu/isa_variants.h"
 
 namespace {
 

@@ -174,24 +174,9 @@ inline int64_t scratch_size(const PlaneConv& p) {
   return p.OH * (p.needs_padding() ? p.WP : p.W);
 }
 
-// The row kernels, compiled once per instruction set (see isa.h and depthwise_rows.inc).
-namespace isa_avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
-#include "cpu/depthwise_rows.inc"
-#pragma GCC pop_options
-}  // namespace isa_avx512
-
-namespace isa_avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#include "cpu/depthwise_rows.inc"
-#pragma GCC pop_options
-}  // namespace isa_avx2
-
-namespace isa_base {
-#include "cpu/depthwise_rows.inc"
-}  // namespace isa_base
+// The row kernels, compiled once per instruction set (isa_variants.h, depthwise_rows.inc).
+#define SLIMOPS_ISA_INC "cpu/depthwise_rows.inc"
+#include "cpu/isa_variants.h"
 
 // The plane kernels of one shape (kernel size and column stride as compile-time constants,
 // 0 = read at run time) for the instruction set chosen at run time.

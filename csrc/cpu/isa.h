@@ -1,10 +1,16 @@
 // Which vector instruction set the CPU kernels' hot loops run with, chosen at run time.
 //
 // The extension is compiled for the baseline x86-64 target (it must load on any x86-64 CPU),
-// which limits auto-vectorised loops to 4-wide SSE2. Loops that matter are therefore compiled
-// once more per instruction set (`#pragma GCC target` regions, see depthwise_conv2d.cpp) and
-// dispatched here: AVX-512 where the CPU has it, else AVX2 + FMA, else the baseline.
+// which limits auto-vectorised loops to 4-wide SSE2. Loops that matter therefore live in
+// `.inc` files that a kernel file compiles once more per instruction set through
+// isa_variants.h (namespaces isa_avx512 / isa_avx2 / isa_base, each under its
+// `#pragma GCC target` region), and SLIMOPS_RETURN_FOR_CPU_ISA below picks one at run time:
+// AVX-512 where the CPU has it, else AVX2 + FMA, else the baseline.
 // SLIMOPS_CPU_ISA=avx512|avx2|base caps the choice (read once; tests run every path with it).
+//
+// Only raw loops go inside the target regions (raw pointers, nothing but inline helpers): a
+// std or ATen inline instantiated there could be merged by the linker into the baseline
+// callers and fault on a CPU without AVX-512.
 #pragma once
 
 #include <cstdlib>
