@@ -100,22 +100,13 @@ struct PlaneOps {
                      scalar_t);
 };
 
-#define SLIMOPS_PLANE_OPS(ns)                                                         \
-  PlaneOps<scalar_t> {                                                                \
-    &ns::sum_plane<scalar_t>, &ns::sq_dev_plane<scalar_t>,                            \
-        &ns::grad_sums_plane<scalar_t>, &ns::affine_act_plane<scalar_t>,              \
-        &ns::mask_plane<scalar_t>, &ns::grad_input_plane<scalar_t>                    \
-  }
-
 template <typename scalar_t>
 PlaneOps<scalar_t> plane_ops() {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: return SLIMOPS_PLANE_OPS(isa_avx512);
-    case Isa::kAvx2: return SLIMOPS_PLANE_OPS(isa_avx2);
-    default: return SLIMOPS_PLANE_OPS(isa_base);
-  }
+  SLIMOPS_RETURN_FOR_CPU_ISA(PlaneOps<scalar_t>{
+      &isa::sum_plane<scalar_t>, &isa::sq_dev_plane<scalar_t>, &isa::grad_sums_plane<scalar_t>,
+      &isa::affine_act_plane<scalar_t>, &isa::mask_plane<scalar_t>,
+      &isa::grad_input_plane<scalar_t>});
 }
-#undef SLIMOPS_PLANE_OPS
 
 // The small-plane row loops (batch_norm_rows.inc), chosen per instruction set like PlaneOps.
 template <typename scalar_t>
@@ -131,22 +122,13 @@ struct RowOps {
   void (*scale)(scalar_t*, int64_t, const scalar_t*);
 };
 
-#define SLIMOPS_ROW_OPS(ns)                                                               \
-  RowOps<scalar_t> {                                                                      \
-    &ns::sum_rows<scalar_t>, &ns::sq_dev_rows<scalar_t>, &ns::grad_sums_rows<scalar_t>,   \
-        &ns::affine_act_row<scalar_t>, &ns::grad_input_row<scalar_t>,                     \
-        &ns::scale_row<scalar_t>                                                          \
-  }
-
 template <typename scalar_t>
 RowOps<scalar_t> row_ops() {
-  switch (cpu_isa()) {
-    case Isa::kAvx512: return SLIMOPS_ROW_OPS(isa_avx512);
-    case Isa::kAvx2: return SLIMOPS_ROW_OPS(isa_avx2);
-    default: return SLIMOPS_ROW_OPS(isa_base);
-  }
+  SLIMOPS_RETURN_FOR_CPU_ISA(RowOps<scalar_t>{
+      &isa::sum_rows<scalar_t>, &isa::sq_dev_rows<scalar_t>, &isa::grad_sums_rows<scalar_t>,
+      &isa::affine_act_row<scalar_t>, &isa::grad_input_row<scalar_t>,
+      &isa::scale_row<scalar_t>});
 }
-#undef SLIMOPS_ROW_OPS
 
 // Planes smaller than this (4x4, 7x7, 1x1 ...) take the row path: per-position coefficient
 // vectors of C*HW entries, loops over whole image rows. Larger planes loop per plane.

@@ -333,7 +333,7 @@ using EpilogueRows = void (*)(scalar_t*, int64_t, int64_t, int64_t, const scalar
 
 template <typename scalar_t>
 EpilogueRows<scalar_t> epilogue_rows_for_cpu() {
-  SLIMOPS_RETURN_FOR_CPU_ISA(epilogue_rows<scalar_t>);
+  SLIMOPS_RETURN_FOR_CPU_ISA(&isa::epilogue_rows<scalar_t>);
 }
 
 // oneDNN (through at::convolution, the library behind F.conv2d) is the other route a pass can

@@ -190,18 +190,24 @@ struct PlaneKernels {
   using Lanes = void (*)(scalar_t*, const scalar_t*, int64_t, const scalar_t*, const PlaneConv&,
                          bool, const scalar_t*, const scalar_t*, const scalar_t*, int64_t,
                          scalar_t*, scalar_t*, scalar_t*);
-  static Lanes lanes() { SLIMOPS_RETURN_FOR_CPU_ISA(forward_lanes<KH, KW, SW, scalar_t>); }
-  static Forward forward() { SLIMOPS_RETURN_FOR_CPU_ISA(forward_plane<KH, KW, SW, scalar_t>); }
-  static Accumulate accumulate() { SLIMOPS_RETURN_FOR_CPU_ISA(accumulate_plane<KH, KW, SW, scalar_t>); }
+  static Lanes lanes() {
+    SLIMOPS_RETURN_FOR_CPU_ISA(&isa::forward_lanes<KH, KW, SW, scalar_t>);
+  }
+  static Forward forward() {
+    SLIMOPS_RETURN_FOR_CPU_ISA(&isa::forward_plane<KH, KW, SW, scalar_t>);
+  }
+  static Accumulate accumulate() {
+    SLIMOPS_RETURN_FOR_CPU_ISA(&isa::accumulate_plane<KH, KW, SW, scalar_t>);
+  }
   using WeightGradLanes = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t,
                                    const PlaneConv&, scalar_t*, scalar_t*);
   using InputGradLanes = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t,
                                   const PlaneConv&, scalar_t*, scalar_t*, scalar_t*);
   static InputGradLanes input_grad_lanes() {
-    SLIMOPS_RETURN_FOR_CPU_ISA(input_grad_lanes<KH, KW, SW, scalar_t>);
+    SLIMOPS_RETURN_FOR_CPU_ISA(&isa::input_grad_lanes<KH, KW, SW, scalar_t>);
   }
   static WeightGradLanes weight_grad_lanes() {
-    SLIMOPS_RETURN_FOR_CPU_ISA(weight_grad_lanes<KH, KW, SW, scalar_t>);
+    SLIMOPS_RETURN_FOR_CPU_ISA(&isa::weight_grad_lanes<KH, KW, SW, scalar_t>);
   }
 };
 

@@ -56,14 +56,23 @@ inline const char* isa_name(Isa isa) {
 }  // namespace cpu
 }  // namespace slimops
 
-// `return` the address of FUNCTION (a name, template arguments allowed) as instantiated in
-// the namespace of the ISA the kernels run with: isa_avx512, isa_avx2 or isa_base (each
-// kernel file includes its raw loops once per namespace, under that ISA's target pragma).
-// Used in the body of a function returning a function pointer, e.g.
-//   Lanes lanes() { SLIMOPS_RETURN_FOR_CPU_ISA(forward_lanes<KH, KW, SW, scalar_t>); }
-#define SLIMOPS_RETURN_FOR_CPU_ISA(...)                                 \
-  switch (::slimops::cpu::cpu_isa()) {                                  \
-    case ::slimops::cpu::Isa::kAvx512: return &isa_avx512::__VA_ARGS__; \
-    case ::slimops::cpu::Isa::kAvx2: return &isa_avx2::__VA_ARGS__;     \
-    default: return &isa_base::__VA_ARGS__;                             \
+// `return` EXPR for the instruction set the kernels run with, `isa::` in EXPR naming its
+// namespace: isa_avx512, isa_avx2 or isa_base (isa_variants.h defines them). Used in the body
+// of a function, e.g.
+//   Lanes lanes() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::forward_lanes<KH, KW, SW, scalar_t>); }
+//   Ops ops() { SLIMOPS_RETURN_FOR_CPU_ISA(Ops{&isa::sum<T>, &isa::scale<T>}); }
+#define SLIMOPS_RETURN_FOR_CPU_ISA(...)          \
+  switch (::slimops::cpu::cpu_isa()) {           \
+    case ::slimops::cpu::Isa::kAvx512: {         \
+      namespace isa = isa_avx512;                \
+      return __VA_ARGS__;                        \
+    }                                            \
+    case ::slimops::cpu::Isa::kAvx2: {           \
+      namespace isa = isa_avx2;                  \
+      return __VA_ARGS__;                        \
+    }                                            \
+    default: {                                   \
+      namespace isa = isa_base;                  \
+      return __VA_ARGS__;                        \
+    }                                            \
   }
