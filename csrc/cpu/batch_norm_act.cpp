@@ -220,17 +220,7 @@ int64_t plane_size(const at::Tensor& t) {
 
 void check_input(const at::Tensor& input, const char* op) {
   check_float(input, op, "input");
-  TORCH_CHECK(input.device().is_cpu(), "slimops::", op, ": input must be on the CPU, got ",
-              input.device());
-  TORCH_CHECK(input.dim() >= 2, "slimops::", op, ": input must be at least 2-D [N, C, *], got ",
-              input.sizes());
-}
-
-void check_like_input(const at::Tensor& t, const at::Tensor& input, const char* op,
-                      const char* name) {
-  check_same(t, input, op, name);
-  TORCH_CHECK(t.sizes() == input.sizes(), "slimops::", op, ": ", name,
-              " must have the input's shape ", input.sizes(), ", got ", t.sizes());
+  check_batch_norm_input(input, c10::kCPU, op);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
@@ -241,26 +231,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
   constexpr const char* op = "batch_norm_act";
   check_activation(activation);
   check_input(input, op);
+  check_batch_norm_act_args(op, input, weight, bias, running_mean, running_var, training, eps,
+                            residual);
   const int64_t N = input.size(0), C = input.size(1), HW = plane_size(input);
-  check_vector(weight, C, input, op, "weight");
-  check_vector(bias, C, input, op, "bias");
-  check_vector(running_mean, C, input, op, "running_mean");
-  check_vector(running_var, C, input, op, "running_var");
-  TORCH_CHECK(eps >= 0, "slimops::", op, ": eps must be non-negative, got ", eps);
   const int64_t count = N * HW;
-  if (training) {
-    TORCH_CHECK(count > 1, "slimops::", op,
-                ": expected more than 1 value per channel when training, got input of shape ",
-                input.sizes());
-  } else {
-    TORCH_CHECK(opt_ptr(running_mean) && opt_ptr(running_var), "slimops::", op,
-                ": running_mean and running_var are required when training is false");
-  }
   at::Tensor res;
-  if (const at::Tensor* r = opt_ptr(residual)) {
-    check_like_input(*r, input, op, "residual");
-    res = r->contiguous();
-  }
+  if (const at::Tensor* r = opt_ptr(residual)) res = r->contiguous();
 
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -381,15 +357,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
   constexpr const char* op = "batch_norm_act_backward";
   check_activation(activation);
   check_input(input, op);
-  check_like_input(grad_out, input, op, "grad_out");
-  check_like_input(out, input, op, "out");
+  check_batch_norm_act_backward_args(op, input, grad_out, out, weight, save_mean, save_var,
+                                     eps);
   const int64_t N = input.size(0), C = input.size(1), HW = plane_size(input);
-  check_vector(weight, C, input, op, "weight");
-  TORCH_CHECK(save_mean.defined() && save_var.defined(), "slimops::", op,
-              ": save_mean and save_var are required");
-  TORCH_CHECK(eps >= 0, "slimops::", op, ": eps must be non-negative, got ", eps);
-  check_vector(save_mean, C, input, op, "save_mean");
-  check_vector(save_var, C, input, op, "save_var");
   const int64_t count = N * HW;
 
   const at::Tensor x = input.contiguous();

@@ -1,5 +1,8 @@
-// Shared helpers of the CPU kernels: activation codes, argument checks, the fused epilogue.
+// Shared helpers of the CPU kernels: activation codes, argument checks (those the CUDA
+// bindings share are in arg_checks.h), the fused epilogue.
 #pragma once
+
+#include "arg_checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,11 +22,6 @@ enum Activation : int64_t { kNone = 0, kRelu = 1, kRelu6 = 2 };
 // which costs more than the work and stalls badly when the other core is busy.
 inline int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_item));
-}
-
-inline void check_activation(int64_t activation) {
-  TORCH_CHECK(activation >= 0 && activation <= 2,
-              "slimops: activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
 }
 
 // relu and relu6 as torch computes them, NaN included: a NaN pre-activation gives NaN (torch's
@@ -52,22 +50,6 @@ inline bool passes_gradient(scalar_t out, int64_t activation) {
 inline void check_float(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "slimops::", op,
               ": the CPU kernel supports float32 and float64; ", name, " is ", t.scalar_type());
-}
-
-inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* op,
-                       const char* name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "slimops::", op, ": ", name, " has dtype ",
-              t.scalar_type(), " but input has ", ref.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "slimops::", op, ": ", name, " is on ", t.device(),
-              " but input is on ", ref.device());
-}
-
-inline void check_vector(const c10::optional<at::Tensor>& t, int64_t len, const at::Tensor& ref,
-                         const char* op, const char* name) {
-  if (!t.has_value() || !t->defined()) return;
-  check_same(*t, ref, op, name);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == len, "slimops::", op, ": ", name,
-              " must be a vector of length ", len, ", got shape ", t->sizes());
 }
 
 inline const at::Tensor* opt_ptr(const c10::optional<at::Tensor>& t) {

@@ -53,21 +53,17 @@ struct Problem {
   PlaneConv conv;
 };
 
-void check_pair(at::IntArrayRef v, const char* op, const char* name, int64_t min) {
-  TORCH_CHECK(v.size() == 2, "slimops::", op, ": ", name, " must have 2 elements, got ", v);
-  TORCH_CHECK(v[0] >= min && v[1] >= min, "slimops::", op, ": ", name, " must be >= ", min,
-              ", got ", v);
+// The input of the forward and the weight gradient: a 4-D CPU float tensor.
+void check_input(const at::Tensor& input, const char* op) {
+  check_float(input, op, "input");
+  check_device(input, c10::kCPU, op, "input");
+  check_depthwise_input(input, op);
 }
 
 void check_weight(const at::Tensor& weight, const char* op) {
   check_float(weight, op, "weight");
-  TORCH_CHECK(weight.device().is_cpu(), "slimops::", op, ": weight must be on the CPU, got ",
-              weight.device());
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1,
-              "slimops::", op, ": weight must have shape [C_full, 1, kh, kw], got ",
-              weight.sizes());
-  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, "slimops::", op,
-              ": weight kernel size must be >= 1, got ", weight.sizes());
+  check_device(weight, c10::kCPU, op, "weight");
+  check_depthwise_weight(weight, op);
   // The kernels read the prefix W[:C] in place; copying the shared weight is what slimops avoids.
   TORCH_CHECK(weight.is_contiguous(), "slimops::", op,
               ": weight must be contiguous (its channel prefix is read in place, never copied); "
@@ -75,41 +71,22 @@ void check_weight(const at::Tensor& weight, const char* op) {
               weight.strides());
 }
 
-// Validates everything shape-related that the three ops share and derives the output size.
+// Validates everything shape-related that the three ops share (arg_checks.h, as the CUDA
+// bindings do) and derives the output size.
 Problem make_problem(const char* op, at::IntArrayRef input_size, const at::Tensor& weight,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_weight(weight, op);
-  check_pair(stride, op, "stride", 1);
-  check_pair(padding, op, "padding", 0);
-  check_pair(dilation, op, "dilation", 1);
-  TORCH_CHECK(input_size.size() == 4, "slimops::", op,
-              ": input size must be 4-D [N, C, H, W], got ", input_size);
-  for (int64_t s : input_size)
-    TORCH_CHECK(s >= 0, "slimops::", op, ": input size must be non-negative, got ", input_size);
+  const auto [OH, OW] = depthwise_output_size(op, input_size, weight, stride, padding, dilation);
   const int64_t C = input_size[1], H = input_size[2], W = input_size[3];
-  const int64_t C_full = weight.size(0), KH = weight.size(2), KW = weight.size(3);
-  TORCH_CHECK(C >= 1 && C <= C_full, "slimops::", op, ": input has ", C,
-              " channels; expected between 1 and the weight's ", C_full);
-  TORCH_CHECK(H >= 1 && W >= 1, "slimops::", op, ": input spatial size must be non-zero, got ",
-              input_size);
-  // Checked 64-bit arithmetic (checked_size.h): an extreme stride, padding or dilation is an
-  // error or the right size, never a wrapped one. The padded plane is what the field
-  // buffers hold.
-  const int64_t OH = conv_output_size(op, "height", H, KH, stride[0], padding[0], dilation[0]);
-  const int64_t OW = conv_output_size(op, "width", W, KW, stride[1], padding[1], dilation[1]);
+  const int64_t KH = weight.size(2), KW = weight.size(3);
+  // Checked 64-bit arithmetic (checked_size.h) for the buffers too: the padded plane is what
+  // the field buffers hold.
   checked_numel(std::array<int64_t, 4>{input_size[0], C, OH, OW}, op,
                 "the output's element count");
   checked_mul(H + 2 * padding[0], W + 2 * padding[1], op, "the padded input plane");
   return Problem{input_size[0], C,
                  PlaneConv(H, W, KH, KW, OH, OW, stride[0], stride[1], padding[0], padding[1],
                            dilation[0], dilation[1])};
-}
-
-void check_shaped(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                  at::IntArrayRef expected) {
-  check_same(t, ref, op, name);
-  TORCH_CHECK(t.sizes() == expected, "slimops::", op, ": ", name, " must have shape ", expected,
-              ", got ", t.sizes());
 }
 
 // The zero-padded plane of a correlation, addressed with row stride `ld`.
@@ -219,23 +196,14 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& residual, int64_t activation) {
   constexpr const char* op = "depthwise_conv2d";
   check_activation(activation);
-  check_float(input, op, "input");
-  TORCH_CHECK(input.device().is_cpu(), "slimops::", op, ": input must be on the CPU, got ",
-              input.device());
-  TORCH_CHECK(input.dim() == 4, "slimops::", op, ": input must be 4-D [N, C, H, W], got ",
-              input.sizes());
+  check_input(input, op);
   check_same(weight, input, op, "weight");
   const Problem pr = make_problem(op, input.sizes(), weight, stride, padding, dilation);
   const PlaneConv& p = pr.conv;
-  check_vector(bias, weight.size(0), input, op, "bias");
-  check_vector(scale, pr.C, input, op, "scale");
-  check_vector(shift, pr.C, input, op, "shift");
   const std::vector<int64_t> out_size{pr.N, pr.C, p.OH, p.OW};
+  check_depthwise_epilogue(op, input, weight, bias, scale, shift, residual, out_size);
   at::Tensor res;
-  if (const at::Tensor* r = opt_ptr(residual)) {
-    check_shaped(*r, input, op, "residual", out_size);
-    res = r->contiguous();
-  }
+  if (const at::Tensor* r = opt_ptr(residual)) res = r->contiguous();
 
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty(out_size, x.options());
@@ -311,14 +279,11 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
                                            at::IntArrayRef padding, at::IntArrayRef dilation) {
   constexpr const char* op = "depthwise_conv2d_backward_input";
   check_float(grad_z, op, "grad_z");
-  TORCH_CHECK(grad_z.device().is_cpu(), "slimops::", op, ": grad_z must be on the CPU, got ",
-              grad_z.device());
+  check_device(grad_z, c10::kCPU, op, "grad_z");
   check_same(weight, grad_z, op, "weight");
   const Problem pr = make_problem(op, input_size, weight, stride, padding, dilation);
   const PlaneConv& p = pr.conv;
-  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef({pr.N, pr.C, p.OH, p.OW}), "slimops::", op,
-              ": grad_z must have shape [", pr.N, ", ", pr.C, ", ", p.OH, ", ", p.OW,
-              "] for input_size ", input_size, ", got ", grad_z.sizes());
+  check_depthwise_grad_z(grad_z, {pr.N, pr.C, p.OH, p.OW}, op, "input_size", input_size);
 
   const at::Tensor gz = grad_z.contiguous();
   at::Tensor grad_input = at::empty(input_size, gz.options());
@@ -419,18 +384,12 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
                                             const at::Tensor& weight, at::IntArrayRef stride,
                                             at::IntArrayRef padding, at::IntArrayRef dilation) {
   constexpr const char* op = "depthwise_conv2d_backward_weight";
-  check_float(input, op, "input");
-  TORCH_CHECK(input.device().is_cpu(), "slimops::", op, ": input must be on the CPU, got ",
-              input.device());
-  TORCH_CHECK(input.dim() == 4, "slimops::", op, ": input must be 4-D [N, C, H, W], got ",
-              input.sizes());
+  check_input(input, op);
   check_same(grad_z, input, op, "grad_z");
   check_same(weight, input, op, "weight");
   const Problem pr = make_problem(op, input.sizes(), weight, stride, padding, dilation);
   const PlaneConv& p = pr.conv;
-  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef({pr.N, pr.C, p.OH, p.OW}), "slimops::", op,
-              ": grad_z must have shape [", pr.N, ", ", pr.C, ", ", p.OH, ", ", p.OW,
-              "] for input ", input.sizes(), ", got ", grad_z.sizes());
+  check_depthwise_grad_z(grad_z, {pr.N, pr.C, p.OH, p.OW}, op, "input", input.sizes());
 
   const at::Tensor x = input.contiguous();
   const at::Tensor gz = grad_z.contiguous();

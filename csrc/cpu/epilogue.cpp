@@ -27,13 +27,8 @@ at::Tensor epilogue_backward(const at::Tensor& grad_out, const at::Tensor& out,
                              const c10::optional<at::Tensor>& scale, int64_t activation) {
   check_activation(activation);
   check_float(out, "epilogue_backward", "out");
-  check_same(grad_out, out, "epilogue_backward", "grad_out");
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "slimops::epilogue_backward: grad_out shape ",
-              grad_out.sizes(), " differs from out shape ", out.sizes());
-  TORCH_CHECK(out.dim() >= 2, "slimops::epilogue_backward: expected at least 2 dims, got ",
-              out.sizes());
+  check_epilogue_backward_args("epilogue_backward", grad_out, out, scale);
   const int64_t N = out.size(0), C = out.size(1);
-  check_vector(scale, C, out, "epilogue_backward", "scale");
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor o = out.contiguous();
   at::Tensor result = at::empty(o.sizes(), o.options());

@@ -27,8 +27,7 @@ void check_weight(const at::Tensor& weight, const at::Tensor& ref, const char* o
 
 void check_feature_tensor(const at::Tensor& t, const char* op, const char* name) {
   check_float(t, op, name);
-  TORCH_CHECK(t.device().is_cpu(), "slimops::", op, ": ", name, " must be on the CPU, got ",
-              t.device());
+  check_device(t, c10::kCPU, op, name);
   TORCH_CHECK(t.dim() >= 1, "slimops::", op, ": ", name, " must be at least 1-D, got a scalar");
 }
 
