@@ -17,17 +17,12 @@
 #include <tuple>
 #include <vector>
 
-#include "checked_size.h"
+#include "arg_checks.h"
 #include "cuda/launch.h"
 
 namespace slimops {
 namespace cuda {
 namespace {
-
-void check_activation(int64_t activation) {
-  TORCH_CHECK(activation >= 0 && activation <= 2,
-              "slimops: activation must be 0 (none), 1 (relu) or 2 (relu6), got ", activation);
-}
 
 DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -39,33 +34,6 @@ DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
       TORCH_CHECK(false, "slimops::", op, ": the CUDA kernel supports float32, float64, float16 "
                   "and bfloat16; ", name, " is ", t.scalar_type());
   }
-}
-
-void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "slimops::", op, ": ", name, " must be a CUDA tensor, got ",
-              t.device());
-}
-
-void check_same(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "slimops::", op, ": ", name, " has dtype ",
-              t.scalar_type(), " but input has ", ref.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "slimops::", op, ": ", name, " is on ", t.device(),
-              " but input is on ", ref.device());
-}
-
-void check_vector(const c10::optional<at::Tensor>& t, int64_t len, const at::Tensor& ref,
-                  const char* op, const char* name) {
-  if (!t.has_value() || !t->defined()) return;
-  check_same(*t, ref, op, name);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == len, "slimops::", op, ": ", name,
-              " must be a vector of length ", len, ", got shape ", t->sizes());
-}
-
-void check_shape(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                 at::IntArrayRef expected) {
-  check_same(t, ref, op, name);
-  TORCH_CHECK(t.sizes() == expected, "slimops::", op, ": ", name, " must have shape ", expected,
-              ", got ", t.sizes());
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -90,37 +58,17 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 
 // ---- depthwise convolution -------------------------------------------------------------------
 
-void check_pair(at::IntArrayRef v, const char* op, const char* name, int64_t min) {
-  TORCH_CHECK(v.size() == 2, "slimops::", op, ": ", name, " must have 2 elements, got ", v);
-  TORCH_CHECK(v[0] >= min && v[1] >= min, "slimops::", op, ": ", name, " must be >= ", min,
-              ", got ", v);
-}
-
-// Validates the shared shape arguments and derives the output size (as the CPU kernel does).
-// The weight may have any strides: the kernels read its prefix W[:C] through them.
+// Validates the shared shape arguments and derives the output size (arg_checks.h, as the CPU
+// kernel does). The weight may have any strides: the kernels read its prefix W[:C] through
+// them.
 DwGeom make_geom(const char* op, at::IntArrayRef input_size, const at::Tensor& weight,
                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  check_cuda(weight, op, "weight");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1, "slimops::", op,
-              ": weight must have shape [C_full, 1, kh, kw], got ", weight.sizes());
-  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, "slimops::", op,
-              ": weight kernel size must be >= 1, got ", weight.sizes());
-  check_pair(stride, op, "stride", 1);
-  check_pair(padding, op, "padding", 0);
-  check_pair(dilation, op, "dilation", 1);
-  TORCH_CHECK(input_size.size() == 4, "slimops::", op,
-              ": input size must be 4-D [N, C, H, W], got ", input_size);
-  for (int64_t s : input_size)
-    TORCH_CHECK(s >= 0, "slimops::", op, ": input size must be non-negative, got ", input_size);
-  const int64_t C = input_size[1], H = input_size[2], W = input_size[3];
-  const int64_t KH = weight.size(2), KW = weight.size(3);
-  TORCH_CHECK(C >= 1 && C <= weight.size(0), "slimops::", op, ": input has ", C,
-              " channels; expected between 1 and the weight's ", weight.size(0));
-  TORCH_CHECK(H >= 1 && W >= 1, "slimops::", op, ": input spatial size must be non-zero, got ",
-              input_size);
+  check_device(weight, c10::kCUDA, op, "weight");
+  check_depthwise_weight(weight, op);
   // Checked 64-bit arithmetic first (checked_size.h), then the kernel's 32-bit limit.
-  const int64_t OH = conv_output_size(op, "height", H, KH, stride[0], padding[0], dilation[0]);
-  const int64_t OW = conv_output_size(op, "width", W, KW, stride[1], padding[1], dilation[1]);
+  const auto [OH, OW] = depthwise_output_size(op, input_size, weight, stride, padding, dilation);
+  const int64_t H = input_size[2], W = input_size[3];
+  const int64_t KH = weight.size(2), KW = weight.size(3);
   // The tap loop computes plane coordinates in 32 bits (fewer registers, no spills).
   constexpr int64_t kMax32 = (int64_t(1) << 31) - 1;
   TORCH_CHECK(H + 2 * padding[0] < kMax32 && W + 2 * padding[1] < kMax32 &&
@@ -141,22 +89,16 @@ at::Tensor depthwise_conv2d_op(const at::Tensor& input, const at::Tensor& weight
                                const c10::optional<at::Tensor>& residual, int64_t activation) {
   constexpr const char* op = "depthwise_conv2d";
   check_activation(activation);
-  check_cuda(input, op, "input");
+  check_device(input, c10::kCUDA, op, "input");
   const DType dtype = dtype_of(input, op, "input");
-  TORCH_CHECK(input.dim() == 4, "slimops::", op, ": input must be 4-D [N, C, H, W], got ",
-              input.sizes());
+  check_depthwise_input(input, op);
   check_same(weight, input, op, "weight");
   const DwGeom g = make_geom(op, input.sizes(), weight, stride, padding, dilation);
   const int64_t N = input.size(0), C = input.size(1);
-  check_vector(bias, weight.size(0), input, op, "bias");
-  check_vector(scale, C, input, op, "scale");
-  check_vector(shift, C, input, op, "shift");
   const std::vector<int64_t> out_size{N, C, g.OH, g.OW};
+  check_depthwise_epilogue(op, input, weight, bias, scale, shift, residual, out_size);
   at::Tensor res;
-  if (residual.has_value() && residual->defined()) {
-    check_shape(*residual, input, op, "residual", out_size);
-    res = residual->contiguous();
-  }
+  if (residual.has_value() && residual->defined()) res = residual->contiguous();
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty(out_size, input.options().memory_format(at::MemoryFormat::Contiguous));
   // input and weight are read through their strides: no copy of either.
@@ -174,14 +116,12 @@ at::Tensor depthwise_conv2d_backward_input_op(const at::Tensor& grad_z, const at
                                               at::IntArrayRef padding,
                                               at::IntArrayRef dilation) {
   constexpr const char* op = "depthwise_conv2d_backward_input";
-  check_cuda(grad_z, op, "grad_z");
+  check_device(grad_z, c10::kCUDA, op, "grad_z");
   const DType dtype = dtype_of(grad_z, op, "grad_z");
   check_same(weight, grad_z, op, "weight");
   const DwGeom g = make_geom(op, input_size, weight, stride, padding, dilation);
   const int64_t N = input_size[0], C = input_size[1];
-  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef({N, C, g.OH, g.OW}), "slimops::", op,
-              ": grad_z must have shape [", N, ", ", C, ", ", g.OH, ", ", g.OW,
-              "] for input_size ", input_size, ", got ", grad_z.sizes());
+  check_depthwise_grad_z(grad_z, {N, C, g.OH, g.OW}, op, "input_size", input_size);
   const c10::cuda::CUDAGuard guard(grad_z.device());
   at::Tensor grad_input =
       at::empty(input_size, grad_z.options().memory_format(at::MemoryFormat::Contiguous));
@@ -197,17 +137,14 @@ at::Tensor depthwise_conv2d_backward_weight_op(const at::Tensor& grad_z, const a
                                                at::IntArrayRef padding,
                                                at::IntArrayRef dilation) {
   constexpr const char* op = "depthwise_conv2d_backward_weight";
-  check_cuda(input, op, "input");
+  check_device(input, c10::kCUDA, op, "input");
   const DType dtype = dtype_of(input, op, "input");
-  TORCH_CHECK(input.dim() == 4, "slimops::", op, ": input must be 4-D [N, C, H, W], got ",
-              input.sizes());
+  check_depthwise_input(input, op);
   check_same(grad_z, input, op, "grad_z");
   check_same(weight, input, op, "weight");
   const DwGeom g = make_geom(op, input.sizes(), weight, stride, padding, dilation);
   const int64_t N = input.size(0), C = input.size(1);
-  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef({N, C, g.OH, g.OW}), "slimops::", op,
-              ": grad_z must have shape [", N, ", ", C, ", ", g.OH, ", ", g.OW, "] for input ",
-              input.sizes(), ", got ", grad_z.sizes());
+  check_depthwise_grad_z(grad_z, {N, C, g.OH, g.OW}, op, "input", input.sizes());
   const c10::cuda::CUDAGuard guard(input.device());
   // Full weight shape: rows past C stay zero so autograd accumulates it as is.
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
@@ -225,14 +162,10 @@ at::Tensor epilogue_backward_op(const at::Tensor& grad_out, const at::Tensor& ou
                                 const c10::optional<at::Tensor>& scale, int64_t activation) {
   constexpr const char* op = "epilogue_backward";
   check_activation(activation);
-  check_cuda(out, op, "out");
+  check_device(out, c10::kCUDA, op, "out");
   const DType dtype = dtype_of(out, op, "out");
-  check_same(grad_out, out, op, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "slimops::", op, ": grad_out shape ",
-              grad_out.sizes(), " differs from out shape ", out.sizes());
-  TORCH_CHECK(out.dim() >= 2, "slimops::", op, ": expected at least 2 dims, got ", out.sizes());
+  check_epilogue_backward_args(op, grad_out, out, scale);
   const int64_t N = out.size(0), C = out.size(1);
-  check_vector(scale, C, out, op, "scale");
   const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor g = grad_out.contiguous(), o = out.contiguous();
   at::Tensor result = at::empty(o.sizes(), o.options());
@@ -252,18 +185,9 @@ int64_t plane_size(const at::Tensor& t) {
 }
 
 void check_bn_input(const at::Tensor& input, const char* op) {
-  check_cuda(input, op, "input");
-  TORCH_CHECK(input.dim() >= 2, "slimops::", op, ": input must be at least 2-D [N, C, *], got ",
-              input.sizes());
+  check_batch_norm_input(input, c10::kCUDA, op);
   TORCH_CHECK(input.size(1) <= 65535, "slimops::", op,
               ": the CUDA kernel supports at most 65535 channels, got ", input.size(1));
-}
-
-void check_like_input(const at::Tensor& t, const at::Tensor& input, const char* op,
-                      const char* name) {
-  check_same(t, input, op, name);
-  TORCH_CHECK(t.sizes() == input.sizes(), "slimops::", op, ": ", name,
-              " must have the input's shape ", input.sizes(), ", got ", t.sizes());
 }
 
 // Scratch for the per-block partials and per-channel coefficients (caching allocator).
@@ -281,27 +205,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_op(
   check_activation(activation);
   check_bn_input(input, op);
   const DType dtype = dtype_of(input, op, "input");
+  check_batch_norm_act_args(op, input, weight, bias, running_mean, running_var, training, eps,
+                            residual);
   const int64_t N = input.size(0), C = input.size(1), HW = plane_size(input);
-  check_vector(weight, C, input, op, "weight");
-  check_vector(bias, C, input, op, "bias");
-  check_vector(running_mean, C, input, op, "running_mean");
-  check_vector(running_var, C, input, op, "running_var");
-  TORCH_CHECK(eps >= 0, "slimops::", op, ": eps must be non-negative, got ", eps);
-  if (training) {
-    TORCH_CHECK(N * HW > 1, "slimops::", op,
-                ": expected more than 1 value per channel when training, got input of shape ",
-                input.sizes());
-  } else {
-    TORCH_CHECK(running_mean.has_value() && running_mean->defined() &&
-                    running_var.has_value() && running_var->defined(),
-                "slimops::", op,
-                ": running_mean and running_var are required when training is false");
-  }
   at::Tensor res;
-  if (residual.has_value() && residual->defined()) {
-    check_like_input(*residual, input, op, "residual");
-    res = residual->contiguous();
-  }
+  if (residual.has_value() && residual->defined()) res = residual->contiguous();
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -325,15 +233,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_op(
   check_activation(activation);
   check_bn_input(input, op);
   const DType dtype = dtype_of(input, op, "input");
-  check_like_input(grad_out, input, op, "grad_out");
-  check_like_input(out, input, op, "out");
+  check_batch_norm_act_backward_args(op, input, grad_out, out, weight, save_mean, save_var,
+                                     eps);
   const int64_t N = input.size(0), C = input.size(1), HW = plane_size(input);
-  check_vector(weight, C, input, op, "weight");
-  TORCH_CHECK(save_mean.defined() && save_var.defined(), "slimops::", op,
-              ": save_mean and save_var are required");
-  TORCH_CHECK(eps >= 0, "slimops::", op, ": eps must be non-negative, got ", eps);
-  check_vector(save_mean, C, input, op, "save_mean");
-  check_vector(save_var, C, input, op, "save_var");
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous(), go = grad_out.contiguous(), y = out.contiguous();
   at::Tensor grad_input = at::empty(x.sizes(), x.options());
