@@ -1,4 +1,4 @@
-"""Command line: ``python -m slimops {demo,train,profile,info,bench,pick-width}``."""
+"""Command line: ``python -m slimops {demo,train,eval,export,profile,info,bench,pick-width}``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from slimops.apps.imagefolder import (
     ValTransform,
     make_scheduler,
 )
+from slimops.apps.runs import RunError, load_run, run_meta
 
 
 # --- argument types: every value is checked while parsing (argparse then prints a one-line
@@ -181,6 +182,9 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(model, optimizer, scheduler=scheduler, scheduler_interval=interval,
                       inplace_distillation=args.inplace_distillation, seed=args.seed,
                       device=device, progress=not args.no_progress)
+    # What eval and export need to rebuild the model from a checkpoint alone.
+    trainer.meta = run_meta(args.model, recipe["widths"], train_set.classes,
+                            recipe["image_size"])
 
     out = args.out or os.path.join("runs", args.model)
     latest = os.path.join(out, "latest.pt")
@@ -245,6 +249,65 @@ def _train(args: argparse.Namespace) -> int:
         if "val_acc" in entry:
             line += " top-1 " + " ".join(f"{w:g}x:{a:.4f}" for w, a in entry["val_acc"].items())
         print(line, flush=True)
+    return 0
+
+
+def _eval_folder(data: str, classes: List[str]) -> str:
+    """The class folder ``eval`` reads: ``DATA/val`` when DATA is a training data folder
+    (``train/`` and ``val/``, neither a class of the checkpoint), else DATA itself."""
+    val = os.path.join(data, "val")
+    if os.path.isdir(val) and "val" not in classes and (
+            "train" not in classes or os.path.isdir(os.path.join(data, "train"))):
+        return val
+    return data
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from slimops.train import evaluate
+    from slimops.width import width_range
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, meta, state = load_run(args.checkpoint, ema=args.ema)
+    except RunError as e:
+        print(f"eval: {e}", file=sys.stderr)
+        return 2
+    widths = tuple(args.widths) if args.widths else tuple(meta["widths"])
+    listed, span = set(meta["widths"]), width_range(model)
+    odd = [w for w in widths if w not in listed and not (span and span[0] <= w <= span[1])]
+    if odd:
+        print(f"eval: {meta['model']} does not run at width {odd[0]:g} (its widths: "
+              f"{', '.join(f'{w:g}' for w in meta['widths'])})", file=sys.stderr)
+        return 2
+    folder = _eval_folder(args.data, meta["classes"])
+    try:
+        data = ImageFolder(folder, ValTransform(meta["image_size"]), meta["classes"])
+    except (FileNotFoundError, ValueError) as e:
+        print(f"eval: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers,
+                                         pin_memory=device.type == "cuda")
+    print(f"eval {args.checkpoint}{' (EMA weights)' if args.ema else ''}: {meta['model']} "
+          f"after epoch {state['epoch']}, {len(data)} images of {len(meta['classes'])} "
+          f"classes in {folder}, {meta['image_size']}px; device {device}")
+    try:
+        acc = evaluate(model, loader, widths, device, topk=(1, 5))
+    except (ValueError, RuntimeError) as e:  # e.g. an uncalibrated in-between width
+        print(f"eval: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        return 2
+    print(f"{'width':>7} {'top-1 %':>8} {'top-5 %':>8}")
+    for w in sorted(acc):
+        print(f"{w:>6g}x {100 * acc[w][1]:>8.2f} {100 * acc[w][5]:>8.2f}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(
+            {"checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(folder),
+             "images": len(data), "ema": args.ema,
+             "widths": {f"{w:g}": {"top1": 100 * acc[w][1], "top5": 100 * acc[w][5]}
+                        for w in sorted(acc)}}, indent=1))
     return 0
 
 
@@ -344,6 +407,7 @@ def _pick_width(args: argparse.Namespace) -> int:
 COMMAND_NEEDS = {
     "demo": [("sklearn", "scikit-learn", "demo")],
     "train": [("PIL", "Pillow", "train")],
+    "eval": [("PIL", "Pillow", "train")],
 }
 # Packages a command runs without, with a note of what is missing.
 COMMAND_WANTS = {
@@ -435,6 +499,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="smaller widths learn from the largest width's prediction")
     tr.add_argument("--no-progress", action="store_true", help="no per-batch progress bar")
     tr.set_defaults(func=_train)
+
+    ev = sub.add_parser(
+        "eval", help="per-width top-1 and top-5 accuracy (%%) of a train checkpoint on an "
+        "image folder",
+        description="Rebuilds the model of a `slimops train` checkpoint (latest.pt, best.pt; "
+        "it records the model, widths, classes and image size) and evaluates every width on "
+        "DIR/<class>/*.jpg|png (DIR/val/ when DIR is a train/ + val/ data folder) with the "
+        "validation transform (resize to size/0.875, center crop). Exit 2 for a checkpoint "
+        "or folder it cannot use.")
+    ev.add_argument("checkpoint", metavar="CKPT")
+    ev.add_argument("--data", required=True, metavar="DIR")
+    ev.add_argument("--widths", type=_width_value, nargs="+",
+                    help="default: the checkpoint's widths")
+    ev.add_argument("--ema", action="store_true", help="the EMA weights (runs with --ema)")
+    ev.add_argument("--batch-size", type=_positive_int, default=100)
+    ev.add_argument("--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1))
+    ev.add_argument("--device", type=_device_arg, help="default: cuda if available, else cpu")
+    ev.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    ev.add_argument("--json", type=_new_file, metavar="PATH", help="also write the results")
+    ev.set_defaults(func=_eval)
 
     prof = sub.add_parser(
         "profile", help="per-width parameters, MACs (and latency) of models (default: the paper's four)"

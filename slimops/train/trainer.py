@@ -120,7 +120,9 @@ class Trainer:
             every rank; ``False`` keeps each rank's own statistics.
 
     ``epoch`` counts completed epochs; ``history`` holds one entry per epoch
-    (``{"epoch", "train_loss", "val_acc"}``).
+    (``{"epoch", "train_loss", "val_acc"}``); ``meta`` is a dict of primitives the caller
+    may fill (the command line records the model name, classes and image size) that the
+    checkpoint keeps.
 
     Distributed: pass the ``DistributedDataParallel`` model (``wrap_distributed``) and give
     each rank its shard of the data (a loader over a ``DistributedSampler``: ``train_epoch``
@@ -183,6 +185,9 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.history: List[Dict[str, Any]] = []
+        # What the checkpoint says about the run besides the state (e.g. the command line's
+        # model name, classes, image size): primitives only, saved and restored as is.
+        self.meta: Dict[str, Any] = {}
 
     @property
     def module(self) -> nn.Module:
@@ -257,9 +262,9 @@ class Trainer:
             self.scheduler.step()
         return {w: sums[w] / counts[w] for w in _loss_order(sums)}
 
-    def evaluate(self, loader: Iterable[Any]) -> Dict[float, float]:
-        """Per-width top-1 accuracy over ``loader`` (see ``evaluate``)."""
-        return evaluate(self.model, loader, self.widths, self.device)
+    def evaluate(self, loader: Iterable[Any], topk: Sequence[int] = (1,)) -> Dict[float, Any]:
+        """Per-width top-1 accuracy over ``loader`` (``topk``: see ``evaluate``)."""
+        return evaluate(self.model, loader, self.widths, self.device, topk=topk)
 
     def fit(
         self, train_loader: Iterable[Any], epochs: int, val_loader: Optional[Iterable[Any]] = None
@@ -301,6 +306,7 @@ class Trainer:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "rng": _rng_state(self.generator),
             "history": [dict(e) for e in self.history],
+            "meta": dict(self.meta),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -329,6 +335,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = [dict(e) for e in state["history"]]
+        self.meta = dict(state.get("meta") or {})  # absent in checkpoints before it
         _set_rng_state(state["rng"], self.generator)
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:

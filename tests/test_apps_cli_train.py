@@ -1,0 +1,124 @@
+"""`slimops train`, `slimops eval` and `slimops export` end to end on a tiny image folder
+(3 classes of 16x16 images, slim_cnn, 1 epoch): what a run writes, and that eval and export
+read it back."""
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from slimops.apps.cli import main
+
+pytest.importorskip("PIL")
+
+CLASSES = ("cat", "dog", "owl")
+SIZE = 16
+
+
+def _image_folder(root, per_class=4, seed=0):
+    """root/{train,val}/<class>/*.png: each class a different dominant colour plus noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", 2)):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 80, (SIZE, SIZE, 3))
+                pixels[..., c] += 170
+                Image.fromarray(pixels.astype("uint8")).save(folder / f"{i}.png")
+    return root
+
+
+def _train_argv(data, out, *extra):
+    return ["train", "--model", "slim_cnn", "--data", str(data), "--out", str(out),
+            "--epochs", "1", "--batch-size", "4", "--image-size", str(SIZE), "--workers", "0",
+            "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One training run, shared by the tests that read it."""
+    root = tmp_path_factory.mktemp("cli")
+    data = _image_folder(root / "data")
+    out = root / "run"
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(_train_argv(data, out, "--inplace-distillation")) == 0
+    return data, out, buf.getvalue()
+
+
+def test_train_writes_checkpoints_with_what_eval_needs(run):
+    data, out, printed = run
+    assert (out / "latest.pt").is_file()
+    state = torch.load(out / "latest.pt", weights_only=True)
+    assert state["meta"]["model"] == "slim_cnn"
+    assert state["meta"]["classes"] == list(CLASSES)
+    assert state["meta"]["image_size"] == SIZE
+    assert state["meta"]["widths"] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_eval_prints_top1_top5_per_width(run, tmp_path, capsys):
+    data, out, _ = run
+    capsys.readouterr()
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(out / "latest.pt"), "--data", str(data), "--workers", "0",
+                 "--json", str(result)]) == 0
+    printed = capsys.readouterr().out
+    assert os.path.join(str(data), "val") in printed
+    got = json.loads(result.read_text())
+    assert list(got["widths"]) == ["0.25", "0.5", "0.75", "1"] and got["images"] == 6
+    for acc in got["widths"].values():
+        assert 0 <= acc["top1"] <= 100 and acc["top5"] == 100.0  # 3 classes: top-5 is all
+    # The checkpoint's final accuracies are what eval measures (same weights, same data).
+    state = torch.load(out / "latest.pt", weights_only=True)
+    final = state["history"][-1]
+    saved = final.get("calibrated_acc") or final["val_acc"]
+    for w, a in saved.items():
+        assert got["widths"][f"{w:g}"]["top1"] == pytest.approx(100 * a)
+    # a class folder given directly, and a subset of widths
+    assert main(["eval", str(out / "latest.pt"), "--data", str(data / "val"), "--workers", "0",
+                 "--widths", "1.0", "0.25"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines[-2:]] == ["0.25x", "1x"]
+
+
+def test_eval_of_an_old_checkpoint_reads_config_json(run, tmp_path, capsys):
+    """A checkpoint from before 'meta' is read with the config.json beside it; without one,
+    a one-line error (exit 2)."""
+    data, out, _ = run
+    state = torch.load(out / "latest.pt", weights_only=True)
+    del state["meta"]
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(state, old / "latest.pt")
+    assert main(["eval", str(old / "latest.pt"), "--data", str(data), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err
+    (old / "config.json").write_text((out / "config.json").read_text())
+    assert main(["eval", str(old / "latest.pt"), "--data", str(data), "--workers", "0"]) == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "NOPE", "--data", "DATA"], "no checkpoint at"),
+    (["eval", "NOTCKPT", "--data", "DATA"], "not a readable checkpoint"),
+    (["eval", "CKPT", "--data", "DATA", "--widths", "3"], "does not run at width 3"),
+    (["eval", "CKPT", "--data", "DATA", "--widths", "0.3"], "no BN statistics"),
+    (["eval", "CKPT", "--data", "NODIR"], "no such directory"),
+])
+def test_eval_errors_are_one_line(run, tmp_path, capsys, argv, message):
+    data, out, _ = run
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    subst = {"NOPE": str(tmp_path / "none.pt"), "NOTCKPT": str(tmp_path / "junk.pt"),
+             "CKPT": str(out / "latest.pt"), "DATA": str(data), "NODIR": str(tmp_path / "x")}
+    capsys.readouterr()
+    assert main([subst.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
