@@ -122,3 +122,64 @@ def test_eval_errors_are_one_line(run, tmp_path, capsys, argv, message):
     assert main([subst.get(a, a) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+# ------------------------------------------------------------------------------- export
+
+def _reference(out, width):
+    """The checkpoint's model at ``width`` (eval mode) and a batch of 2 inputs."""
+    from slimops.apps.runs import load_run
+    from slimops.width import width as width_scope
+
+    model, meta, _ = load_run(str(out / "latest.pt"))
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), width_scope(model, width):
+        return model(x), x
+
+
+@pytest.mark.parametrize("fmt", ["pt", "torchscript", "onnx"])
+def test_export_one_width_in_each_format(run, tmp_path, capsys, fmt):
+    data, out, _ = run
+    target = tmp_path / f"net.{fmt}"
+    assert main(["export", str(out / "latest.pt"), "--width", "0.5", "--format", fmt,
+                 "-o", str(target)]) == 0
+    assert f"-> {target} ({fmt}," in capsys.readouterr().out
+    expected, x = _reference(out, 0.5)
+    if fmt == "pt":
+        net = torch.load(target, weights_only=False)
+        assert not any("Slimmable" in type(m).__name__ for m in net.modules())
+        with torch.no_grad():
+            got = net(x)
+    elif fmt == "torchscript":
+        with torch.no_grad():
+            got = torch.jit.load(str(target))(x)
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(["output"], {"input": x.numpy()})[0])
+    assert got.shape == (2, len(CLASSES))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_export_errors_are_one_line(run, tmp_path, capsys, monkeypatch):
+    data, out, _ = run
+    ckpt = str(out / "latest.pt")
+    assert main(["export", ckpt, "--width", "3", "-o", str(tmp_path / "a.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("export: ")
+    assert main(["export", str(tmp_path / "none.pt"), "--width", "1", "-o",
+                 str(tmp_path / "a.pt")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    # onnx without the onnx extra: one line naming it, nothing written
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "onnx" else real(name, *a, **k))
+    assert main(["export", ckpt, "--width", "1", "--format", "onnx", "-o",
+                 str(tmp_path / "a.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "onnx" in err and "slimops[onnx]" in err
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "a.pt").exists()
+    # pt and torchscript need no onnx
+    assert main(["export", ckpt, "--width", "1", "-o", str(tmp_path / "a.pt")]) == 0

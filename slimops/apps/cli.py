@@ -311,6 +311,48 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_FORMATS = ("pt", "onnx", "torchscript")
+
+
+def _export(args: argparse.Namespace) -> int:
+    import warnings
+
+    from slimops.export import export, export_onnx
+
+    try:
+        model, meta, state = load_run(args.checkpoint, ema=args.ema)
+    except RunError as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 2
+    size = args.image_size or meta["image_size"]
+    shape = (1, 3, size, size)
+    try:
+        if args.format == "onnx":
+            plain = export_onnx(model, args.width, args.output, input_size=shape,
+                                fold_bn=not args.no_fold_bn)
+        else:
+            plain = export(model, args.width, fold_bn=not args.no_fold_bn).eval()
+            if args.format == "pt":
+                # The whole module (stock layers, and slimops.export.ConvBNAct blocks):
+                # torch.load(OUT, weights_only=False) with slimops importable.
+                with open(args.output, "wb") as f:
+                    torch.save(plain, f)
+            else:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch.jit's deprecation notes
+                    traced = torch.jit.trace(plain, torch.randn(shape))
+                traced.save(args.output)
+    except (ValueError, TypeError) as e:  # a width the model does not run at, uncalibrated
+        print(f"export: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        return 2
+    params = sum(p.numel() for p in plain.parameters())
+    print(f"{meta['model']} at width {args.width:g}x (epoch {state['epoch']}"
+          f"{', EMA weights' if args.ema else ''}) -> {args.output} ({args.format}, "
+          f"{params:,} parameters, input [N, 3, {size}, {size}], {len(meta['classes'])} classes"
+          f"{', BN folded' if not args.no_fold_bn else ''})")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from slimops.apps.benchmark_report import bench_dir, main as bench_main
 
@@ -408,6 +450,8 @@ COMMAND_NEEDS = {
     "demo": [("sklearn", "scikit-learn", "demo")],
     "train": [("PIL", "Pillow", "train")],
     "eval": [("PIL", "Pillow", "train")],
+    # export_onnx's exporter (torch.onnx's default, torch.export-based) needs both
+    "export --format onnx": [("onnx", "onnx", "onnx"), ("onnxscript", "onnxscript", "onnx")],
 }
 # Packages a command runs without, with a note of what is missing.
 COMMAND_WANTS = {
@@ -423,7 +467,8 @@ def _missing_packages(command: str) -> Optional[str]:
     if missing:
         names = ", ".join(pip for pip, _ in missing)
         extras = ",".join(sorted({extra for _, extra in missing}))
-        return (f"slimops {command}: needs {names}, which is not installed "
+        return (f"slimops {command}: needs {names}, which "
+                f"{'is' if len(missing) == 1 else 'are'} not installed "
                 f"(pip install {names}, or the package's extra: pip install 'slimops[{extras}]')")
     for module, pip, extra, without in COMMAND_WANTS.get(command, []):
         if importlib.util.find_spec(module) is None:
@@ -520,6 +565,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", type=_new_file, metavar="PATH", help="also write the results")
     ev.set_defaults(func=_eval)
 
+    exp = sub.add_parser(
+        "export", help="one width of a train checkpoint as a plain network (pt, onnx, "
+        "torchscript)",
+        description="Rebuilds the model of a `slimops train` checkpoint and writes it at one "
+        "width as a network of stock PyTorch layers (slimops.export: each width's BN folded "
+        "into its conv unless --no-fold-bn): pt: the module, torch.save'd (torch.load(OUT, "
+        "weights_only=False), slimops importable); onnx: an ONNX graph with a dynamic batch "
+        "(input 'input', output 'output'; needs the onnx extra); torchscript: torch.jit.trace "
+        "of the plain network (torch.jit.load, no slimops needed).")
+    exp.add_argument("checkpoint", metavar="CKPT")
+    exp.add_argument("--width", type=_width_value, required=True)
+    exp.add_argument("--format", choices=EXPORT_FORMATS, default="pt", help="(pt)")
+    exp.add_argument("-o", "--output", type=_new_file, required=True, metavar="OUT")
+    exp.add_argument("--ema", action="store_true", help="the EMA weights (runs with --ema)")
+    exp.add_argument("--image-size", type=_positive_int,
+                     help="the traced input's side (default: the checkpoint's)")
+    exp.add_argument("--no-fold-bn", action="store_true",
+                     help="keep each width's BN as nn.BatchNorm2d")
+    exp.set_defaults(func=_export)
+
     prof = sub.add_parser(
         "profile", help="per-width parameters, MACs (and latency) of models (default: the paper's four)"
     )
@@ -598,7 +663,10 @@ def command_names() -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    error = _missing_packages(args.command)
+    command = args.command
+    if command == "export" and args.format != "pt":
+        command = f"export --format {args.format}"
+    error = _missing_packages(command)
     if error is not None:
         print(error, file=sys.stderr)
         return 2
