@@ -37,7 +37,7 @@ def _image_folder(root, per_class=4, seed=0):
 def _train_argv(data, out, *extra):
     return ["train", "--model", "slim_cnn", "--data", str(data), "--out", str(out),
             "--epochs", "1", "--batch-size", "4", "--image-size", str(SIZE), "--workers", "0",
-            "--no-progress", *extra]
+            "--no-progress", "--threads", "1", "--latency-repeats", "2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +51,67 @@ def run(tmp_path_factory):
 
     buf = io.StringIO()
     with redirect_stdout(buf):
-        assert main(_train_argv(data, out, "--inplace-distillation")) == 0
+        assert main(_train_argv(data, out, "--sandwich", "1", "--inplace-distillation",
+                                "--calibrate-bn", "2")) == 0
     return data, out, buf.getvalue()
 
 
 def test_train_writes_checkpoints_with_what_eval_needs(run):
     data, out, printed = run
-    assert (out / "latest.pt").is_file()
+    assert (out / "latest.pt").is_file() and (out / "best.pt").is_file()
     state = torch.load(out / "latest.pt", weights_only=True)
     assert state["meta"]["model"] == "slim_cnn"
     assert state["meta"]["classes"] == list(CLASSES)
     assert state["meta"]["image_size"] == SIZE
     assert state["meta"]["widths"] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_train_metrics_csv_best_and_summary(run):
+    """metrics.csv: per epoch a row per width (largest first; the sandwich rule's random
+    widths as one 'random' row with its loss and no accuracy), then the BN-calibrated
+    accuracies; accuracies in %. The summary table: one row per width."""
+    data, out, printed = run
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "width", "loss", "top1", "top5", "bn_stats"]
+    training = [r for r in rows if r["bn_stats"] == "training"]
+    assert [r["width"] for r in training] == ["1", "0.75", "0.5", "0.25", "random"]
+    assert all(r["epoch"] == "1" for r in rows)
+    # sandwich=1 on 4 listed widths: the extremes each step, the middle ones at random
+    assert training[0]["loss"] and training[3]["loss"] and training[4]["loss"]
+    assert training[4]["top1"] == "" and training[4]["top5"] == ""
+    state = torch.load(out / "latest.pt", weights_only=True)
+    entry = state["history"][-1]
+    for r in training[:4]:
+        w = float(r["width"])
+        assert float(r["top1"]) == pytest.approx(100 * entry["val_acc"][w], abs=0.005)
+        assert float(r["top5"]) == 100.0
+    calibrated = [r for r in rows if r["bn_stats"] == "calibrated"]
+    assert [r["width"] for r in calibrated] == ["1", "0.75", "0.5", "0.25"]
+    assert all(r["loss"] == "" for r in calibrated)
+    assert set(entry["calibrated_acc"]) == {0.25, 0.5, 0.75, 1.0}
+    # the printed lines: % with two decimals, the calibration, the summary
+    assert "top-1 % 1x:" in printed and "top-5 % 1x:100.00" in printed
+    assert "BN calibrated on 2 training batches per width" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["width"] for r in summary["widths"]] == [0.25, 0.5, 0.75, 1.0]
+    macs = [r["macs"] for r in summary["widths"]]
+    assert macs == sorted(macs) and macs[0] > 0
+    assert all(r["latency_ms"] > 0 and r["epoch"] == 1 for r in summary["widths"])
+    table = printed[printed.index("summary ("):].splitlines()
+    assert table[1].split()[:3] == ["width", "top-1", "%"]
+    assert [ln.split()[0] for ln in table[2:6]] == ["0.25x", "0.5x", "0.75x", "1x"]
+    assert "best checkpoint (by the mean top-1 over the widths)" in printed
+    # best.pt holds the state of the highest mean top-1 seen (before or after calibration)
+    from slimops.apps.runs import best_score
+
+    def mean(acc):
+        return sum(acc.values()) / len(acc)
+
+    seen = [mean(e[k]) for e in state["history"] for k in ("val_acc", "calibrated_acc")
+            if k in e]
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best_score(best["history"][-1]) == pytest.approx(max(seen))
 
 
 def test_eval_prints_top1_top5_per_width(run, tmp_path, capsys):

@@ -281,11 +281,12 @@ def test_train_removes_temporaries_of_killed_saves(tmp_path):
     data = _image_folder(tmp_path / "data")
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("latest.pt.tmp123", "latest.pt.tmpabc_x"):
+    for name in ("latest.pt.tmp123", "latest.pt.tmpabc_x", "best.pt.tmp9"):
         (run / name).write_bytes(b"partial")
     (run / "other.tmp1").write_bytes(b"not ours")
-    assert _train(data, run, "--epochs", "1") == 0
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "latest.pt", "other.tmp1"]
+    assert _train(data, run, "--epochs", "1", "--latency-repeats", "0") == 0
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.pt", "config.json", "latest.pt", "metrics.csv", "other.tmp1", "summary.json"]
 
 
 def test_train_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(

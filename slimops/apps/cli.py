@@ -23,7 +23,7 @@ from slimops.apps.imagefolder import (
     ValTransform,
     make_scheduler,
 )
-from slimops.apps.runs import RunError, load_run, run_meta
+from slimops.apps.runs import RunError, best_score, load_run, metrics_csv, run_meta
 
 
 # --- argument types: every value is checked while parsing (argparse then prints a one-line
@@ -143,6 +143,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None and args.overwrite:
         print("train: --resume and --overwrite exclude each other", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     recipe = dict(RECIPES[args.model])
     for key in ("epochs", "batch_size", "lr", "weight_decay", "image_size"):
         if getattr(args, key) is not None:
@@ -180,6 +182,7 @@ def _train(args: argparse.Namespace) -> int:
                                 momentum=0.9, nesterov=True)
     scheduler, interval = make_scheduler(optimizer, recipe, recipe["epochs"], len(train_loader))
     trainer = Trainer(model, optimizer, scheduler=scheduler, scheduler_interval=interval,
+                      sandwich=args.sandwich,
                       inplace_distillation=args.inplace_distillation, seed=args.seed,
                       device=device, progress=not args.no_progress)
     # What eval and export need to rebuild the model from a checkpoint alone.
@@ -187,7 +190,7 @@ def _train(args: argparse.Namespace) -> int:
                             recipe["image_size"])
 
     out = args.out or os.path.join("runs", args.model)
-    latest = os.path.join(out, "latest.pt")
+    latest, best = os.path.join(out, "latest.pt"), os.path.join(out, "best.pt")
     if os.path.exists(latest) and args.resume is None and not args.overwrite:
         print(f"train: {latest} exists (a previous run's checkpoint); continue it with "
               f"--resume, or start over with --overwrite", file=sys.stderr)
@@ -208,6 +211,7 @@ def _train(args: argparse.Namespace) -> int:
     os.makedirs(out, exist_ok=True)
     # Temporary files of saves that were killed (no other process writes OUT meanwhile).
     remove_stale_temporaries(latest)
+    remove_stale_temporaries(best)
     atomic_write_text(os.path.join(out, "config.json"), json.dumps(
         {"model": args.model, "data": os.path.abspath(args.data), "classes": train_set.classes,
          "device": str(device), **recipe}, indent=1, default=list))
@@ -228,6 +232,26 @@ def _train(args: argparse.Namespace) -> int:
     if val_set is None:
         print(f"(no {val_dir}: no validation)")
 
+    def pct(acc) -> str:
+        return " ".join(f"{_width_name(w)}:{100 * a:.2f}" for w, a in acc.items())
+
+    # best.pt: the state with the highest mean top-1 over the widths seen so far (a resumed
+    # run continues from its history's best).
+    scores = [best_score(e) for e in trainer.history]
+    best_so_far = max([v for v in scores if v is not None], default=None)
+
+    def record(entry, score) -> bool:
+        """Checkpoint the state that scored ``score``: latest.pt, best.pt if it beats every
+        earlier state, metrics.csv from the whole history. True if it is the best."""
+        nonlocal best_so_far
+        trainer.save_checkpoint(latest)
+        is_best = score is not None and (best_so_far is None or score > best_so_far)
+        if is_best:
+            trainer.save_checkpoint(best)
+            best_so_far = score
+        atomic_write_text(os.path.join(out, "metrics.csv"), metrics_csv(trainer.history))
+        return is_best
+
     while trainer.epoch < recipe["epochs"]:
         t0 = time.perf_counter()
         generator.manual_seed(args.seed * 1_000_003 + trainer.epoch)
@@ -236,20 +260,93 @@ def _train(args: argparse.Namespace) -> int:
         if bad:
             # Parameters and BN statistics are non-finite now: keep the last good checkpoint.
             print(f"train: epoch {trainer.epoch}: non-finite training loss at width(s) "
-                  f"{', '.join(f'{w:g}x' for w in bad)}; stopped without saving ({latest} "
+                  f"{', '.join(_width_name(w) for w in bad)}; stopped without saving ({latest} "
                   f"keeps the last good epoch). Try a lower --lr.", file=sys.stderr)
             return 1
         entry = {"epoch": trainer.epoch, "train_loss": losses}
         if val_loader is not None:
-            entry["val_acc"] = trainer.evaluate(val_loader)
+            acc = trainer.evaluate(val_loader, topk=(1, 5))
+            entry["val_acc"] = {w: a[1] for w, a in acc.items()}
+            entry["val_top5"] = {w: a[5] for w, a in acc.items()}
         trainer.history.append(entry)
-        trainer.save_checkpoint(latest)
+        is_best = record(entry, best_score(entry))
         line = (f"epoch {trainer.epoch}/{recipe['epochs']} {time.perf_counter() - t0:.1f}s "
-                "loss " + " ".join(f"{w:g}x:{v:.4f}" for w, v in losses.items()))
+                "loss " + " ".join(f"{_width_name(w)}:{v:.4f}" for w, v in losses.items()))
         if "val_acc" in entry:
-            line += " top-1 " + " ".join(f"{w:g}x:{a:.4f}" for w, a in entry["val_acc"].items())
-        print(line, flush=True)
+            line += f" top-1 % {pct(entry['val_acc'])} top-5 % {pct(entry['val_top5'])}"
+        print(line + (" (best)" if is_best else ""), flush=True)
+
+    if args.calibrate_bn and trainer.history:
+        # The evaluated widths' BN statistics from the training data (a cumulative average
+        # over N batches instead of the momentum average training kept), then the final
+        # evaluation and checkpoint.
+        from slimops.train import calibrate_bn
+
+        t0 = time.perf_counter()
+        generator.manual_seed(args.seed * 1_000_003 + 999_983)
+        calibrate_bn(trainer.model, train_loader, widths=trainer.widths,
+                     num_batches=args.calibrate_bn, device=device)
+        entry = trainer.history[-1]
+        line = (f"BN calibrated on {min(args.calibrate_bn, len(train_loader))} training "
+                f"batches per width, {time.perf_counter() - t0:.1f}s")
+        if val_loader is not None:
+            acc = trainer.evaluate(val_loader, topk=(1, 5))
+            entry["calibrated_acc"] = {w: a[1] for w, a in acc.items()}
+            entry["calibrated_top5"] = {w: a[5] for w, a in acc.items()}
+            line += (f": top-1 % {pct(entry['calibrated_acc'])} "
+                     f"top-5 % {pct(entry['calibrated_top5'])}")
+        is_best = record(entry, best_score(entry) if "calibrated_acc" in entry else None)
+        print(line + (" (best)" if is_best else ""), flush=True)
+
+    _summary(trainer, out, recipe["image_size"], args.latency_repeats)
     return 0
+
+
+def _width_name(w) -> str:
+    return f"{w:g}x" if isinstance(w, float) else str(w)
+
+
+def _summary(trainer, out: str, image_size: int, repeats: int) -> None:
+    """The final per-width table: best top-1 (and its top-5) over the epochs, parameters,
+    MACs and batch-1 latency on this machine's CPU; also OUT/summary.json."""
+    import copy
+
+    from slimops.profile import profile
+
+    best = {}
+    for e in trainer.history:
+        for top1, top5 in ((e.get("val_acc"), e.get("val_top5")),
+                           (e.get("calibrated_acc"), e.get("calibrated_top5"))):
+            for w, a in (top1 or {}).items():
+                if w not in best or a > best[w][0]:
+                    best[w] = (a, (top5 or {}).get(w), e["epoch"])
+    model = copy.deepcopy(trainer.module).cpu().eval()
+    rows = profile(model, (1, 3, image_size, image_size), widths=trainer.widths,
+                   latency=repeats > 0, repeats=max(1, repeats))
+    table = []
+    for r in rows:
+        a, a5, epoch = best.get(r.width, (None, None, None))
+        table.append({"width": r.width, "best_top1": None if a is None else 100 * a,
+                      "top5": None if a5 is None else 100 * a5, "epoch": epoch,
+                      "params": r.params, "macs": r.macs, "latency_ms": r.latency_ms})
+    print(f"\nsummary (best top-1 per width over {len(trainer.history)} epoch(s); MACs and "
+          f"params per image at {image_size}px"
+          + (f"; latency: batch 1, {torch.get_num_threads()} thread(s), CPU, median of "
+             f"{repeats}" if repeats > 0 else "") + ")")
+    print(f"{'width':>7} {'top-1 %':>8} {'top-5 %':>8} {'epoch':>5} {'params':>11} "
+          f"{'MACs':>13}" + (f" {'latency ms':>10}" if repeats > 0 else ""))
+    for t in table:
+        print(f"{t['width']:>6g}x " + (f"{t['best_top1']:>8.2f} " if t["best_top1"] is not None
+                                      else f"{'-':>8} ")
+              + (f"{t['top5']:>8.2f} " if t["top5"] is not None else f"{'-':>8} ")
+              + f"{t['epoch'] if t['epoch'] is not None else '-':>5} {t['params']:>11,} "
+              f"{t['macs']:>13,}" + (f" {t['latency_ms']:>10.3f}" if repeats > 0 else ""))
+    atomic_write_text(os.path.join(out, "summary.json"), json.dumps(
+        {"image_size": image_size, "latency_threads": torch.get_num_threads(),
+         "latency_repeats": repeats, "widths": table}, indent=1))
+    print(f"best checkpoint (by the mean top-1 over the widths): "
+          f"{os.path.join(out, 'best.pt') if best else '- (no validation)'}; "
+          f"per-epoch metrics: {os.path.join(out, 'metrics.csv')}")
 
 
 def _eval_folder(data: str, classes: List[str]) -> str:
@@ -519,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
         "crop scale): " + "; ".join(
             f"{n}: lr {r['lr']:g} {r['schedule']}, {r['epochs']} epochs, batch {r['batch_size']}"
             for n, r in RECIPES.items()) + ". The trainer's full state goes to OUT/latest.pt "
-        "after every epoch.")
+        "after every epoch, and to OUT/best.pt when its mean top-1 over the widths is the "
+        "best so far; OUT/metrics.csv has one row per epoch and width (loss, top-1 and top-5 "
+        "in %%); a final table gives each width's best top-1, MACs and latency here.")
     tr.add_argument("--model", required=True, choices=sorted(RECIPES))
     tr.add_argument("--data", required=True, metavar="DIR",
                     help="with train/<class>/ and (optional) val/<class>/ image folders")
@@ -532,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--workers", type=_non_negative_int, default=min(8, os.cpu_count() or 1),
                     help="data loading processes (default: min(8, CPUs); 0: in-process)")
     tr.add_argument("--out", metavar="DIR",
-                    help="checkpoints (latest.pt) and config.json (default: runs/MODEL)")
+                    help="latest.pt, best.pt (by the mean top-1 over the widths), "
+                    "metrics.csv, summary.json and config.json (default: runs/MODEL)")
     tr.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                     help="continue from CHECKPOINT (default: OUT/latest.pt)")
     tr.add_argument("--overwrite", action="store_true",
@@ -542,6 +642,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="(0)")
     tr.add_argument("--inplace-distillation", action="store_true",
                     help="smaller widths learn from the largest width's prediction")
+    tr.add_argument("--sandwich", type=_non_negative_int, metavar="N",
+                    help="sandwich rule: per step the largest, the smallest and N random "
+                    "widths between them (default: every listed width)")
+    tr.add_argument("--calibrate-bn", type=_positive_int, nargs="?", const=100, metavar="N",
+                    help="after training, recompute the evaluated widths' BN statistics "
+                    "on N training batches each (100), then evaluate and checkpoint again")
+    tr.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    tr.add_argument("--latency-repeats", type=_non_negative_int, default=20, metavar="N",
+                    help="batch-1 CPU latency runs per width in the final summary (20; 0: "
+                    "no latency)")
     tr.add_argument("--no-progress", action="store_true", help="no per-batch progress bar")
     tr.set_defaults(func=_train)
 

@@ -96,8 +96,9 @@ def metrics_rows(history: List[Dict[str, Any]]) -> List[Dict[str, str]]:
 
     for e in history:
         acc, top5 = e.get("val_acc"), e.get("val_top5")
-        keys = list(e.get("train_loss", {}))
-        keys += [w for w in (acc or {}) if w not in keys]
+        names = set(e.get("train_loss", {})) | set(acc or {})
+        keys: List[Any] = sorted((w for w in names if not isinstance(w, str)), reverse=True)
+        keys += sorted(w for w in names if isinstance(w, str))  # "random": last
         for w in keys:
             loss = e.get("train_loss", {}).get(w)
             rows.append({"epoch": str(e["epoch"]), "width": _format_name(w),
