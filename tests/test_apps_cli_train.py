@@ -102,6 +102,13 @@ def test_train_metrics_csv_best_and_summary(run):
     assert table[1].split()[:3] == ["width", "top-1", "%"]
     assert [ln.split()[0] for ln in table[2:6]] == ["0.25x", "0.5x", "0.75x", "1x"]
     assert "best checkpoint (by the mean top-1 over the widths)" in printed
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional
+        png = out / "accuracy_vs_macs.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {png}" in printed
+    else:
+        assert "no accuracy-vs-MACs plot" in printed
     # best.pt holds the state of the highest mean top-1 seen (before or after calibration)
     from slimops.apps.runs import best_score
 

@@ -23,7 +23,14 @@ from slimops.apps.imagefolder import (
     ValTransform,
     make_scheduler,
 )
-from slimops.apps.runs import RunError, best_score, load_run, metrics_csv, run_meta
+from slimops.apps.runs import (
+    RunError,
+    best_score,
+    load_run,
+    metrics_csv,
+    plot_accuracy_vs_macs,
+    run_meta,
+)
 
 
 # --- argument types: every value is checked while parsing (argparse then prints a one-line
@@ -344,6 +351,12 @@ def _summary(trainer, out: str, image_size: int, repeats: int) -> None:
     atomic_write_text(os.path.join(out, "summary.json"), json.dumps(
         {"image_size": image_size, "latency_threads": torch.get_num_threads(),
          "latency_repeats": repeats, "widths": table}, indent=1))
+    png = os.path.join(out, "accuracy_vs_macs.png")
+    if importlib.util.find_spec("matplotlib") is None:
+        print("(no accuracy-vs-MACs plot: matplotlib is not installed)")
+    elif plot_accuracy_vs_macs(table, png, f"{trainer.meta.get('model', '')}, "
+                                            f"{image_size}px, {len(trainer.history)} epoch(s)"):
+        print(f"plot: {png}")
     print(f"best checkpoint (by the mean top-1 over the widths): "
           f"{os.path.join(out, 'best.pt') if best else '- (no validation)'}; "
           f"per-epoch metrics: {os.path.join(out, 'metrics.csv')}")
@@ -552,7 +565,8 @@ COMMAND_NEEDS = {
 }
 # Packages a command runs without, with a note of what is missing.
 COMMAND_WANTS = {
-    "train": [("tqdm", "tqdm", "train", "no progress bar")],
+    "train": [("tqdm", "tqdm", "train", "no progress bar"),
+              ("matplotlib", "matplotlib", "train", "no accuracy-vs-MACs plot")],
 }
 
 

@@ -134,3 +134,33 @@ def best_score(entry: Dict[str, Any]) -> Optional[float]:
     if not acc:
         return None
     return sum(acc.values()) / len(acc)
+
+
+def plot_accuracy_vs_macs(table: List[Dict[str, Any]], path: str, title: str) -> bool:
+    """The summary's best top-1 (%) against MACs, one labelled point per width, to ``path``
+    (PNG, matplotlib's Agg backend). False (nothing written) when no width was evaluated."""
+    points = [(t["macs"], t["best_top1"], t["width"]) for t in table
+              if t.get("best_top1") is not None]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    try:
+        xs, ys = [p[0] / 1e6 for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, marker="o")
+        for x, y, w in zip(xs, ys, (p[2] for p in points)):
+            ax.annotate(f"{w:g}x", (x, y), textcoords="offset points", xytext=(4, -10),
+                        fontsize=8)
+        ax.set_xlabel("MACs per image (millions)")
+        ax.set_ylabel("best top-1 (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return True
