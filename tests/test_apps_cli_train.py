@@ -52,7 +52,7 @@ def run(tmp_path_factory):
     buf = io.StringIO()
     with redirect_stdout(buf):
         assert main(_train_argv(data, out, "--sandwich", "1", "--inplace-distillation",
-                                "--calibrate-bn", "2")) == 0
+                                "--calibrate-bn", "2", "--ema", "0.5")) == 0
     return data, out, buf.getvalue()
 
 
@@ -73,8 +73,8 @@ def test_train_metrics_csv_best_and_summary(run):
     data, out, printed = run
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["epoch", "width", "loss", "top1", "top5", "bn_stats"]
-    training = [r for r in rows if r["bn_stats"] == "training"]
+    assert list(rows[0]) == ["epoch", "width", "loss", "top1", "top5", "bn_stats", "weights"]
+    training = [r for r in rows if r["bn_stats"] == "training" and r["weights"] == "model"]
     assert [r["width"] for r in training] == ["1", "0.75", "0.5", "0.25", "random"]
     assert all(r["epoch"] == "1" for r in rows)
     # sandwich=1 on 4 listed widths: the extremes each step, the middle ones at random
@@ -86,18 +86,22 @@ def test_train_metrics_csv_best_and_summary(run):
         w = float(r["width"])
         assert float(r["top1"]) == pytest.approx(100 * entry["val_acc"][w], abs=0.005)
         assert float(r["top5"]) == 100.0
-    calibrated = [r for r in rows if r["bn_stats"] == "calibrated"]
+    calibrated = [r for r in rows if r["bn_stats"] == "calibrated" and r["weights"] == "model"]
+    ema = [(r["bn_stats"], r["width"]) for r in rows if r["weights"] == "ema"]
+    assert ema == [(b, w) for b in ("training", "calibrated") for w in ("1", "0.75", "0.5", "0.25")]
     assert [r["width"] for r in calibrated] == ["1", "0.75", "0.5", "0.25"]
     assert all(r["loss"] == "" for r in calibrated)
     assert set(entry["calibrated_acc"]) == {0.25, 0.5, 0.75, 1.0}
     # the printed lines: % with two decimals, the calibration, the summary
     assert "top-1 % 1x:" in printed and "top-5 % 1x:100.00" in printed
     assert "BN calibrated on 2 training batches per width" in printed
+    assert "EMA top-1 % 1x:" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert [r["width"] for r in summary["widths"]] == [0.25, 0.5, 0.75, 1.0]
     macs = [r["macs"] for r in summary["widths"]]
     assert macs == sorted(macs) and macs[0] > 0
     assert all(r["latency_ms"] > 0 and r["epoch"] == 1 for r in summary["widths"])
+    assert all(0 <= r["ema_best_top1"] <= 100 for r in summary["widths"])
     table = printed[printed.index("summary ("):].splitlines()
     assert table[1].split()[:3] == ["width", "top-1", "%"]
     assert [ln.split()[0] for ln in table[2:6]] == ["0.25x", "0.5x", "0.75x", "1x"]
@@ -144,6 +148,14 @@ def test_eval_prints_top1_top5_per_width(run, tmp_path, capsys):
                  "--widths", "1.0", "0.25"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split()[0] for ln in lines[-2:]] == ["0.25x", "1x"]
+    # the EMA weights (calibrated after training, like the model)
+    assert main(["eval", str(out / "latest.pt"), "--data", str(data), "--workers", "0", "--ema",
+                 "--json", str(result)]) == 0
+    got = json.loads(result.read_text())
+    assert got["ema"] is True
+    for w, a in final["calibrated_ema_acc"].items():
+        assert got["widths"][f"{w:g}"]["top1"] == pytest.approx(100 * a)
+    assert state["ema_n_averaged"] == 3  # 12 images, batch 4: one update per step
 
 
 def test_eval_of_an_old_checkpoint_reads_config_json(run, tmp_path, capsys):

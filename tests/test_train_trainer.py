@@ -163,3 +163,56 @@ def test_trainer_fit_history_and_errors():
     assert make_trainer(0, widths=[0.25, 1.0], sandwich=1).widths == (0.25, 1.0)
     with pytest.raises(ValueError, match="scheduler_interval"):
         make_trainer(0, scheduler_interval="batch")
+
+
+# --------------------------------------------------------------------------- EMA
+
+def test_trainer_ema_follows_the_weights_and_resumes(tmp_path):
+    """ema_decay: after every step ema = decay * ema + (1 - decay) * weights (parameters and
+    BN statistics); checkpoints keep it, a resumed trainer continues it exactly, and a
+    checkpoint without one cannot resume a trainer that keeps one."""
+    loader = [batch(seed=s) for s in range(3)]
+
+    def make(ema_decay=0.5):
+        torch.manual_seed(0)
+        model = tiny()
+        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), seed=0,
+                       progress=False, ema_decay=ema_decay)
+
+    t = make()
+    before = {k: v.clone() for k, v in t.ema.module.state_dict().items()}
+    t.train_step(*loader[0])
+    # the first update copies the weights
+    for k, v in t.module.state_dict().items():
+        torch.testing.assert_close(t.ema.module.state_dict()[k], v, rtol=0, atol=0)
+    ema1 = {k: v.clone() for k, v in t.ema.module.state_dict().items()}
+    t.train_step(*loader[1])
+    for k, v in t.module.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(t.ema.module.state_dict()[k], 0.5 * ema1[k] + 0.5 * v)
+    assert any(not torch.equal(before[k], ema1[k]) for k in before)
+    acc = t.evaluate_ema(loader, topk=(1, 5))
+    assert set(acc) == {0.25, 0.5, 1.0} and all(a[5] == 1.0 for a in acc.values())
+
+    straight = make()
+    straight.train_epoch(loader)
+    straight.train_epoch(loader)
+    half = make()
+    half.train_epoch(loader)
+    half.save_checkpoint(tmp_path / "ckpt.pt")
+    resumed = make()
+    resumed.load_checkpoint(tmp_path / "ckpt.pt")
+    assert int(resumed.ema.n_averaged) == 3
+    resumed.train_epoch(loader)
+    for k, v in straight.ema.module.state_dict().items():
+        torch.testing.assert_close(resumed.ema.module.state_dict()[k], v, rtol=0, atol=0)
+
+    plain = make(None)
+    assert plain.ema is None and plain.state_dict()["ema"] is None
+    plain.save_checkpoint(tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="no EMA weights"):
+        make().load_checkpoint(tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="evaluate_ema"):
+        plain.evaluate_ema(loader)
+    with pytest.raises(ValueError, match="ema_decay"):
+        make(1.5)

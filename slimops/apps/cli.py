@@ -24,6 +24,7 @@ from slimops.apps.imagefolder import (
     make_scheduler,
 )
 from slimops.apps.runs import (
+    ACCURACY_KEYS,
     RunError,
     best_score,
     load_run,
@@ -72,6 +73,13 @@ def _width_value(text: str) -> float:
     v = _positive_float(text)
     if v > 1e6:
         raise argparse.ArgumentTypeError(f"a width is a fraction of the full model, got {text}")
+    return v
+
+
+def _ema_decay(text: str) -> float:
+    v = _non_negative_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"an EMA decay is in [0, 1), got {text}")
     return v
 
 
@@ -191,7 +199,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(model, optimizer, scheduler=scheduler, scheduler_interval=interval,
                       sandwich=args.sandwich,
                       inplace_distillation=args.inplace_distillation, seed=args.seed,
-                      device=device, progress=not args.no_progress)
+                      device=device, progress=not args.no_progress, ema_decay=args.ema)
     # What eval and export need to rebuild the model from a checkpoint alone.
     trainer.meta = run_meta(args.model, recipe["widths"], train_set.classes,
                             recipe["image_size"])
@@ -275,24 +283,36 @@ def _train(args: argparse.Namespace) -> int:
             acc = trainer.evaluate(val_loader, topk=(1, 5))
             entry["val_acc"] = {w: a[1] for w, a in acc.items()}
             entry["val_top5"] = {w: a[5] for w, a in acc.items()}
+            if trainer.ema is not None:
+                acc = trainer.evaluate_ema(val_loader, topk=(1, 5))
+                entry["ema_acc"] = {w: a[1] for w, a in acc.items()}
+                entry["ema_top5"] = {w: a[5] for w, a in acc.items()}
         trainer.history.append(entry)
         is_best = record(entry, best_score(entry))
         line = (f"epoch {trainer.epoch}/{recipe['epochs']} {time.perf_counter() - t0:.1f}s "
                 "loss " + " ".join(f"{_width_name(w)}:{v:.4f}" for w, v in losses.items()))
         if "val_acc" in entry:
             line += f" top-1 % {pct(entry['val_acc'])} top-5 % {pct(entry['val_top5'])}"
+        if "ema_acc" in entry:
+            line += f" EMA top-1 % {pct(entry['ema_acc'])}"
         print(line + (" (best)" if is_best else ""), flush=True)
 
     if args.calibrate_bn and trainer.history:
         # The evaluated widths' BN statistics from the training data (a cumulative average
         # over N batches instead of the momentum average training kept), then the final
         # evaluation and checkpoint.
-        from slimops.train import calibrate_bn
+        from slimops.train import average_buffers, calibrate_bn
 
         t0 = time.perf_counter()
         generator.manual_seed(args.seed * 1_000_003 + 999_983)
         calibrate_bn(trainer.model, train_loader, widths=trainer.widths,
                      num_batches=args.calibrate_bn, device=device)
+        if trainer.ema is not None:
+            generator.manual_seed(args.seed * 1_000_003 + 999_983)
+            calibrate_bn(trainer.ema.module, train_loader, widths=trainer.widths,
+                         num_batches=args.calibrate_bn, device=device)
+            if trainer.world_size > 1:  # each rank calibrated the copy on its shard
+                average_buffers(trainer.ema.module, trainer.model.process_group)
         entry = trainer.history[-1]
         line = (f"BN calibrated on {min(args.calibrate_bn, len(train_loader))} training "
                 f"batches per width, {time.perf_counter() - t0:.1f}s")
@@ -302,6 +322,11 @@ def _train(args: argparse.Namespace) -> int:
             entry["calibrated_top5"] = {w: a[5] for w, a in acc.items()}
             line += (f": top-1 % {pct(entry['calibrated_acc'])} "
                      f"top-5 % {pct(entry['calibrated_top5'])}")
+            if trainer.ema is not None:
+                acc = trainer.evaluate_ema(val_loader, topk=(1, 5))
+                entry["calibrated_ema_acc"] = {w: a[1] for w, a in acc.items()}
+                entry["calibrated_ema_top5"] = {w: a[5] for w, a in acc.items()}
+                line += f" EMA top-1 % {pct(entry['calibrated_ema_acc'])}"
         is_best = record(entry, best_score(entry) if "calibrated_acc" in entry else None)
         print(line + (" (best)" if is_best else ""), flush=True)
 
@@ -320,13 +345,13 @@ def _summary(trainer, out: str, image_size: int, repeats: int) -> None:
 
     from slimops.profile import profile
 
-    best = {}
+    best, best_ema = {}, {}
     for e in trainer.history:
-        for top1, top5 in ((e.get("val_acc"), e.get("val_top5")),
-                           (e.get("calibrated_acc"), e.get("calibrated_top5"))):
-            for w, a in (top1 or {}).items():
-                if w not in best or a > best[w][0]:
-                    best[w] = (a, (top5 or {}).get(w), e["epoch"])
+        for k1, k5, _, weights in ACCURACY_KEYS:
+            into = best if weights == "model" else best_ema
+            for w, a in (e.get(k1) or {}).items():
+                if w not in into or a > into[w][0]:
+                    into[w] = (a, (e.get(k5) or {}).get(w), e["epoch"])
     model = copy.deepcopy(trainer.module).cpu().eval()
     rows = profile(model, (1, 3, image_size, image_size), widths=trainer.widths,
                    latency=repeats > 0, repeats=max(1, repeats))
@@ -336,18 +361,24 @@ def _summary(trainer, out: str, image_size: int, repeats: int) -> None:
         table.append({"width": r.width, "best_top1": None if a is None else 100 * a,
                       "top5": None if a5 is None else 100 * a5, "epoch": epoch,
                       "params": r.params, "macs": r.macs, "latency_ms": r.latency_ms})
+        if best_ema:
+            table[-1]["ema_best_top1"] = 100 * best_ema[r.width][0] if r.width in best_ema \
+                else None
     print(f"\nsummary (best top-1 per width over {len(trainer.history)} epoch(s); MACs and "
           f"params per image at {image_size}px"
           + (f"; latency: batch 1, {torch.get_num_threads()} thread(s), CPU, median of "
              f"{repeats}" if repeats > 0 else "") + ")")
     print(f"{'width':>7} {'top-1 %':>8} {'top-5 %':>8} {'epoch':>5} {'params':>11} "
-          f"{'MACs':>13}" + (f" {'latency ms':>10}" if repeats > 0 else ""))
+          f"{'MACs':>13}" + (f" {'latency ms':>10}" if repeats > 0 else "")
+          + (f" {'EMA top-1 %':>11}" if best_ema else ""))
     for t in table:
         print(f"{t['width']:>6g}x " + (f"{t['best_top1']:>8.2f} " if t["best_top1"] is not None
                                       else f"{'-':>8} ")
               + (f"{t['top5']:>8.2f} " if t["top5"] is not None else f"{'-':>8} ")
               + f"{t['epoch'] if t['epoch'] is not None else '-':>5} {t['params']:>11,} "
-              f"{t['macs']:>13,}" + (f" {t['latency_ms']:>10.3f}" if repeats > 0 else ""))
+              f"{t['macs']:>13,}" + (f" {t['latency_ms']:>10.3f}" if repeats > 0 else "")
+              + ((f" {t['ema_best_top1']:>11.2f}" if t.get("ema_best_top1") is not None
+                  else f" {'-':>11}") if best_ema else ""))
     atomic_write_text(os.path.join(out, "summary.json"), json.dumps(
         {"image_size": image_size, "latency_threads": torch.get_num_threads(),
          "latency_repeats": repeats, "widths": table}, indent=1))
@@ -662,6 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--calibrate-bn", type=_positive_int, nargs="?", const=100, metavar="N",
                     help="after training, recompute the evaluated widths' BN statistics "
                     "on N training batches each (100), then evaluate and checkpoint again")
+    tr.add_argument("--ema", type=_ema_decay, metavar="DECAY",
+                    help="also keep an exponential moving average of the weights and BN "
+                    "statistics (e.g. 0.9999), evaluated every epoch and checkpointed "
+                    "(eval/export --ema); best.pt still follows the trained weights")
     tr.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     tr.add_argument("--latency-repeats", type=_non_negative_int, default=20, metavar="N",
                     help="batch-1 CPU latency runs per width in the final summary (20; 0: "

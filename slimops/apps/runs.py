@@ -18,7 +18,15 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-METRICS_COLUMNS = ("epoch", "width", "loss", "top1", "top5", "bn_stats")
+METRICS_COLUMNS = ("epoch", "width", "loss", "top1", "top5", "bn_stats", "weights")
+
+# A history entry's accuracies: (top-1 key, top-5 key, bn_stats, weights) per kind.
+ACCURACY_KEYS = (
+    ("val_acc", "val_top5", "training", "model"),
+    ("calibrated_acc", "calibrated_top5", "calibrated", "model"),
+    ("ema_acc", "ema_top5", "training", "ema"),
+    ("calibrated_ema_acc", "calibrated_ema_top5", "calibrated", "ema"),
+)
 
 
 class RunError(ValueError):
@@ -88,7 +96,8 @@ def metrics_rows(history: List[Dict[str, Any]]) -> List[Dict[str, str]]:
     """``metrics.csv``'s rows from a trainer's history: per epoch, one row per trained width
     (and the sandwich rule's ``random`` widths, whose loss is one mean and which are not
     evaluated), with the loss and top-1 / top-5 in %; then, for an epoch whose model was
-    BN-calibrated, its calibrated accuracies (``bn_stats`` ``calibrated``, no loss)."""
+    BN-calibrated, its calibrated accuracies (``bn_stats`` ``calibrated``, no loss), and the
+    EMA weights' accuracies (``weights`` ``ema``)."""
     rows: List[Dict[str, str]] = []
 
     def pct(d: Optional[Dict[Any, float]], w: Any) -> str:
@@ -103,11 +112,13 @@ def metrics_rows(history: List[Dict[str, Any]]) -> List[Dict[str, str]]:
             loss = e.get("train_loss", {}).get(w)
             rows.append({"epoch": str(e["epoch"]), "width": _format_name(w),
                          "loss": "" if loss is None else f"{loss:.4f}",
-                         "top1": pct(acc, w), "top5": pct(top5, w), "bn_stats": "training"})
-        cal, cal5 = e.get("calibrated_acc"), e.get("calibrated_top5")
-        for w in cal or {}:
-            rows.append({"epoch": str(e["epoch"]), "width": _format_name(w), "loss": "",
-                         "top1": pct(cal, w), "top5": pct(cal5, w), "bn_stats": "calibrated"})
+                         "top1": pct(acc, w), "top5": pct(top5, w), "bn_stats": "training",
+                         "weights": "model"})
+        for k1, k5, bn_stats, weights in ACCURACY_KEYS[1:]:
+            for w in e.get(k1) or {}:
+                rows.append({"epoch": str(e["epoch"]), "width": _format_name(w), "loss": "",
+                             "top1": pct(e[k1], w), "top5": pct(e.get(k5), w),
+                             "bn_stats": bn_stats, "weights": weights})
     return rows
 
 

@@ -43,6 +43,8 @@ def evaluate(
     widths: Optional[Sequence[float]] = None,
     device: Optional[Union[str, torch.device]] = None,
     topk: Sequence[int] = (1,),
+    *,
+    process_group: Any = None,
 ) -> Dict[float, Any]:
     """Top-1 accuracy (a fraction in ``[0, 1]``) of each width over ``loader``, or top-k
     accuracies with ``topk``.
@@ -66,7 +68,8 @@ def evaluate(
     Distributed: with a ``DistributedDataParallel`` model (a collective: every rank calls
     it), each rank runs the unwrapped module over its own ``loader`` (e.g. a
     ``DistributedSampler`` shard) and the correct/total counts are summed over the ranks:
-    every rank returns the accuracy over all ranks' samples.
+    every rank returns the accuracy over all ranks' samples. ``process_group`` does the
+    same for a model that is not wrapped (e.g. an EMA copy of a DDP model's module).
     """
     ks = _check_topk(topk)
     ws = tuple(reversed(_check_widths(model, widths)))
@@ -88,10 +91,11 @@ def evaluate(
                 total += int(targets.numel())
     finally:
         _restore_modes(modes)
-    if ddp is not None:
+    group = ddp.process_group if ddp is not None else process_group
+    if ddp is not None or process_group is not None:
         counts = torch.tensor([c for w in ws for c in correct[w]] + [total], dtype=torch.int64,
                               device=_comm_device(module))
-        dist.all_reduce(counts, group=ddp.process_group)
+        dist.all_reduce(counts, group=group)
         flat = [int(c) for c in counts[:-1]]
         correct = {w: flat[j * len(ks):(j + 1) * len(ks)] for j, w in enumerate(ws)}
         total = int(counts[-1])

@@ -9,6 +9,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from slimops._files import atomic_write
 from slimops.width import width_range
@@ -118,6 +119,10 @@ class Trainer:
             floating-point buffer (the BN running statistics) over the ranks at the end of
             each epoch (``average_buffers``), so evaluation and checkpoints see one model on
             every rank; ``False`` keeps each rank's own statistics.
+        ema_decay: keep ``ema``, an exponential moving average of the weights and buffers
+            (``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn(decay)``,
+            updated after every step); ``evaluate_ema`` evaluates it and checkpoints hold
+            it (``"ema"``: its module's state dict).
 
     ``epoch`` counts completed epochs; ``history`` holds one entry per epoch
     (``{"epoch", "train_loss", "val_acc"}``); ``meta`` is a dict of primitives the caller
@@ -151,6 +156,7 @@ class Trainer:
         progress: bool = True,
         scheduler_interval: str = "epoch",
         sync_buffers: bool = True,
+        ema_decay: Optional[float] = None,
     ) -> None:
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(
@@ -182,6 +188,13 @@ class Trainer:
             group = self._ddp.process_group
             self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
             _broadcast_generator(self.generator, group, _comm_device(self.module))
+        self.ema: Optional[AveragedModel] = None
+        if ema_decay is not None:
+            if not 0.0 <= float(ema_decay) < 1.0:
+                raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+            # Parameters and buffers (every width's BN statistics) averaged after every step.
+            self.ema = AveragedModel(self.module, multi_avg_fn=get_ema_multi_avg_fn(
+                float(ema_decay)), use_buffers=True)
         self.epoch = 0
         self.global_step = 0
         self.history: List[Dict[str, Any]] = []
@@ -202,6 +215,8 @@ class Trainer:
             inplace_distillation=self.inplace_distillation, generator=self.generator,
         )
         self.global_step += 1
+        if self.ema is not None:
+            self.ema.update_parameters(self.module)
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
         return losses
@@ -257,6 +272,8 @@ class Trainer:
             counts = {w: int(n) for w, n in zip(ws, totals[len(ws):]) if n}
             if self.sync_buffers:
                 average_buffers(self.model)
+                if self.ema is not None:
+                    average_buffers(self.ema.module, group)
         self.epoch += 1
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self.scheduler.step()
@@ -265,6 +282,14 @@ class Trainer:
     def evaluate(self, loader: Iterable[Any], topk: Sequence[int] = (1,)) -> Dict[float, Any]:
         """Per-width top-1 accuracy over ``loader`` (``topk``: see ``evaluate``)."""
         return evaluate(self.model, loader, self.widths, self.device, topk=topk)
+
+    def evaluate_ema(self, loader: Iterable[Any], topk: Sequence[int] = (1,)) -> Dict[float, Any]:
+        """``evaluate`` of the EMA weights (``ema_decay``); with DDP, over all ranks too."""
+        if self.ema is None:
+            raise ValueError("evaluate_ema: this trainer keeps no EMA (ema_decay=None)")
+        group = self._ddp.process_group if self._ddp is not None else None
+        return evaluate(self.ema.module, loader, self.widths, self.device, topk=topk,
+                        process_group=group)
 
     def fit(
         self, train_loader: Iterable[Any], epochs: int, val_loader: Optional[Iterable[Any]] = None
@@ -307,6 +332,8 @@ class Trainer:
             "rng": _rng_state(self.generator),
             "history": [dict(e) for e in self.history],
             "meta": dict(self.meta),
+            "ema": None if self.ema is None else self.ema.module.state_dict(),
+            "ema_n_averaged": 0 if self.ema is None else int(self.ema.n_averaged),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -328,7 +355,12 @@ class Trainer:
                 f"the checkpoint {has} scheduler state, but this trainer "
                 f"{'has no' if self.scheduler is None else 'has a'} scheduler"
             )
+        if self.ema is not None and state.get("ema") is None:
+            raise ValueError("the checkpoint has no EMA weights, but this trainer keeps an EMA")
         self.module.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+            self.ema.n_averaged.fill_(int(state["ema_n_averaged"]))
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
