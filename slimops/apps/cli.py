@@ -148,8 +148,38 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): one process per rank, gloo on
+    CPU, NCCL on CUDA (device cuda:LOCAL_RANK); rank 0 prints and writes the files."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return _train_run(args, rank=0, world=1)
+    if not dist.is_available():
+        print("train: WORLD_SIZE > 1 but this torch has no torch.distributed", file=sys.stderr)
+        return 2
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    quiet = open(os.devnull, "w") if rank != 0 else None
+    try:
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            return _train_run(args, rank=rank, world=dist.get_world_size())
+    finally:
+        if quiet is not None:
+            quiet.close()
+        dist.destroy_process_group()
+
+
+def _train_run(args: argparse.Namespace, rank: int, world: int) -> int:
     from slimops.models import MODELS
-    from slimops.train import Trainer, param_groups
+    from slimops.train import Trainer, param_groups, wrap_distributed
 
     if args.model not in RECIPES:
         print(f"unknown model {args.model!r}; available: {', '.join(sorted(RECIPES))}",
@@ -179,20 +209,35 @@ def _train(args: argparse.Namespace) -> int:
         return 2
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loader_kwargs = dict(batch_size=recipe["batch_size"], num_workers=args.workers,
+    # --batch-size is the global batch: each of the `world` processes takes its share.
+    per_rank = max(1, recipe["batch_size"] // world)
+    loader_kwargs = dict(batch_size=per_rank, num_workers=args.workers,
                          pin_memory=device.type == "cuda")
     # Shuffling and the workers' seeds come from this generator, re-seeded from (seed,
     # epoch) before every epoch, so a resumed run sees the batches an uninterrupted one
     # would (in-process augmentation draws from torch's global RNG, which the checkpoint
     # restores; workers are not persistent, so their seeds follow the generator too).
+    # Distributed: each rank its shard (DistributedSampler: same size on every rank, a new
+    # shuffle per epoch through the Trainer's set_epoch; the val shards are padded with a
+    # few repeated images when the val set does not divide evenly).
     generator = torch.Generator()
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=generator,
+    samplers = (None, None)
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        samplers = (DistributedSampler(train_set, shuffle=True, seed=args.seed),
+                    DistributedSampler(val_set, shuffle=False) if val_set is not None else None)
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=samplers[0] is None,
+                                               sampler=samplers[0], generator=generator,
                                                drop_last=False, **loader_kwargs)
-    val_loader = (torch.utils.data.DataLoader(val_set, shuffle=False, **loader_kwargs)
+    val_loader = (torch.utils.data.DataLoader(val_set, shuffle=False, sampler=samplers[1],
+                                              **loader_kwargs)
                   if val_set is not None else None)
 
     model = MODELS[args.model](widths=recipe["widths"], num_classes=len(train_set.classes))
     model.to(device)
+    if world > 1:
+        model = wrap_distributed(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(param_groups(model, recipe["weight_decay"]), lr=recipe["lr"],
                                 momentum=0.9, nesterov=True)
     scheduler, interval = make_scheduler(optimizer, recipe, recipe["epochs"], len(train_loader))
@@ -223,18 +268,21 @@ def _train(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         print(f"resumed from {path} after epoch {trainer.epoch}")
-    os.makedirs(out, exist_ok=True)
-    # Temporary files of saves that were killed (no other process writes OUT meanwhile).
-    remove_stale_temporaries(latest)
-    remove_stale_temporaries(best)
-    atomic_write_text(os.path.join(out, "config.json"), json.dumps(
-        {"model": args.model, "data": os.path.abspath(args.data), "classes": train_set.classes,
-         "device": str(device), **recipe}, indent=1, default=list))
+    if rank == 0:  # the only writer
+        os.makedirs(out, exist_ok=True)
+        # Temporary files of saves that were killed (no other process writes OUT meanwhile).
+        remove_stale_temporaries(latest)
+        remove_stale_temporaries(best)
+        atomic_write_text(os.path.join(out, "config.json"), json.dumps(
+            {"model": args.model, "data": os.path.abspath(args.data),
+             "classes": train_set.classes, "device": str(device), "world_size": world,
+             **recipe}, indent=1, default=list))
 
     widths = ", ".join(f"{w:g}x" for w in trainer.widths)
     print(f"train {args.model} (widths {widths}) on {args.data}: {len(train_set.classes)} "
           f"classes, {len(train_set)} train / {len(val_set) if val_set else 0} val images, "
-          f"{recipe['image_size']}px; device {device}")
+          f"{recipe['image_size']}px; device {device}"
+          + (f"; {world} processes (DDP), batch {per_rank} each" if world > 1 else ""))
     sched = {"exp": f"x{recipe.get('gamma')} per epoch",
              "multistep": f"x{recipe.get('gamma')} at epochs {list(recipe.get('milestones', ()))}",
              "linear": "linear to 0 per step"}[recipe["schedule"]]
@@ -259,12 +307,13 @@ def _train(args: argparse.Namespace) -> int:
         """Checkpoint the state that scored ``score``: latest.pt, best.pt if it beats every
         earlier state, metrics.csv from the whole history. True if it is the best."""
         nonlocal best_so_far
-        trainer.save_checkpoint(latest)
+        trainer.save_checkpoint(latest)  # rank 0 only
         is_best = score is not None and (best_so_far is None or score > best_so_far)
         if is_best:
             trainer.save_checkpoint(best)
             best_so_far = score
-        atomic_write_text(os.path.join(out, "metrics.csv"), metrics_csv(trainer.history))
+        if rank == 0:
+            atomic_write_text(os.path.join(out, "metrics.csv"), metrics_csv(trainer.history))
         return is_best
 
     while trainer.epoch < recipe["epochs"]:
@@ -330,7 +379,8 @@ def _train(args: argparse.Namespace) -> int:
         is_best = record(entry, best_score(entry) if "calibrated_acc" in entry else None)
         print(line + (" (best)" if is_best else ""), flush=True)
 
-    _summary(trainer, out, recipe["image_size"], args.latency_repeats)
+    if rank == 0:
+        _summary(trainer, out, recipe["image_size"], args.latency_repeats)
     return 0
 
 
