@@ -260,3 +260,38 @@ def test_soft_cross_entropy_shape_check():
 
 
 # --------------------------------------------------------------------------- BN calibration
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+def test_slimmable_step_autocast_and_grad_scaler():
+    """autocast_dtype runs each width's forward under torch.autocast (stock layers compute
+    in bfloat16; distillation's soft targets stay float32); a GradScaler scales each width's
+    loss and unscales the accumulated gradients once: with power-of-two scales the step
+    equals the unscaled one."""
+    from slimops.train import slimmable_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(tiny(dtype=torch.float32), nn.Linear(4, 4))
+    x, y = batch(dtype=torch.float32)
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = slimmable_step(model, x, y, F.cross_entropy, opt, autocast_dtype=torch.bfloat16,
+                            inplace_distillation=True)
+    assert seen == [torch.bfloat16] * len(WIDTHS)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+    plain, scaled = tiny(), tiny()
+    scaled.load_state_dict(plain.state_dict())
+    opt_a = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    opt_b = torch.optim.SGD(scaled.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x, y = batch()
+    for _ in range(2):
+        a = slimmable_step(plain, x, y, F.cross_entropy, opt_a)
+        b = slimmable_step(scaled, x, y, F.cross_entropy, opt_b, scaler=scaler)
+        assert a == pytest.approx(b)  # the reported losses are unscaled
+    for (name, p), q in zip(plain.named_parameters(), scaled.parameters()):
+        torch.testing.assert_close(q, p, msg=name)
+    assert scaler.get_scale() == 2.0 ** 10  # no overflow: the scale stays

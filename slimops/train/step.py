@@ -30,6 +30,11 @@ def soft_cross_entropy(logits: Tensor, teacher_probs: Tensor) -> Tensor:
     return -(teacher_probs * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    """float16/bfloat16 (an autocast output) as float32; other dtypes as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _check_sandwich(widths: Sequence[float], n: int, continuous: bool = False) -> Tuple[float, ...]:
     """Validate a sandwich-rule request; returns the widths ascending."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -99,6 +104,8 @@ def slimmable_step(
     sandwich: Optional[int] = None,
     inplace_distillation: bool = False,
     generator: Optional[torch.Generator] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    scaler: Optional[Any] = None,
 ) -> Dict[float, float]:
     """One training step of Algorithm 1; returns each width's loss, largest width first.
 
@@ -131,6 +138,14 @@ def slimmable_step(
             width through it) with ``soft_cross_entropy``, instead of from the labels. The
             model's output must be logits with the class dimension last.
         generator: a CPU ``torch.Generator`` for the sandwich rule's draw.
+        autocast_dtype: run each width's forward and loss under ``torch.autocast`` of the
+            inputs' device type with this dtype (``torch.bfloat16``; ``torch.float16`` on
+            CUDA with a ``scaler``); distillation's soft targets and loss are computed in
+            float32. Ops without autocast kernels (slimops' own ops, so far) keep their
+            inputs' dtype.
+        scaler: a ``torch.amp.GradScaler`` (for float16): each width's loss is scaled before
+            its backward, and ``scaler.step(optimizer)`` / ``scaler.update()`` replace
+            ``optimizer.step()`` (a step with non-finite gradients is skipped).
 
     Returns:
         ``{width: loss}`` as Python floats, in processing order (largest first). With the
@@ -158,17 +173,24 @@ def slimmable_step(
     teacher: Optional[Tensor] = None
     # The model's slimmable layers, walked once per step rather than at every width switch.
     layers = slimmable_layers(model)
+    if autocast_dtype is not None:
+        first = inputs if isinstance(inputs, Tensor) else next(
+            (t for t in (inputs if isinstance(inputs, (list, tuple)) else ()) if isinstance(t, Tensor)),
+            None)
+        device_type = first.device.type if first is not None else "cpu"
     for i, w in enumerate(order):
         # DDP: accumulate locally in every pass but the last, whose backward all-reduces the
         # gradients accumulated over all passes (a no_sync() block must hold the forward).
         sync = ddp is None or i == len(order) - 1
         with contextlib.nullcontext() if sync else ddp.no_sync():
-            with _override(_resolve(model, w, layers)):
-                output = model(inputs)
-            if inplace_distillation and teacher is not None:
-                loss = soft_cross_entropy(output, teacher)
-            else:
-                loss = loss_fn(output, targets)
+            with contextlib.nullcontext() if autocast_dtype is None else torch.autocast(
+                    device_type, dtype=autocast_dtype):
+                with _override(_resolve(model, w, layers)):
+                    output = model(inputs)
+                if inplace_distillation and teacher is not None:
+                    loss = soft_cross_entropy(_at_least_float32(output), teacher)
+                else:
+                    loss = loss_fn(output, targets)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                 raise ValueError(
@@ -176,10 +198,14 @@ def slimmable_step(
                 )
             if inplace_distillation and teacher is None:
                 # Only a detached copy of the largest width's prediction outlives its backward.
-                teacher = F.softmax(output.detach(), dim=-1)
-            loss.backward()
+                teacher = F.softmax(_at_least_float32(output.detach()), dim=-1)
+            (loss if scaler is None else scaler.scale(loss)).backward()
         # to floats after the step: no device sync between widths
         losses.setdefault(w, []).append(loss.detach())
         del output, loss  # this width's graph is freed by backward; drop its last handles
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     return {w: sum(float(v) for v in vs) / len(vs) for w, vs in losses.items()}

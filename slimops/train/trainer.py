@@ -123,6 +123,8 @@ class Trainer:
             (``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn(decay)``,
             updated after every step); ``evaluate_ema`` evaluates it and checkpoints hold
             it (``"ema"``: its module's state dict).
+        autocast_dtype, scaler: mixed precision, as ``slimmable_step`` (the scaler's state
+            is checkpointed); evaluation runs in float32.
 
     ``epoch`` counts completed epochs; ``history`` holds one entry per epoch
     (``{"epoch", "train_loss", "val_acc"}``); ``meta`` is a dict of primitives the caller
@@ -157,6 +159,8 @@ class Trainer:
         scheduler_interval: str = "epoch",
         sync_buffers: bool = True,
         ema_decay: Optional[float] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+        scaler: Optional[Any] = None,
     ) -> None:
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(
@@ -188,6 +192,7 @@ class Trainer:
             group = self._ddp.process_group
             self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
             _broadcast_generator(self.generator, group, _comm_device(self.module))
+        self.autocast_dtype, self.scaler = autocast_dtype, scaler
         self.ema: Optional[AveragedModel] = None
         if ema_decay is not None:
             if not 0.0 <= float(ema_decay) < 1.0:
@@ -213,6 +218,7 @@ class Trainer:
             self.model, _to(inputs, self.device), _to(targets, self.device), self.loss_fn,
             self.optimizer, self.widths, sandwich=self.sandwich,
             inplace_distillation=self.inplace_distillation, generator=self.generator,
+            autocast_dtype=self.autocast_dtype, scaler=self.scaler,
         )
         self.global_step += 1
         if self.ema is not None:
@@ -334,6 +340,7 @@ class Trainer:
             "meta": dict(self.meta),
             "ema": None if self.ema is None else self.ema.module.state_dict(),
             "ema_n_averaged": 0 if self.ema is None else int(self.ema.n_averaged),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -358,6 +365,8 @@ class Trainer:
         if self.ema is not None and state.get("ema") is None:
             raise ValueError("the checkpoint has no EMA weights, but this trainer keeps an EMA")
         self.module.load_state_dict(state["model"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
             self.ema.n_averaged.fill_(int(state["ema_n_averaged"]))
