@@ -251,3 +251,16 @@ def test_export_errors_are_one_line(run, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "a.pt").exists()
     # pt and torchscript need no onnx
     assert main(["export", ckpt, "--width", "1", "-o", str(tmp_path / "a.pt")]) == 0
+
+
+def test_train_amp_on_cpu(tmp_path, capsys):
+    """--amp on CPU: bf16 autocast (a note says slimops' ops stay float32); fp16 needs CUDA."""
+    data = _image_folder(tmp_path / "data", per_class=2)
+    assert main(_train_argv(data, tmp_path / "run", "--amp", "--widths", "0.5", "1.0",
+                            "--latency-repeats", "0")) == 0
+    printed = capsys.readouterr().out
+    assert "mixed precision: autocast bfloat16 on cpu" in printed and "epoch 1/1" in printed
+    assert torch.load(tmp_path / "run" / "latest.pt", weights_only=True)["scaler"] is None
+    if not torch.cuda.is_available():
+        assert main(_train_argv(data, tmp_path / "run2", "--amp", "fp16")) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err

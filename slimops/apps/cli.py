@@ -241,7 +241,20 @@ def _train_run(args: argparse.Namespace, rank: int, world: int) -> int:
     optimizer = torch.optim.SGD(param_groups(model, recipe["weight_decay"]), lr=recipe["lr"],
                                 momentum=0.9, nesterov=True)
     scheduler, interval = make_scheduler(optimizer, recipe, recipe["epochs"], len(train_loader))
+    amp_dtype, scaler = None, None
+    if args.amp is not None:
+        kind = args.amp
+        if kind == "auto":
+            kind = "fp16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() \
+                else "bf16"
+        if kind == "fp16" and device.type != "cuda":
+            print("train: --amp fp16 needs a CUDA device (on CPU: --amp bf16)", file=sys.stderr)
+            return 2
+        amp_dtype = torch.float16 if kind == "fp16" else torch.bfloat16
+        if kind == "fp16":
+            scaler = torch.amp.GradScaler("cuda")
     trainer = Trainer(model, optimizer, scheduler=scheduler, scheduler_interval=interval,
+                      autocast_dtype=amp_dtype, scaler=scaler,
                       sandwich=args.sandwich,
                       inplace_distillation=args.inplace_distillation, seed=args.seed,
                       device=device, progress=not args.no_progress, ema_decay=args.ema)
@@ -289,6 +302,23 @@ def _train_run(args: argparse.Namespace, rank: int, world: int) -> int:
     print(f"SGD Nesterov 0.9, lr {recipe['lr']:g} ({sched}), weight decay "
           f"{recipe['weight_decay']:g}, batch {recipe['batch_size']}, {recipe['epochs']} epochs; "
           f"checkpoints: {latest}")
+    if amp_dtype is not None:
+        # Which layers autocast reaches: slimops' ops have no autocast kernels (yet), so a
+        # model built from them computes in float32 whatever --amp says; say so.
+        size = recipe["image_size"]  # a probe that draws from no RNG training uses
+        probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        from slimops.width import width as width_scope
+
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype), \
+                width_scope(trainer.module, max(trainer.widths)):
+            was = trainer.module.training
+            trainer.module.eval()
+            low = trainer.module(probe).dtype == amp_dtype
+            trainer.module.train(was)
+        print(f"mixed precision: autocast {str(amp_dtype).replace('torch.', '')} on "
+              f"{device.type}{', GradScaler' if scaler is not None else ''}"
+              + ("" if low else "; note: this model's output stays float32 (slimops' ops "
+                 "have no autocast kernels yet: only stock layers run in reduced precision)"))
     if recipe["batch_size"] != RECIPES[args.model]["batch_size"] and args.lr is None:
         print(f"note: the recipe's lr {recipe['lr']:g} is for batch "
               f"{RECIPES[args.model]['batch_size']}; it is not rescaled (set --lr)")
@@ -747,6 +777,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also keep an exponential moving average of the weights and BN "
                     "statistics (e.g. 0.9999), evaluated every epoch and checkpointed "
                     "(eval/export --ema); best.pt still follows the trained weights")
+    tr.add_argument("--amp", nargs="?", const="auto", choices=("auto", "bf16", "fp16"),
+                    help="mixed precision training (torch.autocast; evaluation stays "
+                    "float32): bf16 on CPU; on CUDA bf16 where supported, else fp16 with a "
+                    "GradScaler (default with no value: auto)")
     tr.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     tr.add_argument("--latency-repeats", type=_non_negative_int, default=20, metavar="N",
                     help="batch-1 CPU latency runs per width in the final summary (20; 0: "
