@@ -173,11 +173,11 @@ def slimmable_step(
     teacher: Optional[Tensor] = None
     # The model's slimmable layers, walked once per step rather than at every width switch.
     layers = slimmable_layers(model)
-    if autocast_dtype is not None:
-        first = inputs if isinstance(inputs, Tensor) else next(
-            (t for t in (inputs if isinstance(inputs, (list, tuple)) else ()) if isinstance(t, Tensor)),
-            None)
-        device_type = first.device.type if first is not None else "cpu"
+    if autocast_dtype is not None:  # autocast for the device the inputs are on
+        tensors = [inputs] if isinstance(inputs, Tensor) else [
+            t for t in (inputs if isinstance(inputs, (list, tuple)) else ())
+            if isinstance(t, Tensor)]
+        device_type = tensors[0].device.type if tensors else "cpu"
     for i, w in enumerate(order):
         # DDP: accumulate locally in every pass but the last, whose backward all-reduces the
         # gradients accumulated over all passes (a no_sync() block must hold the forward).
