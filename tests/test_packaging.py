@@ -228,3 +228,44 @@ def test_the_installed_command_line_answers(installed):
     assert path.is_relative_to(venv.resolve()), path
     assert not path.is_relative_to(ROOT), path
     assert not path.is_relative_to(installed.src.resolve()), path
+
+
+def _image_folder(root: Path, size: int = 16) -> Path:
+    """root/{train,val}/<class>/*.png, three classes of distinct dominant colours."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for c, name in enumerate(("red", "green", "blue")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 80, (size, size, 3))
+                pixels[..., c] += 170
+                Image.fromarray(pixels.astype("uint8")).save(folder / f"{i}.png")
+    return root
+
+
+def test_the_installed_package_trains_evaluates_exports_and_picks_a_width(installed, tmp_path):
+    """The installed workflow end to end, in the fresh venv (the wheel has no compiled
+    extension: the reference path): train 1 epoch on a generated image folder -> eval the
+    checkpoint -> export one width as ONNX -> pick a width for a latency budget."""
+    pytest.importorskip("PIL")
+    pytest.importorskip("onnx")
+    venv, data, out = installed.venv, _image_folder(tmp_path / "data"), tmp_path / "run"
+    steps = [
+        ("train", "--model", "slim_cnn", "--data", str(data), "--out", str(out), "--epochs",
+         "1", "--batch-size", "6", "--image-size", "16", "--workers", "0", "--no-progress",
+         "--threads", "1", "--latency-repeats", "1"),
+        ("eval", str(out / "latest.pt"), "--data", str(data), "--workers", "0"),
+        ("export", str(out / "latest.pt"), "--width", "0.5", "--format", "onnx", "-o",
+         str(tmp_path / "half.onnx")),
+        ("pick-width", "slim_cnn", "--budget-ms", "10000", "--repeats", "2", "--input-size",
+         "1", "3", "16", "16"),
+    ]
+    for argv in steps:
+        code, stdout, stderr = _finish(_slimops(venv, *argv))
+        assert code == 0, f"slimops {' '.join(argv)} exited {code}:\n{stdout}\n{stderr}"
+    assert (out / "latest.pt").is_file() and (out / "metrics.csv").is_file()
+    assert (tmp_path / "half.onnx").stat().st_size > 0
