@@ -18,7 +18,13 @@ from typing import Dict, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear, SwitchableBatchNorm2d
+from slimops.nn import (
+    SlimConvBNAct,
+    SlimmableConv2d,
+    SlimmableLinear,
+    SwitchableBatchNorm2d,
+    map_layers,
+)
 
 __all__ = ["reference_style", "RefConv2d", "RefBatchNorm2d", "RefLinear", "RefConvBNAct"]
 
@@ -129,20 +135,7 @@ def reference_style(model: nn.Module) -> nn.Module:
     ``slimops.set_width`` / ``slimops.width`` on either model.
     """
     memo: Dict[int, object] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    inside = set()
-    for m in model.modules():
-        if id(m) in inside:
-            continue
-        wrapper: Optional[nn.Module] = None
-        if isinstance(m, SlimConvBNAct):
-            wrapper = RefConvBNAct(m)
-        elif isinstance(m, SlimmableConv2d):
-            wrapper = RefConv2d(m)
-        elif isinstance(m, SlimmableLinear):
-            wrapper = RefLinear(m)
-        elif isinstance(m, SwitchableBatchNorm2d):
-            wrapper = RefBatchNorm2d(m)
-        if wrapper is not None:
-            inside.update(id(s) for s in m.modules())
-            memo[id(m)] = wrapper
+    memo.update(map_layers(model, {SlimConvBNAct: RefConvBNAct, SlimmableConv2d: RefConv2d,
+                                   SlimmableLinear: RefLinear,
+                                   SwitchableBatchNorm2d: RefBatchNorm2d}))
     return copy.deepcopy(model, memo)

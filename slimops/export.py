@@ -36,7 +36,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import skip_init  # no random init of weights about to be replaced
 
-from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear, SwitchableBatchNorm2d
+from slimops.nn import (
+    SlimConvBNAct,
+    SlimmableConv2d,
+    SlimmableLinear,
+    SwitchableBatchNorm2d,
+    map_layers,
+)
 from slimops.reference import ACTIVATIONS
 from slimops.width import Slimmable, model_widths, width as scoped_width
 
@@ -187,28 +193,19 @@ def _export_block(block: SlimConvBNAct, fold_bn: bool) -> ConvBNAct:
 def _replacements(model: nn.Module, fold_bn: bool) -> Dict[int, nn.Module]:
     """``id(slimmable module) -> its plain export`` at the active width, outermost first
     (a fused block's conv and BN are exported as part of the block)."""
-    out: Dict[int, nn.Module] = {}
-    inside = set()
-    for m in model.modules():
-        if id(m) in inside or id(m) in out:
-            continue
-        if isinstance(m, SlimConvBNAct):
-            new: nn.Module = _export_block(m, fold_bn)
-            inside.update(id(s) for s in m.modules())
-        elif isinstance(m, SlimmableConv2d):
-            new = _export_conv(m)
-        elif isinstance(m, SlimmableLinear):
-            new = _export_linear(m)
-        elif isinstance(m, SwitchableBatchNorm2d):
-            new = _export_bn(m)
-        elif isinstance(m, Slimmable):
-            raise TypeError(f"export: no plain PyTorch equivalent is known for the slimmable "
-                            f"layer {type(m).__name__}")
-        else:
-            continue
-        new.train(m.training)
-        out[id(m)] = new
-    return out
+    def plain(make):
+        def handler(m: nn.Module) -> nn.Module:
+            new = make(m)
+            new.train(m.training)
+            return new
+        return handler
+
+    return map_layers(model, {
+        SlimConvBNAct: plain(lambda m: _export_block(m, fold_bn)),
+        SlimmableConv2d: plain(_export_conv),
+        SlimmableLinear: plain(_export_linear),
+        SwitchableBatchNorm2d: plain(_export_bn),
+    }, unknown="export: no plain PyTorch equivalent is known for the slimmable layer")
 
 
 def export(model: nn.Module, width: float, fold_bn: bool = True) -> nn.Module:

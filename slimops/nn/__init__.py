@@ -5,6 +5,7 @@ from slimops.nn.batchnorm import ChecksBNWidthsOnLoad, SwitchableBatchNorm2d, mi
 from slimops.nn.conv import SlimmableConv2d
 from slimops.nn.fused import SlimConvBNAct
 from slimops.nn.linear import SlimmableLinear
+from slimops.nn.walk import map_layers
 
 __all__ = [
     "ChecksBNWidthsOnLoad",
@@ -12,5 +13,6 @@ __all__ = [
     "SlimmableConv2d",
     "SlimmableLinear",
     "SwitchableBatchNorm2d",
+    "map_layers",
     "missing_bn_widths",
 ]
