@@ -19,7 +19,7 @@ depthwise kernel's epilogue reduces the statistics).
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,6 +36,36 @@ from slimops.ops._common import (
 from slimops.ops.epilogue import epilogue_grads
 
 QUALNAME = "slimops::conv2d_bn_act_train"
+
+# The ops' arguments, in schema order: their backward returns one gradient per name.
+CONV_ARGS = ("input", "weight", "bias", "out_channels", "stride", "padding", "dilation",
+             "groups", "bn_weight", "bn_bias", "eps", "residual", "activation")
+DEPTHWISE_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "bn_weight",
+                  "bn_bias", "eps", "residual", "activation")
+
+
+def _backward(ctx, grad_out: Tensor, arg_names: Tuple[str, ...],
+              grad_input_of: Callable[[Tensor, Tensor, Tensor], Tensor],
+              grad_weight_of: Callable[[Tensor, Tensor, Tensor], Tensor],
+              grad_bias_of: Callable[[Tensor], Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """The backward of both fused training ops: the BN + activation backward gives the conv
+    output's gradient, from which the conv's own backward ops give the rest. Gradients are
+    computed for the arguments that need one, by name (``arg_names``: the op's schema)."""
+    input, weight, bn_weight, z, out, mean, var = ctx.saved_tensors
+    needs = dict(zip(arg_names, ctx.needs_input_grad))
+    grad_z, grad_bn_weight, grad_bn_bias = torch.ops.slimops.batch_norm_act_backward(
+        grad_out, z, out, bn_weight, mean, var, ctx.eps, True, ctx.activation)
+    grads = {"bn_weight": grad_bn_weight if needs["bn_weight"] else None,
+             "bn_bias": grad_bn_bias if needs["bn_bias"] else None}
+    if needs["input"]:
+        grads["input"] = grad_input_of(grad_z, input, weight)
+    if needs["weight"]:
+        grads["weight"] = grad_weight_of(grad_z, input, weight)
+    if needs["bias"]:
+        grads["bias"] = grad_bias_of(grad_z)
+    if needs["residual"]:
+        grads["residual"] = epilogue_grads(grad_out, out, None, ctx.activation, True)[1]
+    return tuple(grads.get(name) for name in arg_names)
 
 
 def _two_ops(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: int,
@@ -107,26 +137,19 @@ def _define() -> None:
         ctx.save_for_backward(input, weight, bn_weight, z, out, mean, var)
 
     def backward(ctx, grad_out, _grad_z, _grad_mean, _grad_var):
-        input, weight, bn_weight, z, out, mean, var = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
-        needs = ctx.needs_input_grad
-        grad_z, grad_bn_weight, grad_bn_bias = torch.ops.slimops.batch_norm_act_backward(
-            grad_out, z, out, bn_weight, mean, var, ctx.eps, True, ctx.activation)
-        grad_input = grad_weight = grad_bias = grad_residual = None
-        if needs[0]:
-            grad_input = torch.ops.slimops.conv2d_backward_input(
-                grad_z, weight, list(input.shape), stride, padding, dilation, groups)
-        if needs[1]:
-            grad_weight = torch.ops.slimops.conv2d_backward_weight(
-                grad_z, input, weight, stride, padding, dilation, groups)
-        if needs[2]:
+
+        def grad_bias(grad_z: Tensor) -> Tensor:
             g = channel_sum(grad_z).view(groups, -1)
-            grad_bias = pad_prefix(g, ctx.bias_rows // groups).reshape(-1)
-        if needs[11]:
-            _, grad_residual = epilogue_grads(grad_out, out, None, ctx.activation, True)
-        return (grad_input, grad_weight, grad_bias, None, None, None, None, None,
-                grad_bn_weight if needs[8] else None, grad_bn_bias if needs[9] else None,
-                None, grad_residual, None)
+            return pad_prefix(g, ctx.bias_rows // groups).reshape(-1)
+
+        return _backward(
+            ctx, grad_out, CONV_ARGS,
+            lambda grad_z, input, weight: torch.ops.slimops.conv2d_backward_input(
+                grad_z, weight, list(input.shape), stride, padding, dilation, groups),
+            lambda grad_z, input, weight: torch.ops.slimops.conv2d_backward_weight(
+                grad_z, input, weight, stride, padding, dilation, groups),
+            grad_bias)
 
     conv2d_bn_act_train_op.register_autograd(backward, setup_context=setup_context)
 
@@ -198,25 +221,14 @@ def _define_depthwise() -> None:
         ctx.save_for_backward(input, weight, bn_weight, z, out, mean, var)
 
     def backward(ctx, grad_out, _grad_z, _grad_mean, _grad_var):
-        input, weight, bn_weight, z, out, mean, var = ctx.saved_tensors
         stride, padding, dilation = ctx.geometry
-        needs = ctx.needs_input_grad
-        grad_z, grad_bn_weight, grad_bn_bias = torch.ops.slimops.batch_norm_act_backward(
-            grad_out, z, out, bn_weight, mean, var, ctx.eps, True, ctx.activation)
-        grad_input = grad_weight = grad_bias = grad_residual = None
-        if needs[0]:
-            grad_input = torch.ops.slimops.depthwise_conv2d_backward_input(
-                grad_z, weight, list(input.shape), stride, padding, dilation)
-        if needs[1]:
-            grad_weight = torch.ops.slimops.depthwise_conv2d_backward_weight(
-                grad_z, input, weight, stride, padding, dilation)
-        if needs[2]:
-            grad_bias = pad_prefix(channel_sum(grad_z), ctx.bias_rows)
-        if needs[9]:
-            _, grad_residual = epilogue_grads(grad_out, out, None, ctx.activation, True)
-        return (grad_input, grad_weight, grad_bias, None, None, None,
-                grad_bn_weight if needs[6] else None, grad_bn_bias if needs[7] else None,
-                None, grad_residual, None)
+        return _backward(
+            ctx, grad_out, DEPTHWISE_ARGS,
+            lambda grad_z, input, weight: torch.ops.slimops.depthwise_conv2d_backward_input(
+                grad_z, weight, list(input.shape), stride, padding, dilation),
+            lambda grad_z, input, weight: torch.ops.slimops.depthwise_conv2d_backward_weight(
+                grad_z, input, weight, stride, padding, dilation),
+            lambda grad_z: pad_prefix(channel_sum(grad_z), ctx.bias_rows))
 
     depthwise_conv2d_bn_act_train_op.register_autograd(backward, setup_context=setup_context)
 
