@@ -123,33 +123,6 @@ def test_every_conv_is_fused():
 
 # --- forward -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("train", [False, True])
-def test_forward_every_width(model, train):
-    x = torch.randn(2, 3, 64, 64)
-    model.train(train)
-    try:
-        outs = []
-        for w in WIDTHS:
-            with width(model, w):
-                out = model(x)
-            assert out.shape == (2, 1000) and torch.isfinite(out).all()
-            outs.append(out)
-        if train:  # batch statistics: the widths give different logits
-            assert not torch.allclose(outs[0], outs[-1])
-    finally:
-        model.eval()
-
-
-def test_training_updates_only_the_active_width_stats():
-    m = s_mobilenet_v1().train()
-    before = [bn.running_mean.clone() for bn in m.stem.bn.bn]
-    with width(m, 0.5):
-        m(torch.randn(2, 3, 64, 64))
-    after = [bn.running_mean for bn in m.stem.bn.bn]
-    changed = [not torch.equal(b, a) for b, a in zip(before, after)]
-    assert changed == [False, True, False, False]
-
-
 def test_forward_features(model):
     x = torch.randn(2, 3, 64, 64)
     model.eval()
