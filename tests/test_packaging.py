@@ -269,3 +269,24 @@ def test_the_installed_package_trains_evaluates_exports_and_picks_a_width(instal
         assert code == 0, f"slimops {' '.join(argv)} exited {code}:\n{stdout}\n{stderr}"
     assert (out / "latest.pt").is_file() and (out / "metrics.csv").is_file()
     assert (tmp_path / "half.onnx").stat().st_size > 0
+
+
+def test_the_source_distribution_can_compile_the_extension(installed, tmp_path):
+    """An sdist carries every file the extension's build reads: the C++/CUDA sources, their
+    headers and .inc loop files (MANIFEST.in), beside setup.py and pyproject.toml."""
+    import tarfile
+
+    # From a copy of its own: an sdist keeps its egg-info in the source tree (setuptools
+    # packs it from there).
+    src, dist = tmp_path / "src", tmp_path / "dist"
+    shutil.copytree(installed.src, src)
+    env = _clean_env(SLIMOPS_NO_EXTENSION="1")
+    _run([sys.executable, "-c", "import setuptools.build_meta as b, sys; "
+          "print(b.build_sdist(sys.argv[1]))", str(dist)], cwd=src, env=env)
+    (sdist,) = dist.glob("slimops-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    needed = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*")
+              if p.is_file() and p.suffix in {".cpp", ".cu", ".h", ".cuh", ".inc"}}
+    assert needed and not needed - names, sorted(needed - names)
+    assert {"setup.py", "pyproject.toml", "LICENSE", "requirements.txt"} <= names
