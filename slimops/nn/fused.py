@@ -196,10 +196,11 @@ class SlimConvBNAct(nn.Module):
                 and residual.device == input.device and residual.dim() == 4):
             return False
         conv = self.conv
-        s, p, d = conv.stride, conv._op_padding, conv.dilation
-        k = conv.kernel_size
-        ho = (input.shape[2] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-        wo = (input.shape[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        try:
+            ho, wo = conv_output_hw(input.shape[2], input.shape[3], conv.kernel_size,
+                                    conv.stride, conv._op_padding, conv.dilation, "conv2d")
+        except ValueError:  # input too small: the checked path raises it
+            return False
         return tuple(residual.shape) == (input.shape[0], cout, ho, wo)
 
     def _fuses_training_stats(self, input: Tensor) -> bool:
