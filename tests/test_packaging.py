@@ -23,6 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from helpers import image_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> the package it is installed as (setup.py's package_dir).
 PACKAGE_DIRS = {"slimops": "slimops", "models": "slimops.models", "kernels": "slimops.kernels"}
@@ -230,30 +232,13 @@ def test_the_installed_command_line_answers(installed):
     assert not path.is_relative_to(installed.src.resolve()), path
 
 
-def _image_folder(root: Path, size: int = 16) -> Path:
-    """root/{train,val}/<class>/*.png, three classes of distinct dominant colours."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 2)):
-        for c, name in enumerate(("red", "green", "blue")):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 80, (size, size, 3))
-                pixels[..., c] += 170
-                Image.fromarray(pixels.astype("uint8")).save(folder / f"{i}.png")
-    return root
-
-
 def test_the_installed_package_trains_evaluates_exports_and_picks_a_width(installed, tmp_path):
     """The installed workflow end to end, in the fresh venv (the wheel has no compiled
     extension: the reference path): train 1 epoch on a generated image folder -> eval the
     checkpoint -> export one width as ONNX -> pick a width for a latency budget."""
     pytest.importorskip("PIL")
     pytest.importorskip("onnx")
-    venv, data, out = installed.venv, _image_folder(tmp_path / "data"), tmp_path / "run"
+    venv, data, out = installed.venv, image_folder(tmp_path / "data", ("red", "green", "blue"), per_class=6), tmp_path / "run"
     steps = [
         ("train", "--model", "slim_cnn", "--data", str(data), "--out", str(out), "--epochs",
          "1", "--batch-size", "6", "--image-size", "16", "--workers", "0", "--no-progress",
