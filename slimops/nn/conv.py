@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
 from slimops import ops
 from slimops.nn._checks import channel_rule, check_layer_input, per_width, resolve_widths
+from slimops.ops._common import (
+    activation_code,
+    check_residual,
+    check_vector,
+    conv_geometry,
+    conv_output_hw,
+)
 from slimops.width import ChannelSpec, Slimmable
 
 Channels = ChannelSpec
@@ -127,16 +134,34 @@ class SlimmableConv2d(Slimmable, nn.Conv2d):
         """The convolution at the active width with the fused epilogue
         ``act((conv + bias) * scale + shift + residual)`` (every term optional)."""
         cin, cout = self.active_channels()
-        check_layer_input(self, input, cin, self.weight, dims=4, channel_dim=1)
+        weight = self.weight
+        check_layer_input(self, input, cin, weight, dims=4, channel_dim=1)
+        # The layer's own channels, groups and geometry are valid by construction (and
+        # active_channels checks a rule's counts between widths), so only what the caller
+        # passes is checked here and the op's unchecked entry runs: in a training step of
+        # small images the op entry's second round of checks cost as much as the kernel.
+        s, p, d = self._geometry()
+        op = "depthwise_conv2d" if self.depthwise else "conv2d"
+        ho, wo = conv_output_hw(input.shape[2], input.shape[3], self.kernel_size, s, p, d, op)
+        if scale is not None or shift is not None:
+            check_vector(scale, cout, input, op, "scale")
+            check_vector(shift, cout, input, op, "shift")
+        check_residual(residual, (input.shape[0], cout, ho, wo), input, op)
+        act = activation_code(activation, op)
         if self.depthwise:
-            return ops.depthwise_conv2d(
-                input, self.weight, self.bias, self.stride, self._op_padding, self.dilation,
-                scale, shift, residual, activation,
-            )
-        return ops.conv2d(
-            input, self.weight, self.bias, cout, self.stride, self._op_padding, self.dilation,
-            self.groups, scale, shift, residual, activation,
-        )
+            return ops.depthwise_conv2d_unchecked(input, weight, self.bias, s, p, d, scale,
+                                                  shift, residual, act)
+        return ops.conv2d_unchecked(input, weight, self.bias, cout, s, p, d, self.groups,
+                                    scale, shift, residual, act)
+
+    def _geometry(self) -> Tuple[List[int], List[int], List[int]]:
+        """(stride, padding, dilation) as the ops' checked lists, converted once per value
+        of the attributes (``nn.Conv2d``'s are plain tuples a user may replace)."""
+        key = (self.stride, self._op_padding, self.dilation)
+        if self.__dict__.get("_geometry_key") != key:
+            self.__dict__["_geometry_cache"] = conv_geometry(*key, "conv2d")
+            self.__dict__["_geometry_key"] = key
+        return self.__dict__["_geometry_cache"]
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, widths={self.widths}, "

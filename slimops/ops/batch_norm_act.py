@@ -99,10 +99,15 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
                          count: int, momentum: float) -> None:
     """Fold a batch's statistics (``var`` biased, over ``count`` values per channel) into
     running ones, in place, as ``F.batch_norm`` does: exponential average, unbiased
-    variance. O(channels)."""
+    variance. O(channels).
+
+    The variance's update is ``running_var * (1 - momentum) + var * (momentum * n / (n - 1))``,
+    F.batch_norm's formula, in two in-place ops: the unbiasing factor rides on ``add_``'s
+    alpha, so no scalar tensor or temporary is made (``var * factor`` cost four dispatches;
+    this runs once per BN layer and width in every training step)."""
     with torch.no_grad():
         running_mean.lerp_(mean, momentum)
-        running_var.lerp_(var * (count / (count - 1)), momentum)
+        running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * count / (count - 1))
 
 
 def _register() -> None:
