@@ -1,7 +1,9 @@
 """``slimops.ops.conv2d``: dense and grouped convolution on per-group weight prefixes.
 
-The op surface (argument checks, dispatch to the compiled kernel or the reference), its fake
-for tracing, and its autograd formula. Semantics: ``slimops.reference.conv2d``.
+The op surface (argument checks, dispatch to the compiled kernel or the reference); its
+fakes and flop formulas come from ``slimops.ops._conv_like``, which it shares with
+``depthwise_conv2d``, its autograd is C++ (csrc/autograd/conv2d.cpp). Semantics:
+``slimops.reference.conv2d``.
 """
 
 from __future__ import annotations
@@ -12,21 +14,8 @@ import torch
 from torch import Tensor
 
 from slimops import reference
-from slimops.ops import _backend
-from slimops.ops._common import (
-    ACTIVATION_NAMES,
-    IntPair,
-    activation_code,
-    as_int,
-    check_input,
-    check_residual,
-    check_tensor,
-    check_vector,
-    conv_flops,
-    conv_geometry,
-    conv_output_hw,
-    register_flops,
-)
+from slimops.ops import _backend, _conv_like
+from slimops.ops._common import ACTIVATION_NAMES, IntPair, activation_code, as_int
 
 OP = "conv2d"
 
@@ -61,8 +50,7 @@ def conv2d(
     Returns:
         ``act((conv + bias) * scale + shift + residual)`` of shape ``[N, out_channels, Ho, Wo]``.
     """
-    check_input(input, OP, 4)
-    check_tensor(weight, input, OP, "weight")
+    _conv_like.check_operands(input, weight, OP)
     if weight.dim() != 4:
         raise ValueError(f"slimops.conv2d: weight must be 4-D, got shape {tuple(weight.shape)}")
     groups = as_int(groups, "slimops.conv2d: groups")
@@ -86,18 +74,8 @@ def conv2d(
             f"weight of shape {tuple(weight.shape)} it must be a positive multiple of {groups} "
             f"and at most {groups * ig_full}"
         )
-    s, p, d = conv_geometry(stride, padding, dilation, "conv2d")
-    ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], s, p, d,
-                            "conv2d")
-    if bias is not None:
-        check_tensor(bias, input, OP, "bias")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(
-                f"slimops.conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
-            )
-    check_vector(scale, out_channels, input, OP, "scale")
-    check_vector(shift, out_channels, input, OP, "shift")
-    check_residual(residual, (input.shape[0], out_channels, ho, wo), input, OP)
+    s, p, d = _conv_like.check_geometry_and_epilogue(
+        input, weight, bias, out_channels, stride, padding, dilation, scale, shift, residual, OP)
     return conv2d_unchecked(input, weight, bias, out_channels, s, p, d, groups, scale, shift,
                             residual, activation_code(activation, "conv2d"))
 
@@ -120,39 +98,13 @@ def conv2d_unchecked(
                             groups, scale, shift, residual, ACTIVATION_NAMES[activation])
 
 
-def _register() -> None:
-    @torch.library.register_fake("slimops::conv2d")
-    def _(input, weight, bias, out_channels, stride, padding, dilation, groups, scale, shift,
-          residual, activation):
-        ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], stride,
-                                padding, dilation, "conv2d")
-        return input.new_empty((input.shape[0], out_channels, ho, wo))
-
-    @torch.library.register_fake("slimops::conv2d_backward_input")
-    def _(grad_z, weight, input_size, stride, padding, dilation, groups):
-        return grad_z.new_empty(input_size)
-
-    @torch.library.register_fake("slimops::conv2d_backward_weight")
-    def _(grad_z, input, weight, stride, padding, dilation, groups):
-        return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-    # FLOPs at the active width: the input's channels per group (not the weight's).
-    register_flops(torch.ops.slimops.conv2d,
-                   lambda input, weight, bias, out_channels, stride, padding, dilation, groups,
-                   *_, out_shape, **__: conv_flops(out_shape, input[1] // groups, weight[2:]))
-    register_flops(torch.ops.slimops.conv2d_backward_input,
-                   lambda grad_z, weight, input_size, stride, padding, dilation, groups, *_,
-                   out_shape, **__: conv_flops(grad_z, input_size[1] // groups, weight[2:]))
-    register_flops(torch.ops.slimops.conv2d_backward_weight,
-                   lambda grad_z, input, weight, stride, padding, dilation, groups, *_,
-                   out_shape, **__: conv_flops(grad_z, input[1] // groups, weight[2:]))
-
-    # Autograd: a C++ kernel at the Autograd key, csrc/autograd/conv2d.cpp (the formula in
-    # Python cost ~85 us of interpreter and torch.library overhead per call, forward and
-    # backward; see csrc/autograd/common.h).
-
+# Fakes and flops (autograd: csrc/autograd/conv2d.cpp). Each output channel reads the
+# input's channels of its group: the active input width over the fixed group count.
+FAMILY = _conv_like.ConvLike(
+    OP, out_channels=lambda a: a["out_channels"],
+    in_channels_per_group=lambda in_channels, a: in_channels // a["groups"])
 
 if _backend.HAS_C:
-    _register()
+    _conv_like.register(FAMILY)
 
 __all__ = ["conv2d", "conv2d_unchecked"]

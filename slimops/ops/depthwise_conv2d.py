@@ -1,6 +1,8 @@
 """``slimops.ops.depthwise_conv2d``: depthwise convolution on ``W[:C]``, epilogue fused.
 
-Op surface, fake and autograd. Semantics: ``slimops.reference.depthwise_conv2d``.
+Op surface; fakes and flop formulas from ``slimops.ops._conv_like`` (shared with
+``conv2d``), autograd in C++ (csrc/autograd/depthwise_conv2d.cpp). Semantics:
+``slimops.reference.depthwise_conv2d``.
 """
 
 from __future__ import annotations
@@ -11,20 +13,8 @@ import torch
 from torch import Tensor
 
 from slimops import reference
-from slimops.ops import _backend
-from slimops.ops._common import (
-    ACTIVATION_NAMES,
-    IntPair,
-    activation_code,
-    check_input,
-    check_residual,
-    check_tensor,
-    check_vector,
-    conv_flops,
-    conv_geometry,
-    conv_output_hw,
-    register_flops,
-)
+from slimops.ops import _backend, _conv_like
+from slimops.ops._common import ACTIVATION_NAMES, IntPair, activation_code
 
 OP = "depthwise_conv2d"
 
@@ -52,8 +42,7 @@ def depthwise_conv2d(
     Returns:
         ``act((conv + bias) * scale + shift + residual)`` of shape ``[N, C, Ho, Wo]``.
     """
-    check_input(input, OP, 4)
-    check_tensor(weight, input, OP, "weight")
+    _conv_like.check_operands(input, weight, OP)
     if weight.dim() != 4 or weight.shape[1] != 1:
         raise ValueError(
             f"slimops.depthwise_conv2d: weight must have shape [C, 1, kh, kw], got {tuple(weight.shape)}"
@@ -63,18 +52,8 @@ def depthwise_conv2d(
         raise ValueError(
             f"slimops.depthwise_conv2d: input has {c} channels; the weight has {weight.shape[0]}"
         )
-    s, p, d = conv_geometry(stride, padding, dilation, "depthwise_conv2d")
-    ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], s, p, d,
-                            "depthwise_conv2d")
-    if bias is not None:
-        check_tensor(bias, input, OP, "bias")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(
-                f"slimops.depthwise_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
-            )
-    check_vector(scale, c, input, OP, "scale")
-    check_vector(shift, c, input, OP, "shift")
-    check_residual(residual, (input.shape[0], c, ho, wo), input, OP)
+    s, p, d = _conv_like.check_geometry_and_epilogue(
+        input, weight, bias, c, stride, padding, dilation, scale, shift, residual, OP)
     return depthwise_conv2d_unchecked(input, weight, bias, s, p, d, scale, shift, residual,
                                       activation_code(activation, "depthwise_conv2d"))
 
@@ -94,37 +73,13 @@ def depthwise_conv2d_unchecked(
                                       shift, residual, ACTIVATION_NAMES[activation])
 
 
-def _register() -> None:
-    @torch.library.register_fake("slimops::depthwise_conv2d")
-    def _(input, weight, bias, stride, padding, dilation, scale, shift, residual, activation):
-        ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], stride,
-                                padding, dilation, "depthwise_conv2d")
-        return input.new_empty((input.shape[0], input.shape[1], ho, wo))
-
-    @torch.library.register_fake("slimops::depthwise_conv2d_backward_input")
-    def _(grad_z, weight, input_size, stride, padding, dilation):
-        return grad_z.new_empty(input_size)
-
-    @torch.library.register_fake("slimops::depthwise_conv2d_backward_weight")
-    def _(grad_z, input, weight, stride, padding, dilation):
-        return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-    # FLOPs: one input channel per output channel; each gradient costs the forward's.
-    register_flops(torch.ops.slimops.depthwise_conv2d,
-                   lambda input, weight, *_, out_shape, **__: conv_flops(out_shape, 1,
-                                                                         weight[2:]))
-    register_flops(torch.ops.slimops.depthwise_conv2d_backward_input,
-                   lambda grad_z, weight, *_, out_shape, **__: conv_flops(grad_z, 1, weight[2:]))
-    register_flops(torch.ops.slimops.depthwise_conv2d_backward_weight,
-                   lambda grad_z, input, weight, *_, out_shape, **__: conv_flops(grad_z, 1,
-                                                                                 weight[2:]))
-
-    # Autograd: a C++ kernel at the Autograd key, csrc/autograd/depthwise_conv2d.cpp (the formula in
-    # Python cost ~85 us of interpreter and torch.library overhead per call, forward and
-    # backward; see csrc/autograd/common.h).
-
+# Fakes and flops (autograd: csrc/autograd/depthwise_conv2d.cpp). The output has the
+# input's channels, each reading one input channel.
+FAMILY = _conv_like.ConvLike(
+    OP, out_channels=lambda a: a["input"].shape[1],
+    in_channels_per_group=lambda in_channels, a: 1)
 
 if _backend.HAS_C:
-    _register()
+    _conv_like.register(FAMILY)
 
 __all__ = ["depthwise_conv2d", "depthwise_conv2d_unchecked"]
