@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -38,6 +38,26 @@ def per_width(value: ChannelSpec, widths: Sequence[float], what: str) -> List[in
     if min(values) < 1:
         raise ValueError(f"{what}: channel counts must be positive, got {values}")
     return values
+
+
+def counts_between_switches(
+    layer: Slimmable, lists: Tuple[Sequence[int], Sequence[int]],
+    rules: Tuple[Optional[Callable[[float], int]], Optional[Callable[[float], int]]],
+    limits: Tuple[int, int], check: Optional[Callable[[int, int], None]] = None,
+) -> Tuple[int, int]:
+    """A layer's ``(in, out)`` counts at a width between its listed ones, from its channel
+    rules (``lists``: the per-width counts, which the rules replace there). At the listed
+    widths the shapes were checked at construction; here ``check`` (the layer's own
+    constraints, e.g. a conv's groups) and the weight's size ``limits`` are checked."""
+    cin = layer._active_count(lists[0], rules[0])
+    cout = layer._active_count(lists[1], rules[1])
+    if check is not None:
+        check(cin, cout)
+    if cin > limits[0] or cout > limits[1]:
+        raise ValueError(f"{type(layer).__name__}: at width {layer.active_width()} the channel "
+                         f"rules give (in, out) = ({cin}, {cout}), more than the weight's "
+                         f"({limits[0]}, {limits[1]})")
+    return cin, cout
 
 
 def resolve_widths(widths, *channel_args) -> tuple:

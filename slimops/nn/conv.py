@@ -7,7 +7,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 from torch import Tensor, nn
 
 from slimops import ops
-from slimops.nn._checks import channel_rule, check_layer_input, per_width, resolve_widths
+from slimops.nn._checks import (channel_rule, check_layer_input, counts_between_switches,
+                                per_width, resolve_widths)
 from slimops.ops._common import (
     activation_code,
     check_residual,
@@ -103,10 +104,14 @@ class SlimmableConv2d(Slimmable, nn.Conv2d):
         i = self.width_index()
         if i is not None:
             return self.in_channels_list[i], self.out_channels_list[i]
-        cin = self._active_count(self.in_channels_list, self.in_channels_rule)
-        cout = self._active_count(self.out_channels_list, self.out_channels_rule)
-        # Between the listed widths the rules give the counts; the shapes they allow at the
-        # listed widths are checked at construction, so check them here.
+        return counts_between_switches(
+            self, (self.in_channels_list, self.out_channels_list),
+            (self.in_channels_rule, self.out_channels_rule),
+            (self.in_channels, self.out_channels), self._check_rule_counts)
+
+    def _check_rule_counts(self, cin: int, cout: int) -> None:
+        """The shapes the channel rules must keep between the listed widths (at those, the
+        counts are checked at construction): depthwise in = out, else divisible by groups."""
         if self.depthwise and cin != cout:
             raise ValueError(f"SlimmableConv2d (depthwise): at width {self.active_width()} the "
                              f"channel rules give {cin} inputs but {cout} outputs")
@@ -114,11 +119,6 @@ class SlimmableConv2d(Slimmable, nn.Conv2d):
             raise ValueError(f"SlimmableConv2d: at width {self.active_width()} the channel "
                              f"rules give (in, out) = ({cin}, {cout}), not divisible by "
                              f"groups={self.groups}")
-        if cin > self.in_channels or cout > self.out_channels:
-            raise ValueError(f"SlimmableConv2d: at width {self.active_width()} the channel "
-                             f"rules give (in, out) = ({cin}, {cout}), more than the weight's "
-                             f"({self.in_channels}, {self.out_channels})")
-        return cin, cout
 
     def forward(self, input: Tensor) -> Tensor:
         return self.conv(input)

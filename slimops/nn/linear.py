@@ -7,7 +7,8 @@ from typing import Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from slimops import ops
-from slimops.nn._checks import channel_rule, check_layer_input, per_width, resolve_widths
+from slimops.nn._checks import (channel_rule, check_layer_input, counts_between_switches,
+                                per_width, resolve_widths)
 from slimops.width import ChannelSpec, Slimmable
 
 
@@ -50,13 +51,10 @@ class SlimmableLinear(Slimmable, nn.Linear):
         i = self.width_index()
         if i is not None:
             return self.in_features_list[i], self.out_features_list[i]
-        fin = self._active_count(self.in_features_list, self.in_features_rule)
-        fout = self._active_count(self.out_features_list, self.out_features_rule)
-        if fin > self.in_features or fout > self.out_features:
-            raise ValueError(f"SlimmableLinear: at width {self.active_width()} the channel "
-                             f"rules give (in, out) = ({fin}, {fout}), more than the weight's "
-                             f"({self.in_features}, {self.out_features})")
-        return fin, fout
+        return counts_between_switches(
+            self, (self.in_features_list, self.out_features_list),
+            (self.in_features_rule, self.out_features_rule),
+            (self.in_features, self.out_features))
 
     def forward(self, input: Tensor) -> Tensor:
         fin, fout = self.active_features()
