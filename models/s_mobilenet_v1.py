@@ -22,12 +22,12 @@ the architecture, like the original MobileNet paper, gives 325M).
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
-from slimops.models._features import FeatureInfoMixin, FeatureTap
+from slimops.models._features import FeatureInfoMixin
+from slimops.models._mobilenet import MobileNetBody
 from slimops.models._original import convert_by_prefix, init_like_original
 from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule, normalize_widths
@@ -59,7 +59,7 @@ class DepthwiseSeparable(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
-class SMobileNetV1(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
+class SMobileNetV1(ChecksBNWidthsOnLoad, FeatureInfoMixin, MobileNetBody, nn.Module):
     """Slimmable MobileNet v1; build it with ``s_mobilenet_v1``.
 
     Attributes:
@@ -76,26 +76,12 @@ class SMobileNetV1(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
         self.widths = normalize_widths(widths)
         # Channel rules (not per-width lists): the model also runs at any width between its
         # switches. The input image has 3 channels at every width.
-        c = ChannelRule(STEM_CHANNELS, divisor=8)
-        self.stem = SlimConvBNAct(3, c, 3, 2, activation="relu6", widths=self.widths)
-        blocks: List[nn.Module] = []
+        stages = [(ChannelRule(base, divisor=8), repeats, first_stride,
+                   lambda cin, cout, s: DepthwiseSeparable(cin, cout, s, self.widths))
+                  for base, repeats, first_stride in BLOCK_SETTING]
+        last, c = self._build_body(ChannelRule(STEM_CHANNELS, divisor=8), stages, (8, 16, 32))
         # The last block of each output stride feeds forward_features.
-        last: Dict[int, int] = {}
-        stride = 2
-        for base, repeats, first_stride in BLOCK_SETTING:
-            out = ChannelRule(base, divisor=8)
-            for i in range(repeats):
-                s = first_stride if i == 0 else 1
-                blocks.append(DepthwiseSeparable(c, out, s, self.widths))
-                stride *= s
-                c = out
-                if stride in (8, 16, 32):
-                    last[stride] = len(blocks) - 1
-        self._taps = {i: f"stride{s}" for s, i in last.items()}
-        self._feature_taps = tuple(
-            FeatureTap(f"stride{s}", s, f"blocks.{i}", f"blocks.{i}.pointwise")
-            for s, i in sorted(last.items()))
-        self.blocks = nn.Sequential(*blocks)
+        self._feature_taps = self._tap_blocks(last, "pointwise")
         self.pool = nn.AdaptiveAvgPool2d(1)
         # The class count never slims.
         self.classifier = SlimmableLinear(c, num_classes, widths=self.widths)
@@ -105,18 +91,7 @@ class SMobileNetV1(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
     def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
         """Feature maps at the active width: the last map of output stride 8, 16 and 32
         (keys ``"stride8"``, ``"stride16"``, ``"stride32"``)."""
-        feats: Dict[str, Tensor] = {}
-        x = self.stem(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self._taps:
-                feats[self._taps[i]] = x
-        return feats
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Class logits ``[N, num_classes]`` at the active width."""
-        x = self.forward_features(x)["stride32"]
-        return self.classifier(torch.flatten(self.pool(x), 1))
+        return self._block_features(x)[0]
 
     def convert_original_state_dict(self, sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """Map the original implementation's keys (``module.`` already stripped) onto ours.

@@ -30,12 +30,12 @@ about 301M / 209M / 97M / 59M MACs at 1.0 / 0.75 / 0.5 / 0.35x.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from slimops.models._features import FeatureInfoMixin, FeatureTap
+from slimops.models._mobilenet import MobileNetBody
 from slimops.models._original import convert_by_prefix, init_like_original
 from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule, make_divisible, normalize_widths
@@ -85,7 +85,7 @@ class InvertedResidual(nn.Module):
         return self.project(self.depthwise(h), x if self.use_residual else None)
 
 
-class SMobileNetV2(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
+class SMobileNetV2(ChecksBNWidthsOnLoad, FeatureInfoMixin, MobileNetBody, nn.Module):
     """Slimmable MobileNet v2; build it with ``s_mobilenet_v2``.
 
     Attributes:
@@ -102,24 +102,10 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
         self.widths = normalize_widths(widths)
         # Channel rules (not per-width lists): the model also runs at any width between its
         # switches. The input image has 3 channels at every width.
-        c = v2_channels(STEM_CHANNELS)
-        self.stem = SlimConvBNAct(3, c, 3, 2, activation="relu6", widths=self.widths)
-        blocks: List[nn.Module] = []
-        # The last block of output stride 8 and 16 feed forward_features (stride 32: the
-        # last conv's output).
-        last: Dict[int, int] = {}
-        stride = 2
-        for t, base, repeats, first_stride in BLOCK_SETTING:
-            out = v2_channels(base)
-            for i in range(repeats):
-                s = first_stride if i == 0 else 1
-                blocks.append(InvertedResidual(c, out, s, t, self.widths))
-                stride *= s
-                c = out
-                if stride in (8, 16):
-                    last[stride] = len(blocks) - 1
-        self._taps = {i: f"stride{s}" for s, i in last.items()}
-        self.blocks = nn.Sequential(*blocks)
+        stages = [(v2_channels(base), repeats, first_stride,
+                   lambda cin, cout, s, t=t: InvertedResidual(cin, cout, s, t, self.widths))
+                  for t, base, repeats, first_stride in BLOCK_SETTING]
+        last, c = self._build_body(v2_channels(STEM_CHANNELS), stages, (8, 16))
         # Never slims: 1280 outputs at every width (more only if a width exceeds 1.0).
         top = max(self.widths)
         self.last_channels = (make_divisible(LAST_CHANNELS * top, 8, min_value=1) if top > 1.0
@@ -127,10 +113,10 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
         # One BN for every width, as the original has (its channel count never changes).
         self.last_conv = SlimConvBNAct(c, self.last_channels, 1, activation="relu6",
                                        widths=self.widths, shared_bn=True)
-        self._feature_taps = tuple(
-            FeatureTap(f"stride{s}", s, f"blocks.{i}", f"blocks.{i}.project")
-            for s, i in sorted(last.items())
-        ) + (FeatureTap("stride32", 32, "last_conv", "last_conv"),)
+        # The last block of output stride 8 and 16 feed forward_features (stride 32: the
+        # last conv's output).
+        self._feature_taps = self._tap_blocks(last, "project") + (
+            FeatureTap("stride32", 32, "last_conv", "last_conv"),)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = SlimmableLinear(self.last_channels, num_classes, widths=self.widths)
         init_like_original(self)
@@ -140,19 +126,9 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
         """Feature maps at the active width: the last map of output stride 8, 16 and 32
         (keys ``"stride8"``, ``"stride16"``, ``"stride32"``; the last is the 1280-channel
         output of the last conv)."""
-        feats: Dict[str, Tensor] = {}
-        x = self.stem(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self._taps:
-                feats[self._taps[i]] = x
+        feats, x = self._block_features(x)
         feats["stride32"] = self.last_conv(x)
         return feats
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Class logits ``[N, num_classes]`` at the active width."""
-        x = self.forward_features(x)["stride32"]
-        return self.classifier(torch.flatten(self.pool(x), 1))
 
     def convert_original_state_dict(self, sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """Map the original implementation's keys (``module.`` already stripped) onto ours.
