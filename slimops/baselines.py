@@ -13,7 +13,7 @@ slimops (``slimops.apps.demo``), and ``bench/`` compares every cell with it.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -71,39 +71,48 @@ def ref_act(x: Tensor, activation: Optional[str]) -> Tensor:
     return x
 
 
-class RefConv2d(nn.Module):
+def ref_linear(linear: SlimmableLinear, x: Tensor) -> Tensor:
+    """``F.linear(x, W[:out, :in], b[:out])`` on the shared weight."""
+    fin, fout = linear.active_features()
+    b = linear.bias
+    return F.linear(x, linear.weight[:fout, :fin], None if b is None else b[:fout])
+
+
+class _RefLayer(nn.Module):
+    """A slimmable layer run by ``run`` (``ref_conv``, ``ref_bn``, ``ref_linear``) in the
+    original's style. The layer is the model's own (its Parameters, its width), held under
+    ``name``: the attribute, and state_dict prefix, each ``Ref*`` wrapper has always had."""
+
+    def __init__(self, name: str, layer: nn.Module,
+                 run: Callable[[Any, Tensor], Tensor]) -> None:
+        super().__init__()
+        self.add_module(name, layer)
+        self._layer_name = name
+        self._run = run
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(getattr(self, self._layer_name), x)
+
+
+class RefConv2d(_RefLayer):
     """``SlimmableConv2d`` in the original's style; shares the layer (and its weight)."""
 
     def __init__(self, conv: SlimmableConv2d) -> None:
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ref_conv(self.conv, x)
+        super().__init__("conv", conv, ref_conv)
 
 
-class RefBatchNorm2d(nn.Module):
+class RefBatchNorm2d(_RefLayer):
     """``SwitchableBatchNorm2d`` in the original's style: ``bn.bn[i](x)``."""
 
     def __init__(self, bn: SwitchableBatchNorm2d) -> None:
-        super().__init__()
-        self.bn = bn
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ref_bn(self.bn, x)
+        super().__init__("bn", bn, ref_bn)
 
 
-class RefLinear(nn.Module):
+class RefLinear(_RefLayer):
     """``SlimmableLinear`` in the original's style: ``F.linear(x, W[:out, :in], b[:out])``."""
 
     def __init__(self, linear: SlimmableLinear) -> None:
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x: Tensor) -> Tensor:
-        fin, fout = self.linear.active_features()
-        b = self.linear.bias
-        return F.linear(x, self.linear.weight[:fout, :fin], None if b is None else b[:fout])
+        super().__init__("linear", linear, ref_linear)
 
 
 class RefConvBNAct(nn.Module):
