@@ -65,16 +65,9 @@ def batch_norm_act(
 
 
 def batch_norm_act_unchecked(
-    input: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    training: bool,
-    momentum: float,
-    eps: float,
-    residual: Optional[Tensor],
-    activation: int,
+    input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+    momentum: float, eps: float, residual: Optional[Tensor], activation: int,
 ) -> Tensor:
     """``batch_norm_act`` for a caller that has validated its arguments
     (``SwitchableBatchNorm2d`` checks the input against its width; its vectors are its own),
