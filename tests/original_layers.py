@@ -60,3 +60,30 @@ def randomize_bn_state(model: nn.Module, gamma=(0.5, 2.0), std: float = 1.0) -> 
 def original_checkpoint(state_dict, **extra):
     """The original training script's layout: {'model': DataParallel state_dict, ...}."""
     return {"model": {"module." + k: v for k, v in state_dict.items()}, **extra}
+
+
+def seeded_original(build, widths, num_classes=1000, input_size=64, seed=1):
+    """``(switch, model)``: ``build(switch, num_classes, input_size)`` (an original-structure
+    model class) built after ``torch.manual_seed(seed)``, its BN state randomized, in eval
+    mode."""
+    torch.manual_seed(seed)
+    sw = Switch(widths)
+    return sw, randomize_bn_state(build(sw, num_classes, input_size)).eval()
+
+
+def assert_matches_original(model, orig, sw, widths, x, tol):
+    """At each of ``widths``, ``model`` (slimops, width set with ``slimops.width``) computes
+    on ``x`` what ``orig`` computes with its switch ``sw`` at that width; returns the
+    original's outputs, one per width. ``tol``: the conftest fixture's function."""
+    from slimops.width import width
+
+    outs = []
+    for w in widths:
+        sw.width = w
+        with torch.no_grad(), width(model, w):
+            expected = orig(x)
+            got = model(x)
+        assert expected.std() > 0
+        torch.testing.assert_close(got, expected, **tol(torch.float32, like=expected))
+        outs.append(expected)
+    return outs

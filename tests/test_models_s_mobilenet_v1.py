@@ -22,8 +22,9 @@ from original_layers import (
     OrigConv,
     OrigSBN,
     Switch,
+    assert_matches_original,
     original_checkpoint,
-    randomize_bn_state,
+    seeded_original,
 )
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
@@ -138,11 +139,8 @@ class OrigMobileNetV1(nn.Module):
         return self.classifier(x.view(-1, x.size(1)))
 
 
-def _original(widths=WIDTHS, num_classes=1000, input_size=64, seed=1):
-    torch.manual_seed(seed)
-    sw = Switch(widths)
-    orig = randomize_bn_state(OrigMobileNetV1(sw, num_classes, input_size))
-    return sw, orig.eval()
+def _original(widths=WIDTHS, num_classes=1000):
+    return seeded_original(OrigMobileNetV1, widths, num_classes)
 
 
 def _checkpoint(orig):
@@ -160,29 +158,14 @@ def test_loads_original_checkpoint(tmp_path, tol):
     path = tmp_path / "s_mobilenet_v1.pt"
     torch.save(_checkpoint(orig), path)
     model = load_original(s_mobilenet_v1(), path).eval()
-    x = torch.randn(2, 3, 64, 64)
-    outs = []
-    for w in WIDTHS:
-        sw.width = w
-        with torch.no_grad():
-            expected = orig(x)
-            with width(model, w):
-                got = model(x)
-        assert expected.std() > 0
-        torch.testing.assert_close(got, expected, **tol(torch.float32, like=expected))
-        outs.append(expected)
+    outs = assert_matches_original(model, orig, sw, WIDTHS, torch.randn(2, 3, 64, 64), tol)
     assert not torch.allclose(outs[0], outs[-1])  # the widths really differ
 
 
 def test_loads_into_custom_widths(tol):
     sw, orig = _original(widths=(0.3, 1.0), num_classes=10)
     model = load_original(s_mobilenet_v1((0.3, 1.0), num_classes=10), _checkpoint(orig)).eval()
-    x = torch.randn(1, 3, 64, 64)
-    for w in (0.3, 1.0):
-        sw.width = w
-        with torch.no_grad(), width(model, w):
-            expected = orig(x)
-            torch.testing.assert_close(model(x), expected, **tol(torch.float32, like=expected))
+    assert_matches_original(model, orig, sw, (0.3, 1.0), torch.randn(1, 3, 64, 64), tol)
 
 
 def test_mismatched_checkpoints():

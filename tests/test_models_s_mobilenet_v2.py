@@ -23,8 +23,9 @@ from original_layers import (
     OrigConv,
     OrigSBN,
     Switch,
+    assert_matches_original,
     original_checkpoint,
-    randomize_bn_state,
+    seeded_original,
 )
 
 WIDTHS = (0.35, 0.5, 0.75, 1.0)
@@ -190,11 +191,8 @@ class OrigMobileNetV2(nn.Module):
         return self.classifier(self.features(x).view(-1, self.outp))
 
 
-def _original(widths=WIDTHS, num_classes=1000, input_size=64, seed=1):
-    torch.manual_seed(seed)
-    sw = Switch(widths)
-    orig = randomize_bn_state(OrigMobileNetV2(sw, num_classes, input_size))
-    return sw, orig.eval()
+def _original(widths=WIDTHS, num_classes=1000):
+    return seeded_original(OrigMobileNetV2, widths, num_classes)
 
 
 def _checkpoint(orig):
@@ -218,17 +216,7 @@ def test_loads_original_checkpoint(tmp_path, tol):
     tail = orig.features[18][1]
     for bn in model.last_conv.bn.bn:
         torch.testing.assert_close(bn.running_var, tail.running_var, rtol=0, atol=0)
-    x = torch.randn(2, 3, 64, 64)
-    outs = []
-    for w in WIDTHS:
-        sw.width = w
-        with torch.no_grad():
-            expected = orig(x)
-            with width(model, w):
-                got = model(x)
-        assert expected.std() > 0
-        torch.testing.assert_close(got, expected, **tol(torch.float32, like=expected))
-        outs.append(expected)
+    outs = assert_matches_original(model, orig, sw, WIDTHS, torch.randn(2, 3, 64, 64), tol)
     assert not torch.allclose(outs[0], outs[-1])  # the widths really differ
 
 
@@ -236,12 +224,7 @@ def test_loads_into_custom_widths(tol):
     widths = (0.1, 0.6, 1.4)  # 0.1: the original's odd 9-channel layers; 1.4: a wider tail
     sw, orig = _original(widths=widths, num_classes=10)
     model = load_original(s_mobilenet_v2(widths, num_classes=10), _checkpoint(orig)).eval()
-    x = torch.randn(1, 3, 64, 64)
-    for w in widths:
-        sw.width = w
-        with torch.no_grad(), width(model, w):
-            expected = orig(x)
-            torch.testing.assert_close(model(x), expected, **tol(torch.float32, like=expected))
+    assert_matches_original(model, orig, sw, widths, torch.randn(1, 3, 64, 64), tol)
 
 
 def test_mismatched_checkpoints():
