@@ -607,3 +607,136 @@ def test_every_registered_launcher_exists_with_the_schema_arity():
         schema = getattr(torch.ops.slimops, op).default._schema
         params = inspect.signature(launcher).parameters
         assert list(params) == [a.name for a in schema.arguments], op
+
+
+# --------------------------------------------------------------------------------------
+# one CUDA implementation per op: Triton by default, the CUDA C++ kernels opt-in
+
+
+def test_choose_triton_by_default_cpp_only_when_asked_or_alone():
+    from slimops.ops.cuda_registration import choose
+
+    # (has_cpp, has_triton, prefer_cpp) -> choice
+    table = {
+        (True, True, False): "triton",  # a CUDA build no longer lets the C++ kernel win
+        (True, True, True): "cuda",  # the opt-in
+        (True, False, False): "cuda",  # all there is
+        (True, False, True): "cuda",
+        (False, True, False): "triton",
+        (False, True, True): "triton",  # nothing to opt in to: Triton
+        (False, False, False): None,
+        (False, False, True): None,
+    }
+    for args, want in table.items():
+        assert choose(*args) == want, args
+
+
+@pytest.fixture
+def scratch_ops():
+    """Two ops of a namespace of this test's own with CPU kernels standing in for the
+    extension's (``f``: x + 1; ``g`` has none), and launchers standing in for Triton
+    (x + 2), so ``cuda_registration.apply`` can be run for the CPU key and called."""
+    from slimops.ops import cuda_registration as cr
+
+    ns = "slimops_regtest"
+    lib = torch.library.Library(ns, "DEF")
+    lib.define("f(Tensor x) -> Tensor")
+    lib.define("g(Tensor x) -> Tensor")
+    lib.impl("f", lambda x: x + 1, "CPU")
+    launchers = {"f": lambda x: x + 2, "g": lambda x: x + 2}
+    try:
+        yield ns, launchers
+    finally:
+        for slot in [s for s in cr._libraries if s.startswith(ns + "::")]:
+            cr._libraries.pop(slot)._destroy()
+        for slot in [s for s in cr._native if s.startswith(ns + "::")]:
+            del cr._native[slot]
+        lib._destroy()
+
+
+def test_apply_registers_over_the_native_kernel_and_restores_it(scratch_ops):
+    import warnings
+
+    from slimops.ops.cuda_registration import apply
+
+    ns, launchers = scratch_ops
+    x = torch.zeros(2)
+    f, g = (getattr(getattr(torch.ops, ns), name) for name in ("f", "g"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert apply(launchers, False, True, namespace=ns, dispatch_key="CPU") == {
+            "f": "triton", "g": "triton"}
+    assert not [w for w in caught if "Overriding" in str(w.message)]
+    assert f(x).tolist() == [2, 2] and g(x).tolist() == [2, 2]
+    # idempotent
+    assert apply(launchers, False, True, namespace=ns, dispatch_key="CPU") == {
+        "f": "triton", "g": "triton"}
+    assert f(x).tolist() == [2, 2]
+    # the opt-in: the op with a kernel of its own runs it again, the other keeps Triton
+    assert apply(launchers, True, True, namespace=ns, dispatch_key="CPU") == {
+        "f": "cuda", "g": "triton"}
+    assert f(x).tolist() == [1, 1] and g(x).tolist() == [2, 2]
+    # and back
+    assert apply(launchers, False, True, namespace=ns, dispatch_key="CPU")["f"] == "triton"
+    assert f(x).tolist() == [2, 2]
+    # no triton: the native kernel where there is one, nothing for the other op
+    assert apply(launchers, False, False, namespace=ns, dispatch_key="CPU") == {"f": "cuda"}
+    assert f(x).tolist() == [1, 1]
+    with pytest.raises(NotImplementedError):  # g's launcher is gone: no kernel for it
+        g(x)
+
+
+def test_every_op_runs_triton_on_cuda_by_default():
+    """The default: whatever the build (the CUDA C++ kernels compiled in or not), every op's
+    CUDA kernel is its Triton launcher."""
+    from slimops import kernels
+
+    if not (_backend.HAS_C and kernels.available()):
+        pytest.skip("needs the compiled extension and triton")
+    if _backend.cuda_cpp_preferred():
+        pytest.skip("SLIMOPS_CUDA_KERNELS=cuda is set in this environment")
+    assert set(_backend.CUDA_KERNELS.values()) == {"triton"}
+    assert slimops.backend_info()["cuda_kernels"] == "triton"
+
+
+def test_use_cuda_cpp_kernels_switches_and_switches_back():
+    from slimops import kernels
+    from slimops.ops import cuda_registration
+
+    if not (_backend.HAS_C and kernels.available()):
+        pytest.skip("needs the compiled extension and triton")
+    before = _backend.cuda_cpp_preferred()
+    # the ops with a C++ CUDA kernel in this build (none without nvcc + a GPU at build time)
+    cpp = {op for op in cuda_registration.OP_FAMILIES
+           if cuda_registration._native.get(f"slimops::{op}/CUDA")}
+    try:
+        on = slimops.ops.use_cuda_cpp_kernels(True)
+        assert _backend.cuda_cpp_preferred()
+        assert {op for op, k in on.items() if k == "cuda"} == cpp
+        assert set(on) == set(cuda_registration.OP_FAMILIES) and _backend.CUDA_READY
+        off = slimops.ops.use_cuda_cpp_kernels(False)
+        assert not _backend.cuda_cpp_preferred()
+        assert set(off.values()) == {"triton"}
+        assert _backend.CUDA_KERNELS == off
+    finally:
+        slimops.ops.use_cuda_cpp_kernels(before)
+
+
+@pytest.mark.parametrize("value,preferred,warns", [("", False, False), ("triton", False, False),
+                                                   ("cuda", True, False), ("CUDA", True, False),
+                                                   ("cudnn", False, True)])
+def test_cuda_kernels_environment_variable(value, preferred, warns):
+    code = ("import json, slimops; from slimops.ops import _backend; "
+            "print(json.dumps([_backend.cuda_cpp_preferred(), "
+            "slimops.backend_info()['cuda_kernels']]))")
+    env = dict(os.environ, SLIMOPS_CUDA_KERNELS=value)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-W", "always::RuntimeWarning", "-c", code],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got, kernels = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got is preferred
+    assert ("SLIMOPS_CUDA_KERNELS='cudnn' is not one of" in proc.stderr) is warns
+    if HAS_C:
+        # no C++ CUDA kernels in a build without nvcc: the opt-in leaves Triton running
+        assert kernels in ("triton", "cuda+triton")

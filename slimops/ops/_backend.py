@@ -44,9 +44,39 @@ NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
 # the reference path.
 NATIVE_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# The CUDA implementation the ops run by default: "triton" (slimops.kernels), one for every
+# op. The extension's own CUDA C++ kernels (csrc/cuda, compiled only when nvcc and a GPU were
+# present at build time) cover some ops only and have not been measured on a GPU, so they
+# run only when asked for: SLIMOPS_CUDA_KERNELS=cuda at import, or
+# slimops.ops.use_cuda_cpp_kernels(True). Read through cuda_cpp_preferred().
+CUDA_KERNEL_CHOICES = ("triton", "cuda")
+_cuda_choice = os.environ.get("SLIMOPS_CUDA_KERNELS", "").strip().lower() or "triton"
+if _cuda_choice not in CUDA_KERNEL_CHOICES:
+    warnings.warn(
+        f"slimops: SLIMOPS_CUDA_KERNELS={_cuda_choice!r} is not one of "
+        f"{CUDA_KERNEL_CHOICES}; using the Triton kernels",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _cuda_choice = "triton"
+CUDA_CPP_PREFERRED = _cuda_choice == "cuda"
+
+
+def cuda_cpp_preferred() -> bool:
+    """True when the extension's CUDA C++ kernels are to run where they exist (the opt-in);
+    False (the default) when every op runs its Triton kernel."""
+    return CUDA_CPP_PREFERRED
+
+
+def set_cuda_cpp_preferred(preferred: bool) -> None:
+    """Record the CUDA implementation choice (``slimops.ops.cuda_registration`` applies it)."""
+    global CUDA_CPP_PREFERRED
+    CUDA_CPP_PREFERRED = bool(preferred)
+
+
 # {op: "triton" | "cuda"}: the ops with a CUDA kernel, recorded by
-# slimops.ops.cuda_registration.register() through set_cuda_kernels (the Triton kernels, or
-# the extension's own).
+# slimops.ops.cuda_registration.register() through set_cuda_kernels: which implementation
+# the dispatcher runs for each op (the Triton kernel, or the extension's own when opted in).
 CUDA_KERNELS: Dict[str, str] = {}
 # True when every op has one (only then do CUDA tensors leave the reference path).
 CUDA_READY = False
@@ -111,10 +141,12 @@ def backend_info() -> Dict[str, object]:
     """Report which backends are active.
 
     Returns a dict with ``"cpu"`` (``"C++"`` when ``slimops._C`` is loaded, else
-    ``"reference"``), ``"cuda"`` (the GPU path for CUDA tensors: ``"triton"`` (``slimops.kernels``),
-    ``"cuda"`` (the extension's own CUDA kernels), ``"cuda+triton"``, ``"reference"`` when
-    the ops have no CUDA kernels, or ``"unavailable"`` without a GPU), ``"cuda_kernels"``
-    (the CUDA kernels registered, GPU or not, e.g. ``"triton"``; None when none),
+    ``"reference"``), ``"cuda"`` (the GPU path for CUDA tensors: ``"triton"``
+    (``slimops.kernels``, the default), ``"cuda+triton"`` (the extension's own CUDA C++
+    kernels where it has them, Triton for the rest: only with the opt-in,
+    ``slimops.ops.use_cuda_cpp_kernels``), ``"reference"`` when the ops have no CUDA
+    kernels, or ``"unavailable"`` without a GPU), ``"cuda_kernels"``
+    (the CUDA kernels the dispatcher runs, GPU or not, e.g. ``"triton"``; None when none),
     ``"extension_error"`` (why ``_C`` did not load, or None),
     ``"native_dtypes"``, ``"cpu_isa"`` (the vector instruction set the C++ kernels'
     hot loops use: ``"avx512"``, ``"avx2"`` or ``"base"``; capped by the environment
