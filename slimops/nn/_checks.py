@@ -6,6 +6,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
+from slimops.ops.autocast import dtypes_match
 from slimops.width import ChannelRule, ChannelSpec, Slimmable, normalize_widths
 
 
@@ -77,7 +78,8 @@ def check_layer_input(
     layer: Slimmable, x: Tensor, expected: int, param: Tensor, dims: Optional[int], channel_dim: int
 ) -> None:
     """``x`` must have ``dims`` dims (any if None), ``expected`` channels along
-    ``channel_dim``, and ``param``'s dtype and device."""
+    ``channel_dim``, and ``param``'s dtype (or, under autocast where slimops' ops cast
+    their arguments, any float32 / float16 / bfloat16 mix) and device."""
     name = type(layer).__name__
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: input must be a Tensor, got {type(x).__name__}")
@@ -88,7 +90,7 @@ def check_layer_input(
             f"{name}: at width {layer.active_width()} it expects {expected} input channels, "
             f"got {x.shape[channel_dim]} (input shape {tuple(x.shape)}; widths {layer.widths})"
         )
-    if x.dtype != param.dtype:
+    if not dtypes_match(x, param):
         raise TypeError(f"{name}: input dtype {x.dtype} does not match the layer's {param.dtype}")
     if x.device != param.device:
         raise ValueError(f"{name}: input is on {x.device}, the layer's parameters on {param.device}")

@@ -12,6 +12,7 @@ from slimops.nn._checks import check_layer_input
 from slimops.nn.batchnorm import SwitchableBatchNorm2d
 from slimops.nn.conv import Channels, IntPair, SlimmableConv2d
 from slimops.ops import conv2d_bn_act as fused_train
+from slimops.ops.autocast import dtypes_match
 from slimops.ops._common import (
     ACTIVATION_CODES,
     check_residual,
@@ -174,8 +175,8 @@ class SlimConvBNAct(nn.Module):
         path must run (a bad input gets its error there)."""
         conv = self.conv
         weight = conv.weight
-        if not (isinstance(input, Tensor) and input.dim() == 4 and input.dtype == weight.dtype
-                and input.device == weight.device):
+        if not (isinstance(input, Tensor) and input.dim() == 4
+                and dtypes_match(input, weight) and input.device == weight.device):
             return None
         plan = self._eval_plan(conv.active_width(), weight.dtype)
         if input.shape[1] != plan.cin or (

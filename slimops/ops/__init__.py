@@ -30,7 +30,7 @@ from slimops.ops.linear import linear, linear_unchecked
 from slimops.ops import cuda_registration
 from slimops.ops.cuda_registration import use_cuda_cpp_kernels
 
-cuda_registration.register()  # the ops' CUDA kernels (Triton by default)
+cuda_registration.register()  # the ops' CUDA kernels (Triton by default) and CUDA autocast
 
 __all__ = ["backend_info", "conv2d", "conv2d_unchecked", "depthwise_conv2d",
            "depthwise_conv2d_unchecked", "linear", "linear_unchecked", "batch_norm_act",

@@ -13,6 +13,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from slimops.ops.autocast import dtypes_match
 from slimops.reference import ACTIVATION_CODES, ACTIVATIONS
 
 IntPair = Union[int, Sequence[int]]
@@ -83,10 +84,12 @@ def conv_output_hw(
 
 
 def check_tensor(t: Tensor, ref: Tensor, op: str, name: str) -> None:
-    """``t`` must be a tensor on ``ref``'s device with ``ref``'s dtype."""
+    """``t`` must be a tensor on ``ref``'s device with ``ref``'s dtype (or, under autocast
+    where the ops cast their arguments, any float32 / float16 / bfloat16 mix:
+    ``slimops.ops.autocast.dtypes_match``)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"slimops.{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype != ref.dtype:
+    if not dtypes_match(ref, t):
         raise TypeError(f"slimops.{op}: {name} has dtype {t.dtype} but input has {ref.dtype}")
     if t.device != ref.device:
         raise ValueError(f"slimops.{op}: {name} is on {t.device} but input is on {ref.device}")

@@ -23,7 +23,8 @@ key); destroying that Library puts the C++ kernel back. The decision itself is
 ``choose``, a pure function.
 
 Registration is cheap and lazy: it needs only that triton is installed (it is not imported
-here); the first call of an op on a CUDA tensor imports the kernel module.
+here); the first call of an op on a CUDA tensor imports the kernel module. Registering also
+installs the ops' autocast kernels (``slimops.ops.autocast``) for CUDA.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
-from slimops.ops import _backend
+from slimops.ops import _backend, autocast
 from slimops import kernels
 from slimops.op_families import FAMILY_OF
 
@@ -107,7 +108,7 @@ def apply(ops: Mapping[str, Callable], prefer_cpp: bool, has_triton: bool, *,
 
 
 def register() -> Dict[str, str]:
-    """Give every op its one CUDA implementation (``choose``).
+    """Give every op its one CUDA implementation (``choose``) and its CUDA autocast kernel.
 
     Returns (and records in ``slimops.ops._backend.CUDA_KERNELS``) ``{op: "triton" | "cuda"}``
     for every op with a CUDA kernel; empty without the compiled extension (it defines the
@@ -119,6 +120,7 @@ def register() -> Dict[str, str]:
     found = apply({op: _lazy(op) for op in OP_FAMILIES}, _backend.cuda_cpp_preferred(),
                   kernels.available())
     _backend.set_cuda_kernels(found, complete=len(found) == len(OP_FAMILIES))
+    autocast.register("cuda")
     return dict(found)
 
 
