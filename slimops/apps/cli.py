@@ -303,8 +303,9 @@ def _train_run(args: argparse.Namespace, rank: int, world: int) -> int:
           f"{recipe['weight_decay']:g}, batch {recipe['batch_size']}, {recipe['epochs']} epochs; "
           f"checkpoints: {latest}")
     if amp_dtype is not None:
-        # Which layers autocast reaches: slimops' ops have no autocast kernels (yet), so a
-        # model built from them computes in float32 whatever --amp says; say so.
+        # Which layers autocast reaches: slimops' ops autocast on CUDA only (their CPU
+        # kernels are float32/float64), so on the CPU a model built from them computes in
+        # float32 whatever --amp says; say so.
         size = recipe["image_size"]  # a probe that draws from no RNG training uses
         probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         from slimops.width import width as width_scope
@@ -318,7 +319,7 @@ def _train_run(args: argparse.Namespace, rank: int, world: int) -> int:
         print(f"mixed precision: autocast {str(amp_dtype).replace('torch.', '')} on "
               f"{device.type}{', GradScaler' if scaler is not None else ''}"
               + ("" if low else "; note: this model's output stays float32 (slimops' ops "
-                 "have no autocast kernels yet: only stock layers run in reduced precision)"))
+                 "autocast on CUDA only: here only stock layers run in reduced precision)"))
     if recipe["batch_size"] != RECIPES[args.model]["batch_size"] and args.lr is None:
         print(f"note: the recipe's lr {recipe['lr']:g} is for batch "
               f"{RECIPES[args.model]['batch_size']}; it is not rescaled (set --lr)")

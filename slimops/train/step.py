@@ -141,8 +141,8 @@ def slimmable_step(
         autocast_dtype: run each width's forward and loss under ``torch.autocast`` of the
             inputs' device type with this dtype (``torch.bfloat16``; ``torch.float16`` on
             CUDA with a ``scaler``); distillation's soft targets and loss are computed in
-            float32. Ops without autocast kernels (slimops' own ops, so far) keep their
-            inputs' dtype.
+            float32. slimops' ops autocast on CUDA (``slimops.ops.autocast``); on the
+            CPU, whose kernels are float32/float64, they keep their inputs' dtype.
         scaler: a ``torch.amp.GradScaler`` (for float16): each width's loss is scaled before
             its backward, and ``scaler.step(optimizer)`` / ``scaler.update()`` replace
             ``optimizer.step()`` (a step with non-finite gradients is skipped).
