@@ -309,3 +309,26 @@ def test_slimmable_model_trains_and_evaluates_under_autocast(amp_on_cpu):
     for name, buf in model.named_buffers():
         if buf.is_floating_point():
             assert buf.dtype == F32, name
+
+
+def test_autocast_kernel_traces_under_torch_compile(amp_on_cpu):
+    """torch.compile (aot_eager, one graph) traces through the autocast kernel: the same
+    float16 result and float32 weight gradient as eager."""
+    x = torch.randn(2, 6, 7, 7)
+    w = torch.randn(12, 6, 3, 3, requires_grad=True)
+
+    def f(x, w):
+        with torch.autocast("cpu", dtype=F16):
+            return torch.ops.slimops.conv2d(x, w, None, 10, [1, 1], [1, 1], [1, 1], 1, None,
+                                            None, None, 1)
+
+    eager = f(x, w)
+    (g_eager,) = torch.autograd.grad(eager.float().sum(), [w])
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w)
+    assert compiled.dtype == F16
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    (g,) = torch.autograd.grad(compiled.float().sum(), [w])
+    assert g.dtype == F32
+    torch.testing.assert_close(g, g_eager, rtol=1e-3, atol=1e-3)
+    torch._dynamo.reset()

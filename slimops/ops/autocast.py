@@ -93,7 +93,9 @@ def statistics_as_float32(out: Any, stats: Sequence[int]) -> Any:
 
 
 def _autocast_key(device_type: str) -> "torch._C.DispatchKey":
-    return getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+    """The dispatch key of autocast on ``device_type`` (``"cuda"``: ``AutocastCUDA``)."""
+    name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    return getattr(torch._C.DispatchKey, name)
 
 
 def make_kernel(op: Callable[..., Any], device_type: str,
@@ -124,7 +126,7 @@ def register(device_type: str = "cuda", namespace: str = "slimops") -> Dict[str,
     if device_type in _libraries:
         ops = _libraries[device_type][1]
         return {op: op in ops for op in POLICIES}
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = _autocast_key(device_type).name
     lib = torch.library.Library(namespace, "IMPL")
     done: Dict[str, bool] = {}
     for op_name, stats in POLICIES.items():
@@ -183,5 +185,5 @@ def _overload(namespace: str, op_name: str) -> Optional[Any]:
         return None
 
 
-__all__ = ["AUTOCAST_DTYPES", "POLICIES", "cast_arg", "casts", "dtypes_match", "make_kernel", "register", "registered",
-           "statistics_as_float32", "unregister"]
+__all__ = ["AUTOCAST_DTYPES", "POLICIES", "cast_arg", "casts", "dtypes_match", "make_kernel",
+           "register", "registered", "statistics_as_float32", "unregister"]
