@@ -164,6 +164,15 @@ def test_compare_low_precision_is_held_to_the_baseline(gpu_check):
     assert not gpu_check._compare(nan, expected, torch.bfloat16, baseline=nan)["ok"]
 
 
+def test_checks_past_the_time_budget_are_not_run_and_fail(gpu_check, monkeypatch):
+    case = next(c for c in gpu_check._cases() if c.op == "linear")
+    monkeypatch.setattr(gpu_check, "_cases", lambda: [case])
+    rows, seen = gpu_check.run_op_checks("cpu", quick=True, kernels="cpu",
+                                         deadline=time.monotonic() - 1)
+    assert rows and not seen
+    assert all(not r.ok and r.note == "not run: time budget" for r in rows)
+
+
 def test_cells_past_the_time_budget_are_skipped(gpu_check):
     rows = gpu_check.time_model("cpu", torch.float32, (0.35,), [1], rounds=1, warmup=0,
                                 image_size=32, deadline=time.monotonic() - 1)
@@ -173,3 +182,23 @@ def test_cells_past_the_time_budget_are_skipped(gpu_check):
         {"device": "cpu", "quick": True, "dtype": "fp32"},
         {"torch": torch.__version__, "slimops": "x"}, timings=rows))
     assert "skipped: time budget" in md
+
+
+def test_the_script_imports_only_public_slimops_modules():
+    import ast
+
+    tree = ast.parse(open(SCRIPT).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    def private(dotted):
+        return any(p.startswith("_") and not p.endswith("__") for p in dotted.split("."))
+
+    mine = {n for n in names if n.split(".")[0] == "slimops"}
+    assert mine and not [n for n in mine if private(n)], mine
+    attributes = {ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    used = [a for a in attributes if a.startswith("slimops.") and private(a)]
+    assert not used, used
