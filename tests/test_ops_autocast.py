@@ -144,14 +144,24 @@ def amp_on_cpu():
 
     if not (_backend.HAS_C and kernels.available()):
         pytest.skip("needs the compiled extension and triton")
-    launchers = {op: cr._lazy(op) for op in cr.OP_FAMILIES}
+    called = []  # (op, the dtype of its first argument) for every launcher call
+
+    def recording(op):
+        launch = cr._lazy(op)
+
+        def fn(*args):
+            called.append((op, args[0].dtype))
+            return launch(*args)
+        return fn
+
+    launchers = {op: recording(op) for op in cr.OP_FAMILIES}
     with pytest.MonkeyPatch.context() as mp:
         # float16/bfloat16 CPU tensors reach the ops, as CUDA tensors do
         mp.setattr(_backend, "NATIVE_CPU_DTYPES", _backend.NATIVE_CUDA_DTYPES)
         try:
             assert set(cr.apply(launchers, False, True, dispatch_key="CPU").values()) == {"triton"}
             autocast.register("cpu")
-            yield
+            yield called
         finally:
             autocast.unregister("cpu")
             # prefer the "C++" kernel: removes the Triton launchers, the CPU kernels run again
@@ -199,8 +209,13 @@ def test_forward_ops_run_in_the_autocast_dtype(amp_on_cpu, case, dtype):
     with torch.autocast("cpu", dtype=dtype):
         out = call(*leaves)
     assert out.dtype == dtype, case
+    assert amp_on_cpu == [(case, dtype)]  # the op's low-precision kernel ran
     grad = torch.randn(out.shape)
     out.backward(grad.to(dtype))
+    backward_ops = {op for op, _ in amp_on_cpu[1:]}
+    assert backward_ops and all(op.startswith(case) or op == "epilogue_backward"
+                                for op in backward_ops), backward_ops
+    assert {d for _, d in amp_on_cpu} == {dtype}  # the backward in the same dtype
     for leaf in leaves:  # gradients reach the float32 leaves in float32, through the casts
         assert leaf.grad is not None and leaf.grad.dtype == F32
     if case not in VALUES[dtype]:
