@@ -3,26 +3,38 @@ backward (``slimops::batch_norm_act`` / ``slimops::batch_norm_act_backward``).
 
 The input is viewed as a contiguous ``[N, C, HW]`` tensor (HW = 1 for a 2-D input).
 
-Forward, training mode, three launches:
+Forward, training mode:
 
 1. ``_bn_stats_kernel``, grid ``(T, C)``: program (t, c) reduces a fixed range of the
-   ``N * HW`` values of channel c and writes fp32 partials ``psum[t, c]``, ``psumsq[t, c]``.
-2. ``_bn_finalize_kernel``, one program per block of channels: sums the T partials in a
-   fixed order (deterministic: no atomics anywhere) into the batch mean and biased variance,
-   and folds the normalisation into ``alpha = weight * invstd``, ``beta = bias - mean * alpha``.
-3. The epilogue kernel (``slimops.kernels.epilogue``): ``act(x * alpha[c] + beta[c] + residual)``.
+   ``N * HW`` values of channel c into its *moments* ``(count, mean, M2)`` (``M2`` the sum of
+   squared deviations from the range's own mean), written to row t of an fp32
+   ``[3, T, C]`` buffer (planes: count, mean, M2). A convolution with a statistics epilogue
+   writes the same format for its output tiles (``store_tile_moments``).
+2. The merge tree: ``_bn_merge_kernel`` merges groups of up to ``MERGE_ROWS`` (64) rows into
+   one with Chan et al.'s combination, launched until at most ``MERGE_ROWS`` rows remain
+   (``merge_plan``: ``log_64(T)`` launches, a fixed grouping, so the statistics are
+   bit-identical for identical inputs; no atomics anywhere).
+3. ``_bn_finalize_kernel``, one program per block of channels: merges the last (at most
+   ``MERGE_ROWS``) rows into the batch mean and biased variance ``M2 / count`` and folds the
+   normalisation into ``alpha = weight * invstd``, ``beta = bias - mean * alpha``.
+4. The epilogue kernel (``slimops.kernels.epilogue``): ``act(x * alpha[c] + beta[c] + residual)``.
 
-Eval mode skips 1 and reads the running statistics in 2.
+Eval mode skips 1-2 and reads the running statistics in 3.
 
-Numerics of the statistics: ``E[x^2] - E[x]^2`` in fp32 cancels catastrophically when
-``|mean| >> std``. Stage 1 therefore sums *shifted* data ``x - K[c]``, with ``K[c]`` the
-channel's first value ``x[0, c, 0]``: the variance is shift invariant, and with a shift
-drawn from the data itself ``|mean - K|`` is of the order of the std, so the subtraction
-loses only a few bits. Sums accumulate in fp32 lanes (BLOCK partial sums per program, then a
-tree reduction), then a tree over tiles, so the rounding error grows like log(count), not
-count. ``batch_norm_act_from_partials`` takes *unshifted* partials (plain sums and sums of
-squares, which is what a convolution with a statistics epilogue can produce cheaply) and
-runs the same finalize with ``K = 0``; its accuracy is that of the producer's sums.
+Numerics of the statistics: one algorithm on every path (the unfused op and the conv
+epilogues alike), as the C++ kernels' Welford: no ``E[x^2] - E[x]^2`` (which cancels
+catastrophically when ``|mean| >> std``). A tile's moments are taken around the tile's own
+mean (two passes over values held in registers), and moments are merged with
+
+    n = n_a + n_b,  mean = (n_a mean_a + n_b mean_b) / n,
+    M2 = M2_a + M2_b + n_a (mean_a - mean)^2 + n_b (mean_b - mean)^2
+
+(Chan, Golub, LeVeque 1979; the two deviation terms equal its ``delta^2 n_a n_b / n``),
+applied to up to 64 rows at once as a reduction over the rows. Every term is a sum of
+non-negative numbers, so nothing cancels; the error in ``mean`` enters ``M2`` only to
+second order. Counts are fp32 (exact to 2^24 per merged row; beyond that their relative
+error is 6e-8, which moves the merge weights, not the variance's accuracy), and the
+variance divides by the exact ``count`` from the launcher.
 
 Backward: ``g = grad_out * act'(out)`` (the mask read from the output, as
 ``epilogue_backward``); two-stage per-channel sums ``sum(g)`` and ``sum(g * (x - mean))``
@@ -32,10 +44,14 @@ Backward: ``g = grad_out * act'(out)`` (the mask read from the output, as
 ``k_x = -k_g * invstd^2 * sum(g (x - mean)) / count``, ``k_0 = -k_g * sum(g) / count``.
 ``grad_weight = sum(g (x - mean)) * invstd``, ``grad_bias = sum(g)``, both of length C.
 
-Dtypes: fp32 / fp16 / bf16 storage, fp32 arithmetic and statistics. Outputs are in the
-input's dtype, and so are the returned ``mean``/``var`` and ``grad_weight``/``grad_bias``:
-that is what the CPU op returns and what the op's registered fake promises (so the kernels
-can serve as the op's CUDA implementation under torch.compile).
+Dtypes: fp32 / fp16 / bf16 storage, fp32 arithmetic and statistics. ``batch_norm_act``
+(the op launcher) returns ``out``, ``mean``/``var`` and ``grad_weight``/``grad_bias`` in the
+input's dtype: that is what the CPU op and the CUDA C++ kernel return and what the op's
+registered fake promises (so the kernels can serve as the op's CUDA implementation under
+torch.compile). ``batch_norm_act_from_partials`` (the fused conv + BN ops) returns fp32
+``mean``/``var`` for every input dtype, so the statistics those ops save for the backward are
+not rounded to fp16/bf16 (no overflow past 65504, no ``1/std`` from a rounded variance);
+``batch_norm_act_backward`` reads ``mean``/``var`` of either dtype.
 """
 
 from __future__ import annotations
@@ -80,10 +96,21 @@ CONFIGS: List[Dict[str, int]] = [
     {"BLOCK": 1024, "num_warps": 8},
 ]
 
-# The finalize kernels: [FINAL_BLOCK_T, FINAL_BLOCK_C] partials per loop step.
+# The backward's finalize: [FINAL_BLOCK_T, FINAL_BLOCK_C] partials per loop step (its
+# partial rows are split_tiles' tiles, at most 4 waves of programs / C, not per batch).
 FINAL_BLOCK_T = 8
 FINAL_BLOCK_C = 64
 FINAL_WARPS = 2
+
+# The statistics' merge tree: rows of moments one program merges (the tree's fan-in; one
+# [MERGE_ROWS, MERGE_BLOCK_C] load per plane, no loop), channels per program, warps.
+MERGE_ROWS = 64
+MERGE_BLOCK_C = 32
+MERGE_WARPS = 4
+
+# The old finalize (before the tree) walked every partial row serially, FINAL_BLOCK_T rows
+# per loop step; kept as a constant for serial_finalize_iterations (the before figure).
+_SERIAL_ROWS_PER_STEP = 8
 
 
 def _reduce_config(count: int) -> Dict[str, int]:
@@ -92,59 +119,157 @@ def _reduce_config(count: int) -> Dict[str, int]:
     return CONFIGS[0] if interpreting() else pick_config(count, CONFIGS)
 
 
+def merge_plan(num_rows: int) -> List[int]:
+    """The rows of moments entering each launch of the statistics' reduction, the finalize
+    last: ``[num_rows, cdiv(num_rows, 64), ..., r]`` with ``r <= MERGE_ROWS``; every entry but
+    the last is a ``_bn_merge_kernel`` launch. One program reads at most ``MERGE_ROWS`` rows
+    per launch, whatever the batch: ``len(plan) = 1 + ceil(log_64(num_rows))`` launches in a
+    dependent chain instead of one program walking all ``num_rows``."""
+    rows = max(int(num_rows), 0)
+    plan = [rows]
+    while rows > MERGE_ROWS:
+        rows = triton.cdiv(rows, MERGE_ROWS)
+        plan.append(rows)
+    return plan
+
+
+def finalize_rows_per_program(num_rows: int) -> int:
+    """The most rows of moments any one program of the merge tree or the finalize reads (in
+    one vectorised load: one loop iteration): ``min(num_rows, MERGE_ROWS)``."""
+    return min(max(int(num_rows), 0), MERGE_ROWS)
+
+
+def serial_finalize_iterations(num_rows: int) -> int:
+    """Loop iterations of one program of the previous finalize, which walked all
+    ``num_rows`` partial rows ``8`` at a time (``cdiv(num_rows, 8)``): the before figure
+    for ``finalize_rows_per_program``."""
+    return triton.cdiv(max(int(num_rows), 0), _SERIAL_ROWS_PER_STEP)
+
+
+@triton.jit
+def _chan_merge_rows(n, mean, m2):
+    """Chan et al.'s merge of the rows of ``[R, B]`` moment tiles (count, mean, M2; rows
+    with count 0 are empty and contribute nothing) into ``[B]`` moments. One reduction per
+    term over the rows: a fixed tree, so the result depends only on the inputs."""
+    n_tot = tl.reduce(n, 0, _sum_combine)
+    # An all-empty column keeps count 0, mean 0, M2 0 (no division by zero).
+    mean_tot = tl.reduce(n * mean, 0, _sum_combine) / tl.maximum(n_tot, 1.0)
+    d = tl.where(n > 0.0, mean - mean_tot[None, :], 0.0)
+    m2_tot = tl.reduce(m2 + n * d * d, 0, _sum_combine)
+    return n_tot, mean_tot, m2_tot
+
+
+@triton.jit
+def store_tile_moments(moments_ptr, row, num_rows, C, cols, col_mask, z, row_valid):
+    """Store the moments of a tile's values into row ``row`` of the fp32 moments buffer
+    ``[3, num_rows, C]`` (planes: count, mean, M2), one column per channel.
+
+    ``z``: ``[R, B]`` values (any float dtype; fp32 arithmetic), reduced over axis 0;
+    ``row_valid``: ``[R]``, which rows are values (the same for every column: a tile's
+    valid rows are pixels, its columns channels); ``cols``/``col_mask``: the ``[B]``
+    channels and which exist (only those are stored). A tile with no valid row stores
+    count 0 (an empty tile; the merge skips it). The convolutions' ``STATS`` epilogues call
+    this with their output tile as stored (rounded to the output dtype), so batch norm
+    normalises with the moments of the tensor it reads.
+    """
+    rv = row_valid[:, None]
+    zf = tl.where(rv, z.to(tl.float32), 0.0)
+    # The count is per tile (a scalar): one reduction of the row mask, not of a 2-D mask
+    # (registers: the conv forward's 64 x 64 fp32 tile sits near the 255 limit on sm_80).
+    n = tl.reduce(row_valid.to(tl.float32), 0, _sum_combine)
+    mean = tl.reduce(zf, 0, _sum_combine) / tl.maximum(n, 1.0)
+    # Second pass over the registers: deviations from the tile's own mean (no cancellation).
+    d = tl.where(rv, zf - mean[None, :], 0.0)
+    m2 = tl.reduce(d * d, 0, _sum_combine)
+    plane = num_rows.to(tl.int64) * C
+    offs = row.to(tl.int64) * C + cols
+    tl.store(moments_ptr + offs, tl.full(mean.shape, 0.0, tl.float32) + n, mask=col_mask)
+    tl.store(moments_ptr + plane + offs, mean, mask=col_mask)
+    tl.store(moments_ptr + 2 * plane + offs, m2, mask=col_mask)
+
+
+@triton.jit
+def _load_moment_rows(src_ptr, first, rows, C, cs, cm, ROWS: tl.constexpr):
+    """Rows ``[first, first + ROWS)`` (those ``< rows``) of the ``[3, rows, C]`` moments at
+    channels ``cs``: three ``[ROWS, B]`` tiles, absent rows as empty moments."""
+    r = first + tl.arange(0, ROWS)
+    offs = r.to(tl.int64)[:, None] * C + cs[None, :]
+    m = (r < rows)[:, None] & cm[None, :]
+    plane = rows.to(tl.int64) * C
+    n = tl.load(src_ptr + offs, mask=m, other=0.0)
+    mean = tl.load(src_ptr + plane + offs, mask=m, other=0.0)
+    m2 = tl.load(src_ptr + 2 * plane + offs, mask=m, other=0.0)
+    return n, mean, m2
+
+
+@triton.jit
+def _bn_merge_kernel(src_ptr, dst_ptr, C, rows, out_rows,
+                     ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program (g, cb): rows [g * ROWS, (g + 1) * ROWS) of src -> row g of dst, one block of
+    # channels. dst is [3, out_rows, C], out_rows = cdiv(rows, ROWS).
+    g = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cs < C
+    n, mean, m2 = _load_moment_rows(src_ptr, g * ROWS, rows, C, cs, cm, ROWS)
+    n_t, mean_t, m2_t = _chan_merge_rows(n, mean, m2)
+    plane = out_rows.to(tl.int64) * C
+    offs = g.to(tl.int64) * C + cs
+    tl.store(dst_ptr + offs, n_t, mask=cm)
+    tl.store(dst_ptr + plane + offs, mean_t, mask=cm)
+    tl.store(dst_ptr + 2 * plane + offs, m2_t, mask=cm)
+
+
 @triton.jit
 def _bn_stats_kernel(
-    x_ptr, psum_ptr, psumsq_ptr, C, HW, count, per_tile,
+    x_ptr, moments_ptr, C, HW, count, per_tile, num_tiles,
     BLOCK: tl.constexpr,
 ):
     t = tl.program_id(0)
     c = tl.program_id(1)
-    # The shift K[c] = x[0, c, 0] (see the module docstring).
-    k = tl.load(x_ptr + c.to(tl.int64) * HW).to(tl.float32)
     lo = t * per_tile
     hi = tl.minimum(lo + per_tile, count)
-    acc_s = tl.full([BLOCK], 0.0, tl.float32)
-    acc_q = tl.full([BLOCK], 0.0, tl.float32)
+    # The range's moments, one BLOCK chunk at a time: the chunk's own (count, mean, M2) from
+    # two passes over its registers, merged into the running ones with Chan's pairwise
+    # formula (the merge tree's, for two operands).
+    n_acc = 0.0
+    mean_acc = 0.0
+    m2_acc = 0.0
     for start in range(lo, hi, BLOCK):
         j = start + tl.arange(0, BLOCK)
         m = j < hi
-        n = (j // HW).to(tl.int64)
-        v = tl.load(x_ptr + (n * C + c) * HW + j % HW, mask=m, other=0.0).to(tl.float32)
-        d = tl.where(m, v - k, 0.0)
-        acc_s += d
-        acc_q += d * d
-    tl.store(psum_ptr + t * C + c, tl.reduce(acc_s, 0, _sum_combine))
-    tl.store(psumsq_ptr + t * C + c, tl.reduce(acc_q, 0, _sum_combine))
+        nb = (j // HW).to(tl.int64)
+        v = tl.load(x_ptr + (nb * C + c) * HW + j % HW, mask=m, other=0.0).to(tl.float32)
+        cnt = tl.reduce(m.to(tl.float32), 0, _sum_combine)  # >= 1: start < hi
+        mu = tl.reduce(v, 0, _sum_combine) / cnt
+        d = tl.where(m, v - mu, 0.0)
+        n_new = n_acc + cnt
+        delta = mu - mean_acc
+        mean_acc = mean_acc + delta * (cnt / n_new)
+        m2_acc = m2_acc + tl.reduce(d * d, 0, _sum_combine) + delta * delta * (n_acc * cnt / n_new)
+        n_acc = n_new
+    plane = num_tiles.to(tl.int64) * C
+    offs = t.to(tl.int64) * C + c
+    tl.store(moments_ptr + offs, n_acc)
+    tl.store(moments_ptr + plane + offs, mean_acc)
+    tl.store(moments_ptr + 2 * plane + offs, m2_acc)
 
 
 @triton.jit
 def _bn_finalize_kernel(
-    psum_ptr, psumsq_ptr, shift_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr,
+    moments_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr,
     mean_ptr, var_ptr, alpha_ptr, beta_ptr,
-    C, num_tiles, inv_count, eps, shift_stride, rm_stride, rv_stride, w_stride, b_stride,
-    TRAINING: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    C, num_rows, inv_count, eps, rm_stride, rv_stride, w_stride, b_stride,
+    TRAINING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cs < C
     if TRAINING:
-        rows = tl.arange(0, BLOCK_T)
-        acc_s = tl.full([BLOCK_T, BLOCK_C], 0.0, tl.float32)
-        acc_q = tl.full([BLOCK_T, BLOCK_C], 0.0, tl.float32)
-        # Fixed order over the tiles: bit-identical statistics for identical inputs.
-        for t0 in range(0, num_tiles, BLOCK_T):
-            t = t0 + rows
-            offs = t[:, None] * C + cs[None, :]
-            m = (t < num_tiles)[:, None] & cm[None, :]
-            acc_s += tl.load(psum_ptr + offs, mask=m, other=0.0)
-            acc_q += tl.load(psumsq_ptr + offs, mask=m, other=0.0)
-        mean_d = tl.reduce(acc_s, 0, _sum_combine) * inv_count
-        # Rounding can leave a tiny negative value for a constant channel.
-        var = tl.maximum(tl.reduce(acc_q, 0, _sum_combine) * inv_count - mean_d * mean_d, 0.0)
-        mean = mean_d
-        if HAS_SHIFT:
-            mean += tl.load(shift_ptr + cs.to(tl.int64) * shift_stride, mask=cm,
-                            other=0.0).to(tl.float32)
+        # The merge tree's last level: at most ROWS rows (merge_plan), one load.
+        n, mu, m2 = _load_moment_rows(moments_ptr, 0, num_rows, C, cs, cm, ROWS)
+        _n, mean, m2_t = _chan_merge_rows(n, mu, m2)
+        # Biased variance over the exact count (1 / count rounded once, in the launcher).
+        var = m2_t * inv_count
     else:
         mean = tl.load(rm_ptr + cs * rm_stride, mask=cm, other=0.0).to(tl.float32)
         var = tl.load(rv_ptr + cs * rv_stride, mask=cm, other=1.0).to(tl.float32)
@@ -248,33 +373,50 @@ def _stride(v: Optional[Tensor]) -> int:
     return 0 if v is None else v.stride(0)
 
 
+def merge_moments(moments: Tensor) -> Tensor:
+    """Run the merge tree on fp32 ``[3, R, C]`` moments until at most ``MERGE_ROWS`` rows
+    remain (``merge_plan``); returns the ``[3, r, C]`` moments the finalize reads."""
+    c = moments.shape[2]
+    plan = merge_plan(moments.shape[1])
+    for rows, out_rows in zip(plan, plan[1:]):
+        dst = torch.empty((3, out_rows, c), dtype=torch.float32, device=moments.device)
+        _bn_merge_kernel[(out_rows, triton.cdiv(c, MERGE_BLOCK_C))](
+            moments, dst, c, rows, out_rows, ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C,
+            num_warps=MERGE_WARPS,
+        )
+        moments = dst
+    return moments
+
+
 def _finalize_and_apply(
-    x: Tensor, hw: int, psum: Optional[Tensor], psumsq: Optional[Tensor], shifted: bool,
-    count: int,
+    x: Tensor, moments: Optional[Tensor], count: int, stats_dtype: torch.dtype,
     weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
     running_var: Optional[Tensor], training: bool, eps: float, residual: Optional[Tensor],
     activation: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Stage 2 (statistics -> mean, var, alpha, beta) and the normalise pass."""
+    """The merge tree (training), the finalize (moments or running statistics -> mean, var,
+    alpha, beta; ``mean``/``var`` stored in ``stats_dtype``) and the normalise pass."""
     c = x.shape[1]
     dev = x.device
-    mean = torch.empty((c,), dtype=x.dtype, device=dev)
-    var = torch.empty((c,), dtype=x.dtype, device=dev)
+    mean = torch.empty((c,), dtype=stats_dtype, device=dev)
+    var = torch.empty((c,), dtype=stats_dtype, device=dev)
     alpha = torch.empty((c,), dtype=torch.float32, device=dev)
     beta = torch.empty((c,), dtype=torch.float32, device=dev)
+    num_rows = 0
+    if moments is not None:
+        moments = merge_moments(moments)
+        num_rows = moments.shape[1]
     # Absent tensors: dummies of the right dtype, so the signature stays the same.
-    f32 = alpha
-    num_tiles = 0 if psum is None else psum.shape[0]
-    _bn_finalize_kernel[(triton.cdiv(c, FINAL_BLOCK_C),)](
-        f32 if psum is None else psum, f32 if psumsq is None else psumsq, x,
+    _bn_finalize_kernel[(triton.cdiv(c, MERGE_BLOCK_C),)](
+        alpha if moments is None else moments,
         x if running_mean is None else running_mean, x if running_var is None else running_var,
         x if weight is None else weight, x if bias is None else bias,
         mean, var, alpha, beta,
         # 1 / count in Python: exact in double, then one rounding to fp32.
-        c, num_tiles, 1.0 / max(count, 1), float(eps), hw,
+        c, num_rows, 1.0 / max(count, 1), float(eps),
         _stride(running_mean), _stride(running_var), _stride(weight), _stride(bias),
-        TRAINING=training, HAS_SHIFT=shifted, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_T=FINAL_BLOCK_T, BLOCK_C=FINAL_BLOCK_C, num_warps=FINAL_WARPS,
+        TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None,
+        ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_WARPS,
     )
     out = epilogue(x, None, alpha, beta, residual, activation)
     return out, mean, var
@@ -309,7 +451,8 @@ def batch_norm_act(
 
     ``input [N, C, *]``; ``weight``/``bias`` (γ, β) and ``running_mean``/``running_var``:
     length-``C`` vectors or None, read through their strides. Training normalises with the
-    batch statistics (deterministic two-stage reduction), eval with the running ones
+    batch statistics (per-tile moments merged by a fixed tree: deterministic), eval with the
+    running ones
     (required then); the running stats are never written (the op is functional: the caller
     folds the returned statistics in). Returns ``(out, mean, var)``: ``out`` contiguous in
     the input's dtype, ``mean``/``var`` (biased) the statistics used, in the input's dtype.
@@ -329,24 +472,25 @@ def batch_norm_act(
     if not training and (running_mean is None or running_var is None):
         raise ValueError("slimops.kernels.batch_norm_act: eval mode needs running_mean and running_var")
     x = input.contiguous()
+    # The op's contract (CPU op, CUDA C++ kernel, fake): statistics in the input's dtype.
     if not training:
-        return _finalize_and_apply(x, hw, None, None, False, count, weight, bias, running_mean,
+        return _finalize_and_apply(x, None, count, x.dtype, weight, bias, running_mean,
                                    running_var, False, eps, residual, activation)
     cfg = _reduce_config(count)
     num_tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], x.device)
-    psum = torch.empty((num_tiles, c), dtype=torch.float32, device=x.device)
-    psumsq = torch.empty_like(psum)
+    # Every (tile, channel) program writes its row: no zero fill.
+    moments = torch.empty((3, num_tiles, c), dtype=torch.float32, device=x.device)
     _bn_stats_kernel[(num_tiles, c)](
-        x, psum, psumsq, c, hw, count, per_tile, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+        x, moments, c, hw, count, per_tile, num_tiles,
+        BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
-    return _finalize_and_apply(x, hw, psum, psumsq, True, count, weight, bias, None, None, True,
+    return _finalize_and_apply(x, moments, count, x.dtype, weight, bias, None, None, True,
                                eps, residual, activation)
 
 
 def batch_norm_act_from_partials(
     z: Tensor,
-    psum: Tensor,
-    psumsq: Tensor,
+    moments: Tensor,
     count: int,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
@@ -354,27 +498,26 @@ def batch_norm_act_from_partials(
     residual: Optional[Tensor],
     activation: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Training-mode ``batch_norm_act`` of ``z [N, C, *]`` from precomputed statistics.
+    """Training-mode ``batch_norm_act`` of ``z [N, C, *]`` from precomputed moments.
 
-    ``psum``/``psumsq``: fp32 ``[num_tiles, C]`` partial sums and sums of squares of the raw
-    (unshifted) values of ``z`` per channel, ``count`` values per channel in all: what a
-    convolution with a statistics epilogue writes, so the batch norm does not read ``z`` an
-    extra time. Finalises them (fixed-order reduction) into the batch mean and biased
-    variance and normalises. Returns ``(out, mean, var)`` as ``batch_norm_act``.
+    ``moments``: fp32 ``[3, R, C]``, planes count, mean and M2 (sum of squared deviations
+    from that row's mean) of disjoint pieces of each channel's values of ``z``, ``count``
+    values per channel in all (a row may be empty: count 0): what a convolution with a
+    statistics epilogue writes (``store_tile_moments``), so the batch norm does not read
+    ``z`` an extra time. Merges them (Chan's formula, a fixed tree) into the batch mean and
+    biased variance and normalises. Returns ``(out, mean, var)``: ``out`` in ``z``'s dtype,
+    ``mean``/``var`` fp32 for every dtype (what the fused ops save for the backward).
     """
-    check_device(z, psum, psumsq, weight, bias, residual)
+    check_device(z, moments, weight, bias, residual)
     n, c, hw = _check_common(z, weight, bias, residual, activation, "batch_norm_act_from_partials")
-    for name, p in (("psum", psum), ("psumsq", psumsq)):
-        if p.dtype != torch.float32 or p.dim() != 2 or p.shape[1] != c:
-            raise ValueError(f"slimops.kernels.batch_norm_act_from_partials: {name} must be fp32 "
-                             f"[num_tiles, {c}], got {p.dtype} {tuple(p.shape)}")
-    if psum.shape != psumsq.shape:
-        raise ValueError("slimops.kernels.batch_norm_act_from_partials: psum and psumsq differ in shape")
+    if moments.dtype != torch.float32 or moments.dim() != 3 or moments.shape[0] != 3 \
+            or moments.shape[2] != c:
+        raise ValueError(f"slimops.kernels.batch_norm_act_from_partials: moments must be fp32 "
+                         f"[3, rows, {c}], got {moments.dtype} {tuple(moments.shape)}")
     if count <= 1:
         raise ValueError(f"slimops.kernels.batch_norm_act_from_partials: count must be > 1, got {count}")
-    return _finalize_and_apply(z.contiguous(), hw, psum.contiguous(), psumsq.contiguous(), False,
-                               int(count), weight, bias, None, None, True, eps, residual,
-                               activation)
+    return _finalize_and_apply(z.contiguous(), moments.contiguous(), int(count), torch.float32,
+                               weight, bias, None, None, True, eps, residual, activation)
 
 
 def batch_norm_act_backward(
@@ -391,7 +534,9 @@ def batch_norm_act_backward(
     """``slimops::batch_norm_act_backward``: ``(grad_input, grad_weight, grad_bias)``.
 
     ``mean``/``var``: the statistics the forward returned (batch ones in training, running
-    ones in eval); ``out``: the forward's output (the activation's mask is read from it).
+    ones in eval), in the input's dtype (the op's) or fp32 (the fused conv + BN ops' saved
+    statistics); read as fp32 either way. ``out``: the forward's output (the activation's
+    mask is read from it).
     In training the gradient also flows through the batch statistics. ``grad_weight`` and
     ``grad_bias`` have length ``C`` (the active width; computed even when ``weight`` is
     None, as the CPU op does) and the input's dtype.
@@ -443,29 +588,40 @@ def batch_norm_act_backward(
 
 
 def aot_cases() -> List[AotCase]:
-    """Per dtype: the statistics and backward kernels for every configuration, the finalize
-    kernels in training and eval (with and without γ/β), the normalise pass (the epilogue
-    kernel with fp32 alpha/beta) without and with residual + relu6, and the backward's
-    elementwise pass in training/eval without and with relu6."""
+    """The merge-tree kernel (fp32 only); per dtype: the statistics and backward kernels for
+    every configuration, the finalize kernels in training and eval (with and without γ/β),
+    the normalise pass (the epilogue kernel with fp32 alpha/beta) without and with residual
+    + relu6, and the backward's elementwise pass in training/eval without and with relu6.
+    For fp16/bf16 also the training kernels with fp32 saved statistics (``*_f32stats``:
+    what the fused conv + BN ops' forward writes and backward reads)."""
     cases: List[AotCase] = []
-    f32 = {"inv_count": "fp32", "psum_ptr": "*fp32", "psumsq_ptr": "*fp32", "alpha_ptr": "*fp32", "beta_ptr": "*fp32",
+    f32 = {"inv_count": "fp32", "moments_ptr": "*fp32", "src_ptr": "*fp32",
+           "dst_ptr": "*fp32", "alpha_ptr": "*fp32", "beta_ptr": "*fp32",
            "psg_ptr": "*fp32", "psgx_ptr": "*fp32", "kg_ptr": "*fp32", "kx_ptr": "*fp32",
            "k0_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "eps": "fp32"}
+    f32_stats = {**f32, "mean_ptr": "*fp32", "var_ptr": "*fp32"}
+    ce = dict(ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C)
+    cases.append(AotCase("bn_merge", _bn_merge_kernel,
+                         aot_signature(_bn_merge_kernel, "*fp32", ce, f32), ce, MERGE_WARPS))
     for dtype in DTYPES:
         ptr = TRITON_PTR[dtype]
         tag = str(dtype).split(".")[-1]
+        # (saved statistics' overrides, name suffix): the input's dtype, and for fp16/bf16
+        # fp32 as well (training only: the fused ops).
+        stat_kinds = [(f32, "")] + ([] if dtype == torch.float32 else [(f32_stats, "_f32stats")])
         for training in (True, False):
             mode = "train" if training else "eval"
-            ce = dict(TRAINING=training, HAS_SHIFT=training, HAS_W=training, HAS_B=training,
-                      BLOCK_T=FINAL_BLOCK_T, BLOCK_C=FINAL_BLOCK_C)
-            # The finalize reads the shift from x (input dtype), not an fp32 vector.
-            sig = aot_signature(_bn_finalize_kernel, ptr, ce, {**f32, "shift_ptr": ptr})
-            cases.append(AotCase(f"bn_finalize_{tag}_{mode}", _bn_finalize_kernel, sig, ce,
-                                 FINAL_WARPS))
-            ce = dict(TRAINING=training, HAS_W=True, BLOCK_T=FINAL_BLOCK_T, BLOCK_C=FINAL_BLOCK_C)
-            cases.append(AotCase(
-                f"bn_backward_finalize_{tag}_{mode}", _bn_backward_finalize_kernel,
-                aot_signature(_bn_backward_finalize_kernel, ptr, ce, f32), ce, FINAL_WARPS))
+            for over, sfx in stat_kinds if training else stat_kinds[:1]:
+                ce = dict(TRAINING=training, HAS_W=training, HAS_B=training,
+                          ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C)
+                cases.append(AotCase(f"bn_finalize_{tag}_{mode}{sfx}", _bn_finalize_kernel,
+                                     aot_signature(_bn_finalize_kernel, ptr, ce, over), ce,
+                                     MERGE_WARPS))
+                ce = dict(TRAINING=training, HAS_W=True, BLOCK_T=FINAL_BLOCK_T,
+                          BLOCK_C=FINAL_BLOCK_C)
+                cases.append(AotCase(
+                    f"bn_backward_finalize_{tag}_{mode}{sfx}", _bn_backward_finalize_kernel,
+                    aot_signature(_bn_backward_finalize_kernel, ptr, ce, over), ce, FINAL_WARPS))
         # The normalise pass is the epilogue kernel, launched with the epilogue's configs.
         for cfg in EPILOGUE_CONFIGS:
             block, warps = cfg["BLOCK"], cfg["num_warps"]
@@ -483,18 +639,19 @@ def aot_cases() -> List[AotCase]:
                                  aot_signature(_bn_stats_kernel, ptr, ce, f32), ce, warps))
             for full in (False, True):
                 act = ACT_RELU6 if full else ACT_NONE
-                ce = dict(ACT=act, BLOCK=block)
-                cases.append(AotCase(
-                    f"bn_backward_stats_{suffix}_{'relu6' if full else 'plain'}",
-                    _bn_backward_stats_kernel,
-                    aot_signature(_bn_backward_stats_kernel, ptr, ce, f32), ce, warps))
-                for training in (True, False):
-                    ce = dict(ACT=act, TRAINING=training, BLOCK=block)
+                act_tag = "relu6" if full else "plain"
+                for over, sfx in stat_kinds:
+                    ce = dict(ACT=act, BLOCK=block)
                     cases.append(AotCase(
-                        f"bn_backward_apply_{suffix}_{'relu6' if full else 'plain'}_"
-                        f"{'train' if training else 'eval'}",
-                        _bn_backward_apply_kernel,
-                        aot_signature(_bn_backward_apply_kernel, ptr, ce, f32), ce, warps))
+                        f"bn_backward_stats_{suffix}_{act_tag}{sfx}", _bn_backward_stats_kernel,
+                        aot_signature(_bn_backward_stats_kernel, ptr, ce, over), ce, warps))
+                    for training in (True, False) if not sfx else (True,):
+                        ce = dict(ACT=act, TRAINING=training, BLOCK=block)
+                        cases.append(AotCase(
+                            f"bn_backward_apply_{suffix}_{act_tag}_"
+                            f"{'train' if training else 'eval'}{sfx}",
+                            _bn_backward_apply_kernel,
+                            aot_signature(_bn_backward_apply_kernel, ptr, ce, over), ce, warps))
     # Compilable JITFunctions even when the tests run under the interpreter.
     for case in cases:
         case.fn = compiled(case.fn)
@@ -507,4 +664,9 @@ __all__ = [
     "batch_norm_act",
     "batch_norm_act_backward",
     "batch_norm_act_from_partials",
+    "finalize_rows_per_program",
+    "merge_moments",
+    "merge_plan",
+    "serial_finalize_iterations",
+    "store_tile_moments",
 ]

@@ -113,15 +113,25 @@ def test_backward_matches_autograd_and_cpu_op(shape, training, activation, affin
             torch.testing.assert_close(got, want, **tol)
 
 
+def _moments(pieces):
+    """fp32 [3, R, C] moments (count, mean, M2) of a list of [C, n_i] pieces (n_i may be 0:
+    an empty row), computed in float64: the format a statistics epilogue hands over."""
+    rows = []
+    for p in pieces:
+        p = p.double()
+        n = p.shape[1]
+        mean = p.mean(1) if n else torch.zeros(p.shape[0], dtype=torch.float64)
+        m2 = ((p - mean[:, None]) ** 2).sum(1)
+        rows.append(torch.stack([torch.full_like(mean, float(n)), mean, m2]))
+    return torch.stack(rows, 1).float().contiguous()
+
+
 def _tile_partials(z: torch.Tensor, tiles: int):
-    """Plain (unshifted) per-tile sums and sums of squares, [tiles, C] fp32: what a
-    convolution with a statistics epilogue hands over."""
+    """Per-tile moments, [3, tiles, C] fp32, of each channel's values split into ``tiles``
+    near-equal pieces, and the count per channel."""
     c = z.shape[1]
     per_channel = z.float().transpose(0, 1).reshape(c, -1)
-    chunks = per_channel.tensor_split(tiles, dim=1)
-    psum = torch.stack([ch.sum(1) for ch in chunks])
-    psumsq = torch.stack([(ch * ch).sum(1) for ch in chunks])
-    return psum.contiguous(), psumsq.contiguous(), per_channel.shape[1]
+    return _moments(per_channel.tensor_split(tiles, dim=1)).to(z.device), per_channel.shape[1]
 
 
 @pytest.mark.parametrize("tiles", [1, 3, 13])
@@ -132,8 +142,8 @@ def test_from_partials_matches_batch_statistics(shape, activation, tiles):
     z = torch.randn(shape, device=DEVICE) * 1.5 - 0.5
     w, b, _, _ = _params(c, c + 1)
     res = torch.randn(shape, device=DEVICE) if activation else None
-    psum, psumsq, count = _tile_partials(z, tiles)
-    out, mean, var = K.batch_norm_act_from_partials(z, psum, psumsq, count, w, b, EPS, res,
+    moments, count = _tile_partials(z, tiles)
+    out, mean, var = K.batch_norm_act_from_partials(z, moments, count, w, b, EPS, res,
                                                     activation)
     expected = F.batch_norm(z, None, None, w, b, True, 0.0, EPS)
     if res is not None:
@@ -146,6 +156,123 @@ def test_from_partials_matches_batch_statistics(shape, activation, tiles):
     # the same as the op's own two-stage statistics
     out2, _, _ = K.batch_norm_act(z, w, b, None, None, True, EPS, res, activation)
     torch.testing.assert_close(out, out2, **TOL[torch.float32])
+
+
+def _tree_case(counts, c=3, seed=0):
+    """Pieces of the given sizes per channel (far from zero mean, spread means per piece),
+    their moments, and all the values as a float64 [C, total] tensor."""
+    g = torch.Generator().manual_seed(seed)
+    pieces = [torch.randn(c, n, generator=g, dtype=torch.float64) * (1 + i % 5)
+              + 50.0 + (i % 7) for i, n in enumerate(counts)]
+    pieces = [p.float().double() for p in pieces]  # values exactly representable in fp32
+    return _moments(pieces), torch.cat(pieces, 1)
+
+
+def _merged(moments):
+    """The merge tree and the finalize's merge, in the kernels: merged [3, 1, C] moments
+    (the finalize's last merge is the same _chan_merge_rows as the tree's)."""
+    m = K.merge_moments(moments.to(DEVICE))
+    assert m.shape[1] <= K.MERGE_ROWS
+    if m.shape[1] > 1:  # one more merge launch, as the finalize would do in its program
+        dst = torch.empty((3, 1, m.shape[2]), dtype=torch.float32, device=m.device)
+        K._bn_merge_kernel[(1, -(-m.shape[2] // K.MERGE_BLOCK_C))](
+            m, dst, m.shape[2], m.shape[1], 1, ROWS=K.MERGE_ROWS, BLOCK_C=K.MERGE_BLOCK_C)
+        m = dst
+    return m[:, 0].cpu()
+
+
+@pytest.mark.parametrize("counts", [
+    [37],                                    # 1 row: nothing to merge
+    [5] * 64,                                # exactly one group
+    [5] * 65,                                # one row over: two levels
+    [1 + (7 * i) % 11 for i in range(4097)],  # 4097 uneven rows: three levels
+    [9, 0, 4, 0, 0, 1, 30] * 10,             # empty rows mixed in
+    [0] * 63 + [12],                         # all but one empty
+], ids=["1", "64", "65", "4097_uneven", "empty_rows", "one_nonempty"])
+def test_merge_tree_matches_float64(counts):
+    moments, values = _tree_case(counts)
+    n, mean, m2 = _merged(moments)
+    total = values.shape[1]
+    assert torch.equal(n, torch.full_like(n, float(total)))
+    want_mean = values.mean(1)
+    want_m2 = ((values - want_mean[:, None]) ** 2).sum(1)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(m2.double(), want_m2, rtol=1e-5, atol=0)
+
+
+def test_merge_tree_levels_and_determinism():
+    moments, _ = _tree_case([3] * 4097)
+    assert K.merge_plan(4097) == [4097, 65, 2]
+    a, b = _merged(moments), _merged(moments.clone())
+    assert torch.equal(a, b)
+
+
+def test_merge_plan_and_finalize_rows_per_program():
+    assert K.merge_plan(1) == [1]
+    assert K.merge_plan(64) == [64]
+    assert K.merge_plan(65) == [65, 2]
+    assert K.merge_plan(64 * 64) == [4096, 64]
+    assert K.merge_plan(64 * 64 + 1) == [4097, 65, 2]
+    # The stem of S-MobileNet v2 at batch 256 (112 x 112 output, 32 channels, 32-row conv
+    # tiles): the serial finalize walked 100,352 rows 8 at a time; the tree reads at most 64
+    # rows per program, in 3 launches.
+    rows = 256 * 112 * 112 // 32
+    assert K.serial_finalize_iterations(rows) == 12544
+    assert K.finalize_rows_per_program(rows) == 64
+    assert len(K.merge_plan(rows)) == 3
+    for r in (1, 7, 64, 65, 100352, 10 ** 7):
+        plan = K.merge_plan(r)
+        assert plan[0] == r and plan[-1] <= K.MERGE_ROWS
+        assert all(b == -(-a // K.MERGE_ROWS) for a, b in zip(plan, plan[1:]))
+        assert K.finalize_rows_per_program(r) == min(r, K.MERGE_ROWS)
+
+
+def test_fp16_variance_at_mean_over_std_100():
+    """Issue 17: |mean| / std = 100 in fp16, relative variance error < 1e-5 against float64
+    statistics of the same stored fp16 values: the merge tree and finalize from per-tile
+    moments (here exact ones rounded to fp32; tests/kernels/test_kernels_conv_bn_train.py
+    takes them from a convolution's statistics epilogue), fp32 statistics returned."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 3, 40, 40, generator=g) * 8.0 + 800.0).to(torch.float16).to(DEVICE)
+    xd = x.double()
+    dims = [0, 2, 3]
+    want_var = xd.var(dims, unbiased=False)
+    want_mean = xd.mean(dims)
+    ratio = (want_mean.abs() / want_var.sqrt()).min()
+    assert ratio > 90  # the regime the issue names
+    # 301 tiles of uneven size
+    per_channel = x.float().transpose(0, 1).reshape(3, -1)
+    moments = _moments(per_channel.tensor_split(301, dim=1)).to(DEVICE)
+    _, mean, var = K.batch_norm_act_from_partials(x, moments, per_channel.shape[1], None,
+                                                  None, EPS, None, 0)
+    assert mean.dtype == var.dtype == torch.float32
+    assert float(((var.double() - want_var) / want_var).abs().max()) < 1e-5
+    assert float(((mean.double() - want_mean) / want_mean).abs().max()) < 1e-6
+    # The op returns its statistics in fp16 (the op's contract: CPU op, CUDA C++ kernel,
+    # fake), so here only to fp16's resolution; its fp32 moments are checked before that
+    # rounding in test_op_statistics_kernel_matches_float64_before_rounding.
+    _, mean16, var16 = K.batch_norm_act(x, None, None, None, None, True, EPS, None, 0)
+    assert mean16.dtype == var16.dtype == torch.float16
+    torch.testing.assert_close(var16.double(), want_var, rtol=1e-3, atol=0)
+
+
+def test_op_statistics_kernel_matches_float64_before_rounding():
+    """The unfused op's per-tile moments (``_bn_stats_kernel``: chunks merged with Chan's
+    pairwise formula) at |mean| / std = 100: its fp32 variance, read from the moments before
+    the op rounds to the input dtype, to < 1e-5 relative of float64."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 2, 50, 50, generator=g) * 4.0 + 400.0).to(torch.float16).to(DEVICE)
+    n, c, hw = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
+    count = n * hw
+    block = K._reduce_config(count)["BLOCK"]
+    tiles, per_tile = 3, -(-count // (3 * block)) * block
+    moments = torch.empty((3, tiles, c), dtype=torch.float32, device=DEVICE)
+    K._bn_stats_kernel[(tiles, c)](x, moments, c, hw, count, per_tile, tiles, BLOCK=block)
+    merged = _merged(moments)
+    xd = x.double().transpose(0, 1).reshape(c, -1)
+    assert torch.equal(merged[0], torch.full((c,), float(count)))
+    want = xd.var(1, unbiased=False)
+    assert float(((merged[2].double() / count - want) / want).abs().max()) < 1e-5
 
 
 def test_variance_survives_a_large_mean():
@@ -212,15 +339,19 @@ def test_bad_arguments_raise():
         K.batch_norm_act(x[:1, :, :1, :1], None, None, None, None, True, EPS, None, 0)
     with pytest.raises(ValueError):
         K.batch_norm_act(x, torch.ones(4, device=DEVICE), None, None, None, True, EPS, None, 0)
-    with pytest.raises(ValueError):
-        K.batch_norm_act_from_partials(x, torch.zeros(2, 3, dtype=torch.float64, device=DEVICE),
-                                       torch.zeros(2, 3, device=DEVICE), 32, None, None, EPS,
+    with pytest.raises(ValueError):  # fp32 moments only
+        K.batch_norm_act_from_partials(x, torch.zeros(3, 2, 3, dtype=torch.float64,
+                                                      device=DEVICE), 32, None, None, EPS,
                                        None, 0)
+    with pytest.raises(ValueError):  # [3, rows, C]: three planes
+        K.batch_norm_act_from_partials(x, torch.zeros(2, 2, 3, device=DEVICE), 32, None, None,
+                                       EPS, None, 0)
 
 
 def test_aot_representative_case_has_no_spills():
     cases = {c.name: c for c in K.aot_cases()}
-    for name in ("bn_stats_float32_b512_w4", "bn_finalize_float32_train"):
+    for name in ("bn_stats_float32_b512_w4", "bn_finalize_float32_train", "bn_merge",
+                 "bn_finalize_float16_train_f32stats"):
         r = _aot.compile_case(cases[name], 90)
         assert r.registers > 0
         assert r.spill_bytes == 0 and r.stack_bytes == 0, name
@@ -232,7 +363,9 @@ def test_bf16_compiles():
     for name in ("bn_stats_bfloat16_b1024_w8", "bn_apply_bfloat16_b1024_w4_res_relu6",
                  "bn_backward_stats_bfloat16_b1024_w8_relu6",
                  "bn_backward_finalize_bfloat16_train",
-                 "bn_backward_apply_bfloat16_b1024_w8_relu6_train"):
+                 "bn_backward_apply_bfloat16_b1024_w8_relu6_train",
+                 "bn_finalize_bfloat16_train_f32stats",
+                 "bn_backward_stats_bfloat16_b1024_w8_relu6_f32stats"):
         r = _aot.compile_case(cases[name], 90)
         assert r.registers > 0 and r.spill_bytes == 0 and r.stack_bytes == 0, name
 
