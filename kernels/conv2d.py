@@ -23,10 +23,10 @@ weight gradient            og output channels   ig (one tap/program)   N * Ho * 
 =========================  ===================  =====================  ====================
 
 * The forward fuses ``act((z + bias[c]) * scale[c] + shift[c] + residual)``, each term under a
-  constexpr flag so an absent term costs nothing. With ``STATS`` it also reduces, per
-  output channel, the sum and sum of squares of its tile's (bias-added) outputs into row
-  ``pid_m`` of fp32 ``[num_m_tiles, out_channels]`` buffers: deterministic, no atomics; the
-  batch norm's finalize sums the rows.
+  constexpr flag so an absent term costs nothing. With ``STATS`` it also stores, per
+  output channel, the moments (count, mean, M2) of its tile's (bias-added) outputs into row
+  ``pid_m`` of an fp32 ``[3, num_m_tiles, out_channels]`` buffer: deterministic, no atomics;
+  the batch norm's merge tree combines the rows.
 * The weight gradient's K (every output pixel of the batch) is long and its M x N small at
   narrow widths, so K is split over programs that write fp32 partials, summed in a fixed
   order afterwards (deterministic); with one split the kernel writes the weight's dtype
@@ -57,12 +57,12 @@ from slimops.kernels._common import (
     image_span,
     interpreting,
 )
+from slimops.kernels.batch_norm_act import store_tile_moments
 from slimops.kernels.epilogue import (
     DTYPES,
     _activate,
     _check_activation,
     _sm_count,
-    _sum_combine,
     aot_signature,
     compiled,
 )
@@ -115,7 +115,7 @@ def _dot(a, b, acc, ALLOW_TF32: tl.constexpr):
 
 @triton.jit
 def _conv_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, psum_ptr, psumsq_ptr,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, moments_ptr,
     H, W, Ho, Wo, M, og, ig, rows_per_group, KH, KW, C_out,
     sxn, sxc, sxh, sxw, swo, swi, swh, sww,
     bias_stride, scale_stride, shift_stride,
@@ -175,12 +175,11 @@ def _conv_forward_kernel(
     c = g * og + rn  # output channel
     mask = mmask[:, None] & nmask[None, :]
     if STATS:
-        # Statistics of the stored values (rounded to the output dtype), so that batch norm
-        # normalises with the exact moments of the tensor it reads.
-        zs = tl.where(mask, acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
-        stat = pid_m.to(tl.int64) * C_out + c
-        tl.store(psum_ptr + stat, tl.reduce(zs, 0, _sum_combine), mask=nmask)
-        tl.store(psumsq_ptr + stat, tl.reduce(zs * zs, 0, _sum_combine), mask=nmask)
+        # The tile's per-channel moments (count, mean, M2) into row pid_m, of the stored
+        # values (rounded to the output dtype), so batch norm normalises with the moments
+        # of the tensor it reads.
+        store_tile_moments(moments_ptr, pid_m, tl.num_programs(0), C_out, c, nmask,
+                           acc.to(out_ptr.dtype.element_ty), mmask)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + c * scale_stride, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if HAS_SHIFT:
@@ -363,7 +362,7 @@ def _forward(
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
     scale: Optional[Tensor], shift: Optional[Tensor], residual: Optional[Tensor],
     activation: int, stats: bool,
-) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+) -> Tuple[Tensor, Optional[Tensor]]:
     _check_activation(activation)
     check_device(input, weight, bias, scale, shift, residual)
     _check_dtypes(input, weight, bias, scale, shift, residual)
@@ -382,12 +381,13 @@ def _forward(
     m = n * ho * wo
     cfg = _pick(m, og)
     num_m = triton.cdiv(m, cfg["BLOCK_M"])
-    psum = psumsq = None
+    moments = None
     if stats:
-        psum = torch.zeros((num_m, out_channels), dtype=torch.float32, device=input.device)
-        psumsq = torch.zeros_like(psum)
+        # Every (M tile, channel) is written by the kernel: no zero fill.
+        moments = torch.empty((3, num_m, out_channels), dtype=torch.float32,
+                              device=input.device)
     if m == 0:
-        return out, psum, psumsq
+        return out, moments
     if residual is not None:
         # An activation, not a weight: read with the output's offsets (a no-op when it is
         # already contiguous, the usual case).
@@ -397,7 +397,7 @@ def _forward(
     _conv_forward_kernel[grid](
         input, weight, out if bias is None else bias, out if scale is None else scale,
         out if shift is None else shift, out if residual is None else residual, out,
-        out if psum is None else psum, out if psumsq is None else psumsq,
+        out if moments is None else moments,
         h, w, ho, wo, m, og, ig, rows, weight.shape[2], weight.shape[3], out_channels,
         *input.stride(), *weight.stride(),
         0 if bias is None else bias.stride(0), 0 if scale is None else scale.stride(0),
@@ -409,7 +409,7 @@ def _forward(
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out, psum, psumsq
+    return out, moments
 
 
 def conv2d(
@@ -449,17 +449,18 @@ def conv2d_with_stats(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """The forward of ``conv2d`` (bias added, no other epilogue) returning
-    ``(z, psum, psumsq)``: ``psum``/``psumsq`` are fp32 ``[num_m_tiles, out_channels]``, row
-    ``i`` the per-channel sum / sum of squares of ``z`` over the ``i``-th tile of output
-    pixels (``N * Ho * Wo`` in NHW order). ``psum.sum(0)`` is the channel sum over (N, H, W);
-    the batch norm's finalize computes ``mean = psum.sum(0) / count`` from it. The statistics
-    are those of ``z`` as stored (rounded to its dtype), reduced in fp32, deterministically.
+) -> Tuple[Tensor, Tensor]:
+    """The forward of ``conv2d`` (bias added, no other epilogue) returning ``(z, moments)``:
+    ``moments`` is fp32 ``[3, num_m_tiles, out_channels]``, planes count, mean and M2 (sum
+    of squared deviations from the tile's mean), row ``i`` those of ``z`` per channel over
+    the ``i``-th tile of output pixels (``N * Ho * Wo`` in NHW order; the last tile may be
+    shorter). The batch norm merges the rows (``batch_norm_act_from_partials``). The
+    statistics are those of ``z`` as stored (rounded to its dtype), in fp32,
+    deterministically (``slimops.kernels.batch_norm_act.store_tile_moments``).
     """
-    z, psum, psumsq = _forward(input, weight, bias, out_channels, stride, padding, dilation,
-                               groups, None, None, None, ACT_NONE, True)
-    return z, psum, psumsq  # type: ignore[return-value]
+    z, moments = _forward(input, weight, bias, out_channels, stride, padding, dilation,
+                          groups, None, None, None, ACT_NONE, True)
+    return z, moments  # type: ignore[return-value]
 
 
 def conv2d_backward_input(
@@ -592,7 +593,7 @@ def aot_cases() -> List[AotCase]:
                 tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                              BLOCK_K=cfg["BLOCK_K"], ALLOW_TF32=tf32)
                 launch = (cfg["num_warps"], cfg["num_stages"])
-                stats_ptrs = {"psum_ptr": "*fp32", "psumsq_ptr": "*fp32"}
+                stats_ptrs = {"moments_ptr": "*fp32"}
                 for mode in ("plain", "full", "stats"):
                     full = mode == "full"
                     ce = dict(HAS_BIAS=mode != "plain", HAS_SCALE=full, HAS_SHIFT=full,

@@ -169,19 +169,25 @@ def test_every_config(monkeypatch, cfg):
 def test_with_stats(case, dtype):
     a = _make(case, dtype)
     bias = a["bias"] if a["bias"] is not None else torch.randn(a["weight"].shape[0]).to(dtype)
-    z, psum, psumsq = K.conv2d_with_stats(a["x"], a["weight"], bias, a["cout"], a["stride"],
-                                          a["padding"], a["dilation"], a["groups"])
+    z, moments = K.conv2d_with_stats(a["x"], a["weight"], bias, a["cout"], a["stride"],
+                                     a["padding"], a["dilation"], a["groups"])
     expected = reference.conv2d(a["x"].float(), a["weight"].float(), bias.float(), a["cout"],
                                 a["stride"], a["padding"], a["dilation"], a["groups"])
     torch.testing.assert_close(z.float(), expected, **_tols(dtype, expected))
     m = z.shape[0] * z.shape[2] * z.shape[3]
     block_m = K._pick(m, a["cout"] // a["groups"])["BLOCK_M"]
-    assert psum.dtype == psumsq.dtype == torch.float32
-    assert psum.shape == psumsq.shape == (-(-m // block_m), a["cout"])
-    zf = z.float()
-    # The statistics are those of z as stored, reduced in fp32.
-    torch.testing.assert_close(psum.sum(0), zf.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(psumsq.sum(0), (zf * zf).sum((0, 2, 3)), rtol=1e-5, atol=1e-3)
+    assert moments.dtype == torch.float32
+    assert moments.shape == (3, -(-m // block_m), a["cout"])
+    # Row i: the moments (count, mean, M2) of z as stored over the i-th tile of block_m
+    # output pixels in (n, h, w) order; the last tile is shorter when block_m does not
+    # divide m.
+    tiles = z.float().transpose(0, 1).reshape(a["cout"], m).split(block_m, dim=1)
+    count = torch.tensor([[t.shape[1]] * a["cout"] for t in tiles], dtype=torch.float32)
+    mean = torch.stack([t.mean(1) for t in tiles])
+    m2 = torch.stack([((t - t.mean(1, keepdim=True)) ** 2).sum(1) for t in tiles])
+    assert torch.equal(moments[0], count)
+    torch.testing.assert_close(moments[1], mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moments[2], m2, rtol=1e-4, atol=1e-4)
 
 
 def test_stats_several_tiles_deterministic():
