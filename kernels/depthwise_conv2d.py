@@ -12,10 +12,10 @@ slimops exists to avoid.
   ``act((z + bias[c]) * scale[c] + shift[c] + residual)`` is fused into the same pass, each
   term switched by a constexpr flag so an absent term costs nothing.
 * Forward with statistics (``depthwise_conv2d_with_stats``): the same kernel under the
-  ``STATS`` constexpr (bias only, no other epilogue) also reduces each program's sum and sum
-  of squares of its stored outputs into row ``n * num_pixel_blocks + pixel_block``, column
-  ``c`` of fp32 ``[N * num_pixel_blocks, C]`` buffers: deterministic, no atomics; the batch
-  norm's finalize (``batch_norm_act_from_partials``) sums the rows.
+  ``STATS`` constexpr (bias only, no other epilogue) also stores the moments (count, mean,
+  M2) of each program's stored outputs into row ``n * num_pixel_blocks + pixel_block``,
+  column ``c`` of an fp32 ``[3, N * num_pixel_blocks, C]`` buffer: deterministic, no
+  atomics; the batch norm (``batch_norm_act_from_partials``) merges the rows.
 * Input gradient (``depthwise_conv2d_backward_input``): a gather, one program per (plane,
   block of input pixels): each input pixel sums the output pixels that read it, so there
   are no atomics and the result is deterministic.
@@ -48,6 +48,7 @@ from slimops.kernels._common import (
     conv_geometry,
     image_span,
 )
+from slimops.kernels.batch_norm_act import store_tile_moments
 from slimops.kernels.epilogue import (
     DTYPES,
     _activate,
@@ -92,7 +93,7 @@ def _taps_p2(kh: int, kw: int) -> int:
 
 @triton.jit
 def _dw_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, psum_ptr, psumsq_ptr,
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, moments_ptr,
     C, H, W, Ho, Wo,
     sxn, sxc, sxh, sxw, swc, swh, sww,
     bias_stride, scale_stride, shift_stride,
@@ -126,13 +127,14 @@ def _dw_forward_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c * bias_stride).to(tl.float32)
     if STATS:
-        # Statistics of the stored values (rounded to the output dtype), so that batch norm
-        # normalises with the exact moments of the tensor it reads. Row n * blocks + block:
-        # unique per (image, pixel block) of channel c, so the rows sum to N * Ho * Wo.
-        zs = tl.where(pmask, acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
-        stat = (n.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * C + c
-        tl.store(psum_ptr + stat, tl.reduce(zs, 0, _sum_combine))
-        tl.store(psumsq_ptr + stat, tl.reduce(zs * zs, 0, _sum_combine))
+        # The moments (count, mean, M2) of the stored values (rounded to the output dtype),
+        # so batch norm normalises with the moments of the tensor it reads. Row
+        # n * blocks + block: unique per (image, pixel block) of channel c; a [BLOCK, 1]
+        # tile, one column (channel c).
+        store_tile_moments(moments_ptr, n * tl.num_programs(1) + tl.program_id(1),
+                           (tl.num_programs(0) // C) * tl.num_programs(1), C,
+                           c + tl.arange(0, 1), tl.arange(0, 1) < 1,
+                           acc.to(out_ptr.dtype.element_ty)[:, None], pmask)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + c * scale_stride).to(tl.float32)
     if HAS_SHIFT:
@@ -264,7 +266,7 @@ def _forward(
     input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
     padding: Sequence[int], dilation: Sequence[int], scale: Optional[Tensor],
     shift: Optional[Tensor], residual: Optional[Tensor], activation: int, stats: bool,
-) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+) -> Tuple[Tensor, Optional[Tensor]]:
     _check_activation(activation)
     check_device(input, weight, bias, scale, shift, residual)
     n, c, h, w, ho, wo, kh, kw, geo = _geometry(input.shape, weight, stride, padding, dilation)
@@ -283,17 +285,18 @@ def _forward(
         residual = residual.contiguous()  # an activation, not a weight: read like `out`
     cfg = _pick(ho * wo)
     blocks = triton.cdiv(ho * wo, cfg["BLOCK"])
-    psum = psumsq = None
+    moments = None
     if stats:
-        psum = torch.zeros((n * blocks, c), dtype=torch.float32, device=input.device)
-        psumsq = torch.zeros_like(psum)
+        # Every (image, pixel block, channel) is written by the kernel: no zero fill (an
+        # empty output has no rows or no channels, so nothing to fill either).
+        moments = torch.empty((3, n * blocks, c), dtype=torch.float32, device=input.device)
     if out.numel() == 0:
-        return out, psum, psumsq
+        return out, moments
     grid = (n * c, blocks)
     _dw_forward_kernel[grid](
         input, weight, input if bias is None else bias, input if scale is None else scale,
         input if shift is None else shift, input if residual is None else residual, out,
-        out if psum is None else psum, out if psumsq is None else psumsq,
+        out if moments is None else moments,
         c, h, w, ho, wo,
         *input.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
         0 if bias is None else bias.stride(0), 0 if scale is None else scale.stride(0),
@@ -303,7 +306,7 @@ def _forward(
         HAS_SHIFT=shift is not None, HAS_RES=residual is not None, ACT=activation,
         BLOCK=cfg["BLOCK"], STATS=stats, num_warps=cfg["num_warps"],
     )
-    return out, psum, psumsq
+    return out, moments
 
 
 def depthwise_conv2d(
@@ -337,19 +340,19 @@ def depthwise_conv2d_with_stats(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor]:
     """The forward of ``depthwise_conv2d`` (bias added, no other epilogue) returning
-    ``(z, psum, psumsq)``: ``psum``/``psumsq`` are fp32 ``[N * num_pixel_blocks, C]``, row
-    ``n * num_pixel_blocks + b`` the per-channel sum / sum of squares of ``z`` over image
-    ``n``'s ``b``-th block of output pixels (``num_pixel_blocks = cdiv(Ho * Wo, BLOCK)``).
-    ``psum.sum(0)`` is the channel sum over (N, H, W); the batch norm's finalize
-    (``batch_norm_act_from_partials``, ``count = N * Ho * Wo``) computes the mean and variance
-    from them. The statistics are those of ``z`` as stored (rounded to its dtype), reduced in
-    fp32, deterministically (no atomics).
+    ``(z, moments)``: ``moments`` is fp32 ``[3, N * num_pixel_blocks, C]``, planes count,
+    mean and M2 (sum of squared deviations from the row's mean), row
+    ``n * num_pixel_blocks + b`` those of ``z`` per channel over image ``n``'s ``b``-th block
+    of output pixels (``num_pixel_blocks = cdiv(Ho * Wo, BLOCK)``; the last block may be
+    shorter). The batch norm merges the rows (``batch_norm_act_from_partials``,
+    ``count = N * Ho * Wo``). The statistics are those of ``z`` as stored (rounded to its
+    dtype), in fp32, deterministically (no atomics).
     """
-    z, psum, psumsq = _forward(input, weight, bias, stride, padding, dilation, None, None,
-                               None, ACT_NONE, True)
-    return z, psum, psumsq  # type: ignore[return-value]
+    z, moments = _forward(input, weight, bias, stride, padding, dilation, None, None,
+                          None, ACT_NONE, True)
+    return z, moments  # type: ignore[return-value]
 
 
 def depthwise_conv2d_backward_input(
@@ -431,7 +434,7 @@ def aot_cases() -> List[AotCase]:
     for dtype in DTYPES:
         ptr = TRITON_PTR[dtype]
         tag = str(dtype).split(".")[-1]
-        stats_ptrs = {"psum_ptr": "*fp32", "psumsq_ptr": "*fp32"}
+        stats_ptrs = {"moments_ptr": "*fp32"}
         for k in AOT_KERNEL_SIZES:
             taps = _taps_p2(k, k)
             red = dict(KH=k, KW=k, TAPS=taps, BLOCK_T=REDUCE_BLOCK_T)

@@ -279,34 +279,42 @@ STATS_GEOMETRIES = [
 @pytest.mark.parametrize("geo", STATS_GEOMETRIES, ids=_geo_id)
 def test_forward_with_stats_matches_reference(geo, dtype):
     x, weight, s, p, d = _make(geo, (5, 13), dtype)
-    c = 5
     bias = torch.randn(13, device=DEVICE).to(dtype)
-    z, psum, psumsq = K.depthwise_conv2d_with_stats(x, weight, bias, s, p, d)
+    z, moments = K.depthwise_conv2d_with_stats(x, weight, bias, s, p, d)
     expected = reference.depthwise_conv2d(x.float(), weight.float(), bias.float(), s, p, d)
     assert z.dtype == dtype and z.is_contiguous() and z.shape == expected.shape
     torch.testing.assert_close(z.float(), expected.to(dtype).float(), **TOL[dtype])
-    # one partial row per (image, pixel block), fp32, summing to the stored z's moments
-    n, blocks = z.shape[0], psum.shape[0] // z.shape[0]
-    assert psum.dtype == psumsq.dtype == torch.float32
-    assert psum.shape == psumsq.shape == (n * blocks, c)
-    assert blocks == -(-(z.shape[2] * z.shape[3]) // K._pick(z.shape[2] * z.shape[3])["BLOCK"])
-    zf = z.float()
-    torch.testing.assert_close(psum.sum(0), zf.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(psumsq.sum(0), (zf * zf).sum(dim=(0, 2, 3)), rtol=1e-5,
-                               atol=1e-4)
-    # the same inputs give bit-identical outputs and partials
-    z2, psum2, psumsq2 = K.depthwise_conv2d_with_stats(x, weight, bias, s, p, d)
-    assert torch.equal(z, z2) and torch.equal(psum, psum2) and torch.equal(psumsq, psumsq2)
+    # one row of moments per (image, pixel block), fp32: those of the stored z
+    block = K._pick(z.shape[2] * z.shape[3])["BLOCK"]
+    _check_moments(z, moments, block)
+    # the same inputs give bit-identical outputs and moments
+    z2, moments2 = K.depthwise_conv2d_with_stats(x, weight, bias, s, p, d)
+    assert torch.equal(z, z2) and torch.equal(moments, moments2)
+
+
+def _check_moments(z, moments, block):
+    """``moments`` [3, N * blocks, C]: row n * blocks + b holds the count, mean and M2 of
+    ``z[n, c]``'s b-th block of ``block`` output pixels (the last one shorter)."""
+    n, c = z.shape[:2]
+    planes = z.float().reshape(n, c, -1).split(block, dim=2)
+    assert moments.dtype == torch.float32
+    assert moments.shape == (3, n * len(planes), c)
+    rows = [(i, p[i]) for i in range(n) for p in planes]  # row order: image, then block
+    count = torch.tensor([[float(t.shape[1])] * c for _, t in rows])
+    mean = torch.stack([t.mean(1) for _, t in rows])
+    m2 = torch.stack([((t - t.mean(1, keepdim=True)) ** 2).sum(1) for _, t in rows])
+    assert torch.equal(moments[0].cpu(), count)
+    torch.testing.assert_close(moments[1], mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moments[2], m2, rtol=1e-4, atol=1e-4)
 
 
 def test_forward_with_stats_without_bias_leaves_plain_forward_unchanged():
     x, weight, s, p, d = _make(STATS_GEOMETRIES[0], (7, 7))
-    z, psum, psumsq = K.depthwise_conv2d_with_stats(x, weight, None, s, p, d)
+    z, moments = K.depthwise_conv2d_with_stats(x, weight, None, s, p, d)
     plain = K.depthwise_conv2d(x, weight, None, s, p, d, None, None, None, 0)
     assert torch.equal(z, plain)
-    assert psum.shape == (2 * 2, 7)  # 143 output pixels: two blocks of 128 per image
-    torch.testing.assert_close(psum.sum(0), z.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(psumsq.sum(0), (z * z).sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+    assert moments.shape == (3, 2 * 2, 7)  # 143 output pixels: two blocks of 128 per image
+    _check_moments(z, moments, 128)
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "relu6"])
@@ -318,10 +326,10 @@ def test_stats_epilogue_then_bn_equals_reference(geo, activation):
     c = 5
     bias = torch.randn(13, device=DEVICE)
     gamma, beta = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
-    z, psum, psumsq = K.depthwise_conv2d_with_stats(x, weight, bias, s, p, d)
+    z, moments = K.depthwise_conv2d_with_stats(x, weight, bias, s, p, d)
     residual = torch.randn_like(z) if activation != "relu6" else None
     out, mean, var = bn_kernels.batch_norm_act_from_partials(
-        z, psum, psumsq, z.numel() // c, gamma, beta, 1e-5, residual,
+        z, moments, z.numel() // c, gamma, beta, 1e-5, residual,
         {None: 0, "relu": 1, "relu6": 2}[activation])
     z_ref = reference.depthwise_conv2d(x, weight, bias, s, p, d)
     out_ref = reference.batch_norm_act(z_ref, gamma, beta, None, None, True, eps=1e-5,
