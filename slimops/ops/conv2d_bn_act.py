@@ -4,10 +4,18 @@
 Training-mode BN needs each channel's mean and variance of the conv output ``z`` before it
 can normalise it. Run as two ops, the statistics cost one extra read of ``z`` per layer; on
 the GPU every layer of the paper's models is memory-bound (docs/GPU_KERNELS.md), so that
-read is a real share of the step. Here the Triton conv writes per-tile partial sums of
-``z`` and ``z^2`` while ``z`` is still in registers (``slimops.kernels.conv2d.
-conv2d_with_stats``) and the BN kernels finalise them and normalise
-(``batch_norm_act_from_partials``).
+read is a real share of the step. Here the Triton conv writes per-tile moments of ``z``
+(count, mean, sum of squared deviations) while ``z`` is still in registers
+(``slimops.kernels.conv2d.conv2d_with_stats``) and the BN kernels merge them (Chan's
+formula, a fixed tree) and normalise (``batch_norm_act_from_partials``).
+
+Saved statistics: the ops return (and save for the backward) ``mean``/``var`` in
+``stats_dtype(input.dtype)``, fp32 for fp16/bf16 inputs (the input's dtype for fp32 and
+fp64, which is what the CPU op returns for the dtypes it supports), so a half-precision
+layer's variance is neither rounded nor capped at fp16's 65504 before the backward
+recomputes ``1/std`` from it. The wrappers ``conv2d_bn_act_train`` /
+``depthwise_conv2d_bn_act_train`` hand the caller the statistics in the input's dtype (the
+dtype of the running statistics they are folded into).
 
 The op is defined from Python (``torch.library.custom_op``), not in csrc/ops.cpp: it is a
 training-only composite of two existing ops, its one fused implementation is the Triton one
@@ -44,6 +52,26 @@ DEPTHWISE_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "b
                   "bn_bias", "eps", "residual", "activation")
 
 
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the fused ops' ``mean``/``var``: fp32 for fp16/bf16 (and fp32) inputs,
+    fp64 for fp64 (never narrower than the input, never narrower than fp32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _bn_backward(grad_out: Tensor, z: Tensor, out: Tensor, bn_weight: Optional[Tensor],
+                 mean: Tensor, var: Tensor, eps: float, activation: int
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``slimops::batch_norm_act_backward`` with the saved statistics. The Triton backward
+    reads fp32 statistics for any input dtype; the compiled kernels (CPU, CUDA C++) take
+    them in the input's dtype (their argument checks), so only for those are they cast."""
+    if mean.dtype != z.dtype and not (
+            z.device.type == "cuda"
+            and _backend.CUDA_KERNELS.get("batch_norm_act_backward") == "triton"):
+        mean, var = mean.to(z.dtype), var.to(z.dtype)
+    return torch.ops.slimops.batch_norm_act_backward(grad_out, z, out, bn_weight, mean, var,
+                                                     eps, True, activation)
+
+
 def _backward(ctx, grad_out: Tensor, arg_names: Tuple[str, ...],
               grad_input_of: Callable[[Tensor, Tensor, Tensor], Tensor],
               grad_weight_of: Callable[[Tensor, Tensor, Tensor], Tensor],
@@ -53,8 +81,8 @@ def _backward(ctx, grad_out: Tensor, arg_names: Tuple[str, ...],
     computed for the arguments that need one, by name (``arg_names``: the op's schema)."""
     input, weight, bn_weight, z, out, mean, var = ctx.saved_tensors
     needs = dict(zip(arg_names, ctx.needs_input_grad))
-    grad_z, grad_bn_weight, grad_bn_bias = torch.ops.slimops.batch_norm_act_backward(
-        grad_out, z, out, bn_weight, mean, var, ctx.eps, True, ctx.activation)
+    grad_z, grad_bn_weight, grad_bn_bias = _bn_backward(
+        grad_out, z, out, bn_weight, mean, var, ctx.eps, ctx.activation)
     grads = {"bn_weight": grad_bn_weight if needs["bn_weight"] else None,
              "bn_bias": grad_bn_bias if needs["bn_bias"] else None}
     if needs["input"]:
@@ -77,7 +105,8 @@ def _two_ops(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels
                                  groups, None, None, None, 0)
     out, mean, var = torch.ops.slimops.batch_norm_act(z, bn_weight, bn_bias, None, None, True,
                                                       eps, residual, activation)
-    return out, z, mean, var
+    # The fused op's statistics dtype (a no-op for fp32/fp64, the CPU op's dtypes).
+    return out, z, mean.to(stats_dtype(z.dtype)), var.to(stats_dtype(z.dtype))
 
 
 def _triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: int,
@@ -88,11 +117,12 @@ def _triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels:
     from slimops.kernels.batch_norm_act import batch_norm_act_from_partials
     from slimops.kernels.conv2d import conv2d_with_stats
 
-    z, psum, psumsq = conv2d_with_stats(input, weight, bias, out_channels, stride, padding,
-                                        dilation, groups)
+    z, moments = conv2d_with_stats(input, weight, bias, out_channels, stride, padding,
+                                   dilation, groups)
     count = z.numel() // out_channels
-    out, mean, var = batch_norm_act_from_partials(z, psum, psumsq, count, bn_weight, bn_bias,
-                                                  eps, residual, activation)
+    # mean/var: fp32 (stats_dtype of the Triton kernels' dtypes).
+    out, mean, var = batch_norm_act_from_partials(z, moments, count, bn_weight, bn_bias, eps,
+                                                  residual, activation)
     return out, z, mean, var
 
 
@@ -105,7 +135,8 @@ def _define() -> None:
         residual: Optional[Tensor], activation: int,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Returns ``(out, z, mean, var)``: ``z`` the conv output (kept for the backward),
-        ``mean``/``var`` its batch statistics (biased variance)."""
+        ``mean``/``var`` its batch statistics (biased variance) in
+        ``stats_dtype(input.dtype)``."""
         return _two_ops(input, weight, bias, out_channels, stride, padding, dilation, groups,
                         bn_weight, bn_bias, eps, residual, activation)
 
@@ -123,8 +154,10 @@ def _define() -> None:
         ho, wo = conv_output_hw(input.shape[2], input.shape[3], weight.shape[2:], stride,
                                 padding, dilation, "conv2d_bn_act")
         shape = (input.shape[0], out_channels, ho, wo)
+        stats = dict(dtype=stats_dtype(input.dtype))
         return (input.new_empty(shape), input.new_empty(shape),
-                input.new_empty((out_channels,)), input.new_empty((out_channels,)))
+                input.new_empty((out_channels,), **stats),
+                input.new_empty((out_channels,), **stats))
 
     def setup_context(ctx, inputs, output):
         (input, weight, bias, out_channels, stride, padding, dilation, groups, bn_weight,
@@ -165,7 +198,8 @@ def _dw_two_ops(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: L
                                            None, None, None, 0)
     out, mean, var = torch.ops.slimops.batch_norm_act(z, bn_weight, bn_bias, None, None, True,
                                                       eps, residual, activation)
-    return out, z, mean, var
+    # The fused op's statistics dtype (a no-op for fp32/fp64, the CPU op's dtypes).
+    return out, z, mean.to(stats_dtype(z.dtype)), var.to(stats_dtype(z.dtype))
 
 
 def _dw_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
@@ -175,11 +209,10 @@ def _dw_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Li
     from slimops.kernels.batch_norm_act import batch_norm_act_from_partials
     from slimops.kernels.depthwise_conv2d import depthwise_conv2d_with_stats
 
-    z, psum, psumsq = depthwise_conv2d_with_stats(input, weight, bias, stride, padding,
-                                                  dilation)
+    z, moments = depthwise_conv2d_with_stats(input, weight, bias, stride, padding, dilation)
     count = z.numel() // z.shape[1]
-    out, mean, var = batch_norm_act_from_partials(z, psum, psumsq, count, bn_weight, bn_bias,
-                                                  eps, residual, activation)
+    out, mean, var = batch_norm_act_from_partials(z, moments, count, bn_weight, bn_bias, eps,
+                                                  residual, activation)
     return out, z, mean, var
 
 
@@ -207,8 +240,9 @@ def _define_depthwise() -> None:
                                 padding, dilation, "conv2d_bn_act")
         c = input.shape[1]
         shape = (input.shape[0], c, ho, wo)
-        return (input.new_empty(shape), input.new_empty(shape), input.new_empty((c,)),
-                input.new_empty((c,)))
+        stats = dict(dtype=stats_dtype(input.dtype))
+        return (input.new_empty(shape), input.new_empty(shape),
+                input.new_empty((c,), **stats), input.new_empty((c,), **stats))
 
     def setup_context(ctx, inputs, output):
         (input, weight, bias, stride, padding, dilation, bn_weight, _bn_bias, eps, _residual,
@@ -244,7 +278,7 @@ def depthwise_conv2d_bn_act_train(
     out, _z, mean, var = torch.ops.slimops.depthwise_conv2d_bn_act_train(
         input, weight, bias, list(stride), list(padding), list(dilation), bn_weight, bn_bias,
         eps, residual, activation)
-    return out, mean, var
+    return out, mean.to(input.dtype), var.to(input.dtype)
 
 
 def conv2d_bn_act_train(
@@ -254,7 +288,8 @@ def conv2d_bn_act_train(
     residual: Optional[Tensor], activation: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``act(bn_train(conv(input)) + residual)`` on the width's prefixes; returns
-    ``(out, mean, var)`` (the batch statistics, for the caller's running-stat update).
+    ``(out, mean, var)`` (the batch statistics in the input's dtype, for the caller's
+    running-stat update).
 
     Arguments are the ``slimops::conv2d`` schema's (normalised: lists, an activation code)
     plus the width's γ/β (length ``out_channels``) and ``eps``; callers check them first
@@ -263,7 +298,9 @@ def conv2d_bn_act_train(
     out, _z, mean, var = torch.ops.slimops.conv2d_bn_act_train(
         input, weight, bias, out_channels, list(stride), list(padding), list(dilation), groups,
         bn_weight, bn_bias, eps, residual, activation)
-    return out, mean, var
+    # The op keeps fp32 statistics for its backward; the caller folds them into running
+    # statistics of the input's dtype.
+    return out, mean.to(input.dtype), var.to(input.dtype)
 
 
 def fused_train_available(input: Tensor, weight: Optional[Tensor] = None) -> bool:
