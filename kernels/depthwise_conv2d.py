@@ -6,16 +6,22 @@ slicing + ``contiguous()`` would copy the shared weight on every call, which is 
 slimops exists to avoid.
 
 * Forward (``depthwise_conv2d``): a direct convolution, one program per (image-channel plane,
-  block of output pixels). The taps are unrolled (``kh``/``kw`` are compile-time constants:
-  depthwise kernels come in a handful of sizes), stride/padding/dilation are run-time
-  arguments (one binary per kernel size, not per geometry). The epilogue
+  strip of output columns, group of row tiles). A tile is ``ROWS`` output rows x ``G`` lanes,
+  each lane (thread) computing ``V`` consecutive outputs of a row: it loads the input row
+  segment its outputs read once per tap row, as ``V``-column chunks (one 16-byte vector load
+  each when the rows are aligned: W and the input's strides multiples of ``V``; a 3x3's
+  one-column halo as a scalar) and reuses every element for all the (output, tap) pairs that
+  read it, in registers. The channel's taps (and bias/scale/shift) are loaded once per
+  program, which loops over its row tiles. ``kh``/``kw`` and the W-direction stride, padding
+  and dilation are compile-time constants (they fix which window element each (output, tap)
+  reads); the H-direction geometry is a run-time argument. The epilogue
   ``act((z + bias[c]) * scale[c] + shift[c] + residual)`` is fused into the same pass, each
   term switched by a constexpr flag so an absent term costs nothing.
 * Forward with statistics (``depthwise_conv2d_with_stats``): the same kernel under the
   ``STATS`` constexpr (bias only, no other epilogue) also stores the moments (count, mean,
-  M2) of each program's stored outputs into row ``n * num_pixel_blocks + pixel_block``,
-  column ``c`` of an fp32 ``[3, N * num_pixel_blocks, C]`` buffer: deterministic, no
-  atomics; the batch norm (``batch_norm_act_from_partials``) merges the rows.
+  M2) of each tile's stored outputs into row ``n * tiles + tile``, column ``c`` of an fp32
+  ``[3, N * tiles, C]`` buffer: deterministic, no atomics; the batch norm
+  (``batch_norm_act_from_partials``) merges the rows.
 * Input gradient (``depthwise_conv2d_backward_input``): a gather, one program per (plane,
   block of input pixels): each input pixel sums the output pixels that read it, so there
   are no atomics and the result is deterministic.
@@ -60,7 +66,7 @@ from slimops.kernels.epilogue import (
     split_tiles,
 )
 
-# BLOCK: output (forward) or input (backward-input) pixels per program. WTILE: elements of
+# BLOCK: input pixels per program of the input gradient. WTILE: elements of
 # the weight-gradient tile [TAPS, WTILE // TAPS] (taps padded to a power of two), so the tile,
 # and with it the registers per thread, stays the same size for 3x3 and 5x5 kernels.
 CONFIGS: List[Dict[str, int]] = [
@@ -70,15 +76,27 @@ CONFIGS: List[Dict[str, int]] = [
     {"BLOCK": 512, "WTILE": 2048, "num_warps": 8},
 ]
 
+# Forward tiling (_forward_tiling): bytes per vector load/store (128-bit LDG/STG); outputs
+# per lane when the rows are not aligned; lanes (threads) per tile, at most four warps; about
+# as many programs as the launch should have (row tiles are split among programs until the
+# grid has that many; beyond that each program loops over its tiles, loading its channel's
+# taps once).
+VECTOR_BYTES = 16
+MAX_UNALIGNED_V = 4
+MAX_TILE_LANES = 128
+TARGET_PROGRAMS = 2048
+
 # Stage 2 of the weight gradient: partial tiles summed per loop iteration.
 REDUCE_BLOCK_T = 16
-# Kernel sizes the AOT sweep compiles (the MobileNet family's depthwise kernels).
+# Kernel sizes the AOT sweep compiles (the MobileNet family's depthwise kernels), and the
+# forward's lanes across a row strip there (two warps: 8 lanes x 8 rows).
 AOT_KERNEL_SIZES = (3, 5)
+AOT_LANES_PER_ROW = 8
 
 
 def _pick(pixels: int) -> Dict[str, int]:
-    """The configuration for planes of ``pixels`` pixels: one program covers a plane's row
-    block, so small planes (the late MobileNet stages, 7x7 and 14x14) take small blocks that
+    """The input gradient's configuration for planes of ``pixels`` pixels: one program covers
+    a plane's pixel block, so small planes (the late MobileNet stages, 7x7 and 14x14) take small blocks that
     leave few lanes idle, large planes large blocks (fewer programs, longer runs)."""
     if pixels <= 64:
         return CONFIGS[0]
@@ -87,63 +105,240 @@ def _pick(pixels: int) -> Dict[str, int]:
     return CONFIGS[2] if pixels <= 1 << 16 else CONFIGS[3]
 
 
+def _forward_tiling(input: Tensor, ho: int, wo: int) -> Dict[str, int]:
+    """The forward kernel's tiling for ``input [N, C, H, W]`` and an ``ho x wo`` output.
+
+    ``V``: outputs per lane (thread) along W, the widest power of two <= 16 bytes of the
+    dtype for which ``ALIGNED`` holds: the input's W stride is 1 and W, Wo and its other
+    strides are multiples of ``V``, so every ``V``-column chunk of a row starts on a
+    ``V``-element boundary and lies entirely inside or outside the row (one vector load per
+    chunk, one vector store per lane). Otherwise ``ALIGNED`` is False and ``V`` is
+    ``MAX_UNALIGNED_V``: per-element masks and scalar loads, each still reused by the
+    lane's outputs. ``G``: lanes across a strip of ``G * V`` output columns (``strips``
+    strips cover Wo); ``ROWS``: output rows per tile (``ROWS * G`` lanes = ``32 *
+    num_warps``); ``row_tiles = cdiv(Ho, ROWS)`` tiles per strip, looped over by
+    ``row_groups`` programs of ``tiles_per_prog`` tiles each, so the channel's taps are
+    loaded once per program and there are still about ``TARGET_PROGRAMS`` programs.
+    """
+    n, c, h, w = (int(s) for s in input.shape)
+    sxn, sxc, sxh, sxw = input.stride()
+    v = VECTOR_BYTES // input.element_size()
+    while v > 1 and not (sxw == 1 and all(x % v == 0 for x in (w, sxh, sxc, sxn))):
+        v //= 2
+    aligned = v > 1
+    if not aligned:
+        v = MAX_UNALIGNED_V
+    out_v = v if aligned else 1
+    while wo % out_v:
+        out_v //= 2
+    g = min(triton.next_power_of_2(triton.cdiv(wo, v)), MAX_TILE_LANES)
+    # Lanes per tile: the fewest computed rows past Ho (a partial last tile idles lanes),
+    # then the fewest lanes (more row tiles per program: the prologue, taps included, is
+    # paid once per program); 32 lanes only for planes too small for 64.
+    choices = [n_l for n_l in (MAX_TILE_LANES, MAX_TILE_LANES // 2) if n_l >= g] or [g]
+    if g * ho <= 32:
+        choices = [max(g, 32)]
+    lanes = min(choices, key=lambda n_l: (triton.cdiv(ho, n_l // g) * (n_l // g), n_l))
+    rows = lanes // g
+    strips = triton.cdiv(wo, g * v)
+    row_tiles = triton.cdiv(ho, rows)
+    wanted = max(1, triton.cdiv(TARGET_PROGRAMS, max(1, n * c * strips)))
+    tiles_per_prog = triton.cdiv(row_tiles, min(row_tiles, wanted))
+    return dict(V=v, G=g, ROWS=rows, ALIGNED=aligned, OUT_V=out_v, num_warps=max(1, lanes // 32),
+                strips=strips, row_tiles=row_tiles, tiles_per_prog=tiles_per_prog,
+                row_groups=triton.cdiv(row_tiles, tiles_per_prog))
+
+
 def _taps_p2(kh: int, kw: int) -> int:
     return triton.next_power_of_2(kh * kw)
+
+
+@triton.constexpr_function
+def _cmax(a, b):
+    return max(a, b)
+
+
+@triton.constexpr_function
+def _cmin(a, b):
+    return min(a, b)
+
+
+@triton.jit
+def _split_columns(x, V: tl.constexpr):
+    """The ``V`` columns of ``x [T, V]`` as a tuple of ``[T]`` tensors (column ``k`` at index
+    ``k``). ``V`` is a power of two <= 8 and each thread holds its row's ``V`` elements (the
+    loads that produce ``x`` are along ``V`` contiguous), so the splits are register moves."""
+    T: tl.constexpr = x.shape[0]
+    if V == 1:
+        return (tl.reshape(x, (T,)),)
+    elif V == 2:
+        a, b = tl.split(x)
+        return (a, b)
+    elif V == 4:
+        e, o = tl.split(tl.reshape(x, (T, 2, 2)))  # e: columns 0, 2; o: 1, 3
+        x0, x2 = tl.split(e)
+        x1, x3 = tl.split(o)
+        return (x0, x1, x2, x3)
+    else:
+        tl.static_assert(V == 8)
+        e, o = tl.split(tl.reshape(x, (T, 4, 2)))  # e: columns 0, 2, 4, 6; o: 1, 3, 5, 7
+        ee, eo = tl.split(tl.reshape(e, (T, 2, 2)))  # ee: 0, 4; eo: 2, 6
+        oe, oo = tl.split(tl.reshape(o, (T, 2, 2)))  # oe: 1, 5; oo: 3, 7
+        x0, x4 = tl.split(ee)
+        x2, x6 = tl.split(eo)
+        x1, x5 = tl.split(oe)
+        x3, x7 = tl.split(oo)
+        return (x0, x1, x2, x3, x4, x5, x6, x7)
+
+
+@triton.jit
+def _join_columns(c, V: tl.constexpr):
+    """The inverse of ``_split_columns``: a tuple of ``V`` ``[T]`` tensors as ``[T, V]``."""
+    if V == 1:
+        return tl.reshape(c[0], (c[0].shape[0], 1))
+    elif V == 2:
+        return tl.join(c[0], c[1])
+    elif V == 4:
+        T: tl.constexpr = c[0].shape[0]
+        return tl.reshape(tl.join(tl.join(c[0], c[2]), tl.join(c[1], c[3])), (T, 4))
+    else:
+        tl.static_assert(V == 8)
+        T: tl.constexpr = c[0].shape[0]
+        e = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6])), (T, 4))
+        o = tl.reshape(tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7])), (T, 4))
+        return tl.reshape(tl.join(e, o), (T, 8))
 
 
 @triton.jit
 def _dw_forward_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, moments_ptr,
-    C, H, W, Ho, Wo,
+    C, H, W, Ho, Wo, row_tiles, tiles_per_prog,
     sxn, sxc, sxh, sxw, swc, swh, sww,
     bias_stride, scale_stride, shift_stride,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr,
+    stride_h, pad_h, dil_h,
+    KH: tl.constexpr, KW: tl.constexpr, SW: tl.constexpr, PW: tl.constexpr,
+    DW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_RES: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    V: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ALIGNED: tl.constexpr,
+    OUT_V: tl.constexpr,
     STATS: tl.constexpr = False,
 ):
+    # Program (plane, strip, row group): channel c of image n, output columns
+    # [strip * G * V, (strip + 1) * G * V), row tiles [pid2 * tiles_per_prog, ...) of ROWS
+    # output rows each. Lane l of a tile holds the V consecutive outputs of row l // G,
+    # chunk l % G: one vector load per input chunk, V outputs per thread.
     plane = tl.program_id(0)
     n = plane // C
     c = plane % C
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    pmask = offs < Ho * Wo
-    oh = offs // Wo
-    ow = offs % Wo
+    lanes = tl.arange(0, ROWS * G)
+    vv = tl.arange(0, V)
+    ow0 = tl.program_id(1) * (G * V) + (lanes % G) * V  # first output column of the lane
+    iw0 = ow0 * SW  # input column of window offset 0 (a multiple of V)
+    # Window offsets (relative to iw0) the lane's outputs read: -PW .. O_HI, in aligned
+    # chunks Q_LO .. Q_HI of V columns.
+    O_HI: tl.constexpr = (V - 1) * SW + (KW - 1) * DW - PW
+    Q_LO: tl.constexpr = -((PW + V - 1) // V)
+    Q_HI: tl.constexpr = O_HI // V
+    if ALIGNED:
+        # The launcher checked that W and the input's n/c/h strides are multiples of V and
+        # its w stride is 1; written as (s // V) * V so that the compiler sees the multiple
+        # and vectorises the chunk loads.
+        sxn = (sxn // V) * V
+        sxc = (sxc // V) * V
+        sxh = (sxh // V) * V
+        sxw = 1
+    # Wo is a multiple of OUT_V (<= V; 1 when unaligned): stores and residual loads are
+    # vectors of OUT_V elements.
+    Wo = (Wo // OUT_V) * OUT_V
     x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+    # The channel's KH * KW taps, once per program, in registers (fp32).
     w_base = w_ptr + c.to(tl.int64) * swc
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
-    acc = tl.full([BLOCK], 0.0, tl.float32)
+    wts = ()
     for i in tl.static_range(KH):
-        ih = ih0 + i * dil_h
-        hmask = pmask & (ih >= 0) & (ih < H)
         for j in tl.static_range(KW):
-            iw = iw0 + j * dil_w
-            m = hmask & (iw >= 0) & (iw < W)
-            xv = tl.load(x_base + ih * sxh + iw * sxw, mask=m, other=0.0).to(tl.float32)
-            wv = tl.load(w_base + i * swh + j * sww).to(tl.float32)
-            acc += xv * wv
+            wts = wts + (tl.load(w_base + i * swh + j * sww).to(tl.float32),)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + c * bias_stride).to(tl.float32)
-    if STATS:
-        # The moments (count, mean, M2) of the stored values (rounded to the output dtype),
-        # so batch norm normalises with the moments of the tensor it reads. Row
-        # n * blocks + block: unique per (image, pixel block) of channel c; a [BLOCK, 1]
-        # tile, one column (channel c).
-        store_tile_moments(moments_ptr, n * tl.num_programs(1) + tl.program_id(1),
-                           (tl.num_programs(0) // C) * tl.num_programs(1), C,
-                           c + tl.arange(0, 1), tl.arange(0, 1) < 1,
-                           acc.to(out_ptr.dtype.element_ty)[:, None], pmask)
+        bias = tl.load(bias_ptr + c * bias_stride).to(tl.float32)
     if HAS_SCALE:
-        acc *= tl.load(scale_ptr + c * scale_stride).to(tl.float32)
+        scale = tl.load(scale_ptr + c * scale_stride).to(tl.float32)
     if HAS_SHIFT:
-        acc += tl.load(shift_ptr + c * shift_stride).to(tl.float32)
-    o_offs = plane.to(tl.int64) * Ho * Wo + offs
-    if HAS_RES:
-        acc += tl.load(res_ptr + o_offs, mask=pmask, other=0.0).to(tl.float32)
-    acc = _activate(acc, ACT)
-    tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=pmask)
+        shift = tl.load(shift_ptr + c * shift_stride).to(tl.float32)
+    out_base = plane.to(tl.int64) * Ho * Wo
+    t_lo = tl.program_id(2) * tiles_per_prog
+    t_hi = tl.minimum(t_lo + tiles_per_prog, row_tiles)
+    for t in range(t_lo, t_hi):
+        oh = t * ROWS + lanes // G
+        lane_ok = (oh < Ho) & (ow0 < Wo)
+        # The bias is where the sums start (one FFMA per tap, no separate add).
+        accs = ()
+        for v in tl.static_range(V):
+            if HAS_BIAS:
+                accs = accs + (tl.full([ROWS * G], 0.0, tl.float32) + bias,)
+            else:
+                accs = accs + (tl.full([ROWS * G], 0.0, tl.float32),)
+        for i in tl.static_range(KH):
+            ih = oh * stride_h - pad_h + i * dil_h
+            row_ok = (oh < Ho) & (ih >= 0) & (ih < H)
+            rptr = x_base + ih * sxh
+            # win[k]: the input at column iw0 - PW + k, each element loaded once and
+            # reused by every (output, tap) pair that reads it.
+            win = ()
+            for q in tl.static_range(Q_LO, Q_HI + 1):
+                # This chunk's columns read: _cmax(q * V, -PW) .. _cmin(q * V + V - 1, O_HI)
+                # (written out, not assigned: an assigned constexpr would become a tensor).
+                if _cmax(q * V, -PW) == _cmin(q * V + V - 1, O_HI):
+                    # One column of the chunk is read (a 3x3's halo): one scalar load.
+                    col = iw0 + _cmax(q * V, -PW)
+                    m = row_ok & (col >= 0) & (col < W)
+                    e = tl.load(rptr + col * sxw, mask=m, other=0.0)
+                    win = win + (e.to(tl.float32),)
+                else:  # the chunk, one (vector) load
+                    cols = iw0[:, None] + q * V + vv[None, :]
+                    if ALIGNED:  # W % V == 0: a chunk is entirely inside the row or outside
+                        cq = iw0 + q * V
+                        m = (row_ok & (cq >= 0) & (cq < W))[:, None]
+                    else:
+                        m = row_ok[:, None] & (cols >= 0) & (cols < W)
+                    chunk = tl.load(rptr[:, None] + cols * sxw, mask=m, other=0.0)
+                    part = _split_columns(chunk.to(tl.float32), V)
+                    for k in tl.static_range(_cmax(q * V, -PW) - q * V,
+                                             _cmin(q * V + V - 1, O_HI) - q * V + 1):
+                        win = win + (part[k],)
+            new = ()
+            for v in tl.static_range(V):
+                a = accs[v]
+                for j in tl.static_range(KW):
+                    a += win[v * SW + j * DW] * wts[i * KW + j]
+                new = new + (a,)
+            accs = new
+        acc = _join_columns(accs, V)  # [ROWS * G, V]
+        ow = ow0[:, None] + vv[None, :]
+        if OUT_V == V:  # the lane's V outputs are all inside the row or all outside
+            omask = lane_ok[:, None]
+        else:
+            omask = lane_ok[:, None] & (ow < Wo)
+        if STATS:
+            # The moments (count, mean, M2) of the stored values (rounded to the output
+            # dtype), so that batch norm normalises with the moments of the tensor it reads.
+            # Row n * tiles + tile (tile = strip * row_tiles + t): unique per (image, tile) of
+            # channel c. The [ROWS * G, V] tile as one column of ROWS * G * V values.
+            R: tl.constexpr = ROWS * G * V
+            valid = omask & (vv[None, :] >= 0)  # broadcast to the tile's shape
+            store_tile_moments(
+                moments_ptr, (n * tl.num_programs(1) + tl.program_id(1)) * row_tiles + t,
+                (tl.num_programs(0) // C) * tl.num_programs(1) * row_tiles, C,
+                c + tl.arange(0, 1), tl.arange(0, 1) < 1,
+                tl.reshape(acc.to(out_ptr.dtype.element_ty), (R, 1)), tl.reshape(valid, (R,)))
+        if HAS_SCALE:
+            acc *= scale
+        if HAS_SHIFT:
+            acc += shift
+        o_offs = out_base + (oh * Wo)[:, None] + ow
+        if HAS_RES:
+            acc += tl.load(res_ptr + o_offs, mask=omask, other=0.0).to(tl.float32)
+        acc = _activate(acc, ACT)
+        tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -283,28 +478,32 @@ def _forward(
             raise ValueError(f"slimops.kernels.depthwise_conv2d: residual must be "
                              f"{tuple(out.shape)}, got {tuple(residual.shape)}")
         residual = residual.contiguous()  # an activation, not a weight: read like `out`
-    cfg = _pick(ho * wo)
-    blocks = triton.cdiv(ho * wo, cfg["BLOCK"])
+    t = _forward_tiling(input, ho, wo)
+    tiles = t["strips"] * t["row_tiles"]
     moments = None
     if stats:
-        # Every (image, pixel block, channel) is written by the kernel: no zero fill (an
-        # empty output has no rows or no channels, so nothing to fill either).
-        moments = torch.empty((3, n * blocks, c), dtype=torch.float32, device=input.device)
+        # Moments layout: fp32 [3, N * tiles, C], row n * tiles + strip * row_tiles + row_tile
+        # holds channel c's count / mean / M2 over that tile of image n (see
+        # depthwise_conv2d_with_stats). Every row is written by the kernel: no zero fill.
+        moments = torch.empty((3, n * tiles, c), dtype=torch.float32, device=input.device)
     if out.numel() == 0:
         return out, moments
-    grid = (n * c, blocks)
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w = geo
+    grid = (n * c, t["strips"], t["row_groups"])
     _dw_forward_kernel[grid](
         input, weight, input if bias is None else bias, input if scale is None else scale,
         input if shift is None else shift, input if residual is None else residual, out,
         out if moments is None else moments,
-        c, h, w, ho, wo,
+        c, h, w, ho, wo, t["row_tiles"], t["tiles_per_prog"],
         *input.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
         0 if bias is None else bias.stride(0), 0 if scale is None else scale.stride(0),
         0 if shift is None else shift.stride(0),
-        *geo,
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        stride_h, pad_h, dil_h,
+        KH=kh, KW=kw, SW=stride_w, PW=pad_w, DW=dil_w,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, HAS_RES=residual is not None, ACT=activation,
-        BLOCK=cfg["BLOCK"], STATS=stats, num_warps=cfg["num_warps"],
+        V=t["V"], G=t["G"], ROWS=t["ROWS"], ALIGNED=t["ALIGNED"], OUT_V=t["OUT_V"],
+        STATS=stats, num_warps=t["num_warps"],
     )
     return out, moments
 
@@ -342,13 +541,13 @@ def depthwise_conv2d_with_stats(
     dilation: Sequence[int],
 ) -> Tuple[Tensor, Tensor]:
     """The forward of ``depthwise_conv2d`` (bias added, no other epilogue) returning
-    ``(z, moments)``: ``moments`` is fp32 ``[3, N * num_pixel_blocks, C]``, planes count,
-    mean and M2 (sum of squared deviations from the row's mean), row
-    ``n * num_pixel_blocks + b`` those of ``z`` per channel over image ``n``'s ``b``-th block
-    of output pixels (``num_pixel_blocks = cdiv(Ho * Wo, BLOCK)``; the last block may be
-    shorter). The batch norm merges the rows (``batch_norm_act_from_partials``,
-    ``count = N * Ho * Wo``). The statistics are those of ``z`` as stored (rounded to its
-    dtype), in fp32, deterministically (no atomics).
+    ``(z, moments)``: ``moments`` is fp32 ``[3, N * tiles, C]``, planes count, mean and M2
+    (sum of squared deviations from the row's mean), row ``n * tiles + k`` those of ``z``
+    per channel over image ``n``'s ``k``-th output tile (``tiles = strips * row_tiles`` of
+    ``_forward_tiling``; tile ``k = strip * row_tiles + row_tile`` covers ``ROWS`` output
+    rows of one strip of ``G * V`` columns). The batch norm merges the rows
+    (``batch_norm_act_from_partials``, ``count = N * Ho * Wo``). The statistics are those
+    of ``z`` as stored (rounded to its dtype), in fp32, deterministically (no atomics).
     """
     z, moments = _forward(input, weight, bias, stride, padding, dilation, None, None,
                           None, ACT_NONE, True)
@@ -427,9 +626,11 @@ def depthwise_conv2d_backward_weight(
 
 
 def aot_cases() -> List[AotCase]:
-    """Per dtype, configuration and kernel size (3x3, 5x5): the forward without epilogue,
-    with the full one (bias, scale, shift, residual, relu6) and with STATS (bias +
-    statistics), the input gradient, and the two weight-gradient stages."""
+    """Per dtype and kernel size (3x3, 5x5): the forward for strides 1 and 2, aligned
+    (vector loads, ``V`` = 16 bytes) and not (per-element loads), without epilogue, with the
+    full one (bias, scale, shift, residual, relu6) and with STATS (bias + statistics); per
+    configuration the input gradient and the weight-gradient partials; the weight-gradient
+    reduction."""
     cases: List[AotCase] = []
     for dtype in DTYPES:
         ptr = TRITON_PTR[dtype]
@@ -441,17 +642,24 @@ def aot_cases() -> List[AotCase]:
             cases.append(AotCase(
                 f"dw_weight_reduce_{tag}_k{k}", _dw_weight_reduce_kernel,
                 aot_signature(_dw_weight_reduce_kernel, ptr, red, {"part_ptr": "*fp32"}), red, 1))
+            for stride in (1, 2):
+                for aligned in (True, False):
+                    v = VECTOR_BYTES // dtype.itemsize if aligned else MAX_UNALIGNED_V
+                    for mode in ("plain", "full", "stats"):
+                        full = mode == "full"
+                        ce = dict(KH=k, KW=k, SW=stride, PW=k // 2, DW=1,
+                                  HAS_BIAS=mode != "plain", HAS_SCALE=full, HAS_SHIFT=full,
+                                  HAS_RES=full, ACT=ACT_RELU6 if full else ACT_NONE, V=v,
+                                  G=AOT_LANES_PER_ROW, ROWS=2 * 32 // AOT_LANES_PER_ROW,
+                                  ALIGNED=aligned, OUT_V=v if aligned else 1,
+                                  STATS=mode == "stats")
+                        cases.append(AotCase(
+                            f"dw_forward_{tag}_k{k}_s{stride}_"
+                            f"{'v' if aligned else 'u'}{v}_{mode}", _dw_forward_kernel,
+                            aot_signature(_dw_forward_kernel, ptr, ce, stats_ptrs), ce, 2))
             for cfg in CONFIGS:
                 block, warps = cfg["BLOCK"], cfg["num_warps"]
                 suffix = f"{tag}_k{k}_b{block}_w{warps}"
-                for mode in ("plain", "full", "stats"):
-                    full = mode == "full"
-                    ce = dict(KH=k, KW=k, HAS_BIAS=mode != "plain", HAS_SCALE=full,
-                              HAS_SHIFT=full, HAS_RES=full, ACT=ACT_RELU6 if full else ACT_NONE,
-                              BLOCK=block, STATS=mode == "stats")
-                    cases.append(AotCase(
-                        f"dw_forward_{suffix}_{mode}", _dw_forward_kernel,
-                        aot_signature(_dw_forward_kernel, ptr, ce, stats_ptrs), ce, warps))
                 ce = dict(KH=k, KW=k, BLOCK=block)
                 cases.append(AotCase(
                     f"dw_backward_input_{suffix}", _dw_backward_input_kernel,
