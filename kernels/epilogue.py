@@ -87,6 +87,10 @@ def compiled(kernel: Any) -> Any:
         twin = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
         twin.__module__ = fn.__module__
         twin.__qualname__ = fn.__qualname__
+        # The JIT reads which parameters are tl.constexpr from the annotations (strings under
+        # ``from __future__ import annotations``); FunctionType does not carry them over.
+        twin.__annotations__ = dict(fn.__annotations__)
+        twin.__kwdefaults__ = fn.__kwdefaults__
         _COMPILED[key] = JITFunction(twin)
     return _COMPILED[key]
 

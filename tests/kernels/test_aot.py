@@ -1,5 +1,7 @@
 """Every Triton kernel, in every configuration of its tuning list and every dtype, compiles
-ahead of time for sm_80 (A100) and sm_90 (H100) with no register spills.
+ahead of time for sm_80 (A100) and sm_90 (H100) with no register spills and at least its
+case's occupancy floor; the AOT tools (JIT-exact specialisation, occupancy, PTX/SASS counts)
+are checked against triton's JIT and hand-computed numbers.
 
 No GPU is needed: ``triton.compile`` with an explicit ``GPUTarget`` runs the whole pipeline
 down to a cubin with the ptxas bundled with triton, and the cubin's resource usage is read
@@ -23,7 +25,7 @@ MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 @pytest.fixture(scope="module")
 def results():
     by_key = {}
-    for r in _aot.results_in_subprocesses():
+    for r in _aot.cached_results():
         by_key[(r.name, r.arch)] = r
     return by_key
 
@@ -49,6 +51,10 @@ def test_every_case_compiles_without_spills(family, arch, results, cases):
                             f"{r.stack_bytes} B stack, {r.registers} registers")
         assert r.registers * 32 * case.num_warps <= REGISTERS_PER_SM, case.name
         assert r.shared_bytes <= MAX_SHARED[arch], case.name
+        if r.occupancy < case.min_occupancy:
+            problems.append(f"{case.name}: {r.occupancy} blocks/SM < floor {case.min_occupancy} "
+                            f"({r.registers} registers, {case.num_warps} warps, "
+                            f"{r.shared_bytes} B shared)")
     assert not problems, "\n".join(problems)
 
 
@@ -62,3 +68,91 @@ def test_resource_usage_reader_sees_a_spill_free_kernel(results):
     kernel (the epilogue apply) uses few of them."""
     regs = [r.registers for (name, _), r in results.items() if name.startswith("epilogue")]
     assert regs and 8 <= min(regs) <= 64
+
+
+# ----------------------------------------------------------------------------- the AOT tools
+
+
+def test_occupancy_against_hand_computed_numbers():
+    """Blocks per SM from registers, warps and shared memory (the CUDA occupancy calculator's
+    rules), each limit exercised once."""
+    # 176 regs x 32 = 5632 per warp (a multiple of 256): 65536 // 5632 = 11 warps -> 1 block
+    # of 8 warps; shared 16 KiB + 1 KiB reserved would allow 9.
+    assert _aot.occupancy(90, 176, 8, 16384) == 1
+    # 94 regs -> 3008 per warp, rounded up to 3072: 21 warps -> 5 blocks of 4 warps; shared
+    # 32 KiB + 1 KiB: 164 KiB // 33 KiB = 4 on sm_80, 228 KiB // 33 KiB = 6 on sm_90.
+    assert _aot.occupancy(80, 94, 4, 32768) == 4
+    assert _aot.occupancy(90, 94, 4, 32768) == 5
+    # 32 regs, 4 warps, no shared: 64 warps by registers = 16 blocks; threads 2048 // 128 = 16.
+    assert _aot.occupancy(90, 32, 4, 0) == 16
+    # 1 warp of 16 registers: the 32-block limit binds (registers would allow 128).
+    assert _aot.occupancy(80, 16, 1, 0) == 32
+    # 255 registers x 8 warps: 8160 -> 8192 per warp, 8 warps -> 1 block.
+    assert _aot.occupancy(80, 255, 8, 0) == 1
+    # more than a block may have: 0.
+    assert _aot.occupancy(80, 64, 4, 164 * 1024) == 0
+    assert _aot.occupancy(90, 256, 4, 0) == 0
+
+
+def test_ptx_and_sass_counts_from_a_snippet():
+    ptx = """
+    @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    ld.global.b16 %rs1, [ %rd2 + 0 ];
+    @%p2 ld.global.L1::evict_last.v2.b32 { %r5, %r6 }, [ %rd3 + 0 ];
+    ld.global.nc.f32 %f1, [%rd4];
+    @%p3 st.global.v4.b32 [ %rd5 + 0 ], { %r1, %r2, %r3, %r4 };
+    st.global.b16 [ %rd6 + 0 ], { %rs1 };
+    cp.async.cg.shared.global [ %r7 + 0 ], [ %rd7 + 0 ], 0x10, %r8;
+    cp.async.cg.shared.global [ %r7 + 0 ], [ %rd7 + 0 ], 16, %r8;
+    cp.async.ca.shared.global [ %r7 + 0 ], [ %rd7 + 0 ], 4, %r8;
+    cp.async.commit_group;
+    cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r9], [%rd8, {%r1, %r2}], [%r10];
+    mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {...};
+    wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {...};
+    """
+    sass = """
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   STG.E.U16 desc[UR4][R6.64], R9 ;
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;
+        /*0030*/                   EXIT ;
+    """
+    got = _aot.inspect_code(ptx, sass)
+    assert got["loads"] == {"128": 1, "16": 1, "64": 1, "32": 1}
+    assert got["stores"] == {"128": 1, "16": 1}
+    # the copy size in decimal or hex (as LLVM writes it); the commit is not a copy.
+    assert got["cp_async"] == 3 and got["cp_async_16"] == 2
+    assert got["tma"] == 1 and got["mma"] == 1 and got["wgmma"] == 1
+    assert (got["sass_instructions"], got["sass_ldg"], got["sass_stg"], got["sass_ldgsts"]) == (4, 1, 1, 1)
+
+
+def test_jit_specialization_equals_the_jits_for_a_real_conv_launch():
+    """``jit_specialization`` (what the AOT cases compile) against what triton's own
+    ``JITFunction.run`` builds for the launcher's real call (``capture_launches``: the JIT's
+    binder and ``_pack_args`` on CPU tensors, the compile skipped): integers equal to 1 as
+    constants, multiples of 16 with a divisibility hint, aligned pointers."""
+    import torch
+
+    from slimops.kernels import conv2d as conv
+
+    x = torch.randn(2, 24, 16, 12)
+    w = torch.randn(48, 24, 3, 3)
+    scale, shift = torch.randn(32), torch.randn(32)
+    with _aot.capture_launches(conv, "_conv_forward_kernel") as launches:
+        conv.conv2d(x, w, None, 32, (1, 1), (1, 1), (1, 1), 1, scale, shift, None, 2)
+    assert len(launches) == 1
+    got = launches[0]
+    fn = conv._conv_forward_kernel  # restored on exit: the interpreter's object
+    from slimops.kernels.epilogue import compiled
+
+    sig, consts, attrs = _aot.jit_specialization(compiled(fn), got.args, got.kwargs)
+    assert sig == got.signature
+    assert consts == got.constexprs
+    assert attrs == got.attrs
+    # The specialisation is not trivial: some integer became a constant and some got a hint.
+    assert any(v == "constexpr" for k, v in sig.items() if k not in got.kwargs)
+    assert attrs
+    # and a case built from the launch carries it
+    case = _aot.AotCase.from_launch("probe", compiled(fn), got.args, got.kwargs,
+                                    got.num_warps, got.num_stages)
+    assert (case.signature, case.constexprs, case.attrs) == (got.signature, got.constexprs,
+                                                             got.attrs)
