@@ -221,7 +221,7 @@ def test_bad_arguments_raise():
 
 
 def test_aot_representative_case_has_no_spills():
-    case = next(c for c in K.aot_cases() if c.name == "dw_forward_float32_k3_b256_w4_full")
+    case = next(c for c in K.aot_cases() if c.name == "dw_forward_float32_k3_s1_v4_full")
     r = _aot.compile_case(case, 90)
     assert r.registers > 0
     assert r.spill_bytes == 0 and r.stack_bytes == 0
@@ -229,9 +229,9 @@ def test_aot_representative_case_has_no_spills():
 
 def test_bf16_compiles():
     # Compile-only: the interpreter's bf16 arithmetic is not the GPU's.
-    names = ("dw_forward_bfloat16_k5_b128_w4_full", "dw_backward_input_bfloat16_k5_b128_w4",
+    names = ("dw_forward_bfloat16_k5_s1_v8_full", "dw_backward_input_bfloat16_k5_b128_w4",
              "dw_weight_partials_bfloat16_k5_t1024_w4", "dw_weight_reduce_bfloat16_k5",
-             "dw_forward_bfloat16_k5_b256_w4_stats")
+             "dw_forward_bfloat16_k5_s2_u4_stats")
     cases = {c.name: c for c in K.aot_cases()}
     for name in names:
         r = _aot.compile_case(cases[name], 90)
@@ -284,37 +284,44 @@ def test_forward_with_stats_matches_reference(geo, dtype):
     expected = reference.depthwise_conv2d(x.float(), weight.float(), bias.float(), s, p, d)
     assert z.dtype == dtype and z.is_contiguous() and z.shape == expected.shape
     torch.testing.assert_close(z.float(), expected.to(dtype).float(), **TOL[dtype])
-    # one row of moments per (image, pixel block), fp32: those of the stored z
-    block = K._pick(z.shape[2] * z.shape[3])["BLOCK"]
-    _check_moments(z, moments, block)
+    # one row of moments per (image, tile), fp32: those of the stored z
+    _check_moments(z, moments, K._forward_tiling(x, z.shape[2], z.shape[3]))
     # the same inputs give bit-identical outputs and moments
     z2, moments2 = K.depthwise_conv2d_with_stats(x, weight, bias, s, p, d)
     assert torch.equal(z, z2) and torch.equal(moments, moments2)
 
 
-def _check_moments(z, moments, block):
-    """``moments`` [3, N * blocks, C]: row n * blocks + b holds the count, mean and M2 of
-    ``z[n, c]``'s b-th block of ``block`` output pixels (the last one shorter)."""
-    n, c = z.shape[:2]
-    planes = z.float().reshape(n, c, -1).split(block, dim=2)
+def _check_moments(z, moments, t):
+    """``moments`` [3, N * tiles, C] (``t``: the forward's tiling): row
+    ``n * tiles + strip * row_tiles + r`` holds the count, mean and M2 of ``z[n, c]`` over
+    output rows ``[r * ROWS, (r + 1) * ROWS)`` and columns ``[strip * G * V, ...)`` (clipped
+    to the plane)."""
+    n, c, ho, wo = z.shape
+    rows_per, cols_per = t["ROWS"], t["G"] * t["V"]
     assert moments.dtype == torch.float32
-    assert moments.shape == (3, n * len(planes), c)
-    rows = [(i, p[i]) for i in range(n) for p in planes]  # row order: image, then block
-    count = torch.tensor([[float(t.shape[1])] * c for _, t in rows])
-    mean = torch.stack([t.mean(1) for _, t in rows])
-    m2 = torch.stack([((t - t.mean(1, keepdim=True)) ** 2).sum(1) for _, t in rows])
+    assert moments.shape == (3, n * t["strips"] * t["row_tiles"], c)
+    zf = z.float()
+    tiles = [zf[i, :, r * rows_per:(r + 1) * rows_per, k * cols_per:(k + 1) * cols_per]
+             .reshape(c, -1) for i in range(n) for k in range(t["strips"])
+             for r in range(t["row_tiles"])]
+    count = torch.tensor([[float(v.shape[1])] * c for v in tiles])
+    mean = torch.stack([v.mean(1) for v in tiles])
+    m2 = torch.stack([((v - v.mean(1, keepdim=True)) ** 2).sum(1) for v in tiles])
     assert torch.equal(moments[0].cpu(), count)
     torch.testing.assert_close(moments[1], mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(moments[2], m2, rtol=1e-4, atol=1e-4)
 
 
-def test_forward_with_stats_without_bias_leaves_plain_forward_unchanged():
+def test_forward_with_stats_without_bias_leaves_plain_forward_unchanged(small_tiles):
     x, weight, s, p, d = _make(STATS_GEOMETRIES[0], (7, 7))
     z, moments = K.depthwise_conv2d_with_stats(x, weight, None, s, p, d)
     plain = K.depthwise_conv2d(x, weight, None, s, p, d, None, None, None, 0)
     assert torch.equal(z, plain)
-    assert moments.shape == (3, 2 * 2, 7)  # 143 output pixels: two blocks of 128 per image
-    _check_moments(z, moments, 128)
+    # 13 output rows in tiles of 2 rows: 7 moment rows per image, all from one program
+    t = K._forward_tiling(x, 13, 11)
+    assert (t["ROWS"], t["row_tiles"], t["tiles_per_prog"]) == (2, 7, 7)
+    assert moments.shape == (3, 2 * 7, 7)
+    _check_moments(z, moments, t)
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "relu6"])
@@ -339,6 +346,110 @@ def test_stats_epilogue_then_bn_equals_reference(geo, activation):
     torch.testing.assert_close(var, z_ref.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4,
                                atol=1e-5)
     torch.testing.assert_close(out, out_ref, **TOL[torch.float32])
+
+
+# ------------------------------------------------------------ the forward's tiling
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of at most 16 lanes and one program per (plane, strip): small test planes then
+    span several row tiles, looped over by one program, and several column strips."""
+    monkeypatch.setattr(K, "MAX_TILE_LANES", 16)
+    monkeypatch.setattr(K, "TARGET_PROGRAMS", 1)
+
+
+# (kernel, stride, padding, dilation, H, W): W a multiple of 8 (aligned: vector loads for
+# fp32 and fp16) or odd; W smaller than one lane's outputs; stride 2 with an aligned input and
+# an output width that is not a multiple of the input's vector; dilation; 5x5 and 7x7.
+TILING_GEOMETRIES = [
+    (3, 1, 1, 1, 10, 16),
+    (3, 1, 1, 1, 9, 13),
+    (3, 1, 1, 1, 5, 3),
+    (3, 2, 1, 1, 11, 24),
+    (3, 2, 0, 1, 8, 8),
+    (3, 1, 2, 2, 9, 16),
+    (5, 1, 2, 1, 8, 16),
+    (5, 2, 2, 1, 9, 24),
+    (7, 1, 3, 1, 9, 16),
+]
+
+
+@pytest.mark.parametrize("tiling", ["default", "small"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("width", WIDTHS, ids=str)
+@pytest.mark.parametrize("geo", TILING_GEOMETRIES, ids=_geo_id)
+def test_forward_tiling_matches_reference(geo, width, dtype, tiling, request):
+    if tiling == "small":
+        request.getfixturevalue("small_tiles")
+    x, weight, s, p, d = _make(geo, width, dtype)
+    c, c_full = width
+    bias = torch.randn(c_full, device=DEVICE).to(dtype)
+    scale = (torch.rand(c, device=DEVICE) + 0.5).to(dtype)
+    shift = torch.randn(c, device=DEVICE).to(dtype)
+    z32 = reference.depthwise_conv2d(x.float(), weight.float(), None, s, p, d)
+    residual = torch.randn_like(z32).to(dtype)
+    expected = reference.depthwise_conv2d(x.float(), weight.float(), bias.float(), s, p, d,
+                                          scale.float(), shift.float(), residual.float(), "relu6")
+    out = K.depthwise_conv2d(x, weight, bias, s, p, d, scale, shift, residual, 2)
+    torch.testing.assert_close(out.float(), expected.to(dtype).float(), **TOL[dtype])
+    plain = K.depthwise_conv2d(x, weight, None, s, p, d, None, None, None, 0)
+    torch.testing.assert_close(plain.float(), z32.to(dtype).float(), **TOL[dtype])
+    z, psum, psumsq = K.depthwise_conv2d_with_stats(x, weight, None, s, p, d)
+    assert torch.equal(z, plain)
+    t = K._forward_tiling(x, z.shape[2], z.shape[3])
+    assert psum.shape == (x.shape[0] * t["strips"] * t["row_tiles"], c)
+    zf = z.float()
+    torch.testing.assert_close(psum.sum(0), zf.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(psumsq.sum(0), (zf * zf).sum(dim=(0, 2, 3)), rtol=1e-5,
+                               atol=1e-3)
+
+
+def test_small_tiles_loop_over_row_tiles_and_strips(small_tiles):
+    # 72 columns of fp32 in lanes of 4 outputs, at most 16 lanes per strip: two strips; 9 rows
+    # in tiles of 1 row: one program loops over 9 tiles.
+    x = torch.randn(2, 5, 9, 72, device=DEVICE)
+    t = K._forward_tiling(x, 9, 72)
+    assert (t["V"], t["ALIGNED"], t["G"], t["strips"]) == (4, True, 16, 2)
+    assert t["tiles_per_prog"] == t["row_tiles"] > 1 and t["row_groups"] == 1
+    weight = torch.randn(13, 1, 3, 3, device=DEVICE)
+    bias = torch.randn(13, device=DEVICE)
+    out = K.depthwise_conv2d(x, weight, bias, [1, 1], [1, 1], [1, 1], None, None, None, 1)
+    expected = reference.depthwise_conv2d(x, weight, bias, 1, 1, 1, activation="relu")
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+def test_forward_asymmetric_geometry():
+    # H and W take different strides, paddings and dilations (H's are run-time arguments,
+    # W's compile-time ones).
+    x = torch.randn(2, 5, 11, 16, device=DEVICE)
+    weight = torch.randn(13, 1, 3, 5, device=DEVICE)
+    for s, p, d in [((2, 1), (1, 2), (1, 1)), ((1, 2), (0, 4), (2, 2))]:
+        out = K.depthwise_conv2d(x, weight, None, list(s), list(p), list(d), None, None, None,
+                                 0)
+        expected = reference.depthwise_conv2d(x, weight, None, s, p, d)
+        torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+def test_forward_tiling_choices():
+    """The vector width follows the dtype and the rows' alignment; misaligned strides fall
+    back to per-element loads (still correct)."""
+    half = torch.empty(1, 4, 56, 56, dtype=torch.float16, device=DEVICE)
+    t = K._forward_tiling(half, 56, 56)
+    assert (t["V"], t["ALIGNED"], t["OUT_V"]) == (8, True, 8)
+    t = K._forward_tiling(half, 28, 28)  # stride 2: 16-byte input chunks, 8-byte stores
+    assert (t["V"], t["ALIGNED"], t["OUT_V"]) == (8, True, 4)
+    t = K._forward_tiling(half.float(), 56, 56)
+    assert (t["V"], t["ALIGNED"], t["OUT_V"]) == (4, True, 4)
+    t = K._forward_tiling(torch.empty(1, 4, 7, 7, device=DEVICE), 7, 7)
+    assert (t["V"], t["ALIGNED"], t["OUT_V"]) == (K.MAX_UNALIGNED_V, False, 1)
+    # channels-last strides: the W stride is not 1
+    cl = torch.empty(1, 4, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
+    assert not K._forward_tiling(cl, 8, 8)["ALIGNED"]
+    weight = torch.randn(4, 1, 3, 3, device=DEVICE)
+    cl.copy_(torch.randn(1, 4, 8, 8))
+    torch.testing.assert_close(
+        K.depthwise_conv2d(cl, weight, None, [1, 1], [1, 1], [1, 1], None, None, None, 0),
+        reference.depthwise_conv2d(cl, weight, None, 1, 1, 1), **TOL[torch.float32])
 
 
 def test_past_32_bit_offsets_raises_before_launch():
