@@ -10,9 +10,10 @@ sm_90 with triton's bundled ptxas, and the SASS is read back with the bundled cu
 Counted per output: the instructions of the kernel's main loop (the row-tile loop: one
 iteration is one tile, ``V`` outputs per lane) divided by ``V``, and the global loads (LDG)
 in it divided by ``V``. Required: at most 40 instructions and 3 loads per output at 3x3 (the
-one-output-per-thread kernel this replaced took 184-264 instructions and 18-22 loads). The
-prologue (tap, bias, scale, shift loads, index set-up) runs once per program; its share per
-output, at these shapes, is what ``executed_per_output`` adds. Nothing here ran on a GPU.
+one-output-per-thread kernel this replaced took 172-253 instructions and 18-22 loads per
+output, trailing NOP padding not counted; docs/GPU_KERNELS.md has the before/after table).
+The prologue (tap, bias, scale, shift loads, index set-up) runs once per program; its share
+per output, at these shapes, is what ``executed_per_output`` adds. Nothing here ran on a GPU.
 """
 
 from __future__ import annotations
