@@ -109,16 +109,20 @@ def _forward_tiling(input: Tensor, ho: int, wo: int) -> Dict[str, int]:
     """The forward kernel's tiling for ``input [N, C, H, W]`` and an ``ho x wo`` output.
 
     ``V``: outputs per lane (thread) along W, the widest power of two <= 16 bytes of the
-    dtype for which ``ALIGNED`` holds: the input's W stride is 1 and W, Wo and its other
-    strides are multiples of ``V``, so every ``V``-column chunk of a row starts on a
+    dtype for which ``ALIGNED`` holds: the input's W stride is 1 and W and its other strides
+    are multiples of ``V``, so every ``V``-column chunk of an input row starts on a
     ``V``-element boundary and lies entirely inside or outside the row (one vector load per
-    chunk, one vector store per lane). Otherwise ``ALIGNED`` is False and ``V`` is
-    ``MAX_UNALIGNED_V``: per-element masks and scalar loads, each still reused by the
-    lane's outputs. ``G``: lanes across a strip of ``G * V`` output columns (``strips``
-    strips cover Wo); ``ROWS``: output rows per tile (``ROWS * G`` lanes = ``32 *
-    num_warps``); ``row_tiles = cdiv(Ho, ROWS)`` tiles per strip, looped over by
-    ``row_groups`` programs of ``tiles_per_prog`` tiles each, so the channel's taps are
-    loaded once per program and there are still about ``TARGET_PROGRAMS`` programs.
+    chunk). Otherwise ``ALIGNED`` is False and ``V`` is ``MAX_UNALIGNED_V``: per-element
+    masks and scalar loads, each element still loaded once and reused by the lane's outputs.
+    ``OUT_V``: the widest power of two <= ``V`` (1 when not aligned) dividing Wo: the width
+    of the output stores and residual loads (a stride-2 output is half as wide as its
+    input). ``G``: lanes across a strip of ``G * V`` output columns (``strips`` strips cover
+    Wo); ``ROWS``: output rows per tile (``ROWS * G`` lanes, ``num_warps`` warps);
+    ``row_tiles = cdiv(Ho, ROWS)`` tiles per strip, looped over by ``row_groups`` programs
+    of ``tiles_per_prog`` tiles each, so the channel's taps are loaded once per program and
+    there are still about ``TARGET_PROGRAMS`` programs. The rows' alignment is all this
+    checks: a data pointer that is not 16-byte aligned only keeps the compiler from
+    vectorising (the JIT gives no alignment hint then), the results are the same.
     """
     n, c, h, w = (int(s) for s in input.shape)
     sxn, sxc, sxh, sxw = input.stride()
@@ -144,6 +148,8 @@ def _forward_tiling(input: Tensor, ho: int, wo: int) -> Dict[str, int]:
     row_tiles = triton.cdiv(ho, rows)
     wanted = max(1, triton.cdiv(TARGET_PROGRAMS, max(1, n * c * strips)))
     tiles_per_prog = triton.cdiv(row_tiles, min(row_tiles, wanted))
+    # The grid's third dimension holds at most 65535 programs.
+    tiles_per_prog = max(tiles_per_prog, triton.cdiv(row_tiles, 65535))
     return dict(V=v, G=g, ROWS=rows, ALIGNED=aligned, OUT_V=out_v, num_warps=max(1, lanes // 32),
                 strips=strips, row_tiles=row_tiles, tiles_per_prog=tiles_per_prog,
                 row_groups=triton.cdiv(row_tiles, tiles_per_prog))

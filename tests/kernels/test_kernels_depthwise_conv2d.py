@@ -359,10 +359,13 @@ def small_tiles(monkeypatch):
 
 
 # (kernel, stride, padding, dilation, H, W): W a multiple of 8 (aligned: vector loads for
-# fp32 and fp16) or odd; W smaller than one lane's outputs; stride 2 with an aligned input and
-# an output width that is not a multiple of the input's vector; dilation; 5x5 and 7x7.
+# fp32 and fp16), of 4 (fp16 in 8-byte chunks), of 2 only (2-element chunks) or odd; W
+# smaller than one lane's outputs; stride 2 with an aligned input and an output width that is
+# not a multiple of the input's vector; dilation; 5x5 and 7x7.
 TILING_GEOMETRIES = [
     (3, 1, 1, 1, 10, 16),
+    (3, 1, 1, 1, 7, 14),
+    (3, 2, 1, 1, 7, 12),
     (3, 1, 1, 1, 9, 13),
     (3, 1, 1, 1, 5, 3),
     (3, 2, 1, 1, 11, 24),
