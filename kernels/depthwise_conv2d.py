@@ -83,6 +83,9 @@ CONFIGS: List[Dict[str, int]] = [
 # taps once).
 VECTOR_BYTES = 16
 MAX_UNALIGNED_V = 4
+# Past 3x3 a lane's window (one input row segment) and taps get large: 8 outputs per lane of
+# a 5x5 at stride 2 needed all 255 registers and a stack (fp16, as AOT-compiled).
+MAX_V_LARGE_KERNEL = 4
 MAX_TILE_LANES = 128
 TARGET_PROGRAMS = 2048
 
@@ -105,11 +108,12 @@ def _pick(pixels: int) -> Dict[str, int]:
     return CONFIGS[2] if pixels <= 1 << 16 else CONFIGS[3]
 
 
-def _forward_tiling(input: Tensor, ho: int, wo: int) -> Dict[str, int]:
-    """The forward kernel's tiling for ``input [N, C, H, W]`` and an ``ho x wo`` output.
+def _forward_tiling(input: Tensor, ho: int, wo: int, taps: int = 9) -> Dict[str, int]:
+    """The forward kernel's tiling for ``input [N, C, H, W]``, an ``ho x wo`` output and a
+    kernel of ``taps`` taps.
 
     ``V``: outputs per lane (thread) along W, the widest power of two <= 16 bytes of the
-    dtype for which ``ALIGNED`` holds: the input's W stride is 1 and W and its other strides
+    dtype (at most ``MAX_V_LARGE_KERNEL`` past 3x3) for which ``ALIGNED`` holds: the input's W stride is 1 and W and its other strides
     are multiples of ``V``, so every ``V``-column chunk of an input row starts on a
     ``V``-element boundary and lies entirely inside or outside the row (one vector load per
     chunk). Otherwise ``ALIGNED`` is False and ``V`` is ``MAX_UNALIGNED_V``: per-element
@@ -127,6 +131,8 @@ def _forward_tiling(input: Tensor, ho: int, wo: int) -> Dict[str, int]:
     n, c, h, w = (int(s) for s in input.shape)
     sxn, sxc, sxh, sxw = input.stride()
     v = VECTOR_BYTES // input.element_size()
+    if taps > 9:
+        v = min(v, MAX_V_LARGE_KERNEL)
     while v > 1 and not (sxw == 1 and all(x % v == 0 for x in (w, sxh, sxc, sxn))):
         v //= 2
     aligned = v > 1
@@ -484,7 +490,7 @@ def _forward(
             raise ValueError(f"slimops.kernels.depthwise_conv2d: residual must be "
                              f"{tuple(out.shape)}, got {tuple(residual.shape)}")
         residual = residual.contiguous()  # an activation, not a weight: read like `out`
-    t = _forward_tiling(input, ho, wo)
+    t = _forward_tiling(input, ho, wo, kh * kw)
     tiles = t["strips"] * t["row_tiles"]
     moments = None
     if stats:
@@ -651,6 +657,8 @@ def aot_cases() -> List[AotCase]:
             for stride in (1, 2):
                 for aligned in (True, False):
                     v = VECTOR_BYTES // dtype.itemsize if aligned else MAX_UNALIGNED_V
+                    if aligned and k > 3:
+                        v = min(v, MAX_V_LARGE_KERNEL)
                     for mode in ("plain", "full", "stats"):
                         full = mode == "full"
                         ce = dict(KH=k, KW=k, SW=stride, PW=k // 2, DW=1,
