@@ -10,7 +10,7 @@ slimops exists to avoid.
   each lane (thread) computing ``V`` consecutive outputs of a row: it loads the input row
   segment its outputs read once per tap row, as ``V``-column chunks (one 16-byte vector load
   each when the rows are aligned: W and the input's strides multiples of ``V``; a 3x3's
-  one-column halo as a scalar) and reuses every element for all the (output, tap) pairs that
+  one-column halo as a scalar; ``V`` at most 2 past 3x3, to bound the registers) and reuses every element for all the (output, tap) pairs that
   read it, in registers. The channel's taps (and bias/scale/shift) are loaded once per
   program, which loops over its row tiles. ``kh``/``kw`` and the W-direction stride, padding
   and dilation are compile-time constants (they fix which window element each (output, tap)
