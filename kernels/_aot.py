@@ -268,6 +268,10 @@ class AotResult:
     sass_ldg: int = 0
     sass_stg: int = 0
     sass_ldgsts: int = 0  # SASS of cp.async
+    # The 2-D global accesses of the TTGIR, one entry per distinct access (``tile_accesses``):
+    # which value (its Python name), op, tile shape, element type, and the blocked layout's
+    # fastest dimension, elements per thread along it and lanes along it.
+    tiles: List[Dict[str, Any]] = field(default_factory=list)
 
 
 def _tool(name: str) -> str:
@@ -366,6 +370,52 @@ def inspect_code(ptx: str, sass: str) -> Dict[str, Any]:
     )
 
 
+_BLOCKED = re.compile(
+    r"^#(\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
+    r"warpsPerCTA = \[([\d, ]+)\], order = \[([\d, ]+)\]", re.M)
+_TILE_ACCESS = re.compile(
+    r"^\s*(?:%([A-Za-z_][A-Za-z0-9_]*?)(?:_\d+)? = )?"
+    r"(ttg\.async_copy_global_to_local|tt\.load|tt\.store)\b[^\n]*?"
+    r": tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>, #(\w+)>", re.M)
+_ELEMENT_BITS = {"f16": 16, "bf16": 16, "f32": 32, "i32": 32, "f64": 64, "i64": 64, "i8": 8,
+                 "i1": 8, "f8E4M3FN": 8, "f8E5M2": 8}
+
+
+def tile_accesses(ttgir: str) -> List[Dict[str, Any]]:
+    """The 2-D global loads, ``cp.async`` copies (``ttg.async_copy_global_to_local``) and
+    stores of a kernel's TTGIR, each with the blocked layout the compiler chose for it:
+    ``name`` (the Python variable a load's result is named after, e.g. ``a``/``b`` for the
+    GEMM operands; ``""`` for stores), ``op`` (``async_copy``, ``load``, ``store``),
+    ``shape``, ``elem`` (element type), ``fast_dim`` (the layout's fastest dimension: the
+    tile dimension consecutive lanes and vector elements walk), ``vec`` (contiguous elements
+    per thread along it: ``vec * bits`` is the vector width the lowering aims for),
+    ``bits`` (element bits) and ``lanes`` (lanes of a warp along it). The layout is what the
+    coalescing pass derived from the compiler's contiguity/alignment analysis, so it says per
+    operand what the PTX counts say per kernel. Repeated accesses (a pipeline's prologue
+    copies) appear once."""
+    layouts = {}
+    for m in _BLOCKED.finditer(ttgir):
+        spt, tpw, _, order = ([int(v) for v in g.split(",")] for g in m.groups()[1:])
+        layouts[m.group(1)] = (spt, tpw, order)
+    seen = set()
+    out: List[Dict[str, Any]] = []
+    for m in _TILE_ACCESS.finditer(ttgir):
+        name, op, d0, d1, elem, layout = m.groups()
+        if layout not in layouts:
+            continue
+        spt, tpw, order = layouts[layout]
+        fast = order[0]
+        entry = dict(name=name or "", op=op.split(".")[-1].replace("async_copy_global_to_local",
+                                                                     "async_copy"),
+                     shape=[int(d0), int(d1)], elem=elem, fast_dim=fast, vec=spt[fast],
+                     bits=_ELEMENT_BITS.get(elem, 0), lanes=tpw[fast])
+        key = tuple(sorted((k, str(v)) for k, v in entry.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(entry)
+    return out
+
+
 def _sass(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -404,6 +454,7 @@ def inspect_compiled(case: AotCase, kernel: Any, arch: int) -> AotResult:
         kernel=getattr(case.fn, "__name__", case.name),
         num_warps=case.num_warps,
         occupancy=occupancy(arch, registers, case.num_warps, shared) if registers > 0 else 0,
+        tiles=tile_accesses(kernel.asm["ttgir"]),
         **inspect_code(kernel.asm["ptx"], _sass(kernel.asm["cubin"])),
     )
 
