@@ -156,3 +156,27 @@ def test_jit_specialization_equals_the_jits_for_a_real_conv_launch():
                                     got.num_warps, got.num_stages)
     assert (case.signature, case.constexprs, case.attrs) == (got.signature, got.constexprs,
                                                              got.attrs)
+
+
+def test_tile_accesses_from_a_ttgir_snippet():
+    """Per operand: op, shape, the blocked layout's fastest dimension, vector and lanes; the
+    pipeline's repeated copies once; 1-D and non-blocked accesses left out."""
+    ttgir = """
+#blocked = #ttg.blocked<{sizePerThread = [8, 1], threadsPerWarp = [16, 2], warpsPerCTA = [1, 8], order = [0, 1]}>
+#blocked1 = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [32, 1], warpsPerCTA = [1, 8], order = [0, 1]}>
+#blocked2 = #ttg.blocked<{sizePerThread = [1, 4], threadsPerWarp = [4, 8], warpsPerCTA = [8, 1], order = [1, 0]}>
+    %a_67 = ttg.async_copy_global_to_local %a_63, %a_64 mask %m other %c {contiguity = 8 : i32} : tensor<128x32x!tt.ptr<f16>, #blocked> -> <128x32xf16, #shared, #smem, mutable> loc(#loc1)
+    %a_81 = ttg.async_copy_global_to_local %a_77, %a_78 mask %m other %c {contiguity = 8 : i32} : tensor<128x32x!tt.ptr<f16>, #blocked> -> <128x32xf16, #shared, #smem, mutable> loc(#loc1)
+      %b_138 = tt.load %b_137, %b_134, %cst_1 : tensor<32x64x!tt.ptr<f16>, #blocked1> loc(#loc2)
+    %acc_94 = tt.load %acc_93, %nmask_35, %cst : tensor<64x!tt.ptr<f16>, #ttg.slice<{dim = 0, parent = #mma}>> loc(#loc3)
+    tt.store %5, %7, %mask_91 : tensor<128x64x!tt.ptr<f32>, #blocked2> loc(#loc4)
+"""
+    got = _aot.tile_accesses(ttgir)
+    assert got == [
+        dict(name="a", op="async_copy", shape=[128, 32], elem="f16", fast_dim=0, vec=8, bits=16,
+             lanes=16),
+        dict(name="b", op="load", shape=[32, 64], elem="f16", fast_dim=0, vec=1, bits=16,
+             lanes=32),
+        dict(name="", op="store", shape=[128, 64], elem="f32", fast_dim=1, vec=4, bits=32,
+             lanes=8),
+    ]
