@@ -42,7 +42,18 @@ CASES = [
     ("dil2_pad0_residual", 1, 13, 3, (16, 16, 3, 3), 1, 9, 9, 1, 0, 2, "r", 2),
     ("1x3_kernel", 2, 5, 4, (6, 5, 1, 3), 1, 5, 7, 1, (0, 1), 1, "bs", 1),
     ("asym_stride_pad", 1, 4, 6, (8, 4, 3, 3), 1, 8, 6, (2, 1), (1, 0), (1, 2), "bssr", 2),
+    # The 1x1 GEMM path (1x1, stride 1, no padding): channels a multiple of BLOCK_K (no
+    # channel mask) with two pixel tiles per image and two N tiles; grouped with prefixes;
+    # a dilation, which a 1x1 kernel ignores.
+    ("1x1_even_k_two_tiles", 2, 32, 40, (48, 32, 1, 1), 1, 5, 7, 1, 0, 1, "bssr", 2),
+    ("1x1_groups2_prefix", 3, 6, 8, (12, 4, 1, 1), 2, 4, 5, 1, 0, 1, "b", 1),
+    ("1x1_dilation_ignored", 1, 5, 7, (7, 5, 1, 1), 1, 3, 3, 1, 0, 2, "s", 0),
+    # More M tiles (5 images x 2 pixel tiles) than the launch order's GROUP_M, and 2 N tiles:
+    # the grouped order must still visit every (M, N) tile once.
+    ("grouped_order_5_images", 5, 4, 40, (40, 4, 3, 3), 1, 7, 7, 1, 1, 1, "b", 0),
 ]
+# The cases the kernels run on their 1x1 GEMM path (IS_1X1).
+GEMM_1X1 = {"1x1_tiny", "1x1_even_k_two_tiles", "1x1_groups2_prefix", "1x1_dilation_ignored"}
 CASE_IDS = [c[0] for c in CASES]
 
 
@@ -133,10 +144,52 @@ def test_backward_matches_autograd(case, dtype):
     assert (grad_weight[~inside] == 0).all()
 
 
+def test_1x1_cases_take_the_gemm_path():
+    """The launchers pick IS_1X1 exactly for 1x1 kernels with stride 1 and no padding (so the
+    cases above test that path), and only with dense planes."""
+    for case in CASES:
+        a = _make(case, torch.float32)
+        geo = (*a["stride"], *a["padding"], *a["dilation"])
+        assert K._gemm_1x1(a["weight"], geo, a["x"]) == (case[0] in GEMM_1X1), case[0]
+    w = torch.randn(4, 4, 1, 1)
+    # rows of 5 pixels 10 apart: not one pixel stride
+    assert not K._gemm_1x1(w, (1, 1, 0, 0, 1, 1), torch.randn(1, 4, 6, 10)[:, :, :, :5])
+    assert not K._gemm_1x1(w, (1, 1, 0, 1, 1, 1), torch.randn(1, 4, 6, 5))  # padded
+    assert K._gemm_1x1(w, (1, 1, 0, 0, 1, 1),
+                       torch.randn(1, 4, 6, 5).to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 3, 9, 10)],
+                         ids=[CASE_IDS[i] for i in (0, 1, 3, 9, 10)])
+def test_channels_last_in_and_out(case):
+    """An NHWC (channels_last) input gives an NHWC output (and an NHWC grad_z an NHWC
+    grad_input), with the values of the NCHW reference; a residual in the other memory
+    format is read correctly; the weight gradient reads NHWC activations."""
+    a = _make(case, torch.float32)
+    cl = torch.channels_last
+    x = a["x"].to(memory_format=cl)
+    out = K.conv2d(x, a["weight"], a["bias"], a["cout"], a["stride"], a["padding"],
+                   a["dilation"], a["groups"], a["scale"], a["shift"], a["residual"], a["act"])
+    expected = reference.conv2d(a["x"], a["weight"], a["bias"], a["cout"], a["stride"],
+                                a["padding"], a["dilation"], a["groups"], a["scale"],
+                                a["shift"], a["residual"], ACTS[a["act"]])
+    assert out.is_contiguous(memory_format=cl)
+    assert out.shape[2] * out.shape[3] == 1 or not out.is_contiguous()
+    torch.testing.assert_close(out, expected, **_tols(torch.float32, expected))
+    gz, gx, gw = _grads(a)
+    gz = gz.to(memory_format=cl)
+    geo = (a["stride"], a["padding"], a["dilation"], a["groups"])
+    grad_input = K.conv2d_backward_input(gz, a["weight"], list(x.shape), *geo)
+    assert grad_input.is_contiguous(memory_format=cl)
+    torch.testing.assert_close(grad_input, gx, **_tols(torch.float32, gx))
+    grad_weight = K.conv2d_backward_weight(gz, x, a["weight"], *geo)
+    torch.testing.assert_close(grad_weight, gw, **_tols(torch.float32, gw))
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_backward_weight_split_k(monkeypatch, splits):
     # One split writes straight into the full gradient; several go through fp32 partials.
-    monkeypatch.setattr(K, "_split_k", lambda tiles, k_blocks, device: min(splits, k_blocks))
+    monkeypatch.setattr(K, "_split_count", lambda tiles, k_tiles, target: min(splits, k_tiles))
     a = _make(("split", 2, 6, 4, (6, 4, 3, 3), 2, 9, 9, 1, 1, 1, "", 0), torch.float32)
     gz, _, gw = _grads(a)
     out = K.conv2d_backward_weight(gz, a["x"], a["weight"], a["stride"], a["padding"],
@@ -144,11 +197,11 @@ def test_backward_weight_split_k(monkeypatch, splits):
     torch.testing.assert_close(out, gw, **_tols(torch.float32, gw))
 
 
-@pytest.mark.parametrize("cfg", range(len(K.CONFIGS)), ids=lambda i: f"config{i}")
+@pytest.mark.parametrize("cfg", range(len(K.CONFIGS_FP32)), ids=lambda i: f"config{i}")
 def test_every_config(monkeypatch, cfg):
     # Each tuning entry on a shape with several N tiles for the small one (40 output channels)
-    # and several M tiles (N * Ho * Wo = 72).
-    monkeypatch.setattr(K, "_pick", lambda m, n: K.CONFIGS[cfg])
+    # and several M tiles (2 images of 36 pixels).
+    monkeypatch.setattr(K, "_pick", lambda pixels, n, dtype, streamed=True: K.configs(dtype)[cfg])
     a = _make(("cfg", 2, 6, 40, (48, 8, 3, 3), 2, 6, 6, 1, 1, 1, "bssr", 2), torch.float32)
     out = K.conv2d(a["x"], a["weight"], a["bias"], 40, a["stride"], a["padding"],
                    a["dilation"], 2, a["scale"], a["shift"], a["residual"], 2)
@@ -174,14 +227,15 @@ def test_with_stats(case, dtype):
     expected = reference.conv2d(a["x"].float(), a["weight"].float(), bias.float(), a["cout"],
                                 a["stride"], a["padding"], a["dilation"], a["groups"])
     torch.testing.assert_close(z.float(), expected, **_tols(dtype, expected))
-    m = z.shape[0] * z.shape[2] * z.shape[3]
-    block_m = K._pick(m, a["cout"] // a["groups"])["BLOCK_M"]
+    hw = z.shape[2] * z.shape[3]
+    block_m = K._pick(hw, a["cout"] // a["groups"], dtype)["BLOCK_M"]
     assert moments.dtype == torch.float32
-    assert moments.shape == (3, -(-m // block_m), a["cout"])
-    # Row i: the moments (count, mean, M2) of z as stored over the i-th tile of block_m
-    # output pixels in (n, h, w) order; the last tile is shorter when block_m does not
-    # divide m.
-    tiles = z.float().transpose(0, 1).reshape(a["cout"], m).split(block_m, dim=1)
+    # one row per M tile; M tiles stay inside one image
+    assert moments.shape == (3, z.shape[0] * -(-hw // block_m), a["cout"])
+    # Row i: the moments (count, mean, M2) of z as stored over the i-th M tile: block_m
+    # pixels of one image in (h, w) order, images in turn; an image's last tile is shorter
+    # when block_m does not divide H * W.
+    tiles = [t for img in z.float() for t in img.reshape(a["cout"], hw).split(block_m, dim=1)]
     count = torch.tensor([[t.shape[1]] * a["cout"] for t in tiles], dtype=torch.float32)
     mean = torch.stack([t.mean(1) for t in tiles])
     m2 = torch.stack([((t - t.mean(1, keepdim=True)) ** 2).sum(1) for t in tiles])
@@ -194,7 +248,7 @@ def test_stats_several_tiles_deterministic():
     a = _make(CASES[0], torch.float32)
     first = K.conv2d_with_stats(a["x"], a["weight"], None, 8, a["stride"], a["padding"],
                                 a["dilation"], 1)
-    assert first[1].shape[0] > 1  # 2 * 9 * 9 = 162 output pixels: several M tiles
+    assert first[1].shape[1] > 1  # 2 images of 9 * 9 = 81 output pixels: several M tiles
     second = K.conv2d_with_stats(a["x"], a["weight"], None, 8, a["stride"], a["padding"],
                                  a["dilation"], 1)
     for u, v in zip(first, second):
@@ -276,22 +330,28 @@ def test_aot_cases_enumerate_fast_and_distinct():
     cases = K.aot_cases()
     names = [c.name for c in cases]
     assert len(names) == len(set(names))
-    for needed in ("_plain", "_full", "_stats", "backward_input", "backward_weight",
-                   "bfloat16", "float16", "float32"):
+    for needed in ("_eval", "_res", "_stats", "backward_input", "backward_weight", "_direct",
+                   "_partials", "_nhwc", "bfloat16", "float16", "float32_tf32", "stem_224"):
         assert any(needed in n for n in names), needed
+    # every tuning entry of every precision is compiled somewhere
+    for prec in ("float16", "bfloat16", "float32", "float32_tf32"):
+        assert {c.meta["config"] for c in cases if c.meta["prec"] == prec} == {0, 1, 2, 3}, prec
+    assert {c.meta["path"] for c in cases} == {"1x1", "general"}
     for c in cases:
         assert set(c.signature) == set(c.fn.arg_names)
         assert all(c.signature[k] == "constexpr" for k in c.constexprs)
 
 
 def test_aot_representative_case_compiles_without_spills():
-    # fp32 (TF32 dot) forward, full epilogue, largest tile: the heaviest in registers (254 on
-    # sm_90).
-    # aot_cases() hands compilable JITFunctions even under the interpreter.
+    # fp32 (TF32 dot) forward with the largest tile and the scale/shift/relu6 epilogue, the
+    # heaviest in registers; aot_cases() hands compilable JITFunctions even under the
+    # interpreter.
     case = next(c for c in K.aot_cases()
-                if c.name.startswith("conv2d_forward_float32_tf32_m128") and c.name.endswith("full"))
+                if c.meta["kind"] == "forward" and c.meta["prec"] == "float32_tf32"
+                and c.meta["config"] == 2 and c.meta["mode"] == "eval")
     r = _aot.compile_case(case, 90)
     assert r.registers > 0 and r.spill_bytes == 0 and r.stack_bytes == 0, r
+    assert r.occupancy >= case.min_occupancy, r
 
 
 def test_image_span_follows_the_strides():
