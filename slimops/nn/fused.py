@@ -16,7 +16,6 @@ from slimops.ops.autocast import dtypes_match
 from slimops.ops._common import (
     ACTIVATION_CODES,
     check_residual,
-    conv_geometry,
     conv_output_hw,
 )
 from slimops.reference import ACTIVATIONS
@@ -219,7 +218,7 @@ class SlimConvBNAct(nn.Module):
             raise ValueError(f"SlimConvBNAct: at width {conv.active_width()} the conv gives "
                              f"{cout} channels, the batch norm expects "
                              f"{self.bn.active_features()}")
-        s, p, d = conv_geometry(conv.stride, conv._op_padding, conv.dilation, "conv2d")
+        s, p, d = conv._geometry()
         ho, wo = conv_output_hw(input.shape[2], input.shape[3], conv.weight.shape[2:], s, p, d,
                                 "conv2d")
         check_residual(residual, (input.shape[0], cout, ho, wo), input, "conv2d_bn_act_train")
