@@ -155,6 +155,30 @@ def _dot(a, b, acc, ALLOW_TF32: tl.constexpr):
 
 
 @triton.jit
+def _gemm_k_loop(a_rows, sak, b_cols, sbk, K, mmask, nmask, acc, EVEN_K: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """The 1x1 path's K loop, shared by the forward and the input gradient:
+    ``acc += A[rows, :K] @ B[:K, cols]`` with A's row ``m`` at ``a_rows[m]`` and its k-th
+    element ``sak`` further, B's column ``n`` at ``b_cols[n]`` and its k-th element ``sbk``
+    further. ``EVEN_K`` (K a multiple of ``BLOCK_K``) drops the K mask, which keeps B's
+    K-contiguous rows vectorisable."""
+    rk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        if EVEN_K:
+            a = tl.load(a_rows[:, None] + (k * sak)[None, :], mask=mmask[:, None], other=0.0)
+            b = tl.load(b_cols[None, :] + (k * sbk)[:, None], mask=nmask[None, :], other=0.0)
+        else:
+            kmask = k < K
+            a = tl.load(a_rows[:, None] + (k * sak)[None, :],
+                        mask=mmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_cols[None, :] + (k * sbk)[:, None],
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = _dot(a, b, acc, ALLOW_TF32)
+    return acc
+
+
+@triton.jit
 def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """``(pid_m, pid_n)`` of program ``pid`` in the grouped (L2-swizzled) order: groups of
     GROUP_M M tiles, each walked column by column over the N tiles."""
@@ -212,19 +236,8 @@ def _conv_forward_kernel(
         # activation tile is a plain [pixels, channels] GEMM operand (contiguous along the
         # pixels for NCHW, along the channels for NHWC). EVEN_K (ig a multiple of BLOCK_K)
         # drops the channel mask, which keeps the weight's K-contiguous rows vectorisable.
-        x_rows = x_img + p * sxw
-        for c0 in range(0, ig, BLOCK_K):
-            ci = c0 + rk
-            if EVEN_K:
-                a = tl.load(x_rows[:, None] + (ci * sxc)[None, :], mask=mmask[:, None], other=0.0)
-                b = tl.load(w_cols[None, :] + (ci * swi)[:, None], mask=nmask[None, :], other=0.0)
-            else:
-                cmask = ci < ig
-                a = tl.load(x_rows[:, None] + (ci * sxc)[None, :],
-                            mask=mmask[:, None] & cmask[None, :], other=0.0)
-                b = tl.load(w_cols[None, :] + (ci * swi)[:, None],
-                            mask=cmask[:, None] & nmask[None, :], other=0.0)
-            acc = _dot(a, b, acc, ALLOW_TF32)
+        acc = _gemm_k_loop(x_img + p * sxw, sxc, w_cols, swi, ig, mmask, nmask, acc,
+                           EVEN_K, BLOCK_K, ALLOW_TF32)
     else:
         oh = p // Wo
         ow = p - oh * Wo
@@ -301,19 +314,8 @@ def _conv_backward_input_kernel(
     if IS_1X1:
         # 1x1, stride 1, no padding: input pixel p is read by output pixel p only, a GEMM of
         # grad_z's [pixels, og] tile with the weight's [og, ig] block.
-        g_rows = g_img + p * sgw
-        for o0 in range(0, og, BLOCK_K):
-            o = o0 + rk
-            if EVEN_K:
-                a = tl.load(g_rows[:, None] + (o * sgc)[None, :], mask=mmask[:, None], other=0.0)
-                b = tl.load(w_cols[None, :] + (o * swo)[:, None], mask=nmask[None, :], other=0.0)
-            else:
-                omask = o < og
-                a = tl.load(g_rows[:, None] + (o * sgc)[None, :],
-                            mask=mmask[:, None] & omask[None, :], other=0.0)
-                b = tl.load(w_cols[None, :] + (o * swo)[:, None],
-                            mask=omask[:, None] & nmask[None, :], other=0.0)
-            acc = _dot(a, b, acc, ALLOW_TF32)
+        acc = _gemm_k_loop(g_img + p * sgw, sgc, w_cols, swo, og, mmask, nmask, acc,
+                           EVEN_K, BLOCK_K, ALLOW_TF32)
     else:
         ih = p // W
         iw = p - ih * W
