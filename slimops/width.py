@@ -42,10 +42,13 @@ from torch import nn
 # that 0.6 and 0.6000000001 are one width (one set of calibrated BN statistics).
 WIDTH_DECIMALS = 6
 
-# id(layer) -> width, for the layers of models entered with `width(...)` in this context (a
-# thread, an asyncio task: each has its own). The mapping is never mutated, only replaced.
-_NO_OVERRIDES: Dict[int, float] = {}
-_OVERRIDES: contextvars.ContextVar[Dict[int, float]] = contextvars.ContextVar(
+# id(layer) -> (layer, width), for the layers of models entered with `width(...)` in this
+# context (a thread, an asyncio task: each has its own). The mapping is never mutated, only
+# replaced. The entry holds the layer itself and a lookup checks it is the same object: a
+# block left in another context (a generator closed elsewhere) leaves its entries behind in
+# this one, and a bare id could then match a new layer allocated at a freed layer's address.
+_NO_OVERRIDES: Dict[int, Tuple["Slimmable", float]] = {}
+_OVERRIDES: contextvars.ContextVar[Dict[int, Tuple["Slimmable", float]]] = contextvars.ContextVar(
     "slimops_width_overrides", default=_NO_OVERRIDES)
 
 
@@ -57,7 +60,7 @@ _OVERRIDES: contextvars.ContextVar[Dict[int, float]] = contextvars.ContextVar(
 _THREAD = threading.local()
 
 
-def _overrides() -> Dict[int, float]:
+def _overrides() -> Dict[int, Tuple["Slimmable", float]]:
     if torch.compiler.is_compiling():
         return getattr(_THREAD, "overrides", _NO_OVERRIDES)
     return _OVERRIDES.get()
@@ -206,7 +209,9 @@ class Slimmable:
         """The width this layer runs at in the current thread."""
         overrides = _overrides()
         if overrides:
-            return overrides.get(id(self), self._width)
+            entry = overrides.get(id(self))
+            if entry is not None and entry[0] is self:
+                return entry[1]
         return self._width
 
     def width_index(self) -> Optional[int]:
@@ -328,7 +333,7 @@ def _override(resolved: List[Tuple[Slimmable, float]]) -> Iterator[None]:
     context only (the body of ``width``; ``slimops.train`` resolves once per step)."""
     previous = _OVERRIDES.get()
     overrides = dict(previous)
-    overrides.update((id(layer), canonical) for layer, canonical in resolved)
+    overrides.update((id(layer), (layer, canonical)) for layer, canonical in resolved)
     token = _OVERRIDES.set(overrides)
     _THREAD.overrides = overrides
     try:

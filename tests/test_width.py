@@ -11,7 +11,7 @@ import torch
 
 import slimops
 from slimops.nn import SlimmableConv2d, SlimmableLinear, SwitchableBatchNorm2d
-from slimops.width import channels, make_divisible, normalize_widths
+from slimops.width import channels, make_divisible, normalize_widths, slimmable_layers
 
 WIDTHS = (0.25, 0.5, 1.0)
 
@@ -594,6 +594,41 @@ def test_generator_closed_in_another_context_does_not_raise():
     gen = scoped()
     next(gen)
     contextvars.copy_context().run(gen.close)
+
+
+def test_a_block_left_in_another_context_does_not_leak_its_width_to_a_new_layer():
+    # The leftover entry of a block closed elsewhere (Python's contextvar rule keeps it in
+    # this context) must not apply to a new layer that CPython allocates at a dead layer's
+    # address (seen in CI: a fresh model ran at a previous test's scoped width). The entry
+    # holds its layer, so that address cannot be reused while the entry exists.
+    import contextvars
+    import gc
+    import weakref
+
+    def body():
+        model = small_model()
+        conv = weakref.ref(model[0])
+
+        def scoped():
+            with slimops.width(model, 0.5):
+                yield
+
+        gen = scoped()
+        next(gen)
+        contextvars.copy_context().run(gen.close)
+        del model, gen
+        gc.collect()
+        assert conv() is not None, "a leftover entry must keep its layer (and its id) alive"
+        for _ in range(50):
+            fresh = small_model()
+            assert {layer.active_width() for layer in slimmable_layers(fresh)} == {1.0}
+        return conv
+
+    # In a copy of this context, so the leftover entry does not outlive the test; once that
+    # context is gone the layer is freed (the entry is not a leak beyond its context).
+    conv = contextvars.copy_context().run(body)
+    gc.collect()
+    assert conv() is None
 
 
 @pytest.mark.parametrize("make", ["np.float32", "np.float64", "torch scalar item", "Fraction"])
