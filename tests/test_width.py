@@ -609,11 +609,11 @@ def test_a_block_left_in_another_context_does_not_leak_its_width_to_a_new_layer(
         model = small_model()
         conv = weakref.ref(model[0])
 
-        def scoped():
-            with slimops.width(model, 0.5):
+        def scoped(m):
+            with slimops.width(m, 0.5):
                 yield
 
-        gen = scoped()
+        gen = scoped(model)
         next(gen)
         contextvars.copy_context().run(gen.close)
         del model, gen
