@@ -236,9 +236,13 @@ def slimmable_layers(model: nn.Module) -> List[Slimmable]:
     return [m for m in model.modules() if isinstance(m, Slimmable)]
 
 
-def model_widths(model: nn.Module) -> Tuple[float, ...]:
-    """The widths every slimmable layer of ``model`` supports."""
-    layers = slimmable_layers(model)
+def model_widths(model: nn.Module, layers: Optional[List[Slimmable]] = None
+                 ) -> Tuple[float, ...]:
+    """The widths every slimmable layer of ``model`` supports (``layers``: the model's
+    ``slimmable_layers``, when the caller has them already: a training step walks the
+    module tree once)."""
+    if layers is None:
+        layers = slimmable_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no slimmable layers")
     common = set(layers[0].widths)
@@ -247,11 +251,13 @@ def model_widths(model: nn.Module) -> Tuple[float, ...]:
     return tuple(sorted(common))
 
 
-def width_range(model: nn.Module) -> Optional[Tuple[float, float]]:
+def width_range(model: nn.Module, layers: Optional[List[Slimmable]] = None
+                ) -> Optional[Tuple[float, float]]:
     """``(smallest, largest)`` width when every slimmable layer of ``model`` runs at any
     width in between (all built from channel rules); ``None`` when some layer only runs at
-    its listed widths."""
-    layers = slimmable_layers(model)
+    its listed widths. ``layers``: as in ``model_widths``."""
+    if layers is None:
+        layers = slimmable_layers(model)
     if not layers or not all(layer.any_width for layer in layers):
         return None
     lo = max(layer.widths[0] for layer in layers)

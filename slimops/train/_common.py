@@ -13,17 +13,19 @@ from slimops.width import WIDTH_DECIMALS, model_widths, normalize_widths, width_
 
 
 
-def _check_widths(model: nn.Module, widths: Optional[Sequence[float]]) -> Tuple[float, ...]:
+def _check_widths(model: nn.Module, widths: Optional[Sequence[float]],
+                  layers: Optional[List[Any]] = None) -> Tuple[float, ...]:
     """``widths`` (default: all the model's widths) as the model's own width values,
     ascending; a width between the listed ones is accepted (rounded as ``slimops.width``
     does) when the model runs at any width in between (see ``width_range``); a
-    ``ValueError`` naming the model's widths for any other."""
-    available = model_widths(model)
+    ``ValueError`` naming the model's widths for any other. ``layers``: the model's
+    ``slimmable_layers`` when the caller has them (one walk of the module tree per step)."""
+    available = model_widths(model, layers)
     if not available:
         raise ValueError(f"{type(model).__name__}: its slimmable layers share no width")
     if widths is None:
         return available
-    span = width_range(model)
+    span = width_range(model, layers)
     resolved = []
     for w in normalize_widths(widths):
         match = [a for a in available if math.isclose(a, w, rel_tol=1e-9, abs_tol=1e-12)]
