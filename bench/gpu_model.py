@@ -1,0 +1,736 @@
+"""Analytical per-layer GPU model of S-MobileNet v2 on an H100: slimops' kernels vs the
+reference (cuDNN) plan, forward (eval) and training step, fp16, batch 1 and 256.
+
+    python bench/gpu_model.py               # markdown tables (docs/GPU_KERNELS.md embeds them)
+    python bench/gpu_model.py --layers      # a row per layer too
+
+**An analytical model: nothing was timed on a GPU** (no machine of this project has one).
+What it is made of:
+
+* **Shapes**: every conv and linear layer of S-MobileNet v2 at a width, from a forward pass
+  with hooks (``layers``).
+* **Launches**: per layer, the kernel launches slimops makes (``slimops_plan``): the Triton
+  launches of ``kernels/*.py`` in the order the ops make them (eval: one conv with BN folded
+  into its epilogue; training: conv with the STATS epilogue, the moments' merge tree, the
+  finalize, the normalise pass; backward: BN backward's three kernels, input gradient,
+  weight gradient with its zero fill and, when split, the partial sums' reduction and copy)
+  plus the small torch launches the op layer adds (statistics casts, running-statistics
+  update). The tile configuration and grid of each launch come from the launchers' own
+  helpers at that shape (``_pick_gpu``, ``_forward_launch``, ``_forward_tiling``,
+  ``split_tiles``, ``merge_plan`` ...) with an H100's 132 SMs. tests/test_bench_gpu_model.py
+  runs one training step of small layers through the real launchers under the interpreter
+  and checks the launch sequence equals the plan's.
+* **The reference plan** (``reference_plan``): the same layer run as ``slimops.reference``
+  runs it on a GPU: a copy of the weight prefix where it is not contiguous
+  (``W[:cout, :cin]`` with ``cin`` below the full width), ``F.conv2d`` (cuDNN: one launch per
+  convolution, forward, data and filter gradient), a separate BN kernel (training: a
+  statistics pass and a normalise pass; backward: a reduce and an elementwise pass, as
+  PyTorch's native BN), separate residual-add and activation kernels, and the slice's
+  backward (zero fill of the full weight gradient + copy of the prefix).
+* **Bytes**: per launch, every operand it touches once (the weight *prefix*, not the full
+  tensor; moments and partials in fp32), i.e. the minimum that launch must move. L2 reuse
+  across launches is not credited (an H100's 50 MB L2 would hold many of the batch-1
+  activations: the batch-1 memory time is an upper bound).
+* **Time per launch**: the roof ``max(FLOPs / peak, bytes / HBM bandwidth)`` divided by an
+  efficiency factor for wave quantisation, plus a fixed launch cost ``LAUNCH_S``. The factor
+  is ``tiles / (waves * SMS * blocks_per_sm)`` with ``tiles`` the launch's grid size,
+  ``blocks_per_sm`` the occupancy of the kernel's AOT compile for sm_90 (fp16, the same
+  tuning entry, the closest compiled shape: ``kernels._aot``; the case is named per launch)
+  and ``waves = ceil(tiles / (SMS * blocks_per_sm))``. cuDNN's and PyTorch's kernels have no
+  such data here: factor 1 (generous to the reference).
+
+H100 SXM5 (80 GB) datasheet figures: dense fp16 tensor-core peak 989 TFLOP/s, fp32 FMA
+67 TFLOP/s (depthwise convs: one input channel per output channel does not map to tensor
+cores; the kernels accumulate in fp32), HBM3 3.35 TB/s, 132 SMs, 50 MB L2. ``LAUNCH_S`` =
+3 us: launch latency plus the ramp-up and tail of a small kernel on an idle stream; published
+measurements of back-to-back small kernels on recent NVIDIA GPUs range from ~2 to ~5 us
+without CUDA graphs. Not modelled: the network's pooling, loss and optimizer, autograd's
+gradient accumulation, host overhead beyond the launch, and cuDNN's own multi-kernel
+algorithms (one launch per cuDNN call is assumed, which favours the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # run as a script or imported by the tests
+    sys.path.insert(0, HERE)
+
+import roofline  # noqa: E402  (the peak figures, one table)
+
+PEAK_TENSOR_FP16 = roofline.PEAK_TENSOR_FP16
+PEAK_FMA_FP32 = roofline.PEAK_FMA_FP32
+HBM_BYTES_PER_S = roofline.HBM_BYTES_PER_S
+LAUNCH_S = roofline.LAUNCH_S
+SMS = 132  # H100 SXM5
+ELEM = 2  # fp16
+F32 = 4
+
+
+# ----------------------------------------------------------------------------- launches
+
+
+@dataclass
+class Launch:
+    """One kernel launch of a plan: its kernel, grid size (programs; 0 when unknown, as for
+    cuDNN), the bytes it moves at least, its FLOPs and compute roof; ``blocks_per_sm`` and
+    ``case`` (the AOT compile the occupancy came from) are filled by ``Occupancy``."""
+
+    kernel: str
+    programs: int
+    bytes: float
+    flops: float = 0.0
+    peak: float = PEAK_FMA_FP32
+    hints: Tuple[str, ...] = ()  # tokens of the matching AOT case's name (tuning entry, mode)
+    blocks_per_sm: int = 0
+    case: str = ""
+
+    def roof(self) -> float:
+        """``max(FLOPs / peak, bytes / bandwidth)`` in seconds."""
+        return max(self.flops / self.peak, self.bytes / HBM_BYTES_PER_S)
+
+    def efficiency(self) -> float:
+        """Wave / tile quantisation: ``tiles / (waves * SMS * blocks_per_sm)``, in (0, 1];
+        1 when the grid or the occupancy is unknown."""
+        return efficiency(self.programs, self.blocks_per_sm)
+
+    def time(self) -> float:
+        """Modelled seconds: the roof over the efficiency, plus ``LAUNCH_S``."""
+        return self.roof() / self.efficiency() + LAUNCH_S
+
+
+def efficiency(tiles: int, blocks_per_sm: int, sms: int = SMS) -> float:
+    """``tiles / (waves * sms * blocks_per_sm)`` with ``waves = ceil(tiles / (sms *
+    blocks_per_sm))``: the share of the machine's resident-block slots a launch of ``tiles``
+    programs keeps busy, averaged over its waves. 1 when either figure is unknown (<= 0)."""
+    if tiles <= 0 or blocks_per_sm <= 0:
+        return 1.0
+    slots = sms * blocks_per_sm
+    return tiles / (math.ceil(tiles / slots) * slots)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+@dataclass
+class Layer:
+    """One conv or linear layer of the network at a width and batch."""
+
+    name: str
+    kind: str  # "conv2d" | "depthwise_conv2d" | "linear"
+    n: int
+    cin: int
+    cout: int
+    hw_in: Tuple[int, int]
+    hw_out: Tuple[int, int]
+    k: int
+    stride: int
+    residual: bool
+    activation: int  # 0 none, 1 relu, 2 relu6
+    full_weight: Tuple[int, ...]  # the shared (full-width) weight's shape
+    first: bool = False  # the stem: its input (the image) needs no gradient
+    # one BN for every width (the last conv): training runs the conv, then the batch_norm_act
+    # op with its own statistics pass (SlimConvBNAct fuses the statistics only for S-BN)
+    shared_bn: bool = False
+
+    @property
+    def x(self) -> int:
+        return self.n * self.cin * self.hw_in[0] * self.hw_in[1]
+
+    @property
+    def y(self) -> int:
+        return self.n * self.cout * self.hw_out[0] * self.hw_out[1]
+
+    @property
+    def w(self) -> int:
+        """Elements of the active weight prefix."""
+        per_out = 1 if self.kind == "depthwise_conv2d" else self.cin
+        return self.cout * per_out * self.k * self.k
+
+    @property
+    def w_full(self) -> int:
+        return math.prod(self.full_weight)
+
+    def macs(self) -> int:
+        """Multiply-accumulates of the forward (the profiler's definition)."""
+        return self.w * self.n * self.hw_out[0] * self.hw_out[1]
+
+    def flops(self) -> float:
+        """Forward FLOPs: 2 per MAC."""
+        return 2.0 * self.macs()
+
+    def peak(self) -> float:
+        return PEAK_FMA_FP32 if self.kind == "depthwise_conv2d" else PEAK_TENSOR_FP16
+
+
+def layers(width: float, batch: int, resolution: int = 224) -> List[Layer]:
+    """S-MobileNet v2's conv and linear layers at ``width`` (shapes from a forward pass)."""
+    from slimops.models import s_mobilenet_v2
+
+    model = s_mobilenet_v2().eval()
+    # Shapes scale with the batch: one image's forward gives them (a batch-256 forward on
+    # the CPU would take minutes).
+    found = model_layers(model, width, torch.randn(1, 3, resolution, resolution))
+    return [dataclasses.replace(L, n=batch) for L in found]
+
+
+def model_layers(model: torch.nn.Module, width: float, x: torch.Tensor) -> List[Layer]:
+    """The ``SlimConvBNAct`` and ``SlimmableLinear`` layers of ``model`` as a forward of
+    ``x`` at ``width`` meets them."""
+    import slimops
+    from slimops.nn import SlimConvBNAct, SlimmableLinear
+    from slimops.reference import ACTIVATION_CODES
+
+    found: List[Layer] = []
+
+    def hook(name):
+        def fn(module, args, kwargs, out):
+            x = args[0]
+            if isinstance(module, SlimmableLinear):
+                found.append(Layer(name, "linear", x.shape[0], x.shape[1], out.shape[1],
+                                   (1, 1), (1, 1), 1, 1, False, 0, tuple(module.weight.shape)))
+                return
+            residual = (args[1] if len(args) > 1 else kwargs.get("residual")) is not None
+            conv = module.conv
+            found.append(Layer(
+                name, "depthwise_conv2d" if conv.depthwise else "conv2d", x.shape[0],
+                x.shape[1], out.shape[1], tuple(x.shape[2:]), tuple(out.shape[2:]),
+                conv.kernel_size[0], conv.stride[0], residual,
+                ACTIVATION_CODES[module.activation], tuple(conv.weight.shape),
+                first=not found, shared_bn=module.bn.shared))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True)
+               for n, m in model.named_modules()
+               if isinstance(m, (SlimConvBNAct, SlimmableLinear))]
+    try:
+        with torch.no_grad(), slimops.width(model, width):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+# ----------------------------------------------------------------------------- slimops' plan
+
+
+@contextlib.contextmanager
+def launcher_rules(gpu: bool = True) -> Iterator[None]:
+    """While active, the launchers' configuration helpers decide as on an H100 (``gpu``:
+    GPU tuning entries, split targets from 132 SMs) or as under the interpreter (the
+    smallest tiles, two-way splits: what the tests' CPU runs launch)."""
+    from slimops.kernels import batch_norm_act, conv2d, epilogue, linear
+
+    saved = [(m, "interpreting", m.interpreting) for m in (conv2d, linear, batch_norm_act)]
+    saved.append((epilogue, "_target_programs", epilogue._target_programs))
+    for m in (conv2d, linear, batch_norm_act):
+        m.interpreting = (lambda: False) if gpu else (lambda: True)
+    epilogue._target_programs = (lambda device: 4 * SMS) if gpu else (lambda device: 0)
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+def _meta(shape: Sequence[int], dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
+
+
+def _geo(L: Layer) -> Tuple[int, ...]:
+    p = L.k // 2
+    return (L.stride, L.stride, p, p, 1, 1)
+
+
+def _tag(cfg: Dict[str, int]) -> str:
+    from slimops.kernels.conv2d import _cfg_tag
+
+    return _cfg_tag(cfg)
+
+
+def _bn_train_launches(L: Layer, num_rows: int) -> List[Launch]:
+    """Training-mode BN of the conv output: merge tree + finalize + normalise pass from
+    ``num_rows`` rows of per-tile moments written by the conv (``batch_norm_act_from_partials``)
+    followed by the op layer's statistics casts and running-statistics update
+    (``record_batch_stats``); for a shared BN (``num_rows`` ignored) the ``batch_norm_act``
+    op: ``num_batches_tracked += 1``, its statistics pass, then the same merge, finalize and
+    normalise, then ``update_running_stats``."""
+    from slimops.kernels import batch_norm_act as bn
+    from slimops.kernels import epilogue as ep
+    from slimops.kernels.epilogue import pick_config
+
+    c = L.cout
+    out: List[Launch] = []
+    if L.shared_bn:
+        out.append(Launch("torch:bn_bookkeeping", 1, 8))
+        count = L.y // c
+        cfg = bn._reduce_config(count)
+        num_rows, _ = ep.split_tiles(count, c, cfg["BLOCK"], torch.device("cuda"))
+        out.append(Launch("_bn_stats_kernel", num_rows * c, ELEM * L.y + F32 * 3 * num_rows * c,
+                          hints=(f"b{cfg['BLOCK']}_",)))
+    plan = bn.merge_plan(num_rows)
+    for rows, out_rows in zip(plan, plan[1:]):
+        out.append(Launch("_bn_merge_kernel", out_rows * -(-c // bn.MERGE_BLOCK_C),
+                          F32 * 3 * c * (rows + out_rows)))
+    # the fused ops save fp32 statistics (the *_f32stats cases), the shared BN's op its
+    # input's dtype
+    f32 = "" if L.shared_bn else "f32stats"
+    out.append(Launch("_bn_finalize_kernel", -(-c // bn.MERGE_BLOCK_C),
+                      F32 * 3 * c * plan[-1] + ELEM * 2 * c + F32 * 4 * c,
+                      hints=("train", f32)))
+    cfg = pick_config(L.y)
+    out.append(Launch("_epilogue_kernel", -(-L.y // cfg["BLOCK"]),
+                      ELEM * (2 + L.residual) * L.y + F32 * 2 * c,
+                      hints=("bn_apply", f"b{cfg['BLOCK']}_",
+                             "res_relu6" if L.residual or L.activation else "plain")))
+    # mean/var .to(input dtype) (conv2d_bn_act_train), num_batches_tracked.add_, and
+    # update_running_stats' lerp_, mul_, add_: O(channels) each (the shared BN: the last 3).
+    for _ in range(3 if L.shared_bn else 6):
+        out.append(Launch("torch:bn_bookkeeping", 1, F32 * 3 * c))
+    return out
+
+
+def _bn_backward_launches(L: Layer) -> List[Launch]:
+    """``batch_norm_act_backward``: per-tile sums, finalize, elementwise pass."""
+    from slimops.kernels import batch_norm_act as bn
+    from slimops.kernels import epilogue as ep
+
+    c, count = L.cout, L.y // L.cout
+    cfg = bn._reduce_config(count)
+    tiles, _ = ep.split_tiles(count, c, cfg["BLOCK"], torch.device("cuda"))
+    ecfg = ep.pick_config(L.y, bn.CONFIGS)
+    act = "relu6" if L.activation else "plain"
+    f32 = "" if L.shared_bn else "f32stats"
+    return [
+        Launch("_bn_backward_stats_kernel", tiles * c, ELEM * 3 * L.y + F32 * 2 * tiles * c,
+               hints=(f"b{cfg['BLOCK']}_", act, f32)),
+        Launch("_bn_backward_finalize_kernel", -(-c // bn.FINAL_BLOCK_C),
+               F32 * 2 * tiles * c + F32 * 6 * c, hints=("train", f32)),
+        Launch("_bn_backward_apply_kernel", -(-L.y // ecfg["BLOCK"]), ELEM * 4 * L.y,
+               hints=(f"b{ecfg['BLOCK']}_", act, "train", f32)),
+    ]
+
+
+def _conv_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
+    from slimops.kernels import conv2d as cv
+
+    ho, wo = L.hw_out
+    h, w = L.hw_in
+    geo = _geo(L)
+    x = _meta((L.n, L.cin, h, w))
+    weight = _meta(L.full_weight)
+    z = _meta((L.n, L.cout, ho, wo))
+    fl, peak = L.flops(), L.peak()
+    path = "1x1" if cv._gemm_1x1(weight, geo, x) else "general"
+    shape_hint = "expand" if path == "1x1" else ("stem" if L.first else "dense3x3")
+    cfg = cv._pick(ho * wo, L.cout, torch.float16, cv._streamed(weight, geo, ho * wo, x))
+    num_m = L.n * -(-ho * wo // cfg["BLOCK_M"])
+    stats = training and not L.shared_bn
+    moments = _meta((3, num_m, L.cout), torch.float32) if stats else None
+    vec = _meta((L.cout,))
+    grid, _, _ = cv._forward_launch(
+        x, weight, None, None if training else vec, None if training else vec,
+        z if (L.residual and not training) else None, z, moments, L.cout, L.cin,
+        L.full_weight[0], geo, 1, 0, cfg)
+    if not training:
+        return [Launch("_conv_forward_kernel", math.prod(grid),
+                       ELEM * (L.x + L.w + L.y * (1 + L.residual) + 2 * L.cout), fl, peak,
+                       (_tag(cfg), "res" if L.residual else "eval", shape_hint))]
+    plan = [Launch("_conv_forward_kernel", math.prod(grid),
+                   ELEM * (L.x + L.w + L.y) + (F32 * 3 * num_m * L.cout if stats else 0), fl,
+                   peak, (_tag(cfg), "stats" if stats else "eval", shape_hint))]
+    plan += _bn_train_launches(L, num_m)
+    plan += _bn_backward_launches(L)
+    if not L.first:
+        cfg = cv._pick(h * w, L.cin, torch.float16, cv._streamed(weight, geo, h * w, z))
+        grid, _, _ = cv._backward_input_launch(z, weight, x, L.cout, L.cin, L.full_weight[0],
+                                               geo, 1, cfg)
+        plan.append(Launch("_conv_backward_input_kernel", math.prod(grid),
+                           ELEM * (L.y + L.w + L.x), fl, peak, (_tag(cfg), shape_hint)))
+    cfg = cv._pick(L.cout, L.cin, torch.float16, cv._streamed(weight, geo, ho * wo, z, x))
+    splits, per_split = cv._weight_splits(L.n, ho * wo, L.cout, L.cin, weight, 1, cfg,
+                                          2 * SMS if gpu else 0)
+    plan.append(Launch("torch:zeros", -(-L.w_full * ELEM // 4096), ELEM * L.w_full))
+    dst = _meta((splits, 1, L.cout, L.cin, L.k, L.k), torch.float32)
+    grid, _, _ = cv._backward_weight_launch(z, x, weight, dst, dst.stride(), L.cout, L.cin,
+                                            geo, 1, splits, per_split, cfg)
+    written = F32 * splits * L.w if splits > 1 else ELEM * L.w
+    plan.append(Launch("_conv_backward_weight_kernel", math.prod(grid),
+                       ELEM * (L.y + L.x) + written, fl, peak,
+                       (_tag(cfg), "partials" if splits > 1 else "direct", shape_hint)))
+    if splits > 1:  # dst.sum(0), then the cast-copy into the prefix
+        plan.append(Launch("torch:sum", -(-L.w // 512), F32 * (splits + 1) * L.w))
+        plan.append(Launch("torch:copy", -(-L.w // 512), (F32 + ELEM) * L.w))
+    return plan
+
+
+def _dw_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
+    from slimops.kernels import depthwise_conv2d as dw
+    from slimops.kernels import epilogue as ep
+
+    ho, wo = L.hw_out
+    h, w = L.hw_in
+    x = torch.empty((L.n, L.cin, h, w), dtype=torch.float16, device="meta")
+    t = dw._forward_tiling(x, ho, wo, L.k * L.k)
+    grid = L.n * L.cin * t["strips"] * t["row_groups"]
+    fl, peak = L.flops(), L.peak()
+    v = f"{'v' if t['ALIGNED'] else 'u'}{t['V']}"
+    common = (f"k{L.k}_", f"s{L.stride}_", v)
+    if not training:
+        # scale/shift + act: the "full" epilogue case (which also has a residual)
+        return [Launch("_dw_forward_kernel", grid,
+                       ELEM * (L.x + L.w + L.y * (1 + L.residual) + 2 * L.cout), fl, peak,
+                       common + ("full",))]
+    tiles = t["strips"] * t["row_tiles"]
+    num_rows = L.n * tiles
+    plan = [Launch("_dw_forward_kernel", grid,
+                   ELEM * (L.x + L.w + L.y) + F32 * 3 * num_rows * L.cout, fl, peak,
+                   common + ("stats",))]
+    plan += _bn_train_launches(L, num_rows)
+    plan += _bn_backward_launches(L)
+    cfg = dw._pick(h * w)
+    plan.append(Launch("_dw_backward_input_kernel", L.n * L.cin * -(-h * w // cfg["BLOCK"]),
+                       ELEM * (L.y + L.w + L.x), fl, peak,
+                       (f"k{L.k}_", f"b{cfg['BLOCK']}_", f"w{cfg['num_warps']}")))
+    cfg = dw._pick(ho * wo)
+    taps = dw._taps_p2(L.k, L.k)
+    pix = max(16, cfg["WTILE"] // taps)
+    num_tiles, _ = ep.split_tiles(L.n * ho * wo, L.cin, pix, torch.device("cuda"))
+    plan.append(Launch("torch:zeros", -(-L.w_full * ELEM // 4096), ELEM * L.w_full))
+    plan.append(Launch("_dw_weight_partials_kernel", num_tiles * L.cin,
+                       ELEM * (L.y + L.x) + F32 * num_tiles * L.cin * taps, fl, peak,
+                       (f"k{L.k}_", f"t{cfg['WTILE']}_", f"w{cfg['num_warps']}")))
+    plan.append(Launch("_dw_weight_reduce_kernel", L.cin,
+                       F32 * num_tiles * L.cin * taps + ELEM * L.w, hints=(f"k{L.k}",)))
+    return plan
+
+
+def _linear_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
+    from slimops.kernels import linear as ln
+
+    def gemm(m: int, n: int, k: int, written: float, hint: str) -> Launch:
+        cfg = ln._pick(m, n)
+        programs = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
+        tag = f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}"
+        return Launch("_gemm_kernel", programs, ELEM * (m * k + k * n) + written,
+                      2.0 * m * n * k, PEAK_TENSOR_FP16, (tag, hint))
+
+    n, cin, cout = L.n, L.cin, L.cout
+    plan = [gemm(n, cout, cin, ELEM * (n * cout + cout), "bias")]
+    if not training:
+        return plan
+    plan.append(gemm(n, cin, cout, ELEM * n * cin, ""))  # input gradient
+    plan.append(Launch("torch:zeros", -(-L.w_full * ELEM // 4096), ELEM * L.w_full))
+    plan.append(gemm(cout, cin, n, ELEM * L.w, ""))  # weight gradient into the prefix
+    # the bias gradient: grad_out.sum(0), padded to the full bias (csrc/autograd/linear.cpp)
+    plan.append(Launch("torch:sum", 1, ELEM * (n * cout + cout)))
+    plan.append(Launch("torch:pad", 1, ELEM * (cout + L.full_weight[0])))
+    return plan
+
+
+def slimops_plan(L: Layer, training: bool, gpu: bool = True) -> List[Launch]:
+    """The launches slimops makes for layer ``L``: the eval forward (``training`` False) or
+    a training step's forward + backward. ``gpu``: the launchers' H100 rules (else the
+    interpreter's, for the tests)."""
+    with launcher_rules(gpu):
+        if L.kind == "linear":
+            return _linear_plan(L, training, gpu)
+        if L.kind == "depthwise_conv2d":
+            return _dw_plan(L, training, gpu)
+        return _conv_plan(L, training, gpu)
+
+
+# ----------------------------------------------------------------------------- reference plan
+
+
+def _prefix_copied(L: Layer) -> bool:
+    """Whether the reference's weight prefix is non-contiguous, so ``F.conv2d`` copies it:
+    a dense conv's ``W[:cout, :cin]`` with ``cin`` below the full input width. (A depthwise
+    ``W[:C]`` and a row prefix are contiguous; cuBLAS takes a strided linear weight.)"""
+    return L.kind == "conv2d" and L.cin < L.full_weight[1]
+
+
+def reference_plan(L: Layer, training: bool) -> List[Launch]:
+    """The launches of the layer run the ``slimops.reference`` way on a GPU (see the module
+    docstring); grid sizes unknown (efficiency 1)."""
+    fl, peak = L.flops(), L.peak()
+    y = L.y
+    plan: List[Launch] = []
+    if L.kind == "linear":
+        plan.append(Launch("cublas:addmm", 0, ELEM * (L.x + L.w + y + L.cout), fl, peak))
+        if training:
+            plan.append(Launch("cublas:mm_grad_input", 0, ELEM * (y + L.w + L.x), fl, peak))
+            plan.append(Launch("cublas:mm_grad_weight", 0, ELEM * (y + L.x + L.w), fl, peak))
+            plan.append(Launch("torch:sum", 0, ELEM * (y + L.cout)))
+            plan += [Launch("torch:zeros", 0, ELEM * L.w_full),
+                     Launch("torch:copy", 0, 2 * ELEM * L.w),
+                     Launch("torch:zeros", 0, ELEM * L.full_weight[0]),
+                     Launch("torch:copy", 0, 2 * ELEM * L.cout)]
+        return plan
+    if _prefix_copied(L):
+        plan.append(Launch("torch:copy_weight_prefix", 0, 2 * ELEM * L.w))
+    plan.append(Launch("cudnn:conv_fwd", 0, ELEM * (L.x + L.w + y), fl, peak))
+    if training:
+        # PyTorch's native BN for fp16 input and fp16 γ/β (cuDNN's BN takes fp32 γ/β only):
+        # statistics, running-statistics update, normalise; plus the module's
+        # num_batches_tracked += 1.
+        plan.append(Launch("torch:bn_stats", 0, ELEM * y + F32 * 2 * L.cout))
+        plan.append(Launch("torch:bn_update_stats", 0, F32 * 6 * L.cout))
+        plan.append(Launch("torch:bn_normalize", 0, 2 * ELEM * y + F32 * 4 * L.cout))
+        plan.append(Launch("torch:num_batches_tracked", 0, 8))
+    else:
+        plan.append(Launch("torch:bn_normalize", 0, 2 * ELEM * y + F32 * 4 * L.cout))
+    if L.residual:
+        plan.append(Launch("torch:add_residual", 0, 3 * ELEM * y))
+    if L.activation:
+        plan.append(Launch("torch:activation", 0, 2 * ELEM * y))
+    if not training:
+        return plan
+    if L.activation:
+        plan.append(Launch("torch:activation_backward", 0, 3 * ELEM * y))
+    plan.append(Launch("torch:bn_backward_reduce", 0, 2 * ELEM * y + F32 * 4 * L.cout))
+    plan.append(Launch("torch:bn_backward_elemt", 0, 3 * ELEM * y + F32 * 4 * L.cout))
+    if not L.first:
+        plan.append(Launch("cudnn:conv_bwd_data", 0, ELEM * (y + L.w + L.x), fl, peak))
+    plan.append(Launch("cudnn:conv_bwd_filter", 0, ELEM * (y + L.x + L.w), fl, peak))
+    # the slice's backward: a full-size zero gradient, the prefix copied in
+    plan += [Launch("torch:zeros", 0, ELEM * L.w_full), Launch("torch:copy", 0, 2 * ELEM * L.w)]
+    return plan
+
+
+# ----------------------------------------------------------------------------- occupancy
+
+
+def _aot_cache_path() -> str:
+    """A cache file keyed by the kernel sources and triton's version (a change recompiles)."""
+    import triton
+
+    from slimops import kernels
+
+    digest = hashlib.sha256(triton.__version__.encode())
+    folder = os.path.dirname(kernels.__file__)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(f.read())
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "slimops", f"aot_sm90_{digest.hexdigest()[:16]}.json")
+
+
+_FP16 = re.compile(r"(?<!b)float16")
+
+
+def _model_cases() -> List[object]:
+    """The AOT cases the model reads: every fp16 case, and the cases of kernels that have
+    none (the merge tree's, fp32 only)."""
+    from slimops.kernels import _aot
+
+    cases = _aot.all_cases()
+    with_fp16 = {c.fn.__name__ for c in cases if _FP16.search(c.name)}
+    return [c for c in cases if _FP16.search(c.name) or c.fn.__name__ not in with_fp16]
+
+
+def _compile_to(path: str) -> None:
+    """Compile ``_model_cases`` for sm_90 and write the results to ``path`` (run in a
+    process without ``TRITON_INTERPRET``: the interpreter's kernels cannot be compiled)."""
+    from slimops.kernels import _aot
+
+    results = [dataclasses.asdict(_aot.compile_case(c, 90)) for c in _model_cases()]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f)
+    os.replace(path + ".tmp", path)
+
+
+def aot_results() -> List[Dict[str, object]]:
+    """The model's AOT cases compiled for sm_90 (``kernels._aot``: registers, shared memory,
+    ``occupancy``), as dicts: read from the cache, or compiled once (about 130 compiles, a
+    few CPU minutes, in a subprocess) and cached."""
+    path = _aot_cache_path()
+    if not os.path.exists(path):
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--compile-aot", path],
+                       env=env, check=True)
+    with open(path) as f:
+        return json.load(f)
+
+
+class Occupancy:
+    """Blocks per SM of a launch from the AOT results: among the fp16 compiles of the same
+    ``@triton.jit`` kernel (fp32 where the kernel has no fp16 case, as the merge tree), the
+    one whose name holds most of the launch's ``hints`` (tuning entry, mode, shape)."""
+
+    def __init__(self, results: Sequence[Dict[str, object]]) -> None:
+        self.by_kernel: Dict[str, List[Dict[str, object]]] = {}
+        for r in results:
+            self.by_kernel.setdefault(str(r["kernel"]), []).append(r)
+
+    def __call__(self, launch: Launch) -> Launch:
+        cands = self.by_kernel.get(launch.kernel, [])
+        fp16 = [r for r in cands if _FP16.search(str(r["name"]))]
+        cands = fp16 or cands
+        if not cands:
+            return launch
+        best = max(sorted(cands, key=lambda r: str(r["name"])),
+                   key=lambda r: sum(h in str(r["name"]) for h in launch.hints if h))
+        launch.blocks_per_sm = int(best["occupancy"])
+        launch.case = str(best["name"])
+        return launch
+
+
+# ----------------------------------------------------------------------------- totals
+
+
+@dataclass
+class Totals:
+    launches: int = 0
+    bytes: float = 0.0
+    flops: float = 0.0
+    time: float = 0.0
+    launch_time: float = 0.0
+    by_kernel: Dict[str, List[float]] = field(default_factory=dict)
+
+    def add(self, plan: Sequence[Launch]) -> "Totals":
+        for x in plan:
+            self.launches += 1
+            self.bytes += x.bytes
+            self.flops += x.flops
+            self.time += x.time()
+            self.launch_time += LAUNCH_S
+            agg = self.by_kernel.setdefault(x.kernel, [0, 0.0, 0.0, 0.0, 1.0])
+            agg[0] += 1
+            agg[1] += x.bytes
+            agg[2] += x.time()
+            agg[3] += x.roof()
+            agg[4] = min(agg[4], x.efficiency())
+        return self
+
+
+def scenario(width: float, batch: int, training: bool,
+             occupancy: Optional[Callable[[Launch], Launch]] = None,
+             found: Optional[List[Layer]] = None
+             ) -> List[Tuple[Layer, List[Launch], List[Launch]]]:
+    """Per layer: (layer, slimops' launches, the reference's launches)."""
+    rows = []
+    for L in found if found is not None else layers(width, batch):
+        mine = slimops_plan(L, training)
+        if occupancy is not None:
+            mine = [occupancy(x) for x in mine]
+        rows.append((L, mine, reference_plan(L, training)))
+    return rows
+
+
+def _us(s: float) -> str:
+    return f"{s * 1e6:,.0f}" if s >= 1e-4 else f"{s * 1e6:.1f}"
+
+
+def totals_table(results: Dict[Tuple[float, int, bool], List]) -> str:
+    out = ["| pass | width | batch | GFLOP | slimops launches | slimops MB | slimops us "
+           "(launch share) | reference launches | reference MB | reference us (launch share) "
+           "| ratio |", "|" + "---|" * 11]
+    for (width, batch, training), rows in results.items():
+        mine, ref = Totals(), Totals()
+        for _, m, r in rows:
+            mine.add(m)
+            ref.add(r)
+        out.append(
+            f"| {'training step' if training else 'eval forward'} | {width:g} | {batch} "
+            f"| {mine.flops / 1e9 * (1 if not training else 1):,.1f} "
+            f"| {mine.launches} | {mine.bytes / 1e6:,.1f} | {_us(mine.time)} "
+            f"({mine.launch_time / mine.time:.0%}) | {ref.launches} | {ref.bytes / 1e6:,.1f} "
+            f"| {_us(ref.time)} ({ref.launch_time / ref.time:.0%}) "
+            f"| {mine.time / ref.time:.2f} |")
+    return "\n".join(out)
+
+
+def family_table(rows: List) -> str:
+    mine = Totals()
+    for _, m, _ in rows:
+        mine.add(m)
+    cases: Dict[str, str] = {}
+    for _, m, _ in rows:
+        for x in m:
+            if x.case:
+                cases.setdefault(x.kernel, x.case)
+    out = ["| kernel | launches | MB | roof us | modelled us | worst efficiency | "
+           "blocks/SM from AOT case |", "|" + "---|" * 7]
+    for k, (count, by, t, roof, eff) in sorted(mine.by_kernel.items(), key=lambda kv: -kv[1][2]):
+        occ = {x.blocks_per_sm for _, m, _ in rows for x in m if x.kernel == k}
+        occ_s = "/".join(str(o) for o in sorted(occ) if o) or "-"
+        out.append(f"| `{k}` | {count} | {by / 1e6:,.1f} | {_us(roof)} | {_us(t)} | {eff:.2f} "
+                   f"| {occ_s} {('(`' + cases[k] + '`)') if k in cases else ''} |")
+    return "\n".join(out)
+
+
+def layer_table(rows: List, names: Optional[Sequence[str]] = None) -> str:
+    out = ["| layer | kind | cin->cout | out HxW | slimops launches | MB | us | eff (main) "
+           "| reference launches | MB | us |", "|" + "---|" * 11]
+    for L, m, r in rows:
+        if names is not None and L.name not in names:
+            continue
+        mt, rt = Totals().add(m), Totals().add(r)
+        main = max(m, key=lambda x: x.roof())
+        out.append(
+            f"| {L.name} | {L.kind}{' +res' if L.residual else ''} | {L.cin}->{L.cout} "
+            f"| {L.hw_out[0]}x{L.hw_out[1]} | {mt.launches} | {mt.bytes / 1e6:,.2f} "
+            f"| {_us(mt.time)} | {main.efficiency():.2f} | {rt.launches} "
+            f"| {rt.bytes / 1e6:,.2f} | {_us(rt.time)} |")
+    return "\n".join(out)
+
+
+# The rows docs/GPU_KERNELS.md shows: the stem, the first stride-1 bottleneck (56x56) with
+# its residual, a 14x14 expand, the last 7x7 layers and the classifier.
+REPRESENTATIVE = ("stem", "blocks.0.depthwise", "blocks.2.expand", "blocks.2.depthwise",
+                  "blocks.2.project", "blocks.10.expand", "blocks.16.project", "last_conv",
+                  "classifier")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--widths", type=float, nargs="+", default=[1.0, 0.35])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    parser.add_argument("--layers", action="store_true", help="every layer, not a selection")
+    parser.add_argument("--compile-aot", metavar="PATH", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.compile_aot:
+        _compile_to(args.compile_aot)
+        return
+    occ = Occupancy(aot_results())
+    results = {}
+    for training in (False, True):
+        for width in args.widths:
+            for batch in args.batches:
+                results[(width, batch, training)] = scenario(
+                    width, batch, training, occ, layers(width, batch))
+    print("## Totals (conv + linear layers)\n")
+    print(totals_table(results))
+    for key in results:
+        width, batch, training = key
+        if training and batch == max(args.batches):
+            print(f"\n## Per kernel, training step, width {width:g}, batch {batch}\n")
+            print(family_table(results[key]))
+    for key, rows in results.items():
+        width, batch, training = key
+        print(f"\n## Layers, {'training step' if training else 'eval forward'}, "
+              f"width {width:g}, batch {batch}\n")
+        print(layer_table(rows, None if args.layers else REPRESENTATIVE))
+
+
+if __name__ == "__main__":
+    main()
