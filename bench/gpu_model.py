@@ -672,7 +672,7 @@ def family_table(rows: List) -> str:
             if x.case:
                 cases.setdefault(x.kernel, x.case)
     out = ["| kernel | launches | MB | roof us | modelled us | worst efficiency | "
-           "blocks/SM from AOT case |", "|" + "---|" * 7]
+           "blocks/SM (AOT case of the first launch) |", "|" + "---|" * 7]
     for k, (count, by, t, roof, eff) in sorted(mine.by_kernel.items(), key=lambda kv: -kv[1][2]):
         occ = {x.blocks_per_sm for _, m, _ in rows for x in m if x.kernel == k}
         occ_s = "/".join(str(o) for o in sorted(occ) if o) or "-"
@@ -725,7 +725,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(totals_table(results))
     for key in results:
         width, batch, training = key
-        if training and batch == max(args.batches):
+        if training:
             print(f"\n## Per kernel, training step, width {width:g}, batch {batch}\n")
             print(family_table(results[key]))
     for key, rows in results.items():
