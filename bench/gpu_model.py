@@ -378,7 +378,7 @@ def _conv_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
     return plan
 
 
-def _dw_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
+def _dw_plan(L: Layer, training: bool) -> List[Launch]:
     from slimops.kernels import depthwise_conv2d as dw
     from slimops.kernels import epilogue as ep
 
@@ -419,7 +419,7 @@ def _dw_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
     return plan
 
 
-def _linear_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
+def _linear_plan(L: Layer, training: bool) -> List[Launch]:
     from slimops.kernels import linear as ln
 
     def gemm(m: int, n: int, k: int, written: float, hint: str) -> Launch:
@@ -448,9 +448,9 @@ def slimops_plan(L: Layer, training: bool, gpu: bool = True) -> List[Launch]:
     interpreter's, for the tests)."""
     with launcher_rules(gpu):
         if L.kind == "linear":
-            return _linear_plan(L, training, gpu)
+            return _linear_plan(L, training)
         if L.kind == "depthwise_conv2d":
-            return _dw_plan(L, training, gpu)
+            return _dw_plan(L, training)
         return _conv_plan(L, training, gpu)
 
 
@@ -699,6 +699,22 @@ def layer_table(rows: List, names: Optional[Sequence[str]] = None) -> str:
 
 # The rows docs/GPU_KERNELS.md shows: the stem, the first stride-1 bottleneck (56x56) with
 # its residual, a 14x14 expand, the last 7x7 layers and the classifier.
+def cases_table(results: Dict[Tuple[float, int, bool], List]) -> str:
+    """Every AOT case the occupancy figures came from: its kernel, blocks per SM and how
+    many launches of the eight scenarios it served."""
+    used: Dict[Tuple[str, str, int], int] = {}
+    for rows in results.values():
+        for _, m, _ in rows:
+            for x in m:
+                if x.case:
+                    key = (x.kernel, x.case, x.blocks_per_sm)
+                    used[key] = used.get(key, 0) + 1
+    out = ["| kernel | AOT case (sm_90) | blocks/SM | launches served |", "|---|---|---|---|"]
+    for (kernel, case, bps), count in sorted(used.items()):
+        out.append(f"| `{kernel}` | `{case}` | {bps} | {count} |")
+    return "\n".join(out)
+
+
 REPRESENTATIVE = ("stem", "blocks.0.depthwise", "blocks.2.expand", "blocks.2.depthwise",
                   "blocks.2.project", "blocks.10.expand", "blocks.16.project", "last_conv",
                   "classifier")
@@ -723,6 +739,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     width, batch, training, occ, layers(width, batch))
     print("## Totals (conv + linear layers)\n")
     print(totals_table(results))
+    print("\n## AOT cases the occupancy came from (all scenarios)\n")
+    print(cases_table(results))
     for key in results:
         width, batch, training = key
         if training:

@@ -256,3 +256,31 @@ def test_launch_plan_equals_the_launchers_launches_in_a_training_step():
               "_bn_backward_finalize_kernel", "_bn_backward_apply_kernel", "_gemm_kernel",
               "_bn_merge_kernel"):
         assert k in kinds, k
+
+
+def test_reference_plan_copies_exactly_the_non_contiguous_weight_prefixes():
+    """The reference plan pays a weight-prefix copy per call where ``W[:cout, :cin]`` is not
+    contiguous (a dense conv below its full input width), nowhere else; its training step
+    has the separate BN, activation and slice-backward launches slimops fuses or avoids."""
+    full = gpu_model.layers(1.0, 2)
+    narrow = gpu_model.layers(0.35, 2)
+
+    def copies(L):
+        return sum(x.kernel == "torch:copy_weight_prefix"
+                   for x in gpu_model.reference_plan(L, False))
+
+    assert all(copies(L) == 0 for L in full)
+    for L in narrow:
+        want = L.kind == "conv2d" and L.cin < L.full_weight[1]
+        assert copies(L) == int(want), L.name
+    copied = [L for L in narrow if copies(L)]
+    assert copied and copied[0].kind == "conv2d"
+    L = copied[0]
+    (x,) = [x for x in gpu_model.reference_plan(L, False) if x.kernel == "torch:copy_weight_prefix"]
+    assert x.bytes == 2 * 2 * L.cout * L.cin * L.k * L.k  # read + write, fp16
+    expand = next(L for L in full if L.name.endswith("expand"))
+    train = [x.kernel for x in gpu_model.reference_plan(expand, True)]
+    for k in ("cudnn:conv_fwd", "torch:bn_stats", "torch:bn_normalize", "torch:activation",
+              "torch:activation_backward", "cudnn:conv_bwd_data", "cudnn:conv_bwd_filter"):
+        assert k in train, k
+    assert len(train) > len(gpu_model.reference_plan(expand, False))
