@@ -1,6 +1,9 @@
 """Roofline estimate of the GPU kernels at S-MobileNet v2's layer shapes on an H100.
 
-    python bench/roofline.py            # markdown tables (docs/GPU_KERNELS.md embeds them)
+    python bench/roofline.py            # markdown tables: plain roofs per layer
+
+The H100 figures here are the ones bench/gpu_model.py (the per-layer model docs/GPU_KERNELS.md
+embeds: every launch of slimops' and the reference's plans, eval and training) reads.
 
 An *estimate*, not a measurement: no machine of this project has a GPU. For each conv and
 linear layer of S-MobileNet v2 at a width (shapes read from a forward pass with hooks), the
