@@ -42,9 +42,10 @@ What it is made of:
 H100 SXM5 (80 GB) datasheet figures: dense fp16 tensor-core peak 989 TFLOP/s, fp32 FMA
 67 TFLOP/s (depthwise convs: one input channel per output channel does not map to tensor
 cores; the kernels accumulate in fp32), HBM3 3.35 TB/s, 132 SMs, 50 MB L2. ``LAUNCH_S`` =
-3 us: launch latency plus the ramp-up and tail of a small kernel on an idle stream; published
-measurements of back-to-back small kernels on recent NVIDIA GPUs range from ~2 to ~5 us
-without CUDA graphs. Not modelled: the network's pooling, loss and optimizer, autograd's
+3 us (roofline.py's figure): launch latency plus the ramp-up and tail of a small kernel on
+an idle stream; the per-kernel cost commonly reported for back-to-back small kernels on
+recent NVIDIA GPUs without CUDA graphs is a few microseconds (about 2 to 5). An assumption,
+not a figure measured here. Not modelled: the network's pooling, loss and optimizer, autograd's
 gradient accumulation, host overhead beyond the launch, and cuDNN's own multi-kernel
 algorithms (one launch per cuDNN call is assumed, which favours the reference).
 """
