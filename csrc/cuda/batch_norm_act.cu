@@ -78,8 +78,7 @@ __global__ void __launch_bounds__(kThreads)
                     const Affine<typename AccOf<T>::type>* affine, int64_t total, int64_t C,
                     int64_t HW, int activation) {
   using Acc = typename AccOf<T>::type;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
+  SLIMOPS_GRID_STRIDE_LOOP(idx, total) {
     const int64_t c = (idx / HW) % C;
     const Acc r = residual ? to_acc<Acc>(residual[idx]) : Acc(0);
     out[idx] = from_acc<T>(bn_apply<Acc>(to_acc<Acc>(x[idx]), affine[c], r, activation));
@@ -134,8 +133,7 @@ __global__ void __launch_bounds__(kThreads)
                          const BnGrad<typename AccOf<T>::type>* coeffs, int64_t total,
                          int64_t C, int64_t HW, int activation) {
   using Acc = typename AccOf<T>::type;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
+  SLIMOPS_GRID_STRIDE_LOOP(idx, total) {
     const int64_t c = (idx / HW) % C;
     const Acc g =
         activation_grad<Acc>(to_acc<Acc>(grad_out[idx]), to_acc<Acc>(out[idx]), activation);
@@ -150,6 +148,23 @@ size_t acc_size(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) 
 // per-channel coefficient records (Affine or BnGrad: BnGrad).
 size_t partials_bytes(DType dtype, int64_t C, int64_t P) {
   return size_t(C * P) * 3 * acc_size(dtype);
+}
+
+// The workspace as its two arrays, in T's accumulation type: the partials, then the records.
+template <template <typename> class Partial, template <typename> class Record, typename T>
+struct Workspace {
+  using Acc = typename AccOf<T>::type;
+  Partial<Acc>* partials;
+  Record<Acc>* records;
+};
+
+template <template <typename> class Partial, template <typename> class Record, typename T>
+Workspace<Partial, Record, T> split_workspace(void* workspace, DType dtype, int64_t C,
+                                              int64_t P) {
+  using Acc = typename AccOf<T>::type;
+  return {static_cast<Partial<Acc>*>(workspace),
+          reinterpret_cast<Record<Acc>*>(static_cast<char*>(workspace) +
+                                         partials_bytes(dtype, C, P))};
 }
 
 }  // namespace
@@ -168,10 +183,7 @@ cudaError_t batch_norm_act_forward(DType dtype, void* out, void* mean_out, void*
   if (C > 65535) return cudaErrorInvalidConfiguration;  // gridDim.y of the partial pass
   const int64_t count = N * HW, P = partial_blocks(count), total = count * C;
   SLIMOPS_CUDA_DISPATCH(dtype, {
-    using Acc = typename AccOf<T>::type;
-    auto* partials = static_cast<Stats<Acc>*>(workspace);
-    auto* affine = reinterpret_cast<Affine<Acc>*>(static_cast<char*>(workspace) +
-                                                  partials_bytes(dtype, C, P));
+    const auto [partials, affine] = split_workspace<Stats, Affine, T>(workspace, dtype, C, P);
     if (training) {
       bn_stats_partial_kernel<T><<<dim3(unsigned(P), unsigned(C)), kThreads, 0, stream>>>(
           partials, typed<T>(x), C, HW, count);
@@ -196,10 +208,7 @@ cudaError_t batch_norm_act_backward(DType dtype, void* grad_input, void* grad_we
   if (C > 65535) return cudaErrorInvalidConfiguration;
   const int64_t count = N * HW, P = partial_blocks(count), total = count * C;
   SLIMOPS_CUDA_DISPATCH(dtype, {
-    using Acc = typename AccOf<T>::type;
-    auto* partials = static_cast<Sum2<Acc>*>(workspace);
-    auto* coeffs = reinterpret_cast<BnGrad<Acc>*>(static_cast<char*>(workspace) +
-                                                  partials_bytes(dtype, C, P));
+    const auto [partials, coeffs] = split_workspace<Sum2, BnGrad, T>(workspace, dtype, C, P);
     bn_grad_partial_kernel<T><<<dim3(unsigned(P), unsigned(C)), kThreads, 0, stream>>>(
         partials, typed<T>(grad_out), typed<T>(out), typed<T>(x), mean, C, HW, count,
         activation);

@@ -33,6 +33,24 @@ inline unsigned grid_for(int64_t total, int threads = kThreads) {
   return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(blocks, 1), int64_t(1) << 20));
 }
 
+// One thread per element of a grid of grid_for(total) blocks: thread i takes elements i,
+// i + (all threads), ... (consecutive threads on consecutive elements: coalesced).
+#define SLIMOPS_GRID_STRIDE_LOOP(idx, total)                                         \
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < (total); \
+       idx += int64_t(gridDim.x) * blockDim.x)
+
+// The coordinates of element `idx` of a contiguous [N, C, H, W] tensor.
+struct Nchw {
+  int64_t n, c, h, w;
+};
+__device__ __forceinline__ Nchw nchw_of(int64_t idx, int64_t C, int64_t H, int64_t W) {
+  const int64_t w = idx % W;
+  int64_t t = idx / W;
+  const int64_t h = t % H;
+  t /= H;
+  return Nchw{t / C, t % C, h, w};
+}
+
 // Reduces one value per thread of a kThreads-wide block with `op` in a fixed tree order (the
 // result does not depend on timing: deterministic). The result is valid in thread 0.
 template <typename V, typename Op>

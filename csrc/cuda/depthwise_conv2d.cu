@@ -33,8 +33,9 @@ __global__ void __launch_bounds__(kThreads) depthwise_forward_kernel(const DwFor
   using Acc = typename AccOf<T>::type;
   const DwGeom g = a.g;
   const int64_t total = a.N * a.C * g.OH * g.OW;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
+  SLIMOPS_GRID_STRIDE_LOOP(idx, total) {
+    // Written out, not nchw_of (common.cuh): through the helper ptxas gives the double kernel
+    // with a run-time kernel size (KH = KW = 0) 62 registers instead of 48 (nvcc 13, sm_90).
     const int64_t ow = idx % g.OW;
     int64_t t = idx / g.OW;
     const int64_t oh = t % g.OH;
@@ -57,13 +58,8 @@ __global__ void __launch_bounds__(kThreads)
                                     int64_t N, int64_t C, const DwGeom g) {
   using Acc = typename AccOf<T>::type;
   const int64_t total = N * C * g.H * g.W;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t iw = idx % g.W;
-    int64_t t = idx / g.W;
-    const int64_t ih = t % g.H;
-    t /= g.H;
-    const int64_t c = t % C, n = t / C;
+  SLIMOPS_GRID_STRIDE_LOOP(idx, total) {
+    const auto [n, c, ih, iw] = nchw_of(idx, C, g.H, g.W);
     gi[idx] = from_acc<T>(depthwise_grad_input_taps<Acc>(gz + n * gzs.s[0] + c * gzs.s[1],
                                                          gzs.s[2], gzs.s[3], w + c * ws.s[0],
                                                          ws.s[2], ws.s[3], g, ih, iw));

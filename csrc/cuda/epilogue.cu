@@ -14,8 +14,7 @@ __global__ void __launch_bounds__(kThreads)
                             const T* bias, int64_t bs, const T* scale, int64_t ss,
                             const T* shift, int64_t shs, const T* residual, int activation) {
   using Acc = typename AccOf<T>::type;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
+  SLIMOPS_GRID_STRIDE_LOOP(idx, total) {
     const int64_t c = (idx / HW) % C;
     const Acc r = residual ? to_acc<Acc>(residual[idx]) : Acc(0);
     out[idx] = from_acc<T>(epilogue<Acc>(to_acc<Acc>(z[idx]),
@@ -32,8 +31,7 @@ __global__ void __launch_bounds__(kThreads)
                              int64_t C, int64_t HW, const T* scale, int64_t ss,
                              int activation) {
   using Acc = typename AccOf<T>::type;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
+  SLIMOPS_GRID_STRIDE_LOOP(idx, total) {
     const int64_t c = (idx / HW) % C;
     grad_z[idx] = from_acc<T>(epilogue_grad<Acc>(to_acc<Acc>(grad_out[idx]),
                                                  to_acc<Acc>(out[idx]),

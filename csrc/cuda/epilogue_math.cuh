@@ -90,22 +90,17 @@ struct Affine {
   Acc alpha, beta;
 };
 
+// 1 / sqrt(var + eps) in Acc (float or double): the device's rsqrt, the host's sqrt.
 template <typename Acc>
-SLIMOPS_HD Acc inv_std(Acc var, Acc eps);
-template <>
-SLIMOPS_HD float inv_std<float>(float var, float eps) {
+SLIMOPS_HD Acc inv_std(Acc var, Acc eps) {
+  constexpr bool single = sizeof(Acc) == sizeof(float);
+  static_assert(single || sizeof(Acc) == sizeof(double), "Acc is float or double");
 #if defined(__CUDA_ARCH__)
-  return rsqrtf(var + eps);
+  if constexpr (single) return rsqrtf(var + eps);
+  else return rsqrt(var + eps);
 #else
-  return 1.0f / __builtin_sqrtf(var + eps);
-#endif
-}
-template <>
-SLIMOPS_HD double inv_std<double>(double var, double eps) {
-#if defined(__CUDA_ARCH__)
-  return rsqrt(var + eps);
-#else
-  return 1.0 / __builtin_sqrt(var + eps);
+  if constexpr (single) return 1.0f / __builtin_sqrtf(var + eps);
+  else return 1.0 / __builtin_sqrt(var + eps);
 #endif
 }
 
@@ -201,15 +196,11 @@ SLIMOPS_HD Acc depthwise_taps(const T* x, int64_t sxh, int64_t sxw, const T* w, 
   const int KH = KH_ > 0 ? KH_ : int(g.KH), KW = KW_ > 0 ? KW_ : int(g.KW);
   const int H = int(g.H), W = int(g.W), dh = int(g.dh), dw = int(g.dw);
   const int ih0 = int(oh * g.sh - g.ph), iw0 = int(ow * g.sw - g.pw);
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
+SLIMOPS_UNROLL
   for (int i = 0; i < KH; ++i) {
     const int ih = ih0 + i * dh;
     if (ih < 0 || ih >= H) continue;
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
+SLIMOPS_UNROLL
     for (int j = 0; j < KW; ++j) {
       const int iw = iw0 + j * dw;
       if (iw < 0 || iw >= W) continue;

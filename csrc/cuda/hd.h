@@ -8,3 +8,11 @@
 #else
 #define SLIMOPS_HD inline
 #endif
+
+// `#pragma unroll` for the loop that follows, in device code only (a host compiler would warn
+// about the unknown pragma). The operator form lets one line stand for the three of an #if.
+#if defined(__CUDA_ARCH__)
+#define SLIMOPS_UNROLL _Pragma("unroll")
+#else
+#define SLIMOPS_UNROLL
+#endif
