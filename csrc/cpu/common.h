@@ -1,5 +1,5 @@
 // Shared helpers of the CPU kernels: activation codes, argument checks (those the CUDA
-// bindings share are in arg_checks.h), the fused epilogue.
+// bindings share are in arg_checks.h), the fused epilogue, the registration of an op family.
 #pragma once
 
 #include "arg_checks.h"
@@ -7,9 +7,20 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Optional.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+
+// Registers the CPU kernels of op `name` and of its two backward ops, `name`_backward_input
+// and `name`_backward_weight: the functions of those names in the calling file. At namespace
+// scope, after the three functions.
+#define SLIMOPS_CPU_IMPL_WITH_BACKWARDS(name)                  \
+  TORCH_LIBRARY_IMPL(slimops, CPU, m) {                        \
+    m.impl(#name, &name);                                      \
+    m.impl(#name "_backward_input", &name##_backward_input);   \
+    m.impl(#name "_backward_weight", &name##_backward_weight); \
+  }
 
 namespace slimops {
 namespace cpu {

@@ -930,11 +930,7 @@ at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(slimops, CPU, m) {
-  m.impl("conv2d", &conv2d);
-  m.impl("conv2d_backward_input", &conv2d_backward_input);
-  m.impl("conv2d_backward_weight", &conv2d_backward_weight);
-}
+SLIMOPS_CPU_IMPL_WITH_BACKWARDS(conv2d)
 
 }  // namespace cpu
 }  // namespace slimops

@@ -462,11 +462,7 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(slimops, CPU, m) {
-  m.impl("depthwise_conv2d", &depthwise_conv2d);
-  m.impl("depthwise_conv2d_backward_input", &depthwise_conv2d_backward_input);
-  m.impl("depthwise_conv2d_backward_weight", &depthwise_conv2d_backward_weight);
-}
+SLIMOPS_CPU_IMPL_WITH_BACKWARDS(depthwise_conv2d)
 
 }  // namespace cpu
 }  // namespace slimops

@@ -134,11 +134,7 @@ at::Tensor linear_backward_weight(const at::Tensor& grad_out, const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(slimops, CPU, m) {
-  m.impl("linear", &linear);
-  m.impl("linear_backward_input", &linear_backward_input);
-  m.impl("linear_backward_weight", &linear_backward_weight);
-}
+SLIMOPS_CPU_IMPL_WITH_BACKWARDS(linear)
 
 }  // namespace cpu
 }  // namespace slimops
