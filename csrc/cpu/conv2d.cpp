@@ -278,6 +278,26 @@ void gather_grad(const scalar_t* gz, const ConvGeometry& s, const Chunk& ch, sca
   });
 }
 
+// A GEMM operand: its first element and leading dimension.
+template <typename scalar_t>
+struct Operand {
+  const scalar_t* data;
+  int64_t ld;
+};
+
+// The chunk's output gradient [O, L] as a GEMM operand, shared by both backward passes: one
+// image's block is that matrix already, read in place (leading dimension P); several images
+// are gathered side by side into the kGradT scratch (leading dimension L).
+template <typename scalar_t>
+Operand<scalar_t> chunk_grad(const scalar_t* gz, const ConvGeometry& s, const Chunk& ch) {
+  if (ch.k > 1) {
+    scalar_t* g = scratch<scalar_t>(ScratchSlot::kGradT, s.O * ch.L());
+    gather_grad(gz, s, ch, g);
+    return {g, ch.L()};
+  }
+  return {gz + ch.n0 * s.O * s.P() + ch.p0, s.P()};
+}
+
 // How the forward splits its work: one task per (image, block of output positions, block of
 // output channels). A column block's GEMM operands, (K + O) x cols values, stay within about
 // 1 MiB, so its epilogue reads the output while it is still in cache. With fewer images than
@@ -793,15 +813,7 @@ at::Tensor conv2d_backward_input_kernels(const ConvGeometry& s, const at::Tensor
     for (int64_t c = 0; c < plan.chunks; ++c) {
       const Chunk ch = plan.at(c, s.N, P);
       const int64_t L = ch.L();
-      // B: the chunk's output gradient [O, L]; one image is already that matrix (ld P).
-      const scalar_t* B = gzp + ch.n0 * s.O * P + ch.p0;
-      int64_t ldb = P;
-      if (ch.k > 1) {
-        scalar_t* g = scratch<scalar_t>(ScratchSlot::kGradT, s.O * L);
-        gather_grad(gzp, s, ch, g);
-        B = g;
-        ldb = L;
-      }
+      const Operand<scalar_t> B = chunk_grad(gzp, s, ch);
       // Columns' gradient [C*kh*kw, L] = W_g^T [K, og] @ B_g [og, L], per group; the
       // transposed prefix is read in place (column-major with the same leading dimension).
       const bool direct = s.pointwise() && ch.k == 1;
@@ -809,8 +821,8 @@ at::Tensor conv2d_backward_input_kernels(const ConvGeometry& s, const at::Tensor
                               : scratch<scalar_t>(ScratchSlot::kCols, rows * L);
       const int64_t ldc = direct ? HW : L;
       for (int64_t g = 0; g < s.G; ++g)
-        gemm<scalar_t>(true, false, K, L, s.og, wp + g * s.Og * lda, lda, B + g * s.og * ldb,
-                       ldb, scalar_t(0), cols + g * K * ldc, ldc);
+        gemm<scalar_t>(true, false, K, L, s.og, wp + g * s.Og * lda, lda,
+                       B.data + g * s.og * B.ld, B.ld, scalar_t(0), cols + g * K * ldc, ldc);
       if (direct) continue;
       // Scatter back, one (image, channel) plane per item: planes never share a writer.
       run_ranges(ch.k * s.C, s.kernel_area() * ch.cnt, [&](int64_t begin, int64_t end) {
@@ -904,14 +916,7 @@ at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tenso
     for (int64_t c = 0; c < plan.chunks; ++c) {
       const Chunk ch = plan.at(c, s.N, P);
       const int64_t L = ch.L();
-      const scalar_t* A = gzp + ch.n0 * s.O * P + ch.p0;
-      int64_t lda = P;
-      if (ch.k > 1) {
-        scalar_t* g = scratch<scalar_t>(ScratchSlot::kGradT, s.O * L);
-        gather_grad(gzp, s, ch, g);
-        A = g;
-        lda = L;
-      }
+      const Operand<scalar_t> A = chunk_grad(gzp, s, ch);
       const scalar_t* B = xp + ch.n0 * s.C * HW + ch.p0;  // a pointwise image: [C, HW]
       int64_t ldb = HW;
       if (!(s.pointwise() && ch.k == 1)) {
@@ -921,8 +926,8 @@ at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tenso
         ldb = L;
       }
       for (int64_t g = 0; g < s.G; ++g)
-        gemm<scalar_t>(false, true, s.og, K, L, A + g * s.og * lda, lda, B + g * K * ldb, ldb,
-                       scalar_t(1), gwp + g * s.Og * ldw, ldw);
+        gemm<scalar_t>(false, true, s.og, K, L, A.data + g * s.og * A.ld, A.ld, B + g * K * ldb,
+                       ldb, scalar_t(1), gwp + g * s.Og * ldw, ldw);
     }
   });
   return grad_weight;
