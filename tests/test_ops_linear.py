@@ -4,6 +4,8 @@ float64 gradcheck; torch.library.opcheck of the op and its backward ops; torch.c
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -205,3 +207,43 @@ def test_compile(leading, with_bias, fresh_dynamo, tol):
 def test_non_integer_out_features_is_a_type_error(out_features):
     with pytest.raises(TypeError, match="out_features must be an int"):
         slimops.ops.linear(torch.randn(2, 4), torch.randn(5, 4), None, out_features)
+
+
+W_5x7 = torch.randn(5, 7)  # O_full = 5 output features, I_full = 7 input features
+BAD_FEATURES = {
+    "input_too_wide": (lambda: torch.ops.slimops.linear(torch.randn(2, 8), W_5x7, None, 3),
+                       "slimops::linear: input has 8 features but the weight has only 7 input "
+                       "features"),
+    "out_features_too_large": (
+        lambda: torch.ops.slimops.linear(torch.randn(2, 4), W_5x7, None, 6),
+        "slimops::linear: out_features must be in [0, 5], got 6"),
+    "out_features_negative": (
+        lambda: torch.ops.slimops.linear(torch.randn(2, 4), W_5x7, None, -1),
+        "slimops::linear: out_features must be in [0, 5], got -1"),
+    "grad_out_too_wide": (
+        lambda: torch.ops.slimops.linear_backward_input(torch.randn(2, 6), W_5x7, 3),
+        "slimops::linear_backward_input: grad_out has 6 features but the weight has only 5 "
+        "output features"),
+    "in_features_too_large": (
+        lambda: torch.ops.slimops.linear_backward_input(torch.randn(2, 4), W_5x7, 8),
+        "slimops::linear_backward_input: in_features must be in [0, 7], got 8"),
+    "weight_grad_input_too_wide": (
+        lambda: torch.ops.slimops.linear_backward_weight(torch.randn(2, 4), torch.randn(2, 8),
+                                                         W_5x7),
+        "slimops::linear_backward_weight: input has 8 features but the weight has only 7 input "
+        "features"),
+    "weight_grad_grad_out_too_wide": (
+        lambda: torch.ops.slimops.linear_backward_weight(torch.randn(2, 6), torch.randn(2, 4),
+                                                         W_5x7),
+        "slimops::linear_backward_weight: grad_out has 6 features but the weight has only 5 "
+        "output features"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FEATURES.values()), ids=list(BAD_FEATURES))
+def test_feature_counts_outside_the_weight_are_errors(case):
+    # The kernel's own checks (csrc/cpu/linear.cpp), message and all: the ops are called
+    # directly, past slimops.ops.linear's Python checks.
+    call, message = case
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call()

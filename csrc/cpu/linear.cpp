@@ -31,6 +31,33 @@ void check_feature_tensor(const at::Tensor& t, const char* op, const char* name)
   TORCH_CHECK(t.dim() >= 1, "slimops::", op, ": ", name, " must be at least 1-D, got a scalar");
 }
 
+// `name` has `features` features (its last dim), which the weight's dim `dim` must cover:
+// 1, the input features; 0, the output features.
+void check_features(const char* op, const char* name, int64_t features, const at::Tensor& weight,
+                    int64_t dim) {
+  TORCH_CHECK(features <= weight.size(dim), "slimops::", op, ": ", name, " has ", features,
+              " features but the weight has only ", weight.size(dim),
+              dim == 1 ? " input features" : " output features");
+}
+
+// The [..., features] operand `t` named `name` (the input or grad_out) of a forward or
+// input-gradient op, and the weight whose dim `dim` its features index: returns the features.
+int64_t check_operand(const char* op, const char* name, const at::Tensor& t,
+                      const at::Tensor& weight, int64_t dim) {
+  check_feature_tensor(t, op, name);
+  check_weight(weight, t, op);
+  const int64_t features = t.size(-1);
+  check_features(op, name, features, weight, dim);
+  return features;
+}
+
+// The op's argument `name`: a width of the weight's dim `dim`, in [0, its size].
+void check_width(const char* op, const char* name, int64_t width, const at::Tensor& weight,
+                 int64_t dim) {
+  TORCH_CHECK(width >= 0 && width <= weight.size(dim), "slimops::", op, ": ", name,
+              " must be in [0, ", weight.size(dim), "], got ", width);
+}
+
 // Rows of the [..., features] tensor seen as a matrix (the product of the leading dims).
 int64_t rows(const at::Tensor& t) {
   return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
@@ -49,13 +76,8 @@ at::Tensor prefix(const at::Tensor& weight, int64_t out_features, int64_t in_fea
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, int64_t out_features) {
   constexpr const char* op = "linear";
-  check_feature_tensor(input, op, "input");
-  check_weight(weight, input, op);
-  const int64_t in_features = input.size(-1);
-  TORCH_CHECK(in_features <= weight.size(1), "slimops::", op, ": input has ", in_features,
-              " features but the weight has only ", weight.size(1), " input features");
-  TORCH_CHECK(out_features >= 0 && out_features <= weight.size(0), "slimops::", op,
-              ": out_features must be in [0, ", weight.size(0), "], got ", out_features);
+  const int64_t in_features = check_operand(op, "input", input, weight, 1);
+  check_width(op, "out_features", out_features, weight, 0);
   check_vector(bias, weight.size(0), input, op, "bias");
 
   const int64_t M = rows(input);
@@ -84,13 +106,8 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight,
 at::Tensor linear_backward_input(const at::Tensor& grad_out, const at::Tensor& weight,
                                  int64_t in_features) {
   constexpr const char* op = "linear_backward_input";
-  check_feature_tensor(grad_out, op, "grad_out");
-  check_weight(weight, grad_out, op);
-  const int64_t out_features = grad_out.size(-1);
-  TORCH_CHECK(out_features <= weight.size(0), "slimops::", op, ": grad_out has ", out_features,
-              " features but the weight has only ", weight.size(0), " output features");
-  TORCH_CHECK(in_features >= 0 && in_features <= weight.size(1), "slimops::", op,
-              ": in_features must be in [0, ", weight.size(1), "], got ", in_features);
+  const int64_t out_features = check_operand(op, "grad_out", grad_out, weight, 0);
+  check_width(op, "in_features", in_features, weight, 1);
 
   const int64_t M = rows(grad_out);
   at::Tensor grad_input = at::empty({M, in_features}, grad_out.options());
@@ -111,10 +128,8 @@ at::Tensor linear_backward_weight(const at::Tensor& grad_out, const at::Tensor& 
                   grad_out.sizes().slice(0, grad_out.dim() - 1),
               "slimops::", op, ": grad_out ", grad_out.sizes(), " and input ", input.sizes(),
               " must have the same leading dimensions");
-  TORCH_CHECK(in_features <= weight.size(1), "slimops::", op, ": input has ", in_features,
-              " features but the weight has only ", weight.size(1), " input features");
-  TORCH_CHECK(out_features <= weight.size(0), "slimops::", op, ": grad_out has ", out_features,
-              " features but the weight has only ", weight.size(0), " output features");
+  check_features(op, "input", in_features, weight, 1);
+  check_features(op, "grad_out", out_features, weight, 0);
 
   const int64_t M = rows(input);
   // Full weight shape: the part outside the prefix is zero so autograd accumulates it as is.
