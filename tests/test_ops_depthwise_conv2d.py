@@ -6,6 +6,7 @@ float64 gradcheck; torch.library.opcheck of the op and its backward ops; torch.c
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -419,3 +420,19 @@ def test_compile_forward_full_epilogue_no_grad(fresh_dynamo, tol):
     with torch.no_grad():
         torch.testing.assert_close(compiled(*args), slimops.ops.depthwise_conv2d(*args),
                                    **tol(F32))
+
+
+def test_backward_ops_reject_a_grad_z_of_the_wrong_shape():
+    # The kernels' own check (csrc/cpu/depthwise_conv2d.cpp), message and all: grad_z must be
+    # the forward's output for the input, named as the op's argument it came from.
+    x, w = torch.randn(2, 3, 4, 4), torch.randn(C_FULL, 1, 3, 3)
+    geometry = ([1, 1], [1, 1], [1, 1])  # stride, padding, dilation: a 4x4 output
+    gz = torch.randn(2, 3, 5, 5)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "slimops::depthwise_conv2d_backward_input: grad_z must have shape [2, 3, 4, 4] for "
+            "input_size [2, 3, 4, 4], got [2, 3, 5, 5]")):
+        torch.ops.slimops.depthwise_conv2d_backward_input(gz, w, list(x.shape), *geometry)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "slimops::depthwise_conv2d_backward_weight: grad_z must have shape [2, 3, 4, 4] for "
+            "input [2, 3, 4, 4], got [2, 3, 5, 5]")):
+        torch.ops.slimops.depthwise_conv2d_backward_weight(gz, x, w, *geometry)

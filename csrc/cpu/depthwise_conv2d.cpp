@@ -45,6 +45,9 @@ struct PlaneConv {
   int64_t row_end() const { return std::min(H, HP - ph); }
   int64_t col_begin() const { return std::max<int64_t>(0, -pw); }
   int64_t col_end() const { return std::min(W, WP - pw); }
+  // The work of one plane, in multiply-adds (its larger side: input or output), for sizing
+  // the parallel loops' grains.
+  int64_t plane_work() const { return std::max(H * W, OH * OW) * KH * KW; }
 };
 
 // The forward problem: N x C planes, and the plane geometry.
@@ -87,6 +90,18 @@ Problem make_problem(const char* op, at::IntArrayRef input_size, const at::Tenso
   return Problem{input_size[0], C,
                  PlaneConv(H, W, KH, KW, OH, OW, stride[0], stride[1], padding[0], padding[1],
                            dilation[0], dilation[1])};
+}
+
+// make_problem for a backward op, and its grad_z checked against the forward's output for the
+// input of size `input_size` (`input_name` in the message: the op's argument it came from).
+Problem backward_problem(const char* op, const at::Tensor& grad_z, const char* input_name,
+                         at::IntArrayRef input_size, const at::Tensor& weight,
+                         at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation) {
+  const Problem pr = make_problem(op, input_size, weight, stride, padding, dilation);
+  check_depthwise_grad_z(grad_z, {pr.N, pr.C, pr.conv.OH, pr.conv.OW}, op, input_name,
+                         input_size);
+  return pr;
 }
 
 // The zero-padded plane of a correlation, addressed with row stride `ld`.
@@ -212,7 +227,6 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor* sh = opt_ptr(shift);
   const bool has_epilogue = b || sc || sh || res.defined() || activation != kNone;
   const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;
-  const int64_t plane_work = std::max(in_plane, out_plane) * taps;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_depthwise_conv2d", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -232,7 +246,7 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
         // Small planes: kLanes channels at a time, vectorised across the channels.
         const auto forward_lanes = Kernels::lanes();
         const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
-        at::parallel_for(0, pr.N * blocks, grain_for(kLanes * plane_work),
+        at::parallel_for(0, pr.N * blocks, grain_for(kLanes * p.plane_work()),
                          [&](int64_t begin, int64_t end) {
           std::vector<scalar_t> field(p.HP * p.WP * kLanes), wl(taps * kLanes),
               acc(out_plane * kLanes), a(kLanes), t(kLanes);
@@ -254,7 +268,7 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
         return;
       }
       const auto forward_plane = Kernels::forward();
-      at::parallel_for(0, pr.N * pr.C, grain_for(plane_work), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
         std::vector<scalar_t> scratch(scratch_size(p));
         for (int64_t plane = begin; plane < end; ++plane) {
@@ -281,14 +295,13 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
   check_float(grad_z, op, "grad_z");
   check_device(grad_z, c10::kCPU, op, "grad_z");
   check_same(weight, grad_z, op, "weight");
-  const Problem pr = make_problem(op, input_size, weight, stride, padding, dilation);
+  const Problem pr =
+      backward_problem(op, grad_z, "input_size", input_size, weight, stride, padding, dilation);
   const PlaneConv& p = pr.conv;
-  check_depthwise_grad_z(grad_z, {pr.N, pr.C, p.OH, p.OW}, op, "input_size", input_size);
 
   const at::Tensor gz = grad_z.contiguous();
   at::Tensor grad_input = at::empty(input_size, gz.options());
   const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;
-  const int64_t plane_work = std::max(in_plane, out_plane) * taps;
 
   AT_DISPATCH_FLOATING_TYPES(gz.scalar_type(), "slimops_depthwise_conv2d_backward_input", [&] {
     const scalar_t* gp = gz.data_ptr<scalar_t>();
@@ -306,7 +319,7 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
             PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
                          scalar_t>::input_grad_lanes();
         const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
-        run_tasks(pr.N * blocks, kLanes * plane_work, [&](int64_t task) {
+        run_tasks(pr.N * blocks, kLanes * p.plane_work(), [&](int64_t task) {
           const int64_t n = task / blocks, c0 = (task % blocks) * kLanes;
           const int64_t lanes = std::min(kLanes, pr.C - c0);
           scalar_t* field = scratch<scalar_t>(ScratchSlot::kCols, p.HP * p.WP * kLanes);
@@ -328,7 +341,8 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
         const auto correlate_plane =
             PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
                          scalar_t>::forward();
-        at::parallel_for(0, pr.N * pr.C, grain_for(plane_work), [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()),
+                         [&](int64_t begin, int64_t end) {
           std::vector<scalar_t> buffer = field_buffer<scalar_t>(t);
           std::vector<scalar_t> scratch(scratch_size(t));
           std::vector<scalar_t> flipped(taps);
@@ -344,7 +358,7 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
       });
       return;
     }
-    at::parallel_for(0, pr.N * pr.C, grain_for(plane_work), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()), [&](int64_t begin, int64_t end) {
       // Scatter each output row back through the taps into the padded field, then crop the
       // field to the plane; the plane belongs to this thread alone, so this is race free.
       std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
@@ -387,16 +401,15 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
   check_input(input, op);
   check_same(grad_z, input, op, "grad_z");
   check_same(weight, input, op, "weight");
-  const Problem pr = make_problem(op, input.sizes(), weight, stride, padding, dilation);
+  const Problem pr =
+      backward_problem(op, grad_z, "input", input.sizes(), weight, stride, padding, dilation);
   const PlaneConv& p = pr.conv;
-  check_depthwise_grad_z(grad_z, {pr.N, pr.C, p.OH, p.OW}, op, "input", input.sizes());
 
   const at::Tensor x = input.contiguous();
   const at::Tensor gz = grad_z.contiguous();
   // Full weight shape: rows past C stay zero so autograd accumulates it as is.
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;
-  const int64_t plane_work = std::max(in_plane, out_plane) * taps;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_depthwise_conv2d_backward_weight", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -411,7 +424,7 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
         // partial in scalar_t, summed over the images in double, in image order.
         const auto weight_grad_lanes = Kernels::weight_grad_lanes();
         const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
-        run_tasks(blocks, pr.N * kLanes * plane_work, [&](int64_t block) {
+        run_tasks(blocks, pr.N * kLanes * p.plane_work(), [&](int64_t block) {
           const int64_t c0 = block * kLanes, lanes = std::min(kLanes, pr.C - c0);
           scalar_t* field = scratch<scalar_t>(ScratchSlot::kCols, p.HP * p.WP * kLanes);
           scalar_t* gl = scratch<scalar_t>(ScratchSlot::kGradT, out_plane * kLanes);
@@ -431,7 +444,7 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
       }
       const auto accumulate_plane = Kernels::accumulate();
       // One channel per task: each grad_weight row has a single writer.
-      at::parallel_for(0, pr.C, grain_for(pr.N * plane_work), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, pr.C, grain_for(pr.N * p.plane_work()), [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
         // Per-tap, per-column partial sums over the rows of a plane, reduced in double once per
         // plane so float32 sums over large batches stay accurate.
