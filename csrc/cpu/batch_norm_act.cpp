@@ -218,6 +218,14 @@ int64_t plane_size(const at::Tensor& t) {
   return c10::multiply_integers(t.sizes().begin() + 2, t.sizes().end());
 }
 
+// The three results of batch_norm_act and of its backward, uninitialised (the kernels write
+// every element): one of x's shape and two per-channel vectors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_results(const at::Tensor& x) {
+  const int64_t C = x.size(1);
+  return std::make_tuple(at::empty(x.sizes(), x.options()), at::empty({C}, x.options()),
+                         at::empty({C}, x.options()));
+}
+
 void check_input(const at::Tensor& input, const char* op) {
   check_float(input, op, "input");
   check_batch_norm_input(input, c10::kCPU, op);
@@ -239,9 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
   if (const at::Tensor* r = opt_ptr(residual)) res = r->contiguous();
 
   const at::Tensor x = input.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor save_mean = at::empty({C}, x.options());
-  at::Tensor save_var = at::empty({C}, x.options());
+  auto [out, save_mean, save_var] = empty_results(x);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_batch_norm_act", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -365,9 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
   const at::Tensor x = input.contiguous();
   const at::Tensor go = grad_out.contiguous();
   const at::Tensor y = out.contiguous();
-  at::Tensor grad_input = at::empty(x.sizes(), x.options());
-  at::Tensor grad_weight = at::empty({C}, x.options());
-  at::Tensor grad_bias = at::empty({C}, x.options());
+  auto [grad_input, grad_weight, grad_bias] = empty_results(x);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_batch_norm_act_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
