@@ -111,6 +111,43 @@ void epilogue_param_grads(variable_list& result, const std::vector<bool>& needs,
   if (needs[first + 2]) result[first + 2] = eg.grad_pre;
 }
 
+// What the conv families' forward (conv2d, depthwise_conv2d) saves for their backward: the
+// geometry, the activation and five tensors. The output is needed for the activation's mask;
+// bias only to recompute the pre-scale conv when scale itself needs a gradient (rare:
+// eval-mode BN fine-tuning), which is cheaper than saving that tensor on every forward.
+struct SavedConv {
+  at::Tensor input, weight, bias, scale, out;  // bias, scale: undefined when absent
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t activation;
+};
+
+inline void save_conv(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                      const OptTensor& bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                      c10::IntArrayRef dilation, const OptTensor& scale, int64_t activation,
+                      const at::Tensor& out) {
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["dilation"] = dilation.vec();
+  ctx->saved_data["activation"] = activation;
+  ctx->save_for_backward({input, weight, bias.value_or(at::Tensor()),
+                          scale.value_or(at::Tensor()), out});
+}
+
+inline SavedConv load_conv(AutogradContext* ctx) {
+  const variable_list saved = ctx->get_saved_variables();
+  return {saved[0], saved[1], saved[2], saved[3], saved[4],
+          ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+          ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["activation"].toInt()};
+}
+
+// The epilogue's gradients of a conv family's backward; `first`: the forward argument index
+// of scale (shift and residual follow it), whose gradients need grad_pre.
+inline EpilogueGrads conv_epilogue_grads(const at::Tensor& grad_out, const SavedConv& c,
+                                         const std::vector<bool>& needs, size_t first) {
+  return epilogue_grads(grad_out, c.out, optional(c.scale), c.activation,
+                        needs[first] || needs[first + 1] || needs[first + 2]);
+}
+
 // A length-`full` vector (last dim) whose prefix is g and the rest zero: full-size grads.
 inline at::Tensor pad_prefix(const at::Tensor& g, int64_t full) {
   return at::constant_pad_nd(g, {0, full - g.size(-1)});

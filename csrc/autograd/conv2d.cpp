@@ -36,17 +36,9 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     }
     save_edges(ctx, {true, true, present(bias), false, false, false, false, false,
                      present(scale), present(shift), present(residual), false});
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
+    save_conv(ctx, input, weight, bias, stride, padding, dilation, scale, activation, out);
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["out_channels"] = out_channels;
-    ctx->saved_data["activation"] = activation;
-    // The output is needed for the activation's mask; bias only to recompute the pre-scale
-    // conv when scale itself needs a gradient (rare: eval-mode BN fine-tuning), which is
-    // cheaper than saving that tensor on every forward.
-    ctx->save_for_backward({input, weight, bias.value_or(at::Tensor()),
-                            scale.value_or(at::Tensor()), out});
     return out;
   }
 
@@ -57,33 +49,26 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     static const auto backward_weight = op_handle<at::Tensor(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
         c10::IntArrayRef, c10::IntArrayRef, int64_t)>("slimops::conv2d_backward_weight");
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &scale = saved[3],
-                     &out = saved[4];
-    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
-    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
-    const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
+    const SavedConv c = load_conv(ctx);
     const int64_t groups = ctx->saved_data["groups"].toInt();
-    const int64_t activation = ctx->saved_data["activation"].toInt();
     const std::vector<bool> needs = needs_input_grad(ctx);
     // needs[8..10]: scale, shift, residual
-    const EpilogueGrads eg = epilogue_grads(grads[0], out, optional(scale), activation,
-                                            needs[8] || needs[9] || needs[10]);
+    const EpilogueGrads eg = conv_epilogue_grads(grads[0], c, needs, 8);
     variable_list result(12);
     if (needs[0])
-      result[0] = backward_input.call(eg.grad_z, weight, int_sizes(input), stride, padding,
-                                      dilation, groups);
+      result[0] = backward_input.call(eg.grad_z, c.weight, int_sizes(c.input), c.stride,
+                                      c.padding, c.dilation, groups);
     if (needs[1])
-      result[1] = backward_weight.call(eg.grad_z, input, weight, stride, padding, dilation,
-                                       groups);
+      result[1] = backward_weight.call(eg.grad_z, c.input, c.weight, c.stride, c.padding,
+                                       c.dilation, groups);
     if (needs[2]) {
       const at::Tensor g = channel_sum(eg.grad_z).view({groups, -1});
-      result[2] = pad_prefix(g, bias.size(0) / groups).reshape({-1});
+      result[2] = pad_prefix(g, c.bias.size(0) / groups).reshape({-1});
     }
     epilogue_param_grads(result, needs, 8, eg, [&] {
-      return conv2d_op(input, weight, optional(bias), ctx->saved_data["out_channels"].toInt(),
-                       stride, padding, dilation, groups, std::nullopt, std::nullopt,
-                       std::nullopt, 0);
+      return conv2d_op(c.input, c.weight, optional(c.bias),
+                       ctx->saved_data["out_channels"].toInt(), c.stride, c.padding, c.dilation,
+                       groups, std::nullopt, std::nullopt, std::nullopt, 0);
     });
     return result;
   }

@@ -35,12 +35,7 @@ class DepthwiseConv2dFunction : public torch::autograd::Function<DepthwiseConv2d
     }
     save_edges(ctx, {true, true, present(bias), false, false, false, present(scale),
                      present(shift), present(residual), false});
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
-    ctx->saved_data["activation"] = activation;
-    ctx->save_for_backward({input, weight, bias.value_or(at::Tensor()),
-                            scale.value_or(at::Tensor()), out});
+    save_conv(ctx, input, weight, bias, stride, padding, dilation, scale, activation, out);
     return out;
   }
 
@@ -51,26 +46,20 @@ class DepthwiseConv2dFunction : public torch::autograd::Function<DepthwiseConv2d
     static const auto backward_weight = op_handle<at::Tensor(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
         c10::IntArrayRef, c10::IntArrayRef)>("slimops::depthwise_conv2d_backward_weight");
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &scale = saved[3],
-                     &out = saved[4];
-    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
-    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
-    const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
-    const int64_t activation = ctx->saved_data["activation"].toInt();
+    const SavedConv c = load_conv(ctx);
     const std::vector<bool> needs = needs_input_grad(ctx);
     // needs[6..8]: scale, shift, residual
-    const EpilogueGrads eg = epilogue_grads(grads[0], out, optional(scale), activation,
-                                            needs[6] || needs[7] || needs[8]);
+    const EpilogueGrads eg = conv_epilogue_grads(grads[0], c, needs, 6);
     variable_list result(10);
     if (needs[0])
-      result[0] = backward_input.call(eg.grad_z, weight, int_sizes(input), stride, padding,
-                                      dilation);
+      result[0] = backward_input.call(eg.grad_z, c.weight, int_sizes(c.input), c.stride,
+                                      c.padding, c.dilation);
     if (needs[1])
-      result[1] = backward_weight.call(eg.grad_z, input, weight, stride, padding, dilation);
-    if (needs[2]) result[2] = pad_prefix(channel_sum(eg.grad_z), bias.size(0));
+      result[1] = backward_weight.call(eg.grad_z, c.input, c.weight, c.stride, c.padding,
+                                       c.dilation);
+    if (needs[2]) result[2] = pad_prefix(channel_sum(eg.grad_z), c.bias.size(0));
     epilogue_param_grads(result, needs, 6, eg, [&] {
-      return depthwise_op(input, weight, optional(bias), stride, padding, dilation,
+      return depthwise_op(c.input, c.weight, optional(c.bias), c.stride, c.padding, c.dilation,
                           std::nullopt, std::nullopt, std::nullopt, 0);
     });
     return result;
