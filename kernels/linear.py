@@ -131,6 +131,21 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
+def _rows_times_weight(
+    a: Tensor, weight: Tensor, w_strides: Tuple[int, int], n: int, k: int,
+    bias: Optional[Tensor],
+) -> Tensor:
+    """``a [*, k] @ B (+ bias)`` with ``B [k, n]`` the weight's prefix read in place through
+    ``w_strides`` (its (row, col) strides as B's: swapped for ``W^T``). Returns a new
+    ``[*, n]`` tensor of ``a``'s dtype; ``a``'s leading dims are flattened (``_rows``)."""
+    x = _rows(a)
+    m = x.shape[0]
+    out = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    _gemm(x, (x.stride(0), x.stride(1)), weight, w_strides, out, (out.stride(0), out.stride(1)),
+          m, n, k, bias)
+    return out.view(*a.shape[:-1], n)
+
+
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_features: int) -> Tensor:
     """``slimops::linear``: ``input @ W[:out_features, :in_features]^T + b[:out_features]``
     with ``in_features = input.shape[-1]``.
@@ -152,13 +167,9 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_features: 
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"slimops.kernels.linear: bias must be [{weight.shape[0]}], "
                          f"got {tuple(bias.shape)}")
-    x = _rows(input)
-    b = x.shape[0]
-    out = torch.empty((b, out_features), dtype=input.dtype, device=input.device)
     # B[k, n] = W[n, k]: the weight's strides swapped.
-    _gemm(x, (x.stride(0), x.stride(1)), weight, (weight.stride(1), weight.stride(0)),
-          out, (out.stride(0), out.stride(1)), b, out_features, in_features, bias)
-    return out.view(*input.shape[:-1], out_features)
+    return _rows_times_weight(input, weight, (weight.stride(1), weight.stride(0)),
+                              out_features, in_features, bias)
 
 
 def linear_backward_input(grad_out: Tensor, weight: Tensor, in_features: int) -> Tensor:
@@ -169,13 +180,9 @@ def linear_backward_input(grad_out: Tensor, weight: Tensor, in_features: int) ->
     if not 1 <= out_features <= weight.shape[0] or not 1 <= in_features <= weight.shape[1]:
         raise ValueError(f"slimops.kernels.linear_backward_input: widths ({out_features}, "
                          f"{in_features}) exceed the weight's {tuple(weight.shape)}")
-    g = _rows(grad_out)
-    b = g.shape[0]
-    grad_input = torch.empty((b, in_features), dtype=grad_out.dtype, device=grad_out.device)
-    _gemm(g, (g.stride(0), g.stride(1)), weight, (weight.stride(0), weight.stride(1)),
-          grad_input, (grad_input.stride(0), grad_input.stride(1)), b, in_features,
-          out_features, None)
-    return grad_input.view(*grad_out.shape[:-1], in_features)
+    # B[k, n] = W[k, n]: the weight as it is.
+    return _rows_times_weight(grad_out, weight, (weight.stride(0), weight.stride(1)),
+                              in_features, out_features, None)
 
 
 def linear_backward_weight(grad_out: Tensor, input: Tensor, weight: Tensor) -> Tensor:
