@@ -96,6 +96,32 @@ def _backward(ctx, grad_out: Tensor, arg_names: Tuple[str, ...],
     return tuple(grads.get(name) for name in arg_names)
 
 
+def _bn_act_after(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                  eps: float, residual: Optional[Tensor], activation: int
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The unfused ops' second half on the conv output ``z``: the ``batch_norm_act`` op in
+    training mode. Returns the fused ops' ``(out, z, mean, var)``."""
+    out, mean, var = torch.ops.slimops.batch_norm_act(z, bn_weight, bn_bias, None, None, True,
+                                                      eps, residual, activation)
+    # The fused op's statistics dtype (a no-op for fp32/fp64, the CPU op's dtypes).
+    return out, z, mean.to(stats_dtype(z.dtype)), var.to(stats_dtype(z.dtype))
+
+
+def _bn_act_from_moments(z: Tensor, moments: Tensor, bn_weight: Optional[Tensor],
+                         bn_bias: Optional[Tensor], eps: float, residual: Optional[Tensor],
+                         activation: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused paths' second half: batch norm of the conv output ``z`` from the per-tile
+    ``moments`` its Triton kernel wrote (imports triton on first use). Returns the fused
+    ops' ``(out, z, mean, var)``, mean/var fp32 (stats_dtype of the Triton kernels'
+    dtypes)."""
+    from slimops.kernels.batch_norm_act import batch_norm_act_from_partials
+
+    count = z.numel() // z.shape[1]
+    out, mean, var = batch_norm_act_from_partials(z, moments, count, bn_weight, bn_bias, eps,
+                                                  residual, activation)
+    return out, z, mean, var
+
+
 def _two_ops(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: int,
              stride: List[int], padding: List[int], dilation: List[int], groups: int,
              bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
@@ -103,10 +129,7 @@ def _two_ops(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     z = torch.ops.slimops.conv2d(input, weight, bias, out_channels, stride, padding, dilation,
                                  groups, None, None, None, 0)
-    out, mean, var = torch.ops.slimops.batch_norm_act(z, bn_weight, bn_bias, None, None, True,
-                                                      eps, residual, activation)
-    # The fused op's statistics dtype (a no-op for fp32/fp64, the CPU op's dtypes).
-    return out, z, mean.to(stats_dtype(z.dtype)), var.to(stats_dtype(z.dtype))
+    return _bn_act_after(z, bn_weight, bn_bias, eps, residual, activation)
 
 
 def _triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels: int,
@@ -114,16 +137,11 @@ def _triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels:
             bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
             residual: Optional[Tensor], activation: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The fused path: statistics from the conv's epilogue (imports triton on first use)."""
-    from slimops.kernels.batch_norm_act import batch_norm_act_from_partials
     from slimops.kernels.conv2d import conv2d_with_stats
 
     z, moments = conv2d_with_stats(input, weight, bias, out_channels, stride, padding,
                                    dilation, groups)
-    count = z.numel() // out_channels
-    # mean/var: fp32 (stats_dtype of the Triton kernels' dtypes).
-    out, mean, var = batch_norm_act_from_partials(z, moments, count, bn_weight, bn_bias, eps,
-                                                  residual, activation)
-    return out, z, mean, var
+    return _bn_act_from_moments(z, moments, bn_weight, bn_bias, eps, residual, activation)
 
 
 def _define() -> None:
@@ -196,24 +214,17 @@ def _dw_two_ops(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: L
                 activation: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     z = torch.ops.slimops.depthwise_conv2d(input, weight, bias, stride, padding, dilation,
                                            None, None, None, 0)
-    out, mean, var = torch.ops.slimops.batch_norm_act(z, bn_weight, bn_bias, None, None, True,
-                                                      eps, residual, activation)
-    # The fused op's statistics dtype (a no-op for fp32/fp64, the CPU op's dtypes).
-    return out, z, mean.to(stats_dtype(z.dtype)), var.to(stats_dtype(z.dtype))
+    return _bn_act_after(z, bn_weight, bn_bias, eps, residual, activation)
 
 
 def _dw_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
                padding: List[int], dilation: List[int], bn_weight: Optional[Tensor],
                bn_bias: Optional[Tensor], eps: float, residual: Optional[Tensor],
                activation: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    from slimops.kernels.batch_norm_act import batch_norm_act_from_partials
     from slimops.kernels.depthwise_conv2d import depthwise_conv2d_with_stats
 
     z, moments = depthwise_conv2d_with_stats(input, weight, bias, stride, padding, dilation)
-    count = z.numel() // z.shape[1]
-    out, mean, var = batch_norm_act_from_partials(z, moments, count, bn_weight, bn_bias, eps,
-                                                  residual, activation)
-    return out, z, mean, var
+    return _bn_act_from_moments(z, moments, bn_weight, bn_bias, eps, residual, activation)
 
 
 def _define_depthwise() -> None:
