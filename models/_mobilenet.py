@@ -5,12 +5,13 @@ the head (global average pooling, then the classifier, on the stride-32 map).
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Dict, List, Sequence, Tuple
+from typing import Callable, Collection, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from slimops.models._features import FeatureTap
+from slimops.models._original import convert_by_prefix
 from slimops.nn import SlimConvBNAct
 from slimops.width import ChannelRule
 
@@ -77,6 +78,16 @@ class MobileNetBody:
             if i in self._taps:
                 feats[self._taps[i]] = x
         return feats, x
+
+    def _convert_original(self, sd: Mapping[str, Tensor],
+                          prefixes: Mapping[str, str]) -> Dict[str, Tensor]:
+        """``sd``, the original implementation's state_dict, on our keys
+        (``convert_by_prefix``): its stem (``features.0`` = conv, S-BN, ReLU6) and its
+        classifier (``classifier.0``) are named alike in v1 and v2; ``prefixes`` maps our
+        other module paths to the original's."""
+        return convert_by_prefix(self, sd, {  # type: ignore[arg-type]
+            "stem.conv": "features.0.0", "stem.bn": "features.0.1",
+            "classifier": "classifier.0", **prefixes})
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``[N, num_classes]`` at the active width."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from slimops.models._features import FeatureInfoMixin
 from slimops.models._mobilenet import MobileNetBody
-from slimops.models._original import convert_by_prefix, init_like_original
+from slimops.models._original import init_like_original
 from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule, normalize_widths
 
@@ -102,8 +102,7 @@ class SMobileNetV1(ChecksBNWidthsOnLoad, FeatureInfoMixin, MobileNetBody, nn.Mod
         its ascending width list, like ours, so a checkpoint loads into a model built with
         the same widths.
         """
-        prefixes = {"stem.conv": "features.0.0", "stem.bn": "features.0.1",
-                    "classifier": "classifier.0"}
+        prefixes: Dict[str, str] = {}
         for k in range(len(self.blocks)):
             body = f"features.{k + 1}.body"
             prefixes.update({
@@ -112,7 +111,7 @@ class SMobileNetV1(ChecksBNWidthsOnLoad, FeatureInfoMixin, MobileNetBody, nn.Mod
                 f"blocks.{k}.pointwise.conv": f"{body}.3",
                 f"blocks.{k}.pointwise.bn": f"{body}.4",
             })
-        return convert_by_prefix(self, sd, prefixes)
+        return self._convert_original(sd, prefixes)
 
 
 def s_mobilenet_v1(

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from slimops.models._features import FeatureInfoMixin, FeatureTap
 from slimops.models._mobilenet import MobileNetBody
-from slimops.models._original import convert_by_prefix, init_like_original
+from slimops.models._original import init_like_original
 from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule, make_divisible, normalize_widths
 
@@ -140,8 +140,7 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, FeatureInfoMixin, MobileNetBody, nn.Mod
         switchable BNs keep ``bn.{i}`` in its ascending width list, like ours; its single
         tail BN is our tail's one shared BN (``last_conv.bn.bn.0``).
         """
-        prefixes = {"stem.conv": "features.0.0", "stem.bn": "features.0.1",
-                    "classifier": "classifier.0"}
+        prefixes: Dict[str, str] = {}
         for k, block in enumerate(self.blocks):
             body = f"features.{k + 1}.body"
             parts = ["depthwise", "project"] if block.expand is None else [
@@ -152,7 +151,7 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, FeatureInfoMixin, MobileNetBody, nn.Mod
         tail = f"features.{len(self.blocks) + 1}"
         prefixes["last_conv.conv"] = f"{tail}.0"
         prefixes["last_conv.bn.bn.0"] = f"{tail}.1"
-        return convert_by_prefix(self, sd, prefixes)
+        return self._convert_original(sd, prefixes)
 
 
 def s_mobilenet_v2(
