@@ -95,6 +95,15 @@ def compiled(kernel: Any) -> Any:
     return _COMPILED[key]
 
 
+def compilable(cases: List[AotCase]) -> List[AotCase]:
+    """Give each of ``cases`` its kernel's compilable ``JITFunction`` twin (``compiled``), so
+    that an ``aot_cases()`` list compiles even when the tests run under the interpreter.
+    Returns ``cases`` (changed in place)."""
+    for case in cases:
+        case.fn = compiled(case.fn)
+    return cases
+
+
 def aot_signature(
     fn: Any, ptr_type: str, constexprs: Mapping[str, Any], overrides: Optional[Dict[str, str]] = None
 ) -> Dict[str, str]:
@@ -342,10 +351,7 @@ def aot_cases() -> List[AotCase]:
                     f"epilogue_backward_{tag}_b{block}_w{warps}_{'scale_relu6' if full else 'plain'}",
                     _epilogue_backward_kernel,
                     aot_signature(_epilogue_backward_kernel, ptr, ce), ce, warps))
-    # Compilable JITFunctions even when the tests run under the interpreter.
-    for case in cases:
-        case.fn = compiled(case.fn)
-    return cases
+    return compilable(cases)
 
 
 __all__ = ["CONFIGS", "aot_cases", "epilogue", "epilogue_backward"]

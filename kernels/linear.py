@@ -32,7 +32,7 @@ from torch import Tensor
 
 from slimops.kernels._aot import AotCase
 from slimops.kernels._common import TRITON_PTR, check_device, interpreting
-from slimops.kernels.epilogue import DTYPES, aot_signature, compiled
+from slimops.kernels.epilogue import DTYPES, aot_signature, compilable
 
 # GEMM tiles. The launchers pick one per call (_pick): the small tile for narrow widths
 # and small batches (classifier heads: B x 1000 with B small), where a big tile would leave
@@ -224,10 +224,7 @@ def aot_cases() -> List[AotCase]:
                     cases.append(AotCase(name, _gemm_kernel,
                                          aot_signature(_gemm_kernel, ptr, ce), ce,
                                          cfg["num_warps"], cfg["num_stages"]))
-    # Compilable JITFunctions even when the tests run under the interpreter.
-    for case in cases:
-        case.fn = compiled(case.fn)
-    return cases
+    return compilable(cases)
 
 
 __all__ = ["CONFIGS", "aot_cases", "linear", "linear_backward_input", "linear_backward_weight"]
