@@ -85,6 +85,7 @@ from slimops.kernels.epilogue import (
     aot_signature,
     compilable,
     epilogue,
+    flat_launch,
     pick_config,
     split_tiles,
 )
@@ -579,8 +580,8 @@ def batch_norm_act_backward(
         BLOCK_C=FINAL_BLOCK_C, num_warps=FINAL_WARPS,
     )
     numel = x.numel()
-    ecfg = pick_config(numel, CONFIGS)
-    _bn_backward_apply_kernel[(triton.cdiv(numel, ecfg["BLOCK"]),)](
+    grid, ecfg = flat_launch(numel, CONFIGS)
+    _bn_backward_apply_kernel[grid](
         go, y, x, mean, kg, kx, k0, grad_input, numel, c, hw, mean.stride(0),
         ACT=activation, TRAINING=training, BLOCK=ecfg["BLOCK"], num_warps=ecfg["num_warps"],
     )

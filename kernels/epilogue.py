@@ -59,6 +59,15 @@ def pick_config(numel: int, configs: List[Dict[str, int]] = CONFIGS) -> Dict[str
     return configs[-1]
 
 
+def flat_launch(
+    numel: int, configs: List[Dict[str, int]] = CONFIGS
+) -> Tuple[Tuple[int], Dict[str, int]]:
+    """The grid and the tuning entry (``pick_config``'s) of a flat pass over ``numel``
+    elements: one program per ``BLOCK`` of them."""
+    cfg = pick_config(numel, configs)
+    return (triton.cdiv(numel, cfg["BLOCK"]),), cfg
+
+
 _COMPILED: Dict[int, Any] = {}
 
 
@@ -284,8 +293,7 @@ def epilogue(
     numel = z.numel()
     if numel == 0:
         return out
-    cfg = pick_config(numel)
-    grid = (triton.cdiv(numel, cfg["BLOCK"]),)
+    grid, cfg = flat_launch(numel)
     # Absent vectors: a dummy pointer of the input's dtype keeps the signature stable.
     _epilogue_kernel[grid](
         z, z if bias is None else bias, z if scale is None else scale,
@@ -320,8 +328,7 @@ def epilogue_backward(
     numel = g.numel()
     if numel == 0:
         return result
-    cfg = pick_config(numel)
-    grid = (triton.cdiv(numel, cfg["BLOCK"]),)
+    grid, cfg = flat_launch(numel)
     _epilogue_backward_kernel[grid](
         g, o, g if scale is None else scale, result,
         numel, c, _plane(g), 0 if scale is None else scale.stride(0),
