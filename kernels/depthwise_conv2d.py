@@ -57,7 +57,7 @@ from slimops.kernels._common import (
 from slimops.kernels.batch_norm_act import store_tile_moments
 from slimops.kernels.epilogue import (
     DTYPES,
-    _activate,
+    _add_residual_activate_store,
     _check_activation,
     _check_vector,
     _sum_combine,
@@ -347,11 +347,8 @@ def _dw_forward_kernel(
             acc *= scale
         if HAS_SHIFT:
             acc += shift
-        o_offs = out_base + (oh * Wo)[:, None] + ow
-        if HAS_RES:
-            acc += tl.load(res_ptr + o_offs, mask=omask, other=0.0).to(tl.float32)
-        acc = _activate(acc, ACT)
-        tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        _add_residual_activate_store(acc, res_ptr, out_ptr, out_base + (oh * Wo)[:, None] + ow,
+                                     omask, HAS_RES, ACT)
 
 
 @triton.jit

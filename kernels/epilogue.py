@@ -196,6 +196,18 @@ def _activate(y, ACT: tl.constexpr):
 
 
 @triton.jit
+def _add_residual_activate_store(acc, res_ptr, out_ptr, offs, mask, HAS_RES: tl.constexpr,
+                                 ACT: tl.constexpr):
+    # The fused epilogue's last steps, as the epilogue kernel and the depthwise forward end:
+    # + residual (read in its dtype, added in fp32, at the output's offsets), the activation,
+    # the store in the output's dtype.
+    if HAS_RES:
+        acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = _activate(acc, ACT)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _activation_mask(grad, out, ACT: tl.constexpr):
     # A select, not a multiply: a masked-out gradient is exactly zero even if grad is inf/nan,
     # like torch's threshold/hardtanh backward and the CPU kernels (csrc/cpu/common.h
@@ -223,10 +235,7 @@ def _epilogue_kernel(
         y *= tl.load(scale_ptr + c * scale_stride, mask=mask, other=0.0).to(tl.float32)
     if HAS_SHIFT:
         y += tl.load(shift_ptr + c * shift_stride, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _activate(y, ACT)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    _add_residual_activate_store(y, res_ptr, out_ptr, offs, mask, HAS_RES, ACT)
 
 
 @triton.jit
