@@ -42,7 +42,7 @@ What it is made of:
 H100 SXM5 (80 GB) datasheet figures: dense fp16 tensor-core peak 989 TFLOP/s, fp32 FMA
 67 TFLOP/s (depthwise convs: one input channel per output channel does not map to tensor
 cores; the kernels accumulate in fp32), HBM3 3.35 TB/s, 132 SMs, 50 MB L2. ``LAUNCH_S`` =
-3 us (roofline.py's figure): launch latency plus the ramp-up and tail of a small kernel on
+3 us: launch latency plus the ramp-up and tail of a small kernel on
 an idle stream; the per-kernel cost commonly reported for back-to-back small kernels on
 recent NVIDIA GPUs without CUDA graphs is a few microseconds (about 2 to 5). An assumption,
 not a figure measured here. Not modelled: the network's pooling, loss and optimizer, autograd's
@@ -66,16 +66,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:  # run as a script or imported by the tests
-    sys.path.insert(0, HERE)
-
-import roofline  # noqa: E402  (the peak figures, one table)
-
-PEAK_TENSOR_FP16 = roofline.PEAK_TENSOR_FP16
-PEAK_FMA_FP32 = roofline.PEAK_FMA_FP32
-HBM_BYTES_PER_S = roofline.HBM_BYTES_PER_S
-LAUNCH_S = roofline.LAUNCH_S
+# H100 SXM5 (80 GB) datasheet figures (see the module docstring).
+PEAK_TENSOR_FP16 = 989e12
+PEAK_FMA_FP32 = 67e12
+HBM_BYTES_PER_S = 3.35e12
+LAUNCH_S = 3e-6  # an assumption (see the module docstring), not a measured figure
 SMS = 132  # H100 SXM5
 ELEM = 2  # fp16
 F32 = 4
