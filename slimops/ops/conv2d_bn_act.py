@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from slimops import kernels
-from slimops.ops import _backend
+from slimops.ops import _backend, triton_ops
 from slimops.ops._common import (
     channel_sum,
     conv_flops,
@@ -139,9 +139,10 @@ def _triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], out_channels:
     """The fused path: statistics from the conv's epilogue (imports triton on first use)."""
     from slimops.kernels.conv2d import conv2d_with_stats
 
-    z, moments = conv2d_with_stats(input, weight, bias, out_channels, stride, padding,
-                                   dilation, groups)
-    return _bn_act_from_moments(z, moments, bn_weight, bn_bias, eps, residual, activation)
+    with triton_ops.eager_launch():  # real tensors: plain launches
+        z, moments = conv2d_with_stats(input, weight, bias, out_channels, stride, padding,
+                                       dilation, groups)
+        return _bn_act_from_moments(z, moments, bn_weight, bn_bias, eps, residual, activation)
 
 
 def _define() -> None:
@@ -223,8 +224,10 @@ def _dw_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Li
                activation: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     from slimops.kernels.depthwise_conv2d import depthwise_conv2d_with_stats
 
-    z, moments = depthwise_conv2d_with_stats(input, weight, bias, stride, padding, dilation)
-    return _bn_act_from_moments(z, moments, bn_weight, bn_bias, eps, residual, activation)
+    with triton_ops.eager_launch():  # real tensors: plain launches
+        z, moments = depthwise_conv2d_with_stats(input, weight, bias, stride, padding,
+                                                 dilation)
+        return _bn_act_from_moments(z, moments, bn_weight, bn_bias, eps, residual, activation)
 
 
 def _define_depthwise() -> None:

@@ -35,7 +35,7 @@ from typing import Callable, Dict, Mapping, Optional
 
 import torch
 
-from slimops.ops import _backend, autocast
+from slimops.ops import _backend, autocast, triton_ops
 from slimops import kernels
 from slimops.op_families import FAMILY_OF
 
@@ -52,11 +52,14 @@ OVERRIDE_WARNING = "Overriding a previously registered kernel"
 
 
 def _lazy(op: str) -> Callable:
-    """The Triton launcher of ``op``, importing its kernel module at the first call."""
+    """The Triton launcher of ``op``, importing its kernel module at the first call; the
+    dispatcher runs it on real tensors only, so it launches its kernels directly
+    (``triton_ops.eager_launch``)."""
     module_name = f"{kernels.__name__}.{OP_FAMILIES[op]}"
 
     def launch(*args):
-        return getattr(importlib.import_module(module_name), op)(*args)
+        with triton_ops.eager_launch():
+            return getattr(importlib.import_module(module_name), op)(*args)
 
     launch.__name__ = f"triton_{op}"
     launch.__qualname__ = launch.__name__
@@ -121,6 +124,9 @@ def register() -> Dict[str, str]:
                   kernels.available())
     _backend.set_cuda_kernels(found, complete=len(found) == len(OP_FAMILIES))
     autocast.register("cuda")
+    if kernels.available():
+        # torch.compile: the ops running on Triton decompose into their kernels
+        triton_ops.register_decompositions()
     return dict(found)
 
 

@@ -1,0 +1,202 @@
+"""slimops.ops.triton_ops: the Triton kernels as ``torch.library.triton_op``s, and
+``slimops::<op>`` decomposing into them under ``torch.compile``.
+
+No GPU: in this process (``TRITON_INTERPRET=1``, tests/conftest.py) the triton_ops run
+eagerly on CPU tensors and are compared with the C++ CPU ops on every call a small network's
+forward and backward make; the graphs ``torch.compile`` produces are checked in a process
+without the interpreter (tests/trace_triton_ops.py, where the kernels are ``JITFunction``s
+as on a GPU), on fake CUDA tensors (forward) and on fake CPU tensors with the
+decomposition enabled for the CPU (forward and backward).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import slimops
+from slimops import kernels
+from slimops.ops import triton_ops
+from slimops.ops.conv2d import conv2d
+from slimops.ops.depthwise_conv2d import depthwise_conv2d
+from slimops.ops.linear import linear
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(slimops.backend_info()["cpu"] != "C++",
+                       reason="needs the compiled extension slimops._C"),
+    pytest.mark.skipif(not kernels.available(), reason="needs triton"),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The Triton kernels each family's ops launch, and the argument each writes.
+FORWARD_KERNELS = [
+    {"kernel": "_conv_forward_kernel", "writes": ["out_ptr"]},
+    {"kernel": "_dw_forward_kernel", "writes": ["out_ptr"]},
+    {"kernel": "_gemm_kernel", "writes": ["c_ptr"]},
+]
+BACKWARD_KERNELS = {
+    "_gemm_kernel": ["c_ptr"],  # linear's input and weight gradients
+    "_epilogue_backward_kernel": ["result_ptr"],
+    "_dw_backward_input_kernel": ["gx_ptr"],
+    "_dw_weight_partials_kernel": ["part_ptr"],
+    "_dw_weight_reduce_kernel": ["gw_ptr"],
+    "_conv_backward_input_kernel": ["gx_ptr"],
+    "_conv_backward_weight_kernel": ["gw_ptr"],
+}
+
+
+def network(x, w1, b1, w2, w3, b3):
+    """As in tests/trace_triton_ops.py: a slimmable grouped conv (relu), a depthwise conv
+    (relu6) and a linear layer, each on a prefix of its shared weight."""
+    z = conv2d(x, w1, b1, out_channels=12, stride=2, padding=1, groups=2, activation="relu")
+    z = depthwise_conv2d(z, w2, None, padding=1, activation="relu6")
+    return linear(z.mean((2, 3)), w3, b3, out_features=7)
+
+
+def parameters() -> Tuple[torch.Tensor, ...]:
+    def t(*shape):
+        return torch.randn(*shape, requires_grad=True)
+
+    return t(2, 6, 9, 9), t(16, 4, 3, 3), t(16), t(14, 1, 3, 3), t(10, 12), t(10)
+
+
+class RecordSlimopsCalls(TorchDispatchMode):
+    """Records every ``slimops::`` op call below autograd: (op name, args, kwargs, output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[Tuple[str, tuple, dict, Any]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.namespace == "slimops":
+            self.calls.append((func._schema.name.split("::")[1], args, kwargs, out))
+        return out
+
+
+@pytest.fixture(scope="module")
+def cpu_calls() -> List[Tuple[str, tuple, dict, Any]]:
+    """The ``slimops::`` calls of the network's forward and backward on the C++ CPU ops."""
+    torch.manual_seed(0)
+    args = parameters()
+    with RecordSlimopsCalls() as mode:
+        network(*args).square().sum().backward()
+    return mode.calls
+
+
+def test_every_triton_op_is_called_by_the_network(cpu_calls):
+    assert {name for name, *_ in cpu_calls} == set(triton_ops.TRITON_OPS)
+
+
+@pytest.mark.parametrize("op", triton_ops.TRITON_OPS)
+def test_schema_mirrors_the_slimops_op(op):
+    mine = triton_ops.triton_op(op)._opoverload._schema
+    theirs = getattr(torch.ops.slimops, op).default._schema
+    assert mine.name == f"slimops_triton::{op}"
+    assert [(a.name, str(a.type)) for a in mine.arguments] == \
+        [(a.name, str(a.type)) for a in theirs.arguments]
+    assert [str(r.type) for r in mine.returns] == [str(r.type) for r in theirs.returns]
+    assert getattr(torch.ops.slimops_triton, op).default is triton_ops.triton_op(op)._opoverload
+
+
+def test_triton_ops_match_the_cpu_ops(cpu_calls, tol):
+    # Under the interpreter: each triton_op's body is its op's Triton launcher.
+    for name, args, kwargs, expected in cpu_calls:
+        got = triton_ops.triton_op(name)(*args, **kwargs)
+        torch.testing.assert_close(got, expected, **tol(expected.dtype, expected),
+                                   msg=lambda m: f"slimops_triton::{name}: {m}")
+
+
+def test_opcheck_schema(cpu_calls):
+    # The schema test runs each op and checks it mutates and aliases nothing it declares
+    # not to (a triton_op's outputs must be fresh tensors). The fake and AOT tests of
+    # opcheck cannot run here: under the interpreter a kernel is a Python function that
+    # reads its tensors' data, which fake tensors have not (tests/trace_triton_ops.py
+    # checks the traced path without the interpreter).
+    seen = set()
+    for name, args, kwargs, _ in cpu_calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(triton_ops.triton_op(name), args, kwargs,
+                              test_utils=("test_schema",))
+
+
+def test_unknown_op_is_refused():
+    with pytest.raises(KeyError, match="batch_norm_act"):
+        triton_ops.triton_op("batch_norm_act")
+
+
+def test_decompose_on_adds_a_device_for_the_block_only():
+    assert triton_ops.DECOMPOSE_DEVICES == {"cuda"}
+    with triton_ops.decompose_on("cpu", "cuda"):
+        assert triton_ops.DECOMPOSE_DEVICES == {"cpu", "cuda"}
+    assert triton_ops.DECOMPOSE_DEVICES == {"cuda"}
+
+
+def test_rules_register_once_and_unregister():
+    assert triton_ops.register_decompositions()  # slimops.ops registered them at import
+    rules = triton_ops._rules
+    assert rules is not None and triton_ops.register_decompositions() and \
+        triton_ops._rules is rules
+    try:
+        triton_ops.unregister_decompositions()
+        assert triton_ops._rules is None
+    finally:
+        triton_ops.register_decompositions()
+    assert triton_ops._rules is not None
+
+
+def _trace(mode: str) -> Dict[str, Any]:
+    """Run tests/trace_triton_ops.py ``mode`` without the interpreter; its JSON."""
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                        os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "trace_triton_ops.py"), mode],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_compile_on_cuda_sees_the_forward_kernels():
+    result = _trace("cuda")
+    assert result["out"] == [[2, 7], "cuda:0"]
+    # One forward graph (no gradients), holding the three kernels and no opaque op; torch's
+    # mutation analysis (on the kernels' TTIR) finds each writes its output only.
+    assert result["graphs"]["triton"] == [FORWARD_KERNELS]
+    # With the conv on the extension's CUDA C++ kernel (the opt-in) it stays opaque.
+    assert result["graphs"]["conv2d_on_cpp"] == [[{"op": "slimops::conv2d"}]
+                                                 + FORWARD_KERNELS[1:]]
+    # Eager launches (the ops' CUDA kernels) get the bare kernel, traced ones the wrapper.
+    assert result["eager_launch_bare"] and result["traced_launch_wrapped"]
+
+
+def test_compile_sees_the_backward_kernels_and_leaves_the_cpu_alone():
+    result = _trace("cpu")
+    assert result["grads"] == [[2, 6, 9, 9], [16, 4, 3, 3], [16], [14, 1, 3, 3], [10, 12],
+                               [10]]
+    forward, backward = result["graphs"]["triton"]
+    assert forward == FORWARD_KERNELS
+    assert all("kernel" in node for node in backward), backward  # no opaque slimops op
+    assert {node["kernel"] for node in backward} == set(BACKWARD_KERNELS)
+    for node in backward:
+        assert node["writes"] == BACKWARD_KERNELS[node["kernel"]], node
+    # Without the decomposition for the CPU (slimops' setting): opaque ops, C++ kernels,
+    # the same gradients as eager.
+    cpu_forward, cpu_backward = result["graphs"]["cpu"]
+    assert cpu_forward == [{"op": f"slimops::{op}"}
+                           for op in ("conv2d", "depthwise_conv2d", "linear")]
+    assert all("op" in node for node in cpu_backward)
+    assert result["cpu_matches_eager"]
