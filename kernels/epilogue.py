@@ -22,6 +22,7 @@ This module also holds the AOT-signature helper the other kernel modules share.
 from __future__ import annotations
 
 import functools
+import math
 import types
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -266,7 +267,9 @@ def _check_vector(v: Optional[Tensor], c: int, name: str) -> None:
 
 
 def _plane(t: Tensor) -> int:
-    return t[0, 0].numel() if t.shape[0] and t.shape[1] else 1
+    # From the shape alone: indexing t (t[0, 0]) would be an op, which a fake CUDA tensor
+    # cannot run in a torch built without CUDA (tests/trace_triton_ops.py traces on them).
+    return math.prod(t.shape[2:]) if t.shape[0] and t.shape[1] else 1
 
 
 def epilogue(

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import slimops
 from slimops import kernels
 from slimops.ops import triton_ops
+from slimops.ops.batch_norm_act import batch_norm_act
 from slimops.ops.conv2d import conv2d
 from slimops.ops.depthwise_conv2d import depthwise_conv2d
 from slimops.ops.linear import linear
@@ -38,14 +39,22 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The Triton kernels each family's ops launch, and the argument each writes.
-FORWARD_KERNELS = [
-    {"kernel": "_conv_forward_kernel", "writes": ["out_ptr"]},
-    {"kernel": "_dw_forward_kernel", "writes": ["out_ptr"]},
-    {"kernel": "_gemm_kernel", "writes": ["c_ptr"]},
-]
+# The Triton kernels the network's ops launch, in order, and the arguments torch's
+# mutation analysis (on the kernels' TTIR) finds each writes: its outputs only.
+CONV = {"kernel": "_conv_forward_kernel", "writes": ["out_ptr"]}
+DEPTHWISE = {"kernel": "_dw_forward_kernel", "writes": ["out_ptr"]}
+BN_STATS = {"kernel": "_bn_stats_kernel", "writes": ["moments_ptr"]}
+BN_FINALIZE = {"kernel": "_bn_finalize_kernel",
+               "writes": ["mean_ptr", "var_ptr", "alpha_ptr", "beta_ptr"]}
+BN_APPLY = {"kernel": "_epilogue_kernel", "writes": ["out_ptr"]}
+LINEAR = {"kernel": "_gemm_kernel", "writes": ["c_ptr"]}
+EVAL_FORWARD = [CONV, DEPTHWISE, BN_FINALIZE, BN_APPLY, LINEAR]  # running statistics
+TRAIN_FORWARD = [CONV, DEPTHWISE, BN_STATS, BN_FINALIZE, BN_APPLY, LINEAR]
 BACKWARD_KERNELS = {
     "_gemm_kernel": ["c_ptr"],  # linear's input and weight gradients
+    "_bn_backward_stats_kernel": ["psg_ptr", "psgx_ptr"],
+    "_bn_backward_finalize_kernel": ["gw_ptr", "gb_ptr", "kg_ptr", "kx_ptr", "k0_ptr"],
+    "_bn_backward_apply_kernel": ["gi_ptr"],
     "_epilogue_backward_kernel": ["result_ptr"],
     "_dw_backward_input_kernel": ["gx_ptr"],
     "_dw_weight_partials_kernel": ["part_ptr"],
@@ -55,19 +64,24 @@ BACKWARD_KERNELS = {
 }
 
 
-def network(x, w1, b1, w2, w3, b3):
-    """As in tests/trace_triton_ops.py: a slimmable grouped conv (relu), a depthwise conv
-    (relu6) and a linear layer, each on a prefix of its shared weight."""
+def network(x, w1, b1, w2, gamma, beta, w3, b3, running_mean, running_var, training):
+    """A slimmable grouped conv (a 12-channel prefix of 16 rows, relu), a depthwise conv
+    (relu6), a batch norm (relu; batch statistics when ``training``) and a linear layer (7
+    of 10 outputs), each on a prefix of its shared weight."""
     z = conv2d(x, w1, b1, out_channels=12, stride=2, padding=1, groups=2, activation="relu")
     z = depthwise_conv2d(z, w2, None, padding=1, activation="relu6")
+    z = batch_norm_act(z, gamma, beta, running_mean, running_var, training,
+                       activation="relu")
     return linear(z.mean((2, 3)), w3, b3, out_features=7)
 
 
 def parameters() -> Tuple[torch.Tensor, ...]:
+    """x, the full shared weights, γ and β (all requiring gradients)."""
     def t(*shape):
         return torch.randn(*shape, requires_grad=True)
 
-    return t(2, 6, 9, 9), t(16, 4, 3, 3), t(16), t(14, 1, 3, 3), t(10, 12), t(10)
+    return (t(2, 6, 9, 9), t(16, 4, 3, 3), t(16), t(14, 1, 3, 3), t(12), t(12), t(10, 12),
+            t(10))
 
 
 class RecordSlimopsCalls(TorchDispatchMode):
@@ -91,7 +105,7 @@ def cpu_calls() -> List[Tuple[str, tuple, dict, Any]]:
     torch.manual_seed(0)
     args = parameters()
     with RecordSlimopsCalls() as mode:
-        network(*args).square().sum().backward()
+        network(*args, torch.zeros(12), torch.ones(12), True).square().sum().backward()
     return mode.calls
 
 
@@ -114,8 +128,12 @@ def test_triton_ops_match_the_cpu_ops(cpu_calls, tol):
     # Under the interpreter: each triton_op's body is its op's Triton launcher.
     for name, args, kwargs, expected in cpu_calls:
         got = triton_ops.triton_op(name)(*args, **kwargs)
-        torch.testing.assert_close(got, expected, **tol(expected.dtype, expected),
-                                   msg=lambda m: f"slimops_triton::{name}: {m}")
+        if isinstance(expected, torch.Tensor):
+            got, expected = (got,), (expected,)
+        assert len(got) == len(expected), name
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, **tol(e.dtype, e),
+                                       msg=lambda m: f"slimops_triton::{name}: {m}")
 
 
 def test_opcheck_schema(cpu_calls):
@@ -135,8 +153,8 @@ def test_opcheck_schema(cpu_calls):
 
 
 def test_unknown_op_is_refused():
-    with pytest.raises(KeyError, match="batch_norm_act"):
-        triton_ops.triton_op("batch_norm_act")
+    with pytest.raises(KeyError, match="conv2d_bn_act_train"):
+        triton_ops.triton_op("conv2d_bn_act_train")
 
 
 def test_decompose_on_adds_a_device_for_the_block_only():
@@ -173,22 +191,22 @@ def _trace(mode: str) -> Dict[str, Any]:
 def test_compile_on_cuda_sees_the_forward_kernels():
     result = _trace("cuda")
     assert result["out"] == [[2, 7], "cuda:0"]
-    # One forward graph (no gradients), holding the three kernels and no opaque op; torch's
-    # mutation analysis (on the kernels' TTIR) finds each writes its output only.
-    assert result["graphs"]["triton"] == [FORWARD_KERNELS]
+    # One forward graph (no gradients, the batch norm in eval), every op decomposed into
+    # its kernels: no opaque slimops op left.
+    assert result["graphs"]["triton"] == [EVAL_FORWARD]
     # With the conv on the extension's CUDA C++ kernel (the opt-in) it stays opaque.
     assert result["graphs"]["conv2d_on_cpp"] == [[{"op": "slimops::conv2d"}]
-                                                 + FORWARD_KERNELS[1:]]
+                                                 + EVAL_FORWARD[1:]]
     # Eager launches (the ops' CUDA kernels) get the bare kernel, traced ones the wrapper.
     assert result["eager_launch_bare"] and result["traced_launch_wrapped"]
 
 
 def test_compile_sees_the_backward_kernels_and_leaves_the_cpu_alone():
     result = _trace("cpu")
-    assert result["grads"] == [[2, 6, 9, 9], [16, 4, 3, 3], [16], [14, 1, 3, 3], [10, 12],
-                               [10]]
+    assert result["grads"] == [[2, 6, 9, 9], [16, 4, 3, 3], [16], [14, 1, 3, 3], [12], [12],
+                               [10, 12], [10]]
     forward, backward = result["graphs"]["triton"]
-    assert forward == FORWARD_KERNELS
+    assert forward == TRAIN_FORWARD
     assert all("kernel" in node for node in backward), backward  # no opaque slimops op
     assert {node["kernel"] for node in backward} == set(BACKWARD_KERNELS)
     for node in backward:
@@ -197,6 +215,6 @@ def test_compile_sees_the_backward_kernels_and_leaves_the_cpu_alone():
     # the same gradients as eager.
     cpu_forward, cpu_backward = result["graphs"]["cpu"]
     assert cpu_forward == [{"op": f"slimops::{op}"}
-                           for op in ("conv2d", "depthwise_conv2d", "linear")]
+                           for op in ("conv2d", "depthwise_conv2d", "batch_norm_act", "linear")]
     assert all("op" in node for node in cpu_backward)
     assert result["cpu_matches_eager"]

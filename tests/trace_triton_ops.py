@@ -12,17 +12,18 @@ gets (what Inductor would compile) and runs them: on fake tensors, so no kernel 
 
 Modes:
 
-* ``cuda``: a slimmable conv -> depthwise conv -> linear function on fake CUDA tensors
-  (forward only: without a CUDA build of torch, autograd cannot record a CUDA leaf), once
-  as slimops sets it up and once with the conv on the extension's CUDA C++ kernel (the
-  opt-in, ``_backend.set_cuda_kernels``), which must stay one opaque op. Also whether
-  ``eager_launch`` hands the launchers the bare kernel.
-* ``cpu``: the same function with gradients, on fake CPU tensors, with the decomposition
-  enabled for the CPU (``triton_ops.decompose_on("cpu")``; slimops never does that itself)
-  and ``TRITON_INTERPRET=1`` set *after* the kernels were defined, so the launchers' device
-  check lets CPU tensors through while the kernels stay ``JITFunction``s: the forward and
-  backward graphs. Then on real CPU tensors without that: the graph slimops compiles on a
-  CPU (opaque ``slimops::`` ops, the C++ kernels), run and compared with eager.
+* ``cuda``: a slimmable conv -> depthwise conv -> batch norm (eval) -> linear function
+  on fake CUDA tensors (forward only: without a CUDA build of torch, autograd cannot record
+  a CUDA leaf), once as slimops sets it up and once with the conv on the extension's CUDA
+  C++ kernel (the opt-in, ``_backend.set_cuda_kernels``), which must stay one opaque op.
+  Also whether ``eager_launch`` hands the launchers the bare kernel.
+* ``cpu``: the same function with gradients (batch norm in training), on fake CPU
+  tensors, with the decomposition enabled for the CPU (``triton_ops.decompose_on("cpu")``;
+  slimops never does that itself) and ``TRITON_INTERPRET=1`` set *after* the kernels were
+  defined, so the launchers' device check lets CPU tensors through while the kernels stay
+  ``JITFunction``s: the forward and backward graphs. Then on real CPU tensors without
+  that: the graph slimops compiles on a CPU (opaque ``slimops::`` ops, the C++ kernels),
+  run and compared with eager.
 
 Output: ``{"graphs": {name: [node, ...]}, ...}``, each node ``{"kernel": name,
 "writes": [arguments torch found mutated]}`` for a Triton kernel or ``{"op": qualname}``
@@ -61,6 +62,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 import slimops  # noqa: E402,F401  (registers the ops)
 import slimops.kernels  # noqa: E402
 from slimops.ops import _backend, triton_ops  # noqa: E402
+from slimops.ops.batch_norm_act import batch_norm_act  # noqa: E402
 from slimops.ops.conv2d import conv2d  # noqa: E402
 from slimops.ops.depthwise_conv2d import depthwise_conv2d  # noqa: E402
 from slimops.ops.linear import linear  # noqa: E402
@@ -96,27 +98,36 @@ def compile_and_record(fn, *args):
     return out, graphs
 
 
-def network(x, w1, b1, w2, w3, b3):
-    """A slimmable conv (a 12-channel prefix of 16 rows, 2 groups, relu), a depthwise conv
-    (relu6) and a linear layer (7 of 10 outputs)."""
+def network(x, w1, b1, w2, gamma, beta, w3, b3, running_mean, running_var, training):
+    """A slimmable grouped conv (a 12-channel prefix of 16 rows, relu), a depthwise conv
+    (relu6), a batch norm (relu; batch statistics when ``training``) and a linear layer (7
+    of 10 outputs), each on a prefix of its shared weight."""
     z = conv2d(x, w1, b1, out_channels=12, stride=2, padding=1, groups=2, activation="relu")
     z = depthwise_conv2d(z, w2, None, padding=1, activation="relu6")
+    z = batch_norm_act(z, gamma, beta, running_mean, running_var, training,
+                       activation="relu")
     return linear(z.mean((2, 3)), w3, b3, out_features=7)
 
 
 def parameters(device: str, grad: bool):
-    """x and the full shared weights (the network reads their prefixes)."""
+    """x and the full shared weights (the network reads their prefixes), γ and β."""
     def t(*shape):
         return torch.randn(*shape, device=device, requires_grad=grad)
 
-    return t(2, 6, 9, 9), t(16, 4, 3, 3), t(16), t(14, 1, 3, 3), t(10, 12), t(10)
+    return (t(2, 6, 9, 9), t(16, 4, 3, 3), t(16), t(14, 1, 3, 3), t(12), t(12), t(10, 12),
+            t(10))
+
+
+def running_stats(device: str):
+    """The batch norm's running mean and variance (updated in place when training)."""
+    return torch.zeros(12, device=device), torch.ones(12, device=device)
 
 
 def run_cuda() -> Dict[str, Any]:
     result: Dict[str, Any] = {"graphs": {}}
     result["cuda_kernels"] = dict(_backend.CUDA_KERNELS)
     with FakeTensorMode():
-        args = parameters("cuda", grad=False)
+        args = (*parameters("cuda", grad=False), *running_stats("cuda"), False)
         out, graphs = compile_and_record(network, *args)
         result["out"] = [list(out.shape), str(out.device)]
         result["graphs"]["triton"] = [summarize(g) for g in graphs]
@@ -144,17 +155,17 @@ def run_cpu() -> Dict[str, Any]:
     os.environ["TRITON_INTERPRET"] = "1"
 
     def loss(*args):
-        return network(*args).square().sum()
+        return network(*args, *stats, True).square().sum()
 
     with triton_ops.decompose_on("cpu"), FakeTensorMode():
-        args = parameters("cpu", grad=True)
+        args, stats = parameters("cpu", grad=True), running_stats("cpu")
         out, graphs = compile_and_record(loss, *args)
         out.backward()
         result["grads"] = [list(a.grad.shape) for a in args]
         result["graphs"]["triton"] = [summarize(g) for g in graphs]
     os.environ["TRITON_INTERPRET"] = "0"
     # What a CPU model compiles to (the C++ kernels, opaque), run for real.
-    args = parameters("cpu", grad=True)
+    args, stats = parameters("cpu", grad=True), running_stats("cpu")
     eager = torch.autograd.grad(loss(*args), args)
     out, graphs = compile_and_record(loss, *args)
     compiled = torch.autograd.grad(out, args)

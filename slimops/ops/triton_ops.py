@@ -7,17 +7,18 @@ the compiler such an op is opaque: Inductor would emit a call of ``slimops::conv
 launcher would run as at eager time, a black box to it. This module makes the kernels
 visible without touching the C++ ops:
 
-* For each op of ``TRITON_OPS`` a ``triton_op`` ``slimops_triton::<op>`` with the same
-  arguments (built from the C++ schema, so the two cannot drift apart) whose body is the
-  launcher. The launchers start their kernels through ``torch.library.wrap_triton``, so
-  when the body is traced (AOTAutograd decomposes a ``triton_op`` under its functional
-  mode) each launch becomes a ``triton_kernel_wrapper_functional`` node carrying the
-  ``@triton.jit`` function, its grid and its constexprs: Inductor compiles and launches
-  that kernel from its generated code, next to its own. Eagerly, a ``triton_op`` runs its
-  body with the wrapping switched off: a plain kernel launch.
+* For each op of ``TRITON_OPS`` (every op of ``slimops.op_families``) a ``triton_op``
+  ``slimops_triton::<op>`` with the same arguments (built from the C++ schema, so the two
+  cannot drift apart) whose body is the launcher. The launchers start their kernels
+  through ``torch.library.wrap_triton``, so when the body is traced (AOTAutograd
+  decomposes a ``triton_op`` under its functional mode) each launch becomes a
+  ``triton_kernel_wrapper_functional`` node carrying the ``@triton.jit`` function, its
+  grid and its constexprs: Inductor compiles and launches that kernel from its generated
+  code, next to its own. Eagerly, a ``triton_op`` runs its body with the wrapping switched
+  off: a plain kernel launch.
 * For each ``slimops::<op>`` a rule for ``FunctionalTensorMode`` (the mode AOTAutograd
-  traces under: ``torch.library.register_torch_dispatch``; the same hook ``triton_op`` uses
-  for itself) that, for CUDA tensors whose op runs on Triton
+  traces under: ``torch.library.register_torch_dispatch``, the hook ``triton_op`` uses for
+  itself) that, for CUDA tensors whose op runs on Triton
   (``slimops.ops._backend.CUDA_KERNELS``), calls ``slimops_triton::<op>`` instead, so it
   decomposes in turn. Autograd is untouched: the C++ Autograd kernel of ``slimops::<op>``
   runs above that mode and calls the backward ops, which decompose the same way. On the
@@ -26,18 +27,24 @@ visible without touching the C++ ops:
   ``torch.export._trace.custom_triton_ops_decomposition_disabled``), the rule stands aside
   and ``slimops::<op>`` stays one opaque node, as before.
 
+Why a rule on the op, not the CUDA kernel calling the ``triton_op``: while AOTAutograd
+traces, the ops answer with their fake kernels; the CUDA kernel never runs, so nothing in
+it can reach the graph. The op has to be decomposed above the backend keys, at the
+functional mode, which is what the rule does. The fused training ops
+(``conv2d_bn_act_train``, ``depthwise_conv2d_bn_act_train``: Python custom ops) are not
+covered and stay opaque.
+
 The CUDA implementation of ``slimops::<op>`` (eager) stays the launcher itself
-(``cuda_registration``), with the wrapping switched off as ``triton_op`` does for its own
-eager calls: one dispatch, no higher-order-op overhead.
+(``cuda_registration``), under ``eager_launch``: one dispatch, no higher-order op.
 
-Importing this module imports triton and the kernel modules: the rules
-(``register_decompositions``, cheap, no triton) do it at the first traced CUDA call.
+Importing this module imports neither triton nor the kernels: ``triton_op(op)`` does, when
+it first defines the op (the rules call it at the first traced CUDA call).
 
-Checked without a GPU only (tests/kernels/test_triton_op.py): eager calls of the
-``triton_op``s on CPU tensors under ``TRITON_INTERPRET=1`` against ``slimops.reference``,
-``torch.library.opcheck``'s schema and fake checks, and, in a process without the
-interpreter, the graph AOTAutograd hands its compiler for a model on fake CUDA tensors.
-Nothing here has run on a GPU.
+Checked without a GPU only (tests/test_ops_triton_ops.py, tests/trace_triton_ops.py): the
+``triton_op``s under ``TRITON_INTERPRET=1`` on CPU tensors against the C++ CPU ops on every
+call of a small network's forward and backward, ``torch.library.opcheck``'s schema test,
+and, in a process without the interpreter, the graphs AOTAutograd hands its compiler under
+``torch.compile(fullgraph=True)``. Nothing here has run on a GPU.
 """
 
 from __future__ import annotations
@@ -70,14 +77,9 @@ NAMESPACE = "slimops_triton"
 # The ops whose launchers start every kernel through ``torch.library.wrap_triton`` and
 # return fresh tensors (a custom op's outputs must not alias its inputs): each gets a
 # triton_op and the decomposition rule.
-# Not ``batch_norm_act`` / ``batch_norm_act_backward``: they stay opaque (see the module
-# docstring).
-TRITON_OPS: Tuple[str, ...] = (
-    "conv2d", "conv2d_backward_input", "conv2d_backward_weight",
-    "depthwise_conv2d", "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight",
-    "linear", "linear_backward_input", "linear_backward_weight",
-    "epilogue_backward",
-)
+# Every op of ``slimops.op_families`` (the fused training ops ``conv2d_bn_act_train`` are
+# Python custom ops with no C++ schema: they stay opaque, see docs/GPU_KERNELS.md).
+TRITON_OPS: Tuple[str, ...] = tuple(FAMILY_OF)
 
 # Schema argument types (``str`` of a ``torch._C`` type) -> the annotations
 # ``torch.library`` infers them back from.
