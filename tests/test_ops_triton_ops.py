@@ -1,22 +1,24 @@
 """slimops.ops.triton_ops: the Triton kernels as ``torch.library.triton_op``s, and
 ``slimops::<op>`` decomposing into them under ``torch.compile``.
 
-No GPU: in this process (``TRITON_INTERPRET=1``, tests/conftest.py) the triton_ops run
-eagerly on CPU tensors and are compared with the C++ CPU ops on every call a small network's
-forward and backward make; the graphs ``torch.compile`` produces are checked in a process
-without the interpreter (tests/trace_triton_ops.py, where the kernels are ``JITFunction``s
-as on a GPU), on fake CUDA tensors (forward) and on fake CPU tensors with the
-decomposition enabled for the CPU (forward and backward).
+No GPU needed: in this process (``TRITON_INTERPRET=1``, tests/conftest.py) the triton_ops
+run eagerly on CPU tensors (on the GPU where there is one) and are compared with the C++
+CPU ops on every call a small network's forward and backward make; the graphs
+``torch.compile`` produces are checked in a process without the interpreter
+(tests/trace_triton_ops.py, where the kernels are ``JITFunction``s as on a GPU), on fake
+CUDA tensors (forward) and on fake CPU tensors with the decomposition enabled for the CPU
+(forward and backward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 import torch
@@ -38,6 +40,8 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
+# Where the triton_ops run eagerly: the GPU, or the CPU under the interpreter (conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # The Triton kernels the network's ops launch, in order, and the arguments torch's
 # mutation analysis (on the kernels' TTIR) finds each writes: its outputs only.
@@ -124,15 +128,33 @@ def test_schema_mirrors_the_slimops_op(op):
     assert getattr(torch.ops.slimops_triton, op).default is triton_ops.triton_op(op)._opoverload
 
 
+def on_device(args: tuple) -> tuple:
+    """``args`` with their tensors on ``DEVICE`` (detached: a triton_op has no autograd)."""
+    return tuple(a.detach().to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 products in fp32 on a GPU (the kernels follow torch's TF32 switches)."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 def test_triton_ops_match_the_cpu_ops(cpu_calls, tol):
-    # Under the interpreter: each triton_op's body is its op's Triton launcher.
+    # Each triton_op's body is its op's Triton launcher (here under the interpreter).
     for name, args, kwargs, expected in cpu_calls:
-        got = triton_ops.triton_op(name)(*args, **kwargs)
+        with exact_fp32():
+            got = triton_ops.triton_op(name)(*on_device(args), **kwargs)
         if isinstance(expected, torch.Tensor):
             got, expected = (got,), (expected,)
         assert len(got) == len(expected), name
         for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, **tol(e.dtype, e),
+            torch.testing.assert_close(g.cpu(), e, **tol(e.dtype, e),
                                        msg=lambda m: f"slimops_triton::{name}: {m}")
 
 
@@ -147,8 +169,7 @@ def test_opcheck_schema(cpu_calls):
         if name in seen:
             continue
         seen.add(name)
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(triton_ops.triton_op(name), args, kwargs,
+        torch.library.opcheck(triton_ops.triton_op(name), on_device(args), kwargs,
                               test_utils=("test_schema",))
 
 
