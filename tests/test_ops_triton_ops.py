@@ -173,6 +173,26 @@ def test_opcheck_schema(cpu_calls):
                               test_utils=("test_schema",))
 
 
+def _bare_launches(path: Path) -> List[str]:
+    """The launches ``kernel[grid](...)`` in ``path`` whose kernel is not passed through
+    ``wrap_triton`` first (a traced launch of such a kernel would read fake tensors)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    return [f"{path.name}:{node.lineno} {ast.unparse(node.func)}" for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id.endswith("_kernel")]
+
+
+def test_every_launch_goes_through_wrap_triton():
+    launches = 0
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        assert not _bare_launches(path)
+        launches += path.read_text().count("wrap_triton(")
+    assert launches >= 16  # every kernel of every family (the check is not vacuous)
+
+
 def test_unknown_op_is_refused():
     with pytest.raises(KeyError, match="conv2d_bn_act_train"):
         triton_ops.triton_op("conv2d_bn_act_train")
