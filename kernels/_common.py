@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import torch
 
@@ -22,6 +22,23 @@ INT32_MAX = 2 ** 31 - 1
 def interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1``: kernels then run on CPU tensors (numpy), for tests."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def traceable(kernel: Any) -> Any:
+    """``kernel`` as the launchers start it, ``traceable(kernel)[grid](*args)``: through
+    ``torch.library.wrap_triton``, so that when a launcher runs as the body of a
+    ``torch.library.triton_op`` being traced (``slimops.ops.triton_ops``, under
+    ``torch.compile``) the launch becomes a graph node holding the kernel; eagerly
+    (``triton_ops.eager_launch``, and always under the interpreter) it is the bare kernel.
+    Anything that is not a Triton kernel (a test's launch-counting stand-in) is returned
+    as is: ``wrap_triton`` would refuse it."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, (JITFunction, Autotuner, InterpretedFunction)):
+        return torch.library.wrap_triton(kernel)
+    return kernel
 
 
 def check_device(*tensors: torch.Tensor) -> None:

@@ -63,7 +63,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from slimops.kernels._aot import AotCase
 from slimops.kernels._common import (
@@ -73,6 +72,7 @@ from slimops.kernels._common import (
     check_device,
     check_int32,
     interpreting,
+    traceable,
 )
 from slimops.kernels.epilogue import CONFIGS as EPILOGUE_CONFIGS
 from slimops.kernels.epilogue import (
@@ -382,7 +382,7 @@ def merge_moments(moments: Tensor) -> Tensor:
     plan = merge_plan(moments.shape[1])
     for rows, out_rows in zip(plan, plan[1:]):
         dst = torch.empty((3, out_rows, c), dtype=torch.float32, device=moments.device)
-        wrap_triton(_bn_merge_kernel)[(out_rows, triton.cdiv(c, MERGE_BLOCK_C))](
+        traceable(_bn_merge_kernel)[(out_rows, triton.cdiv(c, MERGE_BLOCK_C))](
             moments, dst, c, rows, out_rows, ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C,
             num_warps=MERGE_WARPS,
         )
@@ -409,7 +409,7 @@ def _finalize_and_apply(
         moments = merge_moments(moments)
         num_rows = moments.shape[1]
     # Absent tensors: dummies of the right dtype, so the signature stays the same.
-    wrap_triton(_bn_finalize_kernel)[(triton.cdiv(c, MERGE_BLOCK_C),)](
+    traceable(_bn_finalize_kernel)[(triton.cdiv(c, MERGE_BLOCK_C),)](
         alpha if moments is None else moments,
         x if running_mean is None else running_mean, x if running_var is None else running_var,
         x if weight is None else weight, x if bias is None else bias,
@@ -482,7 +482,7 @@ def batch_norm_act(
     num_tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], x.device)
     # Every (tile, channel) program writes its row: no zero fill.
     moments = torch.empty((3, num_tiles, c), dtype=torch.float32, device=x.device)
-    wrap_triton(_bn_stats_kernel)[(num_tiles, c)](
+    traceable(_bn_stats_kernel)[(num_tiles, c)](
         x, moments, c, hw, count, per_tile, num_tiles,
         BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
@@ -567,14 +567,14 @@ def batch_norm_act_backward(
     num_tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], dev)
     psg = torch.empty((num_tiles, c), dtype=torch.float32, device=dev)
     psgx = torch.empty_like(psg)
-    wrap_triton(_bn_backward_stats_kernel)[(num_tiles, c)](
+    traceable(_bn_backward_stats_kernel)[(num_tiles, c)](
         go, y, x, mean, psg, psgx, c, hw, count, per_tile, mean.stride(0),
         ACT=activation, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
     kg = torch.empty((c,), dtype=torch.float32, device=dev)
     kx = torch.empty_like(kg)
     k0 = torch.empty_like(kg)
-    wrap_triton(_bn_backward_finalize_kernel)[(triton.cdiv(c, FINAL_BLOCK_C),)](
+    traceable(_bn_backward_finalize_kernel)[(triton.cdiv(c, FINAL_BLOCK_C),)](
         psg, psgx, x if weight is None else weight, var, grad_weight, grad_bias, kg, kx, k0,
         c, num_tiles, 1.0 / count, float(eps), _stride(weight), var.stride(0),
         TRAINING=training, HAS_W=weight is not None, BLOCK_T=FINAL_BLOCK_T,
@@ -582,7 +582,7 @@ def batch_norm_act_backward(
     )
     numel = x.numel()
     grid, ecfg = flat_launch(numel, CONFIGS)
-    wrap_triton(_bn_backward_apply_kernel)[grid](
+    traceable(_bn_backward_apply_kernel)[grid](
         go, y, x, mean, kg, kx, k0, grad_input, numel, c, hw, mean.stride(0),
         ACT=activation, TRAINING=training, BLOCK=ecfg["BLOCK"], num_warps=ecfg["num_warps"],
     )

@@ -67,7 +67,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from slimops.kernels._aot import AotCase
 from slimops.kernels._common import (
@@ -78,6 +77,7 @@ from slimops.kernels._common import (
     conv_geometry,
     image_span,
     interpreting,
+    traceable,
 )
 from slimops.kernels.batch_norm_act import store_tile_moments
 from slimops.kernels.epilogue import (
@@ -580,7 +580,7 @@ def _forward(
     grid, args, kwargs = _forward_launch(input, weight, bias, scale, shift, residual, out,
                                          moments, og, ig, rows, geo, groups, activation,
                                          cfg)
-    wrap_triton(_conv_forward_kernel)[grid](*args, **kwargs)
+    traceable(_conv_forward_kernel)[grid](*args, **kwargs)
     return out, moments
 
 
@@ -696,7 +696,7 @@ def conv2d_backward_input(
     cfg = _pick(h * w, ig, grad_z.dtype, _streamed(weight, geo, h * w, grad_z))
     grid, args, kwargs = _backward_input_launch(grad_z, weight, grad_input, og, ig, rows, geo,
                                                 groups, cfg)
-    wrap_triton(_conv_backward_input_kernel)[grid](*args, **kwargs)
+    traceable(_conv_backward_input_kernel)[grid](*args, **kwargs)
     return grad_input
 
 
@@ -800,7 +800,7 @@ def conv2d_backward_weight(
         dst_strides = dst.stride()
     grid, args, kwargs = _backward_weight_launch(grad_z, input, weight, dst, dst_strides, og, ig,
                                                  geo, groups, splits, per_split, cfg)
-    wrap_triton(_conv_backward_weight_kernel)[grid](*args, **kwargs)
+    traceable(_conv_backward_weight_kernel)[grid](*args, **kwargs)
     if splits > 1:
         # Fixed-order sum of the partials, then one cast into the per-group prefixes (a
         # strided view of the full gradient).

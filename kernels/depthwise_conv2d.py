@@ -43,7 +43,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from slimops.kernels._aot import AotCase
 from slimops.kernels._common import (
@@ -54,6 +53,7 @@ from slimops.kernels._common import (
     check_int32,
     conv_geometry,
     image_span,
+    traceable,
 )
 from slimops.kernels.batch_norm_act import store_tile_moments
 from slimops.kernels.epilogue import (
@@ -501,7 +501,7 @@ def _forward(
         return out, moments
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w = geo
     grid = (n * c, t["strips"], t["row_groups"])
-    wrap_triton(_dw_forward_kernel)[grid](
+    traceable(_dw_forward_kernel)[grid](
         input, weight, input if bias is None else bias, input if scale is None else scale,
         input if shift is None else shift, input if residual is None else residual, out,
         out if moments is None else moments,
@@ -587,7 +587,7 @@ def depthwise_conv2d_backward_input(
         return grad_input
     cfg = _pick(h * w)
     grid = (n * c, triton.cdiv(h * w, cfg["BLOCK"]))
-    wrap_triton(_dw_backward_input_kernel)[grid](
+    traceable(_dw_backward_input_kernel)[grid](
         grad_z, weight, grad_input, c, h, w, ho, wo,
         *grad_z.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *geo,
         KH=kh, KW=kw, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
@@ -624,12 +624,12 @@ def depthwise_conv2d_backward_weight(
     pix = max(16, cfg["WTILE"] // taps)
     num_tiles, per_tile = split_tiles(total, c, pix, input.device)
     partials = torch.empty((num_tiles, c, taps), dtype=torch.float32, device=input.device)
-    wrap_triton(_dw_weight_partials_kernel)[(num_tiles, c)](
+    traceable(_dw_weight_partials_kernel)[(num_tiles, c)](
         grad_z, input, partials, c, h, w, ho, wo, total, per_tile,
         *grad_z.stride(), *input.stride(), *geo,
         KH=kh, KW=kw, TAPS=taps, PIX=pix, num_warps=cfg["num_warps"],
     )
-    wrap_triton(_dw_weight_reduce_kernel)[(c,)](
+    traceable(_dw_weight_reduce_kernel)[(c,)](
         partials, grad_weight, c, num_tiles, grad_weight.stride(0), grad_weight.stride(2),
         grad_weight.stride(3), KH=kh, KW=kw, TAPS=taps, BLOCK_T=REDUCE_BLOCK_T, num_warps=1,
     )

@@ -30,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from slimops.kernels._aot import AotCase
 from slimops.kernels._common import (
@@ -39,6 +38,7 @@ from slimops.kernels._common import (
     ACT_RELU6,
     TRITON_PTR,
     check_device,
+    traceable,
 )
 
 # Flat elementwise kernels: elements per program and warps. The launchers pick the first
@@ -308,7 +308,7 @@ def epilogue(
         return out
     grid, cfg = flat_launch(numel)
     # Absent vectors: a dummy pointer of the input's dtype keeps the signature stable.
-    wrap_triton(_epilogue_kernel)[grid](
+    traceable(_epilogue_kernel)[grid](
         z, z if bias is None else bias, z if scale is None else scale,
         z if shift is None else shift, z if residual is None else residual, out,
         numel, c, _plane(z),
@@ -342,7 +342,7 @@ def epilogue_backward(
     if numel == 0:
         return result
     grid, cfg = flat_launch(numel)
-    wrap_triton(_epilogue_backward_kernel)[grid](
+    traceable(_epilogue_backward_kernel)[grid](
         g, o, g if scale is None else scale, result,
         numel, c, _plane(g), 0 if scale is None else scale.stride(0),
         HAS_SCALE=scale is not None, ACT=activation, BLOCK=cfg["BLOCK"],

@@ -29,10 +29,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from slimops.kernels._aot import AotCase
-from slimops.kernels._common import TRITON_PTR, check_device, interpreting
+from slimops.kernels._common import TRITON_PTR, check_device, interpreting, traceable
 from slimops.kernels.epilogue import DTYPES, aot_signature, compilable
 
 # GEMM tiles. The launchers pick one per call (_pick): the small tile for narrow widths
@@ -105,7 +104,7 @@ def _gemm(
         return
     cfg = _pick(m, n)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-    wrap_triton(_gemm_kernel)[grid](
+    traceable(_gemm_kernel)[grid](
         a, b, c if bias is None else bias, c,
         m, n, k, *a_strides, *b_strides, *c_strides, 0 if bias is None else bias.stride(0),
         HAS_BIAS=bias is not None, ALLOW_TF32=_allow_tf32(a.dtype),

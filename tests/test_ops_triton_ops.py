@@ -173,24 +173,37 @@ def test_opcheck_schema(cpu_calls):
                               test_utils=("test_schema",))
 
 
-def _bare_launches(path: Path) -> List[str]:
-    """The launches ``kernel[grid](...)`` in ``path`` whose kernel is not passed through
-    ``wrap_triton`` first (a traced launch of such a kernel would read fake tensors)."""
+def _launches(path: Path) -> List[Tuple[str, bool]]:
+    """Every launch ``X[grid](...)`` in ``path``: (where, whether ``X`` is
+    ``traceable(kernel)``). A bare ``kernel[grid](...)`` would run the kernel on the fake
+    tensors of a trace instead of recording it."""
     import ast
 
     tree = ast.parse(path.read_text())
-    return [f"{path.name}:{node.lineno} {ast.unparse(node.func)}" for node in ast.walk(tree)
+    return [(f"{path.name}:{node.lineno} {ast.unparse(node.func)}",
+             isinstance(node.func.value, ast.Call)
+             and ast.unparse(node.func.value.func) == "traceable")
+            for node in ast.walk(tree)
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
-            and isinstance(node.func.value, ast.Name)
-            and node.func.value.id.endswith("_kernel")]
+            and isinstance(node.func.value, (ast.Name, ast.Call))]
 
 
 def test_every_launch_goes_through_wrap_triton():
-    launches = 0
-    for path in sorted((ROOT / "kernels").glob("*.py")):
-        assert not _bare_launches(path)
-        launches += path.read_text().count("wrap_triton(")
-    assert launches >= 16  # every kernel of every family (the check is not vacuous)
+    launches = [launch for path in sorted((ROOT / "kernels").glob("*.py"))
+                for launch in _launches(path)]
+    assert [where for where, traced in launches if not traced] == []
+    assert len(launches) >= 16  # every kernel of every family (the check is not vacuous)
+
+
+def test_traceable_wraps_kernels_only():
+    from slimops.kernels._common import traceable
+    from slimops.kernels.conv2d import _conv_forward_kernel
+
+    # Under the interpreter wrap_triton hands an interpreted kernel back unchanged; a
+    # stand-in that is no kernel is passed through rather than refused.
+    assert traceable(_conv_forward_kernel) is _conv_forward_kernel
+    stand_in = object()
+    assert traceable(stand_in) is stand_in
 
 
 def test_unknown_op_is_refused():
