@@ -272,6 +272,17 @@ def _plane(t: Tensor) -> int:
     return math.prod(t.shape[2:]) if t.shape[0] and t.shape[1] else 1
 
 
+def _planes_channels(op: str, x: Tensor, other: Optional[Tensor], other_name: str) -> int:
+    """The elementwise launchers' shape checks: ``x`` is ``[N, C, *]`` and ``other`` (when
+    given) has ``x``'s shape. Returns ``C``."""
+    if x.dim() < 2:
+        raise ValueError(f"slimops.kernels.{op}: expected [N, C, *], got {tuple(x.shape)}")
+    if other is not None and other.shape != x.shape:
+        raise ValueError(f"slimops.kernels.{op}: {other_name} shape {tuple(other.shape)} "
+                         f"differs from {tuple(x.shape)}")
+    return x.shape[1]
+
+
 def epilogue(
     z: Tensor,
     bias: Optional[Tensor],
@@ -290,16 +301,11 @@ def epilogue(
     """
     _check_activation(activation)
     check_device(z, bias, scale, shift, residual)
-    if z.dim() < 2:
-        raise ValueError(f"slimops.kernels.epilogue: expected [N, C, *], got {tuple(z.shape)}")
-    c = z.shape[1]
+    c = _planes_channels("epilogue", z, residual, "residual")
     for name, v in (("bias", bias), ("scale", scale), ("shift", shift)):
         _check_vector(v, c, name)
     z = z.contiguous()
     if residual is not None:
-        if residual.shape != z.shape:
-            raise ValueError(f"slimops.kernels.epilogue: residual shape {tuple(residual.shape)} "
-                             f"differs from {tuple(z.shape)}")
         residual = residual.contiguous()
     if out is None:
         out = torch.empty_like(z, memory_format=torch.contiguous_format)
@@ -328,12 +334,7 @@ def epilogue_backward(
     optional, read through its stride), a new contiguous tensor of ``grad_out``'s dtype."""
     _check_activation(activation)
     check_device(grad_out, out, scale)
-    if grad_out.shape != out.shape:
-        raise ValueError(f"slimops.kernels.epilogue_backward: grad_out shape {tuple(grad_out.shape)} "
-                         f"differs from out shape {tuple(out.shape)}")
-    if out.dim() < 2:
-        raise ValueError(f"slimops.kernels.epilogue_backward: expected at least 2 dims, got {tuple(out.shape)}")
-    c = out.shape[1]
+    c = _planes_channels("epilogue_backward", out, grad_out, "grad_out")
     _check_vector(scale, c, "scale")
     g = grad_out.contiguous()
     o = out.contiguous()
