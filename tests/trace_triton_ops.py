@@ -62,10 +62,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 import slimops  # noqa: E402,F401  (registers the ops)
 import slimops.kernels  # noqa: E402
 from slimops.ops import _backend, triton_ops  # noqa: E402
-from slimops.ops.batch_norm_act import batch_norm_act  # noqa: E402
-from slimops.ops.conv2d import conv2d  # noqa: E402
-from slimops.ops.depthwise_conv2d import depthwise_conv2d  # noqa: E402
-from slimops.ops.linear import linear  # noqa: E402
+from triton_ops_network import network  # noqa: E402  (tests/, this script's folder)
 
 
 def summarize(gm: torch.fx.GraphModule) -> List[Dict[str, Any]]:
@@ -96,17 +93,6 @@ def compile_and_record(fn, *args):
     backend = aot_autograd(fw_compiler=record, bw_compiler=record)
     out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
     return out, graphs
-
-
-def network(x, w1, b1, w2, gamma, beta, w3, b3, running_mean, running_var, training):
-    """A slimmable grouped conv (a 12-channel prefix of 16 rows, relu), a depthwise conv
-    (relu6), a batch norm (relu; batch statistics when ``training``) and a linear layer (7
-    of 10 outputs), each on a prefix of its shared weight."""
-    z = conv2d(x, w1, b1, out_channels=12, stride=2, padding=1, groups=2, activation="relu")
-    z = depthwise_conv2d(z, w2, None, padding=1, activation="relu6")
-    z = batch_norm_act(z, gamma, beta, running_mean, running_var, training,
-                       activation="relu")
-    return linear(z.mean((2, 3)), w3, b3, out_features=7)
 
 
 def parameters(device: str, grad: bool):
