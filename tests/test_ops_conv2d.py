@@ -169,6 +169,27 @@ def test_small_outputs_several_images_per_gemm(kernel, groups, threads, request,
     run_and_compare(kwargs, tol)
 
 
+@pytest.mark.parametrize("threads", ["one_thread", "all_threads"])
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3)], ids=["k1", "k3"])
+@pytest.mark.parametrize("plane", [(1, 1), (1, 3), (2, 2), (2, 3), (3, 5), (9, 9)],
+                         ids=lambda hw: f"{hw[0]}x{hw[1]}")
+def test_tiny_planes_many_images(plane, kernel, threads, request, tol):
+    """The small-image paths of all three passes (the demo's 2x2 to 8x8 planes at batch 64):
+    images gathered side by side into one GEMM operand, plane rows and gradient rows of every
+    copy length (1 to 8 values, and 81, past the short-copy path), an uneven image count that
+    the threads split mid-row, partial widths of the weight."""
+    request.getfixturevalue(threads)
+    h, w = plane
+    padding = kernel[0] // 2
+    stride = 1 if kernel == (1, 1) else 2
+    ho, wo = out_hw(h, w, kernel, stride, padding, 1)
+    kwargs = dict(input=leaf(torch.randn(37, 11, h, w)), weight=leaf(torch.randn(24, 16, *kernel)),
+                  bias=leaf(torch.randn(24)),
+                  out_channels=19, stride=stride, padding=padding,
+                  residual=leaf(torch.randn(37, 19, ho, wo)), activation="relu")
+    run_and_compare(kwargs, tol)
+
+
 # --------------------------------------------------------------------------------------
 # the fused epilogue, piece by piece
 

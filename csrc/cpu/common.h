@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 // Registers the CPU kernels of op `name` and of its two backward ops, `name`_backward_input
 // and `name`_backward_weight: the functions of those names in the calling file. At namespace
@@ -65,6 +66,31 @@ inline void check_float(const at::Tensor& t, const char* op, const char* name) {
 
 inline const at::Tensor* opt_ptr(const c10::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? &*t : nullptr;
+}
+
+// Copies n elements (no overlap). The kernels' gathers and scatters move rows of small planes
+// (2x2 to 8x8 at batch 64: 2 to 64 values each, thousands per call), where a library memmove
+// call per row cost more than the copy: in the weight gradient of a 1x1 conv on 2x2 planes it
+// was a third of the op. std::copy and plain loops become that call (GCC's
+// -ftree-loop-distribute-patterns), so short runs are copied here in fixed-size pieces, which
+// compile to vector moves inline; long ones still take memcpy.
+template <typename T>
+inline void copy_run(const T* src, int64_t n, T* dst) {
+  if (n > 64) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+    return;
+  }
+  int64_t q = 0;
+  for (; q + 8 <= n; q += 8) std::memcpy(dst + q, src + q, 8 * sizeof(T));
+  if (q + 4 <= n) {
+    std::memcpy(dst + q, src + q, 4 * sizeof(T));
+    q += 4;
+  }
+  if (q + 2 <= n) {
+    std::memcpy(dst + q, src + q, 2 * sizeof(T));
+    q += 2;
+  }
+  if (q < n) dst[q] = src[q];
 }
 
 }  // namespace cpu

@@ -156,7 +156,7 @@ void im2col_row(const scalar_t* image, scalar_t* dst, const ConvGeometry& s, int
       const int64_t lo = std::max(ow0, w.lo), hi = std::min(ow1, std::max(w.hi, ow0));
       for (int64_t ow = ow0; ow < std::min(lo, ow1); ++ow) dst[ow - ow0] = scalar_t(0);
       if (s.sw == 1) {
-        for (int64_t ow = lo; ow < hi; ++ow) dst[ow - ow0] = row[ow];
+        if (hi > lo) copy_run(row + lo, hi - lo, dst + (lo - ow0));
       } else {
         for (int64_t ow = lo; ow < hi; ++ow) dst[ow - ow0] = row[ow * s.sw];
       }
@@ -250,16 +250,22 @@ ChunkPlan plan_chunks(const ConvGeometry& s, int64_t rows) {
 // The chunk's im2col matrix [C*kh*kw, L]: image n0 + j at columns [j*cnt, (j+1)*cnt).
 template <typename scalar_t>
 void gather_cols(const scalar_t* x, const ConvGeometry& s, const Chunk& ch, scalar_t* cols) {
-  const int64_t rows = s.C * s.kernel_area(), L = ch.L(), HW = s.H * s.W;
-  run_ranges(ch.k * rows, ch.cnt, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t j = item / rows, r = item % rows;
+  const int64_t rows = s.C * s.kernel_area(), HW = s.H * s.W, k = ch.k;
+  // Items in the order of the matrix, row r then image j: consecutive items write
+  // consecutive memory (row r's images side by side), and (r, j) steps without a division.
+  run_ranges(rows * k, ch.cnt, [&](int64_t begin, int64_t end) {
+    int64_t r = begin / k, j = begin % k;
+    scalar_t* dst = cols + begin * ch.cnt;  // = cols + r * L + j * cnt, as L = k * cnt
+    for (int64_t item = begin; item < end; ++item, dst += ch.cnt) {
       const scalar_t* image = x + (ch.n0 + j) * s.C * HW;
-      scalar_t* dst = cols + r * L + j * ch.cnt;
       if (s.pointwise()) {
-        std::copy(image + r * HW + ch.p0, image + r * HW + ch.p0 + ch.cnt, dst);
+        copy_run(image + r * HW + ch.p0, ch.cnt, dst);
       } else {
         im2col_row(image, dst, s, r, ch.p0, ch.cnt);
+      }
+      if (++j == k) {
+        j = 0;
+        ++r;
       }
     }
   });
@@ -268,12 +274,18 @@ void gather_cols(const scalar_t* x, const ConvGeometry& s, const Chunk& ch, scal
 // The chunk's output gradient as one matrix [O, L] (channels by the positions of its images).
 template <typename scalar_t>
 void gather_grad(const scalar_t* gz, const ConvGeometry& s, const Chunk& ch, scalar_t* dst) {
-  const int64_t P = s.P(), L = ch.L();
-  run_ranges(ch.k * s.O, ch.cnt, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t j = item / s.O, o = item % s.O;
-      const scalar_t* src = gz + ((ch.n0 + j) * s.O + o) * P + ch.p0;
-      std::copy(src, src + ch.cnt, dst + o * L + j * ch.cnt);
+  const int64_t P = s.P(), k = ch.k, image = s.O * P;
+  // Row o then image j, as gather_cols: sequential writes, no division per item.
+  run_ranges(s.O * k, ch.cnt, [&](int64_t begin, int64_t end) {
+    int64_t o = begin / k, j = begin % k;
+    const scalar_t* first = gz + ch.n0 * image + ch.p0;
+    scalar_t* out = dst + begin * ch.cnt;  // = dst + o * L + j * cnt
+    for (int64_t item = begin; item < end; ++item, out += ch.cnt) {
+      copy_run(first + j * image + o * P, ch.cnt, out);
+      if (++j == k) {
+        j = 0;
+        ++o;
+      }
     }
   });
 }
@@ -659,14 +671,14 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
     const auto run_images = [&](int64_t task, scalar_t* cols, scalar_t* tmp) {
       const int64_t n0 = task * plan.images, k = std::min(plan.images, s.N - n0);
       const int64_t ld = k * P, rows = s.C * s.kernel_area();
-      for (int64_t j = 0; j < k; ++j) {
-        const scalar_t* image = xp + (n0 + j) * s.C * s.H * s.W;
-        if (s.pointwise()) {
-          for (int64_t r = 0; r < rows; ++r)
-            std::copy(image + r * P, image + (r + 1) * P, cols + r * ld + j * P);
-        } else {
-          im2col_block(image, cols + j * P, s, 0, P, ld);
-        }
+      if (s.pointwise()) {  // row by row: consecutive copies write consecutive memory
+        const scalar_t* images = xp + n0 * s.C * P;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < k; ++j)
+            copy_run(images + (j * s.C + r) * P, P, cols + r * ld + j * P);
+      } else {
+        for (int64_t j = 0; j < k; ++j)
+          im2col_block(xp + (n0 + j) * s.C * s.H * s.W, cols + j * P, s, 0, P, ld);
       }
       for (int64_t g = 0; g < s.G; ++g)
         gemm<scalar_t>(og, ld, K, wp + g * Og * lda, lda, cols + g * K * ld, ld,
@@ -674,7 +686,7 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
       for (int64_t j = 0; j < k; ++j) {
         scalar_t* C = op_ + (n0 + j) * s.O * P;
         for (int64_t c = 0; c < s.O; ++c)
-          std::copy(tmp + c * ld + j * P, tmp + c * ld + (j + 1) * P, C + c * P);
+          copy_run(tmp + c * ld + j * P, P, C + c * P);
         if (has_epilogue)
           epilogue(C, P, s.O, P, a_, t_, rp ? rp + (n0 + j) * s.O * P : nullptr,
                    activation);
@@ -831,7 +843,7 @@ at::Tensor conv2d_backward_input_kernels(const ConvGeometry& s, const at::Tensor
           scalar_t* plane = gip + ((ch.n0 + j) * s.C + cc) * HW;
           const scalar_t* src = cols + cc * s.kernel_area() * L + j * ch.cnt;
           if (s.pointwise()) {
-            std::copy(src, src + ch.cnt, plane + ch.p0);
+            copy_run(src, ch.cnt, plane + ch.p0);
           } else {
             col2im_channel(src, L, plane, s, ch.p0, ch.cnt);
           }
