@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import slimops
 from slimops.nn import SlimConvBNAct, SlimmableLinear
-from slimops.width import channels
+from slimops.width import ChannelRule, channels
 
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
 WIDTHS = (0.25, 0.5, 1.0)
@@ -577,3 +577,79 @@ def test_model_built_under_inference_mode_runs(randomize_bn):
     assert not torch.equal(out, again)
     assert torch.equal(again, expected)
     assert block._eval_plans == {}
+
+
+# --------------------------------------------------------------------------------------
+# the training fast path (SlimConvBNAct._fast_train): the general path's ops, fewer checks
+
+
+def _general_path_only(monkeypatch):
+    monkeypatch.setattr(SlimConvBNAct, "_fast_train", lambda self, input, residual: None)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_training_fast_path_equals_the_general_path(kind, with_residual, randomize_bn,
+                                                    monkeypatch):
+    """Bit for bit: outputs, every gradient, running statistics and batch counters over
+    training steps at changing widths, against the same block on the general path."""
+    fast = make_block(kind, torch.float64, randomize_bn, activation="relu6").train()
+    general = copy.deepcopy(fast)
+    taken = []
+    original = SlimConvBNAct._fast_train
+
+    def spy(self, input, residual):
+        out = original(self, input, residual)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(SlimConvBNAct, "_fast_train", spy)
+    for step, i in enumerate([2, 0, 1, 2]):
+        cin, cout = KINDS[kind][0][i], KINDS[kind][1][i]
+        x = torch.randn(3, cin, 6, 5, dtype=torch.float64) + step
+        r = torch.randn(3, cout, 6, 5, dtype=torch.float64) if with_residual else None
+        outs = []
+        for block, patched in ((fast, False), (general, True)):
+            if patched:
+                _general_path_only(monkeypatch)
+            xi = x.clone().requires_grad_()
+            ri = None if r is None else r.clone().requires_grad_()
+            with slimops.width(block, WIDTHS[i]):
+                y = block(xi, ri)
+            y.backward(torch.cos(y))
+            outs.append((y, xi.grad, None if ri is None else ri.grad))
+            monkeypatch.setattr(SlimConvBNAct, "_fast_train", spy)
+        for a, b in zip(*outs):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert taken and all(taken)
+    for (name, a), (_, b) in zip(fast.named_parameters(), general.named_parameters()):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad), name
+    for (name, a), (_, b) in zip(fast.named_buffers(), general.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("case", ["conv hook", "between widths", "shared bn",
+                                  "cumulative momentum", "broadcast residual"])
+def test_training_fast_path_declines(case, randomize_bn):
+    """Where the fast path would skip something the general path does (the conv's module
+    hooks, the width rule, shared or cumulative statistics, a residual check), it hands
+    over."""
+    block = SlimConvBNAct(ChannelRule(13), ChannelRule(13), 3, widths=WIDTHS,
+                          shared_bn=case == "shared bn",
+                          momentum=None if case == "cumulative momentum" else 0.1).train()
+    w = 0.75 if case == "between widths" else 0.5
+    x, r = torch.randn(2, ChannelRule(13)(w), 5, 5), None
+    calls = []
+    if case == "conv hook":
+        block.conv.register_forward_hook(lambda *a: calls.append("conv"))
+    if case == "broadcast residual":
+        r = torch.randn(2, x.shape[1], 1, 1)
+    with slimops.width(block, w):
+        assert block._fast_train(x, r) is None
+        if case == "broadcast residual":
+            with pytest.raises(ValueError, match="residual"):
+                block(x, r)
+        else:
+            block(x, r)
+    if case == "conv hook":
+        assert calls == ["conv"]
