@@ -27,8 +27,10 @@ ACTS = [pytest.param(None, id="none"), pytest.param("relu", id="relu"),
 # Planes below the kernel's small-plane cut (256 positions) take its row path, whose column
 # blocks are 512 positions wide ("4d_wide": 630 positions per image, two blocks); larger
 # planes take the per-plane path ("4d_big_plane").
+# Small planes take the per-plane loops with few images and the row path from 8 images
+# (csrc/cpu/batch_norm_act.cpp, row_path): "4d_many_images" is the row path's 4-D case.
 SHAPES = {"2d": (16, 5), "3d": (3, 5, 7), "4d": (3, 5, 4, 3), "4d_wide": (3, 70, 3, 3),
-          "4d_big_plane": (2, 3, 17, 16)}
+          "4d_big_plane": (2, 3, 17, 16), "4d_many_images": (9, 6, 3, 5)}
 AFFINE = {"affine": (True, True), "none": (False, False), "weight": (True, False),
           "bias": (False, True)}
 
