@@ -24,13 +24,13 @@ F32, F64 = torch.float32, torch.float64
 DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
 ACTS = [pytest.param(None, id="none"), pytest.param("relu", id="relu"),
         pytest.param("relu6", id="relu6")]
-# Planes below the kernel's small-plane cut (256 positions) take its row path, whose column
-# blocks are 512 positions wide ("4d_wide": 630 positions per image, two blocks); larger
-# planes take the per-plane path ("4d_big_plane").
-# Small planes take the per-plane loops with few images and the row path from 8 images
-# (csrc/cpu/batch_norm_act.cpp, row_path): "4d_many_images" is the row path's 4-D case.
+# The kernel's paths (csrc/cpu/batch_norm_act.cpp): planes below 64 positions, and below 256
+# when N * 32 >= H * W, take the row path, whose column blocks are 512 positions wide
+# ("4d_wide": 630 positions per image, two blocks); other planes take the per-plane path,
+# whose float sums run in blocks of 32 elements and finish in double ("4d_few_images": 3
+# images of 9x11, 99 elements; "4d_big_plane": 272).
 SHAPES = {"2d": (16, 5), "3d": (3, 5, 7), "4d": (3, 5, 4, 3), "4d_wide": (3, 70, 3, 3),
-          "4d_big_plane": (2, 3, 17, 16), "4d_many_images": (9, 6, 3, 5)}
+          "4d_big_plane": (2, 3, 17, 16), "4d_few_images": (3, 6, 9, 11)}
 AFFINE = {"affine": (True, True), "none": (False, False), "weight": (True, False),
           "bias": (False, True)}
 

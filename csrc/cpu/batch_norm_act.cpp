@@ -130,23 +130,26 @@ RowOps<scalar_t> row_ops() {
       &isa::scale_row<scalar_t>});
 }
 
-// Planes smaller than this (4x4, 7x7, 1x1 ...) take the row path when the batch has at least
-// kRowPathImages images: per-position coefficient vectors of C*HW entries, loops over whole
-// image rows. Those vectors cost O(C*HW) whatever the batch, so with few images the per-plane
-// loops win. Training forward and backward against torch's batch norm (+ threshold backward),
-// 2-core AMD EPYC (Zen 3, AVX2), row path / plane path as multiples of torch's time:
-//   batch 1-2 (96x14x14, 1024x7x7, 320x7x7): backward 1.8-3.1 / 0.9-1.6, forward 1.3-2.5 / 0.9-2.1
-//   batch 4 (96x14x14, 256x14x14, 1024x7x7): backward 2.2-3.4 / 1.0-1.8, forward 0.9-1.05 / 0.9-1.2
-//   batch 8 (2048x7x7, 96x14x14): backward 1.2-1.7 / 1.7-1.9, forward 0.55-0.6 / 1.0-1.5
-//   batch 64 (16x8x8): backward 0.84 / 1.44, forward 0.5 / 1.1
-// Neither path matches torch at batch 1-8 on 7x7 and 14x14 planes (an open item of issue 13).
+// Small planes take the row path: per-position coefficient vectors of C*HW entries, loops
+// over whole image rows. Those vectors cost O(C*HW) whatever the batch, so from 64 positions
+// (8x8) the row path needs N * kRowPathRatio >= HW images (14x14 from 7); with fewer the
+// per-plane loops run. Training forward and backward against torch's batch norm (+ threshold
+// backward), 2-core AMD EPYC (Zen 3, AVX2), one thread (two threads ranked them alike but
+// varied by up to 2x between identical runs), row / plane path as multiples of torch's time:
+//   14x14 batch 1 (96 channels):          backward 2.5 / 0.9, forward 1.6 / 0.8
+//   14x14 batch 4 (256 channels):         backward 2.4 / 1.6, forward 0.73 / 0.74
+//   14x14 batch 8 (96, 1024 channels):    backward 1.55-1.6 / 1.3-1.6, forward 0.4-0.5 / 0.75
+//   7x7 batch 1-2 (1024 channels):        backward 2.5-2.8 / 2.8-3.6, forward 0.9-1.5 / 1.9
+//   8x8 batch 64 (16 channels):           backward 0.84 / 1.44, forward 0.5 / 1.1
+// Neither path matches torch's backward on 7x7 and 14x14 planes at batch 1-8 (open, issue 13).
 // A 2-D input (HW = 1) always takes the row path.
 constexpr int64_t kSmallPlane = 256;
-constexpr int64_t kRowPathImages = 8;
+constexpr int64_t kRowPathRatio = 32;
 
 bool row_path(int64_t N, int64_t HW) {
-  return HW == 1 || (HW < kSmallPlane && N >= kRowPathImages);
+  return HW < 64 || (HW < kSmallPlane && N * kRowPathRatio >= HW);
 }
+
 // Positions per column block of the row path's sums (its accumulators live on the stack).
 constexpr int64_t kColumnBlock = 512;
 
