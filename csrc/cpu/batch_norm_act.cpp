@@ -142,8 +142,11 @@ RowOps<scalar_t> row_ops() {
 //   14x14 batch 8 (96, 1024 channels):    backward 1.55-1.6 / 1.3-1.6, forward 0.4-0.5 / 0.75
 //   7x7 batch 1-2 (1024 channels):        backward 2.5-2.8 / 2.8-3.6, forward 0.9-1.5 / 1.9
 //   8x8 batch 64 (16 channels):           backward 0.84 / 1.44, forward 0.5 / 1.1
-// Neither path matches torch's backward on 7x7 and 14x14 planes at batch 1-8 (open, issue 13).
-// A 2-D input (HW = 1) always takes the row path.
+// These were measured before the row path's bookkeeping fix (Uninit and per_channel below),
+// which brought its backward at 7x7 batch 1 from 2.8x to 1.7x torch and at 14x14 batch 8 from
+// 1.3-1.4x to 1.2-1.3x; the cut was not re-measured after it. Neither path matches torch's
+// backward on 7x7 and 14x14 planes at batch 1-8 (open, issue 13). A 2-D input (HW = 1)
+// always takes the row path.
 constexpr int64_t kSmallPlane = 256;
 constexpr int64_t kRowPathRatio = 32;
 
