@@ -14,7 +14,6 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
-#include <array>
 #include <cmath>
 #include <memory>
 #include <tuple>
@@ -40,41 +39,6 @@ struct StridedVector {
   }
   double get(int64_t c) const { return data ? static_cast<double>(data[c * stride]) : fallback; }
 };
-
-// Calls f with the activation code as a std::integral_constant, so that activate() and
-// mask_grad() fold to branch-free code inside the element loops.
-template <typename F>
-void dispatch_activation(int64_t activation, const F& f) {
-  switch (activation) {
-    case kRelu:
-      return f(std::integral_constant<int64_t, kRelu>());
-    case kRelu6:
-      return f(std::integral_constant<int64_t, kRelu6>());
-    default:
-      return f(std::integral_constant<int64_t, kNone>());
-  }
-}
-
-// Runs f(c, i) for every element i (flat index) of a contiguous [N, C, HW] tensor, c being its
-// channel, in parallel over planes. The inner loops are contiguous runs, over a plane or, when
-// HW == 1, over the channels of a row, so an inlined f vectorises.
-template <typename F>
-void for_each_element(int64_t N, int64_t C, int64_t HW, const F& f) {
-  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
-    if (HW == 1) {
-      for (int64_t i = begin; i < end;) {
-        const int64_t c0 = i % C, run = std::min(end - i, C - c0);
-        for (int64_t k = 0; k < run; ++k) f(c0 + k, i + k);
-        i += run;
-      }
-      return;
-    }
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t c = plane % C, base = plane * HW;
-      for (int64_t k = 0; k < HW; ++k) f(c, base + k);
-    }
-  });
-}
 
 // The gradient where passes_gradient(out, activation), else 0, written as a select: GCC left
 // grad * (0/1 mask) as branches in the element loop (no vectorisation, and
@@ -214,50 +178,6 @@ Uninit<T> expand(const std::vector<U>& v, int64_t HW) {
   return out;
 }
 
-constexpr int64_t kBlock = 64;
-
-// sums[s][c] = sum over the elements i of channel c of f(c, i)[s], accumulated in double, in
-// parallel over channels (so each sum has one writer). Partial sums are kept per position in a
-// block of kBlock elements (per channel, for a 2-D input), so the loops add elementwise and
-// vectorise instead of forming one serial dependency chain.
-template <int kSums, typename F>
-void channel_sums(int64_t N, int64_t C, int64_t HW, std::vector<double> (&sums)[kSums],
-                  const F& f) {
-  for (auto& s : sums) s.assign(C, 0.0);
-  at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
-    if (HW == 1) {
-      double* out[kSums];
-      for (int s = 0; s < kSums; ++s) out[s] = sums[s].data();
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t c = c0; c < c1; ++c) {
-          const std::array<double, kSums> t = f(c, n * C + c);
-          for (int s = 0; s < kSums; ++s) out[s][c] += t[s];
-        }
-      }
-      return;
-    }
-    double acc[kSums][kBlock];
-    for (int64_t c = c0; c < c1; ++c) {
-      std::fill(&acc[0][0], &acc[0][0] + kSums * kBlock, 0.0);
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t base = (n * C + c) * HW;
-        for (int64_t k = 0; k < HW; k += kBlock) {
-          const int64_t len = std::min(kBlock, HW - k);
-          for (int64_t j = 0; j < len; ++j) {
-            const std::array<double, kSums> t = f(c, base + k + j);
-            for (int s = 0; s < kSums; ++s) acc[s][j] += t[s];
-          }
-        }
-      }
-      for (int s = 0; s < kSums; ++s) {
-        double total = 0.0;
-        for (int64_t j = 0; j < kBlock; ++j) total += acc[s][j];
-        sums[s][c] = total;
-      }
-    }
-  });
-}
-
 int64_t plane_size(const at::Tensor& t) {
   return c10::multiply_integers(t.sizes().begin() + 2, t.sizes().end());
 }
@@ -317,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
         });
         var = per_channel(pos.data(), C, HW);
         for (int64_t c = 0; c < C; ++c) var[c] /= count;
-      } else if (HW > 1) {
+      } else {
         // Per channel (one writer each): the planes' sums, then the squared deviations.
         at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
           for (int64_t c = c0; c < c1; ++c) {
@@ -329,16 +249,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
             var[c] = dev / count;
           }
         });
-      } else {
-        std::vector<double> sums[1];
-        channel_sums<1>(N, C, HW, sums,
-                        [&](int64_t, int64_t i) { return std::array<double, 1>{double(xp[i])}; });
-        for (int64_t c = 0; c < C; ++c) mean[c] = sums[0][c] / count;
-        channel_sums<1>(N, C, HW, sums, [&](int64_t c, int64_t i) {
-          const double d = xp[i] - mean[c];
-          return std::array<double, 1>{d * d};
-        });
-        for (int64_t c = 0; c < C; ++c) var[c] = sums[0][c] / count;
       }
     } else {
       for (int64_t c = 0; c < C; ++c) {
@@ -375,25 +285,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
       });
       return;
     }
-    if (HW > 1) {
-      at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
-        for (int64_t plane = begin; plane < end; ++plane) {
-          const int64_t c = plane % C, base = plane * HW;
-          ops.affine_act(yp + base, xp + base, rp ? rp + base : nullptr, HW, ap[c], bp[c],
-                         activation);
-        }
-      });
-      return;
-    }
-    dispatch_activation(activation, [&](auto act) {
-      if (rp) {
-        for_each_element(N, C, HW, [&](int64_t c, int64_t i) {
-          yp[i] = activate<scalar_t>(xp[i] * ap[c] + bp[c] + rp[i], act);
-        });
-      } else {
-        for_each_element(N, C, HW, [&](int64_t c, int64_t i) {
-          yp[i] = activate<scalar_t>(xp[i] * ap[c] + bp[c], act);
-        });
+    // The per-plane path (row_path leaves it planes of 64 positions and more).
+    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % C, base = plane * HW;
+        ops.affine_act(yp + base, xp + base, rp ? rp + base : nullptr, HW, ap[c], bp[c],
+                       activation);
       }
     });
   });
@@ -451,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
       });
       sums[0] = per_channel(pos0.data(), C, HW);
       sums[1] = per_channel(pos1.data(), C, HW);
-    } else if (HW > 1) {
+    } else {  // the per-plane path: planes of 64 positions and more (row_path)
       sums[0].assign(C, 0.0);
       sums[1].assign(C, 0.0);
       // Per channel (one writer each): mask each plane, then its two sums while it is hot.
@@ -466,16 +363,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
           sums[0][c] = s[0];
           sums[1][c] = s[1];
         }
-      });
-    } else {
-      dispatch_activation(activation, [&](auto act) {
-        for_each_element(N, C, HW, [&](int64_t, int64_t i) {
-          gip[i] = mask_grad<scalar_t>(gop[i], yp[i], act);
-        });
-      });
-      channel_sums<2>(N, C, HW, sums, [&](int64_t c, int64_t i) {
-        const double g = gip[i];
-        return std::array<double, 2>{g, g * (xp[i] - mean[c])};
       });
     }
 
@@ -514,19 +401,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
           }
         }
       });
-    } else if (training && HW > 1) {
+    } else if (training) {
       at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t c = plane % C, base = plane * HW;
           ops.grad_input(gip + base, xp + base, HW, kg[c], kx[c], mp[c], k0[c]);
         }
       });
-    } else if (training) {
-      for_each_element(N, C, HW, [&](int64_t c, int64_t i) {
-        gip[i] = kg[c] * gip[i] + kx[c] * (xp[i] - mp[c]) + k0[c];
-      });
     } else {
-      for_each_element(N, C, HW, [&](int64_t c, int64_t i) { gip[i] *= kg[c]; });
+      at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          scalar_t* g = gip + plane * HW;
+          const scalar_t k = kg[plane % C];
+          for (int64_t i = 0; i < HW; ++i) g[i] *= k;
+        }
+      });
     }
   });
   return std::make_tuple(grad_input, grad_weight, grad_bias);
