@@ -147,12 +147,22 @@ class SlimmableConv2d(Slimmable, nn.Conv2d):
             check_vector(scale, cout, input, op, "scale")
             check_vector(shift, cout, input, op, "shift")
         check_residual(residual, (input.shape[0], cout, ho, wo), input, op)
-        act = activation_code(activation, op)
+        return self.conv_unchecked(input, cout, s, p, d, scale, shift, residual,
+                                   activation_code(activation, op))
+
+    def conv_unchecked(
+        self, input: Tensor, cout: int, stride: Sequence[int], padding: Sequence[int],
+        dilation: Sequence[int], scale: Optional[Tensor], shift: Optional[Tensor],
+        residual: Optional[Tensor], activation: int,
+    ) -> Tensor:
+        """The op of this conv (depthwise or grouped/dense) on its shared weight and bias at
+        ``cout`` output channels, for a caller that has checked the arguments (``conv``;
+        ``SlimConvBNAct``'s fast paths); the activation as its code."""
         if self.depthwise:
-            return ops.depthwise_conv2d_unchecked(input, weight, self.bias, s, p, d, scale,
-                                                  shift, residual, act)
-        return ops.conv2d_unchecked(input, weight, self.bias, cout, s, p, d, self.groups,
-                                    scale, shift, residual, act)
+            return ops.depthwise_conv2d_unchecked(input, self.weight, self.bias, stride, padding,
+                                                  dilation, scale, shift, residual, activation)
+        return ops.conv2d_unchecked(input, self.weight, self.bias, cout, stride, padding,
+                                    dilation, self.groups, scale, shift, residual, activation)
 
     def _geometry(self) -> Tuple[List[int], List[int], List[int]]:
         """(stride, padding, dilation) as the ops' checked lists, converted once per value

@@ -181,13 +181,9 @@ class SlimConvBNAct(nn.Module):
         if input.shape[1] != plan.cin or (
                 residual is not None and not self._residual_fits(input, residual, plan.cout)):
             return None
-        if conv.depthwise:
-            return ops.depthwise_conv2d_unchecked(
-                input, weight, conv.bias, conv.stride, conv._op_padding, conv.dilation,
-                plan.scale, plan.shift, residual, self._act_code)
-        return ops.conv2d_unchecked(
-            input, weight, conv.bias, plan.cout, conv.stride, conv._op_padding, conv.dilation,
-            conv.groups, plan.scale, plan.shift, residual, self._act_code)
+        return conv.conv_unchecked(input, plan.cout, conv.stride, conv._op_padding,
+                                   conv.dilation, plan.scale, plan.shift, residual,
+                                   self._act_code)
 
     def _residual_fits(self, input: Tensor, residual: Tensor, cout: int) -> bool:
         """A residual the fast path can hand on: a tensor of the output's shape, dtype and
@@ -236,20 +232,19 @@ class SlimConvBNAct(nn.Module):
                 or fused_train.fused_train_available(input, weight)):
             return None
         s, p, d = conv._geometry()
-        try:
-            ho, wo = conv_output_hw(input.shape[2], input.shape[3], conv.kernel_size, s, p, d,
-                                    "conv2d")
-        except ValueError:
-            return None
-        if input.shape[0] * ho * wo <= 1 or (
-                residual is not None and not self._residual_fits(input, residual, cout)):
-            return None
-        if conv.depthwise:
-            z = ops.depthwise_conv2d_unchecked(input, weight, conv.bias, s, p, d, None, None,
-                                               None, 0)
+        if residual is not None:
+            if not self._residual_fits(input, residual, cout):
+                return None
+            ho, wo = residual.shape[2:]  # the output's, as _residual_fits checked
         else:
-            z = ops.conv2d_unchecked(input, weight, conv.bias, cout, s, p, d, conv.groups, None,
-                                     None, None, 0)
+            try:
+                ho, wo = conv_output_hw(input.shape[2], input.shape[3], conv.kernel_size, s, p,
+                                        d, "conv2d")
+            except ValueError:
+                return None
+        if input.shape[0] * ho * wo <= 1:
+            return None
+        z = conv.conv_unchecked(input, cout, s, p, d, None, None, None, 0)
         bn.num_batches_tracked.add_(1)
         return ops.batch_norm_act_unchecked(z, bn.weight, bn.bias, bn.running_mean,
                                             bn.running_var, True, bn.momentum, bn.eps, residual,
