@@ -133,6 +133,29 @@ def test_threaded(n, all_threads, tol):
             run_and_compare(kwargs, tol)
 
 
+@pytest.mark.parametrize("threads", ["one_thread", "all_threads"])
+@pytest.mark.parametrize("n", [17, 70, 200], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("plane", [(2, 2), (3, 3), (4, 5)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
+def test_tiny_planes_many_images(stride, plane, n, threads, request, tol):
+    """The small-plane (lane) kernels over many images: tasks run block by block and set up a
+    block's weights and field once for all their images; the weight gradient sums the images
+    in groups (70 images: two groups; 200: the 16-group cap) and, on 2x2 planes, several
+    images per float partial. 35 channels: two full blocks and a partial one."""
+    request.getfixturevalue(threads)
+    h, w = plane
+    weight = torch.randn(40, 1, 3, 3, dtype=F64)
+    ho, wo = out_hw(h, w, (3, 3), stride, 1, 1)
+    kwargs = dict(input=leaf(torch.randn(n, 35, h, w, dtype=F64)), weight=leaf(weight),
+                  bias=leaf(torch.randn(40, dtype=F64)), stride=stride, padding=1,
+                  residual=leaf(torch.randn(n, 35, ho, wo, dtype=F64)), activation="relu6")
+    run_and_compare(kwargs, tol)
+    # float32: the weight gradient's float partials over many images stay within tolerance
+    kwargs = {k: leaf(v.detach().float()) if isinstance(v, torch.Tensor) else v
+              for k, v in kwargs.items()}
+    run_and_compare(kwargs, tol)
+
+
 # --------------------------------------------------------------------------------------
 # the fused epilogue
 

@@ -159,6 +159,20 @@ constexpr int64_t kLanes = 16;
 // S-MobileNet v2 shapes: 14x14 and 7x7 gain 2-4x; at 28x28 interleaving costs more than it
 // saves).
 constexpr int64_t kLanesMaxSide = 16;
+// The weight gradient's small-plane path sums this many output positions in scalar_t before
+// adding the sum in double (an 8x8 plane's worth; see depthwise_conv2d_backward_weight).
+constexpr int64_t kFloatRun = 64;
+
+// wl[k * kLanes + l] = w[l * taps + k] for a block's `lanes` channels (w: the block's first
+// channel's taps), 0 in the lanes past them: the taps interleaved as the lane kernels read
+// them, once per block of channels, not per image.
+template <typename scalar_t>
+void interleave_taps(scalar_t* __restrict__ wl, const scalar_t* __restrict__ w, int64_t lanes,
+                     int64_t taps) {
+  std::fill(wl, wl + taps * kLanes, scalar_t(0));
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t k = 0; k < taps; ++k) wl[k * kLanes + l] = w[l * taps + k];
+}
 
 // Elements of forward_plane's scratch: OH rows of the field's row stride (WP when padded,
 // else the plane's W).
@@ -181,7 +195,7 @@ struct PlaneKernels {
                               const PlaneConv&);
   using Lanes = void (*)(scalar_t*, const scalar_t*, int64_t, const scalar_t*, const PlaneConv&,
                          bool, const scalar_t*, const scalar_t*, const scalar_t*, int64_t,
-                         scalar_t*, scalar_t*, scalar_t*);
+                         scalar_t*, scalar_t*);
   static Lanes lanes() {
     SLIMOPS_RETURN_FOR_CPU_ISA(&isa::forward_lanes<KH, KW, SW, scalar_t>);
   }
@@ -194,7 +208,7 @@ struct PlaneKernels {
   using WeightGradLanes = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t,
                                    const PlaneConv&, scalar_t*, scalar_t*);
   using InputGradLanes = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t,
-                                  const PlaneConv&, scalar_t*, scalar_t*, scalar_t*);
+                                  const PlaneConv&, scalar_t*, scalar_t*);
   static InputGradLanes input_grad_lanes() {
     SLIMOPS_RETURN_FOR_CPU_ISA(&isa::input_grad_lanes<KH, KW, SW, scalar_t>);
   }
@@ -243,26 +257,35 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
       using Kernels = PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
                                    scalar_t>;
       if (p.H <= kLanesMaxSide && p.W <= kLanesMaxSide) {
-        // Small planes: kLanes channels at a time, vectorised across the channels.
+        // Small planes: kLanes channels at a time, vectorised across the channels. Tasks
+        // run block by block (task = block * N + image), so a thread sets up a block's
+        // weights, epilogue vectors and field once for all the images it takes.
         const auto forward_lanes = Kernels::lanes();
         const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
         at::parallel_for(0, pr.N * blocks, grain_for(kLanes * p.plane_work()),
                          [&](int64_t begin, int64_t end) {
           std::vector<scalar_t> field(p.HP * p.WP * kLanes), wl(taps * kLanes),
               acc(out_plane * kLanes), a(kLanes), t(kLanes);
+          int64_t set_up = -1;  // the block the buffers hold
           for (int64_t task = begin; task < end; ++task) {
-            const int64_t n = task / blocks, c0 = (task % blocks) * kLanes;
+            const int64_t block = task / pr.N, n = task % pr.N, c0 = block * kLanes;
             const int64_t lanes = std::min(kLanes, pr.C - c0);
-            for (int64_t l = 0; l < lanes; ++l) {
-              const int64_t c = c0 + l;
-              a[l] = scp ? scp[c * scs] : scalar_t(1);
-              t[l] = (bp ? bp[c * bs] : scalar_t(0)) * a[l] + (shp ? shp[c * shs] : scalar_t(0));
+            if (block != set_up) {
+              set_up = block;
+              std::fill(field.begin(), field.end(), scalar_t(0));
+              interleave_taps(wl.data(), wp + c0 * taps, lanes, taps);
+              for (int64_t l = 0; l < lanes; ++l) {
+                const int64_t c = c0 + l;
+                a[l] = scp ? scp[c * scs] : scalar_t(1);
+                t[l] =
+                    (bp ? bp[c * bs] : scalar_t(0)) * a[l] + (shp ? shp[c * shs] : scalar_t(0));
+              }
             }
             const int64_t plane = n * pr.C + c0;
-            forward_lanes(outp + plane * out_plane, xp + plane * in_plane, lanes,
-                          wp + c0 * taps, p, has_epilogue, a.data(), t.data(),
+            forward_lanes(outp + plane * out_plane, xp + plane * in_plane, lanes, wl.data(), p,
+                          has_epilogue, a.data(), t.data(),
                           rp ? rp + plane * out_plane : nullptr, activation, field.data(),
-                          wl.data(), acc.data());
+                          acc.data());
           }
         });
         return;
@@ -318,16 +341,26 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
         const auto input_grad_lanes =
             PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
                          scalar_t>::input_grad_lanes();
+        // Items block by block (item = block * N + image), so a range sets up a block's
+        // weights once for its images, as the forward does.
         const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
-        run_tasks(pr.N * blocks, kLanes * p.plane_work(), [&](int64_t task) {
-          const int64_t n = task / blocks, c0 = (task % blocks) * kLanes;
-          const int64_t lanes = std::min(kLanes, pr.C - c0);
+        run_ranges(pr.N * blocks, kLanes * p.plane_work(), [&](int64_t begin, int64_t end) {
           scalar_t* field = scratch<scalar_t>(ScratchSlot::kCols, p.HP * p.WP * kLanes);
           scalar_t* gl = scratch<scalar_t>(ScratchSlot::kGradT, out_plane * kLanes);
           scalar_t* wl = scratch<scalar_t>(ScratchSlot::kTmp, taps * kLanes);
-          const int64_t plane = n * pr.C + c0;
-          input_grad_lanes(gip + plane * in_plane, gp + plane * out_plane, wp + c0 * taps,
-                           lanes, p, field, gl, wl);
+          int64_t set_up = -1;  // the block wl and gl hold
+          for (int64_t item = begin; item < end; ++item) {
+            const int64_t block = item / pr.N, n = item % pr.N, c0 = block * kLanes;
+            const int64_t lanes = std::min(kLanes, pr.C - c0);
+            if (block != set_up) {
+              set_up = block;
+              interleave_taps(wl, wp + c0 * taps, lanes, taps);
+              std::fill(gl, gl + out_plane * kLanes, scalar_t(0));
+            }
+            const int64_t plane = n * pr.C + c0;
+            input_grad_lanes(gip + plane * in_plane, gp + plane * out_plane, wl, lanes, p,
+                             field, gl);
+          }
         });
       });
       return;
@@ -419,27 +452,52 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
       using Kernels = PlaneKernels<decltype(kh)::value, decltype(kw)::value,
                                    decltype(sw)::value, scalar_t>;
       if (p.OH <= kLanesMaxSide && p.OW <= kLanesMaxSide) {
-        // Small planes: kLanes channels at a time, vectorised across the channels. One block
-        // of channels per task (each grad_weight row has a single writer); per image a
-        // partial in scalar_t, summed over the images in double, in image order.
+        // Small planes: kLanes channels at a time, vectorised across the channels. A task is
+        // one block of channels over one group of images (groups fixed by the shape alone,
+        // so the result does not depend on the thread count); its sum, in double, lands in
+        // its own slot, and the slots are added in group order: deterministic. Within a
+        // task the images are summed in scalar_t in runs of at most kFloatRun output
+        // positions (one image when its plane is larger), each run then added in double:
+        // the rounding of an 8x8 plane's sum, whatever the plane.
         const auto weight_grad_lanes = Kernels::weight_grad_lanes();
         const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
-        run_tasks(blocks, pr.N * kLanes * p.plane_work(), [&](int64_t block) {
+        const int64_t image_work = kLanes * p.plane_work();
+        // Groups of ~32K multiply-adds, at most 16 of them (bounding `sums`).
+        const int64_t per_group = std::max({int64_t{1}, kParallelWork / 4 / image_work,
+                                            (pr.N + 15) / 16});
+        const int64_t groups = (pr.N + per_group - 1) / per_group;
+        const int64_t per_run = std::max<int64_t>(1, kFloatRun / out_plane);
+        std::vector<double> sums(groups * blocks * taps * kLanes);
+        run_tasks(groups * blocks, per_group * image_work, [&](int64_t task) {
+          const int64_t block = task % blocks, group = task / blocks;
           const int64_t c0 = block * kLanes, lanes = std::min(kLanes, pr.C - c0);
           scalar_t* field = scratch<scalar_t>(ScratchSlot::kCols, p.HP * p.WP * kLanes);
           scalar_t* gl = scratch<scalar_t>(ScratchSlot::kGradT, out_plane * kLanes);
           scalar_t* partial = scratch<scalar_t>(ScratchSlot::kTmp, taps * kLanes);
-          std::vector<double> acc(taps * kLanes, 0.0);
-          for (int64_t n = 0; n < pr.N; ++n) {
-            const int64_t plane = n * pr.C + c0;
-            weight_grad_lanes(partial, gp + plane * out_plane, xp + plane * in_plane, lanes, p,
-                              field, gl);
+          std::fill(field, field + p.HP * p.WP * kLanes, scalar_t(0));
+          std::fill(gl, gl + out_plane * kLanes, scalar_t(0));
+          double* acc = sums.data() + task * taps * kLanes;
+          const int64_t n1 = std::min(pr.N, (group + 1) * per_group);
+          for (int64_t n0 = group * per_group; n0 < n1; n0 += per_run) {
+            std::fill(partial, partial + taps * kLanes, scalar_t(0));
+            for (int64_t n = n0; n < std::min(n1, n0 + per_run); ++n) {
+              const int64_t plane = n * pr.C + c0;
+              weight_grad_lanes(partial, gp + plane * out_plane, xp + plane * in_plane, lanes,
+                                p, field, gl);
+            }
             for (int64_t k = 0; k < taps * kLanes; ++k) acc[k] += static_cast<double>(partial[k]);
           }
-          for (int64_t l = 0; l < lanes; ++l)
-            for (int64_t tap = 0; tap < taps; ++tap)
-              gwp[(c0 + l) * taps + tap] = static_cast<scalar_t>(acc[tap * kLanes + l]);
         });
+        for (int64_t block = 0; block < blocks; ++block) {
+          const int64_t c0 = block * kLanes, lanes = std::min(kLanes, pr.C - c0);
+          for (int64_t l = 0; l < lanes; ++l)
+            for (int64_t tap = 0; tap < taps; ++tap) {
+              double sum = 0.0;
+              for (int64_t group = 0; group < groups; ++group)
+                sum += sums[((group * blocks + block) * taps + tap) * kLanes + l];
+              gwp[(c0 + l) * taps + tap] = static_cast<scalar_t>(sum);
+            }
+        }
         return;
       }
       const auto accumulate_plane = Kernels::accumulate();
