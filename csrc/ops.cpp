@@ -79,6 +79,11 @@ TORCH_LIBRARY(slimops, m) {
       "batch_norm_act(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
       "Tensor? running_var, bool training, float eps, Tensor? residual, int activation) "
       "-> (Tensor, Tensor, Tensor)");
+  // Folds a batch's statistics (mean, biased var over `count` values per channel) into a
+  // width's running statistics in place, as F.batch_norm does (momentum, unbiased variance).
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+      "Tensor var, int count, float momentum) -> ()");
   // Returns (grad_input, grad_weight, grad_bias); grad of residual is epilogue_backward.
   m.def(
       "batch_norm_act_backward(Tensor grad_out, Tensor input, Tensor out, Tensor? weight, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import slimops
 from slimops import reference
@@ -317,6 +318,62 @@ def test_functional_op_returns_statistics_and_leaves_stats_alone(tol):
     _, mean_e, var_e = torch.ops.slimops.batch_norm_act(case["input"], None, None, rm, rv, False,
                                                         1e-5, None, 0)
     assert torch.equal(mean_e, rm) and torch.equal(var_e, rv)
+
+
+# --------------------------------------------------------------------------------------
+# update_running_stats: the running statistics' fold, one op on CPU
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 1.0])
+def test_update_running_stats_matches_batch_norm(momentum, dtype, tol):
+    """The op's fold equals F.batch_norm's own update of its running statistics; the
+    version counters move, as for any in-place op (eval-plan caches key on them)."""
+    x = torch.randn(7, 5, 3, dtype=dtype)
+    theirs = torch.randn(5, dtype=dtype), torch.rand(5, dtype=dtype) + 0.5
+    ours = theirs[0].clone(), theirs[1].clone()
+    F.batch_norm(x, *theirs, training=True, momentum=momentum)
+    versions = [t._version for t in ours]
+    torch.ops.slimops.update_running_stats(*ours, x.mean((0, 2)), x.var((0, 2), unbiased=False),
+                                           x.numel() // 5, momentum)
+    torch.testing.assert_close(ours[0], theirs[0], **tol(dtype))
+    torch.testing.assert_close(ours[1], theirs[1], **tol(dtype, theirs[1]))
+    assert [t._version for t in ours] == [v + 1 for v in versions]
+
+
+def test_update_running_stats_prefix_views_and_wrapper(tol):
+    """Prefix views of a shared BN's buffers (the naive baseline's widths) are updated in
+    place, the rest untouched; ``slimops.ops.update_running_stats`` takes the op on CPU and
+    the aten ops for a dtype the kernel lacks, with the same result."""
+    full = torch.zeros(9, dtype=F64), torch.ones(9, dtype=F64)
+    mean, var = torch.arange(4, dtype=F64), torch.full((4,), 3.0, dtype=F64)
+    slimops.ops.update_running_stats(full[0][:4], full[1][:4], mean, var, 4, 0.5)
+    assert torch.equal(full[0], torch.cat([mean * 0.5, torch.zeros(5, dtype=F64)]))
+    assert torch.equal(full[1], torch.cat([torch.full((4,), 0.5 + 0.5 * 4.0, dtype=F64),
+                                           torch.ones(5, dtype=F64)]))
+    half = torch.zeros(4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16)
+    slimops.ops.update_running_stats(*half, mean.bfloat16(), var.bfloat16(), 4, 0.5)
+    assert torch.equal(half[0], (mean * 0.5).bfloat16())
+
+
+def test_update_running_stats_rejects_bad_arguments():
+    rm, rv = torch.zeros(4), torch.ones(4)
+    op = torch.ops.slimops.update_running_stats
+    with pytest.raises(RuntimeError, match="count must be above 1"):
+        op(rm, rv, torch.zeros(4), torch.ones(4), 1, 0.1)
+    with pytest.raises(RuntimeError, match="vector of running_mean's 4 values"):
+        op(rm, rv, torch.zeros(5), torch.ones(4), 8, 0.1)
+    with pytest.raises(RuntimeError, match="var is Double"):
+        op(rm, rv, torch.zeros(4), torch.ones(4, dtype=F64), 8, 0.1)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        op(rm, rv, torch.zeros(4, requires_grad=True), torch.ones(4), 8, 0.1)
+
+
+def test_opcheck_update_running_stats():
+    args = (torch.randn(6, dtype=F64), torch.rand(6, dtype=F64) + 1, torch.randn(6, dtype=F64),
+            torch.rand(6, dtype=F64), 12, 0.1)
+    torch.library.opcheck(torch.ops.slimops.update_running_stats.default, args,
+                          test_utils=OPCHECK_UTILS)
 
 
 # --------------------------------------------------------------------------------------

@@ -71,9 +71,33 @@ Stats batch_norm_act_autograd(const at::Tensor& input, const OptTensor& weight,
   return {out[0], out[1], out[2]};
 }
 
+// update_running_stats has no gradient (running statistics are buffers); what autograd owes
+// an in-place op is the version bump, so saved tensors and identity-and-version caches (the
+// eval plans of slimops.nn.fused) see the update.
+void update_running_stats_autograd(at::Tensor& running_mean, at::Tensor& running_var,
+                                   const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                                   double momentum) {
+  static const auto op =
+      op_handle<void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                     double)>("slimops::update_running_stats");
+  TORCH_CHECK(!(running_mean.requires_grad() || running_var.requires_grad() ||
+                mean.requires_grad() || var.requires_grad()),
+              "slimops::update_running_stats: the statistics have no gradient; got a tensor "
+              "that requires grad");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.call(running_mean, running_var, mean, var, count, momentum);
+  }
+  torch::autograd::impl::bump_version(running_mean);
+  torch::autograd::impl::bump_version(running_var);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(slimops, Autograd, m) { m.impl("batch_norm_act", &batch_norm_act_autograd); }
+TORCH_LIBRARY_IMPL(slimops, Autograd, m) {
+  m.impl("batch_norm_act", &batch_norm_act_autograd);
+  m.impl("update_running_stats", &update_running_stats_autograd);
+}
 
 }  // namespace autograd
 }  // namespace slimops
