@@ -587,13 +587,16 @@ def _general_path_only(monkeypatch):
     monkeypatch.setattr(SlimConvBNAct, "_fast_train", lambda self, input, residual: None)
 
 
+@pytest.mark.parametrize("shared_bn", [False, True], ids=["switchable", "shared"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_training_fast_path_equals_the_general_path(kind, with_residual, randomize_bn,
-                                                    monkeypatch):
+def test_training_fast_path_equals_the_general_path(kind, with_residual, shared_bn,
+                                                    randomize_bn, monkeypatch):
     """Bit for bit: outputs, every gradient, running statistics and batch counters over
-    training steps at changing widths, against the same block on the general path."""
-    fast = make_block(kind, torch.float64, randomize_bn, activation="relu6").train()
+    training steps at changing widths, against the same block on the general path (with
+    switchable BN, and with one BN shared by all widths: its prefixes)."""
+    fast = make_block(kind, torch.float64, randomize_bn, activation="relu6",
+                      shared_bn=shared_bn).train()
     general = copy.deepcopy(fast)
     taken = []
     original = SlimConvBNAct._fast_train
@@ -628,14 +631,12 @@ def test_training_fast_path_equals_the_general_path(kind, with_residual, randomi
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("case", ["conv hook", "between widths", "shared bn",
-                                  "cumulative momentum", "broadcast residual"])
+@pytest.mark.parametrize("case", ["conv hook", "between widths", "cumulative momentum",
+                                  "broadcast residual"])
 def test_training_fast_path_declines(case, randomize_bn):
     """Where the fast path would skip something the general path does (the conv's module
-    hooks, the width rule, shared or cumulative statistics, a residual check), it hands
-    over."""
+    hooks, the width rule, cumulative statistics, a residual check), it hands over."""
     block = SlimConvBNAct(ChannelRule(13), ChannelRule(13), 3, widths=WIDTHS,
-                          shared_bn=case == "shared bn",
                           momentum=None if case == "cumulative momentum" else 0.1).train()
     w = 0.75 if case == "between widths" else 0.5
     x, r = torch.randn(2, ChannelRule(13)(w), 5, 5), None

@@ -203,7 +203,7 @@ class SlimConvBNAct(nn.Module):
         """The training forward of the two-op path (the conv op, then the batch-statistics
         BN + residual + activation op and the running statistics' update) at a listed width,
         with the checks that this layer's own state already answers skipped; None where the
-        general path must run: a width between the listed ones, shared BN, a BN without
+        general path must run: a width between the listed ones, a BN without
         running statistics or with cumulative averaging (``momentum=None``), a hook on the conv
         (the general path calls it as a module), the fused op's devices, anything unusual
         about the input or residual (the general path names what is wrong).
@@ -216,13 +216,14 @@ class SlimConvBNAct(nn.Module):
         conv, sbn = self.conv, self.bn
         w = conv.active_width()
         i = conv._width_index.get(w)
-        if (i is None or sbn.shared or not sbn.training or sbn.active_width() != w
+        if (i is None or not sbn.training or sbn.active_width() != w
                 or conv._forward_hooks or conv._forward_pre_hooks):
             return None
         j = sbn._width_index.get(w)
         if j is None:
             return None
-        bn = sbn.bn._modules[str(j)]
+        # Shared BN (the paper's naive baseline): one BN whose channel prefix every width uses.
+        bn = sbn.bn._modules["0" if sbn.shared else str(j)]
         cin, cout = conv.in_channels_list[i], conv.out_channels_list[i]
         weight = conv.weight
         if (bn.momentum is None or not bn.track_running_stats or bn.running_mean is None
@@ -246,9 +247,13 @@ class SlimConvBNAct(nn.Module):
             return None
         z = conv.conv_unchecked(input, cout, s, p, d, None, None, None, 0)
         bn.num_batches_tracked.add_(1)
-        return ops.batch_norm_act_unchecked(z, bn.weight, bn.bias, bn.running_mean,
-                                            bn.running_var, True, bn.momentum, bn.eps, residual,
-                                            self._act_code)
+        gamma, beta, mean, var = bn.weight, bn.bias, bn.running_mean, bn.running_var
+        if sbn.shared:  # prefix views, no copy (num_features_list[j] == cout, checked above)
+            mean, var = mean[:cout], var[:cout]
+            gamma = None if gamma is None else gamma[:cout]
+            beta = None if beta is None else beta[:cout]
+        return ops.batch_norm_act_unchecked(z, gamma, beta, mean, var, True, bn.momentum, bn.eps,
+                                            residual, self._act_code)
 
     def _fuses_training_stats(self, input: Tensor) -> bool:
         # Training on the GPU: the conv's epilogue reduces the BN statistics (one read of
