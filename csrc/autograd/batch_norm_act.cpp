@@ -49,15 +49,25 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
     const int64_t activation = ctx->saved_data["activation"].toInt();
     const std::vector<bool> needs = needs_input_grad(ctx);
     variable_list result(9);
+    // The residual's gradient is the activation's masked gradient. When it is wanted, it is
+    // computed first and the BN backward runs on it with no activation: one pass over
+    // grad_out and out instead of that pass plus the BN backward's own reads of both (the
+    // BN backward reads its gradient twice, for the sums and for grad_input).
+    at::Tensor grad_bn = grad_out;
+    int64_t bn_activation = activation;
+    if (needs[7]) {
+      result[7] = epilogue_grads(grad_out, out, std::nullopt, activation, true).grad_pre;
+      grad_bn = result[7];
+      bn_activation = 0;  // kNone
+    }
     if (needs[0] || needs[1] || needs[2]) {
       auto [gi, gw, gb] = backward_op.call(
-          grad_out, input, out, optional(weight), mean, var,
-          ctx->saved_data["eps"].toDouble(), ctx->saved_data["training"].toBool(), activation);
+          grad_bn, input, out, optional(weight), mean, var,
+          ctx->saved_data["eps"].toDouble(), ctx->saved_data["training"].toBool(), bn_activation);
       if (needs[0]) result[0] = gi;
       if (needs[1]) result[1] = gw;
       if (needs[2]) result[2] = gb;
     }
-    if (needs[7]) result[7] = epilogue_grads(grad_out, out, std::nullopt, activation, true).grad_pre;
     return result;
   }
 };
