@@ -30,8 +30,12 @@ ACTS = [pytest.param(None, id="none"), pytest.param("relu", id="relu"),
 # ("4d_wide": 630 positions per image, two blocks); other planes take the per-plane path,
 # whose float sums run in blocks of 32 elements and finish in double ("4d_few_images": 3
 # images of 9x11, 99 elements; "4d_big_plane": 272).
+# Paths (csrc/cpu/batch_norm_act.cpp, row_path): 2d, 3d, 4d, 4d_wide take the row path; the
+# others the per-plane loops, whose float sums run in whole steps, single vectors and a scalar
+# tail (4d_one_image: 35 positions, 4d_7x7: 49).
 SHAPES = {"2d": (16, 5), "3d": (3, 5, 7), "4d": (3, 5, 4, 3), "4d_wide": (3, 70, 3, 3),
-          "4d_big_plane": (2, 3, 17, 16), "4d_few_images": (3, 6, 9, 11)}
+          "4d_big_plane": (2, 3, 17, 16), "4d_few_images": (3, 6, 9, 11),
+          "4d_one_image": (1, 6, 5, 7), "4d_7x7": (2, 5, 7, 7)}
 AFFINE = {"affine": (True, True), "none": (False, False), "weight": (True, False),
           "bias": (False, True)}
 

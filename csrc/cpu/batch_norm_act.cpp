@@ -61,8 +61,8 @@ struct PlaneOps {
   void (*affine_act)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, scalar_t, scalar_t,
                      int64_t);
   void (*mask)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, int64_t);
-  void (*grad_input)(scalar_t*, const scalar_t*, int64_t, scalar_t, scalar_t, scalar_t,
-                     scalar_t);
+  void (*grad_input)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, scalar_t, scalar_t,
+                     scalar_t, scalar_t);
 };
 
 template <typename scalar_t>
@@ -82,9 +82,9 @@ struct RowOps {
                     const scalar_t*, const double*, int64_t, int64_t, int64_t, int64_t);
   void (*affine_act)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, const scalar_t*,
                      const scalar_t*, int64_t);
-  void (*grad_input)(scalar_t*, const scalar_t*, int64_t, const scalar_t*, const scalar_t*,
-                     const scalar_t*, const scalar_t*);
-  void (*scale)(scalar_t*, int64_t, const scalar_t*);
+  void (*grad_input)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, const scalar_t*,
+                     const scalar_t*, const scalar_t*, const scalar_t*);
+  void (*scale)(scalar_t*, const scalar_t*, int64_t, const scalar_t*);
 };
 
 template <typename scalar_t>
@@ -96,26 +96,29 @@ RowOps<scalar_t> row_ops() {
 }
 
 // Small planes take the row path: per-position coefficient vectors of C*HW entries, loops
-// over whole image rows. Those vectors cost O(C*HW) whatever the batch, so from 64 positions
-// (8x8) the row path needs N * kRowPathRatio >= HW images (14x14 from 7); with fewer the
-// per-plane loops run. Training forward and backward against torch's batch norm (+ threshold
-// backward), 2-core AMD EPYC (Zen 3, AVX2), one thread (two threads ranked them alike but
-// varied by up to 2x between identical runs), row / plane path as multiples of torch's time:
-//   14x14 batch 1 (96 channels):          backward 2.5 / 0.9, forward 1.6 / 0.8
-//   14x14 batch 4 (256 channels):         backward 2.4 / 1.6, forward 0.73 / 0.74
-//   14x14 batch 8 (96, 1024 channels):    backward 1.55-1.6 / 1.3-1.6, forward 0.4-0.5 / 0.75
-//   7x7 batch 1-2 (1024 channels):        backward 2.5-2.8 / 2.8-3.6, forward 0.9-1.5 / 1.9
-//   8x8 batch 64 (16 channels):           backward 0.84 / 1.44, forward 0.5 / 1.1
-// These were measured before the row path's bookkeeping fix (Uninit and per_channel below),
-// which brought its backward at 7x7 batch 1 from 2.8x to 1.7x torch and at 14x14 batch 8 from
-// 1.3-1.4x to 1.2-1.3x; the cut was not re-measured after it. Neither path matches torch's
-// backward on 7x7 and 14x14 planes at batch 1-8 (open, issue 13). A 2-D input (HW = 1)
-// always takes the row path.
-constexpr int64_t kSmallPlane = 256;
-constexpr int64_t kRowPathRatio = 32;
+// over whole image rows. Those vectors cost O(C*HW) whatever the batch, so the row path
+// needs several images per plane position: under 8 positions (2x2 planes, 2-D inputs) it
+// always runs, under 48 (up to 6x6) from N * kRowPathRatio >= HW images; larger planes, and
+// smaller ones with fewer images, take the per-plane loops. Measured once the per-plane
+// loops summed in native-width float vectors with their tails in float (batch_norm_rows.inc,
+// float_blocks): training backward against torch's batch norm + threshold backward, 2-core
+// AMD EPYC (Zen 3, AVX2), one thread, row / plane path as multiples of torch's time:
+//   2x2 batch 64 (64 ch) 0.07 / 0.33; batch 1 (512 ch) 0.41 / 0.44 (forward 0.89 / 1.12)
+//   4x4 batch 64 (64 ch) 0.79 / 1.56; batch 8 0.71 / 0.95; batch 1 (512 ch) 1.36 / 0.95
+//   5x5 batch 8 (128 ch) 0.79 / 0.95; batch 2 (256 ch) 1.03 / 0.83
+//   6x6 batch 64 (32 ch) 0.65 / 0.92; batch 4 (256 ch) 1.03 / 0.89; batch 1 1.35 / 0.75
+//   7x7 batch 1 / 8 (1024 ch) 1.95-2.0 / 0.80-0.83, 1.28-1.38 / 0.93-0.99; batch 64 (160 ch)
+//       0.89 / 0.85
+//   8x8 batch 4-64 (32-64 ch) 1.10-1.20 / 0.79-0.98
+//   14x14 batch 1-64 (96-256 ch) 1.06-1.93 / 0.59-1.03
+// (Before that change the per-plane loops ran 2-3x torch's time on 7x7 planes, and the row
+// path took every plane under 64 positions and 14x14 from batch 7.)
+constexpr int64_t kRowPathAlways = 8;
+constexpr int64_t kSmallPlane = 48;
+constexpr int64_t kRowPathRatio = 4;
 
 bool row_path(int64_t N, int64_t HW) {
-  return HW < 64 || (HW < kSmallPlane && N * kRowPathRatio >= HW);
+  return HW < kRowPathAlways || (HW < kSmallPlane && N * kRowPathRatio >= HW);
 }
 
 // Positions per column block of the row path's sums.
@@ -285,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
       });
       return;
     }
-    // The per-plane path (row_path leaves it planes of 64 positions and more).
+    // The per-plane path (row_path leaves it planes of 8 positions and more).
     at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t c = plane % C, base = plane * HW;
@@ -331,7 +334,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
 
     // g = grad_out * act'(out), kept in grad_input: computed on its own the masking vectorises
     // (inside the double-precision sums it would not), and the later passes read g instead of
-    // both grad_out and out.
+    // both grad_out and out. With no activation g is grad_out itself: nothing is stored, and
+    // the passes read grad_out (the residual layers' case: their autograd masks first).
+    const bool masked = activation != kNone;
+    const scalar_t* gp = masked ? gip : gop;
     // sums[0] = sum(g), sums[1] = sum(g * (x - mean)).
     std::vector<double> sums[2];
     const PlaneOps<scalar_t> ops = plane_ops<scalar_t>();
@@ -348,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
       });
       sums[0] = per_channel(pos0.data(), C, HW);
       sums[1] = per_channel(pos1.data(), C, HW);
-    } else {  // the per-plane path: planes of 64 positions and more (row_path)
+    } else {  // the per-plane path: planes of 8 positions and more (row_path)
       sums[0].assign(C, 0.0);
       sums[1].assign(C, 0.0);
       // Per channel (one writer each): mask each plane, then its two sums while it is hot.
@@ -357,8 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
           double s[2] = {0.0, 0.0};
           for (int64_t n = 0; n < N; ++n) {
             const int64_t base = (n * C + c) * HW;
-            ops.mask(gip + base, gop + base, yp + base, HW, activation);
-            ops.grad_sums(gip + base, xp + base, HW, mean[c], s);
+            if (masked) ops.mask(gip + base, gop + base, yp + base, HW, activation);
+            ops.grad_sums(gp + base, xp + base, HW, mean[c], s);
           }
           sums[0][c] = s[0];
           sums[1][c] = s[1];
@@ -394,10 +400,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
       run_ranges(N, R, [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n) {
           if (training) {
-            rows.grad_input(gip + n * R, xp + n * R, R, kg_pos.data(), kx_pos.data(),
-                            m_pos.data(), k0_pos.data());
+            rows.grad_input(gip + n * R, gp + n * R, xp + n * R, R, kg_pos.data(),
+                            kx_pos.data(), m_pos.data(), k0_pos.data());
           } else {
-            rows.scale(gip + n * R, R, kg_pos.data());
+            rows.scale(gip + n * R, gp + n * R, R, kg_pos.data());
           }
         }
       });
@@ -405,15 +411,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
       at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t c = plane % C, base = plane * HW;
-          ops.grad_input(gip + base, xp + base, HW, kg[c], kx[c], mp[c], k0[c]);
+          ops.grad_input(gip + base, gp + base, xp + base, HW, kg[c], kx[c], mp[c], k0[c]);
         }
       });
     } else {
       at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
-          scalar_t* g = gip + plane * HW;
+          scalar_t* gi = gip + plane * HW;
+          const scalar_t* g = gp + plane * HW;
           const scalar_t k = kg[plane % C];
-          for (int64_t i = 0; i < HW; ++i) g[i] *= k;
+          for (int64_t i = 0; i < HW; ++i) gi[i] = k * g[i];
         }
       });
     }
