@@ -14,7 +14,9 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -217,6 +219,76 @@ struct PlaneKernels {
   }
 };
 
+// The flat kernels (depthwise_rows.inc, flat_correlate) for the instruction set chosen at run
+// time: stride 1, output the input's size, planes of at most kFlatMaxPlane positions.
+constexpr int64_t kFlatMaxPlane = 16;
+
+bool flat_applies(const PlaneConv& p) {
+  return p.sh == 1 && p.sw == 1 && p.OH == p.H && p.OW == p.W && p.H * p.W <= kFlatMaxPlane;
+}
+
+// The flat kernels' masks: integers of scalar_t's size, all ones inside the plane.
+template <typename scalar_t>
+using FlatMask = std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>;
+
+template <typename scalar_t>
+struct FlatKernels {
+  using M = FlatMask<scalar_t>;
+  using Correlate = void (*)(scalar_t*, const scalar_t*, int64_t, int64_t, int64_t,
+                             const int64_t*, const scalar_t*, const M*);
+  using WeightGrad = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, int64_t,
+                              int64_t, const int64_t*, const M*);
+  static Correlate correlate() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::flat_correlate<scalar_t, M>); }
+  static WeightGrad weight_grad() {
+    SLIMOPS_RETURN_FOR_CPU_ISA(&isa::flat_weight_grad<scalar_t, M>);
+  }
+};
+
+// A block of kLanes channels for the flat kernels: each tap's offset along the run, its
+// inside-the-plane mask and (set_block) its weights, expanded per position of the block's
+// run (row stride ld = kLanes * P), and the input buffer the run is copied into, with
+// `margin` zeros on both sides so every offset read stays inside it. Built once per thread
+// and block, reused for every image.
+template <typename scalar_t>
+struct FlatBlock {
+  int64_t P, taps, ld, margin = 0;
+  std::vector<int64_t> delta;
+  std::vector<FlatMask<scalar_t>> inside;
+  std::vector<scalar_t> wt, buffer;
+
+  explicit FlatBlock(const PlaneConv& p)
+      : P(p.H * p.W), taps(p.KH * p.KW), ld(kLanes * P), delta(taps), inside(taps * ld),
+        wt(taps * ld) {
+    for (int64_t i = 0; i < p.KH; ++i)
+      for (int64_t j = 0; j < p.KW; ++j) {
+        const int64_t t = i * p.KW + j, di = i * p.dh - p.ph, dj = j * p.dw - p.pw;
+        delta[t] = di * p.W + dj;
+        margin = std::max(margin, std::abs(delta[t]));
+        for (int64_t oh = 0; oh < p.H; ++oh)
+          for (int64_t ow = 0; ow < p.W; ++ow) {
+            const bool in = oh + di >= 0 && oh + di < p.H && ow + dj >= 0 && ow + dj < p.W;
+            for (int64_t l = 0; l < kLanes; ++l)
+              inside[t * ld + l * P + oh * p.W + ow] = in ? -1 : 0;
+          }
+      }
+    buffer.assign(ld + 2 * margin, scalar_t(0));
+  }
+
+  // The taps of channels [0, lanes) of w (taps values per channel), reversed when `flip`
+  // (the stride-1 input gradient correlates with the flipped kernel).
+  void set_block(const scalar_t* w, int64_t lanes, bool flip) {
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t l = 0; l < lanes; ++l)
+        std::fill_n(wt.data() + t * ld + l * P, P, w[l * taps + (flip ? taps - 1 - t : t)]);
+  }
+
+  // The run of `n` values at src, copied between the margins; returns where it starts.
+  const scalar_t* load(const scalar_t* src, int64_t n) {
+    std::copy(src, src + n, buffer.data() + margin);
+    return buffer.data() + margin;
+  }
+};
+
 at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -256,6 +328,44 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
       using Kernels = PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
                                    scalar_t>;
+      if (flat_applies(p)) {
+        // Stride 1, same size, small planes: runs of kLanes channels (depthwise_rows.inc,
+        // flat_correlate), block by block as the lane path below.
+        const auto correlate = FlatKernels<scalar_t>::correlate();
+        const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
+        at::parallel_for(0, pr.N * blocks, grain_for(kLanes * p.plane_work()),
+                         [&](int64_t begin, int64_t end) {
+          FlatBlock<scalar_t> fb(p);
+          std::vector<scalar_t> acc(fb.ld), a(kLanes), t(kLanes);
+          int64_t set_up = -1;
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t block = task / pr.N, n = task % pr.N, c0 = block * kLanes;
+            const int64_t lanes = std::min(kLanes, pr.C - c0), run = lanes * in_plane;
+            if (block != set_up) {
+              set_up = block;
+              fb.set_block(wp + c0 * taps, lanes, /*flip=*/false);
+              for (int64_t l = 0; l < lanes; ++l) {
+                const int64_t c = c0 + l;
+                a[l] = scp ? scp[c * scs] : scalar_t(1);
+                t[l] =
+                    (bp ? bp[c * bs] : scalar_t(0)) * a[l] + (shp ? shp[c * shs] : scalar_t(0));
+              }
+            }
+            const int64_t plane = n * pr.C + c0;
+            scalar_t* o = outp + plane * out_plane;
+            correlate(has_epilogue ? acc.data() : o, fb.load(xp + plane * in_plane, run), run,
+                      fb.ld, taps, fb.delta.data(), fb.wt.data(), fb.inside.data());
+            if (!has_epilogue) continue;
+            const scalar_t* r = rp ? rp + plane * out_plane : nullptr;
+            for (int64_t k = 0; k < run; ++k) {
+              const int64_t l = k / out_plane;
+              o[k] = activate<scalar_t>(acc[k] * a[l] + t[l] + (r ? r[k] : scalar_t(0)),
+                                        activation);
+            }
+          }
+        });
+        return;
+      }
       if (p.H <= kLanesMaxSide && p.W <= kLanesMaxSide) {
         // Small planes: kLanes channels at a time, vectorised across the channels. Tasks
         // run block by block (task = block * N + image), so a thread sets up a block's
@@ -335,6 +445,31 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
     // (AMD EPYC, AVX-512): 1.3-2x faster than the per-plane loops for 4x4 and smaller planes
     // and for stride 2 up to 16x16; at stride 1 on 8x8 and larger the per-plane correlation
     // (below) stays faster.
+    if (flat_applies(p)) {
+      // Stride 1, same size, small planes: the correlation of grad_z with the flipped kernel
+      // (as the per-plane stride-1 path below), as runs of kLanes channels.
+      const PlaneConv t(p.OH, p.OW, p.KH, p.KW, p.H, p.W, 1, 1, p.dh * (p.KH - 1) - p.ph,
+                        p.dw * (p.KW - 1) - p.pw, p.dh, p.dw);
+      const auto correlate = FlatKernels<scalar_t>::correlate();
+      const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
+      at::parallel_for(0, pr.N * blocks, grain_for(kLanes * p.plane_work()),
+                       [&](int64_t begin, int64_t end) {
+        FlatBlock<scalar_t> fb(t);
+        int64_t set_up = -1;
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t block = task / pr.N, n = task % pr.N, c0 = block * kLanes;
+          const int64_t lanes = std::min(kLanes, pr.C - c0), run = lanes * in_plane;
+          if (block != set_up) {
+            set_up = block;
+            fb.set_block(wp + c0 * taps, lanes, /*flip=*/true);
+          }
+          const int64_t plane = n * pr.C + c0;
+          correlate(gip + plane * in_plane, fb.load(gp + plane * out_plane, run), run, fb.ld,
+                    taps, fb.delta.data(), fb.wt.data(), fb.inside.data());
+        }
+      });
+      return;
+    }
     const bool strided = p.sh != 1 || p.sw != 1;
     if ((strided && p.OH <= kLanesMaxSide && p.OW <= kLanesMaxSide) || (p.OH <= 4 && p.OW <= 4)) {
       dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
@@ -451,6 +586,56 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
       using Kernels = PlaneKernels<decltype(kh)::value, decltype(kw)::value,
                                    decltype(sw)::value, scalar_t>;
+      if (flat_applies(p)) {
+        // Stride 1, same size, small planes: runs of kLanes channels (flat_weight_grad), tasks
+        // and sums as the lane path below: (block, group of images), per-position float
+        // partials over runs of images of at most kFloatRun products each, then each
+        // channel's positions added in double.
+        const auto weight_grad = FlatKernels<scalar_t>::weight_grad();
+        const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
+        const int64_t image_work = kLanes * p.plane_work();
+        const int64_t per_group = std::max({int64_t{1}, kParallelWork / 4 / image_work,
+                                            (pr.N + 15) / 16});
+        const int64_t groups = (pr.N + per_group - 1) / per_group;
+        const int64_t per_run = std::max<int64_t>(1, kFloatRun / out_plane);
+        std::vector<double> sums(groups * blocks * taps * kLanes);
+        run_tasks(groups * blocks, per_group * image_work, [&](int64_t task) {
+          const int64_t block = task % blocks, group = task / blocks;
+          const int64_t c0 = block * kLanes, lanes = std::min(kLanes, pr.C - c0);
+          const int64_t run = lanes * in_plane;
+          FlatBlock<scalar_t> fb(p);
+          std::vector<scalar_t> partial(taps * fb.ld);
+          double* acc = sums.data() + task * taps * kLanes;
+          const int64_t n1 = std::min(pr.N, (group + 1) * per_group);
+          for (int64_t n0 = group * per_group; n0 < n1; n0 += per_run) {
+            std::fill(partial.begin(), partial.end(), scalar_t(0));
+            for (int64_t n = n0; n < std::min(n1, n0 + per_run); ++n) {
+              const int64_t plane = n * pr.C + c0;
+              weight_grad(partial.data(), gp + plane * out_plane,
+                          fb.load(xp + plane * in_plane, run), run, fb.ld, taps,
+                          fb.delta.data(), fb.inside.data());
+            }
+            for (int64_t tap = 0; tap < taps; ++tap)
+              for (int64_t l = 0; l < lanes; ++l) {
+                const scalar_t* part = partial.data() + tap * fb.ld + l * in_plane;
+                double sum = 0.0;
+                for (int64_t q = 0; q < in_plane; ++q) sum += static_cast<double>(part[q]);
+                acc[tap * kLanes + l] += sum;
+              }
+          }
+        });
+        for (int64_t block = 0; block < blocks; ++block) {
+          const int64_t c0 = block * kLanes, lanes = std::min(kLanes, pr.C - c0);
+          for (int64_t l = 0; l < lanes; ++l)
+            for (int64_t tap = 0; tap < taps; ++tap) {
+              double sum = 0.0;
+              for (int64_t group = 0; group < groups; ++group)
+                sum += sums[((group * blocks + block) * taps + tap) * kLanes + l];
+              gwp[(c0 + l) * taps + tap] = static_cast<scalar_t>(sum);
+            }
+        }
+        return;
+      }
       if (p.OH <= kLanesMaxSide && p.OW <= kLanesMaxSide) {
         // Small planes: kLanes channels at a time, vectorised across the channels. A task is
         // one block of channels over one group of images (groups fixed by the shape alone,
