@@ -40,3 +40,35 @@ def test_argument_errors_name_the_op(call, message):
     with pytest.raises((ValueError, TypeError)) as info:
         call()
     assert str(info.value).startswith(message), str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# The autograd kernels (csrc/autograd) skip building a graph when there is nothing to record
+# (graph_needed): no grad mode, or no argument requiring grad. Same results either way.
+
+GRAPH_CALLS = {
+    "conv2d": lambda x, w, b: ops.conv2d(x, w, b, 6, padding=1, activation="relu"),
+    "depthwise_conv2d": lambda x, w, b: ops.depthwise_conv2d(x, w[:, :1].contiguous(), b,
+                                                             padding=1),
+    "linear": lambda x, w, b: ops.linear(x.flatten(1)[:, :36], w.flatten(1), b),
+    "batch_norm_act": lambda x, w, b: ops.batch_norm_act(x, w[:4, 0, 0, 0], b[:4], None, None,
+                                                         True, activation="relu"),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAPH_CALLS))
+def test_autograd_kernels_record_only_when_needed(name):
+    call = GRAPH_CALLS[name]
+    x, w, b = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), torch.randn(6)
+    with torch.no_grad():
+        plain = call(x, w, b)
+    assert plain.grad_fn is None
+    frozen = call(x, w, b)  # grad mode on, nothing requires grad
+    assert frozen.grad_fn is None and not frozen.requires_grad
+    x.requires_grad_()
+    recorded = call(x, w, b)
+    assert recorded.grad_fn is not None
+    torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(frozen, plain, rtol=0, atol=0)
+    (gx,) = torch.autograd.grad(recorded.sum(), x)
+    assert torch.isfinite(gx).all() and gx.abs().sum() > 0

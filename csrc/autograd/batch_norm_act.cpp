@@ -76,6 +76,15 @@ Stats batch_norm_act_autograd(const at::Tensor& input, const OptTensor& weight,
                               const OptTensor& bias, const OptTensor& running_mean,
                               const OptTensor& running_var, bool training, double eps,
                               const OptTensor& residual, int64_t activation) {
+  if (!graph_needed(input, weight, bias, running_mean, running_var, residual)) {
+    static const auto op =
+        op_handle<Stats(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                        const OptTensor&, bool, double, const OptTensor&, int64_t)>(
+            "slimops::batch_norm_act");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(input, weight, bias, running_mean, running_var, training, eps, residual,
+                   activation);
+  }
   variable_list out = BatchNormActFunction::apply(input, weight, bias, running_mean, running_var,
                                                   training, eps, residual, activation);
   return {out[0], out[1], out[2]};

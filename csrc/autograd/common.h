@@ -35,6 +35,19 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 
 inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+inline bool requires_grad_of(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+inline bool requires_grad_of(const OptTensor& t) { return present(t) && t->requires_grad(); }
+
+// Whether autograd has anything to record: grad mode on and some tensor argument requiring
+// grad. When not (eval, inference mode, frozen inputs) the autograd kernels call the op's
+// kernel directly below the Autograd key: a custom Function's apply builds its context and
+// node even when it records nothing, ~8-20 us per call (a 1024 -> 1000 linear layer at
+// batch 1 took 117 us against aten's 95 us for the same GEMM; 2-core AMD EPYC Zen 3).
+template <typename... T>
+bool graph_needed(const T&... tensors) {
+  return at::GradMode::is_enabled() && (requires_grad_of(tensors) || ...);
+}
+
 // A saved tensor back as an optional argument (saved undefined when it was absent).
 inline OptTensor optional(const at::Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;

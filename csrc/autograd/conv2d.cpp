@@ -79,6 +79,11 @@ at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight,
                            c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                            const OptTensor& scale, const OptTensor& shift,
                            const OptTensor& residual, int64_t activation) {
+  if (!graph_needed(input, weight, bias, scale, shift, residual)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return conv2d_op(input, weight, bias, out_channels, stride, padding, dilation, groups, scale,
+                     shift, residual, activation);
+  }
   return Conv2dFunction::apply(input, weight, bias, out_channels, stride, padding, dilation,
                                groups, scale, shift, residual, activation);
 }

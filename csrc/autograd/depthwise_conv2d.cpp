@@ -71,6 +71,11 @@ at::Tensor depthwise_conv2d_autograd(const at::Tensor& input, const at::Tensor& 
                                      c10::IntArrayRef padding, c10::IntArrayRef dilation,
                                      const OptTensor& scale, const OptTensor& shift,
                                      const OptTensor& residual, int64_t activation) {
+  if (!graph_needed(input, weight, bias, scale, shift, residual)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return depthwise_op(input, weight, bias, stride, padding, dilation, scale, shift, residual,
+                        activation);
+  }
   return DepthwiseConv2dFunction::apply(input, weight, bias, stride, padding, dilation, scale,
                                         shift, residual, activation);
 }

@@ -50,6 +50,13 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 
 at::Tensor linear_autograd(const at::Tensor& input, const at::Tensor& weight,
                            const OptTensor& bias, int64_t out_features) {
+  if (!graph_needed(input, weight, bias)) {
+    static const auto op =
+        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t)>(
+            "slimops::linear");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(input, weight, bias, out_features);
+  }
   return LinearFunction::apply(input, weight, bias, out_features);
 }
 
