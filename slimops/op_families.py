@@ -27,7 +27,13 @@ OP_FAMILIES: Dict[str, Tuple[str, ...]] = {
 # Ops of csrc/ops.cpp that are queries of the CPU backend, not computations (no family).
 BACKEND_QUERIES: Tuple[str, ...] = ("cpu_isa", "conv2d_routes")
 
+# op -> the family whose files hold it: ops with a CPU kernel only (no Triton or CUDA
+# kernel), whose Python entry point runs aten ops on other devices. update_running_stats
+# folds a batch's statistics into the running ones (one op instead of three aten calls per
+# BN layer and width of a CPU training step).
+CPU_HELPERS: Dict[str, str] = {"update_running_stats": "batch_norm_act"}
+
 # op -> its family
 FAMILY_OF: Dict[str, str] = {op: family for family, ops in OP_FAMILIES.items() for op in ops}
 
-__all__ = ["BACKEND_QUERIES", "FAMILY_OF", "OP_FAMILIES"]
+__all__ = ["BACKEND_QUERIES", "CPU_HELPERS", "FAMILY_OF", "OP_FAMILIES"]

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from slimops.op_families import FAMILY_OF
+from slimops.op_families import CPU_HELPERS, FAMILY_OF
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "bench", "gpu_check.py")
@@ -78,9 +78,10 @@ def test_dry_run_passes_and_writes_json_and_markdown(dry_run):
 def test_dry_run_checks_every_op_in_every_dtype(dry_run):
     _, out = dry_run
     report = json.loads((out / "gpu_check.json").read_text())
-    # every op ran, the backward ops through autograd and the fused training ops too
-    assert set(report["ops_run"]) == set(FAMILY_OF) | {"conv2d_bn_act_train",
-                                                       "depthwise_conv2d_bn_act_train"}
+    # every op ran, the backward ops through autograd and the fused training ops too (and,
+    # this dry run being on the CPU, the CPU-only helpers of training)
+    assert set(report["ops_run"]) == set(FAMILY_OF) | set(CPU_HELPERS) | {
+        "conv2d_bn_act_train", "depthwise_conv2d_bn_act_train"}
     assert report["ops_not_run"] == []
     checks = report["checks"]
     assert {c["op"] for c in checks} == {op for op in FAMILY_OF if "backward" not in op} | {

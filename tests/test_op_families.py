@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from slimops import kernels, reference
-from slimops.op_families import BACKEND_QUERIES, FAMILY_OF, OP_FAMILIES
+from slimops.op_families import BACKEND_QUERIES, CPU_HELPERS, FAMILY_OF, OP_FAMILIES
 from slimops.ops import _backend
 from slimops.ops.cuda_registration import OP_FAMILIES as CUDA_OPS
 
@@ -28,14 +28,22 @@ def _functions(path: Path) -> set:
 
 
 def test_every_schema_is_in_one_family_or_a_backend_query():
-    ops = list(FAMILY_OF) + list(BACKEND_QUERIES)
+    ops = list(FAMILY_OF) + list(BACKEND_QUERIES) + list(CPU_HELPERS)
     assert len(ops) == len(set(ops))
     assert set(ops) == _schemas()
 
 
+def test_cpu_helpers_live_in_their_family_files():
+    """A CPU-only op sits beside its family's kernels and Python entry points."""
+    for op, family in CPU_HELPERS.items():
+        assert family in OP_FAMILIES
+        assert f'm.impl("{op}"' in (ROOT / f"csrc/cpu/{family}.cpp").read_text()
+        assert f"def {op}(" in (ROOT / f"slimops/ops/{family}.py").read_text()
+
+
 @pytest.mark.skipif(not _backend.HAS_C, reason="the compiled extension is not built")
 def test_the_extension_defines_every_op():
-    for op in list(FAMILY_OF) + list(BACKEND_QUERIES):
+    for op in list(FAMILY_OF) + list(BACKEND_QUERIES) + list(CPU_HELPERS):
         assert hasattr(torch.ops.slimops, op), op
 
 

@@ -562,6 +562,39 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
   return grad_input;
 }
 
+// The small-plane weight gradients' schedule (lane and flat kernels). A task is one block of
+// kLanes channels over one group of images (groups fixed by the shape alone, so the result
+// does not depend on the thread count: ~32K multiply-adds each, at most 16 groups, bounding
+// the slots); sum_images(acc, c0, lanes, n_begin, n_end) adds images [n_begin, n_end) of
+// the block's channels [c0, c0 + lanes) into its own double slot acc[taps][kLanes]; the slots
+// are then added in group order into grad_weight: deterministic.
+template <typename scalar_t, typename F>
+void small_plane_weight_grad(scalar_t* gwp, const Problem& pr, int64_t taps,
+                             const F& sum_images) {
+  const PlaneConv& p = pr.conv;
+  const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
+  const int64_t image_work = kLanes * p.plane_work();
+  const int64_t per_group =
+      std::max({int64_t{1}, kParallelWork / 4 / image_work, (pr.N + 15) / 16});
+  const int64_t groups = (pr.N + per_group - 1) / per_group;
+  std::vector<double> sums(groups * blocks * taps * kLanes);
+  run_tasks(groups * blocks, per_group * image_work, [&](int64_t task) {
+    const int64_t block = task % blocks, group = task / blocks, c0 = block * kLanes;
+    sum_images(sums.data() + task * taps * kLanes, c0, std::min(kLanes, pr.C - c0),
+               group * per_group, std::min(pr.N, (group + 1) * per_group));
+  });
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t c0 = block * kLanes, lanes = std::min(kLanes, pr.C - c0);
+    for (int64_t l = 0; l < lanes; ++l)
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        double sum = 0.0;
+        for (int64_t group = 0; group < groups; ++group)
+          sum += sums[((group * blocks + block) * taps + tap) * kLanes + l];
+        gwp[(c0 + l) * taps + tap] = static_cast<scalar_t>(sum);
+      }
+  }
+}
+
 at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& input,
                                             const at::Tensor& weight, at::IntArrayRef stride,
                                             at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -586,30 +619,23 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
       using Kernels = PlaneKernels<decltype(kh)::value, decltype(kw)::value,
                                    decltype(sw)::value, scalar_t>;
+      // Small planes (schedule: small_plane_weight_grad). Within a task the images are summed
+      // in scalar_t in runs of at most kFloatRun output positions (one image when its plane is
+      // larger), each run then added in double: the rounding of an 8x8 plane's sum, whatever
+      // the plane.
+      const int64_t per_run = std::max<int64_t>(1, kFloatRun / out_plane);
       if (flat_applies(p)) {
-        // Stride 1, same size, small planes: runs of kLanes channels (flat_weight_grad), tasks
-        // and sums as the lane path below: (block, group of images), per-position float
-        // partials over runs of images of at most kFloatRun products each, then each
-        // channel's positions added in double.
+        // Stride 1, same size, planes up to 16 positions: runs of kLanes channels
+        // (flat_weight_grad), per-position partials, each channel's positions added in double.
         const auto weight_grad = FlatKernels<scalar_t>::weight_grad();
-        const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
-        const int64_t image_work = kLanes * p.plane_work();
-        const int64_t per_group = std::max({int64_t{1}, kParallelWork / 4 / image_work,
-                                            (pr.N + 15) / 16});
-        const int64_t groups = (pr.N + per_group - 1) / per_group;
-        const int64_t per_run = std::max<int64_t>(1, kFloatRun / out_plane);
-        std::vector<double> sums(groups * blocks * taps * kLanes);
-        run_tasks(groups * blocks, per_group * image_work, [&](int64_t task) {
-          const int64_t block = task % blocks, group = task / blocks;
-          const int64_t c0 = block * kLanes, lanes = std::min(kLanes, pr.C - c0);
+        small_plane_weight_grad(gwp, pr, taps, [&](double* acc, int64_t c0, int64_t lanes,
+                                                   int64_t n_begin, int64_t n_end) {
           const int64_t run = lanes * in_plane;
           FlatBlock<scalar_t> fb(p);
           std::vector<scalar_t> partial(taps * fb.ld);
-          double* acc = sums.data() + task * taps * kLanes;
-          const int64_t n1 = std::min(pr.N, (group + 1) * per_group);
-          for (int64_t n0 = group * per_group; n0 < n1; n0 += per_run) {
+          for (int64_t n0 = n_begin; n0 < n_end; n0 += per_run) {
             std::fill(partial.begin(), partial.end(), scalar_t(0));
-            for (int64_t n = n0; n < std::min(n1, n0 + per_run); ++n) {
+            for (int64_t n = n0; n < std::min(n_end, n0 + per_run); ++n) {
               const int64_t plane = n * pr.C + c0;
               weight_grad(partial.data(), gp + plane * out_plane,
                           fb.load(xp + plane * in_plane, run), run, fb.ld, taps,
@@ -624,48 +650,21 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
               }
           }
         });
-        for (int64_t block = 0; block < blocks; ++block) {
-          const int64_t c0 = block * kLanes, lanes = std::min(kLanes, pr.C - c0);
-          for (int64_t l = 0; l < lanes; ++l)
-            for (int64_t tap = 0; tap < taps; ++tap) {
-              double sum = 0.0;
-              for (int64_t group = 0; group < groups; ++group)
-                sum += sums[((group * blocks + block) * taps + tap) * kLanes + l];
-              gwp[(c0 + l) * taps + tap] = static_cast<scalar_t>(sum);
-            }
-        }
         return;
       }
       if (p.OH <= kLanesMaxSide && p.OW <= kLanesMaxSide) {
-        // Small planes: kLanes channels at a time, vectorised across the channels. A task is
-        // one block of channels over one group of images (groups fixed by the shape alone,
-        // so the result does not depend on the thread count); its sum, in double, lands in
-        // its own slot, and the slots are added in group order: deterministic. Within a
-        // task the images are summed in scalar_t in runs of at most kFloatRun output
-        // positions (one image when its plane is larger), each run then added in double:
-        // the rounding of an 8x8 plane's sum, whatever the plane.
+        // kLanes channels at a time, vectorised across the channels (weight_grad_lanes).
         const auto weight_grad_lanes = Kernels::weight_grad_lanes();
-        const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
-        const int64_t image_work = kLanes * p.plane_work();
-        // Groups of ~32K multiply-adds, at most 16 of them (bounding `sums`).
-        const int64_t per_group = std::max({int64_t{1}, kParallelWork / 4 / image_work,
-                                            (pr.N + 15) / 16});
-        const int64_t groups = (pr.N + per_group - 1) / per_group;
-        const int64_t per_run = std::max<int64_t>(1, kFloatRun / out_plane);
-        std::vector<double> sums(groups * blocks * taps * kLanes);
-        run_tasks(groups * blocks, per_group * image_work, [&](int64_t task) {
-          const int64_t block = task % blocks, group = task / blocks;
-          const int64_t c0 = block * kLanes, lanes = std::min(kLanes, pr.C - c0);
+        small_plane_weight_grad(gwp, pr, taps, [&](double* acc, int64_t c0, int64_t lanes,
+                                                   int64_t n_begin, int64_t n_end) {
           scalar_t* field = scratch<scalar_t>(ScratchSlot::kCols, p.HP * p.WP * kLanes);
           scalar_t* gl = scratch<scalar_t>(ScratchSlot::kGradT, out_plane * kLanes);
           scalar_t* partial = scratch<scalar_t>(ScratchSlot::kTmp, taps * kLanes);
           std::fill(field, field + p.HP * p.WP * kLanes, scalar_t(0));
           std::fill(gl, gl + out_plane * kLanes, scalar_t(0));
-          double* acc = sums.data() + task * taps * kLanes;
-          const int64_t n1 = std::min(pr.N, (group + 1) * per_group);
-          for (int64_t n0 = group * per_group; n0 < n1; n0 += per_run) {
+          for (int64_t n0 = n_begin; n0 < n_end; n0 += per_run) {
             std::fill(partial, partial + taps * kLanes, scalar_t(0));
-            for (int64_t n = n0; n < std::min(n1, n0 + per_run); ++n) {
+            for (int64_t n = n0; n < std::min(n_end, n0 + per_run); ++n) {
               const int64_t plane = n * pr.C + c0;
               weight_grad_lanes(partial, gp + plane * out_plane, xp + plane * in_plane, lanes,
                                 p, field, gl);
@@ -673,16 +672,6 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
             for (int64_t k = 0; k < taps * kLanes; ++k) acc[k] += static_cast<double>(partial[k]);
           }
         });
-        for (int64_t block = 0; block < blocks; ++block) {
-          const int64_t c0 = block * kLanes, lanes = std::min(kLanes, pr.C - c0);
-          for (int64_t l = 0; l < lanes; ++l)
-            for (int64_t tap = 0; tap < taps; ++tap) {
-              double sum = 0.0;
-              for (int64_t group = 0; group < groups; ++group)
-                sum += sums[((group * blocks + block) * taps + tap) * kLanes + l];
-              gwp[(c0 + l) * taps + tap] = static_cast<scalar_t>(sum);
-            }
-        }
         return;
       }
       const auto accumulate_plane = Kernels::accumulate();
