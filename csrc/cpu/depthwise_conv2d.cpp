@@ -165,6 +165,25 @@ constexpr int64_t kLanesMaxSide = 16;
 // adding the sum in double (an 8x8 plane's worth; see depthwise_conv2d_backward_weight).
 constexpr int64_t kFloatRun = 64;
 
+// The small-plane paths' tasks [begin, end), block by block (task = block * N + image): a
+// thread sets up a block of kLanes channels once for all the images it takes. Calls
+// on_block(c0, lanes) when a task starts a new block of channels [c0, c0 + lanes), then
+// on_image(plane, lanes) with plane = n * C + c0, the block's first plane in image n.
+template <typename B, typename I>
+void for_block_tasks(int64_t begin, int64_t end, int64_t N, int64_t C, const B& on_block,
+                     const I& on_image) {
+  int64_t set_up = -1;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t block = task / N, n = task % N, c0 = block * kLanes;
+    const int64_t lanes = std::min(kLanes, C - c0);
+    if (block != set_up) {
+      set_up = block;
+      on_block(c0, lanes);
+    }
+    on_image(n * C + c0, lanes);
+  }
+}
+
 // wl[k * kLanes + l] = w[l * taps + k] for a block's `lanes` channels (w: the block's first
 // channel's taps), 0 in the lanes past them: the taps interleaved as the lane kernels read
 // them, once per block of channels, not per image.
@@ -325,6 +344,15 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
     const int64_t bs = b ? b->stride(0) : 0, scs = sc ? sc->stride(0) : 0,
                   shs = sh ? sh->stride(0) : 0;
     scalar_t* outp = out.data_ptr<scalar_t>();
+    // The small-plane paths' epilogue of channels [c0, c0 + lanes): act(z * a + t + r), with
+    // a = scale, t = bias * scale + shift.
+    const auto block_epilogue = [&](int64_t c0, int64_t lanes, scalar_t* a, scalar_t* t) {
+      for (int64_t l = 0; l < lanes; ++l) {
+        const int64_t c = c0 + l;
+        a[l] = scp ? scp[c * scs] : scalar_t(1);
+        t[l] = (bp ? bp[c * bs] : scalar_t(0)) * a[l] + (shp ? shp[c * shs] : scalar_t(0));
+      }
+    };
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
       using Kernels = PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
                                    scalar_t>;
@@ -337,32 +365,22 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
                          [&](int64_t begin, int64_t end) {
           FlatBlock<scalar_t> fb(p);
           std::vector<scalar_t> acc(fb.ld), a(kLanes), t(kLanes);
-          int64_t set_up = -1;
-          for (int64_t task = begin; task < end; ++task) {
-            const int64_t block = task / pr.N, n = task % pr.N, c0 = block * kLanes;
-            const int64_t lanes = std::min(kLanes, pr.C - c0), run = lanes * in_plane;
-            if (block != set_up) {
-              set_up = block;
-              fb.set_block(wp + c0 * taps, lanes, /*flip=*/false);
-              for (int64_t l = 0; l < lanes; ++l) {
-                const int64_t c = c0 + l;
-                a[l] = scp ? scp[c * scs] : scalar_t(1);
-                t[l] =
-                    (bp ? bp[c * bs] : scalar_t(0)) * a[l] + (shp ? shp[c * shs] : scalar_t(0));
-              }
-            }
-            const int64_t plane = n * pr.C + c0;
+          for_block_tasks(begin, end, pr.N, pr.C, [&](int64_t c0, int64_t lanes) {
+            fb.set_block(wp + c0 * taps, lanes, /*flip=*/false);
+            block_epilogue(c0, lanes, a.data(), t.data());
+          }, [&](int64_t plane, int64_t lanes) {
+            const int64_t run = lanes * in_plane;
             scalar_t* o = outp + plane * out_plane;
             correlate(has_epilogue ? acc.data() : o, fb.load(xp + plane * in_plane, run), run,
                       fb.ld, taps, fb.delta.data(), fb.wt.data(), fb.inside.data());
-            if (!has_epilogue) continue;
+            if (!has_epilogue) return;
             const scalar_t* r = rp ? rp + plane * out_plane : nullptr;
             for (int64_t k = 0; k < run; ++k) {
               const int64_t l = k / out_plane;
               o[k] = activate<scalar_t>(acc[k] * a[l] + t[l] + (r ? r[k] : scalar_t(0)),
                                         activation);
             }
-          }
+          });
         });
         return;
       }
@@ -376,27 +394,16 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
                          [&](int64_t begin, int64_t end) {
           std::vector<scalar_t> field(p.HP * p.WP * kLanes), wl(taps * kLanes),
               acc(out_plane * kLanes), a(kLanes), t(kLanes);
-          int64_t set_up = -1;  // the block the buffers hold
-          for (int64_t task = begin; task < end; ++task) {
-            const int64_t block = task / pr.N, n = task % pr.N, c0 = block * kLanes;
-            const int64_t lanes = std::min(kLanes, pr.C - c0);
-            if (block != set_up) {
-              set_up = block;
-              std::fill(field.begin(), field.end(), scalar_t(0));
-              interleave_taps(wl.data(), wp + c0 * taps, lanes, taps);
-              for (int64_t l = 0; l < lanes; ++l) {
-                const int64_t c = c0 + l;
-                a[l] = scp ? scp[c * scs] : scalar_t(1);
-                t[l] =
-                    (bp ? bp[c * bs] : scalar_t(0)) * a[l] + (shp ? shp[c * shs] : scalar_t(0));
-              }
-            }
-            const int64_t plane = n * pr.C + c0;
+          for_block_tasks(begin, end, pr.N, pr.C, [&](int64_t c0, int64_t lanes) {
+            std::fill(field.begin(), field.end(), scalar_t(0));
+            interleave_taps(wl.data(), wp + c0 * taps, lanes, taps);
+            block_epilogue(c0, lanes, a.data(), t.data());
+          }, [&](int64_t plane, int64_t lanes) {
             forward_lanes(outp + plane * out_plane, xp + plane * in_plane, lanes, wl.data(), p,
                           has_epilogue, a.data(), t.data(),
                           rp ? rp + plane * out_plane : nullptr, activation, field.data(),
                           acc.data());
-          }
+          });
         });
         return;
       }
@@ -455,18 +462,13 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
       at::parallel_for(0, pr.N * blocks, grain_for(kLanes * p.plane_work()),
                        [&](int64_t begin, int64_t end) {
         FlatBlock<scalar_t> fb(t);
-        int64_t set_up = -1;
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t block = task / pr.N, n = task % pr.N, c0 = block * kLanes;
-          const int64_t lanes = std::min(kLanes, pr.C - c0), run = lanes * in_plane;
-          if (block != set_up) {
-            set_up = block;
-            fb.set_block(wp + c0 * taps, lanes, /*flip=*/true);
-          }
-          const int64_t plane = n * pr.C + c0;
+        for_block_tasks(begin, end, pr.N, pr.C, [&](int64_t c0, int64_t lanes) {
+          fb.set_block(wp + c0 * taps, lanes, /*flip=*/true);
+        }, [&](int64_t plane, int64_t lanes) {
+          const int64_t run = lanes * in_plane;
           correlate(gip + plane * in_plane, fb.load(gp + plane * out_plane, run), run, fb.ld,
                     taps, fb.delta.data(), fb.wt.data(), fb.inside.data());
-        }
+        });
       });
       return;
     }
@@ -483,19 +485,13 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
           scalar_t* field = scratch<scalar_t>(ScratchSlot::kCols, p.HP * p.WP * kLanes);
           scalar_t* gl = scratch<scalar_t>(ScratchSlot::kGradT, out_plane * kLanes);
           scalar_t* wl = scratch<scalar_t>(ScratchSlot::kTmp, taps * kLanes);
-          int64_t set_up = -1;  // the block wl and gl hold
-          for (int64_t item = begin; item < end; ++item) {
-            const int64_t block = item / pr.N, n = item % pr.N, c0 = block * kLanes;
-            const int64_t lanes = std::min(kLanes, pr.C - c0);
-            if (block != set_up) {
-              set_up = block;
-              interleave_taps(wl, wp + c0 * taps, lanes, taps);
-              std::fill(gl, gl + out_plane * kLanes, scalar_t(0));
-            }
-            const int64_t plane = n * pr.C + c0;
+          for_block_tasks(begin, end, pr.N, pr.C, [&](int64_t c0, int64_t lanes) {
+            interleave_taps(wl, wp + c0 * taps, lanes, taps);
+            std::fill(gl, gl + out_plane * kLanes, scalar_t(0));
+          }, [&](int64_t plane, int64_t lanes) {
             input_grad_lanes(gip + plane * in_plane, gp + plane * out_plane, wl, lanes, p,
                              field, gl);
-          }
+          });
         });
       });
       return;
