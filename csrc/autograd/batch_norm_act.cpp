@@ -10,6 +10,20 @@ namespace {
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// slimops::batch_norm_act below autograd (the Function's forward and the no-graph path).
+Stats batch_norm_act_op(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                        const OptTensor& running_mean, const OptTensor& running_var,
+                        bool training, double eps, const OptTensor& residual,
+                        int64_t activation) {
+  static const auto op =
+      op_handle<Stats(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                      const OptTensor&, bool, double, const OptTensor&, int64_t)>(
+          "slimops::batch_norm_act");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(input, weight, bias, running_mean, running_var, training, eps, residual,
+                 activation);
+}
+
 class BatchNormActFunction : public torch::autograd::Function<BatchNormActFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
@@ -17,16 +31,8 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
                                const OptTensor& running_mean, const OptTensor& running_var,
                                bool training, double eps, const OptTensor& residual,
                                int64_t activation) {
-    static const auto op =
-        op_handle<Stats(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                        const OptTensor&, bool, double, const OptTensor&, int64_t)>(
-            "slimops::batch_norm_act");
-    Stats result;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      result = op.call(input, weight, bias, running_mean, running_var, training, eps, residual,
-                       activation);
-    }
+    Stats result = batch_norm_act_op(input, weight, bias, running_mean, running_var, training,
+                                     eps, residual, activation);
     const auto& [out, mean, var] = result;
     ctx->mark_non_differentiable({mean, var});
     save_edges(ctx, {true, present(weight), present(bias), present(running_mean),
@@ -76,15 +82,9 @@ Stats batch_norm_act_autograd(const at::Tensor& input, const OptTensor& weight,
                               const OptTensor& bias, const OptTensor& running_mean,
                               const OptTensor& running_var, bool training, double eps,
                               const OptTensor& residual, int64_t activation) {
-  if (!graph_needed(input, weight, bias, running_mean, running_var, residual)) {
-    static const auto op =
-        op_handle<Stats(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                        const OptTensor&, bool, double, const OptTensor&, int64_t)>(
-            "slimops::batch_norm_act");
-    at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(input, weight, bias, running_mean, running_var, training, eps, residual,
-                   activation);
-  }
+  if (!graph_needed(input, weight, bias, running_mean, running_var, residual))
+    return batch_norm_act_op(input, weight, bias, running_mean, running_var, training, eps,
+                             residual, activation);
   variable_list out = BatchNormActFunction::apply(input, weight, bias, running_mean, running_var,
                                                   training, eps, residual, activation);
   return {out[0], out[1], out[2]};

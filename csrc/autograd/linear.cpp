@@ -6,19 +6,22 @@ namespace slimops {
 namespace autograd {
 namespace {
 
+// slimops::linear below autograd (the Function's forward and the no-graph path).
+at::Tensor linear_op(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
+                     int64_t out_features) {
+  static const auto op =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t)>(
+          "slimops::linear");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(input, weight, bias, out_features);
+}
+
 class LinearFunction : public torch::autograd::Function<LinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
                             const at::Tensor& weight, const OptTensor& bias,
                             int64_t out_features) {
-    static const auto op =
-        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t)>(
-            "slimops::linear");
-    at::Tensor out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      out = op.call(input, weight, bias, out_features);
-    }
+    at::Tensor out = linear_op(input, weight, bias, out_features);
     save_edges(ctx, {true, true, present(bias), false});
     ctx->saved_data["bias_rows"] = present(bias) ? bias->size(0) : int64_t{0};
     ctx->save_for_backward({input, weight});
@@ -50,13 +53,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 
 at::Tensor linear_autograd(const at::Tensor& input, const at::Tensor& weight,
                            const OptTensor& bias, int64_t out_features) {
-  if (!graph_needed(input, weight, bias)) {
-    static const auto op =
-        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t)>(
-            "slimops::linear");
-    at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(input, weight, bias, out_features);
-  }
+  if (!graph_needed(input, weight, bias)) return linear_op(input, weight, bias, out_features);
   return LinearFunction::apply(input, weight, bias, out_features);
 }
 
