@@ -38,6 +38,11 @@ struct ConvGeometry {
   int64_t P() const { return Ho * Wo; }
   // Rows of one group's im2col matrix, i.e. the inner dimension of its GEMM.
   int64_t K() const { return ig * kernel_area(); }
+  // Rows of the im2col matrix of all groups (C*kh*kw), and the full weight's row length, the
+  // leading dimension its prefixes are read with in place.
+  int64_t col_rows() const { return C * kernel_area(); }
+  int64_t weight_ld() const { return Ig * kernel_area(); }
+  int64_t HW() const { return H * W; }
   // A 1x1 kernel with unit stride and no padding sees each input pixel once, in order, so
   // the image [C, H*W] is already the im2col matrix (dilation has no effect on 1x1).
   bool pointwise() const { return kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0; }
@@ -143,7 +148,7 @@ template <typename scalar_t>
 void im2col_row(const scalar_t* image, scalar_t* dst, const ConvGeometry& s, int64_t r,
                 int64_t p0, int64_t ncols) {
   const int64_t j = r % s.kw, i = (r / s.kw) % s.kh, c = r / s.kernel_area();
-  const scalar_t* src = image + c * s.H * s.W;
+  const scalar_t* src = image + c * s.HW();
   const int64_t off_w = j * s.dw - s.pw;
   const Span w = valid_span(off_w, s.sw, s.W, s.Wo);
   for (int64_t p = p0, end = p0 + ncols; p < end;) {
@@ -171,7 +176,7 @@ void im2col_row(const scalar_t* image, scalar_t* dst, const ConvGeometry& s, int
 template <typename scalar_t>
 void im2col_block(const scalar_t* image, scalar_t* cols, const ConvGeometry& s, int64_t p0,
                   int64_t ncols, int64_t ld) {
-  const int64_t rows = s.C * s.kernel_area();
+  const int64_t rows = s.col_rows();
   for (int64_t r = 0; r < rows; ++r) im2col_row(image, cols + r * ld, s, r, p0, ncols);
 }
 
@@ -250,7 +255,7 @@ ChunkPlan plan_chunks(const ConvGeometry& s, int64_t rows) {
 // The chunk's im2col matrix [C*kh*kw, L]: image n0 + j at columns [j*cnt, (j+1)*cnt).
 template <typename scalar_t>
 void gather_cols(const scalar_t* x, const ConvGeometry& s, const Chunk& ch, scalar_t* cols) {
-  const int64_t rows = s.C * s.kernel_area(), HW = s.H * s.W, k = ch.k;
+  const int64_t rows = s.col_rows(), HW = s.HW(), k = ch.k;
   // Items in the order of the matrix, row r then image j: consecutive items write
   // consecutive memory (row r's images side by side), and (r, j) steps without a division.
   run_ranges(rows * k, ch.cnt, [&](int64_t begin, int64_t end) {
@@ -310,6 +315,18 @@ Operand<scalar_t> chunk_grad(const scalar_t* gz, const ConvGeometry& s, const Ch
   return {gz + ch.n0 * s.O * s.P() + ch.p0, s.P()};
 }
 
+// Both backward passes walk the same chunks of (image, position) columns, in order: the plan
+// budgets the gathered output gradient (O rows) and the columns (C*kh*kw rows) per position,
+// and `body(ch, L, grad)` gets each chunk with its output gradient as a GEMM operand.
+template <typename scalar_t, typename Body>
+void for_grad_chunks(const ConvGeometry& s, const scalar_t* gz, Body&& body) {
+  const ChunkPlan plan = plan_chunks(s, s.O + s.col_rows());
+  for (int64_t c = 0; c < plan.chunks; ++c) {
+    const Chunk ch = plan.at(c, s.N, s.P());
+    body(ch, ch.L(), chunk_grad(gz, s, ch));
+  }
+}
+
 // How the forward splits its work: one task per (image, block of output positions, block of
 // output channels). A column block's GEMM operands, (K + O) x cols values, stay within about
 // 1 MiB, so its epilogue reads the output while it is still in cache. With fewer images than
@@ -335,7 +352,7 @@ BlockPlan plan_blocks(const ConvGeometry& s, int64_t threads) {
     const int64_t images = std::max<int64_t>(1, std::min(want, s.N / std::max<int64_t>(1, threads)));
     if (images > 1) return {P, 1, s.O, 1, (s.N + images - 1) / images, images};
   }
-  const int64_t budget = std::max<int64_t>(64, (int64_t{1} << 18) / (s.C * s.kernel_area() + s.O));
+  const int64_t budget = std::max<int64_t>(64, (int64_t{1} << 18) / (s.col_rows() + s.O));
   int64_t col_blocks = (P + budget - 1) / budget, row_blocks = 1;
   const int64_t split = s.N < threads ? (threads + s.N - 1) / s.N : 1;
   if (split > 1) {
@@ -447,7 +464,7 @@ at::Tensor onednn_weight(const at::Tensor& weight, const ConvGeometry& s) {
 // read in place through the weight's strides.
 DirectConv direct_forward_problem(const ConvGeometry& s, int64_t g, const float* x,
                                   const float* w, float* y) {
-  const int64_t HW = s.H * s.W, KK = s.kernel_area(), P = s.P();
+  const int64_t HW = s.HW(), KK = s.kernel_area(), P = s.P();
   DirectConv d;
   d.N = s.N; d.C = s.ig; d.H = s.H; d.W = s.W;
   d.O = s.og; d.Ho = s.Ho; d.Wo = s.Wo;
@@ -455,8 +472,8 @@ DirectConv direct_forward_problem(const ConvGeometry& s, int64_t g, const float*
   d.ph = s.ph; d.pw = s.pw; d.dh = s.dh; d.dw = s.dw;
   d.x = x ? x + g * s.ig * HW : nullptr;
   d.x_n = s.C * HW;
-  d.w = w ? w + g * s.Og * s.Ig * KK : nullptr;
-  d.w_o = s.Ig * KK; d.w_c = KK; d.w_i = s.kw; d.w_j = 1;
+  d.w = w ? w + g * s.Og * s.weight_ld() : nullptr;
+  d.w_o = s.weight_ld(); d.w_c = KK; d.w_i = s.kw; d.w_j = 1;
   d.y = y ? y + g * s.og * P : nullptr;
   d.y_n = s.O * P;
   return d;
@@ -465,21 +482,18 @@ DirectConv direct_forward_problem(const ConvGeometry& s, int64_t g, const float*
 // The stride-1 input gradient of group g as the same correlation: grad_z (its og channels as
 // the input) with the transposed, flipped prefix W(c, o, i, j) = weight[o, c, kh-1-i, kw-1-j]
 // and padding (k-1)*d - p. Valid when that padding is not negative (checked by the caller).
+// It is the forward problem of the transposed geometry, with the weight read backwards.
 DirectConv direct_input_grad_problem(const ConvGeometry& s, int64_t g, const float* gz,
                                      const float* w, float* gi) {
-  const int64_t HW = s.H * s.W, KK = s.kernel_area(), P = s.P();
-  DirectConv d;
-  d.N = s.N; d.C = s.og; d.H = s.Ho; d.W = s.Wo;
-  d.O = s.ig; d.Ho = s.H; d.Wo = s.W;
-  d.kh = s.kh; d.kw = s.kw; d.sh = 1; d.sw = 1;
-  d.ph = (s.kh - 1) * s.dh - s.ph; d.pw = (s.kw - 1) * s.dw - s.pw;
-  d.dh = s.dh; d.dw = s.dw;
-  d.x = gz ? gz + g * s.og * P : nullptr;
-  d.x_n = s.O * P;
-  d.w = w ? w + g * s.Og * s.Ig * KK + (s.kh - 1) * s.kw + (s.kw - 1) : nullptr;
-  d.w_o = KK; d.w_c = s.Ig * KK; d.w_i = -s.kw; d.w_j = -1;
-  d.y = gi ? gi + g * s.ig * HW : nullptr;
-  d.y_n = s.C * HW;
+  ConvGeometry t = s;
+  t.C = s.O; t.H = s.Ho; t.W = s.Wo; t.ig = s.og;
+  t.O = s.C; t.Ho = s.H; t.Wo = s.W; t.og = s.ig;
+  t.sh = 1; t.sw = 1;
+  t.ph = (s.kh - 1) * s.dh - s.ph; t.pw = (s.kw - 1) * s.dw - s.pw;
+  DirectConv d = direct_forward_problem(t, g, gz, nullptr, gi);
+  const int64_t KK = s.kernel_area();
+  d.w = w ? w + g * s.Og * s.weight_ld() + (s.kh - 1) * s.kw + (s.kw - 1) : nullptr;
+  d.w_o = KK; d.w_c = s.weight_ld(); d.w_i = -s.kw; d.w_j = -1;
   return d;
 }
 
@@ -654,7 +668,7 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
                     const scalar_t* xp, const scalar_t* wp, scalar_t* op_, const scalar_t* a_,
                     const scalar_t* t_, const scalar_t* rp, int64_t activation,
                     bool has_epilogue) {
-    const int64_t P = s.P(), K = s.K(), lda = s.Ig * s.kernel_area();
+    const int64_t P = s.P(), K = s.K(), lda = s.weight_ld();
     const int64_t og = s.og, Og = s.Og;
     const EpilogueRows<scalar_t> epilogue = epilogue_rows_for_cpu<scalar_t>();
     if (use_direct(s, std::is_same<scalar_t, float>::value, Pass::kForward)) {
@@ -670,7 +684,7 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
     // slice copied to its output and the epilogue applied there (in cache).
     const auto run_images = [&](int64_t task, scalar_t* cols, scalar_t* tmp) {
       const int64_t n0 = task * plan.images, k = std::min(plan.images, s.N - n0);
-      const int64_t ld = k * P, rows = s.C * s.kernel_area();
+      const int64_t ld = k * P, rows = s.col_rows();
       if (s.pointwise()) {  // row by row: consecutive copies write consecutive memory
         const scalar_t* images = xp + n0 * s.C * P;
         for (int64_t r = 0; r < rows; ++r)
@@ -678,7 +692,7 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
             copy_run(images + (j * s.C + r) * P, P, cols + r * ld + j * P);
       } else {
         for (int64_t j = 0; j < k; ++j)
-          im2col_block(xp + (n0 + j) * s.C * s.H * s.W, cols + j * P, s, 0, P, ld);
+          im2col_block(xp + (n0 + j) * s.C * s.HW(), cols + j * P, s, 0, P, ld);
       }
       for (int64_t g = 0; g < s.G; ++g)
         gemm<scalar_t>(og, ld, K, wp + g * Og * lda, lda, cols + g * K * ld, ld,
@@ -699,9 +713,9 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
       const int64_t r0 = (task % plan.row_blocks) * plan.rows;  // row blocks: G == 1 only
       const int64_t ncols = std::min(plan.cols, P - p0);
       const int64_t nrows = std::min(plan.rows, s.O - r0);
-      const scalar_t* image = xp + n * s.C * s.H * s.W;
+      const scalar_t* image = xp + n * s.C * s.HW();
       const scalar_t* B = image + p0;
-      int64_t ldb = s.H * s.W;
+      int64_t ldb = s.HW();
       if (!s.pointwise()) {
         im2col_block(image, cols, s, p0, ncols, ncols);
         B = cols;
@@ -720,8 +734,8 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
                  rp ? rp + n * s.O * P + p0 + r0 * P : nullptr, activation);
     };
     const bool multi = plan.images > 1;
-    const int64_t cols_size = multi ? s.C * s.kernel_area() * plan.images * P
-                                    : (s.pointwise() ? 0 : s.C * s.kernel_area() * plan.cols);
+    const int64_t cols_size = multi ? s.col_rows() * plan.images * P
+                                    : (s.pointwise() ? 0 : s.col_rows() * plan.cols);
     const int64_t tmp_size = multi ? s.O * plan.images * P : 0;
     const auto run_tasks = [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> cols(cols_size), tmp(tmp_size);
@@ -785,7 +799,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_z, const at::Tensor& wei
                                  int64_t groups) {
   const ConvGeometry s = backward_geometry("conv2d_backward_input", grad_z, input_size, weight,
                                            stride, padding, dilation, groups);
-  const bool work = s.N * s.C * s.H * s.W > 0 && s.O > 0;
+  const bool work = s.N * s.C * s.HW() > 0 && s.O > 0;
   return run_routed<at::Tensor>(
       route_key(s, Pass::kInputGrad, 0), work && onednn_possible(s, grad_z), conv_macs(s),
       onednn_fixed(s), [&] { return conv2d_backward_input_onednn(s, grad_z, weight, input_size); },
@@ -794,7 +808,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_z, const at::Tensor& wei
 
 at::Tensor conv2d_backward_input_kernels(const ConvGeometry& s, const at::Tensor& grad_z,
                                          const at::Tensor& weight, at::IntArrayRef input_size) {
-  if (s.N * s.C * s.H * s.W > 0 &&
+  if (s.N * s.C * s.HW() > 0 &&
       use_direct(s, grad_z.scalar_type() == at::kFloat, Pass::kInputGrad)) {
     // The groups' ig input channels cover C: every element of grad_input is written.
     at::Tensor grad_input = at::empty(input_size, grad_z.options());
@@ -811,36 +825,28 @@ at::Tensor conv2d_backward_input_kernels(const ConvGeometry& s, const at::Tensor
                                         : at::zeros(input_size, grad_z.options());
   if (grad_input.numel() == 0) return grad_input;
   const at::Tensor gz = grad_z.contiguous();
-  // Operand rows per position: the gathered output gradient (O) and the column gradient
-  // (C*kh*kw); a pointwise conv writes its columns straight into grad_input when a chunk is
-  // one image.
-  const ChunkPlan plan = plan_chunks(s, s.O + s.C * s.kernel_area());
 
+  // A pointwise conv writes its columns straight into grad_input when a chunk is one image.
   AT_DISPATCH_FLOATING_TYPES(grad_z.scalar_type(), "slimops_conv2d_backward_input", [&] {
-    const scalar_t* gzp = gz.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
     scalar_t* gip = grad_input.data_ptr<scalar_t>();
-    const int64_t P = s.P(), HW = s.H * s.W, K = s.K(), lda = s.Ig * s.kernel_area();
-    const int64_t rows = s.C * s.kernel_area();
-    for (int64_t c = 0; c < plan.chunks; ++c) {
-      const Chunk ch = plan.at(c, s.N, P);
-      const int64_t L = ch.L();
-      const Operand<scalar_t> B = chunk_grad(gzp, s, ch);
+    for_grad_chunks(s, gz.data_ptr<scalar_t>(), [&](const Chunk& ch, int64_t L,
+                                                    const Operand<scalar_t>& B) {
       // Columns' gradient [C*kh*kw, L] = W_g^T [K, og] @ B_g [og, L], per group; the
       // transposed prefix is read in place (column-major with the same leading dimension).
       const bool direct = s.pointwise() && ch.k == 1;
-      scalar_t* cols = direct ? gip + ch.n0 * s.C * HW + ch.p0
-                              : scratch<scalar_t>(ScratchSlot::kCols, rows * L);
-      const int64_t ldc = direct ? HW : L;
+      scalar_t* cols = direct ? gip + ch.n0 * s.C * s.HW() + ch.p0
+                              : scratch<scalar_t>(ScratchSlot::kCols, s.col_rows() * L);
+      const int64_t ldc = direct ? s.HW() : L;
       for (int64_t g = 0; g < s.G; ++g)
-        gemm<scalar_t>(true, false, K, L, s.og, wp + g * s.Og * lda, lda,
-                       B.data + g * s.og * B.ld, B.ld, scalar_t(0), cols + g * K * ldc, ldc);
-      if (direct) continue;
+        gemm<scalar_t>(true, false, s.K(), L, s.og, wp + g * s.Og * s.weight_ld(), s.weight_ld(),
+                       B.data + g * s.og * B.ld, B.ld, scalar_t(0), cols + g * s.K() * ldc, ldc);
+      if (direct) return;
       // Scatter back, one (image, channel) plane per item: planes never share a writer.
       run_ranges(ch.k * s.C, s.kernel_area() * ch.cnt, [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
           const int64_t j = item / s.C, cc = item % s.C;
-          scalar_t* plane = gip + ((ch.n0 + j) * s.C + cc) * HW;
+          scalar_t* plane = gip + ((ch.n0 + j) * s.C + cc) * s.HW();
           const scalar_t* src = cols + cc * s.kernel_area() * L + j * ch.cnt;
           if (s.pointwise()) {
             copy_run(src, ch.cnt, plane + ch.p0);
@@ -849,7 +855,7 @@ at::Tensor conv2d_backward_input_kernels(const ConvGeometry& s, const at::Tensor
           }
         }
       });
-    }
+    });
   });
   return grad_input;
 }
@@ -892,7 +898,7 @@ at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor
                                         {false, true, false});
   const at::Tensor gw = std::get<1>(grads).contiguous();
   check_onednn_shape(gw, sizes_only.sizes(), "weight gradient");
-  const int64_t row = s.ig * s.kernel_area(), ldw = s.Ig * s.kernel_area();
+  const int64_t row = s.ig * s.kernel_area(), ldw = s.weight_ld();
   const float* src = gw.data_ptr<float>();
   float* dst = grad_weight.data_ptr<float>();
   for (int64_t o = 0; o < s.O; ++o) {
@@ -910,29 +916,24 @@ at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tenso
     for (int64_t g = 0; g < s.G; ++g) {
       DirectConv d = direct_forward_problem(s, g, x.data_ptr<float>(), nullptr, nullptr);
       direct_conv_weight_grad(d, gz.data_ptr<float>() + g * s.og * s.P(), s.O * s.P(),
-                              grad_weight.data_ptr<float>() + g * s.Og * s.Ig * s.kernel_area());
+                              grad_weight.data_ptr<float>() + g * s.Og * s.weight_ld());
     }
     return grad_weight;
   }
-  const ChunkPlan plan = plan_chunks(s, s.O + s.C * s.kernel_area());
 
   // Per chunk and group, one GEMM accumulates gz_g [og, L] @ cols_g^T [L, K] straight into the
   // strided prefix of the full-size gradient (leading dimension Ig*kh*kw): the chunk's images
   // and positions are the GEMM's inner dimension.
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_conv2d_backward_weight", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gzp = gz.data_ptr<scalar_t>();
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
-    const int64_t P = s.P(), HW = s.H * s.W, K = s.K(), ldw = s.Ig * s.kernel_area();
-    const int64_t rows = s.C * s.kernel_area();
-    for (int64_t c = 0; c < plan.chunks; ++c) {
-      const Chunk ch = plan.at(c, s.N, P);
-      const int64_t L = ch.L();
-      const Operand<scalar_t> A = chunk_grad(gzp, s, ch);
+    const int64_t HW = s.HW(), K = s.K(), ldw = s.weight_ld();
+    for_grad_chunks(s, gz.data_ptr<scalar_t>(), [&](const Chunk& ch, int64_t L,
+                                                    const Operand<scalar_t>& A) {
       const scalar_t* B = xp + ch.n0 * s.C * HW + ch.p0;  // a pointwise image: [C, HW]
       int64_t ldb = HW;
       if (!(s.pointwise() && ch.k == 1)) {
-        scalar_t* cols = scratch<scalar_t>(ScratchSlot::kCols, rows * L);
+        scalar_t* cols = scratch<scalar_t>(ScratchSlot::kCols, s.col_rows() * L);
         gather_cols(xp, s, ch, cols);
         B = cols;
         ldb = L;
@@ -940,7 +941,7 @@ at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tenso
       for (int64_t g = 0; g < s.G; ++g)
         gemm<scalar_t>(false, true, s.og, K, L, A.data + g * s.og * A.ld, A.ld, B + g * K * ldb,
                        ldb, scalar_t(1), gwp + g * s.Og * ldw, ldw);
-    }
+    });
   });
   return grad_weight;
 }
