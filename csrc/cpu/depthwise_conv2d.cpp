@@ -257,7 +257,10 @@ struct FlatKernels {
                              const int64_t*, const scalar_t*, const M*);
   using WeightGrad = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, int64_t,
                               int64_t, const int64_t*, const M*);
+  using AffineAct = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, scalar_t,
+                             scalar_t, int64_t);
   static Correlate correlate() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::flat_correlate<scalar_t, M>); }
+  static AffineAct affine_act() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::affine_act_plane<scalar_t>); }
   static WeightGrad weight_grad() {
     SLIMOPS_RETURN_FOR_CPU_ISA(&isa::flat_weight_grad<scalar_t, M>);
   }
@@ -360,6 +363,7 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
         // Stride 1, same size, small planes: runs of kLanes channels (depthwise_rows.inc,
         // flat_correlate), block by block as the lane path below.
         const auto correlate = FlatKernels<scalar_t>::correlate();
+        const auto affine_act = FlatKernels<scalar_t>::affine_act();
         const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
         at::parallel_for(0, pr.N * blocks, grain_for(kLanes * p.plane_work()),
                          [&](int64_t begin, int64_t end) {
@@ -374,12 +378,10 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
             correlate(has_epilogue ? acc.data() : o, fb.load(xp + plane * in_plane, run), run,
                       fb.ld, taps, fb.delta.data(), fb.wt.data(), fb.inside.data());
             if (!has_epilogue) return;
-            const scalar_t* r = rp ? rp + plane * out_plane : nullptr;
-            for (int64_t k = 0; k < run; ++k) {
-              const int64_t l = k / out_plane;
-              o[k] = activate<scalar_t>(acc[k] * a[l] + t[l] + (r ? r[k] : scalar_t(0)),
-                                        activation);
-            }
+            for (int64_t l = 0; l < lanes; ++l)
+              affine_act(o + l * out_plane, acc.data() + l * out_plane,
+                         rp ? rp + (plane + l) * out_plane : nullptr, out_plane, a[l], t[l],
+                         activation);
           });
         });
         return;
