@@ -86,13 +86,17 @@ def test_geometry_prefixes(kernel, stride, padding, dilation, dtype, tol):
 
 
 # The forward kernel takes one of three paths by plane size (csrc/cpu/depthwise_conv2d.cpp):
-# planes of at most 16x16 go 16 channels at a time (vectorised across channels: full and
-# partial channel blocks here), stride-1 rows narrower than 64 as one flattened correlation,
-# wider ones row by row. The backward ops: the weight gradient goes 16 channels at a time for
+# small planes go 16 channels at a time (vectorised across channels: full and partial channel
+# blocks here; up to 16x16, or 10x10 at stride 1 under AVX2, so "lanes" is 10x9 for both),
+# stride-1 rows narrower than 64 as one flattened correlation, wider ones row by row; "wide"
+# (16x11, 12x12) takes the lanes under AVX-512 and strided, the flattened rows at stride 1
+# under AVX2. The backward ops: the weight gradient goes 16 channels at a time for
 # outputs of at most 16x16, the input gradient for strided convs up to 16x16 and for outputs
 # of at most 4x4 ("tiny"). (H, W, channels, prefix) per path:
 PATHS = {
-    "lanes": (16, 11, 40, 35),   # two full 16-channel blocks and a partial one
+    "lanes": (10, 9, 40, 35),    # two full 16-channel blocks and a partial one
+    "wide": (16, 11, 40, 35),
+    "square": (12, 12, 40, 35),
     "tiny": (5, 5, 40, 35),      # k5d2: 1x1 and k3s2: 3x3 outputs
     "flat": (21, 30, 6, 5),
     "rows": (9, 70, 3, 3),       # stride 1: 70 - k + 1 + 2p >= 64 output columns

@@ -157,10 +157,20 @@ void dispatch_shape(const PlaneConv& p, const F& f) {
 
 // Channels per block of the small-plane kernel (forward_lanes): one AVX-512 vector of floats.
 constexpr int64_t kLanes = 16;
-// Input planes at most this wide and high go through forward_lanes (measured on the
-// S-MobileNet v2 shapes: 14x14 and 7x7 gain 2-4x; at 28x28 interleaving costs more than it
-// saves).
+// Planes at most this wide and high go through the small-plane (lanes) paths of the backward
+// passes (measured per pass, see there).
 constexpr int64_t kLanesMaxSide = 16;
+
+// Input planes at most this wide and high go through forward_lanes, per instruction set and
+// stride, from side-by-side runs of both paths (forward with epilogue, batch 1 to 64).
+// AVX-512 (Zen 4, S-MobileNet v2's shapes): 14x14 and 7x7 gain 2-4x; at 28x28 interleaving
+// costs more than it saves. AVX2 (Zen 3, two vectors per position): strided, the lanes still
+// win up to 16x16 (1.2-1.4x); at stride 1 the per-plane path's flattened rows win from 12x12
+// (1.0-1.5x on 12x12 to 16x16 planes) and lose at 10x10 and below (1.3-1.5x).
+int64_t forward_lanes_max_side(const PlaneConv& p) {
+  if (cpu_isa() == Isa::kAvx512 || p.sh != 1 || p.sw != 1) return kLanesMaxSide;
+  return 10;
+}
 // The weight gradient's small-plane path sums this many output positions in scalar_t before
 // adding the sum in double (an 8x8 plane's worth; see depthwise_conv2d_backward_weight).
 constexpr int64_t kFloatRun = 64;
@@ -230,6 +240,11 @@ struct PlaneKernels {
                                    const PlaneConv&, scalar_t*, scalar_t*);
   using InputGradLanes = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t,
                                   const PlaneConv&, scalar_t*, scalar_t*);
+  using InputGradStrided = void (*)(scalar_t*, const scalar_t*, const scalar_t*,
+                                    const PlaneConv&, int64_t, scalar_t*);
+  static InputGradStrided input_grad_strided() {
+    SLIMOPS_RETURN_FOR_CPU_ISA(&isa::input_grad_strided_plane<KH, KW, SW, scalar_t>);
+  }
   static InputGradLanes input_grad_lanes() {
     SLIMOPS_RETURN_FOR_CPU_ISA(&isa::input_grad_lanes<KH, KW, SW, scalar_t>);
   }
@@ -386,7 +401,7 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
         });
         return;
       }
-      if (p.H <= kLanesMaxSide && p.W <= kLanesMaxSide) {
+      if (p.H <= forward_lanes_max_side(p) && p.W <= forward_lanes_max_side(p)) {
         // Small planes: kLanes channels at a time, vectorised across the channels. Tasks
         // run block by block (task = block * N + image), so a thread sets up a block's
         // weights, epilogue vectors and field once for all the images it takes.
@@ -524,37 +539,21 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
       });
       return;
     }
-    at::parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()), [&](int64_t begin, int64_t end) {
-      // Scatter each output row back through the taps into the padded field, then crop the
-      // field to the plane; the plane belongs to this thread alone, so this is race free.
-      std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const scalar_t* wc = wp + (plane % pr.C) * taps;
-        scalar_t* gi = gip + plane * in_plane;
-        std::fill(gi, gi + in_plane, scalar_t(0));
-        const Field<scalar_t> field = p.needs_padding() ? Field<scalar_t>{buffer.data(), p.WP}
-                                                        : Field<scalar_t>{gi, p.W};
-        if (p.needs_padding()) std::fill(buffer.begin(), buffer.end(), scalar_t(0));
-        for (int64_t oh = 0; oh < p.OH; ++oh) {
-          const scalar_t* grow = gp + plane * out_plane + oh * p.OW;
-          for (int64_t i = 0; i < p.KH; ++i) {
-            scalar_t* frow = field.data + (oh * p.sh + i * p.dh) * field.ld;
-            for (int64_t j = 0; j < p.KW; ++j) {
-              const scalar_t w = wc[i * p.KW + j];
-              scalar_t* f = frow + j * p.dw;
-              for (int64_t ow = 0; ow < p.OW; ++ow) f[ow * p.sw] += w * grow[ow];
-            }
-          }
-        }
-        if (!p.needs_padding()) continue;
-        // Input pixels outside the field are never read by the forward: their gradient is 0.
-        // (A stride larger than the padded plane can leave whole columns outside.)
-        const int64_t cols = p.col_end();
-        for (int64_t ih = 0; ih < p.row_end() && cols > 0; ++ih) {
-          const scalar_t* frow = field.data + (ih + p.ph) * p.WP + p.pw;
-          std::copy(frow, frow + cols, gi + ih * p.W);
-        }
-      }
+    // Strided: each plane scattered back into a column-phase-split field, then cropped
+    // (depthwise_rows.inc, input_grad_strided_plane); a plane belongs to one thread alone.
+    const int64_t wb = p.WP / p.sw + (p.WP % p.sw > 0);
+    const int64_t field_size = (p.HP + 1) * std::min(p.sw, p.WP) * wb;
+    dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
+      const auto input_grad_plane =
+          PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
+                       scalar_t>::input_grad_strided();
+      at::parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()),
+                       [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> field(field_size);
+        for (int64_t plane = begin; plane < end; ++plane)
+          input_grad_plane(gip + plane * in_plane, gp + plane * out_plane,
+                           wp + (plane % pr.C) * taps, p, wb, field.data());
+      });
     });
   });
   return grad_input;
