@@ -219,39 +219,28 @@ inline int64_t scratch_size(const PlaneConv& p) {
 // 0 = read at run time) for the instruction set chosen at run time.
 template <int64_t KH, int64_t KW, int64_t SW, typename scalar_t>
 struct PlaneKernels {
-  using Forward = void (*)(scalar_t*, const scalar_t*, int64_t, const scalar_t*,
-                           const PlaneConv&, bool, scalar_t, scalar_t, const scalar_t*, int64_t,
-                           scalar_t*);
-  using Accumulate = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t,
-                              const PlaneConv&);
-  using Lanes = void (*)(scalar_t*, const scalar_t*, int64_t, const scalar_t*, const PlaneConv&,
-                         bool, const scalar_t*, const scalar_t*, const scalar_t*, int64_t,
-                         scalar_t*, scalar_t*);
-  static Lanes lanes() {
-    SLIMOPS_RETURN_FOR_CPU_ISA(&isa::forward_lanes<KH, KW, SW, scalar_t>);
-  }
-  static Forward forward() {
+  // Each a pointer to the .inc function of that name (one type for every instruction set).
+  static auto lanes() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::forward_lanes<KH, KW, SW, scalar_t>); }
+  static auto forward() {
     SLIMOPS_RETURN_FOR_CPU_ISA(&isa::forward_plane<KH, KW, SW, scalar_t>);
   }
-  static Accumulate accumulate() {
+  static auto accumulate() {
     SLIMOPS_RETURN_FOR_CPU_ISA(&isa::accumulate_plane<KH, KW, SW, scalar_t>);
   }
-  using WeightGradLanes = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t,
-                                   const PlaneConv&, scalar_t*, scalar_t*);
-  using InputGradLanes = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t,
-                                  const PlaneConv&, scalar_t*, scalar_t*);
-  using InputGradStrided = void (*)(scalar_t*, const scalar_t*, const scalar_t*,
-                                    const PlaneConv&, int64_t, scalar_t*);
-  static InputGradStrided input_grad_strided() {
+  static auto input_grad_strided() {
     SLIMOPS_RETURN_FOR_CPU_ISA(&isa::input_grad_strided_plane<KH, KW, SW, scalar_t>);
   }
-  static InputGradLanes input_grad_lanes() {
+  static auto input_grad_lanes() {
     SLIMOPS_RETURN_FOR_CPU_ISA(&isa::input_grad_lanes<KH, KW, SW, scalar_t>);
   }
-  static WeightGradLanes weight_grad_lanes() {
+  static auto weight_grad_lanes() {
     SLIMOPS_RETURN_FOR_CPU_ISA(&isa::weight_grad_lanes<KH, KW, SW, scalar_t>);
   }
 };
+
+// The PlaneKernels of dispatch_shape's arguments (std::integral_constant types).
+template <typename scalar_t, typename KH, typename KW, typename SW>
+using KernelsFor = PlaneKernels<KH::value, KW::value, SW::value, scalar_t>;
 
 // The flat kernels (depthwise_rows.inc, flat_correlate) for the instruction set chosen at run
 // time: stride 1, output the input's size, planes of at most kFlatMaxPlane positions.
@@ -372,8 +361,7 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
       }
     };
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
-      using Kernels = PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
-                                   scalar_t>;
+      using Kernels = KernelsFor<scalar_t, decltype(kh), decltype(kw), decltype(sw)>;
       if (flat_applies(p)) {
         // Stride 1, same size, small planes: runs of kLanes channels (depthwise_rows.inc,
         // flat_correlate), block by block as the lane path below.
@@ -493,8 +481,7 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
     if ((strided && p.OH <= kLanesMaxSide && p.OW <= kLanesMaxSide) || (p.OH <= 4 && p.OW <= 4)) {
       dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
         const auto input_grad_lanes =
-            PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
-                         scalar_t>::input_grad_lanes();
+            KernelsFor<scalar_t, decltype(kh), decltype(kw), decltype(sw)>::input_grad_lanes();
         // Items block by block (item = block * N + image), so a range sets up a block's
         // weights once for its images, as the forward does.
         const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
@@ -520,8 +507,7 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
                         p.dw * (p.KW - 1) - p.pw, p.dh, p.dw);
       dispatch_shape(t, [&](auto kh, auto kw, auto sw) {
         const auto correlate_plane =
-            PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
-                         scalar_t>::forward();
+            KernelsFor<scalar_t, decltype(kh), decltype(kw), decltype(sw)>::forward();
         at::parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()),
                          [&](int64_t begin, int64_t end) {
           std::vector<scalar_t> buffer = field_buffer<scalar_t>(t);
@@ -545,8 +531,7 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
     const int64_t field_size = (p.HP + 1) * std::min(p.sw, p.WP) * wb;
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
       const auto input_grad_plane =
-          PlaneKernels<decltype(kh)::value, decltype(kw)::value, decltype(sw)::value,
-                       scalar_t>::input_grad_strided();
+          KernelsFor<scalar_t, decltype(kh), decltype(kw), decltype(sw)>::input_grad_strided();
       at::parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()),
                        [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> field(field_size);
@@ -614,8 +599,7 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
     const scalar_t* gp = gz.data_ptr<scalar_t>();
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
-      using Kernels = PlaneKernels<decltype(kh)::value, decltype(kw)::value,
-                                   decltype(sw)::value, scalar_t>;
+      using Kernels = KernelsFor<scalar_t, decltype(kh), decltype(kw), decltype(sw)>;
       // Small planes (schedule: small_plane_weight_grad). Within a task the images are summed
       // in scalar_t in runs of at most kFloatRun output positions (one image when its plane is
       // larger), each run then added in double: the rounding of an 8x8 plane's sum, whatever
