@@ -927,11 +927,10 @@ at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_conv2d_backward_weight", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
-    const int64_t HW = s.HW(), K = s.K(), ldw = s.weight_ld();
     for_grad_chunks(s, gz.data_ptr<scalar_t>(), [&](const Chunk& ch, int64_t L,
                                                     const Operand<scalar_t>& A) {
-      const scalar_t* B = xp + ch.n0 * s.C * HW + ch.p0;  // a pointwise image: [C, HW]
-      int64_t ldb = HW;
+      const scalar_t* B = xp + ch.n0 * s.C * s.HW() + ch.p0;  // a pointwise image: [C, HW]
+      int64_t ldb = s.HW();
       if (!(s.pointwise() && ch.k == 1)) {
         scalar_t* cols = scratch<scalar_t>(ScratchSlot::kCols, s.col_rows() * L);
         gather_cols(xp, s, ch, cols);
@@ -939,8 +938,9 @@ at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tenso
         ldb = L;
       }
       for (int64_t g = 0; g < s.G; ++g)
-        gemm<scalar_t>(false, true, s.og, K, L, A.data + g * s.og * A.ld, A.ld, B + g * K * ldb,
-                       ldb, scalar_t(1), gwp + g * s.Og * ldw, ldw);
+        gemm<scalar_t>(false, true, s.og, s.K(), L, A.data + g * s.og * A.ld, A.ld,
+                       B + g * s.K() * ldb, ldb, scalar_t(1), gwp + g * s.Og * s.weight_ld(),
+                       s.weight_ld());
     });
   });
   return grad_weight;

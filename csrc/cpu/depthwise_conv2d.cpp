@@ -47,6 +47,12 @@ struct PlaneConv {
   int64_t row_end() const { return std::min(H, HP - ph); }
   int64_t col_begin() const { return std::max<int64_t>(0, -pw); }
   int64_t col_end() const { return std::min(W, WP - pw); }
+  // The field split by column phase of the strided input gradient (input_grad_strided_plane):
+  // per padded row, phases() runs (one per column % sw; a phase past WP would be empty) of
+  // phase_width() = ceil(WP / sw) entries; its buffer holds (HP + 1) rows of them.
+  int64_t phases() const { return std::min(sw, WP); }
+  int64_t phase_width() const { return WP / sw + (WP % sw > 0); }
+  int64_t phase_field_size() const { return (HP + 1) * phases() * phase_width(); }
   // The work of one plane, in multiply-adds (its larger side: input or output), for sizing
   // the parallel loops' grains.
   int64_t plane_work() const { return std::max(H * W, OH * OW) * KH * KW; }
@@ -257,17 +263,11 @@ using FlatMask = std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>;
 template <typename scalar_t>
 struct FlatKernels {
   using M = FlatMask<scalar_t>;
-  using Correlate = void (*)(scalar_t*, const scalar_t*, int64_t, int64_t, int64_t,
-                             const int64_t*, const scalar_t*, const M*);
-  using WeightGrad = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, int64_t,
-                              int64_t, const int64_t*, const M*);
-  using AffineAct = void (*)(scalar_t*, const scalar_t*, const scalar_t*, int64_t, scalar_t,
-                             scalar_t, int64_t);
-  static Correlate correlate() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::flat_correlate<scalar_t, M>); }
-  static AffineAct affine_act() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::affine_act_plane<scalar_t>); }
-  static WeightGrad weight_grad() {
-    SLIMOPS_RETURN_FOR_CPU_ISA(&isa::flat_weight_grad<scalar_t, M>);
-  }
+  // Each a pointer to the .inc function (one type for every instruction set), as PlaneKernels.
+  static auto correlate() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::flat_correlate<scalar_t, M>); }
+  static auto weight_grad() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::flat_weight_grad<scalar_t, M>); }
+  // The flat path's epilogue, a whole plane at a time (affine_act.inc).
+  static auto affine_act() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::affine_act_plane<scalar_t>); }
 };
 
 // A block of kLanes channels for the flat kernels: each tap's offset along the run, its
@@ -389,7 +389,8 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
         });
         return;
       }
-      if (p.H <= forward_lanes_max_side(p) && p.W <= forward_lanes_max_side(p)) {
+      const int64_t lanes_side = forward_lanes_max_side(p);
+      if (p.H <= lanes_side && p.W <= lanes_side) {
         // Small planes: kLanes channels at a time, vectorised across the channels. Tasks
         // run block by block (task = block * N + image), so a thread sets up a block's
         // weights, epilogue vectors and field once for all the images it takes.
@@ -527,17 +528,15 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
     }
     // Strided: each plane scattered back into a column-phase-split field, then cropped
     // (depthwise_rows.inc, input_grad_strided_plane); a plane belongs to one thread alone.
-    const int64_t wb = p.WP / p.sw + (p.WP % p.sw > 0);
-    const int64_t field_size = (p.HP + 1) * std::min(p.sw, p.WP) * wb;
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
       const auto input_grad_plane =
           KernelsFor<scalar_t, decltype(kh), decltype(kw), decltype(sw)>::input_grad_strided();
       at::parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()),
                        [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> field(field_size);
+        std::vector<scalar_t> field(p.phase_field_size());
         for (int64_t plane = begin; plane < end; ++plane)
           input_grad_plane(gip + plane * in_plane, gp + plane * out_plane,
-                           wp + (plane % pr.C) * taps, p, wb, field.data());
+                           wp + (plane % pr.C) * taps, p, field.data());
       });
     });
   });
