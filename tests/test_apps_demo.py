@@ -11,7 +11,8 @@ import torch
 
 from slimops.apps.cli import main
 from slimops.apps.imagefolder import ImageFolder, TrainTransform, ValTransform
-from slimops.apps.demo import DemoRow, demo_model, format_demo_table, load_digits_split, run_demo
+from slimops.apps.demo import (DemoRow, _TrainingJob, _train_all, default_workers, demo_model,
+                               format_demo_table, load_digits_split, run_demo)
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 
@@ -97,10 +98,47 @@ def test_demo_model_is_slim_cnn_plus_blocks():
 
 
 def test_run_demo_knobs_widths_and_silence(capsys):
-    result = run_demo(widths=(0.5, 1.0), seed=3, quick=True, verbose=False, reference_epochs=0)
+    result = run_demo(widths=(0.5, 1.0), seed=3, quick=True, verbose=False, reference_epochs=0,
+                      workers=1)
     assert capsys.readouterr().out == ""
     assert [r.width for r in result.rows] == [0.5, 1.0] and result.seed == 3
     assert "reference" not in result.train_seconds
+
+
+def _quick_jobs():
+    data = load_digits_split()
+    common = dict(epochs=1, num_classes=10, extra_blocks=1, batch_size=32, lr=0.1,
+                  weight_decay=5e-4, seed=1, x_train=data.x_train[:96], y_train=data.y_train[:96])
+    return [
+        _TrainingJob("switchable", (0.5, 1.0), (16, 32, 64), False, False, **common),
+        _TrainingJob("shared", (0.5, 1.0), (16, 32, 64), True, False, **common),
+        _TrainingJob("reference", (0.5, 1.0), (16, 32, 64), False, True, **common),
+        _TrainingJob("individual", (1.0,), (8, 16, 32), False, False, **common),
+    ]
+
+
+def test_trainings_in_worker_processes_equal_the_same_trainings_in_this_process(one_thread):
+    """Two spawned workers, one thread each, give every job bit for bit the weights, BN
+    statistics and counters the same jobs get run one after the other in this process on
+    one thread: the pool changes where a training runs, not what it computes (nor which
+    result belongs to which job)."""
+    jobs = _quick_jobs()
+    here = _train_all(jobs, 1)
+    pooled = _train_all(jobs, 2)
+    assert len(pooled) == len(jobs)
+    for job, (state, seconds), (state_p, seconds_p) in zip(jobs, here, pooled):
+        assert seconds > 0 and seconds_p > 0
+        assert state.keys() == state_p.keys(), job.key
+        for k in state:
+            assert torch.equal(state[k], state_p[k]), (job.key, k)
+    # the jobs differ from each other (a mix-up of results would be caught above)
+    assert not torch.equal(here[0][0]["stem.conv.weight"], here[1][0]["stem.conv.weight"])
+
+
+def test_demo_workers_are_checked_and_default_to_the_cores():
+    with pytest.raises(ValueError, match="workers"):
+        run_demo(quick=True, verbose=False, workers=0)
+    assert default_workers() == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
 
 
 def test_format_demo_table():
@@ -113,7 +151,8 @@ def test_format_demo_table():
 
 
 def test_demo_cli(capsys):
-    assert main(["demo", "--quick", "--widths", "0.5", "1.0", "--repeats", "1"]) == 0
+    assert main(["demo", "--quick", "--widths", "0.5", "1.0", "--repeats", "1",
+                 "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "0.5x" in out and "switchable BN" in out
 

@@ -110,7 +110,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(epochs=args.epochs, seed=args.seed, widths=args.widths,
              extra_blocks=args.extra_blocks, batch_size=args.batch_size, lr=args.lr,
-             repeats=args.repeats, quick=args.quick, reference_epochs=args.reference_epochs)
+             repeats=args.repeats, quick=args.quick, reference_epochs=args.reference_epochs,
+             workers=args.workers)
     return 0
 
 
@@ -729,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--reference-epochs", type=_non_negative_int, default=5, metavar="N",
                       help="epochs of the same training through plain PyTorch, timed beside "
                            "slimops' (5; 0: skip)")
+    demo.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                      help="trainings run at once, each in its own process (2 on a machine "
+                           "with 2+ cores; 1: one after the other in this process)")
     demo.add_argument("--quick", action="store_true",
                       help="1 epoch on 192 training images (a smoke test, not a result)")
     demo.set_defaults(func=_demo)

@@ -32,7 +32,10 @@ model, so the three trainings see the same batches in the same order.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -41,7 +44,7 @@ from torch import Tensor, nn
 
 from slimops._table import text_table
 
-__all__ = ["DemoResult", "DemoRow", "DigitsSplit", "demo_model",
+__all__ = ["DemoResult", "DemoRow", "DigitsSplit", "default_workers", "demo_model",
            "format_demo_table", "load_digits_split", "run_demo"]
 
 # The split is part of the benchmark, not of the training run: fixed, whatever --seed is.
@@ -191,6 +194,87 @@ def demo_model(widths: Sequence[float], num_classes: int = 10, in_channels: int 
     return slim_cnn(widths, num_classes, in_channels, tuple(base), shared_bn, extra_blocks)
 
 
+@dataclass(frozen=True)
+class _TrainingJob:
+    """One of the demo's trainings, as a worker process gets it: what to build and how to
+    train it (everything picklable; the data rides along, 1,437 images of 8x8)."""
+
+    key: str  # "switchable", "reference", "shared" or "individual"
+    widths: Tuple[float, ...]
+    base: Tuple[int, ...]
+    shared_bn: bool
+    reference: bool  # through slimops.baselines.reference_style (plain PyTorch)
+    epochs: int
+    num_classes: int
+    extra_blocks: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    x_train: Tensor
+    y_train: Tensor
+
+
+def _build(job: _TrainingJob) -> nn.Module:
+    torch.manual_seed(job.seed)
+    return demo_model(job.widths, job.num_classes, 1, job.base, job.extra_blocks, job.shared_bn)
+
+
+def _run_training(job: _TrainingJob) -> Tuple[Dict[str, Tensor], float]:
+    """Build the job's model and train it; returns its state dict and the training's
+    seconds (model construction included)."""
+    from slimops.baselines import reference_style
+
+    t0 = time.perf_counter()
+    model = _build(job)
+    # every model sees the same batches in the same order
+    loader = TensorBatches(job.x_train, job.y_train, job.batch_size, shuffle=True, seed=job.seed)
+    # reference: the same model trained through plain PyTorch (slice the shared weights,
+    # F.conv2d, the width's nn.BatchNorm2d), sharing its Parameters, so `model` is the
+    # result either way.
+    _train(reference_style(model) if job.reference else model, loader, job.epochs, job.lr,
+           job.weight_decay, job.seed)
+    return model.state_dict(), time.perf_counter() - t0
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def default_workers() -> int:
+    """Trainings the demo runs at once: 2 where this process may use 2 or more cores, else 1.
+
+    Why processes: on the demo's 8x8 images a training step is ~1 ms of arithmetic per
+    width between ~100 op calls, so a second thread inside each op buys nothing (one and two
+    threads ran a step in the same 19-22 ms, 2-core AMD EPYC Zen 3), while two trainings side
+    by side, one thread each, ran their steps at 23-25 ms each: the demo's independent
+    trainings finish in about half the time."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 2 if cores >= 2 else 1
+
+
+def _train_all(jobs: Sequence[_TrainingJob], workers: int
+               ) -> List[Tuple[Dict[str, Tensor], float]]:
+    """Each job's (state dict, seconds), in the jobs' order: in this process one after the
+    other (``workers == 1``), else in ``workers`` spawned processes with
+    ``torch.get_num_threads() // workers`` threads each (at least 1), longest jobs first."""
+    if workers <= 1:
+        return [_run_training(job) for job in jobs]
+    threads = max(1, torch.get_num_threads() // workers)
+    # Longest first (epochs x widths x the widest channel count) keeps the workers even.
+    order = sorted(range(len(jobs)), reverse=True,
+                   key=lambda i: jobs[i].epochs * len(jobs[i].widths) * max(jobs[i].base))
+    # spawn, not fork: a forked child of a process whose OpenMP pool has run can hang.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {i: pool.submit(_run_training, jobs[i]) for i in order}
+        return [futures[i].result() for i in range(len(jobs))]
+
+
 def run_demo(
     epochs: int = 30,
     seed: int = 0,
@@ -204,6 +288,7 @@ def run_demo(
     quick: bool = False,
     verbose: bool = True,
     reference_epochs: int = 5,
+    workers: Optional[int] = None,
 ) -> DemoResult:
     """Train and compare the three variants on the digits; print (``verbose``) and return
     the per-width table.
@@ -220,13 +305,21 @@ def run_demo(
             at all) through plain PyTorch (``slimops.baselines.reference_style``: slice the
             shared weights, ``F.conv2d``, the width's ``nn.BatchNorm2d``) and print both
             trainings' seconds per epoch (``train_seconds["reference"]``: its seconds).
+        workers: how many trainings run at once, each in its own process with
+            ``torch.get_num_threads() // workers`` threads (default ``default_workers()``:
+            2 on a machine with 2 or more cores); 1 runs them one after the other in this
+            process. Every training's seconds are its own, measured where it ran; the
+            plain-PyTorch training runs under the same conditions as slimops' (a).
     """
-    from slimops.baselines import reference_style
     from slimops.profile import environment, profile
     from slimops.width import channels, normalize_widths
 
     t_start = time.perf_counter()
     widths = normalize_widths(widths)
+    if workers is None:
+        workers = default_workers()
+    if workers < 1:
+        raise ValueError(f"run_demo: workers must be at least 1, got {workers}")
     if quick:
         epochs, repeats = 1, 3
     log = print if verbose else (lambda *a, **k: None)
@@ -235,9 +328,6 @@ def run_demo(
     x_train, y_train = data.x_train, data.y_train
     if quick:
         x_train, y_train = x_train[:192], y_train[:192]
-
-    def loader() -> TensorBatches:  # every model sees the same batches in the same order
-        return TensorBatches(x_train, y_train, batch_size, shuffle=True, seed=seed)
 
     test = TensorBatches(data.x_test, data.y_test, len(data.x_test))
 
@@ -256,50 +346,58 @@ def run_demo(
 
     from slimops.train import evaluate
 
+    ref_epochs = min(epochs, reference_epochs)
+    per_width = [channels(b, widths, divisor=8) for b in base]
+
+    def job(key: str, widths_: Sequence[float], base_: Sequence[int], shared_bn: bool = False,
+            reference: bool = False, epochs_: int = epochs) -> _TrainingJob:
+        return _TrainingJob(key, tuple(widths_), tuple(base_), shared_bn, reference, epochs_,
+                            data.num_classes, extra_blocks, batch_size, lr, weight_decay, seed,
+                            x_train, y_train)
+
+    # (a) the slimmable network: switchable BN, Algorithm 1. (a) again without slimops'
+    # kernels for the first `reference_epochs` epochs: the same network, seed and batches
+    # through plain PyTorch, so every user sees what the kernels buy on their own machine (a
+    # full second training would add half again to the demo's time). (b) the naive
+    # baseline: one BN shared by all widths, same training. (c) one network per width, with
+    # that width's channels, trained alone.
+    jobs = [job("switchable", widths, base), job("shared", widths, base, shared_bn=True)]
+    if ref_epochs > 0:
+        jobs.append(job("reference", widths, base, reference=True, epochs_=ref_epochs))
+    jobs += [job("individual", (1.0,), [c[i] for c in per_width]) for i in range(len(widths))]
+    if workers > 1:
+        log(f"the {len(jobs)} trainings run {workers} at a time, each in its own process with "
+            f"{max(1, torch.get_num_threads() // workers)} thread(s) (--workers 1: one after "
+            "the other in this process)")
+    t_train = time.perf_counter()
+    results = _train_all(jobs, min(workers, len(jobs)))
+    train_wall = time.perf_counter() - t_train
+
     seconds: Dict[str, float] = {}
-
-    def build_and_train(key: str, widths: Sequence[float], base: Sequence[int],
-                        shared_bn: bool = False, reference: bool = False,
-                        epochs_: Optional[int] = None) -> nn.Module:
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        model = demo_model(widths, data.num_classes, 1, base, extra_blocks, shared_bn)
-        # reference: the same model trained through plain PyTorch (slice the shared weights,
-        # F.conv2d, the width's nn.BatchNorm2d), sharing its Parameters, so `model` is the
-        # result either way.
-        _train(reference_style(model) if reference else model, loader(),
-               epochs if epochs_ is None else epochs_, lr, weight_decay, seed)
-        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
-        return model
-
-    # (a) the slimmable network: switchable BN, Algorithm 1
-    slim = build_and_train("switchable", widths, base)
+    models: List[nn.Module] = []
+    for j, (state, sec) in zip(jobs, results):
+        model = _build(j)
+        model.load_state_dict(state)
+        models.append(model)
+        seconds[j.key] = seconds.get(j.key, 0.0) + sec
+    slim, naive = models[0], models[1]
     acc_a = evaluate(slim, test)
+    acc_b = evaluate(naive, test)
+    acc_c = {w: evaluate(single, test)[1.0] for w, single in zip(widths, models[-len(widths):])}
+
     log("trained (a) switchable BN, Algorithm 1 (all widths, every batch)  "
         f"{seconds['switchable']:5.1f} s")
-    # (a) again without slimops' kernels, for the first `reference_epochs` epochs: the same
-    # network, seed and batches through plain PyTorch, so every user sees what the kernels buy
-    # on their own machine (a full second training would add half again to the demo's time).
-    ref_epochs = min(epochs, reference_epochs)
     if ref_epochs > 0:
-        build_and_train("reference", widths, base, reference=True, epochs_=ref_epochs)
         per_epoch = seconds["switchable"] / epochs, seconds["reference"] / ref_epochs
         log(f"        (a) through plain PyTorch (slice + F.conv2d + per-width BN), "
             f"{ref_epochs} epoch{'s' if ref_epochs != 1 else ''}: {per_epoch[1]:.2f} s/epoch "
             f"vs slimops' {per_epoch[0]:.2f}: slimops takes {per_epoch[0] / per_epoch[1]:.2f}x "
             "the time")
-    # (b) the naive baseline: one BN shared by all widths, same training
-    naive = build_and_train("shared", widths, base, shared_bn=True)
-    acc_b = evaluate(naive, test)
     log(f"        (b) one BN shared by all widths, Algorithm 1          {seconds['shared']:5.1f} s")
-    # (c) one network per width, each with that width's channels, trained alone
-    per_width = [channels(b, widths, divisor=8) for b in base]
-    acc_c: Dict[float, float] = {}
-    for i, w in enumerate(widths):
-        single = build_and_train("individual", (1.0,), [c[i] for c in per_width])
-        acc_c[w] = evaluate(single, test)[1.0]
     log(f"        (c) {len(widths)} networks, one per width, trained individually  "
         f"{seconds['individual']:5.1f} s")
+    if workers > 1:
+        log(f"        {sum(seconds.values()):.1f} s of training in {train_wall:.1f} s")
 
     costs = profile(slim, (1, 1, 8, 8), widths=widths, latency=True, repeats=repeats)
     rows = [DemoRow(width=c.width, acc_switchable=acc_a[c.width], acc_shared_bn=acc_b[c.width],
