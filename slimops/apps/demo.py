@@ -309,7 +309,10 @@ def run_demo(
             ``torch.get_num_threads() // workers`` threads (default ``default_workers()``:
             2 on a machine with 2 or more cores); 1 runs them one after the other in this
             process. Every training's seconds are its own, measured where it ran; the
-            plain-PyTorch training runs under the same conditions as slimops' (a).
+            plain-PyTorch training runs under the same conditions as slimops' (a). The
+            workers are spawned (they import the caller's main module): a script that calls
+            ``run_demo`` with more than one worker needs the ``if __name__ == "__main__":``
+            guard, as any ``multiprocessing`` program does.
     """
     from slimops.profile import environment, profile
     from slimops.width import channels, normalize_widths
