@@ -534,7 +534,7 @@ def test_fast_path_first_eval_prepares_every_listed_width(randomize_bn):
 
 @pytest.mark.parametrize("how", ["data_assignment", "load_state_dict_assign",
                                  "buffer_reassigned", "parameter_reassigned",
-                                 "set_on_same_storage"])
+                                 "set_on_same_storage", "inference_data_assignment"])
 def test_fast_path_follows_replaced_bn_state(how, randomize_bn):
     """Ways of replacing BN state that leave version counters behind (a new tensor starts at
     version 0, like the one it replaces may be): the plan is keyed by identity and storage too
@@ -554,6 +554,10 @@ def test_fast_path_follows_replaced_bn_state(how, randomize_bn):
         bn.running_var = new
     elif how == "parameter_reassigned":
         bn.bias = torch.nn.Parameter(new)
+    elif how == "inference_data_assignment":  # keeps the version; an inference tensor's data
+        with torch.inference_mode():
+            made_there = new.clone()
+        bn.running_var.data = made_there
     else:  # same storage, written through another view: the version counter is shared
         with torch.no_grad():
             bn.running_mean.view(-1)[:5] += 3.0

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from slimops import ops
+from slimops.nn._attrs import held
 from slimops.nn._checks import channel_rule, check_layer_input, per_width, resolve_widths
 from slimops.ops._common import activation_code, check_residual
 from slimops.width import ChannelSpec, Slimmable
@@ -17,6 +18,18 @@ from slimops.width import ChannelSpec, Slimmable
 def width_key(w: float) -> str:
     """The ``calibrated`` key of a width: ``0.6`` -> ``"0_6"`` (module names hold no dot)."""
     return repr(float(w)).replace(".", "_")
+
+
+def bn_tensors(affine: nn.BatchNorm2d, stats: Optional[nn.BatchNorm2d]
+               ) -> List[Optional[Tensor]]:
+    """``[γ, β, running mean, running var]`` of a width: γ/β from ``affine``, the statistics
+    from ``stats`` (None without), the tensors as the modules hold them now (read through
+    ``held``: the layers' per-call paths read these on every forward)."""
+    if stats is None:
+        return [held(affine, "_parameters", "weight"), held(affine, "_parameters", "bias"),
+                None, None]
+    return [held(affine, "_parameters", "weight"), held(affine, "_parameters", "bias"),
+            held(stats, "_buffers", "running_mean"), held(stats, "_buffers", "running_var")]
 
 
 class SwitchableBatchNorm2d(Slimmable, nn.Module):
@@ -161,8 +174,7 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         affine, stats = self._modules_at(w, i)
         c = (self.num_features_list[i] if i is not None
              else self._active_count(self.num_features_list, self.num_features_rule))
-        tensors = [affine.weight, affine.bias, None if stats is None else stats.running_mean,
-                   None if stats is None else stats.running_var]
+        tensors = bn_tensors(affine, stats)
         if self.shared or i is None:
             tensors = [None if t is None else t[:c] for t in tensors]
         return affine, stats, c, tensors
@@ -204,7 +216,9 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         """``act(bn(input) + residual)`` with the active width's batch norm, fused."""
         affine, stats, c, (weight, bias, mean, var) = self._active()
         training = self._uses_batch_stats(affine, stats)
-        param = affine.running_mean if affine.running_mean is not None else affine.weight
+        param = held(affine, "_buffers", "running_mean")
+        if param is None:
+            param = held(affine, "_parameters", "weight")
         check_layer_input(self, input, c, param if param is not None else input,
                           dims=4, channel_dim=1)
         check_residual(residual, input.shape, input, "batch_norm_act")
@@ -214,7 +228,7 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
                              f"when training, got input of shape {tuple(input.shape)}")
         tracking = stats is not None and stats.track_running_stats
         if self.training and tracking:
-            stats.num_batches_tracked.add_(1)
+            held(stats, "_buffers", "num_batches_tracked").add_(1)
         # Eval passes the running stats; training passes them only to update them.
         track = stats is not None and (not training or tracking)
         # Everything the op needs is checked above against this layer's own tensors and

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 from torch import Tensor, nn
 
 from slimops import ops
+from slimops.nn._attrs import held
 from slimops.nn._checks import (channel_rule, check_layer_input, counts_between_switches,
                                 per_width, resolve_widths)
 from slimops.ops._common import (
@@ -158,10 +159,12 @@ class SlimmableConv2d(Slimmable, nn.Conv2d):
         """The op of this conv (depthwise or grouped/dense) on its shared weight and bias at
         ``cout`` output channels, for a caller that has checked the arguments (``conv``;
         ``SlimConvBNAct``'s fast paths); the activation as its code."""
+        weight = held(self, "_parameters", "weight")
+        bias = held(self, "_parameters", "bias")
         if self.depthwise:
-            return ops.depthwise_conv2d_unchecked(input, self.weight, self.bias, stride, padding,
+            return ops.depthwise_conv2d_unchecked(input, weight, bias, stride, padding,
                                                   dilation, scale, shift, residual, activation)
-        return ops.conv2d_unchecked(input, self.weight, self.bias, cout, stride, padding,
+        return ops.conv2d_unchecked(input, weight, bias, cout, stride, padding,
                                     dilation, self.groups, scale, shift, residual, activation)
 
     def _geometry(self) -> Tuple[List[int], List[int], List[int]]:

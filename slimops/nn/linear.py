@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from slimops import ops
+from slimops.nn._attrs import held
 from slimops.nn._checks import (channel_rule, check_layer_input, counts_between_switches,
                                 per_width, resolve_widths)
 from slimops.width import ChannelSpec, Slimmable
@@ -58,10 +59,11 @@ class SlimmableLinear(Slimmable, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         fin, fout = self.active_features()
-        check_layer_input(self, input, fin, self.weight, dims=None, channel_dim=-1)
+        weight = held(self, "_parameters", "weight")
+        check_layer_input(self, input, fin, weight, dims=None, channel_dim=-1)
         # The input is checked against this layer's own weight and width: the op need not
         # re-validate (at batch 1 that was ~5 us of a ~60 us call).
-        return ops.linear_unchecked(input, self.weight, self.bias, fout)
+        return ops.linear_unchecked(input, weight, held(self, "_parameters", "bias"), fout)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, widths={self.widths}, "
