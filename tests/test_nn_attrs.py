@@ -43,3 +43,14 @@ def test_held_falls_back_to_getattr_for_names_not_registered():
     bn = Scaled()
     assert torch.equal(held(bn, "_parameters", "weight"), torch.full((3,), 2.0))
     assert held(bn, "_buffers", "missing") is None
+
+
+def test_held_reads_submodules_and_follows_their_replacement():
+    seq = nn.Sequential(nn.ReLU(), nn.Identity())
+    assert held(seq, "_modules", "0") is seq[0]
+    block = nn.Module()
+    block.conv = nn.Conv2d(1, 1, 1)
+    first = block.conv
+    assert held(block, "_modules", "conv") is first
+    block.conv = nn.Conv2d(1, 1, 1)  # replaced: the dict holds the new one
+    assert held(block, "_modules", "conv") is block.conv is not first

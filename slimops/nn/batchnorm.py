@@ -103,7 +103,7 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         """``(active_bn(), stats_bn())`` at width ``w`` (``i`` its listed index or None)."""
         # ModuleList keys its children by str(index); indexing through __getitem__ costs
         # ~1.4 us per call (index normalisation), a tenth of a batch-1 7x7 BN's forward.
-        bns = self.bn._modules
+        bns = held(self, "_modules", "bn")._modules
         if self.shared:
             bn = bns["0"]
             return bn, bn

@@ -152,7 +152,7 @@ class SlimConvBNAct(nn.Module):
         computed from changed (in-place updates bump ``_version``; ``.to()`` changes the
         dtype) or its ``eps`` did."""
         plan = self._eval_plans.get(w)
-        if plan is not None and plan.valid(self.bn, dtype):
+        if plan is not None and plan.valid(held(self, "_modules", "bn"), dtype):
             return plan
         plan = self._build_plan()
         if not plan.cacheable:
@@ -180,7 +180,7 @@ class SlimConvBNAct(nn.Module):
     def _fast_eval(self, input: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
         """The conv + BN + activation op at the active width, or None where the checked
         path must run (a bad input gets its error there)."""
-        conv = self.conv
+        conv = held(self, "_modules", "conv")
         weight = held(conv, "_parameters", "weight")
         if not (isinstance(input, Tensor) and input.dim() == 4 and dtypes_match(input, weight)
                 and ((input.is_cpu and weight.is_cpu) or input.device == weight.device)):
@@ -221,7 +221,7 @@ class SlimConvBNAct(nn.Module):
         share of a layer call: a 64->64 1x1 layer on 2x2 planes at batch 64 took 193-215 us
         on the general path, 167-183 us here, its two ops alone 125-139 us (2-core AMD EPYC,
         Zen 3, interleaved rounds)."""
-        conv, sbn = self.conv, self.bn
+        conv, sbn = held(self, "_modules", "conv"), held(self, "_modules", "bn")
         w = conv.active_width()
         i = conv._width_index.get(w)
         if (i is None or not sbn.training or sbn.active_width() != w
