@@ -231,7 +231,7 @@ class SlimConvBNAct(nn.Module):
         if j is None:
             return None
         # Shared BN (the paper's naive baseline): one BN whose channel prefix every width uses.
-        bn = sbn.bn._modules["0" if sbn.shared else str(j)]
+        bn = held(sbn, "_modules", "bn")._modules["0" if sbn.shared else str(j)]
         cin, cout = conv.in_channels_list[i], conv.out_channels_list[i]
         weight = held(conv, "_parameters", "weight")
         if (bn.momentum is None or not bn.track_running_stats

@@ -100,10 +100,10 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     scalar) cost ~15 us on small planes. Elsewhere, and while torch.compile traces (so the
     graph holds plain aten ops), those ops: ``var``'s unbiasing factor rides on ``add_``'s
     alpha, so no scalar tensor or temporary is made."""
-    if (_backend.HAS_C and running_mean.device.type == "cpu"
+    if (_backend.HAS_C and running_mean.is_cpu
             and running_mean.dtype in _backend.NATIVE_CPU_DTYPES
             and running_mean.dtype == running_var.dtype == mean.dtype == var.dtype
-            and mean.device.type == "cpu" and not torch.compiler.is_compiling()):
+            and mean.is_cpu and not torch.compiler.is_compiling()):
         torch.ops.slimops.update_running_stats.default(running_mean, running_var, mean, var,
                                                        count, momentum)
         return
