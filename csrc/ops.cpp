@@ -24,12 +24,13 @@ namespace {
 // "base"): the CPU's best, capped by SLIMOPS_CPU_ISA. Reported by slimops.backend_info().
 std::string cpu_isa() { return slimops::cpu::isa_name(slimops::cpu::cpu_isa()); }
 
-// How many conv passes measured so far (csrc/cpu/route.h) went to oneDNN and how many to the
-// kernels: [onednn, kernels]; `clear` forgets them (the next call of each shape measures
-// again). Reported by slimops.backend_info(); benchmarks clear between settings.
+// How many conv passes measured so far (csrc/cpu/route.h) go to oneDNN and how many to the
+// kernels, and how many measurements ran (first and later ones): [onednn, kernels, rounds];
+// `clear` forgets them (the next call of each shape measures again). Reported by
+// slimops.backend_info(); benchmarks clear between settings.
 std::vector<int64_t> conv2d_routes(bool clear) {
   auto& cache = slimops::cpu::route_cache();
-  std::vector<int64_t> counts = {cache.count(true), cache.count(false)};
+  std::vector<int64_t> counts = {cache.count(true), cache.count(false), cache.rounds()};
   if (clear) cache.clear();
   return counts;
 }

@@ -26,8 +26,12 @@ pytestmark = [
 
 
 def _routes():
-    onednn, kernels = torch.ops.slimops.conv2d_routes(False)
+    onednn, kernels, _ = torch.ops.slimops.conv2d_routes(False)
     return onednn + kernels
+
+
+def _rounds():
+    return torch.ops.slimops.conv2d_routes(False)[2]
 
 
 def _check(x, weight, o, stride, padding, dilation, epilogue, tol):
@@ -91,7 +95,37 @@ def test_auto_measures_each_pass_once_per_shape(monkeypatch, tol):
     info = slimops.backend_info()
     assert info["conv_route"] == "auto"
     assert sum(info["conv_routes_measured"].values()) == 3
-    assert torch.ops.slimops.conv2d_routes(True) != [0, 0] and _routes() == 0
+    assert _rounds() == 3  # the first call's measurement of each pass
+    assert torch.ops.slimops.conv2d_routes(True) != [0, 0, 0] and _routes() == _rounds() == 0
+
+
+def test_auto_measures_again_on_later_calls(monkeypatch):
+    """A choice made under a passing load is checked again: each measured pass is measured
+    once more on its 16th, 64th, 256th, 1024th and 4096th call after the first measurement
+    (route.h), with the same result as any other call."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "auto")
+    torch.ops.slimops.conv2d_routes(True)
+    x, weight = torch.randn(2, 16, 24, 24), torch.randn(32, 32, 3, 3)
+    expected = reference.conv2d(x, weight, None, 16, 1, 1, 1)
+
+    def call():
+        with torch.no_grad():
+            return slimops.ops.conv2d(x, weight, None, 16, 1, 1, 1)  # the forward pass only
+
+    torch.testing.assert_close(call(), expected)
+    assert (_routes(), _rounds()) == (1, 1)
+    for _ in range(15):
+        torch.testing.assert_close(call(), expected)
+        assert _rounds() == 1
+    torch.testing.assert_close(call(), expected)  # the 16th call after the first
+    assert (_routes(), _rounds()) == (1, 2)
+    for _ in range(64 - 16):
+        call()
+    assert _rounds() == 3
+    for _ in range(256 - 64):
+        call()
+    assert _rounds() == 4
+    torch.ops.slimops.conv2d_routes(True)
 
 
 def test_auto_does_not_measure_tiny_passes(monkeypatch):
