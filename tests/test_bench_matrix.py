@@ -93,3 +93,41 @@ def test_resnet_cells_eval_per_width_and_a_short_training_cell(monkeypatch):
         "train s-resnet-50 224 b8"]
     assert cells[-1].min_rounds == 3 and set(cells[-1].variants) == {"slimops", "reference"}
     assert matrix.build_cells("resnet", quick=True) == []  # too slow for a smoke run
+
+
+def test_repeated_passes_judge_by_the_median_ratio():
+    """--repeat: rows are each variant's median over the passes, SLOWER and the ratio follow
+    the median of the passes' ratios (one contended pass does not flag a cell), and the table
+    gives the range."""
+    cell = matrix.Cell("c", {"slimops": lambda: None, "reference": lambda: None}, 0.0)
+    cell.runs = [{"slimops": 1.0, "reference": 2.0}, {"slimops": 3.0, "reference": 1.0},
+                 {"slimops": 1.0, "reference": 1.25}]
+    matrix.merge_runs(cell)
+    assert cell.rows == {"slimops": 1.0, "reference": 1.25}
+    assert matrix.ratio(cell) == 0.8  # median of 0.5, 3.0, 0.8
+    lines = matrix.report([cell], "h").splitlines()
+    assert "range (3 passes)" in lines[2]
+    row = next(line for line in lines if line.startswith("| c "))
+    assert "| 0.80 |" in row and "| 0.50-3.00 |" in row and "SLOWER" not in row
+    cell.runs[2] = {"slimops": 1.5, "reference": 1.25}  # now two of three passes slower
+    assert matrix.ratio(cell) == 1.2
+    assert "SLOWER" in matrix.report([cell], "h")
+
+
+def test_repeat_runs_every_cell_each_pass(capsys, monkeypatch):
+    cells = [_cell("x", 0.0, 0.0), _cell("y", 0.0, 0.0)]
+    monkeypatch.setattr(matrix, "build_cells", lambda which, quick: cells)
+    assert matrix.main(["--quick", "--repeat", "3"]) == 0
+    assert [len(c.runs) for c in cells] == [3, 3]
+    out = capsys.readouterr().out
+    assert "3 passes over the cells" in out and "range (3 passes)" in out
+    with pytest.raises(SystemExit):
+        matrix.main(["--repeat", "0"])
+
+
+def test_cli_forwards_repeat(monkeypatch):
+    seen = []
+    monkeypatch.setattr(matrix, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setitem(sys.modules, "matrix", matrix)
+    main(["bench", "--matrix", "--quick", "--repeat", "2"])
+    assert seen and seen[0][-2:] == ["--repeat", "2"]

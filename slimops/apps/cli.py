@@ -592,7 +592,8 @@ def _bench(args: argparse.Namespace) -> int:
         argv = (["--quick"] if args.quick else []) + (["--busy"] if args.busy else []) + (
             ["--threads", str(args.threads)] if args.threads else []) + (
             ["--guard"] if args.guard else []) + (
-            ["--cells", args.cells] if args.cells else [])
+            ["--cells", args.cells] if args.cells else []) + (
+            ["--repeat", str(args.repeat)] if args.repeat else [])
         return matrix.main(argv)
     return bench_main(quick=args.quick, keyword=args.k, out_dir=args.out, json_path=args.json,
                       plot_path=args.plot, report_only=args.report, threads=args.threads,
@@ -867,6 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--guard", action="store_true",
                        help="with --matrix: exit 1 if slimops is slower than the reference "
                        "style in any cell")
+    bench.add_argument("--repeat", type=_positive_int, metavar="N",
+                       help="with --matrix: N passes over the cells; medians, each cell's "
+                       "ratio range, SLOWER judged by the median ratio")
     bench.add_argument("-k", metavar="EXPR", help="pytest -k expression selecting benchmarks")
     bench.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     bench.add_argument("--compile", action="store_true",
