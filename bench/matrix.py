@@ -253,13 +253,18 @@ def measure(cell: Cell) -> None:
     cell.runs.append(dict(cell.rows))
 
 
+def pass_ratios(cell: Cell) -> List[float]:
+    """slimops / reference of each of the cell's passes, ascending (no pass recorded: the
+    ratio of its rows)."""
+    return sorted(r["slimops"] / r["reference"] for r in (cell.runs or [cell.rows]))
+
+
 def ratio(cell: Cell) -> float:
-    """slimops / reference: the median over the cell's passes of each pass's ratio (one
-    pass: its ratio). With a core busy one pass's ratio moves by up to 2x with no change in
-    what runs (a contended window hits one variant and not the other); the median over
-    passes spread in time is what a cell can be judged by."""
-    runs = cell.runs or [cell.rows]
-    return statistics.median(r["slimops"] / r["reference"] for r in runs)
+    """slimops / reference: the median of the passes' ratios. With a core busy one pass's
+    ratio moves by up to 2x with no change in what runs (a contended window hits one variant
+    and not the other); the median over passes spread in time is what a cell can be judged
+    by."""
+    return statistics.median(pass_ratios(cell))
 
 
 def merge_runs(cell: Cell) -> None:
@@ -277,10 +282,10 @@ def report(cells: Sequence[Cell], header: str) -> str:
     rows = []
     for c in cells:
         s, r, d = c.rows["slimops"], c.rows["reference"], c.rows.get("dense-jit")
-        q = ratio(c)
+        each = pass_ratios(c)
+        q = statistics.median(each)
         row = [c.name, _fmt_ms(s), _fmt_ms(r), _fmt_ms(d) if d else "-", f"{q:.2f}"]
         if passes > 1:
-            each = sorted(run["slimops"] / run["reference"] for run in c.runs)
             row.append(f"{each[0]:.2f}-{each[-1]:.2f}")
         rows.append(row + [f"{s / d:.2f}" if d else "-", "SLOWER" if q > 1 else ""])
     names = ["cell", "slimops ms", "reference ms", "dense-jit ms", "slimops/reference"]

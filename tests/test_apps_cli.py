@@ -44,7 +44,8 @@ def test_no_command_is_an_error():
 BAD_ARGUMENTS = [
     ["demo", "--epochs", "-1"], ["demo", "--epochs", "0"], ["demo", "--batch-size", "0"],
     ["demo", "--lr", "nan"], ["demo", "--lr", "-1"], ["demo", "--repeats", "0"],
-    ["demo", "--widths", "0.5", "inf"], ["demo", "--reference-epochs", "-2"], ["demo", "--workers", "0"],
+    ["demo", "--widths", "0.5", "inf"], ["demo", "--reference-epochs", "-2"],
+    ["demo", "--workers", "0"],
     ["train", "--batch-size", "0"], ["train", "--lr", "-1"], ["train", "--lr", "nan"],
     ["train", "--epochs", "-3"], ["train", "--device", "foo"], ["train", "--image-size", "0"],
     ["train", "--workers", "-1"], ["train", "--weight-decay", "inf"], ["train", "--widths", "0"],

@@ -51,18 +51,15 @@ inline RouteMode route_mode() {
 using RouteKey = std::array<int64_t, 24>;
 
 // When a measured key is measured again: on its 16th call after the first measurement, then
-// its 64th, 256th, 1024th and 4096th (then never). Why: on a shared machine the first measurement can fall
-// in a window where another process holds a core, and the two routes slow down by different
-// factors there. Measured on a 2-core AMD EPYC Zen 3 with one core kept busy: a [1, 64, 56,
-// 56] 3x3 conv at full width picked the kernels in 4 of 8 fresh processes, and 5 of 8 in a
-// second try (idle: oneDNN in 6 of 6), and the kernels run it 1.25x slower than oneDNN once
-// the contention passes. With two later measurements of two runs each (16th and 256th
-// calls) 6 of 8 such processes ran oneDNN after 300 calls; with the schedule below (three
-// runs each, 16th, 64th and 256th calls within the 300) 7 of 8, the first measurement
-// having picked the kernels in 5 of them. Idle, the choices did not change. Each
-// route keeps the best time it ever took, so a later window without contention corrects a
-// choice made under it; contention only adds time, so the best times converge on what each
-// route costs when it runs unhindered, where the reference path's oneDNN is the floor.
+// its 64th, 256th, 1024th and 4096th (then never). Why: on a shared machine the first
+// measurement can fall in a window where another process holds a core, and the two routes
+// slow down by different factors there. On a 2-core AMD EPYC Zen 3 with one core kept busy, a
+// [1, 64, 56, 56] 3x3 conv at full width (the kernels 1.25x slower than oneDNN idle) got the
+// kernels from the first measurement in 5 of 8 fresh processes (idle: 0 of 6); with this
+// schedule 7 of 8 ran oneDNN after 300 calls, and idle choices did not change. Each route
+// keeps the best time it ever took: contention only adds time, so the best times converge on
+// what each route costs unhindered, and a later window without contention corrects a choice
+// made under it.
 constexpr int64_t kRouteFirstCheck = 16;
 constexpr int64_t kRouteCheckGrowth = 4;
 constexpr int64_t kRouteLastCheck = 4096;

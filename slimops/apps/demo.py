@@ -256,14 +256,19 @@ def default_workers() -> int:
     return 2 if cores >= 2 else 1
 
 
+def _threads_per_worker(workers: int) -> int:
+    """Torch threads each of ``workers`` processes gets: this process's share, at least 1."""
+    return max(1, torch.get_num_threads() // workers)
+
+
 def _train_all(jobs: Sequence[_TrainingJob], workers: int
                ) -> List[Tuple[Dict[str, Tensor], float]]:
     """Each job's (state dict, seconds), in the jobs' order: in this process one after the
     other (``workers == 1``), else in ``workers`` spawned processes with
-    ``torch.get_num_threads() // workers`` threads each (at least 1), longest jobs first."""
+    ``_threads_per_worker(workers)`` threads each, longest jobs first."""
     if workers <= 1:
         return [_run_training(job) for job in jobs]
-    threads = max(1, torch.get_num_threads() // workers)
+    threads = _threads_per_worker(workers)
     # Longest first (epochs x widths x the widest channel count) keeps the workers even.
     order = sorted(range(len(jobs)), reverse=True,
                    key=lambda i: jobs[i].epochs * len(jobs[i].widths) * max(jobs[i].base))
@@ -370,7 +375,7 @@ def run_demo(
     jobs += [job("individual", (1.0,), [c[i] for c in per_width]) for i in range(len(widths))]
     if workers > 1:
         log(f"the {len(jobs)} trainings run {workers} at a time, each in its own process with "
-            f"{max(1, torch.get_num_threads() // workers)} thread(s) (--workers 1: one after "
+            f"{_threads_per_worker(workers)} thread(s) (--workers 1: one after "
             "the other in this process)")
     t_train = time.perf_counter()
     results = _train_all(jobs, min(workers, len(jobs)))

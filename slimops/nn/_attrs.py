@@ -15,7 +15,8 @@ def held(module: nn.Module, kind: str, name: str) -> Any:
 
     Why: ``nn.Module.__getattr__`` (the fallback that finds parameters, buffers and
     submodules) costs ~1 us per lookup, and a batch-1 eval call of a fused layer made ten of
-    them, a third of the layer's Python time on 8x8 images. A name not registered under ``kind`` (a subclass
-    that makes it a property or a plain attribute) is read with ``getattr`` as before."""
+    them, a third of the layer's Python time on 8x8 images. A name not registered under
+    ``kind`` (a subclass that makes it a property or a plain attribute) is read with
+    ``getattr`` as before."""
     registered = module.__dict__[kind]
     return registered[name] if name in registered else getattr(module, name, None)

@@ -23,15 +23,21 @@ from slimops.reference import ACTIVATIONS
 from slimops.width import width as width_scope
 
 
-def _state_key(t: Optional[Tensor]):
+def _contents_key(t: Tensor) -> tuple:
     """What identifies a tensor's current contents without reading them: its storage (data
-    pointer), layout and version counter (bumped by every in-place write). Inference tensors
-    (created under ``torch.inference_mode()``) have no version counter: None (never cached)."""
+    pointer), version counter (bumped by every in-place write) and layout. Raises
+    RuntimeError for an inference tensor (no version counter)."""
+    return (t.data_ptr(), t._version, t.dtype, t.shape, t.device)
+
+
+def _state_key(t: Optional[Tensor]):
+    """``_contents_key`` of a plan's source: ``()`` for an absent tensor, None for an
+    inference tensor (created under ``torch.inference_mode()``: never cached)."""
     if t is None:
         return ()
     if t.is_inference():
         return None
-    return (t.data_ptr(), t._version, t.dtype, t.shape, t.device)
+    return _contents_key(t)
 
 
 class _EvalPlan:
@@ -74,7 +80,7 @@ class _EvalPlan:
                 return False
             if t is not None:
                 try:
-                    if (t.data_ptr(), t._version, t.dtype, t.shape, t.device) != key:
+                    if _contents_key(t) != key:
                         return False
                 except RuntimeError:  # an inference tensor's data put into it: no version
                     return False
@@ -231,7 +237,7 @@ class SlimConvBNAct(nn.Module):
         if j is None:
             return None
         # Shared BN (the paper's naive baseline): one BN whose channel prefix every width uses.
-        bn = held(sbn, "_modules", "bn")._modules["0" if sbn.shared else str(j)]
+        bn = sbn._modules_at(w, j)[0]
         cin, cout = conv.in_channels_list[i], conv.out_channels_list[i]
         weight = held(conv, "_parameters", "weight")
         if (bn.momentum is None or not bn.track_running_stats
