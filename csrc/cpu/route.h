@@ -134,10 +134,11 @@ constexpr int64_t kRouteMeasureMacs = int64_t{1} << 18;
 // Runs the pass on the chosen route and returns its result. `fixed_onednn` is the fixed
 // rules' choice (fixed mode, and passes under kRouteMeasureMacs). In auto mode the first call
 // of a key runs each candidate once untimed (page faults, oneDNN's primitive creation), then
-// three times each, alternating, and so do the later measurements (kRouteFirstCheck...).
-// The route with the better best time over all of them runs, and a measuring call returns
-// the last result computed (either is the op's result). Fewer timed runs picked the slower
-// route on a noisy 2-core machine (a 256-channel 3x3 conv on a 7x7 plane, 1.3x).
+// three times each, alternating; fewer timed runs picked the slower route on a noisy 2-core
+// machine (a 256-channel 3x3 conv on a 7x7 plane, 1.3x). A later measurement
+// (kRouteFirstCheck...) times the call on its route and runs the other route once. The
+// route with the better best time over all of them runs; a measuring call returns a result
+// of a route it ran (either is the op's result).
 template <typename Result, typename Onednn, typename Kernels>
 Result run_routed(const RouteKey& key, bool onednn_possible, int64_t macs, bool fixed_onednn,
                   Onednn&& onednn, Kernels&& kernels) {
@@ -155,10 +156,23 @@ Result run_routed(const RouteKey& key, bool onednn_possible, int64_t macs, bool 
   };
   double best_onednn = std::numeric_limits<double>::infinity(), best_kernels = best_onednn;
   Result result;
-  if (known < 0) {
-    result = kernels();
-    result = onednn();
+  if (known >= 0) {
+    // A later measurement: this call on its route, timed, and one run of the other route.
+    // One extra run, not the first measurement's seven: the best times of earlier
+    // measurements stand, so one more sample each is enough to correct a choice, and the
+    // full rounds cost S-ResNet-50's training steps 1.3-1.4x while they ran (Zen 3, batch 8:
+    // dozens of shapes re-measured in the same steps).
+    auto t0 = clock::now();
+    result = known ? onednn() : kernels();
+    (known ? best_onednn : best_kernels) = seconds(t0);
+    t0 = clock::now();
+    Result other = known ? kernels() : onednn();
+    (known ? best_kernels : best_onednn) = seconds(t0);
+    route_cache().record(key, best_onednn, best_kernels);
+    return result;
   }
+  result = kernels();  // untimed: first-call costs
+  result = onednn();
   for (int rep = 0; rep < 3; ++rep) {
     auto t0 = clock::now();
     result = kernels();
