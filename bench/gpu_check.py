@@ -114,6 +114,17 @@ def _cases() -> List[Case]:
              lambda g: dict(x=_r(g, 4, 24, 9, 9), w=_r(g, 64, 32, 1, 1)),
              lambda t: ops.conv2d(t["x"], t["w"], None, 40),
              ("x", "w")),
+        # One gradient only: a first layer (the image needs none) and a frozen weight; with
+        # both needed the CPU runs the pair as one op (conv2d_backward), so these are what
+        # run the two backward ops there.
+        Case("conv2d", "first layer 3x3 s2 prefix 3->16 of 3->24, input without gradient",
+             lambda g: dict(x=_r(g, 2, 3, 16, 16), w=_r(g, 24, 3, 3, 3), b=_r(g, 24)),
+             lambda t: ops.conv2d(t["x"], t["w"], t["b"], 16, 2, 1, activation="relu"),
+             ("w", "b")),
+        Case("conv2d", "frozen weight 1x1 prefix 24->40 of 32->64, input gradient only",
+             lambda g: dict(x=_r(g, 4, 24, 9, 9), w=_r(g, 64, 32, 1, 1)),
+             lambda t: ops.conv2d(t["x"], t["w"], None, 40),
+             ("x",)),
         Case("conv2d", "3x3 s2 groups=2 dilation 2, relu",
              lambda g: dict(x=_r(g, 2, 8, 15, 13), w=_r(g, 16, 6, 3, 3), b=_r(g, 16)),
              lambda t: ops.conv2d(t["x"], t["w"], t["b"], 12, 2, 2, 2, 2, activation="relu"),

@@ -220,7 +220,10 @@ def build_cells(which: str, quick: bool) -> List[Cell]:
                              budget / 2, WIDTHS)
         train = _train_cell("train s-resnet-50 224 b8", s_resnet50(WIDTHS, num_classes=1000),
                             torch.randn(8, 3, 224, 224), 1000, 0.0)
-        train.min_rounds, train.warmups = 3, 1
+        # two warm-up steps: the first measures every conv pass's route (route.h: several
+        # runs of each candidate, ~4x a step's conv time), the second reaches repeated
+        # blocks' 16th call (a cheap later measurement)
+        train.min_rounds, train.warmups = 3, 2
         cells.append(train)
     if which in ("eval", "all"):
         widths = (0.25, 1.0) if quick else WIDTHS

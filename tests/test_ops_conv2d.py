@@ -479,6 +479,8 @@ def test_opcheck_backward_ops(groups):
                           (gz, w, [2, i, 6, 5], *geometry), test_utils=OPCHECK_UTILS)
     torch.library.opcheck(torch.ops.slimops.conv2d_backward_weight.default,
                           (gz, x, w, *geometry), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.slimops.conv2d_backward.default,
+                          (gz, x, w, *geometry), test_utils=OPCHECK_UTILS)
 
 
 def test_opcheck_epilogue_backward():
@@ -486,6 +488,136 @@ def test_opcheck_epilogue_backward():
     torch.library.opcheck(torch.ops.slimops.epilogue_backward.default,
                           (torch.randn_like(out), out, torch.randn(5, dtype=F64), 1),
                           test_utils=OPCHECK_UTILS)
+
+
+# (full weight rows x Ig, active out x in, groups, stride, dilation): partial and full widths
+BOTH_GRADS_CASES = {
+    "partial": ((16, 12), (10, 7), 1, 1, 1),
+    "full_input_width": ((16, 12), (9, 12), 1, 2, 1),
+    "full": ((16, 12), (16, 12), 1, 1, 2),
+    "groups": ((12, 4), (9, 6), 3, 1, 1),
+}
+
+
+@pytest.mark.parametrize("route", ["fixed", "onednn", "auto"])
+@pytest.mark.parametrize("case", list(BOTH_GRADS_CASES.values()), ids=list(BOTH_GRADS_CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_both_gradients_op_matches_the_two_backward_ops(case, route, dtype, tol, monkeypatch):
+    """slimops::conv2d_backward (the pair as one op, routed as a pair on CPU) gives what the
+    two backward ops give and what the reference's autograd gives, on every route."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", route)
+    (rows, ig_full), (o, i), groups, stride, dilation = case
+    w = torch.randn(rows, ig_full, 3, 3, dtype=dtype)
+    # 2 x 9 x 9 x ... above the route's measuring threshold for the auto route's full case
+    x = torch.randn(3, i, 23, 21, dtype=dtype)
+    xr, wr = leaf(x), leaf(w)
+    z = reference.conv2d(xr, wr, None, o, stride, 1, dilation, groups)
+    gz = torch.randn_like(z)
+    gx_ref, gw_ref = torch.autograd.grad(z, (xr, wr), gz)
+    geometry = ([stride] * 2, [1, 1], [dilation] * 2, groups)
+    for _ in range(2):  # the auto route's measuring call, then its chosen route
+        gx, gw = torch.ops.slimops.conv2d_backward(gz, x, w, *geometry)
+        torch.testing.assert_close(gx, gx_ref, **tol(dtype, gx_ref))
+        torch.testing.assert_close(gw, gw_ref, **tol(dtype, gw_ref))
+    assert gw.shape == w.shape and gw.is_contiguous()
+    torch.testing.assert_close(
+        gx, torch.ops.slimops.conv2d_backward_input(gz, w, list(x.shape), *geometry),
+        **tol(dtype, gx_ref))
+    torch.testing.assert_close(
+        gw, torch.ops.slimops.conv2d_backward_weight(gz, x, w, *geometry), **tol(dtype, gw_ref))
+
+
+def test_both_gradients_op_propagates_nan_and_inf():
+    w = torch.randn(8, 6, 3, 3)
+    x = torch.randn(2, 6, 9, 9)
+    x[0, 1, 4, 4], x[1, 2, 0, 0] = float("nan"), float("inf")
+    gz = torch.randn(2, 8, 9, 9)
+    gz[1, 3, 2, 2] = float("nan")
+    xr, wr = leaf(x), leaf(w)
+    z = reference.conv2d(xr, wr, None, 8, 1, 1, 1)
+    gx_ref, gw_ref = torch.autograd.grad(z, (xr, wr), gz)
+    gx, gw = torch.ops.slimops.conv2d_backward(gz, x, w, [1, 1], [1, 1], [1, 1], 1)
+    assert torch.equal(gx.isnan(), gx_ref.isnan()) and torch.equal(gw.isnan(), gw_ref.isnan())
+    torch.testing.assert_close(gw, gw_ref, equal_nan=True, rtol=1e-4, atol=1e-4)
+
+
+class _SlimopsCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """The slimops ops a region dispatches (the autograd engine's backward calls too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.startswith("slimops::"):
+            self.ops.append(func._schema.name.split("::")[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("needs", ["both", "input", "weight"])
+def test_autograd_asks_for_both_gradients_in_one_op(needs):
+    """conv2d's autograd on CPU calls conv2d_backward when the input and the weight both need
+    a gradient (training), and the one backward op when only one does (a first layer's
+    input, a frozen weight); a grouped conv (no oneDNN route) calls the two backward ops."""
+    x = torch.randn(2, 6, 9, 9, requires_grad=needs in ("both", "input"))
+    w = torch.randn(8, 6, 3, 3, requires_grad=needs in ("both", "weight"))
+    out = slimops.ops.conv2d(x, w, None, 8, 1, 1)
+    with _SlimopsCalls() as calls:
+        out.sum().backward()
+    expected = {"both": ["conv2d_backward"], "input": ["conv2d_backward_input"],
+                "weight": ["conv2d_backward_weight"]}[needs]
+    assert calls.ops == expected
+    if needs == "both":
+        out = slimops.ops.conv2d(x, torch.randn(8, 3, 3, 3, requires_grad=True), None, 8, 1,
+                                 1, groups=2)
+        with _SlimopsCalls() as calls:
+            out.sum().backward()
+        assert calls.ops == ["conv2d_backward_input", "conv2d_backward_weight"]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available()
+                    or os.environ.get("SLIMOPS_CONV_ONEDNN") == "0",
+                    reason="needs oneDNN and the oneDNN route")
+@pytest.mark.parametrize("i", [6, 4], ids=["full_width", "partial_width"])
+def test_both_gradients_take_one_onednn_call(i, monkeypatch):
+    """On the oneDNN route the pair is one convolution_backward call with both outputs, as in
+    the reference style's autograd (the two backward ops make one call each)."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
+    x, w = torch.randn(2, i, 12, 12), torch.randn(8, 6, 3, 3)
+    gz = torch.randn(2, 5, 12, 12)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ops.slimops.conv2d_backward(gz, x, w, [1, 1], [1, 1], [1, 1], 1)
+    calls = [e.name for e in prof.events() if e.name == "aten::convolution_backward"]
+    assert len(calls) == 1
+
+
+def test_python_entry_point_both_gradients(tol, monkeypatch):
+    """slimops.ops.conv2d_backward: the op on CPU, the oracle's gradients without the
+    extension's kernels."""
+    from slimops.ops import _backend
+
+    w = torch.randn(12, 3, 3, 3, dtype=F64)
+    x = torch.randn(2, 6, 6, 5, dtype=F64)
+    gz = torch.randn(2, 9, 3, 5, dtype=F64)
+    geometry = ([2, 1], [1, 1], [1, 1], 3)
+    native = slimops.ops.conv2d_backward(gz, x, w, *geometry)
+    monkeypatch.setattr(_backend, "use_native", lambda *_: False)
+    oracle = slimops.ops.conv2d_backward(gz, x, w, *geometry)
+    for got, exp in zip(native, oracle):
+        torch.testing.assert_close(got, exp, **tol(F64, exp))
+    assert oracle[1].shape == w.shape
+
+
+def test_both_gradients_op_rejects_bad_arguments():
+    op = torch.ops.slimops.conv2d_backward
+    x, w, gz = torch.randn(2, 6, 9, 9), torch.randn(8, 6, 3, 3), torch.randn(2, 8, 9, 9)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="does not match the output"):
+        op(gz[:, :, :8], x, w, *geometry)
+    with pytest.raises(RuntimeError, match="4-D"):
+        op(gz, x[0], w, *geometry)
+    with pytest.raises(RuntimeError, match="grad_z"):
+        op(gz.double(), x, w, *geometry)
 
 
 def test_backward_ops_match_reference(tol):

@@ -90,12 +90,14 @@ def test_auto_measures_each_pass_once_per_shape(monkeypatch, tol):
     epilogue = dict(scale=None, shift=torch.randn(16), residual=None, activation="relu6")
     for _ in range(3):  # the first call measures; the others reuse the choice
         _check(x, weight, 16, 1, 1, 1, epilogue, tol)
-    # forward (with its epilogue), input and weight gradients; the reference ran no slimops op
-    assert _routes() == 3
+    # forward (with its epilogue), the two gradients as a pair (conv2d_backward) and, run
+    # apart inside the pair's measurement, the input and the weight gradient; the reference
+    # ran no slimops op
+    assert _routes() == 4
     info = slimops.backend_info()
     assert info["conv_route"] == "auto"
-    assert sum(info["conv_routes_measured"].values()) == 3
-    assert _rounds() == 3  # the first call's measurement of each pass
+    assert sum(info["conv_routes_measured"].values()) == 4
+    assert _rounds() == 4  # the first call's measurement of each pass
     assert torch.ops.slimops.conv2d_routes(True) != [0, 0, 0] and _routes() == _rounds() == 0
 
 

@@ -131,4 +131,5 @@ def test_formulas_register_in_either_import_order_without_importing_the_counter(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out[0] == ("False" if first == "slimops" else "True")
-    assert int(out[1]) == 11  # conv2d, depthwise, linear x (forward + 2 gradients), 2 fused
+    # conv2d, depthwise, linear x (forward + 2 gradients), conv2d's both-gradients op, 2 fused
+    assert int(out[1]) == 12

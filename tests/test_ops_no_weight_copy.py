@@ -108,6 +108,14 @@ def assert_no_weight_copy(prof, shapes, expected_ops):
     assert not hits, "the shared weight was copied:\n" + "\n".join(hits)
 
 
+def both_gradients_ops(groups):
+    """The ops conv2d's autograd runs on CPU for the input and weight gradients: one op for
+    both with one group (csrc/autograd/conv2d.cpp), the two backward ops for a grouped conv."""
+    if groups == 1:
+        return ["slimops::conv2d_backward"]
+    return ["slimops::conv2d_backward_input", "slimops::conv2d_backward_weight"]
+
+
 def _fwd_bwd(make_out, leaves):
     def run():
         out = make_out()
@@ -136,10 +144,15 @@ def test_conv2d(groups, kernel):
         return slimops.ops.conv2d(x, weight, bias, o, 1, p, 1, groups, scale, shift, residual,
                                   "relu")
 
+    shapes = conv_weight_shapes(weight.shape, groups, o, i)
+    # both gradients: one op (conv2d_backward, one group); one of them: its own op
     prof = profiled(_fwd_bwd(out, [x, weight, bias, scale, shift, residual]))
-    assert_no_weight_copy(prof, conv_weight_shapes(weight.shape, groups, o, i),
-                          ["slimops::conv2d", "slimops::conv2d_backward_input",
-                           "slimops::conv2d_backward_weight", "slimops::epilogue_backward"])
+    assert_no_weight_copy(prof, shapes, ["slimops::conv2d", "slimops::epilogue_backward"]
+                          + both_gradients_ops(groups))
+    assert_no_weight_copy(profiled(_fwd_bwd(out, [x])), shapes,
+                          ["slimops::conv2d_backward_input"])
+    assert_no_weight_copy(profiled(_fwd_bwd(out, [weight])), shapes,
+                          ["slimops::conv2d_backward_weight"])
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -164,8 +177,8 @@ def test_conv2d_full_input_width_runs_on_onednn_without_a_copy(kernel, rows, cin
         torch.testing.assert_close(out(), expected, rtol=1e-4, atol=1e-4)
     prof = profiled(_fwd_bwd(out, [x, weight, shift]))
     assert_no_weight_copy(prof, conv_weight_shapes(weight.shape, 1, o, cin),
-                          ["slimops::conv2d", "aten::convolution",
-                           "slimops::conv2d_backward_input", "slimops::conv2d_backward_weight"])
+                          ["slimops::conv2d", "aten::convolution", "slimops::conv2d_backward",
+                           "aten::convolution_backward"])
     # A partial input width keeps the GEMM path (oneDNN would need the strided prefix copied).
     x_half = torch.randn(1, cin // 2, 8, 8)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -221,7 +234,7 @@ def test_slim_conv_bn_act(groups, training):
             block(x, residual).square().sum().backward()
 
     prof = profiled(run)
-    expected = ["slimops::conv2d", "slimops::conv2d_backward_weight"]
+    expected = ["slimops::conv2d"] + both_gradients_ops(groups)
     if training:
         expected += ["slimops::batch_norm_act", "slimops::batch_norm_act_backward"]
     assert_no_weight_copy(prof, conv_weight_shapes(block.conv.weight.shape, groups, 8, 8),

@@ -54,13 +54,25 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     const std::vector<bool> needs = needs_input_grad(ctx);
     // needs[8..10]: scale, shift, residual
     const EpilogueGrads eg = conv_epilogue_grads(grads[0], c, needs, 8);
+    static const auto backward_both = op_handle<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
+        c10::IntArrayRef, c10::IntArrayRef, int64_t)>("slimops::conv2d_backward");
     variable_list result(12);
-    if (needs[0])
-      result[0] = backward_input.call(eg.grad_z, c.weight, int_sizes(c.input), c.stride,
-                                      c.padding, c.dilation, groups);
-    if (needs[1])
-      result[1] = backward_weight.call(eg.grad_z, c.input, c.weight, c.stride, c.padding,
-                                       c.dilation, groups);
+    if (needs[0] && needs[1] && groups == 1 && eg.grad_z.is_cpu()) {
+      // Both gradients as one op: on CPU it can make one oneDNN call for the two (the CPU
+      // helper conv2d_backward; other devices have no such op). oneDNN's route takes one
+      // group only; a grouped conv runs its two passes on slimops' kernels either way.
+      std::tie(result[0], result[1]) = backward_both.call(eg.grad_z, c.input, c.weight,
+                                                          c.stride, c.padding, c.dilation,
+                                                          groups);
+    } else {
+      if (needs[0])
+        result[0] = backward_input.call(eg.grad_z, c.weight, int_sizes(c.input), c.stride,
+                                        c.padding, c.dilation, groups);
+      if (needs[1])
+        result[1] = backward_weight.call(eg.grad_z, c.input, c.weight, c.stride, c.padding,
+                                         c.dilation, groups);
+    }
     if (needs[2]) {
       const at::Tensor g = channel_sum(eg.grad_z).view({groups, -1});
       result[2] = pad_prefix(g, c.bias.size(0) / groups).reshape({-1});

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace slimops {
@@ -445,7 +446,8 @@ bool onednn_fixed(const ConvGeometry& s) {
 
 int64_t conv_macs(const ConvGeometry& s) { return s.N * s.P() * s.O * s.K(); }
 
-enum class Pass { kForward, kInputGrad, kWeightGrad };
+// kBothGrads: the input and weight gradients of one call (conv2d_backward), as a pair.
+enum class Pass { kForward, kInputGrad, kWeightGrad, kBothGrads };
 
 // Everything a pass's speed depends on, for route.h's cache.
 RouteKey route_key(const ConvGeometry& s, Pass pass, int64_t epilogue) {
@@ -885,19 +887,14 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& in
       [&] { return conv2d_backward_weight_kernels(s, gz, x, weight); });
 }
 
-// The weight gradient on oneDNN. It never reads the weight, so oneDNN gets an empty tensor of
-// the prefix's sizes (no copy at any width); its gradient [O, ig, kh, kw] is written into the
-// prefix of the full-size gradient, row by row.
-at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor& gz,
-                                         const at::Tensor& x, const at::Tensor& weight) {
+// oneDNN's weight gradient [O, ig, kh, kw] written into the prefix of a full-size gradient,
+// row by row, the rest zeroed.
+at::Tensor full_size_weight_grad(const ConvGeometry& s, const at::Tensor& onednn_grad,
+                                 const at::Tensor& weight) {
+  const at::Tensor gw = onednn_grad.contiguous();
+  check_onednn_shape(gw, {s.O, s.ig, s.kh, s.kw}, "weight gradient");
   // Every element is written below (the prefix copied, the rest zeroed): no zero-fill first.
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
-  const at::Tensor sizes_only = at::empty({s.O, s.ig, s.kh, s.kw}, weight.options());
-  auto grads = at::convolution_backward(gz, x, sizes_only, c10::nullopt, {s.sh, s.sw},
-                                        {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1,
-                                        {false, true, false});
-  const at::Tensor gw = std::get<1>(grads).contiguous();
-  check_onednn_shape(gw, sizes_only.sizes(), "weight gradient");
   const int64_t row = s.ig * s.kernel_area(), ldw = s.weight_ld();
   const float* src = gw.data_ptr<float>();
   float* dst = grad_weight.data_ptr<float>();
@@ -907,6 +904,17 @@ at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor
   }
   std::fill(dst + s.O * ldw, dst + grad_weight.numel(), 0.0f);
   return grad_weight;
+}
+
+// The weight gradient on oneDNN. It never reads the weight, so oneDNN gets an empty tensor of
+// the prefix's sizes (no copy at any width).
+at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor& gz,
+                                         const at::Tensor& x, const at::Tensor& weight) {
+  const at::Tensor sizes_only = at::empty({s.O, s.ig, s.kh, s.kw}, weight.options());
+  auto grads = at::convolution_backward(gz, x, sizes_only, c10::nullopt, {s.sh, s.sw},
+                                        {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1,
+                                        {false, true, false});
+  return full_size_weight_grad(s, std::get<1>(grads), weight);
 }
 
 at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tensor& gz,
@@ -946,9 +954,56 @@ at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tenso
   return grad_weight;
 }
 
+using GradPair = std::tuple<at::Tensor, at::Tensor>;
+
+// Both gradients in one oneDNN call: convolution_backward with both outputs, on the prefix
+// W[:O, :ig] (a view at full input width, else a copy, as the input gradient's route takes).
+GradPair conv2d_backward_onednn(const ConvGeometry& s, const at::Tensor& gz, const at::Tensor& x,
+                                const at::Tensor& weight) {
+  auto grads = at::convolution_backward(gz, x, onednn_weight(weight, s), c10::nullopt,
+                                        {s.sh, s.sw}, {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0},
+                                        1, {true, true, false});
+  check_onednn_shape(std::get<0>(grads), x.sizes(), "input gradient");
+  return {std::get<0>(grads).contiguous(), full_size_weight_grad(s, std::get<1>(grads), weight)};
+}
+
+// The input and weight gradients of one conv (what conv2d's autograd asks for in training).
+// Why one op: oneDNN computes both from one convolution_backward call, which is what the
+// reference style's autograd makes, while the two backward ops make one call each. Measured
+// (2-core AMD EPYC Zen 3, AVX2, 2 threads, idle, median of 15 interleaved): two calls vs one
+// took 1.06x at [8, 64, 56, 56] 3x3 s1 and 1.00x at [8, 32, 112, 112] 3x3 s2. The pair is
+// routed as a pair (route.h): oneDNN's one call against the two backward passes on their
+// own routes (each of which may itself be oneDNN or the kernels), so the op is never slower
+// than either way of running the two passes apart.
+GradPair conv2d_backward(const at::Tensor& grad_z, const at::Tensor& input,
+                         const at::Tensor& weight, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "conv2d_backward";
+  check_float(input, op, "input");
+  check_same(grad_z, input, op, "grad_z");
+  TORCH_CHECK(input.dim() == 4, "slimops::", op, ": expected a 4-D NCHW input, got shape ",
+              input.sizes());
+  const ConvGeometry s =
+      backward_geometry(op, grad_z, input.sizes(), weight, stride, padding, dilation, groups);
+  const auto apart = [&]() -> GradPair {
+    return {conv2d_backward_input(grad_z, weight, input.sizes(), stride, padding, dilation,
+                                  groups),
+            conv2d_backward_weight(grad_z, input, weight, stride, padding, dilation, groups)};
+  };
+  if (!(s.N * s.C * s.HW() > 0 && s.O > 0)) return apart();  // empty: the passes' own cases
+  const at::Tensor x = input.contiguous();
+  const at::Tensor gz = grad_z.contiguous();
+  return run_routed<GradPair>(route_key(s, Pass::kBothGrads, 0), onednn_possible(s, x),
+                              2 * conv_macs(s), onednn_fixed(s),
+                              [&] { return conv2d_backward_onednn(s, gz, x, weight); }, apart);
+}
+
 }  // namespace
 
 SLIMOPS_CPU_IMPL_WITH_BACKWARDS(conv2d)
+
+// A CPU-only helper (slimops.op_families.CPU_HELPERS): the two gradients as one op.
+TORCH_LIBRARY_IMPL(slimops, CPU, m) { m.impl("conv2d_backward", &conv2d_backward); }
 
 }  // namespace cpu
 }  // namespace slimops

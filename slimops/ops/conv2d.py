@@ -8,14 +8,15 @@ fakes and flop formulas come from ``slimops.ops._conv_like``, which it shares wi
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from slimops import reference
 from slimops.ops import _backend, _conv_like
-from slimops.ops._common import ACTIVATION_NAMES, IntPair, activation_code, as_int
+from slimops.ops._common import (ACTIVATION_NAMES, IntPair, activation_code, as_int, conv_flops,
+                                 register_flops)
 
 OP = "conv2d"
 
@@ -98,6 +99,36 @@ def conv2d_unchecked(
                             groups, scale, shift, residual, ACTIVATION_NAMES[activation])
 
 
+def conv2d_backward(
+    grad_z: Tensor, input: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+    dilation: List[int], groups: int,
+) -> Tuple[Tensor, Tensor]:
+    """Both gradients of ``conv2d`` without its epilogue: ``(grad_input, grad_weight)``,
+    ``grad_weight`` full-size (zero outside the active prefix), as the two backward ops give.
+
+    On CPU with the compiled extension this is one op (``slimops::conv2d_backward``), the
+    one ``conv2d``'s autograd calls when both gradients are needed: where oneDNN runs the
+    pair (measured per shape, csrc/cpu/route.h) it makes one ``convolution_backward`` call
+    for both, as the reference style's autograd does, instead of one per gradient. On other
+    devices it is the two backward ops; without the extension, the oracle's gradients.
+    Arguments are the backward ops' (normalised: lists); ``grad_z`` is ``[N, out_channels,
+    Ho, Wo]``.
+    """
+    if _backend.use_native(input, weight):
+        if input.is_cpu:
+            return torch.ops.slimops.conv2d_backward.default(
+                grad_z, input, weight, stride, padding, dilation, groups)
+        return (torch.ops.slimops.conv2d_backward_input.default(
+                    grad_z, weight, list(input.shape), stride, padding, dilation, groups),
+                torch.ops.slimops.conv2d_backward_weight.default(
+                    grad_z, input, weight, stride, padding, dilation, groups))
+    with torch.enable_grad():
+        x, w = input.detach().requires_grad_(), weight.detach().requires_grad_()
+        z = reference.conv2d(x, w, None, grad_z.shape[1], stride, padding, dilation, groups)
+        grad_input, grad_weight = torch.autograd.grad(z, (x, w), grad_z)
+    return grad_input, grad_weight
+
+
 # Fakes and flops (autograd: csrc/autograd/conv2d.cpp). Each output channel reads the
 # input's channels of its group: the active input width over the fixed group count.
 FAMILY = _conv_like.ConvLike(
@@ -107,4 +138,14 @@ FAMILY = _conv_like.ConvLike(
 if _backend.HAS_C:
     _conv_like.register(FAMILY)
 
-__all__ = ["conv2d", "conv2d_unchecked"]
+    @torch.library.register_fake("slimops::conv2d_backward")
+    def _(grad_z: Tensor, input: Tensor, weight: Tensor, *_: object) -> Tuple[Tensor, Tensor]:
+        return (input.new_empty(input.shape),
+                torch.empty_like(weight, memory_format=torch.contiguous_format))
+
+    # Both gradients: twice a gradient's multiply-adds (each costs the forward's).
+    register_flops(torch.ops.slimops.conv2d_backward,
+                   lambda grad_z, input, weight, stride, padding, dilation, groups, *_,
+                   out_shape, **__: 2 * conv_flops(grad_z, input[1] // groups, weight[2:]))
+
+__all__ = ["conv2d", "conv2d_backward", "conv2d_unchecked"]
