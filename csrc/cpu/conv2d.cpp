@@ -973,8 +973,8 @@ GradPair conv2d_backward_onednn(const ConvGeometry& s, const at::Tensor& gz, con
 // (2-core AMD EPYC Zen 3, AVX2, 2 threads, idle, median of 15 interleaved): two calls vs one
 // took 1.06x at [8, 64, 56, 56] 3x3 s1 and 1.00x at [8, 32, 112, 112] 3x3 s2. The pair is
 // routed as a pair (route.h): oneDNN's one call against the two backward passes on their
-// own routes (each of which may itself be oneDNN or the kernels), so the op is never slower
-// than either way of running the two passes apart.
+// own routes (each of which may itself be oneDNN or the kernels), whichever measured faster.
+// A grouped conv has no oneDNN route (conv2d's autograd calls the two ops for it).
 GradPair conv2d_backward(const at::Tensor& grad_z, const at::Tensor& input,
                          const at::Tensor& weight, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
