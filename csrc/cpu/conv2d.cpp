@@ -780,6 +780,20 @@ ConvGeometry backward_geometry(const char* op, const at::Tensor& grad_z,
   return s;
 }
 
+// backward_geometry for the ops that read the forward's input (the weight gradient, the
+// pair): a 4-D float input of grad_z's dtype and device as well.
+ConvGeometry input_backward_geometry(const char* op, const at::Tensor& grad_z,
+                                     const at::Tensor& input, const at::Tensor& weight,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups) {
+  check_float(input, op, "input");
+  check_same(grad_z, input, op, "grad_z");
+  TORCH_CHECK(input.dim() == 4, "slimops::", op, ": expected a 4-D NCHW input, got shape ",
+              input.sizes());
+  return backward_geometry(op, grad_z, input.sizes(), weight, stride, padding, dilation,
+                           groups);
+}
+
 // The input gradient on oneDNN (see onednn_possible). The input's values are not needed for
 // its gradient; convolution_backward reads only its sizes.
 at::Tensor conv2d_backward_input_onednn(const ConvGeometry& s, const at::Tensor& grad_z,
@@ -871,13 +885,8 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& in
                                   const at::Tensor& weight, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation,
                                   int64_t groups) {
-  constexpr const char* op = "conv2d_backward_weight";
-  check_float(input, op, "input");
-  check_same(grad_z, input, op, "grad_z");
-  TORCH_CHECK(input.dim() == 4, "slimops::", op, ": expected a 4-D NCHW input, got shape ",
-              input.sizes());
-  const ConvGeometry s =
-      backward_geometry(op, grad_z, input.sizes(), weight, stride, padding, dilation, groups);
+  const ConvGeometry s = input_backward_geometry("conv2d_backward_weight", grad_z, input,
+                                                 weight, stride, padding, dilation, groups);
   if (s.N == 0) return at::zeros(weight.sizes(), weight.options());
   const at::Tensor x = input.contiguous();
   const at::Tensor gz = grad_z.contiguous();
@@ -978,13 +987,8 @@ GradPair conv2d_backward_onednn(const ConvGeometry& s, const at::Tensor& gz, con
 GradPair conv2d_backward(const at::Tensor& grad_z, const at::Tensor& input,
                          const at::Tensor& weight, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  constexpr const char* op = "conv2d_backward";
-  check_float(input, op, "input");
-  check_same(grad_z, input, op, "grad_z");
-  TORCH_CHECK(input.dim() == 4, "slimops::", op, ": expected a 4-D NCHW input, got shape ",
-              input.sizes());
-  const ConvGeometry s =
-      backward_geometry(op, grad_z, input.sizes(), weight, stride, padding, dilation, groups);
+  const ConvGeometry s = input_backward_geometry("conv2d_backward", grad_z, input, weight,
+                                                 stride, padding, dilation, groups);
   const auto apart = [&]() -> GradPair {
     return {conv2d_backward_input(grad_z, weight, input.sizes(), stride, padding, dilation,
                                   groups),
