@@ -131,22 +131,22 @@ def test_occupancy_picks_the_fp16_case_with_most_hints():
 # the real Triton launchers (registered for the CPU key as for CUDA, as
 # tests/kernels/test_kernels_model.py does), counting every kernel launch per layer.
 SCRIPT = textwrap.dedent(r"""
-    import json, os, sys, warnings
+    import json, os, sys
     os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, sys.argv[1])
     import torch
     from torch import nn
     import slimops
     from slimops.nn import SlimConvBNAct, SlimmableLinear
-    from slimops.ops import conv2d_bn_act as fused, cuda_registration
+    from slimops.ops import conv2d_bn_act as fused
     from slimops.kernels import (batch_norm_act, conv2d, depthwise_conv2d, epilogue, linear)
     import gpu_model
 
+    sys.path.insert(0, sys.argv[2])  # tests/: helpers
+    from helpers import register_triton_launchers_on_cpu
+
     lib = torch.library.Library("slimops", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for op in cuda_registration.OP_FAMILIES:
-            lib.impl(op, cuda_registration._lazy(op), "CPU")
+    register_triton_launchers_on_cpu(lib)
     torch.library.register_kernel("slimops::conv2d_bn_act_train", "cpu", fused._triton)
     torch.library.register_kernel("slimops::depthwise_conv2d_bn_act_train", "cpu",
                                   fused._dw_triton)
@@ -252,7 +252,8 @@ def test_launch_plan_equals_the_launchers_launches_in_a_training_step():
     running-statistics update and the split weight gradient's sum and copy, are not
     counted here.)"""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-c", SCRIPT, os.path.join(REPO, "bench")],
+    run = subprocess.run([sys.executable, "-c", SCRIPT, os.path.join(REPO, "bench"),
+                          os.path.join(REPO, "tests")],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])

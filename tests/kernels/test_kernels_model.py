@@ -23,12 +23,11 @@ pytest.importorskip("triton")
 from slimops.ops import _backend  # noqa: E402
 
 SCRIPT = textwrap.dedent(r"""
-    import copy, json, os, warnings
+    import copy, json, os, sys
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     import slimops
     from slimops.models import slim_cnn
-    from slimops.ops import cuda_registration
 
     torch.manual_seed(0)
     base = slim_cnn()
@@ -50,19 +49,17 @@ SCRIPT = textwrap.dedent(r"""
 
     called = set()
 
-    def counted(op):
-        launch = cuda_registration._lazy(op)
-
+    def counted(op, launch):
         def fn(*args):
             called.add(op)
             return launch(*args)
         return fn
 
+    sys.path.insert(0, sys.argv[1])  # tests/: helpers
+    from helpers import register_triton_launchers_on_cpu
+
     lib = torch.library.Library("slimops", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-        for op in cuda_registration.OP_FAMILIES:
-            lib.impl(op, counted(op), "CPU")
+    register_triton_launchers_on_cpu(lib, counted)
 
     # training-mode S-BN with statistics from the conv's epilogue, as on a CUDA tensor
     from slimops.ops import conv2d_bn_act as fused
@@ -104,8 +101,9 @@ SCRIPT = textwrap.dedent(r"""
 @pytest.mark.skipif(not _backend.HAS_C, reason="needs the compiled extension (the ops)")
 def test_model_step_on_the_triton_launchers_matches_the_cpu_kernels():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=600)
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", SCRIPT, tests], capture_output=True,
+                         text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     called = set(report.pop("called"))
