@@ -115,7 +115,7 @@ def _cases() -> List[Case]:
              lambda t: ops.conv2d(t["x"], t["w"], None, 40),
              ("x", "w")),
         # One gradient only: a first layer (the image needs none) and a frozen weight; with
-        # both needed the CPU runs the pair as one op (conv2d_backward), so these are what
+        # both needed autograd runs the pair as one op (conv2d_backward), so these are what
         # run the two backward ops there.
         Case("conv2d", "first layer 3x3 s2 prefix 3->16 of 3->24, input without gradient",
              lambda g: dict(x=_r(g, 2, 3, 16, 16), w=_r(g, 24, 3, 3, 3), b=_r(g, 24)),

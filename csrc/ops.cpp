@@ -50,7 +50,7 @@ TORCH_LIBRARY(slimops, m) {
   m.def(
       "conv2d_backward_weight(Tensor grad_z, Tensor input, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> Tensor");
-  // Both gradients in one call (CPU only; conv2d's autograd uses it on CPU tensors).
+  // Both gradients in one call (conv2d's autograd uses it when it needs both).
   m.def(
       "conv2d_backward(Tensor grad_z, Tensor input, Tensor weight, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor)");

@@ -941,11 +941,30 @@ def aot_cases() -> List[AotCase]:
     return cases
 
 
+def conv2d_backward(
+    grad_z: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tuple[Tensor, Tensor]:
+    """``slimops::conv2d_backward``: ``(grad_input, grad_weight)``, the two launchers above
+    in turn. conv2d's autograd asks for both gradients through this one op on every device;
+    the CPU op can make one oneDNN call for the pair, while here each gradient has its own
+    kernel, with nothing shared between them to fuse."""
+    return (conv2d_backward_input(grad_z, weight, list(input.shape), stride, padding, dilation,
+                                  groups),
+            conv2d_backward_weight(grad_z, input, weight, stride, padding, dilation, groups))
+
+
 __all__ = [
     "CONFIGS",
     "CONFIGS_FP32",
     "aot_cases",
     "conv2d",
+    "conv2d_backward",
     "conv2d_backward_input",
     "conv2d_backward_weight",
     "conv2d_with_stats",

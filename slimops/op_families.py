@@ -20,7 +20,7 @@ OP_FAMILIES: Dict[str, Tuple[str, ...]] = {
     "batch_norm_act": ("batch_norm_act", "batch_norm_act_backward"),
     "depthwise_conv2d": ("depthwise_conv2d", "depthwise_conv2d_backward_input",
                          "depthwise_conv2d_backward_weight"),
-    "conv2d": ("conv2d", "conv2d_backward_input", "conv2d_backward_weight"),
+    "conv2d": ("conv2d", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward"),
     "linear": ("linear", "linear_backward_input", "linear_backward_weight"),
 }
 
@@ -30,11 +30,8 @@ BACKEND_QUERIES: Tuple[str, ...] = ("cpu_isa", "conv2d_routes")
 # op -> the family whose files hold it: ops with a CPU kernel only (no Triton or CUDA
 # kernel), whose Python entry point runs other ops on other devices. update_running_stats
 # folds a batch's statistics into the running ones (one op instead of three aten calls per
-# BN layer and width of a CPU training step); conv2d_backward computes a conv's input and
-# weight gradients in one call (one oneDNN convolution_backward where that route runs, as
-# the reference style's autograd does, instead of two).
-CPU_HELPERS: Dict[str, str] = {"update_running_stats": "batch_norm_act",
-                               "conv2d_backward": "conv2d"}
+# BN layer and width of a CPU training step).
+CPU_HELPERS: Dict[str, str] = {"update_running_stats": "batch_norm_act"}
 
 # op -> its family
 FAMILY_OF: Dict[str, str] = {op: family for family, ops in OP_FAMILIES.items() for op in ops}

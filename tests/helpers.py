@@ -80,9 +80,7 @@ def register_triton_launchers_on_cpu(lib, wrap=lambda op, launch: launch):
     """Make a CPU run take the code a CUDA tensor takes: every op family's Triton launcher
     (``slimops.ops.cuda_registration``) becomes the op's CPU kernel on ``lib`` (a
     ``torch.library.Library("slimops", "IMPL")``); ``wrap(op, launch)`` may wrap each (to
-    count calls). conv2d's autograd asks a CPU tensor for both gradients in one op (the CPU
-    helper ``conv2d_backward``) and a CUDA tensor for the two backward ops, so that op runs
-    the two launchers here. Used by subprocesses under ``TRITON_INTERPRET=1``."""
+    count calls). Used by subprocesses under ``TRITON_INTERPRET=1``."""
     import warnings
 
     from slimops.ops import cuda_registration
@@ -92,18 +90,4 @@ def register_triton_launchers_on_cpu(lib, wrap=lambda op, launch: launch):
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
         for op, fn in launch.items():
             lib.impl(op, fn, "CPU")
-        lib.impl("conv2d_backward", both_gradients_apart(launch), "CPU")
 
-
-def both_gradients_apart(launch):
-    """``conv2d_backward`` (the CPU helper: a conv's two gradients in one op) as the two
-    backward ops' implementations ``launch["conv2d_backward_input"]`` and
-    ``launch["conv2d_backward_weight"]``, which is what a CUDA tensor runs: for tests that
-    register the Triton launchers for the CPU key."""
-    grad_input, grad_weight = launch["conv2d_backward_input"], launch["conv2d_backward_weight"]
-
-    def both_gradients(grad_z, input, weight, stride, padding, dilation, groups):
-        return (grad_input(grad_z, weight, list(input.shape), stride, padding, dilation, groups),
-                grad_weight(grad_z, input, weight, stride, padding, dilation, groups))
-
-    return both_gradients

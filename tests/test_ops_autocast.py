@@ -22,7 +22,6 @@ from slimops import reference
 from slimops.op_families import FAMILY_OF
 from slimops.ops import _backend, autocast
 
-from helpers import both_gradients_apart
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 needs_c = pytest.mark.skipif(not _backend.HAS_C, reason="needs the compiled extension (the ops)")
@@ -157,9 +156,6 @@ def amp_on_cpu():
         return fn
 
     launchers = {op: recording(op) for op in cr.OP_FAMILIES}
-    # conv2d's autograd asks a CPU tensor for both gradients in one op; run the two
-    # launchers for it, as for a CUDA tensor
-    launchers["conv2d_backward"] = both_gradients_apart(launchers)
     with pytest.MonkeyPatch.context() as mp:
         # float16/bfloat16 CPU tensors reach the ops, as CUDA tensors do
         mp.setattr(_backend, "NATIVE_CPU_DTYPES", _backend.NATIVE_CUDA_DTYPES)

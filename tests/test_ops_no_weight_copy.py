@@ -108,14 +108,6 @@ def assert_no_weight_copy(prof, shapes, expected_ops):
     assert not hits, "the shared weight was copied:\n" + "\n".join(hits)
 
 
-def both_gradients_ops(groups):
-    """The ops conv2d's autograd runs on CPU for the input and weight gradients: one op for
-    both with one group (csrc/autograd/conv2d.cpp), the two backward ops for a grouped conv."""
-    if groups == 1:
-        return ["slimops::conv2d_backward"]
-    return ["slimops::conv2d_backward_input", "slimops::conv2d_backward_weight"]
-
-
 def _fwd_bwd(make_out, leaves):
     def run():
         out = make_out()
@@ -145,10 +137,10 @@ def test_conv2d(groups, kernel):
                                   "relu")
 
     shapes = conv_weight_shapes(weight.shape, groups, o, i)
-    # both gradients: one op (conv2d_backward, one group); one of them: its own op
+    # both gradients: one op (conv2d_backward); one of them: its own op
     prof = profiled(_fwd_bwd(out, [x, weight, bias, scale, shift, residual]))
     assert_no_weight_copy(prof, shapes, ["slimops::conv2d", "slimops::epilogue_backward"]
-                          + both_gradients_ops(groups))
+                          + ["slimops::conv2d_backward"])
     assert_no_weight_copy(profiled(_fwd_bwd(out, [x])), shapes,
                           ["slimops::conv2d_backward_input"])
     assert_no_weight_copy(profiled(_fwd_bwd(out, [weight])), shapes,
@@ -234,7 +226,7 @@ def test_slim_conv_bn_act(groups, training):
             block(x, residual).square().sum().backward()
 
     prof = profiled(run)
-    expected = ["slimops::conv2d"] + both_gradients_ops(groups)
+    expected = ["slimops::conv2d", "slimops::conv2d_backward"]
     if training:
         expected += ["slimops::batch_norm_act", "slimops::batch_norm_act_backward"]
     assert_no_weight_copy(prof, conv_weight_shapes(block.conv.weight.shape, groups, 8, 8),

@@ -93,11 +93,18 @@ class RecordSlimopsCalls(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def cpu_calls() -> List[Tuple[str, tuple, dict, Any]]:
-    """The ``slimops::`` calls of the network's forward and backward on the C++ CPU ops."""
+    """The ``slimops::`` calls of the network's forward and backward on the C++ CPU ops, then
+    of its conv with one gradient wanted (a first layer's image, a frozen weight): the two
+    single backward ops, which the network's conv (both gradients: ``conv2d_backward``)
+    does not call."""
     torch.manual_seed(0)
     args = parameters()
+    x, w1 = args[0], args[1]
     with RecordSlimopsCalls() as mode:
         network(*args, torch.zeros(12), torch.ones(12), True).square().sum().backward()
+        for image, weight, leaf in ((x.detach(), w1, w1), (x, w1.detach(), x)):
+            out = slimops.ops.conv2d(image, weight, None, 12, stride=2, padding=1, groups=2)
+            torch.autograd.grad(out.square().sum(), leaf)
     return mode.calls
 
 

@@ -58,10 +58,9 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
         const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
         c10::IntArrayRef, c10::IntArrayRef, int64_t)>("slimops::conv2d_backward");
     variable_list result(12);
-    if (needs[0] && needs[1] && groups == 1 && eg.grad_z.is_cpu()) {
-      // Both gradients as one op: on CPU it can make one oneDNN call for the two (the CPU
-      // helper conv2d_backward; other devices have no such op). oneDNN's route takes one
-      // group only; a grouped conv runs its two passes on slimops' kernels either way.
+    if (needs[0] && needs[1]) {
+      // Both gradients as one op, so that a device can share work between them: on CPU
+      // it may be one oneDNN call for the two (csrc/cpu/conv2d.cpp).
       std::tie(result[0], result[1]) = backward_both.call(eg.grad_z, c.input, c.weight,
                                                           c.stride, c.padding, c.dilation,
                                                           groups);

@@ -983,7 +983,7 @@ GradPair conv2d_backward_onednn(const ConvGeometry& s, const at::Tensor& gz, con
 // took 1.06x at [8, 64, 56, 56] 3x3 s1 and 1.00x at [8, 32, 112, 112] 3x3 s2. The pair is
 // routed as a pair (route.h): oneDNN's one call against the two backward passes on their
 // own routes (each of which may itself be oneDNN or the kernels), whichever measured faster.
-// A grouped conv has no oneDNN route (conv2d's autograd calls the two ops for it).
+// A grouped conv has no oneDNN route: its two passes run apart, on slimops' kernels.
 GradPair conv2d_backward(const at::Tensor& grad_z, const at::Tensor& input,
                          const at::Tensor& weight, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -1006,7 +1006,7 @@ GradPair conv2d_backward(const at::Tensor& grad_z, const at::Tensor& input,
 
 SLIMOPS_CPU_IMPL_WITH_BACKWARDS(conv2d)
 
-// A CPU-only helper (slimops.op_families.CPU_HELPERS): the two gradients as one op.
+// The two gradients as one op (conv2d's autograd calls it when it needs both).
 TORCH_LIBRARY_IMPL(slimops, CPU, m) { m.impl("conv2d_backward", &conv2d_backward); }
 
 }  // namespace cpu

@@ -106,22 +106,17 @@ def conv2d_backward(
     """Both gradients of ``conv2d`` without its epilogue: ``(grad_input, grad_weight)``,
     ``grad_weight`` full-size (zero outside the active prefix), as the two backward ops give.
 
-    On CPU with the compiled extension this is one op (``slimops::conv2d_backward``), the
-    one ``conv2d``'s autograd calls when both gradients are needed: where oneDNN runs the
-    pair (measured per shape, csrc/cpu/route.h) it makes one ``convolution_backward`` call
-    for both, as the reference style's autograd does, instead of one per gradient. On other
-    devices it is the two backward ops; without the extension, the oracle's gradients.
+    With the compiled extension this is the op ``slimops::conv2d_backward``, the one
+    ``conv2d``'s autograd calls when both gradients are needed. On CPU, where oneDNN runs
+    the pair (measured per shape, csrc/cpu/route.h), it makes one ``convolution_backward``
+    call for both, as the reference style's autograd does, instead of one per gradient; on
+    CUDA it runs the two backward kernels. Without the extension, the oracle's gradients.
     Arguments are the backward ops' (normalised: lists); ``grad_z`` is ``[N, out_channels,
     Ho, Wo]``.
     """
     if _backend.use_native(input, weight):
-        if input.is_cpu:
-            return torch.ops.slimops.conv2d_backward.default(
-                grad_z, input, weight, stride, padding, dilation, groups)
-        return (torch.ops.slimops.conv2d_backward_input.default(
-                    grad_z, weight, list(input.shape), stride, padding, dilation, groups),
-                torch.ops.slimops.conv2d_backward_weight.default(
-                    grad_z, input, weight, stride, padding, dilation, groups))
+        return torch.ops.slimops.conv2d_backward.default(
+            grad_z, input, weight, stride, padding, dilation, groups)
     with torch.enable_grad():
         x, w = input.detach().requires_grad_(), weight.detach().requires_grad_()
         z = reference.conv2d(x, w, None, grad_z.shape[1], stride, padding, dilation, groups)

@@ -107,8 +107,10 @@ def test_model_step_on_the_triton_launchers_matches_the_cpu_kernels():
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     called = set(report.pop("called"))
-    # every op family the model uses ran on a Triton launcher, forward and backward
-    assert {"conv2d", "conv2d_backward_input", "conv2d_backward_weight", "depthwise_conv2d",
+    # every op family the model uses ran on a Triton launcher, forward and backward (a conv
+    # both of whose gradients are wanted runs conv2d_backward, whose launcher runs the input
+    # and weight gradients' kernels; the first conv, whose input is the image, the weight's)
+    assert {"conv2d", "conv2d_backward", "conv2d_backward_weight", "depthwise_conv2d",
             "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight", "linear",
             "linear_backward_input", "linear_backward_weight", "batch_norm_act",
             "batch_norm_act_backward", "conv2d_bn_act_train",
