@@ -29,6 +29,22 @@ from slimops.width import channels
 
 WIDTHS = (0.25, 0.5, 1.0)
 
+# The modules whose run is longest (minutes each on 2 cores: a model's training step under
+# the Triton interpreter, the AOT compiles), in that order. `make test` runs the suite in
+# two pytest-xdist workers, a module at a time each (--dist loadfile); started last, as the
+# default order had them, either was the run's tail with the other worker idle.
+LONGEST_MODULES = ("kernels/test_kernels_model.py", "kernels/test_aot.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Run ``LONGEST_MODULES`` first, the other modules in their usual order after them."""
+    def rank(item):
+        path = item.path.as_posix()
+        return next((i for i, m in enumerate(LONGEST_MODULES) if path.endswith("/tests/" + m)),
+                    len(LONGEST_MODULES))
+
+    items.sort(key=rank)  # stable: each module keeps its tests' order
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -91,3 +91,35 @@ def register_triton_launchers_on_cpu(lib, wrap=lambda op, launch: launch):
         for op, fn in launch.items():
             lib.impl(op, fn, "CPU")
 
+
+
+def aot_results():
+    """``slimops.kernels._aot.cached_results()`` (every AOT case compiled for sm_80 and
+    sm_90: ~800 compiles, ~5 minutes on 2 cores) once per test run.
+
+    Why: ``cached_results`` computes once per process, and ``make test`` runs pytest-xdist
+    workers, each a process of its own; two modules that read the compiles
+    (tests/kernels/test_aot.py, tests/kernels/test_kernels_compiled.py) in two workers
+    compiled everything twice, at the same time. In a worker the first caller compiles
+    while holding a lock file named by the run's id (``PYTEST_XDIST_TESTRUNUID``) and
+    writes the results beside it; the others wait for the lock and read them."""
+    import dataclasses
+    import fcntl
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from slimops.kernels import _aot
+
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:  # one process: the in-process cache is the run's
+        return _aot.cached_results()
+    path = Path(tempfile.gettempdir()) / f"slimops-aot-results-{run}.json"
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if path.exists():
+            return [_aot.AotResult(**r) for r in json.loads(path.read_text())]
+        results = _aot.cached_results()
+        path.write_text(json.dumps([dataclasses.asdict(r) for r in results]))
+        return results

@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from slimops import kernels  # noqa: E402
 from slimops.kernels import _aot  # noqa: E402
+from helpers import aot_results  # noqa: E402  (tests/)
 
 # Per-SM limits: 64K 32-bit registers; shared memory per block (opt-in maximum).
 REGISTERS_PER_SM = 65536
@@ -25,7 +26,7 @@ MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 @pytest.fixture(scope="module")
 def results():
     by_key = {}
-    for r in _aot.cached_results():
+    for r in aot_results():
         by_key[(r.name, r.arch)] = r
     return by_key
 

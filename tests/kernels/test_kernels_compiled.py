@@ -6,7 +6,7 @@ The first test checks that claim against the JIT itself: the launchers run on CP
 the same shapes through ``JITFunction.run`` (``_aot.capture_launches``, the compile skipped)
 and must produce the same signature, constants, divisibility hints and launch options. The
 other tests read the binaries of those cases, compiled for sm_80 and sm_90 with triton's
-bundled ptxas (``_aot.cached_results``, shared with tests/kernels/test_aot.py):
+bundled ptxas (``helpers.aot_results``, shared with tests/kernels/test_aot.py):
 
 * no spills, at most ``MAX_REGISTERS`` registers (fp16, bf16, fp32 with TF32; fp32 with
   IEEE products, off by default, computes its dot with FMAs and is only held to no spills),
@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from slimops.kernels import _aot  # noqa: E402
 from slimops.kernels import conv2d as K  # noqa: E402
 from slimops.kernels._common import ACT_NONE, ACT_RELU6  # noqa: E402
+from helpers import aot_results  # noqa: E402  (tests/)
 
 MAX_REGISTERS = 128
 # The tile dimension that walks the pixels, per kernel and operand: forward and input
@@ -54,7 +55,7 @@ def cases() -> Dict[str, _aot.AotCase]:
 
 @pytest.fixture(scope="module")
 def results(cases) -> Dict[Any, _aot.AotResult]:
-    by_key = {(r.name, r.arch): r for r in _aot.cached_results() if r.name in cases}
+    by_key = {(r.name, r.arch): r for r in aot_results() if r.name in cases}
     assert len(by_key) == len(cases) * len(_aot.ARCHS)
     return by_key
 
