@@ -101,6 +101,32 @@ def test_auto_measures_each_pass_once_per_shape(monkeypatch, tol):
     assert torch.ops.slimops.conv2d_routes(True) != [0, 0, 0] and _routes() == _rounds() == 0
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_pair_measurement_reuses_the_passes_own_times(monkeypatch):
+    """The gradient pair's first measurement times oneDNN's one call for both against the
+    passes apart by the passes' own measurements (route.h kernels_best): oneDNN runs four
+    times for each pass (one untimed, three timed) and four times for the pair, and the
+    passes apart run once, whatever routes they chose (before, three more times: 12 calls
+    plus three per pass that chose oneDNN)."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "auto")
+    torch.ops.slimops.conv2d_routes(True)
+    # full input width (oneDNN possible for every pass), 58M multiply-adds per pass: on a
+    # 2-core Zen 3 both passes chose oneDNN, and the pair's measurement made 18 calls before
+    x, weight = torch.randn(2, 64, 28, 28), torch.randn(64, 64, 3, 3)
+    gz = torch.randn(2, 64, 28, 28)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        gx, gw = torch.ops.slimops.conv2d_backward(gz, x, weight, [1, 1], [1, 1], [1, 1], 1)
+    calls = [e for e in prof.events() if e.name == "aten::convolution_backward"]
+    assert len(calls) == 4 + 4 + 4
+    assert _rounds() == 3  # the two passes and the pair
+    leaves = [t.clone().requires_grad_() for t in (x, weight)]
+    z = torch.nn.functional.conv2d(*leaves, padding=1)
+    exp = torch.autograd.grad(z, leaves, gz)
+    torch.testing.assert_close(gx, exp[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, exp[1], rtol=1e-4, atol=1e-4)
+    torch.ops.slimops.conv2d_routes(True)
+
+
 def test_auto_measures_again_on_later_calls(monkeypatch):
     """A choice made under a passing load is checked again: each measured pass is measured
     once more on its 16th, 64th, 256th, 1024th and 4096th call after the first measurement

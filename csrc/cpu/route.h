@@ -26,12 +26,14 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
+#include <utility>
 
 namespace slimops {
 namespace cpu {
@@ -103,6 +105,14 @@ class RouteCache {
     return std::count_if(entries_.begin(), entries_.end(),
                          [&](const auto& kv) { return kv.second.onednn() == onednn; });
   }
+  // The best time `key`'s faster route has taken (seconds); infinity when `key` was never
+  // measured.
+  double best(const RouteKey& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = entries_.find(key);
+    if (it == entries_.end()) return std::numeric_limits<double>::infinity();
+    return std::min(it->second.best_onednn, it->second.best_kernels);
+  }
   // Measurements run since the last clear (first ones and later ones).
   int64_t rounds() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -139,9 +149,15 @@ constexpr int64_t kRouteMeasureMacs = int64_t{1} << 18;
 // (kRouteFirstCheck...) times the call on its route and runs the other route once. The
 // route with the better best time over all of them runs; a measuring call returns a result
 // of a route it ran (either is the op's result).
-template <typename Result, typename Onednn, typename Kernels>
+//
+// `kernels_best` (called after the first, untimed run of `kernels`) may give the kernels
+// route's best time without timing it: a conv's gradient pair, whose kernels route is its two
+// passes on their own routes, has the best times of those passes' own first measurements
+// (which that untimed run made). A finite value stands for the three timed runs of `kernels`;
+// infinity times them as usual.
+template <typename Result, typename Onednn, typename Kernels, typename KernelsBest>
 Result run_routed(const RouteKey& key, bool onednn_possible, int64_t macs, bool fixed_onednn,
-                  Onednn&& onednn, Kernels&& kernels) {
+                  Onednn&& onednn, Kernels&& kernels, KernelsBest&& kernels_best) {
   if (!onednn_possible) return kernels();
   const RouteMode mode = route_mode();
   if (mode == RouteMode::kOnednn) return onednn();
@@ -173,16 +189,28 @@ Result run_routed(const RouteKey& key, bool onednn_possible, int64_t macs, bool 
   }
   result = kernels();  // untimed: first-call costs
   result = onednn();
+  const double known_kernels = kernels_best();
   for (int rep = 0; rep < 3; ++rep) {
     auto t0 = clock::now();
-    result = kernels();
-    best_kernels = std::min(best_kernels, seconds(t0));
-    t0 = clock::now();
+    if (!std::isfinite(known_kernels)) {
+      result = kernels();
+      best_kernels = std::min(best_kernels, seconds(t0));
+      t0 = clock::now();
+    }
     result = onednn();
     best_onednn = std::min(best_onednn, seconds(t0));
   }
+  if (std::isfinite(known_kernels)) best_kernels = known_kernels;
   route_cache().record(key, best_onednn, best_kernels);
   return result;
+}
+
+template <typename Result, typename Onednn, typename Kernels>
+Result run_routed(const RouteKey& key, bool onednn_possible, int64_t macs, bool fixed_onednn,
+                  Onednn&& onednn, Kernels&& kernels) {
+  return run_routed<Result>(key, onednn_possible, macs, fixed_onednn,
+                            std::forward<Onednn>(onednn), std::forward<Kernels>(kernels),
+                            [] { return std::numeric_limits<double>::infinity(); });
 }
 
 }  // namespace cpu
