@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 # pytest-xdist workers for `make test`. Why two: much of the suite is single-threaded
 # (the Triton interpreter's kernel tests, subprocesses, Python-bound small ops), so a second
-# process on the second core cut the suite's time from 26 to 17 minutes on a 2-core AMD
+# process on the second core cut the suite's time from 26 to 14-15 minutes on a 2-core AMD
 # EPYC. --dist loadfile: a module's tests run in one worker, so its module-scoped fixtures
 # run once (the AOT compiles, read by two modules, are shared through a file:
 # tests/helpers.py aot_results). TEST_WORKERS=0: one process.
