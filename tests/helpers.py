@@ -92,7 +92,6 @@ def register_triton_launchers_on_cpu(lib, wrap=lambda op, launch: launch):
             lib.impl(op, fn, "CPU")
 
 
-
 def aot_results():
     """``slimops.kernels._aot.cached_results()`` (every AOT case compiled for sm_80 and
     sm_90: ~800 compiles, ~5 minutes on 2 cores) once per test run.
