@@ -14,7 +14,10 @@ training forward + backward at batch 8. Each variant of a cell runs the *same* m
 model's own layers, the compiled kernels), ``reference`` (``baselines.reference_style``: slice
 the shared weight + ``F.conv2d`` + the width's ``nn.BatchNorm2d``, the original code's style)
 and, for eval, ``dense-jit`` (the network built densely at that width, traced, frozen and
-``optimize_for_inference``: the best plain PyTorch offers on CPU).
+``optimize_for_inference``: the best plain PyTorch offers on CPU) and ``slimops-frozen`` (the
+slimmable model deployed the same way: ``slimops.export.torchscript_widths(model, x, [w],
+freeze=True)``, its slimops ops on the shared weights with no Python between them; the
+like-for-like comparison with ``dense-jit``, as the eager ``slimops`` is with ``reference``).
 
 Timings are interleaved (round r runs every variant once, in turn) so that drift of the
 machine hits every variant alike, and the median per variant is reported with the ratio
@@ -57,6 +60,7 @@ from baselines import dense_jit, reference_style  # noqa: E402
 from benchutil import cpu_model  # noqa: E402
 from slimops._table import markdown_table  # noqa: E402
 from slimops.apps.demo import demo_model  # noqa: E402
+from slimops.export import torchscript_widths  # noqa: E402
 from slimops.models import s_mobilenet_v1, s_mobilenet_v2, s_resnet50  # noqa: E402
 from slimops.nn import SlimConvBNAct, SlimmableLinear, SwitchableBatchNorm2d  # noqa: E402
 from slimops.train import slimmable_step  # noqa: E402
@@ -128,12 +132,21 @@ def _eval_cells(label: str, model: nn.Module, x: torch.Tensor, budget_s: float,
                     return net(x)
             return call
 
+        # The slimmable model's own TorchScript deployment at this width, frozen the way the
+        # dense baseline is (same weights, no copies: slimops.export.torchscript_widths).
+        frozen = torchscript_widths(model, x, [w], freeze=True)
+
         def run_jit(jit=jit) -> object:
             with torch.inference_mode():
                 return jit(x)
 
+        def run_frozen(frozen=frozen, w: float = w) -> object:
+            with torch.inference_mode():
+                return frozen(x, w)
+
         cells.append(Cell(f"eval {label} {w:g}x", {"slimops": run(model), "reference": run(ref),
-                                                  "dense-jit": run_jit}, budget_s))
+                                                  "dense-jit": run_jit,
+                                                  "slimops-frozen": run_frozen}, budget_s))
     return cells
 
 
@@ -285,17 +298,20 @@ def report(cells: Sequence[Cell], header: str) -> str:
     rows = []
     for c in cells:
         s, r, d = c.rows["slimops"], c.rows["reference"], c.rows.get("dense-jit")
+        f = c.rows.get("slimops-frozen")
         each = pass_ratios(c)
         q = statistics.median(each)
         row = [c.name, _fmt_ms(s), _fmt_ms(r), _fmt_ms(d) if d else "-", f"{q:.2f}"]
         if passes > 1:
             row.append(f"{each[0]:.2f}-{each[-1]:.2f}")
-        rows.append(row + [f"{s / d:.2f}" if d else "-", "SLOWER" if q > 1 else ""])
+        rows.append(row + [f"{s / d:.2f}" if d else "-", _fmt_ms(f) if f else "-",
+                           f"{f / d:.2f}" if f and d else "-", "SLOWER" if q > 1 else ""])
     names = ["cell", "slimops ms", "reference ms", "dense-jit ms", "slimops/reference"]
     if passes > 1:
         names.append(f"range ({passes} passes)")
-    table = markdown_table(names + ["slimops/dense-jit", ""], rows,
-                           align="lrrrr" + ("r" if passes > 1 else "") + "rl")
+    table = markdown_table(names + ["slimops/dense-jit", "slimops-frozen ms",
+                                    "slimops-frozen/dense-jit", ""], rows,
+                           align="lrrrr" + ("r" if passes > 1 else "") + "rrrl")
     return f"{header}\n\n{table}"
 
 

@@ -334,7 +334,8 @@ class WidthSwitch(nn.Module):
 
 
 def torchscript_widths(
-    model: nn.Module, example_input: Tensor, widths: Optional[Sequence[float]] = None
+    model: nn.Module, example_input: Tensor, widths: Optional[Sequence[float]] = None,
+    freeze: bool = False,
 ) -> torch.jit.ScriptModule:
     """``model`` at several widths as one TorchScript module that keeps the slimops ops.
 
@@ -345,10 +346,24 @@ def torchscript_widths(
     picks the width per call; each branch is ``model`` traced at that width (eval mode) on
     ``example_input``, so input shapes that change the control flow need their own trace.
 
+    ``freeze=True`` is the fastest way to run a trained model for inference on CPU: the
+    module is frozen (``torch.jit.freeze``), which folds each width's batch-norm arithmetic
+    into two constant vectors per layer (the eval scale/shift) and leaves a graph of slimops
+    ops with no Python between them. The conv and linear weights stay the model's own
+    tensors (constants that share their storage: nothing is copied, per width or at all).
+    Measured on a 2-core AMD EPYC (Zen 3, AVX2), batch 1, 224x224: S-MobileNet v2 ran in
+    0.59-0.87x the time of the dense network of the same width traced, frozen and
+    ``optimize_for_inference``-d, S-MobileNet v1 in 0.71-0.96x, where the eager model takes
+    1.0-1.45x (``bench/matrix.py --cells eval``). The BN statistics are read once, when
+    freezing: after training or re-calibrating the model, build the module again. Without
+    ``freeze`` the branches compute scale/shift from the BN tensors on every call, so they
+    follow later changes to the model.
+
     Args:
         model: a slimmable model (put in eval mode for the trace and left so).
         example_input: an input to trace with.
         widths: the widths to include (default: all of ``slimops.model_widths(model)``).
+        freeze: freeze the result (see above); its ``widths`` attribute is kept.
 
     Raises:
         ValueError: ``model`` has no slimmable layers, or a width is not one of its widths.
@@ -368,4 +383,7 @@ def torchscript_widths(
             branches.append(torch.jit.trace(model, example_input, check_trace=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.script(WidthSwitch(branches, ws))
+        scripted = torch.jit.script(WidthSwitch(branches, ws)).eval()
+        if not freeze:
+            return scripted
+        return torch.jit.freeze(scripted, preserved_attrs=["widths"])

@@ -54,6 +54,24 @@ def test_training_cells_run_the_same_step_on_shared_weights():
         c.variants["reference"]()
 
 
+def test_eval_cells_compute_the_same_output_every_way():
+    """Every eval variant of a cell (eager slimops, reference style, the dense traced network
+    and slimops' frozen TorchScript) gives one output: the ratios compare like with like."""
+    model = matrix.demo_model(matrix.WIDTHS)
+    cells = matrix._eval_cells("digits", model, torch.randn(1, 1, 8, 8), 0.0, (0.25, 1.0))
+    assert [c.name for c in cells] == ["eval digits 0.25x", "eval digits 1x"]
+    for c in cells:
+        assert set(c.variants) == {"slimops", "reference", "dense-jit", "slimops-frozen"}
+        want = c.variants["slimops"]()
+        for name in ("reference", "dense-jit", "slimops-frozen"):
+            torch.testing.assert_close(c.variants[name](), want, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{c.name} {name}: {m}")
+    c = cells[0]
+    c.rows = {"slimops": 2e-3, "reference": 4e-3, "dense-jit": 1e-3, "slimops-frozen": 5e-4}
+    row = next(line for line in matrix.report([c], "h").splitlines() if line.startswith("| eval"))
+    assert row.split("|")[6:9] == [" 2.00 ", " 0.50 ", " 0.50 "]  # eager/jit, frozen ms, frozen/jit
+
+
 def test_cli_matrix_quick_prints_the_table(capsys, monkeypatch):
     # The CLI imports bench/matrix.py (this module) and calls its main(); toy cells keep
     # this test short.

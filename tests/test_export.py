@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import slimops
-from slimops.export import ConvBNAct, export
+from slimops.export import ConvBNAct, export, torchscript_widths
 from slimops.models import MODELS, slim_cnn
 from slimops.nn import SlimConvBNAct, SlimmableConv2d, SlimmableLinear, SwitchableBatchNorm2d
 from slimops.width import ChannelRule, Slimmable
@@ -222,3 +222,79 @@ def test_width_between_the_switches(tol, randomize_bn):
         expected = _slim_output(model, 0.6, x)
         torch.testing.assert_close(exported(x).detach(), expected, **tol(torch.float32, expected))
     assert exported.stem.conv.out_channels == ChannelRule(32, 8)(0.6)
+
+
+# -- torchscript_widths(..., freeze=True): the frozen deployment of every width --------------
+
+def _frozen_constants(module):
+    """The tensor constants of a frozen TorchScript module's graph."""
+    return [n.output().toIValue() for n in module.graph.findAllNodes("prim::Constant")
+            if n.output().type().kind() == "TensorType"]
+
+
+@pytest.mark.parametrize("name", ["slim_cnn", "s_mobilenet_v2", "s_resnet50"])
+def test_frozen_torchscript_matches_every_width(name, models, tol):
+    """Frozen, every width's branch gives the eager model's output (the BN arithmetic is
+    folded into constants by the same ops the eager path runs)."""
+    model = models(name)
+    x = torch.randn(2, 3, 32, 32)
+    frozen = torchscript_widths(model, x, freeze=True)
+    assert frozen.widths == list(slimops.model_widths(model))
+    for w in slimops.model_widths(model):
+        with torch.no_grad():
+            got = frozen(x, w)
+        torch.testing.assert_close(got, _slim_output(model, w, x), **tol(torch.float32, got))
+    with pytest.raises(Exception, match="unknown width"):
+        frozen(x, 0.3)
+
+
+def test_frozen_torchscript_keeps_the_slimops_ops_and_shares_the_weights(models):
+    """Freezing inlines the weights as constants: they must be the model's own tensors (same
+    storage, full size: the ops read their prefixes), never per-width copies; every other
+    constant is a BN-sized vector (the folded scale/shift)."""
+    model = models("s_mobilenet_v2")
+    x = torch.randn(1, 3, 32, 32)
+    frozen = torchscript_widths(model, x, [0.35, 1.0], freeze=True)
+    graph = str(frozen.graph)
+    assert "slimops::conv2d" in graph and "slimops::depthwise_conv2d" in graph
+    assert "aten::batch_norm" not in graph and "aten::rsqrt" not in graph  # folded
+    weights = {p.data_ptr(): p for p in model.parameters() if p.dim() >= 2}
+    constants = _frozen_constants(frozen)
+    shared = {t.data_ptr() for t in constants if t.data_ptr() in weights}
+    assert shared == set(weights)  # every conv and linear weight, once
+    for t in constants:
+        if t.data_ptr() in weights:
+            assert t.shape == weights[t.data_ptr()].shape  # the full tensor, not a prefix copy
+        else:
+            assert t.dim() <= 1, f"a {tuple(t.shape)} constant that is not a model weight"
+
+
+def test_frozen_torchscript_reads_bn_when_frozen(models, tmp_path):
+    """The frozen module keeps the BN statistics of the moment it was made (documented);
+    the unfrozen one follows later changes. Saved and loaded, it stores the weights once."""
+    model = models("slim_cnn")
+    x = torch.randn(1, 3, 32, 32)
+    w = slimops.model_widths(model)[-1]
+    live = torchscript_widths(model, x, [w])
+    frozen = torchscript_widths(model, x, [w], freeze=True)
+    before = _slim_output(model, w, x)
+    sbn = next(m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d))
+    with slimops.width(model, w):
+        affine, stats = sbn.active_modules()
+    bn = stats or affine  # the BN whose statistics width w reads
+    saved = bn.running_mean.clone()
+    try:
+        bn.running_mean.add_(1.0)
+        with torch.no_grad():
+            assert torch.equal(live(x, w), _slim_output(model, w, x))
+            assert torch.equal(frozen(x, w), before)
+            assert not torch.equal(before, _slim_output(model, w, x))
+    finally:
+        bn.running_mean.copy_(saved)
+    path = tmp_path / "frozen.pt"
+    frozen.save(str(path))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert path.stat().st_size < 1.5 * params
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, w), before, rtol=0, atol=0)
