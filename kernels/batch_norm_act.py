@@ -44,14 +44,16 @@ Backward: ``g = grad_out * act'(out)`` (the mask read from the output, as
 ``k_x = -k_g * invstd^2 * sum(g (x - mean)) / count``, ``k_0 = -k_g * sum(g) / count``.
 ``grad_weight = sum(g (x - mean)) * invstd``, ``grad_bias = sum(g)``, both of length C.
 
-Dtypes: fp32 / fp16 / bf16 storage, fp32 arithmetic and statistics. ``batch_norm_act``
-(the op launcher) returns ``out``, ``mean``/``var`` and ``grad_weight``/``grad_bias`` in the
-input's dtype: that is what the CPU op and the CUDA C++ kernel return and what the op's
-registered fake promises (so the kernels can serve as the op's CUDA implementation under
-torch.compile). ``batch_norm_act_from_partials`` (the fused conv + BN ops) returns fp32
-``mean``/``var`` for every input dtype, so the statistics those ops save for the backward are
-not rounded to fp16/bf16 (no overflow past 65504, no ``1/std`` from a rounded variance);
-``batch_norm_act_backward`` reads ``mean``/``var`` of either dtype.
+Dtypes: fp32 / fp16 / bf16 storage, fp32 arithmetic and statistics. ``out``,
+``grad_input``, ``grad_weight`` and ``grad_bias`` have the input's dtype; ``mean``/``var``
+are fp32 for every input dtype (``slimops.reference.stats_dtype``), from
+``batch_norm_act`` (the op launcher, training and eval) as from
+``batch_norm_act_from_partials`` (the fused conv + BN ops): that is what the CPU op
+(fp32/fp64 inputs), the CUDA C++ kernel and the op's registered fake return too, so the
+kernels can serve as the op's CUDA implementation under torch.compile, and the statistics
+saved for the backward are not rounded to fp16/bf16 (no overflow past 65504, no ``1/std``
+from a rounded variance). ``batch_norm_act_backward`` reads ``mean``/``var`` of either
+dtype (fp32, or the input's).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ from slimops.kernels.epilogue import (
     pick_config,
     split_tiles,
 )
+from slimops.reference import stats_dtype
 
 # Stage-1 reductions and the elementwise backward: values per loop step / per program.
 CONFIGS: List[Dict[str, int]] = [
@@ -391,17 +394,17 @@ def merge_moments(moments: Tensor) -> Tensor:
 
 
 def _finalize_and_apply(
-    x: Tensor, moments: Optional[Tensor], count: int, stats_dtype: torch.dtype,
+    x: Tensor, moments: Optional[Tensor], count: int, mean_dtype: torch.dtype,
     weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
     running_var: Optional[Tensor], training: bool, eps: float, residual: Optional[Tensor],
     activation: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The merge tree (training), the finalize (moments or running statistics -> mean, var,
-    alpha, beta; ``mean``/``var`` stored in ``stats_dtype``) and the normalise pass."""
+    alpha, beta; ``mean``/``var`` stored in ``mean_dtype``) and the normalise pass."""
     c = x.shape[1]
     dev = x.device
-    mean = torch.empty((c,), dtype=stats_dtype, device=dev)
-    var = torch.empty((c,), dtype=stats_dtype, device=dev)
+    mean = torch.empty((c,), dtype=mean_dtype, device=dev)
+    var = torch.empty((c,), dtype=mean_dtype, device=dev)
     alpha = torch.empty((c,), dtype=torch.float32, device=dev)
     beta = torch.empty((c,), dtype=torch.float32, device=dev)
     num_rows = 0
@@ -457,7 +460,9 @@ def batch_norm_act(
     running ones
     (required then); the running stats are never written (the op is functional: the caller
     folds the returned statistics in). Returns ``(out, mean, var)``: ``out`` contiguous in
-    the input's dtype, ``mean``/``var`` (biased) the statistics used, in the input's dtype.
+    the input's dtype, ``mean``/``var`` (biased) the statistics used (the batch ones, or the
+    running ones read back in eval) in ``stats_dtype(input.dtype)``: fp32 for every dtype
+    these kernels take.
     """
     check_device(input, weight, bias, running_mean, running_var, residual)
     n, c, hw = _check_common(input, weight, bias, residual, activation, "batch_norm_act")
@@ -474,9 +479,11 @@ def batch_norm_act(
     if not training and (running_mean is None or running_var is None):
         raise ValueError("slimops.kernels.batch_norm_act: eval mode needs running_mean and running_var")
     x = input.contiguous()
-    # The op's contract (CPU op, CUDA C++ kernel, fake): statistics in the input's dtype.
+    # The op's contract (CPU op, CUDA C++ kernel, fake): statistics in stats_dtype, fp32
+    # here, so an fp16/bf16 layer's saved variance is not rounded before the backward.
+    sdt = stats_dtype(x.dtype)
     if not training:
-        return _finalize_and_apply(x, None, count, x.dtype, weight, bias, running_mean,
+        return _finalize_and_apply(x, None, count, sdt, weight, bias, running_mean,
                                    running_var, False, eps, residual, activation)
     cfg = _reduce_config(count)
     num_tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], x.device)
@@ -486,7 +493,7 @@ def batch_norm_act(
         x, moments, c, hw, count, per_tile, num_tiles,
         BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
     )
-    return _finalize_and_apply(x, moments, count, x.dtype, weight, bias, None, None, True,
+    return _finalize_and_apply(x, moments, count, sdt, weight, bias, None, None, True,
                                eps, residual, activation)
 
 
@@ -518,7 +525,8 @@ def batch_norm_act_from_partials(
                          f"[3, rows, {c}], got {moments.dtype} {tuple(moments.shape)}")
     if count <= 1:
         raise ValueError(f"slimops.kernels.batch_norm_act_from_partials: count must be > 1, got {count}")
-    return _finalize_and_apply(z.contiguous(), moments.contiguous(), int(count), torch.float32,
+    return _finalize_and_apply(z.contiguous(), moments.contiguous(), int(count),
+                               stats_dtype(z.dtype),
                                weight, bias, None, None, True, eps, residual, activation)
 
 
@@ -536,8 +544,8 @@ def batch_norm_act_backward(
     """``slimops::batch_norm_act_backward``: ``(grad_input, grad_weight, grad_bias)``.
 
     ``mean``/``var``: the statistics the forward returned (batch ones in training, running
-    ones in eval), in the input's dtype (the op's) or fp32 (the fused conv + BN ops' saved
-    statistics); read as fp32 either way. ``out``: the forward's output (the activation's
+    ones in eval), fp32 (what ``batch_norm_act`` and the fused conv + BN ops return) or in
+    the input's dtype; read as fp32 either way. ``out``: the forward's output (the activation's
     mask is read from it).
     In training the gradient also flows through the batch statistics. ``grad_weight`` and
     ``grad_bias`` have length ``C`` (the active width; computed even when ``weight`` is
@@ -594,8 +602,10 @@ def aot_cases() -> List[AotCase]:
     every configuration, the finalize kernels in training and eval (with and without γ/β),
     the normalise pass (the epilogue kernel with fp32 alpha/beta) without and with residual
     + relu6, and the backward's elementwise pass in training/eval without and with relu6.
-    For fp16/bf16 also the training kernels with fp32 saved statistics (``*_f32stats``:
-    what the fused conv + BN ops' forward writes and backward reads)."""
+    For fp16/bf16 the finalize writes fp32 statistics (``*_f32stats``: what the op and the
+    fused conv + BN ops return, in training and eval); the backward kernels are compiled
+    for fp32 statistics (``*_f32stats``) and for statistics in the input's dtype, which the
+    backward launcher also accepts."""
     cases: List[AotCase] = []
     f32 = {"inv_count": "fp32", "moments_ptr": "*fp32", "src_ptr": "*fp32",
            "dst_ptr": "*fp32", "alpha_ptr": "*fp32", "beta_ptr": "*fp32",
@@ -608,17 +618,22 @@ def aot_cases() -> List[AotCase]:
     for dtype in DTYPES:
         ptr = TRITON_PTR[dtype]
         tag = str(dtype).split(".")[-1]
-        # (saved statistics' overrides, name suffix): the input's dtype, and for fp16/bf16
-        # fp32 as well (training only: the fused ops).
-        stat_kinds = [(f32, "")] + ([] if dtype == torch.float32 else [(f32_stats, "_f32stats")])
+        # (statistics' pointer overrides, name suffix). The forward stores stats_dtype(dtype):
+        # the input's own for fp32, fp32 for fp16/bf16; the backward reads either.
+        if dtype == torch.float32:
+            forward_stats = backward_stats = [(f32, "")]
+        else:
+            forward_stats = [(f32_stats, "_f32stats")]
+            backward_stats = [(f32, ""), (f32_stats, "_f32stats")]
         for training in (True, False):
             mode = "train" if training else "eval"
-            for over, sfx in stat_kinds if training else stat_kinds[:1]:
+            for over, sfx in forward_stats:
                 ce = dict(TRAINING=training, HAS_W=training, HAS_B=training,
                           ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C)
                 cases.append(AotCase(f"bn_finalize_{tag}_{mode}{sfx}", _bn_finalize_kernel,
                                      aot_signature(_bn_finalize_kernel, ptr, ce, over), ce,
                                      MERGE_WARPS))
+            for over, sfx in backward_stats:
                 ce = dict(TRAINING=training, HAS_W=True, BLOCK_T=FINAL_BLOCK_T,
                           BLOCK_C=FINAL_BLOCK_C)
                 cases.append(AotCase(
@@ -642,12 +657,12 @@ def aot_cases() -> List[AotCase]:
             for full in (False, True):
                 act = ACT_RELU6 if full else ACT_NONE
                 act_tag = "relu6" if full else "plain"
-                for over, sfx in stat_kinds:
+                for over, sfx in backward_stats:
                     ce = dict(ACT=act, BLOCK=block)
                     cases.append(AotCase(
                         f"bn_backward_stats_{suffix}_{act_tag}{sfx}", _bn_backward_stats_kernel,
                         aot_signature(_bn_backward_stats_kernel, ptr, ce, over), ce, warps))
-                    for training in (True, False) if not sfx else (True,):
+                    for training in (True, False):
                         ce = dict(ACT=act, TRAINING=training, BLOCK=block)
                         cases.append(AotCase(
                             f"bn_backward_apply_{suffix}_{act_tag}_"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -36,6 +37,16 @@ ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 ACTIVATIONS = tuple(ACTIVATION_CODES)
 
 IntPair = Union[int, Sequence[int]]
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the batch statistics (``mean``/``var``) the training-mode batch-norm ops
+    return and save for their backward (``slimops::batch_norm_act`` on every device and the
+    fused ``conv2d_bn_act_train`` / ``depthwise_conv2d_bn_act_train``): fp32 for fp16, bf16
+    and fp32 inputs, fp64 for fp64, i.e. never narrower than the input nor than fp32. The
+    statistics accumulate in fp32 or wider; storing them in fp16 would round the variance
+    the backward takes ``1/std`` from (and cap it at 65504)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _pair(v: IntPair) -> Tuple[int, int]:

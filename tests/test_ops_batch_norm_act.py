@@ -21,7 +21,7 @@ pytestmark = [
     ),
 ]
 
-F32, F64 = torch.float32, torch.float64
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = [pytest.param(F32, id="f32"), pytest.param(F64, id="f64")]
 ACTS = [pytest.param(None, id="none"), pytest.param("relu", id="relu"),
         pytest.param("relu6", id="relu6")]
@@ -309,6 +309,116 @@ def test_opcheck_backward(training):
             training, 1)
     torch.library.opcheck(torch.ops.slimops.batch_norm_act_backward.default, args,
                           test_utils=OPCHECK_UTILS)
+
+
+# --------------------------------------------------------------------------------------
+# the statistics' dtype (issue 17): stats_dtype(input.dtype) from the fake and every
+# implementation, saved as such for the backward
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64], ids=str)
+def test_fake_statistics_dtype_is_stats_dtype(dtype, training):
+    """The fake promises ``mean``/``var`` in ``stats_dtype``: fp32 for fp16/bf16 (and fp32)
+    inputs, fp64 for fp64; ``out`` in the input's dtype. Where the CPU op runs (fp32, fp64)
+    it returns the same."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert reference.stats_dtype(dtype) == (F64 if dtype == F64 else F32)
+    case = make_case((3, 4, 2, 2), dtype)
+    args = (case["input"], case["weight"], case["bias"], case["running_mean"],
+            case["running_var"], training, 1e-5, None, 0)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.slimops.batch_norm_act.default(
+            *(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert [t.dtype for t in fake] == [dtype, reference.stats_dtype(dtype),
+                                       reference.stats_dtype(dtype)]
+    if dtype in (F32, F64):
+        real = torch.ops.slimops.batch_norm_act.default(*args)
+        assert [t.dtype for t in real] == [t.dtype for t in fake]
+
+
+@pytest.fixture
+def triton_on_cpu():
+    """The ops on their Triton launchers for the CPU key (the code a CUDA tensor runs; under
+    ``TRITON_INTERPRET=1``, which tests/conftest.py sets; autograd's backward of a residual
+    is ``epilogue_backward``), with fp16/bf16 CPU tensors let through the op layer, as CUDA
+    ones are. Yields the dtypes of the ``mean``/``var`` every ``batch_norm_act_backward``
+    call received; undone afterwards."""
+    from slimops import kernels
+    from slimops.ops import _backend
+    from slimops.ops import cuda_registration as cr
+
+    if not kernels.available():
+        pytest.skip("needs triton")
+    seen = []
+    backward = cr._lazy("batch_norm_act_backward")
+
+    def recording_backward(*args):
+        seen.append((args[4].dtype, args[5].dtype))
+        return backward(*args)
+
+    launchers = {op: cr._lazy(op) for op in cr.OP_FAMILIES}
+    launchers["batch_norm_act_backward"] = recording_backward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_backend, "NATIVE_CPU_DTYPES", _backend.NATIVE_CUDA_DTYPES)
+        try:
+            assert set(cr.apply(launchers, False, True, dispatch_key="CPU").values()) == {"triton"}
+            yield seen
+        finally:
+            # prefer the "C++" kernel: removes the launchers, the CPU kernels run again
+            assert set(cr.apply(launchers, True, True, dispatch_key="CPU").values()) == {"cuda"}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_opcheck_triton_half_precision(triton_on_cpu, dtype, training):
+    """The Triton implementation returns fp32 statistics for fp16/bf16 inputs and agrees
+    with the fake (opcheck's fake-tensor and AOT-dispatch tests compare them); its backward
+    takes those fp32 statistics."""
+    args = _bn_sample((3, 4, 2, 2), training, True, act=1, dtype=dtype)
+    out, mean, var = torch.ops.slimops.batch_norm_act.default(*args)
+    assert out.dtype == dtype and mean.dtype == var.dtype == F32
+    torch.library.opcheck(torch.ops.slimops.batch_norm_act.default, args,
+                          test_utils=OPCHECK_UTILS)
+    x, w = args[0].detach(), args[1].detach()
+    bargs = (torch.randn_like(out), x, out.detach(), w, mean, var, 1e-5, training, 1)
+    torch.library.opcheck(torch.ops.slimops.batch_norm_act_backward.default, bargs,
+                          test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+def test_half_precision_training_saves_fp32_statistics(triton_on_cpu, dtype):
+    """Through the op layer and the C++ autograd kernel: the backward receives the fp32
+    statistics the forward returned (autograd's saved tensors), the gradients match float64
+    autograd over the same stored values, and the running statistics (buffers of the
+    input's dtype, as after ``model.half()``) are updated in their own dtype."""
+    case = make_case((4, 3, 5, 5), F32, with_residual=True)
+    x, w, b, res = (leaf(case[k].to(dtype)) for k in ("input", "weight", "bias", "residual"))
+    rm, rv = case["running_mean"].to(dtype), case["running_var"].to(dtype)
+    rm0, rv0 = rm.double(), rv.double()
+    momentum = 0.3
+    out = slimops.ops.batch_norm_act(x, w, b, rm, rv, True, momentum, residual=res,
+                                     activation="relu")
+    assert out.dtype == dtype and rm.dtype == rv.dtype == dtype
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, w, b, res], g)
+    assert triton_on_cpu == [(F32, F32)]
+    assert [t.dtype for t in grads] == [dtype] * 4
+
+    xd, wd, bd, rd = (leaf(t.detach().double()) for t in (x, w, b, res))
+    ref = reference.batch_norm_act(xd, wd, bd, None, None, True, residual=rd, activation="relu")
+    ref_grads = torch.autograd.grad(ref, [xd, wd, bd, rd], g.double())
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == BF16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=tol["rtol"],
+                                   atol=tol["atol"] * max(1.0, float(want.abs().max())))
+    dims = (0, 2, 3)  # F.batch_norm's update: the unbiased batch variance
+    want_rm = rm0 * (1 - momentum) + xd.detach().mean(dims) * momentum
+    want_rv = rv0 * (1 - momentum) + xd.detach().var(dims) * momentum
+    torch.testing.assert_close(rm.double(), want_rm, **tol)
+    torch.testing.assert_close(rv.double(), want_rv, **tol)
 
 
 def test_functional_op_returns_statistics_and_leaves_stats_alone(tol):

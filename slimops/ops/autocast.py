@@ -10,8 +10,8 @@ casts (gradients reach float32 parameters in float32) and the CUDA kernel runs i
 precision. Ops without an autocast kernel fall through (autocast's default).
 
 Per op, and why (the schemas are in ``csrc/ops.cpp``; every op's contract, checked by
-``csrc/arg_checks.h`` and the Python entry points, is that *all* its tensors share the
-input's dtype, so no argument can stay float32 while the input is cast):
+``csrc/arg_checks.h`` and the Python entry points, is that *all* its tensor arguments share
+the input's dtype, so no argument can stay float32 while the input is cast):
 
 * ``conv2d``, ``depthwise_conv2d``, ``linear``: every floating tensor is cast: input,
   weight and bias, as ``F.conv2d`` / ``F.linear`` are on autocast's lower-precision list,
@@ -20,13 +20,11 @@ input's dtype, so no argument can stay float32 while the input is cast):
 * ``batch_norm_act`` (and the fused training ops ``conv2d_bn_act_train`` /
   ``depthwise_conv2d_bn_act_train``): cast as above: the input (already low precision when
   a cast conv produced it), γ/β and, in eval, the running statistics; the kernels compute
-  the statistics and the normalisation in float32 and store them in the input's dtype.
-  The *returned* batch statistics (``mean``, ``var``) are handed back as float32: the
-  caller folds them into the float32 running buffers (``Tensor.lerp_`` refuses mixed
-  dtypes), so without it training under autocast would fail. The autograd graph (below
-  this kernel) saves them in the op's dtype, as the backward ops' contract requires.
-  Caveat: float16 stores ``var`` with a largest value of 65504, so a channel whose standard
-  deviation exceeds ~256 overflows; bfloat16 has float32's range.
+  the statistics and the normalisation in float32 and return ``mean``/``var`` in float32
+  for a float16/bfloat16 input (``slimops.reference.stats_dtype``), which the autograd
+  graph (below this kernel) saves for the backward and the caller folds into the float32
+  running buffers. ``statistics_as_float32`` (the policy's indices) is kept as a guard: it
+  upcasts only a float16/bfloat16 statistic, which no implementation returns now.
 * Not registered, on purpose: the backward ops (``*_backward*``, ``epilogue_backward``).
   Autograd calls them with the dtypes the forward saved; casting them would break the
   contract that gradients have their inputs' dtype.
@@ -49,7 +47,8 @@ import torch
 from torch import Tensor
 
 # op -> indices of its outputs that are batch statistics, returned as float32 under
-# autocast (see the module docstring). Every floating tensor input of these ops is cast.
+# autocast (the kernels already return them so; see the module docstring). Every floating
+# tensor input of these ops is cast.
 POLICIES: Dict[str, Tuple[int, ...]] = {
     "conv2d": (),
     "depthwise_conv2d": (),

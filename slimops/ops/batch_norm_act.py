@@ -3,6 +3,13 @@
 The training-mode half of switchable batch norm (eval mode folds into the conv epilogue as
 a per-channel scale/shift, see ``slimops.nn``). Op surface, fake and autograd. Semantics:
 ``slimops.reference.batch_norm_act``.
+
+``slimops::batch_norm_act`` returns ``(out, mean, var)``: ``out`` in the input's dtype, the
+statistics it normalised with in ``slimops.reference.stats_dtype(input.dtype)`` (fp32 for
+fp16/bf16/fp32 inputs, fp64 for fp64) on every implementation: the CPU op (which takes
+fp32/fp64 only), the CUDA C++ kernel, the Triton launcher and the fake below. Autograd saves
+them as returned, so ``batch_norm_act_backward`` takes ``1/std`` from an unrounded variance;
+``update_running_stats`` folds them into running statistics of any dtype.
 """
 
 from __future__ import annotations
@@ -99,7 +106,11 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     width in every training step, where the three aten ops below (each wrapping its Python
     scalar) cost ~15 us on small planes. Elsewhere, and while torch.compile traces (so the
     graph holds plain aten ops), those ops: ``var``'s unbiasing factor rides on ``add_``'s
-    alpha, so no scalar tensor or temporary is made."""
+    alpha, so no scalar tensor or temporary is made.
+
+    ``mean``/``var`` may be wider than the running statistics (the op's are fp32 for an
+    fp16/bf16 input, ``reference.stats_dtype``): the buffers keep their own dtype, the
+    batch statistics are rounded to it once (``lerp_`` takes no mixed dtypes)."""
     if (_backend.HAS_C and running_mean.is_cpu
             and running_mean.dtype in _backend.NATIVE_CPU_DTYPES
             and running_mean.dtype == running_var.dtype == mean.dtype == var.dtype
@@ -108,6 +119,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
                                                        count, momentum)
         return
     with torch.no_grad():
+        mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
         running_mean.lerp_(mean, momentum)
         running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * count / (count - 1))
 
@@ -116,12 +128,16 @@ def _register() -> None:
     @torch.library.register_fake("slimops::batch_norm_act")
     def _(input, weight, bias, running_mean, running_var, training, eps, residual, activation):
         c = input.shape[1]
-        return input.new_empty(input.shape), input.new_empty((c,)), input.new_empty((c,))
+        stats = reference.stats_dtype(input.dtype)
+        return (input.new_empty(input.shape), input.new_empty((c,), dtype=stats),
+                input.new_empty((c,), dtype=stats))
 
     @torch.library.register_fake("slimops::update_running_stats")
     def _(running_mean, running_var, mean, var, count, momentum):
         return None
 
+    # The gradients have the input's dtype, whatever the statistics' (stats_dtype or the
+    # input's own: the Triton backward reads both).
     @torch.library.register_fake("slimops::batch_norm_act_backward")
     def _(grad_out, input, out, weight, mean, var, eps, training, activation):
         c = input.shape[1]

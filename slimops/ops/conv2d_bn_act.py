@@ -10,10 +10,10 @@ read is a real share of the step. Here the Triton conv writes per-tile moments o
 formula, a fixed tree) and normalise (``batch_norm_act_from_partials``).
 
 Saved statistics: the ops return (and save for the backward) ``mean``/``var`` in
-``stats_dtype(input.dtype)``, fp32 for fp16/bf16 inputs (the input's dtype for fp32 and
-fp64, which is what the CPU op returns for the dtypes it supports), so a half-precision
-layer's variance is neither rounded nor capped at fp16's 65504 before the backward
-recomputes ``1/std`` from it. The wrappers ``conv2d_bn_act_train`` /
+``stats_dtype(input.dtype)`` (``slimops.reference``), fp32 for fp16/bf16 inputs (the
+input's dtype for fp32 and fp64), as ``slimops::batch_norm_act`` does on every device, so a
+half-precision layer's variance is neither rounded nor capped at fp16's 65504 before the
+backward recomputes ``1/std`` from it. The wrappers ``conv2d_bn_act_train`` /
 ``depthwise_conv2d_bn_act_train`` hand the caller the statistics in the input's dtype (the
 dtype of the running statistics they are folded into).
 
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from slimops import kernels
+from slimops.reference import stats_dtype
 from slimops.ops import _backend, triton_ops
 from slimops.ops._common import (
     channel_sum,
@@ -52,22 +53,12 @@ DEPTHWISE_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "b
                   "bn_bias", "eps", "residual", "activation")
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the fused ops' ``mean``/``var``: fp32 for fp16/bf16 (and fp32) inputs,
-    fp64 for fp64 (never narrower than the input, never narrower than fp32)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _bn_backward(grad_out: Tensor, z: Tensor, out: Tensor, bn_weight: Optional[Tensor],
                  mean: Tensor, var: Tensor, eps: float, activation: int
                  ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``slimops::batch_norm_act_backward`` with the saved statistics. The Triton backward
-    reads fp32 statistics for any input dtype; the compiled kernels (CPU, CUDA C++) take
-    them in the input's dtype (their argument checks), so only for those are they cast."""
-    if mean.dtype != z.dtype and not (
-            z.device.type == "cuda"
-            and _backend.CUDA_KERNELS.get("batch_norm_act_backward") == "triton"):
-        mean, var = mean.to(z.dtype), var.to(z.dtype)
+    """``slimops::batch_norm_act_backward`` with the saved statistics, as they were saved:
+    ``stats_dtype(z.dtype)`` is what every implementation of the backward takes (the
+    ``batch_norm_act`` op's own statistics dtype)."""
     return torch.ops.slimops.batch_norm_act_backward(grad_out, z, out, bn_weight, mean, var,
                                                      eps, True, activation)
 
@@ -103,8 +94,8 @@ def _bn_act_after(z: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tens
     training mode. Returns the fused ops' ``(out, z, mean, var)``."""
     out, mean, var = torch.ops.slimops.batch_norm_act(z, bn_weight, bn_bias, None, None, True,
                                                       eps, residual, activation)
-    # The fused op's statistics dtype (a no-op for fp32/fp64, the CPU op's dtypes).
-    return out, z, mean.to(stats_dtype(z.dtype)), var.to(stats_dtype(z.dtype))
+    # Already stats_dtype(z.dtype): the op's statistics are the fused ops'.
+    return out, z, mean, var
 
 
 def _bn_act_from_moments(z: Tensor, moments: Tensor, bn_weight: Optional[Tensor],
