@@ -194,13 +194,31 @@ inline void check_batch_norm_act_args(const char* op, const at::Tensor& input,
     check_like_input(*residual, input, op, "residual");
 }
 
-// The backward's other arguments (after check_batch_norm_input and the dtype check).
+// A batch-norm statistics vector of the backward (save_mean / save_var: what the forward
+// returned): `len` entries in `stats_dtype` on the input's device. The statistics dtype
+// differs by device: the CPU kernels' is the input's own (they take float32 and float64), the
+// CUDA kernels' their accumulation type, float32 for float16/bfloat16 inputs too.
+inline void check_stats_vector(const at::Tensor& t, int64_t len, const at::Tensor& input,
+                               at::ScalarType stats_dtype, const char* op, const char* name) {
+  if (stats_dtype == input.scalar_type()) return check_vector(t, len, input, op, name);
+  TORCH_CHECK(t.scalar_type() == stats_dtype, "slimops::", op, ": ", name, " has dtype ",
+              t.scalar_type(), " but the statistics of a ", input.scalar_type(),
+              " input are ", stats_dtype);
+  TORCH_CHECK(t.device() == input.device(), "slimops::", op, ": ", name, " is on ", t.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == len, "slimops::", op, ": ", name,
+              " must be a vector of length ", len, ", got shape ", t.sizes());
+}
+
+// The backward's other arguments (after check_batch_norm_input and the dtype check), with
+// the statistics in `stats_dtype` (check_stats_vector).
 inline void check_batch_norm_act_backward_args(const char* op, const at::Tensor& input,
                                                const at::Tensor& grad_out,
                                                const at::Tensor& out,
                                                const c10::optional<at::Tensor>& weight,
                                                const at::Tensor& save_mean,
-                                               const at::Tensor& save_var, double eps) {
+                                               const at::Tensor& save_var, double eps,
+                                               at::ScalarType stats_dtype) {
   check_like_input(grad_out, input, op, "grad_out");
   check_like_input(out, input, op, "out");
   const int64_t C = input.size(1);
@@ -208,8 +226,19 @@ inline void check_batch_norm_act_backward_args(const char* op, const at::Tensor&
   TORCH_CHECK(save_mean.defined() && save_var.defined(), "slimops::", op,
               ": save_mean and save_var are required");
   TORCH_CHECK(eps >= 0, "slimops::", op, ": eps must be non-negative, got ", eps);
-  check_vector(save_mean, C, input, op, "save_mean");
-  check_vector(save_var, C, input, op, "save_var");
+  check_stats_vector(save_mean, C, input, stats_dtype, op, "save_mean");
+  check_stats_vector(save_var, C, input, stats_dtype, op, "save_var");
+}
+
+// The same with the statistics in the input's dtype (the CPU kernels').
+inline void check_batch_norm_act_backward_args(const char* op, const at::Tensor& input,
+                                               const at::Tensor& grad_out,
+                                               const at::Tensor& out,
+                                               const c10::optional<at::Tensor>& weight,
+                                               const at::Tensor& save_mean,
+                                               const at::Tensor& save_var, double eps) {
+  check_batch_norm_act_backward_args(op, input, grad_out, out, weight, save_mean, save_var, eps,
+                                     input.scalar_type());
 }
 
 }  // namespace slimops

@@ -91,7 +91,9 @@ def lib16(tmp_path_factory):
     handle.slimops_h_round.argtypes = [P, P, I64, INT]
     handle.slimops_h_depthwise_forward_16.argtypes = [P, P, P, P, P, I64, I64, P, P, P, P, P,
                                                       INT, INT]
-    for h in (handle.slimops_h_round, handle.slimops_h_depthwise_forward_16):
+    handle.slimops_h_bn_stats_16.argtypes = [P, P, P, I64, I64, I64, I64, I64, INT]
+    for h in (handle.slimops_h_round, handle.slimops_h_depthwise_forward_16,
+              handle.slimops_h_bn_stats_16):
         h.restype = None
     return handle
 
@@ -401,3 +403,22 @@ def test_depthwise_forward_half(lib16, dtype, case, epi):
                                           f(scale), f(shift), f(res), ACTS[act]).to(tdtype)
     tol = dict(rtol=1e-2, atol=1e-2) if bf16 else dict(rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(out, expected, **tol)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("blocks,threads", [(1, 32), (5, 256)])
+def test_batch_statistics_of_half_input_are_float32(lib16, dtype, blocks, threads):
+    """Issue 17: the CUDA kernel's statistics of a float16 / bfloat16 input are float32 (the
+    forward's mean_out / var_out, bn_finalize_kernel); at |mean| / std = 100 the variance
+    is within 1e-5 (relative) of float64's over the same stored 16-bit values, which a
+    16-bit variance (rounding alone: 4.9e-4 for float16) could not be."""
+    tdtype, bf16 = HALF[dtype]
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 3, 30, 30, generator=g) * 8.0 + 800.0).to(tdtype)
+    xd = x.double()
+    want_mean, want_var = xd.mean((0, 2, 3)), xd.var((0, 2, 3), unbiased=False)
+    assert float((want_mean.abs() / want_var.sqrt()).min()) > 90
+    mean, var = torch.empty(3), torch.empty(3)  # float32: what the kernel writes
+    lib16.slimops_h_bn_stats_16(ptr(mean), ptr(var), ptr(x), 4, 3, 900, blocks, threads, bf16)
+    assert float(((var.double() - want_var) / want_var).abs().max()) < 1e-5
+    assert float(((mean.double() - want_mean) / want_mean).abs().max()) < 1e-6

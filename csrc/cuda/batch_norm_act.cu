@@ -5,6 +5,9 @@
 // on the shape, so a given input always gives bit-identical statistics.
 //   forward:  partials = Welford (count, mean, M2), combined with Chan's formula
 //             -> mean, biased var -> alpha/beta -> y = act(x * alpha + beta + residual)
+// The statistics the forward returns and the backward reads are in the accumulation type
+// (float for float/half/bfloat16, double for double), so a half-precision layer's saved
+// variance is not rounded to 16 bits before the backward takes 1/std from it.
 //   backward: partials = (sum g, sum g * (x - mean)), g = grad_out * act'(out)
 //             -> grad_weight, grad_bias and the grad_input coefficients (bn_backward_coeffs)
 #include "cuda/common.cuh"
@@ -48,7 +51,8 @@ __global__ void __launch_bounds__(kThreads)
 // One thread per channel: the statistics used (batch or running) and the folded affine map.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    bn_finalize_kernel(Affine<typename AccOf<T>::type>* affine, T* mean_out, T* var_out,
+    bn_finalize_kernel(Affine<typename AccOf<T>::type>* affine,
+                       typename AccOf<T>::type* mean_out, typename AccOf<T>::type* var_out,
                        const Stats<typename AccOf<T>::type>* partials, int64_t P, int64_t C,
                        bool training, Vec running_mean, Vec running_var, Vec weight, Vec bias,
                        double eps) {
@@ -65,8 +69,8 @@ __global__ void __launch_bounds__(kThreads)
     mean = channel_value<Acc>(typed<T>(running_mean.data), running_mean.stride, c, Acc(0));
     var = channel_value<Acc>(typed<T>(running_var.data), running_var.stride, c, Acc(1));
   }
-  mean_out[c] = from_acc<T>(mean);
-  var_out[c] = from_acc<T>(var);
+  mean_out[c] = mean;
+  var_out[c] = var;
   affine[c] = bn_affine<Acc>(mean, var, Acc(eps),
                              channel_value<Acc>(typed<T>(weight.data), weight.stride, c, Acc(1)),
                              channel_value<Acc>(typed<T>(bias.data), bias.stride, c, Acc(0)));
@@ -92,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
                            int64_t count, int activation) {
   using Acc = typename AccOf<T>::type;
   const int64_t c = blockIdx.y, P = gridDim.x;
-  const Acc m = channel_value<Acc>(typed<T>(mean.data), mean.stride, c, Acc(0));
+  const Acc m = channel_value<Acc>(typed<Acc>(mean.data), mean.stride, c, Acc(0));
   Sum2<Acc> s{Acc(0), Acc(0)};
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < count; i += P * kThreads) {
     const int64_t o = channel_offset(i, c, C, HW);
@@ -120,7 +124,7 @@ __global__ void __launch_bounds__(kThreads)
     s1 += partials[c * P + p].s1;
   }
   const BnGrad<Acc> k = bn_backward_coeffs<Acc>(
-      s0, s1, Acc(count), channel_value<Acc>(typed<T>(var.data), var.stride, c, Acc(1)),
+      s0, s1, Acc(count), channel_value<Acc>(typed<Acc>(var.data), var.stride, c, Acc(1)),
       Acc(eps), channel_value<Acc>(typed<T>(weight.data), weight.stride, c, Acc(1)), training);
   coeffs[c] = k;
   grad_weight[c] = from_acc<T>(k.grad_weight);
@@ -137,7 +141,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t c = (idx / HW) % C;
     const Acc g =
         activation_grad<Acc>(to_acc<Acc>(grad_out[idx]), to_acc<Acc>(out[idx]), activation);
-    const Acc m = channel_value<Acc>(typed<T>(mean.data), mean.stride, c, Acc(0));
+    const Acc m = channel_value<Acc>(typed<Acc>(mean.data), mean.stride, c, Acc(0));
     grad_input[idx] = from_acc<T>(bn_grad_input<Acc>(coeffs[c], g, to_acc<Acc>(x[idx]), m));
   }
 }
@@ -188,9 +192,10 @@ cudaError_t batch_norm_act_forward(DType dtype, void* out, void* mean_out, void*
       bn_stats_partial_kernel<T><<<dim3(unsigned(P), unsigned(C)), kThreads, 0, stream>>>(
           partials, typed<T>(x), C, HW, count);
     }
+    using Acc = typename AccOf<T>::type;  // the statistics' type (launch.h)
     bn_finalize_kernel<T><<<grid_for(C), kThreads, 0, stream>>>(
-        affine, typed<T>(mean_out), typed<T>(var_out), partials, P, C, training, running_mean,
-        running_var, weight, bias, eps);
+        affine, typed<Acc>(mean_out), typed<Acc>(var_out), partials, P, C, training,
+        running_mean, running_var, weight, bias, eps);
     if (total > 0) {
       bn_apply_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
           typed<T>(out), typed<T>(x), typed<T>(residual), affine, total, C, HW, activation);

@@ -184,6 +184,14 @@ int64_t plane_size(const at::Tensor& t) {
   return hw;
 }
 
+// The dtype of the statistics (mean / var) the forward returns and the backward takes: the
+// kernels' accumulation type (AccOf, epilogue_math.cuh), float32 for float32, float16 and
+// bfloat16 inputs, float64 for float64 (slimops.reference.stats_dtype). A float16 layer's
+// variance is then not rounded to float16 before the backward takes 1/std from it.
+at::ScalarType stats_type(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 void check_bn_input(const at::Tensor& input, const char* op) {
   check_batch_norm_input(input, c10::kCUDA, op);
   TORCH_CHECK(input.size(1) <= 65535, "slimops::", op,
@@ -213,8 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_op(
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor save_mean = at::empty({C}, x.options());
-  at::Tensor save_var = at::empty({C}, x.options());
+  at::Tensor save_mean = at::empty({C}, x.options().dtype(stats_type(x)));
+  at::Tensor save_var = at::empty({C}, x.options().dtype(stats_type(x)));
   at::Tensor ws = workspace(dtype, N, C, HW, x);
   check_launch(batch_norm_act_forward(dtype, out.data_ptr(), save_mean.data_ptr(),
                                       save_var.data_ptr(), x.data_ptr(), N, C, HW, vec(weight),
@@ -234,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_op(
   check_bn_input(input, op);
   const DType dtype = dtype_of(input, op, "input");
   check_batch_norm_act_backward_args(op, input, grad_out, out, weight, save_mean, save_var,
-                                     eps);
+                                     eps, stats_type(input));
   const int64_t N = input.size(0), C = input.size(1), HW = plane_size(input);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous(), go = grad_out.contiguous(), y = out.contiguous();

@@ -10,6 +10,37 @@
 
 using namespace slimops::cuda;
 
+// Per-channel batch statistics of a contiguous [N, C, HW] x, reduced as the kernels do: the
+// channel's N * HW elements dealt round-robin to `P` x `threads` Welford accumulators
+// (threads a power of two), a tree combine per block, then the P partials in order. The
+// statistics are in the accumulation type, as bn_finalize_kernel stores them (float for
+// float / __half / __nv_bfloat16, double for double).
+template <typename T>
+static void bn_stats(typename AccOf<T>::type* mean, typename AccOf<T>::type* var, const T* x,
+                     int64_t N, int64_t C, int64_t HW, int64_t P, int64_t threads) {
+  using Acc = typename AccOf<T>::type;
+  const int64_t count = N * HW;
+  std::vector<Stats<Acc>> acc(threads);
+  for (int64_t c = 0; c < C; ++c) {
+    Stats<Acc> total = stats_empty<Acc>();
+    for (int64_t p = 0; p < P; ++p) {
+      for (int64_t t = 0; t < threads; ++t) {
+        Stats<Acc> s = stats_empty<Acc>();
+        for (int64_t i = p * threads + t; i < count; i += P * threads) {
+          const int64_t n = i / HW;
+          s = stats_push<Acc>(s, to_acc<Acc>(x[(n * C + c) * HW + (i - n * HW)]));
+        }
+        acc[t] = s;
+      }
+      for (int64_t s = threads / 2; s > 0; s >>= 1)
+        for (int64_t t = 0; t < s; ++t) acc[t] = stats_combine<Acc>(acc[t], acc[t + s]);
+      total = p == 0 ? acc[0] : stats_combine<Acc>(total, acc[0]);
+    }
+    mean[c] = total.mean;
+    var[c] = stats_var<Acc>(total);
+  }
+}
+
 extern "C" {
 
 // y[i] = act(x[i]); on the same buffers, dx[i] = act'(out[i]) * g[i].
@@ -63,31 +94,10 @@ void slimops_h_bn_apply(float* out, const float* x, int64_t N, int64_t C, int64_
   }
 }
 
-// Per-channel batch statistics of a contiguous [N, C, HW] x, reduced as the kernels do: the
-// channel's N * HW elements dealt round-robin to `P` x `threads` Welford accumulators
-// (threads a power of two), a tree combine per block, then the P partials in order.
+// bn_stats on a float x.
 void slimops_h_bn_stats(float* mean, float* var, const float* x, int64_t N, int64_t C,
                         int64_t HW, int64_t P, int64_t threads) {
-  const int64_t count = N * HW;
-  std::vector<Stats<float>> acc(threads);
-  for (int64_t c = 0; c < C; ++c) {
-    Stats<float> total = stats_empty<float>();
-    for (int64_t p = 0; p < P; ++p) {
-      for (int64_t t = 0; t < threads; ++t) {
-        Stats<float> s = stats_empty<float>();
-        for (int64_t i = p * threads + t; i < count; i += P * threads) {
-          const int64_t n = i / HW;
-          s = stats_push<float>(s, x[(n * C + c) * HW + (i - n * HW)]);
-        }
-        acc[t] = s;
-      }
-      for (int64_t s = threads / 2; s > 0; s >>= 1)
-        for (int64_t t = 0; t < s; ++t) acc[t] = stats_combine<float>(acc[t], acc[t + s]);
-      total = p == 0 ? acc[0] : stats_combine<float>(total, acc[0]);
-    }
-    mean[c] = total.mean;
-    var[c] = stats_var<float>(total);
-  }
+  bn_stats<float>(mean, var, x, N, C, HW, P, threads);
 }
 
 // batch_norm_act_backward from grad_out, x, out and the statistics used.
@@ -213,6 +223,17 @@ int slimops_h_has_half() { return 1; }
 void slimops_h_round(const float* x, float* y, int64_t n, int bf16) {
   for (int64_t i = 0; i < n; ++i)
     y[i] = bf16 ? to_acc<float>(from_acc<__nv_bfloat16>(x[i])) : to_acc<float>(from_acc<__half>(x[i]));
+}
+
+// bn_stats on a 16-bit x: float32 mean / var, as the forward returns them for a float16 /
+// bfloat16 input.
+void slimops_h_bn_stats_16(float* mean, float* var, const void* x, int64_t N, int64_t C,
+                           int64_t HW, int64_t P, int64_t threads, int bf16) {
+  if (bf16)
+    bn_stats<__nv_bfloat16>(mean, var, static_cast<const __nv_bfloat16*>(x), N, C, HW, P,
+                            threads);
+  else
+    bn_stats<__half>(mean, var, static_cast<const __half*>(x), N, C, HW, P, threads);
 }
 
 void slimops_h_depthwise_forward_16(void* out, const void* x, const int64_t* xs, const void* w,

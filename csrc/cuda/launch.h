@@ -59,15 +59,18 @@ cudaError_t epilogue_backward(DType dtype, void* grad_z, const void* grad_out, c
 
 // ---- switchable batch norm + residual + activation, contiguous [N, C, HW] --------------------
 // Training: per-channel Welford partials per block, then a fixed-order Chan combine per channel
-// (deterministic), then the elementwise pass. Eval: running statistics. mean_out/var_out get
-// the statistics used (var biased). `workspace` must hold batch_norm_workspace_bytes().
+// (deterministic), then the elementwise pass. Eval: running statistics (in `dtype`).
+// mean_out/var_out get the statistics used (var biased) in the accumulation type: float for
+// kFloat32/kFloat16/kBFloat16, double for kFloat64 (never rounded to 16 bits).
+// `workspace` must hold batch_norm_workspace_bytes().
 size_t batch_norm_workspace_bytes(DType dtype, int64_t N, int64_t C, int64_t HW);
 cudaError_t batch_norm_act_forward(DType dtype, void* out, void* mean_out, void* var_out,
                                    const void* x, int64_t N, int64_t C, int64_t HW, Vec weight,
                                    Vec bias, Vec running_mean, Vec running_var, bool training,
                                    double eps, const void* residual, int activation,
                                    void* workspace, cudaStream_t stream);
-// (grad_input, grad_weight, grad_bias) from grad_out, input, out and the statistics used.
+// (grad_input, grad_weight, grad_bias) from grad_out, input, out and the statistics used
+// (mean / var in the accumulation type, as batch_norm_act_forward wrote them).
 cudaError_t batch_norm_act_backward(DType dtype, void* grad_input, void* grad_weight,
                                     void* grad_bias, const void* grad_out, const void* x,
                                     const void* out, int64_t N, int64_t C, int64_t HW,
