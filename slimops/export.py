@@ -351,11 +351,11 @@ def torchscript_widths(
     into two constant vectors per layer (the eval scale/shift) and leaves a graph of slimops
     ops with no Python between them. The conv and linear weights stay the model's own
     tensors (constants that share their storage: nothing is copied, per width or at all).
-    Measured on a 2-vCPU AMD EPYC (Zen 3, AVX2), batch 1, three interleaved runs
+    Measured on a 2-vCPU AMD EPYC (Zen 3, AVX2), batch 1, four interleaved runs
     (``bench/matrix.py --cells eval``, docs/BENCHMARKS.md): against the dense network of the
     same width traced, frozen and ``optimize_for_inference``-d, S-MobileNet v1/v2 at 224x224
-    took 0.59-0.98x its time below full width and 0.85-1.08x at full width (parity), the
-    8x8 digits CNN 0.21-0.23x; the eager model takes 1.0-1.45x. The BN statistics are read
+    took 0.59-0.98x its time at widths 0.25-0.5 and 0.85-1.08x at 0.75-1 (parity), the
+    8x8 digits CNN 0.21-0.24x; the eager model takes 1.0-1.45x. The BN statistics are read
     once, when freezing: after training or re-calibrating the model, build the module
     again. Without ``freeze`` the branches compute scale/shift from the BN tensors on every
     call, so they follow later changes to the model.
