@@ -11,7 +11,7 @@ import torch
 
 import slimops
 from slimops.nn import SlimmableConv2d, SlimmableLinear, SwitchableBatchNorm2d
-from slimops.width import channels, make_divisible, normalize_widths, slimmable_layers
+from slimops.width import Slimmable, channels, make_divisible, normalize_widths, slimmable_layers
 
 WIDTHS = (0.25, 0.5, 1.0)
 
@@ -645,3 +645,27 @@ def test_numpy_and_other_real_widths_are_accepted(make):
     assert slimops.get_width(model) == 0.35
     with slimops.width(model, np.float32(0.5)):
         assert slimops.get_width(model) == 0.5
+
+
+@pytest.mark.parametrize("name", sorted(slimops.models.MODELS))
+def test_slimmable_layers_is_modules_order(name):
+    """The stack walk visits what ``model.modules()`` visits, in its order."""
+    model = slimops.models.MODELS[name]()
+    expected = [m for m in model.modules() if isinstance(m, Slimmable)]
+    got = slimmable_layers(model)
+    assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected))
+
+
+def test_slimmable_layers_shared_and_empty_children():
+    """A module registered twice is listed once (its first place), an empty child slot
+    (``None``) is skipped, and the model itself counts when it is slimmable."""
+    shared = SlimmableLinear([4, 8], [4, 8], widths=(0.5, 1.0))
+    other = SlimmableLinear([4, 8], [4, 8], widths=(0.5, 1.0))
+    inner = torch.nn.Sequential(other, shared)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), inner, shared)
+    model.add_module("empty", None)
+    got = slimmable_layers(model)
+    assert [id(m) for m in got] == [id(shared), id(other)]
+    assert [id(m) for m in got] == [id(m) for m in model.modules()
+                                    if isinstance(m, Slimmable)]
+    assert slimmable_layers(shared) == [shared]
