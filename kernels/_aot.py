@@ -152,10 +152,14 @@ class capture_launches:
     ``_pack_args``) up to the compile, which a ``jit_cache_hook`` records and skips: nothing
     runs, no GPU is needed, and the list it yields holds one ``CapturedLaunch`` per launch,
     i.e. exactly what the JIT would have compiled. The launchers' outputs are left
-    uninitialised."""
+    uninitialised. ``also``: further ``(module, names)`` pairs captured in the same list (a
+    launcher that calls another module's launcher: the batch norm's normalise pass is the
+    epilogue kernel)."""
 
-    def __init__(self, module: Any, *names: str, arch: int = 90) -> None:
-        self.module, self.names, self.arch = module, names, arch
+    def __init__(self, module: Any, *names: str, arch: int = 90,
+                 also: Sequence[Tuple[Any, Sequence[str]]] = ()) -> None:
+        self.targets = [(module, tuple(names))] + [(m, tuple(n)) for m, n in also]
+        self.arch = arch
         self.launches: List[CapturedLaunch] = []
 
     def __enter__(self) -> List[CapturedLaunch]:
@@ -164,7 +168,7 @@ class capture_launches:
 
         from slimops.kernels.epilogue import compiled
 
-        self._saved = {n: getattr(self.module, n) for n in self.names}
+        self._saved = [(m, n, getattr(m, n)) for m, names in self.targets for n in names]
         self._driver = driver._active
         self._hook = knobs.runtime.jit_cache_hook
         pending: List[Tuple[Tuple[Any, ...], Dict[str, Any]]] = []
@@ -185,13 +189,13 @@ class capture_launches:
             return True  # skip the compile (and with it the launch)
 
         self._twins = []
-        for n in self.names:
-            twin = compiled(self._saved[n])
+        for m, n, kernel in self._saved:
+            twin = compiled(kernel)
             # A fresh binder per capture: it is built for the driver's target.
             twin.device_caches.clear()
             twin.pre_run_hooks.append(pre_run)
             self._twins.append((twin, pre_run))
-            setattr(self.module, n, twin)
+            setattr(m, n, twin)
         driver.set_active(_CaptureDriver(self.arch))
         knobs.runtime.jit_cache_hook = cache_hook
         return self.launches
@@ -205,8 +209,8 @@ class capture_launches:
         for twin, hook in self._twins:
             twin.pre_run_hooks.remove(hook)
             twin.device_caches.clear()
-        for n, v in self._saved.items():
-            setattr(self.module, n, v)
+        for m, n, v in self._saved:
+            setattr(m, n, v)
 
 
 @dataclass

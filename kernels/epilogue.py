@@ -149,12 +149,20 @@ def _target_programs(device: torch.device) -> int:
     return 0
 
 
-def split_tiles(total: int, channels: int, block: int, device: torch.device) -> Tuple[int, int]:
+# The programs a reduction aims for on the GPU the AOT cases are built for: an H100's 132
+# SMs, four waves (``_target_programs`` on that device).
+AOT_TARGET_PROGRAMS = 4 * 132
+
+
+def split_tiles(total: int, channels: int, block: int, device: Optional[torch.device],
+                target: Optional[int] = None) -> Tuple[int, int]:
     """Split a per-channel reduction over ``total`` elements into tiles: returns
     ``(num_tiles, per_tile)``, ``per_tile`` a multiple of ``block``. Enough (tile, channel)
-    programs to fill the GPU; never a tile shorter than one block."""
+    programs to fill the GPU (``target`` programs; by default ``_target_programs(device)``);
+    never a tile shorter than one block."""
     blocks = max(1, triton.cdiv(total, block))
-    target = _target_programs(device)
+    if target is None:
+        target = _target_programs(device)
     tiles = min(blocks, 2) if target == 0 else max(1, min(blocks, target // max(channels, 1)))
     per_tile = triton.cdiv(blocks, tiles) * block
     return triton.cdiv(max(total, 1), per_tile), per_tile
@@ -312,19 +320,33 @@ def epilogue(
     numel = z.numel()
     if numel == 0:
         return out
-    grid, cfg = flat_launch(numel)
+    grid, args, kwargs = _epilogue_launch(z, bias, scale, shift, residual, out, activation)
+    traceable(_epilogue_kernel)[grid](*args, **kwargs)
+    return out
+
+
+def _epilogue_launch(
+    z: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+    residual: Optional[Tensor], out: Tensor, activation: int,
+) -> Tuple[Tuple[int], Tuple[Any, ...], Dict[str, Any]]:
+    """``(grid, args, kwargs)`` of the apply kernel's launch, ``_epilogue_kernel[grid](*args,
+    **kwargs)`` (the launcher's, and the AOT cases', which pass meta tensors of real shapes):
+    ``z``, ``residual`` and ``out`` contiguous, ``z.numel() > 0``."""
+    grid, cfg = flat_launch(z.numel())
     # Absent vectors: a dummy pointer of the input's dtype keeps the signature stable.
-    traceable(_epilogue_kernel)[grid](
+    args = (
         z, z if bias is None else bias, z if scale is None else scale,
         z if shift is None else shift, z if residual is None else residual, out,
-        numel, c, _plane(z),
+        z.numel(), z.shape[1], _plane(z),
         0 if bias is None else bias.stride(0), 0 if scale is None else scale.stride(0),
         0 if shift is None else shift.stride(0),
+    )
+    kwargs = dict(
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         HAS_RES=residual is not None, ACT=activation, BLOCK=cfg["BLOCK"],
         num_warps=cfg["num_warps"],
     )
-    return out
+    return grid, args, kwargs
 
 
 def epilogue_backward(
@@ -342,37 +364,95 @@ def epilogue_backward(
     numel = g.numel()
     if numel == 0:
         return result
-    grid, cfg = flat_launch(numel)
-    traceable(_epilogue_backward_kernel)[grid](
-        g, o, g if scale is None else scale, result,
-        numel, c, _plane(g), 0 if scale is None else scale.stride(0),
-        HAS_SCALE=scale is not None, ACT=activation, BLOCK=cfg["BLOCK"],
-        num_warps=cfg["num_warps"],
-    )
+    grid, args, kwargs = _epilogue_backward_launch(g, o, scale, result, activation)
+    traceable(_epilogue_backward_kernel)[grid](*args, **kwargs)
     return result
 
 
+def _epilogue_backward_launch(
+    g: Tensor, o: Tensor, scale: Optional[Tensor], result: Tensor, activation: int,
+) -> Tuple[Tuple[int], Tuple[Any, ...], Dict[str, Any]]:
+    """``(grid, args, kwargs)`` of the backward kernel's launch (contiguous ``g``, ``o``,
+    ``result``; ``g.numel() > 0``)."""
+    grid, cfg = flat_launch(g.numel())
+    args = (g, o, g if scale is None else scale, result,
+            g.numel(), g.shape[1], _plane(g), 0 if scale is None else scale.stride(0))
+    kwargs = dict(HAS_SCALE=scale is not None, ACT=activation, BLOCK=cfg["BLOCK"],
+                  num_warps=cfg["num_warps"])
+    return grid, args, kwargs
+
+
+def meta_tensor(shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A contiguous meta tensor: what the AOT cases hand the launch builders (a real shape and
+    dtype, no memory)."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def launch_case(name: str, kernel: Any, launch: Tuple[Any, Tuple[Any, ...], Dict[str, Any]],
+                **fields: Any) -> AotCase:
+    """The ``AotCase`` of one launch ``kernel[grid](*args, **kwargs)`` as a launch builder
+    returns it (``launch = (grid, args, kwargs)``): ``AotCase.from_launch`` with the launch
+    options (``num_warps``, ``num_stages``: triton's defaults 4 and 3 when absent) split off.
+    ``fields``: ``min_occupancy``, ``meta``."""
+    _, args, kwargs = launch
+    kw = dict(kwargs)
+    warps, stages = kw.pop("num_warps", 4), kw.pop("num_stages", 3)
+    return AotCase.from_launch(name, compiled(kernel), args, kw, warps, stages, **fields)
+
+
+# The tensors the AOT cases are built at (S-MobileNet v2, width 1.0), one per tuning entry
+# (``pick_config`` picks by the element count): [N, C, H, W].
+AOT_SHAPES: Dict[int, Tuple[int, int, int, int]] = {
+    256: (1, 320, 7, 7),  # batch 1, the last bottleneck's output (15680 values)
+    1024: (1, 1280, 7, 7),  # batch 1, the last 1x1 conv's output (62720 values)
+    2048: (32, 144, 56, 56),  # batch 32, an expand layer's output at 56x56
+}
+
+
 def aot_cases() -> List[AotCase]:
-    """Per dtype and configuration: the apply kernel without epilogue and with the full one
-    (bias, scale, shift, residual, relu6); the backward without and with scale + relu6."""
+    """The binaries the launchers compile, specialised exactly as triton's JIT specialises
+    their launches (``launch_case`` on ``_epilogue_launch`` / ``_epilogue_backward_launch``,
+    meta tensors at ``AOT_SHAPES``: one shape per tuning entry): per dtype and entry the
+    apply kernel without epilogue and with the full one (bias, scale, shift, residual,
+    relu6); the backward without and with scale + relu6. ``meta["call"]`` runs the public
+    launcher at the case's shape on CPU tensors (tests/kernels/test_aot.py captures it)."""
     cases: List[AotCase] = []
     for dtype in DTYPES:
-        ptr = TRITON_PTR[dtype]
         tag = str(dtype).split(".")[-1]
         for cfg in CONFIGS:
             block, warps = cfg["BLOCK"], cfg["num_warps"]
+            shape = AOT_SHAPES[block]
+            assert pick_config(math.prod(shape)) == cfg, shape
+            z, vec = meta_tensor(shape, dtype), meta_tensor((shape[1],), dtype)
             for full in (False, True):
-                ce = dict(HAS_BIAS=full, HAS_SCALE=full, HAS_SHIFT=full, HAS_RES=full,
-                          ACT=ACT_RELU6 if full else ACT_NONE, BLOCK=block)
-                cases.append(AotCase(
+                opt = vec if full else None
+                act = ACT_RELU6 if full else ACT_NONE
+                meta = dict(shape=shape, dtype=dtype, mode="full" if full else "plain")
+                cases.append(launch_case(
                     f"epilogue_{tag}_b{block}_w{warps}_{'full' if full else 'plain'}",
-                    _epilogue_kernel, aot_signature(_epilogue_kernel, ptr, ce), ce, warps))
-                ce = dict(HAS_SCALE=full, ACT=ACT_RELU6 if full else ACT_NONE, BLOCK=block)
-                cases.append(AotCase(
-                    f"epilogue_backward_{tag}_b{block}_w{warps}_{'scale_relu6' if full else 'plain'}",
+                    _epilogue_kernel,
+                    _epilogue_launch(z, opt, opt, opt, z if full else None, z, act),
+                    meta=dict(meta, call=functools.partial(
+                        _aot_call, epilogue, shape, dtype, full, act))))
+                cases.append(launch_case(
+                    f"epilogue_backward_{tag}_b{block}_w{warps}_"
+                    f"{'scale_relu6' if full else 'plain'}",
                     _epilogue_backward_kernel,
-                    aot_signature(_epilogue_backward_kernel, ptr, ce), ce, warps))
-    return compilable(cases)
+                    _epilogue_backward_launch(z, z, opt, z, act),
+                    meta=dict(meta, call=functools.partial(
+                        _aot_call, epilogue_backward, shape, dtype, full, act))))
+    return cases
+
+
+def _aot_call(op: Any, shape: Tuple[int, ...], dtype: torch.dtype, full: bool,
+              act: int) -> None:
+    """``op`` (``epilogue`` or ``epilogue_backward``) at an AOT case's shape, CPU tensors."""
+    z = torch.empty(shape, dtype=dtype)
+    vec = torch.empty(shape[1], dtype=dtype) if full else None
+    if op is epilogue:
+        epilogue(z, vec, vec, vec, z if full else None, act)
+    else:
+        epilogue_backward(z, z, vec, act)
 
 
 __all__ = ["CONFIGS", "aot_cases", "epilogue", "epilogue_backward"]

@@ -23,7 +23,9 @@ default, as for ``F.linear``), through the ``ALLOW_TF32`` constexpr.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import functools
+
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -31,8 +33,8 @@ import triton.language as tl
 from torch import Tensor
 
 from slimops.kernels._aot import AotCase
-from slimops.kernels._common import TRITON_PTR, check_device, interpreting, traceable
-from slimops.kernels.epilogue import DTYPES, aot_signature, compilable
+from slimops.kernels._common import check_device, interpreting, traceable
+from slimops.kernels.epilogue import DTYPES, launch_case, meta_tensor
 
 # GEMM tiles. The launchers pick one per call (_pick): the small tile for narrow widths
 # and small batches (classifier heads: B x 1000 with B small), where a big tile would leave
@@ -48,7 +50,12 @@ CONFIGS: List[Dict[str, int]] = [
 def _pick(m: int, n: int) -> Dict[str, int]:
     """The tuning entry for an ``M x N`` output (the interpreter always gets the smallest:
     its cost is per program op, and the tests then exercise several tiles)."""
-    if interpreting() or m <= 32:
+    return CONFIGS[0] if interpreting() else _pick_gpu(m, n)
+
+
+def _pick_gpu(m: int, n: int) -> Dict[str, int]:
+    """The GPU's tuning entry for an ``M x N`` output."""
+    if m <= 32:
         return CONFIGS[0]
     if m >= 128 and n >= 128 and triton.cdiv(m, 128) * triton.cdiv(n, 128) >= 64:
         return CONFIGS[2]
@@ -102,15 +109,27 @@ def _gemm(
     strides); ``k == 0`` gives the bias (or zeros), like ``F.linear``."""
     if m == 0 or n == 0:
         return
-    cfg = _pick(m, n)
+    grid, args, kwargs = _gemm_launch(a, a_strides, b, b_strides, c, c_strides, m, n, k, bias,
+                                      _pick(m, n))
+    traceable(_gemm_kernel)[grid](*args, **kwargs)
+
+
+def _gemm_launch(
+    a: Tensor, a_strides: Tuple[int, int], b: Tensor, b_strides: Tuple[int, int],
+    c: Tensor, c_strides: Tuple[int, int], m: int, n: int, k: int, bias: Optional[Tensor],
+    cfg: Dict[str, int],
+) -> Tuple[Tuple[int, int], Tuple[Any, ...], Dict[str, Any]]:
+    """``(grid, args, kwargs)`` of ``_gemm``'s launch with tuning entry ``cfg`` (the
+    launcher's, and the AOT cases', which pass meta tensors of real shapes)."""
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-    traceable(_gemm_kernel)[grid](
-        a, b, c if bias is None else bias, c,
-        m, n, k, *a_strides, *b_strides, *c_strides, 0 if bias is None else bias.stride(0),
+    args = (a, b, c if bias is None else bias, c,
+            m, n, k, *a_strides, *b_strides, *c_strides, 0 if bias is None else bias.stride(0))
+    kwargs = dict(
         HAS_BIAS=bias is not None, ALLOW_TF32=_allow_tf32(a.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    return grid, args, kwargs
 
 
 def _check(weight: Tensor, *tensors: Tensor) -> None:
@@ -206,25 +225,78 @@ def linear_backward_weight(grad_out: Tensor, input: Tensor, weight: Tensor) -> T
     return grad_weight
 
 
+# The classifier of S-MobileNet v2 (width 1.0): 1280 features -> 1000 classes.
+AOT_FEATURES = (1280, 1000)
+# The AOT cases: (op, batch, bias). The GPU pick (``_pick_gpu``) gives each tuning entry at
+# least one: the forward at batch 1 and 32 (entry 0), 256 (entry 1), and 1024 (entry 2, the
+# only forward with bias that reaches it); the input gradient at batch 32 (0) and 256 (1);
+# the weight gradient at batch 256 (its output is the 1000 x 1280 weight: entry 2).
+AOT_CALLS = [("forward", 1, True), ("forward", 256, True), ("forward", 1024, True),
+             ("backward_input", 32, False), ("backward_input", 256, False),
+             ("backward_weight", 256, False)]
+
+
+def _aot_operands(op: str, batch: int, dtype: torch.dtype, device: str) -> Tuple[Tensor, ...]:
+    """``(x, weight, bias)`` of an AOT call: ``x`` is the op's activation operand (input,
+    or grad_out for the input gradient)."""
+    i, o = AOT_FEATURES
+    x = torch.empty((batch, o if op == "backward_input" else i), dtype=dtype, device=device)
+    return x, torch.empty((o, i), dtype=dtype, device=device), torch.empty(o, dtype=dtype,
+                                                                           device=device)
+
+
+def _aot_launch(op: str, batch: int, bias: bool, dtype: torch.dtype) -> Tuple[Any, ...]:
+    """The launch (``_gemm_launch``) of an AOT call, on meta tensors, with the GPU's pick:
+    the operands exactly as the launchers pass them."""
+    i, o = AOT_FEATURES
+    x, w, b = _aot_operands(op, batch, dtype, "meta")
+    if op == "forward":
+        out = meta_tensor((batch, o), dtype)
+        mnk, ops = (batch, o, i), (x, x.stride(), w, (w.stride(1), w.stride(0)), out, out.stride())
+    elif op == "backward_input":
+        out = meta_tensor((batch, i), dtype)
+        mnk, ops = (batch, i, o), (x, x.stride(), w, w.stride(), out, out.stride())
+    else:
+        g = meta_tensor((batch, o), dtype)
+        mnk, ops = (o, i, batch), (g, (g.stride(1), g.stride(0)), x, x.stride(), w, w.stride())
+    return _gemm_launch(*ops, *mnk, b if bias else None, _pick_gpu(mnk[0], mnk[1]))
+
+
+def _aot_call(op: str, batch: int, bias: bool, dtype: torch.dtype) -> None:
+    """The public launcher of an AOT call on CPU tensors."""
+    x, w, b = _aot_operands(op, batch, dtype, "cpu")
+    if op == "forward":
+        linear(x, w, b if bias else None, w.shape[0])
+    elif op == "backward_input":
+        linear_backward_input(x, w, w.shape[1])
+    else:
+        linear_backward_weight(torch.empty((batch, w.shape[0]), dtype=dtype), x, w)
+
+
 def aot_cases() -> List[AotCase]:
-    """Per dtype and configuration: the GEMM with and without bias (the backward ops are the
-    same binary without bias); fp32 in both dot precisions (IEEE fp32 and TF32)."""
+    """The binaries the launchers compile at ``AOT_CALLS``, specialised exactly as triton's
+    JIT specialises their launches (``launch_case`` on ``_gemm_launch``'s argument list,
+    meta tensors of the real shapes): per dtype (fp32 in both dot precisions, IEEE and
+    TF32) the forward with bias at batch 1, 256, 1024 and both gradients, every tuning entry
+    covered (with and without bias). ``meta["call"]`` runs the launcher on CPU tensors."""
     cases: List[AotCase] = []
     for dtype in DTYPES:
-        ptr = TRITON_PTR[dtype]
         tag = str(dtype).split(".")[-1]
         for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
-            for cfg in CONFIGS:
-                for has_bias in (False, True):
-                    ce = dict(HAS_BIAS=has_bias, ALLOW_TF32=tf32, BLOCK_M=cfg["BLOCK_M"],
-                              BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
-                    name = (f"linear_gemm_{tag}{'_tf32' if tf32 else ''}_m{cfg['BLOCK_M']}"
-                            f"n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}_w{cfg['num_warps']}"
-                            f"s{cfg['num_stages']}{'_bias' if has_bias else ''}")
-                    cases.append(AotCase(name, _gemm_kernel,
-                                         aot_signature(_gemm_kernel, ptr, ce), ce,
-                                         cfg["num_warps"], cfg["num_stages"]))
-    return compilable(cases)
+            for op, batch, bias in AOT_CALLS:
+                grid, args, kwargs = _aot_launch(op, batch, bias, dtype)
+                kwargs = dict(kwargs, ALLOW_TF32=tf32)
+                cfg = CONFIGS.index(next(c for c in CONFIGS if all(
+                    c[k] == kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))))
+                c = CONFIGS[cfg]
+                name = (f"linear_gemm_{tag}{'_tf32' if tf32 else ''}_m{c['BLOCK_M']}"
+                        f"n{c['BLOCK_N']}k{c['BLOCK_K']}_w{c['num_warps']}s{c['num_stages']}"
+                        f"{'_bias' if bias else ''}_{op}_b{batch}")
+                cases.append(launch_case(
+                    name, _gemm_kernel, (grid, args, kwargs),
+                    meta=dict(op=op, batch=batch, dtype=dtype, tf32=tf32, config=cfg,
+                              call=functools.partial(_aot_call, op, batch, bias, dtype))))
+    return cases
 
 
 __all__ = ["CONFIGS", "aot_cases", "linear", "linear_backward_input", "linear_backward_weight"]

@@ -181,3 +181,85 @@ def test_tile_accesses_from_a_ttgir_snippet():
         dict(name="", op="store", shape=[128, 64], elem="f32", fast_dim=1, vec=4, bits=32,
              lanes=8),
     ]
+
+
+# ----------------------------------------------------------------------------- JIT-exact cases
+# Every family's AOT cases are built from its launchers' own argument lists at real shapes
+# (the launch builders, on meta tensors). Each case carries ``meta["call"]``: the public
+# launcher at the case's shape, on CPU tensors. Run through triton's JIT with the compile
+# skipped (``capture_launches``), that call must launch the case's kernel with exactly the
+# case's specialisation: same signature (constants for the ints equal to 1), constants,
+# divisibility hints, warps and stages. A generic signature (every int an i32, no hints)
+# fails this. conv2d's own check is tests/kernels/test_kernels_compiled.py.
+
+# family -> the modules and kernel names its launchers start
+_FAMILY_KERNELS = {
+    "epilogue": [("epilogue", ("_epilogue_kernel", "_epilogue_backward_kernel"))],
+    "linear": [("linear", ("_gemm_kernel",))],
+    "depthwise_conv2d": [("depthwise_conv2d", ("_dw_forward_kernel", "_dw_backward_input_kernel",
+                                               "_dw_weight_partials_kernel",
+                                               "_dw_weight_reduce_kernel"))],
+    "batch_norm_act": [("batch_norm_act", ("_bn_merge_kernel", "_bn_stats_kernel",
+                                           "_bn_finalize_kernel", "_bn_backward_stats_kernel",
+                                           "_bn_backward_finalize_kernel",
+                                           "_bn_backward_apply_kernel")),
+                       ("epilogue", ("_epilogue_kernel",))],
+}
+
+
+def _gpu_choices(monkeypatch):
+    """The launchers' GPU picks (under the interpreter they pick small tiles and splits)."""
+    import torch
+
+    from slimops.kernels import batch_norm_act, epilogue, linear
+
+    monkeypatch.setattr(linear, "_pick", linear._pick_gpu)
+    if hasattr(batch_norm_act, "_reduce_config_gpu"):
+        monkeypatch.setattr(batch_norm_act, "_reduce_config", batch_norm_act._reduce_config_gpu)
+    monkeypatch.setattr(epilogue, "_target_programs", lambda device: epilogue.AOT_TARGET_PROGRAMS)
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILY_KERNELS))
+def test_aot_cases_are_what_the_jit_builds_for_the_launchers(family, cases, monkeypatch):
+    import importlib
+
+    import torch
+
+    _gpu_choices(monkeypatch)
+    targets = [(importlib.import_module(f"slimops.kernels.{m}"), names)
+               for m, names in _FAMILY_KERNELS[family]]
+    assert cases[family]
+    checked = specialised = 0
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    for case in cases[family]:
+        assert "call" in case.meta, f"{case.name}: no launcher call to check it against"
+        # linear's fp32 dot precision follows torch's switch (conv2d's has its own test)
+        torch.backends.cuda.matmul.allow_tf32 = bool(case.constexprs.get("ALLOW_TF32", False))
+        (module, names), *also = targets
+        try:
+            with _aot.capture_launches(module, *names, also=also) as launches:
+                case.meta["call"]()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+        mine = [got for got in launches if got.kernel == case.fn.fn.__name__
+                and got.signature == case.signature and got.constexprs == case.constexprs]
+        assert mine, (f"{case.name}: the launcher's {case.fn.fn.__name__} launches were\n"
+                      + "\n".join(f"  {g.signature} {g.constexprs}" for g in launches
+                                  if g.kernel == case.fn.fn.__name__)
+                      + f"\nthe case: {case.signature} {case.constexprs}")
+        got = mine[0]
+        assert got.attrs == case.attrs, case.name
+        assert (got.num_warps, got.num_stages) == (case.num_warps, case.num_stages), case.name
+        checked += 1
+        # Not the generic signature: some integer argument is specialised (a constant or a
+        # divisibility hint).
+        ints = [k for k, v in case.signature.items() if v in ("i32", "i64")]
+        if any(k in case.attrs for k in ints) or any(
+                k not in _constexpr_params(case.fn) for k in case.constexprs):
+            specialised += 1
+    assert checked == len(cases[family])
+    assert specialised == checked, f"{family}: {checked - specialised} cases not specialised"
+
+
+def _constexpr_params(fn):
+    return {p.name for p in fn.params if p.is_constexpr}
