@@ -58,8 +58,9 @@ dtype (fp32, or the input's).
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -70,13 +71,11 @@ from slimops.kernels._aot import AotCase
 from slimops.kernels._common import (
     ACT_NONE,
     ACT_RELU6,
-    TRITON_PTR,
     check_device,
     check_int32,
     interpreting,
     traceable,
 )
-from slimops.kernels.epilogue import CONFIGS as EPILOGUE_CONFIGS
 from slimops.kernels.epilogue import (
     DTYPES,
     _activation_mask,
@@ -84,10 +83,12 @@ from slimops.kernels.epilogue import (
     _check_vector,
     _sum_combine,
     _epilogue_kernel,
+    _epilogue_launch,
     _flat_block,
-    aot_signature,
-    compilable,
+    AOT_TARGET_PROGRAMS,
     epilogue,
+    launch_case,
+    meta_tensor,
     flat_launch,
     pick_config,
     split_tiles,
@@ -121,7 +122,12 @@ _SERIAL_ROWS_PER_STEP = 8
 def _reduce_config(count: int) -> Dict[str, int]:
     # Under the interpreter the smallest block, so that the small test tensors still split
     # into several tiles.
-    return CONFIGS[0] if interpreting() else pick_config(count, CONFIGS)
+    return CONFIGS[0] if interpreting() else _reduce_config_gpu(count)
+
+
+def _reduce_config_gpu(count: int) -> Dict[str, int]:
+    """The GPU's tuning entry of a per-channel reduction over ``count`` values."""
+    return pick_config(count, CONFIGS)
 
 
 def merge_plan(num_rows: int) -> List[int]:
@@ -385,12 +391,91 @@ def merge_moments(moments: Tensor) -> Tensor:
     plan = merge_plan(moments.shape[1])
     for rows, out_rows in zip(plan, plan[1:]):
         dst = torch.empty((3, out_rows, c), dtype=torch.float32, device=moments.device)
-        traceable(_bn_merge_kernel)[(out_rows, triton.cdiv(c, MERGE_BLOCK_C))](
-            moments, dst, c, rows, out_rows, ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C,
-            num_warps=MERGE_WARPS,
-        )
+        grid, args, kwargs = _merge_launch(moments, dst, rows)
+        traceable(_bn_merge_kernel)[grid](*args, **kwargs)
         moments = dst
     return moments
+
+
+Launch = Tuple[Tuple[int, ...], Tuple[Any, ...], Dict[str, Any]]
+
+
+def _merge_launch(moments: Tensor, dst: Tensor, rows: int) -> Launch:
+    """``(grid, args, kwargs)`` of one merge-tree step, ``rows`` rows of ``moments`` into
+    ``dst [3, out_rows, C]`` (the launch builders serve the launchers and the AOT cases,
+    which pass meta tensors of real shapes)."""
+    _, out_rows, c = dst.shape
+    return ((out_rows, triton.cdiv(c, MERGE_BLOCK_C)), (moments, dst, c, rows, out_rows),
+            dict(ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_WARPS))
+
+
+def _finalize_launch(
+    x: Tensor, moments: Optional[Tensor], count: int, weight: Optional[Tensor],
+    bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+    training: bool, eps: float, mean: Tensor, var: Tensor, alpha: Tensor, beta: Tensor,
+) -> Launch:
+    """``(grid, args, kwargs)`` of the finalize (``moments``: the merged ``[3, r, C]``, or
+    None in eval)."""
+    c = x.shape[1]
+    # Absent tensors: dummies of the right dtype, so the signature stays the same.
+    args = (
+        alpha if moments is None else moments,
+        x if running_mean is None else running_mean, x if running_var is None else running_var,
+        x if weight is None else weight, x if bias is None else bias,
+        mean, var, alpha, beta,
+        # 1 / count in Python: exact in double, then one rounding to fp32.
+        c, 0 if moments is None else moments.shape[1], 1.0 / max(count, 1), float(eps),
+        _stride(running_mean), _stride(running_var), _stride(weight), _stride(bias),
+    )
+    kwargs = dict(TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None,
+                  ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_WARPS)
+    return (triton.cdiv(c, MERGE_BLOCK_C),), args, kwargs
+
+
+def _stats_launch(x: Tensor, moments: Tensor, per_tile: int, cfg: Dict[str, int]) -> Launch:
+    """``(grid, args, kwargs)`` of the statistics' stage 1 (``moments [3, num_tiles, C]``)."""
+    n, c, hw = _check_input(x, "batch_norm_act")
+    num_tiles = moments.shape[1]
+    return ((num_tiles, c), (x, moments, c, hw, n * hw, per_tile, num_tiles),
+            dict(BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"]))
+
+
+def _backward_stats_launch(
+    go: Tensor, y: Tensor, x: Tensor, mean: Tensor, psg: Tensor, psgx: Tensor, per_tile: int,
+    activation: int, cfg: Dict[str, int],
+) -> Launch:
+    """``(grid, args, kwargs)`` of the backward's reduction (``psg``/``psgx``
+    ``[num_tiles, C]``)."""
+    n, c, hw = _check_input(x, "batch_norm_act_backward")
+    return ((psg.shape[0], c),
+            (go, y, x, mean, psg, psgx, c, hw, n * hw, per_tile, mean.stride(0)),
+            dict(ACT=activation, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"]))
+
+
+def _backward_finalize_launch(
+    psg: Tensor, psgx: Tensor, x: Tensor, weight: Optional[Tensor], var: Tensor,
+    grad_weight: Tensor, grad_bias: Tensor, kg: Tensor, kx: Tensor, k0: Tensor, count: int,
+    eps: float, training: bool,
+) -> Launch:
+    """``(grid, args, kwargs)`` of the backward's finalize."""
+    c = x.shape[1]
+    args = (psg, psgx, x if weight is None else weight, var, grad_weight, grad_bias, kg, kx, k0,
+            c, psg.shape[0], 1.0 / count, float(eps), _stride(weight), var.stride(0))
+    kwargs = dict(TRAINING=training, HAS_W=weight is not None, BLOCK_T=FINAL_BLOCK_T,
+                  BLOCK_C=FINAL_BLOCK_C, num_warps=FINAL_WARPS)
+    return (triton.cdiv(c, FINAL_BLOCK_C),), args, kwargs
+
+
+def _backward_apply_launch(
+    go: Tensor, y: Tensor, x: Tensor, mean: Tensor, kg: Tensor, kx: Tensor, k0: Tensor,
+    grad_input: Tensor, activation: int, training: bool,
+) -> Launch:
+    """``(grid, args, kwargs)`` of the backward's elementwise pass."""
+    n, c, hw = _check_input(x, "batch_norm_act_backward")
+    grid, ecfg = flat_launch(x.numel(), CONFIGS)
+    return (grid, (go, y, x, mean, kg, kx, k0, grad_input, x.numel(), c, hw, mean.stride(0)),
+            dict(ACT=activation, TRAINING=training, BLOCK=ecfg["BLOCK"],
+                 num_warps=ecfg["num_warps"]))
 
 
 def _finalize_and_apply(
@@ -407,22 +492,11 @@ def _finalize_and_apply(
     var = torch.empty((c,), dtype=mean_dtype, device=dev)
     alpha = torch.empty((c,), dtype=torch.float32, device=dev)
     beta = torch.empty((c,), dtype=torch.float32, device=dev)
-    num_rows = 0
     if moments is not None:
         moments = merge_moments(moments)
-        num_rows = moments.shape[1]
-    # Absent tensors: dummies of the right dtype, so the signature stays the same.
-    traceable(_bn_finalize_kernel)[(triton.cdiv(c, MERGE_BLOCK_C),)](
-        alpha if moments is None else moments,
-        x if running_mean is None else running_mean, x if running_var is None else running_var,
-        x if weight is None else weight, x if bias is None else bias,
-        mean, var, alpha, beta,
-        # 1 / count in Python: exact in double, then one rounding to fp32.
-        c, num_rows, 1.0 / max(count, 1), float(eps),
-        _stride(running_mean), _stride(running_var), _stride(weight), _stride(bias),
-        TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None,
-        ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C, num_warps=MERGE_WARPS,
-    )
+    grid, args, kwargs = _finalize_launch(x, moments, count, weight, bias, running_mean,
+                                          running_var, training, eps, mean, var, alpha, beta)
+    traceable(_bn_finalize_kernel)[grid](*args, **kwargs)
     out = epilogue(x, None, alpha, beta, residual, activation)
     return out, mean, var
 
@@ -489,10 +563,8 @@ def batch_norm_act(
     num_tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], x.device)
     # Every (tile, channel) program writes its row: no zero fill.
     moments = torch.empty((3, num_tiles, c), dtype=torch.float32, device=x.device)
-    traceable(_bn_stats_kernel)[(num_tiles, c)](
-        x, moments, c, hw, count, per_tile, num_tiles,
-        BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
-    )
+    grid, args, kwargs = _stats_launch(x, moments, per_tile, cfg)
+    traceable(_bn_stats_kernel)[grid](*args, **kwargs)
     return _finalize_and_apply(x, moments, count, sdt, weight, bias, None, None, True,
                                eps, residual, activation)
 
@@ -575,101 +647,178 @@ def batch_norm_act_backward(
     num_tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], dev)
     psg = torch.empty((num_tiles, c), dtype=torch.float32, device=dev)
     psgx = torch.empty_like(psg)
-    traceable(_bn_backward_stats_kernel)[(num_tiles, c)](
-        go, y, x, mean, psg, psgx, c, hw, count, per_tile, mean.stride(0),
-        ACT=activation, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
-    )
+    grid, args, kwargs = _backward_stats_launch(go, y, x, mean, psg, psgx, per_tile, activation,
+                                                cfg)
+    traceable(_bn_backward_stats_kernel)[grid](*args, **kwargs)
     kg = torch.empty((c,), dtype=torch.float32, device=dev)
     kx = torch.empty_like(kg)
     k0 = torch.empty_like(kg)
-    traceable(_bn_backward_finalize_kernel)[(triton.cdiv(c, FINAL_BLOCK_C),)](
-        psg, psgx, x if weight is None else weight, var, grad_weight, grad_bias, kg, kx, k0,
-        c, num_tiles, 1.0 / count, float(eps), _stride(weight), var.stride(0),
-        TRAINING=training, HAS_W=weight is not None, BLOCK_T=FINAL_BLOCK_T,
-        BLOCK_C=FINAL_BLOCK_C, num_warps=FINAL_WARPS,
-    )
-    numel = x.numel()
-    grid, ecfg = flat_launch(numel, CONFIGS)
-    traceable(_bn_backward_apply_kernel)[grid](
-        go, y, x, mean, kg, kx, k0, grad_input, numel, c, hw, mean.stride(0),
-        ACT=activation, TRAINING=training, BLOCK=ecfg["BLOCK"], num_warps=ecfg["num_warps"],
-    )
+    grid, args, kwargs = _backward_finalize_launch(psg, psgx, x, weight, var, grad_weight,
+                                                   grad_bias, kg, kx, k0, count, eps, training)
+    traceable(_bn_backward_finalize_kernel)[grid](*args, **kwargs)
+    grid, args, kwargs = _backward_apply_launch(go, y, x, mean, kg, kx, k0, grad_input,
+                                                activation, training)
+    traceable(_bn_backward_apply_kernel)[grid](*args, **kwargs)
     return grad_input, grad_weight, grad_bias
 
 
-def aot_cases() -> List[AotCase]:
-    """The merge-tree kernel (fp32 only); per dtype: the statistics and backward kernels for
-    every configuration, the finalize kernels in training and eval (with and without γ/β),
-    the normalise pass (the epilogue kernel with fp32 alpha/beta) without and with residual
-    + relu6, and the backward's elementwise pass in training/eval without and with relu6.
-    For fp16/bf16 the finalize writes fp32 statistics (``*_f32stats``: what the op and the
-    fused conv + BN ops return, in training and eval); the backward kernels are compiled
-    for fp32 statistics (``*_f32stats``) and for statistics in the input's dtype, which the
-    backward launcher also accepts."""
-    cases: List[AotCase] = []
-    f32 = {"inv_count": "fp32", "moments_ptr": "*fp32", "src_ptr": "*fp32",
-           "dst_ptr": "*fp32", "alpha_ptr": "*fp32", "beta_ptr": "*fp32",
-           "psg_ptr": "*fp32", "psgx_ptr": "*fp32", "kg_ptr": "*fp32", "kx_ptr": "*fp32",
-           "k0_ptr": "*fp32", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "eps": "fp32"}
-    f32_stats = {**f32, "mean_ptr": "*fp32", "var_ptr": "*fp32"}
-    ce = dict(ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C)
-    cases.append(AotCase("bn_merge", _bn_merge_kernel,
-                         aot_signature(_bn_merge_kernel, "*fp32", ce, f32), ce, MERGE_WARPS))
-    for dtype in DTYPES:
-        ptr = TRITON_PTR[dtype]
-        tag = str(dtype).split(".")[-1]
-        # (statistics' pointer overrides, name suffix). The forward stores stats_dtype(dtype):
-        # the input's own for fp32, fp32 for fp16/bf16; the backward reads either.
-        if dtype == torch.float32:
-            forward_stats = backward_stats = [(f32, "")]
+# The AOT cases' calls, S-MobileNet v2 (width 1.0) activations [N, C, H, W]: every tuning
+# entry of every kernel is reached by one of them (the reductions pick by N * H * W, the
+# elementwise passes by the element count).
+# Forward: (shape, training, residual + relu6, moments rows from a conv's statistics
+# epilogue (batch_norm_act_from_partials) or None).
+AOT_FORWARD = [
+    ((32, 960, 7, 7), True, False, None),  # reduction entry 0 (one tile per channel)
+    ((32, 192, 28, 28), True, True, None),  # reduction entry 1
+    ((32, 144, 56, 56), True, False, None),  # reduction entry 2
+    # the merge tree: the 1x1 conv's 128-pixel tiles at 56x56, 32 x 25 rows of moments
+    ((32, 144, 56, 56), True, False, 800),
+    ((1, 320, 7, 7), False, False, None), ((1, 320, 7, 7), False, True, None),  # apply entry 0
+    ((1, 1280, 7, 7), False, False, None), ((1, 1280, 7, 7), False, True, None),  # entry 1
+]
+# Backward: shapes (each with and without relu6, in training and eval, with fp32 statistics
+# and, for fp16/bf16, statistics in the input's dtype): the reductions' entries 2, 1, 0 and
+# the elementwise pass's 2, 1, 0 (batch 1: eval-mode backward, e.g. fine-tuning with frozen
+# statistics).
+AOT_BACKWARD = [(32, 144, 56, 56), (32, 192, 28, 28), (1, 320, 7, 7), (1, 160, 7, 7)]
+AOT_EPS = 1e-5
+
+
+def _aot_forward(shape: Tuple[int, ...], dtype: torch.dtype, training: bool, fused: bool,
+                 rows: Optional[int]) -> List[Tuple[str, Any, Launch]]:
+    """``(kind, kernel, launch)`` of every launch of ``batch_norm_act`` (or, with ``rows``,
+    ``batch_norm_act_from_partials``) at ``shape``, meta tensors, the GPU's picks."""
+    x = meta_tensor(shape, dtype)
+    n, c, hw = _check_input(x, "batch_norm_act")
+    count = n * hw
+    vec, f32 = meta_tensor((c,), dtype), meta_tensor((c,), torch.float32)
+    sdt = meta_tensor((c,), stats_dtype(dtype))
+    out: List[Tuple[str, Any, Launch]] = []
+    moments = None
+    if training and rows is None:
+        cfg = _reduce_config_gpu(count)
+        tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], None, AOT_TARGET_PROGRAMS)
+        moments = meta_tensor((3, tiles, c), torch.float32)
+        out.append(("stats", _bn_stats_kernel, _stats_launch(x, moments, per_tile, cfg)))
+    elif training:
+        moments = meta_tensor((3, rows, c), torch.float32)
+    if moments is not None:
+        plan = merge_plan(moments.shape[1])
+        for r, out_rows in zip(plan, plan[1:]):
+            dst = meta_tensor((3, out_rows, c), torch.float32)
+            out.append(("merge", _bn_merge_kernel, _merge_launch(moments, dst, r)))
+            moments = dst
+    w = vec if training else None
+    rm = None if training else vec
+    out.append(("finalize", _bn_finalize_kernel, _finalize_launch(
+        x, moments, count, w, w, rm, rm, training, AOT_EPS, sdt, sdt, f32, f32)))
+    out.append(("apply", _epilogue_kernel, _epilogue_launch(
+        x, None, f32, f32, x if fused else None, x, ACT_RELU6 if fused else ACT_NONE)))
+    return out
+
+
+def _aot_backward(shape: Tuple[int, ...], dtype: torch.dtype, activation: int, training: bool,
+                  mean_dtype: torch.dtype) -> List[Tuple[str, Any, Launch]]:
+    """``(kind, kernel, launch)`` of every launch of ``batch_norm_act_backward``."""
+    x = meta_tensor(shape, dtype)
+    n, c, hw = _check_input(x, "batch_norm_act_backward")
+    count = n * hw
+    vec, f32, mean = (meta_tensor((c,), t) for t in (dtype, torch.float32, mean_dtype))
+    cfg = _reduce_config_gpu(count)
+    tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], None, AOT_TARGET_PROGRAMS)
+    psg = meta_tensor((tiles, c), torch.float32)
+    return [
+        ("backward_stats", _bn_backward_stats_kernel,
+         _backward_stats_launch(x, x, x, mean, psg, psg, per_tile, activation, cfg)),
+        ("backward_finalize", _bn_backward_finalize_kernel,
+         _backward_finalize_launch(psg, psg, x, vec, mean, vec, vec, f32, f32, f32, count,
+                                   AOT_EPS, training)),
+        ("backward_apply", _bn_backward_apply_kernel,
+         _backward_apply_launch(x, x, x, mean, f32, f32, f32, x, activation, training)),
+    ]
+
+
+def _aot_call(kind: str, shape: Tuple[int, ...], dtype: torch.dtype, *flags: Any) -> None:
+    """The public launcher of an AOT call on CPU tensors (``flags``: ``_aot_forward``'s or
+    ``_aot_backward``'s after the dtype)."""
+    x = torch.empty(shape, dtype=dtype)
+    c = shape[1]
+    vec = torch.empty(c, dtype=dtype)
+    if kind == "forward":
+        training, fused, rows = flags
+        act, res = (ACT_RELU6, x) if fused else (ACT_NONE, None)
+        if rows is not None:
+            moments = torch.empty((3, rows, c), dtype=torch.float32)
+            batch_norm_act_from_partials(x, moments, x.numel() // c, vec, vec, AOT_EPS, res, act)
+        elif training:
+            batch_norm_act(x, vec, vec, None, None, True, AOT_EPS, res, act)
         else:
-            forward_stats = [(f32_stats, "_f32stats")]
-            backward_stats = [(f32, ""), (f32_stats, "_f32stats")]
-        for training in (True, False):
-            mode = "train" if training else "eval"
-            for over, sfx in forward_stats:
-                ce = dict(TRAINING=training, HAS_W=training, HAS_B=training,
-                          ROWS=MERGE_ROWS, BLOCK_C=MERGE_BLOCK_C)
-                cases.append(AotCase(f"bn_finalize_{tag}_{mode}{sfx}", _bn_finalize_kernel,
-                                     aot_signature(_bn_finalize_kernel, ptr, ce, over), ce,
-                                     MERGE_WARPS))
-            for over, sfx in backward_stats:
-                ce = dict(TRAINING=training, HAS_W=True, BLOCK_T=FINAL_BLOCK_T,
-                          BLOCK_C=FINAL_BLOCK_C)
-                cases.append(AotCase(
-                    f"bn_backward_finalize_{tag}_{mode}{sfx}", _bn_backward_finalize_kernel,
-                    aot_signature(_bn_backward_finalize_kernel, ptr, ce, over), ce, FINAL_WARPS))
-        # The normalise pass is the epilogue kernel, launched with the epilogue's configs.
-        for cfg in EPILOGUE_CONFIGS:
-            block, warps = cfg["BLOCK"], cfg["num_warps"]
-            for full in (False, True):
-                ce = dict(HAS_BIAS=False, HAS_SCALE=True, HAS_SHIFT=True, HAS_RES=full,
-                          ACT=ACT_RELU6 if full else ACT_NONE, BLOCK=block)
-                cases.append(AotCase(
-                    f"bn_apply_{tag}_b{block}_w{warps}_{'res_relu6' if full else 'plain'}",
-                    _epilogue_kernel, aot_signature(_epilogue_kernel, ptr, ce, f32), ce, warps))
-        for cfg in CONFIGS:
-            block, warps = cfg["BLOCK"], cfg["num_warps"]
-            suffix = f"{tag}_b{block}_w{warps}"
-            ce = dict(BLOCK=block)
-            cases.append(AotCase(f"bn_stats_{suffix}", _bn_stats_kernel,
-                                 aot_signature(_bn_stats_kernel, ptr, ce, f32), ce, warps))
-            for full in (False, True):
-                act = ACT_RELU6 if full else ACT_NONE
-                act_tag = "relu6" if full else "plain"
-                for over, sfx in backward_stats:
-                    ce = dict(ACT=act, BLOCK=block)
-                    cases.append(AotCase(
-                        f"bn_backward_stats_{suffix}_{act_tag}{sfx}", _bn_backward_stats_kernel,
-                        aot_signature(_bn_backward_stats_kernel, ptr, ce, over), ce, warps))
-                    for training in (True, False):
-                        ce = dict(ACT=act, TRAINING=training, BLOCK=block)
-                        cases.append(AotCase(
-                            f"bn_backward_apply_{suffix}_{act_tag}_"
-                            f"{'train' if training else 'eval'}{sfx}",
-                            _bn_backward_apply_kernel,
-                            aot_signature(_bn_backward_apply_kernel, ptr, ce, over), ce, warps))
-    return compilable(cases)
+            batch_norm_act(x, None, None, vec, vec, False, AOT_EPS, res, act)
+    else:
+        activation, training, mean_dtype = flags
+        mean = torch.empty(c, dtype=mean_dtype)
+        batch_norm_act_backward(x, x, x, vec, mean, mean, AOT_EPS, training, activation)
+
+
+def aot_cases() -> List[AotCase]:
+    """The binaries the launchers compile at ``AOT_FORWARD`` / ``AOT_BACKWARD``, specialised
+    exactly as triton's JIT specialises their launches (``launch_case`` on the launch
+    builders' argument lists, meta tensors of the real shapes, the reductions split for an
+    H100 as ``split_tiles`` does there): the merge-tree kernel (fp32 moments); per dtype the
+    statistics and backward kernels for every tuning entry, the finalize kernels in
+    training (with γ/β) and eval (without), the normalise pass (the epilogue kernel with
+    fp32 alpha/beta) without and with residual + relu6, and the backward's elementwise pass
+    in training/eval without and with relu6. The forward stores ``stats_dtype`` statistics
+    (fp32; ``*_f32stats`` for fp16/bf16); the backward kernels are compiled for fp32
+    statistics (``*_f32stats``) and for statistics in the input's dtype, which the backward
+    launcher also accepts. One case per name (kernel, dtype, tuning entry, flags): the
+    first call that reaches it; ``meta["call"]`` runs that call's launcher on CPU
+    tensors."""
+    cases: Dict[str, AotCase] = {}
+
+    def add(name: str, kernel: Any, launch: Launch, call: Any, shape: Tuple[int, ...]) -> None:
+        if name not in cases:
+            cases[name] = launch_case(name, kernel, launch, meta=dict(shape=shape, call=call))
+
+    for dtype in DTYPES:
+        tag = str(dtype).split(".")[-1]
+        f32sfx = "" if dtype == torch.float32 else "_f32stats"
+        for shape, training, fused, rows in AOT_FORWARD:
+            call = functools.partial(_aot_call, "forward", shape, dtype, training, fused, rows)
+            for kind, kernel, launch in _aot_forward(shape, dtype, training, fused, rows):
+                kw = launch[2]
+                if kind == "merge":
+                    name = "bn_merge"
+                elif kind == "stats":
+                    name = f"bn_stats_{tag}_b{kw['BLOCK']}_w{kw['num_warps']}"
+                elif kind == "finalize":
+                    name = f"bn_finalize_{tag}_{'train' if training else 'eval'}{f32sfx}"
+                else:
+                    name = (f"bn_apply_{tag}_b{kw['BLOCK']}_w{kw['num_warps']}_"
+                            f"{'res_relu6' if fused else 'plain'}")
+                add(name, kernel, launch, call, shape)
+        mean_dtypes = [torch.float32] + ([] if dtype == torch.float32 else [dtype])
+        for shape in AOT_BACKWARD:
+            for act in (ACT_NONE, ACT_RELU6):
+                for training in (True, False):
+                    for mean_dtype in mean_dtypes:
+                        sfx = f32sfx if mean_dtype == torch.float32 else ""
+                        call = functools.partial(_aot_call, "backward", shape, dtype, act,
+                                                 training, mean_dtype)
+                        act_tag = "relu6" if act else "plain"
+                        mode = "train" if training else "eval"
+                        for kind, kernel, launch in _aot_backward(shape, dtype, act, training,
+                                                                  mean_dtype):
+                            kw = launch[2]
+                            block = f"b{kw.get('BLOCK')}_w{kw['num_warps']}"
+                            name = {
+                                "backward_stats": f"bn_backward_stats_{tag}_{block}_{act_tag}{sfx}",
+                                "backward_finalize": f"bn_backward_finalize_{tag}_{mode}{sfx}",
+                                "backward_apply": (f"bn_backward_apply_{tag}_{block}_{act_tag}_"
+                                                   f"{mode}{sfx}"),
+                            }[kind]
+                            add(name, kernel, launch, call, shape)
+    return list(cases.values())
 
 
 __all__ = [

@@ -37,7 +37,9 @@ Accumulation is fp32 for every input dtype; outputs are in the input's dtype.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import functools
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -48,7 +50,6 @@ from slimops.kernels._aot import AotCase
 from slimops.kernels._common import (
     ACT_NONE,
     ACT_RELU6,
-    TRITON_PTR,
     check_device,
     check_int32,
     conv_geometry,
@@ -62,8 +63,9 @@ from slimops.kernels.epilogue import (
     _check_activation,
     _check_vector,
     _sum_combine,
-    aot_signature,
-    compilable,
+    AOT_TARGET_PROGRAMS,
+    launch_case,
+    meta_tensor,
     split_tiles,
 )
 
@@ -468,6 +470,39 @@ def _geometry(
     return n, c, h, w, ho, wo, weight.shape[2], weight.shape[3], spd
 
 
+def _forward_launch(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+    shift: Optional[Tensor], residual: Optional[Tensor], out: Tensor, moments: Optional[Tensor],
+    geo: Sequence[int], activation: int, t: Dict[str, int],
+) -> Tuple[Tuple[int, ...], Tuple[Any, ...], Dict[str, Any]]:
+    """``(grid, args, kwargs)`` of the forward's launch with tiling ``t``
+    (``_forward_tiling``): the launcher's, and the AOT cases', which pass meta tensors of
+    real shapes. ``out`` (and ``residual``) contiguous."""
+    n, c, h, w = input.shape
+    ho, wo = out.shape[2:]
+    kh, kw = weight.shape[2:]
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w = geo
+    grid = (n * c, t["strips"], t["row_groups"])
+    args = (
+        input, weight, input if bias is None else bias, input if scale is None else scale,
+        input if shift is None else shift, input if residual is None else residual, out,
+        out if moments is None else moments,
+        c, h, w, ho, wo, t["row_tiles"], t["tiles_per_prog"],
+        *input.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+        0 if bias is None else bias.stride(0), 0 if scale is None else scale.stride(0),
+        0 if shift is None else shift.stride(0),
+        stride_h, pad_h, dil_h,
+    )
+    kwargs = dict(
+        KH=kh, KW=kw, SW=stride_w, PW=pad_w, DW=dil_w,
+        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None, HAS_RES=residual is not None, ACT=activation,
+        V=t["V"], G=t["G"], ROWS=t["ROWS"], ALIGNED=t["ALIGNED"], OUT_V=t["OUT_V"],
+        STATS=moments is not None, num_warps=t["num_warps"],
+    )
+    return grid, args, kwargs
+
+
 def _forward(
     input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
     padding: Sequence[int], dilation: Sequence[int], scale: Optional[Tensor],
@@ -499,23 +534,9 @@ def _forward(
         moments = torch.empty((3, n * tiles, c), dtype=torch.float32, device=input.device)
     if out.numel() == 0:
         return out, moments
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w = geo
-    grid = (n * c, t["strips"], t["row_groups"])
-    traceable(_dw_forward_kernel)[grid](
-        input, weight, input if bias is None else bias, input if scale is None else scale,
-        input if shift is None else shift, input if residual is None else residual, out,
-        out if moments is None else moments,
-        c, h, w, ho, wo, t["row_tiles"], t["tiles_per_prog"],
-        *input.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
-        0 if bias is None else bias.stride(0), 0 if scale is None else scale.stride(0),
-        0 if shift is None else shift.stride(0),
-        stride_h, pad_h, dil_h,
-        KH=kh, KW=kw, SW=stride_w, PW=pad_w, DW=dil_w,
-        HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, HAS_RES=residual is not None, ACT=activation,
-        V=t["V"], G=t["G"], ROWS=t["ROWS"], ALIGNED=t["ALIGNED"], OUT_V=t["OUT_V"],
-        STATS=stats, num_warps=t["num_warps"],
-    )
+    grid, args, kwargs = _forward_launch(input, weight, bias, scale, shift, residual, out,
+                                         moments, geo, activation, t)
+    traceable(_dw_forward_kernel)[grid](*args, **kwargs)
     return out, moments
 
 
@@ -585,14 +606,24 @@ def depthwise_conv2d_backward_input(
     grad_input = torch.empty((n, c, h, w), dtype=grad_z.dtype, device=grad_z.device)
     if grad_input.numel() == 0:
         return grad_input
+    grid, args, kwargs = _backward_input_launch(grad_z, weight, grad_input, geo)
+    traceable(_dw_backward_input_kernel)[grid](*args, **kwargs)
+    return grad_input
+
+
+def _backward_input_launch(
+    grad_z: Tensor, weight: Tensor, grad_input: Tensor, geo: Sequence[int],
+) -> Tuple[Tuple[int, ...], Tuple[Any, ...], Dict[str, Any]]:
+    """``(grid, args, kwargs)`` of the input gradient's launch (contiguous ``grad_input``)."""
+    n, c, h, w = grad_input.shape
+    ho, wo = grad_z.shape[2:]
     cfg = _pick(h * w)
     grid = (n * c, triton.cdiv(h * w, cfg["BLOCK"]))
-    traceable(_dw_backward_input_kernel)[grid](
-        grad_z, weight, grad_input, c, h, w, ho, wo,
-        *grad_z.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *geo,
-        KH=kh, KW=kw, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
-    )
-    return grad_input
+    args = (grad_z, weight, grad_input, c, h, w, ho, wo,
+            *grad_z.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *geo)
+    kwargs = dict(KH=weight.shape[2], KW=weight.shape[3], BLOCK=cfg["BLOCK"],
+                  num_warps=cfg["num_warps"])
+    return grid, args, kwargs
 
 
 def depthwise_conv2d_backward_weight(
@@ -619,72 +650,171 @@ def depthwise_conv2d_backward_weight(
                 grad_z_image_span=image_span(grad_z), input_image_span=image_span(input))
     if total == 0:
         return grad_weight
-    cfg = _pick(ho * wo)
-    taps = _taps_p2(kh, kw)
-    pix = max(16, cfg["WTILE"] // taps)
-    num_tiles, per_tile = split_tiles(total, c, pix, input.device)
+    num_tiles, taps, pix, per_tile = _weight_split(grad_z, kh, kw, split_tiles)
     partials = torch.empty((num_tiles, c, taps), dtype=torch.float32, device=input.device)
-    traceable(_dw_weight_partials_kernel)[(num_tiles, c)](
-        grad_z, input, partials, c, h, w, ho, wo, total, per_tile,
-        *grad_z.stride(), *input.stride(), *geo,
-        KH=kh, KW=kw, TAPS=taps, PIX=pix, num_warps=cfg["num_warps"],
-    )
-    traceable(_dw_weight_reduce_kernel)[(c,)](
-        partials, grad_weight, c, num_tiles, grad_weight.stride(0), grad_weight.stride(2),
-        grad_weight.stride(3), KH=kh, KW=kw, TAPS=taps, BLOCK_T=REDUCE_BLOCK_T, num_warps=1,
-    )
+    for kernel, (grid, args, kwargs) in (
+        (_dw_weight_partials_kernel,
+         _weight_partials_launch(grad_z, input, partials, kh, kw, geo, pix, per_tile)),
+        (_dw_weight_reduce_kernel, _weight_reduce_launch(partials, grad_weight)),
+    ):
+        traceable(kernel)[grid](*args, **kwargs)
     return grad_weight
 
 
+def _weight_split(grad_z: Tensor, kh: int, kw: int, split: Any) -> Tuple[int, int, int, int]:
+    """``(num_tiles, taps, pix, per_tile)`` of the weight gradient: the partials' tiles
+    (``split(total, C, pix, device)``: ``split_tiles``, or the AOT cases' GPU split), the
+    taps padded to a power of two and the pixels per loop step."""
+    n, c, ho, wo = grad_z.shape
+    taps = _taps_p2(kh, kw)
+    pix = max(16, _pick(ho * wo)["WTILE"] // taps)
+    num_tiles, per_tile = split(n * ho * wo, c, pix, grad_z.device)
+    return num_tiles, taps, pix, per_tile
+
+
+def _weight_partials_launch(
+    grad_z: Tensor, input: Tensor, partials: Tensor, kh: int, kw: int, geo: Sequence[int],
+    pix: int, per_tile: int,
+) -> Tuple[Tuple[int, ...], Tuple[Any, ...], Dict[str, Any]]:
+    """``(grid, args, kwargs)`` of stage 1 of the weight gradient (fp32 ``partials``
+    ``[num_tiles, C, taps]``)."""
+    n, c, h, w = input.shape
+    ho, wo = grad_z.shape[2:]
+    num_tiles, _, taps = partials.shape
+    args = (grad_z, input, partials, c, h, w, ho, wo, n * ho * wo, per_tile,
+            *grad_z.stride(), *input.stride(), *geo)
+    kwargs = dict(KH=kh, KW=kw, TAPS=taps, PIX=pix, num_warps=_pick(ho * wo)["num_warps"])
+    return (num_tiles, c), args, kwargs
+
+
+def _weight_reduce_launch(
+    partials: Tensor, grad_weight: Tensor,
+) -> Tuple[Tuple[int, ...], Tuple[Any, ...], Dict[str, Any]]:
+    """``(grid, args, kwargs)`` of stage 2: the partials summed into ``grad_weight``."""
+    num_tiles, c, taps = partials.shape
+    args = (partials, grad_weight, c, num_tiles, grad_weight.stride(0), grad_weight.stride(2),
+            grad_weight.stride(3))
+    kwargs = dict(KH=grad_weight.shape[2], KW=grad_weight.shape[3], TAPS=taps,
+                  BLOCK_T=REDUCE_BLOCK_T, num_warps=1)
+    return (c,), args, kwargs
+
+
+# The shapes the AOT cases are built at: name -> (batch, C, H = W, stride), S-MobileNet v2
+# (width 1.0, 224x224) depthwise layers unless noted; each is compiled for 3x3 and 5x5
+# (``AOT_KERNEL_SIZES``, padding k // 2).
+AOT_SHAPES: Dict[str, Tuple[int, int, int, int]] = {
+    "56_s1": (32, 144, 56, 1),  # rows aligned: vector loads
+    "112_s2": (32, 96, 112, 2),  # aligned, stride 2
+    "7_s1": (32, 960, 7, 1),  # W = 7: not aligned, per-element loads
+    # not a MobileNet v2 shape (its stride-2 inputs are all even): an odd-width stride-2
+    # input, the unaligned stride-2 forward
+    "15_s2": (32, 96, 15, 2),
+    "56_s1_b1": (1, 144, 56, 1),  # batch 1 (inference): several row tiles per program
+    "112_s1": (32, 32, 112, 1),  # the first block's depthwise (input gradient entry 2)
+    # not a 224x224 shape: a 320x320 plane (a 640x640 input, as detection backbones take),
+    # the input gradient's and weight partials' largest entry (planes > 65536 pixels)
+    "320_s1": (1, 32, 320, 1),
+}
+# Forward: (shape, epilogue modes); the input gradient and the weight gradient (both
+# stages): one shape per tuning entry (``_pick`` by plane size: 7, 56, 112, 320).
+AOT_FORWARD = [("56_s1", ("plain", "full", "stats")), ("112_s2", ("plain", "full", "stats")),
+               ("7_s1", ("plain", "full", "stats")), ("15_s2", ("plain", "full", "stats")),
+               ("56_s1_b1", ("full",))]
+AOT_BACKWARD = ["7_s1", "56_s1", "112_s1", "320_s1"]
+
+
+def _aot_tensors(shape: str, k: int, dtype: torch.dtype, device: str) -> Tuple[Any, ...]:
+    """``(x, weight, vec, z, geo)`` of an AOT shape: input, full weight, a per-channel
+    vector, a tensor of the output's shape, the flat geometry."""
+    n, c, h, s = AOT_SHAPES[shape]
+    p = k // 2
+    ho = (h + 2 * p - k) // s + 1
+    return (torch.empty((n, c, h, h), dtype=dtype, device=device),
+            torch.empty((c, 1, k, k), dtype=dtype, device=device),
+            torch.empty((c,), dtype=dtype, device=device),
+            torch.empty((n, c, ho, ho), dtype=dtype, device=device), (s, s, p, p, 1, 1))
+
+
+def _aot_call(kind: str, shape: str, k: int, dtype: torch.dtype, mode: str) -> None:
+    """The public launcher of an AOT case, on CPU tensors."""
+    x, w, vec, z, geo = _aot_tensors(shape, k, dtype, "cpu")
+    s, p, d = geo[0:2], geo[2:4], geo[4:6]
+    if kind == "forward" and mode == "stats":
+        depthwise_conv2d_with_stats(x, w, vec, s, p, d)
+    elif kind == "forward":
+        full = mode == "full"
+        depthwise_conv2d(x, w, vec if full else None, s, p, d, vec if full else None,
+                         vec if full else None, z if full else None,
+                         ACT_RELU6 if full else ACT_NONE)
+    elif kind == "backward_input":
+        depthwise_conv2d_backward_input(z, w, list(x.shape), s, p, d)
+    else:
+        depthwise_conv2d_backward_weight(z, x, w, s, p, d)
+
+
 def aot_cases() -> List[AotCase]:
-    """Per dtype and kernel size (3x3, 5x5): the forward for strides 1 and 2, aligned
-    (vector loads, ``V`` = 16 bytes) and not (per-element loads), without epilogue, with the
-    full one (bias, scale, shift, residual, relu6) and with STATS (bias + statistics); per
-    configuration the input gradient and the weight-gradient partials; the weight-gradient
-    reduction."""
+    """The binaries the launchers compile at ``AOT_SHAPES``, specialised exactly as triton's
+    JIT specialises their launches (``launch_case`` on the launch builders' argument lists,
+    meta tensors of the real shapes; the weight gradient split for an H100, as
+    ``split_tiles`` does there): per dtype and kernel size (3x3, 5x5) the forward at
+    ``AOT_FORWARD`` (aligned and not, strides 1 and 2; without epilogue, with the full one
+    -- bias, scale, shift, residual, relu6 -- and with STATS), the input gradient and the
+    weight gradient's two stages at ``AOT_BACKWARD`` (every tuning entry). ``meta["call"]``
+    runs the launcher on CPU tensors."""
     cases: List[AotCase] = []
+
+    def split(total: int, c: int, block: int, device: Any) -> Tuple[int, int]:
+        return split_tiles(total, c, block, None, AOT_TARGET_PROGRAMS)
+
     for dtype in DTYPES:
-        ptr = TRITON_PTR[dtype]
         tag = str(dtype).split(".")[-1]
-        stats_ptrs = {"moments_ptr": "*fp32"}
         for k in AOT_KERNEL_SIZES:
-            taps = _taps_p2(k, k)
-            red = dict(KH=k, KW=k, TAPS=taps, BLOCK_T=REDUCE_BLOCK_T)
-            cases.append(AotCase(
-                f"dw_weight_reduce_{tag}_k{k}", _dw_weight_reduce_kernel,
-                aot_signature(_dw_weight_reduce_kernel, ptr, red, {"part_ptr": "*fp32"}), red, 1))
-            for stride in (1, 2):
-                for aligned in (True, False):
-                    v = VECTOR_BYTES // dtype.itemsize if aligned else MAX_UNALIGNED_V
-                    if aligned and k > 3:
-                        v = min(v, MAX_V_LARGE_KERNEL)
-                    for mode in ("plain", "full", "stats"):
-                        full = mode == "full"
-                        ce = dict(KH=k, KW=k, SW=stride, PW=k // 2, DW=1,
-                                  HAS_BIAS=mode != "plain", HAS_SCALE=full, HAS_SHIFT=full,
-                                  HAS_RES=full, ACT=ACT_RELU6 if full else ACT_NONE, V=v,
-                                  G=AOT_LANES_PER_ROW, ROWS=2 * 32 // AOT_LANES_PER_ROW,
-                                  ALIGNED=aligned, OUT_V=v if aligned else 1,
-                                  STATS=mode == "stats")
-                        cases.append(AotCase(
-                            f"dw_forward_{tag}_k{k}_s{stride}_"
-                            f"{'v' if aligned else 'u'}{v}_{mode}", _dw_forward_kernel,
-                            aot_signature(_dw_forward_kernel, ptr, ce, stats_ptrs), ce, 2))
-            for cfg in CONFIGS:
-                block, warps = cfg["BLOCK"], cfg["num_warps"]
-                suffix = f"{tag}_k{k}_b{block}_w{warps}"
-                ce = dict(KH=k, KW=k, BLOCK=block)
-                cases.append(AotCase(
+            for shape, modes in AOT_FORWARD:
+                x, w, vec, z, geo = _aot_tensors(shape, k, dtype, "meta")
+                t = _forward_tiling(x, z.shape[2], z.shape[3], k * k)
+                for mode in modes:
+                    full, stats = mode == "full", mode == "stats"
+                    moments = None
+                    if stats:
+                        moments = meta_tensor(
+                            (3, x.shape[0] * t["strips"] * t["row_tiles"], x.shape[1]),
+                            torch.float32)
+                    launch = _forward_launch(
+                        x, w, None if mode == "plain" else vec, vec if full else None,
+                        vec if full else None, z if full else None, z, moments, geo, ACT_RELU6 if full else ACT_NONE, t)
+                    cases.append(launch_case(
+                        f"dw_forward_{tag}_k{k}_s{geo[0]}_"
+                        f"{'v' if t['ALIGNED'] else 'u'}{t['V']}_{mode}"
+                        f"{'_b1' if shape.endswith('_b1') else ''}",
+                        _dw_forward_kernel, launch,
+                        meta=dict(kind="forward", shape=shape, k=k, dtype=dtype, mode=mode,
+                                  call=functools.partial(_aot_call, "forward", shape, k,
+                                                         dtype, mode))))
+            for shape in AOT_BACKWARD:
+                x, w, vec, z, geo = _aot_tensors(shape, k, dtype, "meta")
+                cfg = _pick(x.shape[2] * x.shape[3])
+                suffix = f"{tag}_k{k}_b{cfg['BLOCK']}_w{cfg['num_warps']}"
+                meta = dict(shape=shape, k=k, dtype=dtype, config=CONFIGS.index(cfg))
+                cases.append(launch_case(
                     f"dw_backward_input_{suffix}", _dw_backward_input_kernel,
-                    aot_signature(_dw_backward_input_kernel, ptr, ce), ce, warps))
-                pix = max(16, cfg["WTILE"] // taps)
-                ce = dict(KH=k, KW=k, TAPS=taps, PIX=pix)
-                cases.append(AotCase(
-                    f"dw_weight_partials_{tag}_k{k}_t{cfg['WTILE']}_w{warps}",
+                    _backward_input_launch(z, w, x, geo),
+                    meta=dict(meta, kind="backward_input", call=functools.partial(
+                        _aot_call, "backward_input", shape, k, dtype, ""))))
+                num_tiles, taps, pix, per_tile = _weight_split(z, k, k, split)
+                partials = meta_tensor((num_tiles, x.shape[1], taps), torch.float32)
+                call = functools.partial(_aot_call, "backward_weight", shape, k, dtype, "")
+                cfg = _pick(z.shape[2] * z.shape[3])
+                cases.append(launch_case(
+                    f"dw_weight_partials_{tag}_k{k}_t{cfg['WTILE']}_w{cfg['num_warps']}",
                     _dw_weight_partials_kernel,
-                    aot_signature(_dw_weight_partials_kernel, ptr, ce, {"part_ptr": "*fp32"}),
-                    ce, warps))
-    return compilable(cases)
+                    _weight_partials_launch(z, x, partials, k, k, geo, pix, per_tile),
+                    meta=dict(meta, kind="weight_partials", call=call)))
+                if shape == "56_s1":
+                    cases.append(launch_case(
+                        f"dw_weight_reduce_{tag}_k{k}", _dw_weight_reduce_kernel,
+                        _weight_reduce_launch(partials, w),
+                        meta=dict(meta, kind="weight_reduce", call=call)))
+    return cases
 
 
 __all__ = [

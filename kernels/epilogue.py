@@ -16,7 +16,8 @@ per-channel vectors are gathered (they stay in L1/L2). Every per-channel vector 
 through its stride, so it may be a view of a full-width parameter. Arithmetic is fp32
 whatever the storage dtype; the result is stored in the input's dtype.
 
-This module also holds the AOT-signature helper the other kernel modules share.
+This module also holds the AOT helpers the other kernel modules share (``compiled``,
+``launch_case``, ``meta_tensor``, ``split_tiles``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import types
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -36,7 +37,6 @@ from slimops.kernels._common import (
     ACT_NONE,
     ACT_RELU,
     ACT_RELU6,
-    TRITON_PTR,
     check_device,
     traceable,
 )
@@ -104,35 +104,6 @@ def compiled(kernel: Any) -> Any:
         twin.__kwdefaults__ = fn.__kwdefaults__
         _COMPILED[key] = JITFunction(twin)
     return _COMPILED[key]
-
-
-def compilable(cases: List[AotCase]) -> List[AotCase]:
-    """Give each of ``cases`` its kernel's compilable ``JITFunction`` twin (``compiled``), so
-    that an ``aot_cases()`` list compiles even when the tests run under the interpreter.
-    Returns ``cases`` (changed in place)."""
-    for case in cases:
-        case.fn = compiled(case.fn)
-    return cases
-
-
-def aot_signature(
-    fn: Any, ptr_type: str, constexprs: Mapping[str, Any], overrides: Optional[Dict[str, str]] = None
-) -> Dict[str, str]:
-    """The full triton signature of ``fn`` by naming convention: ``*_ptr`` arguments are
-    pointers of ``ptr_type``, meta-parameters ``constexpr``, anything else ``i32``;
-    ``overrides`` names the exceptions (fp32 work buffers, ``fp32`` scalars such as eps)."""
-    overrides = overrides or {}
-    sig: Dict[str, str] = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in overrides:
-            sig[name] = overrides[name]
-        elif name.endswith("_ptr"):
-            sig[name] = ptr_type
-        else:
-            sig[name] = "i32"
-    return sig
 
 
 @functools.lru_cache(maxsize=None)

@@ -291,7 +291,7 @@ def aot_cases() -> List[AotCase]:
                 c = CONFIGS[cfg]
                 name = (f"linear_gemm_{tag}{'_tf32' if tf32 else ''}_m{c['BLOCK_M']}"
                         f"n{c['BLOCK_N']}k{c['BLOCK_K']}_w{c['num_warps']}s{c['num_stages']}"
-                        f"{'_bias' if bias else ''}_{op}_b{batch}")
+                        f"{'_bias' if bias else ''}")
                 cases.append(launch_case(
                     name, _gemm_kernel, (grid, args, kwargs),
                     meta=dict(op=op, batch=batch, dtype=dtype, tf32=tf32, config=cfg,
