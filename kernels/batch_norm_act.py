@@ -192,7 +192,8 @@ def store_tile_moments(moments_ptr, row, num_rows, C, cols, col_mask, z, row_val
     # Second pass over the registers: deviations from the tile's own mean (no cancellation).
     d = tl.where(rv, zf - mean[None, :], 0.0)
     m2 = tl.reduce(d * d, 0, _sum_combine)
-    plane = num_rows.to(tl.int64) * C
+    # tl.cast, not .to(): the JIT passes an int argument equal to 1 as a Python constant.
+    plane = tl.cast(num_rows, tl.int64) * C
     offs = row.to(tl.int64) * C + cols
     tl.store(moments_ptr + offs, tl.full(mean.shape, 0.0, tl.float32) + n, mask=col_mask)
     tl.store(moments_ptr + plane + offs, mean, mask=col_mask)
@@ -206,7 +207,8 @@ def _load_moment_rows(src_ptr, first, rows, C, cs, cm, ROWS: tl.constexpr):
     r = first + tl.arange(0, ROWS)
     offs = r.to(tl.int64)[:, None] * C + cs[None, :]
     m = (r < rows)[:, None] & cm[None, :]
-    plane = rows.to(tl.int64) * C
+    # tl.cast, not .to(): the JIT passes an int argument equal to 1 as a Python constant.
+    plane = tl.cast(rows, tl.int64) * C
     n = tl.load(src_ptr + offs, mask=m, other=0.0)
     mean = tl.load(src_ptr + plane + offs, mask=m, other=0.0)
     m2 = tl.load(src_ptr + 2 * plane + offs, mask=m, other=0.0)
@@ -223,7 +225,8 @@ def _bn_merge_kernel(src_ptr, dst_ptr, C, rows, out_rows,
     cm = cs < C
     n, mean, m2 = _load_moment_rows(src_ptr, g * ROWS, rows, C, cs, cm, ROWS)
     n_t, mean_t, m2_t = _chan_merge_rows(n, mean, m2)
-    plane = out_rows.to(tl.int64) * C
+    # tl.cast, not .to(): the JIT passes an int argument equal to 1 as a Python constant.
+    plane = tl.cast(out_rows, tl.int64) * C
     offs = g.to(tl.int64) * C + cs
     tl.store(dst_ptr + offs, n_t, mask=cm)
     tl.store(dst_ptr + plane + offs, mean_t, mask=cm)
@@ -258,7 +261,8 @@ def _bn_stats_kernel(
         mean_acc = mean_acc + delta * (cnt / n_new)
         m2_acc = m2_acc + tl.reduce(d * d, 0, _sum_combine) + delta * delta * (n_acc * cnt / n_new)
         n_acc = n_new
-    plane = num_tiles.to(tl.int64) * C
+    # tl.cast, not .to(): the JIT passes an int argument equal to 1 as a Python constant.
+    plane = tl.cast(num_tiles, tl.int64) * C
     offs = t.to(tl.int64) * C + c
     tl.store(moments_ptr + offs, n_acc)
     tl.store(moments_ptr + plane + offs, mean_acc)

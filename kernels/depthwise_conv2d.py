@@ -88,7 +88,9 @@ VECTOR_BYTES = 16
 MAX_UNALIGNED_V = 4
 # Past 3x3 a lane's window (one input row segment) and taps get large: 8 outputs per lane of
 # a 5x5 at stride 2 needed all 255 registers and a stack (fp16, as AOT-compiled), 4 still
-# left the bf16 5x5 a stack slot on sm_90; 2 compiles every 5x5 case without.
+# left the bf16 5x5 a stack slot on sm_90; 2 compiles every 5x5 case without. Unaligned rows
+# take at most this many too: compiled as the JIT specialises a 7x7 plane (the AOT cases),
+# 4 per lane gave the fp16 5x5 with the full epilogue a 40-112 B stack on sm_90.
 MAX_V_LARGE_KERNEL = 2
 MAX_TILE_LANES = 128
 TARGET_PROGRAMS = 2048
@@ -120,7 +122,8 @@ def _forward_tiling(input: Tensor, ho: int, wo: int, taps: int = 9) -> Dict[str,
     dtype (at most ``MAX_V_LARGE_KERNEL`` past 3x3) for which ``ALIGNED`` holds: the input's W stride is 1 and W and its other strides
     are multiples of ``V``, so every ``V``-column chunk of an input row starts on a
     ``V``-element boundary and lies entirely inside or outside the row (one vector load per
-    chunk). Otherwise ``ALIGNED`` is False and ``V`` is ``MAX_UNALIGNED_V``: per-element
+    chunk). Otherwise ``ALIGNED`` is False and ``V`` is ``MAX_UNALIGNED_V`` (at most
+    ``MAX_V_LARGE_KERNEL`` past 3x3): per-element
     masks and scalar loads, each element still loaded once and reused by the lane's outputs.
     ``OUT_V``: the widest power of two <= ``V`` (1 when not aligned) dividing Wo: the width
     of the output stores and residual loads (a stride-2 output is half as wide as its
@@ -141,7 +144,7 @@ def _forward_tiling(input: Tensor, ho: int, wo: int, taps: int = 9) -> Dict[str,
         v //= 2
     aligned = v > 1
     if not aligned:
-        v = MAX_UNALIGNED_V
+        v = MAX_UNALIGNED_V if taps <= 9 else min(MAX_UNALIGNED_V, MAX_V_LARGE_KERNEL)
     out_v = v if aligned else 1
     while wo % out_v:
         out_v //= 2

@@ -263,3 +263,16 @@ def test_aot_cases_are_what_the_jit_builds_for_the_launchers(family, cases, monk
 
 def _constexpr_params(fn):
     return {p.name for p in fn.params if p.is_constexpr}
+
+
+def test_batch_norm_cases_reach_the_one_tile_specialisation(cases):
+    """With more channels than 4 x SMs (MobileNet v2's 576- and 960-channel layers on an
+    H100) a reduction has one tile per channel: ``num_tiles`` = 1, which the JIT passes as a
+    constant, and so is the finalize's ``num_rows``. The kernels did not compile that way
+    (``.to()`` on a Python int) until the cases were JIT-exact; these cases keep it
+    compiled (test_every_case_compiles_without_spills)."""
+    bn = cases["batch_norm_act"]
+    assert any(c.fn.fn.__name__ == "_bn_stats_kernel" and c.constexprs.get("num_tiles") == 1
+               for c in bn)
+    assert any(c.fn.fn.__name__ == "_bn_finalize_kernel" and c.constexprs.get("num_rows") == 1
+               for c in bn)

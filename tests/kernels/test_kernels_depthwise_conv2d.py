@@ -231,7 +231,7 @@ def test_bf16_compiles():
     # Compile-only: the interpreter's bf16 arithmetic is not the GPU's.
     names = ("dw_forward_bfloat16_k5_s2_v2_full", "dw_backward_input_bfloat16_k5_b128_w4",
              "dw_weight_partials_bfloat16_k5_t1024_w4", "dw_weight_reduce_bfloat16_k5",
-             "dw_forward_bfloat16_k5_s2_u4_stats")
+             "dw_forward_bfloat16_k5_s2_u2_stats")
     cases = {c.name: c for c in K.aot_cases()}
     for name in names:
         r = _aot.compile_case(cases[name], 90)
@@ -443,6 +443,8 @@ def test_forward_tiling_choices():
                                                   K.MAX_V_LARGE_KERNEL)
     t = K._forward_tiling(torch.empty(1, 4, 7, 7, device=DEVICE), 7, 7)
     assert (t["V"], t["ALIGNED"], t["OUT_V"]) == (K.MAX_UNALIGNED_V, False, 1)
+    t = K._forward_tiling(torch.empty(1, 4, 7, 7, device=DEVICE), 7, 7, 25)  # 5x5 unaligned
+    assert (t["V"], t["ALIGNED"], t["OUT_V"]) == (K.MAX_V_LARGE_KERNEL, False, 1)
     # channels-last strides: the W stride is not 1
     cl = torch.empty(1, 4, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
     assert not K._forward_tiling(cl, 8, 8)["ALIGNED"]
