@@ -66,6 +66,7 @@ from slimops.kernels.epilogue import (
     AOT_TARGET_PROGRAMS,
     launch_case,
     meta_tensor,
+    with_floors,
     split_tiles,
 )
 
@@ -724,6 +725,11 @@ AOT_FORWARD = [("56_s1", ("plain", "full", "stats")), ("112_s2", ("plain", "full
                ("7_s1", ("plain", "full", "stats")), ("15_s2", ("plain", "full", "stats")),
                ("56_s1_b1", ("full",))]
 AOT_BACKWARD = ["7_s1", "56_s1", "112_s1", "320_s1"]
+# Resident blocks per SM each kernel's AOT cases must keep (regression floors under the
+# JIT-exact figures of docs/GPU_KERNELS.md: forward 11-32, input gradient 4-32, partials
+# 5-25, reduction 32).
+AOT_MIN_OCCUPANCY = {"_dw_forward_kernel": 8, "_dw_backward_input_kernel": 4,
+                     "_dw_weight_partials_kernel": 4, "_dw_weight_reduce_kernel": 16}
 
 
 def _aot_tensors(shape: str, k: int, dtype: torch.dtype, device: str) -> Tuple[Any, ...]:
@@ -817,7 +823,7 @@ def aot_cases() -> List[AotCase]:
                         f"dw_weight_reduce_{tag}_k{k}", _dw_weight_reduce_kernel,
                         _weight_reduce_launch(partials, w),
                         meta=dict(meta, kind="weight_reduce", call=call)))
-    return cases
+    return with_floors(cases, AOT_MIN_OCCUPANCY)
 
 
 __all__ = [
