@@ -207,15 +207,17 @@ _FAMILY_KERNELS = {
 }
 
 
-def _gpu_choices(monkeypatch):
-    """The launchers' GPU picks (under the interpreter they pick small tiles and splits)."""
-    import torch
+def test_every_family_is_checked_against_the_jit():
+    assert set(_FAMILY_KERNELS) | {"conv2d"} == set(kernels.KERNEL_MODULE_NAMES)
 
+
+def _gpu_choices(monkeypatch):
+    """The launchers' GPU picks (under the interpreter they pick small tiles and splits;
+    split_tiles aims at an H100's programs, as the AOT cases do)."""
     from slimops.kernels import batch_norm_act, epilogue, linear
 
     monkeypatch.setattr(linear, "_pick", linear._pick_gpu)
-    if hasattr(batch_norm_act, "_reduce_config_gpu"):
-        monkeypatch.setattr(batch_norm_act, "_reduce_config", batch_norm_act._reduce_config_gpu)
+    monkeypatch.setattr(batch_norm_act, "_reduce_config", batch_norm_act._reduce_config_gpu)
     monkeypatch.setattr(epilogue, "_target_programs", lambda device: epilogue.AOT_TARGET_PROGRAMS)
 
 
