@@ -187,7 +187,9 @@ def test_every_launch_goes_through_wrap_triton():
     launches = [launch for path in sorted((ROOT / "kernels").glob("*.py"))
                 for launch in _launches(path)]
     assert [where for where, traced in launches if not traced] == []
-    assert len(launches) >= 16  # every kernel of every family (the check is not vacuous)
+    # Every launch site of every family (the check is not vacuous): 15 since the depthwise
+    # weight gradient's two stages launch from one loop over (kernel, grid, args).
+    assert len(launches) >= 15
 
 
 def test_traceable_wraps_kernels_only():
