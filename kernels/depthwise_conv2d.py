@@ -790,7 +790,8 @@ def aot_cases() -> List[AotCase]:
                             torch.float32)
                     launch = _forward_launch(
                         x, w, None if mode == "plain" else vec, vec if full else None,
-                        vec if full else None, z if full else None, z, moments, geo, ACT_RELU6 if full else ACT_NONE, t)
+                        vec if full else None, z if full else None, z, moments, geo,
+                        ACT_RELU6 if full else ACT_NONE, t)
                     cases.append(launch_case(
                         f"dw_forward_{tag}_k{k}_s{geo[0]}_"
                         f"{'v' if t['ALIGNED'] else 'u'}{t['V']}_{mode}"
