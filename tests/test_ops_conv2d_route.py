@@ -1,8 +1,8 @@
 """The conv passes' route between slimops' kernels and oneDNN (csrc/cpu/route.h).
 
-``SLIMOPS_CONV_ROUTE=onednn`` forces oneDNN wherever it applies (one group, float32), so its
-results are checked here against the reference at partial and full widths, with every part of
-the epilogue; ``auto`` (the default outside the test suite) measures both routes on the first
+``SLIMOPS_CONV_ROUTE=onednn`` forces oneDNN wherever it applies (float32), so its results are
+checked here against the reference at partial and full widths, with and without groups, with
+every part of the epilogue; ``auto`` (the default outside the test suite) measures both routes on the first
 call of each shape and keeps the faster; ``fixed`` (the suite's setting, tests/conftest.py)
 never measures. The oneDNN route copies the weight prefix for the forward and the input
 gradient at a partial width (as the reference style does), never for the weight gradient.
@@ -34,13 +34,13 @@ def _rounds():
     return torch.ops.slimops.conv2d_routes(False)[2]
 
 
-def _check(x, weight, o, stride, padding, dilation, epilogue, tol):
+def _check(x, weight, o, stride, padding, dilation, epilogue, tol, groups=1):
     """Forward and the three gradients of slimops.ops.conv2d against the reference."""
     def run(op):
         leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
         extra = {k: (v.detach().clone().requires_grad_() if v is not None else None)
                  for k, v in epilogue.items() if k != "activation"}
-        out = op(leaves[0], leaves[1], None, o, stride, padding, dilation, 1,
+        out = op(leaves[0], leaves[1], None, o, stride, padding, dilation, groups,
                  extra["scale"], extra["shift"], extra["residual"], epilogue["activation"])
         wanted = leaves + [v for v in extra.values() if v is not None]
         g = torch.linspace(-1, 1, out.numel()).view_as(out)
@@ -80,6 +80,55 @@ def test_onednn_route_matches_reference(case, with_epilogue, monkeypatch, tol):
         slimops.ops.conv2d(x, weight, None, o, s, p, d)
     assert "aten::convolution" in {e.name for e in prof.events()}, "oneDNN did not run"
     _check(x, weight, o, s, p, d, epilogue, tol)
+
+
+# (groups, I_full, O_full, i, o, kernel, stride, padding, dilation, H, W, N); the weight is
+# [O_full, I_full / groups, k, k] and group g uses rows g*O_full/groups + [0, o/groups).
+GROUPED_CASES = [
+    (2, 16, 24, 8, 12, 3, 1, 1, 1, 9, 11, 3),    # partial width: each group's block prefix
+    (4, 32, 32, 32, 32, 3, 2, 1, 1, 10, 9, 2),   # full width: the shared weight as is
+    (2, 16, 24, 16, 12, 1, 1, 0, 1, 7, 7, 2),    # full input width, partial output, 1x1
+    (3, 12, 18, 6, 9, 5, 1, 3, 2, 11, 10, 1),    # 5x5, dilation 2, padding over the reach
+]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=[f"g{c[0]}case{i}"
+                                                     for i, c in enumerate(GROUPED_CASES)])
+@pytest.mark.parametrize("with_epilogue", [False, True], ids=["plain", "epilogue"])
+def test_onednn_route_runs_grouped_convs(case, with_epilogue, monkeypatch, tol):
+    """Grouped convs take oneDNN's grouped convolution on the gathered block prefixes (the
+    reference style's F.conv2d(groups=G)); the weight gradient lands in each group's block."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
+    G, I, O, i, o, k, s, p, d, H, W, N = case
+    x = torch.randn(N, i, H, W)
+    weight = torch.randn(O, I // G, k, k)
+    Ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
+    Wo = (W + 2 * p - d * (k - 1) - 1) // s + 1
+    epilogue = dict(scale=None, shift=None, residual=None, activation=None)
+    if with_epilogue:
+        epilogue = dict(scale=torch.rand(o) + 0.5, shift=torch.randn(o),
+                        residual=torch.randn(N, o, Ho, Wo), activation="relu")
+    xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = slimops.ops.conv2d(xg, wg, None, o, s, p, d, G)
+        out.backward(torch.randn_like(out))
+    names = [e.name for e in prof.events()]
+    assert "aten::convolution" in names, "oneDNN did not run the forward"
+    assert "aten::convolution_backward" in names, "oneDNN did not run the gradients"
+    _check(x, weight, o, s, p, d, epilogue, tol, groups=G)
+
+
+def test_grouped_onednn_route_copies_no_weight_at_full_width(monkeypatch):
+    """At full width the grouped conv hands oneDNN the shared weight itself; at a partial
+    width it gathers the groups' block prefixes (the reference style's copy)."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
+    weight = torch.randn(24, 8, 3, 3)
+    for o, i, copied in ((24, 16, False), (12, 8, True)):
+        x = torch.randn(2, i, 9, 9)
+        shapes = conv_weight_shapes(weight.shape, 2, o, i)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            slimops.ops.conv2d(x, weight, None, o, 1, 1, 1, 2)
+        assert bool(weight_copies(prof, shapes)) == copied, (o, i)
 
 
 def test_auto_measures_each_pass_once_per_shape(monkeypatch, tol):
@@ -196,12 +245,10 @@ def test_onednn_route_copies_the_prefix_only_where_it_reads_the_weight(monkeypat
         g, x.detach(), weight.detach(), [1, 1], [1, 1], [1, 1], 1))
 
 
-@pytest.mark.parametrize("what", ["groups", "float64"])
-def test_onednn_route_skips_what_it_cannot_run(what, monkeypatch, tol):
-    """Grouped convs and float64 stay on the kernels even when oneDNN is forced."""
+def test_onednn_route_skips_what_it_cannot_run(monkeypatch, tol):
+    """float64 stays on the kernels even when oneDNN is forced."""
     monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
-    groups = 2 if what == "groups" else 1
-    dtype = torch.float64 if what == "float64" else torch.float32
+    groups, dtype = 2, torch.float64
     x = torch.randn(2, 8, 9, 9, dtype=dtype)
     weight = torch.randn(24, 8 // groups * 2, 3, 3, dtype=dtype)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -416,8 +416,8 @@ bool conv_onednn_enabled() {
 
 bool conv_direct_enabled();
 
-// Whether oneDNN can run the pass at all: one group, float32, the route enabled, and the
-// geometry inside 32-bit ranges. PyTorch's conv sizes its output in ways that break past
+// Whether oneDNN can run the pass at all: float32, the route enabled, and the geometry inside
+// 32-bit ranges. PyTorch's conv sizes its output in ways that break past
 // them (stride 2^63 - 1 with padding 2^31 - 1 gave an empty output where the formula gives
 // one row, and the epilogue then wrote through a null pointer; tests/fuzz_geometry.py), so
 // such geometry stays on slimops' kernels, whose 64-bit arithmetic is checked.
@@ -426,7 +426,7 @@ bool onednn_possible(const ConvGeometry& s, const at::Tensor& input) {
   for (int64_t v : {s.sh, s.sw, s.dh, s.dw, s.H + 2 * s.ph, s.W + 2 * s.pw}) {
     if (v > kMax) return false;
   }
-  return s.G == 1 && input.scalar_type() == at::kFloat && conv_onednn_enabled();
+  return input.scalar_type() == at::kFloat && conv_onednn_enabled();
 }
 
 // oneDNN's result must have the shape slimops' checked geometry gives (a guard behind
@@ -437,9 +437,10 @@ void check_onednn_shape(const at::Tensor& t, at::IntArrayRef expected, const cha
               "; set SLIMOPS_CONV_ROUTE=fixed to run this geometry on slimops' kernels");
 }
 
-// The fixed rule: oneDNN at full input width (3x3 always, pointwise from 14M multiply-adds).
+// The fixed rule: oneDNN where its weight is a view of the shared one (full input width; with
+// groups, also full output width), 3x3 always, pointwise from 14M multiply-adds.
 bool onednn_fixed(const ConvGeometry& s) {
-  if (s.ig != s.Ig) return false;
+  if (s.ig != s.Ig || (s.G > 1 && s.og != s.Og)) return false;
   if (!s.pointwise()) return true;
   return s.N * s.P() * s.C * s.O >= kOnednnPointwiseMacs;
 }
@@ -453,13 +454,19 @@ enum class Pass { kForward, kInputGrad, kWeightGrad, kBothGrads };
 RouteKey route_key(const ConvGeometry& s, Pass pass, int64_t epilogue) {
   return {static_cast<int64_t>(pass), s.N, s.C, s.H, s.W, s.O, s.Ig, s.kh, s.kw, s.sh, s.sw,
           s.ph, s.pw, s.dh, s.dw, epilogue, at::get_num_threads(),
-          static_cast<int64_t>(cpu_isa()), conv_direct_enabled() ? 1 : 0, 0, 0, 0, 0, 0};
+          static_cast<int64_t>(cpu_isa()), conv_direct_enabled() ? 1 : 0, s.G, 0, 0, 0, 0};
 }
 
-// The prefix W[:O, :ig] as oneDNN takes it: a view at full input width, else a copy.
+// The active weight [O, ig, kh, kw] as oneDNN takes it (contiguous): W[:O, :ig], or with
+// groups each group's block prefix W[g*Og : g*Og + og, :ig] stacked (the reference style's
+// gather). A view where that is the shared weight's own memory (full input width; with groups
+// also full output width), else a copy, as the reference style copies it on every call.
 at::Tensor onednn_weight(const at::Tensor& weight, const ConvGeometry& s) {
-  const at::Tensor w = weight.narrow(0, 0, s.O).narrow(1, 0, s.ig);
-  return w.is_contiguous() ? w : w.contiguous();
+  const at::Tensor w =
+      s.G == 1 ? weight.narrow(0, 0, s.O).narrow(1, 0, s.ig)
+               : weight.view({s.G, s.Og, s.Ig, s.kh, s.kw}).narrow(1, 0, s.og).narrow(2, 0, s.ig);
+  return w.is_contiguous() ? w.view({s.O, s.ig, s.kh, s.kw})
+                           : w.contiguous().view({s.O, s.ig, s.kh, s.kw});
 }
 
 // Group g of the conv as a direct-kernel problem (conv2d_direct.h): W[g*Og : g*Og + og, :ig]
@@ -560,8 +567,8 @@ at::Tensor conv2d_onednn(const at::Tensor& input, const at::Tensor& weight,
                    const ConvGeometry& s, const scalar_t* a, const scalar_t* t,
                    const scalar_t* rp, int64_t activation, bool has_epilogue) {
   // NCHW in, NCHW out (contiguous() is a no-op then; it only guards another layout).
-  at::Tensor out = at::convolution(input, onednn_weight(weight, s), c10::nullopt, {s.sh, s.sw}, {s.ph, s.pw},
-                                   {s.dh, s.dw}, false, {0, 0}, 1)
+  at::Tensor out = at::convolution(input, onednn_weight(weight, s), c10::nullopt, {s.sh, s.sw},
+                                   {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, s.G)
                        .contiguous();
   check_onednn_shape(out, {s.N, s.O, s.Ho, s.Wo}, "output");
   if (!has_epilogue) return out;
@@ -801,7 +808,7 @@ at::Tensor conv2d_backward_input_onednn(const ConvGeometry& s, const at::Tensor&
   const at::Tensor sizes_only = at::empty(input_size, grad_z.options());
   auto grads = at::convolution_backward(
       grad_z.contiguous(), sizes_only, onednn_weight(weight, s), c10::nullopt, {s.sh, s.sw},
-      {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1, {true, false, false});
+      {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, s.G, {true, false, false});
   check_onednn_shape(std::get<0>(grads), input_size, "input gradient");
   return std::get<0>(grads).contiguous();
 }
@@ -897,7 +904,8 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& in
 }
 
 // oneDNN's weight gradient [O, ig, kh, kw] written into the prefix of a full-size gradient,
-// row by row, the rest zeroed.
+// row by row, the rest zeroed. Output channel o = g*og + j is the weight's row g*Og + j (one
+// group: row o).
 at::Tensor full_size_weight_grad(const ConvGeometry& s, const at::Tensor& onednn_grad,
                                  const at::Tensor& weight) {
   const at::Tensor gw = onednn_grad.contiguous();
@@ -907,11 +915,17 @@ at::Tensor full_size_weight_grad(const ConvGeometry& s, const at::Tensor& onednn
   const int64_t row = s.ig * s.kernel_area(), ldw = s.weight_ld();
   const float* src = gw.data_ptr<float>();
   float* dst = grad_weight.data_ptr<float>();
-  for (int64_t o = 0; o < s.O; ++o) {
-    std::copy(src + o * row, src + (o + 1) * row, dst + o * ldw);
-    std::fill(dst + o * ldw + row, dst + (o + 1) * ldw, 0.0f);
+  for (int64_t r = 0; r < weight.size(0); ++r) {
+    const int64_t j = r % s.Og;
+    float* d = dst + r * ldw;
+    if (j < s.og) {
+      const float* from = src + ((r / s.Og) * s.og + j) * row;
+      std::copy(from, from + row, d);
+      std::fill(d + row, d + ldw, 0.0f);
+    } else {
+      std::fill(d, d + ldw, 0.0f);
+    }
   }
-  std::fill(dst + s.O * ldw, dst + grad_weight.numel(), 0.0f);
   return grad_weight;
 }
 
@@ -921,7 +935,7 @@ at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor
                                          const at::Tensor& x, const at::Tensor& weight) {
   const at::Tensor sizes_only = at::empty({s.O, s.ig, s.kh, s.kw}, weight.options());
   auto grads = at::convolution_backward(gz, x, sizes_only, c10::nullopt, {s.sh, s.sw},
-                                        {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, 1,
+                                        {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, s.G,
                                         {false, true, false});
   return full_size_weight_grad(s, std::get<1>(grads), weight);
 }
@@ -971,7 +985,7 @@ GradPair conv2d_backward_onednn(const ConvGeometry& s, const at::Tensor& gz, con
                                 const at::Tensor& weight) {
   auto grads = at::convolution_backward(gz, x, onednn_weight(weight, s), c10::nullopt,
                                         {s.sh, s.sw}, {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0},
-                                        1, {true, true, false});
+                                        s.G, {true, true, false});
   check_onednn_shape(std::get<0>(grads), x.sizes(), "input gradient");
   return {std::get<0>(grads).contiguous(), full_size_weight_grad(s, std::get<1>(grads), weight)};
 }
@@ -983,7 +997,6 @@ GradPair conv2d_backward_onednn(const ConvGeometry& s, const at::Tensor& gz, con
 // took 1.06x at [8, 64, 56, 56] 3x3 s1 and 1.00x at [8, 32, 112, 112] 3x3 s2. The pair is
 // routed as a pair (route.h): oneDNN's one call against the two backward passes on their
 // own routes (each of which may itself be oneDNN or the kernels), whichever measured faster.
-// A grouped conv has no oneDNN route: its two passes run apart, on slimops' kernels.
 GradPair conv2d_backward(const at::Tensor& grad_z, const at::Tensor& input,
                          const at::Tensor& weight, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -1002,8 +1015,7 @@ GradPair conv2d_backward(const at::Tensor& grad_z, const at::Tensor& input,
     return route_cache().best(route_key(s, Pass::kInputGrad, 0)) +
            route_cache().best(route_key(s, Pass::kWeightGrad, 0));
   };
-  // Dense copies for oneDNN only, inside its route: a grouped conv (no oneDNN route) or a
-  // pair on the passes apart takes none.
+  // Dense copies for oneDNN only, inside its route: a pair on the passes apart takes none.
   return run_routed<GradPair>(
       route_key(s, Pass::kBothGrads, 0), onednn_possible(s, input), 2 * conv_macs(s),
       onednn_fixed(s),
