@@ -5,6 +5,7 @@
     python bench/matrix.py --busy --repeat 3   # three passes over the cells: medians, ranges
     SLIMOPS_CPU_ISA=avx2 python bench/matrix.py   # the AVX2 kernels on an AVX-512 machine
     python bench/matrix.py --quick --cells train  # a smoke run of the training cells
+    python bench/matrix.py --cells sweep --sweep-count 100 --sweep-seed 1  # random conv shapes
 
 A cell is one workload: a training step of Algorithm 1 (``slimops.train.slimmable_step``: all
 four widths, forward + cross-entropy + backward each, one SGD step), one eval forward of a model
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -62,7 +64,12 @@ from slimops._table import markdown_table  # noqa: E402
 from slimops.apps.demo import demo_model  # noqa: E402
 from slimops.export import torchscript_widths  # noqa: E402
 from slimops.models import s_mobilenet_v1, s_mobilenet_v2, s_resnet50  # noqa: E402
-from slimops.nn import SlimConvBNAct, SlimmableLinear, SwitchableBatchNorm2d  # noqa: E402
+from slimops.nn import (  # noqa: E402
+    SlimConvBNAct,
+    SlimmableConv2d,
+    SlimmableLinear,
+    SwitchableBatchNorm2d,
+)
 from slimops.train import slimmable_step  # noqa: E402
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
@@ -208,10 +215,126 @@ def _op_cells(budget_s: float, quick: bool) -> List[Cell]:
     return cells
 
 
-def build_cells(which: str, quick: bool) -> List[Cell]:
+# The random sweep (--cells sweep): conv-family layers of every kind at geometries no model cell
+# reaches. Why: the kernels must not lose to the reference style on *any* shape, and a fixed
+# list of model layers cannot show that; a seeded sample of odd sizes, kernels, strides,
+# dilations, groups, batches and widths found fixed-group convs 1.2-10x slower than the
+# reference (they had no oneDNN route) that no model cell of this matrix exercised.
+SWEEP_KINDS = ("dense", "dense", "pointwise", "depthwise", "grouped", "conv-only")
+SWEEP_MAX_INPUT = 2_000_000  # elements of one input batch: a cell stays well under a second
+
+
+def sweep_geometries(seed: int, count: int) -> List[Dict[str, object]]:
+    """``count`` layer geometries drawn with ``random.Random(seed)`` (the same list for the
+    same arguments, on any machine). Keys: kind (dense, pointwise, depthwise, grouped: conv
+    + switchable BN + ReLU; conv-only: a biased ``SlimmableConv2d``), k, stride, dilation,
+    cin, cout (full channels), groups, side (input H = W), batch, width, mode (eval or
+    train). Geometries whose output would be empty are not drawn."""
+    rng = random.Random(seed)
+    out: List[Dict[str, object]] = []
+    while len(out) < count:
+        kind = rng.choice(SWEEP_KINDS)
+        k = 1 if kind == "pointwise" else rng.choice([1, 3, 3, 5, 7])
+        stride = rng.choice([1, 1, 2, 3]) if k > 1 else rng.choice([1, 1, 2])
+        dilation = rng.choice([1, 1, 2]) if k > 1 else 1
+        cin = rng.choice([3, 8, 16, 24, 32, 64, 96, 128, 256, 512])
+        cout = rng.choice([8, 16, 24, 32, 64, 96, 128, 256, 512])
+        groups = 1
+        if kind == "depthwise":
+            cin = cout = max(cin, 8)
+            groups = cin
+        elif kind == "grouped":
+            groups, cin, cout = rng.choice([2, 4]), max(cin, 32), max(cout, 32)
+        side = rng.choice([3, 4, 7, 8, 13, 14, 28, 32, 56, 57])
+        side = min(side, max(3, int((300_000 / cin) ** 0.5)))
+        batch = rng.choice([1, 1, 2, 8, 32])
+        if batch * cin * side * side > SWEEP_MAX_INPUT:
+            batch = 1
+        width, mode = rng.choice(WIDTHS), rng.choice(["eval", "train"])
+        reach = dilation * (k - 1) + 1
+        out_side = (side + 2 * (reach // 2) - reach) // stride + 1  # "same" padding
+        # an empty output, or one value per channel in training (batch norm rejects it)
+        if out_side < 1 or (mode == "train" and kind != "conv-only"
+                            and batch * out_side * out_side < 2):
+            continue
+        out.append(dict(kind=kind, k=k, stride=stride, dilation=dilation, cin=cin, cout=cout,
+                        groups=groups, side=side, batch=batch, width=width, mode=mode))
+    return out
+
+
+def _sweep_channels(c: int) -> List[int]:
+    return slimops.channels(c, WIDTHS, divisor=8 if c >= 16 else 1)
+
+
+def sweep_layer(g: Dict[str, object]) -> nn.Module:
+    """The slimmable layer of one sweep geometry (padding: "same" at stride 1)."""
+    k, d, groups = int(g["k"]), int(g["dilation"]), int(g["groups"])
+    cin, cout = _sweep_channels(int(g["cin"])), _sweep_channels(int(g["cout"]))
+    if g["kind"] == "depthwise":
+        cout = cin
+        groups = max(cin)
+    elif g["kind"] == "grouped":
+        # every width's channel count a multiple of the groups (the layer requires it)
+        cin = [max(groups, c - c % groups) for c in cin]
+        cout = [max(groups, c - c % groups) for c in cout]
+    if g["kind"] == "conv-only":
+        return SlimmableConv2d(cin, cout, k, int(g["stride"]), d * (k - 1) // 2, d,
+                               widths=WIDTHS)
+    return SlimConvBNAct(cin, cout, k, int(g["stride"]), dilation=d, groups=groups,
+                         widths=WIDTHS)
+
+
+def sweep_name(g: Dict[str, object]) -> str:
+    return (f"sweep {g['mode']} {g['kind']} {g['k']}x{g['k']} s{g['stride']} d{g['dilation']}"
+            f" g{g['groups']} {g['cin']}->{g['cout']} {g['side']}x{g['side']} b{g['batch']}"
+            f" {g['width']:g}x")
+
+
+def _sweep_cells(seed: int, count: int, budget_s: float) -> List[Cell]:
+    """One cell per geometry of ``sweep_geometries(seed, count)``: slimops vs the reference
+    style on the same layer (shared Parameters), eval forward or training forward +
+    backward, at the geometry's width and batch."""
+    cells = []
+    for g in sweep_geometries(seed, count):
+        torch.manual_seed(0)
+        layer = sweep_layer(g)
+        ref = reference_style(layer)
+        w = float(g["width"])  # type: ignore[arg-type]
+        conv = layer.conv if isinstance(layer, SlimConvBNAct) else layer
+        with slimops.width(layer, w):
+            cin = conv.active_channels()[0]
+        side = int(g["side"])
+        x = torch.randn(int(g["batch"]), cin, side, side, requires_grad=g["mode"] == "train")
+
+        def run(net: nn.Module, x: torch.Tensor = x, w: float = w,
+                mode: object = g["mode"]) -> Callable[[], object]:
+            def call() -> object:
+                if mode == "eval":
+                    net.eval()
+                    with torch.inference_mode(), slimops.width(net, w):
+                        return net(x)
+                net.train()
+                with slimops.width(net, w):
+                    y = net(x)
+                y.backward(torch.ones_like(y))
+                return y
+            return call
+
+        cell = Cell(sweep_name(g), {"slimops": run(layer), "reference": run(ref)}, budget_s)
+        # past a conv pass's first route measurements (its 1st and 17th calls, route.h), so
+        # the cell times the route the op settled on, not the measuring
+        cell.warmups = 20
+        cells.append(cell)
+    return cells
+
+
+def build_cells(which: str, quick: bool, sweep: Tuple[int, int] = (0, 40)) -> List[Cell]:
     torch.manual_seed(0)
     budget = 0.5 if quick else 4.0
     cells: List[Cell] = []
+    if which == "sweep":  # not part of "all": a separate question (any shape, not the models)
+        seed, count = sweep
+        return _sweep_cells(seed, 6 if quick else count, budget / 16)
     if which in ("train", "all"):
         cells.append(_train_cell("train digits-cnn 8x8 b64", demo_model(WIDTHS),
                                  torch.randn(64, 1, 8, 8), 10, budget))
@@ -317,9 +440,16 @@ def report(cells: Sequence[Cell], header: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cells", choices=("train", "ops", "eval", "resnet", "all"), default="all",
+    p.add_argument("--cells", choices=("train", "ops", "eval", "resnet", "sweep", "all"),
+                   default="all",
                    help="resnet: S-ResNet-50 at 224 (eval b1 per width, a training step at "
-                        "batch 8; ~2 min), part of all")
+                        "batch 8; ~2 min), part of all; sweep: --sweep-count random conv "
+                        "layer geometries (kinds, kernels, strides, dilations, groups, odd "
+                        "sizes, batches, widths; eval or training), not part of all")
+    p.add_argument("--sweep-count", type=int, default=40, metavar="N",
+                   help="with --cells sweep: how many geometries (default 40, ~1 min)")
+    p.add_argument("--sweep-seed", type=int, default=0, metavar="S",
+                   help="with --cells sweep: the sample's seed (the same list on any machine)")
     p.add_argument("--quick", action="store_true", help="small shapes, short budgets (smoke)")
     p.add_argument("--busy", action="store_true",
                    help="keep one core busy with another process while timing")
@@ -348,7 +478,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{'one core busy (another process spinning)' if args.busy else 'idle'}, "
               f"allocator: {alloc}, torch {torch.__version__}"
               + (f", {args.repeat} passes over the cells (medians)" if args.repeat > 1 else ""))
-    cells = build_cells(args.cells, args.quick)
+    cells = (build_cells(args.cells, args.quick, sweep=(args.sweep_seed, args.sweep_count))
+             if args.cells == "sweep" else build_cells(args.cells, args.quick))
     spinner = subprocess.Popen(["sh", "-c", "while :; do :; done"]) if args.busy else None
     try:
         for _ in range(args.repeat):  # whole passes, so that each cell's passes are minutes apart

@@ -149,3 +149,43 @@ def test_cli_forwards_repeat(monkeypatch):
     monkeypatch.setitem(sys.modules, "matrix", matrix)
     main(["bench", "--matrix", "--quick", "--repeat", "2"])
     assert seen and seen[0][-2:] == ["--repeat", "2"]
+
+
+def test_sweep_geometries_are_seeded_valid_and_cover_every_kind():
+    geoms = matrix.sweep_geometries(3, 80)
+    assert geoms == matrix.sweep_geometries(3, 80)  # the same sample on any machine
+    assert geoms != matrix.sweep_geometries(4, 80)
+    assert {g["kind"] for g in geoms} == set(matrix.SWEEP_KINDS)
+    assert {g["mode"] for g in geoms} == {"eval", "train"}
+    for g in geoms:
+        reach = g["dilation"] * (g["k"] - 1) + 1
+        out_side = (g["side"] + 2 * (reach // 2) - reach) // g["stride"] + 1
+        assert out_side >= 1
+        assert g["batch"] * g["cin"] * g["side"] ** 2 <= matrix.SWEEP_MAX_INPUT
+        if g["mode"] == "train" and g["kind"] != "conv-only":
+            assert g["batch"] * out_side ** 2 >= 2  # batch norm needs two values a channel
+
+
+def test_sweep_cells_run_slimops_and_the_reference_on_one_layer():
+    """Each sweep cell's two variants compute the same thing on the same Parameters (eval
+    output; in training the output and the weight gradient both accumulate)."""
+    cells = matrix.build_cells("sweep", quick=False, sweep=(5, 12))
+    assert len(cells) == 12
+    assert [c.name for c in cells] == [matrix.sweep_name(g)
+                                       for g in matrix.sweep_geometries(5, 12)]
+    for c in cells:
+        assert set(c.variants) == {"slimops", "reference"} and c.warmups == 20
+        out, ref = c.variants["slimops"](), c.variants["reference"]()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{c.name}: {m}")
+    assert len(matrix.build_cells("sweep", quick=True)) == 6
+
+
+def test_cli_forwards_the_sweep_choice(capsys, monkeypatch):
+    asked = []
+    monkeypatch.setattr(matrix, "build_cells",
+                        lambda which, quick, **kw: asked.append((which, kw))
+                        or [_cell("toy", 0.0, 0.0)])
+    monkeypatch.setitem(sys.modules, "matrix", matrix)
+    main(["bench", "--matrix", "--quick", "--cells", "sweep"])
+    assert asked == [("sweep", {"sweep": (0, 40)})]

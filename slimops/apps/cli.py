@@ -862,9 +862,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "interleaved; ratios as a Markdown table)")
     bench.add_argument("--busy", action="store_true",
                        help="with --matrix: keep one core busy with another process")
-    bench.add_argument("--cells", choices=("train", "ops", "eval", "resnet", "all"),
+    bench.add_argument("--cells", choices=("train", "ops", "eval", "resnet", "sweep", "all"),
                        help="with --matrix: which cells (default all; resnet: S-ResNet-50 at "
-                       "224, eval b1 per width and a batch-8 training step, ~1 min more)")
+                       "224, eval b1 per width and a batch-8 training step, ~1 min more; "
+                       "sweep: 40 random conv layer geometries, not part of all)")
     bench.add_argument("--guard", action="store_true",
                        help="with --matrix: exit 1 if slimops is slower than the reference "
                        "style in any cell")
