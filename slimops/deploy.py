@@ -133,13 +133,22 @@ class LatencyTable:
     def measure(cls, model: nn.Module, input_shape: Sequence[int] = (1, 3, 224, 224),
                 widths: Optional[Sequence[float]] = None, warmup: int = 3, repeats: int = 20,
                 threads: Optional[int] = None,
-                timer: Callable[[], float] = time.perf_counter) -> "LatencyTable":
+                timer: Callable[[], float] = time.perf_counter,
+                frozen: bool = False) -> "LatencyTable":
         """Time ``model`` at each width (default: its listed widths) on a random input.
 
         Each width runs in eval mode under ``torch.inference_mode`` inside
         ``slimops.width(model, w)`` (this thread only: the model's default width and
         train/eval mode are left as they were): ``warmup`` untimed runs, then ``repeats``
         timed ones; the entry holds their median and 90th percentile.
+
+        ``frozen=True`` times the deployment instead of the eager model: the module
+        ``slimops.export.torchscript_widths(model, x, widths, freeze=True)`` builds (every
+        width's BN folded, slimops ops with no Python between them: the fastest CPU
+        inference, see that function), called as ``deployed(x, w)``. Pick a width from the
+        table of what will run: on a 2-core Zen 3 the eager S-MobileNet v2 at 224 took
+        1.1-1.4x the frozen module's time (docs/BENCHMARKS.md). ``meta["deployment"]`` says
+        which was timed.
 
         Args:
             input_shape: the input's shape; the latency is for the whole batch.
@@ -169,12 +178,19 @@ class LatencyTable:
             if threads is not None:
                 torch.set_num_threads(threads)
             model.eval()
+            deployed = None
+            if frozen:
+                from slimops.export import torchscript_widths  # TorchScript: only when asked
+
+                deployed = torchscript_widths(model, x, ws, freeze=True)
             with torch.inference_mode():
                 for w in ws:
                     with width(model, w):
+                        run = ((lambda: model(x)) if deployed is None
+                               else (lambda w=w: deployed(x, w)))
                         # CUDA: synchronised around each timed run (a GPU forward returns
                         # before it has run)
-                        times = time_calls(lambda: model(x), repeats, warmup, device=x.device,
+                        times = time_calls(run, repeats, warmup, device=x.device,
                                            clock=timer, scale=1e3)
                     stats = summarize(times)
                     entries.append(LatencyEntry(w, stats.median, stats.p90))
@@ -187,6 +203,7 @@ class LatencyTable:
         info = backend_info()
         meta = {
             "model": type(model).__name__,
+            "deployment": "frozen TorchScript" if frozen else "eager",
             "input_shape": list(shape),
             "threads": used_threads,
             "warmup": warmup,
@@ -353,8 +370,9 @@ class LatencyTable:
         lines = text_table(header, rows).split("\n")
         m = self.meta
         if m:
-            desc = ", ".join(f"{k} {m[k]}" for k in ("model", "input_shape", "threads", "cpu_isa",
-                                                     "torch", "measured_at") if k in m)
+            desc = ", ".join(f"{k} {m[k]}" for k in ("model", "deployment", "input_shape", "threads",
+                                                     "cpu_isa", "torch", "measured_at")
+                             if k in m)
             lines.insert(0, f"latency table ({desc})")
         return "\n".join(lines)
 

@@ -3,6 +3,7 @@ widths on one model. No timing asserts: tables come from dicts or a fake clock."
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import math
@@ -212,6 +213,45 @@ def test_timed_region_waits_for_a_cuda_device(monkeypatch):
     LatencyTable.measure(slim_cnn(), (1, 3, 16, 16), widths=[1.0], repeats=2, warmup=1,
                          timer=lambda: (log.append("clock"), clock())[1])
     assert log == ["fwd"] + ["sync", "clock", "fwd", "sync", "clock"] * 2
+
+
+def test_measure_frozen_times_the_deployed_module(monkeypatch):
+    """frozen=True times torchscript_widths(..., freeze=True) called as deployed(x, w), once
+    built for all the widths, and leaves the model as it was."""
+    export = importlib.import_module("slimops.export")  # slimops.export is also a function
+    built, calls = [], []
+    real = export.torchscript_widths
+
+    def recording(model, x, widths, freeze=False):
+        module = real(model, x, widths, freeze=freeze)
+        built.append((tuple(widths), freeze))
+
+        def deployed(inp, w):
+            calls.append(w)
+            return module(inp, w)
+        return deployed
+
+    monkeypatch.setattr(export, "torchscript_widths", recording)
+    model = slim_cnn().train()
+    t = LatencyTable.measure(model, (1, 3, 16, 16), widths=[0.25, 1.0], repeats=2, warmup=1,
+                             timer=_fake_clock(), frozen=True)
+    assert built == [((0.25, 1.0), True)]
+    assert calls == [0.25] * 3 + [1.0] * 3  # warm-up + timed runs, through the module
+    assert t.widths == (0.25, 1.0) and t.meta["deployment"] == "frozen TorchScript"
+    assert "deployment frozen TorchScript" in t.format()
+    assert model.training
+    eager = LatencyTable.measure(model, (1, 3, 16, 16), widths=[1.0], repeats=1, warmup=0,
+                                 timer=_fake_clock())
+    assert eager.meta["deployment"] == "eager" and len(built) == 1
+
+
+def test_cli_pick_width_frozen(capsys):
+    rc = main(["pick-width", "slim_cnn", "--budget-ms", "1000", "--input-size", "1", "3", "16",
+               "16", "--repeats", "2", "--frozen"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "measuring frozen TorchScript of slim_cnn" in out
+    assert "deployment frozen TorchScript" in out and "-> width 1x" in out
 
 
 def test_measure_real_clock_positive_and_subset_of_widths():

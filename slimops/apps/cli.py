@@ -649,9 +649,11 @@ def _pick_width(args: argparse.Namespace) -> int:
             print("pick-width: --device cuda but no CUDA device is available", file=sys.stderr)
             return 2
         model = MODELS[args.model]().to(device)
-        print(f"measuring {args.model} on {device}, input {tuple(args.input_size)}, "
+        what = "frozen TorchScript of " if args.frozen else ""
+        print(f"measuring {what}{args.model} on {device}, input {tuple(args.input_size)}, "
               f"{args.repeats} runs per width ...", flush=True)
-        table = LatencyTable.measure(model, tuple(args.input_size), repeats=args.repeats)
+        table = LatencyTable.measure(model, tuple(args.input_size), repeats=args.repeats,
+                                     frozen=args.frozen)
         table.meta["model_name"] = args.model  # what a later --table run checks
     print(table.format(args.budget_ms))
     if args.save:
@@ -903,6 +905,10 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--save", metavar="JSON", type=_new_file, help="save the table as JSON")
     pick.add_argument("--device", type=_device_arg, default="cpu",
                       help="where to measure: cpu (default) or cuda (synchronised timings)")
+    pick.add_argument("--frozen", action="store_true",
+                      help="time the frozen TorchScript deployment (slimops.export."
+                      "torchscript_widths(..., freeze=True), the fastest CPU inference) "
+                      "instead of the eager model: pick from what will run")
     pick.set_defaults(func=_pick_width)
     return parser
 
