@@ -60,6 +60,7 @@ CASES = [
     (32, 32, 20, 32, 1, 1, 0, 1, 15, 15, 4),   # partial pointwise
     (8, 8, 5, 7, 3, 2, 2, 2, 11, 12, 2),       # stride, padding and dilation 2
     (12, 12, 7, 5, 5, 1, 3, 1, 7, 6, 1),       # 5x5, padding over the kernel's reach
+    (8, 16, 8, 16, 3, 1, 1, 1, 6, 7, 2),       # full width: oneDNN's weight gradient as is
 ]
 
 
