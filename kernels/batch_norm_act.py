@@ -85,12 +85,12 @@ from slimops.kernels.epilogue import (
     _epilogue_kernel,
     _epilogue_launch,
     _flat_block,
-    AOT_TARGET_PROGRAMS,
     epilogue,
     launch_case,
     meta_tensor,
     with_floors,
     flat_launch,
+    _sm_count,
     pick_config,
     split_tiles,
 )
@@ -104,7 +104,7 @@ CONFIGS: List[Dict[str, int]] = [
 ]
 
 # The backward's finalize: [FINAL_BLOCK_T, FINAL_BLOCK_C] partials per loop step (its
-# partial rows are split_tiles' tiles, at most 4 waves of programs / C, not per batch).
+# partial rows are reduction_split's tiles: at most MERGE_ROWS, whatever the batch).
 FINAL_BLOCK_T = 8
 FINAL_BLOCK_C = 64
 FINAL_WARPS = 2
@@ -118,6 +118,47 @@ MERGE_WARPS = 4
 # The old finalize (before the tree) walked every partial row serially, FINAL_BLOCK_T rows
 # per loop step; kept as a constant for serial_finalize_iterations (the before figure).
 _SERIAL_ROWS_PER_STEP = 8
+
+
+# Resident blocks per SM of the two reductions' binaries (``_bn_stats_kernel``,
+# ``_bn_backward_stats_kernel``) per CONFIGS entry (BLOCK, num_warps): the AOT figures on
+# sm_80 and sm_90 (docs/GPU_KERNELS.md). They take at most 32 registers, so the 2048 threads
+# of an SM decide: 16 blocks of 4 warps, 8 of 8. tests/kernels/test_aot.py holds every
+# compiled case of the two kernels to at least this figure.
+REDUCE_BLOCKS_PER_SM: Dict[Tuple[int, int], int] = {(128, 4): 16, (512, 4): 16, (1024, 8): 8}
+
+# The SMs of the GPU the AOT cases split the reductions for: an H100 SXM's 132 (an A100 has
+# 108), as ``epilogue.AOT_TARGET_PROGRAMS`` (4 x 132) counts them.
+AOT_SMS = 132
+
+
+def _device_sms(device: Optional[torch.device]) -> int:
+    """The SM count of ``device``'s GPU (``torch.cuda.get_device_properties``); 0 off the GPU
+    (the interpreter)."""
+    if device is not None and device.type == "cuda":
+        return _sm_count(device.index if device.index is not None
+                         else torch.cuda.current_device())
+    return 0
+
+
+def reduction_split(count: int, channels: int, cfg: Dict[str, int],
+                    sms: int) -> Tuple[int, int]:
+    """``(num_tiles, per_tile)`` of a per-channel reduction over ``count`` values
+    (``_bn_stats_kernel``, ``_bn_backward_stats_kernel``: grid ``(num_tiles, channels)``,
+    each program looping over ``per_tile / BLOCK`` blocks) on a GPU of ``sms`` SMs.
+
+    Enough programs for every SM to hold as many as the compiled binary allows
+    (``sms * REDUCE_BLOCKS_PER_SM``: one full wave of resident blocks), but at most
+    ``MERGE_ROWS`` tiles per channel, so the forward's finalize merges the rows in one load
+    with no merge launch and the backward's finalize sums at most 64 rows; never a tile
+    shorter than one block (``split_tiles``). A function of the shape, the tuning entry and
+    the SM count only: the same grid, and so the same statistics bit for bit, for the same
+    shape and device. ``sms`` = 0 (the interpreter): at most two tiles per channel."""
+    if sms <= 0:
+        return split_tiles(count, channels, cfg["BLOCK"], None, 0)
+    resident = sms * REDUCE_BLOCKS_PER_SM[(cfg["BLOCK"], cfg["num_warps"])]
+    return split_tiles(count, channels, cfg["BLOCK"], None,
+                       min(resident, MERGE_ROWS * max(channels, 1)))
 
 
 def _reduce_config(count: int) -> Dict[str, int]:
@@ -565,7 +606,7 @@ def batch_norm_act(
         return _finalize_and_apply(x, None, count, sdt, weight, bias, running_mean,
                                    running_var, False, eps, residual, activation)
     cfg = _reduce_config(count)
-    num_tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], x.device)
+    num_tiles, per_tile = reduction_split(count, c, cfg, _device_sms(x.device))
     # Every (tile, channel) program writes its row: no zero fill.
     moments = torch.empty((3, num_tiles, c), dtype=torch.float32, device=x.device)
     grid, args, kwargs = _stats_launch(x, moments, per_tile, cfg)
@@ -649,7 +690,7 @@ def batch_norm_act_backward(
     if count == 0:
         return grad_input, grad_weight.zero_(), grad_bias.zero_()
     cfg = _reduce_config(count)
-    num_tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], dev)
+    num_tiles, per_tile = reduction_split(count, c, cfg, _device_sms(dev))
     psg = torch.empty((num_tiles, c), dtype=torch.float32, device=dev)
     psgx = torch.empty_like(psg)
     grid, args, kwargs = _backward_stats_launch(go, y, x, mean, psg, psgx, per_tile, activation,
@@ -673,7 +714,9 @@ def batch_norm_act_backward(
 # Forward: (shape, training, residual + relu6, moments rows from a conv's statistics
 # epilogue (batch_norm_act_from_partials) or None).
 AOT_FORWARD = [
-    ((32, 960, 7, 7), True, False, None),  # reduction entry 0 (one tile per channel)
+    # reduction entry 0, one tile per channel (more channels than the 16 x 132 resident
+    # programs: the shared-BN last conv, the unfused op's layer in S-MobileNet v2 training)
+    ((32, 1280, 7, 7), True, False, None),
     ((32, 192, 28, 28), True, True, None),  # reduction entry 1
     ((32, 144, 56, 56), True, False, None),  # reduction entry 2
     # the merge tree: the 1x1 conv's 128-pixel tiles at 56x56, 32 x 25 rows of moments
@@ -709,7 +752,7 @@ def _aot_forward(shape: Tuple[int, ...], dtype: torch.dtype, training: bool, fus
     moments = None
     if training and rows is None:
         cfg = _reduce_config_gpu(count)
-        tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], None, AOT_TARGET_PROGRAMS)
+        tiles, per_tile = reduction_split(count, c, cfg, AOT_SMS)
         moments = meta_tensor((3, tiles, c), torch.float32)
         out.append(("stats", _bn_stats_kernel, _stats_launch(x, moments, per_tile, cfg)))
     elif training:
@@ -737,7 +780,7 @@ def _aot_backward(shape: Tuple[int, ...], dtype: torch.dtype, activation: int, t
     count = n * hw
     vec, f32, mean = (meta_tensor((c,), t) for t in (dtype, torch.float32, mean_dtype))
     cfg = _reduce_config_gpu(count)
-    tiles, per_tile = split_tiles(count, c, cfg["BLOCK"], None, AOT_TARGET_PROGRAMS)
+    tiles, per_tile = reduction_split(count, c, cfg, AOT_SMS)
     psg = meta_tensor((tiles, c), torch.float32)
     return [
         ("backward_stats", _bn_backward_stats_kernel,
@@ -776,7 +819,7 @@ def aot_cases() -> List[AotCase]:
     """The binaries the launchers compile at ``AOT_FORWARD`` / ``AOT_BACKWARD``, specialised
     exactly as triton's JIT specialises their launches (``launch_case`` on the launch
     builders' argument lists, meta tensors of the real shapes, the reductions split for an
-    H100 as ``split_tiles`` does there): the merge-tree kernel (fp32 moments); per dtype the
+    H100 as ``reduction_split`` does there, ``AOT_SMS``): the merge-tree kernel (fp32 moments); per dtype the
     statistics and backward kernels for every tuning entry, the finalize kernels in
     training (with γ/β) and eval (without), the normalise pass (the epilogue kernel with
     fp32 alpha/beta) without and with residual + relu6, and the backward's elementwise pass

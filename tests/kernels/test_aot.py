@@ -219,6 +219,7 @@ def _gpu_choices(monkeypatch):
     monkeypatch.setattr(linear, "_pick", linear._pick_gpu)
     monkeypatch.setattr(batch_norm_act, "_reduce_config", batch_norm_act._reduce_config_gpu)
     monkeypatch.setattr(epilogue, "_target_programs", lambda device: epilogue.AOT_TARGET_PROGRAMS)
+    monkeypatch.setattr(batch_norm_act, "_device_sms", lambda device: batch_norm_act.AOT_SMS)
 
 
 @pytest.mark.parametrize("family", sorted(_FAMILY_KERNELS))
@@ -268,9 +269,10 @@ def _constexpr_params(fn):
 
 
 def test_batch_norm_cases_reach_the_one_tile_specialisation(cases):
-    """With more channels than 4 x SMs (MobileNet v2's 576- and 960-channel layers on an
-    H100) a reduction has one tile per channel: ``num_tiles`` = 1, which the JIT passes as a
-    constant, and so is the finalize's ``num_rows``. The kernels did not compile that way
+    """With more channels than the resident programs of the SMs (MobileNet v2's
+    1280-channel last conv on an H100 at BLOCK 128: 16 x 132) a reduction has one tile per
+    channel: ``num_tiles`` = 1, which the JIT passes as a constant, and so is the finalize's
+    ``num_rows``. The kernels did not compile that way
     (``.to()`` on a Python int) until the cases were JIT-exact; these cases keep it
     compiled (test_every_case_compiles_without_spills)."""
     bn = cases["batch_norm_act"]
@@ -278,3 +280,67 @@ def test_batch_norm_cases_reach_the_one_tile_specialisation(cases):
                for c in bn)
     assert any(c.fn.fn.__name__ == "_bn_finalize_kernel" and c.constexprs.get("num_rows") == 1
                for c in bn)
+
+
+def test_batch_norm_reduction_blocks_per_sm_are_the_compiled_ones(results, cases):
+    """The blocks per SM the launcher sizes the reduction grids by
+    (``batch_norm_act.REDUCE_BLOCKS_PER_SM``) are what every compiled case of the two
+    reductions keeps on sm_80 and sm_90 (more registers would lower them, and the grid
+    would then ask for more programs than fit at once)."""
+    from slimops.kernels import batch_norm_act as K
+
+    seen = set()
+    for case in cases["batch_norm_act"]:
+        if case.fn.fn.__name__ in ("_bn_stats_kernel", "_bn_backward_stats_kernel"):
+            key = (case.constexprs["BLOCK"], case.num_warps)
+            seen.add(key)
+            for arch in _aot.ARCHS:
+                assert results[(case.name, arch)].occupancy == K.REDUCE_BLOCKS_PER_SM[key], (
+                    case.name, arch)
+    assert seen == {(c["BLOCK"], c["num_warps"]) for c in K.CONFIGS}
+
+
+@pytest.mark.parametrize("arch, sms", [(90, 132), (80, 108)], ids=["H100", "A100"])
+def test_batch_norm_grids_fill_the_gpu_at_the_batch_256_stem(arch, sms, results, monkeypatch):
+    """Issue 17: the training statistics and the backward's sums of S-MobileNet v2's stem
+    at batch 256 (N=256, C=32, 112x112, fp16), as the public launchers launch them on a GPU
+    of ``sms`` SMs (captured, nothing compiled or run): each reduction's grid is one full
+    wave of the blocks the compiled binary keeps resident per SM (within one tile row of
+    channels), and no program of the merge tree or of either finalize reads more than 64
+    rows of partials. Before: 4 x SMs programs whatever the binary's occupancy (half the
+    resident slots of the 8-warp entry)."""
+    import torch
+
+    from slimops.kernels import batch_norm_act as K
+    from slimops.kernels import epilogue
+
+    _gpu_choices(monkeypatch)
+    monkeypatch.setattr(K, "_device_sms", lambda device: sms)
+    n, c, h, w = 256, 32, 112, 112
+    x = torch.empty((n, c, h, w), dtype=torch.float16)
+    stats = torch.empty(c, dtype=torch.float32)
+    names = ("_bn_stats_kernel", "_bn_merge_kernel", "_bn_finalize_kernel",
+             "_bn_backward_stats_kernel", "_bn_backward_finalize_kernel",
+             "_bn_backward_apply_kernel")
+    with _aot.capture_launches(K, *names, also=[(epilogue, ("_epilogue_kernel",))]) as got:
+        K.batch_norm_act(x, None, None, None, None, True, 1e-5, None, 0)
+        K.batch_norm_act_backward(x, x, x, None, stats, stats, 1e-5, True, 0)
+    by_kernel = {}
+    for launch in got:
+        by_kernel.setdefault(launch.kernel, []).append(launch)
+    # the argument holding per_tile, the values of a channel one program reduces
+    for kernel, per_tile_arg in (("_bn_stats_kernel", 5), ("_bn_backward_stats_kernel", 9)):
+        (launch,) = by_kernel[kernel]
+        block = launch.kwargs["BLOCK"]
+        case = ("bn_stats" if kernel == "_bn_stats_kernel" else "bn_backward_stats") + \
+            f"_float16_b{block}_w{launch.num_warps}"
+        resident = sms * results[(case, arch)].occupancy
+        per_tile = launch.args[per_tile_arg]
+        tiles = -(-n * h * w // per_tile)
+        assert resident - c < tiles * c <= resident, (kernel, tiles, resident)
+        assert tiles <= 64, kernel
+    assert "_bn_merge_kernel" not in by_kernel  # the finalize merges the tiles in one load
+    (fin,) = by_kernel["_bn_finalize_kernel"]
+    assert fin.args[10] <= 64  # num_rows
+    (bfin,) = by_kernel["_bn_backward_finalize_kernel"]
+    assert bfin.args[10] <= 64  # num_tiles

@@ -434,3 +434,33 @@ def test_past_32_bit_offsets_raises_before_launch():
     stats = torch.zeros(2, device=DEVICE)
     with pytest.raises(ValueError, match="values_per_channel .* 32-bit offsets"):
         K.batch_norm_act_backward(x, x, x, w, stats, stats + 1, 1e-5, True, 0)
+
+
+def test_reduction_split_fills_the_resident_blocks_within_64_rows():
+    """The reductions' grid on a GPU (``reduction_split``): for S-MobileNet v2's BN shapes
+    at batch 1 to 256 on an H100 and an A100, never more programs than the SMs hold at once
+    (SMs x the binary's blocks per SM) but at least half of that where the work allows, never
+    more than 64 rows for a finalize, the same split for the same arguments. The batch-256
+    stem (32 x 112 x 112) is one full wave (before: 4 x SMs programs, half of it)."""
+    shapes = [(16, 112), (32, 112), (96, 112), (24, 56), (144, 56), (32, 28), (192, 28),
+              (64, 14), (384, 14), (576, 14), (160, 7), (960, 7), (1280, 7)]
+    for sms in (132, 108):
+        for batch in (1, 8, 32, 256):
+            for c, hw in shapes:
+                count = batch * hw * hw
+                cfg = K._reduce_config_gpu(count)
+                resident = sms * K.REDUCE_BLOCKS_PER_SM[(cfg["BLOCK"], cfg["num_warps"])]
+                tiles, per_tile = K.reduction_split(count, c, cfg, sms)
+                assert (tiles, per_tile) == K.reduction_split(count, c, cfg, sms)
+                assert tiles * per_tile >= count > (tiles - 1) * per_tile
+                assert per_tile % cfg["BLOCK"] == 0
+                assert 1 <= tiles <= K.MERGE_ROWS and K.merge_plan(tiles) == [tiles]
+                assert tiles == 1 or tiles * c <= resident
+                # At least half the resident slots busy, unless the channels alone fill
+                # more than half, the 64-row cap binds or tiles of one block do.
+                blocks = -(-count // cfg["BLOCK"])
+                assert (2 * tiles * c > resident or 2 * c > resident
+                        or tiles == K.MERGE_ROWS or 2 * tiles > blocks), (sms, batch, c, hw)
+        cfg = K._reduce_config_gpu(256 * 112 * 112)
+        tiles, _ = K.reduction_split(256 * 112 * 112, 32, cfg, sms)
+        assert tiles * 32 == sms * K.REDUCE_BLOCKS_PER_SM[(cfg["BLOCK"], cfg["num_warps"])]
