@@ -331,9 +331,10 @@ def test_batch_norm_grids_fill_the_gpu_at_the_batch_256_stem(arch, sms, results,
     # the argument holding per_tile, the values of a channel one program reduces
     for kernel, per_tile_arg in (("_bn_stats_kernel", 5), ("_bn_backward_stats_kernel", 9)):
         (launch,) = by_kernel[kernel]
-        block = launch.kwargs["BLOCK"]
-        case = ("bn_stats" if kernel == "_bn_stats_kernel" else "bn_backward_stats") + \
-            f"_float16_b{block}_w{launch.num_warps}"
+        block = launch.constexprs["BLOCK"]
+        tag = f"float16_b{block}_w{launch.num_warps}"
+        case = (f"bn_stats_{tag}" if kernel == "_bn_stats_kernel"
+                else f"bn_backward_stats_{tag}_plain_f32stats")
         resident = sms * results[(case, arch)].occupancy
         per_tile = launch.args[per_tile_arg]
         tiles = -(-n * h * w // per_tile)
