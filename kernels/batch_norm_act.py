@@ -124,7 +124,7 @@ _SERIAL_ROWS_PER_STEP = 8
 # ``_bn_backward_stats_kernel``) per CONFIGS entry (BLOCK, num_warps): the AOT figures on
 # sm_80 and sm_90 (docs/GPU_KERNELS.md). They take at most 32 registers, so the 2048 threads
 # of an SM decide: 16 blocks of 4 warps, 8 of 8. tests/kernels/test_aot.py holds every
-# compiled case of the two kernels to at least this figure.
+# compiled case of the two kernels to exactly this figure.
 REDUCE_BLOCKS_PER_SM: Dict[Tuple[int, int], int] = {(128, 4): 16, (512, 4): 16, (1024, 8): 8}
 
 # The SMs of the GPU the AOT cases split the reductions for: an H100 SXM's 132 (an A100 has
@@ -819,14 +819,14 @@ def aot_cases() -> List[AotCase]:
     """The binaries the launchers compile at ``AOT_FORWARD`` / ``AOT_BACKWARD``, specialised
     exactly as triton's JIT specialises their launches (``launch_case`` on the launch
     builders' argument lists, meta tensors of the real shapes, the reductions split for an
-    H100 as ``reduction_split`` does there, ``AOT_SMS``): the merge-tree kernel (fp32 moments); per dtype the
-    statistics and backward kernels for every tuning entry, the finalize kernels in
-    training (with γ/β) and eval (without), the normalise pass (the epilogue kernel with
-    fp32 alpha/beta) without and with residual + relu6, and the backward's elementwise pass
-    in training/eval without and with relu6. The forward stores ``stats_dtype`` statistics
-    (fp32; ``*_f32stats`` for fp16/bf16); the backward kernels are compiled for fp32
-    statistics (``*_f32stats``) and for statistics in the input's dtype, which the backward
-    launcher also accepts. One case per name (kernel, dtype, tuning entry, flags): the
+    H100 as ``reduction_split`` does there, ``AOT_SMS``): the merge-tree kernel (fp32
+    moments); per dtype the statistics and backward kernels for every tuning entry, the
+    finalize kernels in training (with γ/β) and eval (without), the normalise pass (the
+    epilogue kernel with fp32 alpha/beta) without and with residual + relu6, and the
+    backward's elementwise pass in training/eval without and with relu6. The forward stores
+    ``stats_dtype`` statistics (fp32; ``*_f32stats`` for fp16/bf16); the backward kernels
+    are compiled for fp32 statistics (``*_f32stats``) and for statistics in the input's
+    dtype, which the backward launcher also accepts. One case per name (kernel, dtype, tuning entry, flags): the
     first call that reaches it; ``meta["call"]`` runs that call's launcher on CPU
     tensors."""
     cases: Dict[str, AotCase] = {}
