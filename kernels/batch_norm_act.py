@@ -826,9 +826,9 @@ def aot_cases() -> List[AotCase]:
     backward's elementwise pass in training/eval without and with relu6. The forward stores
     ``stats_dtype`` statistics (fp32; ``*_f32stats`` for fp16/bf16); the backward kernels
     are compiled for fp32 statistics (``*_f32stats``) and for statistics in the input's
-    dtype, which the backward launcher also accepts. One case per name (kernel, dtype, tuning entry, flags): the
-    first call that reaches it; ``meta["call"]`` runs that call's launcher on CPU
-    tensors."""
+    dtype, which the backward launcher also accepts. One case per name (kernel, dtype,
+    tuning entry, flags): the first call that reaches it; ``meta["call"]`` runs that call's
+    launcher on CPU tensors."""
     cases: Dict[str, AotCase] = {}
 
     def add(name: str, kernel: Any, launch: Launch, call: Any, shape: Tuple[int, ...]) -> None:
