@@ -22,9 +22,16 @@ slimops exists to avoid.
   M2) of each tile's stored outputs into row ``n * tiles + tile``, column ``c`` of an fp32
   ``[3, N * tiles, C]`` buffer: deterministic, no atomics; the batch norm
   (``batch_norm_act_from_partials``) merges the rows.
-* Input gradient (``depthwise_conv2d_backward_input``): a gather, one program per (plane,
-  block of input pixels): each input pixel sums the output pixels that read it, so there
-  are no atomics and the result is deterministic.
+* Input gradient (``depthwise_conv2d_backward_input``): a gather (each input pixel sums the
+  output-gradient pixels that read it: no atomics, deterministic) built like the forward:
+  row tiles, the channel's taps in registers, each lane ``stride_w * V`` consecutive
+  input-gradient columns of a row that read ``V`` (+ halo) grad_z columns, loaded once per
+  tap row in ``V``-column (vector) chunks. Which (column, tap) pairs meet, and at which
+  grad_z column, is fixed at compile time by the lane's column phase (``kw`` and the
+  W-direction stride, padding and dilation are constants), so there is no div/mod along W;
+  along H one division by the constant stride per lane and tap row. At stride 1 this is the
+  forward with the kernel rotated by 180 degrees and padding ``(k - 1) * dil - pad`` (which
+  may be negative: the window then starts right of the lane's column).
 * Weight gradient (``depthwise_conv2d_backward_weight``): per (channel, tap) a reduction over
   ``N * Ho * Wo``. Two deterministic stages: stage 1 gives each (tile, channel) program a
   fixed range of output pixels and writes fp32 partial sums ``[T, C, TAPS]``; stage 2 sums
@@ -70,7 +77,9 @@ from slimops.kernels.epilogue import (
     split_tiles,
 )
 
-# BLOCK: input pixels per program of the input gradient. WTILE: elements of
+# BLOCK: input pixels per program of the one-pixel-per-thread input gradient this module had
+# before ``_backward_input_tiling``; no kernel reads it now (bench/gpu_model.py's launch plan
+# still does). WTILE: elements of
 # the weight-gradient tile [TAPS, WTILE // TAPS] (taps padded to a power of two), so the tile,
 # and with it the registers per thread, stays the same size for 3x3 and 5x5 kernels.
 CONFIGS: List[Dict[str, int]] = [
@@ -115,9 +124,11 @@ def _pick(pixels: int) -> Dict[str, int]:
     return CONFIGS[2] if pixels <= 1 << 16 else CONFIGS[3]
 
 
-def _forward_tiling(input: Tensor, ho: int, wo: int, taps: int = 9) -> Dict[str, int]:
+def _forward_tiling(input: Tensor, ho: int, wo: int, taps: int = 9,
+                    max_v: int = VECTOR_BYTES) -> Dict[str, int]:
     """The forward kernel's tiling for ``input [N, C, H, W]``, an ``ho x wo`` output and a
-    kernel of ``taps`` taps.
+    kernel of ``taps`` taps (``V`` at most ``max_v``: the input gradient's bound, see
+    ``_backward_input_tiling``).
 
     ``V``: outputs per lane (thread) along W, the widest power of two <= 16 bytes of the
     dtype (at most ``MAX_V_LARGE_KERNEL`` past 3x3) for which ``ALIGNED`` holds: the input's W stride is 1 and W and its other strides
@@ -138,7 +149,7 @@ def _forward_tiling(input: Tensor, ho: int, wo: int, taps: int = 9) -> Dict[str,
     """
     n, c, h, w = (int(s) for s in input.shape)
     sxn, sxc, sxh, sxw = input.stride()
-    v = VECTOR_BYTES // input.element_size()
+    v = min(VECTOR_BYTES // input.element_size(), max_v)
     if taps > 9:
         v = min(v, MAX_V_LARGE_KERNEL)
     while v > 1 and not (sxw == 1 and all(x % v == 0 for x in (w, sxh, sxc, sxn))):
@@ -146,6 +157,7 @@ def _forward_tiling(input: Tensor, ho: int, wo: int, taps: int = 9) -> Dict[str,
     aligned = v > 1
     if not aligned:
         v = MAX_UNALIGNED_V if taps <= 9 else min(MAX_UNALIGNED_V, MAX_V_LARGE_KERNEL)
+        v = min(v, max_v)
     out_v = v if aligned else 1
     while wo % out_v:
         out_v //= 2
@@ -358,42 +370,123 @@ def _dw_forward_kernel(
                                      omask, HAS_RES, ACT)
 
 
+@triton.constexpr_function
+def _store_columns(u):
+    """The widest power of two <= 8 dividing ``u``: the input gradient's store chunks."""
+    sc = 8
+    while u % sc:
+        sc //= 2
+    return sc
+
+
 @triton.jit
 def _dw_backward_input_kernel(
     gz_ptr, w_ptr, gx_ptr,
-    C, H, W, Ho, Wo,
+    C, H, W, Ho, Wo, row_tiles, tiles_per_prog,
     sgn, sgc, sgh, sgw, swc, swh, sww,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr,
+    pad_h, dil_h,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PW: tl.constexpr, DW: tl.constexpr,
+    V: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, ALIGNED: tl.constexpr,
+    OUT_V: tl.constexpr,
 ):
+    # The forward's machinery run backwards: input-gradient pixel (ih, iw) sums
+    # gz[oh, ow] * w[i, j] over the taps with oh * SH - pad_h + i * dil_h == ih and
+    # ow * SW - PW + j * DW == iw. Program (plane, strip, row group) as in the forward; lane l
+    # of a tile computes the U = SW * V consecutive gradient columns iw0 .. iw0 + U - 1 of
+    # row ih (iw0 = SW * m0, a multiple of SW), which read the grad_z columns m0 + e // SW
+    # for e = u + PW - j * DW divisible by SW: which (output u, tap j) pairs meet, and at
+    # which window element, is fixed at compile time (no per-tap div/mod along W; at
+    # stride 1 this is the forward with the kernel rotated by 180 degrees). The window,
+    # columns m0 + E_LO .. m0 + E_HI, is loaded once per tap row in V-column chunks (vector
+    # loads when aligned) and every element reused from registers.
     plane = tl.program_id(0)
     n = plane // C
     c = plane % C
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    pmask = offs < H * W
-    ih = offs // W
-    iw = offs % W
+    lanes = tl.arange(0, ROWS * G)
+    vv = tl.arange(0, V)
+    U: tl.constexpr = SW * V
+    SC: tl.constexpr = _store_columns(SW * V)
+    m0 = tl.program_id(1) * (G * V) + (lanes % G) * V  # first grad_z column of the window base
+    iw0 = m0 * SW  # first gradient column of the lane
+    E_LO: tl.constexpr = (PW - (KW - 1) * DW) // SW  # floor: the leftmost column any tap reads
+    E_HI: tl.constexpr = (SW * V - 1 + PW) // SW
+    Q_LO: tl.constexpr = (PW - (KW - 1) * DW) // SW // V
+    Q_HI: tl.constexpr = (SW * V - 1 + PW) // SW // V
+    if ALIGNED:
+        # Checked by the launcher (grad_z's rows, as the forward's input rows).
+        sgn = (sgn // V) * V
+        sgc = (sgc // V) * V
+        sgh = (sgh // V) * V
+        sgw = 1
+    # W is a multiple of OUT_V: the stores are vectors of OUT_V elements.
+    W = (W // OUT_V) * OUT_V
     g_base = gz_ptr + n.to(tl.int64) * sgn + c.to(tl.int64) * sgc
     w_base = w_ptr + c.to(tl.int64) * swc
-    acc = tl.full([BLOCK], 0.0, tl.float32)
-    # Input pixel ih is read by tap i of output row oh iff oh * stride - pad + i * dil == ih.
+    wts = ()
     for i in tl.static_range(KH):
-        th = ih + pad_h - i * dil_h
-        # Clamp before dividing: the quotient of a negative th is never used, but keeping the
-        # operands non-negative makes // and % agree with floor semantics everywhere.
-        thc = tl.maximum(th, 0)
-        oh = thc // stride_h
-        hmask = pmask & (th >= 0) & (thc - oh * stride_h == 0) & (oh < Ho)
         for j in tl.static_range(KW):
-            tw = iw + pad_w - j * dil_w
-            twc = tl.maximum(tw, 0)
-            ow = twc // stride_w
-            m = hmask & (tw >= 0) & (twc - ow * stride_w == 0) & (ow < Wo)
-            gv = tl.load(g_base + oh * sgh + ow * sgw, mask=m, other=0.0).to(tl.float32)
-            wv = tl.load(w_base + i * swh + j * sww).to(tl.float32)
-            acc += gv * wv
-    tl.store(gx_ptr + plane.to(tl.int64) * H * W + offs, acc.to(gx_ptr.dtype.element_ty),
-             mask=pmask)
+            wts = wts + (tl.load(w_base + i * swh + j * sww).to(tl.float32),)
+    out_base = plane.to(tl.int64) * H * W
+    t_lo = tl.program_id(2) * tiles_per_prog
+    t_hi = tl.minimum(t_lo + tiles_per_prog, row_tiles)
+    for t in range(t_lo, t_hi):
+        ih = t * ROWS + lanes // G
+        lane_ok = (ih < H) & (iw0 < W)
+        accs = ()
+        for u in tl.static_range(SW * V):
+            accs = accs + (tl.full([ROWS * G], 0.0, tl.float32),)
+        for i in tl.static_range(KH):
+            # Tap row i reaches row ih from grad_z row oh = (ih + pad_h - i * dil_h) / SH when
+            # that divides exactly (SH is a constant: a shift or a multiply, once per lane and
+            # tap row, not per output).
+            th = ih + pad_h - i * dil_h
+            if SH == 1:
+                oh = th
+                row_ok = lane_ok & (th >= 0) & (th < Ho)
+            else:
+                thc = tl.maximum(th, 0)  # non-negative: // and % are exact floors
+                oh = thc // SH
+                row_ok = lane_ok & (th >= 0) & (thc - oh * SH == 0) & (oh < Ho)
+            rptr = g_base + oh * sgh
+            # win[k]: grad_z at column m0 + E_LO + k (zero outside the row).
+            win = ()
+            for q in tl.static_range(Q_LO, Q_HI + 1):
+                if _cmax(q * V, E_LO) == _cmin(q * V + V - 1, E_HI):
+                    col = m0 + _cmax(q * V, E_LO)
+                    m = row_ok & (col >= 0) & (col < Wo)
+                    e = tl.load(rptr + col * sgw, mask=m, other=0.0)
+                    win = win + (e.to(tl.float32),)
+                else:
+                    cols = m0[:, None] + q * V + vv[None, :]
+                    if ALIGNED:  # Wo % V == 0: a chunk is entirely inside the row or outside
+                        cq = m0 + q * V
+                        m = (row_ok & (cq >= 0) & (cq < Wo))[:, None]
+                    else:
+                        m = row_ok[:, None] & (cols >= 0) & (cols < Wo)
+                    chunk = tl.load(rptr[:, None] + cols * sgw, mask=m, other=0.0)
+                    part = _split_columns(chunk.to(tl.float32), V)
+                    for k in tl.static_range(_cmax(q * V, E_LO) - q * V,
+                                             _cmin(q * V + V - 1, E_HI) - q * V + 1):
+                        win = win + (part[k],)
+            new = ()
+            for u in tl.static_range(SW * V):
+                a = accs[u]
+                for j in tl.static_range(KW):
+                    if (u + PW - j * DW) % SW == 0:
+                        a += win[(u + PW - j * DW) // SW - E_LO] * wts[i * KW + j]
+                new = new + (a,)
+            accs = new
+        # Stored in chunks of SC columns (U may exceed the widest join, or not be a power
+        # of two at stride 3).
+        row_base = out_base + (ih * W)[:, None]
+        for s0 in tl.static_range(0, SW * V, SC):
+            cols_s = ()
+            for k in tl.static_range(SC):
+                cols_s = cols_s + (accs[s0 + k],)
+            iw = iw0[:, None] + s0 + tl.arange(0, SC)[None, :]
+            tl.store(gx_ptr + row_base + iw, _join_columns(cols_s, SC).to(gx_ptr.dtype.element_ty),
+                     mask=lane_ok[:, None] & (iw < W))
 
 
 @triton.jit
@@ -615,18 +708,37 @@ def depthwise_conv2d_backward_input(
     return grad_input
 
 
+def _backward_input_tiling(grad_z: Tensor, h: int, w: int, stride_w: int,
+                           taps: int) -> Dict[str, int]:
+    """The input gradient's tiling: the forward's (``_forward_tiling``) with ``grad_z`` as
+    the rows read and ``cdiv(W, stride_w)`` window columns to cover (a lane's ``V`` window
+    columns give ``stride_w * V`` gradient columns), ``V`` at most ``16 // stride_w`` (16
+    fp32 accumulators per lane at most). ``OUT_V``: the widest power of two dividing W and
+    the lane's store chunk."""
+    t = _forward_tiling(grad_z, h, triton.cdiv(w, stride_w), taps,
+                        max_v=1 << (max(1, 16 // stride_w).bit_length() - 1))
+    out_v = 8
+    while (stride_w * t["V"]) % out_v or w % out_v:
+        out_v //= 2
+    return dict(t, OUT_V=out_v)
+
+
 def _backward_input_launch(
     grad_z: Tensor, weight: Tensor, grad_input: Tensor, geo: Sequence[int],
 ) -> Tuple[Tuple[int, ...], Tuple[Any, ...], Dict[str, Any]]:
     """``(grid, args, kwargs)`` of the input gradient's launch (contiguous ``grad_input``)."""
     n, c, h, w = grad_input.shape
     ho, wo = grad_z.shape[2:]
-    cfg = _pick(h * w)
-    grid = (n * c, triton.cdiv(h * w, cfg["BLOCK"]))
-    args = (grad_z, weight, grad_input, c, h, w, ho, wo,
-            *grad_z.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *geo)
-    kwargs = dict(KH=weight.shape[2], KW=weight.shape[3], BLOCK=cfg["BLOCK"],
-                  num_warps=cfg["num_warps"])
+    kh, kw = weight.shape[2:]
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w = geo
+    t = _backward_input_tiling(grad_z, h, w, stride_w, kh * kw)
+    grid = (n * c, t["strips"], t["row_groups"])
+    args = (grad_z, weight, grad_input, c, h, w, ho, wo, t["row_tiles"], t["tiles_per_prog"],
+            *grad_z.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+            pad_h, dil_h)
+    kwargs = dict(KH=kh, KW=kw, SH=stride_h, SW=stride_w, PW=pad_w, DW=dil_w, V=t["V"],
+                  G=t["G"], ROWS=t["ROWS"], ALIGNED=t["ALIGNED"], OUT_V=t["OUT_V"],
+                  num_warps=t["num_warps"])
     return grid, args, kwargs
 
 
@@ -718,6 +830,8 @@ AOT_SHAPES: Dict[str, Tuple[int, int, int, int]] = {
     # not a 224x224 shape: a 320x320 plane (a 640x640 input, as detection backbones take),
     # the input gradient's and weight partials' largest entry (planes > 65536 pixels)
     "320_s1": (1, 32, 320, 1),
+    # the 14x14 -> 7x7 stride-2 depthwise: grad_z 7 wide, the unaligned strided input gradient
+    "14_s2": (32, 576, 14, 2),
 }
 # Forward: (shape, epilogue modes); the input gradient and the weight gradient (both
 # stages): one shape per tuning entry (``_pick`` by plane size: 7, 56, 112, 320).
@@ -725,10 +839,12 @@ AOT_FORWARD = [("56_s1", ("plain", "full", "stats")), ("112_s2", ("plain", "full
                ("7_s1", ("plain", "full", "stats")), ("15_s2", ("plain", "full", "stats")),
                ("56_s1_b1", ("full",))]
 AOT_BACKWARD = ["7_s1", "56_s1", "112_s1", "320_s1"]
+# The input gradient: also stride 2, grad_z rows aligned (112 -> 56) and not (14 -> 7).
+AOT_BACKWARD_INPUT = AOT_BACKWARD + ["112_s2", "14_s2"]
 # Resident blocks per SM each kernel's AOT cases must keep (regression floors under the
-# JIT-exact figures of docs/GPU_KERNELS.md: forward 11-32, input gradient 4-32, partials
+# JIT-exact figures of docs/GPU_KERNELS.md: forward 11-32, input gradient 8-32, partials
 # 5-25, reduction 32).
-AOT_MIN_OCCUPANCY = {"_dw_forward_kernel": 8, "_dw_backward_input_kernel": 4,
+AOT_MIN_OCCUPANCY = {"_dw_forward_kernel": 8, "_dw_backward_input_kernel": 8,
                      "_dw_weight_partials_kernel": 4, "_dw_weight_reduce_kernel": 16}
 
 
@@ -800,16 +916,20 @@ def aot_cases() -> List[AotCase]:
                         meta=dict(kind="forward", shape=shape, k=k, dtype=dtype, mode=mode,
                                   call=functools.partial(_aot_call, "forward", shape, k,
                                                          dtype, mode))))
+            for shape in AOT_BACKWARD_INPUT:
+                x, w, vec, z, geo = _aot_tensors(shape, k, dtype, "meta")
+                launch = _backward_input_launch(z, w, x, geo)
+                aligned = "v" if launch[2]["ALIGNED"] else "u"
+                cases.append(launch_case(
+                    f"dw_backward_input_{tag}_k{k}_{shape}_{aligned}{launch[2]['V']}",
+                    _dw_backward_input_kernel, launch,
+                    meta=dict(shape=shape, k=k, dtype=dtype, kind="backward_input",
+                              call=functools.partial(_aot_call, "backward_input", shape, k,
+                                                     dtype, ""))))
             for shape in AOT_BACKWARD:
                 x, w, vec, z, geo = _aot_tensors(shape, k, dtype, "meta")
-                cfg = _pick(x.shape[2] * x.shape[3])
-                suffix = f"{tag}_k{k}_b{cfg['BLOCK']}_w{cfg['num_warps']}"
-                meta = dict(shape=shape, k=k, dtype=dtype, config=CONFIGS.index(cfg))
-                cases.append(launch_case(
-                    f"dw_backward_input_{suffix}", _dw_backward_input_kernel,
-                    _backward_input_launch(z, w, x, geo),
-                    meta=dict(meta, kind="backward_input", call=functools.partial(
-                        _aot_call, "backward_input", shape, k, dtype, ""))))
+                meta = dict(shape=shape, k=k, dtype=dtype,
+                            config=CONFIGS.index(_pick(x.shape[2] * x.shape[3])))
                 num_tiles, taps, pix, per_tile = _weight_split(z, k, k, split)
                 partials = meta_tensor((num_tiles, x.shape[1], taps), torch.float32)
                 call = functools.partial(_aot_call, "backward_weight", shape, k, dtype, "")
