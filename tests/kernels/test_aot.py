@@ -64,6 +64,16 @@ def test_cases_have_distinct_names(cases):
     assert len(names) == len(set(names))
 
 
+def test_depthwise_input_gradient_cases_cover_the_strided_kernel(cases):
+    """The depthwise input gradient compiles a binary per W-direction stride, vector width
+    and alignment (compile-time constants): its cases hold stride 1 and stride 2, grad_z rows
+    aligned (vector loads) and not, 3x3 and 5x5, each at the 8 blocks/SM floor."""
+    dw = [c for c in cases["depthwise_conv2d"] if c.fn.fn.__name__ == "_dw_backward_input_kernel"]
+    seen = {(c.constexprs["SW"], c.constexprs["ALIGNED"], c.constexprs["KW"]) for c in dw}
+    assert seen == {(s, a, k) for s in (1, 2) for a in (True, False) for k in (3, 5)}, seen
+    assert {c.min_occupancy for c in dw} == {8}
+
+
 def test_resource_usage_reader_sees_a_spill_free_kernel(results):
     """The reader parses real cuobjdump output: registers are read, and a trivially small
     kernel (the epilogue apply) uses few of them."""

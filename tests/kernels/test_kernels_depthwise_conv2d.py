@@ -465,3 +465,183 @@ def test_past_32_bit_offsets_raises_before_launch():
     with pytest.raises(ValueError, match="32 bits"):  # a stride past the in-plane offsets
         K.depthwise_conv2d(torch.randn(1, 4, 5, 5, device=DEVICE), weight, None, [1, 2 ** 31],
                            [1, 1], [1, 1], None, None, None, 0)
+
+
+# ------------------------------------------------------------------ input gradient (issue 17)
+# The input gradient is row-tiled like the forward: each lane computes stride_w * V
+# consecutive gradient columns, which (column, tap) pairs meet fixed at compile time by the
+# W-direction geometry, so every geometry below is a binary of its own. Checked against
+# torch's conv2d backward in float64, on a channel prefix of a wider shared weight.
+
+
+def _torch_grad_input(grad_z, weight, x_shape, s, p, d):
+    """The reference input gradient: autograd of F.conv2d on ``weight[:C]``, float64."""
+    x = torch.zeros(x_shape, dtype=torch.float64, device=grad_z.device, requires_grad=True)
+    z = reference.depthwise_conv2d(x, weight.double(), None, s, p, d)
+    (g,) = torch.autograd.grad(z, x, grad_z.double())
+    return g
+
+
+def _backward_input_geometries(k, s, d):
+    """(padding, H, W) for a (k, stride, dilation): paddings 0-3 (past k - 1: the stride-1
+    transposed padding (k - 1) * d - p goes negative) on 1, 2, 7 and 13 wide/high planes, the
+    ones with a non-empty output."""
+    kh, kw = k
+    out = []
+    for p in (0, 1, 2, 3):
+        for h, w in [(1, 1), (2, 7), (7, 13), (13, 2), (7, 1)]:
+            if h + 2 * p > d * (kh - 1) and w + 2 * p > d * (kw - 1):
+                out.append((p, h, w))
+    return out
+
+
+@pytest.mark.parametrize("d", [1, 2])
+@pytest.mark.parametrize("s", [1, 2, 3])
+@pytest.mark.parametrize("k", [(3, 3), (5, 5), (1, 3)], ids=lambda k: f"{k[0]}x{k[1]}")
+def test_backward_input_matches_torch_over_geometries(k, s, d):
+    c, c_full = 3, 7
+    weight = torch.randn(c_full, 1, *k, device=DEVICE)
+    cases = _backward_input_geometries(k, s, d)
+    assert any(p > k[1] - 1 for p, _, _ in cases) or k[1] * d > 4
+    for p, h, w in cases:
+        ho = (h + 2 * p - d * (k[0] - 1) - 1) // s + 1
+        wo = (w + 2 * p - d * (k[1] - 1) - 1) // s + 1
+        grad_z = torch.randn(2, c, ho, wo, device=DEVICE)
+        got = K.depthwise_conv2d_backward_input(grad_z, weight, [2, c, h, w], [s, s], [p, p],
+                                                [d, d])
+        want = _torch_grad_input(grad_z, weight, (2, c, h, w), s, p, d)
+        assert got.shape == (2, c, h, w) and got.dtype == grad_z.dtype
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"p={p} {h}x{w}: {m}")
+
+
+# (kernel h, w, stride, padding, dilation, H, W): H and W with different geometries (H's
+# are run-time arguments, W's compile-time), aligned rows (W a multiple of 8 or 16), strides
+# 2 and 3 with both vector widths, several row tiles and column strips (with small_tiles).
+BACKWARD_INPUT_TILING = [
+    ((3, 3), (1, 1), (1, 1), (1, 1), 10, 32),
+    ((3, 3), (1, 1), (1, 1), (1, 1), 3, 160),  # several strips with small tiles
+    ((3, 3), (2, 2), (1, 1), (1, 1), 17, 32),
+    ((3, 3), (2, 2), (1, 1), (1, 1), 5, 160),
+    ((3, 3), (2, 2), (0, 0), (1, 1), 17, 33),
+    ((3, 3), (3, 3), (1, 1), (1, 1), 19, 48),
+    ((5, 5), (2, 2), (2, 2), (1, 1), 9, 32),
+    ((3, 5), (2, 1), (1, 2), (1, 1), 11, 16),
+    ((3, 3), (1, 2), (0, 4), (2, 2), 11, 17),
+    ((3, 3), (1, 1), (3, 3), (1, 1), 17, 16),  # transposed padding -1
+]
+
+
+@pytest.mark.parametrize("tiling", ["default", "small"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("geo", BACKWARD_INPUT_TILING, ids=str)
+def test_backward_input_tilings_and_dtypes(geo, dtype, tiling, request):
+    if tiling == "small":
+        request.getfixturevalue("small_tiles")
+    k, s, p, d, h, w = geo
+    c, c_full = 5, 13
+    weight = torch.randn(c_full, 1, *k, device=DEVICE).to(dtype)
+    ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    grad_z = torch.randn(1, c, ho, wo, device=DEVICE).to(dtype)
+    got = K.depthwise_conv2d_backward_input(grad_z, weight, [1, c, h, w], list(s), list(p),
+                                            list(d))
+    want = _torch_grad_input(grad_z, weight, (1, c, h, w), s, p, d)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), **TOL[dtype])
+    if tiling == "small":  # the small tiles really loop over row tiles or split in strips
+        t = K._backward_input_tiling(grad_z, h, w, s[1], k[0] * k[1])
+        assert t["tiles_per_prog"] > 1 or t["strips"] > 1
+
+
+def test_backward_input_tiling_choices():
+    """A lane's columns: ``stride_w * V`` with ``V`` the forward's choice for grad_z's rows,
+    at most 16 accumulators; stores in chunks dividing both the lane's columns and W."""
+    half = torch.empty(1, 4, 56, 56, dtype=torch.float16, device=DEVICE)
+    t = K._backward_input_tiling(half, 56, 56, 1, 9)
+    assert (t["V"], t["ALIGNED"], t["OUT_V"]) == (8, True, 8)
+    t = K._backward_input_tiling(half, 112, 112, 2, 9)  # 16 columns per lane
+    assert (t["V"], t["ALIGNED"], t["OUT_V"]) == (8, True, 8)
+    assert t["strips"] * t["G"] * t["V"] * 2 >= 112
+    t = K._backward_input_tiling(half[..., :28, :28], 56, 56, 2, 9)  # rows of 28: V = 4
+    assert (t["V"], t["ALIGNED"]) == (4, True)
+    t = K._backward_input_tiling(half, 168, 168, 3, 9)  # 16 // 3: V = 4, 12 columns
+    assert (t["V"], t["OUT_V"]) == (4, 4)
+    t = K._backward_input_tiling(half.float(), 57, 57, 1, 9)  # odd W: scalar stores
+    assert (t["V"], t["OUT_V"]) == (4, 1)
+    t = K._backward_input_tiling(torch.empty(1, 4, 7, 7, device=DEVICE), 14, 14, 2, 9)
+    assert (t["V"], t["ALIGNED"], t["OUT_V"]) == (K.MAX_UNALIGNED_V, False, 2)
+
+
+def test_backward_input_reads_strided_grad_z_and_weight_in_place():
+    # channels-last grad_z (W stride not 1: per-element loads) and a weight whose taps are
+    # not contiguous (a transposed view of the full weight)
+    c = 4
+    weight = torch.randn(6, 1, 3, 3, device=DEVICE).transpose(2, 3)
+    for s in (1, 2):
+        ho = (9 + 2 - 3) // s + 1
+        gz = torch.randn(2, c, ho, ho, device=DEVICE).to(memory_format=torch.channels_last)
+        got = K.depthwise_conv2d_backward_input(gz, weight, [2, c, 9, 9], [s, s], [1, 1],
+                                                [1, 1])
+        torch.testing.assert_close(got.double(),
+                                   _torch_grad_input(gz, weight, (2, c, 9, 9), s, 1, 1),
+                                   rtol=1e-5, atol=1e-5)
+
+
+class _ConvWithKernelGradInput(torch.autograd.Function):
+    """F.conv2d forward (float64) whose input gradient is the Triton kernel's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, s, p, d):
+        ctx.save_for_backward(weight)
+        ctx.geo = (list(x.shape), s, p, d)
+        return reference.depthwise_conv2d(x, weight, None, s, p, d)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        (weight,) = ctx.saved_tensors
+        shape, s, p, d = ctx.geo
+        gx = K.depthwise_conv2d_backward_input(grad_z.contiguous(), weight, shape, s, p, d)
+        return gx, None, None, None, None
+
+
+@pytest.mark.parametrize("geo", [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 3, 1), (3, 3, 2, 2),
+                                 (5, 2, 3, 1)], ids=lambda g: "k{}s{}p{}d{}".format(*g))
+def test_backward_input_gradcheck(geo):
+    """torch.autograd.gradcheck in float64: the numerical Jacobian of the convolution against
+    the kernel's vector-Jacobian products (accumulated in fp32: gradcheck's default
+    tolerances hold)."""
+    k, s, p, d = geo
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weight = torch.randn(3, 1, k, k, dtype=torch.float64, device=DEVICE)
+    assert torch.autograd.gradcheck(
+        lambda t: _ConvWithKernelGradInput.apply(t, weight, [s, s], [p, p], [d, d]), (x,))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
+@pytest.mark.parametrize("geo", [(3, 1, 1, 1), (3, 2, 1, 1), (3, 2, 0, 2), (5, 1, 3, 1)],
+                         ids=lambda g: "k{}s{}p{}d{}".format(*g))
+def test_backward_input_propagates_nan_and_inf_like_torch(geo):
+    """NaN, +Inf and -Inf in grad_z reach exactly the input pixels torch's backward gives
+    them (the gather masks every tap that does not read a real grad_z element, so no
+    0 * Inf or NaN appears where torch has none; +Inf and -Inf meeting give NaN)."""
+    k, s, p, d = geo
+    c, h, w = 3, 9, 16
+    weight = torch.randn(5, 1, k, k, device=DEVICE)
+    weight[1, 0, 0, 0] = 0.0  # 0 * Inf = NaN where this tap reads an Inf
+    ho = (h + 2 * p - d * (k - 1) - 1) // s + 1
+    wo = (w + 2 * p - d * (k - 1) - 1) // s + 1
+    grad_z = torch.randn(1, c, ho, wo, device=DEVICE)
+    grad_z[0, 0, 1, 2] = float("nan")
+    grad_z[0, 1, 0, 0] = float("inf")
+    grad_z[0, 1, ho - 1, wo - 1] = float("-inf")
+    grad_z[0, 2, 1, 1] = float("inf")
+    grad_z[0, 2, 1, 2] = float("-inf")
+    got = K.depthwise_conv2d_backward_input(grad_z, weight, [1, c, h, w], [s, s], [p, p],
+                                            [d, d])
+    want = _torch_grad_input(grad_z, weight, (1, c, h, w), s, p, d).float()
+    assert torch.isnan(want).any() and torch.isinf(want).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want))
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    torch.testing.assert_close(got, want, equal_nan=True, **TOL[torch.float32])

@@ -1,4 +1,5 @@
-"""Issue 17, item 4: what the GPU would execute for the depthwise forward, read from its SASS.
+"""Issue 17, item 4: what the GPU would execute for the depthwise forward and input gradient,
+read from their SASS.
 
 The forward kernel (``slimops.kernels.depthwise_conv2d``) gives each lane (thread) ``V``
 consecutive outputs of a row, keeps the channel's taps in registers and loops over row tiles.
@@ -119,10 +120,10 @@ def compiled():
     return compile_forward_cases()
 
 
-def _twin():
+def _twin(name: str = "_dw_forward_kernel"):
     from slimops.kernels.epilogue import compiled
 
-    return compiled(K._dw_forward_kernel)
+    return compiled(getattr(K, name))
 
 
 @pytest.mark.parametrize("mode", ["plain", "full"])
@@ -168,6 +169,110 @@ def test_forward_without_epilogue_whole_program_per_output(compiled, arch, dtype
     assert sass_out <= MAX_SASS_PER_OUTPUT and ldg_out <= MAX_LDG_PER_OUTPUT, (sass_out, ldg_out)
 
 
+# ----------------------------------------------------------------- input gradient (backward)
+# The input gradient (``_dw_backward_input_kernel``) is built the same way: each lane computes
+# ``SW * V`` consecutive input-gradient columns (``SW`` the W stride), one loop iteration is a
+# row tile. Per output: the loop's instructions and LDG over ``SW * V``. The one-pixel-per-
+# thread gather it replaced took 180-213 (stride 1) and 303-367 (stride 2) instructions and
+# 18 loads per output (docs/GPU_KERNELS.md).
+
+
+def compile_backward_input_cases():
+    """(arch, dtype, shape label) -> (kernel, constexprs, tiles_per_prog, AotResult): the
+    input-gradient launches of SHAPES (3x3, padding 1), captured from the launcher and
+    compiled as the JIT would."""
+    out = {}
+    for arch in _aot.ARCHS:
+        for dtype in (torch.float16, torch.float32):
+            for label, n, c, h, w, stride in SHAPES:
+                ho = (h + 2 - 3) // stride + 1
+                grad_z = torch.empty(n, c, ho, ho, dtype=dtype)
+                weight = torch.empty(c, 1, 3, 3, dtype=dtype)
+                name = "_dw_backward_input_kernel"
+                with _aot.capture_launches(K, name, arch=arch) as launches:
+                    K.depthwise_conv2d_backward_input(grad_z, weight, [n, c, h, w],
+                                                      [stride] * 2, [1, 1], [1, 1])
+                (got,) = launches
+                case = _aot.AotCase.from_launch(
+                    f"dw_backward_input_{label}_{str(dtype)[6:]}", _twin(name), got.args,
+                    got.kwargs, got.num_warps, got.num_stages, arch)
+                kernel = _aot.compile_kernel(case, arch)
+                tiles_per_prog = dict(zip(getattr(K, name).arg_names, got.args)).get(
+                    "tiles_per_prog", 1)
+                out[(arch, dtype, label)] = (kernel, got.constexprs, tiles_per_prog,
+                                             _aot.inspect_compiled(case, kernel, arch))
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled_backward_input():
+    return compile_backward_input_cases()
+
+
+def _backward_outputs(ce) -> int:
+    """Input-gradient elements per lane and loop iteration: ``SW * V`` (1 for a kernel
+    without those constants, the one-pixel-per-thread gather)."""
+    return ce.get("SW", 1) * ce.get("V", 1)
+
+
+@pytest.mark.parametrize("label", [s[0] for s in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("arch", _aot.ARCHS, ids=lambda a: f"sm_{a}")
+def test_backward_input_sass_per_output(compiled_backward_input, arch, dtype, label):
+    kernel, ce, tiles_per_prog, r = compiled_backward_input[(arch, dtype, label)]
+    sass = _aot._sass(kernel.asm["cubin"])
+    loop = main_loop(sass)
+    per = _backward_outputs(ce)
+    # A loop over row tiles with the taps loaded once before it ...
+    assert tiles_per_prog > 1 and loop, "no row-tile loop in the binary"
+    assert len(loop) / per <= MAX_SASS_PER_OUTPUT, f"{len(loop)} instructions / {per} outputs"
+    assert _ldg(loop) / per <= MAX_LDG_PER_OUTPUT, f"{_ldg(loop)} LDG / {per} outputs"
+    assert r.sass_ldg - _ldg(loop) >= 9
+    # ... grad_z read in vector chunks of V elements, the gradient stored in vectors ...
+    assert ce["ALIGNED"] and r.loads.get(str(8 * ce["V"] * dtype.itemsize), 0) >= 3, r.loads
+    assert set(r.stores) == {str(min(128, 8 * ce["OUT_V"] * dtype.itemsize))}, r.stores
+    # ... no spills, and the AOT cases' occupancy floor.
+    assert r.spill_bytes == 0 and r.stack_bytes == 0
+    assert r.occupancy >= K.AOT_MIN_OCCUPANCY["_dw_backward_input_kernel"]
+
+
+def backward_executed_per_output(entry) -> Tuple[float, float]:
+    """(SASS instructions, LDG) a lane executes per input-gradient element over a whole
+    program at the captured shape (prologue + iterations x loop body)."""
+    kernel, ce, iters, _ = entry
+    sass = _aot._sass(kernel.asm["cubin"])
+    ins, loop = _instructions(sass), main_loop(sass)
+    per = _backward_outputs(ce)
+    return ((len(ins) + (iters - 1) * len(loop)) / (iters * per),
+            (_ldg([x for _, x in ins]) + (iters - 1) * _ldg(loop)) / (iters * per))
+
+
+@pytest.mark.parametrize("label", [s[0] for s in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("arch", _aot.ARCHS, ids=lambda a: f"sm_{a}")
+def test_backward_input_whole_program_per_output(compiled_backward_input, arch, dtype, label):
+    sass_out, ldg_out = backward_executed_per_output(
+        compiled_backward_input[(arch, dtype, label)])
+    assert sass_out <= MAX_SASS_PER_OUTPUT and ldg_out <= MAX_LDG_PER_OUTPUT, (sass_out, ldg_out)
+
+
+def format_backward_table(cases) -> str:
+    """The input gradient's markdown table of docs/GPU_KERNELS.md."""
+    lines = ["| shape | dtype | arch | columns (SW x V) x lanes x rows | registers | blocks/SM "
+             "| loop SASS / out | loop LDG / out | program SASS / out | program LDG / out |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (arch, dtype, label), entry in cases.items():
+        kernel, ce, _, r = entry
+        loop = main_loop(_aot._sass(kernel.asm["cubin"]))
+        per = _backward_outputs(ce)
+        sass_out, ldg_out = backward_executed_per_output(entry)
+        lines.append(f"| {label} | {str(dtype)[6:]} | sm_{arch} | {ce.get('SW')} x {ce.get('V')}"
+                     f" x {ce.get('G')} x {ce.get('ROWS')} | {r.registers} | {r.occupancy} | "
+                     f"{len(loop) / per:.1f} | {_ldg(loop) / per:.2f} | {sass_out:.1f} | "
+                     f"{ldg_out:.2f} |")
+    return "\n".join(lines)
+
+
 def format_table(cases) -> str:
     """The markdown table of docs/GPU_KERNELS.md (``python tests/kernels/
     test_kernels_depthwise_sass.py``)."""
@@ -186,3 +291,5 @@ def format_table(cases) -> str:
 
 if __name__ == "__main__":
     print(format_table(compile_forward_cases()))
+    print()
+    print(format_backward_table(compile_backward_input_cases()))
