@@ -406,13 +406,13 @@ def _dw_backward_input_kernel(
     lanes = tl.arange(0, ROWS * G)
     vv = tl.arange(0, V)
     U: tl.constexpr = SW * V
-    SC: tl.constexpr = _store_columns(SW * V)
+    SC: tl.constexpr = _store_columns(U)
     m0 = tl.program_id(1) * (G * V) + (lanes % G) * V  # first grad_z column of the window base
     iw0 = m0 * SW  # first gradient column of the lane
     E_LO: tl.constexpr = (PW - (KW - 1) * DW) // SW  # floor: the leftmost column any tap reads
-    E_HI: tl.constexpr = (SW * V - 1 + PW) // SW
-    Q_LO: tl.constexpr = (PW - (KW - 1) * DW) // SW // V
-    Q_HI: tl.constexpr = (SW * V - 1 + PW) // SW // V
+    E_HI: tl.constexpr = (U - 1 + PW) // SW  # the rightmost
+    Q_LO: tl.constexpr = E_LO // V  # the V-column chunks holding them
+    Q_HI: tl.constexpr = E_HI // V
     if ALIGNED:
         # Checked by the launcher (grad_z's rows, as the forward's input rows).
         sgn = (sgn // V) * V
@@ -434,7 +434,7 @@ def _dw_backward_input_kernel(
         ih = t * ROWS + lanes // G
         lane_ok = (ih < H) & (iw0 < W)
         accs = ()
-        for u in tl.static_range(SW * V):
+        for u in tl.static_range(U):
             accs = accs + (tl.full([ROWS * G], 0.0, tl.float32),)
         for i in tl.static_range(KH):
             # Tap row i reaches row ih from grad_z row oh = (ih + pad_h - i * dil_h) / SH when
@@ -470,7 +470,7 @@ def _dw_backward_input_kernel(
                                              _cmin(q * V + V - 1, E_HI) - q * V + 1):
                         win = win + (part[k],)
             new = ()
-            for u in tl.static_range(SW * V):
+            for u in tl.static_range(U):
                 a = accs[u]
                 for j in tl.static_range(KW):
                     if (u + PW - j * DW) % SW == 0:
@@ -480,7 +480,7 @@ def _dw_backward_input_kernel(
         # Stored in chunks of SC columns (U may exceed the widest join, or not be a power
         # of two at stride 3).
         row_base = out_base + (ih * W)[:, None]
-        for s0 in tl.static_range(0, SW * V, SC):
+        for s0 in tl.static_range(0, U, SC):
             cols_s = ()
             for k in tl.static_range(SC):
                 cols_s = cols_s + (accs[s0 + k],)
