@@ -42,6 +42,9 @@ docs/GPU_KERNELS.md):
 * **Grouped launch order**: the forward and input-gradient grids enumerate (M tile, N tile)
   in groups of ``GROUP_M`` M tiles that sweep all N tiles before the next group, so a group's
   activation tiles and the weight stay in L2 together; the convolution group is grid axis 1.
+  The weight gradient takes the same order over (output-channel tile, (input-channel block,
+  tap)) with the tap fastest, so consecutive programs gather the same input planes
+  (``_weight_tile``); (group, split) is its grid axis 1.
 
 * The forward fuses ``act((z + bias[c]) * scale[c] + shift[c] + residual)``, each term under a
   constexpr flag so an absent term costs nothing. With ``STATS`` it also stores, per
@@ -113,8 +116,9 @@ CONFIGS_FP32: List[Dict[str, int]] = [
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2},
 ]
-# Grouped launch order: GROUP_M consecutive M tiles (pixel tiles) sweep every N tile before
-# the next group starts, so a group's activation tiles and the weight stay in L2 together.
+# Grouped launch order: GROUP_M consecutive M tiles (pixel tiles; the weight gradient's
+# output-channel tiles) sweep every N tile before the next group starts, so a group's
+# operand tiles stay in L2 together while the N tiles stream past.
 GROUP_M = 8
 
 
@@ -189,6 +193,30 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % in_group) % size_m
     pid_n = (pid % in_group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _weight_tile(pid, num_m, taps, c_blocks, GROUP_M: tl.constexpr):
+    """``(pid_m, t, pid_n)`` of the weight gradient's program ``pid``: output-channel tile
+    ``pid_m``, tap ``t``, input-channel block ``pid_n``, in the grouped order over the
+    ``num_m`` x ``(c_blocks * taps)`` tile grid of one (group, split).
+
+    Why this order: every program of a split streams the same K range (the split's pixels),
+    reading grad_z's rows of its output-channel tile (A) and the input's channel block
+    gathered at its tap (B). A is shared by every N tile of one ``pid_m``, B by every M tile
+    of one (tap, channel block), and the taps of one channel block gather nearly the same
+    input pixels (windows shifted by a dilation step), so B's data is shared by all ``taps``
+    of a block. N therefore enumerates the taps fastest within a channel block (consecutive
+    N tiles re-read one block of input planes through L2), and groups of ``GROUP_M``
+    output-channel tiles sweep the N tiles (``_grouped_tile``): the programs resident at
+    once cover at most ``GROUP_M`` blocks of grad_z rows and few input channel blocks. With
+    ``num_m <= GROUP_M`` (og <= 8 * BLOCK_M: most layers) this is the row-major order over
+    (M, N) with M fastest, as before, but for the tap order. Only which program computes
+    which tile changes; each tile's reduction (and the partials' sum) is as it was."""
+    pid_m, pid_nt = _grouped_tile(pid, num_m, taps * c_blocks, GROUP_M)
+    pid_n = pid_nt // taps
+    t = pid_nt - pid_n * taps
+    return pid_m, t, pid_n
 
 
 @triton.jit
@@ -355,23 +383,22 @@ def _conv_backward_input_kernel(
 @triton.jit
 def _conv_backward_weight_kernel(
     gz_ptr, x_ptr, gw_ptr,
-    H, W, Wo, HWo, tiles, k_tiles, per_split, og, ig, KW, num_groups,
+    H, W, Wo, HWo, tiles, k_tiles, per_split, og, ig, KW, taps, num_groups,
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
     sws, swg, swo, swi, swh, sww,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     ALLOW_TF32: tl.constexpr, IS_1X1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    # Axis 1: (tap, input channel block); one tap per program, so the input gather's
-    # address is a per-pixel vector plus a per-channel vector.
-    c_blocks = (ig + BLOCK_N - 1) // BLOCK_N
-    t = tl.program_id(1) // c_blocks
-    pid_n = tl.program_id(1) - t * c_blocks
+    # Axis 0: (output-channel tile, (input channel block, tap)) in the grouped order
+    # (_weight_tile); one tap per program, so the input gather's address is a per-pixel
+    # vector plus a per-channel vector.
+    pid_m, t, pid_n = _weight_tile(tl.program_id(0), (og + BLOCK_M - 1) // BLOCK_M, taps,
+                                   (ig + BLOCK_N - 1) // BLOCK_N, GROUP_M)
     kh = t // KW
     kw = t - kh * KW
-    g = tl.program_id(2) % num_groups
-    split = tl.program_id(2) // num_groups
+    g = tl.program_id(1) % num_groups
+    split = tl.program_id(1) // num_groups
     # M: output channels o < og of group g (int32 offsets inside an image).
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = rm < og
@@ -741,17 +768,18 @@ def _backward_weight_launch(
     ho, wo = grad_z.shape[2:]
     kh, kw = weight.shape[2], weight.shape[3]
     tiles = triton.cdiv(ho * wo, cfg["BLOCK_K"])
-    # Axis 1 walks (tap, input-channel block): one tap per program.
-    grid = (triton.cdiv(og, cfg["BLOCK_M"]), kh * kw * triton.cdiv(ig, cfg["BLOCK_N"]),
+    # Axis 0: (output-channel tile, (input-channel block, tap)), grouped (_weight_tile);
+    # axis 1: (split, group).
+    grid = (triton.cdiv(og, cfg["BLOCK_M"]) * kh * kw * triton.cdiv(ig, cfg["BLOCK_N"]),
             groups * splits)
     args = (
         grad_z, input, dst,
-        h, w, wo, ho * wo, tiles, n * tiles, per_split, og, ig, kw, groups,
+        h, w, wo, ho * wo, tiles, n * tiles, per_split, og, ig, kw, kh * kw, groups,
         *grad_z.stride(), *input.stride(), *dst_strides, *geo,
     )
     kwargs = dict(
         ALLOW_TF32=_allow_tf32(input.dtype), IS_1X1=_gemm_1x1(weight, geo, grad_z, input),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return grid, args, kwargs

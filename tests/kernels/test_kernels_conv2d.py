@@ -15,6 +15,8 @@ import pytest
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from slimops import reference  # noqa: E402
 from slimops.kernels import _aot  # noqa: E402
@@ -195,6 +197,82 @@ def test_backward_weight_split_k(monkeypatch, splits):
     out = K.conv2d_backward_weight(gz, a["x"], a["weight"], a["stride"], a["padding"],
                                    a["dilation"], 2)
     torch.testing.assert_close(out, gw, **_tols(torch.float32, gw))
+
+
+@triton.jit
+def _weight_tile_probe(out_ptr, num_m, taps, c_blocks, GROUP_M: tl.constexpr):
+    # program pid stores the tile the weight gradient's program pid computes
+    pid = tl.program_id(0)
+    pid_m, t, pid_n = K._weight_tile(pid, num_m, taps, c_blocks, GROUP_M)
+    tl.store(out_ptr + 3 * pid, pid_m)
+    tl.store(out_ptr + 3 * pid + 1, t)
+    tl.store(out_ptr + 3 * pid + 2, pid_n)
+
+
+@pytest.mark.parametrize("num_m,taps,c_blocks,group_m", [
+    (5, 9, 3, 2), (3, 1, 7, 8), (17, 3, 1, 8), (1, 9, 1, 8), (9, 1, 5, 4), (7, 5, 3, 3)])
+def test_weight_tile_order_is_a_grouped_bijection(num_m, taps, c_blocks, group_m):
+    """The weight gradient's pid -> (output-channel tile, tap, channel block): every tile of
+    the grid exactly once; programs in groups of ``group_m`` output-channel tiles (the last
+    group shorter), each sweeping every (channel block, tap) tile with the M tile fastest;
+    the taps of one channel block consecutive (they gather the same input planes)."""
+    num_n = taps * c_blocks
+    out = torch.full((num_m * num_n, 3), -1, dtype=torch.int32)
+    _weight_tile_probe[(num_m * num_n,)](out, num_m, taps, c_blocks, group_m)
+    tiles = [tuple(r) for r in out.tolist()]
+    assert sorted(tiles) == [(m, t, b) for m in range(num_m) for t in range(taps)
+                             for b in range(c_blocks)]
+    expected = []
+    for first in range(0, num_m, group_m):
+        size = min(group_m, num_m - first)
+        expected += [(first + i, n % taps, n // taps) for n in range(num_n) for i in range(size)]
+    assert tiles == expected
+
+
+@pytest.mark.parametrize("case", [
+    # (name, N, C_in, out_channels, weight shape, groups, H, W, stride, padding, dilation)
+    ("3x3_prefix_3_m_tiles", 2, 5, 70, (80, 8, 3, 3), 1, 6, 5, 1, 1, 1),
+    ("3x3_groups2_prefix_s2", 1, 6, 130, (144, 4, 3, 3), 2, 7, 7, 2, 1, 1),
+    ("1x1_prefix_many_m_tiles", 2, 36, 100, (112, 40, 1, 1), 1, 4, 6, 1, 0, 1),
+    ("1x3_groups3_dil2", 1, 9, 195, (210, 3, 1, 3), 3, 5, 7, 1, (0, 2), 2),
+], ids=lambda c: c[0])
+def test_backward_weight_grouped_order_changes_no_bit(monkeypatch, case):
+    """The weight gradient launches in the grouped order (``GROUP_M``) and gives the
+    reference's gradient, bit for bit the same whatever the group size (1: the plain order
+    over output-channel tiles and (channel block, tap); 2: several groups, the last one
+    shorter; 8), with two K splits (the interpreter's) and one: only which program computes
+    which tile changes, not a tile's sum or the partials' order. Channel prefixes, grouped
+    convs, more output-channel tiles than a group."""
+    name, n, cin, cout, wshape, groups, h, w, s, p, d = case
+    a = _make((name, n, cin, cout, wshape, groups, h, w, s, p, d, "", 0), torch.float32)
+    gz, _, gw = _grads(a)
+    geo = (a["stride"], a["padding"], a["dilation"], groups)
+    seen = []
+    launch = K._backward_weight_launch
+
+    def recorded(*args, **kwargs):
+        grid, largs, lkw = launch(*args, **kwargs)
+        seen.append((grid, lkw["GROUP_M"]))
+        return grid, largs, lkw
+
+    monkeypatch.setattr(K, "_backward_weight_launch", recorded)
+    got = {}
+    for splits in (1, 2):
+        monkeypatch.setattr(K, "_split_count",
+                            lambda tiles, k_tiles, target, s=splits: min(s, k_tiles))
+        for group_m in (1, 2, 8):
+            monkeypatch.setattr(K, "GROUP_M", group_m)
+            got[splits, group_m] = K.conv2d_backward_weight(gz, a["x"], a["weight"], *geo)
+            assert seen[-1][1] == group_m
+            torch.testing.assert_close(got[splits, group_m], gw, **_tols(torch.float32, gw))
+    for (splits, group_m), g in got.items():
+        assert torch.equal(g, got[splits, 1]), (splits, group_m)
+    # more output-channel tiles than a group of 2, on grid axis 0 with the N tiles
+    og, ig = cout // groups, cin // groups
+    num_m = -(-og // K.configs(torch.float32)[0]["BLOCK_M"])
+    assert num_m > 2
+    c_blocks = -(-ig // K.configs(torch.float32)[0]["BLOCK_N"])
+    assert seen[-1][0][0] == num_m * wshape[2] * wshape[3] * c_blocks
 
 
 @pytest.mark.parametrize("cfg", range(len(K.CONFIGS_FP32)), ids=lambda i: f"config{i}")
