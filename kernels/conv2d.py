@@ -43,8 +43,8 @@ docs/GPU_KERNELS.md):
   in groups of ``GROUP_M`` M tiles that sweep all N tiles before the next group, so a group's
   activation tiles and the weight stay in L2 together; the convolution group is grid axis 1.
   The weight gradient takes the same order over (output-channel tile, (input-channel block,
-  tap)) with the tap fastest, so consecutive programs gather the same input planes
-  (``_weight_tile``); (group, split) is its grid axis 1.
+  tap)) with the tap fastest, so consecutive programs gather the same input planes, laid on
+  its grid's three axes (``_weight_tile``).
 
 * The forward fuses ``act((z + bias[c]) * scale[c] + shift[c] + residual)``, each term under a
   constexpr flag so an absent term costs nothing. With ``STATS`` it also stores, per
@@ -196,10 +196,14 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(pid, num_m, taps, c_blocks, GROUP_M: tl.constexpr):
-    """``(pid_m, t, pid_n)`` of the weight gradient's program ``pid``: output-channel tile
-    ``pid_m``, tap ``t``, input-channel block ``pid_n``, in the grouped order over the
-    ``num_m`` x ``(c_blocks * taps)`` tile grid of one (group, split).
+def _weight_tile(pid_x, pid_y, pid_z, m_group, num_mg, taps, num_groups):
+    """``(pid_m, t, pid_n, g, split)`` of the weight gradient's program ``(pid_x, pid_y,
+    pid_z)``: output-channel tile ``pid_m``, tap ``t``, input-channel block ``pid_n``,
+    convolution group ``g``, K split ``split``. The grid is ``(m_group, taps * c_blocks,
+    num_mg * groups * splits)``, so in launch order (x fastest) groups of ``m_group`` (=
+    ``min(GROUP_M, num_m)``) output-channel tiles sweep every (channel block, tap) tile
+    before the next group (``num_mg`` groups; the last one's programs past ``num_m`` have no
+    tile), then the next (group, split).
 
     Why this order: every program of a split streams the same K range (the split's pixels),
     reading grad_z's rows of its output-channel tile (A) and the input's channel block
@@ -208,15 +212,22 @@ def _weight_tile(pid, num_m, taps, c_blocks, GROUP_M: tl.constexpr):
     input pixels (windows shifted by a dilation step), so B's data is shared by all ``taps``
     of a block. N therefore enumerates the taps fastest within a channel block (consecutive
     N tiles re-read one block of input planes through L2), and groups of ``GROUP_M``
-    output-channel tiles sweep the N tiles (``_grouped_tile``): the programs resident at
-    once cover at most ``GROUP_M`` blocks of grad_z rows and few input channel blocks. With
-    ``num_m <= GROUP_M`` (og <= 8 * BLOCK_M: most layers) this is the row-major order over
-    (M, N) with M fastest, as before, but for the tap order. Only which program computes
-    which tile changes; each tile's reduction (and the partials' sum) is as it was."""
-    pid_m, pid_nt = _grouped_tile(pid, num_m, taps * c_blocks, GROUP_M)
-    pid_n = pid_nt // taps
-    t = pid_nt - pid_n * taps
-    return pid_m, t, pid_n
+    output-channel tiles sweep the N tiles, as ``_grouped_tile`` orders the forward: the
+    programs resident at once cover at most ``GROUP_M`` blocks of grad_z rows and few input
+    channel blocks. With ``num_m <= GROUP_M`` (og <= 8 * BLOCK_M: most layers) the order is
+    the row-major one over (M, N), M fastest, as before, but for the taps' order. Only which
+    program computes which tile changes; each tile's reduction (and the partials' sum) is as
+    it was. The grouping rides on the grid's axes rather than on a decoded flat program id
+    (``_grouped_tile``): ptxas re-reads program ids where it would keep decoded indices live
+    across the K loop, which cost the fp32 IEEE 3x3 binary 13 registers on sm_80 (141 > 128)
+    and a 16-byte stack frame on sm_90."""
+    pid_n = pid_y // taps
+    t = pid_y - pid_n * taps
+    mg = pid_z % num_mg
+    rest = pid_z // num_mg
+    g = rest % num_groups
+    split = rest // num_groups
+    return mg * m_group + pid_x, t, pid_n, g, split
 
 
 @triton.jit
@@ -383,22 +394,21 @@ def _conv_backward_input_kernel(
 @triton.jit
 def _conv_backward_weight_kernel(
     gz_ptr, x_ptr, gw_ptr,
-    H, W, Wo, HWo, tiles, k_tiles, per_split, og, ig, KW, taps, num_groups,
+    H, W, Wo, HWo, tiles, k_tiles, per_split, og, ig, KW, taps, m_group, num_mg, num_groups,
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
     sws, swg, swo, swi, swh, sww,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     ALLOW_TF32: tl.constexpr, IS_1X1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Axis 0: (output-channel tile, (input channel block, tap)) in the grouped order
-    # (_weight_tile); one tap per program, so the input gather's address is a per-pixel
-    # vector plus a per-channel vector.
-    pid_m, t, pid_n = _weight_tile(tl.program_id(0), (og + BLOCK_M - 1) // BLOCK_M, taps,
-                                   (ig + BLOCK_N - 1) // BLOCK_N, GROUP_M)
+    # The grouped order over (output-channel tile, (input channel block, tap)) on the grid's
+    # axes (_weight_tile); one tap per program, so the input gather's address is a
+    # per-pixel vector plus a per-channel vector.
+    pid_m, t, pid_n, g, split = _weight_tile(tl.program_id(0), tl.program_id(1),
+                                             tl.program_id(2), m_group, num_mg, taps,
+                                             num_groups)
     kh = t // KW
     kw = t - kh * KW
-    g = tl.program_id(1) % num_groups
-    split = tl.program_id(1) // num_groups
     # M: output channels o < og of group g (int32 offsets inside an image).
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = rm < og
@@ -410,7 +420,8 @@ def _conv_backward_weight_kernel(
     # K: this split's fixed range of K tiles; K tile kt is the pixel tile kt % tiles of image
     # kt // tiles (tiles never straddle two images, as in the forward).
     lo = split * per_split
-    hi = tl.minimum(lo + per_split, k_tiles)
+    # (a program past the last output-channel tile, in the last group: no K tile, no store)
+    hi = tl.where(pid_m * BLOCK_M < og, tl.minimum(lo + per_split, k_tiles), lo)
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for kt in range(lo, hi):
         n, q = _pixel_tile(kt, tiles, BLOCK_K)
@@ -768,18 +779,21 @@ def _backward_weight_launch(
     ho, wo = grad_z.shape[2:]
     kh, kw = weight.shape[2], weight.shape[3]
     tiles = triton.cdiv(ho * wo, cfg["BLOCK_K"])
-    # Axis 0: (output-channel tile, (input-channel block, tap)), grouped (_weight_tile);
-    # axis 1: (split, group).
-    grid = (triton.cdiv(og, cfg["BLOCK_M"]) * kh * kw * triton.cdiv(ig, cfg["BLOCK_N"]),
-            groups * splits)
+    # The grouped order on the axes (_weight_tile): x, GROUP_M output-channel tiles (fewer
+    # when there are fewer); y, (input-channel block, tap); z, (split, group, M group).
+    num_m = triton.cdiv(og, cfg["BLOCK_M"])
+    m_group = min(GROUP_M, num_m)
+    num_mg = triton.cdiv(num_m, m_group)
+    grid = (m_group, kh * kw * triton.cdiv(ig, cfg["BLOCK_N"]), num_mg * groups * splits)
     args = (
         grad_z, input, dst,
-        h, w, wo, ho * wo, tiles, n * tiles, per_split, og, ig, kw, kh * kw, groups,
+        h, w, wo, ho * wo, tiles, n * tiles, per_split, og, ig, kw, kh * kw, m_group, num_mg,
+        groups,
         *grad_z.stride(), *input.stride(), *dst_strides, *geo,
     )
     kwargs = dict(
         ALLOW_TF32=_allow_tf32(input.dtype), IS_1X1=_gemm_1x1(weight, geo, grad_z, input),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return grid, args, kwargs

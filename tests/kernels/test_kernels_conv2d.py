@@ -200,59 +200,76 @@ def test_backward_weight_split_k(monkeypatch, splits):
 
 
 @triton.jit
-def _weight_tile_probe(out_ptr, num_m, taps, c_blocks, GROUP_M: tl.constexpr):
-    # program pid stores the tile the weight gradient's program pid computes
-    pid = tl.program_id(0)
-    pid_m, t, pid_n = K._weight_tile(pid, num_m, taps, c_blocks, GROUP_M)
-    tl.store(out_ptr + 3 * pid, pid_m)
-    tl.store(out_ptr + 3 * pid + 1, t)
-    tl.store(out_ptr + 3 * pid + 2, pid_n)
+def _weight_tile_probe(out_ptr, m_group, num_mg, taps, num_groups):
+    # program (x, y, z) stores, at its place in launch order (x fastest), the tile the weight
+    # gradient's program (x, y, z) computes
+    pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1)
+                                                    * tl.program_id(2))
+    pid_m, t, pid_n, g, split = K._weight_tile(tl.program_id(0), tl.program_id(1),
+                                               tl.program_id(2), m_group, num_mg, taps,
+                                               num_groups)
+    tl.store(out_ptr + 5 * pid, pid_m)
+    tl.store(out_ptr + 5 * pid + 1, t)
+    tl.store(out_ptr + 5 * pid + 2, pid_n)
+    tl.store(out_ptr + 5 * pid + 3, g)
+    tl.store(out_ptr + 5 * pid + 4, split)
 
 
-@pytest.mark.parametrize("num_m,taps,c_blocks,group_m", [
-    (5, 9, 3, 2), (3, 1, 7, 8), (17, 3, 1, 8), (1, 9, 1, 8), (9, 1, 5, 4), (7, 5, 3, 3)])
-def test_weight_tile_order_is_a_grouped_bijection(num_m, taps, c_blocks, group_m):
-    """The weight gradient's pid -> (output-channel tile, tap, channel block): every tile of
-    the grid exactly once; programs in groups of ``group_m`` output-channel tiles (the last
-    group shorter), each sweeping every (channel block, tap) tile with the M tile fastest;
-    the taps of one channel block consecutive (they gather the same input planes)."""
-    num_n = taps * c_blocks
-    out = torch.full((num_m * num_n, 3), -1, dtype=torch.int32)
-    _weight_tile_probe[(num_m * num_n,)](out, num_m, taps, c_blocks, group_m)
-    tiles = [tuple(r) for r in out.tolist()]
-    assert sorted(tiles) == [(m, t, b) for m in range(num_m) for t in range(taps)
-                             for b in range(c_blocks)]
-    expected = []
-    for first in range(0, num_m, group_m):
-        size = min(group_m, num_m - first)
-        expected += [(first + i, n % taps, n // taps) for n in range(num_n) for i in range(size)]
-    assert tiles == expected
+@pytest.mark.parametrize("num_m,taps,c_blocks,groups,splits,group_m", [
+    (5, 9, 3, 1, 1, 2), (3, 1, 7, 2, 1, 8), (17, 3, 1, 1, 2, 8), (1, 9, 1, 3, 2, 8),
+    (9, 1, 5, 1, 1, 4), (7, 5, 3, 2, 3, 3)])
+def test_weight_tile_order_is_a_grouped_bijection(num_m, taps, c_blocks, groups, splits,
+                                                  group_m):
+    """The weight gradient's programs, in launch order, against their (output-channel tile,
+    tap, channel block, group, split): every tile of every (group, split) exactly once, the
+    programs past the last output-channel tile (in a shorter last group) mapped past it;
+    groups of ``group_m`` output-channel tiles, each sweeping every (channel block, tap)
+    tile with the M tile fastest; the taps of one channel block consecutive (they gather the
+    same input planes); then the next group, then the next (group, split)."""
+    m_group = min(group_m, num_m)
+    num_mg = -(-num_m // m_group)
+    grid = (m_group, taps * c_blocks, num_mg * groups * splits)
+    out = torch.full((grid[0] * grid[1] * grid[2], 5), -1, dtype=torch.int32)
+    _weight_tile_probe[grid](out, m_group, num_mg, taps, groups)
+    got = [tuple(r) for r in out.tolist()]
+    expected = [(mg * m_group + i, n % taps, n // taps, g, split)
+                for split in range(splits) for g in range(groups) for mg in range(num_mg)
+                for n in range(taps * c_blocks) for i in range(m_group)]
+    assert got == expected
+    tiles = sorted(x for x in got if x[0] < num_m)
+    assert tiles == [(m, t, b, g, s) for m in range(num_m) for t in range(taps)
+                     for b in range(c_blocks) for g in range(groups) for s in range(splits)]
+    assert len(got) - len(tiles) == (num_mg * m_group - num_m) * taps * c_blocks * groups * splits
 
 
 @pytest.mark.parametrize("case", [
     # (name, N, C_in, out_channels, weight shape, groups, H, W, stride, padding, dilation)
     ("3x3_prefix_3_m_tiles", 2, 5, 70, (80, 8, 3, 3), 1, 6, 5, 1, 1, 1),
     ("3x3_groups2_prefix_s2", 1, 6, 130, (144, 4, 3, 3), 2, 7, 7, 2, 1, 1),
-    ("1x1_prefix_many_m_tiles", 2, 36, 100, (112, 40, 1, 1), 1, 4, 6, 1, 0, 1),
+    ("1x1_prefix_4_m_tiles", 2, 36, 100, (112, 40, 1, 1), 1, 4, 6, 1, 0, 1),
     ("1x3_groups3_dil2", 1, 9, 195, (210, 3, 1, 3), 3, 5, 7, 1, (0, 2), 2),
 ], ids=lambda c: c[0])
 def test_backward_weight_grouped_order_changes_no_bit(monkeypatch, case):
-    """The weight gradient launches in the grouped order (``GROUP_M``) and gives the
-    reference's gradient, bit for bit the same whatever the group size (1: the plain order
-    over output-channel tiles and (channel block, tap); 2: several groups, the last one
-    shorter; 8), with two K splits (the interpreter's) and one: only which program computes
-    which tile changes, not a tile's sum or the partials' order. Channel prefixes, grouped
-    convs, more output-channel tiles than a group."""
+    """The weight gradient launches in the grouped order (grid x: ``min(GROUP_M, tiles)``
+    output-channel tiles) and gives the reference's gradient, bit for bit the same whatever
+    the group size (1: the plain order over (channel block, tap) and output-channel tiles;
+    2: several groups, with idle programs in a shorter last one; 8: one group), with one K
+    split and two: only which program computes which tile changes, not a tile's sum or the
+    partials' order. Channel prefixes, grouped convs, 3 or 4 output-channel tiles."""
     name, n, cin, cout, wshape, groups, h, w, s, p, d = case
     a = _make((name, n, cin, cout, wshape, groups, h, w, s, p, d, "", 0), torch.float32)
     gz, _, gw = _grads(a)
     geo = (a["stride"], a["padding"], a["dilation"], groups)
+    # more output-channel tiles than a group of 2 (3 or more: the last group shorter or not)
+    cfg = K.configs(torch.float32)[0]
+    num_m = -(-(cout // groups) // cfg["BLOCK_M"])
+    assert 2 < num_m <= 8
     seen = []
     launch = K._backward_weight_launch
 
     def recorded(*args, **kwargs):
         grid, largs, lkw = launch(*args, **kwargs)
-        seen.append((grid, lkw["GROUP_M"]))
+        seen.append(grid)
         return grid, largs, lkw
 
     monkeypatch.setattr(K, "_backward_weight_launch", recorded)
@@ -263,16 +280,15 @@ def test_backward_weight_grouped_order_changes_no_bit(monkeypatch, case):
         for group_m in (1, 2, 8):
             monkeypatch.setattr(K, "GROUP_M", group_m)
             got[splits, group_m] = K.conv2d_backward_weight(gz, a["x"], a["weight"], *geo)
-            assert seen[-1][1] == group_m
+            assert seen[-1][0] == min(group_m, num_m)
             torch.testing.assert_close(got[splits, group_m], gw, **_tols(torch.float32, gw))
     for (splits, group_m), g in got.items():
         assert torch.equal(g, got[splits, 1]), (splits, group_m)
-    # more output-channel tiles than a group of 2, on grid axis 0 with the N tiles
-    og, ig = cout // groups, cin // groups
-    num_m = -(-og // K.configs(torch.float32)[0]["BLOCK_M"])
-    assert num_m > 2
-    c_blocks = -(-ig // K.configs(torch.float32)[0]["BLOCK_N"])
-    assert seen[-1][0][0] == num_m * wshape[2] * wshape[3] * c_blocks
+    # the last launch (2 splits, groups of 8 tiles): x the output-channel tiles, y (channel
+    # block, tap), z (split, group)
+    c_blocks = -(-(cin // groups) // cfg["BLOCK_N"])
+    k_tiles = n * -(-gz.shape[2] * gz.shape[3] // cfg["BLOCK_K"])
+    assert seen[-1] == (num_m, wshape[2] * wshape[3] * c_blocks, groups * min(2, k_tiles))
 
 
 @pytest.mark.parametrize("cfg", range(len(K.CONFIGS_FP32)), ids=lambda i: f"config{i}")
