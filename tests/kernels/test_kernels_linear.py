@@ -102,6 +102,46 @@ def test_every_config(monkeypatch, cfg):
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("group_m", [1, 2, 3])
+def test_grouped_launch_order_changes_no_bit(monkeypatch, group_m):
+    """The GEMM launches its (M, N) tiles in the grouped order of ``GROUP_M`` M tiles (grid
+    x: a group's M tiles, y: N tiles, z: the group): with 5 M tiles x 3 N tiles (groups of 2
+    and 3 leave idle programs in the last group) all three ops give the reference's values,
+    bit for bit those of the plain order (``GROUP_M`` = 1); only which program computes
+    which tile changes."""
+    launch = K._gemm_launch
+    grids = []
+
+    def recorded(*args):
+        grid, largs, kwargs = launch(*args)
+        grids.append(grid)
+        return grid, largs, kwargs
+
+    monkeypatch.setattr(K, "_gemm_launch", recorded)
+    x, w, b = torch.randn(150, 37), torch.randn(150, 40), torch.randn(150)
+    gy = torch.randn(150, 140)
+
+    def run():
+        return (K.linear(x, w, b, 140), K.linear_backward_input(gy, w, 37),
+                K.linear_backward_weight(gy, x, w))
+
+    monkeypatch.setattr(K, "GROUP_M", 1)
+    plain = run()
+    monkeypatch.setattr(K, "GROUP_M", group_m)
+    grouped = run()
+    # the forward (the interpreter's 32 x 64 tile): 150 rows x 140 outputs = 5 x 3 tiles, in
+    # groups of group_m M tiles
+    assert (K.CONFIGS[0]["BLOCK_M"], K.CONFIGS[0]["BLOCK_N"]) == (32, 64)
+    assert grids[0] == (1, 3, 5)
+    assert grids[3] == (group_m, 3, -(-5 // group_m))
+    for got, ref in zip(grouped, plain):
+        assert torch.equal(got, ref)
+    torch.testing.assert_close(grouped[0], reference.linear(x, w, b, 140), rtol=1e-4,
+                               atol=1e-4)
+    torch.testing.assert_close(grouped[1], gy @ w[:140, :37], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grouped[2][:140, :37], gy.t() @ x, rtol=1e-4, atol=1e-4)
+
+
 def test_strided_views_read_in_place():
     # A transposed weight view and a non-contiguous input: both read through their strides
     # (the launchers never make the weight contiguous).
