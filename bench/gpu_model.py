@@ -3,6 +3,8 @@ reference (cuDNN) plan, forward (eval) and training step, fp16, batch 1 and 256.
 
     python bench/gpu_model.py               # markdown tables (docs/GPU_KERNELS.md embeds them)
     python bench/gpu_model.py --layers      # a row per layer too
+    python bench/gpu_model.py --write-table # recompile the occupancy table (~300 compiles)
+    python bench/gpu_model.py --check       # exit 1 if the checked-in table is stale
 
 **An analytical model: nothing was timed on a GPU** (no machine of this project has one).
 What it is made of:
@@ -34,8 +36,14 @@ What it is made of:
 * **Time per launch**: the roof ``max(FLOPs / peak, bytes / HBM bandwidth)`` divided by an
   efficiency factor for wave quantisation, plus a fixed launch cost ``LAUNCH_S``. The factor
   is ``tiles / (waves * SMS * blocks_per_sm)`` with ``tiles`` the launch's grid size,
-  ``blocks_per_sm`` the occupancy of the kernel's AOT compile for sm_90 (fp16, the same
-  tuning entry, the closest compiled shape: ``kernels._aot``; the case is named per launch)
+  ``blocks_per_sm`` resident blocks per SM of the launch's sm_90 compile, read from the
+  checked-in table ``bench/gpu_model_occupancy.json`` (``occupancy_table``): for conv2d and
+  linear the binary the JIT compiles for that very launch (the launch builders' arguments at
+  the layer's shape, ``kernels._aot.AotCase.from_launch``); for the other kernels, whose
+  launches the plan has no arguments for, the fp16 AOT case of the same kernel, tuning entry
+  and flags (``kernels/*.py`` ``aot_cases()``, JIT-exact at their own shapes), named per
+  launch. ``--write-table`` recompiles the table, ``--check`` says whether it is current,
+  and the tests check it against today's kernels and fresh compiles of a sample,
   and ``waves = ceil(tiles / (SMS * blocks_per_sm))``. cuDNN's and PyTorch's kernels have no
   such data here: factor 1 (generous to the reference).
 
@@ -93,6 +101,11 @@ class Launch:
     hints: Tuple[str, ...] = ()  # tokens of the matching AOT case's name (tuning entry, mode)
     blocks_per_sm: int = 0
     case: str = ""
+    # The binary the JIT compiles for this very launch (conv2d and linear, whose launch
+    # builders the plan calls): an ``AotCase`` built from the builder's arguments, and its
+    # ``spec_key``; None / "" where the plan has no arguments (occupancy by ``hints``).
+    exact: Optional[object] = field(default=None, repr=False, compare=False)
+    spec: str = ""
 
     def roof(self) -> float:
         """``max(FLOPs / peak, bytes / bandwidth)`` in seconds."""
@@ -252,6 +265,39 @@ def _geo(L: Layer) -> Tuple[int, ...]:
     return (L.stride, L.stride, p, p, 1, 1)
 
 
+def spec_key(kernel: str, signature: Dict[str, str], constexprs: Dict[str, object],
+             attrs: Dict[str, object], num_warps: int, num_stages: int) -> str:
+    """A digest of one binary as the JIT specialises it: the kernel and its signature,
+    constants, divisibility hints and launch options (two launches with equal keys run the
+    same compile)."""
+    blob = json.dumps([kernel, sorted(signature.items()),
+                       sorted((k, repr(v)) for k, v in constexprs.items()),
+                       sorted((k, repr(v)) for k, v in attrs.items()), num_warps, num_stages])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def case_key(case) -> str:
+    """``spec_key`` of an ``AotCase``."""
+    return spec_key(case.fn.__name__, case.signature, case.constexprs, case.attrs,
+                    case.num_warps, case.num_stages)
+
+
+def _with_exact(launch: Launch, kernel, built: Tuple) -> Launch:
+    """``launch`` with the ``AotCase`` the JIT compiles for ``kernel[grid](*args, **kwargs)``
+    (``built``: a launch builder's ``(grid, args, kwargs)``) and its key."""
+    from slimops.kernels._aot import AotCase
+    from slimops.kernels.epilogue import compiled
+
+    if type(kernel).__name__ not in ("JITFunction", "InterpretedFunction"):
+        kernel = kernel.fn  # a wrapper around the module's kernel (the launch-plan test's)
+    _, args, kwargs = built
+    kw = dict(kwargs)
+    warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
+    launch.exact = AotCase.from_launch(launch.kernel, compiled(kernel), args, kw, warps, stages)
+    launch.spec = case_key(launch.exact)
+    return launch
+
+
 def _tag(cfg: Dict[str, int]) -> str:
     from slimops.kernels.conv2d import _cfg_tag
 
@@ -338,36 +384,49 @@ def _conv_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
     stats = training and not L.shared_bn
     moments = _meta((3, num_m, L.cout), torch.float32) if stats else None
     vec = _meta((L.cout,))
-    grid, _, _ = cv._forward_launch(
+    launch = cv._forward_launch(
         x, weight, None, None if training else vec, None if training else vec,
         z if (L.residual and not training) else None, z, moments, L.cout, L.cin,
-        L.full_weight[0], geo, 1, 0, cfg)
+        L.full_weight[0], geo, 1, 0 if training else L.activation, cfg)
+    grid = launch[0]
     if not training:
-        return [Launch("_conv_forward_kernel", math.prod(grid),
-                       ELEM * (L.x + L.w + L.y * (1 + L.residual) + 2 * L.cout), fl, peak,
-                       (_tag(cfg), "res" if L.residual else "eval", shape_hint))]
-    plan = [Launch("_conv_forward_kernel", math.prod(grid),
-                   ELEM * (L.x + L.w + L.y) + (F32 * 3 * num_m * L.cout if stats else 0), fl,
-                   peak, (_tag(cfg), "stats" if stats else "eval", shape_hint))]
+        return [_with_exact(Launch(
+            "_conv_forward_kernel", math.prod(grid),
+            ELEM * (L.x + L.w + L.y * (1 + L.residual) + 2 * L.cout), fl, peak,
+            (_tag(cfg), "res" if L.residual else "eval", shape_hint)),
+            cv._conv_forward_kernel, launch)]
+    plan = [_with_exact(Launch(
+        "_conv_forward_kernel", math.prod(grid),
+        ELEM * (L.x + L.w + L.y) + (F32 * 3 * num_m * L.cout if stats else 0), fl,
+        peak, (_tag(cfg), "stats" if stats else "eval", shape_hint)),
+        cv._conv_forward_kernel, launch)]
     plan += _bn_train_launches(L, num_m)
     plan += _bn_backward_launches(L)
     if not L.first:
         cfg = cv._pick(h * w, L.cin, torch.float16, cv._streamed(weight, geo, h * w, z))
-        grid, _, _ = cv._backward_input_launch(z, weight, x, L.cout, L.cin, L.full_weight[0],
-                                               geo, 1, cfg)
-        plan.append(Launch("_conv_backward_input_kernel", math.prod(grid),
-                           ELEM * (L.y + L.w + L.x), fl, peak, (_tag(cfg), shape_hint)))
+        launch = cv._backward_input_launch(z, weight, x, L.cout, L.cin, L.full_weight[0],
+                                           geo, 1, cfg)
+        plan.append(_with_exact(Launch(
+            "_conv_backward_input_kernel", math.prod(launch[0]), ELEM * (L.y + L.w + L.x), fl,
+            peak, (_tag(cfg), shape_hint)), cv._conv_backward_input_kernel, launch))
     cfg = cv._pick(L.cout, L.cin, torch.float16, cv._streamed(weight, geo, ho * wo, z, x))
     splits, per_split = cv._weight_splits(L.n, ho * wo, L.cout, L.cin, weight, 1, cfg,
                                           2 * SMS if gpu else 0)
     plan.append(Launch("torch:zeros", -(-L.w_full * ELEM // 4096), ELEM * L.w_full))
-    dst = _meta((splits, 1, L.cout, L.cin, L.k, L.k), torch.float32)
-    grid, _, _ = cv._backward_weight_launch(z, x, weight, dst, dst.stride(), L.cout, L.cin,
-                                            geo, 1, splits, per_split, cfg)
+    if splits == 1:  # as the launcher: straight into the full gradient (the weight's dtype)
+        dst = weight
+        dst_strides: Tuple[int, ...] = (0, L.full_weight[0] * weight.stride(0),
+                                        *weight.stride())
+    else:
+        dst = _meta((splits, 1, L.cout, L.cin, L.k, L.k), torch.float32)
+        dst_strides = dst.stride()
+    launch = cv._backward_weight_launch(z, x, weight, dst, dst_strides, L.cout, L.cin, geo, 1,
+                                        splits, per_split, cfg)
     written = F32 * splits * L.w if splits > 1 else ELEM * L.w
-    plan.append(Launch("_conv_backward_weight_kernel", math.prod(grid),
-                       ELEM * (L.y + L.x) + written, fl, peak,
-                       (_tag(cfg), "partials" if splits > 1 else "direct", shape_hint)))
+    plan.append(_with_exact(Launch(
+        "_conv_backward_weight_kernel", math.prod(launch[0]), ELEM * (L.y + L.x) + written, fl,
+        peak, (_tag(cfg), "partials" if splits > 1 else "direct", shape_hint)),
+        cv._conv_backward_weight_kernel, launch))
     if splits > 1:  # dst.sum(0), then the cast-copy into the prefix
         plan.append(Launch("torch:sum", -(-L.w // 512), F32 * (splits + 1) * L.w))
         plan.append(Launch("torch:copy", -(-L.w // 512), (F32 + ELEM) * L.w))
@@ -418,20 +477,36 @@ def _dw_plan(L: Layer, training: bool) -> List[Launch]:
 def _linear_plan(L: Layer, training: bool) -> List[Launch]:
     from slimops.kernels import linear as ln
 
-    def gemm(m: int, n: int, k: int, written: float, hint: str) -> Launch:
-        cfg = ln._pick(m, n)
-        programs = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
-        tag = f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}"
-        return Launch("_gemm_kernel", programs, ELEM * (m * k + k * n) + written,
-                      2.0 * m * n * k, PEAK_TENSOR_FP16, (tag, hint))
-
     n, cin, cout = L.n, L.cin, L.cout
-    plan = [gemm(n, cout, cin, ELEM * (n * cout + cout), "bias")]
+    w = _meta(L.full_weight)
+    bias = _meta((L.full_weight[0],))
+
+    def gemm(a: torch.Tensor, a_strides: Tuple[int, int], b: torch.Tensor,
+             b_strides: Tuple[int, int], c: torch.Tensor, mnk: Tuple[int, int, int],
+             with_bias: bool, written: float, hint: str) -> Launch:
+        # the operands and strides as linear.py's launchers pass them, through its builder
+        m, nn, k = mnk
+        cfg = ln._pick(m, nn)
+        launch = ln._gemm_launch(a, a_strides, b, b_strides, c, c.stride()[:2], m, nn, k,
+                                 bias if with_bias else None, cfg)
+        tag = f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}"
+        return _with_exact(Launch("_gemm_kernel", math.prod(launch[0]),
+                                  ELEM * (m * k + k * nn) + written, 2.0 * m * nn * k,
+                                  PEAK_TENSOR_FP16, (tag, hint)), ln._gemm_kernel, launch)
+
+    x, gy = _meta((n, cin)), _meta((n, cout))
+    # forward: input [n, cin] @ W[:cout, :cin]^T (the weight's strides swapped) + bias
+    plan = [gemm(x, x.stride(), w, (w.stride(1), w.stride(0)), _meta((n, cout)),
+                 (n, cout, cin), True, ELEM * (n * cout + cout), "bias")]
     if not training:
         return plan
-    plan.append(gemm(n, cin, cout, ELEM * n * cin, ""))  # input gradient
+    # input gradient: grad_out [n, cout] @ W[:cout, :cin]
+    plan.append(gemm(gy, gy.stride(), w, w.stride(), _meta((n, cin)), (n, cin, cout), False,
+                     ELEM * n * cin, ""))
     plan.append(Launch("torch:zeros", -(-L.w_full * ELEM // 4096), ELEM * L.w_full))
-    plan.append(gemm(cout, cin, n, ELEM * L.w, ""))  # weight gradient into the prefix
+    # weight gradient into the prefix of the full gradient: grad_out^T [cout, n] @ input
+    plan.append(gemm(gy, (gy.stride(1), gy.stride(0)), x, x.stride(), _meta(L.full_weight),
+                     (cout, cin, n), False, ELEM * L.w, ""))
     # the bias gradient: grad_out.sum(0), padded to the full bias (csrc/autograd/linear.cpp)
     plan.append(Launch("torch:sum", 1, ELEM * (n * cout + cout)))
     plan.append(Launch("torch:pad", 1, ELEM * (cout + L.full_weight[0])))
@@ -511,28 +586,16 @@ def reference_plan(L: Layer, training: bool) -> List[Launch]:
 # ----------------------------------------------------------------------------- occupancy
 
 
-def _aot_cache_path() -> str:
-    """A cache file keyed by the kernel sources and triton's version (a change recompiles)."""
-    import triton
-
-    from slimops import kernels
-
-    digest = hashlib.sha256(triton.__version__.encode())
-    folder = os.path.dirname(kernels.__file__)
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as f:
-                digest.update(f.read())
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "slimops", f"aot_sm90_{digest.hexdigest()[:16]}.json")
-
-
+TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_model_occupancy.json")
+SCENARIOS = [(training, width, batch) for training in (False, True) for width in (1.0, 0.35)
+             for batch in (1, 256)]
 _FP16 = re.compile(r"(?<!b)float16")
 
 
 def _model_cases() -> List[object]:
-    """The AOT cases the model reads: every fp16 case, and the cases of kernels that have
-    none (the merge tree's, fp32 only)."""
+    """The AOT cases the model reads by hints (kernels whose launches it has no arguments
+    for): every fp16 case, and the cases of kernels that have none (the merge tree's, fp32
+    only)."""
     from slimops.kernels import _aot
 
     cases = _aot.all_cases()
@@ -540,51 +603,116 @@ def _model_cases() -> List[object]:
     return [c for c in cases if _FP16.search(c.name) or c.fn.__name__ not in with_fp16]
 
 
-def _compile_to(path: str) -> None:
-    """Compile ``_model_cases`` for sm_90 and write the results to ``path`` (run in a
-    process without ``TRITON_INTERPRET``: the interpreter's kernels cannot be compiled)."""
+def table_cases(scenarios: Sequence[Tuple[bool, float, int]] = SCENARIOS) -> List[object]:
+    """Every binary the occupancy table holds: the model's AOT cases (``_model_cases``),
+    then the exact binary of every conv2d and linear launch of the ``scenarios`` (training,
+    width, batch) not among them, named after its first launch. One per ``case_key``."""
+    cases: Dict[str, object] = {}
+    for c in _model_cases():
+        cases.setdefault(case_key(c), c)
+    for training, width, batch in scenarios:
+        for L in layers(width, batch):
+            for x in slimops_plan(L, training):
+                if x.exact is not None and x.spec not in cases:
+                    name = (f"{x.kernel.strip('_').replace('_kernel', '')}_{L.name}_b{batch}"
+                            f"_w{width:g}_{'train' if training else 'eval'}")
+                    cases[x.spec] = dataclasses.replace(x.exact, name=name)
+    return list(cases.values())
+
+
+def _source(case) -> str:
+    """The kernel's source digest (triton's ``cache_key``: its code and that of the jit
+    functions and globals it uses), so a kernel edit shows as a stale entry."""
+    return str(case.fn.cache_key)
+
+
+def _compile_entries(cases: Sequence[object]) -> List[Dict[str, object]]:
+    """Compile ``cases`` for sm_90 (``kernels._aot``; in a process without
+    ``TRITON_INTERPRET``) and return the table's entries, sorted by kernel and name."""
     from slimops.kernels import _aot
 
-    results = [dataclasses.asdict(_aot.compile_case(c, 90)) for c in _model_cases()]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    aot_names = {c.name for c in _aot.all_cases()}
+    out = []
+    for c in cases:
+        r = _aot.compile_case(c, 90)
+        out.append(dict(kernel=r.kernel, name=c.name, key=case_key(c), aot=c.name in aot_names,
+                        source=_source(c), registers=r.registers, spill_bytes=r.spill_bytes,
+                        stack_bytes=r.stack_bytes, shared_bytes=r.shared_bytes,
+                        num_warps=c.num_warps, num_stages=c.num_stages,
+                        occupancy=r.occupancy))
+    return sorted(out, key=lambda e: (str(e["kernel"]), str(e["name"])))
+
+
+def compile_table(keys: Optional[Sequence[str]] = None, jobs: int = 1
+                  ) -> List[Dict[str, object]]:
+    """The occupancy table as today's code compiles it (every ``table_cases`` binary, or
+    those of ``keys``), computed in ``jobs`` subprocesses (each a share of the cases) without
+    ``TRITON_INTERPRET`` (the interpreter's kernels cannot be compiled): about 300 compiles,
+    5-10 CPU minutes."""
+    import subprocess
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for part in range(jobs):
+            out = os.path.join(tmp, f"part{part}.json")
+            procs.append((out, subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--compile-table", out,
+                 "--part", f"{part}/{jobs}", *(["--keys", *keys] if keys else [])], env=env)))
+        entries: List[Dict[str, object]] = []
+        for out, proc in procs:
+            if proc.wait() != 0:
+                raise RuntimeError(f"gpu_model.py --compile-table failed ({proc.returncode})")
+            with open(out) as f:
+                entries += json.load(f)
+    return sorted(entries, key=lambda e: (str(e["kernel"]), str(e["name"])))
+
+
+def _write(entries: List[Dict[str, object]], path: str) -> None:
     with open(path + ".tmp", "w") as f:
-        json.dump(results, f)
+        json.dump(entries, f, indent=0)
+        f.write("\n")
     os.replace(path + ".tmp", path)
 
 
-def aot_results() -> List[Dict[str, object]]:
-    """The model's AOT cases compiled for sm_90 (``kernels._aot``: registers, shared memory,
-    ``occupancy``), as dicts: read from the cache, or compiled once (about 130 compiles, a
-    few CPU minutes, in a subprocess) and cached."""
-    path = _aot_cache_path()
-    if not os.path.exists(path):
-        import subprocess
-
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--compile-aot", path],
-                       env=env, check=True)
+def occupancy_table(path: str = TABLE) -> List[Dict[str, object]]:
+    """The checked-in table (``bench/gpu_model_occupancy.json``): per binary its kernel,
+    name (the AOT case's, or ``<kernel>_<layer>_b<batch>_w<width>_<pass>`` for a launch's
+    own), ``key`` (``spec_key``), ``aot`` (an AOT case of ``kernels/*.py``), ``source``
+    (``_source``) and the sm_90 compile's registers, spills, stack, shared memory, warps,
+    stages and ``occupancy`` (resident blocks per SM). ``python bench/gpu_model.py
+    --write-table`` regenerates it, ``--check`` says whether it is current;
+    tests/test_bench_gpu_model.py checks its keys and sources against today's code and
+    recompiles one entry of each kind per kernel."""
     with open(path) as f:
         return json.load(f)
 
 
 class Occupancy:
-    """Blocks per SM of a launch from the AOT results: among the fp16 compiles of the same
-    ``@triton.jit`` kernel (fp32 where the kernel has no fp16 case, as the merge tree), the
-    one whose name holds most of the launch's ``hints`` (tuning entry, mode, shape)."""
+    """Blocks per SM of a launch from the table: the entry of the launch's own binary
+    (``Launch.spec``: conv2d and linear); else, among the AOT entries of the same
+    ``@triton.jit`` kernel in fp16 (fp32 where the kernel has no fp16 case, as the merge
+    tree), the one whose name holds most of the launch's ``hints`` (tuning entry, mode,
+    shape)."""
 
-    def __init__(self, results: Sequence[Dict[str, object]]) -> None:
+    def __init__(self, entries: Sequence[Dict[str, object]]) -> None:
+        self.by_key = {str(e["key"]): e for e in entries if "key" in e}
         self.by_kernel: Dict[str, List[Dict[str, object]]] = {}
-        for r in results:
-            self.by_kernel.setdefault(str(r["kernel"]), []).append(r)
+        for e in entries:
+            if e.get("aot", True):
+                self.by_kernel.setdefault(str(e["kernel"]), []).append(e)
 
     def __call__(self, launch: Launch) -> Launch:
-        cands = self.by_kernel.get(launch.kernel, [])
-        fp16 = [r for r in cands if _FP16.search(str(r["name"]))]
-        cands = fp16 or cands
-        if not cands:
-            return launch
-        best = max(sorted(cands, key=lambda r: str(r["name"])),
-                   key=lambda r: sum(h in str(r["name"]) for h in launch.hints if h))
+        best = self.by_key.get(launch.spec) if launch.spec else None
+        if best is None:
+            cands = self.by_kernel.get(launch.kernel, [])
+            fp16 = [r for r in cands if _FP16.search(str(r["name"]))]
+            cands = fp16 or cands
+            if not cands:
+                return launch
+            best = max(sorted(cands, key=lambda r: str(r["name"])),
+                       key=lambda r: sum(h in str(r["name"]) for h in launch.hints if h))
         launch.blocks_per_sm = int(best["occupancy"])
         launch.case = str(best["name"])
         return launch
@@ -693,24 +821,35 @@ def layer_table(rows: List, names: Optional[Sequence[str]] = None) -> str:
     return "\n".join(out)
 
 
-# The rows docs/GPU_KERNELS.md shows: the stem, the first stride-1 bottleneck (56x56) with
-# its residual, a 14x14 expand, the last 7x7 layers and the classifier.
 def cases_table(results: Dict[Tuple[float, int, bool], List]) -> str:
-    """Every AOT case the occupancy figures came from: its kernel, blocks per SM and how
-    many launches of the eight scenarios it served."""
+    """Where the occupancy figures came from: per kernel with launch-exact binaries (conv2d,
+    linear) how many binaries served how many launches and their blocks per SM; every AOT
+    case matched by hints, its blocks per SM and how many launches of the scenarios it
+    served."""
     used: Dict[Tuple[str, str, int], int] = {}
+    exact: Dict[str, List] = {}
     for rows in results.values():
         for _, m, _ in rows:
             for x in m:
-                if x.case:
+                if x.case and x.spec:
+                    e = exact.setdefault(x.kernel, [set(), 0, set()])
+                    e[0].add(x.spec)
+                    e[1] += 1
+                    e[2].add(x.blocks_per_sm)
+                elif x.case:
                     key = (x.kernel, x.case, x.blocks_per_sm)
                     used[key] = used.get(key, 0) + 1
     out = ["| kernel | AOT case (sm_90) | blocks/SM | launches served |", "|---|---|---|---|"]
+    for kernel, (specs, count, occ) in sorted(exact.items()):
+        out.append(f"| `{kernel}` | each launch's own binary ({len(specs)} binaries) "
+                   f"| {'/'.join(str(o) for o in sorted(occ))} | {count} |")
     for (kernel, case, bps), count in sorted(used.items()):
         out.append(f"| `{kernel}` | `{case}` | {bps} | {count} |")
     return "\n".join(out)
 
 
+# The rows docs/GPU_KERNELS.md shows: the stem, the first stride-1 bottleneck (56x56) with
+# its residual, a 14x14 expand, the last 7x7 layers and the classifier.
 REPRESENTATIVE = ("stem", "blocks.0.depthwise", "blocks.2.expand", "blocks.2.depthwise",
                   "blocks.2.project", "blocks.10.expand", "blocks.16.project", "last_conv",
                   "classifier")
@@ -721,12 +860,34 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--widths", type=float, nargs="+", default=[1.0, 0.35])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     parser.add_argument("--layers", action="store_true", help="every layer, not a selection")
-    parser.add_argument("--compile-aot", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--write-table", action="store_true",
+                        help=f"recompile the occupancy table into {os.path.basename(TABLE)}")
+    parser.add_argument("--check", action="store_true",
+                        help="recompile the table and exit 1 if the checked-in one differs")
+    parser.add_argument("--compile-table", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compile processes for --write-table / --check")
+    parser.add_argument("--keys", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--part", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.compile_aot:
-        _compile_to(args.compile_aot)
+    if args.compile_table:
+        cases = table_cases()
+        if args.keys:
+            cases = [c for c in cases if case_key(c) in set(args.keys)]
+        part, parts = (int(v) for v in args.part.split("/"))
+        _write(_compile_entries(cases[part::parts]), args.compile_table)
         return
-    occ = Occupancy(aot_results())
+    if args.write_table or args.check:
+        fresh = compile_table(jobs=args.jobs)
+        if args.write_table:
+            _write(fresh, TABLE)
+            print(f"{TABLE}: {len(fresh)} entries")
+            return
+        stale = [e["name"] for e in fresh if e not in occupancy_table()]
+        stale += [e["name"] for e in occupancy_table() if e not in fresh]
+        print("\n".join(f"stale: {n}" for n in stale) or "the table is current")
+        sys.exit(1 if stale else 0)
+    occ = Occupancy(occupancy_table())
     results = {}
     for training in (False, True):
         for width in args.widths:

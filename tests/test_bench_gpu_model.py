@@ -106,6 +106,76 @@ def test_efficiency_divides_the_roof_and_unknown_occupancy_is_neutral():
     assert gpu_model.Launch("k", 0, 3.35e6).efficiency() == 1.0
 
 
+@pytest.fixture(scope="module")
+def table():
+    return gpu_model.occupancy_table()
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return {gpu_model.case_key(c): c for c in gpu_model.table_cases()}
+
+
+def test_occupancy_table_holds_todays_binaries(table, cases):
+    """The checked-in table holds exactly one entry per binary the model reads today: every
+    AOT case it matches by hints and the JIT's own specialisation of every conv2d and linear
+    launch of the eight scenarios (``table_cases``), each with the kernel source digest of
+    today's code. A launcher that specialises differently (a new constexpr, another
+    divisibility hint) or an edited kernel makes the table stale: ``python
+    bench/gpu_model.py --write-table``."""
+    have = {e["key"]: e for e in table}
+    assert len(have) == len(table)
+    missing = sorted(c.name for k, c in cases.items() if k not in have)
+    extra = sorted(e["name"] for k, e in have.items() if k not in cases)
+    assert not missing and not extra, f"stale table: missing {missing[:8]}, extra {extra[:8]}"
+    edited = sorted(e["name"] for e in table
+                    if e["source"] != gpu_model._source(cases[e["key"]]))
+    assert not edited, f"stale table (kernel edited): {edited[:8]}"
+    for e in table:
+        c = cases[e["key"]]
+        assert (e["kernel"], e["num_warps"], e["num_stages"]) == (
+            c.fn.__name__, c.num_warps, c.num_stages), e["name"]
+
+
+def test_occupancy_table_agrees_with_the_aot_compiles(table):
+    """Every kernel the model launches has AOT entries (``kernels/*.py`` ``aot_cases()``,
+    JIT-exact at their shapes), and conv2d and the GEMM launch-exact ones; one entry of each
+    kind per kernel, compiled afresh for sm_90 (``compile_table``: the cases rebuilt from
+    today's code, ``kernels._aot.compile_case``), equals the table's: registers, spills,
+    stack, shared memory, occupancy. (All of them: ``python bench/gpu_model.py --check``,
+    several CPU minutes.)"""
+    used = {x.kernel for training, width, batch in gpu_model.SCENARIOS
+            for L in gpu_model.layers(width, 2) for x in gpu_model.slimops_plan(L, training)
+            if not x.kernel.startswith("torch:")}
+    sample = {}
+    for e in table:
+        sample.setdefault((e["kernel"], e["aot"]), e)
+    assert used <= {k for k, aot in sample if aot}
+    assert {k for k, aot in sample if not aot} == {
+        "_conv_forward_kernel", "_conv_backward_input_kernel", "_conv_backward_weight_kernel",
+        "_gemm_kernel"}
+    fresh = {e["key"]: e for e in gpu_model.compile_table([e["key"] for e in sample.values()])}
+    for e in sample.values():
+        assert fresh[e["key"]] == e, e["name"]
+
+
+def test_every_triton_launch_takes_its_occupancy_from_the_table(table):
+    """In the eight scenarios every Triton launch gets a blocks-per-SM figure from the
+    table, and every conv2d and linear launch that of its own binary (not a neighbour's)."""
+    occ = gpu_model.Occupancy(table)
+    keys = {e["key"]: e for e in table}
+    for training, width, batch in gpu_model.SCENARIOS:
+        for L in gpu_model.layers(width, batch):
+            for x in gpu_model.slimops_plan(L, training):
+                occ(x)
+                if x.kernel.startswith("torch:"):
+                    continue
+                assert x.blocks_per_sm > 0, (L.name, x.kernel)
+                if x.exact is not None:
+                    assert x.case == keys[x.spec]["name"], (L.name, x.kernel)
+                    assert x.blocks_per_sm == keys[x.spec]["occupancy"]
+
+
 def test_occupancy_picks_the_fp16_case_with_most_hints():
     results = [
         dict(name="conv2d_forward_expand_56_bfloat16_eval_m64n64k32_w4s3", kernel="k",
