@@ -146,7 +146,8 @@ def _gemm_launch(
     # x: m_group M tiles (fastest in launch order), y: every N tile, z: the M group
     grid = (m_group, triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(num_m, m_group))
     args = (a, b, c if bias is None else bias, c,
-            m, n, k, m_group, *a_strides, *b_strides, *c_strides, 0 if bias is None else bias.stride(0))
+            m, n, k, m_group, *a_strides, *b_strides, *c_strides,
+            0 if bias is None else bias.stride(0))
     kwargs = dict(
         HAS_BIAS=bias is not None, ALLOW_TF32=_allow_tf32(a.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
