@@ -321,7 +321,7 @@ def _bn_train_launches(L: Layer, num_rows: int) -> List[Launch]:
         out.append(Launch("torch:bn_bookkeeping", 1, 8))
         count = L.y // c
         cfg = bn._reduce_config(count)
-        num_rows, _ = ep.split_tiles(count, c, cfg["BLOCK"], torch.device("cuda"))
+        num_rows, _ = bn.reduction_split(count, c, cfg, SMS)
         out.append(Launch("_bn_stats_kernel", num_rows * c, ELEM * L.y + F32 * 3 * num_rows * c,
                           hints=(f"b{cfg['BLOCK']}_",)))
     plan = bn.merge_plan(num_rows)
@@ -353,7 +353,7 @@ def _bn_backward_launches(L: Layer) -> List[Launch]:
 
     c, count = L.cout, L.y // L.cout
     cfg = bn._reduce_config(count)
-    tiles, _ = ep.split_tiles(count, c, cfg["BLOCK"], torch.device("cuda"))
+    tiles, _ = bn.reduction_split(count, c, cfg, SMS)
     ecfg = ep.pick_config(L.y, bn.CONFIGS)
     act = "relu6" if L.activation else "plain"
     f32 = "" if L.shared_bn else "f32stats"
@@ -457,10 +457,16 @@ def _dw_plan(L: Layer, training: bool) -> List[Launch]:
                    common + ("stats",))]
     plan += _bn_train_launches(L, num_rows)
     plan += _bn_backward_launches(L)
-    cfg = dw._pick(h * w)
-    plan.append(Launch("_dw_backward_input_kernel", L.n * L.cin * -(-h * w // cfg["BLOCK"]),
+    # the launcher's own grid and lane width (dw._backward_input_launch); the AOT case of
+    # the same kernel size, stride and alignment gives its occupancy
+    pad = (L.k - 1) // 2
+    grid_bi, _, kw_bi = dw._backward_input_launch(
+        _meta((L.n, L.cin, ho, wo)), _meta((L.cin, 1, L.k, L.k)), _meta((L.n, L.cin, h, w)),
+        (L.stride, L.stride, pad, pad, 1, 1))
+    plan.append(Launch("_dw_backward_input_kernel", math.prod(grid_bi),
                        ELEM * (L.y + L.w + L.x), fl, peak,
-                       (f"k{L.k}_", f"b{cfg['BLOCK']}_", f"w{cfg['num_warps']}")))
+                       (f"k{L.k}_", f"s{L.stride}", f"{'v' if kw_bi['ALIGNED'] else 'u'}"
+                        f"{kw_bi['V']}")))
     cfg = dw._pick(ho * wo)
     taps = dw._taps_p2(L.k, L.k)
     pix = max(16, cfg["WTILE"] // taps)
