@@ -370,9 +370,9 @@ class LatencyTable:
         lines = text_table(header, rows).split("\n")
         m = self.meta
         if m:
-            desc = ", ".join(f"{k} {m[k]}" for k in ("model", "deployment", "input_shape", "threads",
-                                                     "cpu_isa", "torch", "measured_at")
-                             if k in m)
+            keys = ("model", "deployment", "input_shape", "threads", "cpu_isa", "torch",
+                    "measured_at")
+            desc = ", ".join(f"{k} {m[k]}" for k in keys if k in m)
             lines.insert(0, f"latency table ({desc})")
         return "\n".join(lines)
 

@@ -2,9 +2,9 @@
 
 ``SLIMOPS_CONV_ROUTE=onednn`` forces oneDNN wherever it applies (float32), so its results are
 checked here against the reference at partial and full widths, with and without groups, with
-every part of the epilogue; ``auto`` (the default outside the test suite) measures both routes on the first
-call of each shape and keeps the faster; ``fixed`` (the suite's setting, tests/conftest.py)
-never measures. The oneDNN route copies the weight prefix for the forward and the input
+every part of the epilogue; ``auto`` (the default outside the test suite) measures both
+routes on the first call of each shape and keeps the faster; ``fixed`` (the suite's setting,
+tests/conftest.py) never measures. The oneDNN route copies the weight prefix for the forward and the input
 gradient at a partial width (as the reference style does), never for the weight gradient.
 """
 from __future__ import annotations
