@@ -176,6 +176,22 @@ OP_LAYERS: Dict[str, Tuple[Callable[[], nn.Module], int]] = {
 }
 
 
+def _layer_call(net: nn.Module, x: torch.Tensor, w: float, mode: str) -> Callable[[], object]:
+    """One layer cell's variant: ``net`` at width ``w`` on ``x``, an eval forward (inference
+    mode) or a training forward + backward (``mode`` "eval" / "train")."""
+    def call() -> object:
+        if mode == "eval":
+            net.eval()
+            with torch.inference_mode(), slimops.width(net, w):
+                return net(x)
+        net.train()
+        with slimops.width(net, w):
+            y = net(x)
+        y.backward(torch.ones_like(y))
+        return y
+    return call
+
+
 def _op_cells(budget_s: float, quick: bool) -> List[Cell]:
     """Per op family and width: eval forward at batch 1 and a training forward + backward at
     batch 8 (input and parameter gradients), slimops vs the reference style."""
@@ -196,22 +212,9 @@ def _op_cells(budget_s: float, quick: bool) -> List[Cell]:
             for mode, batch in (("eval", 1), ("train", 8)):
                 shape = (batch, cin) if side == 0 else (batch, cin, side, side)
                 x = torch.randn(*shape, requires_grad=mode == "train")
-
-                def run(net: nn.Module, w: float = w, x: torch.Tensor = x, mode: str = mode):
-                    def call() -> object:
-                        if mode == "eval":
-                            net.eval()
-                            with torch.inference_mode(), slimops.width(net, w):
-                                return net(x)
-                        net.train()
-                        with slimops.width(net, w):
-                            y = net(x)
-                        y.backward(torch.ones_like(y))
-                        return y
-                    return call
-
                 cells.append(Cell(f"op {mode} {name} {w:g}x b{batch}",
-                                  {"slimops": run(layer), "reference": run(ref)}, budget_s))
+                                  {"slimops": _layer_call(layer, x, w, mode),
+                                   "reference": _layer_call(ref, x, w, mode)}, budget_s))
     return cells
 
 
@@ -304,23 +307,10 @@ def _sweep_cells(seed: int, count: int, budget_s: float) -> List[Cell]:
         with slimops.width(layer, w):
             cin = conv.active_channels()[0]
         side = int(g["side"])
-        x = torch.randn(int(g["batch"]), cin, side, side, requires_grad=g["mode"] == "train")
-
-        def run(net: nn.Module, x: torch.Tensor = x, w: float = w,
-                mode: object = g["mode"]) -> Callable[[], object]:
-            def call() -> object:
-                if mode == "eval":
-                    net.eval()
-                    with torch.inference_mode(), slimops.width(net, w):
-                        return net(x)
-                net.train()
-                with slimops.width(net, w):
-                    y = net(x)
-                y.backward(torch.ones_like(y))
-                return y
-            return call
-
-        cell = Cell(sweep_name(g), {"slimops": run(layer), "reference": run(ref)}, budget_s)
+        mode = str(g["mode"])
+        x = torch.randn(int(g["batch"]), cin, side, side, requires_grad=mode == "train")
+        cell = Cell(sweep_name(g), {"slimops": _layer_call(layer, x, w, mode),
+                                    "reference": _layer_call(ref, x, w, mode)}, budget_s)
         # past a conv pass's first route measurements (its 1st and 17th calls, route.h), so
         # the cell times the route the op settled on, not the measuring
         cell.warmups = 20

@@ -53,6 +53,16 @@ def _check(x, weight, o, stride, padding, dilation, epilogue, tol, groups=1):
         torch.testing.assert_close(got, e, **tol(torch.float32, e))
 
 
+def _epilogue(with_epilogue, N, o, H, W, k, s, p, d):
+    """No epilogue, or every part of it (scale, shift, residual, relu) for o channels."""
+    if not with_epilogue:
+        return dict(scale=None, shift=None, residual=None, activation=None)
+    Ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
+    Wo = (W + 2 * p - d * (k - 1) - 1) // s + 1
+    return dict(scale=torch.rand(o) + 0.5, shift=torch.randn(o),
+                residual=torch.randn(N, o, Ho, Wo), activation="relu")
+
+
 CASES = [
     # (I_full, O_full, i, o, kernel, stride, padding, dilation, H, W, N)
     (16, 24, 8, 12, 3, 1, 1, 1, 9, 11, 3),     # partial width, 3x3
@@ -71,12 +81,7 @@ def test_onednn_route_matches_reference(case, with_epilogue, monkeypatch, tol):
     I, O, i, o, k, s, p, d, H, W, N = case
     x = torch.randn(N, i, H, W)
     weight = torch.randn(O, I, k, k)
-    Ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
-    Wo = (W + 2 * p - d * (k - 1) - 1) // s + 1
-    epilogue = dict(scale=None, shift=None, residual=None, activation=None)
-    if with_epilogue:
-        epilogue = dict(scale=torch.rand(o) + 0.5, shift=torch.randn(o),
-                        residual=torch.randn(N, o, Ho, Wo), activation="relu")
+    epilogue = _epilogue(with_epilogue, N, o, H, W, k, s, p, d)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         slimops.ops.conv2d(x, weight, None, o, s, p, d)
     assert "aten::convolution" in {e.name for e in prof.events()}, "oneDNN did not run"
@@ -103,12 +108,7 @@ def test_onednn_route_runs_grouped_convs(case, with_epilogue, monkeypatch, tol):
     G, I, O, i, o, k, s, p, d, H, W, N = case
     x = torch.randn(N, i, H, W)
     weight = torch.randn(O, I // G, k, k)
-    Ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
-    Wo = (W + 2 * p - d * (k - 1) - 1) // s + 1
-    epilogue = dict(scale=None, shift=None, residual=None, activation=None)
-    if with_epilogue:
-        epilogue = dict(scale=torch.rand(o) + 0.5, shift=torch.randn(o),
-                        residual=torch.randn(N, o, Ho, Wo), activation="relu")
+    epilogue = _epilogue(with_epilogue, N, o, H, W, k, s, p, d)
     xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out = slimops.ops.conv2d(xg, wg, None, o, s, p, d, G)
@@ -117,6 +117,30 @@ def test_onednn_route_runs_grouped_convs(case, with_epilogue, monkeypatch, tol):
     assert "aten::convolution" in names, "oneDNN did not run the forward"
     assert "aten::convolution_backward" in names, "oneDNN did not run the gradients"
     _check(x, weight, o, s, p, d, epilogue, tol, groups=G)
+
+
+@pytest.mark.parametrize("groups,o,i", [(1, 12, 8), (1, 24, 16), (2, 12, 8), (2, 24, 16)],
+                         ids=["g1-partial", "g1-full", "g2-partial", "g2-full"])
+def test_onednn_route_adds_a_lone_bias_itself(groups, o, i, monkeypatch, tol):
+    """A bias with no other epilogue goes into oneDNN's convolution (the reference style's
+    call): the active channels' bias rows, gathered per group; values and gradients as the
+    reference."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
+    weight = torch.randn(24, 16 // groups, 3, 3, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+    x = torch.randn(2, i, 9, 9, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = slimops.ops.conv2d(x, weight, bias, o, 1, 1, 1, groups)
+    convs = [e for e in prof.events() if e.name == "aten::convolution"]
+    assert convs and convs[0].input_shapes[2] == [o], "the bias did not go to oneDNN"
+    exp = reference.conv2d(x, weight, bias, o, [1, 1], [1, 1], [1, 1], groups, None, None,
+                           None, None)
+    torch.testing.assert_close(out, exp, **tol(torch.float32, exp))
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, weight, bias), g)
+    want = torch.autograd.grad(exp, (x, weight, bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol(torch.float32, b))
 
 
 def test_grouped_onednn_route_copies_no_weight_at_full_width(monkeypatch):

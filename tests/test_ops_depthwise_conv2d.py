@@ -66,8 +66,8 @@ def run_and_compare(kwargs, tol, *, grad_out=None):
 # correlates with a negative padding (a crop)
 @pytest.mark.parametrize("padding", [0, 1, (2, 1), 3], ids=["p0", "p1", "p21", "p3"])
 @pytest.mark.parametrize("stride", [1, 2, (2, 1), (1, 2)], ids=["s1", "s2", "s21", "s12"])
-@pytest.mark.parametrize("kernel", [(3, 3), (5, 5), (3, 1), (7, 7)],
-                         ids=["k3", "k5", "k31", "k7"])
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 5), (3, 1), (7, 7), (1, 1)],
+                         ids=["k3", "k5", "k31", "k7", "k1"])
 def test_geometry_prefixes(kernel, stride, padding, dilation, dtype, tol):
     weight = torch.randn(C_FULL, 1, *kernel, dtype=dtype)
     bias = torch.randn(C_FULL, dtype=dtype)
@@ -108,8 +108,9 @@ PATHS = {
                                       dict(kernel=(3, 3), stride=2, padding=1, dilation=1),
                                       dict(kernel=(5, 5), stride=1, padding=2, dilation=2),
                                       dict(kernel=(3, 1), stride=(1, 2), padding=(0, 1),
-                                           dilation=1)],
-                         ids=["k3s1", "k3s2", "k5d2", "k31s12"])
+                                           dilation=1),
+                                      dict(kernel=(1, 1), stride=1, padding=0, dilation=1)],
+                         ids=["k3s1", "k3s2", "k5d2", "k31s12", "k1s1"])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_plane_size_paths(path, geometry, dtype, tol):
     h, w, c_full, c = PATHS[path]

@@ -561,17 +561,29 @@ void conv2d_direct<float>(const ConvGeometry& s, const float* xp, const float* w
   }
 }
 
+// The bias of the active output channels as oneDNN takes it: channel c = g*og + j is bias row
+// g*Og + j (a view of the prefix with one group, else gathered: O values).
+at::Tensor onednn_bias(const at::Tensor& bias, const ConvGeometry& s) {
+  if (s.G == 1) return bias.narrow(0, 0, s.O);
+  return bias.view({s.G, s.Og}).narrow(1, 0, s.og).reshape({s.O});
+}
+
 // The conv on oneDNN, then the epilogue (the same per-row pass as the GEMM path) in place.
+// `bias_only`: the epilogue is just the bias, which oneDNN adds itself (as in the reference
+// style's F.conv2d): no second pass over the output.
 template <typename scalar_t>
 at::Tensor conv2d_onednn(const at::Tensor& input, const at::Tensor& weight,
                    const ConvGeometry& s, const scalar_t* a, const scalar_t* t,
-                   const scalar_t* rp, int64_t activation, bool has_epilogue) {
+                   const scalar_t* rp, int64_t activation, bool has_epilogue,
+                   const at::Tensor* bias_only) {
   // NCHW in, NCHW out (contiguous() is a no-op then; it only guards another layout).
-  at::Tensor out = at::convolution(input, onednn_weight(weight, s), c10::nullopt, {s.sh, s.sw},
+  const c10::optional<at::Tensor> b =
+      bias_only ? c10::optional<at::Tensor>(onednn_bias(*bias_only, s)) : c10::nullopt;
+  at::Tensor out = at::convolution(input, onednn_weight(weight, s), b, {s.sh, s.sw},
                                    {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, s.G)
                        .contiguous();
   check_onednn_shape(out, {s.N, s.O, s.Ho, s.Wo}, "output");
-  if (!has_epilogue) return out;
+  if (!has_epilogue || bias_only) return out;
   const EpilogueRows<scalar_t> epilogue = epilogue_rows_for_cpu<scalar_t>();
   scalar_t* op_ = out.data_ptr<scalar_t>();
   const int64_t P = s.P();
@@ -654,8 +666,10 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     // The oneDNN route returns its own output (no second, unused buffer: for a large output
     // that would be fresh pages to fault in on every call).
     const auto by_onednn = [&] {
+      const bool bias_only = b && !sc.defined() && !sh.defined() && !res.defined() &&
+                             activation == kNone;
       return conv2d_onednn<scalar_t>(x, weight, s, a.data(), t.data(), rp, activation,
-                                     has_epilogue);
+                                     has_epilogue, bias_only ? b : nullptr);
     };
     const auto by_kernels = [&] {
       at::Tensor result = at::empty(out_size, input.options());
