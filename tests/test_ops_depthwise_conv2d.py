@@ -109,8 +109,9 @@ PATHS = {
                                       dict(kernel=(5, 5), stride=1, padding=2, dilation=2),
                                       dict(kernel=(3, 1), stride=(1, 2), padding=(0, 1),
                                            dilation=1),
-                                      dict(kernel=(1, 1), stride=1, padding=0, dilation=1)],
-                         ids=["k3s1", "k3s2", "k5d2", "k31s12", "k1s1"])
+                                      dict(kernel=(1, 1), stride=1, padding=0, dilation=1),
+                                      dict(kernel=(7, 7), stride=1, padding=3, dilation=1)],
+                         ids=["k3s1", "k3s2", "k5d2", "k31s12", "k1s1", "k7s1"])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_plane_size_paths(path, geometry, dtype, tol):
     h, w, c_full, c = PATHS[path]
