@@ -451,6 +451,102 @@ def test_backward_ops_match_reference(tol):
 
 
 # --------------------------------------------------------------------------------------
+# the oneDNN route (csrc/cpu/route.h; the suite pins SLIMOPS_CONV_ROUTE=fixed, the kernels)
+
+ONEDNN_GEOMETRIES = {  # (kernel, stride, padding, dilation, H, W)
+    "k3s1": ((3, 3), 1, 1, 1, 9, 11),
+    "k3s2": ((3, 3), 2, 1, 1, 12, 9),
+    "k5s1p3": ((5, 5), 1, 3, 1, 7, 8),
+    "k7s1": ((7, 7), 1, 3, 1, 10, 10),
+    "k3s21d2": ((3, 3), (2, 1), 2, 2, 11, 9),
+    "k1": ((1, 1), 1, 0, 1, 5, 6),
+}
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="needs oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("c", [C_FULL, 5], ids=["full", "prefix"])
+@pytest.mark.parametrize("flags", [(False,) * 4, (True, False, False, False), (True,) * 4,
+                                   (False, True, True, False)],
+                         ids=["plain", "bias_only", "bcsr", "cs"])
+@pytest.mark.parametrize("geometry", list(ONEDNN_GEOMETRIES))
+def test_onednn_route_matches_reference(geometry, flags, c, monkeypatch, tol):
+    """Forced onto oneDNN (SLIMOPS_CONV_ROUTE=onednn), the forward with each part of the
+    epilogue and both gradients match the reference; the weight gradient keeps the full
+    weight's shape with zero rows past W[:C]."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
+    kernel, stride, padding, dilation, h, w = ONEDNN_GEOMETRIES[geometry]
+    with_bias, with_scale, with_shift, with_residual = flags
+    ho, wo = out_hw(h, w, kernel, stride, padding, dilation)
+    kwargs = dict(
+        input=leaf(torch.randn(3, c, h, w)), weight=leaf(torch.randn(C_FULL, 1, *kernel)),
+        bias=leaf(torch.randn(C_FULL)) if with_bias else None,
+        stride=stride, padding=padding, dilation=dilation,
+        scale=leaf(torch.rand(c) + 0.5) if with_scale else None,
+        shift=leaf(torch.randn(c)) if with_shift else None,
+        residual=leaf(torch.randn(3, c, ho, wo)) if with_residual else None,
+        activation="relu6" if with_residual else None,
+    )
+    run_and_compare(kwargs, tol)
+
+
+def _profiled_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        fn()
+    return prof, {e.name for e in prof.events()}
+
+
+@needs_onednn
+@pytest.mark.parametrize("route,reaches", [("onednn", True), ("fixed", False)])
+def test_route_setting_picks_the_pass(route, reaches, monkeypatch):
+    """The oneDNN route runs every pass through aten::convolution / convolution_backward on
+    the prefix view W[:C] (contiguous at every width: no weight copy); the fixed rule keeps
+    the kernels."""
+    from test_ops_no_weight_copy import weight_copies
+
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", route)
+    weight = leaf(torch.randn(C_FULL, 1, 5, 5))
+    x = leaf(torch.randn(2, 6, 9, 9))
+    prof, names = _profiled_names(lambda: slimops.ops.depthwise_conv2d(
+        x, weight, None, 1, 2, 1, None, None, None, "relu").sum().backward())
+    assert ("aten::convolution" in names) == reaches
+    assert ("aten::convolution_backward" in names) == reaches
+    assert weight_copies(prof, {(C_FULL, 1, 5, 5), (6, 1, 5, 5)}) == []
+
+
+@needs_onednn
+def test_auto_route_measures_each_pass_once_per_shape(monkeypatch, tol):
+    """Under the default (auto) route the first call of a shape measures the forward and the
+    two gradients (three route entries), later calls reuse the choices, and every call
+    matches the reference whichever route ran."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "auto")
+    torch.ops.slimops.conv2d_routes(True)
+    # 4 * 16 * 20 * 20 * 49 = 1.25M multiply-adds per pass: above the measuring threshold
+    weight = torch.randn(24, 1, 7, 7)
+    x = torch.randn(4, 16, 20, 20)
+    kwargs = dict(input=leaf(x), weight=leaf(weight), bias=None, stride=1, padding=3,
+                  shift=leaf(torch.randn(16)), activation="relu")
+    for _ in range(3):
+        run_and_compare({k: (leaf(v.detach()) if isinstance(v, torch.Tensor) else v)
+                         for k, v in kwargs.items()}, tol)
+    onednn, kernels, rounds = torch.ops.slimops.conv2d_routes(True)
+    assert onednn + kernels == 3 and rounds == 3
+
+
+@needs_onednn
+def test_onednn_route_skips_other_dtypes(monkeypatch, tol):
+    """float64 has no oneDNN route: forced onto it, the op runs its kernels."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
+    x, weight = leaf(torch.randn(2, 5, 8, 8, dtype=F64)), leaf(torch.randn(C_FULL, 1, 3, 3,
+                                                                           dtype=F64))
+    _, names = _profiled_names(lambda: slimops.ops.depthwise_conv2d(x, weight, None, 1, 1))
+    assert "aten::convolution" not in names
+    run_and_compare(dict(input=x, weight=weight, bias=None, stride=1, padding=1), tol)
+
+
+# --------------------------------------------------------------------------------------
 # torch.compile
 
 

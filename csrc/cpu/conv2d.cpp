@@ -7,6 +7,7 @@
 #include "checked_size.h"
 #include "cpu/common.h"
 #include "cpu/conv2d_direct.h"
+#include "cpu/epilogue_rows.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
 #include "cpu/parallel.h"
@@ -373,19 +374,6 @@ BlockPlan plan_blocks(const ConvGeometry& s, int64_t threads) {
   return {cols, col_blocks, rows, row_blocks, s.N * col_blocks * row_blocks};
 }
 
-// The epilogue's row loop, compiled once per instruction set (isa_variants.h, epilogue_rows.inc).
-#define SLIMOPS_ISA_INC "cpu/epilogue_rows.inc"
-#include "cpu/isa_variants.h"
-
-template <typename scalar_t>
-using EpilogueRows = void (*)(scalar_t*, int64_t, int64_t, int64_t, const scalar_t*,
-                              const scalar_t*, const scalar_t*, int64_t);
-
-template <typename scalar_t>
-EpilogueRows<scalar_t> epilogue_rows_for_cpu() {
-  SLIMOPS_RETURN_FOR_CPU_ISA(&isa::epilogue_rows<scalar_t>);
-}
-
 // oneDNN (through at::convolution, the library behind F.conv2d) is the other route a pass can
 // take; route.h picks between it and the kernels per shape by measuring both. What it costs:
 // at full input width (width 1.0, a first layer) the active weight W[:O] is contiguous and
@@ -406,35 +394,11 @@ EpilogueRows<scalar_t> epilogue_rows_for_cpu() {
 // SLIMOPS_CONV_ONEDNN=0 turns the route off altogether (tests run both paths).
 constexpr int64_t kOnednnPointwiseMacs = int64_t{14} << 20;
 
-bool conv_onednn_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("SLIMOPS_CONV_ONEDNN");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return enabled && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
-}
-
 bool conv_direct_enabled();
 
-// Whether oneDNN can run the pass at all: float32, the route enabled, and the geometry inside
-// 32-bit ranges. PyTorch's conv sizes its output in ways that break past
-// them (stride 2^63 - 1 with padding 2^31 - 1 gave an empty output where the formula gives
-// one row, and the epilogue then wrote through a null pointer; tests/fuzz_geometry.py), so
-// such geometry stays on slimops' kernels, whose 64-bit arithmetic is checked.
+// Whether oneDNN can run the pass at all (route.h, onednn_takes).
 bool onednn_possible(const ConvGeometry& s, const at::Tensor& input) {
-  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  for (int64_t v : {s.sh, s.sw, s.dh, s.dw, s.H + 2 * s.ph, s.W + 2 * s.pw}) {
-    if (v > kMax) return false;
-  }
-  return input.scalar_type() == at::kFloat && conv_onednn_enabled();
-}
-
-// oneDNN's result must have the shape slimops' checked geometry gives (a guard behind
-// onednn_possible's ranges: a mis-sized result would be indexed past its end).
-void check_onednn_shape(const at::Tensor& t, at::IntArrayRef expected, const char* what) {
-  TORCH_CHECK(t.sizes() == expected, "slimops::conv2d: oneDNN's ", what, " has shape ",
-              t.sizes(), " where the geometry gives ", expected,
-              "; set SLIMOPS_CONV_ROUTE=fixed to run this geometry on slimops' kernels");
+  return onednn_takes(input, {s.sh, s.sw, s.dh, s.dw, s.H + 2 * s.ph, s.W + 2 * s.pw});
 }
 
 // The fixed rule: oneDNN where its weight is a view of the shared one (full input width; with
@@ -452,7 +416,7 @@ enum class Pass { kForward, kInputGrad, kWeightGrad, kBothGrads };
 
 // Everything a pass's speed depends on, for route.h's cache.
 RouteKey route_key(const ConvGeometry& s, Pass pass, int64_t epilogue) {
-  return {static_cast<int64_t>(pass), s.N, s.C, s.H, s.W, s.O, s.Ig, s.kh, s.kw, s.sh, s.sw,
+  return {static_cast<int64_t>(RouteOp::kConv2d) + static_cast<int64_t>(pass), s.N, s.C, s.H, s.W, s.O, s.Ig, s.kh, s.kw, s.sh, s.sw,
           s.ph, s.pw, s.dh, s.dw, epilogue, at::get_num_threads(),
           static_cast<int64_t>(cpu_isa()), conv_direct_enabled() ? 1 : 0, s.G, 0, 0, 0, 0};
 }
@@ -582,7 +546,7 @@ at::Tensor conv2d_onednn(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor out = at::convolution(input, onednn_weight(weight, s), b, {s.sh, s.sw},
                                    {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, s.G)
                        .contiguous();
-  check_onednn_shape(out, {s.N, s.O, s.Ho, s.Wo}, "output");
+  check_onednn_shape(out, {s.N, s.O, s.Ho, s.Wo}, "conv2d", "output");
   if (!has_epilogue || bias_only) return out;
   const EpilogueRows<scalar_t> epilogue = epilogue_rows_for_cpu<scalar_t>();
   scalar_t* op_ = out.data_ptr<scalar_t>();
@@ -823,7 +787,7 @@ at::Tensor conv2d_backward_input_onednn(const ConvGeometry& s, const at::Tensor&
   auto grads = at::convolution_backward(
       grad_z.contiguous(), sizes_only, onednn_weight(weight, s), c10::nullopt, {s.sh, s.sw},
       {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0}, s.G, {true, false, false});
-  check_onednn_shape(std::get<0>(grads), input_size, "input gradient");
+  check_onednn_shape(std::get<0>(grads), input_size, "conv2d", "input gradient");
   return std::get<0>(grads).contiguous();
 }
 
@@ -923,7 +887,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_z, const at::Tensor& in
 at::Tensor full_size_weight_grad(const ConvGeometry& s, const at::Tensor& onednn_grad,
                                  const at::Tensor& weight) {
   const at::Tensor gw = onednn_grad.contiguous();
-  check_onednn_shape(gw, {s.O, s.ig, s.kh, s.kw}, "weight gradient");
+  check_onednn_shape(gw, {s.O, s.ig, s.kh, s.kw}, "conv2d", "weight gradient");
   // At full width oneDNN's gradient is the full-size one: no second buffer, no copy (a
   // 2048 x 512 1x1 layer's is 4 MB).
   if (gw.sizes() == weight.sizes()) return gw;
@@ -1003,7 +967,7 @@ GradPair conv2d_backward_onednn(const ConvGeometry& s, const at::Tensor& gz, con
   auto grads = at::convolution_backward(gz, x, onednn_weight(weight, s), c10::nullopt,
                                         {s.sh, s.sw}, {s.ph, s.pw}, {s.dh, s.dw}, false, {0, 0},
                                         s.G, {true, true, false});
-  check_onednn_shape(std::get<0>(grads), x.sizes(), "input gradient");
+  check_onednn_shape(std::get<0>(grads), x.sizes(), "conv2d", "input gradient");
   return {std::get<0>(grads).contiguous(), full_size_weight_grad(s, std::get<1>(grads), weight)};
 }
 

@@ -9,8 +9,10 @@
 // is a correlation with the flipped kernel); other strides scatter into the padded buffer.
 #include "checked_size.h"
 #include "cpu/common.h"
+#include "cpu/epilogue_rows.h"
 #include "cpu/isa.h"
 #include "cpu/parallel.h"
+#include "cpu/route.h"
 
 #include <torch/library.h>
 
@@ -318,25 +320,116 @@ struct FlatBlock {
   }
 };
 
-at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef dilation,
-                            const c10::optional<at::Tensor>& scale,
-                            const c10::optional<at::Tensor>& shift,
-                            const c10::optional<at::Tensor>& residual, int64_t activation) {
-  constexpr const char* op = "depthwise_conv2d";
-  check_activation(activation);
-  check_input(input, op);
-  check_same(weight, input, op, "weight");
-  const Problem pr = make_problem(op, input.sizes(), weight, stride, padding, dilation);
-  const PlaneConv& p = pr.conv;
-  const std::vector<int64_t> out_size{pr.N, pr.C, p.OH, p.OW};
-  check_depthwise_epilogue(op, input, weight, bias, scale, shift, residual, out_size);
-  at::Tensor res;
-  if (const at::Tensor* r = opt_ptr(residual)) res = r->contiguous();
+// oneDNN (through at::convolution with groups = C, the reference style's F.conv2d) is each
+// pass's other route; route.h picks per shape by measuring both, as for conv2d. The active
+// weight W[:C] of the [C_full, 1, kh, kw] weight is contiguous at every width, so oneDNN gets
+// a view: no weight copy on either route. Why a route and not only the kernels: on a 2-core
+// AMD EPYC (Zen 3, AVX2, 1 thread, 8 x 64 channels) oneDNN ran the 7x7 forward on 10x10 to
+// 56x56 planes 1.1-1.4x and the 5x5 on 28x28 and larger 1.1-1.2x faster than the kernels, the
+// 3x3 weight gradient on 28x28 and larger 1.3-2.0x faster, while the kernels won everything
+// at 3x3 and small planes (0.1-0.8x) and every 5x5/7x7 weight gradient (0.1-0.2x). The fixed
+// rule is the kernels (deterministic: the same route every run).
+enum class DepthwisePass { kForward, kInputGrad, kWeightGrad };
 
-  const at::Tensor x = input.contiguous();
-  at::Tensor out = at::empty(out_size, x.options());
+RouteKey route_key(const Problem& pr, DepthwisePass pass, int64_t epilogue) {
+  const PlaneConv& p = pr.conv;
+  return {static_cast<int64_t>(RouteOp::kDepthwiseConv2d) + static_cast<int64_t>(pass), pr.N,
+          pr.C, p.H, p.W, p.KH, p.KW, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, epilogue,
+          at::get_num_threads(), static_cast<int64_t>(cpu_isa()), 0, 0, 0, 0, 0, 0, 0, 0};
+}
+
+int64_t problem_macs(const Problem& pr) {
+  return pr.N * pr.C * pr.conv.OH * pr.conv.OW * pr.conv.KH * pr.conv.KW;
+}
+
+bool onednn_possible(const Problem& pr, const at::Tensor& t) {
+  const PlaneConv& p = pr.conv;
+  return problem_macs(pr) > 0 &&
+         onednn_takes(t, {p.sh, p.sw, p.dh, p.dw, p.H + 2 * p.ph, p.W + 2 * p.pw});
+}
+
+// The forward on oneDNN (float32), then the epilogue in place as one multiply-add per element:
+// act(z * a[c] + t[c] + r) with a = scale, t = bias * scale + shift. A lone bias goes into the
+// convolution itself (no second pass over the output).
+at::Tensor depthwise_forward_onednn(const at::Tensor& x, const at::Tensor& weight,
+                                    const Problem& pr, const c10::optional<at::Tensor>& bias,
+                                    const c10::optional<at::Tensor>& scale,
+                                    const c10::optional<at::Tensor>& shift,
+                                    const at::Tensor& res, int64_t activation) {
+  const PlaneConv& p = pr.conv;
+  const at::Tensor* b = opt_ptr(bias);
+  const at::Tensor* sc = opt_ptr(scale);
+  const at::Tensor* sh = opt_ptr(shift);
+  const bool bias_only = b && !sc && !sh && !res.defined() && activation == kNone;
+  const c10::optional<at::Tensor> conv_bias =
+      bias_only ? c10::optional<at::Tensor>(b->narrow(0, 0, pr.C)) : c10::nullopt;
+  at::Tensor out = at::convolution(x, weight.narrow(0, 0, pr.C), conv_bias, {p.sh, p.sw},
+                                   {p.ph, p.pw}, {p.dh, p.dw}, false, {0, 0}, pr.C)
+                       .contiguous();
+  check_onednn_shape(out, {pr.N, pr.C, p.OH, p.OW}, "depthwise_conv2d", "output");
+  if (bias_only || !(b || sc || sh || res.defined() || activation != kNone)) return out;
+  // The 1-D vectors are read through their strides (parameters are never copied).
+  const auto at_c = [](const at::Tensor* v, int64_t c, float none) {
+    return v ? v->data_ptr<float>()[c * v->stride(0)] : none;
+  };
+  std::vector<float> a(pr.C), t(pr.C);
+  for (int64_t c = 0; c < pr.C; ++c) {
+    a[c] = at_c(sc, c, 1.0f);
+    t[c] = at_c(b, c, 0.0f) * a[c] + at_c(sh, c, 0.0f);
+  }
+  const EpilogueRows<float> epilogue = epilogue_rows_for_cpu<float>();
+  float* op_ = out.data_ptr<float>();
+  const float* rp = res.defined() ? res.data_ptr<float>() : nullptr;
+  const int64_t P = p.OH * p.OW;
+  run_ranges(pr.N * pr.C, P, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t c = row % pr.C;
+      epilogue(op_ + row * P, P, 1, P, &a[c], &t[c], rp ? rp + row * P : nullptr, activation);
+    }
+  });
+  return out;
+}
+
+// The input gradient on oneDNN (gz contiguous). Only the input's sizes are read.
+at::Tensor depthwise_input_grad_onednn(const at::Tensor& gz, const at::Tensor& weight,
+                                       const Problem& pr, at::IntArrayRef input_size) {
+  const PlaneConv& p = pr.conv;
+  const at::Tensor sizes_only = at::empty(input_size, gz.options());
+  auto grads = at::convolution_backward(gz, sizes_only, weight.narrow(0, 0, pr.C),
+                                        c10::nullopt, {p.sh, p.sw}, {p.ph, p.pw},
+                                        {p.dh, p.dw}, false, {0, 0}, pr.C, {true, false, false});
+  check_onednn_shape(std::get<0>(grads), input_size, "depthwise_conv2d_backward_input",
+                     "input gradient");
+  return std::get<0>(grads).contiguous();
+}
+
+// The weight gradient on oneDNN (gz, x contiguous), in the full weight's shape: rows past C
+// zero, as the kernels route gives it (autograd accumulates it into the shared weight as is).
+at::Tensor depthwise_weight_grad_onednn(const at::Tensor& gz, const at::Tensor& x,
+                                        const at::Tensor& weight, const Problem& pr) {
+  const at::Tensor active = weight.narrow(0, 0, pr.C);
+  const PlaneConv& p = pr.conv;
+  auto grads = at::convolution_backward(gz, x, active, c10::nullopt, {p.sh, p.sw},
+                                        {p.ph, p.pw}, {p.dh, p.dw}, false, {0, 0}, pr.C,
+                                        {false, true, false});
+  const at::Tensor& gw = std::get<1>(grads);
+  check_onednn_shape(gw, active.sizes(), "depthwise_conv2d_backward_weight", "weight gradient");
+  const at::Tensor g = gw.contiguous();
+  if (pr.C == weight.size(0)) return g;
+  // W[:C]'s rows are the first C * taps values of the full shape.
+  at::Tensor full = at::zeros(weight.sizes(), weight.options());
+  std::copy_n(g.data_ptr<float>(), g.numel(), full.data_ptr<float>());
+  return full;
+}
+
+// The forward on slimops' kernels (x contiguous; `res` the contiguous residual or undefined).
+at::Tensor depthwise_forward_kernels(const at::Tensor& x, const at::Tensor& weight,
+                                     const Problem& pr, const c10::optional<at::Tensor>& bias,
+                                     const c10::optional<at::Tensor>& scale,
+                                     const c10::optional<at::Tensor>& shift,
+                                     const at::Tensor& res, int64_t activation) {
+  const PlaneConv& p = pr.conv;
+  at::Tensor out = at::empty({pr.N, pr.C, p.OH, p.OW}, x.options());
   const at::Tensor* b = opt_ptr(bias);
   const at::Tensor* sc = opt_ptr(scale);
   const at::Tensor* sh = opt_ptr(shift);
@@ -437,6 +530,40 @@ at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
   return out;
 }
 
+at::Tensor depthwise_conv2d(const at::Tensor& input, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation,
+                            const c10::optional<at::Tensor>& scale,
+                            const c10::optional<at::Tensor>& shift,
+                            const c10::optional<at::Tensor>& residual, int64_t activation) {
+  constexpr const char* op = "depthwise_conv2d";
+  check_activation(activation);
+  check_input(input, op);
+  check_same(weight, input, op, "weight");
+  const Problem pr = make_problem(op, input.sizes(), weight, stride, padding, dilation);
+  const PlaneConv& p = pr.conv;
+  check_depthwise_epilogue(op, input, weight, bias, scale, shift, residual,
+                           {pr.N, pr.C, p.OH, p.OW});
+  at::Tensor res;
+  if (const at::Tensor* r = opt_ptr(residual)) res = r->contiguous();
+  const at::Tensor x = input.contiguous();
+  const int64_t epilogue_key = (opt_ptr(bias) ? 1 : 0) + (opt_ptr(scale) ? 2 : 0) +
+                               (opt_ptr(shift) ? 4 : 0) + (res.defined() ? 8 : 0) +
+                               16 * activation;
+  return run_routed<at::Tensor>(
+      route_key(pr, DepthwisePass::kForward, epilogue_key), onednn_possible(pr, x),
+      problem_macs(pr), /*fixed_onednn=*/false,
+      [&] { return depthwise_forward_onednn(x, weight, pr, bias, scale, shift, res, activation); },
+      [&] {
+        return depthwise_forward_kernels(x, weight, pr, bias, scale, shift, res, activation);
+      });
+}
+
+at::Tensor depthwise_input_grad_kernels(const at::Tensor& gz, const at::Tensor& weight,
+                                        const Problem& pr, at::IntArrayRef input_size);
+at::Tensor depthwise_weight_grad_kernels(const at::Tensor& gz, const at::Tensor& x,
+                                         const at::Tensor& weight, const Problem& pr);
+
 at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::Tensor& weight,
                                            at::IntArrayRef input_size, at::IntArrayRef stride,
                                            at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -449,6 +576,17 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
   const PlaneConv& p = pr.conv;
 
   const at::Tensor gz = grad_z.contiguous();
+  return run_routed<at::Tensor>(
+      route_key(pr, DepthwisePass::kInputGrad, 0), onednn_possible(pr, gz), problem_macs(pr),
+      /*fixed_onednn=*/false,
+      [&] { return depthwise_input_grad_onednn(gz, weight, pr, input_size); },
+      [&] { return depthwise_input_grad_kernels(gz, weight, pr, input_size); });
+}
+
+// The input gradient on slimops' kernels (gz contiguous).
+at::Tensor depthwise_input_grad_kernels(const at::Tensor& gz, const at::Tensor& weight,
+                                        const Problem& pr, at::IntArrayRef input_size) {
+  const PlaneConv& p = pr.conv;
   at::Tensor grad_input = at::empty(input_size, gz.options());
   const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;
 
@@ -592,6 +730,16 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
 
   const at::Tensor x = input.contiguous();
   const at::Tensor gz = grad_z.contiguous();
+  return run_routed<at::Tensor>(
+      route_key(pr, DepthwisePass::kWeightGrad, 0), onednn_possible(pr, x), problem_macs(pr),
+      /*fixed_onednn=*/false, [&] { return depthwise_weight_grad_onednn(gz, x, weight, pr); },
+      [&] { return depthwise_weight_grad_kernels(gz, x, weight, pr); });
+}
+
+// The weight gradient on slimops' kernels (gz and x contiguous), full weight shape.
+at::Tensor depthwise_weight_grad_kernels(const at::Tensor& gz, const at::Tensor& x,
+                                         const at::Tensor& weight, const Problem& pr) {
+  const PlaneConv& p = pr.conv;
   // Full weight shape: rows past C stay zero so autograd accumulates it as is.
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;

@@ -1,5 +1,9 @@
-// Backward of the fused epilogue: grad_z = grad_out * act'(out) * scale[c].
+// Backward of the fused epilogue: grad_z = grad_out * act'(out) * scale[c]; and the forward
+// epilogue's row loop per instruction set (epilogue_rows.h).
+#include "cpu/epilogue_rows.h"
+
 #include "cpu/common.h"
+#include "cpu/isa.h"
 #include "cpu/parallel.h"
 
 #include <torch/library.h>
@@ -74,7 +78,18 @@ at::Tensor epilogue_backward(const at::Tensor& grad_out, const at::Tensor& out,
   return result;
 }
 
+// The forward epilogue's row loop, compiled once per instruction set (epilogue_rows.h).
+#define SLIMOPS_ISA_INC "cpu/epilogue_rows.inc"
+#include "cpu/isa_variants.h"
+
 }  // namespace
+
+template <typename scalar_t>
+EpilogueRows<scalar_t> epilogue_rows_for_cpu() {
+  SLIMOPS_RETURN_FOR_CPU_ISA(&isa::epilogue_rows<scalar_t>);
+}
+template EpilogueRows<float> epilogue_rows_for_cpu<float>();
+template EpilogueRows<double> epilogue_rows_for_cpu<double>();
 
 TORCH_LIBRARY_IMPL(slimops, CPU, m) { m.impl("epilogue_backward", &epilogue_backward); }
 

@@ -21,6 +21,8 @@
 //   onednn   oneDNN wherever it applies (tests use it to check that route's results).
 #pragma once
 
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -30,6 +32,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -47,6 +50,42 @@ inline RouteMode route_mode() {
   if (std::strcmp(v, "onednn") == 0) return RouteMode::kOnednn;
   TORCH_CHECK(false, "SLIMOPS_CONV_ROUTE must be auto, fixed or onednn, got '", v, "'");
 }
+
+// SLIMOPS_CONV_ONEDNN=0 turns the oneDNN route off altogether (tests run both paths); it also
+// needs a PyTorch built with oneDNN, not turned off by torch.backends.mkldnn.
+inline bool conv_onednn_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("SLIMOPS_CONV_ONEDNN");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+}
+
+// Whether oneDNN can run a pass on `t` at all: float32, the route enabled, and the geometry's
+// `extents` (strides, dilations, padded input sides) inside 32-bit ranges. PyTorch's conv
+// sizes its output in ways that break past them (stride 2^63 - 1 with padding 2^31 - 1 gave
+// an empty output where the formula gives one row, and the epilogue then wrote through a null
+// pointer; tests/fuzz_geometry.py), so such geometry stays on slimops' kernels, whose 64-bit
+// arithmetic is checked.
+inline bool onednn_takes(const at::Tensor& t, std::initializer_list<int64_t> extents) {
+  for (int64_t v : extents) {
+    if (v > std::numeric_limits<int32_t>::max()) return false;
+  }
+  return t.scalar_type() == at::kFloat && conv_onednn_enabled();
+}
+
+// oneDNN's result must have the shape slimops' checked geometry gives (a guard behind
+// onednn_takes' ranges: a mis-sized result would be indexed past its end).
+inline void check_onednn_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op,
+                               const char* what) {
+  TORCH_CHECK(t.sizes() == expected, "slimops::", op, ": oneDNN's ", what, " has shape ",
+              t.sizes(), " where the geometry gives ", expected,
+              "; set SLIMOPS_CONV_ROUTE=fixed to run this geometry on slimops' kernels");
+}
+
+// A RouteKey's first slot is the op's base plus its pass, so the keys of different ops never
+// meet: conv2d's passes are 0-3 (conv2d.cpp, Pass), depthwise_conv2d's 16-18.
+enum class RouteOp : int64_t { kConv2d = 0, kDepthwiseConv2d = 16 };
 
 // A pass's identity: every number its speed depends on (the geometry, the pass, the epilogue,
 // the thread count, the ISA cap). Unused slots stay 0.
