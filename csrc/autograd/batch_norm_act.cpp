@@ -10,7 +10,7 @@ namespace {
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// slimops::batch_norm_act below autograd (the Function's forward and the no-graph path).
+// slimops::batch_norm_act below autograd (under the node, and the no-graph path).
 Stats batch_norm_act_op(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
                         const OptTensor& running_mean, const OptTensor& running_var,
                         bool training, double eps, const OptTensor& residual,
@@ -24,52 +24,51 @@ Stats batch_norm_act_op(const at::Tensor& input, const OptTensor& weight, const 
                  activation);
 }
 
-class BatchNormActFunction : public torch::autograd::Function<BatchNormActFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
-                               const OptTensor& weight, const OptTensor& bias,
-                               const OptTensor& running_mean, const OptTensor& running_var,
-                               bool training, double eps, const OptTensor& residual,
-                               int64_t activation) {
-    Stats result = batch_norm_act_op(input, weight, bias, running_mean, running_var, training,
-                                     eps, residual, activation);
-    const auto& [out, mean, var] = result;
-    ctx->mark_non_differentiable({mean, var});
-    save_edges(ctx, {true, present(weight), present(bias), present(running_mean),
-                     present(running_var), false, false, present(residual), false});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["activation"] = activation;
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), out, mean, var});
-    return {out, mean, var};
+// Backward of one batch_norm_act call. Next edges: input 0, weight 1, bias 2, running_mean
+// 3, running_var 4, residual 5; only the output has a history (the batch statistics are not
+// differentiable, as torch's native_batch_norm's are not).
+struct BatchNormActBackward : Node {
+  SavedVariable input_, weight_, out_, mean_, var_;
+  bool training_ = false;
+  double eps_ = 0.0;
+  int64_t activation_ = 0;
+
+  std::string name() const override { return "slimops::BatchNormActBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input_.reset_data();
+    weight_.reset_data();
+    out_.reset_data();
+    mean_.reset_data();
+    var_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     static const auto backward_op =
         op_handle<Stats(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const OptTensor&, const at::Tensor&, const at::Tensor&, double, bool,
                         int64_t)>("slimops::batch_norm_act_backward");
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &out = saved[2], &mean = saved[3],
-                     &var = saved[4], &grad_out = grads[0];
-    const int64_t activation = ctx->saved_data["activation"].toInt();
-    const std::vector<bool> needs = needs_input_grad(ctx);
-    variable_list result(9);
+    variable_list result(6);
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return result;  // no gradient flowed: every gradient is zero
+    const at::Tensor input = input_.unpack(), weight = weight_.unpack(),
+                     out = out_.unpack(getptr()), mean = mean_.unpack(), var = var_.unpack();
+    const std::vector<bool> needs = needed_grads(*this);
     // The residual's gradient is the activation's masked gradient. When it is wanted, it is
     // computed first and the BN backward runs on it with no activation: one pass over
     // grad_out and out instead of that pass plus the BN backward's own reads of both (the
     // BN backward reads its gradient twice, for the sums and for grad_input).
     at::Tensor grad_bn = grad_out;
-    int64_t bn_activation = activation;
-    if (needs[7]) {
-      result[7] = epilogue_grads(grad_out, out, std::nullopt, activation, true).grad_pre;
-      grad_bn = result[7];
+    int64_t bn_activation = activation_;
+    if (needs[5]) {
+      result[5] = epilogue_grads(grad_out, out, std::nullopt, activation_, true).grad_pre;
+      grad_bn = result[5];
       bn_activation = 0;  // kNone
     }
     if (needs[0] || needs[1] || needs[2]) {
-      auto [gi, gw, gb] = backward_op.call(
-          grad_bn, input, out, optional(weight), mean, var,
-          ctx->saved_data["eps"].toDouble(), ctx->saved_data["training"].toBool(), bn_activation);
+      auto [gi, gw, gb] = backward_op.call(grad_bn, input, out, optional(weight), mean, var,
+                                           eps_, training_, bn_activation);
       if (needs[0]) result[0] = gi;
       if (needs[1]) result[1] = gw;
       if (needs[2]) result[2] = gb;
@@ -85,9 +84,21 @@ Stats batch_norm_act_autograd(const at::Tensor& input, const OptTensor& weight,
   if (!graph_needed(input, weight, bias, running_mean, running_var, residual))
     return batch_norm_act_op(input, weight, bias, running_mean, running_var, training, eps,
                              residual, activation);
-  variable_list out = BatchNormActFunction::apply(input, weight, bias, running_mean, running_var,
-                                                  training, eps, residual, activation);
-  return {out[0], out[1], out[2]};
+  auto node = make_node<BatchNormActBackward>("batch_norm_act", input, weight, bias,
+                                              running_mean, running_var, residual);
+  Stats result = batch_norm_act_op(input, weight, bias, running_mean, running_var, training,
+                                   eps, residual, activation);
+  const auto& [out, mean, var] = result;
+  torch::autograd::set_history(out, node);
+  node->input_ = SavedVariable(input, false);
+  node->weight_ = SavedVariable(weight, false);
+  node->out_ = SavedVariable(out, true);
+  node->mean_ = SavedVariable(mean, false);
+  node->var_ = SavedVariable(var, false);
+  node->training_ = training;
+  node->eps_ = eps;
+  node->activation_ = activation;
+  return result;
 }
 
 // update_running_stats has no gradient (running statistics are buffers); what autograd owes

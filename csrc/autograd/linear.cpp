@@ -6,7 +6,7 @@ namespace slimops {
 namespace autograd {
 namespace {
 
-// slimops::linear below autograd (the Function's forward and the no-graph path).
+// slimops::linear below autograd (under the node, and the no-graph path).
 at::Tensor linear_op(const at::Tensor& input, const at::Tensor& weight, const OptTensor& bias,
                      int64_t out_features) {
   static const auto op =
@@ -16,37 +16,38 @@ at::Tensor linear_op(const at::Tensor& input, const at::Tensor& weight, const Op
   return op.call(input, weight, bias, out_features);
 }
 
-class LinearFunction : public torch::autograd::Function<LinearFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            const at::Tensor& weight, const OptTensor& bias,
-                            int64_t out_features) {
-    at::Tensor out = linear_op(input, weight, bias, out_features);
-    save_edges(ctx, {true, true, present(bias), false});
-    ctx->saved_data["bias_rows"] = present(bias) ? bias->size(0) : int64_t{0};
-    ctx->save_for_backward({input, weight});
-    return out;
+// Backward of one linear call (next edges: input 0, weight 1, bias 2).
+struct LinearBackward : Node {
+  SavedVariable input_, weight_;
+  int64_t bias_rows_ = 0;
+
+  std::string name() const override { return "slimops::LinearBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input_.reset_data();
+    weight_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     static const auto backward_input =
         op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>(
             "slimops::linear_backward_input");
     static const auto backward_weight =
         op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
             "slimops::linear_backward_weight");
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &grad_out = grads[0];
-    const std::vector<bool> needs = needs_input_grad(ctx);
-    variable_list result(4);
+    variable_list result(3);
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return result;  // no gradient flowed: every gradient is zero
+    const at::Tensor input = input_.unpack(), weight = weight_.unpack();
+    const std::vector<bool> needs = needed_grads(*this);
     if (needs[0]) {
       const std::vector<int64_t> sizes = int_sizes(input);
       result[0] = backward_input.call(grad_out, weight, sizes.back());
     }
     if (needs[1]) result[1] = backward_weight.call(grad_out, input, weight);
     if (needs[2])
-      result[2] = pad_prefix(grad_out.reshape({-1, grad_out.size(-1)}).sum(0),
-                             ctx->saved_data["bias_rows"].toInt());
+      result[2] = pad_prefix(grad_out.reshape({-1, grad_out.size(-1)}).sum(0), bias_rows_);
     return result;
   }
 };
@@ -54,7 +55,13 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 at::Tensor linear_autograd(const at::Tensor& input, const at::Tensor& weight,
                            const OptTensor& bias, int64_t out_features) {
   if (!graph_needed(input, weight, bias)) return linear_op(input, weight, bias, out_features);
-  return LinearFunction::apply(input, weight, bias, out_features);
+  auto node = make_node<LinearBackward>("linear", input, weight, bias);
+  at::Tensor out = linear_op(input, weight, bias, out_features);
+  torch::autograd::set_history(out, node);
+  node->input_ = SavedVariable(input, false);
+  node->weight_ = SavedVariable(weight, false);
+  node->bias_rows_ = present(bias) ? bias->size(0) : int64_t{0};
+  return out;
 }
 
 }  // namespace
