@@ -539,6 +539,135 @@ def test_cpp_checks_raise_runtime_error(case):
         CPP_CHECKS[case]()
 
 
+# --------------------------------------------------------------------------------------
+# the direct entries (csrc/python_module.cpp): the op's dispatcher call without torch.ops'
+# boxing, NotImplemented where torch.ops has to decide
+
+
+def _direct_calls():
+    """op -> (positional schema arguments): every tensor a plain one."""
+    x, w, b = torch.randn(2, 4, 6, 6), torch.randn(8, 4, 3, 3), torch.randn(8)
+    dw = torch.randn(6, 1, 3, 3)
+    return {
+        "conv2d": (x, w, b, 6, [2, 1], (1, 1), [1, 1], 1, torch.rand(6), torch.randn(6), None,
+                   1),
+        "depthwise_conv2d": (x, dw, None, (1, 1), [1, 1], [1, 1], None, torch.randn(4),
+                             torch.randn(2, 4, 6, 6), 2),
+        "linear": (torch.randn(3, 5), torch.randn(7, 6), torch.randn(7), 4),
+        "batch_norm_act": (x, torch.rand(4), torch.randn(4), torch.zeros(4), torch.ones(4),
+                           True, 1e-5, None, 1),
+    }
+
+
+@needs_c
+@pytest.mark.parametrize("op", list(_direct_calls()))
+def test_direct_entry_matches_torch_ops(op):
+    args = _direct_calls()[op]
+    got = _backend.direct_entry(op)(*args)
+    exp = getattr(torch.ops.slimops, op).default(*args)
+    for g, e in zip(got if isinstance(got, tuple) else [got],
+                    exp if isinstance(exp, tuple) else [exp]):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@needs_c
+def test_direct_update_running_stats_bumps_versions():
+    mean, var = torch.zeros(4), torch.ones(4)
+    versions = (mean._version, var._version)
+    assert _backend.direct_entry("update_running_stats")(
+        mean, var, torch.full((4,), 2.0), torch.full((4,), 3.0), 10, 0.5) is None
+    torch.testing.assert_close(mean, torch.full((4,), 1.0))
+    torch.testing.assert_close(var, torch.full((4,), 0.5 + 0.5 * 3.0 * 10 / 9))
+    assert (mean._version, var._version) > versions
+
+
+class _Tagged(torch.Tensor):
+    """A subclass with its own __torch_function__ (records the functions it sees)."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(str(func))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@needs_c
+def test_direct_entry_leaves_subclasses_and_modes_to_torch_ops():
+    from torch.overrides import TorchFunctionMode
+
+    args = list(_direct_calls()["conv2d"])
+    direct = _backend.direct_entry("conv2d")
+    args[0] = args[0].as_subclass(_Tagged)
+    assert direct(*args) is NotImplemented
+    _Tagged.seen.clear()
+    out = slimops.ops.conv2d(args[0], args[1], None, 6, 1, 1)  # through torch.ops
+    assert "slimops.conv2d.default" in _Tagged.seen and isinstance(out, _Tagged)
+    args[0] = torch.randn(2, 4, 6, 6)
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as mode:
+        assert direct(*args) is NotImplemented
+        slimops.ops.conv2d(args[0], args[1], None, 6, 1, 1)
+    assert any("slimops.conv2d" in f for f in mode.seen)
+
+
+@needs_c
+@pytest.mark.parametrize("bad", [
+    ("a float for an int", 3, 6.0), ("a 3-element pair", 4, [1, 1, 1]),
+    ("a pair of floats", 5, (1.0, 1.0)), ("too few arguments", None, None)])
+def test_direct_entry_other_forms_are_not_implemented(bad):
+    _, index, value = bad
+    args = list(_direct_calls()["conv2d"])
+    if index is None:
+        args = args[:-1]
+    else:
+        args[index] = value
+    assert _backend.direct_entry("conv2d")(*args) is NotImplemented
+
+
+@needs_c
+def test_direct_entry_errors_are_torch_ops_errors():
+    args = list(_direct_calls()["conv2d"])
+    args[3] = 9  # more output channels than the weight has
+    with pytest.raises(RuntimeError, match="slimops::conv2d") as direct:
+        _backend.direct_entry("conv2d")(*args)
+    with pytest.raises(RuntimeError) as boxed:
+        torch.ops.slimops.conv2d.default(*args)
+    assert str(direct.value).splitlines()[0] == str(boxed.value).splitlines()[0]
+
+
+@needs_c
+def test_direct_entry_is_the_dispatcher_call():
+    """Autograd records the op's node, the profiler the op, and a dispatch mode sees it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    args = list(_direct_calls()["conv2d"])
+    args[1] = args[1].requires_grad_()
+    with torch.profiler.profile() as prof:
+        out = _backend.direct_entry("conv2d")(*args)
+    assert out.grad_fn.name() == "slimops::Conv2dBackward"
+    assert "slimops::conv2d" in {e.name for e in prof.events()}
+
+    class Record(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        _backend.direct_entry("conv2d")(*args)
+    assert "slimops.conv2d.default" in Record.seen
+
+
 def test_missing_extension_warns_once_and_falls_back():
     """The extension not importable at all (not built, or an ABI mismatch): import works,
     one RuntimeWarning names the cause, and layers run on the reference path."""

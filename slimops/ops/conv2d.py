@@ -19,6 +19,7 @@ from slimops.ops._common import (ACTIVATION_NAMES, IntPair, activation_code, as_
                                  register_flops)
 
 OP = "conv2d"
+_DIRECT = _backend.direct_entry(OP)
 
 
 def conv2d(
@@ -92,6 +93,11 @@ def conv2d_unchecked(
     ``SlimConvBNAct``'s inference path calls it with the channel counts and BN scale/shift it
     keeps per width. The compiled kernel still checks what it reads."""
     if _backend.use_native(input, weight):
+        if _DIRECT is not None and not torch.compiler.is_compiling():
+            out = _DIRECT(input, weight, bias, out_channels, stride, padding, dilation, groups,
+                          scale, shift, residual, activation)
+            if out is not NotImplemented:
+                return out
         return torch.ops.slimops.conv2d.default(
             input, weight, bias, out_channels, stride, padding, dilation, groups, scale, shift,
             residual, activation)
