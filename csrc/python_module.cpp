@@ -101,8 +101,8 @@ bool read_all(PyObject* const* args, Py_ssize_t n, T&... out) {
   return (read(args[i++], out) && ...);
 }
 
-// A __torch_function__ mode (or torch function disabled in a way that torch.ops honours) is
-// torch.ops' business: leave the call to it.
+// An active __torch_function__ mode is to see the call (torch.ops hands it over): leave the
+// call to torch.ops.
 bool torch_function_mode_active() { return at::impl::torch_function_mode_enabled(); }
 
 PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }

@@ -416,9 +416,10 @@ enum class Pass { kForward, kInputGrad, kWeightGrad, kBothGrads };
 
 // Everything a pass's speed depends on, for route.h's cache.
 RouteKey route_key(const ConvGeometry& s, Pass pass, int64_t epilogue) {
-  return {static_cast<int64_t>(RouteOp::kConv2d) + static_cast<int64_t>(pass), s.N, s.C, s.H, s.W, s.O, s.Ig, s.kh, s.kw, s.sh, s.sw,
-          s.ph, s.pw, s.dh, s.dw, epilogue, at::get_num_threads(),
-          static_cast<int64_t>(cpu_isa()), conv_direct_enabled() ? 1 : 0, s.G, 0, 0, 0, 0};
+  return {static_cast<int64_t>(RouteOp::kConv2d) + static_cast<int64_t>(pass),
+          s.N, s.C, s.H, s.W, s.O, s.Ig, s.kh, s.kw, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw,
+          epilogue, at::get_num_threads(), static_cast<int64_t>(cpu_isa()),
+          conv_direct_enabled() ? 1 : 0, s.G, 0, 0, 0, 0};
 }
 
 // The active weight [O, ig, kh, kw] as oneDNN takes it (contiguous): W[:O, :ig], or with
