@@ -2,7 +2,7 @@
 ATen's generated nodes are. What autograd promises for any op holds for them: the graph's
 shape and names, gradients of a subset of the inputs, the saved tensors freed after a
 backward (a second one fails unless retain_graph), saved inputs modified in place caught,
-forward-mode AD and functorch transforms refused with a clear error."""
+forward-mode AD refused with a clear error, and compiled autograd tracing them."""
 
 from __future__ import annotations
 
@@ -127,3 +127,26 @@ def test_no_grad_records_nothing():
     with torch.no_grad():
         out = op(*leaves)
     assert out.grad_fn is None and not out.requires_grad
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_compiled_autograd_traces_the_nodes(name):
+    """Under torch._dynamo's compiled autograd each node's backward is traced (its saved
+    tensors swapped for the trace's) and gives the eager backward's gradients."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+
+    op, leaves = _cases()[name]
+    g = torch.randn_like(op(*leaves))
+    eager = torch.autograd.grad(op(*leaves), leaves, g)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            out = op(*leaves)
+            out.backward(g)
+    finally:
+        torch._dynamo.reset()
+    assert counters["compiled_autograd"]["captures"] == 1
+    for t, e in zip(leaves, eager):
+        torch.testing.assert_close(t.grad, e)

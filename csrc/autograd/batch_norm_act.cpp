@@ -44,6 +44,26 @@ struct BatchNormActBackward : Node {
     var_.reset_data();
   }
 
+  // Compiled autograd: see ConvNode (common.h).
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(input_, false);
+    args.collect(weight_, false);
+    args.collect(out_, true);
+    args.collect(mean_, false);
+    args.collect(var_, false);
+    args.collect(training_);
+    args.collect(eps_);
+    args.collect(activation_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 SwapSavedVariables& saved) override {
+    for (SavedVariable* v : {&input_, &weight_, &out_, &mean_, &var_}) saved.before(*v);
+    variable_list result = apply(variable_list(grads));
+    for (SavedVariable* v : {&input_, &weight_, &out_, &mean_, &var_}) saved.after(*v);
+    return result;
+  }
+
   variable_list apply(variable_list&& grads) override {
     static const auto backward_op =
         op_handle<Stats(const at::Tensor&, const at::Tensor&, const at::Tensor&,

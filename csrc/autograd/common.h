@@ -25,6 +25,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -38,6 +39,8 @@ namespace autograd {
 using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
+using torch::dynamo::autograd::CompiledNodeArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
 using OptTensor = std::optional<at::Tensor>;
 
 // The typed dispatcher handle of slimops::<name> (looked up once per call site).
@@ -197,6 +200,36 @@ struct ConvNode : Node {
     bias_.reset_data();
     scale_.reset_data();
     out_.reset_data();
+  }
+
+  // Compiled autograd (torch._dynamo's compiled_autograd): the node's numbers specialise the
+  // traced graph, its saved tensors are swapped for the trace's proxies around apply().
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(input_, false);
+    args.collect(weight_, false);
+    args.collect(bias_, false);
+    args.collect(scale_, false);
+    args.collect(out_, true);
+    args.collect(stride_);
+    args.collect(padding_);
+    args.collect(dilation_);
+    args.collect(activation_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 SwapSavedVariables& saved) override {
+    saved.before(input_);
+    saved.before(weight_);
+    saved.before(bias_);
+    saved.before(scale_);
+    saved.before(out_);
+    variable_list result = apply(variable_list(grads));
+    saved.after(input_);
+    saved.after(weight_);
+    saved.after(bias_);
+    saved.after(scale_);
+    saved.after(out_);
+    return result;
   }
 };
 

@@ -26,6 +26,12 @@ struct Conv2dBackward : ConvNode {
 
   std::string name() const override { return "slimops::Conv2dBackward"; }
 
+  void compiled_args(CompiledNodeArgs& args) const override {
+    ConvNode::compiled_args(args);
+    args.collect(groups_);
+    args.collect(out_channels_);
+  }
+
   variable_list apply(variable_list&& grads) override {
     static const auto backward_input = op_handle<at::Tensor(
         const at::Tensor&, const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef,

@@ -29,6 +29,23 @@ struct LinearBackward : Node {
     weight_.reset_data();
   }
 
+  // Compiled autograd: see ConvNode (common.h).
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(input_, false);
+    args.collect(weight_, false);
+    args.collect(bias_rows_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 SwapSavedVariables& saved) override {
+    saved.before(input_);
+    saved.before(weight_);
+    variable_list result = apply(variable_list(grads));
+    saved.after(input_);
+    saved.after(weight_);
+    return result;
+  }
+
   variable_list apply(variable_list&& grads) override {
     static const auto backward_input =
         op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>(
