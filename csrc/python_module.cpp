@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 namespace {
 
@@ -107,124 +108,79 @@ bool torch_function_mode_active() { return at::impl::torch_function_mode_enabled
 
 PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
 
-using Pair = std::array<int64_t, 2>;
+// What an argument of the op's C++ type is read into: a two-int list for an int[2].
+template <typename T>
+struct Stored {
+  using type = std::decay_t<T>;
+};
+template <>
+struct Stored<c10::IntArrayRef> {
+  using type = std::array<int64_t, 2>;
+};
 
-PyObject* conv2d(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  at::Tensor input, weight;
-  OptTensor bias, scale, shift, residual;
-  int64_t out_channels = 0, groups = 0, activation = 0;
-  Pair stride{}, padding{}, dilation{};
-  if (torch_function_mode_active() ||
-      !read_all(args, n, input, weight, bias, out_channels, stride, padding, dilation, groups,
-                scale, shift, residual, activation))
-    return not_implemented();
-  static const auto op = op_handle<at::Tensor(
-      const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t, c10::IntArrayRef,
-      c10::IntArrayRef, c10::IntArrayRef, int64_t, const OptTensor&, const OptTensor&,
-      const OptTensor&, int64_t)>("slimops::conv2d");
-  at::Tensor out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = op.call(input, weight, bias, out_channels, stride, padding, dilation, groups, scale,
-                  shift, residual, activation);
-  }
-  return THPVariable_Wrap(std::move(out));
-  END_HANDLE_TH_ERRORS
-}
+PyObject* wrap(at::Tensor t) { return THPVariable_Wrap(std::move(t)); }
 
-PyObject* depthwise_conv2d(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  at::Tensor input, weight;
-  OptTensor bias, scale, shift, residual;
-  int64_t activation = 0;
-  Pair stride{}, padding{}, dilation{};
-  if (torch_function_mode_active() ||
-      !read_all(args, n, input, weight, bias, stride, padding, dilation, scale, shift, residual,
-                activation))
-    return not_implemented();
-  static const auto op = op_handle<at::Tensor(
-      const at::Tensor&, const at::Tensor&, const OptTensor&, c10::IntArrayRef,
-      c10::IntArrayRef, c10::IntArrayRef, const OptTensor&, const OptTensor&, const OptTensor&,
-      int64_t)>("slimops::depthwise_conv2d");
-  at::Tensor out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = op.call(input, weight, bias, stride, padding, dilation, scale, shift, residual,
-                  activation);
-  }
-  return THPVariable_Wrap(std::move(out));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* linear(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  at::Tensor input, weight;
-  OptTensor bias;
-  int64_t out_features = 0;
-  if (torch_function_mode_active() || !read_all(args, n, input, weight, bias, out_features))
-    return not_implemented();
-  static const auto op =
-      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t)>(
-          "slimops::linear");
-  at::Tensor out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = op.call(input, weight, bias, out_features);
-  }
-  return THPVariable_Wrap(std::move(out));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* batch_norm_act(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  at::Tensor input;
-  OptTensor weight, bias, running_mean, running_var, residual;
-  bool training = false;
-  double eps = 0.0;
-  int64_t activation = 0;
-  if (torch_function_mode_active() ||
-      !read_all(args, n, input, weight, bias, running_mean, running_var, training, eps,
-                residual, activation))
-    return not_implemented();
-  using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-  static const auto op =
-      op_handle<Stats(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                      const OptTensor&, bool, double, const OptTensor&, int64_t)>(
-          "slimops::batch_norm_act");
-  Stats out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = op.call(input, weight, bias, running_mean, running_var, training, eps, residual,
-                  activation);
-  }
+PyObject* wrap(std::tuple<at::Tensor, at::Tensor, at::Tensor> t) {
   PyObject* result = PyTuple_New(3);
   if (result == nullptr) return nullptr;
-  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(std::get<0>(out))));
-  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(std::get<1>(out))));
-  PyTuple_SET_ITEM(result, 2, THPVariable_Wrap(std::move(std::get<2>(out))));
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(std::get<0>(t))));
+  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(std::get<1>(t))));
+  PyTuple_SET_ITEM(result, 2, THPVariable_Wrap(std::move(std::get<2>(t))));
   return result;
-  END_HANDLE_TH_ERRORS
 }
 
-PyObject* update_running_stats(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  at::Tensor running_mean, running_var, mean, var;
-  int64_t count = 0;
-  double momentum = 0.0;
-  if (torch_function_mode_active() ||
-      !read_all(args, n, running_mean, running_var, mean, var, count, momentum))
-    return not_implemented();
-  static const auto op = op_handle<void(at::Tensor&, at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, int64_t, double)>(
-      "slimops::update_running_stats");
-  {
-    pybind11::gil_scoped_release no_gil;
-    op.call(running_mean, running_var, mean, var, count, momentum);
+// Reads the op's arguments, calls it with the GIL released, returns its result (None for an
+// op returning nothing); NotImplemented when an argument is not of its plain form.
+template <typename Ret, typename... Args>
+PyObject* call_op(const c10::TypedOperatorHandle<Ret(Args...)>& op, PyObject* const* args,
+                  Py_ssize_t n) {
+  std::tuple<typename Stored<Args>::type...> values;
+  const bool plain =
+      std::apply([&](auto&... v) { return read_all(args, n, v...); }, values);
+  if (torch_function_mode_active() || !plain) return not_implemented();
+  const auto call = [&] { return std::apply([&](auto&... v) { return op.call(v...); }, values); };
+  if constexpr (std::is_void_v<Ret>) {
+    {
+      pybind11::gil_scoped_release no_gil;
+      call();
+    }
+    Py_RETURN_NONE;
+  } else {
+    Ret out;
+    {
+      pybind11::gil_scoped_release no_gil;
+      out = call();
+    }
+    return wrap(std::move(out));
   }
-  Py_RETURN_NONE;
-  END_HANDLE_TH_ERRORS
 }
+
+using OptRef = const OptTensor&;
+using TensorRef = const at::Tensor&;
+using Pairs = c10::IntArrayRef;
+
+// The entry of slimops::<name>, whose typed signature is the rest of the arguments.
+#define SLIMOPS_DIRECT_ENTRY(name, ...)                                             \
+  PyObject* name(PyObject*, PyObject* const* args, Py_ssize_t n) {                \
+    HANDLE_TH_ERRORS                                                              \
+    static const auto op = op_handle<__VA_ARGS__>("slimops::" #name);             \
+    return call_op(op, args, n);                                                  \
+    END_HANDLE_TH_ERRORS                                                          \
+  }
+
+SLIMOPS_DIRECT_ENTRY(conv2d, at::Tensor(TensorRef, TensorRef, OptRef, int64_t, Pairs, Pairs,
+                                        Pairs, int64_t, OptRef, OptRef, OptRef, int64_t))
+SLIMOPS_DIRECT_ENTRY(depthwise_conv2d, at::Tensor(TensorRef, TensorRef, OptRef, Pairs, Pairs,
+                                                  Pairs, OptRef, OptRef, OptRef, int64_t))
+SLIMOPS_DIRECT_ENTRY(linear, at::Tensor(TensorRef, TensorRef, OptRef, int64_t))
+SLIMOPS_DIRECT_ENTRY(batch_norm_act,
+                     std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                         TensorRef, OptRef, OptRef, OptRef, OptRef, bool, double, OptRef,
+                         int64_t))
+SLIMOPS_DIRECT_ENTRY(update_running_stats,
+                     void(at::Tensor&, at::Tensor&, TensorRef, TensorRef, int64_t, double))
+
+#undef SLIMOPS_DIRECT_ENTRY
 
 #define SLIMOPS_ENTRY(name, doc) \
   {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(name)), METH_FASTCALL, doc}

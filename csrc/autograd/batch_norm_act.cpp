@@ -27,7 +27,7 @@ Stats batch_norm_act_op(const at::Tensor& input, const OptTensor& weight, const 
 // Backward of one batch_norm_act call. Next edges: input 0, weight 1, bias 2, running_mean
 // 3, running_var 4, residual 5; only the output has a history (the batch statistics are not
 // differentiable, as torch's native_batch_norm's are not).
-struct BatchNormActBackward : Node {
+struct BatchNormActBackward : SavedNode {
   SavedVariable input_, weight_, out_, mean_, var_;
   bool training_ = false;
   double eps_ = 0.0;
@@ -35,33 +35,18 @@ struct BatchNormActBackward : Node {
 
   std::string name() const override { return "slimops::BatchNormActBackward"; }
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    input_.reset_data();
-    weight_.reset_data();
-    out_.reset_data();
-    mean_.reset_data();
-    var_.reset_data();
+  void each_saved(const std::function<void(SavedVariable&, bool)>& f) override {
+    f(input_, false);
+    f(weight_, false);
+    f(out_, true);
+    f(mean_, false);
+    f(var_, false);
   }
 
-  // Compiled autograd: see ConvNode (common.h).
-  void compiled_args(CompiledNodeArgs& args) const override {
-    args.collect(input_, false);
-    args.collect(weight_, false);
-    args.collect(out_, true);
-    args.collect(mean_, false);
-    args.collect(var_, false);
+  void collect_numbers(CompiledNodeArgs& args) const override {
     args.collect(training_);
     args.collect(eps_);
     args.collect(activation_);
-  }
-
-  variable_list apply_with_saved(const variable_list& grads,
-                                 SwapSavedVariables& saved) override {
-    for (SavedVariable* v : {&input_, &weight_, &out_, &mean_, &var_}) saved.before(*v);
-    variable_list result = apply(variable_list(grads));
-    for (SavedVariable* v : {&input_, &weight_, &out_, &mean_, &var_}) saved.after(*v);
-    return result;
   }
 
   variable_list apply(variable_list&& grads) override {

@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -155,6 +156,39 @@ void epilogue_param_grads(variable_list& result, const std::vector<bool>& needs,
   if (needs[first + 2]) result[first + 2] = eg.grad_pre;
 }
 
+// The base of the ops' backward nodes: each lists its saved tensors once (each_saved), and
+// releasing them after a backward and compiled autograd (torch._dynamo's compiled_autograd:
+// the node's numbers specialise the traced graph, its saved tensors are swapped for the
+// trace's proxies around apply()) go over that list.
+struct SavedNode : Node {
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    each_saved([](SavedVariable& v, bool) { v.reset_data(); });
+  }
+
+  void compiled_args(CompiledNodeArgs& args) const override {
+    // each_saved hands out mutable references (reset_data, the swap below need them);
+    // collecting only reads them.
+    const_cast<SavedNode*>(this)->each_saved(
+        [&](SavedVariable& v, bool is_output) { args.collect(v, is_output); });
+    collect_numbers(args);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads,
+                                 SwapSavedVariables& saved) override {
+    each_saved([&](SavedVariable& v, bool) { saved.before(v); });
+    variable_list result = apply(variable_list(grads));
+    each_saved([&](SavedVariable& v, bool) { saved.after(v); });
+    return result;
+  }
+
+ protected:
+  // f(saved tensor, whether it is this node's own output) for every saved tensor.
+  virtual void each_saved(const std::function<void(SavedVariable&, bool)>& f) = 0;
+  // args.collect(n) for every number backward reads.
+  virtual void collect_numbers(CompiledNodeArgs& args) const = 0;
+};
+
 // What the conv families' backward needs (conv2d, depthwise_conv2d): the geometry, the
 // activation and five tensors. The output is needed for the activation's mask; bias only to
 // recompute the pre-scale conv when scale itself needs a gradient (rare: eval-mode BN
@@ -167,7 +201,7 @@ struct SavedConv {
 
 // The conv families' backward node base: forward tensor arguments (next edges) input 0,
 // weight 1, bias 2, scale 3, shift 4, residual 5.
-struct ConvNode : Node {
+struct ConvNode : SavedNode {
   SavedVariable input_, weight_, bias_, scale_, out_;
   std::vector<int64_t> stride_, padding_, dilation_;
   int64_t activation_ = 0;
@@ -193,43 +227,20 @@ struct ConvNode : Node {
             out_.unpack(getptr()), stride_, padding_, dilation_, activation_};
   }
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    input_.reset_data();
-    weight_.reset_data();
-    bias_.reset_data();
-    scale_.reset_data();
-    out_.reset_data();
+ protected:
+  void each_saved(const std::function<void(SavedVariable&, bool)>& f) override {
+    f(input_, false);
+    f(weight_, false);
+    f(bias_, false);
+    f(scale_, false);
+    f(out_, true);
   }
 
-  // Compiled autograd (torch._dynamo's compiled_autograd): the node's numbers specialise the
-  // traced graph, its saved tensors are swapped for the trace's proxies around apply().
-  void compiled_args(CompiledNodeArgs& args) const override {
-    args.collect(input_, false);
-    args.collect(weight_, false);
-    args.collect(bias_, false);
-    args.collect(scale_, false);
-    args.collect(out_, true);
+  void collect_numbers(CompiledNodeArgs& args) const override {
     args.collect(stride_);
     args.collect(padding_);
     args.collect(dilation_);
     args.collect(activation_);
-  }
-
-  variable_list apply_with_saved(const variable_list& grads,
-                                 SwapSavedVariables& saved) override {
-    saved.before(input_);
-    saved.before(weight_);
-    saved.before(bias_);
-    saved.before(scale_);
-    saved.before(out_);
-    variable_list result = apply(variable_list(grads));
-    saved.after(input_);
-    saved.after(weight_);
-    saved.after(bias_);
-    saved.after(scale_);
-    saved.after(out_);
-    return result;
   }
 };
 

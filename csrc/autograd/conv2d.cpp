@@ -26,8 +26,8 @@ struct Conv2dBackward : ConvNode {
 
   std::string name() const override { return "slimops::Conv2dBackward"; }
 
-  void compiled_args(CompiledNodeArgs& args) const override {
-    ConvNode::compiled_args(args);
+  void collect_numbers(CompiledNodeArgs& args) const override {
+    ConvNode::collect_numbers(args);
     args.collect(groups_);
     args.collect(out_channels_);
   }

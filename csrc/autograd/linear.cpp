@@ -17,34 +17,18 @@ at::Tensor linear_op(const at::Tensor& input, const at::Tensor& weight, const Op
 }
 
 // Backward of one linear call (next edges: input 0, weight 1, bias 2).
-struct LinearBackward : Node {
+struct LinearBackward : SavedNode {
   SavedVariable input_, weight_;
   int64_t bias_rows_ = 0;
 
   std::string name() const override { return "slimops::LinearBackward"; }
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    input_.reset_data();
-    weight_.reset_data();
+  void each_saved(const std::function<void(SavedVariable&, bool)>& f) override {
+    f(input_, false);
+    f(weight_, false);
   }
 
-  // Compiled autograd: see ConvNode (common.h).
-  void compiled_args(CompiledNodeArgs& args) const override {
-    args.collect(input_, false);
-    args.collect(weight_, false);
-    args.collect(bias_rows_);
-  }
-
-  variable_list apply_with_saved(const variable_list& grads,
-                                 SwapSavedVariables& saved) override {
-    saved.before(input_);
-    saved.before(weight_);
-    variable_list result = apply(variable_list(grads));
-    saved.after(input_);
-    saved.after(weight_);
-    return result;
-  }
+  void collect_numbers(CompiledNodeArgs& args) const override { args.collect(bias_rows_); }
 
   variable_list apply(variable_list&& grads) override {
     static const auto backward_input =

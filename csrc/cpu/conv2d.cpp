@@ -549,15 +549,7 @@ at::Tensor conv2d_onednn(const at::Tensor& input, const at::Tensor& weight,
                        .contiguous();
   check_onednn_shape(out, {s.N, s.O, s.Ho, s.Wo}, "conv2d", "output");
   if (!has_epilogue || bias_only) return out;
-  const EpilogueRows<scalar_t> epilogue = epilogue_rows_for_cpu<scalar_t>();
-  scalar_t* op_ = out.data_ptr<scalar_t>();
-  const int64_t P = s.P();
-  run_ranges(s.N * s.O, P, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t c = row % s.O;
-      epilogue(op_ + row * P, P, 1, P, a + c, t + c, rp ? rp + row * P : nullptr, activation);
-    }
-  });
+  epilogue_planes(out.data_ptr<scalar_t>(), s.N, s.O, s.P(), a, t, rp, activation);
   return out;
 }
 

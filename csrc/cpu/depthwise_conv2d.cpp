@@ -377,16 +377,8 @@ at::Tensor depthwise_forward_onednn(const at::Tensor& x, const at::Tensor& weigh
     a[c] = at_c(sc, c, 1.0f);
     t[c] = at_c(b, c, 0.0f) * a[c] + at_c(sh, c, 0.0f);
   }
-  const EpilogueRows<float> epilogue = epilogue_rows_for_cpu<float>();
-  float* op_ = out.data_ptr<float>();
-  const float* rp = res.defined() ? res.data_ptr<float>() : nullptr;
-  const int64_t P = p.OH * p.OW;
-  run_ranges(pr.N * pr.C, P, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t c = row % pr.C;
-      epilogue(op_ + row * P, P, 1, P, &a[c], &t[c], rp ? rp + row * P : nullptr, activation);
-    }
-  });
+  epilogue_planes(out.data_ptr<float>(), pr.N, pr.C, p.OH * p.OW, a.data(), t.data(),
+                  res.defined() ? res.data_ptr<float>() : nullptr, activation);
   return out;
 }
 
@@ -573,8 +565,6 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
   check_same(weight, grad_z, op, "weight");
   const Problem pr =
       backward_problem(op, grad_z, "input_size", input_size, weight, stride, padding, dilation);
-  const PlaneConv& p = pr.conv;
-
   const at::Tensor gz = grad_z.contiguous();
   return run_routed<at::Tensor>(
       route_key(pr, DepthwisePass::kInputGrad, 0), onednn_possible(pr, gz), problem_macs(pr),
@@ -726,8 +716,6 @@ at::Tensor depthwise_conv2d_backward_weight(const at::Tensor& grad_z, const at::
   check_same(weight, input, op, "weight");
   const Problem pr =
       backward_problem(op, grad_z, "input", input.sizes(), weight, stride, padding, dilation);
-  const PlaneConv& p = pr.conv;
-
   const at::Tensor x = input.contiguous();
   const at::Tensor gz = grad_z.contiguous();
   return run_routed<at::Tensor>(
@@ -820,16 +808,11 @@ at::Tensor depthwise_weight_grad_kernels(const at::Tensor& gz, const at::Tensor&
             const Field<const scalar_t> in = pad_plane(p, xp + plane * in_plane, buffer);
             std::fill(partial.begin(), partial.end(), scalar_t(0));
             accumulate_plane(partial.data(), gp + plane * out_plane, in.data, in.ld, p);
-            // Four chains of double adds per tap: one serial chain (latency-bound) cost more
-            // than the plane's multiply-adds on 28x28 planes.
             for (int64_t tap = 0; tap < taps; ++tap) {
               const scalar_t* part = partial.data() + tap * p.OW;
-              double sum[4] = {0.0, 0.0, 0.0, 0.0};
-              int64_t k = 0;
-              for (; k + 4 <= p.OW; k += 4)
-                for (int64_t u = 0; u < 4; ++u) sum[u] += part[k + u];
-              for (; k < p.OW; ++k) sum[0] += part[k];
-              acc[tap] += (sum[0] + sum[1]) + (sum[2] + sum[3]);
+              double sum = 0.0;
+              for (int64_t k = 0; k < p.OW; ++k) sum += part[k];
+              acc[tap] += sum;
             }
           }
           for (int64_t tap = 0; tap < taps; ++tap)

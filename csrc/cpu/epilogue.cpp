@@ -91,6 +91,23 @@ EpilogueRows<scalar_t> epilogue_rows_for_cpu() {
 template EpilogueRows<float> epilogue_rows_for_cpu<float>();
 template EpilogueRows<double> epilogue_rows_for_cpu<double>();
 
+template <typename scalar_t>
+void epilogue_planes(scalar_t* out, int64_t n, int64_t c, int64_t p, const scalar_t* scale,
+                     const scalar_t* shift, const scalar_t* residual, int64_t activation) {
+  const EpilogueRows<scalar_t> epilogue = epilogue_rows_for_cpu<scalar_t>();
+  run_ranges(n * c, p, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t k = row % c;
+      epilogue(out + row * p, p, 1, p, scale + k, shift + k,
+               residual ? residual + row * p : nullptr, activation);
+    }
+  });
+}
+template void epilogue_planes<float>(float*, int64_t, int64_t, int64_t, const float*,
+                                     const float*, const float*, int64_t);
+template void epilogue_planes<double>(double*, int64_t, int64_t, int64_t, const double*,
+                                      const double*, const double*, int64_t);
+
 TORCH_LIBRARY_IMPL(slimops, CPU, m) { m.impl("epilogue_backward", &epilogue_backward); }
 
 }  // namespace cpu

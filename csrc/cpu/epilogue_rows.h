@@ -19,5 +19,12 @@ using EpilogueRows = void (*)(scalar_t*, int64_t, int64_t, int64_t, const scalar
 template <typename scalar_t>
 EpilogueRows<scalar_t> epilogue_rows_for_cpu();
 
+// The epilogue in place on an NCHW output of n images x c channels x p positions: channel k of
+// every image by scale[k] and shift[k], `residual` (null or the output's shape) added, rows
+// split across threads by parallel.h's policy. What a conv computed by oneDNN gets after it.
+template <typename scalar_t>
+void epilogue_planes(scalar_t* out, int64_t n, int64_t c, int64_t p, const scalar_t* scale,
+                     const scalar_t* shift, const scalar_t* residual, int64_t activation);
+
 }  // namespace cpu
 }  // namespace slimops

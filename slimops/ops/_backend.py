@@ -52,6 +52,24 @@ def direct_entry(name: str) -> Optional[Callable[..., object]]:
     return getattr(importlib.import_module("slimops._C"), name, None)
 
 
+def native_call(name: str) -> Callable[..., object]:
+    """The op layer's call of compiled op ``name`` (positional schema arguments): its direct
+    entry, or ``torch.ops.slimops.<name>`` where that returns ``NotImplemented`` and while
+    torch.compile traces. Only for callers that ``use_native`` sent to the extension."""
+    direct = direct_entry(name)
+    is_compiling = torch.compiler.is_compiling
+
+    def call(*args: object) -> object:
+        if direct is not None and not is_compiling():
+            out = direct(*args)
+            if out is not NotImplemented:
+                return out
+        return getattr(torch.ops.slimops, name).default(*args)
+
+    call.__name__ = f"slimops_{name}"
+    return call
+
+
 # dtypes the C++ CPU kernels implement; other floating dtypes run on the reference path.
 NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
 # dtypes the GPU kernels (Triton, fp32 accumulation) implement; float64 on CUDA runs on

@@ -30,8 +30,8 @@ from slimops.ops._common import (
 )
 
 OP = "batch_norm_act"
-_DIRECT = _backend.direct_entry(OP)
-_DIRECT_UPDATE = _backend.direct_entry("update_running_stats")
+_NATIVE = _backend.native_call(OP)
+_NATIVE_UPDATE = _backend.native_call("update_running_stats")
 
 
 def batch_norm_act(
@@ -88,14 +88,8 @@ def batch_norm_act_unchecked(
             input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
             ACTIVATION_NAMES[activation],
         )
-    stats = NotImplemented
-    if _DIRECT is not None and not torch.compiler.is_compiling():
-        stats = _DIRECT(input, weight, bias, running_mean, running_var, training, eps, residual,
-                        activation)
-    if stats is NotImplemented:
-        stats = torch.ops.slimops.batch_norm_act.default(
-            input, weight, bias, running_mean, running_var, training, eps, residual, activation)
-    out, mean, var = stats
+    out, mean, var = _NATIVE(input, weight, bias, running_mean, running_var, training, eps,
+                             residual, activation)
     if training and running_mean is not None and running_var is not None:
         update_running_stats(running_mean, running_var, mean, var,
                              input.numel() // input.shape[1], momentum)
@@ -122,10 +116,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
             and running_mean.dtype in _backend.NATIVE_CPU_DTYPES
             and running_mean.dtype == running_var.dtype == mean.dtype == var.dtype
             and mean.is_cpu and not torch.compiler.is_compiling()):
-        if (_DIRECT_UPDATE is None or _DIRECT_UPDATE(running_mean, running_var, mean, var,
-                                                     count, momentum) is NotImplemented):
-            torch.ops.slimops.update_running_stats.default(running_mean, running_var, mean,
-                                                           var, count, momentum)
+        _NATIVE_UPDATE(running_mean, running_var, mean, var, count, momentum)
         return
     with torch.no_grad():
         mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)

@@ -19,7 +19,7 @@ from slimops.ops._common import (ACTIVATION_NAMES, IntPair, activation_code, as_
                                  register_flops)
 
 OP = "conv2d"
-_DIRECT = _backend.direct_entry(OP)
+_NATIVE = _backend.native_call(OP)
 
 
 def conv2d(
@@ -93,14 +93,8 @@ def conv2d_unchecked(
     ``SlimConvBNAct``'s inference path calls it with the channel counts and BN scale/shift it
     keeps per width. The compiled kernel still checks what it reads."""
     if _backend.use_native(input, weight):
-        if _DIRECT is not None and not torch.compiler.is_compiling():
-            out = _DIRECT(input, weight, bias, out_channels, stride, padding, dilation, groups,
-                          scale, shift, residual, activation)
-            if out is not NotImplemented:
-                return out
-        return torch.ops.slimops.conv2d.default(
-            input, weight, bias, out_channels, stride, padding, dilation, groups, scale, shift,
-            residual, activation)
+        return _NATIVE(input, weight, bias, out_channels, stride, padding, dilation, groups,
+                       scale, shift, residual, activation)
     return reference.conv2d(input, weight, bias, out_channels, stride, padding, dilation,
                             groups, scale, shift, residual, ACTIVATION_NAMES[activation])
 

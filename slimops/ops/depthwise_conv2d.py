@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-import torch
 from torch import Tensor
 
 from slimops import reference
@@ -17,7 +16,7 @@ from slimops.ops import _backend, _conv_like
 from slimops.ops._common import ACTIVATION_NAMES, IntPair, activation_code
 
 OP = "depthwise_conv2d"
-_DIRECT = _backend.direct_entry(OP)
+_NATIVE = _backend.native_call(OP)
 
 
 def depthwise_conv2d(
@@ -68,13 +67,8 @@ def depthwise_conv2d_unchecked(
     normal form (pairs as lists of ints, the activation as its code): only the backend is
     chosen here. The compiled kernel still checks what it reads."""
     if _backend.use_native(input, weight):
-        if _DIRECT is not None and not torch.compiler.is_compiling():
-            out = _DIRECT(input, weight, bias, stride, padding, dilation, scale, shift, residual,
-                          activation)
-            if out is not NotImplemented:
-                return out
-        return torch.ops.slimops.depthwise_conv2d.default(
-            input, weight, bias, stride, padding, dilation, scale, shift, residual, activation)
+        return _NATIVE(input, weight, bias, stride, padding, dilation, scale, shift, residual,
+                       activation)
     return reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation, scale,
                                       shift, residual, ACTIVATION_NAMES[activation])
 

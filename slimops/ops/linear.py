@@ -16,7 +16,7 @@ from slimops.ops import _backend
 from slimops.ops._common import as_int, check_input, check_tensor, register_flops
 
 OP = "linear"
-_DIRECT = _backend.direct_entry(OP)
+_NATIVE = _backend.native_call(OP)
 
 
 def linear(
@@ -63,11 +63,7 @@ def linear_unchecked(
     still checks everything it reads (``TORCH_CHECK``), so a wrong argument raises, with a
     terser message."""
     if _backend.use_native(input, weight):
-        if _DIRECT is not None and not torch.compiler.is_compiling():
-            out = _DIRECT(input, weight, bias, out_features)
-            if out is not NotImplemented:
-                return out
-        return torch.ops.slimops.linear.default(input, weight, bias, out_features)
+        return _NATIVE(input, weight, bias, out_features)
     return reference.linear(input, weight, bias, out_features)
 
 
