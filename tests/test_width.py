@@ -669,3 +669,21 @@ def test_slimmable_layers_shared_and_empty_children():
     assert [id(m) for m in got] == [id(m) for m in model.modules()
                                     if isinstance(m, Slimmable)]
     assert slimmable_layers(shared) == [shared]
+
+
+@pytest.mark.parametrize("look_inside", [True, False])
+def test_slimmable_layers_skips_inside_layers_that_say_so(look_inside):
+    """A slimmable layer with ``walk_submodules = False`` (``SwitchableBatchNorm2d``: its
+    submodules are its own per-width BNs) is listed but not looked inside."""
+
+    class Holder(SwitchableBatchNorm2d):
+        walk_submodules = look_inside
+
+    holder = Holder([4, 8], widths=(0.5, 1.0))
+    inner = SlimmableLinear([4, 8], [4, 8], widths=(0.5, 1.0))
+    holder.extra = inner
+    model = torch.nn.Sequential(torch.nn.ReLU(), holder)
+    got = slimmable_layers(model)
+    assert got == ([holder, inner] if look_inside else [holder])
+    assert SwitchableBatchNorm2d.walk_submodules is False
+    assert all(m.walk_submodules for m in (inner, SlimmableConv2d(4, 4, 1)))

@@ -60,6 +60,10 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
             implementation does (S-MobileNet v2's 1280-channel tail).
     """
 
+    # Its submodules are its own per-width ``nn.BatchNorm2d`` (``bn``, ``calibrated``): a
+    # width switch need not look inside (``slimops.width.slimmable_layers``).
+    walk_submodules = False
+
     def __init__(
         self,
         num_features: ChannelSpec,

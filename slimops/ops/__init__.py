@@ -27,6 +27,7 @@ from slimops.ops.conv2d_bn_act import (
 )
 from slimops.ops.depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_unchecked
 from slimops.ops.linear import linear, linear_unchecked
+from slimops.ops.state_stamp import state_stamp
 from slimops.ops import cuda_registration
 from slimops.ops.cuda_registration import use_cuda_cpp_kernels
 
@@ -35,4 +36,5 @@ cuda_registration.register()  # the ops' CUDA kernels (Triton by default) and CU
 __all__ = ["backend_info", "conv2d", "conv2d_backward", "conv2d_unchecked", "depthwise_conv2d",
            "depthwise_conv2d_unchecked", "linear", "linear_unchecked", "batch_norm_act",
            "batch_norm_act_unchecked", "conv2d_bn_act_train", "depthwise_conv2d_bn_act_train",
-           "fused_train_available", "update_running_stats", "use_cuda_cpp_kernels"]
+           "fused_train_available", "state_stamp", "update_running_stats",
+           "use_cuda_cpp_kernels"]
