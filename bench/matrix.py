@@ -5,6 +5,7 @@
     python bench/matrix.py --busy --repeat 3   # three passes over the cells: medians, ranges
     SLIMOPS_CPU_ISA=avx2 python bench/matrix.py   # the AVX2 kernels on an AVX-512 machine
     python bench/matrix.py --quick --cells train  # a smoke run of the training cells
+    python bench/matrix.py --cells train224       # S-MobileNet v1/v2 training at 224, b1 / b8
     python bench/matrix.py --cells sweep --sweep-count 100 --sweep-seed 1  # random conv shapes
 
 A cell is one workload: a training step of Algorithm 1 (``slimops.train.slimmable_step``: all
@@ -336,6 +337,17 @@ def build_cells(which: str, quick: bool, sweep: Tuple[int, int] = (0, 40)) -> Li
             cells.append(_train_cell("train s-mobilenet-v2 32x32 b128",
                                      s_mobilenet_v2(WIDTHS, num_classes=10),
                                      torch.randn(128, 3, 32, 32), 10, budget * 2))
+    if which in ("train224", "all") and not quick:
+        # The MobileNets at ImageNet size, the "224 batch 1/8" training cells: a step of
+        # 8 images is ~0.6-1 s here; the first call measures every conv pass's route.
+        for label, build in (("s-mobilenet-v1", s_mobilenet_v1),
+                             ("s-mobilenet-v2", s_mobilenet_v2)):
+            for batch in (1, 8):
+                train = _train_cell(f"train {label} 224 b{batch}",
+                                    build(WIDTHS, num_classes=1000),
+                                    torch.randn(batch, 3, 224, 224), 1000, 0.0)
+                train.min_rounds, train.warmups = 3, 2
+                cells.append(train)
     if which in ("ops", "all"):
         cells += _op_cells(budget / 8, quick)
     if which in ("resnet", "all") and not quick:
@@ -430,10 +442,13 @@ def report(cells: Sequence[Cell], header: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cells", choices=("train", "ops", "eval", "resnet", "sweep", "all"),
+    p.add_argument("--cells",
+                   choices=("train", "train224", "ops", "eval", "resnet", "sweep", "all"),
                    default="all",
-                   help="resnet: S-ResNet-50 at 224 (eval b1 per width, a training step at "
-                        "batch 8; ~2 min), part of all; sweep: --sweep-count random conv "
+                   help="train224: S-MobileNet v1/v2 training steps at 224, batch 1 and 8 "
+                        "(~1 min), part of all; resnet: S-ResNet-50 at 224 (eval b1 per width, "
+                        "a training step at batch 8; ~2 min), part of all; sweep: --sweep-count "
+                        "random conv "
                         "layer geometries (kinds, kernels, strides, dilations, groups, odd "
                         "sizes, batches, widths; eval or training), not part of all")
     p.add_argument("--sweep-count", type=int, default=40, metavar="N",

@@ -189,3 +189,12 @@ def test_cli_forwards_the_sweep_choice(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matrix", matrix)
     main(["bench", "--matrix", "--quick", "--cells", "sweep"])
     assert asked == [("sweep", {"sweep": (0, 40)})]
+
+
+def test_train224_cells_are_the_mobilenets_at_batch_1_and_8():
+    """The issue's ImageNet-size training cells (built, not run: a step is ~1 s)."""
+    cells = matrix.build_cells("train224", quick=False)
+    assert [c.name for c in cells] == [f"train s-mobilenet-{v} 224 b{b}"
+                                       for v in ("v1", "v2") for b in (1, 8)]
+    assert all(set(c.variants) == {"slimops", "reference"} and c.warmups == 2 for c in cells)
+    assert matrix.build_cells("train224", quick=True) == []
