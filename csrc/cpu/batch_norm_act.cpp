@@ -1,8 +1,9 @@
 // One width's batch norm (+ residual) + activation, and its backward.
 //
-// The input is viewed as [N, C, HW] (HW = 1 for a 2-D input). Per-channel reductions run in
-// parallel over channels and accumulate in double; the elementwise passes run in parallel over
-// the N * C planes with the normalisation folded into one multiply-add per element. The
+// The input is viewed as [N, C, HW] (HW = 1 for a 2-D input). Planes of 8 positions and more
+// run channel by channel in parallel: a channel's reductions (accumulated in double), then its
+// elementwise pass while its planes are still in cache, the normalisation folded into one
+// multiply-add per element. Tiny planes run as image rows (row_path). The
 // activation is fixed at compile time so the per-element code is branch free and vectorises.
 // The 1-D parameters and running stats are read through their strides, so they are never
 // copied. The op is functional (torch.library autograd needs that): it returns the batch
@@ -222,79 +223,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act(
     const StridedVector<scalar_t> rm(opt_ptr(running_mean), 0.0), rv(opt_ptr(running_var), 0.0);
     const PlaneOps<scalar_t> ops = plane_ops<scalar_t>();
 
-    std::vector<double> mean(C), var(C);
-    if (training) {
-      // Two passes (mean, then squared deviations): no cancellation, unlike E[x^2] - E[x]^2.
-      if (row_path(N, HW)) {
-        const RowOps<scalar_t> rows = row_ops<scalar_t>();
-        const int64_t R = C * HW;
-        Uninit<double> pos(R);
-        column_sums(N, R, pos.data(), nullptr, [&](int64_t j0, int64_t len, double* a, double*) {
-          rows.sum(a, xp + j0, N, R, len);
-        });
-        mean = per_channel(pos.data(), C, HW);
-        for (int64_t c = 0; c < C; ++c) mean[c] /= count;
-        const Uninit<double> mean_pos = expand<double>(mean, HW);
-        column_sums(N, R, pos.data(), nullptr, [&](int64_t j0, int64_t len, double* a, double*) {
-          rows.sq_dev(a, xp + j0, mean_pos.data() + j0, N, R, len);
-        });
-        var = per_channel(pos.data(), C, HW);
-        for (int64_t c = 0; c < C; ++c) var[c] /= count;
-      } else {
-        // Per channel (one writer each): the planes' sums, then the squared deviations.
-        at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
-          for (int64_t c = c0; c < c1; ++c) {
+    scalar_t* mean_p = save_mean.data_ptr<scalar_t>();
+    scalar_t* var_p = save_var.data_ptr<scalar_t>();
+    const scalar_t* rp = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = out.data_ptr<scalar_t>();
+    // y = act(x * alpha + beta + r): channel c's affine normalisation as one multiply-add,
+    // from its statistics; saves them.
+    struct Affine {
+      scalar_t alpha, beta;
+    };
+    const auto affine = [&](int64_t c, double mean, double var) {
+      const double invstd = 1.0 / std::sqrt(var + eps);
+      const double a = invstd * w.get(c);
+      mean_p[c] = static_cast<scalar_t>(mean);
+      var_p[c] = static_cast<scalar_t>(var);
+      return Affine{static_cast<scalar_t>(a), static_cast<scalar_t>(b.get(c) - mean * a)};
+    };
+    if (!row_path(N, HW)) {
+      // The per-plane path (planes of 8 positions and more), channel by channel (one writer
+      // each): training takes the planes' sums, then their squared deviations (two passes:
+      // no cancellation, unlike E[x^2] - E[x]^2), and the channel's output planes follow
+      // while its x is still in cache, instead of a second sweep over the whole tensor.
+      at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          double mean = rm.get(c), var = rv.get(c);
+          if (training) {
             double total = 0.0;
             for (int64_t n = 0; n < N; ++n) total += ops.sum(xp + (n * C + c) * HW, HW);
-            mean[c] = total / count;
+            mean = total / count;
             double dev = 0.0;
-            for (int64_t n = 0; n < N; ++n) dev += ops.sq_dev(xp + (n * C + c) * HW, HW, mean[c]);
-            var[c] = dev / count;
+            for (int64_t n = 0; n < N; ++n) dev += ops.sq_dev(xp + (n * C + c) * HW, HW, mean);
+            var = dev / count;
           }
-        });
-      }
+          const Affine k = affine(c, mean, var);
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t base = (n * C + c) * HW;
+            ops.affine_act(yp + base, xp + base, rp ? rp + base : nullptr, HW, k.alpha, k.beta,
+                           activation);
+          }
+        }
+      });
+      return;
+    }
+    // The row path: per-position sums over the images (column_sums), per-channel totals.
+    const RowOps<scalar_t> rows = row_ops<scalar_t>();
+    const int64_t R = C * HW;
+    std::vector<double> mean(C), var(C);
+    if (training) {
+      Uninit<double> pos(R);
+      column_sums(N, R, pos.data(), nullptr, [&](int64_t j0, int64_t len, double* a, double*) {
+        rows.sum(a, xp + j0, N, R, len);
+      });
+      mean = per_channel(pos.data(), C, HW);
+      for (int64_t c = 0; c < C; ++c) mean[c] /= count;
+      const Uninit<double> mean_pos = expand<double>(mean, HW);
+      column_sums(N, R, pos.data(), nullptr, [&](int64_t j0, int64_t len, double* a, double*) {
+        rows.sq_dev(a, xp + j0, mean_pos.data() + j0, N, R, len);
+      });
+      var = per_channel(pos.data(), C, HW);
+      for (int64_t c = 0; c < C; ++c) var[c] /= count;
     } else {
       for (int64_t c = 0; c < C; ++c) {
         mean[c] = rm.get(c);
         var[c] = rv.get(c);
       }
     }
-
-    // y = act(x * alpha[c] + beta[c] + r): the affine normalisation as one multiply-add.
     std::vector<scalar_t> alpha(C), beta(C);
-    scalar_t* mean_p = save_mean.data_ptr<scalar_t>();
-    scalar_t* var_p = save_var.data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
-      const double invstd = 1.0 / std::sqrt(var[c] + eps);
-      const double a = invstd * w.get(c);
-      mean_p[c] = static_cast<scalar_t>(mean[c]);
-      var_p[c] = static_cast<scalar_t>(var[c]);
-      alpha[c] = static_cast<scalar_t>(a);
-      beta[c] = static_cast<scalar_t>(b.get(c) - mean[c] * a);
+      const Affine k = affine(c, mean[c], var[c]);
+      alpha[c] = k.alpha;
+      beta[c] = k.beta;
     }
-
-    const scalar_t* rp = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
-    scalar_t* yp = out.data_ptr<scalar_t>();
-    const scalar_t* ap = alpha.data();
-    const scalar_t* bp = beta.data();
-    if (row_path(N, HW)) {
-      const RowOps<scalar_t> rows = row_ops<scalar_t>();
-      const int64_t R = C * HW;
-      const Uninit<scalar_t> a_pos = expand<scalar_t>(alpha, HW), b_pos = expand<scalar_t>(beta, HW);
-      run_ranges(N, R, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n)
-          rows.affine_act(yp + n * R, xp + n * R, rp ? rp + n * R : nullptr, R, a_pos.data(),
-                          b_pos.data(), activation);
-      });
-      return;
-    }
-    // The per-plane path (row_path leaves it planes of 8 positions and more).
-    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t c = plane % C, base = plane * HW;
-        ops.affine_act(yp + base, xp + base, rp ? rp + base : nullptr, HW, ap[c], bp[c],
-                       activation);
-      }
+    const Uninit<scalar_t> a_pos = expand<scalar_t>(alpha, HW), b_pos = expand<scalar_t>(beta, HW);
+    run_ranges(N, R, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        rows.affine_act(yp + n * R, xp + n * R, rp ? rp + n * R : nullptr, R, a_pos.data(),
+                        b_pos.data(), activation);
     });
   });
   return std::make_tuple(out, save_mean, save_var);
@@ -338,26 +342,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
     // the passes read grad_out (the residual layers' case: their autograd masks first).
     const bool masked = activation != kNone;
     const scalar_t* gp = masked ? gip : gop;
-    // sums[0] = sum(g), sums[1] = sum(g * (x - mean)).
-    std::vector<double> sums[2];
+    scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
+    scalar_t* gbp = grad_bias.data_ptr<scalar_t>();
+    // grad_input = k_g[c] * g + k_x[c] * (x - mean[c]) + k_0[c]; training also differentiates
+    // through the batch mean and variance (k_x, k_0). From channel c's two sums, sum(g) and
+    // sum(g * (x - mean)); writes its weight and bias gradients.
+    struct Coefficients {
+      scalar_t g, x, zero;
+    };
+    const auto coefficients = [&](int64_t c, double sum_g, double sum_gx) {
+      const double is = 1.0 / std::sqrt(saved_var.get(c) + eps), a = w.get(c) * is;
+      gwp[c] = static_cast<scalar_t>(sum_gx * is);
+      gbp[c] = static_cast<scalar_t>(sum_g);
+      Coefficients k{static_cast<scalar_t>(a), scalar_t(0), scalar_t(0)};
+      if (training && count > 0) {
+        k.x = static_cast<scalar_t>(-a * is * is * sum_gx / count);
+        k.zero = static_cast<scalar_t>(-a * sum_g / count);
+      }
+      return k;
+    };
     const PlaneOps<scalar_t> ops = plane_ops<scalar_t>();
-    const RowOps<scalar_t> rows = row_ops<scalar_t>();
     const int64_t R = C * HW;
-    const bool small = row_path(N, HW);
-    if (small) {
-      const Uninit<double> mean_pos = expand<double>(mean, HW);
-      Uninit<double> pos0(R), pos1(R);
-      column_sums(N, R, pos0.data(), pos1.data(), [&](int64_t j0, int64_t len, double* a0,
-                                                      double* a1) {
-        rows.grad_sums(a0, a1, gip + j0, gop + j0, yp + j0, xp + j0, mean_pos.data() + j0, N, R,
-                       len, activation);
-      });
-      sums[0] = per_channel(pos0.data(), C, HW);
-      sums[1] = per_channel(pos1.data(), C, HW);
-    } else {  // the per-plane path: planes of 8 positions and more (row_path)
-      sums[0].assign(C, 0.0);
-      sums[1].assign(C, 0.0);
-      // Per channel (one writer each): mask each plane, then its two sums while it is hot.
+    if (!row_path(N, HW)) {
+      // The per-plane path (planes of 8 positions and more), channel by channel (one writer
+      // each): mask each plane and take its two sums while it is hot; the channel's sums
+      // then complete, its gradient planes follow while its g and x are still in cache.
+      // Two sweeps over the whole tensor (sums, then gradients) read g and x from memory
+      // twice: 8 x 96 x 112 x 112 took 8.0-9.9 ms that way, 5.5-6.3 ms this way; 8 x 144 x
+      // 56 x 56 2.4-3.4 -> 1.7-2.2 ms (2-core AMD EPYC Zen 3, AVX2, 2 threads).
       at::parallel_for(0, C, grain_for(N * HW), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           double s[2] = {0.0, 0.0};
@@ -366,64 +378,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(
             if (masked) ops.mask(gip + base, gop + base, yp + base, HW, activation);
             ops.grad_sums(gp + base, xp + base, HW, mean[c], s);
           }
-          sums[0][c] = s[0];
-          sums[1][c] = s[1];
-        }
-      });
-    }
-
-    // grad_input = k_g[c] * g + k_x[c] * (x - mean[c]) + k_0[c]; training also differentiates
-    // through the batch mean and variance (k_x, k_0).
-    std::vector<scalar_t> k_g(C), k_x(C), k_0(C);
-    scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
-    scalar_t* gbp = grad_bias.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      const double is = 1.0 / std::sqrt(saved_var.get(c) + eps), a = w.get(c) * is;
-      gwp[c] = static_cast<scalar_t>(sums[1][c] * is);
-      gbp[c] = static_cast<scalar_t>(sums[0][c]);
-      k_g[c] = static_cast<scalar_t>(a);
-      if (training && count > 0) {
-        k_x[c] = static_cast<scalar_t>(-a * is * is * sums[1][c] / count);
-        k_0[c] = static_cast<scalar_t>(-a * sums[0][c] / count);
-      }
-    }
-    const scalar_t* kg = k_g.data();
-    const scalar_t* kx = k_x.data();
-    const scalar_t* k0 = k_0.data();
-    if (small) {
-      Uninit<scalar_t> kg_pos = expand<scalar_t>(k_g, HW), kx_pos, k0_pos, m_pos;
-      if (training) {
-        kx_pos = expand<scalar_t>(k_x, HW);
-        k0_pos = expand<scalar_t>(k_0, HW);
-        m_pos = expand<scalar_t>(mean_s, HW);
-      }
-      run_ranges(N, R, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) {
-          if (training) {
-            rows.grad_input(gip + n * R, gp + n * R, xp + n * R, R, kg_pos.data(),
-                            kx_pos.data(), m_pos.data(), k0_pos.data());
-          } else {
-            rows.scale(gip + n * R, gp + n * R, R, kg_pos.data());
+          const Coefficients k = coefficients(c, s[0], s[1]);
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t base = (n * C + c) * HW;
+            if (training) {
+              ops.grad_input(gip + base, gp + base, xp + base, HW, k.g, k.x, mp[c], k.zero);
+            } else {
+              scalar_t* gi = gip + base;
+              const scalar_t* g = gp + base;
+              for (int64_t i = 0; i < HW; ++i) gi[i] = k.g * g[i];
+            }
           }
         }
       });
-    } else if (training) {
-      at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
-        for (int64_t plane = begin; plane < end; ++plane) {
-          const int64_t c = plane % C, base = plane * HW;
-          ops.grad_input(gip + base, gp + base, xp + base, HW, kg[c], kx[c], mp[c], k0[c]);
-        }
-      });
-    } else {
-      at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
-        for (int64_t plane = begin; plane < end; ++plane) {
-          scalar_t* gi = gip + plane * HW;
-          const scalar_t* g = gp + plane * HW;
-          const scalar_t k = kg[plane % C];
-          for (int64_t i = 0; i < HW; ++i) gi[i] = k * g[i];
-        }
-      });
+      return;
     }
+    // The row path: per-position sums over the images (column_sums), then per-channel totals.
+    const RowOps<scalar_t> rows = row_ops<scalar_t>();
+    const Uninit<double> mean_pos = expand<double>(mean, HW);
+    Uninit<double> pos0(R), pos1(R);
+    column_sums(N, R, pos0.data(), pos1.data(), [&](int64_t j0, int64_t len, double* a0,
+                                                    double* a1) {
+      rows.grad_sums(a0, a1, gip + j0, gop + j0, yp + j0, xp + j0, mean_pos.data() + j0, N, R,
+                     len, activation);
+    });
+    const std::vector<double> sum_g = per_channel(pos0.data(), C, HW);
+    const std::vector<double> sum_gx = per_channel(pos1.data(), C, HW);
+    std::vector<scalar_t> k_g(C), k_x(C), k_0(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const Coefficients k = coefficients(c, sum_g[c], sum_gx[c]);
+      k_g[c] = k.g;
+      k_x[c] = k.x;
+      k_0[c] = k.zero;
+    }
+    Uninit<scalar_t> kg_pos = expand<scalar_t>(k_g, HW), kx_pos, k0_pos, m_pos;
+    if (training) {
+      kx_pos = expand<scalar_t>(k_x, HW);
+      k0_pos = expand<scalar_t>(k_0, HW);
+      m_pos = expand<scalar_t>(mean_s, HW);
+    }
+    run_ranges(N, R, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        if (training) {
+          rows.grad_input(gip + n * R, gp + n * R, xp + n * R, R, kg_pos.data(), kx_pos.data(),
+                          m_pos.data(), k0_pos.data());
+        } else {
+          rows.scale(gip + n * R, gp + n * R, R, kg_pos.data());
+        }
+      }
+    });
   });
   return std::make_tuple(grad_input, grad_weight, grad_bias);
 }
