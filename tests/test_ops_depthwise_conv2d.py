@@ -85,6 +85,28 @@ def test_geometry_prefixes(kernel, stride, padding, dilation, dtype, tol):
     assert ran >= 3
 
 
+# The strided 3x3 passes past the lanes paths (outputs wider or taller than 16: the per-plane
+# loops of accumulate_plane and input_grad_strided_plane): output widths below, at and past a
+# vector (8 floats under AVX2, 16 under AVX-512; 4 / 8 doubles), paddings, dilation along
+# either axis, prefixes.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dilation", [1, (2, 1), (1, 2)], ids=["d1", "d21", "d12"])
+@pytest.mark.parametrize("padding", [0, 1, (2, 1)], ids=["p0", "p1", "p21"])
+@pytest.mark.parametrize("out_w", [17, 24, 31, 32, 33, 40])
+def test_strided_3x3_wide_planes(out_w, padding, dilation, dtype, tol):
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    w = 2 * (out_w - 1) + 2 * dw + 1 - 2 * pw  # the input width giving out_w columns
+    h = 37 - 2 * ph
+    weight = torch.randn(C_FULL, 1, 3, 3, dtype=dtype)
+    for c in (C_FULL, 5):
+        kwargs = dict(input=torch.randn(2, c, h, w, dtype=dtype, requires_grad=True),
+                      weight=leaf(weight), bias=None, stride=2, padding=padding,
+                      dilation=dilation)
+        out, _ = run_and_compare(kwargs, tol)
+        assert out.shape[3] == out_w and out.shape[2] > 16
+
+
 # The forward kernel takes one of three paths by plane size (csrc/cpu/depthwise_conv2d.cpp):
 # small planes go 16 channels at a time (vectorised across channels: full and partial channel
 # blocks here; up to 16x16, or 10x10 at stride 1 under AVX2, so "lanes" is 10x9 for both),
