@@ -447,10 +447,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    default="all",
                    help="train224: S-MobileNet v1/v2 training steps at 224, batch 1 and 8 "
                         "(~1 min), part of all; resnet: S-ResNet-50 at 224 (eval b1 per width, "
-                        "a training step at batch 8; ~2 min), part of all; sweep: --sweep-count "
-                        "random conv "
-                        "layer geometries (kinds, kernels, strides, dilations, groups, odd "
-                        "sizes, batches, widths; eval or training), not part of all")
+                        "a training step at batch 8; ~2 min), part of all; sweep: "
+                        "--sweep-count random conv layer geometries (kinds, kernels, strides, "
+                        "dilations, groups, odd sizes, batches, widths; eval or training), not "
+                        "part of all")
     p.add_argument("--sweep-count", type=int, default=40, metavar="N",
                    help="with --cells sweep: how many geometries (default 40, ~1 min)")
     p.add_argument("--sweep-seed", type=int, default=0, metavar="S",

@@ -205,8 +205,8 @@ PyObject* state_stamp(PyObject*, PyObject* const* args, Py_ssize_t n) {
       put(0);
       continue;
     }
-    if (!THPVariable_CheckExact(o) && Py_TYPE(o) != parameter_type()) Py_RETURN_NONE;
-    const at::Tensor& t = THPVariable_Unpack(o);
+    at::Tensor t;
+    if (!read(o, t)) Py_RETURN_NONE;  // a subclass, or not a tensor
     c10::TensorImpl* impl = t.unsafeGetTensorImpl();
     if (impl->is_inference() || !impl->has_storage() || impl->layout() != c10::kStrided ||
         impl->has_symbolic_sizes_strides())

@@ -41,7 +41,7 @@ else:
 
 def direct_entry(name: str) -> Optional[Callable[..., object]]:
     """``slimops._C``'s direct Python entry of op ``name`` (csrc/python_module.cpp), or None
-    without the extension. It takes the op schema's arguments positionally in their plain
+    without the extension (also its one helper that is not an op, ``state_stamp``). It takes the op schema's arguments positionally in their plain
     forms (tensors, None, ints, two-int lists, floats) and calls the op's typed dispatcher
     handle, ~10 us per call less than ``torch.ops.slimops.<name>``'s boxed call; for anything
     else (a tensor subclass, an active ``__torch_function__`` mode) it returns
