@@ -307,10 +307,11 @@ def _tag(cfg: Dict[str, int]) -> str:
 def _bn_train_launches(L: Layer, num_rows: int) -> List[Launch]:
     """Training-mode BN of the conv output: merge tree + finalize + normalise pass from
     ``num_rows`` rows of per-tile moments written by the conv (``batch_norm_act_from_partials``)
-    followed by the op layer's statistics casts and running-statistics update
-    (``record_batch_stats``); for a shared BN (``num_rows`` ignored) the ``batch_norm_act``
-    op: ``num_batches_tracked += 1``, its statistics pass, then the same merge, finalize and
-    normalise, then ``update_running_stats``."""
+    followed by the running-statistics update (``record_batch_stats``:
+    ``num_batches_tracked += 1`` and ``update_running_stats``' kernel); for a shared BN
+    (``num_rows`` ignored) the ``batch_norm_act`` op: ``num_batches_tracked += 1``, its
+    statistics pass, then the same merge, finalize and normalise, then
+    ``update_running_stats``."""
     from slimops.kernels import batch_norm_act as bn
     from slimops.kernels import epilogue as ep
     from slimops.kernels.epilogue import pick_config
@@ -339,10 +340,13 @@ def _bn_train_launches(L: Layer, num_rows: int) -> List[Launch]:
                       ELEM * (2 + L.residual) * L.y + F32 * 2 * c,
                       hints=("bn_apply", f"b{cfg['BLOCK']}_",
                              "res_relu6" if L.residual or L.activation else "plain")))
-    # mean/var .to(input dtype) (conv2d_bn_act_train), num_batches_tracked.add_, and
-    # update_running_stats' lerp_, mul_, add_: O(channels) each (the shared BN: the last 3).
-    for _ in range(3 if L.shared_bn else 6):
-        out.append(Launch("torch:bn_bookkeeping", 1, F32 * 3 * c))
+    # num_batches_tracked.add_ (the fused ops' record_batch_stats; the shared BN's came
+    # first), then update_running_stats: one kernel, fp32 statistics into fp16 buffers (was
+    # two casts, lerp_, mul_ and add_).
+    if not L.shared_bn:
+        out.append(Launch("torch:bn_bookkeeping", 1, 8))
+    out.append(Launch("_running_stats_kernel", -(-c // bn.RUNNING_STATS_BLOCK),
+                      (F32 + ELEM) * 2 * c + ELEM * 2 * c, hints=("running_stats",)))
     return out
 
 

@@ -119,6 +119,10 @@ MERGE_WARPS = 4
 # per loop step; kept as a constant for serial_finalize_iterations (the before figure).
 _SERIAL_ROWS_PER_STEP = 8
 
+# The running statistics' update: channels per program, warps (O(C) work, one wave).
+RUNNING_STATS_BLOCK = 1024
+RUNNING_STATS_WARPS = 4
+
 
 # Resident blocks per SM of the two reductions' binaries (``_bn_stats_kernel``,
 # ``_bn_backward_stats_kernel``) per CONFIGS entry (BLOCK, num_warps): the AOT figures on
@@ -420,6 +424,27 @@ def _bn_backward_apply_kernel(
     tl.store(gi_ptr + offs, gi.to(gi_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _running_stats_kernel(
+    rm_ptr, rv_ptr, mean_ptr, var_ptr, C, momentum, unbias, s_rm, s_rv, s_mean, s_var,
+    BLOCK: tl.constexpr,
+):
+    # running = momentum * batch + (1 - momentum) * running, the variance unbiased; fp32
+    # arithmetic whatever the buffers' and the statistics' dtypes, one rounding to each
+    # buffer's own dtype (the CPU op's formula, csrc/cpu/batch_norm_act.cpp).
+    cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = cs < C
+    rm = tl.load(rm_ptr + cs * s_rm, mask=m).to(tl.float32)
+    rv = tl.load(rv_ptr + cs * s_rv, mask=m).to(tl.float32)
+    mu = tl.load(mean_ptr + cs * s_mean, mask=m).to(tl.float32)
+    var = tl.load(var_ptr + cs * s_var, mask=m).to(tl.float32)
+    keep = 1.0 - momentum
+    tl.store(rm_ptr + cs * s_rm, (momentum * mu + keep * rm).to(rm_ptr.dtype.element_ty),
+             mask=m)
+    tl.store(rv_ptr + cs * s_rv,
+             (momentum * (var * unbias) + keep * rv).to(rv_ptr.dtype.element_ty), mask=m)
+
+
 def _check_input(input: Tensor, op: str) -> Tuple[int, int, int]:
     if input.dim() < 2:
         raise ValueError(f"slimops.kernels.{op}: input must be [N, C, *], got {tuple(input.shape)}")
@@ -522,6 +547,18 @@ def _backward_apply_launch(
     return (grid, (go, y, x, mean, kg, kx, k0, grad_input, x.numel(), c, hw, mean.stride(0)),
             dict(ACT=activation, TRAINING=training, BLOCK=ecfg["BLOCK"],
                  num_warps=ecfg["num_warps"]))
+
+
+def _running_stats_launch(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                          count: int, momentum: float) -> Launch:
+    """``(grid, args, kwargs)`` of the running statistics' update."""
+    c = running_mean.shape[0]
+    # The unbiasing factor in Python: exact in double, then one rounding to fp32 (as the
+    # CPU op's static_cast).
+    args = (running_mean, running_var, mean, var, c, float(momentum), count / (count - 1),
+            running_mean.stride(0), running_var.stride(0), mean.stride(0), var.stride(0))
+    return ((triton.cdiv(c, RUNNING_STATS_BLOCK),), args,
+            dict(BLOCK=RUNNING_STATS_BLOCK, num_warps=RUNNING_STATS_WARPS))
 
 
 def _finalize_and_apply(
@@ -708,6 +745,41 @@ def batch_norm_act_backward(
     return grad_input, grad_weight, grad_bias
 
 
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: int, momentum: float) -> None:
+    """``slimops::update_running_stats`` on the GPU: fold a batch's statistics (``var``
+    biased, over ``count`` values per channel) into the running ones in place, as
+    ``F.batch_norm`` does (``running * (1 - momentum) + batch * momentum``, the variance
+    unbiased by ``count / (count - 1)``). One launch per BN layer and width of a training
+    step, where the aten ops it replaces (``lerp_``, ``mul_``, ``add_``, plus a cast each of
+    the statistics into the buffers' dtype) were three to five.
+
+    Every tensor is a vector of ``C`` values, any stride (the running buffers are prefix
+    views of the full-width ones). Unlike the CPU op (one dtype throughout) the dtypes may
+    differ: fp32 statistics (``stats_dtype``) fold into fp16/bf16/fp32 buffers without being
+    rounded to the buffers' dtype first; arithmetic is fp32 and each buffer is rounded once.
+    """
+    check_device(running_mean, running_var, mean, var)
+    c = running_mean.shape[0] if running_mean.dim() == 1 else -1
+    if c < 0:
+        raise ValueError(f"slimops.kernels.update_running_stats: running_mean must be a "
+                         f"vector, got shape {tuple(running_mean.shape)}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("mean", mean), ("var", var)):
+        _check_vector(t, c, name)
+        if t.dtype not in DTYPES:
+            raise ValueError(f"slimops.kernels.update_running_stats: {name} is {t.dtype}; "
+                             f"the kernel takes {DTYPES}")
+    if count <= 1:
+        raise ValueError(f"slimops.kernels.update_running_stats: count must be above 1 (the "
+                         f"unbiased variance divides by count - 1), got {count}")
+    if c == 0:
+        return
+    grid, args, kwargs = _running_stats_launch(running_mean, running_var, mean, var, int(count),
+                                               momentum)
+    traceable(_running_stats_kernel)[grid](*args, **kwargs)
+
+
 # The AOT cases' calls, S-MobileNet v2 (width 1.0) activations [N, C, H, W]: every tuning
 # entry of every kernel is reached by one of them (the reductions pick by N * H * W, the
 # elementwise passes by the element count).
@@ -736,7 +808,11 @@ AOT_EPS = 1e-5
 AOT_MIN_OCCUPANCY = {k: 4 for k in ("_bn_merge_kernel", "_bn_stats_kernel",
                                     "_bn_finalize_kernel", "_bn_backward_stats_kernel",
                                     "_bn_backward_finalize_kernel", "_bn_backward_apply_kernel",
-                                    "_epilogue_kernel")}
+                                    "_epilogue_kernel", "_running_stats_kernel")}
+# The running statistics' update: S-MobileNet v2's widest BN (1280 channels, a prefix view:
+# stride 1 as the full buffer's), fp32 statistics into buffers of each dtype.
+AOT_RUNNING_STATS_C = 1280
+AOT_RUNNING_STATS_COUNT = 32 * 7 * 7
 
 
 def _aot_forward(shape: Tuple[int, ...], dtype: torch.dtype, training: bool, fused: bool,
@@ -795,7 +871,14 @@ def _aot_backward(shape: Tuple[int, ...], dtype: torch.dtype, activation: int, t
 
 def _aot_call(kind: str, shape: Tuple[int, ...], dtype: torch.dtype, *flags: Any) -> None:
     """The public launcher of an AOT call on CPU tensors (``flags``: ``_aot_forward``'s or
-    ``_aot_backward``'s after the dtype)."""
+    ``_aot_backward``'s after the dtype; the running statistics' update: ``shape`` is
+    ``(C,)``)."""
+    if kind == "running_stats":
+        (c,) = shape
+        stats = torch.ones(c, dtype=torch.float32)
+        update_running_stats(torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype), stats,
+                             stats, AOT_RUNNING_STATS_COUNT, 0.1)
+        return
     x = torch.empty(shape, dtype=dtype)
     c = shape[1]
     vec = torch.empty(c, dtype=dtype)
@@ -823,7 +906,8 @@ def aot_cases() -> List[AotCase]:
     moments); per dtype the statistics and backward kernels for every tuning entry, the
     finalize kernels in training (with γ/β) and eval (without), the normalise pass (the
     epilogue kernel with fp32 alpha/beta) without and with residual + relu6, and the
-    backward's elementwise pass in training/eval without and with relu6. The forward stores
+    backward's elementwise pass in training/eval without and with relu6, and the running
+    statistics' update (fp32 statistics into buffers of the dtype). The forward stores
     ``stats_dtype`` statistics (fp32; ``*_f32stats`` for fp16/bf16); the backward kernels
     are compiled for fp32 statistics (``*_f32stats``) and for statistics in the input's
     dtype, which the backward launcher also accepts. One case per name (kernel, dtype,
@@ -873,6 +957,11 @@ def aot_cases() -> List[AotCase]:
                                                    f"{mode}{sfx}"),
                             }[kind]
                             add(name, kernel, launch, call, shape)
+        rs = functools.partial(_aot_call, "running_stats", (AOT_RUNNING_STATS_C,), dtype)
+        buf, f32 = (meta_tensor((AOT_RUNNING_STATS_C,), t) for t in (dtype, torch.float32))
+        add(f"bn_running_stats_{tag}{f32sfx}", _running_stats_kernel,
+            _running_stats_launch(buf, buf, f32, f32, AOT_RUNNING_STATS_COUNT, 0.1), rs,
+            (AOT_RUNNING_STATS_C,))
     return with_floors(list(cases.values()), AOT_MIN_OCCUPANCY)
 
 
@@ -887,4 +976,5 @@ __all__ = [
     "merge_plan",
     "serial_finalize_iterations",
     "store_tile_moments",
+    "update_running_stats",
 ]

@@ -17,7 +17,7 @@ from typing import Dict, Tuple
 # modules' import order (a module may import the ones before it).
 OP_FAMILIES: Dict[str, Tuple[str, ...]] = {
     "epilogue": ("epilogue_backward",),
-    "batch_norm_act": ("batch_norm_act", "batch_norm_act_backward"),
+    "batch_norm_act": ("batch_norm_act", "batch_norm_act_backward", "update_running_stats"),
     "depthwise_conv2d": ("depthwise_conv2d", "depthwise_conv2d_backward_input",
                          "depthwise_conv2d_backward_weight"),
     "conv2d": ("conv2d", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_backward"),
@@ -27,13 +27,16 @@ OP_FAMILIES: Dict[str, Tuple[str, ...]] = {
 # Ops of csrc/ops.cpp that are queries of the CPU backend, not computations (no family).
 BACKEND_QUERIES: Tuple[str, ...] = ("cpu_isa", "conv2d_routes")
 
-# op -> the family whose files hold it: ops with a CPU kernel only (no Triton or CUDA
-# kernel), whose Python entry point runs other ops on other devices. update_running_stats
-# folds a batch's statistics into the running ones (one op instead of three aten calls per
-# BN layer and width of a CPU training step).
-CPU_HELPERS: Dict[str, str] = {"update_running_stats": "batch_norm_act"}
+# Ops that write their arguments in place and return nothing (schema ``Tensor(a!)``): the
+# running statistics' update (one op instead of three to five aten calls per BN layer and
+# width of a training step). No gradient, no autocast kernel (the buffers keep their dtype),
+# no ``triton_op`` (whose outputs are fresh tensors; while torch.compile traces the op layer
+# runs aten's in-place ops instead), no oracle of their own (F.batch_norm's update in
+# ``slimops.reference.batch_norm_act`` is it). Every other op of a family is a forward op or a
+# ``*_backward*`` op.
+IN_PLACE_OPS: Tuple[str, ...] = ("update_running_stats",)
 
 # op -> its family
 FAMILY_OF: Dict[str, str] = {op: family for family, ops in OP_FAMILIES.items() for op in ops}
 
-__all__ = ["BACKEND_QUERIES", "CPU_HELPERS", "FAMILY_OF", "OP_FAMILIES"]
+__all__ = ["BACKEND_QUERIES", "FAMILY_OF", "IN_PLACE_OPS", "OP_FAMILIES"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from slimops import kernels, reference
-from slimops.op_families import BACKEND_QUERIES, CPU_HELPERS, FAMILY_OF, OP_FAMILIES
+from slimops.op_families import BACKEND_QUERIES, FAMILY_OF, IN_PLACE_OPS, OP_FAMILIES
 from slimops.ops import _backend
 from slimops.ops.cuda_registration import OP_FAMILIES as CUDA_OPS
 
@@ -28,23 +28,28 @@ def _functions(path: Path) -> set:
 
 
 def test_every_schema_is_in_one_family_or_a_backend_query():
-    ops = list(FAMILY_OF) + list(BACKEND_QUERIES) + list(CPU_HELPERS)
+    ops = list(FAMILY_OF) + list(BACKEND_QUERIES)
     assert len(ops) == len(set(ops))
     assert set(ops) == _schemas()
-
-
-def test_cpu_helpers_live_in_their_family_files():
-    """A CPU-only op sits beside its family's kernels and Python entry points."""
-    for op, family in CPU_HELPERS.items():
-        assert family in OP_FAMILIES
-        assert f'm.impl("{op}"' in (ROOT / f"csrc/cpu/{family}.cpp").read_text()
-        assert f"def {op}(" in (ROOT / f"slimops/ops/{family}.py").read_text()
+    assert set(IN_PLACE_OPS) <= set(FAMILY_OF)
 
 
 @pytest.mark.skipif(not _backend.HAS_C, reason="the compiled extension is not built")
 def test_the_extension_defines_every_op():
-    for op in list(FAMILY_OF) + list(BACKEND_QUERIES) + list(CPU_HELPERS):
+    for op in list(FAMILY_OF) + list(BACKEND_QUERIES):
         assert hasattr(torch.ops.slimops, op), op
+
+
+@pytest.mark.skipif(not _backend.HAS_C, reason="the compiled extension is not built")
+def test_in_place_ops_are_the_mutable_schemas():
+    """IN_PLACE_OPS is what the schemas say: those ops write arguments and return nothing;
+    every other op of a family is functional (the triton_ops, autocast and oracle lists
+    derived from the families rely on it)."""
+    for op in FAMILY_OF:
+        schema = getattr(torch.ops.slimops, op).default._schema
+        assert schema.is_mutable == (op in IN_PLACE_OPS), op
+        if op in IN_PLACE_OPS:
+            assert not schema.returns, op
 
 
 @pytest.mark.parametrize("family", list(OP_FAMILIES))
@@ -54,7 +59,7 @@ def test_each_family_has_its_files(family):
     assert (ROOT / f"slimops/ops/{family}.py").is_file()
     launchers = _functions(ROOT / f"kernels/{family}.py")
     assert set(ops) <= launchers, f"kernels/{family}.py lacks launchers {set(ops) - launchers}"
-    forward = [op for op in ops if "backward" not in op]
+    forward = [op for op in ops if "backward" not in op and op not in IN_PLACE_OPS]
     for op in forward:  # a forward op has an oracle and a C++ autograd formula
         assert callable(getattr(reference, op)), op
         assert (ROOT / f"csrc/autograd/{family}.cpp").is_file()

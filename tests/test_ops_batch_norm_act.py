@@ -483,6 +483,27 @@ def test_update_running_stats_rejects_bad_arguments():
         op(rm, rv, torch.zeros(4, requires_grad=True), torch.ones(4), 8, 0.1)
 
 
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+def test_update_running_stats_on_its_triton_kernel(triton_on_cpu, dtype):
+    """The op on its Triton launcher (what ``cuda_registration`` registers for CUDA), through
+    the dispatcher: the Autograd kernel bumps the versions, fp32 statistics fold into
+    buffers of the model's dtype (a ``.half()`` model's) without a cast."""
+    torch.manual_seed(0)
+    rm, rv = torch.randn(6).to(dtype), (torch.rand(6) + 0.5).to(dtype)
+    mean, var = torch.randn(6), torch.rand(6)
+    expected = ((0.8 * rm.double() + 0.2 * mean.double()),
+                (0.8 * rv.double() + 0.2 * var.double() * 12 / 11))
+    versions = rm._version, rv._version
+    torch.ops.slimops.update_running_stats(rm, rv, mean, var, 12, 0.2)
+    assert (rm._version, rv._version) == (versions[0] + 1, versions[1] + 1)
+    ulp = 3e-7 if dtype == F32 else torch.finfo(dtype).eps
+    for got, want in zip((rm, rv), expected):
+        torch.testing.assert_close(got.double(), want, rtol=ulp, atol=ulp)
+    torch.library.opcheck(torch.ops.slimops.update_running_stats.default,
+                          (rm, rv, mean.to(dtype), var.to(dtype), 12, 0.2),
+                          test_utils=OPCHECK_UTILS)
+
+
 def test_opcheck_update_running_stats():
     args = (torch.randn(6, dtype=F64), torch.rand(6, dtype=F64) + 1, torch.randn(6, dtype=F64),
             torch.rand(6, dtype=F64), 12, 0.1)

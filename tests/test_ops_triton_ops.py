@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import slimops
 from slimops import kernels
-from slimops.op_families import CPU_HELPERS
+from slimops.op_families import IN_PLACE_OPS
 from slimops.ops import triton_ops
 from triton_ops_network import network
 
@@ -85,8 +85,8 @@ class RecordSlimopsCalls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        # CPU helpers (op_families.CPU_HELPERS) have no Triton counterpart by design.
-        if func.namespace == "slimops" and func._schema.name.split("::")[1] not in CPU_HELPERS:
+        # In-place ops (op_families.IN_PLACE_OPS) have no triton_op by design.
+        if func.namespace == "slimops" and func._schema.name.split("::")[1] not in IN_PLACE_OPS:
             self.calls.append((func._schema.name.split("::")[1], args, kwargs, out))
         return out
 

@@ -102,26 +102,42 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     running ones, in place, as ``F.batch_norm`` does: exponential average, unbiased
     variance, ``running * (1 - momentum) + batch * momentum``. O(channels).
 
-    On CPU with the compiled extension this is one op (``slimops::update_running_stats``,
-    which bumps the tensors' versions as an in-place op does); it runs once per BN layer and
-    width in every training step, where the three aten ops below (each wrapping its Python
-    scalar) cost ~15 us on small planes. Elsewhere, and while torch.compile traces (so the
-    graph holds plain aten ops), those ops: ``var``'s unbiasing factor rides on ``add_``'s
-    alpha, so no scalar tensor or temporary is made.
+    With the compiled extension this is one op (``slimops::update_running_stats``, which
+    bumps the tensors' versions as an in-place op does): on CPU its C++ kernel (all four
+    tensors of one dtype), on CUDA its Triton kernel (one launch; fp32 statistics fold into
+    fp16/bf16/fp32 buffers unrounded). It runs once per BN layer and width in every training
+    step, where the aten ops below cost ~15 us on small CPU planes and three to five kernel
+    launches on a GPU. Elsewhere, and while torch.compile traces (so the graph holds plain
+    aten ops), those ops: ``var``'s unbiasing factor rides on ``add_``'s alpha, so no scalar
+    tensor or temporary is made.
 
     ``mean``/``var`` may be wider than the running statistics (the op's are fp32 for an
-    fp16/bf16 input, ``reference.stats_dtype``): the buffers keep their own dtype, the
-    batch statistics are rounded to it once (``lerp_`` takes no mixed dtypes)."""
-    if (_backend.HAS_C and running_mean.is_cpu
-            and running_mean.dtype in _backend.NATIVE_CPU_DTYPES
-            and running_mean.dtype == running_var.dtype == mean.dtype == var.dtype
-            and mean.is_cpu and not torch.compiler.is_compiling()):
+    fp16/bf16 input, ``reference.stats_dtype``): the buffers keep their own dtype; on the aten
+    path the batch statistics are rounded to it once (``lerp_`` takes no mixed dtypes)."""
+    if (_backend.HAS_C and _native_update(running_mean, running_var, mean, var)
+            and not torch.compiler.is_compiling()):
         _NATIVE_UPDATE(running_mean, running_var, mean, var, count, momentum)
         return
     with torch.no_grad():
         mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
         running_mean.lerp_(mean, momentum)
         running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * count / (count - 1))
+
+
+def _native_update(running_mean: Tensor, running_var: Tensor, mean: Tensor,
+                   var: Tensor) -> bool:
+    """Whether ``slimops::update_running_stats`` has a kernel for these tensors: on CPU (C++)
+    one dtype of ``NATIVE_CPU_DTYPES`` throughout; on CUDA (the kernel ``cuda_registration``
+    registered) one device, each tensor of ``NATIVE_CUDA_DTYPES``."""
+    if running_mean.is_cpu:
+        dtype = running_mean.dtype
+        return (dtype in _backend.NATIVE_CPU_DTYPES and mean.is_cpu
+                and running_var.dtype == mean.dtype == var.dtype == dtype)
+    if running_mean.is_cuda and "update_running_stats" in _backend.CUDA_KERNELS:
+        device = running_mean.device
+        return all(t.device == device and t.dtype in _backend.NATIVE_CUDA_DTYPES
+                   for t in (running_mean, running_var, mean, var))
+    return False
 
 
 def _register() -> None:

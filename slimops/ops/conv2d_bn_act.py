@@ -14,8 +14,9 @@ Saved statistics: the ops return (and save for the backward) ``mean``/``var`` in
 input's dtype for fp32 and fp64), as ``slimops::batch_norm_act`` does on every device, so a
 half-precision layer's variance is neither rounded nor capped at fp16's 65504 before the
 backward recomputes ``1/std`` from it. The wrappers ``conv2d_bn_act_train`` /
-``depthwise_conv2d_bn_act_train`` hand the caller the statistics in the input's dtype (the
-dtype of the running statistics they are folded into).
+``depthwise_conv2d_bn_act_train`` hand the caller those statistics as they are:
+``update_running_stats`` folds them into running statistics of any dtype (fp32 buffers
+under autocast take them unrounded; no cast launches).
 
 The op is defined from Python (``torch.library.custom_op``), not in csrc/ops.cpp: it is a
 training-only composite of two existing ops, its one fused implementation is the Triton one
@@ -283,7 +284,7 @@ def depthwise_conv2d_bn_act_train(
     out, _z, mean, var = torch.ops.slimops.depthwise_conv2d_bn_act_train(
         input, weight, bias, list(stride), list(padding), list(dilation), bn_weight, bn_bias,
         eps, residual, activation)
-    return out, mean.to(input.dtype), var.to(input.dtype)
+    return out, mean, var
 
 
 def conv2d_bn_act_train(
@@ -293,8 +294,8 @@ def conv2d_bn_act_train(
     residual: Optional[Tensor], activation: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``act(bn_train(conv(input)) + residual)`` on the width's prefixes; returns
-    ``(out, mean, var)`` (the batch statistics in the input's dtype, for the caller's
-    running-stat update).
+    ``(out, mean, var)`` (the batch statistics in ``stats_dtype(input.dtype)``, for the
+    caller's running-stat update).
 
     Arguments are the ``slimops::conv2d`` schema's (normalised: lists, an activation code)
     plus the width's γ/β (length ``out_channels``) and ``eps``; callers check them first
@@ -303,9 +304,7 @@ def conv2d_bn_act_train(
     out, _z, mean, var = torch.ops.slimops.conv2d_bn_act_train(
         input, weight, bias, out_channels, list(stride), list(padding), list(dilation), groups,
         bn_weight, bn_bias, eps, residual, activation)
-    # The op keeps fp32 statistics for its backward; the caller folds them into running
-    # statistics of the input's dtype.
-    return out, mean.to(input.dtype), var.to(input.dtype)
+    return out, mean, var
 
 
 def fused_train_available(input: Tensor, weight: Optional[Tensor] = None) -> bool:

@@ -7,11 +7,11 @@ the compiler such an op is opaque: Inductor would emit a call of ``slimops::conv
 launcher would run as at eager time, a black box to it. This module makes the kernels
 visible without touching the C++ ops:
 
-* For each op of ``TRITON_OPS`` (every op of ``slimops.op_families``) a ``triton_op``
-  ``slimops_triton::<op>`` with the same arguments (built from the C++ schema, so the two
-  cannot drift apart) whose body is the launcher. The launchers start their kernels
-  through ``torch.library.wrap_triton``, so when the body is traced (AOTAutograd
-  decomposes a ``triton_op`` under its functional mode) each launch becomes a
+* For each op of ``TRITON_OPS`` (every op of ``slimops.op_families`` that returns
+  tensors) a ``triton_op`` ``slimops_triton::<op>`` with the same arguments (built from the
+  C++ schema, so the two cannot drift apart) whose body is the launcher. The launchers
+  start their kernels through ``torch.library.wrap_triton``, so when the body is traced
+  (AOTAutograd decomposes a ``triton_op`` under its functional mode) each launch becomes a
   ``triton_kernel_wrapper_functional`` node carrying the ``@triton.jit`` function, its
   grid and its constexprs: Inductor compiles and launches that kernel from its generated
   code, next to its own. Eagerly, a ``triton_op`` runs its body with the wrapping switched
@@ -57,7 +57,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 import torch
 from torch import Tensor
 
-from slimops.op_families import FAMILY_OF
+from slimops.op_families import FAMILY_OF, IN_PLACE_OPS
 
 def eager_launch() -> ContextManager[None]:
     """Within the block, the launchers' ``torch.library.wrap_triton(kernel)`` is the bare
@@ -77,9 +77,11 @@ NAMESPACE = "slimops_triton"
 # The ops whose launchers start every kernel through ``torch.library.wrap_triton`` and
 # return fresh tensors (a custom op's outputs must not alias its inputs): each gets a
 # triton_op and the decomposition rule.
-# Every op of ``slimops.op_families`` (the fused training ops ``conv2d_bn_act_train`` are
-# Python custom ops with no C++ schema: they stay opaque, see docs/GPU_KERNELS.md).
-TRITON_OPS: Tuple[str, ...] = tuple(FAMILY_OF)
+# Every op of ``slimops.op_families`` but the in-place ones (``IN_PLACE_OPS``: the running
+# statistics' update, which the op layer leaves to aten's in-place ops while compiling). The
+# fused training ops ``conv2d_bn_act_train`` are Python custom ops with no C++ schema: they
+# stay opaque, see docs/GPU_KERNELS.md.
+TRITON_OPS: Tuple[str, ...] = tuple(op for op in FAMILY_OF if op not in IN_PLACE_OPS)
 
 # Schema argument types (``str`` of a ``torch._C`` type) -> the annotations
 # ``torch.library`` infers them back from.

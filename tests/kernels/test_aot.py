@@ -212,7 +212,8 @@ _FAMILY_KERNELS = {
     "batch_norm_act": [("batch_norm_act", ("_bn_merge_kernel", "_bn_stats_kernel",
                                            "_bn_finalize_kernel", "_bn_backward_stats_kernel",
                                            "_bn_backward_finalize_kernel",
-                                           "_bn_backward_apply_kernel")),
+                                           "_bn_backward_apply_kernel",
+                                           "_running_stats_kernel")),
                        ("epilogue", ("_epilogue_kernel",))],
 }
 

@@ -464,3 +464,83 @@ def test_reduction_split_fills_the_resident_blocks_within_64_rows():
         cfg = K._reduce_config_gpu(256 * 112 * 112)
         tiles, _ = K.reduction_split(256 * 112 * 112, 32, cfg, sms)
         assert tiles * 32 == sms * K.REDUCE_BLOCKS_PER_SM[(cfg["BLOCK"], cfg["num_warps"])]
+
+
+# ---------------------------------------------------------------------------------------
+# update_running_stats: the running statistics' update, one launch
+
+
+def _expected_running(rm, rv, mean, var, count, momentum):
+    """``F.batch_norm``'s update in float64."""
+    rm64, rv64 = rm.double(), rv.double()
+    return ((1 - momentum) * rm64 + momentum * mean.double(),
+            (1 - momentum) * rv64 + momentum * var.double() * count / (count - 1))
+
+
+@pytest.mark.parametrize("stats", [torch.float32, None], ids=["f32stats", "same"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c", [1, 7, 1025])
+def test_update_running_stats_matches_float64(c, dtype, stats):
+    """Prefix views of full-width buffers (and a strided statistic) updated in place, the
+    rest of the buffers untouched; fp32 statistics fold into fp16/bf16 buffers unrounded:
+    the result is the float64 update rounded once to the buffer's dtype."""
+    torch.manual_seed(c)
+    full_m = torch.randn(c + 5, device=DEVICE).to(dtype)
+    full_v = (torch.rand(c + 5, device=DEVICE) + 0.5).to(dtype)
+    rm, rv = full_m[:c], full_v[:c]
+    mean = torch.randn(c, device=DEVICE).to(stats or dtype)
+    var = (torch.rand(2 * c, device=DEVICE) + 0.1).to(stats or dtype)[::2]  # stride 2
+    em, ev = _expected_running(rm, rv, mean, var, 37, 0.3)
+    tail = full_m[c:].clone(), full_v[c:].clone()
+    K.update_running_stats(rm, rv, mean, var, 37, 0.3)
+    # fp32: an ulp or two of the float64 value; fp16/bf16: within one ulp of it (fp32
+    # arithmetic, one rounding to the buffer's dtype)
+    ulp = 3e-7 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(rm.double(), em, rtol=ulp, atol=ulp)
+    torch.testing.assert_close(rv.double(), ev, rtol=ulp, atol=ulp)
+    assert torch.equal(full_m[c:], tail[0]) and torch.equal(full_v[c:], tail[1])
+
+
+@pytest.mark.skipif(not CPU_OP, reason="compares with the C++ CPU op")
+def test_update_running_stats_matches_the_cpu_op():
+    torch.manual_seed(0)
+    ours = torch.randn(33), torch.rand(33) + 0.5
+    theirs = ours[0].clone(), ours[1].clone()
+    mean, var = torch.randn(33), torch.rand(33)
+    K.update_running_stats(*ours, mean, var, 10, 0.1)
+    torch.ops.slimops.update_running_stats(*theirs, mean, var, 10, 0.1)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_update_running_stats_propagates_nan_and_inf_as_torch():
+    """A non-finite batch statistic reaches the running one as F.batch_norm's update sends
+    it (NaN stays NaN, +Inf stays +Inf)."""
+    mean = torch.tensor([float("nan"), float("inf"), 1.0, -float("inf")], device=DEVICE)
+    var = torch.tensor([1.0, float("nan"), float("inf"), 2.0], device=DEVICE)
+    rm, rv = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    erm, erv = rm.clone(), rv.clone()
+    K.update_running_stats(rm, rv, mean, var, 8, 0.1)
+    erm.lerp_(mean, 0.1)
+    erv.mul_(0.9).add_(var, alpha=0.1 * 8 / 7)
+    torch.testing.assert_close(rm, erm, equal_nan=True)
+    torch.testing.assert_close(rv, erv, equal_nan=True)
+
+
+def test_update_running_stats_rejects_bad_arguments():
+    v = torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError, match="count must be above 1"):
+        K.update_running_stats(v, v.clone(), v, v, 1, 0.1)
+    with pytest.raises(ValueError, match="var must be a vector of length 4"):
+        K.update_running_stats(v, v.clone(), v, torch.zeros(5, device=DEVICE), 8, 0.1)
+    with pytest.raises(ValueError, match="running_mean must be a vector"):
+        K.update_running_stats(torch.zeros(2, 2, device=DEVICE), v, v, v, 8, 0.1)
+    with pytest.raises(ValueError, match="float64"):
+        K.update_running_stats(v.double(), v, v, v, 8, 0.1)
+
+
+def test_update_running_stats_compiles_spill_free():
+    cases = {c.name: c for c in K.aot_cases()}
+    for name in ("bn_running_stats_float32", "bn_running_stats_float16_f32stats",
+                 "bn_running_stats_bfloat16_f32stats"):
+        r = _aot.compile_case(cases[name], 90)
+        assert r.registers > 0 and r.spill_bytes == 0 and r.stack_bytes == 0, name
