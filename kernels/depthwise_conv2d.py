@@ -77,16 +77,14 @@ from slimops.kernels.epilogue import (
     split_tiles,
 )
 
-# BLOCK: input pixels per program of the one-pixel-per-thread input gradient this module had
-# before ``_backward_input_tiling``; no kernel reads it now (bench/gpu_model.py's launch plan
-# still does). WTILE: elements of
-# the weight-gradient tile [TAPS, WTILE // TAPS] (taps padded to a power of two), so the tile,
+# The weight gradient's configurations (``_pick``, by output plane size). WTILE: elements of
+# the per-program tile [TAPS, WTILE // TAPS] (taps padded to a power of two), so the tile,
 # and with it the registers per thread, stays the same size for 3x3 and 5x5 kernels.
 CONFIGS: List[Dict[str, int]] = [
-    {"BLOCK": 64, "WTILE": 1024, "num_warps": 2},
-    {"BLOCK": 128, "WTILE": 1024, "num_warps": 4},
-    {"BLOCK": 256, "WTILE": 2048, "num_warps": 4},
-    {"BLOCK": 512, "WTILE": 2048, "num_warps": 8},
+    {"WTILE": 1024, "num_warps": 2},
+    {"WTILE": 1024, "num_warps": 4},
+    {"WTILE": 2048, "num_warps": 4},
+    {"WTILE": 2048, "num_warps": 8},
 ]
 
 # Forward tiling (_forward_tiling): bytes per vector load/store (128-bit LDG/STG); outputs
@@ -114,9 +112,9 @@ AOT_LANES_PER_ROW = 8
 
 
 def _pick(pixels: int) -> Dict[str, int]:
-    """The input gradient's configuration for planes of ``pixels`` pixels: one program covers
-    a plane's pixel block, so small planes (the late MobileNet stages, 7x7 and 14x14) take small blocks that
-    leave few lanes idle, large planes large blocks (fewer programs, longer runs)."""
+    """The weight gradient's configuration for output planes of ``pixels`` pixels: small
+    planes (the late MobileNet stages, 7x7 and 14x14) take small tiles and few warps, large
+    planes large ones."""
     if pixels <= 64:
         return CONFIGS[0]
     if pixels <= 4096:
