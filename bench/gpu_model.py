@@ -3,7 +3,7 @@ reference (cuDNN) plan, forward (eval) and training step, fp16, batch 1 and 256.
 
     python bench/gpu_model.py               # markdown tables (docs/GPU_KERNELS.md embeds them)
     python bench/gpu_model.py --layers      # a row per layer too
-    python bench/gpu_model.py --write-table # recompile the occupancy table (~300 compiles)
+    python bench/gpu_model.py --write-table # recompile the occupancy table (~330 compiles)
     python bench/gpu_model.py --check       # exit 1 if the checked-in table is stale
 
 **An analytical model: nothing was timed on a GPU** (no machine of this project has one).
@@ -37,12 +37,10 @@ What it is made of:
   efficiency factor for wave quantisation, plus a fixed launch cost ``LAUNCH_S``. The factor
   is ``tiles / (waves * SMS * blocks_per_sm)`` with ``tiles`` the launch's grid size,
   ``blocks_per_sm`` resident blocks per SM of the launch's sm_90 compile, read from the
-  checked-in table ``bench/gpu_model_occupancy.json`` (``occupancy_table``): for conv2d and
-  linear the binary the JIT compiles for that very launch (the launch builders' arguments at
-  the layer's shape, ``kernels._aot.AotCase.from_launch``); for the other kernels, whose
-  launches the plan has no arguments for, the fp16 AOT case of the same kernel, tuning entry
-  and flags (``kernels/*.py`` ``aot_cases()``, JIT-exact at their own shapes), named per
-  launch. ``--write-table`` recompiles the table, ``--check`` says whether it is current,
+  checked-in table ``bench/gpu_model_occupancy.json`` (``occupancy_table``): for every Triton
+  launch the binary the JIT compiles for that very launch (the launchers' own builders on meta
+  tensors of the layer's shapes, ``kernels.epilogue.launch_case``). ``--write-table``
+  recompiles the table, ``--check`` says whether it is current,
   and the tests check it against today's kernels and fresh compiles of a sample,
   and ``waves = ceil(tiles / (SMS * blocks_per_sm))``. cuDNN's and PyTorch's kernels have no
   such data here: factor 1 (generous to the reference).
@@ -67,7 +65,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -91,19 +88,18 @@ F32 = 4
 class Launch:
     """One kernel launch of a plan: its kernel, grid size (programs; 0 when unknown, as for
     cuDNN), the bytes it moves at least, its FLOPs and compute roof; ``blocks_per_sm`` and
-    ``case`` (the AOT compile the occupancy came from) are filled by ``Occupancy``."""
+    ``case`` (the compile the occupancy came from) are filled by ``Occupancy``."""
 
     kernel: str
     programs: int
     bytes: float
     flops: float = 0.0
     peak: float = PEAK_FMA_FP32
-    hints: Tuple[str, ...] = ()  # tokens of the matching AOT case's name (tuning entry, mode)
     blocks_per_sm: int = 0
     case: str = ""
-    # The binary the JIT compiles for this very launch (conv2d and linear, whose launch
-    # builders the plan calls): an ``AotCase`` built from the builder's arguments, and its
-    # ``spec_key``; None / "" where the plan has no arguments (occupancy by ``hints``).
+    # The binary the JIT compiles for this very launch (every Triton launch: the plan calls
+    # the launchers' own builders on meta tensors): an ``AotCase`` built from the builder's
+    # arguments, and its ``spec_key``; None / "" for torch's launches.
     exact: Optional[object] = field(default=None, repr=False, compare=False)
     spec: str = ""
 
@@ -285,23 +281,13 @@ def case_key(case) -> str:
 def _with_exact(launch: Launch, kernel, built: Tuple) -> Launch:
     """``launch`` with the ``AotCase`` the JIT compiles for ``kernel[grid](*args, **kwargs)``
     (``built``: a launch builder's ``(grid, args, kwargs)``) and its key."""
-    from slimops.kernels._aot import AotCase
-    from slimops.kernels.epilogue import compiled
+    from slimops.kernels.epilogue import launch_case
 
     if type(kernel).__name__ not in ("JITFunction", "InterpretedFunction"):
         kernel = kernel.fn  # a wrapper around the module's kernel (the launch-plan test's)
-    _, args, kwargs = built
-    kw = dict(kwargs)
-    warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
-    launch.exact = AotCase.from_launch(launch.kernel, compiled(kernel), args, kw, warps, stages)
+    launch.exact = launch_case(launch.kernel, kernel, built)
     launch.spec = case_key(launch.exact)
     return launch
-
-
-def _tag(cfg: Dict[str, int]) -> str:
-    from slimops.kernels.conv2d import _cfg_tag
-
-    return _cfg_tag(cfg)
 
 
 def _bn_train_launches(L: Layer, num_rows: int) -> List[Launch]:
@@ -311,63 +297,82 @@ def _bn_train_launches(L: Layer, num_rows: int) -> List[Launch]:
     ``num_batches_tracked += 1`` and ``update_running_stats``' kernel); for a shared BN
     (``num_rows`` ignored) the ``batch_norm_act`` op: ``num_batches_tracked += 1``, its
     statistics pass, then the same merge, finalize and normalise, then
-    ``update_running_stats``."""
+    ``update_running_stats``. Each Triton launch carries its own binary (``exact``), built
+    from the launchers' own builders on meta tensors of the layer's shapes."""
     from slimops.kernels import batch_norm_act as bn
     from slimops.kernels import epilogue as ep
-    from slimops.kernels.epilogue import pick_config
 
     c = L.cout
+    count = L.y // c
+    z = _meta((L.n, c) + tuple(L.hw_out))
+    vec = _meta((c,))  # γ, β and the running buffers: the fp16 model's
+    f32 = _meta((c,), torch.float32)  # mean, var (stats_dtype), alpha, beta
     out: List[Launch] = []
     if L.shared_bn:
         out.append(Launch("torch:bn_bookkeeping", 1, 8))
-        count = L.y // c
         cfg = bn._reduce_config(count)
-        num_rows, _ = bn.reduction_split(count, c, cfg, SMS)
-        out.append(Launch("_bn_stats_kernel", num_rows * c, ELEM * L.y + F32 * 3 * num_rows * c,
-                          hints=(f"b{cfg['BLOCK']}_",)))
+        num_rows, per_tile = bn.reduction_split(count, c, cfg, SMS)
+        moments = _meta((3, num_rows, c), torch.float32)
+        out.append(_with_exact(Launch(
+            "_bn_stats_kernel", num_rows * c, ELEM * L.y + F32 * 3 * num_rows * c),
+            bn._bn_stats_kernel,
+            bn._stats_launch(z, moments, per_tile, cfg)))
+    moments = _meta((3, num_rows, c), torch.float32)
     plan = bn.merge_plan(num_rows)
     for rows, out_rows in zip(plan, plan[1:]):
-        out.append(Launch("_bn_merge_kernel", out_rows * -(-c // bn.MERGE_BLOCK_C),
-                          F32 * 3 * c * (rows + out_rows)))
-    # the fused ops save fp32 statistics (the *_f32stats cases), the shared BN's op its
-    # input's dtype
-    f32 = "" if L.shared_bn else "f32stats"
-    out.append(Launch("_bn_finalize_kernel", -(-c // bn.MERGE_BLOCK_C),
-                      F32 * 3 * c * plan[-1] + ELEM * 2 * c + F32 * 4 * c,
-                      hints=("train", f32)))
-    cfg = pick_config(L.y)
-    out.append(Launch("_epilogue_kernel", -(-L.y // cfg["BLOCK"]),
-                      ELEM * (2 + L.residual) * L.y + F32 * 2 * c,
-                      hints=("bn_apply", f"b{cfg['BLOCK']}_",
-                             "res_relu6" if L.residual or L.activation else "plain")))
+        dst = _meta((3, out_rows, c), torch.float32)
+        out.append(_with_exact(Launch(
+            "_bn_merge_kernel", out_rows * -(-c // bn.MERGE_BLOCK_C),
+            F32 * 3 * c * (rows + out_rows)), bn._bn_merge_kernel,
+            bn._merge_launch(moments, dst, rows)))
+        moments = dst
+    # both ops return fp32 statistics (stats_dtype): the *_f32stats binaries
+    out.append(_with_exact(Launch(
+        "_bn_finalize_kernel", -(-c // bn.MERGE_BLOCK_C),
+        F32 * 3 * c * plan[-1] + ELEM * 2 * c + F32 * 4 * c), bn._bn_finalize_kernel,
+        bn._finalize_launch(z, moments, count, vec, vec, None, None, True, 1e-5, f32, f32,
+                            f32, f32)))
+    launch = ep._epilogue_launch(z, None, f32, f32, z if L.residual else None, z,
+                                 L.activation)
+    out.append(_with_exact(Launch(
+        "_epilogue_kernel", math.prod(launch[0]), ELEM * (2 + L.residual) * L.y + F32 * 2 * c),
+        ep._epilogue_kernel, launch))
     # num_batches_tracked.add_ (the fused ops' record_batch_stats; the shared BN's came
     # first), then update_running_stats: one kernel, fp32 statistics into fp16 buffers (was
     # two casts, lerp_, mul_ and add_).
     if not L.shared_bn:
         out.append(Launch("torch:bn_bookkeeping", 1, 8))
-    out.append(Launch("_running_stats_kernel", -(-c // bn.RUNNING_STATS_BLOCK),
-                      (F32 + ELEM) * 2 * c + ELEM * 2 * c, hints=("running_stats",)))
+    out.append(_with_exact(Launch(
+        "_running_stats_kernel", -(-c // bn.RUNNING_STATS_BLOCK),
+        (F32 + ELEM) * 2 * c + ELEM * 2 * c),
+        bn._running_stats_kernel, bn._running_stats_launch(vec, vec, f32, f32, count, 0.1)))
     return out
 
 
 def _bn_backward_launches(L: Layer) -> List[Launch]:
-    """``batch_norm_act_backward``: per-tile sums, finalize, elementwise pass."""
+    """``batch_norm_act_backward``: per-tile sums, finalize, elementwise pass (fp32 saved
+    statistics), each launch with its own binary."""
     from slimops.kernels import batch_norm_act as bn
-    from slimops.kernels import epilogue as ep
 
     c, count = L.cout, L.y // L.cout
     cfg = bn._reduce_config(count)
-    tiles, _ = bn.reduction_split(count, c, cfg, SMS)
-    ecfg = ep.pick_config(L.y, bn.CONFIGS)
-    act = "relu6" if L.activation else "plain"
-    f32 = "" if L.shared_bn else "f32stats"
+    tiles, per_tile = bn.reduction_split(count, c, cfg, SMS)
+    z = _meta((L.n, c) + tuple(L.hw_out))
+    vec, f32 = _meta((c,)), _meta((c,), torch.float32)
+    psg = _meta((tiles, c), torch.float32)
+    stats = bn._backward_stats_launch(z, z, z, f32, psg, psg, per_tile, L.activation, cfg)
+    final = bn._backward_finalize_launch(psg, psg, z, vec, f32, vec, vec, f32, f32, f32, count,
+                                         1e-5, True)
+    apply = bn._backward_apply_launch(z, z, z, f32, f32, f32, f32, z, L.activation, True)
     return [
-        Launch("_bn_backward_stats_kernel", tiles * c, ELEM * 3 * L.y + F32 * 2 * tiles * c,
-               hints=(f"b{cfg['BLOCK']}_", act, f32)),
-        Launch("_bn_backward_finalize_kernel", -(-c // bn.FINAL_BLOCK_C),
-               F32 * 2 * tiles * c + F32 * 6 * c, hints=("train", f32)),
-        Launch("_bn_backward_apply_kernel", -(-L.y // ecfg["BLOCK"]), ELEM * 4 * L.y,
-               hints=(f"b{ecfg['BLOCK']}_", act, "train", f32)),
+        _with_exact(Launch("_bn_backward_stats_kernel", tiles * c,
+                           ELEM * 3 * L.y + F32 * 2 * tiles * c),
+                    bn._bn_backward_stats_kernel, stats),
+        _with_exact(Launch("_bn_backward_finalize_kernel", math.prod(final[0]),
+                           F32 * 2 * tiles * c + F32 * 6 * c),
+                    bn._bn_backward_finalize_kernel, final),
+        _with_exact(Launch("_bn_backward_apply_kernel", math.prod(apply[0]), ELEM * 4 * L.y),
+                    bn._bn_backward_apply_kernel, apply),
     ]
 
 
@@ -381,8 +386,6 @@ def _conv_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
     weight = _meta(L.full_weight)
     z = _meta((L.n, L.cout, ho, wo))
     fl, peak = L.flops(), L.peak()
-    path = "1x1" if cv._gemm_1x1(weight, geo, x) else "general"
-    shape_hint = "expand" if path == "1x1" else ("stem" if L.first else "dense3x3")
     cfg = cv._pick(ho * wo, L.cout, torch.float16, cv._streamed(weight, geo, ho * wo, x))
     num_m = L.n * -(-ho * wo // cfg["BLOCK_M"])
     stats = training and not L.shared_bn
@@ -396,14 +399,12 @@ def _conv_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
     if not training:
         return [_with_exact(Launch(
             "_conv_forward_kernel", math.prod(grid),
-            ELEM * (L.x + L.w + L.y * (1 + L.residual) + 2 * L.cout), fl, peak,
-            (_tag(cfg), "res" if L.residual else "eval", shape_hint)),
+            ELEM * (L.x + L.w + L.y * (1 + L.residual) + 2 * L.cout), fl, peak),
             cv._conv_forward_kernel, launch)]
     plan = [_with_exact(Launch(
         "_conv_forward_kernel", math.prod(grid),
         ELEM * (L.x + L.w + L.y) + (F32 * 3 * num_m * L.cout if stats else 0), fl,
-        peak, (_tag(cfg), "stats" if stats else "eval", shape_hint)),
-        cv._conv_forward_kernel, launch)]
+        peak), cv._conv_forward_kernel, launch)]
     plan += _bn_train_launches(L, num_m)
     plan += _bn_backward_launches(L)
     if not L.first:
@@ -412,7 +413,7 @@ def _conv_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
                                            geo, 1, cfg)
         plan.append(_with_exact(Launch(
             "_conv_backward_input_kernel", math.prod(launch[0]), ELEM * (L.y + L.w + L.x), fl,
-            peak, (_tag(cfg), shape_hint)), cv._conv_backward_input_kernel, launch))
+            peak), cv._conv_backward_input_kernel, launch))
     cfg = cv._pick(L.cout, L.cin, torch.float16, cv._streamed(weight, geo, ho * wo, z, x))
     splits, per_split = cv._weight_splits(L.n, ho * wo, L.cout, L.cin, weight, 1, cfg,
                                           2 * SMS if gpu else 0)
@@ -429,8 +430,7 @@ def _conv_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
     written = F32 * splits * L.w if splits > 1 else ELEM * L.w
     plan.append(_with_exact(Launch(
         "_conv_backward_weight_kernel", math.prod(launch[0]), ELEM * (L.y + L.x) + written, fl,
-        peak, (_tag(cfg), "partials" if splits > 1 else "direct", shape_hint)),
-        cv._conv_backward_weight_kernel, launch))
+        peak), cv._conv_backward_weight_kernel, launch))
     if splits > 1:  # dst.sum(0), then the cast-copy into the prefix
         plan.append(Launch("torch:sum", -(-L.w // 512), F32 * (splits + 1) * L.w))
         plan.append(Launch("torch:copy", -(-L.w // 512), (F32 + ELEM) * L.w))
@@ -438,49 +438,59 @@ def _conv_plan(L: Layer, training: bool, gpu: bool) -> List[Launch]:
 
 
 def _dw_plan(L: Layer, training: bool) -> List[Launch]:
+    """The depthwise layer's launches, each with its own binary (the launchers' builders on
+    meta tensors: the weight a channel prefix of the full one)."""
     from slimops.kernels import depthwise_conv2d as dw
     from slimops.kernels import epilogue as ep
 
     ho, wo = L.hw_out
     h, w = L.hw_in
-    x = torch.empty((L.n, L.cin, h, w), dtype=torch.float16, device="meta")
+    x = _meta((L.n, L.cin, h, w))
+    z = _meta((L.n, L.cin, ho, wo))
+    full = _meta(L.full_weight)
+    weight = full[:L.cin]
+    vec = _meta((L.cin,))
+    pad = (L.k - 1) // 2
+    geo = (L.stride, L.stride, pad, pad, 1, 1)
     t = dw._forward_tiling(x, ho, wo, L.k * L.k)
-    grid = L.n * L.cin * t["strips"] * t["row_groups"]
     fl, peak = L.flops(), L.peak()
-    v = f"{'v' if t['ALIGNED'] else 'u'}{t['V']}"
-    common = (f"k{L.k}_", f"s{L.stride}_", v)
     if not training:
-        # scale/shift + act: the "full" epilogue case (which also has a residual)
-        return [Launch("_dw_forward_kernel", grid,
-                       ELEM * (L.x + L.w + L.y * (1 + L.residual) + 2 * L.cout), fl, peak,
-                       common + ("full",))]
+        # scale/shift + act (+ residual): the "full" epilogue
+        launch = dw._forward_launch(x, weight, None, vec, vec, z if L.residual else None, z,
+                                    None, geo, L.activation, t)
+        return [_with_exact(Launch(
+            "_dw_forward_kernel", math.prod(launch[0]),
+            ELEM * (L.x + L.w + L.y * (1 + L.residual) + 2 * L.cout), fl, peak),
+            dw._dw_forward_kernel, launch)]
     tiles = t["strips"] * t["row_tiles"]
     num_rows = L.n * tiles
-    plan = [Launch("_dw_forward_kernel", grid,
-                   ELEM * (L.x + L.w + L.y) + F32 * 3 * num_rows * L.cout, fl, peak,
-                   common + ("stats",))]
+    moments = _meta((3, num_rows, L.cin), torch.float32)
+    launch = dw._forward_launch(x, weight, None, None, None, None, z, moments, geo, 0, t)
+    plan = [_with_exact(Launch(
+        "_dw_forward_kernel", math.prod(launch[0]),
+        ELEM * (L.x + L.w + L.y) + F32 * 3 * num_rows * L.cout, fl, peak),
+        dw._dw_forward_kernel, launch)]
     plan += _bn_train_launches(L, num_rows)
     plan += _bn_backward_launches(L)
-    # the launcher's own grid and lane width (dw._backward_input_launch); the AOT case of
-    # the same kernel size, stride and alignment gives its occupancy
-    pad = (L.k - 1) // 2
-    grid_bi, _, kw_bi = dw._backward_input_launch(
-        _meta((L.n, L.cin, ho, wo)), _meta((L.cin, 1, L.k, L.k)), _meta((L.n, L.cin, h, w)),
-        (L.stride, L.stride, pad, pad, 1, 1))
-    plan.append(Launch("_dw_backward_input_kernel", math.prod(grid_bi),
-                       ELEM * (L.y + L.w + L.x), fl, peak,
-                       (f"k{L.k}_", f"s{L.stride}", f"{'v' if kw_bi['ALIGNED'] else 'u'}"
-                        f"{kw_bi['V']}")))
-    cfg = dw._pick(ho * wo)
-    taps = dw._taps_p2(L.k, L.k)
-    pix = max(16, cfg["WTILE"] // taps)
-    num_tiles, _ = ep.split_tiles(L.n * ho * wo, L.cin, pix, torch.device("cuda"))
+    launch = dw._backward_input_launch(z, weight, x, geo)
+    plan.append(_with_exact(Launch(
+        "_dw_backward_input_kernel", math.prod(launch[0]), ELEM * (L.y + L.w + L.x), fl, peak),
+        dw._dw_backward_input_kernel, launch))
+    num_tiles, taps, pix, per_tile = dw._weight_split(
+        z, L.k, L.k, lambda total, c, pix, _: ep.split_tiles(total, c, pix,
+                                                             torch.device("cuda")))
+    partials = _meta((num_tiles, L.cin, taps), torch.float32)
     plan.append(Launch("torch:zeros", -(-L.w_full * ELEM // 4096), ELEM * L.w_full))
-    plan.append(Launch("_dw_weight_partials_kernel", num_tiles * L.cin,
-                       ELEM * (L.y + L.x) + F32 * num_tiles * L.cin * taps, fl, peak,
-                       (f"k{L.k}_", f"t{cfg['WTILE']}_", f"w{cfg['num_warps']}")))
-    plan.append(Launch("_dw_weight_reduce_kernel", L.cin,
-                       F32 * num_tiles * L.cin * taps + ELEM * L.w, hints=(f"k{L.k}",)))
+    launch = dw._weight_partials_launch(z, x, partials, L.k, L.k, geo, pix, per_tile)
+    plan.append(_with_exact(Launch(
+        "_dw_weight_partials_kernel", math.prod(launch[0]),
+        ELEM * (L.y + L.x) + F32 * num_tiles * L.cin * taps, fl, peak),
+        dw._dw_weight_partials_kernel, launch))
+    launch = dw._weight_reduce_launch(partials, full)
+    plan.append(_with_exact(Launch(
+        "_dw_weight_reduce_kernel", math.prod(launch[0]),
+        F32 * num_tiles * L.cin * taps + ELEM * L.w),
+        dw._dw_weight_reduce_kernel, launch))
     return plan
 
 
@@ -493,30 +503,29 @@ def _linear_plan(L: Layer, training: bool) -> List[Launch]:
 
     def gemm(a: torch.Tensor, a_strides: Tuple[int, int], b: torch.Tensor,
              b_strides: Tuple[int, int], c: torch.Tensor, mnk: Tuple[int, int, int],
-             with_bias: bool, written: float, hint: str) -> Launch:
+             with_bias: bool, written: float) -> Launch:
         # the operands and strides as linear.py's launchers pass them, through its builder
         m, nn, k = mnk
         cfg = ln._pick(m, nn)
         launch = ln._gemm_launch(a, a_strides, b, b_strides, c, c.stride()[:2], m, nn, k,
                                  bias if with_bias else None, cfg)
-        tag = f"m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}k{cfg['BLOCK_K']}"
         return _with_exact(Launch("_gemm_kernel", math.prod(launch[0]),
                                   ELEM * (m * k + k * nn) + written, 2.0 * m * nn * k,
-                                  PEAK_TENSOR_FP16, (tag, hint)), ln._gemm_kernel, launch)
+                                  PEAK_TENSOR_FP16), ln._gemm_kernel, launch)
 
     x, gy = _meta((n, cin)), _meta((n, cout))
     # forward: input [n, cin] @ W[:cout, :cin]^T (the weight's strides swapped) + bias
     plan = [gemm(x, x.stride(), w, (w.stride(1), w.stride(0)), _meta((n, cout)),
-                 (n, cout, cin), True, ELEM * (n * cout + cout), "bias")]
+                 (n, cout, cin), True, ELEM * (n * cout + cout))]
     if not training:
         return plan
     # input gradient: grad_out [n, cout] @ W[:cout, :cin]
     plan.append(gemm(gy, gy.stride(), w, w.stride(), _meta((n, cin)), (n, cin, cout), False,
-                     ELEM * n * cin, ""))
+                     ELEM * n * cin))
     plan.append(Launch("torch:zeros", -(-L.w_full * ELEM // 4096), ELEM * L.w_full))
     # weight gradient into the prefix of the full gradient: grad_out^T [cout, n] @ input
     plan.append(gemm(gy, (gy.stride(1), gy.stride(0)), x, x.stride(), _meta(L.full_weight),
-                     (cout, cin, n), False, ELEM * L.w, ""))
+                     (cout, cin, n), False, ELEM * L.w))
     # the bias gradient: grad_out.sum(0), padded to the full bias (csrc/autograd/linear.cpp)
     plan.append(Launch("torch:sum", 1, ELEM * (n * cout + cout)))
     plan.append(Launch("torch:pad", 1, ELEM * (cout + L.full_weight[0])))
@@ -599,27 +608,13 @@ def reference_plan(L: Layer, training: bool) -> List[Launch]:
 TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_model_occupancy.json")
 SCENARIOS = [(training, width, batch) for training in (False, True) for width in (1.0, 0.35)
              for batch in (1, 256)]
-_FP16 = re.compile(r"(?<!b)float16")
-
-
-def _model_cases() -> List[object]:
-    """The AOT cases the model reads by hints (kernels whose launches it has no arguments
-    for): every fp16 case, and the cases of kernels that have none (the merge tree's, fp32
-    only)."""
-    from slimops.kernels import _aot
-
-    cases = _aot.all_cases()
-    with_fp16 = {c.fn.__name__ for c in cases if _FP16.search(c.name)}
-    return [c for c in cases if _FP16.search(c.name) or c.fn.__name__ not in with_fp16]
 
 
 def table_cases(scenarios: Sequence[Tuple[bool, float, int]] = SCENARIOS) -> List[object]:
-    """Every binary the occupancy table holds: the model's AOT cases (``_model_cases``),
-    then the exact binary of every conv2d and linear launch of the ``scenarios`` (training,
-    width, batch) not among them, named after its first launch. One per ``case_key``."""
+    """Every binary the occupancy table holds: the exact binary of every Triton launch of the
+    ``scenarios`` (training, width, batch), named after its first launch. One per
+    ``case_key``."""
     cases: Dict[str, object] = {}
-    for c in _model_cases():
-        cases.setdefault(case_key(c), c)
     for training, width, batch in scenarios:
         for L in layers(width, batch):
             for x in slimops_plan(L, training):
@@ -641,12 +636,11 @@ def _compile_entries(cases: Sequence[object]) -> List[Dict[str, object]]:
     ``TRITON_INTERPRET``) and return the table's entries, sorted by kernel and name."""
     from slimops.kernels import _aot
 
-    aot_names = {c.name for c in _aot.all_cases()}
     out = []
     for c in cases:
         r = _aot.compile_case(c, 90)
-        out.append(dict(kernel=r.kernel, name=c.name, key=case_key(c), aot=c.name in aot_names,
-                        source=_source(c), registers=r.registers, spill_bytes=r.spill_bytes,
+        out.append(dict(kernel=r.kernel, name=c.name, key=case_key(c), source=_source(c),
+                        registers=r.registers, spill_bytes=r.spill_bytes,
                         stack_bytes=r.stack_bytes, shared_bytes=r.shared_bytes,
                         num_warps=c.num_warps, num_stages=c.num_stages,
                         occupancy=r.occupancy))
@@ -657,7 +651,7 @@ def compile_table(keys: Optional[Sequence[str]] = None, jobs: int = 1
                   ) -> List[Dict[str, object]]:
     """The occupancy table as today's code compiles it (every ``table_cases`` binary, or
     those of ``keys``), computed in ``jobs`` subprocesses (each a share of the cases) without
-    ``TRITON_INTERPRET`` (the interpreter's kernels cannot be compiled): about 300 compiles,
+    ``TRITON_INTERPRET`` (the interpreter's kernels cannot be compiled): about 330 compiles,
     5-10 CPU minutes."""
     import subprocess
     import tempfile
@@ -688,43 +682,29 @@ def _write(entries: List[Dict[str, object]], path: str) -> None:
 
 def occupancy_table(path: str = TABLE) -> List[Dict[str, object]]:
     """The checked-in table (``bench/gpu_model_occupancy.json``): per binary its kernel,
-    name (the AOT case's, or ``<kernel>_<layer>_b<batch>_w<width>_<pass>`` for a launch's
-    own), ``key`` (``spec_key``), ``aot`` (an AOT case of ``kernels/*.py``), ``source``
-    (``_source``) and the sm_90 compile's registers, spills, stack, shared memory, warps,
-    stages and ``occupancy`` (resident blocks per SM). ``python bench/gpu_model.py
-    --write-table`` regenerates it, ``--check`` says whether it is current;
+    name (``<kernel>_<layer>_b<batch>_w<width>_<pass>``, its first launch), ``key``
+    (``spec_key``), ``source`` (``_source``) and the sm_90 compile's registers, spills,
+    stack, shared memory, warps, stages and ``occupancy`` (resident blocks per SM).
+    ``python bench/gpu_model.py --write-table`` regenerates it, ``--check`` says whether it is
+    current;
     tests/test_bench_gpu_model.py checks its keys and sources against today's code and
-    recompiles one entry of each kind per kernel."""
+    recompiles one entry per kernel."""
     with open(path) as f:
         return json.load(f)
 
 
 class Occupancy:
     """Blocks per SM of a launch from the table: the entry of the launch's own binary
-    (``Launch.spec``: conv2d and linear); else, among the AOT entries of the same
-    ``@triton.jit`` kernel in fp16 (fp32 where the kernel has no fp16 case, as the merge
-    tree), the one whose name holds most of the launch's ``hints`` (tuning entry, mode,
-    shape)."""
+    (``Launch.spec``); a launch without one (torch's) keeps 0, "unknown"."""
 
     def __init__(self, entries: Sequence[Dict[str, object]]) -> None:
-        self.by_key = {str(e["key"]): e for e in entries if "key" in e}
-        self.by_kernel: Dict[str, List[Dict[str, object]]] = {}
-        for e in entries:
-            if e.get("aot", True):
-                self.by_kernel.setdefault(str(e["kernel"]), []).append(e)
+        self.by_key = {str(e["key"]): e for e in entries}
 
     def __call__(self, launch: Launch) -> Launch:
         best = self.by_key.get(launch.spec) if launch.spec else None
-        if best is None:
-            cands = self.by_kernel.get(launch.kernel, [])
-            fp16 = [r for r in cands if _FP16.search(str(r["name"]))]
-            cands = fp16 or cands
-            if not cands:
-                return launch
-            best = max(sorted(cands, key=lambda r: str(r["name"])),
-                       key=lambda r: sum(h in str(r["name"]) for h in launch.hints if h))
-        launch.blocks_per_sm = int(best["occupancy"])
-        launch.case = str(best["name"])
+        if best is not None:
+            launch.blocks_per_sm = int(best["occupancy"])
+            launch.case = str(best["name"])
         return launch
 
 
@@ -806,7 +786,7 @@ def family_table(rows: List) -> str:
             if x.case:
                 cases.setdefault(x.kernel, x.case)
     out = ["| kernel | launches | MB | roof us | modelled us | worst efficiency | "
-           "blocks/SM (AOT case of the first launch) |", "|" + "---|" * 7]
+           "blocks/SM (binary of the first launch) |", "|" + "---|" * 7]
     for k, (count, by, t, roof, eff) in sorted(mine.by_kernel.items(), key=lambda kv: -kv[1][2]):
         occ = {x.blocks_per_sm for _, m, _ in rows for x in m if x.kernel == k}
         occ_s = "/".join(str(o) for o in sorted(occ) if o) or "-"
@@ -832,29 +812,22 @@ def layer_table(rows: List, names: Optional[Sequence[str]] = None) -> str:
 
 
 def cases_table(results: Dict[Tuple[float, int, bool], List]) -> str:
-    """Where the occupancy figures came from: per kernel with launch-exact binaries (conv2d,
-    linear) how many binaries served how many launches and their blocks per SM; every AOT
-    case matched by hints, its blocks per SM and how many launches of the scenarios it
-    served."""
-    used: Dict[Tuple[str, str, int], int] = {}
+    """Where the occupancy figures came from: per kernel, how many binaries (each launch's
+    own, sm_90) served how many launches of the scenarios, and their blocks per SM."""
     exact: Dict[str, List] = {}
     for rows in results.values():
         for _, m, _ in rows:
             for x in m:
-                if x.case and x.spec:
+                if x.case:
                     e = exact.setdefault(x.kernel, [set(), 0, set()])
                     e[0].add(x.spec)
                     e[1] += 1
                     e[2].add(x.blocks_per_sm)
-                elif x.case:
-                    key = (x.kernel, x.case, x.blocks_per_sm)
-                    used[key] = used.get(key, 0) + 1
-    out = ["| kernel | AOT case (sm_90) | blocks/SM | launches served |", "|---|---|---|---|"]
+    out = ["| kernel | binaries (sm_90, each launch's own) | blocks/SM | launches served |",
+           "|---|---|---|---|"]
     for kernel, (specs, count, occ) in sorted(exact.items()):
-        out.append(f"| `{kernel}` | each launch's own binary ({len(specs)} binaries) "
-                   f"| {'/'.join(str(o) for o in sorted(occ))} | {count} |")
-    for (kernel, case, bps), count in sorted(used.items()):
-        out.append(f"| `{kernel}` | `{case}` | {bps} | {count} |")
+        out.append(f"| `{kernel}` | {len(specs)} | {'/'.join(str(o) for o in sorted(occ))} "
+                   f"| {count} |")
     return "\n".join(out)
 
 
@@ -906,7 +879,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     width, batch, training, occ, layers(width, batch))
     print("## Totals (conv + linear layers)\n")
     print(totals_table(results))
-    print("\n## AOT cases the occupancy came from (all scenarios)\n")
+    print("\n## Binaries the occupancy came from (all scenarios)\n")
     print(cases_table(results))
     for key in results:
         width, batch, training = key

@@ -117,12 +117,11 @@ def cases():
 
 
 def test_occupancy_table_holds_todays_binaries(table, cases):
-    """The checked-in table holds exactly one entry per binary the model reads today: every
-    AOT case it matches by hints and the JIT's own specialisation of every conv2d and linear
-    launch of the eight scenarios (``table_cases``), each with the kernel source digest of
-    today's code. A launcher that specialises differently (a new constexpr, another
-    divisibility hint) or an edited kernel makes the table stale: ``python
-    bench/gpu_model.py --write-table``."""
+    """The checked-in table holds exactly one entry per binary the model reads today: the
+    JIT's own specialisation of every Triton launch of the eight scenarios
+    (``table_cases``), each with the kernel source digest of today's code. A launcher that
+    specialises differently (a new constexpr, another divisibility hint) or an edited kernel
+    makes the table stale: ``python bench/gpu_model.py --write-table``."""
     have = {e["key"]: e for e in table}
     assert len(have) == len(table)
     missing = sorted(c.name for k, c in cases.items() if k not in have)
@@ -137,23 +136,19 @@ def test_occupancy_table_holds_todays_binaries(table, cases):
             c.fn.__name__, c.num_warps, c.num_stages), e["name"]
 
 
-def test_occupancy_table_agrees_with_the_aot_compiles(table):
-    """Every kernel the model launches has AOT entries (``kernels/*.py`` ``aot_cases()``,
-    JIT-exact at their shapes), and conv2d and the GEMM launch-exact ones; one entry of each
-    kind per kernel, compiled afresh for sm_90 (``compile_table``: the cases rebuilt from
-    today's code, ``kernels._aot.compile_case``), equals the table's: registers, spills,
-    stack, shared memory, occupancy. (All of them: ``python bench/gpu_model.py --check``,
-    several CPU minutes.)"""
+def test_occupancy_table_agrees_with_fresh_compiles(table):
+    """Every kernel the model launches has entries in the table (each launch's own binary),
+    and no other kernel does; one entry per kernel, compiled afresh for sm_90
+    (``compile_table``: the cases rebuilt from today's code, ``kernels._aot.compile_case``),
+    equals the table's: registers, spills, stack, shared memory, occupancy. (All of them:
+    ``python bench/gpu_model.py --check``, several CPU minutes.)"""
     used = {x.kernel for training, width, batch in gpu_model.SCENARIOS
             for L in gpu_model.layers(width, 2) for x in gpu_model.slimops_plan(L, training)
             if not x.kernel.startswith("torch:")}
     sample = {}
     for e in table:
-        sample.setdefault((e["kernel"], e["aot"]), e)
-    assert used <= {k for k, aot in sample if aot}
-    assert {k for k, aot in sample if not aot} == {
-        "_conv_forward_kernel", "_conv_backward_input_kernel", "_conv_backward_weight_kernel",
-        "_gemm_kernel"}
+        sample.setdefault(e["kernel"], e)
+    assert used == set(sample)
     fresh = {e["key"]: e for e in gpu_model.compile_table([e["key"] for e in sample.values()])}
     for e in sample.values():
         assert fresh[e["key"]] == e, e["name"]
@@ -161,7 +156,7 @@ def test_occupancy_table_agrees_with_the_aot_compiles(table):
 
 def test_every_triton_launch_takes_its_occupancy_from_the_table(table):
     """In the eight scenarios every Triton launch gets a blocks-per-SM figure from the
-    table, and every conv2d and linear launch that of its own binary (not a neighbour's)."""
+    table, that of its own binary (not a neighbour's, not an AOT case at another shape)."""
     occ = gpu_model.Occupancy(table)
     keys = {e["key"]: e for e in table}
     for training, width, batch in gpu_model.SCENARIOS:
@@ -171,28 +166,19 @@ def test_every_triton_launch_takes_its_occupancy_from_the_table(table):
                 if x.kernel.startswith("torch:"):
                     continue
                 assert x.blocks_per_sm > 0, (L.name, x.kernel)
-                if x.exact is not None:
-                    assert x.case == keys[x.spec]["name"], (L.name, x.kernel)
-                    assert x.blocks_per_sm == keys[x.spec]["occupancy"]
+                assert x.exact is not None, (L.name, x.kernel)
+                assert x.case == keys[x.spec]["name"], (L.name, x.kernel)
+                assert x.blocks_per_sm == keys[x.spec]["occupancy"]
 
 
-def test_occupancy_picks_the_fp16_case_with_most_hints():
-    results = [
-        dict(name="conv2d_forward_expand_56_bfloat16_eval_m64n64k32_w4s3", kernel="k",
-             occupancy=9),
-        dict(name="conv2d_forward_expand_56_float16_eval_m64n64k32_w4s3", kernel="k",
-             occupancy=3),
-        dict(name="conv2d_forward_expand_56_float16_stats_m64n64k32_w4s3", kernel="k",
-             occupancy=2),
-        dict(name="conv2d_forward_expand_56_float16_stats_m32n32k32_w4s2", kernel="k",
-             occupancy=4),
-    ]
-    occ = gpu_model.Occupancy(results)
-    got = occ(gpu_model.Launch("k", 1, 0, hints=("m64n64k32_w4s3", "stats")))
-    assert (got.blocks_per_sm, got.case) == (2, results[2]["name"])
-    got = occ(gpu_model.Launch("k", 1, 0, hints=("m64n64k32_w4s3", "eval")))
-    assert got.blocks_per_sm == 3  # not the bf16 case
-    assert occ(gpu_model.Launch("other", 1, 0)).blocks_per_sm == 0
+def test_occupancy_reads_the_launchs_own_binary_only():
+    table = [dict(name="a", key="k1", occupancy=9), dict(name="b", key="k2", occupancy=3)]
+    occ = gpu_model.Occupancy(table)
+    got = occ(gpu_model.Launch("k", 1, 0, spec="k2"))
+    assert (got.blocks_per_sm, got.case) == (3, "b")
+    # no binary of its own (a torch launch, or one missing from the table): unknown
+    assert occ(gpu_model.Launch("k", 1, 0, spec="k3")).blocks_per_sm == 0
+    assert occ(gpu_model.Launch("torch:zeros", 1, 0)).blocks_per_sm == 0
 
 
 # One training step of small layers of each kind (dense stem 3x3 stride 2, depthwise,
