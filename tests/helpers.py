@@ -94,7 +94,7 @@ def register_triton_launchers_on_cpu(lib, wrap=lambda op, launch: launch):
 
 def aot_results():
     """``slimops.kernels._aot.cached_results()`` (every AOT case compiled for sm_80 and
-    sm_90: ~800 compiles, ~5 minutes on 2 cores) once per test run.
+    sm_90: ~870 compiles, ~5 minutes on 2 cores) once per test run.
 
     Why: ``cached_results`` computes once per process, and ``make test`` runs pytest-xdist
     workers, each a process of its own; two modules that read the compiles

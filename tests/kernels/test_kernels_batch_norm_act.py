@@ -483,7 +483,8 @@ def _expected_running(rm, rv, mean, var, count, momentum):
 def test_update_running_stats_matches_float64(c, dtype, stats):
     """Prefix views of full-width buffers (and a strided statistic) updated in place, the
     rest of the buffers untouched; fp32 statistics fold into fp16/bf16 buffers unrounded:
-    the result is the float64 update rounded once to the buffer's dtype."""
+    the result is within an ulp of the float64 update (fp32 arithmetic, one rounding to the
+    buffer's dtype)."""
     torch.manual_seed(c)
     full_m = torch.randn(c + 5, device=DEVICE).to(dtype)
     full_v = (torch.rand(c + 5, device=DEVICE) + 0.5).to(dtype)
