@@ -308,16 +308,15 @@ def _bn_train_launches(L: Layer, num_rows: int) -> List[Launch]:
     vec = _meta((c,))  # γ, β and the running buffers: the fp16 model's
     f32 = _meta((c,), torch.float32)  # mean, var (stats_dtype), alpha, beta
     out: List[Launch] = []
-    if L.shared_bn:
-        out.append(Launch("torch:bn_bookkeeping", 1, 8))
+    if L.shared_bn:  # the op's own statistics pass writes the moments
         cfg = bn._reduce_config(count)
         num_rows, per_tile = bn.reduction_split(count, c, cfg, SMS)
-        moments = _meta((3, num_rows, c), torch.float32)
+    moments = _meta((3, num_rows, c), torch.float32)
+    if L.shared_bn:
+        out.append(Launch("torch:bn_bookkeeping", 1, 8))
         out.append(_with_exact(Launch(
             "_bn_stats_kernel", num_rows * c, ELEM * L.y + F32 * 3 * num_rows * c),
-            bn._bn_stats_kernel,
-            bn._stats_launch(z, moments, per_tile, cfg)))
-    moments = _meta((3, num_rows, c), torch.float32)
+            bn._bn_stats_kernel, bn._stats_launch(z, moments, per_tile, cfg)))
     plan = bn.merge_plan(num_rows)
     for rows, out_rows in zip(plan, plan[1:]):
         dst = _meta((3, out_rows, c), torch.float32)

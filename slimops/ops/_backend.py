@@ -41,12 +41,13 @@ else:
 
 def direct_entry(name: str) -> Optional[Callable[..., object]]:
     """``slimops._C``'s direct Python entry of op ``name`` (csrc/python_module.cpp), or None
-    without the extension (also its one helper that is not an op, ``state_stamp``). It takes the op schema's arguments positionally in their plain
-    forms (tensors, None, ints, two-int lists, floats) and calls the op's typed dispatcher
-    handle, ~10 us per call less than ``torch.ops.slimops.<name>``'s boxed call; for anything
-    else (a tensor subclass, an active ``__torch_function__`` mode) it returns
-    ``NotImplemented`` and the caller calls ``torch.ops``. Callers skip it while
-    torch.compile traces (the graph records ``torch.ops``)."""
+    without the extension (also its one helper that is not an op, ``state_stamp``). It takes
+    the op schema's arguments positionally in their plain forms (tensors, None, ints, two-int
+    lists, floats) and calls the op's typed dispatcher handle, ~10 us per call less than
+    ``torch.ops.slimops.<name>``'s boxed call; for anything else (a tensor subclass, an
+    active ``__torch_function__`` mode) it returns ``NotImplemented`` and the caller calls
+    ``torch.ops``. Callers skip it while torch.compile traces (the graph records
+    ``torch.ops``)."""
     if not HAS_C:
         return None
     return getattr(importlib.import_module("slimops._C"), name, None)
