@@ -12,6 +12,39 @@ def leaf(t: torch.Tensor, grad: bool = True) -> torch.Tensor:
     return t.detach().requires_grad_(grad)
 
 
+def run_with_grads(op, kwargs, grad_out):
+    """``op(**kwargs)`` on fresh leaves of its tensor arguments, and the gradient of every one
+    of them for ``grad_out``: ``(out, {name: grad})``."""
+    leaves = {k: leaf(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    out = op(**leaves)
+    tensors = [k for k, v in leaves.items() if isinstance(v, torch.Tensor)]
+    grads = torch.autograd.grad(out, [leaves[k] for k in tensors], grad_out)
+    return out, dict(zip(tensors, grads))
+
+
+def check_conv2d_switch(kwargs, monkeypatch, tol, switch):
+    """slimops.ops.conv2d with the environment switch ``switch`` (read on every call) at 1 and
+    at 0, forward and every gradient, each against the reference; returns both runs'
+    ``(output, gradients)``. The forward's tolerance scales with the output before its
+    activation (a kernel's rounding is relative to the convolution's magnitude, which a relu6
+    clips away from the output)."""
+    from slimops import ops, reference
+
+    g = torch.randn_like(reference.conv2d(**kwargs))
+    ref, ref_grads = run_with_grads(reference.conv2d, kwargs, g)
+    pre_activation = reference.conv2d(**dict(kwargs, activation=None))
+    results = []
+    for on in (True, False):
+        monkeypatch.setenv(switch, "1" if on else "0")
+        out, grads = run_with_grads(ops.conv2d, kwargs, g)
+        torch.testing.assert_close(out, ref, **tol(torch.float32, pre_activation))
+        for name, exp in ref_grads.items():
+            torch.testing.assert_close(grads[name], exp, **tol(torch.float32, exp),
+                                       msg=lambda m: f"{name} ({switch}={int(on)}): {m}")
+        results.append((out, grads))
+    return results
+
+
 def compare_with_reference(op, ref_op, kwargs, tol, grad_out=None):
     """Forward and backward of ``op`` and ``ref_op`` on the same keyword arguments
     (independent leaf copies); every tensor argument that requires grad is differentiated

@@ -13,7 +13,7 @@ import torch
 import slimops
 from slimops import reference
 
-from helpers import leaf
+from helpers import check_conv2d_switch, run_with_grads
 
 pytestmark = pytest.mark.skipif(
     slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
@@ -26,35 +26,17 @@ HAS_DIRECT = slimops.backend_info().get("cpu_isa", "base") in ("avx2", "avx512")
 
 def _run(kwargs, grad_out, direct, monkeypatch):
     monkeypatch.setenv("SLIMOPS_CONV_DIRECT", "1" if direct else "0")
-    leaves = {k: leaf(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    out = slimops.ops.conv2d(**leaves)
-    tensors = [k for k, v in leaves.items() if isinstance(v, torch.Tensor)]
-    grads = torch.autograd.grad(out, [leaves[k] for k in tensors], grad_out)
-    return out, dict(zip(tensors, grads))
+    return run_with_grads(slimops.ops.conv2d, kwargs, grad_out)
 
 
 def _reference(kwargs, grad_out):
-    leaves = {k: leaf(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    out = reference.conv2d(**leaves)
-    tensors = [k for k, v in leaves.items() if isinstance(v, torch.Tensor)]
-    grads = torch.autograd.grad(out, [leaves[k] for k in tensors], grad_out)
-    return out, dict(zip(tensors, grads))
+    return run_with_grads(reference.conv2d, kwargs, grad_out)
 
 
 def check_both_paths(kwargs, monkeypatch, tol):
     """Forward and every gradient on the direct kernels and on the GEMM path, each against the
     reference; returns both paths' (output, gradients)."""
-    g = torch.randn_like(reference.conv2d(**kwargs))
-    ref, ref_grads = _reference(kwargs, g)
-    results = []
-    for direct in (True, False):
-        out, grads = _run(kwargs, g, direct, monkeypatch)
-        torch.testing.assert_close(out, ref, **tol(torch.float32, ref))
-        for name, exp in ref_grads.items():
-            torch.testing.assert_close(grads[name], exp, **tol(torch.float32, exp),
-                                       msg=lambda m: f"{name} (direct={direct}): {m}")
-        results.append((out, grads))
-    return results
+    return check_conv2d_switch(kwargs, monkeypatch, tol, "SLIMOPS_CONV_DIRECT")
 
 
 def _differs(a, b):

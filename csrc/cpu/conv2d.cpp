@@ -7,6 +7,7 @@
 #include "checked_size.h"
 #include "cpu/common.h"
 #include "cpu/conv2d_direct.h"
+#include "cpu/conv2d_winograd.h"
 #include "cpu/epilogue_rows.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
@@ -395,6 +396,7 @@ BlockPlan plan_blocks(const ConvGeometry& s, int64_t threads) {
 constexpr int64_t kOnednnPointwiseMacs = int64_t{14} << 20;
 
 bool conv_direct_enabled();
+bool conv_winograd_enabled();
 
 // Whether oneDNN can run the pass at all (route.h, onednn_takes).
 bool onednn_possible(const ConvGeometry& s, const at::Tensor& input) {
@@ -419,7 +421,7 @@ RouteKey route_key(const ConvGeometry& s, Pass pass, int64_t epilogue) {
   return {static_cast<int64_t>(RouteOp::kConv2d) + static_cast<int64_t>(pass),
           s.N, s.C, s.H, s.W, s.O, s.Ig, s.kh, s.kw, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw,
           epilogue, at::get_num_threads(), static_cast<int64_t>(cpu_isa()),
-          conv_direct_enabled() ? 1 : 0, s.G, 0, 0, 0, 0};
+          conv_direct_enabled() ? 1 : 0, s.G, conv_winograd_enabled() ? 1 : 0, 0, 0, 0};
 }
 
 // The active weight [O, ig, kh, kw] as oneDNN takes it (contiguous): W[:O, :ig], or with
@@ -505,6 +507,27 @@ bool use_direct(const ConvGeometry& s, bool is_float, Pass pass) {
   return direct_conv_suits(direct_input_grad_problem(s, 0, nullptr, nullptr, nullptr));
 }
 
+// When the Winograd kernels (conv2d_winograd.h) are the kernels' side of a 3x3 stride-1 pass:
+// SLIMOPS_CONV_WINOGRAD=0 never, =1 wherever they suit (tests use it), unset (or "auto") only
+// when the route measures (SLIMOPS_CONV_ROUTE=auto), because their float32 rounding differs
+// from a direct sum's (conv2d_winograd.h): the fixed route keeps its exact arithmetic, and a
+// measured route takes them only where they ran faster than oneDNN. Read on every call.
+bool conv_winograd_enabled() {
+  const char* v = std::getenv("SLIMOPS_CONV_WINOGRAD");
+  if (v != nullptr && std::string(v) == "0") return false;
+  if (v != nullptr && std::string(v) == "1") return true;
+  return route_mode() == RouteMode::kAuto;
+}
+
+bool use_winograd(const ConvGeometry& s, bool is_float, Pass pass) {
+  if (!is_float || s.G != 1 || !conv_winograd_enabled()) return false;
+  if (pass != Pass::kInputGrad)
+    return winograd_suits(direct_forward_problem(s, 0, nullptr, nullptr, nullptr));
+  if (s.sh != 1 || s.sw != 1 || s.ph > (s.kh - 1) * s.dh || s.pw > (s.kw - 1) * s.dw)
+    return false;
+  return winograd_suits(direct_input_grad_problem(s, 0, nullptr, nullptr, nullptr));
+}
+
 // The forward on the direct kernels, group by group (float32 only: use_direct is false for
 // other dtypes, so the double instantiation is never called).
 template <typename scalar_t>
@@ -524,6 +547,24 @@ void conv2d_direct<float>(const ConvGeometry& s, const float* xp, const float* w
                             rp ? rp + g * s.og * P : nullptr, s.O * P, activation};
     direct_conv_forward(direct_forward_problem(s, g, xp, wp, op), has_epilogue ? &ep : nullptr);
   }
+}
+
+// The forward on the Winograd kernels (one group, float32 only: use_winograd is false
+// otherwise); false when a value was out of their checked range (the caller's other kernels
+// then overwrite the output).
+template <typename scalar_t>
+bool conv2d_winograd(const ConvGeometry&, const scalar_t*, const scalar_t*, scalar_t*,
+                     EpilogueRows<scalar_t>, const scalar_t*, const scalar_t*, const scalar_t*,
+                     int64_t, bool) {
+  TORCH_CHECK(false, "slimops::conv2d: the Winograd kernels are float32 only");
+}
+
+template <>
+bool conv2d_winograd<float>(const ConvGeometry& s, const float* xp, const float* wp, float* op,
+                            EpilogueRows<float> epilogue, const float* a, const float* t,
+                            const float* rp, int64_t activation, bool has_epilogue) {
+  const DirectEpilogue ep{epilogue, a, t, rp, s.O * s.P(), activation};
+  return winograd_forward(direct_forward_problem(s, 0, xp, wp, op), has_epilogue ? &ep : nullptr);
 }
 
 // The bias of the active output channels as oneDNN takes it: channel c = g*og + j is bias row
@@ -651,7 +692,12 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
     const int64_t P = s.P(), K = s.K(), lda = s.weight_ld();
     const int64_t og = s.og, Og = s.Og;
     const EpilogueRows<scalar_t> epilogue = epilogue_rows_for_cpu<scalar_t>();
-    if (use_direct(s, std::is_same<scalar_t, float>::value, Pass::kForward)) {
+    const bool is_float = std::is_same<scalar_t, float>::value;
+    if (use_winograd(s, is_float, Pass::kForward) &&
+        conv2d_winograd<scalar_t>(s, xp, wp, op_, epilogue, a_, t_, rp, activation,
+                                  has_epilogue))
+      return;
+    if (use_direct(s, is_float, Pass::kForward)) {
       conv2d_direct<scalar_t>(s, xp, wp, op_, epilogue, a_, t_, rp, activation, has_epilogue);
       return;
     }
@@ -803,6 +849,16 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_z, const at::Tensor& wei
 at::Tensor conv2d_backward_input_kernels(const ConvGeometry& s, const at::Tensor& grad_z,
                                          const at::Tensor& weight, at::IntArrayRef input_size) {
   if (s.N * s.C * s.HW() > 0 &&
+      use_winograd(s, grad_z.scalar_type() == at::kFloat, Pass::kInputGrad)) {
+    at::Tensor grad_input = at::empty(input_size, grad_z.options());
+    const at::Tensor gz = grad_z.contiguous();
+    if (winograd_forward(direct_input_grad_problem(s, 0, gz.data_ptr<float>(),
+                                                   weight.data_ptr<float>(),
+                                                   grad_input.data_ptr<float>()),
+                         nullptr))
+      return grad_input;
+  }
+  if (s.N * s.C * s.HW() > 0 &&
       use_direct(s, grad_z.scalar_type() == at::kFloat, Pass::kInputGrad)) {
     // The groups' ig input channels cover C: every element of grad_input is written.
     at::Tensor grad_input = at::empty(input_size, grad_z.options());
@@ -917,6 +973,12 @@ at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor
 at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tensor& gz,
                                           const at::Tensor& x, const at::Tensor& weight) {
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
+  if (use_winograd(s, x.scalar_type() == at::kFloat, Pass::kWeightGrad)) {
+    const DirectConv d = direct_forward_problem(s, 0, x.data_ptr<float>(), nullptr, nullptr);
+    if (winograd_weight_grad(d, gz.data_ptr<float>(), s.O * s.P(),
+                             grad_weight.data_ptr<float>()))
+      return grad_weight;
+  }
   if (use_direct(s, x.scalar_type() == at::kFloat, Pass::kWeightGrad)) {
     for (int64_t g = 0; g < s.G; ++g) {
       DirectConv d = direct_forward_problem(s, g, x.data_ptr<float>(), nullptr, nullptr);

@@ -78,7 +78,17 @@ void run_ranges(int64_t items, int64_t work_per_item, const F& fn) {
 // straight back to the OS on free, so a fresh multi-MB buffer per call pays page faults on
 // every touch (measured: up to 2x a small CNN's step); a buffer that stays costs nothing after
 // the first call. Each kernel uses its own slot so that buffers in use at once never alias.
-enum class ScratchSlot : int { kCols = 0, kGradT = 1, kTmp = 2, kField = 3, kCount = 4 };
+enum class ScratchSlot : int {
+  kCols,
+  kGradT,
+  kTmp,
+  kField,
+  kWinogradIn,      // conv2d_winograd.cpp: transformed input tiles
+  kWinogradOut,     // transformed products or output-gradient tiles
+  kWinogradWeight,  // transformed filters or their gradient
+  kWinogradRow,     // a worker's staged rows of one tile row
+  kCount
+};
 
 template <typename scalar_t>
 scalar_t* scratch(ScratchSlot slot, int64_t count) {

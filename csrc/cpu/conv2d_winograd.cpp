@@ -1,0 +1,299 @@
+// Winograd F(4x4, 3x3) float32 convolution (see conv2d_winograd.h for why and when).
+//
+// A pass walks the output tiles (4x4 outputs each, all images') in chunks whose transformed
+// operands fit a fixed budget, in three steps per chunk, each one parallel region:
+//   1. transform the chunk's input tiles: V[k][tile][c], k the 36 Winograd-domain points,
+//      channels unit-stride (a vector of channels per transform);
+//   2. 36 independent GEMMs, one per point k, each on one thread: the forward's
+//      M_k[tiles, O] = V_k[tiles, C] U_k[C, O] with U the transformed filters, or the weight
+//      gradient's dU_k[C, O] += V_k^T dM_k (accumulated over the chunks in order);
+//   3. transform the products back to output tiles (forward).
+// The filters are transformed once per call, from the weight prefix in place; only
+// activations and the transformed operands live in scratch buffers.
+#include "cpu/conv2d_winograd.h"
+
+#include "cpu/gemm.h"
+#include "cpu/isa.h"
+#include "cpu/parallel.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstdint>
+
+namespace slimops {
+namespace cpu {
+
+// The per-instruction-set transforms (conv2d_winograd_tiles.inc; lanes = floats per vector).
+struct WinogradTiles {
+  int64_t lanes;
+  int64_t (*row_work)(int64_t);
+  bool (*input)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t,
+                float, float*);
+  void (*output)(const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t, float*);
+  bool (*grad)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t, float,
+               float*);
+  bool (*weight)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t, float);
+  void (*weight_grad)(const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
+};
+
+#define SLIMOPS_ISA_INC "cpu/conv2d_winograd_tiles.inc"
+#include "cpu/isa_variants.h"
+
+namespace {
+
+const WinogradTiles& tiles_for_cpu() {
+  static const WinogradTiles tiles = []() -> WinogradTiles {
+    SLIMOPS_RETURN_FOR_CPU_ISA(isa::winograd_tiles());
+  }();
+  return tiles;
+}
+
+// Values beyond this magnitude (and NaN, Inf) send the call to the caller's other kernels:
+// with inputs and filters under 2^40, no transformed value, product or sum comes near float's
+// range (2^128), so the result stays finite wherever the direct sum is.
+constexpr float kLimit = 1099511627776.0f;  // 2^40
+
+// The transformed operands of one chunk (V and M: 36 values per tile and channel) stay
+// within kChunkFloats (32 MB), which bounds the scratch whatever the batch and plane. The
+// forward's chunks aim at kCachedChunkFloats (4 MB, so V and M stay in the last-level cache
+// between the steps) but keep at least kMinChunkTiles tiles, below which its GEMMs get
+// skinny. Measured (forward, batch 8, 2-core AMD EPYC Zen 3, AVX2, against oneDNN): 64
+// channels on 56x56 0.90x with 32 MB chunks, 0.78x with 4 MB; 256 channels on 14x14 (all 128
+// tiles in one chunk) 0.74x, 0.88x with 4 MB chunks (56 tiles), 1.7x with 1 MB. The weight
+// gradient accumulates its GEMMs over the chunks (dU read and written once per chunk), so it
+// takes the largest.
+constexpr int64_t kChunkFloats = int64_t{1} << 23;
+constexpr int64_t kCachedChunkFloats = int64_t{1} << 20;
+constexpr int64_t kMinChunkTiles = 128;
+
+// Below these sizes the transforms cost more than the GEMMs save; the route would pick oneDNN,
+// this spares it the measurement. A tile's GEMM work grows as C * O, its transforms' as C + O:
+// training steps at batch 8 (2-core AMD EPYC Zen 3, AVX2, against oneDNN) ran 0.66-0.88x at
+// C = O = 64 to 256 on 56x56 to 14x14 planes, 0.97x at 48 channels (56x56), 1.2-2.3x at 16-32
+// channels; 64 channels on 14x14 (short tile rows) lost 1.2x. With fewer than 64 tiles (batch
+// 8 on 7x7, batch 1 on 14x14) the filters' transform, 36 x C x O values written and read per
+// call, outweighs the products (512 channels on 7x7 at batch 8: 1.09x).
+constexpr int64_t kMinHarmonic = 32;  // C * O / (C + O)
+constexpr int64_t kMinTiles = 64;
+// The transformed filters (36 x C x O floats) stay under 256 MB.
+constexpr int64_t kMaxFilterProducts = int64_t{1} << 21;
+
+// The output tiles of a problem, numbered image by image, row by row: tile t is tile
+// (t % tw) of tile row t / tw, which is row ty = (t / tw) % th of image (t / tw) / th; its
+// outputs start at (4ty, 4tx), its input at (4ty - ph, 4tx - pw).
+struct TileGrid {
+  int64_t th, tw, total;
+  explicit TileGrid(const DirectConv& d)
+      : th((d.Ho + 3) / 4), tw((d.Wo + 3) / 4), total(d.N * ((d.Ho + 3) / 4) * ((d.Wo + 3) / 4)) {}
+};
+
+// The part of tile row `row` inside the chunk [t0, t0 + nt): tiles [tx0, tx0 + ntx), the
+// first at index tl0 of the chunk.
+struct RowRun {
+  int64_t n, ty, tx0, ntx, tl0;
+};
+
+// The tile rows a chunk touches, [first, first + count).
+struct ChunkRows {
+  int64_t first, count;
+};
+
+ChunkRows chunk_rows(const TileGrid& grid, int64_t t0, int64_t nt) {
+  const int64_t first = t0 / grid.tw;
+  return {first, (t0 + nt - 1) / grid.tw - first + 1};
+}
+
+RowRun row_run(const TileGrid& grid, int64_t row, int64_t t0, int64_t nt) {
+  const int64_t begin = std::max(t0, row * grid.tw);
+  const int64_t end = std::min(t0 + nt, (row + 1) * grid.tw);
+  return {row / grid.th, row % grid.th, begin - row * grid.tw, end - begin, begin - t0};
+}
+
+// Tiles per chunk for `channels` (C + O) per tile: as many as kChunkFloats holds (at least
+// one), or for the forward (`cached`) as many as kCachedChunkFloats holds, but no fewer than
+// kMinChunkTiles.
+int64_t chunk_tiles(int64_t total, int64_t channels, bool cached) {
+  const int64_t most = std::max<int64_t>(1, kChunkFloats / (36 * channels));
+  const int64_t aim = cached ? std::max(kMinChunkTiles, kCachedChunkFloats / (36 * channels))
+                             : most;
+  return std::min({total, most, aim});
+}
+
+// How the filters' transforms run: lanes along the index (o or c) whose weight stride is the
+// smaller, so that a vector's filters lie close together (the forward's input channels, 9
+// floats apart; the input gradient's output channels); the transformed filters U[k] are laid
+// out with that index unit-stride: [c][o] (lanes over o) or [o][c] (lanes over c).
+struct FilterLayout {
+  bool lanes_over_o;
+  int64_t lane_stride, other_stride, lanes_n, others_n;
+  explicit FilterLayout(const DirectConv& d)
+      : lanes_over_o(std::abs(d.w_o) <= std::abs(d.w_c)),
+        lane_stride(lanes_over_o ? d.w_o : d.w_c),
+        other_stride(lanes_over_o ? d.w_c : d.w_o),
+        lanes_n(lanes_over_o ? d.O : d.C),
+        others_n(lanes_over_o ? d.C : d.O) {}
+};
+
+// U[k] for every (o, c) pair of the problem, laid out as FilterLayout says.
+bool transform_weight(const DirectConv& d, const WinogradTiles& wt, const FilterLayout& f,
+                      float* u) {
+  std::atomic<bool> bad{false};
+  const int64_t blocks = (f.lanes_n + wt.lanes - 1) / wt.lanes;
+  run_ranges(f.others_n, 36 * f.lanes_n, [&](int64_t a0, int64_t a1) {
+    bool b = false;
+    for (int64_t a = a0; a < a1; ++a)
+      for (int64_t q = 0; q < blocks; ++q) {
+        const int64_t l0 = q * wt.lanes;
+        b |= wt.weight(d.w + a * f.other_stride + l0 * f.lane_stride, f.lane_stride, d.w_i,
+                       d.w_j, std::min(wt.lanes, f.lanes_n - l0), u + a * f.lanes_n + l0,
+                       d.C * d.O, kLimit);
+      }
+    if (b) bad.store(true, std::memory_order_relaxed);
+  });
+  return !bad.load();
+}
+
+// The weight gradient from dU[k] (laid out as FilterLayout says), added into gw.
+void inverse_weight(const DirectConv& d, const WinogradTiles& wt, const FilterLayout& f,
+                    const float* du, float* gw) {
+  const int64_t blocks = (f.lanes_n + wt.lanes - 1) / wt.lanes;
+  run_ranges(f.others_n, 36 * f.lanes_n, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; ++a)
+      for (int64_t q = 0; q < blocks; ++q) {
+        const int64_t l0 = q * wt.lanes;
+        wt.weight_grad(du + a * f.lanes_n + l0, d.C * d.O,
+                       gw + a * f.other_stride + l0 * f.lane_stride, f.lane_stride, d.w_i,
+                       d.w_j, std::min(wt.lanes, f.lanes_n - l0));
+      }
+  });
+}
+
+// fn(channel, run, work) for every channel in [0, channels) and tile row the chunk touches,
+// in parallel; `work` is the calling thread's row scratch. Returns whether any fn returned
+// true (a value out of range).
+template <typename F>
+bool for_rows(const TileGrid& grid, const WinogradTiles& wt, int64_t channels, int64_t t0,
+              int64_t nt, const F& fn) {
+  std::atomic<bool> bad{false};
+  const ChunkRows rows = chunk_rows(grid, t0, nt);
+  run_ranges(channels * rows.count, 36 * 8 * grid.tw, [&](int64_t i0, int64_t i1) {
+    float* work = scratch<float>(ScratchSlot::kWinogradRow, wt.row_work(grid.tw));
+    bool b = false;
+    for (int64_t i = i0; i < i1; ++i)
+      b |= fn(i / rows.count, row_run(grid, rows.first + i % rows.count, t0, nt), work);
+    if (b) bad.store(true, std::memory_order_relaxed);
+  });
+  return bad.load();
+}
+
+// V[k][c][tile - t0] for the chunk's nt tiles from t0.
+bool transform_input(const DirectConv& d, const TileGrid& grid, const WinogradTiles& wt,
+                     int64_t t0, int64_t nt, float* v) {
+  const int64_t plane = d.H * d.W;
+  return !for_rows(grid, wt, d.C, t0, nt, [&](int64_t c, const RowRun& r, float* work) {
+    return wt.input(d.x + r.n * d.x_n + c * plane, d.H, d.W, 4 * r.ty - d.ph,
+                    4 * r.tx0 - d.pw, r.ntx, v + c * nt + r.tl0, d.C * nt, kLimit, work);
+  });
+}
+
+// dM[k][o][tile - t0] from the output gradient, for the chunk's nt tiles from t0.
+bool transform_grad(const DirectConv& d, const TileGrid& grid, const WinogradTiles& wt,
+                    int64_t t0, int64_t nt, const float* gz, int64_t gz_n, float* m) {
+  const int64_t plane = d.Ho * d.Wo;
+  return !for_rows(grid, wt, d.O, t0, nt, [&](int64_t o, const RowRun& r, float* work) {
+    const int64_t oy = 4 * r.ty, ox = 4 * r.tx0;
+    return wt.grad(gz + r.n * gz_n + o * plane + oy * d.Wo + ox, d.Wo,
+                   std::min<int64_t>(4, d.Ho - oy), d.Wo - ox, r.ntx, m + o * nt + r.tl0,
+                   d.O * nt, kLimit, work);
+  });
+}
+
+// The chunk's output tiles from M[k][o][tile - t0], then the epilogue (when non-null) on the
+// rows they cover, while they are in cache.
+void transform_output(const DirectConv& d, const TileGrid& grid, const WinogradTiles& wt,
+                      int64_t t0, int64_t nt, const float* m, const DirectEpilogue* ep) {
+  const int64_t plane = d.Ho * d.Wo;
+  for_rows(grid, wt, d.O, t0, nt, [&](int64_t o, const RowRun& r, float* work) {
+    const int64_t oy = 4 * r.ty, ox = 4 * r.tx0;
+    const int64_t rows = std::min<int64_t>(4, d.Ho - oy);
+    const int64_t offset = o * plane + oy * d.Wo + ox;
+    float* y = d.y + r.n * d.y_n + offset;
+    wt.output(m + o * nt + r.tl0, d.O * nt, r.ntx, y, d.Wo, rows, d.Wo - ox, work);
+    if (ep != nullptr) {
+      const int64_t cols = std::min(4 * r.ntx, d.Wo - ox);
+      const float* res = ep->residual ? ep->residual + r.n * ep->residual_n + offset : nullptr;
+      for (int64_t i = 0; i < rows; ++i)
+        ep->fn(y + i * d.Wo, d.Wo, 1, cols, ep->scale + o, ep->shift + o,
+               res ? res + i * d.Wo : nullptr, ep->activation);
+    }
+    return false;
+  });
+}
+
+}  // namespace
+
+bool winograd_suits(const DirectConv& d) {
+  return d.kh == 3 && d.kw == 3 && d.sh == 1 && d.sw == 1 && d.dh == 1 && d.dw == 1 &&
+         d.ph >= 0 && d.pw >= 0 && d.C * d.O >= kMinHarmonic * (d.C + d.O) &&
+         d.Ho >= 4 && d.Wo >= 4 && d.C * d.O <= kMaxFilterProducts &&
+         TileGrid(d).total >= kMinTiles;
+}
+
+bool winograd_forward(const DirectConv& d, const DirectEpilogue* epilogue) {
+  const WinogradTiles& wt = tiles_for_cpu();
+  const int64_t C = d.C, O = d.O, P = d.Ho * d.Wo;
+  const TileGrid grid(d);
+  const FilterLayout f(d);
+  float* u = scratch<float>(ScratchSlot::kWinogradWeight, 36 * C * O);
+  if (!transform_weight(d, wt, f, u)) return false;
+  const int64_t chunk = chunk_tiles(grid.total, C + O, true);
+  float* v = scratch<float>(ScratchSlot::kWinogradIn, 36 * chunk * C);
+  float* m = scratch<float>(ScratchSlot::kWinogradOut, 36 * chunk * O);
+  for (int64_t t0 = 0; t0 < grid.total; t0 += chunk) {
+    const int64_t nt = std::min(chunk, grid.total - t0);
+    if (!transform_input(d, grid, wt, t0, nt, v)) return false;
+    // The 36 GEMMs, one task each (parallel.h: a GEMM inside a task runs on its thread).
+    run_tasks(36, nt * C * O, [&](int64_t k) {
+      // M_k [O, nt] = U_k [O, C] V_k [C, nt], U_k stored [c][o] (transposed) or [o][c].
+      gemm<float>(f.lanes_over_o, false, O, nt, C, u + k * C * O, f.lanes_over_o ? O : C,
+                  v + k * C * nt, nt, 0.0f, m + k * O * nt, nt);
+    });
+    transform_output(d, grid, wt, t0, nt, m, epilogue);
+  }
+  return true;
+}
+
+bool winograd_weight_grad(const DirectConv& d, const float* gz, int64_t gz_n, float* gw) {
+  const WinogradTiles& wt = tiles_for_cpu();
+  const int64_t C = d.C, O = d.O;
+  const TileGrid grid(d);
+  const int64_t chunk = chunk_tiles(grid.total, C + O, false);
+  float* v = scratch<float>(ScratchSlot::kWinogradIn, 36 * chunk * C);
+  float* m = scratch<float>(ScratchSlot::kWinogradOut, 36 * chunk * O);
+  const FilterLayout f(d);
+  float* du = scratch<float>(ScratchSlot::kWinogradWeight, 36 * C * O);
+  for (int64_t t0 = 0; t0 < grid.total; t0 += chunk) {
+    const int64_t nt = std::min(chunk, grid.total - t0);
+    if (!transform_input(d, grid, wt, t0, nt, v)) return false;
+    if (!transform_grad(d, grid, wt, t0, nt, gz, gz_n, m)) return false;
+    const float beta = t0 == 0 ? 0.0f : 1.0f;
+    run_tasks(36, nt * C * O, [&](int64_t k) {
+      // dU_k += V_k [C, nt] dM_k^T [nt, O] ([c][o]), or its transpose dM_k V_k^T ([o][c]).
+      const float* vk = v + k * C * nt;
+      const float* mk = m + k * O * nt;
+      if (f.lanes_over_o) {
+        gemm<float>(false, true, C, O, nt, vk, nt, mk, nt, beta, du + k * C * O, O);
+      } else {
+        gemm<float>(false, true, O, C, nt, mk, nt, vk, nt, beta, du + k * C * O, C);
+      }
+    });
+  }
+  inverse_weight(d, wt, f, du, gw);
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace slimops
