@@ -64,7 +64,8 @@ def test_winograd_matches_reference(case, monkeypatch, tol):
 
 def test_winograd_weight_gradient_over_several_chunks(all_threads, monkeypatch, tol):
     """256 -> 256 channels over 512 tiles: the weight gradient's chunks (455 tiles each) are
-    accumulated in order, the second one over a partial tile row."""
+    accumulated in order, the second one over a partial tile row; the forward's blocks (52
+    tiles) split tile rows between threads, each writing only its own tiles' columns."""
     check_both_paths(conv_kwargs(2, 256, 256, 264, 260, 64, 64, 1), monkeypatch, tol)
 
 

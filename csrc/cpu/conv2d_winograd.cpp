@@ -1,13 +1,16 @@
 // Winograd F(4x4, 3x3) float32 convolution (see conv2d_winograd.h for why and when).
 //
-// A pass walks the output tiles (4x4 outputs each, all images') in chunks whose transformed
-// operands fit a fixed budget, in three steps per chunk, each one parallel region:
-//   1. transform the chunk's input tiles: V[k][tile][c], k the 36 Winograd-domain points,
-//      channels unit-stride (a vector of channels per transform);
-//   2. 36 independent GEMMs, one per point k, each on one thread: the forward's
-//      M_k[tiles, O] = V_k[tiles, C] U_k[C, O] with U the transformed filters, or the weight
-//      gradient's dU_k[C, O] += V_k^T dM_k (accumulated over the chunks in order);
-//   3. transform the products back to output tiles (forward).
+// The forward (and so the input gradient) is one parallel region after the filters'
+// transform: its tasks are blocks of output tiles (all images' tiles, numbered row by row),
+// each on one thread with its own scratch: transform the block's input tiles into
+// V[k][c][tile] (k the 36 Winograd-domain points; a vector of tiles per transform), 36 GEMMs
+// M_k[O, tiles] = U_k[O, C] V_k[C, tiles] on that thread, then the output tiles with the
+// epilogue on each tile row's outputs while they are in cache. Why one region: on a shared
+// machine every region's closing barrier can wait a scheduler slice for a descheduled
+// thread (parallel.h); with a transform, GEMM and output region per chunk, a 64-channel
+// 56x56 conv at batch 1 ran 2.3x the reference's time with one core busy.
+// The weight gradient accumulates dU_k[C, O] += V_k dM_k^T over chunks of tiles in order
+// (deterministic), each chunk's two transforms in one region and its 36 GEMMs in another.
 // The filters are transformed once per call, from the weight prefix in place; only
 // activations and the transformed operands live in scratch buffers.
 #include "cpu/conv2d_winograd.h"
@@ -56,18 +59,17 @@ const WinogradTiles& tiles_for_cpu() {
 // range (2^128), so the result stays finite wherever the direct sum is.
 constexpr float kLimit = 1099511627776.0f;  // 2^40
 
-// The transformed operands of one chunk (V and M: 36 values per tile and channel) stay
-// within kChunkFloats (32 MB), which bounds the scratch whatever the batch and plane. The
-// forward's chunks aim at kCachedChunkFloats (4 MB, so V and M stay in the last-level cache
-// between the steps) but keep at least kMinChunkTiles tiles, below which its GEMMs get
-// skinny. Measured (forward, batch 8, 2-core AMD EPYC Zen 3, AVX2, against oneDNN): 64
-// channels on 56x56 0.90x with 32 MB chunks, 0.78x with 4 MB; 256 channels on 14x14 (all 128
-// tiles in one chunk) 0.74x, 0.88x with 4 MB chunks (56 tiles), 1.7x with 1 MB. The weight
-// gradient accumulates its GEMMs over the chunks (dU read and written once per chunk), so it
-// takes the largest.
+// The weight gradient's chunks hold at most kChunkFloats (32 MB) of transformed operands (V
+// and dM: 36 values per tile and channel), which bounds the scratch whatever the batch and
+// plane; it accumulates dU over the chunks (read and written once per chunk), so they are
+// large. The forward's blocks aim at kBlockFloats (4 MB per thread, V and M in cache between
+// the steps) with kMinBlockTiles to kMaxBlockTiles tiles (skinnier GEMMs lose, measured:
+// 256 channels on 14x14 ran 0.88x oneDNN's time with 56-tile GEMMs, 0.74x with 128), and
+// at least two per thread when there are tiles enough.
 constexpr int64_t kChunkFloats = int64_t{1} << 23;
-constexpr int64_t kCachedChunkFloats = int64_t{1} << 20;
-constexpr int64_t kMinChunkTiles = 128;
+constexpr int64_t kBlockFloats = int64_t{1} << 20;
+constexpr int64_t kMinBlockTiles = 32;
+constexpr int64_t kMaxBlockTiles = 256;
 
 // Below these sizes the transforms cost more than the GEMMs save; the route would pick oneDNN,
 // this spares it the measurement. A tile's GEMM work grows as C * O, its transforms' as C + O:
@@ -112,14 +114,18 @@ RowRun row_run(const TileGrid& grid, int64_t row, int64_t t0, int64_t nt) {
   return {row / grid.th, row % grid.th, begin - row * grid.tw, end - begin, begin - t0};
 }
 
-// Tiles per chunk for `channels` (C + O) per tile: as many as kChunkFloats holds (at least
-// one), or for the forward (`cached`) as many as kCachedChunkFloats holds, but no fewer than
-// kMinChunkTiles.
-int64_t chunk_tiles(int64_t total, int64_t channels, bool cached) {
-  const int64_t most = std::max<int64_t>(1, kChunkFloats / (36 * channels));
-  const int64_t aim = cached ? std::max(kMinChunkTiles, kCachedChunkFloats / (36 * channels))
-                             : most;
-  return std::min({total, most, aim});
+// Tiles per weight-gradient chunk for `channels` (C + O) per tile (at least one).
+int64_t chunk_tiles(int64_t total, int64_t channels) {
+  return std::max<int64_t>(1, std::min(total, kChunkFloats / (36 * channels)));
+}
+
+// Tiles per forward block (see kBlockFloats).
+int64_t block_tiles(int64_t total, int64_t channels, int64_t threads) {
+  const int64_t aim = std::clamp(kBlockFloats / (36 * channels), kMinBlockTiles, kMaxBlockTiles);
+  const int64_t blocks = std::max((total + aim - 1) / aim,
+                                  std::min(2 * threads, (total + kMinBlockTiles - 1) /
+                                                            kMinBlockTiles));
+  return (total + blocks - 1) / blocks;
 }
 
 // How the filters' transforms run: lanes along the index (o or c) whose weight stride is the
@@ -171,66 +177,62 @@ void inverse_weight(const DirectConv& d, const WinogradTiles& wt, const FilterLa
   });
 }
 
-// fn(channel, run, work) for every channel in [0, channels) and tile row the chunk touches,
-// in parallel; `work` is the calling thread's row scratch. Returns whether any fn returned
-// true (a value out of range).
+// fn(channel, run, work) for every channel in [0, channels) and tile row the chunk [t0, t0 +
+// nt) touches: in parallel (one region), or inline on the calling thread (a task's block);
+// `work` is the running thread's row scratch. Returns whether any fn returned true (a value
+// out of range).
 template <typename F>
 bool for_rows(const TileGrid& grid, const WinogradTiles& wt, int64_t channels, int64_t t0,
-              int64_t nt, const F& fn) {
-  std::atomic<bool> bad{false};
+              int64_t nt, bool parallel, const F& fn) {
   const ChunkRows rows = chunk_rows(grid, t0, nt);
-  run_ranges(channels * rows.count, 36 * 8 * grid.tw, [&](int64_t i0, int64_t i1) {
+  const auto range = [&](int64_t i0, int64_t i1) {
     float* work = scratch<float>(ScratchSlot::kWinogradRow, wt.row_work(grid.tw));
     bool b = false;
     for (int64_t i = i0; i < i1; ++i)
       b |= fn(i / rows.count, row_run(grid, rows.first + i % rows.count, t0, nt), work);
-    if (b) bad.store(true, std::memory_order_relaxed);
+    return b;
+  };
+  if (!parallel) return range(0, channels * rows.count);
+  std::atomic<bool> bad{false};
+  run_ranges(channels * rows.count, 36 * 8 * grid.tw, [&](int64_t i0, int64_t i1) {
+    if (range(i0, i1)) bad.store(true, std::memory_order_relaxed);
   });
   return bad.load();
 }
 
-// V[k][c][tile - t0] for the chunk's nt tiles from t0.
-bool transform_input(const DirectConv& d, const TileGrid& grid, const WinogradTiles& wt,
-                     int64_t t0, int64_t nt, float* v) {
-  const int64_t plane = d.H * d.W;
-  return !for_rows(grid, wt, d.C, t0, nt, [&](int64_t c, const RowRun& r, float* work) {
-    return wt.input(d.x + r.n * d.x_n + c * plane, d.H, d.W, 4 * r.ty - d.ph,
-                    4 * r.tx0 - d.pw, r.ntx, v + c * nt + r.tl0, d.C * nt, kLimit, work);
-  });
+// The chunk's input tiles of channel c as V[k][c][tile - t0] (ldk = C * nt): the
+// transform of one row run.
+bool input_run(const DirectConv& d, const WinogradTiles& wt, int64_t nt, int64_t c,
+               const RowRun& r, float* v, float* work) {
+  return wt.input(d.x + r.n * d.x_n + c * d.H * d.W, d.H, d.W, 4 * r.ty - d.ph,
+                  4 * r.tx0 - d.pw, r.ntx, v + c * nt + r.tl0, d.C * nt, kLimit, work);
 }
 
-// dM[k][o][tile - t0] from the output gradient, for the chunk's nt tiles from t0.
-bool transform_grad(const DirectConv& d, const TileGrid& grid, const WinogradTiles& wt,
-                    int64_t t0, int64_t nt, const float* gz, int64_t gz_n, float* m) {
-  const int64_t plane = d.Ho * d.Wo;
-  return !for_rows(grid, wt, d.O, t0, nt, [&](int64_t o, const RowRun& r, float* work) {
-    const int64_t oy = 4 * r.ty, ox = 4 * r.tx0;
-    return wt.grad(gz + r.n * gz_n + o * plane + oy * d.Wo + ox, d.Wo,
-                   std::min<int64_t>(4, d.Ho - oy), d.Wo - ox, r.ntx, m + o * nt + r.tl0,
-                   d.O * nt, kLimit, work);
-  });
+// The chunk's output-gradient tiles of channel o as dM[k][o][tile - t0] (ldk = O * nt).
+bool grad_run(const DirectConv& d, const WinogradTiles& wt, int64_t nt, const float* gz,
+              int64_t gz_n, int64_t o, const RowRun& r, float* m, float* work) {
+  const int64_t oy = 4 * r.ty, ox = 4 * r.tx0;
+  return wt.grad(gz + r.n * gz_n + o * d.Ho * d.Wo + oy * d.Wo + ox, d.Wo,
+                 std::min<int64_t>(4, d.Ho - oy), d.Wo - ox, r.ntx, m + o * nt + r.tl0,
+                 d.O * nt, kLimit, work);
 }
 
-// The chunk's output tiles from M[k][o][tile - t0], then the epilogue (when non-null) on the
-// rows they cover, while they are in cache.
-void transform_output(const DirectConv& d, const TileGrid& grid, const WinogradTiles& wt,
-                      int64_t t0, int64_t nt, const float* m, const DirectEpilogue* ep) {
-  const int64_t plane = d.Ho * d.Wo;
-  for_rows(grid, wt, d.O, t0, nt, [&](int64_t o, const RowRun& r, float* work) {
-    const int64_t oy = 4 * r.ty, ox = 4 * r.tx0;
-    const int64_t rows = std::min<int64_t>(4, d.Ho - oy);
-    const int64_t offset = o * plane + oy * d.Wo + ox;
-    float* y = d.y + r.n * d.y_n + offset;
-    wt.output(m + o * nt + r.tl0, d.O * nt, r.ntx, y, d.Wo, rows, d.Wo - ox, work);
-    if (ep != nullptr) {
-      const int64_t cols = std::min(4 * r.ntx, d.Wo - ox);
-      const float* res = ep->residual ? ep->residual + r.n * ep->residual_n + offset : nullptr;
-      for (int64_t i = 0; i < rows; ++i)
-        ep->fn(y + i * d.Wo, d.Wo, 1, cols, ep->scale + o, ep->shift + o,
-               res ? res + i * d.Wo : nullptr, ep->activation);
-    }
-    return false;
-  });
+// Output channel o's tiles of one row run from M[k][o][tile - t0] (ldk = O * nt), then the
+// epilogue (when non-null) on the rows they cover, while they are in cache.
+void output_run(const DirectConv& d, const WinogradTiles& wt, int64_t nt, const float* m,
+                const DirectEpilogue* ep, int64_t o, const RowRun& r, float* work) {
+  const int64_t oy = 4 * r.ty, ox = 4 * r.tx0;
+  const int64_t rows = std::min<int64_t>(4, d.Ho - oy);
+  const int64_t offset = o * d.Ho * d.Wo + oy * d.Wo + ox;
+  float* y = d.y + r.n * d.y_n + offset;
+  // Only the run's own columns: the rest of the row may be another task's.
+  const int64_t cols = std::min(4 * r.ntx, d.Wo - ox);
+  wt.output(m + o * nt + r.tl0, d.O * nt, r.ntx, y, d.Wo, rows, cols, work);
+  if (ep == nullptr) return;
+  const float* res = ep->residual ? ep->residual + r.n * ep->residual_n + offset : nullptr;
+  for (int64_t i = 0; i < rows; ++i)
+    ep->fn(y + i * d.Wo, d.Wo, 1, cols, ep->scale + o, ep->shift + o,
+           res ? res + i * d.Wo : nullptr, ep->activation);
 }
 
 }  // namespace
@@ -244,41 +246,53 @@ bool winograd_suits(const DirectConv& d) {
 
 bool winograd_forward(const DirectConv& d, const DirectEpilogue* epilogue) {
   const WinogradTiles& wt = tiles_for_cpu();
-  const int64_t C = d.C, O = d.O, P = d.Ho * d.Wo;
+  const int64_t C = d.C, O = d.O;
   const TileGrid grid(d);
   const FilterLayout f(d);
   float* u = scratch<float>(ScratchSlot::kWinogradWeight, 36 * C * O);
   if (!transform_weight(d, wt, f, u)) return false;
-  const int64_t chunk = chunk_tiles(grid.total, C + O, true);
-  float* v = scratch<float>(ScratchSlot::kWinogradIn, 36 * chunk * C);
-  float* m = scratch<float>(ScratchSlot::kWinogradOut, 36 * chunk * O);
-  for (int64_t t0 = 0; t0 < grid.total; t0 += chunk) {
-    const int64_t nt = std::min(chunk, grid.total - t0);
-    if (!transform_input(d, grid, wt, t0, nt, v)) return false;
-    // The 36 GEMMs, one task each (parallel.h: a GEMM inside a task runs on its thread).
-    run_tasks(36, nt * C * O, [&](int64_t k) {
-      // M_k [O, nt] = U_k [O, C] V_k [C, nt], U_k stored [c][o] (transposed) or [o][c].
+  const int64_t block = block_tiles(grid.total, C + O, at::get_num_threads());
+  const int64_t blocks = (grid.total + block - 1) / block;
+  std::atomic<bool> bad{false};
+  run_tasks(blocks, 36 * block * C * O, [&](int64_t b) {
+    if (bad.load(std::memory_order_relaxed)) return;
+    const int64_t t0 = b * block, nt = std::min(block, grid.total - t0);
+    float* v = scratch<float>(ScratchSlot::kWinogradIn, 36 * C * nt);
+    float* m = scratch<float>(ScratchSlot::kWinogradOut, 36 * O * nt);
+    if (for_rows(grid, wt, C, t0, nt, false, [&](int64_t c, const RowRun& r, float* work) {
+          return input_run(d, wt, nt, c, r, v, work);
+        })) {
+      bad.store(true, std::memory_order_relaxed);
+      return;
+    }
+    for (int64_t k = 0; k < 36; ++k)  // M_k [O, nt] = U_k [O, C] V_k [C, nt]
       gemm<float>(f.lanes_over_o, false, O, nt, C, u + k * C * O, f.lanes_over_o ? O : C,
                   v + k * C * nt, nt, 0.0f, m + k * O * nt, nt);
+    for_rows(grid, wt, O, t0, nt, false, [&](int64_t o, const RowRun& r, float* work) {
+      output_run(d, wt, nt, m, epilogue, o, r, work);
+      return false;
     });
-    transform_output(d, grid, wt, t0, nt, m, epilogue);
-  }
-  return true;
+  });
+  return !bad.load();
 }
 
 bool winograd_weight_grad(const DirectConv& d, const float* gz, int64_t gz_n, float* gw) {
   const WinogradTiles& wt = tiles_for_cpu();
   const int64_t C = d.C, O = d.O;
   const TileGrid grid(d);
-  const int64_t chunk = chunk_tiles(grid.total, C + O, false);
+  const int64_t chunk = chunk_tiles(grid.total, C + O);
   float* v = scratch<float>(ScratchSlot::kWinogradIn, 36 * chunk * C);
   float* m = scratch<float>(ScratchSlot::kWinogradOut, 36 * chunk * O);
   const FilterLayout f(d);
   float* du = scratch<float>(ScratchSlot::kWinogradWeight, 36 * C * O);
   for (int64_t t0 = 0; t0 < grid.total; t0 += chunk) {
     const int64_t nt = std::min(chunk, grid.total - t0);
-    if (!transform_input(d, grid, wt, t0, nt, v)) return false;
-    if (!transform_grad(d, grid, wt, t0, nt, gz, gz_n, m)) return false;
+    // Channels [0, C) are the input's, [C, C + O) the output gradient's: one region.
+    if (for_rows(grid, wt, C + O, t0, nt, true, [&](int64_t i, const RowRun& r, float* work) {
+          return i < C ? input_run(d, wt, nt, i, r, v, work)
+                       : grad_run(d, wt, nt, gz, gz_n, i - C, r, m, work);
+        }))
+      return false;
     const float beta = t0 == 0 ? 0.0f : 1.0f;
     run_tasks(36, nt * C * O, [&](int64_t k) {
       // dU_k += V_k [C, nt] dM_k^T [nt, O] ([c][o]), or its transpose dM_k V_k^T ([o][c]).
