@@ -75,11 +75,13 @@ constexpr int64_t kMaxBlockTiles = 256;
 // this spares it the measurement. A tile's GEMM work grows as C * O, its transforms' as C + O:
 // training steps at batch 8 (2-core AMD EPYC Zen 3, AVX2, against oneDNN) ran 0.66-0.88x at
 // C = O = 64 to 256 on 56x56 to 14x14 planes, 0.97x at 48 channels (56x56), 1.2-2.3x at 16-32
-// channels; 64 channels on 14x14 (short tile rows) lost 1.2x. With fewer than 64 tiles (batch
-// 8 on 7x7, batch 1 on 14x14) the filters' transform, 36 x C x O values written and read per
-// call, outweighs the products (512 channels on 7x7 at batch 8: 1.09x).
+// channels; 64 channels on 14x14 (short tile rows) lost 1.2x. With fewer than 48 tiles the
+// filters' transform, 36 x C x O values written and read per call, outweighs the products:
+// batch 8 on 7x7 (32 tiles) 1.05-1.4x, batch 1 on 14x14 (16) 1.3-1.4x at 192-512 channels,
+// where batch 1 on 28x28 (49 tiles, 96-128 channels) ran 0.66-0.9x (a later split of the
+// output channels across tasks, each transforming the input again, lost at all of these).
 constexpr int64_t kMinHarmonic = 32;  // C * O / (C + O)
-constexpr int64_t kMinTiles = 64;
+constexpr int64_t kMinTiles = 48;
 // The transformed filters (36 x C x O floats) stay under 256 MB.
 constexpr int64_t kMaxFilterProducts = int64_t{1} << 21;
 
