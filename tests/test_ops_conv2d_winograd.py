@@ -178,3 +178,10 @@ def test_winograd_reads_the_weight_prefix_in_place(monkeypatch):
 
     assert_no_weight_copy(profiled(run), conv_weight_shapes(weight.shape, 1, 64, 64),
                           ["slimops::conv2d", "slimops::conv2d_backward"])
+
+
+def test_winograd_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("SLIMOPS_CONV_WINOGRAD", "yes")
+    kwargs = conv_kwargs(4, 64, 64, 80, 72, 14, 14, 1)
+    with pytest.raises(RuntimeError, match="SLIMOPS_CONV_WINOGRAD must be auto, 0 or 1"):
+        slimops.ops.conv2d(**kwargs)

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -495,16 +496,20 @@ bool direct_wins(const ConvGeometry& s, Pass pass) {
   return s.ig <= 32 && s.og <= 32;
 }
 
+// The input gradient is a correlation (direct_input_grad_problem) only at stride 1, with
+// padding (k-1)*d - p >= 0.
+bool input_grad_is_correlation(const ConvGeometry& s) {
+  return s.sh == 1 && s.sw == 1 && s.ph <= (s.kh - 1) * s.dh && s.pw <= (s.kw - 1) * s.dw;
+}
+
 bool use_direct(const ConvGeometry& s, bool is_float, Pass pass) {
   if (!is_float || !conv_direct_enabled() || s.pointwise() ||
       !direct_wins(s, pass))
     return false;
   if (pass != Pass::kInputGrad)
     return direct_conv_suits(direct_forward_problem(s, 0, nullptr, nullptr, nullptr));
-  // The input gradient is a correlation only at stride 1, with padding (k-1)*d - p >= 0.
-  if (s.sh != 1 || s.sw != 1 || s.ph > (s.kh - 1) * s.dh || s.pw > (s.kw - 1) * s.dw)
-    return false;
-  return direct_conv_suits(direct_input_grad_problem(s, 0, nullptr, nullptr, nullptr));
+  return input_grad_is_correlation(s) &&
+         direct_conv_suits(direct_input_grad_problem(s, 0, nullptr, nullptr, nullptr));
 }
 
 // When the Winograd kernels (conv2d_winograd.h) are the kernels' side of a 3x3 stride-1 pass:
@@ -514,18 +519,19 @@ bool use_direct(const ConvGeometry& s, bool is_float, Pass pass) {
 // measured route takes them only where they ran faster than oneDNN. Read on every call.
 bool conv_winograd_enabled() {
   const char* v = std::getenv("SLIMOPS_CONV_WINOGRAD");
-  if (v != nullptr && std::string(v) == "0") return false;
-  if (v != nullptr && std::string(v) == "1") return true;
-  return route_mode() == RouteMode::kAuto;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0)
+    return route_mode() == RouteMode::kAuto;
+  if (std::strcmp(v, "0") == 0) return false;
+  if (std::strcmp(v, "1") == 0) return true;
+  TORCH_CHECK(false, "SLIMOPS_CONV_WINOGRAD must be auto, 0 or 1, got '", v, "'");
 }
 
 bool use_winograd(const ConvGeometry& s, bool is_float, Pass pass) {
   if (!is_float || s.G != 1 || !conv_winograd_enabled()) return false;
   if (pass != Pass::kInputGrad)
     return winograd_suits(direct_forward_problem(s, 0, nullptr, nullptr, nullptr));
-  if (s.sh != 1 || s.sw != 1 || s.ph > (s.kh - 1) * s.dh || s.pw > (s.kw - 1) * s.dw)
-    return false;
-  return winograd_suits(direct_input_grad_problem(s, 0, nullptr, nullptr, nullptr));
+  return input_grad_is_correlation(s) &&
+         winograd_suits(direct_input_grad_problem(s, 0, nullptr, nullptr, nullptr));
 }
 
 // The forward on the direct kernels, group by group (float32 only: use_direct is false for
