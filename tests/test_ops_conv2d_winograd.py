@@ -45,14 +45,14 @@ def conv_kwargs(n, ci, co, wi, wo, h, w, padding, **extra):
 
 
 # (batch, channels in/out of the active prefix, full weight in/out, input H x W, padding):
-# every case has at least 64 output tiles and C * O >= 32 (C + O) (winograd_suits).
+# every case has at least 48 output tiles and C * O >= 32 (C + O) (winograd_suits).
 CASES = {
     "p1_14": (4, 64, 64, 80, 72, (14, 14), 1),
     "p1_odd": (3, 67, 70, 72, 80, (17, 23), 1),        # partial tiles on both edges
     "p0": (2, 64, 96, 72, 96, (30, 21), 0),
     "p2": (2, 96, 64, 128, 64, (13, 19), 2),           # output larger than the input
     "wide_row": (1, 64, 64, 65, 65, (9, 150), 1),      # tile rows longer than a vector
-    "chunks": (2, 64, 64, 72, 72, (64, 64), 1),        # 512 tiles: forward chunks split rows
+    "chunks": (2, 64, 64, 72, 72, (64, 64), 1),        # 512 tiles: forward blocks split rows
 }
 
 
@@ -86,7 +86,7 @@ def test_winograd_path_is_taken(monkeypatch, tol):
     """The transforms round differently from a direct sum, so the two paths' forward and
     gradients differ in their last bits where the Winograd kernels run (identical results
     would mean they never ran), and agree to the bit where a shape does not suit them (fewer
-    than 64 tiles)."""
+    than 48 tiles)."""
     (w_out, w_grads), (d_out, d_grads) = check_both_paths(
         conv_kwargs(4, 64, 64, 80, 72, 14, 14, 1), monkeypatch, tol)
     assert not torch.equal(w_out, d_out)
