@@ -30,9 +30,9 @@ def check_conv2d_switch(kwargs, monkeypatch, tol, switch):
     clips away from the output)."""
     from slimops import ops, reference
 
-    g = torch.randn_like(reference.conv2d(**kwargs))
-    ref, ref_grads = run_with_grads(reference.conv2d, kwargs, g)
     pre_activation = reference.conv2d(**dict(kwargs, activation=None))
+    g = torch.randn_like(pre_activation)
+    ref, ref_grads = run_with_grads(reference.conv2d, kwargs, g)
     results = []
     for on in (True, False):
         monkeypatch.setenv(switch, "1" if on else "0")

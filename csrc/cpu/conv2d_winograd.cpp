@@ -90,8 +90,8 @@ constexpr int64_t kMaxFilterProducts = int64_t{1} << 21;
 // outputs start at (4ty, 4tx), its input at (4ty - ph, 4tx - pw).
 struct TileGrid {
   int64_t th, tw, total;
-  explicit TileGrid(const DirectConv& d)
-      : th((d.Ho + 3) / 4), tw((d.Wo + 3) / 4), total(d.N * ((d.Ho + 3) / 4) * ((d.Wo + 3) / 4)) {}
+  explicit TileGrid(const DirectConv& d)  // members initialise in order: total reads th, tw
+      : th((d.Ho + 3) / 4), tw((d.Wo + 3) / 4), total(d.N * th * tw) {}
 };
 
 // The part of tile row `row` inside the chunk [t0, t0 + nt): tiles [tx0, tx0 + ntx), the
@@ -145,9 +145,11 @@ struct FilterLayout {
         others_n(lanes_over_o ? d.C : d.O) {}
 };
 
-// U[k] for every (o, c) pair of the problem, laid out as FilterLayout says.
-bool transform_weight(const DirectConv& d, const WinogradTiles& wt, const FilterLayout& f,
-                      float* u) {
+// fn(filter_offset, u_offset, n) for every vector of n <= lanes filters, in parallel: the
+// filters' offset in the weight's strides and the vector's offset in a U[k] laid out as
+// FilterLayout says. Returns whether any fn returned true (a value out of range).
+template <typename F>
+bool for_filter_vectors(const WinogradTiles& wt, const FilterLayout& f, const F& fn) {
   std::atomic<bool> bad{false};
   const int64_t blocks = (f.lanes_n + wt.lanes - 1) / wt.lanes;
   run_ranges(f.others_n, 36 * f.lanes_n, [&](int64_t a0, int64_t a1) {
@@ -155,27 +157,29 @@ bool transform_weight(const DirectConv& d, const WinogradTiles& wt, const Filter
     for (int64_t a = a0; a < a1; ++a)
       for (int64_t q = 0; q < blocks; ++q) {
         const int64_t l0 = q * wt.lanes;
-        b |= wt.weight(d.w + a * f.other_stride + l0 * f.lane_stride, f.lane_stride, d.w_i,
-                       d.w_j, std::min(wt.lanes, f.lanes_n - l0), u + a * f.lanes_n + l0,
-                       d.C * d.O, kLimit);
+        b |= fn(a * f.other_stride + l0 * f.lane_stride, a * f.lanes_n + l0,
+                std::min(wt.lanes, f.lanes_n - l0));
       }
     if (b) bad.store(true, std::memory_order_relaxed);
   });
-  return !bad.load();
+  return bad.load();
+}
+
+// U[k] for every (o, c) pair of the problem, laid out as FilterLayout says.
+bool transform_weight(const DirectConv& d, const WinogradTiles& wt, const FilterLayout& f,
+                      float* u) {
+  return !for_filter_vectors(wt, f, [&](int64_t w_off, int64_t u_off, int64_t n) {
+    return wt.weight(d.w + w_off, f.lane_stride, d.w_i, d.w_j, n, u + u_off, d.C * d.O,
+                     kLimit);
+  });
 }
 
 // The weight gradient from dU[k] (laid out as FilterLayout says), added into gw.
 void inverse_weight(const DirectConv& d, const WinogradTiles& wt, const FilterLayout& f,
                     const float* du, float* gw) {
-  const int64_t blocks = (f.lanes_n + wt.lanes - 1) / wt.lanes;
-  run_ranges(f.others_n, 36 * f.lanes_n, [&](int64_t a0, int64_t a1) {
-    for (int64_t a = a0; a < a1; ++a)
-      for (int64_t q = 0; q < blocks; ++q) {
-        const int64_t l0 = q * wt.lanes;
-        wt.weight_grad(du + a * f.lanes_n + l0, d.C * d.O,
-                       gw + a * f.other_stride + l0 * f.lane_stride, f.lane_stride, d.w_i,
-                       d.w_j, std::min(wt.lanes, f.lanes_n - l0));
-      }
+  for_filter_vectors(wt, f, [&](int64_t w_off, int64_t u_off, int64_t n) {
+    wt.weight_grad(du + u_off, d.C * d.O, gw + w_off, f.lane_stride, d.w_i, d.w_j, n);
+    return false;
   });
 }
 

@@ -13,11 +13,12 @@
 //
 // Numerics: the transforms multiply by up to 8 and divide by up to 24, so rounding error is
 // larger than a direct sum's (float32 relative error ~1e-6 to 1e-5 of the output's scale,
-// measured in tests/test_conv2d_winograd.py). Non-finite or huge values would also mix across
-// a tile (an Inf becomes NaN on outputs that never read it), so every transform checks its
-// values: any NaN, Inf or magnitude above 2^40 in the input, weight or output gradient makes
-// the call return false before it has written a result the caller keeps, and the caller runs
-// its other kernels, which propagate them exactly as torch does.
+// measured in tests/test_ops_conv2d_winograd.py). Non-finite or huge values would also mix
+// across a tile (an Inf becomes NaN on outputs that never read it), so every transform checks
+// its values: any NaN, Inf or magnitude above 2^40 in the input, weight or output gradient
+// makes the call return false before it has written a result the caller keeps, and the
+// caller runs its other kernels, whose results such values then are (as with
+// SLIMOPS_CONV_WINOGRAD=0).
 #pragma once
 
 #include "cpu/conv2d_direct.h"
