@@ -31,10 +31,27 @@ def _reference(kwargs, grad_out):
     return run_with_grads(reference.conv2d, kwargs, grad_out)
 
 
+# The Winograd kernels' float32 error, measured as max |error| / max |exact| (float64 exact)
+# for the output and both gradients at 64-256 channels on 28x28, on a 2-core Intel Xeon
+# (AVX-512): 0.55-1.4e-5, against 0.03-0.2e-5 for the direct kernels; it grows with the
+# channels summed and does not depend on the ISA cap (the transforms' rounding is the same;
+# the GEMMs are MKL's). The shared float32 tolerance (1e-5 of the largest magnitude) sits
+# inside that range (one output of test_winograd_weight_gradient_over_several_chunks was
+# 1.07x over it on that Xeon, none on the AMD EPYC Zen 3), so these tests allow 4e-5 on the
+# Winograd path (a wrong transform or tile is off by O(1) of the scale) and keep the shared
+# one for the other path.
+WINOGRAD_ATOL_FACTOR = 4.0
+
+
 def check_both_paths(kwargs, monkeypatch, tol):
     """Forward and every gradient with and without the Winograd kernels, each against the
     reference; returns both paths' (output, gradients)."""
-    return check_conv2d_switch(kwargs, monkeypatch, tol, "SLIMOPS_CONV_WINOGRAD")
+    def winograd_tol(dtype, like=None):
+        t = tol(dtype, like)
+        return dict(t, atol=t["atol"] * WINOGRAD_ATOL_FACTOR)
+
+    return check_conv2d_switch(kwargs, monkeypatch, tol, "SLIMOPS_CONV_WINOGRAD",
+                               tol_on=winograd_tol)
 
 
 def conv_kwargs(n, ci, co, wi, wo, h, w, padding, **extra):
