@@ -1,0 +1,131 @@
+"""slimops.nn.MaxPool2d: a drop-in nn.MaxPool2d whose CPU inference forward pools a
+channels-last copy; every result must be the one nn.MaxPool2d gives, to the bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from slimops.baselines import reference_style
+from slimops.models import s_resnet50
+from slimops.nn import MaxPool2d
+
+# (kernel_size, stride, padding, dilation, ceil_mode): S-ResNet's stem pool, S-ShuffleNet's,
+# and the rest of nn.MaxPool2d's geometry.
+GEOMETRIES = {
+    "resnet": (3, 2, 1, 1, False),
+    "shufflenet": (3, 2, 0, 1, False),
+    "ceil": (3, 2, 0, 1, True),
+    "k2": (2, 2, 0, 1, False),
+    "rect": ((3, 2), (1, 2), (1, 0), 1, False),
+    "dilated": (3, 1, 1, 2, False),
+}
+SHAPES = [(1, 64, 112, 112), (3, 5, 17, 23), (2, 1, 9, 8), (1, 3, 1, 7)]
+
+
+def _pair(geometry):
+    k, s, p, d, ceil = GEOMETRIES[geometry]
+    return (MaxPool2d(k, s, p, d, ceil_mode=ceil), nn.MaxPool2d(k, s, p, d, ceil_mode=ceil))
+
+
+def _fits(shape, geometry):
+    k, s, p, d, ceil = GEOMETRIES[geometry]
+    k = (k, k) if isinstance(k, int) else k
+    d = (d, d) if isinstance(d, int) else d
+    return all(side >= dd * (kk - 1) + 1 for side, kk, dd in zip(shape[2:], k, d))
+
+
+def _cases():
+    return [(g, s) for g in GEOMETRIES for s in SHAPES if _fits(s, g)]
+
+
+@pytest.mark.parametrize("geometry,shape", _cases())
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "eval_without_grad"])
+def test_inference_matches_nn_max_pool(geometry, shape, mode):
+    ours, torchs = _pair(geometry)
+    x = torch.relu(torch.randn(shape))  # ties of zeros, as after the stem's ReLU
+    context = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad,
+               "eval_without_grad": torch.enable_grad}[mode]
+    with context():
+        got, exp = ours(x), torchs(x)
+    assert got.is_contiguous() and got.shape == exp.shape
+    assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dtypes(dtype):
+    ours, torchs = _pair("resnet")
+    x = torch.randn(2, 6, 15, 13).to(dtype)
+    with torch.inference_mode():
+        assert torch.equal(ours(x), torchs(x))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_as_nn_max_pool(value):
+    """NaN wins its windows (in both kernels), +-Inf are ordinary maxima / never maxima."""
+    ours, torchs = _pair("resnet")
+    x = torch.randn(2, 19, 11, 12)
+    x[0, 3, 4, 5] = value
+    x[1, :, 0, :] = value
+    x[1, 7] = value  # a whole plane
+    with torch.inference_mode():
+        got, exp = ours(x), torchs(x)
+    assert torch.equal(got.isnan(), exp.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(exp))
+
+
+@pytest.mark.parametrize("geometry", ["resnet", "ceil"])
+def test_training_path_is_nn_max_pool(geometry):
+    """With a gradient to record, the layer is nn.MaxPool2d: same output and input gradient
+    (ties broken the same way)."""
+    ours, torchs = _pair(geometry)
+    base = torch.relu(torch.randn(2, 4, 13, 14))
+    grads = []
+    for layer in (ours, torchs):
+        x = base.clone().requires_grad_()
+        y = layer(x)
+        g = torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape)
+        y.backward(g)
+        grads.append((y.detach(), x.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][1], grads[1][1])
+
+
+def test_other_layouts_and_indices():
+    """Unbatched, channels-last and strided inputs, and return_indices, as nn.MaxPool2d."""
+    ours, torchs = _pair("resnet")
+    x = torch.randn(2, 8, 10, 12)
+    with torch.inference_mode():
+        for t in (x[0], x.contiguous(memory_format=torch.channels_last), x[:, ::2]):
+            assert torch.equal(ours(t), torchs(t))
+    with_indices = MaxPool2d(3, 2, 1, return_indices=True)
+    got = with_indices(x)
+    exp = nn.MaxPool2d(3, 2, 1, return_indices=True)(x)
+    assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_is_a_drop_in_nn_max_pool():
+    ours, torchs = _pair("shufflenet")
+    assert isinstance(ours, nn.MaxPool2d)
+    assert ours.state_dict() == torchs.state_dict() == {}
+    assert repr(ours) == repr(torchs)
+    scripted = torch.jit.script(ours)
+    x = torch.randn(1, 3, 9, 9)
+    with torch.inference_mode():
+        assert torch.equal(scripted(x), torchs(x))
+
+
+def test_models_pool_through_it_and_the_reference_style_does_not():
+    model = s_resnet50((0.5, 1.0), num_classes=10)
+    assert type(model.maxpool) is MaxPool2d
+    ref = reference_style(model)
+    assert type(ref.maxpool) is nn.MaxPool2d
+    assert (ref.maxpool.kernel_size, ref.maxpool.stride, ref.maxpool.padding) == (3, 2, 1)
+
+
+def test_plain_is_the_same_nn_max_pool():
+    ours = MaxPool2d((3, 2), (1, 2), (1, 0), 2, return_indices=True, ceil_mode=True)
+    plain = ours.plain()
+    assert type(plain) is nn.MaxPool2d and repr(plain) == repr(ours)
