@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimops.nn import (
+    AvgPool2d,
     MaxPool2d,
     SlimConvBNAct,
     SlimmableConv2d,
@@ -140,8 +141,8 @@ def reference_style(model: nn.Module) -> nn.Module:
 
     A shallow structural copy: the model's own modules (and ``forward``) are copied, every
     ``SlimConvBNAct`` / ``SlimmableConv2d`` / ``SlimmableLinear`` / ``SwitchableBatchNorm2d``
-    is wrapped by its ``Ref*`` counterpart around the *same* layer, every
-    ``slimops.nn.MaxPool2d`` is a plain ``nn.MaxPool2d``, and every Parameter and buffer is
+    is wrapped by its ``Ref*`` counterpart around the *same* layer, every ``slimops.nn`` pool
+    is PyTorch's own (``nn.MaxPool2d``, ``nn.AvgPool2d``), and every Parameter and buffer is
     shared with ``model`` (training one trains the other). The width follows
     ``slimops.set_width`` / ``slimops.width`` on either model.
     """
@@ -149,5 +150,6 @@ def reference_style(model: nn.Module) -> nn.Module:
     memo.update(map_layers(model, {SlimConvBNAct: RefConvBNAct, SlimmableConv2d: RefConv2d,
                                    SlimmableLinear: RefLinear,
                                    SwitchableBatchNorm2d: RefBatchNorm2d,
-                                   MaxPool2d: MaxPool2d.plain}))
+                                   MaxPool2d: MaxPool2d.plain,
+                                   AvgPool2d: AvgPool2d.plain}))
     return copy.deepcopy(model, memo)

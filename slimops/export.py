@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init  # no random init of weights about to be replaced
 
 from slimops.nn import (
+    AvgPool2d,
     MaxPool2d,
     SlimConvBNAct,
     SlimmableConv2d,
@@ -207,6 +208,7 @@ def _replacements(model: nn.Module, fold_bn: bool) -> Dict[int, nn.Module]:
         SlimmableLinear: plain(_export_linear),
         SwitchableBatchNorm2d: plain(_export_bn),
         MaxPool2d: plain(MaxPool2d.plain),
+        AvgPool2d: plain(AvgPool2d.plain),
     }, unknown="export: no plain PyTorch equivalent is known for the slimmable layer")
 
 
@@ -215,10 +217,10 @@ def export(model: nn.Module, width: float, fold_bn: bool = True) -> nn.Module:
 
     Every ``SlimmableConv2d`` / ``SlimmableLinear`` / ``SwitchableBatchNorm2d`` becomes the
     ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d`` of its active channels at ``width``,
-    every ``SlimConvBNAct`` a ``ConvBNAct`` and every ``slimops.nn.MaxPool2d`` an
-    ``nn.MaxPool2d``; their parameters and buffers are copies of the active prefixes (never
-    views of the shared weights). The rest of the model, its ``forward`` included, is
-    deep-copied as is.
+    every ``SlimConvBNAct`` a ``ConvBNAct`` and every ``slimops.nn`` pool PyTorch's own
+    (``nn.MaxPool2d``, ``nn.AvgPool2d``); their parameters and buffers are copies of the
+    active prefixes (never views of the shared weights). The rest of the model, its
+    ``forward`` included, is deep-copied as is.
 
     Args:
         model: a module containing slimmable layers (a whole model or a single layer).

@@ -5,10 +5,11 @@ from slimops.nn.batchnorm import ChecksBNWidthsOnLoad, SwitchableBatchNorm2d, mi
 from slimops.nn.conv import SlimmableConv2d
 from slimops.nn.fused import SlimConvBNAct
 from slimops.nn.linear import SlimmableLinear
-from slimops.nn.pool import MaxPool2d
+from slimops.nn.pool import AvgPool2d, MaxPool2d
 from slimops.nn.walk import map_layers
 
 __all__ = [
+    "AvgPool2d",
     "ChecksBNWidthsOnLoad",
     "MaxPool2d",
     "SlimConvBNAct",

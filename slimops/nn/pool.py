@@ -1,19 +1,22 @@
-"""Max pooling for the reference builders: ``nn.MaxPool2d`` with a faster CPU inference path.
+"""Pooling for the reference builders: ``nn.MaxPool2d`` and ``nn.AvgPool2d`` with a faster CPU
+inference path.
 
 Pooling does not slim (it keeps whatever channels the layer before it produced), but it sits
-on the eval path of every model with a stem pool (S-ResNet, S-ShuffleNet), and there PyTorch's
-CPU kernel for NCHW tensors is slow: its loop runs one output at a time, scalar. The
-channels-last kernel vectorises over channels. S-ResNet-50's pool (64 channels, 112x112 ->
-56x56, batch 1) took 2.8 ms through the NCHW kernel, 8% of the whole model's eval forward, and
-0.64 ms converted to channels-last, pooled and converted back (a 2-core Intel Xeon, 2
-threads; 0.20-0.26x from 16 to 64 channels, planes of 16 to 112, batches 1 to 64).
+on the eval path of models (S-ResNet's stem pool, S-ShuffleNet's stem pool and the average
+pool of its stride-2 units), and there PyTorch's CPU kernels for NCHW tensors are slow: their
+loops run one output at a time. The channels-last kernels vectorise over channels.
+S-ResNet-50's max pool (64 channels, 112x112 -> 56x56, batch 1) took 2.8 ms through the NCHW
+kernel, 8% of the whole model's eval forward, and 0.64 ms converted to channels-last, pooled
+and converted back (a 2-core Intel Xeon, 2 threads; 0.20-0.26x from 16 to 64 channels, planes
+of 16 to 112, batches 1 to 64). S-ShuffleNet's 3x3 average pools: 0.35-0.7x (24 to 480
+channels, 14x14 to 56x56, batches 1 and 8).
 
-So ``MaxPool2d`` runs that conversion where no gradient is needed. Where one is (training),
-it runs ``nn.MaxPool2d``'s own path: the channels-last kernel's backward measured 1.3-1.6x
-the NCHW one's time at 64 channels (0.55-0.7x at 16-24), so the training step is left to
-torch. The output is the same tensor either way: the maximum is exact, both kernels take NaN
-as the maximum of a window holding one, and the result is returned in the input's NCHW
-layout.
+So these layers run that conversion where no gradient is needed. Where one is (training),
+they run PyTorch's own path: the channels-last max pool's backward measured 1.3-1.6x the NCHW
+one's time at 64 channels (0.55-0.7x at 16-24), so the training step is left to torch. The
+output is the same tensor either way (both kernels visit a window in the same order: the max
+takes NaN as the maximum of a window holding one, the average sums in the same order and
+divides by the same count), returned in the input's NCHW layout.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def _inference_on_cpu(input: Tensor) -> bool:
+    """Whether ``input`` takes the channels-last path: a contiguous NCHW batch on the CPU
+    with no gradient to record."""
+    return (input.dim() == 4 and input.device.type == "cpu" and input.is_contiguous()
+            and not (torch.is_grad_enabled() and input.requires_grad))
 
 
 class MaxPool2d(nn.MaxPool2d):
@@ -35,9 +45,7 @@ class MaxPool2d(nn.MaxPool2d):
                             return_indices=self.return_indices, ceil_mode=self.ceil_mode)
 
     def forward(self, input: Tensor) -> Tensor:
-        if (input.dim() == 4 and input.device.type == "cpu" and not self.return_indices
-                and not (torch.is_grad_enabled() and input.requires_grad)
-                and input.is_contiguous()):
+        if not self.return_indices and _inference_on_cpu(input):
             pooled = F.max_pool2d(input.contiguous(memory_format=torch.channels_last),
                                   self.kernel_size, self.stride, self.padding, self.dilation,
                                   ceil_mode=self.ceil_mode)
@@ -45,3 +53,23 @@ class MaxPool2d(nn.MaxPool2d):
         # nn.MaxPool2d.forward, written out: TorchScript cannot call super()
         return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """Drop-in ``nn.AvgPool2d`` whose CPU forward, when no gradient is recorded, pools a
+    channels-last copy of an NCHW batch and returns the result contiguous again (see the
+    module doc)."""
+
+    def plain(self) -> nn.AvgPool2d:
+        """This layer as a plain ``nn.AvgPool2d`` (for the reference style and ``export``)."""
+        return nn.AvgPool2d(self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad, self.divisor_override)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if _inference_on_cpu(input):
+            input = input.contiguous(memory_format=torch.channels_last)
+            return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding,
+                                self.ceil_mode, self.count_include_pad,
+                                self.divisor_override).contiguous()
+        return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad, self.divisor_override)
