@@ -779,14 +779,17 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
         }
       }
     };
-    if (plan.tasks >= threads && threads > 1) {
+    if (plan.tasks >= threads && threads > 1 && worth_threads(conv_macs(s))) {
       // One task per thread at a time; BLAS inside a parallel region runs single-threaded.
+      // Not below kParallelWork (parallel.h's rule 1): an 8 -> 8 1x1 conv on a 2x2 plane
+      // opened this region and took 8 ms with both cores of a 2-core Intel Xeon busy.
       at::parallel_for(0, plan.tasks, 1, [&](int64_t begin, int64_t end) {
         ImageGuard guard;  // only the fallback GEMM creates tensors
         run_tasks(begin, end);
       });
     } else {
-      // Too little work to split (or one thread): BLAS uses the threads itself.
+      // Too little work to split (or one thread): BLAS uses the threads itself where the
+      // product is large enough (gemm.h).
       run_tasks(0, plan.tasks);
     }
 }

@@ -6,13 +6,17 @@
 // weight prefix in place (a strided matrix: its leading dimension is the full row length) and
 // write any block of an output. Should a torch build not export them (weak symbols resolve to
 // null), the same product goes through at::addmm_ on strided views of the same memory.
-// Called outside an OpenMP region, BLAS uses the thread team; inside one (from a task of
-// parallel.h's run_tasks), it runs on the calling thread.
+// Called outside an OpenMP region, BLAS uses the thread team for a product of at least
+// kParallelWork multiply-adds (parallel.h's rule 1), and the calling thread below that; inside
+// a region (from a task of parallel.h's run_tasks), it runs on the calling thread.
 #pragma once
+
+#include "cpu/parallel.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -24,6 +28,10 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc)
     __attribute__((weak));
+// MKL's per-thread thread count for the calls that follow on this thread (0: back to the
+// global setting); returns the previous one. The C entry: MKL's header maps
+// mkl_set_num_threads_local to it, the lower-case symbol is the Fortran one (int* argument).
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace slimops {
@@ -58,6 +66,22 @@ inline int blas_int(int64_t v, const char* what) {
   return static_cast<int>(v);
 }
 
+// Runs a BLAS call of `macs` multiply-adds on the calling thread alone when it is below
+// kParallelWork. Why: outside an OpenMP region MKL opened its thread team even for an 8x4x8
+// product (a 1x1 conv on a 2x2 plane): 8.8 us idle against 6.6 us on one thread, and 8 ms
+// (a scheduler slice, waiting for a worker) with both cores of a 2-core Intel Xeon busy;
+// torch's F.conv2d took 8 us there. A build without MKL's symbol keeps BLAS's own choice.
+template <typename Call>
+inline void blas_call(int64_t macs, const Call& call) {
+  if (MKL_Set_Num_Threads_Local == nullptr || worth_threads(macs) || at::in_parallel_region()) {
+    call();
+    return;
+  }
+  const int previous = MKL_Set_Num_Threads_Local(1);
+  call();
+  MKL_Set_Num_Threads_Local(previous);
+}
+
 // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the Fortran call swaps the
 // operands, and a row-major operand read as column-major is already transposed, so each
 // operand's flag carries over unchanged.
@@ -75,14 +99,17 @@ inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
   const int la = blas_int(ldb, "ldb"), lb = blas_int(lda, "lda"), lc = blas_int(ldc, "ldc");
   const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
   const scalar_t one = 1;
+  // M * N * K, saturated at kParallelWork (each factor is at least 1 here, so any one at
+  // kParallelWork puts the product there; below, the product fits easily in 64 bits).
+  const int64_t macs = std::max({M, N, K}) >= kParallelWork ? kParallelWork : M * N * K;
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (sgemm_ != nullptr) {
-      sgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+      blas_call(macs, [&] { sgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc); });
       return;
     }
   } else if constexpr (std::is_same_v<scalar_t, double>) {
     if (dgemm_ != nullptr) {
-      dgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+      blas_call(macs, [&] { dgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc); });
       return;
     }
   }
