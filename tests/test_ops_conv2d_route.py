@@ -239,6 +239,19 @@ def test_auto_does_not_measure_tiny_passes(monkeypatch):
     assert _routes() == 0
 
 
+@pytest.mark.parametrize("route,onednn_calls", [("auto", False), ("fixed", True)])
+def test_tiny_passes_run_the_kernels_under_auto(route, onednn_calls, monkeypatch):
+    """Under auto, a pass below the measuring threshold runs slimops' kernels (oneDNN's
+    per-call costs exceed its work); the fixed rule still gives a full-width 3x3 to oneDNN."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", route)
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    weight = torch.randn(8, 8, 3, 3, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        slimops.ops.conv2d(x, weight, None, 8, 1, 1, 1).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert any("convolution" in n for n in names) == onednn_calls, sorted(names)
+
+
 def test_fixed_route_never_measures(monkeypatch):
     monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "fixed")
     torch.ops.slimops.conv2d_routes(True)

@@ -176,12 +176,18 @@ inline RouteCache& route_cache() {
   return cache;
 }
 
-// Below this many multiply-adds a pass is not measured (the fixed rule decides): a few
-// microseconds of work, where timing noise is as large as any difference.
+// Below this many multiply-adds a pass is not measured: a few microseconds of work, where
+// timing noise is as large as any difference. In auto mode such a pass runs the kernels (the
+// fixed mode keeps its rule): oneDNN's per-call costs (its primitive, the weight's reorder,
+// its thread team) exceed the work there. An 8 -> 8 3x3 conv on 4x4 planes at batch 2 took
+// 111 us per eval call through oneDNN and 61 us on the kernels, 419 and 174 us per training
+// step (2-core Intel Xeon, idle), and oneDNN's thread team waits a scheduler slice whenever
+// both cores are busy.
 constexpr int64_t kRouteMeasureMacs = int64_t{1} << 18;
 
 // Runs the pass on the chosen route and returns its result. `fixed_onednn` is the fixed
-// rules' choice (fixed mode, and passes under kRouteMeasureMacs). In auto mode the first call
+// rules' choice (fixed mode); passes under kRouteMeasureMacs run the kernels in auto mode
+// (see there). In auto mode the first call
 // of a key runs each candidate once untimed (page faults, oneDNN's primitive creation), then
 // three times each, alternating; fewer timed runs picked the slower route on a noisy 2-core
 // machine (a 256-channel 3x3 conv on a 7x7 plane, 1.3x). A later measurement
@@ -200,8 +206,8 @@ Result run_routed(const RouteKey& key, bool onednn_possible, int64_t macs, bool 
   if (!onednn_possible) return kernels();
   const RouteMode mode = route_mode();
   if (mode == RouteMode::kOnednn) return onednn();
-  if (mode == RouteMode::kFixed || macs < kRouteMeasureMacs)
-    return fixed_onednn ? onednn() : kernels();
+  if (mode == RouteMode::kFixed) return fixed_onednn ? onednn() : kernels();
+  if (macs < kRouteMeasureMacs) return kernels();
   bool remeasure = false;
   const int known = route_cache().visit(key, remeasure);
   if (known >= 0 && !remeasure) return known ? onednn() : kernels();
