@@ -105,16 +105,38 @@ def test_geometry_prefixes(groups, kernel, stride, padding, dilation, dtype, tol
 @pytest.mark.parametrize("groups", [1, 3], ids=["g1", "g3"])
 def test_threaded(groups, n, all_threads, tol):
     """Threaded (image, column block) tasks: N < threads (each image split into blocks of
-    output positions) and N >= threads, with im2col and the pointwise (1x1) path."""
+    output positions) and N >= threads, with im2col and the pointwise (1x1) path. The plane
+    is large enough for the full prefixes to pass the 128K multiply-adds under which a pass
+    runs on one thread (csrc/cpu/parallel.h); the 1-channel prefixes stay under it."""
     assert torch.get_num_threads() >= 2
     (rows, ig_full), prefixes = WEIGHTS[groups]
     for kernel, stride, padding in [((3, 3), 1, 1), ((1, 1), 1, 0), ((5, 3), (2, 1), (2, 1))]:
         weight = torch.randn(rows, ig_full, *kernel, dtype=F64)
         for o, i in prefixes[:3]:
-            kwargs = dict(input=leaf(torch.randn(n, i, 13, 7, dtype=F64)), weight=leaf(weight),
+            kwargs = dict(input=leaf(torch.randn(n, i, 53, 47, dtype=F64)), weight=leaf(weight),
                           bias=leaf(torch.randn(rows, dtype=F64)), out_channels=o,
                           stride=stride, padding=padding, groups=groups)
             run_and_compare(kwargs, tol)
+
+
+def test_tiny_gemm_restores_mkl_thread_count(all_threads, tol):
+    """csrc/cpu/gemm.h runs a product under 128K multiply-adds on the calling thread by
+    setting MKL's per-thread count to 1 (MKL opened its team even for an 8x4x8 product), and
+    sets it back: after the op, this thread's setting is what it was (torch.set_num_threads
+    sets it too)."""
+    import ctypes
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    set_local = getattr(lib, "MKL_Set_Num_Threads_Local", None)
+    if set_local is None:
+        pytest.skip("this torch build does not export MKL's per-thread count")
+    kwargs = dict(input=torch.randn(1, 4, 2, 2), weight=torch.randn(8, 8, 1, 1), bias=None,
+                  out_channels=8, stride=1, padding=0, dilation=1, groups=1)
+    before = set_local(0)  # reads the setting (returns the previous one) ...
+    set_local(before)  # ... and puts it back
+    out = slimops.ops.conv2d(**kwargs)  # partial input width: the kernels' GEMM path
+    torch.testing.assert_close(out, reference.conv2d(**kwargs), **tol(F32, out))
+    assert set_local(before) == before
 
 
 @pytest.mark.parametrize("threads", ["one_thread", "all_threads"])

@@ -187,13 +187,12 @@ constexpr int64_t kRouteMeasureMacs = int64_t{1} << 18;
 
 // Runs the pass on the chosen route and returns its result. `fixed_onednn` is the fixed
 // rules' choice (fixed mode); passes under kRouteMeasureMacs run the kernels in auto mode
-// (see there). In auto mode the first call
-// of a key runs each candidate once untimed (page faults, oneDNN's primitive creation), then
-// three times each, alternating; fewer timed runs picked the slower route on a noisy 2-core
-// machine (a 256-channel 3x3 conv on a 7x7 plane, 1.3x). A later measurement
-// (kRouteFirstCheck...) times the call on its route and runs the other route once. The
-// route with the better best time over all of them runs; a measuring call returns a result
-// of a route it ran (either is the op's result).
+// (see there). In auto mode the first call of a key runs each candidate once untimed (page
+// faults, oneDNN's primitive creation), then three times each, alternating; fewer timed runs
+// picked the slower route on a noisy 2-core machine (a 256-channel 3x3 conv on a 7x7 plane,
+// 1.3x). A later measurement (kRouteFirstCheck...) times the call on its route and runs the
+// other route once. The route with the better best time over all of them runs; a measuring
+// call returns a result of a route it ran (either is the op's result).
 //
 // `kernels_best` (called after the first, untimed run of `kernels`) may give the kernels
 // route's best time without timing it: a conv's gradient pair, whose kernels route is its two
