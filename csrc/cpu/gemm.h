@@ -73,7 +73,10 @@ inline int blas_int(int64_t v, const char* what) {
 // torch's F.conv2d took 8 us there. A build without MKL's symbol keeps BLAS's own choice.
 template <typename Call>
 inline void blas_call(int64_t macs, const Call& call) {
-  if (MKL_Set_Num_Threads_Local == nullptr || worth_threads(macs) || at::in_parallel_region()) {
+  // Inside a region MKL already runs on the calling thread; with one torch thread MKL's own
+  // count is 1 too (torch sets both).
+  if (MKL_Set_Num_Threads_Local == nullptr || macs >= kParallelWork ||
+      at::get_num_threads() == 1 || at::in_parallel_region()) {
     call();
     return;
   }
