@@ -191,6 +191,33 @@ def test_fast_path_refuses_a_residual_that_would_broadcast(residual_shape):
         block(torch.randn(2, 7, 5, 5), torch.randn(*residual_shape))
 
 
+def test_inference_fast_path_errors_are_the_checked_paths(monkeypatch):
+    # On CPU the fast path leaves the residual and vector checks to the kernel and, when it
+    # rejects one, takes the checked path: the error is the layer's, not the kernel's.
+    answers = []
+    kernel = slimops.ops.conv2d_cpu_kernel
+
+    def spy(*args):
+        answers.append(kernel(*args))
+        return answers[-1]
+
+    monkeypatch.setattr(slimops.ops, "conv2d_cpu_kernel", spy)
+    block = SlimConvBNAct([1, 7, 13], [3, 7, 13], 3, widths=WIDTHS).eval()
+    slimops.set_width(block, 0.5)
+    x = torch.randn(2, 7, 5, 5)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="residual"):
+            block(x, torch.randn(2, 13, 5, 5))
+        with pytest.raises(TypeError, match="residual has dtype"):
+            block(x, torch.randn(2, 7, 5, 5, dtype=torch.float64))
+        with pytest.raises(TypeError, match="residual must be a Tensor"):
+            block(x, 1.0)
+        r = torch.randn(2, 7, 5, 5)
+        torch.testing.assert_close(block(x, r), _slow(block, x, r), rtol=0, atol=0)
+    if slimops.ops.backend_info()["cpu"] == "C++":
+        assert [a is None for a in answers] == [True, True, True, False]
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_noncontiguous_input_and_residual(train, tol, randomize_bn):
     dtype = torch.float64

@@ -132,3 +132,57 @@ def test_unchecked_bad_arguments_raise_from_the_kernel():
     with pytest.raises(RuntimeError, match="slimops::batch_norm_act"):
         ops.batch_norm_act_unchecked(torch.randn(2, 4, 3, 3), torch.randn(5), None, None,
                                      None, True, 0.1, 1e-5, None, 0)
+
+
+# ---- the CPU-kernel entries (``*_cpu_kernel``): the result, or None, never an error --------
+
+def _cpu_kernel_calls(dtype):
+    """(``conv2d_cpu_kernel`` call, its ``conv2d_unchecked`` twin) per op, on the cases above."""
+    (x, w, b, scale, shift, res), _, _ = _conv_case(dtype)
+    conv = ((x, w, b, 8, [2, 2], [1, 1], [1, 1], 1, scale, shift, res, 2),
+            ops.conv2d_cpu_kernel, ops.conv2d_unchecked)
+    (x, w, scale, shift, res), _, _ = _depthwise_case(dtype)
+    depthwise = ((x, w, None, (1, 1), (1, 1), (1, 1), scale, shift, res, 1),
+                 ops.depthwise_conv2d_cpu_kernel, ops.depthwise_conv2d_unchecked)
+    return {"conv2d": conv, "depthwise_conv2d": depthwise}
+
+
+@pytest.mark.skipif(not _backend.HAS_C, reason="the compiled extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("name", ["conv2d", "depthwise_conv2d"])
+def test_cpu_kernel_entry_equals_the_unchecked_entry(name, dtype):
+    args, kernel, unchecked = _cpu_kernel_calls(dtype)[name]
+    torch.testing.assert_close(kernel(*args), unchecked(*args), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not _backend.HAS_C, reason="the compiled extension is not built")
+@pytest.mark.parametrize("name", ["conv2d", "depthwise_conv2d"])
+def test_cpu_kernel_entry_gives_none_where_the_kernel_rejects_or_does_not_run(name):
+    args, kernel, _ = _cpu_kernel_calls(torch.float32)[name]
+    res = args[-2]
+
+    def with_(i, value):
+        return args[:i] + (value,) + args[i + 1:]
+
+    n = len(args)
+    rejected = {
+        "residual shape": with_(n - 2, res[:, :, :1]),
+        "residual dtype": with_(n - 2, res.double()),
+        "scale length": with_(n - 4, args[n - 4][:-1]),
+        "input channels over the weight's": with_(0, torch.randn(2, 11, 8, 6)),
+        "not a tensor": with_(n - 2, 3),
+        "activation code": with_(n - 1, 7),
+        "bfloat16 (the reference's dtype)": tuple(
+            a.bfloat16() if isinstance(a, torch.Tensor) else a for a in args),
+        "non-contiguous weight": with_(1, args[1].transpose(2, 3)),
+    }
+    for what, bad in rejected.items():
+        assert kernel(*bad) is None, what
+    # and under a __torch_function__ mode the direct entry declines (NotImplemented)
+    with _PassThroughMode():
+        assert kernel(*args) is None
+
+
+class _PassThroughMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))

@@ -19,13 +19,14 @@ from slimops.ops.batch_norm_act import (
     batch_norm_act_unchecked,
     update_running_stats,
 )
-from slimops.ops.conv2d import conv2d, conv2d_backward, conv2d_unchecked
+from slimops.ops.conv2d import conv2d, conv2d_backward, conv2d_cpu_kernel, conv2d_unchecked
 from slimops.ops.conv2d_bn_act import (
     conv2d_bn_act_train,
     depthwise_conv2d_bn_act_train,
     fused_train_available,
 )
-from slimops.ops.depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_unchecked
+from slimops.ops.depthwise_conv2d import (depthwise_conv2d, depthwise_conv2d_cpu_kernel,
+                                          depthwise_conv2d_unchecked)
 from slimops.ops.linear import linear, linear_unchecked
 from slimops.ops.state_stamp import state_stamp
 from slimops.ops import cuda_registration
@@ -33,8 +34,9 @@ from slimops.ops.cuda_registration import use_cuda_cpp_kernels
 
 cuda_registration.register()  # the ops' CUDA kernels (Triton by default) and CUDA autocast
 
-__all__ = ["backend_info", "conv2d", "conv2d_backward", "conv2d_unchecked", "depthwise_conv2d",
-           "depthwise_conv2d_unchecked", "linear", "linear_unchecked", "batch_norm_act",
+__all__ = ["backend_info", "conv2d", "conv2d_backward", "conv2d_cpu_kernel", "conv2d_unchecked",
+           "depthwise_conv2d", "depthwise_conv2d_cpu_kernel", "depthwise_conv2d_unchecked",
+           "linear", "linear_unchecked", "batch_norm_act",
            "batch_norm_act_unchecked", "conv2d_bn_act_train", "depthwise_conv2d_bn_act_train",
            "fused_train_available", "state_stamp", "update_running_stats",
            "use_cuda_cpp_kernels"]

@@ -71,6 +71,36 @@ def native_call(name: str) -> Callable[..., object]:
     return call
 
 
+def cpu_kernel_call(name: str) -> Callable[..., Optional[object]]:
+    """A call of compiled op ``name`` (positional schema arguments, input and weight first)
+    on the C++ CPU kernel that returns None instead of raising: None where that kernel does
+    not run (no extension, torch.compile tracing, a non-CPU input, a dtype or weight layout
+    ``use_native`` sends to the reference, a tensor subclass or mode) or where it rejected an
+    argument.
+
+    Why: the CPU kernels check every argument they read (csrc/arg_checks.h: vector lengths, a
+    residual's shape, dtype and device, channel counts against the weight), so a per-call
+    inference path (``SlimConvBNAct``) can skip its own Python checks of them and, on None,
+    take its checked path, which names what is wrong with the layer's words (or runs the
+    reference). Not for CUDA: the Triton launchers leave some of these checks to the layer.
+    The caller checks what a kernel cannot know (the active width's input channel count)."""
+    direct = direct_entry(name)
+    is_compiling = torch.compiler.is_compiling
+
+    def call(input: torch.Tensor, weight: torch.Tensor, *rest: object) -> Optional[object]:
+        if (direct is None or is_compiling() or not input.is_cpu
+                or input.dtype not in NATIVE_CPU_DTYPES or not weight.is_contiguous()):
+            return None
+        try:
+            out = direct(input, weight, *rest)
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            return None  # the caller's checked path raises it again, in its own words
+        return None if out is NotImplemented else out
+
+    call.__name__ = f"slimops_{name}_cpu_kernel"
+    return call
+
+
 # dtypes the C++ CPU kernels implement; other floating dtypes run on the reference path.
 NATIVE_CPU_DTYPES = (torch.float32, torch.float64)
 # dtypes the GPU kernels (Triton, fp32 accumulation) implement; float64 on CUDA runs on
