@@ -665,6 +665,33 @@ def test_backward_ops_match_reference(tol):
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", [
+    pytest.param((F32, 1, (32, 20), (16, 9), 1, (25, 1, 64, 64)), id="1x1-image-chunks"),
+    pytest.param((F64, 3, (16, 12), (10, 6), 2, (2, 12, 160, 160)), id="3x3-position-chunks"),
+    pytest.param((F64, 3, (8, 4), (8, 4), 1, (3, 4, 9, 7)), id="full-width-one-chunk"),
+    pytest.param((F64, 1, (16, 16), (16, 16), 1, (25, 16, 40, 40)), id="full-width-chunks"),
+])
+def test_weight_gradient_gemm_writes_every_element(case, tol, monkeypatch):
+    """The kernels' GEMM weight gradient (float64, or a 1x1 at a partial width: no direct or
+    Winograd path) over one or several chunks: at full width the first chunk's GEMM
+    overwrites the uninitialised gradient and later ones accumulate, at a partial width all
+    of it is zeroed first, so memory left over from an earlier tensor (NaN here) never
+    shows."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "fixed")
+    dtype, k, (rows, ig_full), (o, i), groups, xshape = case
+    x = torch.randn(xshape[0], i, *xshape[2:], dtype=dtype)
+    w = torch.randn(rows, ig_full // groups, k, k, dtype=dtype)
+    xr, wr = leaf(x), leaf(w)
+    z = reference.conv2d(xr, wr, None, o, 1, k // 2, 1, groups)
+    gz = torch.randn_like(z)
+    (gw_ref,) = torch.autograd.grad(z, (wr,), gz)
+    for _ in range(3):
+        torch.full(w.shape, float("nan"), dtype=dtype)  # freed: its memory is reused next
+        gw = torch.ops.slimops.conv2d_backward_weight(gz, x, w, [1, 1], [k // 2] * 2, [1, 1],
+                                                      groups)
+        torch.testing.assert_close(gw, gw_ref, **tol(dtype, gw_ref))
+
+
 # --------------------------------------------------------------------------------------
 # torch.compile
 

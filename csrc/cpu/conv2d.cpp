@@ -981,14 +981,15 @@ at::Tensor conv2d_backward_weight_onednn(const ConvGeometry& s, const at::Tensor
 
 at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tensor& gz,
                                           const at::Tensor& x, const at::Tensor& weight) {
-  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   if (use_winograd(s, x.scalar_type() == at::kFloat, Pass::kWeightGrad)) {
+    at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
     const DirectConv d = direct_forward_problem(s, 0, x.data_ptr<float>(), nullptr, nullptr);
     if (winograd_weight_grad(d, gz.data_ptr<float>(), s.O * s.P(),
                              grad_weight.data_ptr<float>()))
       return grad_weight;
   }
   if (use_direct(s, x.scalar_type() == at::kFloat, Pass::kWeightGrad)) {
+    at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
     for (int64_t g = 0; g < s.G; ++g) {
       DirectConv d = direct_forward_problem(s, g, x.data_ptr<float>(), nullptr, nullptr);
       direct_conv_weight_grad(d, gz.data_ptr<float>() + g * s.og * s.P(), s.O * s.P(),
@@ -999,7 +1000,15 @@ at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tenso
 
   // Per chunk and group, one GEMM accumulates gz_g [og, L] @ cols_g^T [L, K] straight into the
   // strided prefix of the full-size gradient (leading dimension Ig*kh*kw): the chunk's images
-  // and positions are the GEMM's inner dimension.
+  // and positions are the GEMM's inner dimension. At full width the GEMMs write every element
+  // (the chunks run in order, the first one's overwrite: beta 0), so nothing is zero-filled
+  // first: that was a pass over the whole gradient (a 1024 x 1024 1x1 layer's 4 MB at 7x7,
+  // batch 1: 0.48-0.50 -> 0.33-0.39 ms per call, 2-core Xeon, AVX-512 and AVX2). At a partial
+  // width the rest must be zero, and one parallel fill of all of it measured faster than
+  // zeroing only the rest row by row (0.5x: 0.21-0.23 vs 0.25-0.30 ms).
+  const bool whole = s.og == s.Og && s.ig == s.Ig;
+  at::Tensor grad_weight = whole ? at::empty(weight.sizes(), weight.options())
+                                 : at::zeros(weight.sizes(), weight.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "slimops_conv2d_backward_weight", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
@@ -1013,9 +1022,10 @@ at::Tensor conv2d_backward_weight_kernels(const ConvGeometry& s, const at::Tenso
         B = cols;
         ldb = L;
       }
+      const scalar_t beta = whole && ch.n0 == 0 && ch.p0 == 0 ? scalar_t(0) : scalar_t(1);
       for (int64_t g = 0; g < s.G; ++g)
         gemm<scalar_t>(false, true, s.og, s.K(), L, A.data + g * s.og * A.ld, A.ld,
-                       B + g * s.K() * ldb, ldb, scalar_t(1), gwp + g * s.Og * s.weight_ld(),
+                       B + g * s.K() * ldb, ldb, beta, gwp + g * s.Og * s.weight_ld(),
                        s.weight_ld());
     });
   });
