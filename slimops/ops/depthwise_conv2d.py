@@ -17,9 +17,9 @@ from slimops.ops._common import ACTIVATION_NAMES, IntPair, activation_code
 
 OP = "depthwise_conv2d"
 _NATIVE = _backend.native_call(OP)
-# ``depthwise_conv2d_unchecked`` on the CPU kernel, which checks every argument itself; None where
-# that kernel does not run or rejected one (``_backend.cpu_kernel_call``). For the layers'
-# per-call inference path.
+# ``depthwise_conv2d_unchecked`` on the CPU kernel, which checks every argument itself; None
+# where that kernel does not run or rejected one (``_backend.cpu_kernel_call``). For the
+# layers' per-call inference path.
 depthwise_conv2d_cpu_kernel = _backend.cpu_kernel_call(OP)
 
 
