@@ -13,12 +13,12 @@
 //
 // Numerics: the transforms multiply by up to 8 and divide by up to 24, so rounding error is
 // larger than a direct sum's (float32 max error 0.55-1.4e-5 of the output's scale at 64-256
-// channels, 0.03-0.2e-5 on the direct kernels; tests/test_ops_conv2d_winograd.py). Non-finite or huge values would also mix
-// across a tile (an Inf becomes NaN on outputs that never read it), so every transform checks
-// its values: any NaN, Inf or magnitude above 2^40 in the input, weight or output gradient
-// makes the call return false before it has written a result the caller keeps, and the
-// caller runs its other kernels, whose results such values then are (as with
-// SLIMOPS_CONV_WINOGRAD=0).
+// channels, 0.03-0.2e-5 on the direct kernels; tests/test_ops_conv2d_winograd.py).
+// Non-finite or huge values would also mix across a tile (an Inf becomes NaN on outputs that
+// never read it), so every transform checks its values: any NaN, Inf or magnitude above 2^40
+// in the input, weight or output gradient makes the call return false before it has written
+// a result the caller keeps, and the caller runs its other kernels, whose results such values
+// then are (as with SLIMOPS_CONV_WINOGRAD=0).
 #pragma once
 
 #include "cpu/conv2d_direct.h"

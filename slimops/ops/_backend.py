@@ -89,7 +89,7 @@ def cpu_kernel_call(name: str) -> Callable[..., Optional[object]]:
 
     def call(input: torch.Tensor, weight: torch.Tensor, *rest: object) -> Optional[object]:
         if (direct is None or is_compiling() or not input.is_cpu
-                or input.dtype not in NATIVE_CPU_DTYPES or not weight.is_contiguous()):
+                or not use_native(input, weight)):
             return None
         try:
             out = direct(input, weight, *rest)
