@@ -104,10 +104,51 @@ def test_non_finite_values_as_nn_max_pool(value):
         assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(exp))
 
 
+def _train_max_pool(layer, base, grad=None):
+    x = base.clone().requires_grad_()
+    y = layer(x)
+    g = torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape) if grad is None else grad
+    y.backward(g)
+    return y, x.grad
+
+
+@pytest.mark.parametrize("geometry,shape", _cases())
+@pytest.mark.parametrize("values", ["ties", "nan"])
+def test_max_pool_training_matches_nn_max_pool(geometry, shape, values):
+    """The training path (forward on a channels-last copy, backward on the NCHW kernel with
+    its indices) gives PyTorch's output and input gradient to the bit: ties (a ReLU's zeros)
+    resolved to the same element, NaN winning its windows."""
+    torch.manual_seed(0)
+    base = torch.relu(torch.randn(shape))
+    if values == "nan":
+        base.view(-1)[::7] = float("nan")
+    ours, torchs = _pair(geometry)
+    got, got_grad = _train_max_pool(ours, base)
+    exp, exp_grad = _train_max_pool(torchs, base)
+    assert type(got.grad_fn).__name__ == "_MaxPoolChannelsLastForwardBackward"
+    assert got.is_contiguous() and got_grad.is_contiguous()
+    assert torch.equal(got.isnan(), exp.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(exp))
+    assert torch.equal(got_grad, exp_grad)
+
+
+def test_max_pool_training_second_order():
+    """The training path's backward is differentiable (a double backward, as F.max_pool2d's)."""
+    ours, torchs = _pair("resnet")
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(ours, (x,))
+    g = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    results = []
+    for layer in (ours, torchs):
+        (gx,) = torch.autograd.grad(layer(x), x, g, create_graph=True)
+        results.append(torch.autograd.grad(gx.sum(), g))
+    assert torch.equal(results[0][0], results[1][0])
+
+
 @pytest.mark.parametrize("geometry,avg_geometry", [("resnet", "shufflenet"), ("ceil", "ceil")])
 def test_training_path_is_pytorch_pool(geometry, avg_geometry):
-    """With a gradient to record, the layers are PyTorch's: same output and input gradient
-    (the max pool's ties broken the same way)."""
+    """With a gradient to record, the layers give PyTorch's output and input gradient (the
+    max pool's ties broken the same way)."""
     base = torch.relu(torch.randn(2, 4, 13, 14))
     grads = []
     for layer in _pair(geometry) + _avg_pair(avg_geometry):

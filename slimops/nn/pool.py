@@ -11,12 +11,17 @@ and converted back (a 2-core Intel Xeon, 2 threads; 0.20-0.26x from 16 to 64 cha
 of 16 to 112, batches 1 to 64). S-ShuffleNet's 3x3 average pools: 0.35-0.7x (24 to 480
 channels, 14x14 to 56x56, batches 1 and 8).
 
-So these layers run that conversion where no gradient is needed. Where one is (training),
-they run PyTorch's own path: the channels-last max pool's backward measured 1.3-1.6x the NCHW
-one's time at 64 channels (0.55-0.7x at 16-24), so the training step is left to torch. The
+So these layers run that conversion where no gradient is needed. In training the max pool
+splits the difference: its forward (with the argmax indices the backward needs) runs on the
+channels-last copy, 4-5x faster than the NCHW kernel, and its backward on PyTorch's NCHW
+kernel with those indices, because the channels-last backward measured 1.3-1.6x the NCHW
+one's time at 64 channels (0.55-0.7x at 16-24). S-ResNet-50's stem pool at batch 8
+(forward + backward, 16 to 64 channels) took 0.35-0.4x the NCHW pool's time that way
+(docs/BENCHMARKS.md, nineteenth round). The average pool trains on PyTorch's own path. The
 output is the same tensor either way (both kernels visit a window in the same order: the max
-takes NaN as the maximum of a window holding one, the average sums in the same order and
-divides by the same count), returned in the input's NCHW layout.
+takes NaN as the maximum of a window holding one and keeps the first of equal maxima, so the
+indices agree too; the average sums in the same order and divides by the same count),
+returned in the input's NCHW layout.
 """
 
 from __future__ import annotations
@@ -31,6 +36,42 @@ def _inference_on_cpu(input: Tensor) -> bool:
     with no gradient to record."""
     return (input.dim() == 4 and input.device.type == "cpu" and input.is_contiguous()
             and not (torch.is_grad_enabled() and input.requires_grad))
+
+
+def _training_on_cpu(input: Tensor) -> bool:
+    """Whether ``input`` takes the max pool's training path: a contiguous NCHW batch on the
+    CPU, of a floating dtype, with a gradient to record."""
+    return (input.dim() == 4 and input.device.type == "cpu" and input.is_contiguous()
+            and input.is_floating_point() and torch.is_grad_enabled() and input.requires_grad)
+
+
+class _MaxPoolChannelsLastForward(torch.autograd.Function):
+    """``F.max_pool2d`` of an NCHW batch: the forward on a channels-last copy (its argmax
+    indices, plane offsets, are layout-free), the backward on PyTorch's NCHW kernel with
+    those indices. The backward is made of differentiable ops, so a double backward works
+    as through ``F.max_pool2d``."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, kernel_size, stride, padding, dilation,
+                ceil_mode: bool) -> Tensor:
+        out, indices = F.max_pool2d(input.contiguous(memory_format=torch.channels_last),
+                                    kernel_size, stride, padding, dilation,
+                                    ceil_mode=ceil_mode, return_indices=True)
+        indices = indices.contiguous()
+        ctx.save_for_backward(input, indices)
+        ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.mark_non_differentiable(indices)
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        input, indices = ctx.saved_tensors
+        kernel_size, stride, padding, dilation, ceil_mode = ctx.geometry
+        pair = torch.nn.modules.utils._pair
+        grad_input = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(), input, pair(kernel_size), pair(stride), pair(padding),
+            pair(dilation), ceil_mode, indices)
+        return grad_input, None, None, None, None, None
 
 
 class MaxPool2d(nn.MaxPool2d):
@@ -50,9 +91,19 @@ class MaxPool2d(nn.MaxPool2d):
                                   self.kernel_size, self.stride, self.padding, self.dilation,
                                   ceil_mode=self.ceil_mode)
             return pooled.contiguous()
+        if (not torch.jit.is_scripting() and not self.return_indices
+                and _training_on_cpu(input)):
+            return self._train_forward(input)
         # nn.MaxPool2d.forward, written out: TorchScript cannot call super()
         return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+    @torch.jit.unused
+    def _train_forward(self, input: Tensor) -> Tensor:
+        # Not TorchScript: an autograd.Function (a scripted layer takes PyTorch's path).
+        return _MaxPoolChannelsLastForward.apply(input, self.kernel_size, self.stride,
+                                                 self.padding, self.dilation, self.ceil_mode)
 
 
 class AvgPool2d(nn.AvgPool2d):
