@@ -13,15 +13,16 @@ channels, 14x14 to 56x56, batches 1 and 8).
 
 So these layers run that conversion where no gradient is needed. In training the max pool
 splits the difference: its forward (with the argmax indices the backward needs) runs on the
-channels-last copy, 4-5x faster than the NCHW kernel, and its backward on PyTorch's NCHW
-kernel with those indices, because the channels-last backward measured 1.3-1.6x the NCHW
-one's time at 64 channels (0.55-0.7x at 16-24). S-ResNet-50's stem pool at batch 8
-(forward + backward, 16 to 64 channels) took 0.35-0.4x the NCHW pool's time that way
-(docs/BENCHMARKS.md, nineteenth round). The average pool trains on PyTorch's own path. The
-output is the same tensor either way (both kernels visit a window in the same order: the max
-takes NaN as the maximum of a window holding one and keeps the first of equal maxima, so the
-indices agree too; the average sums in the same order and divides by the same count),
-returned in the input's NCHW layout.
+channels-last copy, 4-5x faster than the NCHW kernel, and its backward scatters the output
+gradient to those indices in NCHW, as PyTorch's NCHW backward does, because the channels-last
+backward measured 1.3-1.6x the NCHW one's time at 64 channels (0.55-0.7x at 16-24).
+S-ResNet-50's stem pool at batch 8 (forward + backward, 16 to 64 channels) took 0.33-0.42x
+the NCHW pool's time that way (docs/BENCHMARKS.md, nineteenth round). The average pool trains
+on PyTorch's own path (the same split measured 0.5-1.3x). The output is the same tensor
+either way (both kernels visit a window in the same order: the max takes NaN as the maximum
+of a window holding one and keeps the first of equal maxima, so the indices agree too; the
+average sums in the same order and divides by the same count), returned in the input's NCHW
+layout.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def _training_on_cpu(input: Tensor) -> bool:
 
 class _MaxPoolChannelsLastForward(torch.autograd.Function):
     """``F.max_pool2d`` of an NCHW batch: the forward on a channels-last copy (its argmax
-    indices, plane offsets, are layout-free), the backward on PyTorch's NCHW kernel with
-    those indices. The backward is made of differentiable ops, so a double backward works
-    as through ``F.max_pool2d``."""
+    indices, offsets within a plane, do not depend on the layout), the backward a scatter of
+    the output gradient to those indices. The backward is made of differentiable ops, so a
+    double backward works as through ``F.max_pool2d``."""
 
     @staticmethod
     def forward(ctx, input: Tensor, kernel_size, stride, padding, dilation,
@@ -58,20 +59,23 @@ class _MaxPoolChannelsLastForward(torch.autograd.Function):
                                     kernel_size, stride, padding, dilation,
                                     ceil_mode=ceil_mode, return_indices=True)
         indices = indices.contiguous()
-        ctx.save_for_backward(input, indices)
-        ctx.geometry = (kernel_size, stride, padding, dilation, ceil_mode)
-        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.input_shape = input.shape
         return out.contiguous()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        input, indices = ctx.saved_tensors
-        kernel_size, stride, padding, dilation, ceil_mode = ctx.geometry
-        pair = torch.nn.modules.utils._pair
-        grad_input = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad.contiguous(), input, pair(kernel_size), pair(stride), pair(padding),
-            pair(dilation), ceil_mode, indices)
-        return grad_input, None, None, None, None, None
+        (indices,) = ctx.saved_tensors
+        n, c, h, w = ctx.input_shape
+        # Each output's gradient added at its argmax, plane by plane in output order: what
+        # PyTorch's NCHW max-pool backward does, so the sums (where windows overlap) are the
+        # same to the bit.
+        # In place on fresh zeros: the out-of-place scatter_add copies them first (1.6 vs 2.9
+        # ms for 8 x 64 x 112 x 112, where PyTorch's backward took 2.8).
+        planes = n * c
+        grad_input = grad.new_zeros((planes, h * w))
+        grad_input.scatter_add_(1, indices.view(planes, -1), grad.contiguous().view(planes, -1))
+        return grad_input.view(n, c, h, w), None, None, None, None, None
 
 
 class MaxPool2d(nn.MaxPool2d):
