@@ -115,8 +115,8 @@ def _train_max_pool(layer, base, grad=None):
 @pytest.mark.parametrize("geometry,shape", _cases())
 @pytest.mark.parametrize("values", ["ties", "nan"])
 def test_max_pool_training_matches_nn_max_pool(geometry, shape, values):
-    """The training path (forward on a channels-last copy, backward on the NCHW kernel with
-    its indices) gives PyTorch's output and input gradient to the bit: ties (a ReLU's zeros)
+    """The training path (forward on a channels-last copy, backward a scatter to its argmax
+    indices) gives PyTorch's output and input gradient to the bit: ties (a ReLU's zeros)
     resolved to the same element, NaN winning its windows."""
     torch.manual_seed(0)
     base = torch.relu(torch.randn(shape))
@@ -130,6 +130,21 @@ def test_max_pool_training_matches_nn_max_pool(geometry, shape, values):
     assert torch.equal(got.isnan(), exp.isnan())
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(exp))
     assert torch.equal(got_grad, exp_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_max_pool_training_dtypes_and_empty_batches(dtype):
+    """float64 takes the training path too; bfloat16 (whose PyTorch backward adds in float)
+    and an empty batch take PyTorch's. Either way the results are PyTorch's."""
+    ours, torchs = _pair("resnet")
+    base = torch.relu(torch.randn(2, 5, 11, 12)).to(dtype)
+    (got, got_grad), (exp, exp_grad) = (_train_max_pool(layer, base) for layer in (ours, torchs))
+    ours_path = type(got.grad_fn).__name__ == "_MaxPoolChannelsLastForwardBackward"
+    assert ours_path == (dtype == torch.float64)
+    assert torch.equal(got, exp) and torch.equal(got_grad, exp_grad)
+    empty = torch.zeros(0, 5, 11, 12, dtype=dtype)
+    (got, got_grad), (exp, exp_grad) = (_train_max_pool(layer, empty) for layer in (ours, torchs))
+    assert got.shape == exp.shape and torch.equal(got_grad, exp_grad)
 
 
 def test_max_pool_training_second_order():
