@@ -32,11 +32,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _nchw_batch_on_cpu(input: Tensor) -> bool:
+    """A contiguous NCHW batch on the CPU: what the channels-last paths convert."""
+    return input.dim() == 4 and input.device.type == "cpu" and input.is_contiguous()
+
+
+def _records_grad(input: Tensor) -> bool:
+    return torch.is_grad_enabled() and input.requires_grad
+
+
 def _inference_on_cpu(input: Tensor) -> bool:
     """Whether ``input`` takes the channels-last path: a contiguous NCHW batch on the CPU
     with no gradient to record."""
-    return (input.dim() == 4 and input.device.type == "cpu" and input.is_contiguous()
-            and not (torch.is_grad_enabled() and input.requires_grad))
+    return _nchw_batch_on_cpu(input) and not _records_grad(input)
 
 
 def _training_on_cpu(input: Tensor) -> bool:
@@ -44,10 +52,8 @@ def _training_on_cpu(input: Tensor) -> bool:
     batch on the CPU, float32 or float64, with a gradient to record. (Those dtypes only: in
     bfloat16 / float16 PyTorch's backward adds overlapping windows' gradients in float and
     rounds once, where a scatter in the tensor's dtype rounds after each add.)"""
-    return (input.dim() == 4 and input.device.type == "cpu" and input.is_contiguous()
-            and (input.dtype == torch.float32 or input.dtype == torch.float64)
-            and input.numel() > 0
-            and torch.is_grad_enabled() and input.requires_grad)
+    return (_nchw_batch_on_cpu(input) and _records_grad(input) and input.numel() > 0
+            and (input.dtype == torch.float32 or input.dtype == torch.float64))
 
 
 class _MaxPoolChannelsLastForward(torch.autograd.Function):
