@@ -3,9 +3,9 @@
 // The forward (and so the input gradient) is one parallel region after the filters'
 // transform: its tasks are blocks of output tiles (all images' tiles, numbered row by row),
 // each on one thread with its own scratch: transform the block's input tiles into
-// V[k][c][tile] (k the 36 Winograd-domain points; a vector of tiles per transform), 36 GEMMs
-// M_k[O, tiles] = U_k[O, C] V_k[C, tiles] on that thread, then the output tiles with the
-// epilogue on each tile row's outputs while they are in cache. Why one region: on a shared
+// V[k][tile][c] (k the 36 Winograd-domain points; a vector of channels per transform), 36
+// GEMMs M_k[tiles, O] = V_k[tiles, C] U_k[C, O] on that thread, then the output tiles, and the
+// epilogue on the block's output rows while they are in cache. Why one region: on a shared
 // machine every region's closing barrier can wait a scheduler slice for a descheduled
 // thread (parallel.h); with a transform, GEMM and output region per chunk, a 64-channel
 // 56x56 conv at batch 1 ran 2.3x the reference's time with one core busy.
@@ -23,8 +23,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cstdint>
+#include <cstdlib>
 
 namespace slimops {
 namespace cpu {
@@ -35,11 +35,14 @@ struct WinogradTiles {
   int64_t (*row_work)(int64_t);
   bool (*input)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t,
                 float, float*);
-  void (*output)(const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t, float*);
   bool (*grad)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t, float,
                float*);
   bool (*weight)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t, float);
   void (*weight_grad)(const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
+  bool (*input_tile)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                     float*, int64_t, float);
+  void (*output_tile)(const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t,
+                      int64_t);
 };
 
 #define SLIMOPS_ISA_INC "cpu/conv2d_winograd_tiles.inc"
@@ -223,22 +226,68 @@ bool grad_run(const DirectConv& d, const WinogradTiles& wt, int64_t nt, const fl
                  d.O * nt, kLimit, work);
 }
 
-// Output channel o's tiles of one row run from M[k][o][tile - t0] (ldk = O * nt), then the
-// epilogue (when non-null) on the rows they cover, while they are in cache.
-void output_run(const DirectConv& d, const WinogradTiles& wt, int64_t nt, const float* m,
-                const DirectEpilogue* ep, int64_t o, const RowRun& r, float* work) {
+// The epilogue on output channel o's rows of one row run (written, and still in cache).
+void epilogue_run(const DirectConv& d, const DirectEpilogue* ep, int64_t o, const RowRun& r) {
   const int64_t oy = 4 * r.ty, ox = 4 * r.tx0;
   const int64_t rows = std::min<int64_t>(4, d.Ho - oy);
   const int64_t offset = o * d.Ho * d.Wo + oy * d.Wo + ox;
   float* y = d.y + r.n * d.y_n + offset;
-  // Only the run's own columns: the rest of the row may be another task's.
   const int64_t cols = std::min(4 * r.ntx, d.Wo - ox);
-  wt.output(m + o * nt + r.tl0, d.O * nt, r.ntx, y, d.Wo, rows, cols, work);
-  if (ep == nullptr) return;
   const float* res = ep->residual ? ep->residual + r.n * ep->residual_n + offset : nullptr;
   for (int64_t i = 0; i < rows; ++i)
     ep->fn(y + i * d.Wo, d.Wo, 1, cols, ep->scale + o, ep->shift + o,
            res ? res + i * d.Wo : nullptr, ep->activation);
+}
+
+
+// The forward on the tile transforms (lanes over channels): V[k][tile][c] and M[k][tile][o],
+// each block's tiles transformed one by one, then the epilogue on the block's rows.
+bool forward_blocks(const DirectConv& d, const WinogradTiles& wt, const TileGrid& grid,
+                    const FilterLayout& f, const float* u, int64_t block,
+                    const DirectEpilogue* epilogue) {
+  const int64_t C = d.C, O = d.O, L = wt.lanes;
+  const int64_t in_plane = d.H * d.W, out_plane = d.Ho * d.Wo;
+  const int64_t blocks = (grid.total + block - 1) / block;
+  std::atomic<bool> bad{false};
+  run_tasks(blocks, 36 * block * C * O, [&](int64_t b) {
+    if (bad.load(std::memory_order_relaxed)) return;
+    const int64_t t0 = b * block, nt = std::min(block, grid.total - t0);
+    float* v = scratch<float>(ScratchSlot::kWinogradIn, 36 * C * nt);
+    // A vector past the end: output_tile reads whole vectors.
+    float* m = scratch<float>(ScratchSlot::kWinogradOut, 36 * O * nt + L);
+    bool out_of_range = false;
+    for (int64_t tl = 0; tl < nt && !out_of_range; ++tl) {
+      const int64_t t = t0 + tl, row = t / grid.tw, tx = t % grid.tw;
+      const float* x = d.x + (row / grid.th) * d.x_n;
+      const int64_t iy = 4 * (row % grid.th) - d.ph, ix = 4 * tx - d.pw;
+      for (int64_t c = 0; c < C; c += L)
+        out_of_range |= wt.input_tile(x + c * in_plane, in_plane, d.H, d.W, iy, ix,
+                                      std::min(L, C - c), v + tl * C + c, nt * C, kLimit);
+    }
+    if (out_of_range) {
+      bad.store(true, std::memory_order_relaxed);
+      return;
+    }
+    for (int64_t k = 0; k < 36; ++k)  // M_k [nt, O] = V_k [nt, C] U_k [C, O]
+      gemm<float>(false, !f.lanes_over_o, nt, O, C, v + k * nt * C, C, u + k * C * O,
+                  f.lanes_over_o ? O : C, 0.0f, m + k * nt * O, O);
+    for (int64_t tl = 0; tl < nt; ++tl) {
+      const int64_t t = t0 + tl, row = t / grid.tw, tx = t % grid.tw;
+      const int64_t oy = 4 * (row % grid.th), ox = 4 * tx;
+      float* y = d.y + (row / grid.th) * d.y_n + oy * d.Wo + ox;
+      const int64_t rows = std::min<int64_t>(4, d.Ho - oy);
+      const int64_t cols = std::min<int64_t>(4, d.Wo - ox);
+      for (int64_t o = 0; o < O; o += L)
+        wt.output_tile(m + tl * O + o, nt * O, std::min(L, O - o), y + o * out_plane,
+                       out_plane, d.Wo, rows, cols);
+    }
+    if (epilogue == nullptr) return;
+    const ChunkRows tile_rows = chunk_rows(grid, t0, nt);
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t i = 0; i < tile_rows.count; ++i)
+        epilogue_run(d, epilogue, o, row_run(grid, tile_rows.first + i, t0, nt));
+  });
+  return !bad.load();
 }
 
 }  // namespace
@@ -252,34 +301,12 @@ bool winograd_suits(const DirectConv& d) {
 
 bool winograd_forward(const DirectConv& d, const DirectEpilogue* epilogue) {
   const WinogradTiles& wt = tiles_for_cpu();
-  const int64_t C = d.C, O = d.O;
   const TileGrid grid(d);
   const FilterLayout f(d);
-  float* u = scratch<float>(ScratchSlot::kWinogradWeight, 36 * C * O);
+  float* u = scratch<float>(ScratchSlot::kWinogradWeight, 36 * d.C * d.O);
   if (!transform_weight(d, wt, f, u)) return false;
-  const int64_t block = block_tiles(grid.total, C + O, at::get_num_threads());
-  const int64_t blocks = (grid.total + block - 1) / block;
-  std::atomic<bool> bad{false};
-  run_tasks(blocks, 36 * block * C * O, [&](int64_t b) {
-    if (bad.load(std::memory_order_relaxed)) return;
-    const int64_t t0 = b * block, nt = std::min(block, grid.total - t0);
-    float* v = scratch<float>(ScratchSlot::kWinogradIn, 36 * C * nt);
-    float* m = scratch<float>(ScratchSlot::kWinogradOut, 36 * O * nt);
-    if (for_rows(grid, wt, C, t0, nt, false, [&](int64_t c, const RowRun& r, float* work) {
-          return input_run(d, wt, nt, c, r, v, work);
-        })) {
-      bad.store(true, std::memory_order_relaxed);
-      return;
-    }
-    for (int64_t k = 0; k < 36; ++k)  // M_k [O, nt] = U_k [O, C] V_k [C, nt]
-      gemm<float>(f.lanes_over_o, false, O, nt, C, u + k * C * O, f.lanes_over_o ? O : C,
-                  v + k * C * nt, nt, 0.0f, m + k * O * nt, nt);
-    for_rows(grid, wt, O, t0, nt, false, [&](int64_t o, const RowRun& r, float* work) {
-      output_run(d, wt, nt, m, epilogue, o, r, work);
-      return false;
-    });
-  });
-  return !bad.load();
+  const int64_t block = block_tiles(grid.total, d.C + d.O, at::get_num_threads());
+  return forward_blocks(d, wt, grid, f, u, block, epilogue);
 }
 
 bool winograd_weight_grad(const DirectConv& d, const float* gz, int64_t gz_n, float* gw) {
