@@ -9,7 +9,7 @@
 // machine every region's closing barrier can wait a scheduler slice for a descheduled
 // thread (parallel.h); with a transform, GEMM and output region per chunk, a 64-channel
 // 56x56 conv at batch 1 ran 2.3x the reference's time with one core busy.
-// The weight gradient accumulates dU_k[C, O] += V_k dM_k^T over chunks of tiles in order
+// The weight gradient accumulates dU_k[C, O] += V_k^T dM_k over chunks of tiles in order
 // (deterministic), each chunk's two transforms in one region and its 36 GEMMs in another.
 // The filters are transformed once per call, from the weight prefix in place; only
 // activations and the transformed operands live in scratch buffers.
@@ -32,17 +32,14 @@ namespace cpu {
 // The per-instruction-set transforms (conv2d_winograd_tiles.inc; lanes = floats per vector).
 struct WinogradTiles {
   int64_t lanes;
-  int64_t (*row_work)(int64_t);
-  bool (*input)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t,
-                float, float*);
-  bool (*grad)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t, float,
-               float*);
   bool (*weight)(const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t, float);
   void (*weight_grad)(const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
   bool (*input_tile)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                      float*, int64_t, float);
   void (*output_tile)(const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t,
                       int64_t);
+  bool (*grad_tile)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t,
+                    float);
 };
 
 #define SLIMOPS_ISA_INC "cpu/conv2d_winograd_tiles.inc"
@@ -186,46 +183,6 @@ void inverse_weight(const DirectConv& d, const WinogradTiles& wt, const FilterLa
   });
 }
 
-// fn(channel, run, work) for every channel in [0, channels) and tile row the chunk [t0, t0 +
-// nt) touches: in parallel (one region), or inline on the calling thread (a task's block);
-// `work` is the running thread's row scratch. Returns whether any fn returned true (a value
-// out of range).
-template <typename F>
-bool for_rows(const TileGrid& grid, const WinogradTiles& wt, int64_t channels, int64_t t0,
-              int64_t nt, bool parallel, const F& fn) {
-  const ChunkRows rows = chunk_rows(grid, t0, nt);
-  const auto range = [&](int64_t i0, int64_t i1) {
-    float* work = scratch<float>(ScratchSlot::kWinogradRow, wt.row_work(grid.tw));
-    bool b = false;
-    for (int64_t i = i0; i < i1; ++i)
-      b |= fn(i / rows.count, row_run(grid, rows.first + i % rows.count, t0, nt), work);
-    return b;
-  };
-  if (!parallel) return range(0, channels * rows.count);
-  std::atomic<bool> bad{false};
-  run_ranges(channels * rows.count, 36 * 8 * grid.tw, [&](int64_t i0, int64_t i1) {
-    if (range(i0, i1)) bad.store(true, std::memory_order_relaxed);
-  });
-  return bad.load();
-}
-
-// The chunk's input tiles of channel c as V[k][c][tile - t0] (ldk = C * nt): the
-// transform of one row run.
-bool input_run(const DirectConv& d, const WinogradTiles& wt, int64_t nt, int64_t c,
-               const RowRun& r, float* v, float* work) {
-  return wt.input(d.x + r.n * d.x_n + c * d.H * d.W, d.H, d.W, 4 * r.ty - d.ph,
-                  4 * r.tx0 - d.pw, r.ntx, v + c * nt + r.tl0, d.C * nt, kLimit, work);
-}
-
-// The chunk's output-gradient tiles of channel o as dM[k][o][tile - t0] (ldk = O * nt).
-bool grad_run(const DirectConv& d, const WinogradTiles& wt, int64_t nt, const float* gz,
-              int64_t gz_n, int64_t o, const RowRun& r, float* m, float* work) {
-  const int64_t oy = 4 * r.ty, ox = 4 * r.tx0;
-  return wt.grad(gz + r.n * gz_n + o * d.Ho * d.Wo + oy * d.Wo + ox, d.Wo,
-                 std::min<int64_t>(4, d.Ho - oy), d.Wo - ox, r.ntx, m + o * nt + r.tl0,
-                 d.O * nt, kLimit, work);
-}
-
 // The epilogue on output channel o's rows of one row run (written, and still in cache).
 void epilogue_run(const DirectConv& d, const DirectEpilogue* ep, int64_t o, const RowRun& r) {
   const int64_t oy = 4 * r.ty, ox = 4 * r.tx0;
@@ -311,7 +268,8 @@ bool winograd_forward(const DirectConv& d, const DirectEpilogue* epilogue) {
 
 bool winograd_weight_grad(const DirectConv& d, const float* gz, int64_t gz_n, float* gw) {
   const WinogradTiles& wt = tiles_for_cpu();
-  const int64_t C = d.C, O = d.O;
+  const int64_t C = d.C, O = d.O, L = wt.lanes;
+  const int64_t in_plane = d.H * d.W, out_plane = d.Ho * d.Wo;
   const TileGrid grid(d);
   const int64_t chunk = chunk_tiles(grid.total, C + O);
   float* v = scratch<float>(ScratchSlot::kWinogradIn, 36 * chunk * C);
@@ -320,21 +278,38 @@ bool winograd_weight_grad(const DirectConv& d, const float* gz, int64_t gz_n, fl
   float* du = scratch<float>(ScratchSlot::kWinogradWeight, 36 * C * O);
   for (int64_t t0 = 0; t0 < grid.total; t0 += chunk) {
     const int64_t nt = std::min(chunk, grid.total - t0);
-    // Channels [0, C) are the input's, [C, C + O) the output gradient's: one region.
-    if (for_rows(grid, wt, C + O, t0, nt, true, [&](int64_t i, const RowRun& r, float* work) {
-          return i < C ? input_run(d, wt, nt, i, r, v, work)
-                       : grad_run(d, wt, nt, gz, gz_n, i - C, r, m, work);
-        }))
-      return false;
+    // The chunk's input tiles V[k][tile][c] and output-gradient tiles dM[k][tile][o]: one
+    // region.
+    std::atomic<bool> bad{false};
+    run_ranges(nt, 36 * (C + O), [&](int64_t a, int64_t b) {
+      bool out_of_range = false;
+      for (int64_t tl = a; tl < b && !out_of_range; ++tl) {
+        const int64_t t = t0 + tl, row = t / grid.tw, n = row / grid.th, tx = t % grid.tw;
+        const int64_t oy = 4 * (row % grid.th), ox = 4 * tx;
+        const float* x = d.x + n * d.x_n;
+        for (int64_t c = 0; c < C; c += L)
+          out_of_range |= wt.input_tile(x + c * in_plane, in_plane, d.H, d.W, oy - d.ph,
+                                        ox - d.pw, std::min(L, C - c), v + tl * C + c, nt * C,
+                                        kLimit);
+        const float* g = gz + n * gz_n + oy * d.Wo + ox;
+        const int64_t rows = std::min<int64_t>(4, d.Ho - oy);
+        const int64_t cols = std::min<int64_t>(4, d.Wo - ox);
+        for (int64_t o = 0; o < O; o += L)
+          out_of_range |= wt.grad_tile(g + o * out_plane, out_plane, d.Wo, rows, cols,
+                                       std::min(L, O - o), m + tl * O + o, nt * O, kLimit);
+      }
+      if (out_of_range) bad.store(true, std::memory_order_relaxed);
+    });
+    if (bad.load()) return false;
     const float beta = t0 == 0 ? 0.0f : 1.0f;
     run_tasks(36, nt * C * O, [&](int64_t k) {
-      // dU_k += V_k [C, nt] dM_k^T [nt, O] ([c][o]), or its transpose dM_k V_k^T ([o][c]).
-      const float* vk = v + k * C * nt;
-      const float* mk = m + k * O * nt;
+      // dU_k += V_k^T [C, nt] dM_k [nt, O] ([c][o]), or its transpose dM_k^T V_k ([o][c]).
+      const float* vk = v + k * nt * C;
+      const float* mk = m + k * nt * O;
       if (f.lanes_over_o) {
-        gemm<float>(false, true, C, O, nt, vk, nt, mk, nt, beta, du + k * C * O, O);
+        gemm<float>(true, false, C, O, nt, vk, C, mk, O, beta, du + k * C * O, O);
       } else {
-        gemm<float>(false, true, O, C, nt, mk, nt, vk, nt, beta, du + k * C * O, C);
+        gemm<float>(true, false, O, C, nt, mk, O, vk, C, beta, du + k * C * O, C);
       }
     });
   }

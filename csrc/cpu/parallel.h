@@ -86,7 +86,6 @@ enum class ScratchSlot : int {
   kWinogradIn,      // conv2d_winograd.cpp: transformed input tiles
   kWinogradOut,     // transformed products or output-gradient tiles
   kWinogradWeight,  // transformed filters or their gradient
-  kWinogradRow,     // a worker's staged rows of one tile row
   kCount
 };
 
