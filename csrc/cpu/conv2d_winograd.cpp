@@ -94,10 +94,19 @@ struct TileGrid {
       : th((d.Ho + 3) / 4), tw((d.Wo + 3) / 4), total(d.N * th * tw) {}
 };
 
-// The part of tile row `row` inside the chunk [t0, t0 + nt): tiles [tx0, tx0 + ntx), the
-// first at index tl0 of the chunk.
+// Tile t's image and its top-left output (oy, ox); its input starts at (oy - ph, ox - pw).
+struct TilePos {
+  int64_t n, oy, ox;
+};
+
+TilePos tile_pos(const TileGrid& grid, int64_t t) {
+  const int64_t row = t / grid.tw;
+  return {row / grid.th, 4 * (row % grid.th), 4 * (t % grid.tw)};
+}
+
+// The part of tile row `row` inside the chunk [t0, t0 + nt): tiles [tx0, tx0 + ntx).
 struct RowRun {
-  int64_t n, ty, tx0, ntx, tl0;
+  int64_t n, ty, tx0, ntx;
 };
 
 // The tile rows a chunk touches, [first, first + count).
@@ -113,7 +122,7 @@ ChunkRows chunk_rows(const TileGrid& grid, int64_t t0, int64_t nt) {
 RowRun row_run(const TileGrid& grid, int64_t row, int64_t t0, int64_t nt) {
   const int64_t begin = std::max(t0, row * grid.tw);
   const int64_t end = std::min(t0 + nt, (row + 1) * grid.tw);
-  return {row / grid.th, row % grid.th, begin - row * grid.tw, end - begin, begin - t0};
+  return {row / grid.th, row % grid.th, begin - row * grid.tw, end - begin};
 }
 
 // Tiles per weight-gradient chunk for `channels` (C + O) per tile (at least one).
@@ -196,7 +205,6 @@ void epilogue_run(const DirectConv& d, const DirectEpilogue* ep, int64_t o, cons
            res ? res + i * d.Wo : nullptr, ep->activation);
 }
 
-
 // The forward on the tile transforms (lanes over channels): V[k][tile][c] and M[k][tile][o],
 // each block's tiles transformed one by one, then the epilogue on the block's rows.
 bool forward_blocks(const DirectConv& d, const WinogradTiles& wt, const TileGrid& grid,
@@ -212,16 +220,16 @@ bool forward_blocks(const DirectConv& d, const WinogradTiles& wt, const TileGrid
     float* v = scratch<float>(ScratchSlot::kWinogradIn, 36 * C * nt);
     // A vector past the end: output_tile reads whole vectors.
     float* m = scratch<float>(ScratchSlot::kWinogradOut, 36 * O * nt + L);
-    bool out_of_range = false;
-    for (int64_t tl = 0; tl < nt && !out_of_range; ++tl) {
-      const int64_t t = t0 + tl, row = t / grid.tw, tx = t % grid.tw;
-      const float* x = d.x + (row / grid.th) * d.x_n;
-      const int64_t iy = 4 * (row % grid.th) - d.ph, ix = 4 * tx - d.pw;
+    bool bad_value = false;
+    for (int64_t tl = 0; tl < nt && !bad_value; ++tl) {
+      const TilePos p = tile_pos(grid, t0 + tl);
+      const float* x = d.x + p.n * d.x_n;
       for (int64_t c = 0; c < C; c += L)
-        out_of_range |= wt.input_tile(x + c * in_plane, in_plane, d.H, d.W, iy, ix,
-                                      std::min(L, C - c), v + tl * C + c, nt * C, kLimit);
+        bad_value |= wt.input_tile(x + c * in_plane, in_plane, d.H, d.W, p.oy - d.ph,
+                                   p.ox - d.pw, std::min(L, C - c), v + tl * C + c, nt * C,
+                                   kLimit);
     }
-    if (out_of_range) {
+    if (bad_value) {
       bad.store(true, std::memory_order_relaxed);
       return;
     }
@@ -229,11 +237,10 @@ bool forward_blocks(const DirectConv& d, const WinogradTiles& wt, const TileGrid
       gemm<float>(false, !f.lanes_over_o, nt, O, C, v + k * nt * C, C, u + k * C * O,
                   f.lanes_over_o ? O : C, 0.0f, m + k * nt * O, O);
     for (int64_t tl = 0; tl < nt; ++tl) {
-      const int64_t t = t0 + tl, row = t / grid.tw, tx = t % grid.tw;
-      const int64_t oy = 4 * (row % grid.th), ox = 4 * tx;
-      float* y = d.y + (row / grid.th) * d.y_n + oy * d.Wo + ox;
-      const int64_t rows = std::min<int64_t>(4, d.Ho - oy);
-      const int64_t cols = std::min<int64_t>(4, d.Wo - ox);
+      const TilePos p = tile_pos(grid, t0 + tl);
+      float* y = d.y + p.n * d.y_n + p.oy * d.Wo + p.ox;
+      const int64_t rows = std::min<int64_t>(4, d.Ho - p.oy);
+      const int64_t cols = std::min<int64_t>(4, d.Wo - p.ox);
       for (int64_t o = 0; o < O; o += L)
         wt.output_tile(m + tl * O + o, nt * O, std::min(L, O - o), y + o * out_plane,
                        out_plane, d.Wo, rows, cols);
@@ -282,23 +289,22 @@ bool winograd_weight_grad(const DirectConv& d, const float* gz, int64_t gz_n, fl
     // region.
     std::atomic<bool> bad{false};
     run_ranges(nt, 36 * (C + O), [&](int64_t a, int64_t b) {
-      bool out_of_range = false;
-      for (int64_t tl = a; tl < b && !out_of_range; ++tl) {
-        const int64_t t = t0 + tl, row = t / grid.tw, n = row / grid.th, tx = t % grid.tw;
-        const int64_t oy = 4 * (row % grid.th), ox = 4 * tx;
-        const float* x = d.x + n * d.x_n;
+      bool bad_value = false;
+      for (int64_t tl = a; tl < b && !bad_value; ++tl) {
+        const TilePos p = tile_pos(grid, t0 + tl);
+        const float* x = d.x + p.n * d.x_n;
         for (int64_t c = 0; c < C; c += L)
-          out_of_range |= wt.input_tile(x + c * in_plane, in_plane, d.H, d.W, oy - d.ph,
-                                        ox - d.pw, std::min(L, C - c), v + tl * C + c, nt * C,
-                                        kLimit);
-        const float* g = gz + n * gz_n + oy * d.Wo + ox;
-        const int64_t rows = std::min<int64_t>(4, d.Ho - oy);
-        const int64_t cols = std::min<int64_t>(4, d.Wo - ox);
+          bad_value |= wt.input_tile(x + c * in_plane, in_plane, d.H, d.W, p.oy - d.ph,
+                                     p.ox - d.pw, std::min(L, C - c), v + tl * C + c, nt * C,
+                                     kLimit);
+        const float* g = gz + p.n * gz_n + p.oy * d.Wo + p.ox;
+        const int64_t rows = std::min<int64_t>(4, d.Ho - p.oy);
+        const int64_t cols = std::min<int64_t>(4, d.Wo - p.ox);
         for (int64_t o = 0; o < O; o += L)
-          out_of_range |= wt.grad_tile(g + o * out_plane, out_plane, d.Wo, rows, cols,
-                                       std::min(L, O - o), m + tl * O + o, nt * O, kLimit);
+          bad_value |= wt.grad_tile(g + o * out_plane, out_plane, d.Wo, rows, cols,
+                                    std::min(L, O - o), m + tl * O + o, nt * O, kLimit);
       }
-      if (out_of_range) bad.store(true, std::memory_order_relaxed);
+      if (bad_value) bad.store(true, std::memory_order_relaxed);
     });
     if (bad.load()) return false;
     const float beta = t0 == 0 ? 0.0f : 1.0f;
