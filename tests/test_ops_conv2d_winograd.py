@@ -62,7 +62,7 @@ def conv_kwargs(n, ci, co, wi, wo, h, w, padding, **extra):
 
 
 # (batch, channels in/out of the active prefix, full weight in/out, input H x W, padding):
-# every case has at least 48 output tiles and C * O >= 32 (C + O) (winograd_suits).
+# every case has at least 48 output tiles and C * O >= 16 (C + O) (winograd_suits).
 CASES = {
     "p1_14": (4, 64, 64, 80, 72, (14, 14), 1),
     "p1_odd": (3, 67, 70, 72, 80, (17, 23), 1),        # partial tiles on both edges
@@ -70,6 +70,8 @@ CASES = {
     "p2": (2, 96, 64, 128, 64, (13, 19), 2),           # output larger than the input
     "wide_row": (1, 64, 64, 65, 65, (9, 150), 1),      # tile rows longer than a vector
     "chunks": (2, 64, 64, 72, 72, (64, 64), 1),        # 512 tiles: forward blocks split rows
+    "c32": (2, 32, 32, 40, 48, (28, 28), 1),           # the smallest channel counts taken
+    "c24_48": (1, 24, 48, 32, 56, (30, 30), 1),        # C * O = 16 (C + O); partial vectors
 }
 
 
@@ -109,6 +111,9 @@ def test_winograd_path_is_taken(monkeypatch, tol):
     assert not torch.equal(w_out, d_out)
     assert not torch.equal(w_grads["input"], d_grads["input"])
     assert not torch.equal(w_grads["weight"], d_grads["weight"])
+    (w_out, _), (d_out, _) = check_both_paths(
+        conv_kwargs(2, 32, 32, 40, 48, 28, 28, 1), monkeypatch, tol)  # C * O = 16 (C + O)
+    assert not torch.equal(w_out, d_out)
     (w_out, w_grads), (d_out, d_grads) = check_both_paths(
         conv_kwargs(1, 64, 64, 80, 72, 14, 14, 1), monkeypatch, tol)  # 16 tiles
     assert torch.equal(w_out, d_out)

@@ -72,15 +72,19 @@ constexpr int64_t kMinBlockTiles = 32;
 constexpr int64_t kMaxBlockTiles = 256;
 
 // Below these sizes the transforms cost more than the GEMMs save; the route would pick oneDNN,
-// this spares it the measurement. A tile's GEMM work grows as C * O, its transforms' as C + O:
-// training steps at batch 8 (2-core AMD EPYC Zen 3, AVX2, against oneDNN) ran 0.66-0.88x at
-// C = O = 64 to 256 on 56x56 to 14x14 planes, 0.97x at 48 channels (56x56), 1.2-2.3x at 16-32
-// channels; 64 channels on 14x14 (short tile rows) lost 1.2x. With fewer than 48 tiles the
+// this spares it the measurement. A tile's GEMM work grows as C * O, its transforms' as C + O.
+// With the first (row) transforms, training steps at batch 8 (2-core AMD EPYC Zen 3, AVX2,
+// against oneDNN) ran 0.66-0.88x at C = O = 64 to 256 on 56x56 to 14x14 planes, 0.97x at 48
+// channels (56x56), 1.2-2.3x at 16-32 channels. With the channel-lane transforms (2-core
+// Intel Xeon, against F.conv2d on the full weight) the forward ran 0.69-0.75x at 32 and 48
+// channels on 56x56 at batch 1 (S-ResNet-50's first stage at 0.5x and 0.75x) and 0.69-0.71x at
+// 48 on 28x28 at batch 8, while training steps there ranged 0.8-1.8x by ISA: the route keeps
+// what wins from C = O = 32, where the GEMMs still fill a vector. With fewer than 48 tiles the
 // filters' transform, 36 x C x O values written and read per call, outweighs the products:
 // batch 8 on 7x7 (32 tiles) 1.05-1.4x, batch 1 on 14x14 (16) 1.3-1.4x at 192-512 channels,
 // where batch 1 on 28x28 (49 tiles, 96-128 channels) ran 0.66-0.9x (a later split of the
 // output channels across tasks, each transforming the input again, lost at all of these).
-constexpr int64_t kMinHarmonic = 32;  // C * O / (C + O)
+constexpr int64_t kMinHarmonic = 16;  // C * O / (C + O)
 constexpr int64_t kMinTiles = 48;
 // The transformed filters (36 x C x O floats) stay under 256 MB.
 constexpr int64_t kMaxFilterProducts = int64_t{1} << 21;
