@@ -68,7 +68,7 @@ CASES = {
     "p1_odd": (3, 67, 70, 72, 80, (17, 23), 1),        # partial tiles on both edges
     "p0": (2, 64, 96, 72, 96, (30, 21), 0),
     "p2": (2, 96, 64, 128, 64, (13, 19), 2),           # output larger than the input
-    "wide_row": (1, 64, 64, 65, 65, (9, 150), 1),      # tile rows longer than a vector
+    "wide_row": (1, 64, 64, 65, 65, (9, 150), 1),      # long tile rows (38 tiles)
     "chunks": (2, 64, 64, 72, 72, (64, 64), 1),        # 512 tiles: forward blocks split rows
     "c32": (2, 32, 32, 40, 48, (28, 28), 1),           # the smallest channel counts taken
     "c24_48": (1, 24, 48, 32, 56, (30, 30), 1),        # C * O = 16 (C + O); partial vectors

@@ -209,13 +209,27 @@ void epilogue_run(const DirectConv& d, const DirectEpilogue* ep, int64_t o, cons
            res ? res + i * d.Wo : nullptr, ep->activation);
 }
 
+// Tile t's input, every channel, as V[k][tile][c] from v (ldk: the distance between k's; a
+// vector of channels per transform). Returns whether a value was out of range.
+bool input_tile_channels(const DirectConv& d, const WinogradTiles& wt, const TileGrid& grid,
+                         int64_t t, float* v, int64_t ldk) {
+  const TilePos p = tile_pos(grid, t);
+  const float* x = d.x + p.n * d.x_n;
+  const int64_t plane = d.H * d.W;
+  bool bad_value = false;
+  for (int64_t c = 0; c < d.C; c += wt.lanes)
+    bad_value |= wt.input_tile(x + c * plane, plane, d.H, d.W, p.oy - d.ph, p.ox - d.pw,
+                               std::min(wt.lanes, d.C - c), v + c, ldk, kLimit);
+  return bad_value;
+}
+
 // The forward on the tile transforms (lanes over channels): V[k][tile][c] and M[k][tile][o],
 // each block's tiles transformed one by one, then the epilogue on the block's rows.
 bool forward_blocks(const DirectConv& d, const WinogradTiles& wt, const TileGrid& grid,
                     const FilterLayout& f, const float* u, int64_t block,
                     const DirectEpilogue* epilogue) {
   const int64_t C = d.C, O = d.O, L = wt.lanes;
-  const int64_t in_plane = d.H * d.W, out_plane = d.Ho * d.Wo;
+  const int64_t out_plane = d.Ho * d.Wo;
   const int64_t blocks = (grid.total + block - 1) / block;
   std::atomic<bool> bad{false};
   run_tasks(blocks, 36 * block * C * O, [&](int64_t b) {
@@ -225,14 +239,8 @@ bool forward_blocks(const DirectConv& d, const WinogradTiles& wt, const TileGrid
     // A vector past the end: output_tile reads whole vectors.
     float* m = scratch<float>(ScratchSlot::kWinogradOut, 36 * O * nt + L);
     bool bad_value = false;
-    for (int64_t tl = 0; tl < nt && !bad_value; ++tl) {
-      const TilePos p = tile_pos(grid, t0 + tl);
-      const float* x = d.x + p.n * d.x_n;
-      for (int64_t c = 0; c < C; c += L)
-        bad_value |= wt.input_tile(x + c * in_plane, in_plane, d.H, d.W, p.oy - d.ph,
-                                   p.ox - d.pw, std::min(L, C - c), v + tl * C + c, nt * C,
-                                   kLimit);
-    }
+    for (int64_t tl = 0; tl < nt && !bad_value; ++tl)
+      bad_value = input_tile_channels(d, wt, grid, t0 + tl, v + tl * C, nt * C);
     if (bad_value) {
       bad.store(true, std::memory_order_relaxed);
       return;
@@ -280,7 +288,7 @@ bool winograd_forward(const DirectConv& d, const DirectEpilogue* epilogue) {
 bool winograd_weight_grad(const DirectConv& d, const float* gz, int64_t gz_n, float* gw) {
   const WinogradTiles& wt = tiles_for_cpu();
   const int64_t C = d.C, O = d.O, L = wt.lanes;
-  const int64_t in_plane = d.H * d.W, out_plane = d.Ho * d.Wo;
+  const int64_t out_plane = d.Ho * d.Wo;
   const TileGrid grid(d);
   const int64_t chunk = chunk_tiles(grid.total, C + O);
   float* v = scratch<float>(ScratchSlot::kWinogradIn, 36 * chunk * C);
@@ -295,12 +303,8 @@ bool winograd_weight_grad(const DirectConv& d, const float* gz, int64_t gz_n, fl
     run_ranges(nt, 36 * (C + O), [&](int64_t a, int64_t b) {
       bool bad_value = false;
       for (int64_t tl = a; tl < b && !bad_value; ++tl) {
+        bad_value = input_tile_channels(d, wt, grid, t0 + tl, v + tl * C, nt * C);
         const TilePos p = tile_pos(grid, t0 + tl);
-        const float* x = d.x + p.n * d.x_n;
-        for (int64_t c = 0; c < C; c += L)
-          bad_value |= wt.input_tile(x + c * in_plane, in_plane, d.H, d.W, p.oy - d.ph,
-                                     p.ox - d.pw, std::min(L, C - c), v + tl * C + c, nt * C,
-                                     kLimit);
         const float* g = gz + p.n * gz_n + p.oy * d.Wo + p.ox;
         const int64_t rows = std::min<int64_t>(4, d.Ho - p.oy);
         const int64_t cols = std::min<int64_t>(4, d.Wo - p.ox);
