@@ -23,6 +23,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -183,34 +184,25 @@ SLIMOPS_DIRECT_ENTRY(update_running_stats,
 
 #undef SLIMOPS_DIRECT_ENTRY
 
-// state_stamp(*tensors): bytes naming what each tensor (or None) holds now: its TensorImpl
-// (identity), storage, offset, version counter, dtype, device, sizes and strides; None when a
-// tensor cannot say whether it was written since (an inference tensor: no version counter)
+// The words naming what each of `items` (tensors or None) holds now: its TensorImpl
+// (identity), storage, offset, version counter, dtype, device, sizes and strides. False when
+// a tensor cannot say whether it was written since (an inference tensor: no version counter)
 // or is not a plain tensor / Parameter (a subclass may keep its data elsewhere).
-//
-// Why: SlimConvBNAct's inference fast path checks on every call that the BN tensors its
-// cached scale/shift came from are unchanged. In Python that check (a tuple of data_ptr,
-// _version, dtype, shape, device per tensor, four tensors) was 6.5 us per layer, 0.7 ms of
-// S-MobileNet v2's 52-layer batch-1 forward (2-core AMD EPYC Zen 3). Equal stamps mean the
-// same tensor objects' impls over the same bytes at the same version; the caller keeps the
-// stamped tensors alive, so an impl address cannot be reused by another tensor meanwhile.
-PyObject* state_stamp(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  std::vector<int64_t> words;
+bool stamp_words(PyObject* const* items, Py_ssize_t n, std::vector<int64_t>& words) {
   words.reserve(static_cast<size_t>(n) * 16);
   const auto put = [&](auto v) { words.push_back(static_cast<int64_t>(v)); };
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* o = args[i];
+    PyObject* o = items[i];
     if (o == Py_None) {
       put(0);
       continue;
     }
     at::Tensor t;
-    if (!read(o, t)) Py_RETURN_NONE;  // a subclass, or not a tensor
+    if (!read(o, t)) return false;  // a subclass, or not a tensor
     c10::TensorImpl* impl = t.unsafeGetTensorImpl();
     if (impl->is_inference() || !impl->has_storage() || impl->layout() != c10::kStrided ||
         impl->has_symbolic_sizes_strides())
-      Py_RETURN_NONE;
+      return false;
     put(reinterpret_cast<intptr_t>(impl));
     put(reinterpret_cast<intptr_t>(impl->storage().data()));
     put(impl->storage_offset());
@@ -222,8 +214,94 @@ PyObject* state_stamp(PyObject*, PyObject* const* args, Py_ssize_t n) {
     for (const int64_t s : impl->sizes()) put(s);
     for (const int64_t s : impl->strides()) put(s);
   }
+  return true;
+}
+
+// state_stamp(*tensors): bytes of stamp_words, or None where a tensor cannot be stamped.
+//
+// Why: SlimConvBNAct's inference fast path checks on every call that the BN tensors its
+// cached scale/shift came from are unchanged. In Python that check (a tuple of data_ptr,
+// _version, dtype, shape, device per tensor, four tensors) was 6.5 us per layer, 0.7 ms of
+// S-MobileNet v2's 52-layer batch-1 forward (2-core AMD EPYC Zen 3). Equal stamps mean the
+// same tensor objects' impls over the same bytes at the same version; the caller keeps the
+// stamped tensors alive, so an impl address cannot be reused by another tensor meanwhile.
+PyObject* state_stamp(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  std::vector<int64_t> words;
+  if (!stamp_words(args, n, words)) Py_RETURN_NONE;
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
                                    static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)));
+  END_HANDLE_TH_ERRORS
+}
+
+// eval_conv(plan, input, residual): one inference call of a SlimConvBNAct layer from its
+// cached plan (slimops.nn.fused); None where the plan is stale, NotImplemented where the
+// call is not the plain case. The layer's Python path then runs (it rebuilds the plan, or
+// names what is wrong with the input).
+//
+// `plan` is a tuple (lookups, sources, stamp, in_channels, depthwise, *op_args):
+//   lookups    a flat tuple of (dict, key, value) triples: each dict[key] must still be
+//              that very object (the layer's submodules, the conv's weight and geometry
+//              attributes, the active BN modules, their tensors and eps, as the Python path
+//              reads them from the modules' dicts);
+//   sources    the BN tensors the scale/shift came from, whose state_stamp must still be
+//              `stamp` (written in place, given new data, re-viewed: stale);
+//   op_args    slimops::conv2d's (or, depthwise, slimops::depthwise_conv2d's) arguments
+//              after the input, up to the residual, then the activation code.
+// The input must be a plain CPU tensor of 4 dims with `in_channels` channels and the
+// weight's dtype, the weight contiguous (what use_native sends to the kernels).
+//
+// Why: the Python form of these checks (module dict reads, the width's BN modules, the
+// stamp, the input's checks, the op wrapper's backend choice) cost 5-8% of S-MobileNet
+// v1/v2's and S-ResNet-50's batch-1 eval forward at 224 (2-core Intel Xeon): most of it is
+// interpreter work between cache misses on module state after each layer's kernel.
+PyObject* eval_conv(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  if (n != 3 || !PyTuple_CheckExact(args[0]) || torch_function_mode_active())
+    return not_implemented();
+  PyObject* plan = args[0];
+  const Py_ssize_t size = PyTuple_GET_SIZE(plan);
+  if (size < 5) return not_implemented();
+  PyObject* lookups = PyTuple_GET_ITEM(plan, 0);
+  PyObject* sources = PyTuple_GET_ITEM(plan, 1);
+  PyObject* stamp = PyTuple_GET_ITEM(plan, 2);
+  if (!PyTuple_CheckExact(lookups) || PyTuple_GET_SIZE(lookups) % 3 != 0 ||
+      !PyTuple_CheckExact(sources) || !PyBytes_CheckExact(stamp))
+    return not_implemented();
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(lookups); i += 3) {
+    PyObject* dict = PyTuple_GET_ITEM(lookups, i);
+    if (!PyDict_CheckExact(dict)) return not_implemented();
+    PyObject* found = PyDict_GetItemWithError(dict, PyTuple_GET_ITEM(lookups, i + 1));
+    if (found == nullptr && PyErr_Occurred()) return nullptr;
+    if (found != PyTuple_GET_ITEM(lookups, i + 2)) Py_RETURN_NONE;
+  }
+  std::vector<int64_t> words;
+  const Py_ssize_t stamp_bytes = PyBytes_GET_SIZE(stamp);
+  if (!stamp_words(&PyTuple_GET_ITEM(sources, 0), PyTuple_GET_SIZE(sources), words) ||
+      static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)) != stamp_bytes ||
+      std::memcmp(words.data(), PyBytes_AS_STRING(stamp), stamp_bytes) != 0)
+    Py_RETURN_NONE;
+  int64_t in_channels = 0;
+  bool depthwise = false;
+  at::Tensor input, weight;
+  if (!read(PyTuple_GET_ITEM(plan, 3), in_channels) ||
+      !read(PyTuple_GET_ITEM(plan, 4), depthwise) || !read(args[1], input) ||
+      size < 6 || !read(PyTuple_GET_ITEM(plan, 5), weight))
+    return not_implemented();
+  if (input.dim() != 4 || input.size(1) != in_channels || !input.is_cpu() ||
+      !weight.is_cpu() || input.scalar_type() != weight.scalar_type() ||
+      !(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble) ||
+      !weight.is_contiguous())
+    return not_implemented();
+  // The op's positional arguments: input, op_args[:-1], residual, activation.
+  std::vector<PyObject*> op_args;
+  op_args.reserve(static_cast<size_t>(size - 5) + 2);
+  op_args.push_back(args[1]);
+  for (Py_ssize_t i = 5; i < size - 1; ++i) op_args.push_back(PyTuple_GET_ITEM(plan, i));
+  op_args.push_back(args[2]);
+  op_args.push_back(PyTuple_GET_ITEM(plan, size - 1));
+  return depthwise ? depthwise_conv2d(nullptr, op_args.data(), op_args.size())
+                   : conv2d(nullptr, op_args.data(), op_args.size());
   END_HANDLE_TH_ERRORS
 }
 
@@ -238,6 +316,7 @@ PyMethodDef methods[] = {
     SLIMOPS_ENTRY(update_running_stats,
                   "slimops::update_running_stats, positional schema arguments"),
     SLIMOPS_ENTRY(state_stamp, "bytes naming the state of each tensor argument (or None)"),
+    SLIMOPS_ENTRY(eval_conv, "a SlimConvBNAct inference call from its cached plan"),
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -221,6 +221,17 @@ class Slimmable:
                 return entry[1]
         return self._width
 
+    def eager_width(self) -> float:
+        """``active_width()`` for eager code: the caller has checked that torch.compile is not
+        tracing (so the context's mapping is the one to read), which saves a layer's
+        per-call inference path that check twice more."""
+        overrides = _OVERRIDES.get()
+        if overrides:
+            entry = overrides.get(id(self))
+            if entry is not None and entry[0] is self:
+                return entry[1]
+        return self._width
+
     def width_index(self) -> Optional[int]:
         """Index of the active width in ``self.widths`` (and in per-width channel lists);
         ``None`` when the layer runs at a width between its listed ones."""

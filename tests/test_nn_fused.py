@@ -193,15 +193,20 @@ def test_fast_path_refuses_a_residual_that_would_broadcast(residual_shape):
 
 def test_inference_fast_path_errors_are_the_checked_paths(monkeypatch):
     # On CPU the fast path leaves the residual and vector checks to the kernel and, when it
-    # rejects one, takes the checked path: the error is the layer's, not the kernel's.
+    # rejects one, takes the checked path: the error is the layer's, not the kernel's. Both
+    # fast entries (the compiled plan, then the Python one) decline the bad calls.
     answers = []
-    kernel = slimops.ops.conv2d_cpu_kernel
+    kernel, planned = slimops.ops.conv2d_cpu_kernel, slimops.ops.eval_plan_call
 
-    def spy(*args):
-        answers.append(kernel(*args))
-        return answers[-1]
+    def spy(name, entry):
+        def call(*args):
+            out = entry(*args)
+            answers.append((name, isinstance(out, torch.Tensor)))
+            return out
+        return call
 
-    monkeypatch.setattr(slimops.ops, "conv2d_cpu_kernel", spy)
+    monkeypatch.setattr(slimops.ops, "conv2d_cpu_kernel", spy("python", kernel))
+    monkeypatch.setattr(slimops.ops, "eval_plan_call", spy("compiled", planned))
     block = SlimConvBNAct([1, 7, 13], [3, 7, 13], 3, widths=WIDTHS).eval()
     slimops.set_width(block, 0.5)
     x = torch.randn(2, 7, 5, 5)
@@ -215,7 +220,10 @@ def test_inference_fast_path_errors_are_the_checked_paths(monkeypatch):
         r = torch.randn(2, 7, 5, 5)
         torch.testing.assert_close(block(x, r), _slow(block, x, r), rtol=0, atol=0)
     if slimops.ops.backend_info()["cpu"] == "C++":
-        assert [a is None for a in answers] == [True, True, True, False]
+        # The first call builds the plans (Python entry); later ones try the compiled plan
+        # first; only the last, good call is answered, by the compiled plan.
+        assert answers == [("python", False), ("compiled", False), ("python", False),
+                           ("compiled", False), ("python", False), ("compiled", True)]
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -608,6 +616,172 @@ def test_model_built_under_inference_mode_runs(randomize_bn):
     assert not torch.equal(out, again)
     assert torch.equal(again, expected)
     assert block._eval_plans == {}
+
+
+# ------------------------------------------------ the compiled plan (slimops.ops.eval_plan)
+
+needs_cpp = pytest.mark.skipif(slimops.ops.backend_info()["cpu"] != "C++",
+                               reason="the compiled plan needs the C++ extension")
+
+
+def _spy_compiled_plan(monkeypatch):
+    """Records, per call of ``ops.eval_plan_call``, whether the compiled plan answered."""
+    answered = []
+    planned = slimops.ops.eval_plan_call
+
+    def call(*args):
+        out = planned(*args)
+        answered.append(isinstance(out, torch.Tensor))  # not None, not STALE_PLAN
+        return out
+
+    monkeypatch.setattr(slimops.ops, "eval_plan_call", call)
+    return answered
+
+
+@needs_cpp
+@pytest.mark.parametrize("shared_bn", [False, True], ids=["switchable", "shared"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_plan_answers_eval_calls(kind, with_residual, shared_bn, dtype, randomize_bn,
+                                          monkeypatch):
+    """After a width's first eval call the compiled plan answers every later one, with the
+    checked path's result to the bit (so the tests of the fast path above test it)."""
+    answered = _spy_compiled_plan(monkeypatch)
+    block = make_block(kind, dtype, randomize_bn, shared_bn=shared_bn).eval()
+    for w in WIDTHS:
+        with slimops.width(block, w):
+            cin, cout = block.conv.active_channels()
+            x = torch.randn(2, cin, 6, 5, dtype=dtype)
+            r = torch.randn(2, cout, 6, 5, dtype=dtype) if with_residual else None
+            for mode in (torch.no_grad, torch.inference_mode, torch.no_grad):
+                with mode():
+                    assert torch.equal(block(x, r), _slow(block, x, r))
+    # The first call built every width's plan (Python); all 8 later calls were compiled.
+    assert answered == [True] * (3 * len(WIDTHS) - 1)
+
+
+@needs_cpp
+def test_compiled_plan_answers_between_listed_widths(monkeypatch):
+    from slimops.train import calibrate_bn
+
+    answered = _spy_compiled_plan(monkeypatch)
+    block = SlimConvBNAct(3, ChannelRule(16), 3, widths=(0.25, 1.0), dtype=torch.float64)
+    calibrate_bn(block, [torch.randn(4, 3, 6, 6, dtype=torch.float64)], widths=[0.5])
+    block.eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad(), slimops.width(block, 0.5):
+        outs = [block(x) for _ in range(3)]
+        assert all(torch.equal(out, _slow(block, x)) for out in outs)
+        assert answered == [True, True]  # the first call built the plan
+        block.bn.calibrated[next(iter(block.bn.calibrated))].running_var.mul_(2.0)
+        assert torch.equal(block(x), _slow(block, x))
+    assert answered[2] is False  # the statistics changed: stale, rebuilt by the Python path
+
+
+def _replace_conv_weight(block):
+    block.conv.weight = torch.nn.Parameter(torch.randn_like(block.conv.weight))
+
+
+def _replace_conv(block):
+    conv = copy.deepcopy(block.conv)
+    with torch.no_grad():
+        conv.weight.normal_()
+    block.conv = conv
+
+
+def _restride(block):
+    block.conv.stride = (2, 2)
+
+
+def _replace_bn_list(block, randomize_bn):
+    block.bn.bn = torch.nn.ModuleList(
+        randomize_bn(torch.nn.BatchNorm2d(c, dtype=torch.float64))
+        for c in block.bn.num_features_list)
+
+
+@needs_cpp
+@pytest.mark.parametrize("change", ["conv_weight", "conv", "stride", "bn_list", "eps",
+                                    "running_var_written", "bn_weight_data"])
+def test_compiled_plan_follows_layer_changes(change, randomize_bn, monkeypatch):
+    """Each entry the Python path reads on a call (the layer's submodules, the conv's weight
+    and geometry, the width's BN modules, tensors and eps) is checked by the compiled plan:
+    a change makes it decline, and the Python path rebuilds the plan."""
+    answered = _spy_compiled_plan(monkeypatch)
+    block = make_block("dense", torch.float64, randomize_bn).eval()
+    slimops.set_width(block, 0.5)
+    x = torch.randn(2, 7, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        block(x)
+        before = block(x)
+    assert answered == [True]
+    if change == "conv_weight":
+        _replace_conv_weight(block)
+    elif change == "conv":
+        _replace_conv(block)
+    elif change == "stride":
+        _restride(block)
+    elif change == "bn_list":
+        _replace_bn_list(block, randomize_bn)
+    elif change == "eps":
+        block.bn.bn[1].eps = 0.5
+    elif change == "running_var_written":
+        with torch.no_grad():
+            block.bn.bn[1].running_var.mul_(3.0)
+    else:
+        block.bn.bn[1].weight.data = torch.rand(7, dtype=torch.float64) + 2.0
+    with torch.no_grad():
+        after = block(x)
+        again = block(x)
+    assert not torch.equal(after, before) or after.shape != before.shape
+    assert torch.equal(after, _slow(block, x)) and torch.equal(again, after)
+    # Declined once (stale), answered again after the Python path's rebuild.
+    assert answered == [True, False, True]
+
+
+@needs_cpp
+def test_compiled_plan_follows_a_bn_at_another_width(randomize_bn, monkeypatch):
+    """The conv and its BN can be switched apart (``set_width`` on one of them): the plan of
+    the conv's width was built with the BN's width then, and declines when that moves."""
+    answered = _spy_compiled_plan(monkeypatch)
+    block = make_block("dense", torch.float64, randomize_bn).eval()
+    slimops.set_width(block, 0.5)
+    x = torch.randn(2, 7, 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        block(x)
+        block(x)
+    slimops.set_width(block.bn, 1.0)  # 13 BN channels for the conv's 7 outputs
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="7"):
+        block(x)
+    with pytest.raises(ValueError):
+        _slow(block, x)
+    assert answered == [True]  # the plan was not tried with the BN at another width
+    slimops.set_width(block.bn, 0.5)
+    with torch.no_grad():
+        assert torch.equal(block(x), _slow(block, x))
+
+
+@needs_cpp
+def test_compiled_plan_declines_unusual_inputs(randomize_bn, monkeypatch):
+    """Inputs the compiled check does not take (another dtype, a non-tensor residual, a
+    tensor subclass) go to the Python path, which answers or raises as before."""
+    answered = _spy_compiled_plan(monkeypatch)
+    block = make_block("dense", torch.float32, randomize_bn).eval()
+    slimops.set_width(block, 0.5)
+    x = torch.randn(2, 7, 6, 5)
+    with torch.no_grad():
+        block(x)
+        with pytest.raises((TypeError, RuntimeError, ValueError)):
+            block(x.double())
+        with pytest.raises(ValueError):
+            block(torch.randn(2, 6, 6, 5))  # the width's input channels are 7
+
+        class Sub(torch.Tensor):
+            pass
+
+        out = block(x.as_subclass(Sub))
+        assert torch.equal(torch.Tensor(out), block(x))
+    assert answered[:3] == [False, False, False] and answered[-1] is True
 
 
 # --------------------------------------------------------------------------------------

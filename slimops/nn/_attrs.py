@@ -3,7 +3,7 @@ fast paths."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Tuple
 
 from torch import nn
 
@@ -20,3 +20,15 @@ def held(module: nn.Module, kind: str, name: str) -> Any:
     ``getattr`` as before."""
     registered = module.__dict__[kind]
     return registered[name] if name in registered else getattr(module, name, None)
+
+
+def lookup(module: nn.Module, kind: str, name: str) -> Optional[Tuple[dict, str, Any]]:
+    """The ``(dict, key, value)`` triple under which ``module`` holds ``name`` now: ``kind``
+    ``"_parameters"``, ``"_buffers"`` or ``"_modules"`` (where ``held`` reads it), or
+    ``"__dict__"`` for a plain attribute. The value is current while ``dict[key] is value``
+    (a cached plan's check, ``slimops.ops.eval_plan``). None where ``name`` is not held
+    there (a property, a class attribute): such a plan cannot be checked that way."""
+    registered = module.__dict__ if kind == "__dict__" else module.__dict__[kind]
+    if name not in registered:
+        return None
+    return registered, name, registered[name]

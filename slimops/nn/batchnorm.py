@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from slimops import ops
-from slimops.nn._attrs import held
+from slimops.nn._attrs import held, lookup
 from slimops.nn._checks import channel_rule, check_layer_input, per_width, resolve_widths
 from slimops.ops._common import activation_code, check_residual
 from slimops.width import ChannelSpec, Slimmable
@@ -118,6 +118,34 @@ class SwitchableBatchNorm2d(Slimmable, nn.Module):
         key = width_key(w)
         return self.bn[self._affine_index(w)], self.calibrated[key] \
             if key in self.calibrated else None
+
+    def state_lookups(self, w: float) -> Optional[List[Tuple[dict, str, Any]]]:
+        """``(dict, key, value)`` triples that all still hold (``dict[key] is value``) exactly
+        while width ``w``'s ``_modules_at`` and ``bn_tensors`` would find the modules and
+        tensors they find now, with the same ``eps``: what a cached plan of this width
+        depends on (``slimops.nn.SlimConvBNAct``'s inference plan). None where something is
+        not held in a module's dicts (a subclass's property) or the width has no statistics."""
+        i = self._width_index.get(w)
+        affine, stats = self._modules_at(w, i)
+        if stats is None:
+            return None
+        bns = held(self, "_modules", "bn")
+        if self.shared:
+            where = [lookup(bns, "_modules", "0")]
+        elif i is not None:
+            where = [lookup(bns, "_modules", str(i))]
+        else:
+            calibrated = held(self, "_modules", "calibrated")
+            where = [lookup(bns, "_modules", str(self._affine_index(w))),
+                     lookup(self, "_modules", "calibrated"),
+                     lookup(calibrated, "_modules", width_key(w))]
+        where += [lookup(self, "_modules", "bn"),
+                  lookup(affine, "_parameters", "weight"), lookup(affine, "_parameters", "bias"),
+                  lookup(stats, "_buffers", "running_mean"),
+                  lookup(stats, "_buffers", "running_var"), lookup(stats, "__dict__", "eps")]
+        if any(triple is None for triple in where):
+            return None
+        return where  # type: ignore[return-value]
 
     def active_modules(self) -> Tuple[nn.BatchNorm2d, Optional[nn.BatchNorm2d]]:
         """``(active_bn(), stats_bn())`` with one width lookup (the inference fast path

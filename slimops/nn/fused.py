@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from slimops import ops
-from slimops.nn._attrs import held
+from slimops.nn._attrs import held, lookup
 from slimops.nn._checks import check_layer_input
 from slimops.nn.batchnorm import SwitchableBatchNorm2d, bn_tensors
 from slimops.nn.conv import Channels, IntPair, SlimmableConv2d
@@ -28,11 +28,11 @@ class _EvalPlan:
     BN's eval scale/shift, with the identity and state of the tensors they came from."""
 
     __slots__ = ("sources", "stamp", "affine", "stats", "eps", "cin", "cout", "scale",
-                 "shift")
+                 "shift", "bn_width", "call")
 
     def __init__(self, sources: List[Optional[Tensor]], affine: nn.BatchNorm2d,
                  stats: Optional[nn.BatchNorm2d], cin: int, cout: int, scale: Tensor,
-                 shift: Tensor) -> None:
+                 shift: Tensor, bn_width: float) -> None:
         # Held so that no other tensor can take a stamped tensor's address meanwhile.
         self.sources = sources
         # None when a source cannot tell whether it was written since (an inference
@@ -41,6 +41,10 @@ class _EvalPlan:
         self.affine, self.stats = affine, stats
         self.eps = (stats or affine).eps
         self.cin, self.cout, self.scale, self.shift = cin, cout, scale, shift
+        # The BN's width when built (a plan's BN modules are that width's) and the plan in
+        # the form the compiled check-and-call takes (``ops.eval_plan``; set when cached).
+        self.bn_width = bn_width
+        self.call: Optional[tuple] = None
 
     @property
     def cacheable(self) -> bool:
@@ -153,23 +157,66 @@ class SlimConvBNAct(nn.Module):
         return plan
 
     def _build_plan(self) -> "_EvalPlan":
-        """The active width's plan, computed from the BN tensors as they are."""
+        """The active width's plan, computed from the BN tensors as they are (with its
+        compiled form when it can be cached)."""
         bn = self.bn
         affine, stats = bn.active_modules()
         sources = bn_tensors(affine, stats)
         cin, cout = self.conv.active_channels()
         scale, shift = bn.eval_scale_shift()
-        return _EvalPlan(sources, affine, stats, cin, cout, scale, shift)
+        plan = _EvalPlan(sources, affine, stats, cin, cout, scale, shift, bn.active_width())
+        if plan.cacheable:
+            plan.call = self._compiled_plan(plan)
+        return plan
+
+    def _compiled_plan(self, plan: "_EvalPlan") -> Optional[tuple]:
+        """``plan`` as ``ops.eval_plan_call`` takes it: the conv op's arguments with every
+        module entry the Python path reads them from (this layer's submodules, the conv's
+        weight, bias and geometry, the width's BN modules, tensors and eps, the activation),
+        so that the compiled check sees what ``_EvalPlan.valid`` and ``_fast_eval`` see.
+        None where one of them is not held in a module's dicts (a subclass's property)."""
+        conv, bn = self.conv, self.bn
+        bn_state = bn.state_lookups(plan.bn_width)
+        entries = [lookup(self, "_modules", "conv"), lookup(self, "_modules", "bn"),
+                   lookup(self, "__dict__", "_act_code"),
+                   lookup(conv, "_parameters", "weight"), lookup(conv, "_parameters", "bias")]
+        entries += [lookup(conv, "__dict__", name)
+                    for name in ("stride", "_op_padding", "dilation", "groups", "depthwise")]
+        if bn_state is None or any(entry is None for entry in entries):
+            return None
+        weight, bias = entries[3][2], entries[4][2]
+        return ops.eval_plan(entries + bn_state, plan.sources, plan.stamp, plan.cin,
+                             conv.depthwise, weight, bias, plan.cout, conv.stride,
+                             conv._op_padding, conv.dilation, conv.groups, plan.scale,
+                             plan.shift, self._act_code)
 
     def _fast_eval(self, input: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
         """The conv + BN + activation op at the active width, or None where the checked
-        path must run (a bad input gets its error there)."""
+        path must run (a bad input gets its error there). Not while torch.compile traces
+        or torch.jit traces (the caller checks)."""
+        # First the cached plan, checked and run in one compiled call (``ops.eval_plan``);
+        # then, where it is missing, stale or the call unusual, the same in Python.
+        modules = self.__dict__["_modules"]
+        stale = None
+        if "conv" in modules and "bn" in modules:
+            plan = self._eval_plans.get(modules["conv"].eager_width())
+            if (plan is not None and plan.call is not None
+                    and modules["bn"].eager_width() == plan.bn_width):
+                out = ops.eval_plan_call(plan.call, input, residual)
+                if out is ops.STALE_PLAN:
+                    stale = plan
+                elif out is not None:
+                    return out
         conv = held(self, "_modules", "conv")
         weight = held(conv, "_parameters", "weight")
         if not (isinstance(input, Tensor) and input.dim() == 4 and dtypes_match(input, weight)
                 and ((input.is_cpu and weight.is_cpu) or input.device == weight.device)):
             return None
         plan = self._eval_plan(conv.active_width(), weight.dtype)
+        if plan is stale:
+            # Its BN state held (not rebuilt), so a conv entry moved (a new weight, conv or
+            # geometry): the compiled form reads them again.
+            plan.call = self._compiled_plan(plan)
         if input.shape[1] != plan.cin:
             return None
         # The CPU kernel checks the residual, the vectors and the channels against the weight

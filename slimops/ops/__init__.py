@@ -29,6 +29,7 @@ from slimops.ops.depthwise_conv2d import (depthwise_conv2d, depthwise_conv2d_cpu
                                           depthwise_conv2d_unchecked)
 from slimops.ops.linear import linear, linear_unchecked
 from slimops.ops.state_stamp import state_stamp
+from slimops.ops.eval_plan import STALE_PLAN, eval_plan, eval_plan_call
 from slimops.ops import cuda_registration
 from slimops.ops.cuda_registration import use_cuda_cpp_kernels
 
@@ -36,6 +37,7 @@ cuda_registration.register()  # the ops' CUDA kernels (Triton by default) and CU
 
 __all__ = ["backend_info", "conv2d", "conv2d_backward", "conv2d_cpu_kernel", "conv2d_unchecked",
            "depthwise_conv2d", "depthwise_conv2d_cpu_kernel", "depthwise_conv2d_unchecked",
+           "STALE_PLAN", "eval_plan", "eval_plan_call",
            "linear", "linear_unchecked", "batch_norm_act",
            "batch_norm_act_unchecked", "conv2d_bn_act_train", "depthwise_conv2d_bn_act_train",
            "fused_train_available", "state_stamp", "update_running_stats",
