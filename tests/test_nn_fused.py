@@ -5,8 +5,10 @@ round-trip; torch.compile gives the eager result."""
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import threading
+import weakref
 
 import pytest
 import torch
@@ -759,6 +761,26 @@ def test_compiled_plan_follows_a_bn_at_another_width(randomize_bn, monkeypatch):
     slimops.set_width(block.bn, 0.5)
     with torch.no_grad():
         assert torch.equal(block(x), _slow(block, x))
+
+
+@needs_cpp
+def test_compiled_plan_leaves_no_reference_cycle(randomize_bn):
+    """A dropped layer frees its tensors at once: its cached plans hold module entries but no
+    path back to the layer."""
+    block = make_block("dense", torch.float32, randomize_bn).eval()
+    with torch.no_grad():
+        block(torch.randn(1, 13, 5, 5))
+        block(torch.randn(1, 13, 5, 5))
+    assert all(plan.call is not None for plan in block._eval_plans.values())
+    weight = weakref.ref(block.conv.weight)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del block
+        assert weight() is None
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @needs_cpp

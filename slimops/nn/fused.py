@@ -172,19 +172,22 @@ class SlimConvBNAct(nn.Module):
     def _compiled_plan(self, plan: "_EvalPlan") -> Optional[tuple]:
         """``plan`` as ``ops.eval_plan_call`` takes it: the conv op's arguments with every
         module entry the Python path reads them from (this layer's submodules, the conv's
-        weight, bias and geometry, the width's BN modules, tensors and eps, the activation),
-        so that the compiled check sees what ``_EvalPlan.valid`` and ``_fast_eval`` see.
-        None where one of them is not held in a module's dicts (a subclass's property)."""
+        weight, bias and geometry, the width's BN modules, tensors and eps), so that the
+        compiled check sees what ``_EvalPlan.valid`` and ``_fast_eval`` see. None where one
+        of them is not held in a module's dicts (a subclass's property).
+
+        Not this layer's own ``__dict__`` (its activation code, fixed at construction): the
+        plan is stored there, and holding it would make a reference cycle that keeps the
+        layer's tensors alive after the layer is dropped, until the garbage collector runs."""
         conv, bn = self.conv, self.bn
         bn_state = bn.state_lookups(plan.bn_width)
         entries = [lookup(self, "_modules", "conv"), lookup(self, "_modules", "bn"),
-                   lookup(self, "__dict__", "_act_code"),
                    lookup(conv, "_parameters", "weight"), lookup(conv, "_parameters", "bias")]
         entries += [lookup(conv, "__dict__", name)
                     for name in ("stride", "_op_padding", "dilation", "groups", "depthwise")]
         if bn_state is None or any(entry is None for entry in entries):
             return None
-        weight, bias = entries[3][2], entries[4][2]
+        weight, bias = entries[2][2], entries[3][2]
         return ops.eval_plan(entries + bn_state, plan.sources, plan.stamp, plan.cin,
                              conv.depthwise, weight, bias, plan.cout, conv.stride,
                              conv._op_padding, conv.dilation, conv.groups, plan.scale,
