@@ -270,7 +270,7 @@ PyObject* eval_conv(PyObject*, PyObject* const* args, Py_ssize_t n) {
     return not_implemented();
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(lookups); i += 3) {
     PyObject* dict = PyTuple_GET_ITEM(lookups, i);
-    if (!PyDict_CheckExact(dict)) return not_implemented();
+    if (!PyDict_Check(dict)) return not_implemented();
     PyObject* found = PyDict_GetItemWithError(dict, PyTuple_GET_ITEM(lookups, i + 1));
     if (found == nullptr && PyErr_Occurred()) return nullptr;
     if (found != PyTuple_GET_ITEM(lookups, i + 2)) Py_RETURN_NONE;
