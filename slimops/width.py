@@ -66,6 +66,15 @@ def _overrides() -> Dict[int, Tuple["Slimmable", float]]:
     return _OVERRIDES.get()
 
 
+def _width_of(layer: "Slimmable", overrides: Dict[int, Tuple["Slimmable", float]]) -> float:
+    """``layer``'s width under ``overrides`` (a context's mapping), else its default."""
+    if overrides:
+        entry = overrides.get(id(layer))
+        if entry is not None and entry[0] is layer:
+            return entry[1]
+    return layer._width
+
+
 def normalize_widths(widths: Sequence[float]) -> Tuple[float, ...]:
     """Validate a width list: non-empty, finite, positive, distinct; returned sorted ascending."""
     if isinstance(widths, (str, bytes)) or not isinstance(widths, Iterable):
@@ -214,23 +223,13 @@ class Slimmable:
 
     def active_width(self) -> float:
         """The width this layer runs at in the current thread."""
-        overrides = _overrides()
-        if overrides:
-            entry = overrides.get(id(self))
-            if entry is not None and entry[0] is self:
-                return entry[1]
-        return self._width
+        return _width_of(self, _overrides())
 
     def eager_width(self) -> float:
         """``active_width()`` for eager code: the caller has checked that torch.compile is not
         tracing (so the context's mapping is the one to read), which saves a layer's
         per-call inference path that check twice more."""
-        overrides = _OVERRIDES.get()
-        if overrides:
-            entry = overrides.get(id(self))
-            if entry is not None and entry[0] is self:
-                return entry[1]
-        return self._width
+        return _width_of(self, _OVERRIDES.get())
 
     def width_index(self) -> Optional[int]:
         """Index of the active width in ``self.widths`` (and in per-width channel lists);
