@@ -261,7 +261,7 @@ PyObject* eval_conv(PyObject*, PyObject* const* args, Py_ssize_t n) {
     return not_implemented();
   PyObject* plan = args[0];
   const Py_ssize_t size = PyTuple_GET_SIZE(plan);
-  if (size < 5) return not_implemented();
+  if (size < 6) return not_implemented();  // at least the weight after the 5 checks
   PyObject* lookups = PyTuple_GET_ITEM(plan, 0);
   PyObject* sources = PyTuple_GET_ITEM(plan, 1);
   PyObject* stamp = PyTuple_GET_ITEM(plan, 2);
@@ -286,7 +286,7 @@ PyObject* eval_conv(PyObject*, PyObject* const* args, Py_ssize_t n) {
   at::Tensor input, weight;
   if (!read(PyTuple_GET_ITEM(plan, 3), in_channels) ||
       !read(PyTuple_GET_ITEM(plan, 4), depthwise) || !read(args[1], input) ||
-      size < 6 || !read(PyTuple_GET_ITEM(plan, 5), weight))
+      !read(PyTuple_GET_ITEM(plan, 5), weight))
     return not_implemented();
   if (input.dim() != 4 || input.size(1) != in_channels || !input.is_cpu() ||
       !weight.is_cpu() || input.scalar_type() != weight.scalar_type() ||

@@ -681,34 +681,37 @@ def test_compiled_plan_answers_between_listed_widths(monkeypatch):
     assert answered[2] is False  # the statistics changed: stale, rebuilt by the Python path
 
 
-def _replace_conv_weight(block):
-    block.conv.weight = torch.nn.Parameter(torch.randn_like(block.conv.weight))
-
-
-def _replace_conv(block):
+def _replace_conv(block, randomize_bn):
     conv = copy.deepcopy(block.conv)
     with torch.no_grad():
         conv.weight.normal_()
     block.conv = conv
 
 
-def _restride(block):
-    block.conv.stride = (2, 2)
+def _write_running_var(block, randomize_bn):
+    with torch.no_grad():
+        block.bn.bn[1].running_var.mul_(3.0)
 
 
-def _replace_bn_list(block, randomize_bn):
-    block.bn.bn = torch.nn.ModuleList(
+# What each case changes after the plans were built (width 0.5: BN index 1, 7 channels).
+LAYER_CHANGES = {
+    "conv_weight": lambda block, _: setattr(
+        block.conv, "weight", torch.nn.Parameter(torch.randn_like(block.conv.weight))),
+    "conv": _replace_conv,
+    "stride": lambda block, _: setattr(block.conv, "stride", (2, 2)),
+    "bn_list": lambda block, randomize_bn: setattr(block.bn, "bn", torch.nn.ModuleList(
         randomize_bn(torch.nn.BatchNorm2d(c, dtype=torch.float64))
-        for c in block.bn.num_features_list)
+        for c in block.bn.num_features_list)),
+    "eps": lambda block, _: setattr(block.bn.bn[1], "eps", 0.5),
+    "running_var_written": _write_running_var,
+    "bn_weight_data": lambda block, _: setattr(
+        block.bn.bn[1].weight, "data", torch.rand(7, dtype=torch.float64) + 2.0),
+}
 
 
-@needs_cpp
-@pytest.mark.parametrize("change", ["conv_weight", "conv", "stride", "bn_list", "eps",
-                                    "running_var_written", "bn_weight_data"])
-def test_compiled_plan_follows_layer_changes(change, randomize_bn, monkeypatch):
-    """Each entry the Python path reads on a call (the layer's submodules, the conv's weight
-    and geometry, the width's BN modules, tensors and eps) is checked by the compiled plan:
-    a change makes it decline, and the Python path rebuilds the plan."""
+def _planned_block(randomize_bn, monkeypatch):
+    """A dense float64 block at width 0.5 whose plans are built and answered once, the spy
+    on the compiled plan (``[True]`` so far) and its input."""
     answered = _spy_compiled_plan(monkeypatch)
     block = make_block("dense", torch.float64, randomize_bn).eval()
     slimops.set_width(block, 0.5)
@@ -717,21 +720,17 @@ def test_compiled_plan_follows_layer_changes(change, randomize_bn, monkeypatch):
         block(x)
         before = block(x)
     assert answered == [True]
-    if change == "conv_weight":
-        _replace_conv_weight(block)
-    elif change == "conv":
-        _replace_conv(block)
-    elif change == "stride":
-        _restride(block)
-    elif change == "bn_list":
-        _replace_bn_list(block, randomize_bn)
-    elif change == "eps":
-        block.bn.bn[1].eps = 0.5
-    elif change == "running_var_written":
-        with torch.no_grad():
-            block.bn.bn[1].running_var.mul_(3.0)
-    else:
-        block.bn.bn[1].weight.data = torch.rand(7, dtype=torch.float64) + 2.0
+    return answered, block, x, before
+
+
+@needs_cpp
+@pytest.mark.parametrize("change", list(LAYER_CHANGES))
+def test_compiled_plan_follows_layer_changes(change, randomize_bn, monkeypatch):
+    """Each entry the Python path reads on a call (the layer's submodules, the conv's weight
+    and geometry, the width's BN modules, tensors and eps) is checked by the compiled plan:
+    a change makes it decline, and the Python path rebuilds the plan."""
+    answered, block, x, before = _planned_block(randomize_bn, monkeypatch)
+    LAYER_CHANGES[change](block, randomize_bn)
     with torch.no_grad():
         after = block(x)
         again = block(x)
@@ -745,13 +744,7 @@ def test_compiled_plan_follows_layer_changes(change, randomize_bn, monkeypatch):
 def test_compiled_plan_follows_a_bn_at_another_width(randomize_bn, monkeypatch):
     """The conv and its BN can be switched apart (``set_width`` on one of them): the plan of
     the conv's width was built with the BN's width then, and declines when that moves."""
-    answered = _spy_compiled_plan(monkeypatch)
-    block = make_block("dense", torch.float64, randomize_bn).eval()
-    slimops.set_width(block, 0.5)
-    x = torch.randn(2, 7, 6, 5, dtype=torch.float64)
-    with torch.no_grad():
-        block(x)
-        block(x)
+    answered, block, x, _ = _planned_block(randomize_bn, monkeypatch)
     slimops.set_width(block.bn, 1.0)  # 13 BN channels for the conv's 7 outputs
     with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="7"):
         block(x)
