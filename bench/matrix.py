@@ -21,6 +21,12 @@ slimmable model deployed the same way: ``slimops.export.torchscript_widths(model
 freeze=True)``, its slimops ops on the shared weights with no Python between them; the
 like-for-like comparison with ``dense-jit``, as the eager ``slimops`` is with ``reference``).
 
+The load watch (``slimops.ops.load_watch``): the ``slimops`` variants run under the process's
+load policy (``adaptive`` unless ``SLIMOPS_LOAD_POLICY`` says otherwise), each call inside
+``slimops.serial_while_contended()`` as the README's loops run (a training step already is);
+the plain-PyTorch variants run with the watch ``off``, as they would without slimops. With a
+core busy, the watch takes slimops' calls to one thread; the others keep two.
+
 Timings are interleaved (round r runs every variant once, in turn) so that drift of the
 machine hits every variant alike, and the median per variant is reported with the ratio
 ``slimops / reference`` (and ``slimops / dense-jit``). A ratio above 1.0 against the reference
@@ -74,6 +80,8 @@ from slimops.nn import (  # noqa: E402
 from slimops.train import slimmable_step  # noqa: E402
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
+# The load policy slimops' variants run under (the process's, from SLIMOPS_LOAD_POLICY).
+SLIMOPS_LOAD_POLICY = slimops.ops.load_watch()["policy"] or "off"
 
 
 @dataclass
@@ -374,11 +382,30 @@ def build_cells(which: str, quick: bool, sweep: Tuple[int, int] = (0, 40)) -> Li
     return cells
 
 
+def _as_used(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """A variant's call as its user runs it: slimops' under the process's load policy, inside
+    ``serial_while_contended()``; the plain-PyTorch variants with the load watch off (its
+    mark, set by slimops' calls, must not reach them). The policy is set outside the timed
+    call (``prepare``)."""
+    if name.startswith("slimops"):
+        def call() -> object:
+            with slimops.serial_while_contended():
+                return fn()
+        return call
+    return fn
+
+
+def _prepare(name: str) -> None:
+    slimops.ops.set_load_policy(SLIMOPS_LOAD_POLICY if name.startswith("slimops") else "off")
+
+
 def measure(cell: Cell) -> None:
     """Interleaved rounds until the budget is spent (at least 5); medians per variant."""
     names = list(cell.variants)
-    for fn in cell.variants.values():  # warm-up: first-call costs, caches, allocator
+    calls = {n: _as_used(n, fn) for n, fn in cell.variants.items()}
+    for n, fn in calls.items():  # warm-up: first-call costs, caches, allocator
         for _ in range(cell.warmups):
+            _prepare(n)
             fn()
     times: Dict[str, List[float]] = {n: [] for n in names}
     start = time.perf_counter()
@@ -386,10 +413,12 @@ def measure(cell: Cell) -> None:
     while rounds < cell.min_rounds or (time.perf_counter() - start < cell.budget_s
                                        and rounds < 200):
         for n in names:
+            _prepare(n)
             t0 = time.perf_counter()
-            cell.variants[n]()
+            calls[n]()
             times[n].append(time.perf_counter() - t0)
         rounds += 1
+    slimops.ops.set_load_policy(SLIMOPS_LOAD_POLICY)
     cell.rows = {n: statistics.median(ts) for n, ts in times.items()}
     cell.runs.append(dict(cell.rows))
 
@@ -481,7 +510,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     header = (f"**{cpu_model()}**, kernels `{info.get('cpu_isa')}`, "
               f"{torch.get_num_threads()} torch threads, "
               f"{'one core busy (another process spinning)' if args.busy else 'idle'}, "
-              f"allocator: {alloc}, torch {torch.__version__}"
+              f"allocator: {alloc}, slimops load policy `{SLIMOPS_LOAD_POLICY}`, "
+              f"torch {torch.__version__}"
               + (f", {args.repeat} passes over the cells (medians)" if args.repeat > 1 else ""))
     cells = (build_cells(args.cells, args.quick, sweep=(args.sweep_seed, args.sweep_count))
              if args.cells == "sweep" else build_cells(args.cells, args.quick))

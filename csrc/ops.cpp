@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/parallel.h"
 #include "cpu/route.h"
 
 namespace {
@@ -34,11 +35,31 @@ std::vector<int64_t> conv2d_routes(bool clear) {
   if (clear) cache.clear();
   return counts;
 }
+
+// The load watch (csrc/cpu/parallel.h's rule 5): [policy, contended, joins, slow_joins,
+// serial_ops, slow_join_us] (policy 0 adaptive, 1 off, 2 serial; contended 1 while ops run
+// serial; counts since the process started; the join time counted as slow, microseconds).
+// `policy` >= 0 sets the policy first, `slow_join_us` >= 0 the threshold; -1 only reads.
+std::vector<int64_t> load_watch(int64_t policy, int64_t slow_join_us) {
+  using slimops::cpu::LoadPolicy;
+  auto& w = slimops::cpu::load_watch();
+  TORCH_CHECK(policy >= -1 && policy <= static_cast<int64_t>(LoadPolicy::kSerial),
+              "slimops::load_watch: policy must be -1 (read), 0 (adaptive), 1 (off) or "
+              "2 (serial), got ", policy);
+  TORCH_CHECK(slow_join_us >= -1 && slow_join_us <= int64_t{1} << 40,
+              "slimops::load_watch: slow_join_us must be -1 (read) or 0 to 2^40, got ",
+              slow_join_us);
+  if (policy >= 0) w.policy.store(policy);
+  if (slow_join_us >= 0) w.slow_join.store(slow_join_us * 1000);
+  return {w.policy.load(), slimops::cpu::machine_contended() ? 1 : 0, w.joins.load(),
+          w.slow_joins.load(), w.serial_ops.load(), w.slow_join.load() / 1000};
+}
 }  // namespace
 
 TORCH_LIBRARY(slimops, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("conv2d_routes(bool clear=False) -> int[]", &conv2d_routes);
+  m.def("load_watch(int policy=-1, int slow_join_us=-1) -> int[]", &load_watch);
   // Dense / grouped convolution; groups = G fixed across widths, per-group prefixes.
   m.def(
       "conv2d(Tensor input, Tensor weight, Tensor? bias, int out_channels, int[2] stride, "

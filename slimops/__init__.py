@@ -12,7 +12,7 @@ without copying it, and switchable batch norm folds into the convolution's epilo
 """
 
 from slimops._version import __version__
-from slimops.ops import backend_info
+from slimops.ops import backend_info, serial_while_contended
 from slimops import ops, reference
 from slimops import nn
 from slimops import models
@@ -45,6 +45,7 @@ __all__ = [
     "nn",
     "ops",
     "reference",
+    "serial_while_contended",
     "set_width",
     "width",
     "width_range",

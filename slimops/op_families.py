@@ -25,7 +25,7 @@ OP_FAMILIES: Dict[str, Tuple[str, ...]] = {
 }
 
 # Ops of csrc/ops.cpp that are queries of the CPU backend, not computations (no family).
-BACKEND_QUERIES: Tuple[str, ...] = ("cpu_isa", "conv2d_routes")
+BACKEND_QUERIES: Tuple[str, ...] = ("cpu_isa", "conv2d_routes", "load_watch")
 
 # Ops that write their arguments in place and return nothing (schema ``Tensor(a!)``): the
 # running statistics' update (one op instead of three to five aten calls per BN layer and

@@ -31,7 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_backend_info_keys_and_values():
     info = slimops.backend_info()
     assert set(info) == {"cpu", "cpu_isa", "conv_route", "conv_routes_measured", "cuda",
-                         "cuda_kernels", "extension_error", "native_dtypes", "torch"}
+                         "cuda_kernels", "extension_error", "load_policy", "native_dtypes",
+                         "torch"}
     assert info["cpu"] in ("C++", "reference")
     if not torch.cuda.is_available():
         assert info["cuda"] == "unavailable"
@@ -44,7 +45,9 @@ def test_backend_info_keys_and_values():
         assert info["cpu_isa"] in ("avx512", "avx2", "base")
         assert info["conv_route"] == os.environ.get("SLIMOPS_CONV_ROUTE", "auto")
         assert set(info["conv_routes_measured"]) == {"onednn", "kernels"}
+        assert info["load_policy"] == os.environ.get("SLIMOPS_LOAD_POLICY", "adaptive")
     else:
+        assert info["load_policy"] is None
         assert info["cpu_isa"] is None
         assert info["conv_route"] is None and info["conv_routes_measured"] is None
         assert isinstance(info["extension_error"], str) and info["extension_error"]

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "arg_checks.h"
+#include "cpu/parallel.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -13,14 +14,19 @@
 #include <cstdint>
 #include <cstring>
 
+// Registers CPU kernel `fn` of op `name` behind the load watch (parallel.h's rule 5): every
+// CPU op is registered through this, inside a TORCH_LIBRARY_IMPL(slimops, CPU, m) block.
+#define SLIMOPS_CPU_IMPL(name, fn) \
+  m.impl(name, &::slimops::cpu::serial_when_contended<&fn>::call)
+
 // Registers the CPU kernels of op `name` and of its two backward ops, `name`_backward_input
 // and `name`_backward_weight: the functions of those names in the calling file. At namespace
 // scope, after the three functions.
-#define SLIMOPS_CPU_IMPL_WITH_BACKWARDS(name)                  \
-  TORCH_LIBRARY_IMPL(slimops, CPU, m) {                        \
-    m.impl(#name, &name);                                      \
-    m.impl(#name "_backward_input", &name##_backward_input);   \
-    m.impl(#name "_backward_weight", &name##_backward_weight); \
+#define SLIMOPS_CPU_IMPL_WITH_BACKWARDS(name)                            \
+  TORCH_LIBRARY_IMPL(slimops, CPU, m) {                                  \
+    SLIMOPS_CPU_IMPL(#name, name);                                       \
+    SLIMOPS_CPU_IMPL(#name "_backward_input", name##_backward_input);    \
+    SLIMOPS_CPU_IMPL(#name "_backward_weight", name##_backward_weight);  \
   }
 
 namespace slimops {

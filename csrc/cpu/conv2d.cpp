@@ -783,7 +783,7 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
       // One task per thread at a time; BLAS inside a parallel region runs single-threaded.
       // Not below kParallelWork (parallel.h's rule 1): an 8 -> 8 1x1 conv on a 2x2 plane
       // opened this region and took 8 ms with both cores of a 2-core Intel Xeon busy.
-      at::parallel_for(0, plan.tasks, 1, [&](int64_t begin, int64_t end) {
+      watched_parallel_for(0, plan.tasks, 1, [&](int64_t begin, int64_t end) {
         ImageGuard guard;  // only the fallback GEMM creates tensors
         run_tasks(begin, end);
       });
@@ -1083,7 +1083,7 @@ GradPair conv2d_backward(const at::Tensor& grad_z, const at::Tensor& input,
 SLIMOPS_CPU_IMPL_WITH_BACKWARDS(conv2d)
 
 // The two gradients as one op (conv2d's autograd calls it when it needs both).
-TORCH_LIBRARY_IMPL(slimops, CPU, m) { m.impl("conv2d_backward", &conv2d_backward); }
+TORCH_LIBRARY_IMPL(slimops, CPU, m) { SLIMOPS_CPU_IMPL("conv2d_backward", conv2d_backward); }
 
 }  // namespace cpu
 }  // namespace slimops

@@ -108,7 +108,9 @@ template void epilogue_planes<float>(float*, int64_t, int64_t, int64_t, const fl
 template void epilogue_planes<double>(double*, int64_t, int64_t, int64_t, const double*,
                                       const double*, const double*, int64_t);
 
-TORCH_LIBRARY_IMPL(slimops, CPU, m) { m.impl("epilogue_backward", &epilogue_backward); }
+TORCH_LIBRARY_IMPL(slimops, CPU, m) {
+  SLIMOPS_CPU_IMPL("epilogue_backward", epilogue_backward);
+}
 
 }  // namespace cpu
 }  // namespace slimops

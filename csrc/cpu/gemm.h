@@ -28,10 +28,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc)
     __attribute__((weak));
-// MKL's per-thread thread count for the calls that follow on this thread (0: back to the
-// global setting); returns the previous one. The C entry: MKL's header maps
-// mkl_set_num_threads_local to it, the lower-case symbol is the Fortran one (int* argument).
-int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+// MKL_Set_Num_Threads_Local: declared in parallel.h.
 }
 
 namespace slimops {

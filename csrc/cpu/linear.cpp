@@ -91,7 +91,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight,
       const scalar_t* bp = b->data_ptr<scalar_t>();
       const int64_t bs = b->stride(0);
       scalar_t* outp = out.data_ptr<scalar_t>();
-      at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+      watched_parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m)
           for (int64_t o = 0; o < out_features; ++o) outp[m * out_features + o] = bp[o * bs];
       });

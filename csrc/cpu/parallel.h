@@ -13,19 +13,179 @@
 //     single-threaded (BLAS does not open a team inside an OpenMP region).
 //  4. Results never depend on which thread ran a task: every task writes its own outputs, and
 //     reductions go through per-task partials summed in task order (deterministic).
+//  5. A busy core turns the whole op serial (the load watch below). Rules 1-3 bound what one
+//     region loses; they cannot stop the loss per region: the closing barrier still waits for
+//     a worker the OS has not run, and libgomp's waiting thread spins on its own core
+//     meanwhile. Measured on a 2-core Intel Xeon with another process spinning on one core:
+//     an S-MobileNet v2 training step (32x32, batch 64) took 2,434 ms on 2 threads and 219 ms
+//     on 1; batch-1 S-ResNet-50 eval 384 ms against 59. So the team's join of each region is
+//     timed (the regions opened here; BLAS and oneDNN open their own, which cannot be timed,
+//     so an op also opens an empty probe region when no join was timed for kProbeIntervalNs);
+//     a join slower than kSlowJoinNs (idle joins take microseconds, a descheduled worker a
+//     scheduler slice) marks the machine contended for kContendedHoldNs, and while it is,
+//     each op runs on the calling thread alone, BLAS and oneDNN included (LoadScope, around
+//     every CPU op). The first op after that probes again. SLIMOPS_LOAD_POLICY=off keeps the team always (bitwise the same rounding as an
+//     idle machine; the serial ops round as with torch.set_num_threads(1)), `serial` never
+//     uses it; the load_watch op reads and sets the same.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
+#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <utility>
 #include <vector>
+
+// MKL's per-thread thread count for the calls that follow on this thread (0: back to the
+// global setting); returns the previous one. The C entry: MKL's header maps
+// mkl_set_num_threads_local to it, the lower-case symbol is the Fortran one (int* argument).
+// Weak: a torch build without MKL leaves it null.
+extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 
 namespace slimops {
 namespace cpu {
+
+// ---- Rule 5: the load watch -----------------------------------------------------------------
+
+// A team member that joins a region this long after it opened was not running: the OS had
+// given its core to another process. Idle joins on the 2-core machines here take 1-60 us
+// (a spinning worker, or one woken from its futex); a descheduled one waits for the other
+// process's time slice (milliseconds). The load_watch op can change it (LoadWatch::slow_join).
+constexpr int64_t kSlowJoinNs = 1000 * 1000;
+// How long one slow join keeps the ops serial before a region probes the team again. Each
+// probe on a busy machine costs about one slow region; a load that goes away costs at most
+// this long on one thread.
+constexpr int64_t kContendedHoldNs = 1000 * 1000 * 1000;
+// An op whose regions are all BLAS's or oneDNN's opens an empty region to time the join when
+// none was timed for this long: an idle probe costs microseconds, so at most ~0.01%.
+constexpr int64_t kProbeIntervalNs = 100 * 1000 * 1000;
+
+enum class LoadPolicy : int64_t { kAdaptive = 0, kOff = 1, kSerial = 2 };
+
+struct LoadWatch {
+  std::atomic<int64_t> policy{static_cast<int64_t>(initial_policy())};
+  std::atomic<int64_t> contended_until{0};  // CLOCK_MONOTONIC ns; 0: never contended
+  std::atomic<int64_t> last_join{0};        // when a join was last timed
+  std::atomic<int64_t> slow_join{kSlowJoinNs};
+  std::atomic<int64_t> joins{0}, slow_joins{0}, serial_ops{0};
+
+  static LoadPolicy initial_policy() {
+    const char* v = std::getenv("SLIMOPS_LOAD_POLICY");
+    if (v != nullptr && std::strcmp(v, "off") == 0) return LoadPolicy::kOff;
+    if (v != nullptr && std::strcmp(v, "serial") == 0) return LoadPolicy::kSerial;
+    return LoadPolicy::kAdaptive;
+  }
+};
+
+inline LoadWatch& load_watch() {
+  static LoadWatch watch;  // one per process (an inline function's static: one per library)
+  return watch;
+}
+
+inline int64_t monotonic_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+inline LoadPolicy load_policy() {
+  return static_cast<LoadPolicy>(load_watch().policy.load(std::memory_order_relaxed));
+}
+
+// True while ops should run serial: the policy says so, or a recent region saw a slow join.
+inline bool machine_contended() {
+  const LoadPolicy policy = load_policy();
+  if (policy != LoadPolicy::kAdaptive) return policy == LoadPolicy::kSerial;
+  const int64_t until = load_watch().contended_until.load(std::memory_order_relaxed);
+  return until != 0 && monotonic_ns() < until;
+}
+
+// Called once by each team thread other than the first, as it starts its part of a region
+// opened at `opened_ns`.
+inline void note_join(int64_t opened_ns) {
+  LoadWatch& w = load_watch();
+  const int64_t now = monotonic_ns();
+  w.joins.fetch_add(1, std::memory_order_relaxed);
+  w.last_join.store(now, std::memory_order_relaxed);
+  if (now - opened_ns > w.slow_join.load(std::memory_order_relaxed)) {
+    w.slow_joins.fetch_add(1, std::memory_order_relaxed);
+    w.contended_until.store(now + kContendedHoldNs, std::memory_order_relaxed);
+  }
+}
+
+template <typename F>
+void watched_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn);
+
+// Opens an empty region to time the team's join, unless a join was timed in the last
+// kProbeIntervalNs (or another thread is probing). Outside a region, more than one thread.
+inline void probe_team() {
+  LoadWatch& w = load_watch();
+  int64_t last = w.last_join.load(std::memory_order_relaxed);
+  const int64_t now = monotonic_ns();
+  if (now - last < kProbeIntervalNs || !w.last_join.compare_exchange_strong(last, now)) return;
+  watched_parallel_for(0, at::get_num_threads(), 1, [](int64_t, int64_t) {});
+}
+
+// Around every CPU op (registered through serial_when_contended below): while the machine is
+// contended, the op and everything it calls (its own regions, BLAS, oneDNN, aten) see one
+// thread, as under torch.set_num_threads(1), and the thread count comes back on exit. Only
+// the calling thread's OpenMP and MKL settings change (both are per-thread), nothing global.
+class LoadScope {
+ public:
+  LoadScope() {
+    if (at::in_parallel_region() || at::get_num_threads() == 1) return;
+    if (!machine_contended()) {
+      if (load_policy() != LoadPolicy::kAdaptive) return;
+      probe_team();
+      if (!machine_contended()) return;
+    }
+    threads_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+    if (MKL_Set_Num_Threads_Local != nullptr) mkl_ = MKL_Set_Num_Threads_Local(1);
+    load_watch().serial_ops.fetch_add(1, std::memory_order_relaxed);
+  }
+  ~LoadScope() {
+    if (threads_ == 0) return;
+    omp_set_num_threads(threads_);
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_);
+  }
+  LoadScope(const LoadScope&) = delete;
+  LoadScope& operator=(const LoadScope&) = delete;
+
+ private:
+  int threads_ = 0;  // 0: nothing changed
+  int mkl_ = 0;
+};
+
+// serial_when_contended<&op>::call is `op` run inside a LoadScope, for TORCH_LIBRARY_IMPL.
+template <auto Fn>
+struct serial_when_contended;
+template <typename R, typename... Args, R (*Fn)(Args...)>
+struct serial_when_contended<Fn> {
+  static R call(Args... args) {
+    LoadScope scope;
+    return Fn(std::forward<Args>(args)...);
+  }
+};
+
+// at::parallel_for that records the team's join (rule 5): fn(begin, end) as at::parallel_for
+// calls it.
+template <typename F>
+void watched_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn) {
+  const int64_t opened = monotonic_ns();
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    if (at::get_thread_num() != 0) note_join(opened);
+    fn(b, e);
+  });
+}
+
+// ---- Rules 1-4 ------------------------------------------------------------------------------
 
 // Below this many scalar operations (multiply-adds, element updates) a pass runs on one
 // thread. Entering an OpenMP region costs microseconds on an idle 2-core machine (tens of
@@ -50,7 +210,7 @@ void run_tasks(int64_t tasks, int64_t work_per_task, const F& fn) {
     return;
   }
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+  watched_parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
          t = next.fetch_add(1, std::memory_order_relaxed))
       fn(t);

@@ -30,6 +30,8 @@ from slimops.ops.depthwise_conv2d import (depthwise_conv2d, depthwise_conv2d_cpu
 from slimops.ops.linear import linear, linear_unchecked
 from slimops.ops.state_stamp import state_stamp
 from slimops.ops.eval_plan import STALE_PLAN, eval_plan, eval_plan_call
+from slimops.ops.load_watch import (load_watch, machine_contended, serial_while_contended,
+                                    set_load_policy)
 from slimops.ops import cuda_registration
 from slimops.ops.cuda_registration import use_cuda_cpp_kernels
 
@@ -40,5 +42,6 @@ __all__ = ["backend_info", "conv2d", "conv2d_backward", "conv2d_cpu_kernel", "co
            "STALE_PLAN", "eval_plan", "eval_plan_call",
            "linear", "linear_unchecked", "batch_norm_act",
            "batch_norm_act_unchecked", "conv2d_bn_act_train", "depthwise_conv2d_bn_act_train",
-           "fused_train_available", "state_stamp", "update_running_stats",
+           "fused_train_available", "load_watch", "machine_contended",
+           "serial_while_contended", "set_load_policy", "state_stamp", "update_running_stats",
            "use_cuda_cpp_kernels"]

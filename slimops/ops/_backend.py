@@ -219,8 +219,12 @@ def backend_info() -> Dict[str, object]:
     slimops' kernels and oneDNN: ``"auto"``, measured per shape, ``"fixed"`` or ``"onednn"``,
     from ``SLIMOPS_CONV_ROUTE``; None without the extension), ``"conv_routes_measured"``
     (``{"onednn": n, "kernels": m}``: the conv passes measured so far in this process and
-    where each went) and the torch version.
+    where each went), ``"load_policy"`` (the load watch's policy, ``slimops.ops.load_watch``:
+    ``"adaptive"``, ``"off"`` or ``"serial"``; None without the extension) and the torch
+    version.
     """
+    from slimops.ops.load_watch import load_watch  # imports this module
+
     routes = torch.ops.slimops.conv2d_routes(False) if HAS_C else None
     return {
         "cpu": "C++" if HAS_C else "reference",
@@ -231,6 +235,7 @@ def backend_info() -> Dict[str, object]:
         if torch.cuda.is_available() else "unavailable",
         "cuda_kernels": _cuda_kernel_names() or None,
         "extension_error": _C_ERROR,
+        "load_policy": load_watch()["policy"],
         "native_dtypes": [str(d).replace("torch.", "") for d in NATIVE_CPU_DTYPES],
         "torch": torch.__version__,
     }

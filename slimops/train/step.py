@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimops.ops.load_watch import serial_while_contended
 from slimops.width import WIDTH_DECIMALS, normalize_widths, width_range
 from slimops.width import _override, _resolve, slimmable_layers
 from slimops.train._common import LossFn, _check_widths
@@ -172,42 +173,45 @@ def slimmable_step(
         order = sandwich_widths(ws, sandwich, generator,
                                 continuous=width_range(_unwrap(model), layers) is not None)
 
-    optimizer.zero_grad()
-    losses: Dict[float, List[Tensor]] = {}
-    teacher: Optional[Tensor] = None
-    if autocast_dtype is not None:  # autocast for the device the inputs are on
-        tensors = [inputs] if isinstance(inputs, Tensor) else [
-            t for t in (inputs if isinstance(inputs, (list, tuple)) else ())
-            if isinstance(t, Tensor)]
-        device_type = tensors[0].device.type if tensors else "cpu"
-    for i, w in enumerate(order):
-        # DDP: accumulate locally in every pass but the last, whose backward all-reduces the
-        # gradients accumulated over all passes (a no_sync() block must hold the forward).
-        sync = ddp is None or i == len(order) - 1
-        with contextlib.nullcontext() if sync else ddp.no_sync():
-            with contextlib.nullcontext() if autocast_dtype is None else torch.autocast(
-                    device_type, dtype=autocast_dtype):
-                with _override(_resolve(model, w, layers)):
-                    output = model(inputs)
-                if inplace_distillation and teacher is not None:
-                    loss = soft_cross_entropy(_at_least_float32(output), teacher)
-                else:
-                    loss = loss_fn(output, targets)
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                raise ValueError(
-                    f"loss_fn must return a scalar tensor (e.g. reduction='mean'), got {shape}"
-                )
-            if inplace_distillation and teacher is None:
-                # Only a detached copy of the largest width's prediction outlives its backward.
-                teacher = F.softmax(_at_least_float32(output.detach()), dim=-1)
-            (loss if scaler is None else scaler.scale(loss)).backward()
-        # to floats after the step: no device sync between widths
-        losses.setdefault(w, []).append(loss.detach())
-        del output, loss  # this width's graph is freed by backward; drop its last handles
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
-        scaler.update()
-    return {w: sum(float(v) for v in vs) / len(vs) for w, vs in losses.items()}
+    # Where another process holds a core, the whole step runs on one thread (the plain torch
+    # ops between slimops' ops included), not only slimops' ops: slimops.ops.load_watch.
+    with serial_while_contended():
+        optimizer.zero_grad()
+        losses: Dict[float, List[Tensor]] = {}
+        teacher: Optional[Tensor] = None
+        if autocast_dtype is not None:  # autocast for the device the inputs are on
+            tensors = [inputs] if isinstance(inputs, Tensor) else [
+                t for t in (inputs if isinstance(inputs, (list, tuple)) else ())
+                if isinstance(t, Tensor)]
+            device_type = tensors[0].device.type if tensors else "cpu"
+        for i, w in enumerate(order):
+            # DDP: accumulate locally in every pass but the last, whose backward all-reduces the
+            # gradients accumulated over all passes (a no_sync() block must hold the forward).
+            sync = ddp is None or i == len(order) - 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                with contextlib.nullcontext() if autocast_dtype is None else torch.autocast(
+                        device_type, dtype=autocast_dtype):
+                    with _override(_resolve(model, w, layers)):
+                        output = model(inputs)
+                    if inplace_distillation and teacher is not None:
+                        loss = soft_cross_entropy(_at_least_float32(output), teacher)
+                    else:
+                        loss = loss_fn(output, targets)
+                if not isinstance(loss, Tensor) or loss.dim() != 0:
+                    shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                    raise ValueError(
+                        f"loss_fn must return a scalar tensor (e.g. reduction='mean'), got {shape}"
+                    )
+                if inplace_distillation and teacher is None:
+                    # Only a detached copy of the largest width's prediction outlives its backward.
+                    teacher = F.softmax(_at_least_float32(output.detach()), dim=-1)
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            # to floats after the step: no device sync between widths
+            losses.setdefault(w, []).append(loss.detach())
+            del output, loss  # this width's graph is freed by backward; drop its last handles
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+        return {w: sum(float(v) for v in vs) / len(vs) for w, vs in losses.items()}

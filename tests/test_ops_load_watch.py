@@ -1,0 +1,223 @@
+"""slimops.ops.load_watch: the CPU ops run on one thread while the machine is contended
+(csrc/cpu/parallel.h, rule 5), and serial_while_contended takes a whole block there.
+
+The suite runs with the watch off (conftest.py: bitwise-repeatable results whatever the
+load); these tests set the policy they check and put it back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import slimops
+from slimops import ops
+from slimops.nn import SlimConvBNAct
+from slimops.train import slimmable_step
+
+pytestmark = pytest.mark.skipif(ops.backend_info()["cpu"] != "C++",
+                                reason="the load watch is the C++ ops'")
+
+
+@pytest.fixture
+def policy():
+    """``policy(name)`` sets the load policy for the test; the suite's comes back after."""
+    before = ops.load_watch()["policy"]
+    yield ops.set_load_policy
+    ops.set_load_policy(before)
+
+
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_policy_round_trip(policy):
+    assert ops.load_watch()["policy"] == "off"  # the suite's (conftest.py)
+    assert policy("serial") == "off"
+    state = ops.load_watch()
+    assert state["policy"] == "serial" and state["contended"] is True
+    assert ops.machine_contended()
+    assert slimops.backend_info()["load_policy"] == "serial"
+    assert policy("adaptive") == "serial"
+    assert set(state) == {"policy", "contended", "joins", "slow_joins", "serial_ops",
+                          "slow_join_us"}
+    assert state["slow_join_us"] == 1000
+
+
+def test_bad_policy_is_an_error(policy):
+    with pytest.raises(ValueError, match="load policy must be one of"):
+        ops.set_load_policy("sometimes")
+    with pytest.raises(ValueError, match="slow_join_us must be"):
+        ops.set_load_policy("adaptive", -5)
+    with pytest.raises(RuntimeError, match="policy must be -1"):
+        torch.ops.slimops.load_watch(3)
+    with pytest.raises(RuntimeError, match="slow_join_us must be"):
+        torch.ops.slimops.load_watch(-1, 1 << 41)
+    assert ops.load_watch()["policy"] == "off"
+
+
+def _conv_case():
+    torch.manual_seed(0)
+    x = torch.randn(4, 24, 30, 30, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 32, 3, 3, dtype=torch.float64, requires_grad=True)
+    scale, shift = torch.rand(36, dtype=torch.float64) + 0.5, torch.randn(36, dtype=torch.float64)
+    return x, weight, scale, shift
+
+
+def _run_conv(x, weight, scale, shift):
+    out = ops.conv2d(x, weight, None, 36, 1, 1, 1, 1, scale, shift, None, "relu")
+    gx, gw = torch.autograd.grad(out, (x, weight), torch.ones_like(out))
+    return out.detach(), gx, gw
+
+
+def test_serial_op_is_the_one_thread_op(policy, two_threads):
+    """Policy serial: each op runs as under torch.set_num_threads(1) (bitwise), is counted,
+    and the caller's thread count is the same after it."""
+    case = _conv_case()
+    torch.set_num_threads(1)
+    expected = _run_conv(*case)
+    torch.set_num_threads(2)
+    policy("serial")
+    before = ops.load_watch()["serial_ops"]
+    got = _run_conv(*case)
+    assert ops.load_watch()["serial_ops"] >= before + 2  # forward and backward at least
+    assert torch.get_num_threads() == 2
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+def test_serial_ops_match_the_reference(policy, two_threads):
+    """Every op family under policy serial against slimops.reference (depthwise, BN, linear
+    with their backward; the conv above)."""
+    policy("serial")
+    torch.manual_seed(1)
+    x = torch.randn(2, 16, 9, 11, dtype=torch.float64, requires_grad=True)
+    dw = torch.randn(24, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    lw = torch.randn(30, 20, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    gamma = torch.rand(16, dtype=torch.float64) + 0.5
+    beta = torch.randn(16, dtype=torch.float64)
+    for impl in (ops, slimops.reference):
+        y = impl.depthwise_conv2d(x, dw, None, 1, 1, 1, None, None, None, "relu")
+        rm, rv = torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64)
+        z = impl.batch_norm_act(y, gamma, beta, rm, rv, True, 0.1, 1e-5, None, "relu6")
+        lin = impl.linear(v, lw, None, 25)
+        outs = (z, lin, *torch.autograd.grad(z.sum() + lin.sum(), (x, dw, v, lw)), rm, rv)
+        if impl is ops:
+            got = outs
+    for g, e in zip(got, outs):
+        torch.testing.assert_close(g, e)
+
+
+def test_thread_count_comes_back_after_an_error(policy, two_threads):
+    policy("serial")
+    x = torch.randn(1, 5, 8, 8)
+    with pytest.raises(RuntimeError):
+        torch.ops.slimops.conv2d(x, torch.randn(8, 4, 3, 3), None, 8, [1, 1], [1, 1], [1, 1],
+                                 1, None, None, None, 0)
+    assert torch.get_num_threads() == 2
+
+
+def test_off_never_serial(policy, two_threads):
+    policy("off")
+    before = ops.load_watch()["serial_ops"]
+    _run_conv(*_conv_case())
+    assert ops.load_watch()["serial_ops"] == before
+    assert not ops.machine_contended()
+
+
+@pytest.mark.parametrize("name", ["serial", "off"])
+def test_serial_while_contended(policy, two_threads, name):
+    policy(name)
+    with slimops.serial_while_contended() as serial:
+        inside = torch.get_num_threads()
+    assert serial == (name == "serial")
+    assert inside == (1 if name == "serial" else 2)
+    assert torch.get_num_threads() == 2
+
+
+def test_serial_while_contended_restores_on_error(policy, two_threads):
+    policy("serial")
+    with pytest.raises(KeyError):
+        with slimops.serial_while_contended():
+            raise KeyError("inside")
+    assert torch.get_num_threads() == 2
+
+
+def test_serial_while_contended_one_thread_is_a_no_op(policy):
+    policy("serial")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with slimops.serial_while_contended() as serial:
+            assert torch.get_num_threads() == 1
+        assert serial is False
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", ["serial", "off"])
+def test_slimmable_step_runs_the_whole_step_serial(policy, two_threads, name):
+    """The training step (forward, loss, backward, optimizer) runs on one thread while the
+    machine is contended: the loss function sees the thread count."""
+    policy(name)
+    torch.manual_seed(0)
+    model = nn.Sequential(SlimConvBNAct([4, 4], [4, 8], 3, widths=(0.5, 1.0)),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    seen = []
+
+    def loss_fn(out, target):
+        seen.append(torch.get_num_threads())
+        return nn.functional.cross_entropy(out, target)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    slimmable_step(model, torch.randn(4, 4, 6, 6), torch.tensor([0, 1, 2, 3]), loss_fn, opt)
+    assert seen == [1 if name == "serial" else 2] * 2
+    assert torch.get_num_threads() == 2
+
+
+_CHILD = textwrap.dedent("""
+    import sys, torch, slimops
+    from slimops import ops
+    ops.set_load_policy(sys.argv[1], int(sys.argv[2]))
+    torch.set_num_threads(2)
+    x = torch.randn(1, 8, 6, 6)
+    for _ in range(3):
+        ops.depthwise_conv2d(x, torch.randn(8, 1, 3, 3), None, 1, 1, 1, None, None, None, None)
+    s = ops.load_watch()
+    print(s["joins"], s["slow_joins"], int(s["contended"]), s["serial_ops"], s["slow_join_us"])
+""")
+
+
+def _child(policy: str, slow_join_us: int):
+    """A fresh process (no join timed yet) with 2 threads running three small depthwise convs
+    (one-thread work: no region of their own) under the policy: [joins, slow_joins,
+    contended, serial_ops, slow_join_us]."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, policy, str(slow_join_us)], check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    return [int(v) for v in out.split()]
+
+
+def test_a_slow_join_turns_the_ops_serial():
+    """Every join counts as slow (threshold 0): the first op's probe region marks the machine
+    contended, and it and the ops after it run serial with no further region."""
+    joins, slow, contended, serial, threshold = _child("adaptive", 0)
+    assert (joins, slow, contended, serial, threshold) == (1, 1, 1, 3, 0)
+
+
+def test_fast_joins_keep_the_team():
+    """No join counts as slow: one probe (the next is 100 ms later), nothing serial."""
+    assert _child("adaptive", 10 ** 9) == [1, 0, 0, 0, 10 ** 9]
+
+
+def test_off_does_not_probe():
+    assert _child("off", 0) == [0, 0, 0, 0, 0]
