@@ -31,7 +31,9 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -145,15 +147,19 @@ class LoadScope {
       probe_team();
       if (!machine_contended()) return;
     }
+#ifdef _OPENMP  // a build without OpenMP has no team (at::parallel_for runs inline)
     threads_ = omp_get_max_threads();
     omp_set_num_threads(1);
     if (MKL_Set_Num_Threads_Local != nullptr) mkl_ = MKL_Set_Num_Threads_Local(1);
     load_watch().serial_ops.fetch_add(1, std::memory_order_relaxed);
+#endif
   }
   ~LoadScope() {
     if (threads_ == 0) return;
+#ifdef _OPENMP
     omp_set_num_threads(threads_);
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_);
+#endif
   }
   LoadScope(const LoadScope&) = delete;
   LoadScope& operator=(const LoadScope&) = delete;
