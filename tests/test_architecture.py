@@ -139,3 +139,18 @@ def test_backend_state_changes_only_through_its_functions():
             for target in targets:
                 text = ast.unparse(target)
                 assert not text.startswith("_backend."), f"{module} assigns {text}"
+
+
+CPU_SOURCES = sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))
+
+
+@pytest.mark.parametrize("path", CPU_SOURCES, ids=lambda p: p.name)
+def test_cpu_kernels_run_under_the_load_watch(path):
+    """Every CPU kernel registers through SLIMOPS_CPU_IMPL (common.h: its LoadScope takes the
+    op to one thread while the machine is contended), and every region the kernels open is
+    one whose join the watch times (run_tasks / watched_parallel_for in parallel.h), never a
+    bare at::parallel_for: a region the watch cannot see would let a busy machine go
+    unnoticed (csrc/cpu/parallel.h, rule 5)."""
+    text = path.read_text()
+    assert "m.impl(" not in text, f"{path.name} registers a kernel without SLIMOPS_CPU_IMPL"
+    assert "at::parallel_for(" not in text, f"{path.name} opens a region the watch cannot time"
