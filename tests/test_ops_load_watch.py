@@ -49,7 +49,7 @@ def test_policy_round_trip(policy):
     assert slimops.backend_info()["load_policy"] == "serial"
     assert policy("adaptive") == "serial"
     assert set(state) == {"policy", "contended", "joins", "slow_joins", "serial_ops",
-                          "slow_join_us"}
+                          "slow_join_us", "samples", "busy_samples"}
     assert state["slow_join_us"] == 1000
 
 
@@ -221,3 +221,50 @@ def test_fast_joins_keep_the_team():
 
 def test_off_does_not_probe():
     assert _child("off", 0) == [0, 0, 0, 0, 0]
+
+
+_SAMPLED_CHILD = textwrap.dedent("""
+    import os, sys, time, torch, slimops
+    from slimops import ops
+    if sys.argv[1] == "one-cpu":
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    ops.set_load_policy("adaptive", 10 ** 9)  # no join counts as slow: the samples decide
+    torch.set_num_threads(2)
+    x, w = torch.randn(1, 8, 6, 6), torch.randn(8, 1, 3, 3)
+    end = time.monotonic() + 0.7  # three 200 ms windows at least
+    while time.monotonic() < end:
+        ops.depthwise_conv2d(x, w, None, 1, 1, 1, None, None, None, None)
+    s = ops.load_watch()
+    print(s["samples"], s["busy_samples"], int(s["contended"]), s["serial_ops"], s["slow_joins"])
+""")
+
+
+def _sampled_child(setting: str):
+    out = subprocess.run([sys.executable, "-c", _SAMPLED_CHILD, setting], check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    return [int(v) for v in out.split()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat: Linux")
+def test_a_team_larger_than_its_cpus_is_contended():
+    """Two threads allowed one CPU: whatever else runs, the CPU left is less than the team
+    needs, so the CPU-time windows mark the machine contended and the ops run serial (the
+    joins, counted slow only past 10^9 us, play no part)."""
+    samples, busy, contended, serial, slow = _sampled_child("one-cpu")
+    assert samples >= 1 and busy == samples
+    assert contended == 1 and serial >= 1 and slow == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) != 2,
+                    reason="/proc/stat: Linux; the threshold's arithmetic for 2 CPUs")
+def test_another_process_on_a_core_is_seen():
+    """Another process spinning on one of two CPUs: the windows see it (about one core left
+    for a team of two)."""
+    spinner = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+    try:
+        samples, busy, contended, serial, _ = _sampled_child("all-cpus")
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert samples >= 1 and busy >= 1
+    assert contended == 1 and serial >= 1

@@ -76,6 +76,7 @@ struct LoadWatch {
   std::atomic<int64_t> last_join{0};        // when a join was last timed
   std::atomic<int64_t> slow_join{kSlowJoinNs};
   std::atomic<int64_t> joins{0}, slow_joins{0}, serial_ops{0};
+  std::atomic<int64_t> samples{0}, busy_samples{0};  // load_watch.cpp's CPU-time windows
 
   static LoadPolicy initial_policy() {
     const char* v = std::getenv("SLIMOPS_LOAD_POLICY");
@@ -108,6 +109,10 @@ inline bool machine_contended() {
   return until != 0 && monotonic_ns() < until;
 }
 
+inline void mark_contended(int64_t now_ns) {
+  load_watch().contended_until.store(now_ns + kContendedHoldNs, std::memory_order_relaxed);
+}
+
 // Called once by each team thread other than the first, as it starts its part of a region
 // opened at `opened_ns`.
 inline void note_join(int64_t opened_ns) {
@@ -117,21 +122,33 @@ inline void note_join(int64_t opened_ns) {
   w.last_join.store(now, std::memory_order_relaxed);
   if (now - opened_ns > w.slow_join.load(std::memory_order_relaxed)) {
     w.slow_joins.fetch_add(1, std::memory_order_relaxed);
-    w.contended_until.store(now + kContendedHoldNs, std::memory_order_relaxed);
+    mark_contended(now);
   }
 }
+
+// load_watch.cpp: at most every 200 ms, true when other processes left the CPUs this process
+// may run on less than a team of `threads` needs since the last sample (counted in
+// LoadWatch::samples / busy_samples); false between samples and where /proc cannot be read.
+bool sample_others_load(int64_t now_ns, int64_t threads);
 
 template <typename F>
 void watched_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn);
 
-// Opens an empty region to time the team's join, unless a join was timed in the last
-// kProbeIntervalNs (or another thread is probing). Outside a region, more than one thread.
+// Under the adaptive policy, samples the machine's other load (load_watch.cpp, every 200 ms)
+// and opens an empty region to time the team's join unless a join was
+// timed in the last kProbeIntervalNs (or another thread is probing), contended or not: while
+// the ops run serial nothing else times a join, and a busy machine must keep its mark (a
+// probe there costs about a time slice, ~1-3% at one per 100 ms, against the 2-10x a
+// two-thread op loses). Outside a region, with more than one thread.
 inline void probe_team() {
   LoadWatch& w = load_watch();
-  int64_t last = w.last_join.load(std::memory_order_relaxed);
+  if (load_policy() != LoadPolicy::kAdaptive) return;
   const int64_t now = monotonic_ns();
+  const int64_t threads = at::get_num_threads();
+  if (sample_others_load(now, threads)) mark_contended(now);
+  int64_t last = w.last_join.load(std::memory_order_relaxed);
   if (now - last < kProbeIntervalNs || !w.last_join.compare_exchange_strong(last, now)) return;
-  watched_parallel_for(0, at::get_num_threads(), 1, [](int64_t, int64_t) {});
+  watched_parallel_for(0, threads, 1, [](int64_t, int64_t) {});
 }
 
 // Around every CPU op (registered through serial_when_contended below): while the machine is
@@ -142,11 +159,8 @@ class LoadScope {
  public:
   LoadScope() {
     if (at::in_parallel_region() || at::get_num_threads() == 1) return;
-    if (!machine_contended()) {
-      if (load_policy() != LoadPolicy::kAdaptive) return;
-      probe_team();
-      if (!machine_contended()) return;
-    }
+    probe_team();
+    if (!machine_contended()) return;
 #ifdef _OPENMP  // a build without OpenMP has no team (at::parallel_for runs inline)
     threads_ = omp_get_max_threads();
     omp_set_num_threads(1);

@@ -41,22 +41,24 @@ POLICIES = ("adaptive", "off", "serial")
 always the thread team; ``serial``: always one thread (tests and benchmarks)."""
 
 
-def _query(policy: int = -1, slow_join_us: int = -1) -> list:
-    return torch.ops.slimops.load_watch(policy, slow_join_us)
+def _query(policy: int = -1, slow_join_us: int = -1, probe: bool = False) -> list:
+    return torch.ops.slimops.load_watch(policy, slow_join_us, probe)
 
 
 def load_watch() -> Dict[str, Union[str, bool, int, None]]:
     """The load watch's state: ``{"policy", "contended", "joins", "slow_joins", "serial_ops",
-    "slow_join_us"}``: the policy (one of :data:`POLICIES`; None without the compiled
-    extension), whether ops run serial now; since the process started, the team joins timed,
-    the slow ones among them and the op calls that ran serial; and the join time counted as
-    slow (microseconds; None without the extension)."""
+    "slow_join_us", "samples", "busy_samples"}``: the policy (one of :data:`POLICIES`; None
+    without the compiled extension), whether ops run serial now; since the process started,
+    the team joins timed, the slow ones among them and the op calls that ran serial; the join
+    time counted as slow (microseconds; None without the extension); the CPU-time windows
+    sampled and those in which other processes left too little of the CPUs."""
     if not HAS_C:
         return {"policy": None, "contended": False, "joins": 0, "slow_joins": 0,
-                "serial_ops": 0, "slow_join_us": None}
-    policy, contended, joins, slow, serial, slow_join_us = _query()
+                "serial_ops": 0, "slow_join_us": None, "samples": 0, "busy_samples": 0}
+    policy, contended, joins, slow, serial, slow_join_us, samples, busy = _query()
     return {"policy": POLICIES[policy], "contended": bool(contended), "joins": joins,
-            "slow_joins": slow, "serial_ops": serial, "slow_join_us": slow_join_us}
+            "slow_joins": slow, "serial_ops": serial, "slow_join_us": slow_join_us,
+            "samples": samples, "busy_samples": busy}
 
 
 def set_load_policy(policy: str, slow_join_us: Optional[int] = None) -> str:
@@ -77,9 +79,10 @@ def set_load_policy(policy: str, slow_join_us: Optional[int] = None) -> str:
     return previous
 
 
-def machine_contended() -> bool:
-    """True while the load watch runs slimops' ops serial (see the module's docstring)."""
-    return HAS_C and bool(_query()[1])
+def machine_contended(probe: bool = False) -> bool:
+    """True while the load watch runs slimops' ops serial (see the module's docstring).
+    ``probe``: time the thread team's join first, as an op would (at most every 100 ms)."""
+    return HAS_C and bool(_query(probe=probe)[1])
 
 
 @contextlib.contextmanager
@@ -95,7 +98,9 @@ def serial_while_contended() -> Iterator[bool]:
             logits = model(x)
     """
     threads = torch.get_num_threads()
-    serial = threads > 1 and machine_contended()
+    # probe: inside the block the ops see one thread and time no join, so the block's start
+    # is where the watch looks (at most every 100 ms).
+    serial = threads > 1 and machine_contended(probe=True)
     if serial:
         torch.set_num_threads(1)
     try:
