@@ -21,6 +21,8 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "cpu/parallel.h"
+
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -305,6 +307,35 @@ PyObject* eval_conv(PyObject*, PyObject* const* args, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
+// serial_enter(): the start of a slimops.serial_while_contended block
+// (slimops/ops/load_watch.py): parallel.h's serial_threads for the calling thread; returns
+// (omp, mkl) for serial_exit when it took the thread to one, else None.
+PyObject* serial_enter(PyObject*, PyObject* const*, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  if (n != 0) {
+    PyErr_SetString(PyExc_TypeError, "serial_enter() takes no arguments");
+    return nullptr;
+  }
+  const slimops::cpu::SavedThreads saved = slimops::cpu::serial_threads();
+  if (saved.omp == 0) Py_RETURN_NONE;
+  return Py_BuildValue("(ii)", saved.omp, saved.mkl);
+  END_HANDLE_TH_ERRORS
+}
+
+// serial_exit(omp, mkl): puts back what serial_enter returned.
+PyObject* serial_exit(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  long omp = 0, mkl = 0;
+  if (n != 2 || (omp = PyLong_AsLong(args[0])) <= 0 || (mkl = PyLong_AsLong(args[1])) < 0) {
+    if (!PyErr_Occurred())
+      PyErr_SetString(PyExc_ValueError, "serial_exit(omp, mkl): what serial_enter returned");
+    return nullptr;
+  }
+  slimops::cpu::restore_threads({static_cast<int>(omp), static_cast<int>(mkl)});
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 #define SLIMOPS_ENTRY(name, doc) \
   {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(name)), METH_FASTCALL, doc}
 
@@ -317,6 +348,8 @@ PyMethodDef methods[] = {
                   "slimops::update_running_stats, positional schema arguments"),
     SLIMOPS_ENTRY(state_stamp, "bytes naming the state of each tensor argument (or None)"),
     SLIMOPS_ENTRY(eval_conv, "a SlimConvBNAct inference call from its cached plan"),
+    SLIMOPS_ENTRY(serial_enter, "the calling thread to one thread while the machine is busy"),
+    SLIMOPS_ENTRY(serial_exit, "puts back what serial_enter changed"),
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

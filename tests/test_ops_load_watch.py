@@ -6,6 +6,7 @@ load); these tests set the policy they check and put it back."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -268,3 +269,23 @@ def test_another_process_on_a_core_is_seen():
         spinner.wait()
     assert samples >= 1 and busy >= 1
     assert contended == 1 and serial >= 1
+
+
+def test_serial_exit_checks_its_arguments():
+    lw = importlib.import_module("slimops.ops.load_watch")  # the package exports its function
+
+    with pytest.raises(ValueError, match="what serial_enter returned"):
+        lw._SERIAL_EXIT(0, 0)
+    with pytest.raises(TypeError):
+        lw._SERIAL_ENTER(1)
+
+
+def test_blocks_nest(policy, two_threads):
+    """An inner block inside a serial one changes nothing; the outer one restores."""
+    policy("serial")
+    with slimops.serial_while_contended() as outer:
+        with slimops.serial_while_contended() as inner:
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert (outer, inner) == (True, False)
+    assert torch.get_num_threads() == 2

@@ -13,20 +13,21 @@
 //     single-threaded (BLAS does not open a team inside an OpenMP region).
 //  4. Results never depend on which thread ran a task: every task writes its own outputs, and
 //     reductions go through per-task partials summed in task order (deterministic).
-//  5. A busy core turns the whole op serial (the load watch below). Rules 1-3 bound what one
-//     region loses; they cannot stop the loss per region: the closing barrier still waits for
-//     a worker the OS has not run, and libgomp's waiting thread spins on its own core
-//     meanwhile. Measured on a 2-core Intel Xeon with another process spinning on one core:
-//     an S-MobileNet v2 training step (32x32, batch 64) took 2,434 ms on 2 threads and 219 ms
-//     on 1; batch-1 S-ResNet-50 eval 384 ms against 59. So the team's join of each region is
-//     timed (the regions opened here; BLAS and oneDNN open their own, which cannot be timed,
-//     so an op also opens an empty probe region when no join was timed for kProbeIntervalNs);
-//     a join slower than kSlowJoinNs (idle joins take microseconds, a descheduled worker a
-//     scheduler slice) marks the machine contended for kContendedHoldNs, and while it is,
-//     each op runs on the calling thread alone, BLAS and oneDNN included (LoadScope, around
-//     every CPU op). The first op after that probes again. SLIMOPS_LOAD_POLICY=off keeps the team always (bitwise the same rounding as an
-//     idle machine; the serial ops round as with torch.set_num_threads(1)), `serial` never
-//     uses it; the load_watch op reads and sets the same.
+//  5. While another process holds a core, every op runs serial (the load watch below). Rules
+//     1-3 bound what one region loses; they cannot stop the loss: the closing barrier still
+//     waits for a worker the OS has not run, while libgomp's waiting thread spins on the free
+//     core. Measured on a 2-core Intel Xeon with another process spinning on one core: an
+//     S-MobileNet v2 training step (32x32, batch 64) took 2,434 ms on 2 threads and 219 ms
+//     on 1; batch-1 S-ResNet-50 eval 384 ms against 59. Two signs of load: a region's second
+//     thread joining later than kSlowJoinNs (watched_parallel_for times every region opened
+//     here; BLAS and oneDNN open their own, so an op opens an empty probe region when no join
+//     was timed for kProbeIntervalNs), and a 200 ms window in which other processes left this
+//     process's CPUs less than its team needs (load_watch.cpp). Either marks the machine
+//     contended for kContendedHoldNs, and while it is, each op runs on its calling thread
+//     alone, BLAS and oneDNN included (LoadScope, registered around every CPU op).
+//     SLIMOPS_LOAD_POLICY=off keeps the team always (the rounding of an idle machine; a serial
+//     op rounds as under torch.set_num_threads(1)), `serial` never uses it; the load_watch op
+//     reads and sets the same (slimops/ops/load_watch.py).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -60,12 +61,13 @@ namespace cpu {
 // (a spinning worker, or one woken from its futex); a descheduled one waits for the other
 // process's time slice (milliseconds). The load_watch op can change it (LoadWatch::slow_join).
 constexpr int64_t kSlowJoinNs = 1000 * 1000;
-// How long one slow join keeps the ops serial before a region probes the team again. Each
-// probe on a busy machine costs about one slow region; a load that goes away costs at most
+// How long one sign of load (a slow join, a busy window) keeps the ops serial. A busy machine
+// renews it (windows every 200 ms, probes every 100 ms); a load that goes away costs at most
 // this long on one thread.
 constexpr int64_t kContendedHoldNs = 1000 * 1000 * 1000;
-// An op whose regions are all BLAS's or oneDNN's opens an empty region to time the join when
-// none was timed for this long: an idle probe costs microseconds, so at most ~0.01%.
+// An op opens an empty region to time the join when none was timed for this long (its own
+// regions may all be BLAS's or oneDNN's, or it runs serial): an idle probe costs
+// microseconds, so at most ~0.01%.
 constexpr int64_t kProbeIntervalNs = 100 * 1000 * 1000;
 
 enum class LoadPolicy : int64_t { kAdaptive = 0, kOff = 1, kSerial = 2 };
@@ -101,7 +103,8 @@ inline LoadPolicy load_policy() {
   return static_cast<LoadPolicy>(load_watch().policy.load(std::memory_order_relaxed));
 }
 
-// True while ops should run serial: the policy says so, or a recent region saw a slow join.
+// True while ops should run serial: the policy says so, or a sign of load was seen in the
+// last kContendedHoldNs.
 inline bool machine_contended() {
   const LoadPolicy policy = load_policy();
   if (policy != LoadPolicy::kAdaptive) return policy == LoadPolicy::kSerial;
@@ -135,11 +138,11 @@ template <typename F>
 void watched_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn);
 
 // Under the adaptive policy, samples the machine's other load (load_watch.cpp, every 200 ms)
-// and opens an empty region to time the team's join unless a join was
-// timed in the last kProbeIntervalNs (or another thread is probing), contended or not: while
-// the ops run serial nothing else times a join, and a busy machine must keep its mark (a
-// probe there costs about a time slice, ~1-3% at one per 100 ms, against the 2-10x a
-// two-thread op loses). Outside a region, with more than one thread.
+// and opens an empty region to time the team's join unless a join was timed in the last
+// kProbeIntervalNs (or another thread is probing), contended or not: while the ops run serial
+// nothing else times a join (a probe on a busy machine costs up to a time slice, a few % at
+// one per 100 ms, against the 2-10x a two-thread op loses). Outside a region, with more than
+// one thread.
 inline void probe_team() {
   LoadWatch& w = load_watch();
   if (load_policy() != LoadPolicy::kAdaptive) return;
@@ -151,36 +154,51 @@ inline void probe_team() {
   watched_parallel_for(0, threads, 1, [](int64_t, int64_t) {});
 }
 
-// Around every CPU op (registered through serial_when_contended below): while the machine is
-// contended, the op and everything it calls (its own regions, BLAS, oneDNN, aten) see one
-// thread, as under torch.set_num_threads(1), and the thread count comes back on exit. Only
-// the calling thread's OpenMP and MKL settings change (both are per-thread), nothing global.
+// The calling thread's OpenMP and MKL thread counts, as serial_threads found them.
+struct SavedThreads {
+  int omp = 0;  // 0: nothing was changed
+  int mkl = 0;
+};
+
+// When the machine is contended (probing first) and the calling thread has a team outside a
+// region: sets the calling thread's OpenMP and MKL thread counts to 1, so everything it runs
+// next (slimops' regions, BLAS, oneDNN, aten) sees one thread as under
+// torch.set_num_threads(1), and returns what restore_threads puts back. Only per-thread
+// settings change, nothing global (torch.set_num_threads would also resize torch's
+// pthreadpool, creating threads on every call).
+inline SavedThreads serial_threads() {
+  SavedThreads saved;
+  if (at::in_parallel_region() || at::get_num_threads() == 1) return saved;
+  probe_team();
+  if (!machine_contended()) return saved;
+#ifdef _OPENMP  // a build without OpenMP has no team (at::parallel_for runs inline)
+  saved.omp = omp_get_max_threads();
+  omp_set_num_threads(1);
+  if (MKL_Set_Num_Threads_Local != nullptr) saved.mkl = MKL_Set_Num_Threads_Local(1);
+  load_watch().serial_ops.fetch_add(1, std::memory_order_relaxed);
+#endif
+  return saved;
+}
+
+inline void restore_threads(const SavedThreads& saved) {
+  if (saved.omp == 0) return;
+#ifdef _OPENMP
+  omp_set_num_threads(saved.omp);
+  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(saved.mkl);
+#endif
+}
+
+// Around every CPU op (registered through serial_when_contended below): the op runs serial
+// while the machine is contended, and the thread counts come back on exit.
 class LoadScope {
  public:
-  LoadScope() {
-    if (at::in_parallel_region() || at::get_num_threads() == 1) return;
-    probe_team();
-    if (!machine_contended()) return;
-#ifdef _OPENMP  // a build without OpenMP has no team (at::parallel_for runs inline)
-    threads_ = omp_get_max_threads();
-    omp_set_num_threads(1);
-    if (MKL_Set_Num_Threads_Local != nullptr) mkl_ = MKL_Set_Num_Threads_Local(1);
-    load_watch().serial_ops.fetch_add(1, std::memory_order_relaxed);
-#endif
-  }
-  ~LoadScope() {
-    if (threads_ == 0) return;
-#ifdef _OPENMP
-    omp_set_num_threads(threads_);
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_);
-#endif
-  }
+  LoadScope() : saved_(serial_threads()) {}
+  ~LoadScope() { restore_threads(saved_); }
   LoadScope(const LoadScope&) = delete;
   LoadScope& operator=(const LoadScope&) = delete;
 
  private:
-  int threads_ = 0;  // 0: nothing changed
-  int mkl_ = 0;
+  SavedThreads saved_;
 };
 
 // serial_when_contended<&op>::call is `op` run inside a LoadScope, for TORCH_LIBRARY_IMPL.

@@ -8,17 +8,19 @@ core kept busy (``bench/matrix.py --busy``): an S-MobileNet v2 training step at 
 batch 64, 2,434 ms on two threads against 219 ms on one; batch-1 S-ResNet-50 eval 468 ms
 against 55.
 
-So the C++ ops time how long their thread team takes to join each region
-(``csrc/cpu/parallel.h``, rule 5). A join slower than 1 ms (idle joins take microseconds)
-marks the machine *contended* for one second, and while it is, every slimops CPU op runs on
-its calling thread alone, the BLAS and oneDNN calls inside it included; the first region
-after that second probes again. That covers slimops' ops only: the plain torch ops between
+So the C++ ops watch the machine (``csrc/cpu/parallel.h``, rule 5; ``csrc/cpu/load_watch.cpp``)
+for two signs of load: a region's second thread joining it more than 1 ms late (idle joins
+take microseconds), and a 200 ms window in which other processes took so much of this
+process's CPUs (``/proc/stat`` minus this process's own CPU time) that less is left than the
+thread team needs. Either marks the machine *contended* for one second (a busy machine renews
+it), and while it is, every slimops CPU op runs on its calling thread alone, the BLAS and
+oneDNN calls inside it included. That covers slimops' ops only: the plain torch ops between
 them (pooling, additions, the optimizer, the autograd engine's gradient sums) still open
-two-thread regions. :func:`serial_while_contended` takes a whole block (a training step, a
-forward) to one thread when the machine is contended; ``slimops.train.slimmable_step`` (and so
-``Trainer``) uses it for every step. With one core busy, S-ResNet-50's batch-1 eval at 1x
-took 468 ms with the watch off, 79 ms with the ops alone serial and 55 ms inside
-:func:`serial_while_contended` (the same Xeon, one process, interleaved).
+two-thread regions. :class:`serial_while_contended` takes a whole block (a training step, a
+forward) to one thread when the machine is contended; ``slimops.train.slimmable_step`` (and
+so ``Trainer``), ``evaluate`` and ``calibrate_bn`` use it. With one core busy, S-ResNet-50's
+batch-1 eval at 1x took 468 ms with the watch off, 79 ms with the ops alone serial and 55 ms
+inside the block (the same Xeon, one process, interleaved; the joins alone as the signal).
 
 Rounding: a serial op rounds as under ``torch.set_num_threads(1)``; slimops' own kernels keep
 the same reduction order either way, but oneDNN and MKL may not, so a result can differ in
@@ -29,12 +31,17 @@ bitwise the same on every call, at the busy machine's speed.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Iterator, Optional, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from slimops.ops import _backend
 from slimops.ops._backend import HAS_C
+
+# slimops._C's direct entries (csrc/python_module.cpp), None without the extension.
+_SERIAL_ENTER: Optional[Callable[[], Optional[Tuple[int, int]]]] = \
+    _backend.direct_entry("serial_enter")
+_SERIAL_EXIT: Optional[Callable[[int, int], None]] = _backend.direct_entry("serial_exit")
 
 POLICIES = ("adaptive", "off", "serial")
 """``adaptive`` (the default): serial while a slow join was seen in the last second; ``off``:
@@ -85,26 +92,33 @@ def machine_contended(probe: bool = False) -> bool:
     return HAS_C and bool(_query(probe=probe)[1])
 
 
-@contextlib.contextmanager
-def serial_while_contended() -> Iterator[bool]:
-    """Run the block on one thread (``torch.set_num_threads(1)``, restored on exit) when the
-    load watch finds the machine contended as the block starts; yields whether it did.
+class serial_while_contended:  # noqa: N801 (a context manager, named like one)
+    """Run the block on one thread when the load watch finds the machine contended as the
+    block starts (the calling thread's OpenMP and MKL thread counts, put back on exit); ``as``
+    gives whether it did.
 
     Wrap whole units of work (a training step, an inference forward) in it: the plain torch
     ops between slimops' ops then run serial too, instead of each waiting for a descheduled
-    worker. On an idle machine (or policy ``off``) it changes nothing::
+    worker. On an idle machine (or policy ``off``) it changes nothing; it costs about a
+    microsecond. Not ``torch.set_num_threads(1)``: that also resizes torch's thread pool for
+    XNNPACK (threads created and joined on every call)::
 
         with torch.inference_mode(), slimops.serial_while_contended():
             logits = model(x)
     """
-    threads = torch.get_num_threads()
-    # probe: inside the block the ops see one thread and time no join, so the block's start
-    # is where the watch looks (at most every 100 ms).
-    serial = threads > 1 and machine_contended(probe=True)
-    if serial:
-        torch.set_num_threads(1)
-    try:
-        yield serial
-    finally:
-        if serial:
-            torch.set_num_threads(threads)
+
+    __slots__ = ("_saved",)
+
+    def __init__(self) -> None:
+        self._saved: Optional[Tuple[int, int]] = None
+
+    def __enter__(self) -> bool:
+        # serial_enter probes first: inside the block the ops see one thread and time no
+        # join, so the block's start is where the watch looks (at most every 100 ms).
+        self._saved = _SERIAL_ENTER() if _SERIAL_ENTER is not None else None
+        return self._saved is not None
+
+    def __exit__(self, *exc: object) -> None:
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            _SERIAL_EXIT(*saved)

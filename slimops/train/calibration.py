@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from slimops.ops.load_watch import serial_while_contended
 from slimops.nn import SwitchableBatchNorm2d
 from slimops.width import width as width_scope
 from slimops.train._common import _check_widths, _inputs_only, _modes, _restore_modes, _to
@@ -116,7 +117,9 @@ def calibrate_bn(
                 seen = 0
                 with width_scope(module, w):
                     for batch in itertools.islice(loader, num_batches):
-                        module(_to(_inputs_only(batch), device))
+                        # one thread while another process holds a core (load_watch)
+                        with serial_while_contended():
+                            module(_to(_inputs_only(batch), device))
                         seen += 1
                 if ddp is not None:
                     _merge_calibration(targets, seen, ddp.process_group, _comm_device(module))

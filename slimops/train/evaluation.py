@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from slimops.ops.load_watch import serial_while_contended
 from slimops.width import width as width_scope
 from slimops.train._common import _check_widths, _modes, _restore_modes, _split_batch, _to
 from slimops.train.distributed import _comm_device, _ddp, _unwrap
@@ -83,11 +84,13 @@ def evaluate(
             for batch in loader:
                 inputs, targets = _split_batch(batch)
                 inputs, targets = _to(inputs, device), _to(targets, device)
-                for w in ws:
-                    with width_scope(module, w):
-                        output = module(inputs)
-                    for i, c in enumerate(_correct_topk(output, targets, ks)):
-                        correct[w][i] += c
+                # one thread per batch while another process holds a core (load_watch)
+                with serial_while_contended():
+                    for w in ws:
+                        with width_scope(module, w):
+                            output = module(inputs)
+                        for i, c in enumerate(_correct_topk(output, targets, ks)):
+                            correct[w][i] += c
                 total += int(targets.numel())
     finally:
         _restore_modes(modes)
