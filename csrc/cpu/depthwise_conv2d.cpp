@@ -457,7 +457,7 @@ at::Tensor depthwise_forward_kernels(const at::Tensor& x, const at::Tensor& weig
         const auto affine_act = FlatKernels<scalar_t>::affine_act();
         const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
         watched_parallel_for(0, pr.N * blocks, grain_for(kLanes * p.plane_work()),
-                         [&](int64_t begin, int64_t end) {
+                             [&](int64_t begin, int64_t end) {
           FlatBlock<scalar_t> fb(p);
           std::vector<scalar_t> acc(fb.ld), a(kLanes), t(kLanes);
           for_block_tasks(begin, end, pr.N, pr.C, [&](int64_t c0, int64_t lanes) {
@@ -485,7 +485,7 @@ at::Tensor depthwise_forward_kernels(const at::Tensor& x, const at::Tensor& weig
         const auto forward_lanes = Kernels::lanes();
         const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
         watched_parallel_for(0, pr.N * blocks, grain_for(kLanes * p.plane_work()),
-                         [&](int64_t begin, int64_t end) {
+                             [&](int64_t begin, int64_t end) {
           std::vector<scalar_t> field(p.HP * p.WP * kLanes), wl(taps * kLanes),
               acc(out_plane * kLanes), a(kLanes), t(kLanes);
           for_block_tasks(begin, end, pr.N, pr.C, [&](int64_t c0, int64_t lanes) {
@@ -502,7 +502,8 @@ at::Tensor depthwise_forward_kernels(const at::Tensor& x, const at::Tensor& weig
         return;
       }
       const auto forward_plane = Kernels::forward();
-      watched_parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()), [&](int64_t begin, int64_t end) {
+      watched_parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()),
+                           [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
         std::vector<scalar_t> scratch(scratch_size(p));
         for (int64_t plane = begin; plane < end; ++plane) {
@@ -597,7 +598,7 @@ at::Tensor depthwise_input_grad_kernels(const at::Tensor& gz, const at::Tensor& 
       const auto correlate = FlatKernels<scalar_t>::correlate();
       const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
       watched_parallel_for(0, pr.N * blocks, grain_for(kLanes * p.plane_work()),
-                       [&](int64_t begin, int64_t end) {
+                           [&](int64_t begin, int64_t end) {
         FlatBlock<scalar_t> fb(t);
         for_block_tasks(begin, end, pr.N, pr.C, [&](int64_t c0, int64_t lanes) {
           fb.set_block(wp + c0 * taps, lanes, /*flip=*/true);
@@ -641,7 +642,7 @@ at::Tensor depthwise_input_grad_kernels(const at::Tensor& gz, const at::Tensor& 
         const auto correlate_plane =
             KernelsFor<scalar_t, decltype(kh), decltype(kw), decltype(sw)>::forward();
         watched_parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()),
-                         [&](int64_t begin, int64_t end) {
+                             [&](int64_t begin, int64_t end) {
           std::vector<scalar_t> buffer = field_buffer<scalar_t>(t);
           std::vector<scalar_t> scratch(scratch_size(t));
           std::vector<scalar_t> flipped(taps);
@@ -663,7 +664,7 @@ at::Tensor depthwise_input_grad_kernels(const at::Tensor& gz, const at::Tensor& 
       const auto input_grad_plane =
           KernelsFor<scalar_t, decltype(kh), decltype(kw), decltype(sw)>::input_grad_strided();
       watched_parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()),
-                       [&](int64_t begin, int64_t end) {
+                           [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> field(p.phase_field_size());
         for (int64_t plane = begin; plane < end; ++plane)
           input_grad_plane(gip + plane * in_plane, gp + plane * out_plane,
@@ -795,7 +796,8 @@ at::Tensor depthwise_weight_grad_kernels(const at::Tensor& gz, const at::Tensor&
       }
       const auto accumulate_plane = Kernels::accumulate();
       // One channel per task: each grad_weight row has a single writer.
-      watched_parallel_for(0, pr.C, grain_for(pr.N * p.plane_work()), [&](int64_t begin, int64_t end) {
+      watched_parallel_for(0, pr.C, grain_for(pr.N * p.plane_work()),
+                           [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> buffer = field_buffer<scalar_t>(p);
         // Per-tap, per-column partial sums over the rows of a plane, reduced in double once per
         // plane so float32 sums over large batches stay accurate.
