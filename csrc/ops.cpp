@@ -38,12 +38,11 @@ std::vector<int64_t> conv2d_routes(bool clear) {
 
 // The load watch (csrc/cpu/parallel.h's rule 5): [policy, contended, joins, slow_joins,
 // serial_ops, slow_join_us, samples, busy_samples] (policy 0 adaptive, 1 off, 2 serial;
-// contended 1 while ops run serial; counts since the process started; the join time counted
-// as slow, microseconds; CPU-time windows sampled and those that found the machine busy).
+// contended 1 while ops run serial; counts since the process started, serial_ops counting op
+// calls and serial_while_contended blocks; the join time counted as slow, microseconds;
+// CPU-time windows sampled and those that found the machine busy).
 // `policy` >= 0 sets the policy first, `slow_join_us` >= 0 the threshold; -1 only reads.
-// `probe`: time the team's join first where the ops would (slimops.serial_while_contended
-// asks before it decides a block's threads).
-std::vector<int64_t> load_watch(int64_t policy, int64_t slow_join_us, bool probe) {
+std::vector<int64_t> load_watch(int64_t policy, int64_t slow_join_us) {
   using slimops::cpu::LoadPolicy;
   auto& w = slimops::cpu::load_watch();
   TORCH_CHECK(policy >= -1 && policy <= static_cast<int64_t>(LoadPolicy::kSerial),
@@ -54,9 +53,9 @@ std::vector<int64_t> load_watch(int64_t policy, int64_t slow_join_us, bool probe
               slow_join_us);
   if (policy >= 0) w.policy.store(policy);
   if (slow_join_us >= 0) w.slow_join.store(slow_join_us * 1000);
-  if (probe && !at::in_parallel_region() && at::get_num_threads() > 1) slimops::cpu::probe_team();
-  return {w.policy.load(), slimops::cpu::machine_contended() ? 1 : 0, w.joins.load(),
-          w.slow_joins.load(), w.serial_ops.load(), w.slow_join.load() / 1000,
+  return {w.policy.load(),     slimops::cpu::machine_contended() ? 1 : 0,
+          w.joins.load(),      w.slow_joins.load(),
+          w.serial_ops.load(), w.slow_join.load() / 1000,
           w.samples.load(),    w.busy_samples.load()};
 }
 }  // namespace
@@ -64,8 +63,7 @@ std::vector<int64_t> load_watch(int64_t policy, int64_t slow_join_us, bool probe
 TORCH_LIBRARY(slimops, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("conv2d_routes(bool clear=False) -> int[]", &conv2d_routes);
-  m.def("load_watch(int policy=-1, int slow_join_us=-1, bool probe=False) -> int[]",
-        &load_watch);
+  m.def("load_watch(int policy=-1, int slow_join_us=-1) -> int[]", &load_watch);
   // Dense / grouped convolution; groups = G fixed across widths, per-group prefixes.
   m.def(
       "conv2d(Tensor input, Tensor weight, Tensor? bias, int out_channels, int[2] stride, "

@@ -82,6 +82,7 @@ bool sample_others_load(int64_t now_ns, int64_t threads) {
   }();
   std::unique_lock<std::mutex> lock(window.mutex, std::try_to_lock);
   if (!lock.owns_lock() || now_ns - window.start_ns < kMinWindowNs) return false;
+  next_sample_ns().store(now_ns + kMinWindowNs, std::memory_order_relaxed);
   cpu_set_t mask;
   CPU_ZERO(&mask);
   int64_t busy = 0;

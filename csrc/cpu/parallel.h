@@ -104,12 +104,12 @@ inline LoadPolicy load_policy() {
 }
 
 // True while ops should run serial: the policy says so, or a sign of load was seen in the
-// last kContendedHoldNs.
-inline bool machine_contended() {
+// last kContendedHoldNs (`now_ns`: the caller's clock reading, if it has one).
+inline bool machine_contended(int64_t now_ns = -1) {
   const LoadPolicy policy = load_policy();
   if (policy != LoadPolicy::kAdaptive) return policy == LoadPolicy::kSerial;
   const int64_t until = load_watch().contended_until.load(std::memory_order_relaxed);
-  return until != 0 && monotonic_ns() < until;
+  return until != 0 && (now_ns < 0 ? monotonic_ns() : now_ns) < until;
 }
 
 inline void mark_contended(int64_t now_ns) {
@@ -132,7 +132,15 @@ inline void note_join(int64_t opened_ns) {
 // load_watch.cpp: at most every 200 ms, true when other processes left the CPUs this process
 // may run on less than a team of `threads` needs since the last sample (counted in
 // LoadWatch::samples / busy_samples); false between samples and where /proc cannot be read.
+// probe_team calls it once next_sample_ns has passed.
 bool sample_others_load(int64_t now_ns, int64_t threads);
+
+// When the next CPU-time window may close (load_watch.cpp sets it): an op between samples
+// reads one atomic, not the sampler's lock.
+inline std::atomic<int64_t>& next_sample_ns() {
+  static std::atomic<int64_t> next{0};
+  return next;
+}
 
 template <typename F>
 void watched_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn);
@@ -143,12 +151,13 @@ void watched_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn
 // nothing else times a join (a probe on a busy machine costs up to a time slice, a few % at
 // one per 100 ms, against the 2-10x a two-thread op loses). Outside a region, with more than
 // one thread.
-inline void probe_team() {
+// `now`: the caller's clock reading (monotonic_ns); `threads`: the team's size.
+inline void probe_team(int64_t now, int64_t threads) {
   LoadWatch& w = load_watch();
   if (load_policy() != LoadPolicy::kAdaptive) return;
-  const int64_t now = monotonic_ns();
-  const int64_t threads = at::get_num_threads();
-  if (sample_others_load(now, threads)) mark_contended(now);
+  if (now >= next_sample_ns().load(std::memory_order_relaxed) &&
+      sample_others_load(now, threads))
+    mark_contended(now);
   int64_t last = w.last_join.load(std::memory_order_relaxed);
   if (now - last < kProbeIntervalNs || !w.last_join.compare_exchange_strong(last, now)) return;
   watched_parallel_for(0, threads, 1, [](int64_t, int64_t) {});
@@ -168,9 +177,12 @@ struct SavedThreads {
 // pthreadpool, creating threads on every call).
 inline SavedThreads serial_threads() {
   SavedThreads saved;
-  if (at::in_parallel_region() || at::get_num_threads() == 1) return saved;
-  probe_team();
-  if (!machine_contended()) return saved;
+  if (at::in_parallel_region()) return saved;
+  const int64_t threads = at::get_num_threads();
+  if (threads == 1) return saved;
+  const int64_t now = monotonic_ns();
+  probe_team(now, threads);
+  if (!machine_contended(now)) return saved;
 #ifdef _OPENMP  // a build without OpenMP has no team (at::parallel_for runs inline)
   saved.omp = omp_get_max_threads();
   omp_set_num_threads(1);

@@ -44,21 +44,23 @@ _SERIAL_ENTER: Optional[Callable[[], Optional[Tuple[int, int]]]] = \
 _SERIAL_EXIT: Optional[Callable[[int, int], None]] = _backend.direct_entry("serial_exit")
 
 POLICIES = ("adaptive", "off", "serial")
-"""``adaptive`` (the default): serial while a slow join was seen in the last second; ``off``:
-always the thread team; ``serial``: always one thread (tests and benchmarks)."""
+"""``adaptive`` (the default): serial while a sign of load (a slow join, a busy CPU-time
+window) was seen in the last second; ``off``: always the thread team; ``serial``: always one
+thread (tests and benchmarks)."""
 
 
-def _query(policy: int = -1, slow_join_us: int = -1, probe: bool = False) -> list:
-    return torch.ops.slimops.load_watch(policy, slow_join_us, probe)
+def _query(policy: int = -1, slow_join_us: int = -1) -> list:
+    return torch.ops.slimops.load_watch(policy, slow_join_us)
 
 
 def load_watch() -> Dict[str, Union[str, bool, int, None]]:
     """The load watch's state: ``{"policy", "contended", "joins", "slow_joins", "serial_ops",
     "slow_join_us", "samples", "busy_samples"}``: the policy (one of :data:`POLICIES`; None
     without the compiled extension), whether ops run serial now; since the process started,
-    the team joins timed, the slow ones among them and the op calls that ran serial; the join
-    time counted as slow (microseconds; None without the extension); the CPU-time windows
-    sampled and those in which other processes left too little of the CPUs."""
+    the team joins timed, the slow ones among them and the op calls and blocks that ran
+    serial; the join time counted as slow (microseconds; None without the extension); the
+    CPU-time windows sampled and those in which other processes left too little of the
+    CPUs."""
     if not HAS_C:
         return {"policy": None, "contended": False, "joins": 0, "slow_joins": 0,
                 "serial_ops": 0, "slow_join_us": None, "samples": 0, "busy_samples": 0}
@@ -86,10 +88,9 @@ def set_load_policy(policy: str, slow_join_us: Optional[int] = None) -> str:
     return previous
 
 
-def machine_contended(probe: bool = False) -> bool:
-    """True while the load watch runs slimops' ops serial (see the module's docstring).
-    ``probe``: time the thread team's join first, as an op would (at most every 100 ms)."""
-    return HAS_C and bool(_query(probe=probe)[1])
+def machine_contended() -> bool:
+    """True while the load watch runs slimops' ops serial (see the module's docstring)."""
+    return HAS_C and bool(_query()[1])
 
 
 class serial_while_contended:  # noqa: N801 (a context manager, named like one)
