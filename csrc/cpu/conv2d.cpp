@@ -10,6 +10,7 @@
 #include "cpu/conv2d_winograd.h"
 #include "cpu/epilogue_rows.h"
 #include "cpu/gemm.h"
+#include "cpu/gemm_narrow.h"
 #include "cpu/isa.h"
 #include "cpu/parallel.h"
 #include "cpu/route.h"
@@ -176,10 +177,49 @@ void im2col_row(const scalar_t* image, scalar_t* dst, const ConvGeometry& s, int
   }
 }
 
+// The whole im2col matrix of one image (row stride ld), tap by tap: a tap's column span and
+// its valid output rows are the same for every channel, so they are found once per tap, not
+// once per row and output row as im2col_row does. Why: on small planes im2col_row's divisions
+// and short runs cost more than the copies; a 512-channel 3x3 conv on a 7x7 plane spent
+// ~0.4 ms of its 1.3 ms in them (2-core Intel Xeon).
+template <typename scalar_t>
+void im2col_plane(const scalar_t* image, scalar_t* cols, const ConvGeometry& s, int64_t ld) {
+  const int64_t HW = s.HW();
+  for (int64_t i = 0; i < s.kh; ++i) {
+    const Span h = valid_span(i * s.dh - s.ph, s.sh, s.H, s.Ho);
+    for (int64_t j = 0; j < s.kw; ++j) {
+      const int64_t off_w = j * s.dw - s.pw;
+      const Span w = valid_span(off_w, s.sw, s.W, s.Wo);
+      for (int64_t c = 0; c < s.C; ++c) {
+        scalar_t* dst = cols + ((c * s.kh + i) * s.kw + j) * ld;
+        const scalar_t* plane = image + c * HW + off_w;
+        std::fill(dst, dst + h.lo * s.Wo, scalar_t(0));
+        for (int64_t oh = h.lo; oh < h.hi; ++oh) {
+          // The same input row im2col_row reads (valid rows only: it lies in [0, H)).
+          const scalar_t* src = plane + (oh * s.sh + i * s.dh - s.ph) * s.W;
+          scalar_t* d = dst + oh * s.Wo;
+          for (int64_t ow = 0; ow < w.lo; ++ow) d[ow] = scalar_t(0);
+          if (s.sw == 1) {
+            for (int64_t ow = w.lo; ow < w.hi; ++ow) d[ow] = src[ow];
+          } else {
+            for (int64_t ow = w.lo; ow < w.hi; ++ow) d[ow] = src[ow * s.sw];
+          }
+          for (int64_t ow = w.hi; ow < s.Wo; ++ow) d[ow] = scalar_t(0);
+        }
+        std::fill(dst + h.hi * s.Wo, dst + s.P(), scalar_t(0));
+      }
+    }
+  }
+}
+
 // Columns [p0, p0 + ncols) of the im2col matrix (row stride ld), on the calling thread.
 template <typename scalar_t>
 void im2col_block(const scalar_t* image, scalar_t* cols, const ConvGeometry& s, int64_t p0,
                   int64_t ncols, int64_t ld) {
+  if (p0 == 0 && ncols == s.P()) {
+    im2col_plane(image, cols, s, ld);
+    return;
+  }
   const int64_t rows = s.col_rows();
   for (int64_t r = 0; r < rows; ++r) im2col_row(image, cols + r * ld, s, r, p0, ncols);
 }
@@ -398,6 +438,7 @@ constexpr int64_t kOnednnPointwiseMacs = int64_t{14} << 20;
 
 bool conv_direct_enabled();
 bool conv_winograd_enabled();
+bool conv_narrow_enabled();
 
 // Whether oneDNN can run the pass at all (route.h, onednn_takes).
 bool onednn_possible(const ConvGeometry& s, const at::Tensor& input) {
@@ -422,7 +463,8 @@ RouteKey route_key(const ConvGeometry& s, Pass pass, int64_t epilogue) {
   return {static_cast<int64_t>(RouteOp::kConv2d) + static_cast<int64_t>(pass),
           s.N, s.C, s.H, s.W, s.O, s.Ig, s.kh, s.kw, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw,
           epilogue, at::get_num_threads(), static_cast<int64_t>(cpu_isa()),
-          conv_direct_enabled() ? 1 : 0, s.G, conv_winograd_enabled() ? 1 : 0, 0, 0, 0};
+          conv_direct_enabled() ? 1 : 0, s.G, conv_winograd_enabled() ? 1 : 0,
+          conv_narrow_enabled() ? 1 : 0, 0, 0};
 }
 
 // The active weight [O, ig, kh, kw] as oneDNN takes it (contiguous): W[:O, :ig], or with
@@ -481,6 +523,30 @@ DirectConv direct_input_grad_problem(const ConvGeometry& s, int64_t g, const flo
 bool conv_direct_enabled() {
   const char* v = std::getenv("SLIMOPS_CONV_DIRECT");
   return v == nullptr || std::string(v) != "0";
+}
+
+// When the forward's GEMMs with few columns take the narrow GEMM (gemm_narrow.h) instead of
+// BLAS. SLIMOPS_CONV_NARROW=0 turns it off (tests run both paths). Read on every call, so
+// that a benchmark can compare both paths in one process.
+bool conv_narrow_enabled() {
+  const char* v = std::getenv("SLIMOPS_CONV_NARROW");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+// The forward's product of one block, C = A B: the narrow GEMM where it suits and this call is
+// the product's only thread (inside a task, or too small for BLAS's team: gemm.h), else BLAS.
+template <typename scalar_t>
+void forward_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
+                  const scalar_t* B, int64_t ldb, scalar_t* C, int64_t ldc) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const bool one_thread = at::in_parallel_region() || at::get_num_threads() == 1 ||
+                            !worth_threads(M * N * K);
+    if (one_thread && conv_narrow_enabled() && narrow_gemm_suits(M, N, K)) {
+      narrow_gemm(M, N, K, A, lda, B, ldb, C, ldc);
+      return;
+    }
+  }
+  gemm<scalar_t>(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
 // Which of the three passes the direct kernels take, per instruction set, from a side-by-side
@@ -727,8 +793,8 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
           im2col_block(xp + (n0 + j) * s.C * s.HW(), cols + j * P, s, 0, P, ld);
       }
       for (int64_t g = 0; g < s.G; ++g)
-        gemm<scalar_t>(og, ld, K, wp + g * Og * lda, lda, cols + g * K * ld, ld,
-                       tmp + g * og * ld, ld);
+        forward_gemm<scalar_t>(og, ld, K, wp + g * Og * lda, lda, cols + g * K * ld, ld,
+                               tmp + g * og * ld, ld);
       for (int64_t j = 0; j < k; ++j) {
         scalar_t* C = op_ + (n0 + j) * s.O * P;
         for (int64_t c = 0; c < s.O; ++c)
@@ -755,11 +821,11 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
       }
       scalar_t* C = op_ + n * s.O * P + p0;
       if (plan.row_blocks > 1) {
-        gemm<scalar_t>(nrows, ncols, K, wp + r0 * lda, lda, B, ldb, C + r0 * P, P);
+        forward_gemm<scalar_t>(nrows, ncols, K, wp + r0 * lda, lda, B, ldb, C + r0 * P, P);
       } else {
         for (int64_t g = 0; g < s.G; ++g)
-          gemm<scalar_t>(og, ncols, K, wp + g * Og * lda, lda, B + g * K * ldb, ldb,
-                         C + g * og * P, P);
+          forward_gemm<scalar_t>(og, ncols, K, wp + g * Og * lda, lda, B + g * K * ldb, ldb,
+                                 C + g * og * P, P);
       }
       if (has_epilogue)
         epilogue(C + r0 * P, P, nrows, ncols, a_ + r0, t_ + r0,
@@ -770,12 +836,15 @@ void conv2d_kernels(const ConvGeometry& s, const BlockPlan& plan, int64_t thread
                                     : (s.pointwise() ? 0 : s.col_rows() * plan.cols);
     const int64_t tmp_size = multi ? s.O * plan.images * P : 0;
     const auto run_tasks = [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> cols(cols_size), tmp(tmp_size);
+      // The thread's own scratch (parallel.h): a fresh zeroed vector per call cost a memset
+      // and, past glibc's mmap threshold, page faults on every call.
+      scalar_t* cols = scratch<scalar_t>(ScratchSlot::kCols, cols_size);
+      scalar_t* tmp = scratch<scalar_t>(ScratchSlot::kTmp, tmp_size);
       for (int64_t task = begin; task < end; ++task) {
         if (multi) {
-          run_images(task, cols.data(), tmp.data());
+          run_images(task, cols, tmp);
         } else {
-          run_block(task, cols.data());
+          run_block(task, cols);
         }
       }
     };

@@ -296,6 +296,7 @@ enum class ScratchSlot : int {
   kWinogradIn,      // conv2d_winograd.cpp: transformed input tiles
   kWinogradOut,     // transformed products or output-gradient tiles
   kWinogradWeight,  // transformed filters or their gradient
+  kNarrowGemm,      // gemm_narrow.cpp: B's packed chunk and C's padded rows
   kCount
 };
 
