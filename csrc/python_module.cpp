@@ -17,10 +17,12 @@
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/record_function.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "cpu/max_pool.h"
 #include "cpu/parallel.h"
 
 #include <array>
@@ -336,6 +338,31 @@ PyObject* serial_exit(PyObject*, PyObject* const* args, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
+// max_pool2d(input, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode): max_pool.h's kernel for
+// slimops.nn.MaxPool2d's inference path (slimops/ops/max_pool.py). Not an op: no schema, no
+// autograd, invisible to tracing (its caller skips it while tracing or compiling). Runs on the
+// calling thread while the machine is contended, as the ops' kernels do (parallel.h's rule 5).
+// NotImplemented for anything but a plain tensor and ints.
+PyObject* max_pool2d(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  at::Tensor input;
+  std::array<int64_t, 8> g{};
+  bool ceil_mode = false;
+  if (n != 10 || !read(args[0], input) || !read(args[9], ceil_mode)) return not_implemented();
+  for (size_t i = 0; i < g.size(); ++i)
+    if (!read(args[i + 1], g[i])) return not_implemented();
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    RECORD_FUNCTION("slimops::max_pool2d_inference", std::vector<c10::IValue>());
+    const slimops::cpu::LoadScope scope;
+    out = slimops::cpu::max_pool2d_nchw(input, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7],
+                                        ceil_mode);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 #define SLIMOPS_ENTRY(name, doc) \
   {#name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(name)), METH_FASTCALL, doc}
 
@@ -350,6 +377,7 @@ PyMethodDef methods[] = {
     SLIMOPS_ENTRY(eval_conv, "a SlimConvBNAct inference call from its cached plan"),
     SLIMOPS_ENTRY(serial_enter, "the calling thread to one thread while the machine is busy"),
     SLIMOPS_ENTRY(serial_exit, "puts back what serial_enter changed"),
+    SLIMOPS_ENTRY(max_pool2d, "F.max_pool2d of a contiguous NCHW CPU batch, no indices"),
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

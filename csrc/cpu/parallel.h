@@ -296,7 +296,8 @@ enum class ScratchSlot : int {
   kWinogradIn,      // conv2d_winograd.cpp: transformed input tiles
   kWinogradOut,     // transformed products or output-gradient tiles
   kWinogradWeight,  // transformed filters or their gradient
-  kNarrowGemm,      // gemm_narrow.cpp: B's packed chunk and C's padded rows
+  kNarrowGemm,      // gemm_narrow.cpp: B packed, C's padded rows
+  kPoolField,       // max_pool.cpp: a plane's padded, phase-split rows
   kCount
 };
 

@@ -11,7 +11,11 @@ and converted back (a 2-core Intel Xeon, 2 threads; 0.20-0.26x from 16 to 64 cha
 of 16 to 112, batches 1 to 64). S-ShuffleNet's 3x3 average pools: 0.35-0.7x (24 to 480
 channels, 14x14 to 56x56, batches 1 and 8).
 
-So these layers run that conversion where no gradient is needed. In training the max pool
+So these layers run that conversion where no gradient is needed; the max pool, where it can,
+runs slimops' own C++ kernel instead (``slimops.ops.max_pool2d_inference``, csrc/cpu/max_pool.h):
+it pools the NCHW planes in place, without indices, the same result to the bit. S-ResNet-50's
+stem pool at batch 1 took 0.17-0.5x the channels-last round trip's time (16 to 64 channels;
+docs/BENCHMARKS.md, twenty-third round). In training the max pool
 splits the difference: its forward (with the argmax indices the backward needs) runs on the
 channels-last copy, 4-5x faster than the NCHW kernel, and its backward scatters the output
 gradient to those indices in NCHW, as PyTorch's NCHW backward does, because the channels-last
@@ -27,9 +31,13 @@ layout.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from slimops import ops
 
 
 def _nchw_batch_on_cpu(input: Tensor) -> bool:
@@ -100,6 +108,10 @@ class MaxPool2d(nn.MaxPool2d):
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.return_indices and _inference_on_cpu(input):
+            if not torch.jit.is_scripting():
+                kernel_out = self._inference_kernel(input)
+                if kernel_out is not None:
+                    return kernel_out
             pooled = F.max_pool2d(input.contiguous(memory_format=torch.channels_last),
                                   self.kernel_size, self.stride, self.padding, self.dilation,
                                   ceil_mode=self.ceil_mode)
@@ -110,6 +122,13 @@ class MaxPool2d(nn.MaxPool2d):
         # nn.MaxPool2d.forward, written out: TorchScript cannot call super()
         return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+    @torch.jit.unused
+    def _inference_kernel(self, input: Tensor) -> Optional[Tensor]:
+        # Not TorchScript: slimops' C++ kernel (slimops.ops.max_pool2d_inference), or None
+        # where it does not run.
+        return ops.max_pool2d_inference(input, self.kernel_size, self.stride, self.padding,
+                                        self.dilation, self.ceil_mode)
 
     @torch.jit.unused
     def _train_forward(self, input: Tensor) -> Tensor:

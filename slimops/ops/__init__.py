@@ -32,6 +32,7 @@ from slimops.ops.state_stamp import state_stamp
 from slimops.ops.eval_plan import STALE_PLAN, eval_plan, eval_plan_call
 from slimops.ops.load_watch import (load_watch, machine_contended, serial_while_contended,
                                     set_load_policy)
+from slimops.ops.max_pool import max_pool2d_inference
 from slimops.ops import cuda_registration
 from slimops.ops.cuda_registration import use_cuda_cpp_kernels
 
@@ -42,6 +43,6 @@ __all__ = ["backend_info", "conv2d", "conv2d_backward", "conv2d_cpu_kernel", "co
            "STALE_PLAN", "eval_plan", "eval_plan_call",
            "linear", "linear_unchecked", "batch_norm_act",
            "batch_norm_act_unchecked", "conv2d_bn_act_train", "depthwise_conv2d_bn_act_train",
-           "fused_train_available", "load_watch", "machine_contended",
+           "fused_train_available", "load_watch", "machine_contended", "max_pool2d_inference",
            "serial_while_contended", "set_load_policy", "state_stamp", "update_running_stats",
            "use_cuda_cpp_kernels"]
