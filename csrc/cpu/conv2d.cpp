@@ -539,9 +539,9 @@ template <typename scalar_t>
 void forward_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t lda,
                   const scalar_t* B, int64_t ldb, scalar_t* C, int64_t ldc) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const bool one_thread = at::in_parallel_region() || at::get_num_threads() == 1 ||
-                            !worth_threads(M * N * K);
-    if (one_thread && conv_narrow_enabled() && narrow_gemm_suits(M, N, K)) {
+    // (M * N * K fits: narrow_gemm_suits bounds N and K.)
+    if (conv_narrow_enabled() && narrow_gemm_suits(M, N, K) &&
+        (at::in_parallel_region() || at::get_num_threads() == 1 || !worth_threads(M * N * K))) {
       narrow_gemm(M, N, K, A, lda, B, ldb, C, ldc);
       return;
     }
