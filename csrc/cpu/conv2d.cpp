@@ -540,7 +540,7 @@ void forward_gemm(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t ld
                   const scalar_t* B, int64_t ldb, scalar_t* C, int64_t ldc) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     // (M * N * K fits: narrow_gemm_suits bounds N and K.)
-    if (conv_narrow_enabled() && narrow_gemm_suits(M, N, K) &&
+    if (narrow_gemm_suits(M, N, K) && conv_narrow_enabled() &&
         (at::in_parallel_region() || at::get_num_threads() == 1 || !worth_threads(M * N * K))) {
       narrow_gemm(M, N, K, A, lda, B, ldb, C, ldc);
       return;

@@ -10,7 +10,6 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 namespace slimops {
@@ -25,22 +24,17 @@ template <typename scalar_t>
 struct MaxPoolRows {
   void (*row)(const scalar_t* const*, int64_t, int64_t, const int64_t*, scalar_t*, int64_t);
   void (*field_row)(const scalar_t*, int64_t, int64_t, int64_t, int64_t, scalar_t*);
+  int64_t lanes;  // outputs per vector of `row`
 };
 
 template <typename scalar_t>
 const MaxPoolRows<scalar_t>& rows_for_cpu() {
   static const MaxPoolRows<scalar_t> rows = []() -> MaxPoolRows<scalar_t> {
-    SLIMOPS_RETURN_FOR_CPU_ISA(
-        MaxPoolRows<scalar_t>{&isa::max_pool_row<scalar_t>, &isa::max_pool_field_row<scalar_t>});
+    SLIMOPS_RETURN_FOR_CPU_ISA(MaxPoolRows<scalar_t>{
+        &isa::max_pool_row<scalar_t>, &isa::max_pool_field_row<scalar_t>,
+        isa::pool_lanes<scalar_t>()});
   }();
   return rows;
-}
-
-int64_t pool_lanes_for_cpu(at::ScalarType t) {
-  if (t == at::kDouble) {
-    SLIMOPS_RETURN_FOR_CPU_ISA(isa::pool_lanes<double>());
-  }
-  SLIMOPS_RETURN_FOR_CPU_ISA(isa::pool_lanes<float>());
 }
 
 // floor(a / b) for b > 0 (PyTorch's div_rtn).
@@ -80,22 +74,21 @@ at::Tensor max_pool2d_nchw(const at::Tensor& input, int64_t kh, int64_t kw, int6
   at::Tensor out = at::empty({N, C, Ho, Wo}, input.options());
   const int64_t planes = N * C;
   if (planes == 0) return out;
-  // Slots per phase of a field row: every input column, and every slot a tap reads for a
-  // whole vector of outputs (max_pool_row rounds the output row up to whole vectors; the last
-  // window's last tap may lie past the right padding in ceil mode).
-  const int64_t lanes = pool_lanes_for_cpu(input.scalar_type());
-  const int64_t lq = std::max((W + pw + sw - 1) / sw,
-                              (Wo + lanes - 1) / lanes * lanes + ((kw - 1) * dw) / sw);
-  const int64_t field_row = checked_mul(sw, lq, "max_pool2d", "a field row");
-  const int64_t field_size = checked_mul(H, field_row, "max_pool2d", "a plane's field");
-  // Per plane: its field, and a compare per output and tap.
-  const int64_t work = field_size + checked_mul(checked_mul(Ho, Wo, "max_pool2d", "the output"),
-                                                kh * kw, "max_pool2d", "the taps");
-  // Where tap column j of output column 0 lies in a field row (phase, then slot).
-  std::vector<int64_t> taps(static_cast<size_t>(kw));
-  for (int64_t j = 0; j < kw; ++j) taps[j] = ((j * dw) % sw) * lq + (j * dw) / sw;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "slimops_max_pool2d", [&] {
     const MaxPoolRows<scalar_t>& fn = rows_for_cpu<scalar_t>();
+    // Slots per phase of a field row: every input column, and every slot a tap reads for a
+    // whole vector of outputs (fn.row rounds the output row up to whole vectors; the last
+    // window's last tap may lie past the right padding in ceil mode).
+    const int64_t lq = std::max((W + pw + sw - 1) / sw,
+                                (Wo + fn.lanes - 1) / fn.lanes * fn.lanes + ((kw - 1) * dw) / sw);
+    const int64_t field_row = checked_mul(sw, lq, "max_pool2d", "a field row");
+    const int64_t field_size = checked_mul(H, field_row, "max_pool2d", "a plane's field");
+    // Per plane: its field, and a compare per output and tap.
+    const int64_t work = field_size + checked_mul(checked_mul(Ho, Wo, "max_pool2d", "the output"),
+                                                  kh * kw, "max_pool2d", "the taps");
+    // Where tap column j of output column 0 lies in a field row (phase, then slot).
+    std::vector<int64_t> taps(static_cast<size_t>(kw));
+    for (int64_t j = 0; j < kw; ++j) taps[j] = ((j * dw) % sw) * lq + (j * dw) / sw;
     const scalar_t* in = input.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     run_ranges(planes, work, [&](int64_t p0, int64_t p1) {

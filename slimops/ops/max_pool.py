@@ -41,7 +41,7 @@ def max_pool2d_inference(input: Tensor, kernel_size: IntPair, stride: Optional[I
     kernel, or None where it does not run: no extension; not a plain, contiguous float32 /
     float64 NCHW CPU tensor; a gradient to record; while ``torch.jit`` traces or
     ``torch.compile`` compiles (the kernel is not an op, so neither would see it); a geometry
-    PyTorch would reject (its own call then raises its own error) or a kernel taller than 64.
+    PyTorch would reject (its own call then raises its own error).
     The result is a new contiguous tensor, equal to PyTorch's to the bit (NaN where a window
     holds one; the sign of a zero maximum).
     """
@@ -56,7 +56,7 @@ def max_pool2d_inference(input: Tensor, kernel_size: IntPair, stride: Optional[I
     d = _pair(dilation, (1, 1))
     if k is None or s is None or p is None or d is None:
         return None
-    if (min(k) < 1 or min(s) < 1 or min(d) < 1 or max(k) > 64 or p[0] < 0 or p[1] < 0
+    if (min(k) < 1 or min(s) < 1 or min(d) < 1 or p[0] < 0 or p[1] < 0
             or p[0] > k[0] // 2 or p[1] > k[1] // 2):
         return None
     for size, kk, ss, pp, dd in zip(input.shape[2:], k, s, p, d):
