@@ -14,8 +14,9 @@ channels, 14x14 to 56x56, batches 1 and 8).
 So these layers run that conversion where no gradient is needed; the max pool, where it can,
 runs slimops' own C++ kernel instead (``slimops.ops.max_pool2d_inference``, csrc/cpu/max_pool.h):
 it pools the NCHW planes in place, without indices, the same result to the bit. S-ResNet-50's
-stem pool at batch 1 took 0.17-0.5x the channels-last round trip's time (16 to 64 channels;
-docs/BENCHMARKS.md, twenty-third round). In training the max pool
+stem pool at batch 1 took 0.27-0.33x the channels-last round trip's time on a 2-core Intel
+Xeon (16 to 64 channels; 0.36-0.47x capped to AVX2; docs/BENCHMARKS.md, twenty-third round).
+In training the max pool
 splits the difference: its forward (with the argmax indices the backward needs) runs on the
 channels-last copy, 4-5x faster than the NCHW kernel, and its backward scatters the output
 gradient to those indices in NCHW, as PyTorch's NCHW backward does, because the channels-last
