@@ -40,10 +40,14 @@ def check_both_paths(kwargs, monkeypatch, tol):
 # (channels in/out of the active prefix, full weight in/out, input H x W, kernel, stride,
 #  padding, groups, batch). Depths 520 to 4500, planes of 9 to 64 outputs (one to four
 #  AVX-512 vectors, two to eight AVX2 ones: both sides of each ISA's range), row counts that
-#  leave partial tiles of every height.
+#  leave partial tiles of every height. 7x7 and 3x11 planes (49 and 33 columns) take the tail
+#  form under AVX-512 (a column past whole vectors as a dot product), at depths of whole
+#  vectors (576, 528) and not (600: the last partial vector of depth).
 CASES = {
     "k1_5x5": (520, 500, 528, 512, (5, 5), (1, 1), 1, 0, 1, 1),
     "k1_7x7": (600, 263, 640, 272, (7, 7), (1, 1), 1, 0, 1, 1),
+    "k3_7x7_whole_vectors": (64, 500, 72, 512, (7, 7), (3, 3), 1, 1, 1, 1),
+    "k1_3x11": (528, 263, 544, 272, (3, 11), (1, 1), 1, 0, 1, 1),
     "k1_8x8": (530, 301, 544, 320, (8, 8), (1, 1), 1, 0, 1, 1),
     "k1_3x3": (1000, 150, 1024, 160, (3, 3), (1, 1), 1, 0, 1, 1),
     "k1_s2_to_4x5": (700, 201, 704, 208, (8, 10), (1, 1), 2, 0, 1, 1),
@@ -105,6 +109,7 @@ def test_narrow_propagates_non_finite_values_as_torch(value, monkeypatch):
     weight = torch.randn(272, 640, 1, 1) / 25
     x = torch.randn(1, 600, 7, 7)
     x[0, 17, 3, 4] = value
+    x[0, 40, 6, 6] = value  # output column 48: the tail column under AVX-512
     weight[5, 100] = value
     weight[270, 3] = value  # row 270 >= out_channels 263: unused
     weight[7, 620] = value  # column 620 >= the input's 600 channels: unused

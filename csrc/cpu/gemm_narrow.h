@@ -9,9 +9,11 @@
 // 150-170 for the same work at N = 196 (2-core Intel Xeon, AVX-512, 2 threads). This kernel
 // never packs A: a tile of its rows is read once, front to back, each element broadcast and
 // multiplied into the whole row of N columns held in registers; only B (small) is packed,
-// zero-padded to whole vectors. Its cost is that padding (49 columns: 4 AVX-512 vectors, 77%
-// of the lanes used). Inside S-ResNet-50's eval forward at batch 1 its 7x7-plane layers ran
-// 0.8-0.9x their BLAS time (gemm_narrow.cpp has the limits of its range).
+// zero-padded to whole vectors. Its cost is that padding, except one column past two or three
+// whole AVX-512 vectors (49 columns: a 7x7 plane), which is summed as a dot product along the
+// depth (gemm_narrow_tiles.inc, narrow_tile) instead of a fourth vector with one lane in
+// sixteen used. Inside S-ResNet-50's eval forward at batch 1 its 7x7-plane layers ran
+// 0.72-0.85x their BLAS time (gemm_narrow.cpp has the limits of its range).
 #pragma once
 
 #include <cstdint>
@@ -26,7 +28,8 @@ bool narrow_gemm_suits(int64_t M, int64_t N, int64_t K);
 // C = A B on the calling thread, every element of C written (no beta): A row-major with row
 // stride lda, B [K, N] with row stride ldb, C with row stride ldc. Scratch: the calling
 // thread's own (parallel.h's ScratchSlot::kNarrowGemm). Deterministic: each output element
-// sums over K in order, in chunks, whatever the thread or the call.
+// sums over K in order (a tail column: in one vector's lanes of interleaved partial sums,
+// added lane by lane at the end), whatever the thread or the call.
 void narrow_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                  int64_t ldb, float* C, int64_t ldc);
 
