@@ -19,6 +19,7 @@ TESTS = Path(__file__).parent
 # The op tests of the kernels with per-ISA loops.
 PER_ISA = ["test_ops_depthwise_conv2d.py", "test_ops_conv2d.py", "test_ops_conv2d_direct.py",
            "test_ops_conv2d_winograd.py", "test_ops_conv2d_narrow.py", "test_ops_max_pool.py",
+           "test_ops_depthwise_rows.py",
            "test_ops_batch_norm_act.py", "test_ops_non_finite.py"]
 
 

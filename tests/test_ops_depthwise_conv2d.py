@@ -222,7 +222,9 @@ def test_small_planes_non_finite_stay_in_their_channel(plane, where, request):
     (slimops.reference): NaN and Inf at the same places."""
     if where == "weight" and plane == (9, 9):
         # Known, open: the lane and per-plane kernels multiply the zero padding by the weight,
-        # so an Inf weight gives NaN at the border where torch's depthwise conv skips it.
+        # so an Inf weight gives NaN at the border where torch's depthwise conv skips it (the
+        # input gradient's kernels, and the forward's where the masked-row kernel does not run:
+        # the baseline cap; test_ops_depthwise_rows.py checks that kernel's border).
         request.applymarker(pytest.mark.xfail(strict=True, reason="zero-padded field: 0 * Inf"))
     h, w = plane
     x, weight = torch.randn(2, 20, h, w), torch.randn(24, 1, 3, 3)

@@ -15,10 +15,12 @@
 #include "cpu/route.h"
 
 #include <torch/library.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -249,6 +251,76 @@ struct PlaneKernels {
   }
 };
 
+// The masked-row forward (depthwise_rows.inc, rows_plane) of one epilogue mode and column
+// stride, for the instruction set chosen at run time.
+template <int64_t MODE, int64_t SW>
+struct RowKernel {
+  static auto get() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::rows_plane<MODE, SW>); }
+};
+
+// MODE: the activation, or -1 for the bare convolution (no epilogue).
+template <int64_t SW>
+auto row_kernel(int64_t mode) {
+  if (mode == kRelu) return RowKernel<kRelu, SW>::get();
+  if (mode == kRelu6) return RowKernel<kRelu6, SW>::get();
+  if (mode == kNone) return RowKernel<kNone, SW>::get();
+  return RowKernel<-1, SW>::get();
+}
+
+// Whether the masked-row forward may run: under AVX2 or AVX-512 (masked loads; the baseline
+// has none). SLIMOPS_DEPTHWISE_ROWS=0 turns it off (tests compare both paths); read on every
+// call, so that a benchmark can compare both paths in one process (the forward's route key
+// has it).
+bool depthwise_rows_enabled() {
+  const char* v = std::getenv("SLIMOPS_DEPTHWISE_ROWS");
+  return (v == nullptr || std::strcmp(v, "0") != 0) && cpu_isa() != Isa::kBase;
+}
+
+// Whether it runs for this float32 3x3 forward at column stride 1 or 2 (the caller checks
+// those), from side-by-side runs against the other paths (2-core Intel Xeon, batch 1 and 64,
+// S-MobileNet v1/v2 shapes at 224 and 32): under AVX-512 it took 0.38-0.94x their time from 7
+// output columns up (1.0x on 112x112 planes); with fewer a vector's lanes are mostly idle and
+// the lanes path (16 channels per vector) won, 1.2-1.8x. Under AVX2 (8 lanes) it won from 7
+// to 16 output columns (0.52-0.86x) and lost 1.2-1.4x at stride 1 on 28x28 and larger planes.
+bool depthwise_rows_suit(const PlaneConv& p) {
+  return depthwise_rows_enabled() && p.OW >= 7 && (cpu_isa() == Isa::kAvx512 || p.OW <= 16);
+}
+
+// Floats per vector of the row kernel under the instruction set chosen at run time.
+int64_t row_lanes() { return cpu_isa() == Isa::kAvx512 ? 16 : 8; }
+
+// rows_plane's masks for plane geometry p at column stride sw (1 or 2), per column vector of
+// V output columns: a header (first value 1 when all the masks below are whole), the output's
+// lanes, then for each tap column j the lanes whose input column lies in [0, W) (stride 2: for
+// the load of the first V input columns, the next V, and the output lanes whose input column
+// 2 * lane is in the plane). -1 = in, 0 = out.
+std::vector<int32_t> row_masks(const PlaneConv& p, int64_t sw) {
+  const int64_t V = row_lanes(), vectors = (p.OW + V - 1) / V;
+  const int64_t per_tap = sw == 1 ? 1 : 3, per = 2 + 3 * per_tap;
+  std::vector<int32_t> masks(static_cast<size_t>(vectors * per * V), 0);
+  const auto inside = [&](int64_t col) { return col >= 0 && col < p.W ? -1 : 0; };
+  for (int64_t c = 0; c < vectors; ++c) {
+    int32_t* m = masks.data() + c * per * V;
+    const int64_t ow0 = c * V;
+    for (int64_t l = 0; l < V; ++l) m[V + l] = ow0 + l < p.OW ? -1 : 0;
+    for (int64_t j = 0; j < 3; ++j) {
+      const int64_t base = ow0 * sw + j * p.dw - p.pw;
+      int32_t* mj = m + (2 + j * per_tap) * V;
+      for (int64_t l = 0; l < V; ++l) {
+        mj[l] = inside(base + l);
+        if (sw == 2) {
+          mj[V + l] = inside(base + V + l);
+          mj[2 * V + l] = inside(base + 2 * l);
+        }
+      }
+    }
+    bool whole = true;
+    for (int64_t k = V; k < per * V; ++k) whole = whole && m[k] != 0;
+    m[0] = whole ? 1 : 0;
+  }
+  return masks;
+}
+
 // The PlaneKernels of dispatch_shape's arguments (std::integral_constant types).
 template <typename scalar_t, typename KH, typename KW, typename SW>
 using KernelsFor = PlaneKernels<KH::value, KW::value, SW::value, scalar_t>;
@@ -335,7 +407,9 @@ RouteKey route_key(const Problem& pr, DepthwisePass pass, int64_t epilogue) {
   const PlaneConv& p = pr.conv;
   return {static_cast<int64_t>(RouteOp::kDepthwiseConv2d) + static_cast<int64_t>(pass), pr.N,
           pr.C, p.H, p.W, p.KH, p.KW, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, epilogue,
-          at::get_num_threads(), static_cast<int64_t>(cpu_isa()), 0, 0, 0, 0, 0, 0, 0, 0};
+          at::get_num_threads(), static_cast<int64_t>(cpu_isa()),
+          pass == DepthwisePass::kForward && depthwise_rows_enabled() ? 1 : 0, 0, 0, 0, 0, 0, 0,
+          0};
 }
 
 int64_t problem_macs(const Problem& pr) {
@@ -450,6 +524,28 @@ at::Tensor depthwise_forward_kernels(const at::Tensor& x, const at::Tensor& weig
     };
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
       using Kernels = KernelsFor<scalar_t, decltype(kh), decltype(kw), decltype(sw)>;
+      constexpr int64_t SW = decltype(sw)::value;
+      if constexpr (std::is_same_v<scalar_t, float> && decltype(kh)::value == 3 &&
+                    decltype(kw)::value == 3 && (SW == 1 || SW == 2)) {
+        if (depthwise_rows_suit(p)) {
+          // Any plane size: each plane's rows in masked vectors, the epilogue in registers
+          // (depthwise_rows.inc, rows_plane).
+          const std::vector<int32_t> masks = row_masks(p, SW);
+          const auto rows = row_kernel<SW>(has_epilogue ? activation : -1);
+          watched_parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()),
+                               [&](int64_t begin, int64_t end) {
+            for (int64_t plane = begin; plane < end; ++plane) {
+              const int64_t c = plane % pr.C;
+              // act((z + bias) * s + shift + r) == act(z * s + t + r), t = bias * s + shift.
+              const float s = scp ? scp[c * scs] : 1.0f;
+              const float t = (bp ? bp[c * bs] : 0.0f) * s + (shp ? shp[c * shs] : 0.0f);
+              rows(outp + plane * out_plane, xp + plane * in_plane, wp + c * taps, p, s, t,
+                   rp ? rp + plane * out_plane : nullptr, masks.data());
+            }
+          });
+          return;
+        }
+      }
       if (flat_applies(p)) {
         // Stride 1, same size, small planes: runs of kLanes channels (depthwise_rows.inc,
         // flat_correlate), block by block as the lane path below.

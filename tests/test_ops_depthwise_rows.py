@@ -1,0 +1,140 @@
+"""The masked-row forward (csrc/cpu/depthwise_rows.inc, rows_plane) behind slimops::depthwise_conv2d:
+float32 3x3 at column stride 1 or 2, any padding and dilation, from 7 output columns up (AVX2: to
+16), each plane's rows in masked vectors with the epilogue in registers.
+
+Every case runs the op with SLIMOPS_DEPTHWISE_ROWS=1 and =0 (the lanes and per-plane paths; the
+switch is read on every call), forward and every gradient, each against the reference.
+test_rows_path_is_taken shows that the switch does change the path. test_cpu_isa.py runs this
+file again under the AVX2 and baseline caps (under the baseline there is no row kernel and both
+runs take the other paths)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimops
+from slimops import reference
+
+from helpers import run_with_grads
+
+pytestmark = pytest.mark.skipif(
+    slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
+)
+
+ISA = slimops.backend_info().get("cpu_isa", "base")
+SWITCH = "SLIMOPS_DEPTHWISE_ROWS"
+
+# (active channels, weight rows, H, W, stride, padding, dilation, batch). Output widths 7 to
+# 56 (both sides of AVX2's 16 and of whole vectors of 8 and 16 columns), odd sides, padding 0
+# to 2, dilation 2, a residual-sized batch, and planes of one and two rows.
+CASES = {
+    "7x7_s1": (20, 24, 7, 7, 1, 1, 1, 1),
+    "14x14_s1": (33, 40, 14, 14, 1, 1, 1, 1),
+    "14x14_s2": (17, 17, 14, 14, 2, 1, 1, 2),
+    "odd_9x23_s1": (5, 8, 9, 23, 1, 1, 1, 3),
+    "odd_13x35_s2": (6, 6, 13, 35, 2, 1, 1, 1),
+    "16_cols": (4, 4, 5, 16, 1, 1, 1, 1),
+    "17_cols": (4, 4, 5, 17, 1, 1, 1, 1),
+    "33_cols_s2": (3, 5, 6, 66, 2, 1, 1, 1),
+    "no_padding": (7, 7, 11, 12, 1, 0, 1, 1),
+    "padding_2": (7, 9, 10, 10, 1, 2, 1, 2),
+    "padding_2_s2": (7, 9, 21, 19, 2, 2, 1, 1),
+    "dilation_2": (5, 5, 12, 15, 1, 2, 2, 1),
+    "dilation_2_s2": (5, 5, 17, 30, 2, 2, 2, 1),
+    "56x56_s1": (3, 4, 56, 56, 1, 1, 1, 1),
+    "one_row": (8, 8, 1, 20, 1, 1, 1, 1),
+    "two_rows_s2": (8, 8, 2, 29, 2, 1, 1, 2),
+}
+
+
+def _kwargs(case, epilogue=False, act=None):
+    c, c_full, h, w, s, p, d, n = CASES[case]
+    x = torch.randn(n, c, h, w)
+    kwargs = dict(input=x, weight=torch.randn(c_full, 1, 3, 3), bias=None, stride=s,
+                  padding=p, dilation=d)
+    if epilogue:
+        out = reference.depthwise_conv2d(x, kwargs["weight"], None, s, p, d)
+        kwargs.update(bias=torch.randn(c_full), scale=torch.rand(c) + 0.5,
+                      shift=torch.randn(c), residual=torch.randn_like(out), activation=act)
+    return kwargs
+
+
+def check_both_paths(kwargs, monkeypatch, tol):
+    """The op with the switch on and off, forward and every gradient, against the reference."""
+    g = torch.randn_like(reference.depthwise_conv2d(**kwargs))
+    ref, ref_grads = run_with_grads(reference.depthwise_conv2d, kwargs, g)
+    for on in ("1", "0"):
+        monkeypatch.setenv(SWITCH, on)
+        out, grads = run_with_grads(slimops.ops.depthwise_conv2d, kwargs, g)
+        torch.testing.assert_close(out, ref, **tol(torch.float32, ref))
+        for name, exp in ref_grads.items():
+            torch.testing.assert_close(grads[name], exp, **tol(torch.float32, exp),
+                                       msg=lambda m: f"{name} ({SWITCH}={on}): {m}")
+
+
+@pytest.mark.parametrize("threads", ["one_thread", "all_threads"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_rows_match_reference(case, threads, request, monkeypatch, tol):
+    request.getfixturevalue(threads)
+    check_both_paths(_kwargs(case), monkeypatch, tol)
+
+
+@pytest.mark.parametrize("act", [None, "relu", "relu6"])
+@pytest.mark.parametrize("case", ["14x14_s1", "odd_13x35_s2", "padding_2"])
+def test_rows_epilogue(case, act, all_threads, monkeypatch, tol):
+    check_both_paths(_kwargs(case, epilogue=True, act=act), monkeypatch, tol)
+
+
+def _inf_weight_at_border():
+    x, weight = torch.randn(2, 20, 9, 9), torch.randn(24, 1, 3, 3)
+    weight[3, 0, 0, 0] = float("inf")  # its tap reads the padding along the top and left
+    return x, weight
+
+
+@pytest.mark.skipif(ISA == "base", reason="no row kernel under the baseline cap")
+def test_rows_path_is_taken(monkeypatch):
+    """An Inf weight whose tap falls in the padding: torch's convolution skips the tap there,
+    so the border stays finite; the other paths multiply their zero-padded field by it and
+    give NaN (test_ops_depthwise_conv2d.py's known xfail). The row kernel leaves such lanes
+    out of the multiply-add: no NaN with the switch on, NaN with it off."""
+    x, weight = _inf_weight_at_border()
+    nans = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv(SWITCH, on)
+        with torch.inference_mode():
+            nans[on] = slimops.ops.depthwise_conv2d(x, weight, None, 1, 1).isnan().any().item()
+    assert nans == {"1": False, "0": True}
+
+
+@pytest.mark.skipif(ISA == "base", reason="no row kernel under the baseline cap")
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_rows_propagate_non_finite_values_as_torch(value, stride, monkeypatch):
+    """A NaN or Inf in the input (at a corner, in the middle) or in a weight reaches the same
+    outputs as in the reference, padding taps included (the forward; the gradients run on the
+    other kernels). 15 and 8 output columns: the row kernel's range under both ISAs."""
+    monkeypatch.setenv(SWITCH, "1")
+    x, weight = torch.randn(2, 20, 15, 15), torch.randn(24, 1, 3, 3)
+    x[0, 3, 0, 0] = value
+    x[1, 7, 7, 8] = value
+    x[1, 9, 14, 14] = value
+    weight[5, 0, 2, 2] = value
+    weight[11, 0, 0, 1] = value
+    weight[22, 0, 1, 1] = value  # row 22 >= the input's 20 channels: unused
+    got = slimops.ops.depthwise_conv2d(x, weight, None, stride, 1)
+    exp = reference.depthwise_conv2d(x, weight, None, stride, 1)
+    assert torch.equal(got.isnan(), exp.isnan())
+    assert torch.equal(got.isposinf(), exp.isposinf())
+    assert torch.equal(got.isneginf(), exp.isneginf())
+    finite = exp.isfinite()
+    torch.testing.assert_close(got[finite], exp[finite])
+
+
+def test_rows_read_the_weight_prefix_in_place(monkeypatch):
+    """No copy of the weight (or anything else) runs inside the op on the row path."""
+    monkeypatch.setenv(SWITCH, "1")
+    x, weight = torch.randn(1, 40, 14, 14), torch.randn(64, 1, 3, 3)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        slimops.ops.depthwise_conv2d(x, weight, None, 1, 1)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::copy_", "aten::contiguous", "aten::clone"}, names
