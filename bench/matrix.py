@@ -4,6 +4,7 @@
     python bench/matrix.py --busy          # the same with another process spinning on one core
     python bench/matrix.py --busy --repeat 3   # three passes over the cells: medians, ranges
     SLIMOPS_CPU_ISA=avx2 python bench/matrix.py   # the AVX2 kernels on an AVX-512 machine
+    python bench/matrix.py --emulate avx2  # every library at AVX2 (oneDNN, MKL, ATen too)
     python bench/matrix.py --quick --cells train  # a smoke run of the training cells
     python bench/matrix.py --cells train224       # S-MobileNet v1/v2 training at 224, b1 / b8
     python bench/matrix.py --cells sweep --sweep-count 100 --sweep-seed 1  # random conv shapes
@@ -37,7 +38,14 @@ table gives each variant's median over the passes, the median of the passes' rat
 SLOWER and ``--guard`` judge) and their range: with a core busy one pass's ratio moves by up
 to 2x with no change in what runs.
 
+``SLIMOPS_CPU_ISA=avx2`` caps slimops' kernels only: the plain-PyTorch variants keep oneDNN's,
+MKL's and ATen's AVX-512 code, which an AVX2 machine would not have. ``--emulate avx2`` runs the
+whole process as such a machine would (it restarts itself with ``SLIMOPS_CPU_ISA=avx2``,
+``ONEDNN_MAX_CPU_ISA=AVX2``, ``MKL_ENABLE_INSTRUCTIONS=AVX2`` and ``ATEN_CPU_CAPABILITY=avx2``,
+which those libraries read when they load).
+
 The header states the CPU model, the kernels' instruction set (``SLIMOPS_CPU_ISA`` caps it),
+the other libraries' caps where set,
 torch threads, whether a core was kept busy, and the allocator settings. glibc hands big freed
 blocks straight back to the OS (above its mmap threshold, which moves with the program's
 history), so the same op can pay a page fault per 4 KiB of output on one call and none on the
@@ -469,6 +477,20 @@ def report(cells: Sequence[Cell], header: str) -> str:
     return f"{header}\n\n{table}"
 
 
+# What --emulate sets for each instruction set: every library in the process capped to it.
+EMULATE_ENV: Dict[str, Dict[str, str]] = {
+    "avx2": {"SLIMOPS_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+}
+
+
+def library_caps() -> str:
+    """The other libraries' instruction-set caps set in the environment, for the header."""
+    names = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+    caps = [f"{n}={os.environ[n]}" for n in names if os.environ.get(n)]
+    return ", ".join(caps) if caps else "oneDNN/MKL/ATen uncapped"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cells",
@@ -496,9 +518,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "medians, the ratio's range, and judge SLOWER by the median ratio")
     p.add_argument("--glibc-defaults", action="store_true",
                    help="leave glibc's mmap/trim thresholds as they are (see the module doc)")
+    p.add_argument("--emulate", choices=sorted(EMULATE_ENV),
+                   help="run every library in the process at this instruction set (restarts "
+                        "the script with their caps set; see the module doc)")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error(f"--repeat must be at least 1, got {args.repeat}")
+    if args.emulate:
+        env = EMULATE_ENV[args.emulate]
+        if any(os.environ.get(k) != v for k, v in env.items()):
+            # The libraries read their caps when they load: start again with them set.
+            rest = list(sys.argv[1:] if argv is None else argv)
+            sys.stdout.flush()
+            os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *rest],
+                      {**os.environ, **env})
     pinned = None if args.glibc_defaults else pin_glibc_heap()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -507,7 +540,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      if k.startswith("MALLOC_")) or "glibc defaults"
     if pinned:
         alloc = pinned
-    header = (f"**{cpu_model()}**, kernels `{info.get('cpu_isa')}`, "
+    header = (f"**{cpu_model()}**, kernels `{info.get('cpu_isa')}` ({library_caps()}), "
               f"{torch.get_num_threads()} torch threads, "
               f"{'one core busy (another process spinning)' if args.busy else 'idle'}, "
               f"allocator: {alloc}, slimops load policy `{SLIMOPS_LOAD_POLICY}`, "

@@ -1,7 +1,8 @@
 """bench/matrix.py, the performance matrix, without asserting on any timing: the table, the
 SLOWER flag and --guard on synthetic cells, the cells it builds computing what slimops
-computes, and one quick run through ``python -m slimops bench --matrix``."""
+computes, --emulate's restart, and one quick run through ``python -m slimops bench --matrix``."""
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -198,3 +199,34 @@ def test_train224_cells_are_the_mobilenets_at_batch_1_and_8():
                                        for v in ("v1", "v2") for b in (1, 8)]
     assert all(set(c.variants) == {"slimops", "reference"} and c.warmups == 2 for c in cells)
     assert matrix.build_cells("train224", quick=True) == []
+
+
+def test_library_caps_names_the_caps_set(monkeypatch):
+    for name in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    assert matrix.library_caps() == "oneDNN/MKL/ATen uncapped"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert matrix.library_caps() == "ONEDNN_MAX_CPU_ISA=AVX2"
+
+
+def test_emulate_restarts_with_every_library_capped(monkeypatch):
+    """--emulate avx2 restarts the script with all four caps set (the libraries read them at
+    load); once they are set it runs in place."""
+    calls = []
+
+    class Restarted(Exception):
+        pass
+
+    def fake_execve(path, args, env):
+        calls.append((args, env))
+        raise Restarted
+
+    monkeypatch.setattr(matrix.os, "execve", fake_execve)
+    for name in matrix.EMULATE_ENV["avx2"]:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(Restarted):
+        matrix.main(["--emulate", "avx2", "--cells", "train", "--quick"])
+    args, env = calls[0]
+    assert args[1:] == [os.path.abspath(matrix.__file__), "--emulate", "avx2", "--cells",
+                        "train", "--quick"]
+    assert all(env[k] == v for k, v in matrix.EMULATE_ENV["avx2"].items())

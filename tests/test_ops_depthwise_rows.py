@@ -1,6 +1,7 @@
-"""The masked-row forward (csrc/cpu/depthwise_rows.inc, rows_plane) behind slimops::depthwise_conv2d:
-float32 3x3 at column stride 1 or 2, any padding and dilation, from 7 output columns up (AVX2: to
-16), each plane's rows in masked vectors with the epilogue in registers.
+"""The masked-row forward (csrc/cpu/depthwise_rows.inc, rows_plane) behind
+slimops::depthwise_conv2d: float32 3x3 at column stride 1 or 2, any padding and dilation, from 7
+output columns up (AVX2: to 16), each plane's rows in masked vectors with the epilogue in
+registers.
 
 Every case runs the op with SLIMOPS_DEPTHWISE_ROWS=1 and =0 (the lanes and per-plane paths; the
 switch is read on every call), forward and every gradient, each against the reference.
