@@ -1,7 +1,7 @@
 """The masked-row forward (csrc/cpu/depthwise_rows.inc, rows_plane) behind
 slimops::depthwise_conv2d: float32 3x3 at column stride 1 or 2, any padding and dilation, from 7
-output columns up (AVX2: to 16), each plane's rows in masked vectors with the epilogue in
-registers.
+output columns up (AVX2: to 8 at stride 1, 16 at stride 2), each plane's rows in masked vectors
+with the epilogue in registers.
 
 Every case runs the op with SLIMOPS_DEPTHWISE_ROWS=1 and =0 (the lanes and per-plane paths; the
 switch is read on every call), forward and every gradient, each against the reference.
@@ -26,16 +26,18 @@ ISA = slimops.backend_info().get("cpu_isa", "base")
 SWITCH = "SLIMOPS_DEPTHWISE_ROWS"
 
 # (active channels, weight rows, H, W, stride, padding, dilation, batch). Output widths 7 to
-# 56 (both sides of AVX2's 16 and of whole vectors of 8 and 16 columns), odd sides, padding 0
-# to 2, dilation 2, a residual-sized batch, and planes of one and two rows.
+# 56 (both sides of AVX2's 8 and 16 and of whole vectors of 8 and 16 columns), odd sides,
+# padding 0 to 2, dilation 2, a residual-sized batch, and planes of one and two rows.
 CASES = {
     "7x7_s1": (20, 24, 7, 7, 1, 1, 1, 1),
     "14x14_s1": (33, 40, 14, 14, 1, 1, 1, 1),
     "14x14_s2": (17, 17, 14, 14, 2, 1, 1, 2),
     "odd_9x23_s1": (5, 8, 9, 23, 1, 1, 1, 3),
     "odd_13x35_s2": (6, 6, 13, 35, 2, 1, 1, 1),
-    "16_cols": (4, 4, 5, 16, 1, 1, 1, 1),
-    "17_cols": (4, 4, 5, 17, 1, 1, 1, 1),
+    "8_cols": (4, 4, 5, 8, 1, 1, 1, 1),
+    "9_cols": (4, 4, 5, 9, 1, 1, 1, 1),
+    "16_cols_s2": (4, 4, 5, 31, 2, 1, 1, 1),
+    "17_cols_s2": (4, 4, 5, 33, 2, 1, 1, 1),
     "33_cols_s2": (3, 5, 6, 66, 2, 1, 1, 1),
     "no_padding": (7, 7, 11, 12, 1, 0, 1, 1),
     "padding_2": (7, 9, 10, 10, 1, 2, 1, 2),
@@ -87,7 +89,7 @@ def test_rows_epilogue(case, act, all_threads, monkeypatch, tol):
 
 
 def _inf_weight_at_border():
-    x, weight = torch.randn(2, 20, 9, 9), torch.randn(24, 1, 3, 3)
+    x, weight = torch.randn(2, 20, 8, 8), torch.randn(24, 1, 3, 3)
     weight[3, 0, 0, 0] = float("inf")  # its tap reads the padding along the top and left
     return x, weight
 
@@ -113,12 +115,13 @@ def test_rows_path_is_taken(monkeypatch):
 def test_rows_propagate_non_finite_values_as_torch(value, stride, monkeypatch):
     """A NaN or Inf in the input (at a corner, in the middle) or in a weight reaches the same
     outputs as in the reference, padding taps included (the forward; the gradients run on the
-    other kernels). 15 and 8 output columns: the row kernel's range under both ISAs."""
+    other kernels). 8 output columns: the row kernel's range under both ISAs at both strides."""
     monkeypatch.setenv(SWITCH, "1")
-    x, weight = torch.randn(2, 20, 15, 15), torch.randn(24, 1, 3, 3)
+    w = 8 if stride == 1 else 15
+    x, weight = torch.randn(2, 20, 15, w), torch.randn(24, 1, 3, 3)
     x[0, 3, 0, 0] = value
-    x[1, 7, 7, 8] = value
-    x[1, 9, 14, 14] = value
+    x[1, 7, 7, w // 2] = value
+    x[1, 9, 14, w - 1] = value
     weight[5, 0, 2, 2] = value
     weight[11, 0, 0, 1] = value
     weight[22, 0, 1, 1] = value  # row 22 >= the input's 20 channels: unused

@@ -270,24 +270,27 @@ auto row_kernel(int64_t mode) {
 // Whether the masked-row forward may run: under AVX2 or AVX-512 (masked loads; the baseline
 // has none). SLIMOPS_DEPTHWISE_ROWS=0 turns it off (tests compare both paths); read on every
 // call, so that a benchmark can compare both paths in one process (the forward's route key
-// has it).
+// has whether it runs: depthwise_rows_suit).
 bool depthwise_rows_enabled() {
   const char* v = std::getenv("SLIMOPS_DEPTHWISE_ROWS");
   return (v == nullptr || std::strcmp(v, "0") != 0) && cpu_isa() != Isa::kBase;
 }
 
 // Whether it runs for this float32 3x3 forward at column stride 1 or 2 (the caller checks
-// those), from side-by-side runs against the other paths (2-core Intel Xeon, batch 1 and 64,
-// S-MobileNet v1/v2 shapes at 224 and 32): under AVX-512 it took 0.38-0.94x their time from 7
-// output columns up (1.0x on 112x112 planes); with fewer a vector's lanes are mostly idle and
-// the lanes path (16 channels per vector) won, 1.2-1.8x. Under AVX2 (8 lanes) it won from 7
-// to 16 output columns (0.52-0.86x) and lost 1.2-1.4x at stride 1 on 28x28 and larger planes.
+// those), from side-by-side runs against the other paths in random order (2-core Intel Xeon,
+// the fixed route, batch 1 and 64, S-MobileNet v1/v2 shapes at 224 and 32). Under AVX-512 it
+// took 0.50-0.90x their time from 7 output columns up; with fewer a vector's lanes are mostly
+// idle and the lanes path (16 channels per vector) won, 1.2-1.8x. Under AVX2 (8 lanes) it won
+// with one vector of columns at stride 1 (7 and 8: 0.87-0.93x) and two at stride 2 (0.62-0.94x
+// to 16 columns); the flattened per-plane path won stride 1 from 10 columns (1.07-1.25x) and
+// they were level on wider planes.
 bool depthwise_rows_suit(const PlaneConv& p) {
-  return depthwise_rows_enabled() && p.OW >= 7 && (cpu_isa() == Isa::kAvx512 || p.OW <= 16);
+  if (!depthwise_rows_enabled() || p.OW < 7) return false;
+  return cpu_isa() == Isa::kAvx512 || p.OW <= (p.sw == 1 ? 8 : 16);
 }
 
 // Floats per vector of the row kernel under the instruction set chosen at run time.
-int64_t row_lanes() { return cpu_isa() == Isa::kAvx512 ? 16 : 8; }
+int64_t row_lanes() { SLIMOPS_RETURN_FOR_CPU_ISA(isa::kRowLanes); }
 
 // rows_plane's masks for plane geometry p at column stride sw (1 or 2), per column vector of
 // V output columns: a header (first value 1 when all the masks below are whole), the output's
@@ -408,7 +411,7 @@ RouteKey route_key(const Problem& pr, DepthwisePass pass, int64_t epilogue) {
   return {static_cast<int64_t>(RouteOp::kDepthwiseConv2d) + static_cast<int64_t>(pass), pr.N,
           pr.C, p.H, p.W, p.KH, p.KW, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, epilogue,
           at::get_num_threads(), static_cast<int64_t>(cpu_isa()),
-          pass == DepthwisePass::kForward && depthwise_rows_enabled() ? 1 : 0, 0, 0, 0, 0, 0, 0,
+          pass == DepthwisePass::kForward && depthwise_rows_suit(p) ? 1 : 0, 0, 0, 0, 0, 0, 0,
           0};
 }
 
