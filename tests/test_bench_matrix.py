@@ -230,3 +230,10 @@ def test_emulate_restarts_with_every_library_capped(monkeypatch):
     assert args[1:] == [os.path.abspath(matrix.__file__), "--emulate", "avx2", "--cells",
                         "train", "--quick"]
     assert all(env[k] == v for k, v in matrix.EMULATE_ENV["avx2"].items())
+
+
+def test_cli_forwards_emulate(monkeypatch):
+    got = []
+    monkeypatch.setattr(matrix, "main", lambda argv: got.append(argv) or 0)
+    assert main(["bench", "--matrix", "--emulate", "avx2", "--cells", "eval"]) == 0
+    assert got[0][-4:] == ["--cells", "eval", "--emulate", "avx2"]

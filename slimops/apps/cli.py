@@ -598,7 +598,8 @@ def _bench(args: argparse.Namespace) -> int:
             ["--threads", str(args.threads)] if args.threads else []) + (
             ["--guard"] if args.guard else []) + (
             ["--cells", args.cells] if args.cells else []) + (
-            ["--repeat", str(args.repeat)] if args.repeat else [])
+            ["--repeat", str(args.repeat)] if args.repeat else []) + (
+            ["--emulate", args.emulate] if args.emulate else [])
         return matrix.main(argv)
     return bench_main(quick=args.quick, keyword=args.k, out_dir=args.out, json_path=args.json,
                       plot_path=args.plot, report_only=args.report, threads=args.threads,
@@ -879,6 +880,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=_positive_int, metavar="N",
                        help="with --matrix: N passes over the cells; medians, each cell's "
                        "ratio range, SLOWER judged by the median ratio")
+    bench.add_argument("--emulate", choices=("avx2",),
+                       help="with --matrix: run every library in the process at this "
+                       "instruction set (slimops' kernels, oneDNN, MKL, ATen: what a machine "
+                       "without AVX-512 gives both sides); SLIMOPS_CPU_ISA caps slimops only")
     bench.add_argument("-k", metavar="EXPR", help="pytest -k expression selecting benchmarks")
     bench.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     bench.add_argument("--compile", action="store_true",
