@@ -47,6 +47,8 @@ CASES = {
     "56x56_s1": (3, 4, 56, 56, 1, 1, 1, 1),
     "one_row": (8, 8, 1, 20, 1, 1, 1, 1),
     "two_rows_s2": (8, 8, 2, 29, 2, 1, 1, 2),
+    "16384_cols": (2, 2, 3, 16384, 1, 1, 1, 1),  # the widest rows it takes (AVX-512)
+    "16385_cols": (2, 2, 3, 16385, 1, 1, 1, 1),  # past its cap: the other paths
 }
 
 

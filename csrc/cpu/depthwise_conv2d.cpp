@@ -284,8 +284,12 @@ bool depthwise_rows_enabled() {
 // with one vector of columns at stride 1 (7 and 8: 0.87-0.93x) and two at stride 2 (0.62-0.94x
 // to 16 columns); the flattened per-plane path won stride 1 from 10 columns (1.07-1.25x) and
 // they were level on wider planes.
+// (Rows past kRowsMaxColumns outputs keep the other paths: the masks, ~44 bytes per output
+// column, stay small whatever the plane.)
+constexpr int64_t kRowsMaxColumns = int64_t{1} << 14;
+
 bool depthwise_rows_suit(const PlaneConv& p) {
-  if (!depthwise_rows_enabled() || p.OW < 7) return false;
+  if (!depthwise_rows_enabled() || p.OW < 7 || p.OW > kRowsMaxColumns) return false;
   return cpu_isa() == Isa::kAvx512 || p.OW <= (p.sw == 1 ? 8 : 16);
 }
 
@@ -531,8 +535,8 @@ at::Tensor depthwise_forward_kernels(const at::Tensor& x, const at::Tensor& weig
       if constexpr (std::is_same_v<scalar_t, float> && decltype(kh)::value == 3 &&
                     decltype(kw)::value == 3 && (SW == 1 || SW == 2)) {
         if (depthwise_rows_suit(p)) {
-          // Any plane size: each plane's rows in masked vectors, the epilogue in registers
-          // (depthwise_rows.inc, rows_plane).
+          // Each plane's rows in masked vectors, the epilogue in registers (depthwise_rows.inc,
+          // rows_plane).
           const std::vector<int32_t> masks = row_masks(p, SW);
           const auto rows = row_kernel<SW>(has_epilogue ? activation : -1);
           watched_parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()),
