@@ -6,10 +6,10 @@
 // process held one of the two cores, 65-73% of the joins timed here were still fast
 // (S-MobileNet v2 and S-ResNet-50 eval, 2-core Intel Xeon); the ops ran serial, timed no more
 // joins, the mark ran out, and a step started on two threads again. The CPU time the machine
-// spent outside this process does not depend on what the team was doing: /proc/stat's busy time of the CPUs in this
-// thread's affinity mask (steal time counted: a hypervisor giving the vCPU to another guest is
-// the same loss), minus this process's own CPU time (getrusage), over the window between two
-// samples. When what is left of those CPUs is less than the team needs (its threads less half a
+// spent outside this process does not depend on what the team was doing: /proc/stat's busy
+// time of the CPUs in this thread's affinity mask (steal time counted: a hypervisor giving the
+// vCPU to another guest is the same loss), minus this process's own CPU time (getrusage), over
+// the window between two samples. When what is left of those CPUs is less than the team needs (its threads less half a
 // core), the team would wait on a busy core: the machine is contended.
 //
 // Linux only; elsewhere (or where /proc/stat cannot be read) the sampler reports nothing and

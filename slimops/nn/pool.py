@@ -12,15 +12,15 @@ of 16 to 112, batches 1 to 64). S-ShuffleNet's 3x3 average pools: 0.35-0.7x (24 
 channels, 14x14 to 56x56, batches 1 and 8).
 
 So these layers run that conversion where no gradient is needed; the max pool, where it can,
-runs slimops' own C++ kernel instead (``slimops.ops.max_pool2d_inference``, csrc/cpu/max_pool.h):
-it pools the NCHW planes in place, without indices, the same result to the bit. S-ResNet-50's
-stem pool at batch 1 took 0.27-0.33x the channels-last round trip's time on a 2-core Intel
-Xeon (16 to 64 channels; 0.36-0.47x capped to AVX2; docs/BENCHMARKS.md, twenty-third round).
-In training the max pool
-splits the difference: its forward (with the argmax indices the backward needs) runs on the
-channels-last copy, 4-5x faster than the NCHW kernel, and its backward scatters the output
-gradient to those indices in NCHW, as PyTorch's NCHW backward does, because the channels-last
-backward measured 1.3-1.6x the NCHW one's time at 64 channels (0.55-0.7x at 16-24).
+runs slimops' own C++ kernel instead (``slimops.ops.max_pool2d_inference``,
+csrc/cpu/max_pool.h): it pools the NCHW planes in place, without indices, the same result to
+the bit. S-ResNet-50's stem pool at batch 1 took 0.27-0.33x the channels-last round trip's
+time on a 2-core Intel Xeon (16 to 64 channels; 0.36-0.47x capped to AVX2;
+docs/BENCHMARKS.md, twenty-third round). In training the max pool splits the difference:
+its forward (with the argmax indices the backward needs) runs on the channels-last copy, 4-5x
+faster than the NCHW kernel, and its backward scatters the output gradient to those indices
+in NCHW, as PyTorch's NCHW backward does, because the channels-last backward measured
+1.3-1.6x the NCHW one's time at 64 channels (0.55-0.7x at 16-24).
 S-ResNet-50's stem pool at batch 8 (forward + backward, 16 to 64 channels) took 0.33-0.42x
 the NCHW pool's time that way (docs/BENCHMARKS.md, nineteenth round). The average pool trains
 on PyTorch's own path (the same split measured 0.5-1.3x). The output is the same tensor
