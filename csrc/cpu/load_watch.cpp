@@ -9,8 +9,9 @@
 // spent outside this process does not depend on what the team was doing: /proc/stat's busy
 // time of the CPUs in this thread's affinity mask (steal time counted: a hypervisor giving the
 // vCPU to another guest is the same loss), minus this process's own CPU time (getrusage), over
-// the window between two samples. When what is left of those CPUs is less than the team needs (its threads less half a
-// core), the team would wait on a busy core: the machine is contended.
+// the window between two samples. When what is left of those CPUs is less than the team needs
+// (its threads less half a core), the team would wait on a busy core: the machine is
+// contended.
 //
 // Linux only; elsewhere (or where /proc/stat cannot be read) the sampler reports nothing and
 // the joins alone decide.
