@@ -22,29 +22,35 @@ def run_with_grads(op, kwargs, grad_out):
     return out, dict(zip(tensors, grads))
 
 
-def check_conv2d_switch(kwargs, monkeypatch, tol, switch, tol_on=None):
-    """slimops.ops.conv2d with the environment switch ``switch`` (read on every call) at 1 and
-    at 0, forward and every gradient, each against the reference; returns both runs'
+def check_op_switch(op, ref_op, kwargs, monkeypatch, tol, switch, tol_on=None):
+    """``op`` with the environment switch ``switch`` (read on every call) at 1 and at 0,
+    forward and every gradient, each against ``ref_op``; returns both runs'
     ``(output, gradients)``. The forward's tolerance scales with the output before its
     activation (a kernel's rounding is relative to the convolution's magnitude, which a relu6
     clips away from the output). ``tol_on`` (default ``tol``): the tolerance of the switch-on
     run, for kernels whose rounding is documented as larger."""
-    from slimops import ops, reference
-
-    pre_activation = reference.conv2d(**dict(kwargs, activation=None))
+    pre_activation = ref_op(**dict(kwargs, activation=None))
     g = torch.randn_like(pre_activation)
-    ref, ref_grads = run_with_grads(reference.conv2d, kwargs, g)
+    ref, ref_grads = run_with_grads(ref_op, kwargs, g)
     results = []
     for on in (True, False):
         monkeypatch.setenv(switch, "1" if on else "0")
         run_tol = (tol_on or tol) if on else tol
-        out, grads = run_with_grads(ops.conv2d, kwargs, g)
+        out, grads = run_with_grads(op, kwargs, g)
         torch.testing.assert_close(out, ref, **run_tol(torch.float32, pre_activation))
         for name, exp in ref_grads.items():
             torch.testing.assert_close(grads[name], exp, **run_tol(torch.float32, exp),
                                        msg=lambda m: f"{name} ({switch}={int(on)}): {m}")
         results.append((out, grads))
     return results
+
+
+def check_conv2d_switch(kwargs, monkeypatch, tol, switch, tol_on=None):
+    """check_op_switch for slimops.ops.conv2d against reference.conv2d."""
+    from slimops import ops, reference
+
+    return check_op_switch(ops.conv2d, reference.conv2d, kwargs, monkeypatch, tol, switch,
+                           tol_on)
 
 
 def compare_with_reference(op, ref_op, kwargs, tol, grad_out=None):

@@ -16,7 +16,7 @@ import torch
 import slimops
 from slimops import reference
 
-from helpers import run_with_grads
+from helpers import check_op_switch
 
 pytestmark = pytest.mark.skipif(
     slimops.backend_info()["cpu"] != "C++", reason="needs the compiled extension slimops._C"
@@ -66,15 +66,8 @@ def _kwargs(case, epilogue=False, act=None):
 
 def check_both_paths(kwargs, monkeypatch, tol):
     """The op with the switch on and off, forward and every gradient, against the reference."""
-    g = torch.randn_like(reference.depthwise_conv2d(**kwargs))
-    ref, ref_grads = run_with_grads(reference.depthwise_conv2d, kwargs, g)
-    for on in ("1", "0"):
-        monkeypatch.setenv(SWITCH, on)
-        out, grads = run_with_grads(slimops.ops.depthwise_conv2d, kwargs, g)
-        torch.testing.assert_close(out, ref, **tol(torch.float32, ref))
-        for name, exp in ref_grads.items():
-            torch.testing.assert_close(grads[name], exp, **tol(torch.float32, exp),
-                                       msg=lambda m: f"{name} ({SWITCH}={on}): {m}")
+    check_op_switch(slimops.ops.depthwise_conv2d, reference.depthwise_conv2d, kwargs,
+                    monkeypatch, tol, SWITCH)
 
 
 @pytest.mark.parametrize("threads", ["one_thread", "all_threads"])
