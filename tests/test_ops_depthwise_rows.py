@@ -1,7 +1,8 @@
 """The masked-row forward (csrc/cpu/depthwise_rows.inc, rows_plane) behind
 slimops::depthwise_conv2d: float32 3x3 at column stride 1 or 2, any padding and dilation, from 7
-output columns up (AVX2: to 8 at stride 1, 16 at stride 2), each plane's rows in masked vectors
-with the epilogue in registers.
+output columns up (not 32 at stride 1; AVX2 at stride 1: to 28 and from 56), each plane's rows in
+masked vectors with the epilogue in registers. Under AVX2 with finite weights the padding lanes
+are masked-off zeros in a plain multiply-add; with an Inf or NaN weight they are blended out.
 
 Every case runs the op with SLIMOPS_DEPTHWISE_ROWS=1 and =0 (the lanes and per-plane paths; the
 switch is read on every call), forward and every gradient, each against the reference.
@@ -26,8 +27,9 @@ ISA = slimops.backend_info().get("cpu_isa", "base")
 SWITCH = "SLIMOPS_DEPTHWISE_ROWS"
 
 # (active channels, weight rows, H, W, stride, padding, dilation, batch). Output widths 7 to
-# 56 (both sides of AVX2's 8 and 16 and of whole vectors of 8 and 16 columns), odd sides,
-# padding 0 to 2, dilation 2, a residual-sized batch, and planes of one and two rows.
+# 64 (both sides of whole vectors of 8 and 16 columns and of AVX2's stride-1 gap from 29 to
+# 55 columns, and 32 at stride 1, which takes the other paths), odd sides, padding 0 to 2,
+# dilation 2, a residual-sized batch, and planes of one and two rows.
 CASES = {
     "7x7_s1": (20, 24, 7, 7, 1, 1, 1, 1),
     "14x14_s1": (33, 40, 14, 14, 1, 1, 1, 1),
@@ -44,7 +46,11 @@ CASES = {
     "padding_2_s2": (7, 9, 21, 19, 2, 2, 1, 1),
     "dilation_2": (5, 5, 12, 15, 1, 2, 2, 1),
     "dilation_2_s2": (5, 5, 17, 30, 2, 2, 2, 1),
+    "28_cols": (4, 4, 9, 28, 1, 1, 1, 1),
+    "32_cols": (4, 4, 9, 32, 1, 1, 1, 1),
+    "40_cols": (4, 4, 6, 40, 1, 1, 1, 1),
     "56x56_s1": (3, 4, 56, 56, 1, 1, 1, 1),
+    "64_cols": (3, 3, 7, 64, 1, 1, 1, 2),
     "one_row": (8, 8, 1, 20, 1, 1, 1, 1),
     "two_rows_s2": (8, 8, 2, 29, 2, 1, 1, 2),
     "16384_cols": (2, 2, 3, 16384, 1, 1, 1, 1),  # the widest rows it takes (AVX-512)
@@ -106,17 +112,20 @@ def test_rows_path_is_taken(monkeypatch):
 
 @pytest.mark.skipif(ISA == "base", reason="no row kernel under the baseline cap")
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("stride", [1, 2])
-def test_rows_propagate_non_finite_values_as_torch(value, stride, monkeypatch):
-    """A NaN or Inf in the input (at a corner, in the middle) or in a weight reaches the same
-    outputs as in the reference, padding taps included (the forward; the gradients run on the
-    other kernels). 8 output columns: the row kernel's range under both ISAs at both strides."""
+@pytest.mark.parametrize("stride,w", [(1, 8), (1, 20), (2, 15), (2, 45)])
+def test_rows_propagate_non_finite_values_as_torch(value, stride, w, monkeypatch):
+    """A NaN or Inf in the input (at a corner, in the middle, at both ends of a row, where an
+    edge vector's load of the neighbouring row would pick it up unmasked) or in a weight
+    reaches the same outputs as in the reference, padding taps included (the forward; the
+    gradients run on the other kernels). Widths in the row kernel's range under both ISAs at
+    both strides, one vector of columns and several."""
     monkeypatch.setenv(SWITCH, "1")
-    w = 8 if stride == 1 else 15
     x, weight = torch.randn(2, 20, 15, w), torch.randn(24, 1, 3, 3)
     x[0, 3, 0, 0] = value
     x[1, 7, 7, w // 2] = value
     x[1, 9, 14, w - 1] = value
+    x[0, 4, 6, 0] = value
+    x[0, 4, 9, w - 1] = value
     weight[5, 0, 2, 2] = value
     weight[11, 0, 0, 1] = value
     weight[22, 0, 1, 1] = value  # row 22 >= the input's 20 channels: unused

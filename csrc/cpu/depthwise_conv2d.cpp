@@ -278,29 +278,32 @@ bool depthwise_rows_enabled() {
 
 // Whether it runs for this float32 3x3 forward at column stride 1 or 2 (the caller checks
 // those), from side-by-side runs against the other paths in random order (2-core Intel Xeon,
-// the fixed route, batch 1 and 64, S-MobileNet v1/v2 shapes at 224 and 32). Under AVX-512 it
-// took 0.50-0.90x their time from 7 output columns up; with fewer a vector's lanes are mostly
-// idle and the lanes path (16 channels per vector) won, 1.2-1.8x. Under AVX2 (8 lanes) it won
-// with one vector of columns at stride 1 (7 and 8: 0.87-0.93x) and two at stride 2 (0.62-0.94x
-// to 16 columns); the flattened per-plane path won stride 1 from 10 columns (1.07-1.25x) and
-// they were level on wider planes.
+// the fixed route, batch 1, 8 and 64, S-MobileNet v1/v2 shapes at 224 and 32 and odd sizes).
+// Under AVX-512 it took 0.45-0.90x their time from 7 output columns up (7x7: 1.0x); with fewer
+// a vector's lanes are mostly idle and the lanes path (16 channels per vector) won, 1.2-1.8x.
+// Under AVX2 (8 lanes): stride 2 0.56-0.89x at every size; stride 1 0.77-0.98x to 28 columns
+// and 0.83-0.93x from 56, level or behind between (32: 1.06-1.25x, 40: 1.03-1.08x, 64:
+// 0.98-1.03x). At exactly 32 columns and stride 1 the per-plane path's flattened rows are
+// fast (20% faster than at 31 or 33) and win under AVX-512 as well (1.05-1.10x).
 // (Rows past kRowsMaxColumns outputs keep the other paths: the masks, ~44 bytes per output
 // column, stay small whatever the plane.)
 constexpr int64_t kRowsMaxColumns = int64_t{1} << 14;
 
 bool depthwise_rows_suit(const PlaneConv& p) {
   if (!depthwise_rows_enabled() || p.OW < 7 || p.OW > kRowsMaxColumns) return false;
-  return cpu_isa() == Isa::kAvx512 || p.OW <= (p.sw == 1 ? 8 : 16);
+  if (p.sw != 1) return true;
+  if (p.OW == 32) return false;
+  return cpu_isa() == Isa::kAvx512 || p.OW <= 28 || p.OW >= 56;
 }
 
 // Floats per vector of the row kernel under the instruction set chosen at run time.
 int64_t row_lanes() { SLIMOPS_RETURN_FOR_CPU_ISA(isa::kRowLanes); }
 
 // rows_plane's masks for plane geometry p at column stride sw (1 or 2), per column vector of
-// V output columns: a header (first value 1 when all the masks below are whole), the output's
-// lanes, then for each tap column j the lanes whose input column lies in [0, W) (stride 2: for
-// the load of the first V input columns, the next V, and the output lanes whose input column
-// 2 * lane is in the plane). -1 = in, 0 = out.
+// V output columns: a header (first value 1 when all the masks below are whole, values 1 to 3
+// when tap column j's loads are), the output's lanes, then for each tap column j the lanes
+// whose input column lies in [0, W) (stride 2: for the load of the first V input columns, the
+// next V, and the output lanes whose input column 2 * lane is in the plane). -1 = in, 0 = out.
 std::vector<int32_t> row_masks(const PlaneConv& p, int64_t sw) {
   const int64_t V = row_lanes(), vectors = (p.OW + V - 1) / V;
   const int64_t per_tap = sw == 1 ? 1 : 3, per = 2 + 3 * per_tap;
@@ -324,6 +327,12 @@ std::vector<int32_t> row_masks(const PlaneConv& p, int64_t sw) {
     bool whole = true;
     for (int64_t k = V; k < per * V; ++k) whole = whole && m[k] != 0;
     m[0] = whole ? 1 : 0;
+    for (int64_t j = 0; j < 3; ++j) {  // tap column j's loads (stride 2: both) whole
+      const int32_t* mj = m + (2 + j * per_tap) * V;
+      bool tap_whole = true;
+      for (int64_t k = 0; k < (sw == 1 ? 1 : 2) * V; ++k) tap_whole = tap_whole && mj[k] != 0;
+      m[1 + j] = tap_whole ? 1 : 0;
+    }
   }
   return masks;
 }
