@@ -117,6 +117,10 @@ void fill_field(const DirectConv& d, const Field& f, const float* x, int64_t r0,
         std::fill(out, out + lo, 0.f);
         if (sw == 1) {
           std::copy(src + lo, src + hi, out + lo);
+        } else if (sw == 2) {
+          // A compile-time stride, which GCC vectorises as shuffles: element by element this
+          // fill was a third of the strided stem's time (3 -> 32 channels, 224 -> 112).
+          for (int64_t j = lo; j < hi; ++j) out[j] = src[2 * j];
         } else {
           for (int64_t j = lo; j < hi; ++j) out[j] = src[j * sw];
         }
