@@ -486,7 +486,7 @@ EMULATE_ENV: Dict[str, Dict[str, str]] = {
 
 def library_caps() -> str:
     """The other libraries' instruction-set caps set in the environment, for the header."""
-    names = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+    names = [n for n in EMULATE_ENV["avx2"] if n != "SLIMOPS_CPU_ISA"]  # the header has it
     caps = [f"{n}={os.environ[n]}" for n in names if os.environ.get(n)]
     return ", ".join(caps) if caps else "oneDNN/MKL/ATen uncapped"
 
