@@ -187,45 +187,61 @@ def test_slimmable_step_runs_the_whole_step_serial(policy, two_threads, name):
 
 
 _CHILD = textwrap.dedent("""
-    import sys, torch, slimops
+    import sys, time, torch, slimops
     from slimops import ops
     ops.set_load_policy(sys.argv[1], int(sys.argv[2]))
     torch.set_num_threads(2)
     x = torch.randn(1, 8, 6, 6)
-    for _ in range(3):
+    end = time.monotonic() + float(sys.argv[3])
+    calls = 0
+    while calls < 3 or time.monotonic() < end:
         ops.depthwise_conv2d(x, torch.randn(8, 1, 3, 3), None, 1, 1, 1, None, None, None, None)
+        calls += 1
     s = ops.load_watch()
-    print(s["joins"], s["slow_joins"], int(s["contended"]), s["serial_ops"], s["slow_join_us"])
+    print(s["joins"], s["slow_joins"], int(s["contended"]), s["serial_ops"], s["slow_join_us"],
+          s["busy_samples"])
 """)
 
 
-def _child(policy: str, slow_join_us: int):
-    """A fresh process (no join timed yet) with 2 threads running three small depthwise convs
-    (one-thread work: no region of their own) under the policy: [joins, slow_joins,
-    contended, serial_ops, slow_join_us]."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, policy, str(slow_join_us)], check=True,
-                         capture_output=True, text=True, timeout=300).stdout
+def _child(policy: str, slow_join_us: int, seconds: float = 0.0):
+    """A fresh process (no join timed yet) with 2 threads running small depthwise convs
+    (one-thread work: no region of their own; three, or as many as ``seconds`` takes) under
+    the policy: [joins, slow_joins, contended, serial_ops, slow_join_us, busy_samples]."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, policy, str(slow_join_us),
+                          str(seconds)], check=True, capture_output=True, text=True,
+                         timeout=300).stdout
     return [int(v) for v in out.split()]
 
 
-def test_a_slow_join_turns_the_ops_serial():
-    """Every join counts as slow (threshold 0): the first op's probe region marks the machine
-    contended, and it and the ops after it run serial with no further region."""
-    joins, slow, contended, serial, threshold = _child("adaptive", 0)
-    # one probe, or more where the child ran over 100 ms (a loaded machine): all slow
-    assert joins >= 1 and slow == joins
-    assert (contended, serial, threshold) == (1, 3, 0)
+def test_slow_joins_turn_the_ops_serial():
+    """Every join counts as slow (threshold 0): the first op's probe region is one slow join,
+    the probe 100 ms later the second, within 250 ms of the first: the machine is contended,
+    and the ops after it run serial (ops that open no region: the probes are the joins)."""
+    joins, slow, contended, serial, threshold, _ = _child("adaptive", 0, seconds=0.35)
+    assert joins >= 2 and slow == joins
+    assert contended == 1 and serial >= 1 and threshold == 0
+
+
+def test_one_slow_join_is_not_load():
+    """A lone slow join (a hypervisor pausing a virtual CPU for a millisecond does that on an
+    idle machine) leaves the ops on their team: three quick ops, one probe, counted slow."""
+    joins, slow, contended, serial, _, busy = _child("adaptive", 0)
+    if busy:  # the CPU-time windows saw this machine loaded: their own signal, not a join's
+        pytest.skip("the machine was loaded during the child's run")
+    if joins > 1:  # the child took over 100 ms between ops (a descheduled process)
+        pytest.skip("the child ran slowly enough to probe twice")
+    assert (joins, slow, contended, serial) == (1, 1, 0, 0)
 
 
 def test_fast_joins_are_not_slow():
     """No join counts as slow: the probes (one per 100 ms) find none. (Whether the ops ran
     serial depends on the machine's load here, which the CPU-time windows may see.)"""
-    joins, slow, _, _, threshold = _child("adaptive", 10 ** 9)
+    joins, slow, _, _, threshold, _ = _child("adaptive", 10 ** 9)
     assert joins >= 1 and slow == 0 and threshold == 10 ** 9
 
 
 def test_off_does_not_probe():
-    assert _child("off", 0) == [0, 0, 0, 0, 0]
+    assert _child("off", 0)[:5] == [0, 0, 0, 0, 0]
 
 
 _SAMPLED_CHILD = textwrap.dedent("""

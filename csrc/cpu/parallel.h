@@ -19,9 +19,10 @@
 //     core. Measured on a 2-core Intel Xeon with another process spinning on one core: an
 //     S-MobileNet v2 training step (32x32, batch 64) took 2,434 ms on 2 threads and 219 ms
 //     on 1; batch-1 S-ResNet-50 eval 384 ms against 59. Two signs of load: a region's second
-//     thread joining later than kSlowJoinNs (watched_parallel_for times every region opened
-//     here; BLAS and oneDNN open their own, so an op opens an empty probe region when no join
-//     was timed for kProbeIntervalNs), and a 200 ms window in which other processes left this
+//     thread joining later than kSlowJoinNs, twice within kSlowJoinPairNs
+//     (watched_parallel_for times every region opened here; BLAS and oneDNN open their own,
+//     so an op opens an empty probe region when no join was timed for kProbeIntervalNs),
+//     and a 200 ms window in which other processes left this
 //     process's CPUs less than its team needs (load_watch.cpp). Either marks the machine
 //     contended for kContendedHoldNs, and while it is, each op runs on its calling thread
 //     alone, BLAS and oneDNN included (LoadScope, registered around every CPU op).
@@ -61,9 +62,18 @@ namespace cpu {
 // (a spinning worker, or one woken from its futex); a descheduled one waits for the other
 // process's time slice (milliseconds). The load_watch op can change it (LoadWatch::slow_join).
 constexpr int64_t kSlowJoinNs = 1000 * 1000;
-// How long one sign of load (a slow join, a busy window) keeps the ops serial. A busy machine
-// renews it (windows every 200 ms, probes every 100 ms); a load that goes away costs at most
-// this long on one thread.
+// A slow join marks the machine contended when another came within this long before it, or
+// when it is contended already (renewing). Why not the first: a virtual CPU that the
+// hypervisor pauses for a millisecond delays one join on an idle machine. On the 2-vCPU Intel
+// Xeon, idle, a pass over the 8 S-MobileNet eval cells of bench/matrix.py (~75,000 joins)
+// met 1-3 slow joins, seconds apart; each turned the ops serial for kContendedHoldNs, and a
+// cell that met them ran its median up to 1.5x slower (v2 at 0.75x: 3.7 -> 5.4 ms). Another process on a core delays
+// joins every few milliseconds while the ops open regions, and a probe region (every
+// kProbeIntervalNs) while they do not, so a second slow join follows within this window.
+constexpr int64_t kSlowJoinPairNs = 250 * 1000 * 1000;
+// How long one sign of load (a second slow join, a busy window) keeps the ops serial. A busy
+// machine renews it (windows every 200 ms, probes every 100 ms); a load that goes away costs
+// at most this long on one thread.
 constexpr int64_t kContendedHoldNs = 1000 * 1000 * 1000;
 // An op opens an empty region to time the join when none was timed for this long (its own
 // regions may all be BLAS's or oneDNN's, or it runs serial): an idle probe costs
@@ -76,6 +86,7 @@ struct LoadWatch {
   std::atomic<int64_t> policy{static_cast<int64_t>(initial_policy())};
   std::atomic<int64_t> contended_until{0};  // CLOCK_MONOTONIC ns; 0: never contended
   std::atomic<int64_t> last_join{0};        // when a join was last timed
+  std::atomic<int64_t> last_slow_join{-kSlowJoinPairNs};  // when a join was last slow
   std::atomic<int64_t> slow_join{kSlowJoinNs};
   std::atomic<int64_t> joins{0}, slow_joins{0}, serial_ops{0};
   std::atomic<int64_t> samples{0}, busy_samples{0};  // load_watch.cpp's CPU-time windows
@@ -125,7 +136,8 @@ inline void note_join(int64_t opened_ns) {
   w.last_join.store(now, std::memory_order_relaxed);
   if (now - opened_ns > w.slow_join.load(std::memory_order_relaxed)) {
     w.slow_joins.fetch_add(1, std::memory_order_relaxed);
-    mark_contended(now);
+    const int64_t previous = w.last_slow_join.exchange(now, std::memory_order_relaxed);
+    if (now - previous < kSlowJoinPairNs || machine_contended(now)) mark_contended(now);
   }
 }
 

@@ -9,8 +9,9 @@ batch 64, 2,434 ms on two threads against 219 ms on one; batch-1 S-ResNet-50 eva
 against 55.
 
 So the C++ ops watch the machine (``csrc/cpu/parallel.h``, rule 5; ``csrc/cpu/load_watch.cpp``)
-for two signs of load: a region's second thread joining it more than 1 ms late (idle joins
-take microseconds), and a 200 ms window in which other processes took so much of this
+for two signs of load: a region's second thread joining it more than 1 ms late twice within
+250 ms (idle joins take microseconds; a lone late one is a hypervisor pausing a virtual CPU
+as often as load), and a 200 ms window in which other processes took so much of this
 process's CPUs (``/proc/stat`` minus this process's own CPU time) that less is left than the
 thread team needs. Either marks the machine *contended* for one second (a busy machine renews
 it), and while it is, every slimops CPU op runs on its calling thread alone, the BLAS and
