@@ -28,8 +28,11 @@ load policy (``adaptive`` unless ``SLIMOPS_LOAD_POLICY`` says otherwise), each c
 the plain-PyTorch variants run with the watch ``off``, as they would without slimops. With a
 core busy, the watch takes slimops' calls to one thread; the others keep two.
 
-Timings are interleaved (round r runs every variant once, in turn) so that drift of the
-machine hits every variant alike, and the median per variant is reported with the ratio
+Timings are interleaved (round r runs every variant once, in an order shuffled per round) so
+that drift of the machine hits every variant alike and no variant always runs after the same
+other one (a fixed order favoured the second of two identical kernels by 9-14% on the Xeon
+here, docs/BENCHMARKS.md's twenty-fourth round), and the median per variant is reported with
+the ratio
 ``slimops / reference`` (and ``slimops / dense-jit``). A ratio above 1.0 against the reference
 style is a bug (the kernels must never lose to the plain-PyTorch path they replace); such cells
 are marked ``SLOWER`` and the run exits with status 1 when ``--guard`` is given. With
@@ -408,7 +411,8 @@ def _prepare(name: str) -> None:
 
 
 def measure(cell: Cell) -> None:
-    """Interleaved rounds until the budget is spent (at least 5); medians per variant."""
+    """Interleaved rounds (each in a shuffled order) until the budget is spent (at least 5);
+    medians per variant."""
     names = list(cell.variants)
     calls = {n: _as_used(n, fn) for n, fn in cell.variants.items()}
     for n, fn in calls.items():  # warm-up: first-call costs, caches, allocator
@@ -416,10 +420,12 @@ def measure(cell: Cell) -> None:
             _prepare(n)
             fn()
     times: Dict[str, List[float]] = {n: [] for n in names}
+    order = random.Random(0)  # the same sequence of orders on every run
     start = time.perf_counter()
     rounds = 0
     while rounds < cell.min_rounds or (time.perf_counter() - start < cell.budget_s
                                        and rounds < 200):
+        order.shuffle(names)
         for n in names:
             _prepare(n)
             t0 = time.perf_counter()
