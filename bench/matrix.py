@@ -32,10 +32,9 @@ Timings are interleaved (round r runs every variant once, in an order shuffled p
 that drift of the machine hits every variant alike and no variant always runs after the same
 other one (a fixed order favoured the second of two identical kernels by 9-14% on the Xeon
 here, docs/BENCHMARKS.md's twenty-fourth round), and the median per variant is reported with
-the ratio
-``slimops / reference`` (and ``slimops / dense-jit``). A ratio above 1.0 against the reference
-style is a bug (the kernels must never lose to the plain-PyTorch path they replace); such cells
-are marked ``SLOWER`` and the run exits with status 1 when ``--guard`` is given. With
+the ratio ``slimops / reference`` (and ``slimops / dense-jit``). A ratio above 1.0 against the
+reference style is a bug (the kernels must never lose to the plain-PyTorch path they replace);
+such cells are marked ``SLOWER`` and the run exits with status 1 when ``--guard`` is given. With
 ``--repeat N`` every cell is measured in N passes over the whole list (minutes apart); the
 table gives each variant's median over the passes, the median of the passes' ratios (what
 SLOWER and ``--guard`` judge) and their range: with a core busy one pass's ratio moves by up

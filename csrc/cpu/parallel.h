@@ -22,8 +22,8 @@
 //     thread joining later than kSlowJoinNs, twice within kSlowJoinPairNs
 //     (watched_parallel_for times every region opened here; BLAS and oneDNN open their own,
 //     so an op opens an empty probe region when no join was timed for kProbeIntervalNs),
-//     and a 200 ms window in which other processes left this
-//     process's CPUs less than its team needs (load_watch.cpp). Either marks the machine
+//     and a 200 ms window in which other processes left this process's CPUs less than its
+//     team needs (load_watch.cpp). Either marks the machine
 //     contended for kContendedHoldNs, and while it is, each op runs on its calling thread
 //     alone, BLAS and oneDNN included (LoadScope, registered around every CPU op).
 //     SLIMOPS_LOAD_POLICY=off keeps the team always (the rounding of an idle machine; a serial
@@ -66,10 +66,11 @@ constexpr int64_t kSlowJoinNs = 1000 * 1000;
 // when it is contended already (renewing). Why not the first: a virtual CPU that the
 // hypervisor pauses for a millisecond delays one join on an idle machine. On the 2-vCPU Intel
 // Xeon, idle, a pass over the 8 S-MobileNet eval cells of bench/matrix.py (~75,000 joins)
-// met 1-3 slow joins, seconds apart; each turned the ops serial for kContendedHoldNs, and a
-// cell that met them ran its median up to 1.5x slower (v2 at 0.75x: 3.7 -> 5.4 ms). Another process on a core delays
-// joins every few milliseconds while the ops open regions, and a probe region (every
-// kProbeIntervalNs) while they do not, so a second slow join follows within this window.
+// met 1-3 slow joins, never two within 250 ms; each turned the ops serial for
+// kContendedHoldNs, and a cell that met them ran its median up to 1.5x slower (v2 at 0.75x:
+// 3.7 -> 5.4 ms). Another process on a core delays joins every few milliseconds while the ops
+// open regions, and a probe region (every kProbeIntervalNs) while they do not, so a second
+// slow join follows within this window.
 constexpr int64_t kSlowJoinPairNs = 250 * 1000 * 1000;
 // How long one sign of load (a second slow join, a busy window) keeps the ops serial. A busy
 // machine renews it (windows every 200 ms, probes every 100 ms); a load that goes away costs
