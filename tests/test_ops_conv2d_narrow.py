@@ -1,6 +1,6 @@
 """The narrow GEMM (csrc/cpu/gemm_narrow.cpp) behind slimops::conv2d's forward on the im2col +
 GEMM path: float32 products of two to four vectors of output columns (a 5x5 to 8x8 plane at
-batch 1 under AVX-512, 3x3 to 4x4 under AVX2), depth of at least 512 and a weight block of at
+batch 1 under AVX-512, 3x3 to 4x4 under AVX2), depth of at least 256 and a weight block of at
 least 2^17 elements per task.
 
 Every case runs the op with SLIMOPS_CONV_NARROW=1 and =0 (BLAS; the switch is read on every
@@ -38,9 +38,10 @@ def check_both_paths(kwargs, monkeypatch, tol):
 
 
 # (channels in/out of the active prefix, full weight in/out, input H x W, kernel, stride,
-#  padding, groups, batch). Depths 520 to 4500, planes of 9 to 64 outputs (one to four
-#  AVX-512 vectors, two to eight AVX2 ones: both sides of each ISA's range), row counts that
-#  leave partial tiles of every height. 7x7 and 3x11 planes (49 and 33 columns) take the tail
+#  padding, groups, batch). Depths 255 to 4500 (both sides of the floor: 256 takes the narrow
+#  kernel, 255 BLAS either way), planes of 9 to 64 outputs (one to four AVX-512 vectors, two
+#  to eight AVX2 ones: both sides of each ISA's range), row counts that leave partial tiles of
+#  every height. 7x7 and 3x11 planes (49 and 33 columns) take the tail
 #  form under AVX-512 (a column past whole vectors as a dot product), at depths of whole
 #  vectors (576, 528) and not (600: the last partial vector of depth).
 CASES = {
@@ -57,6 +58,9 @@ CASES = {
     "k3_4x3": (120, 199, 128, 200, (4, 3), (3, 3), 1, 1, 1, 1),
     "groups2": (144, 600, 160, 640, (6, 6), (3, 3), 1, 1, 2, 1),
     "batch2_images": (600, 300, 608, 304, (5, 5), (1, 1), 1, 0, 1, 2),
+    "k1_7x7_depth256": (256, 1030, 320, 1040, (7, 7), (1, 1), 1, 0, 1, 1),
+    "k1_4x4_depth256": (256, 700, 264, 704, (4, 4), (1, 1), 1, 0, 1, 1),
+    "k1_7x7_depth255": (255, 1030, 320, 1040, (7, 7), (1, 1), 1, 0, 1, 1),
 }
 
 

@@ -20,10 +20,15 @@ namespace {
 // 8x8 planes ran 1.05-1.2x BLAS's time, 1024 -> 256 1x1 and 512 -> 512 3x3 ones 0.5-0.98x
 // (2-core Intel Xeon, AVX-512, batch 1, 2 threads: each thread's product is half the rows).
 constexpr int64_t kNarrowMinWeight = int64_t{1} << 17;
-// Below this depth A's rows are short streams that the tiles start and leave every few hundred
-// cycles, where BLAS's packed panels stream better: 256 -> 1024 1x1 convs on 3x3 and 4x4
-// planes ran 1.4x BLAS's time under AVX2 (the same Xeon capped), 1024 -> 256 ones 0.74-1.04x.
-constexpr int64_t kNarrowMinDepth = 512;
+// Below this depth nothing was gained. A's rows are short streams that the tiles start and
+// leave every few hundred cycles; without the next tile's prefetch (gemm_narrow_tiles.inc)
+// BLAS's packed panels streamed better below 512 (256 -> 1024 1x1 convs on 3x3 and 4x4 planes
+// ran 1.4x BLAS's time under AVX2). With it, the weights cycled through a 120 MB pool as in a
+// model (2-core Intel Xeon, batch 1, partial input width; the narrow GEMM against BLAS):
+// depths 256-384 ran 0.62-0.79x under AVX-512 (256 -> 1024 and 384 -> 1536 on 5x5 to 8x8,
+// 256 -> 1024 stride 2 to 7x7, 288 -> 1152 and 384 -> 768 on 7x7) and 0.66-0.78x under AVX2
+// (3x3 and 4x4 planes); depths 128-192 0.99-1.02x.
+constexpr int64_t kNarrowMinDepth = 256;
 
 struct NarrowGemm {
   void (*run)(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*,
