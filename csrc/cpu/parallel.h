@@ -23,9 +23,9 @@
 //     (watched_parallel_for times every region opened here; BLAS and oneDNN open their own,
 //     so an op opens an empty probe region when no join was timed for kProbeIntervalNs),
 //     and a 200 ms window in which other processes left this process's CPUs less than its
-//     team needs (load_watch.cpp). Either marks the machine
-//     contended for kContendedHoldNs, and while it is, each op runs on its calling thread
-//     alone, BLAS and oneDNN included (LoadScope, registered around every CPU op).
+//     team needs (load_watch.cpp). Either marks the machine contended for kContendedHoldNs,
+//     and while it is, each op runs on its calling thread alone, BLAS and oneDNN included
+//     (LoadScope, registered around every CPU op).
 //     SLIMOPS_LOAD_POLICY=off keeps the team always (the rounding of an idle machine; a serial
 //     op rounds as under torch.set_num_threads(1)), `serial` never uses it; the load_watch op
 //     reads and sets the same (slimops/ops/load_watch.py).
