@@ -469,9 +469,11 @@ RouteKey route_key(const ConvGeometry& s, Pass pass, int64_t epilogue) {
 
 // The active weight [O, ig, kh, kw] as oneDNN takes it (contiguous): W[:O, :ig], or with
 // groups each group's block prefix W[g*Og : g*Og + og, :ig] stacked (the reference style's
-// gather). A view where that is the shared weight's own memory (full input width; with groups
-// also full output width), else a copy, as the reference style copies it on every call.
+// gather). The shared weight itself at full width, a view where the prefix is the shared
+// weight's own memory (full input width; with groups also full output width), else a copy,
+// as the reference style copies it on every call.
 at::Tensor onednn_weight(const at::Tensor& weight, const ConvGeometry& s) {
+  if (s.O == weight.size(0) && s.ig == weight.size(1) && weight.is_contiguous()) return weight;
   const at::Tensor w =
       s.G == 1 ? weight.narrow(0, 0, s.O).narrow(1, 0, s.ig)
                : weight.view({s.G, s.Og, s.Ig, s.kh, s.kw}).narrow(1, 0, s.og).narrow(2, 0, s.ig);
@@ -642,7 +644,7 @@ bool conv2d_winograd<float>(const ConvGeometry& s, const float* xp, const float*
 // The bias of the active output channels as oneDNN takes it: channel c = g*og + j is bias row
 // g*Og + j (a view of the prefix with one group, else gathered: O values).
 at::Tensor onednn_bias(const at::Tensor& bias, const ConvGeometry& s) {
-  if (s.G == 1) return bias.narrow(0, 0, s.O);
+  if (s.G == 1) return leading(bias, s.O);
   return bias.view({s.G, s.Og}).narrow(1, 0, s.og).reshape({s.O});
 }
 

@@ -452,8 +452,8 @@ at::Tensor depthwise_forward_onednn(const at::Tensor& x, const at::Tensor& weigh
   const at::Tensor* sh = opt_ptr(shift);
   const bool bias_only = b && !sc && !sh && !res.defined() && activation == kNone;
   const c10::optional<at::Tensor> conv_bias =
-      bias_only ? c10::optional<at::Tensor>(b->narrow(0, 0, pr.C)) : c10::nullopt;
-  at::Tensor out = at::convolution(x, weight.narrow(0, 0, pr.C), conv_bias, {p.sh, p.sw},
+      bias_only ? c10::optional<at::Tensor>(leading(*b, pr.C)) : c10::nullopt;
+  at::Tensor out = at::convolution(x, leading(weight, pr.C), conv_bias, {p.sh, p.sw},
                                    {p.ph, p.pw}, {p.dh, p.dw}, false, {0, 0}, pr.C)
                        .contiguous();
   check_onednn_shape(out, {pr.N, pr.C, p.OH, p.OW}, "depthwise_conv2d", "output");
@@ -477,7 +477,7 @@ at::Tensor depthwise_input_grad_onednn(const at::Tensor& gz, const at::Tensor& w
                                        const Problem& pr, at::IntArrayRef input_size) {
   const PlaneConv& p = pr.conv;
   const at::Tensor sizes_only = at::empty(input_size, gz.options());
-  auto grads = at::convolution_backward(gz, sizes_only, weight.narrow(0, 0, pr.C),
+  auto grads = at::convolution_backward(gz, sizes_only, leading(weight, pr.C),
                                         c10::nullopt, {p.sh, p.sw}, {p.ph, p.pw},
                                         {p.dh, p.dw}, false, {0, 0}, pr.C, {true, false, false});
   check_onednn_shape(std::get<0>(grads), input_size, "depthwise_conv2d_backward_input",
@@ -489,7 +489,7 @@ at::Tensor depthwise_input_grad_onednn(const at::Tensor& gz, const at::Tensor& w
 // zero, as the kernels route gives it (autograd accumulates it into the shared weight as is).
 at::Tensor depthwise_weight_grad_onednn(const at::Tensor& gz, const at::Tensor& x,
                                         const at::Tensor& weight, const Problem& pr) {
-  const at::Tensor active = weight.narrow(0, 0, pr.C);
+  const at::Tensor active = leading(weight, pr.C);
   const PlaneConv& p = pr.conv;
   auto grads = at::convolution_backward(gz, x, active, c10::nullopt, {p.sh, p.sw},
                                         {p.ph, p.pw}, {p.dh, p.dw}, false, {0, 0}, pr.C,
