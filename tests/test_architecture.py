@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first. A module imports from its own layer or below.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("base", ("slimops._version", "slimops._files", "slimops.op_families", "slimops.reference",
-              "slimops.width", "slimops.kernels", "slimops._C", "slimops.timing",
-              "slimops._table")),
+    ("base", ("slimops._version", "slimops._files", "slimops._extension", "slimops.op_families",
+              "slimops.reference", "slimops.width", "slimops.kernels", "slimops._C",
+              "slimops.timing", "slimops._table")),
     ("ops", ("slimops.ops",)),
     ("nn", ("slimops.nn",)),
     ("library", ("slimops.models", "slimops.export", "slimops.profile", "slimops.deploy",

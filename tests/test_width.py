@@ -3,6 +3,8 @@ per asyncio task)."""
 
 from __future__ import annotations
 
+import collections
+import importlib
 import math
 import threading
 
@@ -647,8 +649,25 @@ def test_numpy_and_other_real_widths_are_accepted(make):
         assert slimops.get_width(model) == 0.5
 
 
+@pytest.fixture(params=["compiled", "python"])
+def walk(request, monkeypatch):
+    """``slimmable_layers`` as it runs (its compiled walk with the extension) and its Python
+    loop, which defines it (and runs where the compiled walk declines)."""
+    width_state = importlib.import_module("slimops.width")
+    if request.param == "compiled" and width_state._COMPILED_WALK is None:
+        pytest.skip("needs the compiled extension")
+    if request.param == "python":
+        monkeypatch.setattr(width_state, "_COMPILED_WALK", None)
+    return request.param
+
+
+def test_compiled_walk_is_used_with_the_extension():
+    width_state = importlib.import_module("slimops.width")
+    assert (width_state._COMPILED_WALK is not None) == (slimops.backend_info()["cpu"] == "C++")
+
+
 @pytest.mark.parametrize("name", sorted(slimops.models.MODELS))
-def test_slimmable_layers_is_modules_order(name):
+def test_slimmable_layers_is_modules_order(name, walk):
     """The stack walk visits what ``model.modules()`` visits, in its order."""
     model = slimops.models.MODELS[name]()
     expected = [m for m in model.modules() if isinstance(m, Slimmable)]
@@ -656,7 +675,7 @@ def test_slimmable_layers_is_modules_order(name):
     assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected))
 
 
-def test_slimmable_layers_shared_and_empty_children():
+def test_slimmable_layers_shared_and_empty_children(walk):
     """A module registered twice is listed once (its first place), an empty child slot
     (``None``) is skipped, and the model itself counts when it is slimmable."""
     shared = SlimmableLinear([4, 8], [4, 8], widths=(0.5, 1.0))
@@ -672,7 +691,7 @@ def test_slimmable_layers_shared_and_empty_children():
 
 
 @pytest.mark.parametrize("look_inside", [True, False])
-def test_slimmable_layers_skips_inside_layers_that_say_so(look_inside):
+def test_slimmable_layers_skips_inside_layers_that_say_so(look_inside, walk):
     """A slimmable layer with ``walk_submodules = False`` (``SwitchableBatchNorm2d``: its
     submodules are its own per-width BNs) is listed but not looked inside."""
 
@@ -687,3 +706,26 @@ def test_slimmable_layers_skips_inside_layers_that_say_so(look_inside):
     assert got == ([holder, inner] if look_inside else [holder])
     assert SwitchableBatchNorm2d.walk_submodules is False
     assert all(m.walk_submodules for m in (inner, SlimmableConv2d(4, 4, 1)))
+
+
+def test_slimmable_layers_of_a_module_with_its_own_children_dict(walk):
+    """A ``_modules`` that is not a plain dict (here an OrderedDict moved around) is walked
+    in its own order: the compiled walk hands such a model to the Python loop."""
+    a, b = (SlimmableLinear([4, 8], [4, 8], widths=(0.5, 1.0)) for _ in range(2))
+    model = torch.nn.Sequential(a, b)
+    model._modules = collections.OrderedDict(model._modules)
+    model._modules.move_to_end("0")
+    assert slimmable_layers(model) == [b, a]
+
+
+def test_slimmable_layers_passes_errors_on(walk):
+    """An exception from a layer's attributes reaches the caller from either walk."""
+
+    class Broken(SlimmableLinear):
+        @property
+        def walk_submodules(self):
+            raise RuntimeError("broken layer")
+
+    model = torch.nn.Sequential(torch.nn.ReLU(), Broken([4, 8], [4, 8], widths=(0.5, 1.0)))
+    with pytest.raises(RuntimeError, match="broken layer"):
+        slimmable_layers(model)

@@ -4,39 +4,22 @@ CUDA C++ kernels registered for the ops) or ``slimops.reference``.
 The op layer owns this decision: the op entry points (``slimops.ops.*``) ask ``use_native``,
 and nothing above them reads or changes this module's state except through its functions.
 
-Importing ``slimops._C`` runs its static ``TORCH_LIBRARY`` registrations, which define the
-``torch.ops.slimops.*`` ops. Without it (not built, or built against another torch) the
-package still works: every op falls back to ``slimops.reference``, with one warning.
+Whether ``slimops._C`` loaded is decided in ``slimops._extension`` (the base layer): without
+it every op falls back to ``slimops.reference``.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 from typing import Callable, Dict, Optional
 
 import torch
 
-_C_ERROR: Optional[str] = None
+from slimops import _extension
 
-if os.environ.get("SLIMOPS_DISABLE_C") == "1":
-    HAS_C = False
-    _C_ERROR = "disabled by SLIMOPS_DISABLE_C=1"
-else:
-    try:
-        importlib.import_module("slimops._C")
-        HAS_C = True
-    except ImportError as exc:  # not built, or an ABI mismatch with the installed torch
-        HAS_C = False
-        _C_ERROR = str(exc)
-        warnings.warn(
-            "slimops: the compiled extension slimops._C is not available "
-            f"({exc}); running on the pure-PyTorch reference path. Build it with "
-            "`pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+HAS_C = _extension.LOADED
+_C_ERROR: Optional[str] = _extension.ERROR
 
 
 def direct_entry(name: str) -> Optional[Callable[..., object]]:
@@ -48,9 +31,7 @@ def direct_entry(name: str) -> Optional[Callable[..., object]]:
     active ``__torch_function__`` mode) it returns ``NotImplemented`` and the caller calls
     ``torch.ops``. Callers skip it while torch.compile traces (the graph records
     ``torch.ops``)."""
-    if not HAS_C:
-        return None
-    return getattr(importlib.import_module("slimops._C"), name, None)
+    return _extension.entry(name)
 
 
 def native_call(name: str) -> Callable[..., object]:
