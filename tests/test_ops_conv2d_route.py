@@ -156,14 +156,15 @@ def test_grouped_onednn_route_copies_no_weight_at_full_width(monkeypatch):
         assert bool(weight_copies(prof, shapes)) == copied, (o, i)
 
 
-@pytest.mark.parametrize("op", ["conv2d", "depthwise_conv2d"])
+@pytest.mark.parametrize("op", ["conv2d", "grouped_conv2d", "depthwise_conv2d"])
 def test_onednn_route_hands_over_the_full_width_tensors_themselves(op, monkeypatch):
     """At full width the oneDNN route passes the shared weight and bias as they are, without
     the views a prefix needs (each a dispatcher call: ~1.3 us per call together), and at a
     partial width it takes the prefix."""
     monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "onednn")
     depthwise = op == "depthwise_conv2d"
-    weight = torch.randn(16, 1, 3, 3) if depthwise else torch.randn(16, 8, 3, 3)
+    groups = 2 if op == "grouped_conv2d" else 1
+    weight = torch.randn(16, 1, 3, 3) if depthwise else torch.randn(16, 8 // groups, 3, 3)
     bias = torch.randn(16)
 
     def views(channels, in_channels):
@@ -172,7 +173,7 @@ def test_onednn_route_hands_over_the_full_width_tensors_themselves(op, monkeypat
             if depthwise:
                 out = slimops.ops.depthwise_conv2d(x, weight, bias, 1, 1, 1)
             else:
-                out = slimops.ops.conv2d(x, weight, bias, channels, 1, 1, 1)
+                out = slimops.ops.conv2d(x, weight, bias, channels, 1, 1, 1, groups)
         assert out.shape[1] == channels
         return [e.name for e in prof.events() if e.name in ("aten::narrow", "aten::slice")]
 

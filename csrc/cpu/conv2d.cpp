@@ -642,9 +642,10 @@ bool conv2d_winograd<float>(const ConvGeometry& s, const float* xp, const float*
 }
 
 // The bias of the active output channels as oneDNN takes it: channel c = g*og + j is bias row
-// g*Og + j (a view of the prefix with one group, else gathered: O values).
+// g*Og + j (the bias itself at full output width, a view of the prefix with one group, else
+// gathered: O values).
 at::Tensor onednn_bias(const at::Tensor& bias, const ConvGeometry& s) {
-  if (s.G == 1) return leading(bias, s.O);
+  if (s.G == 1 || s.og == s.Og) return leading(bias, s.O);
   return bias.view({s.G, s.Og}).narrow(1, 0, s.og).reshape({s.O});
 }
 
