@@ -31,8 +31,12 @@ core busy, the watch takes slimops' calls to one thread; the others keep two.
 Timings are interleaved (round r runs every variant once, in an order shuffled per round) so
 that drift of the machine hits every variant alike and no variant always runs after the same
 other one (a fixed order favoured the second of two identical kernels by 9-14% on the Xeon
-here, docs/BENCHMARKS.md's twenty-fourth round), and the median per variant is reported with
-the ratio ``slimops / reference`` (and ``slimops / dense-jit``). A ratio above 1.0 against the
+here, docs/BENCHMARKS.md's twenty-fourth round), and each variant's median is reported with
+the ratio ``slimops / reference`` (and ``slimops / dense-jit``). With ``--busy`` the mean
+instead (the calls' total time over their number; ``--stat`` chooses): with a core busy a
+two-thread call's time is bimodal, most calls fast and some 10-60x slower, and the median
+would hide the slow mode, which is the cost being measured; the table then also gives the
+ratio of the medians. A ratio above 1.0 against the
 reference style is a bug (the kernels must never lose to the plain-PyTorch path they replace);
 such cells are marked ``SLOWER`` and the run exits with status 1 when ``--guard`` is given. With
 ``--repeat N`` every cell is measured in N passes over the whole list (minutes apart); the
@@ -94,6 +98,19 @@ WIDTHS = (0.25, 0.5, 0.75, 1.0)
 SLIMOPS_LOAD_POLICY = slimops.ops.load_watch()["policy"] or "off"
 
 
+# How a variant's calls in one pass are summarised. Idle, the median: the typical call, robust
+# to the rare call the machine delays for every variant alike. With a core busy, the mean (the
+# pass's total time over its calls): the times are then bimodal, and the slow mode is what is
+# measured, not noise. On the Xeon here, a lone dilated 3x3 conv (16 -> 24, 14x14, batch 32)
+# on two threads beside a spinning process ran 80% of its calls in 0.32-0.45 ms and the rest in
+# 4-30 ms (a worker the OS had given to the other process); on one thread every call took
+# 0.47-0.63 ms. The median (0.35 against 0.50 ms) says two threads win; the time the calls
+# took in total (2.2 against 0.68 ms per call) says they lose 3x. docs/BENCHMARKS.md, the
+# twenty-eighth round.
+STATISTICS: Dict[str, Callable[[Sequence[float]], float]] = {
+    "median": statistics.median, "mean": statistics.fmean}
+
+
 @dataclass
 class Cell:
     """One workload; ``variants`` maps a variant's name to a zero-argument callable."""
@@ -102,10 +119,14 @@ class Cell:
     variants: Dict[str, Callable[[], object]]
     budget_s: float
     rows: Dict[str, float] = field(default_factory=dict)
-    # one {variant: median} per pass over the cells (--repeat); rows is their median
+    # one {variant: statistic} per pass over the cells (--repeat); rows is their median
     runs: List[Dict[str, float]] = field(default_factory=list)
     min_rounds: int = 5  # fewer for multi-second cells (S-ResNet-50 training at 224)
     warmups: int = 2
+    # what rows and runs hold per variant: a key of STATISTICS (see STATISTICS)
+    statistic: str = "median"
+    # each pass's per-variant medians, kept beside runs when statistic is not the median
+    median_runs: List[Dict[str, float]] = field(default_factory=list)
 
 
 def pin_glibc_heap() -> Optional[str]:
@@ -411,7 +432,7 @@ def _prepare(name: str) -> None:
 
 def measure(cell: Cell) -> None:
     """Interleaved rounds (each in a shuffled order) until the budget is spent (at least 5);
-    medians per variant."""
+    per variant the cell's statistic over its calls (``STATISTICS``)."""
     names = list(cell.variants)
     calls = {n: _as_used(n, fn) for n, fn in cell.variants.items()}
     for n, fn in calls.items():  # warm-up: first-call costs, caches, allocator
@@ -432,14 +453,18 @@ def measure(cell: Cell) -> None:
             times[n].append(time.perf_counter() - t0)
         rounds += 1
     slimops.ops.set_load_policy(SLIMOPS_LOAD_POLICY)
-    cell.rows = {n: statistics.median(ts) for n, ts in times.items()}
+    summarise = STATISTICS[cell.statistic]
+    cell.rows = {n: summarise(ts) for n, ts in times.items()}
     cell.runs.append(dict(cell.rows))
+    if cell.statistic != "median":
+        cell.median_runs.append({n: statistics.median(ts) for n, ts in times.items()})
 
 
-def pass_ratios(cell: Cell) -> List[float]:
-    """slimops / reference of each of the cell's passes, ascending (no pass recorded: the
-    ratio of its rows)."""
-    return sorted(r["slimops"] / r["reference"] for r in (cell.runs or [cell.rows]))
+def pass_ratios(cell: Cell, runs: Optional[List[Dict[str, float]]] = None) -> List[float]:
+    """slimops / reference of each of the cell's passes (``runs``, default its own), ascending
+    (no pass recorded: the ratio of its rows)."""
+    runs = cell.runs if runs is None else runs
+    return sorted(r["slimops"] / r["reference"] for r in (runs or [cell.rows]))
 
 
 def ratio(cell: Cell) -> float:
@@ -462,6 +487,8 @@ def _fmt_ms(s: float) -> str:
 
 def report(cells: Sequence[Cell], header: str) -> str:
     passes = max((len(c.runs) for c in cells), default=1)
+    # a cell summarised otherwise than by the median (--busy) also shows its medians' ratio
+    by_medians = any(c.statistic != "median" for c in cells)
     rows = []
     for c in cells:
         s, r, d = c.rows["slimops"], c.rows["reference"], c.rows.get("dense-jit")
@@ -471,14 +498,19 @@ def report(cells: Sequence[Cell], header: str) -> str:
         row = [c.name, _fmt_ms(s), _fmt_ms(r), _fmt_ms(d) if d else "-", f"{q:.2f}"]
         if passes > 1:
             row.append(f"{each[0]:.2f}-{each[-1]:.2f}")
+        if by_medians:
+            row.append(f"{statistics.median(pass_ratios(c, c.median_runs)):.2f}"
+                       if c.median_runs else "-")
         rows.append(row + [f"{s / d:.2f}" if d else "-", _fmt_ms(f) if f else "-",
                            f"{f / d:.2f}" if f and d else "-", "SLOWER" if q > 1 else ""])
     names = ["cell", "slimops ms", "reference ms", "dense-jit ms", "slimops/reference"]
     if passes > 1:
         names.append(f"range ({passes} passes)")
+    if by_medians:
+        names.append("slimops/reference by medians")
     table = markdown_table(names + ["slimops/dense-jit", "slimops-frozen ms",
                                     "slimops-frozen/dense-jit", ""], rows,
-                           align="lrrrr" + ("r" if passes > 1 else "") + "rrrl")
+                           align="lrrrr" + "r" * (len(names) - 5) + "rrrl")
     return f"{header}\n\n{table}"
 
 
@@ -514,6 +546,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes, short budgets (smoke)")
     p.add_argument("--busy", action="store_true",
                    help="keep one core busy with another process while timing")
+    p.add_argument("--stat", choices=sorted(STATISTICS),
+                   help="how a variant's calls in a pass are summarised: median (the default "
+                        "idle) or mean (the default with --busy: the total time the calls "
+                        "took; see STATISTICS); with mean the table also gives the medians' "
+                        "ratio")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--guard", action="store_true",
                    help="exit 1 when slimops is slower than the reference style in any cell")
@@ -537,6 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stdout.flush()
             os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *rest],
                       {**os.environ, **env})
+    stat = args.stat or ("mean" if args.busy else "median")
     pinned = None if args.glibc_defaults else pin_glibc_heap()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -548,11 +586,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     header = (f"**{cpu_model()}**, kernels `{info.get('cpu_isa')}` ({library_caps()}), "
               f"{torch.get_num_threads()} torch threads, "
               f"{'one core busy (another process spinning)' if args.busy else 'idle'}, "
+              f"per variant the {stat} of its calls"
+              f"{' (their total time over their number)' if stat == 'mean' else ''}, "
               f"allocator: {alloc}, slimops load policy `{SLIMOPS_LOAD_POLICY}`, "
               f"torch {torch.__version__}"
               + (f", {args.repeat} passes over the cells (medians)" if args.repeat > 1 else ""))
     cells = (build_cells(args.cells, args.quick, sweep=(args.sweep_seed, args.sweep_count))
              if args.cells == "sweep" else build_cells(args.cells, args.quick))
+    for c in cells:
+        c.statistic = stat
     spinner = subprocess.Popen(["sh", "-c", "while :; do :; done"]) if args.busy else None
     try:
         for _ in range(args.repeat):  # whole passes, so that each cell's passes are minutes apart

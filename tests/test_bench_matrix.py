@@ -237,3 +237,44 @@ def test_cli_forwards_emulate(monkeypatch):
     monkeypatch.setattr(matrix, "main", lambda argv: got.append(argv) or 0)
     assert main(["bench", "--matrix", "--emulate", "avx2", "--cells", "eval"]) == 0
     assert got[0][-4:] == ["--cells", "eval", "--emulate", "avx2"]
+
+
+def test_busy_cells_judge_by_the_mean_and_show_the_medians():
+    """Under load a variant's call times are bimodal: a cell summarised by the mean (--busy's
+    default) counts the slow calls the median would hide, and the table gives both ratios."""
+    calls = {"slimops": 0, "reference": 0}
+
+    def timed(name, fast, slow_every, slow):
+        def run():
+            calls[name] += 1
+            seconds = slow if calls[name] % slow_every == 0 else fast
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+        return run
+
+    # reference: fast calls 1 ms, every 4th 20 ms (median 1 ms, mean ~5.75 ms);
+    # slimops: always 2 ms (median and mean 2 ms)
+    cell = matrix.Cell("busy", {"slimops": timed("slimops", 0.002, 10**9, 0.0),
+                                "reference": timed("reference", 0.001, 4, 0.02)}, 0.0,
+                       statistic="mean", min_rounds=8, warmups=0)
+    matrix.measure(cell)
+    assert cell.rows["reference"] > 2 * cell.rows["slimops"]  # the mean counts the slow calls
+    assert matrix.ratio(cell) < 1
+    by_medians = matrix.statistics.median(matrix.pass_ratios(cell, cell.median_runs))
+    assert by_medians > 1.5  # the median alone would flag the cell
+    lines = matrix.report([cell], "h").splitlines()
+    assert "slimops/reference by medians" in lines[2]
+    row = next(line for line in lines if line.startswith("| busy "))
+    assert f"| {by_medians:.2f} |" in row and "SLOWER" not in row
+
+
+def test_busy_runs_default_to_the_mean(capsys, monkeypatch):
+    cells = [_cell("x", 0.0, 0.0)]
+    monkeypatch.setattr(matrix, "build_cells", lambda which, quick: cells)
+    monkeypatch.setattr(matrix.subprocess, "Popen", lambda *a, **k: None)  # no spinner
+    assert matrix.main(["--quick", "--busy"]) == 0
+    assert cells[0].statistic == "mean" and "per variant the mean of its calls" in \
+        capsys.readouterr().out
+    cells = [_cell("y", 0.0, 0.0)]
+    assert matrix.main(["--quick"]) == 0 and cells[0].statistic == "median"
