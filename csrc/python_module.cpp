@@ -240,12 +240,10 @@ PyObject* state_stamp(PyObject*, PyObject* const* args, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
-// eval_conv(plan, input, residual): one inference call of a SlimConvBNAct layer from its
-// cached plan (slimops.nn.fused); None where the plan is stale, NotImplemented where the
-// call is not the plain case. The layer's Python path then runs (it rebuilds the plan, or
-// names what is wrong with the input).
+// ---- Eval plans (slimops.ops.eval_plan) ------------------------------------------------------
 //
-// `plan` is a tuple (lookups, sources, stamp, in_channels, depthwise, *op_args):
+// A plan is a tuple (lookups, sources, stamp, in_channels, depthwise, *op_args) made by
+// slimops.ops.eval_plan for one SlimConvBNAct layer at one width:
 //   lookups    a flat tuple of (dict, key, value) triples: each dict[key] must still be
 //              that very object (the layer's submodules, the conv's weight and geometry
 //              attributes, the active BN modules, their tensors and eps, as the Python path
@@ -254,60 +252,183 @@ PyObject* state_stamp(PyObject*, PyObject* const* args, Py_ssize_t n) {
 //              `stamp` (written in place, given new data, re-viewed: stale);
 //   op_args    slimops::conv2d's (or, depthwise, slimops::depthwise_conv2d's) arguments
 //              after the input, up to the residual, then the activation code.
-// The input must be a plain CPU tensor of 4 dims with `in_channels` channels and the
-// weight's dtype, the weight contiguous (what use_native sends to the kernels).
+// A layer's input must be a CPU tensor of 4 dims with `in_channels` channels and the weight's
+// dtype (float32 or float64), the weight contiguous (what use_native sends to the kernels).
 //
 // Why: the Python form of these checks (module dict reads, the width's BN modules, the
 // stamp, the input's checks, the op wrapper's backend choice) cost 5-8% of S-MobileNet
 // v1/v2's and S-ResNet-50's batch-1 eval forward at 224 (2-core Intel Xeon): most of it is
 // interpreter work between cache misses on module state after each layer's kernel.
-PyObject* eval_conv(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  if (n != 3 || !PyTuple_CheckExact(args[0]) || torch_function_mode_active())
-    return not_implemented();
-  PyObject* plan = args[0];
-  const Py_ssize_t size = PyTuple_GET_SIZE(plan);
-  if (size < 6) return not_implemented();  // at least the weight after the 5 checks
+
+enum class PlanState { kCurrent, kStale, kNotPlain, kError };
+
+// Whether every lookup and the stamp of `plan` still hold (kError: a Python error is set).
+PlanState plan_state(PyObject* plan) {
+  if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) < 6) return PlanState::kNotPlain;
   PyObject* lookups = PyTuple_GET_ITEM(plan, 0);
   PyObject* sources = PyTuple_GET_ITEM(plan, 1);
   PyObject* stamp = PyTuple_GET_ITEM(plan, 2);
   if (!PyTuple_CheckExact(lookups) || PyTuple_GET_SIZE(lookups) % 3 != 0 ||
       !PyTuple_CheckExact(sources) || !PyBytes_CheckExact(stamp))
-    return not_implemented();
+    return PlanState::kNotPlain;
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(lookups); i += 3) {
     PyObject* dict = PyTuple_GET_ITEM(lookups, i);
-    if (!PyDict_Check(dict)) return not_implemented();
+    if (!PyDict_Check(dict)) return PlanState::kNotPlain;
     PyObject* found = PyDict_GetItemWithError(dict, PyTuple_GET_ITEM(lookups, i + 1));
-    if (found == nullptr && PyErr_Occurred()) return nullptr;
-    if (found != PyTuple_GET_ITEM(lookups, i + 2)) Py_RETURN_NONE;
+    if (found == nullptr && PyErr_Occurred()) return PlanState::kError;
+    if (found != PyTuple_GET_ITEM(lookups, i + 2)) return PlanState::kStale;
   }
   std::vector<int64_t> words;
   const Py_ssize_t stamp_bytes = PyBytes_GET_SIZE(stamp);
   if (!stamp_words(&PyTuple_GET_ITEM(sources, 0), PyTuple_GET_SIZE(sources), words) ||
       static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)) != stamp_bytes ||
       std::memcmp(words.data(), PyBytes_AS_STRING(stamp), stamp_bytes) != 0)
-    Py_RETURN_NONE;
+    return PlanState::kStale;
+  return PlanState::kCurrent;
+}
+
+// A plan's conv call, its arguments read from the tuple (with the GIL) to run later.
+struct PlanCall {
   int64_t in_channels = 0;
   bool depthwise = false;
-  at::Tensor input, weight;
-  if (!read(PyTuple_GET_ITEM(plan, 3), in_channels) ||
-      !read(PyTuple_GET_ITEM(plan, 4), depthwise) || !read(args[1], input) ||
-      !read(PyTuple_GET_ITEM(plan, 5), weight))
+  at::Tensor weight;
+  OptTensor bias, scale, shift;
+  int64_t out_channels = 0, groups = 1, activation = 0;
+  std::array<int64_t, 2> stride{}, padding{}, dilation{};
+
+  // False where the plan's arguments are not of their plain form.
+  bool read_from(PyObject* plan) {
+    PyObject* const* a = &PyTuple_GET_ITEM(plan, 0);
+    const Py_ssize_t size = PyTuple_GET_SIZE(plan);
+    if (size < 5 || !read(a[3], in_channels) || !read(a[4], depthwise)) return false;
+    if (depthwise)  // weight, bias, stride, padding, dilation, scale, shift, activation
+      return read_all(a + 5, size - 5, weight, bias, stride, padding, dilation, scale, shift,
+                      activation);
+    return read_all(a + 5, size - 5, weight, bias, out_channels, stride, padding, dilation,
+                    groups, scale, shift, activation);
+  }
+
+  // Whether `input` is the plain case the plan's kernel takes (see above).
+  bool takes(const at::Tensor& input) const {
+    return input.dim() == 4 && input.size(1) == in_channels && input.is_cpu() &&
+           weight.is_cpu() && input.scalar_type() == weight.scalar_type() &&
+           (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble) &&
+           weight.is_contiguous();
+  }
+
+  // The op through its typed dispatcher handle (as the direct entries call it).
+  at::Tensor run(const at::Tensor& input, const OptTensor& residual) const {
+    if (depthwise) {
+      static const auto op =
+          op_handle<at::Tensor(TensorRef, TensorRef, OptRef, Pairs, Pairs, Pairs, OptRef, OptRef,
+                               OptRef, int64_t)>("slimops::depthwise_conv2d");
+      return op.call(input, weight, bias, stride, padding, dilation, scale, shift, residual,
+                     activation);
+    }
+    static const auto op =
+        op_handle<at::Tensor(TensorRef, TensorRef, OptRef, int64_t, Pairs, Pairs, Pairs, int64_t,
+                             OptRef, OptRef, OptRef, int64_t)>("slimops::conv2d");
+    return op.call(input, weight, bias, out_channels, stride, padding, dilation, groups, scale,
+                   shift, residual, activation);
+  }
+};
+
+// eval_conv(plan, input, residual): one inference call of a SlimConvBNAct layer from its
+// cached plan (slimops.nn.fused); None where the plan is stale, NotImplemented where the
+// call is not the plain case. The layer's Python path then runs (it rebuilds the plan, or
+// names what is wrong with the input). A kernel's rejection of an argument is raised.
+PyObject* eval_conv(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  if (n != 3 || torch_function_mode_active()) return not_implemented();
+  switch (plan_state(args[0])) {
+    case PlanState::kError: return nullptr;
+    case PlanState::kStale: Py_RETURN_NONE;
+    case PlanState::kNotPlain: return not_implemented();
+    case PlanState::kCurrent: break;
+  }
+  PlanCall call;
+  at::Tensor input;
+  OptTensor residual;
+  if (!call.read_from(args[0]) || !read(args[1], input) || !read(args[2], residual) ||
+      !call.takes(input))
     return not_implemented();
-  if (input.dim() != 4 || input.size(1) != in_channels || !input.is_cpu() ||
-      !weight.is_cpu() || input.scalar_type() != weight.scalar_type() ||
-      !(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble) ||
-      !weight.is_contiguous())
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = call.run(input, residual);
+  }
+  return wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// eval_chain(plans, links, input): several SlimConvBNAct layers' inference calls in one C
+// call, a block's (slimops.nn.fused.eval_chain). Step k runs plans[k] on the value in slot
+// links[2k] with the residual in slot links[2k + 1] (-1: none); slot 0 holds `input`, slot
+// k + 1 step k's output, and the last step's output is returned. None where a plan is stale,
+// NotImplemented where the call is not the plain case at some step or a kernel rejects an
+// argument: the block's modules then run, which rebuild the plans or name what is wrong. Every
+// plan is checked before anything runs.
+//
+// Why: a batch-1 eval forward of S-ResNet-50 at 224 paid 1.4-2.3 ms of Python over its own
+// frozen TorchScript (2-core Intel Xeon; docs/BENCHMARKS.md's twenty-seventh round): 0.6 ms
+// in module calls, most of the rest in the Python between one layer's C call and the next on
+// caches the kernels had just streamed. A block's layers in one call pay that once per block.
+PyObject* eval_chain(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  if (n != 3 || !PyTuple_CheckExact(args[0]) || !PyTuple_CheckExact(args[1]) ||
+      torch_function_mode_active())
     return not_implemented();
-  // The op's positional arguments: input, op_args[:-1], residual, activation.
-  std::vector<PyObject*> op_args;
-  op_args.reserve(static_cast<size_t>(size - 5) + 2);
-  op_args.push_back(args[1]);
-  for (Py_ssize_t i = 5; i < size - 1; ++i) op_args.push_back(PyTuple_GET_ITEM(plan, i));
-  op_args.push_back(args[2]);
-  op_args.push_back(PyTuple_GET_ITEM(plan, size - 1));
-  return depthwise ? depthwise_conv2d(nullptr, op_args.data(), op_args.size())
-                   : conv2d(nullptr, op_args.data(), op_args.size());
+  PyObject* plans = args[0];
+  const Py_ssize_t steps = PyTuple_GET_SIZE(plans);
+  if (steps == 0 || PyTuple_GET_SIZE(args[1]) != 2 * steps) return not_implemented();
+  for (Py_ssize_t k = 0; k < steps; ++k) {
+    switch (plan_state(PyTuple_GET_ITEM(plans, k))) {
+      case PlanState::kError: return nullptr;
+      case PlanState::kStale: Py_RETURN_NONE;
+      case PlanState::kNotPlain: return not_implemented();
+      case PlanState::kCurrent: break;
+    }
+  }
+  std::vector<PlanCall> calls(static_cast<size_t>(steps));
+  std::vector<std::array<int64_t, 2>> links(static_cast<size_t>(steps));
+  for (Py_ssize_t k = 0; k < steps; ++k) {
+    std::array<int64_t, 2>& link = links[static_cast<size_t>(k)];
+    if (!calls[static_cast<size_t>(k)].read_from(PyTuple_GET_ITEM(plans, k)) ||
+        !read(PyTuple_GET_ITEM(args[1], 2 * k), link[0]) ||
+        !read(PyTuple_GET_ITEM(args[1], 2 * k + 1), link[1]) ||
+        link[0] < 0 || link[0] > k || link[1] < -1 || link[1] > k)  // slots 0..k exist
+      return not_implemented();
+  }
+  std::vector<at::Tensor> slots(static_cast<size_t>(steps) + 1);
+  if (!read(args[2], slots[0])) return not_implemented();
+  // The last step reading each slot: a value is released right after it, as the modules'
+  // calls would drop it, so that the allocator hands its memory to the next outputs (holding
+  // every block's outputs to the end of S-ResNet-50 made its forward 3-4% slower).
+  std::vector<size_t> last_read(slots.size(), 0);
+  for (size_t k = 0; k < links.size(); ++k)
+    for (const int64_t slot : links[k])
+      if (slot >= 0) last_read[static_cast<size_t>(slot)] = k;
+  bool plain = true;
+  {
+    pybind11::gil_scoped_release no_gil;
+    for (size_t k = 0; plain && k < calls.size(); ++k) {
+      const at::Tensor& source = slots[static_cast<size_t>(links[k][0])];
+      const OptTensor residual = links[k][1] < 0
+          ? OptTensor() : OptTensor(slots[static_cast<size_t>(links[k][1])]);
+      plain = calls[k].takes(source);
+      if (!plain) break;
+      try {
+        slots[k + 1] = calls[k].run(source, residual);
+      } catch (const c10::Error&) {  // the modules' checked path names it
+        plain = false;
+      }
+      for (const int64_t slot : links[k])
+        if (slot >= 0 && last_read[static_cast<size_t>(slot)] == k)
+          slots[static_cast<size_t>(slot)].reset();
+    }
+  }
+  if (!plain) return not_implemented();
+  return wrap(std::move(slots.back()));
   END_HANDLE_TH_ERRORS
 }
 
@@ -463,6 +584,7 @@ PyMethodDef methods[] = {
                   "slimops::update_running_stats, positional schema arguments"),
     SLIMOPS_ENTRY(state_stamp, "bytes naming the state of each tensor argument (or None)"),
     SLIMOPS_ENTRY(eval_conv, "a SlimConvBNAct inference call from its cached plan"),
+    SLIMOPS_ENTRY(eval_chain, "a block's SlimConvBNAct inference calls from their plans"),
     SLIMOPS_ENTRY(serial_enter, "the calling thread to one thread while the machine is busy"),
     SLIMOPS_ENTRY(serial_exit, "puts back what serial_enter changed"),
     SLIMOPS_ENTRY(max_pool2d, "F.max_pool2d of a contiguous NCHW CPU batch, no indices"),

@@ -103,3 +103,69 @@ def test_without_a_bytes_stamp_there_is_no_plan():
     v = torch.rand(5)
     assert ops.eval_plan([], [v], ("a", "python", "stamp"), 4, False, weight, None, 5,
                          (1, 1), (1, 1), (1, 1), 1, v, v, 0) is None
+
+
+# ------------------------------------------------ eval_chain_call: several plans in one C call
+
+
+def _chain_plans():
+    """Three plans: a 3x3 conv 4 -> 5, a 5-channel depthwise 3x3, a 3x3 conv 5 -> 5 (as plan
+    shapes: ``_plan``'s weights, 5 output channels each)."""
+    first, w1, s1, h1 = _plan()
+    second, w2, s2, h2 = _plan(depthwise=True, cin=5)
+    third, w3, s3, h3 = _plan(weight=torch.randn(8, 5, 3, 3, dtype=torch.float64), cin=5)
+    return (first, second, third), ((w1, s1, h1), (w2, s2, h2), (w3, s3, h3))
+
+
+def test_chain_is_the_plans_in_turn_with_residual_slots():
+    plans, _ = _chain_plans()
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    # slot 0: x; step 0 on x; step 1 on step 0's output; step 2 on step 1's with step 0's
+    # output as its residual
+    out = ops.eval_chain_call(plans, (0, -1, 1, -1, 2, 1), x)
+    a = ops.eval_plan_call(plans[0], x, None)
+    b = ops.eval_plan_call(plans[1], a, None)
+    want = ops.eval_plan_call(plans[2], b, a)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, want)
+    # one step; two steps on the same source (the last one's output is the result)
+    assert torch.equal(ops.eval_chain_call(plans[:1], (0, -1), x), a)
+    two = ops.eval_chain_call((plans[0], plans[0]), (0, -1, 0, 1), x)
+    assert torch.equal(two, ops.eval_plan_call(plans[0], x, a))
+
+
+def test_chain_with_a_stale_plan_is_stale():
+    holder = {"weight": object()}
+    stale, *_ = _plan(lookups=[(holder, "weight", holder["weight"])])
+    plans, _ = _chain_plans()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    chain = (plans[0], plans[1], stale)
+    links = (0, -1, 1, -1, 0, -1)  # the stale plan takes x's 4 channels
+    assert isinstance(ops.eval_chain_call(chain, links, x), torch.Tensor)
+    holder["weight"] = object()
+    assert ops.eval_chain_call(chain, links, x) is ops.STALE_PLAN
+
+
+def test_unusual_chains_decline():
+    plans, _ = _chain_plans()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    links = (0, -1, 1, -1, 2, -1)
+    for bad_links in ((0, -1, 1, -1), (0, -1, 1, -1, 3, -1), (1, -1, 1, -1, 2, -1),
+                      (0, -1, 1, 2, 2, -1), (0, -1, 1, -1, 2, -2), (0, -1, 1, -1, 2, None),
+                      [0, -1, 1, -1, 2, -1]):
+        assert ops.eval_chain_call(plans, bad_links, x) is None, bad_links
+    assert ops.eval_chain_call((), (), x) is None
+    assert ops.eval_chain_call(list(plans), links, x) is None  # a list, not a tuple
+    assert ops.eval_chain_call(plans, links, torch.randn(1, 3, 5, 5, dtype=torch.float64)) is None
+    assert ops.eval_chain_call(plans, links, x.float()) is None
+    # a later step's source of other channels (step 1 takes 5, here it gets x's 4)
+    assert ops.eval_chain_call(plans, (0, -1, 0, -1, 2, -1), x) is None
+    # the kernel rejects a residual of another shape (x's) at step 2: declined, not raised
+    assert ops.eval_chain_call(plans, (0, -1, 1, -1, 2, 0), x) is None
+    assert ops.eval_chain_call((plans[0], "plan", plans[2]), links, x) is None
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        assert ops.eval_chain_call(plans, links, x) is None

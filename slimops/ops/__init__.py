@@ -29,7 +29,7 @@ from slimops.ops.depthwise_conv2d import (depthwise_conv2d, depthwise_conv2d_cpu
                                           depthwise_conv2d_unchecked)
 from slimops.ops.linear import linear, linear_unchecked
 from slimops.ops.state_stamp import state_stamp
-from slimops.ops.eval_plan import STALE_PLAN, eval_plan, eval_plan_call
+from slimops.ops.eval_plan import STALE_PLAN, eval_chain_call, eval_plan, eval_plan_call
 from slimops.ops.load_watch import (load_watch, machine_contended, serial_while_contended,
                                     set_load_policy)
 from slimops.ops.max_pool import max_pool2d_inference
@@ -40,7 +40,7 @@ cuda_registration.register()  # the ops' CUDA kernels (Triton by default) and CU
 
 __all__ = ["backend_info", "conv2d", "conv2d_backward", "conv2d_cpu_kernel", "conv2d_unchecked",
            "depthwise_conv2d", "depthwise_conv2d_cpu_kernel", "depthwise_conv2d_unchecked",
-           "STALE_PLAN", "eval_plan", "eval_plan_call",
+           "STALE_PLAN", "eval_chain_call", "eval_plan", "eval_plan_call",
            "linear", "linear_unchecked", "batch_norm_act",
            "batch_norm_act_unchecked", "conv2d_bn_act_train", "depthwise_conv2d_bn_act_train",
            "fused_train_available", "load_watch", "machine_contended", "max_pool2d_inference",

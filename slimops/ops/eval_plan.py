@@ -1,5 +1,5 @@
 """``eval_plan`` / ``eval_plan_call``: a conv layer's inference call from a cached plan, checked
-and run in one C call.
+and run in one C call; ``eval_chain_call``: a block's layers, each from its plan, in one.
 
 ``slimops.nn.SlimConvBNAct`` keeps, per width, what its inference call needs (the channel
 counts, the BN's scale/shift) and must notice, on every call, when anything those came from
@@ -27,6 +27,7 @@ from torch import Tensor
 from slimops.ops import _backend
 
 _EVAL_CONV: Optional[Callable[..., object]] = _backend.direct_entry("eval_conv")
+_EVAL_CHAIN: Optional[Callable[..., object]] = _backend.direct_entry("eval_chain")
 
 # One (dict, key, value) triple: the object `value` must still be `dict[key]`.
 Lookup = Tuple[dict, str, object]
@@ -80,4 +81,21 @@ def eval_plan_call(plan: tuple, input: Tensor, residual: Optional[Tensor]
     return None if out is NotImplemented else out  # type: ignore[return-value]
 
 
-__all__ = ["STALE_PLAN", "eval_plan", "eval_plan_call"]
+def eval_chain_call(plans: Tuple[tuple, ...], links: Tuple[int, ...], input: Tensor
+                    ) -> Union[Tensor, None, _Stale]:
+    """Several plans run in one compiled call (a block's layers): step ``k`` runs ``plans[k]``
+    on slot ``links[2k]`` with slot ``links[2k + 1]`` as its residual (-1: none), where slot 0
+    is ``input`` and slot ``k + 1`` step ``k``'s output; the last step's output. Every plan is
+    checked before any runs: ``STALE_PLAN`` where one no longer holds; None where a step is
+    not the plain case or its kernel rejected an argument (the caller then runs the layers
+    one by one, which rebuild their plans or name what is wrong). Not while torch.compile
+    traces (the caller checks)."""
+    if _EVAL_CHAIN is None:
+        return None
+    out = _EVAL_CHAIN(plans, links, input)
+    if out is None:
+        return STALE_PLAN
+    return None if out is NotImplemented else out  # type: ignore[return-value]
+
+
+__all__ = ["STALE_PLAN", "eval_chain_call", "eval_plan", "eval_plan_call"]
