@@ -5,14 +5,14 @@ the head (global average pooling, then the classifier, on the stride-32 map).
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, ClassVar, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from slimops.models._features import FeatureTap
 from slimops.models._original import convert_by_prefix
-from slimops.nn import SlimConvBNAct
+from slimops.nn import EvalChain, SlimConvBNAct, bypassable, chains_can_run, run_eval_chains
 from slimops.width import ChannelRule
 
 # One stage: its output channels, its number of blocks, its first block's stride, and a
@@ -20,6 +20,8 @@ from slimops.width import ChannelRule
 Stage = Tuple[ChannelRule, int, int, Callable[[ChannelRule, ChannelRule, int], nn.Module]]
 
 STEM_STRIDE = 2
+# The stem as the first EvalChain of the body's (MobileNetBody._chained_body).
+_STEM_CHAIN = EvalChain([("stem", 0, None)])
 
 
 class MobileNetBody:
@@ -33,6 +35,9 @@ class MobileNetBody:
     _taps: Dict[int, str]
     pool: nn.Module
     classifier: nn.Module
+    # What runs between the last block and the stride-32 map (None: nothing), for
+    # _chained_body.
+    _tail_chain: ClassVar[Optional[EvalChain]] = None
 
     def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
         raise NotImplementedError
@@ -89,7 +94,28 @@ class MobileNetBody:
             "stem.conv": "features.0.0", "stem.bn": "features.0.1",
             "classifier": "classifier.0", **prefixes})
 
+    def _chained_body(self, x: Tensor) -> Optional[Tensor]:
+        """The stem, the blocks and the tail on ``x`` as one compiled call in inference (their
+        ``EvalChain``s one after another): the stride-32 map, or None where the modules must
+        run (``slimops.nn.run_eval_chains``; a block with a hook of its own, or replaced, is
+        called as a module)."""
+        if not chains_can_run():
+            return None
+        blocks = self.blocks
+        if not bypassable(blocks):
+            return None
+        parts = [(self, _STEM_CHAIN)]
+        for block in blocks:
+            if not bypassable(block):
+                return None
+            parts.append((block, block.eval_chain()))  # type: ignore[operator]
+        if self._tail_chain is not None:
+            parts.append((self, self._tail_chain))
+        return run_eval_chains(parts, x)
+
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``[N, num_classes]`` at the active width."""
-        x = self.forward_features(x)["stride32"]
-        return self.classifier(torch.flatten(self.pool(x), 1))
+        last = self._chained_body(x)
+        if last is None:
+            last = self.forward_features(x)["stride32"]
+        return self.classifier(torch.flatten(self.pool(last), 1))

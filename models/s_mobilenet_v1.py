@@ -29,7 +29,13 @@ from torch import Tensor, nn
 from slimops.models._features import FeatureInfoMixin
 from slimops.models._mobilenet import MobileNetBody
 from slimops.models._original import init_like_original
-from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
+from slimops.nn import (
+    ChecksBNWidthsOnLoad,
+    EvalChain,
+    SlimConvBNAct,
+    SlimmableLinear,
+    runs_eval_chain,
+)
 from slimops.width import ChannelRule, normalize_widths
 
 # (output channels at 1.0x, number of blocks, stride of the first block): MobileNet v1's body.
@@ -41,6 +47,10 @@ BLOCK_SETTING: Tuple[Tuple[int, int, int], ...] = (
     (1024, 2, 2),
 )
 STEM_CHANNELS = 32
+
+
+# A block's two layers as one compiled call in inference (slimops.nn.EvalChain).
+_CHAIN = EvalChain([("depthwise", 0, None), ("pointwise", 1, None)])
 
 
 class DepthwiseSeparable(nn.Module):
@@ -55,7 +65,15 @@ class DepthwiseSeparable(nn.Module):
         self.pointwise = SlimConvBNAct(cin, cout, 1, activation="relu6", widths=widths)
         self.stride = stride
 
+    def eval_chain(self) -> EvalChain:
+        """The layers this block's ``forward`` runs, as an ``EvalChain``."""
+        return _CHAIN
+
+    @runs_eval_chain
     def forward(self, x: Tensor) -> Tensor:
+        out = _CHAIN(self, x)
+        if out is not None:
+            return out
         return self.pointwise(self.depthwise(x))
 
 

@@ -37,7 +37,13 @@ from torch import Tensor, nn
 from slimops.models._features import FeatureInfoMixin, FeatureTap
 from slimops.models._mobilenet import MobileNetBody
 from slimops.models._original import init_like_original
-from slimops.nn import ChecksBNWidthsOnLoad, SlimConvBNAct, SlimmableLinear
+from slimops.nn import (
+    ChecksBNWidthsOnLoad,
+    EvalChain,
+    SlimConvBNAct,
+    SlimmableLinear,
+    runs_eval_chain,
+)
 from slimops.width import ChannelRule, make_divisible, normalize_widths
 
 # (expand ratio, output channels at 1.0x, number of blocks, stride of the first block).
@@ -60,6 +66,15 @@ def v2_channels(c: int) -> ChannelRule:
     return ChannelRule(c, divisor=8, min_value=1)
 
 
+# An inverted residual's layers as one compiled call in inference (slimops.nn.EvalChain; slot
+# 0 is the block's input), by (has an expansion, adds the input).
+_CHAINS: Dict[Tuple[bool, bool], EvalChain] = {
+    (expands, adds): EvalChain(
+        ([("expand", 0, None)] if expands else [])
+        + [("depthwise", int(expands), None), ("project", int(expands) + 1, 0 if adds else None)])
+    for expands in (False, True) for adds in (False, True)}
+
+
 class InvertedResidual(nn.Module):
     """1x1 expansion (skipped when ``expand_ratio`` is 1), 3x3 depthwise, linear 1x1
     projection; the input is added to the projection's BN output when the shape is kept."""
@@ -79,7 +94,15 @@ class InvertedResidual(nn.Module):
         self.stride = stride
         self.use_residual = stride == 1 and cin == cout
 
+    def eval_chain(self) -> EvalChain:
+        """The layers this block's ``forward`` runs, as an ``EvalChain``."""
+        return _CHAINS[(self.expand is not None, self.use_residual)]
+
+    @runs_eval_chain
     def forward(self, x: Tensor) -> Tensor:
+        out = self.eval_chain()(self, x)
+        if out is not None:
+            return out
         h = x if self.expand is None else self.expand(x)
         # The residual goes into the projection's epilogue (one pass over its output).
         return self.project(self.depthwise(h), x if self.use_residual else None)
@@ -96,6 +119,8 @@ class SMobileNetV2(ChecksBNWidthsOnLoad, FeatureInfoMixin, MobileNetBody, nn.Mod
             module, channels per width); ``feature_channels(width)`` gives their channels at
             any width the model runs at.
     """
+
+    _tail_chain = EvalChain([("last_conv", 0, None)])
 
     def __init__(self, widths: Sequence[float], num_classes: int) -> None:
         super().__init__()

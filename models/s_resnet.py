@@ -24,7 +24,17 @@ from torch import Tensor, nn
 
 from slimops.models._features import FeatureInfoMixin, FeatureTap
 from slimops.models._original import CheckpointMismatchError, init_like_original, take
-from slimops.nn import ChecksBNWidthsOnLoad, MaxPool2d, SlimConvBNAct, SlimmableLinear
+from slimops.nn import (
+    ChecksBNWidthsOnLoad,
+    EvalChain,
+    MaxPool2d,
+    SlimConvBNAct,
+    SlimmableLinear,
+    bypassable,
+    chains_can_run,
+    run_eval_chains,
+    runs_eval_chain,
+)
 from slimops.width import ChannelRule, normalize_widths
 
 # depth -> number of bottleneck blocks per stage. Another depth of the original (101:
@@ -37,6 +47,13 @@ _STEM = 64
 # Output stride of each stage's last feature map; the keys of ``forward_features``.
 _STAGE_STRIDES = (4, 8, 16, 32)
 _FEATURE_KEYS = {8: "stride8", 16: "stride16", 32: "stride32"}
+
+
+# A bottleneck's layers as one compiled call in inference (slimops.nn.EvalChain; slot 0 is
+# the block's input): without and with the projection shortcut.
+_IDENTITY_CHAIN = EvalChain([("conv1", 0, None), ("conv2", 1, None), ("conv3", 2, 0)])
+_PROJECTION_CHAIN = EvalChain([("shortcut", 0, None), ("conv1", 0, None), ("conv2", 2, None),
+                               ("conv3", 3, 1)])
 
 
 class Bottleneck(nn.Module):
@@ -65,7 +82,15 @@ class Bottleneck(nn.Module):
         if stride != 1 or cin != cout:
             self.shortcut = SlimConvBNAct(cin, cout, 1, stride, activation=None, widths=widths)
 
+    def eval_chain(self) -> EvalChain:
+        """The layers this block's ``forward`` runs, as an ``EvalChain``."""
+        return _IDENTITY_CHAIN if self.shortcut is None else _PROJECTION_CHAIN
+
+    @runs_eval_chain
     def forward(self, x: Tensor) -> Tensor:
+        out = self.eval_chain()(self, x)
+        if out is not None:
+            return out
         residual = x if self.shortcut is None else self.shortcut(x)
         return self.conv3(self.conv2(self.conv1(x)), residual)
 
@@ -121,7 +146,9 @@ class SResNet(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
     def forward_features(self, x: Tensor) -> Dict[str, Tensor]:
         """The last feature map at output strides 8, 16 and 32 (ends of stages 2, 3, 4), at
         the active width: keys ``"stride8"``, ``"stride16"``, ``"stride32"``."""
-        x = self.maxpool(self.stem(x))
+        return self._stages(self.maxpool(self.stem(x)))
+
+    def _stages(self, x: Tensor) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
         for name, stride in zip(self.stage_names, _STAGE_STRIDES):
             x = getattr(self, name)(x)
@@ -129,10 +156,31 @@ class SResNet(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
                 out[_FEATURE_KEYS[stride]] = x
         return out
 
+    def _chained_stages(self, x: Tensor) -> Optional[Tensor]:
+        """The four stages' blocks on ``x`` as one compiled call in inference (each block's
+        ``EvalChain``, one after another): the stride-32 map, or None where the modules
+        must run (``slimops.nn.run_eval_chains``; a stage or block with a hook of its own,
+        or replaced, is called as a module)."""
+        if not chains_can_run():
+            return None
+        parts = []
+        for name in self.stage_names:
+            stage = getattr(self, name)
+            if not bypassable(stage):
+                return None
+            for block in stage:
+                if not bypassable(block):
+                    return None
+                parts.append((block, block.eval_chain()))
+        return run_eval_chains(parts, x)
+
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``[N, num_classes]`` at the active width."""
-        x = self.forward_features(x)["stride32"]
-        return self.classifier(torch.flatten(self.pool(x), 1))
+        x = self.maxpool(self.stem(x))
+        last = self._chained_stages(x)
+        if last is None:
+            last = self._stages(x)["stride32"]
+        return self.classifier(torch.flatten(self.pool(last), 1))
 
     def _original_units(self) -> List[Tuple[SlimConvBNAct, str, str, str]]:
         """``(unit, our prefix, original conv prefix, original BN prefix)`` for every

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from slimops.models import MODELS, create_model
+import slimops
 from slimops.nn import SlimConvBNAct, SlimmableConv2d, SwitchableBatchNorm2d
 from slimops.profile import profile
 from slimops.width import width, width_range
@@ -65,6 +66,53 @@ def models():
             cache[name] = create_model(name)
         return cache[name]
     return get
+
+
+# The models whose blocks run their layers as one compiled call in inference (EvalChain).
+CHAINED = {"s_mobilenet_v1", "s_mobilenet_v2", "s_resnet50"}
+
+
+@pytest.mark.skipif(slimops.ops.backend_info()["cpu"] != "C++",
+                    reason="the chains run compiled plans")
+@pytest.mark.parametrize("name", sorted(CHAINED))
+def test_eval_chains_give_the_layers_output_to_the_bit(models, name, monkeypatch):
+    """Inference through the blocks' chains (the whole body in one C call) is the layers' own
+    calls, at every width, and once the plans are built the chain answers each forward."""
+    model = models(name).eval()
+    x = _input(name, n=1)
+    answered = []
+    chained = slimops.ops.eval_chain_call
+
+    def spy(*args):
+        out = chained(*args)
+        answered.append(isinstance(out, torch.Tensor))
+        return out
+
+    monkeypatch.setattr(slimops.ops, "eval_chain_call", spy)
+    for w in model.widths:
+        with width(model, w), torch.inference_mode():
+            model(x)  # builds every width's plans on the first call
+            answered.clear()
+            out = model(x)
+            assert answered == [True], w
+            with monkeypatch.context() as m:  # no chain: every layer called as a module
+                m.setattr(slimops.nn.fused, "chains_can_run", lambda: False)
+                assert torch.equal(out, model(x)), w
+                assert answered == [True], w
+            # a hook on a block (S-ResNet-50: or on the stage holding it; the MobileNets
+            # iterate their blocks and never call the container) is called
+            block = [m for m in model.modules() if slimops.nn.bypassable(m)
+                     and not isinstance(m, nn.Sequential)][1]
+            stage = next(m for m in model.modules() if isinstance(m, nn.Sequential)
+                         and any(c is block for c in m.children()))
+            for hooked in (block, stage) if name == "s_resnet50" else (block,):
+                seen = []
+                handle = hooked.register_forward_hook(lambda mod, i, o: seen.append(mod))
+                try:
+                    assert torch.equal(out, model(x)), w
+                finally:
+                    handle.remove()
+                assert seen == [hooked], w
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

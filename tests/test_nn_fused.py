@@ -874,3 +874,164 @@ def test_training_fast_path_declines(case, randomize_bn):
             block(x, r)
     if case == "conv hook":
         assert calls == ["conv"]
+
+
+# ------------------------------------------------ EvalChain: a block's layers in one C call
+
+
+class _Block(torch.nn.Module):
+    """relu(c(b(a(x)) + s(x))): an EvalChain block (a bottleneck with a projection)."""
+
+    chain = slimops.nn.EvalChain([("s", 0, None), ("a", 0, None), ("b", 2, None), ("c", 3, 1)])
+
+    def __init__(self, dtype, randomize_bn):
+        super().__init__()
+        cin, mid, cout = [3, 7, 13], [2, 5, 9], [4, 8, 16]
+        self.a = randomize_bn(SlimConvBNAct(cin, mid, 1, widths=WIDTHS, dtype=dtype))
+        self.b = randomize_bn(SlimConvBNAct(mid, mid, 3, 2, groups=9, widths=WIDTHS,
+                                            dtype=dtype, activation="relu6"))
+        self.c = randomize_bn(SlimConvBNAct(mid, cout, 1, widths=WIDTHS, dtype=dtype))
+        self.s = randomize_bn(SlimConvBNAct(cin, cout, 1, 2, widths=WIDTHS, dtype=dtype,
+                                            activation=None))
+
+    def layers(self, x):
+        return self.c(self.b(self.a(x)), self.s(x))
+
+    def forward(self, x):
+        out = self.chain(self, x)
+        return self.layers(x) if out is None else out
+
+
+def _spy_chain(monkeypatch):
+    """Records, per call of ``ops.eval_chain_call``, whether the chain answered."""
+    answered = []
+    chained = slimops.ops.eval_chain_call
+
+    def call(*args):
+        out = chained(*args)
+        answered.append(isinstance(out, torch.Tensor))
+        return out
+
+    monkeypatch.setattr(slimops.ops, "eval_chain_call", call)
+    return answered
+
+
+def test_eval_chain_checks_its_steps():
+    EvalChain = slimops.nn.EvalChain
+    assert EvalChain([("a", 0, None), ("b", 1, 0)]).links == (0, -1, 1, 0)
+    with pytest.raises(ValueError, match="at least one step"):
+        EvalChain([])
+    with pytest.raises(TypeError, match=r"step 1 must be \(name, source, residual\)"):
+        EvalChain([("a", 0, None), ("b", 1)])
+    with pytest.raises(ValueError, match=r"step 1's source must be a slot 0\.\.1"):
+        EvalChain([("a", 0, None), ("b", 2, None)])
+    with pytest.raises(ValueError, match=r"step 0's residual must be a slot 0\.\.0"):
+        EvalChain([("a", 0, -1)])
+    with pytest.raises(ValueError, match="source"):
+        EvalChain([("a", True, None)])
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eval_chain_is_the_layers_calls_to_the_bit(dtype, randomize_bn, monkeypatch):
+    answered = _spy_chain(monkeypatch)
+    block = _Block(dtype, randomize_bn).eval()
+    for w in WIDTHS:
+        with slimops.width(block, w):
+            x = torch.randn(2, block.a.conv.active_channels()[0], 7, 6, dtype=dtype)
+            for mode in (torch.no_grad, torch.inference_mode, torch.no_grad):
+                with mode():
+                    out, want = block(x), block.layers(x)
+                assert torch.equal(out, want), (w, mode)
+    # the first call at the first width builds every listed width's plans (module calls, no
+    # chain tried: a plan was missing); every later call is the chain's
+    assert all(answered) and len(answered) == 3 * len(WIDTHS) - 1
+
+
+@needs_cpp
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_eval_chain_leaves_it_to_the_layers(randomize_bn, monkeypatch):
+    """Where a module call would do more than the plan (training, autograd, hooks, tracing,
+    a subclass or a replaced layer), or a plan went stale, the block's layers run."""
+    answered = _spy_chain(monkeypatch)
+    block = _Block(torch.float64, randomize_bn).eval()
+    x = torch.randn(2, 13, 7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        block(x)  # builds the plans
+        assert block.chain(block, x) is not None
+    answered.clear()
+    out = block(x)  # autograd on
+    assert out.requires_grad and answered == []
+    with torch.no_grad():
+        block.b.train()
+        assert block.chain(block, x) is None
+        block.b.eval()
+        calls = []
+        handle = block.c.register_forward_hook(lambda m, i, o: calls.append(m))
+        assert block.chain(block, x) is None
+        block(x)
+        assert calls == [block.c]
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda m, i: calls.append(m))
+        assert block.chain(block, x) is None
+        handle.remove()
+        block.a.forward = lambda t, residual=None: t  # replaced on the instance
+        assert block.chain(block, x) is None
+        del block.a.forward
+        assert block.chain(block, x) is not None
+        # a stale plan: a BN's running mean written in place
+        block.c.bn.bn[2].running_mean.add_(1.0)
+        assert block.chain(block, x) is None
+        torch.testing.assert_close(block(x), block.layers(x), rtol=0, atol=0)
+        assert block.chain(block, x) is not None  # the layers' calls rebuilt it
+        original = block.s
+        block.s = torch.nn.Identity()
+        assert block.chain(block, x) is None
+        block.s = original
+
+        class Sub(SlimConvBNAct):
+            pass
+
+        sub = Sub([3, 7, 13], [2, 5, 9], 1, widths=WIDTHS, dtype=torch.float64).eval()
+        sub.load_state_dict(block.a.state_dict())
+        block.a = sub
+        block(x)
+        assert block.chain(block, x) is None
+        with pytest.MonkeyPatch.context() as m:  # a forward patched onto the class
+            m.setattr(SlimConvBNAct, "forward", lambda self, t, residual=None: t)
+            assert block.chain(block, x) is None
+        # a wrong input takes the layers, which name what is wrong
+        with pytest.raises(ValueError, match="channels"):
+            block(torch.randn(2, 12, 7, 6, dtype=torch.float64))
+    with torch.no_grad():  # tracing records the layers' ops, not the chain
+        traced = torch.jit.trace(block, x)
+        torch.testing.assert_close(traced(x), block.layers(x))
+
+
+def test_bypassable_needs_a_marked_forward_and_no_hooks():
+    class Marked(torch.nn.Module):
+        @slimops.nn.runs_eval_chain
+        def forward(self, x):
+            return x
+
+    class Overridden(Marked):
+        def forward(self, x):
+            return x + 1
+
+    class MySequential(torch.nn.Sequential):
+        pass
+
+    bypassable = slimops.nn.bypassable
+    block = Marked()
+    assert bypassable(block) and not bypassable(Overridden())
+    assert not bypassable(torch.nn.ReLU())
+    assert bypassable(torch.nn.Sequential(block)) and not bypassable(MySequential(block))
+    for register in (block.register_forward_hook, block.register_forward_pre_hook,
+                     block.register_full_backward_hook, block.register_full_backward_pre_hook):
+        handle = register(lambda *args: None)
+        assert not bypassable(block), register
+        handle.remove()
+        assert bypassable(block)
+    block.forward = lambda x: x
+    assert not bypassable(block)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import functools
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from slimops import ops
 from slimops.nn._attrs import held, lookup
@@ -193,6 +195,27 @@ class SlimConvBNAct(nn.Module):
                              conv._op_padding, conv.dilation, conv.groups, plan.scale,
                              plan.shift, self._act_code)
 
+    def _chain_plan(self) -> Optional[tuple]:
+        """This layer's compiled plan at its active width for ``EvalChain``, where calling
+        the layer as a module would run just that plan (``_fast_eval``'s first branch): in
+        eval mode, no hook of its own, ``forward`` not replaced on the instance, the plan
+        cached and built for the BN's width. None otherwise (the caller, or the plan's own
+        check, then leaves it to the module call). ``EvalChain`` checks the rest (no global
+        hooks, no autograd, not tracing, exactly this class)."""
+        state = self.__dict__
+        if (state["training"] or state["_forward_hooks"] or state["_forward_pre_hooks"]
+                or state["_backward_hooks"] or state["_backward_pre_hooks"]
+                or "forward" in state):
+            return None
+        modules = state["_modules"]
+        conv, bn = modules.get("conv"), modules.get("bn")
+        if conv is None or bn is None:
+            return None
+        plan = self._eval_plans.get(conv.eager_width())
+        if plan is None or plan.call is None or bn.eager_width() != plan.bn_width:
+            return None
+        return plan.call
+
     def _fast_eval(self, input: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
         """The conv + BN + activation op at the active width, or None where the checked
         path must run (a bad input gets its error there). Not while torch.compile traces
@@ -369,3 +392,147 @@ class SlimConvBNAct(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
+
+
+class EvalChain:
+    """A block's ``SlimConvBNAct`` layers run as one compiled call in inference.
+
+    A block (a bottleneck, an inverted residual, a depthwise-separable pair) calls its
+    layers one by one; in eval mode without autograd each call is one cached plan's C call
+    (``SlimConvBNAct``'s inference fast path), and what is left between them is Python: the
+    module calls and the interpreter's work on caches the last kernel just streamed. On the
+    2-core Intel Xeon here that was 1.4-2.3 ms of a batch-1 S-ResNet-50 forward at 224 over
+    its frozen TorchScript (docs/BENCHMARKS.md, the twenty-seventh round). An ``EvalChain``
+    runs a block's layers from their plans in one C call (``slimops.ops.eval_chain_call``),
+    every plan checked first; ``run_eval_chains`` runs several blocks' chains in one.
+
+    ``steps``: ``(name, source, residual)`` per layer, in order: the layer is the block's
+    submodule ``name``; it runs on slot ``source``, with slot ``residual`` (None: none) added
+    before its activation; slot 0 is the block's input and slot ``k + 1`` step ``k``'s
+    output. The chain's result is the last step's output. A block's ``forward`` starts
+    with ``out = chain(self, x)`` and runs its layers as usual where that is None::
+
+        class Bottleneck(nn.Module):
+            _chain = EvalChain([("conv1", 0, None), ("conv2", 1, None), ("conv3", 2, 0)])
+
+            def forward(self, x):
+                out = self._chain(self, x)
+                if out is not None:
+                    return out
+                return self.conv3(self.conv2(self.conv1(x)), x)
+
+    The chain runs only where the module calls would compute exactly it: no autograd, not
+    while torch.compile or torch.jit traces, no global module hooks, and every layer a
+    ``SlimConvBNAct`` (not a subclass, its ``forward`` not patched) in eval mode with no hooks
+    of its own and a current plan for its width. A stale plan or anything unusual (an input of other channels, a
+    residual of another shape) returns None, and the layers' own calls then rebuild the plan
+    or raise their usual errors.
+    """
+
+    __slots__ = ("names", "links")
+
+    def __init__(self, steps: Sequence[Tuple[str, int, Optional[int]]]) -> None:
+        steps = list(steps)
+        if not steps:
+            raise ValueError("EvalChain: expected at least one step")
+        links: List[int] = []
+        for k, step in enumerate(steps):
+            if not (isinstance(step, tuple) and len(step) == 3 and isinstance(step[0], str)):
+                raise TypeError(f"EvalChain: step {k} must be (name, source, residual), got "
+                                f"{step!r}")
+            _, source, residual = step
+            for what, slot in (("source", source), ("residual", residual)):
+                if slot is None and what == "residual":
+                    continue
+                if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot <= k:
+                    raise ValueError(f"EvalChain: step {k}'s {what} must be a slot 0..{k} "
+                                     f"(0: the input, j + 1: step j's output), got {slot!r}")
+            links += [source, -1 if residual is None else residual]
+        self.names: Tuple[str, ...] = tuple(step[0] for step in steps)
+        self.links: Tuple[int, ...] = tuple(links)
+
+    def __call__(self, block: nn.Module, input: Tensor) -> Optional[Tensor]:
+        """The chain's output on ``input``, or None where ``block`` must call its layers."""
+        return run_eval_chains(((block, self),), input)
+
+    def __repr__(self) -> str:
+        return f"EvalChain({self.names}, links={self.links})"
+
+
+def runs_eval_chain(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Marks a block class's ``forward`` as computing, in inference, exactly what its
+    ``eval_chain()`` (an ``EvalChain``) computes, so that a model may run the chain in place
+    of calling the block (``bypassable``). A subclass that overrides ``forward`` without the
+    mark, or a ``forward`` patched onto the class, is called as a module."""
+    forward.__slimops_eval_chain__ = True  # type: ignore[attr-defined]
+    return forward
+
+
+def bypassable(module: nn.Module) -> bool:
+    """True where calling ``module`` runs just its ``eval_chain()``'s layers (or, for a
+    plain ``nn.Sequential``, just its children in turn): its class's ``forward`` is marked
+    ``runs_eval_chain`` (or it is exactly an ``nn.Sequential`` with torch's ``forward``), it
+    has no hooks of its own and no ``forward`` set on the instance. (Global hooks:
+    ``chains_can_run``.) A model that runs its blocks' chains in place of calling the blocks
+    checks each block, and each container it skips, with it."""
+    state = module.__dict__
+    kind = type(module)
+    if not (getattr(kind.forward, "__slimops_eval_chain__", False)
+            or (kind is nn.Sequential and kind.forward is _SEQUENTIAL_FORWARD)):
+        return False
+    return not (state["_forward_hooks"] or state["_forward_pre_hooks"]
+                or state["_backward_hooks"] or state["_backward_pre_hooks"]
+                or "forward" in state)
+
+
+# The forwards the chains stand for, as defined (a forward patched onto the class afterwards
+# is not what a chain computes).
+_SEQUENTIAL_FORWARD = nn.Sequential.forward
+_LAYER_FORWARD = SlimConvBNAct.forward
+
+
+@functools.lru_cache(maxsize=256)
+def _sequence_links(chains: Tuple[EvalChain, ...]) -> Tuple[int, ...]:
+    """``chains``' links in one slot numbering: each chain's slot 0 is the previous chain's
+    last output (the first's the input), its slot ``j + 1`` its own step ``j``'s output.
+    Cached by the chains (a model's are module constants)."""
+    out: List[int] = []
+    base = 0  # the slot holding this chain's input
+    for chain in chains:
+        out += [-1 if slot < 0 else base + slot for slot in chain.links]
+        base += len(chain.names)
+    return tuple(out)
+
+
+def chains_can_run() -> bool:
+    """False where no ``EvalChain`` runs (the modules must be called): autograd on,
+    torch.compile or torch.jit tracing, or a global module hook registered (every module
+    call runs it)."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch.jit.is_tracing() or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
+                or torch_module._global_backward_pre_hooks)
+
+
+def run_eval_chains(parts: Sequence[Tuple[nn.Module, EvalChain]], input: Tensor
+                    ) -> Optional[Tensor]:
+    """``(module, chain)`` parts run one after another, each on the previous one's output
+    (the first on ``input``), in one compiled call: the last one's output, or None where the
+    modules must run (see ``EvalChain``). Each chain's layers are read from its module's
+    submodules; the caller has checked that the modules' own calls may be skipped
+    (``bypassable``) where it skips them."""
+    if not chains_can_run() or SlimConvBNAct.forward is not _LAYER_FORWARD:
+        return None
+    plans = []
+    for module, chain in parts:
+        modules = module.__dict__["_modules"]
+        for name in chain.names:
+            layer = modules.get(name)
+            plan = layer._chain_plan() if type(layer) is SlimConvBNAct else None
+            if plan is None:
+                return None
+            plans.append(plan)
+    links = (parts[0][1].links if len(parts) == 1
+             else _sequence_links(tuple(chain for _, chain in parts)))
+    out = ops.eval_chain_call(tuple(plans), links, input)
+    return out if isinstance(out, Tensor) else None
