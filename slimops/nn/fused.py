@@ -424,9 +424,9 @@ class EvalChain:
     The chain runs only where the module calls would compute exactly it: no autograd, not
     while torch.compile or torch.jit traces, no global module hooks, and every layer a
     ``SlimConvBNAct`` (not a subclass, its ``forward`` not patched) in eval mode with no hooks
-    of its own and a current plan for its width. A stale plan or anything unusual (an input of other channels, a
-    residual of another shape) returns None, and the layers' own calls then rebuild the plan
-    or raise their usual errors.
+    of its own and a current plan for its width. A stale plan or anything unusual (an input
+    of other channels, a residual of another shape) returns None, and the layers' own calls
+    then rebuild the plan or raise their usual errors.
     """
 
     __slots__ = ("names", "links")
