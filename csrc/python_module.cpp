@@ -362,7 +362,8 @@ PyObject* eval_conv(PyObject*, PyObject* const* args, Py_ssize_t n) {
 }
 
 // eval_chain(plans, links, input): several SlimConvBNAct layers' inference calls in one C
-// call, a block's (slimops.nn.fused.eval_chain). Step k runs plans[k] on the value in slot
+// call: a block's, or a model's blocks one after another (slimops.nn.EvalChain,
+// run_eval_chains). Step k runs plans[k] on the value in slot
 // links[2k] with the residual in slot links[2k + 1] (-1: none); slot 0 holds `input`, slot
 // k + 1 step k's output, and the last step's output is returned. None where a plan is stale,
 // NotImplemented where the call is not the plain case at some step or a kernel rejects an
@@ -372,7 +373,7 @@ PyObject* eval_conv(PyObject*, PyObject* const* args, Py_ssize_t n) {
 // Why: a batch-1 eval forward of S-ResNet-50 at 224 paid 1.4-2.3 ms of Python over its own
 // frozen TorchScript (2-core Intel Xeon; docs/BENCHMARKS.md's twenty-seventh round): 0.6 ms
 // in module calls, most of the rest in the Python between one layer's C call and the next on
-// caches the kernels had just streamed. A block's layers in one call pay that once per block.
+// caches the kernels had just streamed. Chained, the model pays it once per forward.
 PyObject* eval_chain(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   if (n != 3 || !PyTuple_CheckExact(args[0]) || !PyTuple_CheckExact(args[1]) ||
@@ -403,7 +404,7 @@ PyObject* eval_chain(PyObject*, PyObject* const* args, Py_ssize_t n) {
   if (!read(args[2], slots[0])) return not_implemented();
   // The last step reading each slot: a value is released right after it, as the modules'
   // calls would drop it, so that the allocator hands its memory to the next outputs (holding
-  // every block's outputs to the end of S-ResNet-50 made its forward 3-4% slower).
+  // every layer's output to the end made S-ResNet-50's chained forward 5-8% slower).
   std::vector<size_t> last_read(slots.size(), 0);
   for (size_t k = 0; k < links.size(); ++k)
     for (const int64_t slot : links[k])

@@ -101,11 +101,8 @@ class MobileNetBody:
         called as a module)."""
         if not chains_can_run():
             return None
-        blocks = self.blocks
-        if not bypassable(blocks):
-            return None
         parts = [(self, _STEM_CHAIN)]
-        for block in blocks:
+        for block in self.blocks:  # iterated, never called (as _block_features does)
             if not bypassable(block):
                 return None
             parts.append((block, block.eval_chain()))  # type: ignore[operator]
