@@ -253,16 +253,16 @@ def test_busy_cells_judge_by_the_mean_and_show_the_medians():
                 pass
         return run
 
-    # reference: fast calls 1 ms, every 4th 20 ms (median 1 ms, mean ~5.75 ms);
-    # slimops: always 2 ms (median and mean 2 ms)
+    # reference: fast calls 1 ms, every 4th 40 ms (median 1 ms, mean ~10.75 ms);
+    # slimops: always 2 ms (median and mean 2 ms; margins for a loaded test machine)
     cell = matrix.Cell("busy", {"slimops": timed("slimops", 0.002, 10**9, 0.0),
-                                "reference": timed("reference", 0.001, 4, 0.02)}, 0.0,
+                                "reference": timed("reference", 0.001, 4, 0.04)}, 0.0,
                        statistic="mean", min_rounds=8, warmups=0)
     matrix.measure(cell)
     assert cell.rows["reference"] > 2 * cell.rows["slimops"]  # the mean counts the slow calls
     assert matrix.ratio(cell) < 1
     by_medians = matrix.statistics.median(matrix.pass_ratios(cell, cell.median_runs))
-    assert by_medians > 1.5  # the median alone would flag the cell
+    assert by_medians > 1.2  # the median alone would flag the cell
     lines = matrix.report([cell], "h").splitlines()
     assert "slimops/reference by medians" in lines[2]
     row = next(line for line in lines if line.startswith("| busy "))
