@@ -234,6 +234,43 @@ def test_slim_conv_bn_act(groups, training):
     assert block.conv.weight.grad is not None
 
 
+def test_eval_chain(monkeypatch):
+    """A block's layers run as one chained C call in inference (``slimops.nn.EvalChain``)
+    at width 0.5: the same ops on the shared weights' prefixes, no copy."""
+
+    class Block(torch.nn.Module):
+        chain = slimops.nn.EvalChain([("a", 0, None), ("b", 1, 0)])
+
+        def __init__(self):
+            super().__init__()
+            self.a = SlimConvBNAct([8, 16], [8, 16], 3, widths=(0.5, 1.0))
+            self.b = SlimConvBNAct([8, 16], [8, 16], 1, widths=(0.5, 1.0))
+
+        def forward(self, x):
+            out = self.chain(self, x)
+            return self.b(self.a(x), x) if out is None else out
+
+    block = Block().eval()
+    slimops.set_width(block, 0.5)
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        block(x)  # builds the plans (module calls); the profiled call is the chain's
+    answered = []
+    chained = slimops.ops.eval_chain_call
+    monkeypatch.setattr(slimops.ops, "eval_chain_call",
+                        lambda *a: answered.append(chained(*a)) or answered[-1])
+
+    def run():
+        with torch.no_grad():
+            block(x)
+
+    prof = profiled(run)
+    assert len(answered) == 1 and isinstance(answered[0], torch.Tensor)
+    shapes = conv_weight_shapes(block.a.conv.weight.shape, 1, 8, 8)
+    shapes |= conv_weight_shapes(block.b.conv.weight.shape, 1, 8, 8)
+    assert_no_weight_copy(prof, shapes, ["slimops::conv2d"])
+
+
 @pytest.mark.parametrize("groups", [1, 4], ids=["g1", "g4"])
 def test_slim_conv_bn_act_fused_training_statistics(groups, monkeypatch):
     """Training through ``conv2d_bn_act_train`` (the GPU's path, taken on the CPU here)."""
