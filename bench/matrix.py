@@ -102,11 +102,11 @@ SLIMOPS_LOAD_POLICY = slimops.ops.load_watch()["policy"] or "off"
 # to the rare call the machine delays for every variant alike. With a core busy, the mean (the
 # pass's total time over its calls): the times are then bimodal, and the slow mode is what is
 # measured, not noise. On the Xeon here, a lone dilated 3x3 conv (16 -> 24, 14x14, batch 32)
-# on two threads beside a spinning process ran 80% of its calls in 0.32-0.45 ms and the rest in
-# 4-30 ms (a worker the OS had given to the other process); on one thread every call took
-# 0.47-0.63 ms. The median (0.35 against 0.50 ms) says two threads win; the time the calls
-# took in total (2.2 against 0.68 ms per call) says they lose 3x. docs/BENCHMARKS.md, the
-# twenty-eighth round.
+# on two threads beside a spinning process took 0.32 ms at its 10th percentile and 4.3 ms at
+# its 90th (a worker the OS had given to the other process); on one thread 0.47 and 0.63 ms.
+# The median (0.35 against 0.50 ms) says two threads win; the time the calls took in total
+# (2.2 against 0.68 ms per call) says they lose 3x. docs/BENCHMARKS.md, the twenty-eighth
+# round.
 STATISTICS: Dict[str, Callable[[Sequence[float]], float]] = {
     "median": statistics.median, "mean": statistics.fmean}
 
