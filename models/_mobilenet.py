@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from slimops.models._features import FeatureTap
 from slimops.models._original import convert_by_prefix
-from slimops.nn import EvalChain, SlimConvBNAct, bypassable, chains_can_run, run_eval_chains
+from slimops.nn import EvalChain, SlimConvBNAct, block_chains, chains_can_run, run_eval_chains
 from slimops.width import ChannelRule
 
 # One stage: its output channels, its number of blocks, its first block's stride, and a
@@ -101,14 +101,11 @@ class MobileNetBody:
         called as a module)."""
         if not chains_can_run():
             return None
-        parts = [(self, _STEM_CHAIN)]
-        for block in self.blocks:  # iterated, never called (as _block_features does)
-            if not bypassable(block):
-                return None
-            parts.append((block, block.eval_chain()))  # type: ignore[operator]
-        if self._tail_chain is not None:
-            parts.append((self, self._tail_chain))
-        return run_eval_chains(parts, x)
+        blocks = block_chains(self.blocks)  # iterated, never called (as _block_features does)
+        if blocks is None:
+            return None
+        tail = [] if self._tail_chain is None else [(self, self._tail_chain)]
+        return run_eval_chains([(self, _STEM_CHAIN), *blocks, *tail], x)
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``[N, num_classes]`` at the active width."""

@@ -71,7 +71,7 @@ class DepthwiseSeparable(nn.Module):
 
     @runs_eval_chain
     def forward(self, x: Tensor) -> Tensor:
-        out = _CHAIN(self, x)
+        out = self.eval_chain()(self, x)
         if out is not None:
             return out
         return self.pointwise(self.depthwise(x))

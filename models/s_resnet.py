@@ -30,6 +30,7 @@ from slimops.nn import (
     MaxPool2d,
     SlimConvBNAct,
     SlimmableLinear,
+    block_chains,
     bypassable,
     chains_can_run,
     run_eval_chains,
@@ -166,12 +167,10 @@ class SResNet(ChecksBNWidthsOnLoad, FeatureInfoMixin, nn.Module):
         parts = []
         for name in self.stage_names:
             stage = getattr(self, name)
-            if not bypassable(stage):
+            blocks = block_chains(stage) if bypassable(stage) else None
+            if blocks is None:
                 return None
-            for block in stage:
-                if not bypassable(block):
-                    return None
-                parts.append((block, block.eval_chain()))
+            parts += blocks
         return run_eval_chains(parts, x)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -163,3 +163,21 @@ def aot_results():
         results = _aot.cached_results()
         path.write_text(json.dumps([dataclasses.asdict(r) for r in results]))
         return results
+
+
+def spy_eval_chain(monkeypatch):
+    """Records, per call of ``slimops.ops.eval_chain_call`` (a chained inference call,
+    ``slimops.nn.EvalChain``), whether the chain answered (a tensor, not None or
+    STALE_PLAN)."""
+    import slimops
+
+    answered = []
+    chained = slimops.ops.eval_chain_call
+
+    def call(*args):
+        out = chained(*args)
+        answered.append(isinstance(out, torch.Tensor))
+        return out
+
+    monkeypatch.setattr(slimops.ops, "eval_chain_call", call)
+    return answered

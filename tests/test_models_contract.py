@@ -21,7 +21,7 @@ from slimops.nn import SlimConvBNAct, SlimmableConv2d, SwitchableBatchNorm2d
 from slimops.profile import profile
 from slimops.width import width, width_range
 
-from helpers import check_runs_between_switches
+from helpers import check_runs_between_switches, spy_eval_chain
 
 NAMES = sorted(MODELS)
 
@@ -80,15 +80,7 @@ def test_eval_chains_give_the_layers_output_to_the_bit(models, name, monkeypatch
     calls, at every width, and once the plans are built the chain answers each forward."""
     model = models(name).eval()
     x = _input(name, n=1)
-    answered = []
-    chained = slimops.ops.eval_chain_call
-
-    def spy(*args):
-        out = chained(*args)
-        answered.append(isinstance(out, torch.Tensor))
-        return out
-
-    monkeypatch.setattr(slimops.ops, "eval_chain_call", spy)
+    answered = spy_eval_chain(monkeypatch)
     for w in model.widths:
         with width(model, w), torch.inference_mode():
             model(x)  # builds every width's plans on the first call

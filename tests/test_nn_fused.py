@@ -18,6 +18,8 @@ import slimops
 from slimops.nn import SlimConvBNAct, SlimmableLinear
 from slimops.width import ChannelRule, channels
 
+from helpers import spy_eval_chain
+
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
 WIDTHS = (0.25, 0.5, 1.0)
 ACTS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
@@ -902,20 +904,6 @@ class _Block(torch.nn.Module):
         return self.layers(x) if out is None else out
 
 
-def _spy_chain(monkeypatch):
-    """Records, per call of ``ops.eval_chain_call``, whether the chain answered."""
-    answered = []
-    chained = slimops.ops.eval_chain_call
-
-    def call(*args):
-        out = chained(*args)
-        answered.append(isinstance(out, torch.Tensor))
-        return out
-
-    monkeypatch.setattr(slimops.ops, "eval_chain_call", call)
-    return answered
-
-
 def test_eval_chain_checks_its_steps():
     EvalChain = slimops.nn.EvalChain
     assert EvalChain([("a", 0, None), ("b", 1, 0)]).links == (0, -1, 1, 0)
@@ -934,7 +922,7 @@ def test_eval_chain_checks_its_steps():
 @needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_eval_chain_is_the_layers_calls_to_the_bit(dtype, randomize_bn, monkeypatch):
-    answered = _spy_chain(monkeypatch)
+    answered = spy_eval_chain(monkeypatch)
     block = _Block(dtype, randomize_bn).eval()
     for w in WIDTHS:
         with slimops.width(block, w):
@@ -953,7 +941,7 @@ def test_eval_chain_is_the_layers_calls_to_the_bit(dtype, randomize_bn, monkeypa
 def test_eval_chain_leaves_it_to_the_layers(randomize_bn, monkeypatch):
     """Where a module call would do more than the plan (training, autograd, hooks, tracing,
     a subclass or a replaced layer), or a plan went stale, the block's layers run."""
-    answered = _spy_chain(monkeypatch)
+    answered = spy_eval_chain(monkeypatch)
     block = _Block(torch.float64, randomize_bn).eval()
     x = torch.randn(2, 13, 7, 6, dtype=torch.float64)
     with torch.no_grad():

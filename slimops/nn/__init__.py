@@ -6,6 +6,7 @@ from slimops.nn.conv import SlimmableConv2d
 from slimops.nn.fused import (
     EvalChain,
     SlimConvBNAct,
+    block_chains,
     bypassable,
     chains_can_run,
     run_eval_chains,
@@ -24,6 +25,7 @@ __all__ = [
     "SlimmableConv2d",
     "SlimmableLinear",
     "SwitchableBatchNorm2d",
+    "block_chains",
     "bypassable",
     "chains_can_run",
     "map_layers",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -207,14 +207,19 @@ class SlimConvBNAct(nn.Module):
                 or state["_backward_hooks"] or state["_backward_pre_hooks"]
                 or "forward" in state):
             return None
-        modules = state["_modules"]
+        plan = self._compiled_plan_now(state["_modules"])
+        return None if plan is None else plan.call
+
+    def _compiled_plan_now(self, modules: Dict[str, nn.Module]) -> Optional["_EvalPlan"]:
+        """The cached plan of the active width where it has a compiled form built for the
+        BN's active width (``modules``: this layer's ``_modules``), else None."""
         conv, bn = modules.get("conv"), modules.get("bn")
         if conv is None or bn is None:
             return None
         plan = self._eval_plans.get(conv.eager_width())
         if plan is None or plan.call is None or bn.eager_width() != plan.bn_width:
             return None
-        return plan.call
+        return plan
 
     def _fast_eval(self, input: Tensor, residual: Optional[Tensor]) -> Optional[Tensor]:
         """The conv + BN + activation op at the active width, or None where the checked
@@ -222,17 +227,14 @@ class SlimConvBNAct(nn.Module):
         or torch.jit traces (the caller checks)."""
         # First the cached plan, checked and run in one compiled call (``ops.eval_plan``);
         # then, where it is missing, stale or the call unusual, the same in Python.
-        modules = self.__dict__["_modules"]
         stale = None
-        if "conv" in modules and "bn" in modules:
-            plan = self._eval_plans.get(modules["conv"].eager_width())
-            if (plan is not None and plan.call is not None
-                    and modules["bn"].eager_width() == plan.bn_width):
-                out = ops.eval_plan_call(plan.call, input, residual)
-                if out is ops.STALE_PLAN:
-                    stale = plan
-                elif out is not None:
-                    return out
+        plan = self._compiled_plan_now(self.__dict__["_modules"])
+        if plan is not None:
+            out = ops.eval_plan_call(plan.call, input, residual)
+            if out is ops.STALE_PLAN:
+                stale = plan
+            elif out is not None:
+                return out
         conv = held(self, "_modules", "conv")
         weight = held(conv, "_parameters", "weight")
         if not (isinstance(input, Tensor) and input.dim() == 4 and dtypes_match(input, weight)
@@ -512,6 +514,17 @@ def chains_can_run() -> bool:
                 or torch.jit.is_tracing() or torch_module._global_forward_hooks
                 or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
                 or torch_module._global_backward_pre_hooks)
+
+
+def block_chains(blocks: Iterable[nn.Module]) -> Optional[List[Tuple[nn.Module, EvalChain]]]:
+    """``(block, block.eval_chain())`` for each of ``blocks``, the parts ``run_eval_chains``
+    takes, or None where one of them must be called as a module (``bypassable``)."""
+    parts = []
+    for block in blocks:
+        if not bypassable(block):
+            return None
+        parts.append((block, block.eval_chain()))  # type: ignore[operator]
+    return parts
 
 
 def run_eval_chains(parts: Sequence[Tuple[nn.Module, EvalChain]], input: Tensor
