@@ -3,6 +3,9 @@ slimops::depthwise_conv2d: float32 3x3 at column stride 1 or 2, any padding and 
 output columns up (not 32 at stride 1; AVX2 at stride 1: to 28 and from 56), each plane's rows in
 masked vectors with the epilogue in registers. Under AVX2 with finite weights the padding lanes
 are masked-off zeros in a plain multiply-add; with an Inf or NaN weight they are blended out.
+The same switch covers the row kernels of the gradients: the stride-1 input gradient (rows_plane
+on the transposed geometry) and the weight gradient (rows_weight_grad, stride 1 or 2), whose
+padding taps and lanes past the output are left out as torch leaves them out.
 
 Every case runs the op with SLIMOPS_DEPTHWISE_ROWS=1 and =0 (the lanes and per-plane paths; the
 switch is read on every call), forward and every gradient, each against the reference.
@@ -136,6 +139,66 @@ def test_rows_propagate_non_finite_values_as_torch(value, stride, w, monkeypatch
     assert torch.equal(got.isneginf(), exp.isneginf())
     finite = exp.isfinite()
     torch.testing.assert_close(got[finite], exp[finite])
+
+
+def _gradients(op, x, weight, g, stride):
+    """(grad_input, grad_weight) of op(x, weight) at stride `stride`, padding 1, for g."""
+    x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    return torch.autograd.grad(op(x, weight, None, stride, 1), (x, weight), g)
+
+
+@pytest.mark.skipif(ISA == "base", reason="no row kernel under the baseline cap")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_rows_weight_grad_path_is_taken(stride, monkeypatch):
+    """An Inf output gradient at the top-left corner: torch's weight gradient skips the taps
+    that read the padding there (they stay finite), the lanes and per-plane paths multiply
+    their zero-padded field by it (NaN). The row kernel gives torch's; the other paths' NaN
+    with the switch off shows the switch changes the path. 28 columns at batch 2: the row
+    kernel's range under both ISAs."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "fixed")
+    x, weight = torch.randn(2, 20, 9, 28 * stride), torch.randn(24, 1, 3, 3)
+    out = reference.depthwise_conv2d(x, weight, None, stride, 1)
+    g = torch.randn_like(out)
+    g[0, 3, 0, 0] = float("inf")
+    exp = _gradients(reference.depthwise_conv2d, x, weight, g, stride)[1]
+    nans = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv(SWITCH, on)
+        got = _gradients(slimops.ops.depthwise_conv2d, x, weight, g, stride)[1]
+        nans[on] = got[3].isnan().any().item()
+        if on == "1":
+            assert torch.equal(got.isnan(), exp.isnan())
+            assert torch.equal(got.isinf(), exp.isinf())
+    assert nans == {"1": False, "0": True}
+
+
+@pytest.mark.skipif(ISA == "base", reason="no row kernel under the baseline cap")
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("stride,w", [(1, 8), (1, 20), (1, 56), (2, 15), (2, 45)])
+def test_rows_gradients_propagate_non_finite_values_as_torch(value, stride, w, monkeypatch):
+    """A NaN or Inf in the input or the output gradient (at corners, in the middle, at both
+    ends of a row) reaches the same weight and input gradients as in the reference, padding
+    taps and the columns past the output's last vector included."""
+    monkeypatch.setenv(SWITCH, "1")
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "fixed")
+    x, weight = torch.randn(2, 20, 15, w), torch.randn(24, 1, 3, 3)
+    x[0, 3, 0, 0] = value
+    x[1, 7, 7, w // 2] = value
+    x[1, 9, 14, w - 1] = value
+    out = reference.depthwise_conv2d(x, weight, None, stride, 1)
+    g = torch.randn_like(out)
+    oh, ow = out.shape[-2:]
+    g[0, 4, 0, ow - 1] = value
+    g[1, 11, oh - 1, 0] = value
+    g[0, 12, oh // 2, ow // 2] = value
+    grads = [_gradients(op, x, weight, g, stride)
+             for op in (slimops.ops.depthwise_conv2d, reference.depthwise_conv2d)]
+    for got, exp in zip(*grads):
+        assert torch.equal(got.isnan(), exp.isnan())
+        assert torch.equal(got.isposinf(), exp.isposinf())
+        assert torch.equal(got.isneginf(), exp.isneginf())
+        finite = exp.isfinite()
+        torch.testing.assert_close(got[finite], exp[finite], rtol=1e-4, atol=1e-3)
 
 
 def test_rows_read_the_weight_prefix_in_place(monkeypatch):

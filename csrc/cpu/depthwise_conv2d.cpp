@@ -258,6 +258,12 @@ struct RowKernel {
   static auto get() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::rows_plane<MODE, SW>); }
 };
 
+// The masked-row weight gradient (depthwise_rows.inc, rows_weight_grad) of one column stride.
+template <int64_t SW>
+struct RowGradKernel {
+  static auto get() { SLIMOPS_RETURN_FOR_CPU_ISA(&isa::rows_weight_grad<SW>); }
+};
+
 // MODE: the activation, or -1 for the bare convolution (no epilogue).
 template <int64_t SW>
 auto row_kernel(int64_t mode) {
@@ -296,17 +302,62 @@ bool depthwise_rows_suit(const PlaneConv& p) {
   return cpu_isa() == Isa::kAvx512 || p.OW <= 28 || p.OW >= 56;
 }
 
+// At stride 1 the input gradient is itself a correlation: of grad_z with the flipped kernel
+// and padding d * (k - 1) - p, producing exactly H x W. Its geometry (the forward problem of
+// grad_z's OH x OW planes).
+PlaneConv transposed(const PlaneConv& p) {
+  return PlaneConv(p.OH, p.OW, p.KH, p.KW, p.H, p.W, 1, 1, p.dh * (p.KH - 1) - p.ph,
+                   p.dw * (p.KW - 1) - p.pw, p.dh, p.dw);
+}
+
+// Whether the stride-1 3x3 input gradient runs on the masked-row forward (rows_plane, its
+// transposed geometry, the flipped kernel), where that forward suits the geometry
+// (depthwise_rows_suit) and its padding is not negative (a plane cropped by a padding past
+// the kernel's reach keeps the per-plane path). Side by side against the lanes and per-plane
+// paths (2-core Intel Xeon, the fixed route, batch 1 to 64, 7x7 to 112x112 planes), it took
+// 0.57-0.79x their time under AVX-512 and 0.63-0.96x under AVX2; the per-plane path had copied
+// every plane of grad_z into a zero-bordered field first.
+bool input_grad_rows_suit(const PlaneConv& p) {
+  if (p.sh != 1 || p.sw != 1 || p.KH != 3 || p.KW != 3) return false;
+  const char* v = std::getenv("SLIMOPS_DEPTHWISE_ROWS_GRAD");
+  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
+  const PlaneConv t = transposed(p);
+  return t.ph >= 0 && t.pw >= 0 && depthwise_rows_suit(t);
+}
+
 // Floats per vector of the row kernel under the instruction set chosen at run time.
 int64_t row_lanes() { SLIMOPS_RETURN_FOR_CPU_ISA(isa::kRowLanes); }
+
+// Whether the masked-row weight gradient (rows_weight_grad) runs for this float32 3x3 pass at
+// column stride 1 or 2 (the caller checks those), from side-by-side runs against the lanes and
+// per-plane paths in random order (2-core Intel Xeon, the fixed route, batch 1 to 64, planes
+// 2x2 to 112x112, S-MobileNet v1/v2 shapes and others). It ran 0.31-0.84x their time from 12
+// output columns up where at least 3/4 of the last vector's lanes are columns (AVX-512: 14,
+// 16, 28, 32, 40, 56, 64, 112; AVX2 also 7, 8, 14) but at exactly 32 columns under AVX2 at
+// stride 1 (1.0-1.14x: the per-plane path's flattened rows); with fewer lanes in use it still
+// won under AVX-512 up to batch 32 (7 to 12 columns: 0.78-0.99x; batch 64 1.06-1.07x), lost
+// under AVX2 (9, 10 columns: 1.16-1.28x), and under 7 columns it lost on both (1.2-2.2x).
+bool depthwise_rows_grad_suit(const Problem& pr) {
+  const PlaneConv& p = pr.conv;
+  const char* v = std::getenv("SLIMOPS_DEPTHWISE_ROWS_GRAD");
+  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
+  if (!depthwise_rows_enabled() || p.OW < 7 || p.OW > kRowsMaxColumns) return false;
+  const int64_t V = row_lanes(), last = p.OW % V;
+  const bool lanes_used = last == 0 || 4 * last >= 3 * V;
+  if (cpu_isa() == Isa::kAvx512) return lanes_used || pr.N <= 32;
+  return lanes_used && !(p.sw == 1 && p.OW == 32);
+}
 
 // rows_plane's masks for plane geometry p at column stride sw (1 or 2), per column vector of
 // V output columns: a header (first value 1 when all the masks below are whole, values 1 to 3
 // when tap column j's loads are), the output's lanes, then for each tap column j the lanes
 // whose input column lies in [0, W) (stride 2: for the load of the first V input columns, the
-// next V, and the output lanes whose input column 2 * lane is in the plane). -1 = in, 0 = out.
+// next V, and the output lanes whose input column 2 * lane is in the plane), then for each tap
+// column j the weight gradient's lanes (rows_weight_grad: inside the output, input column in
+// the plane). -1 = in, 0 = out. (rows_masks_per_vector in depthwise_rows.inc: the same count.)
 std::vector<int32_t> row_masks(const PlaneConv& p, int64_t sw) {
   const int64_t V = row_lanes(), vectors = (p.OW + V - 1) / V;
-  const int64_t per_tap = sw == 1 ? 1 : 3, per = 2 + 3 * per_tap;
+  const int64_t per_tap = sw == 1 ? 1 : 3, per = 2 + 3 * per_tap + 3;
   std::vector<int32_t> masks(static_cast<size_t>(vectors * per * V), 0);
   const auto inside = [&](int64_t col) { return col >= 0 && col < p.W ? -1 : 0; };
   for (int64_t c = 0; c < vectors; ++c) {
@@ -316,12 +367,14 @@ std::vector<int32_t> row_masks(const PlaneConv& p, int64_t sw) {
     for (int64_t j = 0; j < 3; ++j) {
       const int64_t base = ow0 * sw + j * p.dw - p.pw;
       int32_t* mj = m + (2 + j * per_tap) * V;
+      int32_t* gj = m + (2 + 3 * per_tap + j) * V;
       for (int64_t l = 0; l < V; ++l) {
         mj[l] = inside(base + l);
         if (sw == 2) {
           mj[V + l] = inside(base + V + l);
           mj[2 * V + l] = inside(base + 2 * l);
         }
+        gj[l] = ow0 + l < p.OW ? inside(base + sw * l) : 0;
       }
     }
     bool whole = true;
@@ -419,13 +472,21 @@ struct FlatBlock {
 // rule is the kernels (deterministic: the same route every run).
 enum class DepthwisePass { kForward, kInputGrad, kWeightGrad };
 
+// Whether the pass takes a row kernel (its route key records it: the switches are read per call).
+bool rows_run(DepthwisePass pass, const Problem& pr) {
+  const PlaneConv& p = pr.conv;
+  if (pass == DepthwisePass::kForward) return depthwise_rows_suit(p);
+  if (pass == DepthwisePass::kInputGrad) return input_grad_rows_suit(p);
+  return pass == DepthwisePass::kWeightGrad && p.KH == 3 && p.KW == 3 && p.sw <= 2 &&
+         depthwise_rows_grad_suit(pr);
+}
+
 RouteKey route_key(const Problem& pr, DepthwisePass pass, int64_t epilogue) {
   const PlaneConv& p = pr.conv;
   return {static_cast<int64_t>(RouteOp::kDepthwiseConv2d) + static_cast<int64_t>(pass), pr.N,
           pr.C, p.H, p.W, p.KH, p.KW, p.sh, p.sw, p.ph, p.pw, p.dh, p.dw, epilogue,
           at::get_num_threads(), static_cast<int64_t>(cpu_isa()),
-          pass == DepthwisePass::kForward && depthwise_rows_suit(p) ? 1 : 0, 0, 0, 0, 0, 0, 0,
-          0};
+          rows_run(pass, pr) ? 1 : 0, 0, 0, 0, 0, 0, 0, 0};
 }
 
 int64_t problem_macs(const Problem& pr) {
@@ -686,6 +747,36 @@ at::Tensor depthwise_conv2d_backward_input(const at::Tensor& grad_z, const at::T
       [&] { return depthwise_input_grad_kernels(gz, weight, pr, input_size); });
 }
 
+// The stride-1 input gradient on the masked-row forward where it suits (input_grad_rows_suit):
+// the correlation (transposed) read and written in place (depthwise_rows.inc, rows_plane
+// without epilogue). Whether it ran (float32 only).
+template <typename scalar_t>
+bool input_grad_on_rows(scalar_t*, const scalar_t*, const scalar_t*, const Problem&) {
+  return false;
+}
+
+template <>
+bool input_grad_on_rows<float>(float* gip, const float* gp, const float* wp,
+                               const Problem& pr) {
+  const PlaneConv& p = pr.conv;
+  if (!input_grad_rows_suit(p)) return false;
+  const PlaneConv t = transposed(p);
+  const int64_t in_plane = p.H * p.W, out_plane = p.OH * p.OW, taps = p.KH * p.KW;
+  const std::vector<int32_t> masks = row_masks(t, 1);
+  const auto rows = row_kernel<1>(-1);
+  watched_parallel_for(0, pr.N * pr.C, grain_for(p.plane_work()),
+                       [&](int64_t begin, int64_t end) {
+    float flipped[9];
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const float* wc = wp + (plane % pr.C) * taps;
+      std::reverse_copy(wc, wc + taps, flipped);
+      rows(gip + plane * in_plane, gp + plane * out_plane, flipped, t, 1.0f, 0.0f, nullptr,
+           masks.data());
+    }
+  });
+  return true;
+}
+
 // The input gradient on slimops' kernels (gz contiguous).
 at::Tensor depthwise_input_grad_kernels(const at::Tensor& gz, const at::Tensor& weight,
                                         const Problem& pr, at::IntArrayRef input_size) {
@@ -705,8 +796,7 @@ at::Tensor depthwise_input_grad_kernels(const at::Tensor& gz, const at::Tensor& 
     if (flat_applies(p)) {
       // Stride 1, same size, small planes: the correlation of grad_z with the flipped kernel
       // (as the per-plane stride-1 path below), as runs of kLanes channels.
-      const PlaneConv t(p.OH, p.OW, p.KH, p.KW, p.H, p.W, 1, 1, p.dh * (p.KH - 1) - p.ph,
-                        p.dw * (p.KW - 1) - p.pw, p.dh, p.dw);
+      const PlaneConv t = transposed(p);
       const auto correlate = FlatKernels<scalar_t>::correlate();
       const int64_t blocks = (pr.C + kLanes - 1) / kLanes;
       watched_parallel_for(0, pr.N * blocks, grain_for(kLanes * p.plane_work()),
@@ -745,11 +835,10 @@ at::Tensor depthwise_input_grad_kernels(const at::Tensor& gz, const at::Tensor& 
       });
       return;
     }
+    if (input_grad_on_rows(gip, gp, wp, pr)) return;
     if (p.sh == 1 && p.sw == 1) {
-      // At stride 1 the transpose is itself a correlation: of grad_z with the flipped kernel
-      // and padding d * (k - 1) - p, producing exactly H x W.
-      const PlaneConv t(p.OH, p.OW, p.KH, p.KW, p.H, p.W, 1, 1, p.dh * (p.KH - 1) - p.ph,
-                        p.dw * (p.KW - 1) - p.pw, p.dh, p.dw);
+      // At stride 1 the transpose is itself a correlation (transposed).
+      const PlaneConv t = transposed(p);
       dispatch_shape(t, [&](auto kh, auto kw, auto sw) {
         const auto correlate_plane =
             KernelsFor<scalar_t, decltype(kh), decltype(kw), decltype(sw)>::forward();
@@ -851,6 +940,27 @@ at::Tensor depthwise_weight_grad_kernels(const at::Tensor& gz, const at::Tensor&
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
     dispatch_shape(p, [&](auto kh, auto kw, auto sw) {
       using Kernels = KernelsFor<scalar_t, decltype(kh), decltype(kw), decltype(sw)>;
+      constexpr int64_t SW = decltype(sw)::value;
+      if constexpr (std::is_same_v<scalar_t, float> && decltype(kh)::value == 3 &&
+                    decltype(kw)::value == 3 && (SW == 1 || SW == 2)) {
+        if (depthwise_rows_grad_suit(pr)) {
+          // Each channel's planes in masked row vectors, read in place (depthwise_rows.inc,
+          // rows_weight_grad); one writer per channel, its images summed in order.
+          const std::vector<int32_t> masks = row_masks(p, SW);
+          const auto rows = RowGradKernel<SW>::get();
+          watched_parallel_for(0, pr.C, grain_for(pr.N * p.plane_work()),
+                               [&](int64_t begin, int64_t end) {
+            for (int64_t c = begin; c < end; ++c) {
+              double sums[9] = {};
+              rows(sums, gp + c * out_plane, xp + c * in_plane, pr.N, pr.C * out_plane,
+                   pr.C * in_plane, p, masks.data());
+              for (int64_t tap = 0; tap < 9; ++tap)
+                gwp[c * taps + tap] = static_cast<scalar_t>(sums[tap]);
+            }
+          });
+          return;
+        }
+      }
       // Small planes (schedule: small_plane_weight_grad). Within a task the images are summed
       // in scalar_t in runs of at most kFloatRun output positions (one image when its plane is
       // larger), each run then added in double: the rounding of an 8x8 plane's sum, whatever
