@@ -153,10 +153,10 @@ def test_rows_weight_grad_path_is_taken(stride, monkeypatch):
     """An Inf output gradient at the top-left corner: torch's weight gradient skips the taps
     that read the padding there (they stay finite), the lanes and per-plane paths multiply
     their zero-padded field by it (NaN). The row kernel gives torch's; the other paths' NaN
-    with the switch off shows the switch changes the path. 28 columns at batch 2: the row
-    kernel's range under both ISAs."""
+    with the switch off shows the switch changes the path. 48 output columns at batch 2:
+    whole vectors under both ISAs, the row kernel's range (depthwise_rows_grad_suit)."""
     monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "fixed")
-    x, weight = torch.randn(2, 20, 9, 28 * stride), torch.randn(24, 1, 3, 3)
+    x, weight = torch.randn(2, 20, 9, 48 * stride), torch.randn(24, 1, 3, 3)
     out = reference.depthwise_conv2d(x, weight, None, stride, 1)
     g = torch.randn_like(out)
     g[0, 3, 0, 0] = float("inf")
@@ -174,17 +174,22 @@ def test_rows_weight_grad_path_is_taken(stride, monkeypatch):
 
 @pytest.mark.skipif(ISA == "base", reason="no row kernel under the baseline cap")
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("stride,w", [(1, 8), (1, 20), (1, 56), (2, 15), (2, 45)])
+@pytest.mark.parametrize("stride,w", [(1, 8), (1, 24), (1, 56), (2, 15), (2, 45)])
 def test_rows_gradients_propagate_non_finite_values_as_torch(value, stride, w, monkeypatch):
-    """A NaN or Inf in the input or the output gradient (at corners, in the middle, at both
-    ends of a row) reaches the same weight and input gradients as in the reference, padding
-    taps and the columns past the output's last vector included."""
+    """A NaN or Inf in the input, the output gradient (at corners, in the middle, at both
+    ends of a row) or a weight reaches the same weight and input gradients as in the
+    reference, padding taps and the columns past the output's last vector included (the
+    input gradient adds no term of an Inf weight where torch's adds none: stride 1 on the
+    masked-row forward, stride 2 on input_grad_s2_plane). Output widths in the row kernels'
+    range under both ISAs (8, 24, 56 at stride 1; 8, 23 at stride 2), one vector and several."""
     monkeypatch.setenv(SWITCH, "1")
     monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "fixed")
     x, weight = torch.randn(2, 20, 15, w), torch.randn(24, 1, 3, 3)
     x[0, 3, 0, 0] = value
     x[1, 7, 7, w // 2] = value
     x[1, 9, 14, w - 1] = value
+    weight[5, 0, 2, 2] = value
+    weight[13, 0, 0, 1] = value
     out = reference.depthwise_conv2d(x, weight, None, stride, 1)
     g = torch.randn_like(out)
     oh, ow = out.shape[-2:]
