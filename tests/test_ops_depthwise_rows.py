@@ -28,6 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 ISA = slimops.backend_info().get("cpu_isa", "base")
 SWITCH = "SLIMOPS_DEPTHWISE_ROWS"
+GRAD_SWITCH = "SLIMOPS_DEPTHWISE_ROWS_GRAD"
 
 # (active channels, weight rows, H, W, stride, padding, dilation, batch). Output widths 7 to
 # 64 (both sides of whole vectors of 8 and 16 columns and of AVX2's stride-1 gap from 29 to
@@ -148,12 +149,14 @@ def _gradients(op, x, weight, g, stride):
 
 
 @pytest.mark.skipif(ISA == "base", reason="no row kernel under the baseline cap")
+@pytest.mark.parametrize("switch", [SWITCH, GRAD_SWITCH])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_rows_weight_grad_path_is_taken(stride, monkeypatch):
+def test_rows_weight_grad_path_is_taken(stride, switch, monkeypatch):
     """An Inf output gradient at the top-left corner: torch's weight gradient skips the taps
     that read the padding there (they stay finite), the lanes and per-plane paths multiply
     their zero-padded field by it (NaN). The row kernel gives torch's; the other paths' NaN
-    with the switch off shows the switch changes the path. 48 output columns at batch 2:
+    with either switch off shows it changes the path (SLIMOPS_DEPTHWISE_ROWS_GRAD: the
+    gradients' row kernels alone, the forward's stays). 48 output columns at batch 2:
     whole vectors under both ISAs, the row kernel's range (depthwise_rows_grad_suit)."""
     monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "fixed")
     x, weight = torch.randn(2, 20, 9, 48 * stride), torch.randn(24, 1, 3, 3)
@@ -163,7 +166,7 @@ def test_rows_weight_grad_path_is_taken(stride, monkeypatch):
     exp = _gradients(reference.depthwise_conv2d, x, weight, g, stride)[1]
     nans = {}
     for on in ("1", "0"):
-        monkeypatch.setenv(SWITCH, on)
+        monkeypatch.setenv(switch, on)
         got = _gradients(slimops.ops.depthwise_conv2d, x, weight, g, stride)[1]
         nans[on] = got[3].isnan().any().item()
         if on == "1":

@@ -287,6 +287,15 @@ bool depthwise_rows_enabled() {
   return (v == nullptr || std::strcmp(v, "0") != 0) && cpu_isa() != Isa::kBase;
 }
 
+// Whether the gradients' row kernels may run (depthwise_rows_grad_suit, input_grad_rows_suit,
+// input_grad_s2_rows_suit): where the row kernels may, unless SLIMOPS_DEPTHWISE_ROWS_GRAD=0,
+// which keeps the gradients alone on the other paths (read on every call, so that a benchmark
+// can compare both in one process; the route keys record it).
+bool depthwise_rows_grad_enabled() {
+  const char* v = std::getenv("SLIMOPS_DEPTHWISE_ROWS_GRAD");
+  return (v == nullptr || std::strcmp(v, "0") != 0) && depthwise_rows_enabled();
+}
+
 // Whether it runs for this float32 3x3 forward at column stride 1 or 2 (the caller checks
 // those), from side-by-side runs against the other paths in random order (2-core Intel Xeon,
 // the fixed route, batch 1, 8 and 64, S-MobileNet v1/v2 shapes at 224 and 32 and odd sizes).
@@ -324,10 +333,8 @@ PlaneConv transposed(const PlaneConv& p) {
 // every plane of grad_z into a zero-bordered field first.
 bool input_grad_rows_suit(const PlaneConv& p) {
   if (p.sh != 1 || p.sw != 1 || p.KH != 3 || p.KW != 3) return false;
-  const char* v = std::getenv("SLIMOPS_DEPTHWISE_ROWS_GRAD");
-  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
   const PlaneConv t = transposed(p);
-  return t.ph >= 0 && t.pw >= 0 && depthwise_rows_suit(t);
+  return t.ph >= 0 && t.pw >= 0 && depthwise_rows_grad_enabled() && depthwise_rows_suit(t);
 }
 
 // Floats per vector of the row kernel under the instruction set chosen at run time.
@@ -340,9 +347,7 @@ int64_t row_lanes() { SLIMOPS_RETURN_FOR_CPU_ISA(isa::kRowLanes); }
 // 0.89-1.05x, at 2 1.37-1.48x (a vector of 8 or 16 lanes for 4 or 8 input columns).
 bool input_grad_s2_rows_suit(const PlaneConv& p) {
   if (p.sh != 2 || p.sw != 2 || p.KH != 3 || p.KW != 3 || p.dh != 1 || p.dw != 1) return false;
-  const char* v = std::getenv("SLIMOPS_DEPTHWISE_ROWS_GRAD");
-  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
-  return p.ph >= 0 && p.pw >= 0 && p.OW >= 5 && depthwise_rows_enabled();
+  return p.ph >= 0 && p.pw >= 0 && p.OW >= 5 && depthwise_rows_grad_enabled();
 }
 
 // input_grad_s2_plane's masks (kS2MasksPerBlock blocks of V int32 per block of 2V input
@@ -350,7 +355,7 @@ bool input_grad_s2_rows_suit(const PlaneConv& p) {
 // and g[k - 1, k - 1 + V) inside [0, OW), the lanes of the two output vectors inside [0, W).
 std::vector<int32_t> input_grad_s2_masks(const PlaneConv& p) {
   const int64_t V = row_lanes(), iw0 = -(p.pw % 2), k0 = (iw0 + p.pw) / 2;
-  const int64_t blocks = (p.W - iw0 + 2 * V - 1) / (2 * V), per = 5;
+  const int64_t blocks = (p.W - iw0 + 2 * V - 1) / (2 * V), per = 5;  // kS2MasksPerBlock
   std::vector<int32_t> masks(static_cast<size_t>(blocks * per * V), 0);
   const auto in = [](int64_t i, int64_t n) { return i >= 0 && i < n ? -1 : 0; };
   for (int64_t b = 0; b < blocks; ++b) {
@@ -372,17 +377,15 @@ std::vector<int32_t> input_grad_s2_masks(const PlaneConv& p) {
 // Whether the masked-row weight gradient (rows_weight_grad) runs for this float32 3x3 pass at
 // column stride 1 or 2 (the caller checks those), from side-by-side runs against the lanes and
 // per-plane paths in random order (2-core Intel Xeon, the fixed route, batch 1 to 64, planes
-// 2x2 to 112x112, S-MobileNet v1/v2 shapes and others). It ran 0.31-0.84x their time from 12
-// output columns up where at least 3/4 of the last vector's lanes are columns (AVX-512: 14,
-// 16, 28, 32, 40, 56, 64, 112; AVX2 also 7, 8, 14) but at exactly 32 columns under AVX2 at
-// stride 1 (1.0-1.14x: the per-plane path's flattened rows); with fewer lanes in use it still
-// won under AVX-512 up to batch 32 (7 to 12 columns: 0.78-0.99x; batch 64 1.06-1.07x), lost
-// under AVX2 (9, 10 columns: 1.16-1.28x), and under 7 columns it lost on both (1.2-2.2x).
+// 2x2 to 112x112, S-MobileNet v1/v2 shapes and others). Where at least 3/4 of the last
+// column vector's lanes are output columns (AVX-512: 12 to 16, 28 to 32, 56, 64, ...; AVX2:
+// 7, 8, 14, 16, 24, 28, ...) it ran 0.31-0.95x their time, but at exactly 32 columns at stride
+// 1 under AVX2 (1.0-1.14x: the per-plane path's flattened rows); with fewer lanes in use it
+// still won under AVX-512 up to batch 32 (7 to 10 columns: 0.82-0.99x; batch 64 1.06-1.07x)
+// and lost under AVX2 (9, 10 columns: 1.16-1.28x); under 7 columns it lost on both (1.2-2.2x).
 bool depthwise_rows_grad_suit(const Problem& pr) {
   const PlaneConv& p = pr.conv;
-  const char* v = std::getenv("SLIMOPS_DEPTHWISE_ROWS_GRAD");
-  if (v != nullptr && std::strcmp(v, "0") == 0) return false;
-  if (!depthwise_rows_enabled() || p.OW < 7 || p.OW > kRowsMaxColumns) return false;
+  if (!depthwise_rows_grad_enabled() || p.OW < 7 || p.OW > kRowsMaxColumns) return false;
   const int64_t V = row_lanes(), last = p.OW % V;
   const bool lanes_used = last == 0 || 4 * last >= 3 * V;
   if (cpu_isa() == Isa::kAvx512) return lanes_used || pr.N <= 32;
