@@ -347,7 +347,8 @@ int64_t row_lanes() { SLIMOPS_RETURN_FOR_CPU_ISA(isa::kRowLanes); }
 // 0.89-1.05x, at 2 1.37-1.48x (a vector of 8 or 16 lanes for 4 or 8 input columns).
 bool input_grad_s2_rows_suit(const PlaneConv& p) {
   if (p.sh != 2 || p.sw != 2 || p.KH != 3 || p.KW != 3 || p.dh != 1 || p.dw != 1) return false;
-  return p.ph >= 0 && p.pw >= 0 && p.OW >= 5 && depthwise_rows_grad_enabled();
+  return p.ph >= 0 && p.pw >= 0 && p.OW >= 5 && p.OW <= kRowsMaxColumns &&
+         depthwise_rows_grad_enabled();
 }
 
 // input_grad_s2_plane's masks (kS2MasksPerBlock blocks of V int32 per block of 2V input
