@@ -375,8 +375,8 @@ std::vector<int32_t> input_grad_s2_masks(const PlaneConv& p) {
   return masks;
 }
 
-// Whether the masked-row weight gradient (rows_weight_grad) runs for this float32 3x3 pass at
-// column stride 1 or 2 (the caller checks those), from side-by-side runs against the lanes and
+// Whether the masked-row weight gradient (rows_weight_grad) runs for this 3x3 pass at column
+// stride 1 or 2 (float32: the caller checks the dtype), from side-by-side runs against the lanes and
 // per-plane paths in random order (2-core Intel Xeon, the fixed route, batch 1 to 64, planes
 // 2x2 to 112x112, S-MobileNet v1/v2 shapes and others). Where at least 3/4 of the last
 // column vector's lanes are output columns (AVX-512: 12 to 16, 28 to 32, 56, 64, ...; AVX2:
@@ -386,6 +386,7 @@ std::vector<int32_t> input_grad_s2_masks(const PlaneConv& p) {
 // and lost under AVX2 (9, 10 columns: 1.16-1.28x); under 7 columns it lost on both (1.2-2.2x).
 bool depthwise_rows_grad_suit(const Problem& pr) {
   const PlaneConv& p = pr.conv;
+  if (p.KH != 3 || p.KW != 3 || p.sw < 1 || p.sw > 2) return false;
   if (!depthwise_rows_grad_enabled() || p.OW < 7 || p.OW > kRowsMaxColumns) return false;
   const int64_t V = row_lanes(), last = p.OW % V;
   const bool lanes_used = last == 0 || 4 * last >= 3 * V;
@@ -523,8 +524,7 @@ bool rows_run(DepthwisePass pass, const Problem& pr) {
   if (pass == DepthwisePass::kForward) return depthwise_rows_suit(p);
   if (pass == DepthwisePass::kInputGrad)
     return input_grad_rows_suit(p) || input_grad_s2_rows_suit(p);
-  return pass == DepthwisePass::kWeightGrad && p.KH == 3 && p.KW == 3 && p.sw <= 2 &&
-         depthwise_rows_grad_suit(pr);
+  return pass == DepthwisePass::kWeightGrad && depthwise_rows_grad_suit(pr);
 }
 
 RouteKey route_key(const Problem& pr, DepthwisePass pass, int64_t epilogue) {
