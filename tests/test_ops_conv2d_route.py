@@ -196,7 +196,9 @@ def test_auto_measures_each_pass_once_per_shape(monkeypatch, tol):
     info = slimops.backend_info()
     assert info["conv_route"] == "auto"
     assert sum(info["conv_routes_measured"].values()) == 4
-    assert _rounds() == 4  # the first call's measurement of each pass
+    # the first call's measurement of each pass (the in-place windows, from the 2nd call
+    # after it, span six calls: none has completed)
+    assert _rounds() == 4
     assert torch.ops.slimops.conv2d_routes(True) != [0, 0, 0] and _routes() == _rounds() == 0
 
 
@@ -226,10 +228,17 @@ def test_pair_measurement_reuses_the_passes_own_times(monkeypatch):
     torch.ops.slimops.conv2d_routes(True)
 
 
-def test_auto_measures_again_on_later_calls(monkeypatch):
-    """A choice made under a passing load is checked again: each measured pass is measured
-    once more on its 16th, 64th, 256th, 1024th and 4096th call after the first measurement
-    (route.h), with the same result as any other call."""
+def _forward_runs_onednn(call) -> bool:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    return "aten::convolution" in {e.name for e in prof.events()}
+
+
+def test_auto_times_both_routes_in_place_on_later_calls(monkeypatch):
+    """After the first measurement (the candidates back to back), windows of six calls time
+    the routes in place, as each call finds its operands, alternating the kernels and oneDNN:
+    from the 2nd call after it, then from the 16th, 64th, 256th, 1024th and 4096th (route.h);
+    each window call returns its route's result, as any other call."""
     monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "auto")
     torch.ops.slimops.conv2d_routes(True)
     x, weight = torch.randn(2, 16, 24, 24), torch.randn(32, 32, 3, 3)
@@ -237,21 +246,30 @@ def test_auto_measures_again_on_later_calls(monkeypatch):
 
     def call():
         with torch.no_grad():
-            return slimops.ops.conv2d(x, weight, None, 16, 1, 1, 1)  # the forward pass only
+            out = slimops.ops.conv2d(x, weight, None, 16, 1, 1, 1)  # the forward pass only
+        torch.testing.assert_close(out, expected)
 
-    torch.testing.assert_close(call(), expected)
+    def window():  # six calls: which of them ran oneDNN
+        return [_forward_runs_onednn(call) for _ in range(6)]
+
+    call()
     assert (_routes(), _rounds()) == (1, 1)
-    for _ in range(15):
-        torch.testing.assert_close(call(), expected)
-        assert _rounds() == 1
-    torch.testing.assert_close(call(), expected)  # the 16th call after the first
-    assert (_routes(), _rounds()) == (1, 2)
-    for _ in range(64 - 16):
+    call()  # the 1st call after the first measurement: its chosen route
+    assert window() == [False, True] * 3  # calls 2-7: the kernels, oneDNN, ...
+    assert (_routes(), _rounds()) == (1, 2)  # the window completed a measurement
+    for _ in range(16 - 8):  # the chosen route, untimed
+        call()
+    assert _rounds() == 2
+    assert window() == [False, True] * 3  # from the 16th call after the first
+    assert _rounds() == 3
+    for _ in range(64 - 22):
         call()
     assert _rounds() == 3
-    for _ in range(256 - 64):
-        call()
+    assert window() == [False, True] * 3
     assert _rounds() == 4
+    for _ in range(256 - 70 + 6):
+        call()
+    assert _rounds() == 5
     torch.ops.slimops.conv2d_routes(True)
 
 

@@ -13,9 +13,10 @@
 // reference".
 //
 // SLIMOPS_CONV_ROUTE (read on every call, so one process can compare them):
-//   auto     (default) measure per shape on its first call and a few times later (on its
-//            16th, 64th, 256th, 1024th and 4096th calls), run the route with the better best
-//            time;
+//   auto     (default) measure per shape on its first call (the candidates back to back),
+//            then time them in place on a few later calls (windows of six calls from the
+//            2nd, 16th, 64th, 256th, 1024th and 4096th call after it); run the faster
+//            back to back unless the in-place times say otherwise by more than 10%;
 //   fixed    the fixed rules only (no measurement): deterministic, the same route every run
 //            (oneDNN only at full input width, where its weight is the contiguous prefix);
 //   onednn   oneDNN wherever it applies (tests use it to check that route's results).
@@ -91,45 +92,103 @@ enum class RouteOp : int64_t { kConv2d = 0, kDepthwiseConv2d = 16 };
 // the thread count, the ISA cap). Unused slots stay 0.
 using RouteKey = std::array<int64_t, 24>;
 
-// When a measured key is measured again: on its 16th call after the first measurement, then
-// its 64th, 256th, 1024th and 4096th (then never). Why: on a shared machine the first
-// measurement can fall in a window where another process holds a core, and the two routes
-// slow down by different factors there. On a 2-core AMD EPYC Zen 3 with one core kept busy, a
-// [1, 64, 56, 56] 3x3 conv at full width (the kernels 1.25x slower than oneDNN idle) got the
-// kernels from the first measurement in 5 of 8 fresh processes (idle: 0 of 6); with this
-// schedule 7 of 8 ran oneDNN after 300 calls, and idle choices did not change. Each route
-// keeps the best time it ever took: contention only adds time, so the best times converge on
-// what each route costs unhindered, and a later window without contention corrects a choice
-// made under it.
-constexpr int64_t kRouteFirstCheck = 16;
-constexpr int64_t kRouteCheckGrowth = 4;
-constexpr int64_t kRouteLastCheck = 4096;
+// When a measured key is timed again, in place: windows of kRouteWindowCalls calls that
+// alternate the kernels and oneDNN, each call timed as it finds its operands (the caches as
+// the previous op left them); each route's window time is the median of its calls there.
+// Windows start on the 2nd call after the first measurement, then the 16th, 64th, 256th,
+// 1024th and 4096th (then never).
+//
+// Why in place: the first measurement runs the candidates back to back, so every run after
+// the first finds its operands in cache, which a call inside a network does not. A grouped
+// 5x5 stride-2 conv (512 -> 96, 14x14, batch 8, AVX2; im2col chunks of 3.8 MB) took 2.6 ms on
+// the kernels and 3.3 on oneDNN back to back, but 5.4 and 3.2 with 64 MiB written between
+// calls, and 4.2-5.5 against oneDNN's 3.1 inside that layer's training step, which the
+// back-to-back choice made 1.12-1.15x the reference style's (2-core Intel Xeon). Evicting the
+// caches before each back-to-back run instead moved single-layer benchmarks, whose operands
+// do stay in cache between calls, onto their slower route (1.03 -> 1.08-1.12).
+//
+// Why medians, and a margin: one call's in-place time spreads far more than a back-to-back
+// run's (the grouped conv above: 3.0 to 5.5 ms on the kernels inside the step; its fastest
+// call would have kept the kernels), and near-equal routes swapped places between windows
+// when a window timed one call each (a 5x5 stride-2 conv, 64 -> 6 channels on 34x34 at batch
+// 1: oneDNN 0.221 ms, the kernels 0.253 back to back; in place 0.289 / 0.277 in one window,
+// 0.240 / 0.272 in the next). So the in-place times overturn the first measurement's choice
+// only by more than kRouteInPlaceMargin.
+//
+// Why repeated: on a shared machine one window can fall where another process holds a
+// core, and the two routes slow down by different factors there. On a 2-core AMD EPYC Zen 3
+// with one core kept busy, a [1, 64, 56, 56] 3x3 conv at full width (the kernels 1.25x
+// slower than oneDNN idle) got the kernels from the first measurement in 5 of 8 fresh
+// processes (idle: 0 of 6); with later measurements 7 of 8 ran oneDNN after 300 calls, and
+// idle choices did not change. Each route keeps its best window time: contention only adds
+// time, so the best windows converge on what each route costs unhindered, and a later window
+// without contention corrects a choice made under it.
+constexpr int64_t kRouteWindowCalls = 6;  // three per route
+constexpr int64_t kRouteFirstWindow = 2;
+constexpr int64_t kRouteSecondWindow = 16;
+constexpr int64_t kRouteWindowGrowth = 4;
+constexpr int64_t kRouteLastWindow = 4096;
+constexpr double kRouteInPlaceMargin = 0.10;
 
 class RouteCache {
  public:
-  // Counts a call of `key` and returns its route for this call: 1 = oneDNN, 0 = kernels,
-  // -1 = not measured yet. `remeasure` is set when this call is one of the key's later
-  // measurements (kRouteFirstCheck...).
-  int visit(const RouteKey& key, bool& remeasure) {
+  // What a call of a key runs: `route` 1 = oneDNN, 0 = the kernels, -1 = not measured yet
+  // (the caller measures); `timed` when the call is one of an in-place window's.
+  struct Visit {
+    int route;
+    bool timed;
+  };
+  // Counts a call of `key` and says what it runs.
+  Visit visit(const RouteKey& key) {
     std::lock_guard<std::mutex> lock(mutex_);
-    remeasure = false;
     const auto it = entries_.find(key);
-    if (it == entries_.end()) return -1;
+    if (it == entries_.end()) return {-1, false};
     Entry& e = it->second;
-    if (e.next_check > 0 && ++e.calls == e.next_check) {
-      remeasure = true;
-      e.next_check = e.next_check < kRouteLastCheck ? e.next_check * kRouteCheckGrowth : 0;
-    }
-    return e.onednn() ? 1 : 0;
+    ++e.calls;
+    const int64_t at = e.calls - e.next_window;  // the call's place in the window
+    if (e.next_window > 0 && at >= 0 && at < kRouteWindowCalls) return {int(at % 2), true};
+    return {e.onednn() ? 1 : 0, false};
   }
-  // Folds one measurement's best times (seconds) into `key`'s entry.
+  // `key`'s route (as visit's) without counting a call: for a pass inside another pass's
+  // in-place window (conv2d_backward's pair runs its two passes as its kernels route), whose
+  // time must be the passes' chosen routes', not their own windows'.
+  int chosen(const RouteKey& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = entries_.find(key);
+    return it == entries_.end() ? -1 : it->second.onednn() ? 1 : 0;
+  }
+  // Folds the first measurement's best times (seconds, candidates back to back) into `key`'s
+  // entry.
   void record(const RouteKey& key, double onednn_s, double kernels_s) {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto [it, first] = entries_.try_emplace(key);
     Entry& e = it->second;
-    if (first) e.next_check = kRouteFirstCheck;
-    e.best_onednn = std::min(e.best_onednn, onednn_s);
-    e.best_kernels = std::min(e.best_kernels, kernels_s);
+    if (first) e.next_window = kRouteFirstWindow;
+    e.onednn_s = std::min(e.onednn_s, onednn_s);
+    e.kernels_s = std::min(e.kernels_s, kernels_s);
+    ++rounds_;
+  }
+  // Folds one window call's in-place time (seconds) into `key`'s entry; the window's last
+  // call completes a measurement: each route's median there, kept where it beats its best.
+  void record_in_place(const RouteKey& key, int route, double seconds) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = entries_.find(key);
+    if (it == entries_.end()) return;  // cleared meanwhile
+    Entry& e = it->second;
+    const int64_t at = e.calls - e.next_window;
+    if (at < 0 || at >= kRouteWindowCalls) return;  // another thread's call moved it on
+    e.window[at] = seconds;
+    if (at + 1 < kRouteWindowCalls) return;
+    for (int r = 0; r < 2; ++r) {
+      std::array<double, kRouteWindowCalls / 2> times;
+      for (int64_t i = 0; i < kRouteWindowCalls / 2; ++i) times[i] = e.window[2 * i + r];
+      std::sort(times.begin(), times.end());
+      double& best = r ? e.onednn_in_place_s : e.kernels_in_place_s;
+      best = std::min(best, times[times.size() / 2]);
+    }
+    e.next_window = e.next_window == kRouteFirstWindow ? kRouteSecondWindow
+                    : e.next_window < kRouteLastWindow  ? e.next_window * kRouteWindowGrowth
+                                                        : 0;
     ++rounds_;
   }
   int64_t clear() {
@@ -144,15 +203,16 @@ class RouteCache {
     return std::count_if(entries_.begin(), entries_.end(),
                          [&](const auto& kv) { return kv.second.onednn() == onednn; });
   }
-  // The best time `key`'s faster route has taken (seconds); infinity when `key` was never
+  // The best time `key`'s faster route took in its first measurement (seconds, back to back,
+  // as another first measurement times its candidates); infinity when `key` was never
   // measured.
   double best(const RouteKey& key) {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = entries_.find(key);
     if (it == entries_.end()) return std::numeric_limits<double>::infinity();
-    return std::min(it->second.best_onednn, it->second.best_kernels);
+    return std::min(it->second.onednn_s, it->second.kernels_s);
   }
-  // Measurements run since the last clear (first ones and later ones).
+  // Measurements run since the last clear (first ones and completed windows).
   int64_t rounds() {
     std::lock_guard<std::mutex> lock(mutex_);
     return rounds_;
@@ -160,11 +220,19 @@ class RouteCache {
 
  private:
   struct Entry {
-    double best_onednn = std::numeric_limits<double>::infinity();
-    double best_kernels = std::numeric_limits<double>::infinity();
-    int64_t calls = 0;       // calls since the first measurement
-    int64_t next_check = 0;  // the call count that measures again; 0: none
-    bool onednn() const { return best_onednn < best_kernels; }
+    static constexpr double kNever = std::numeric_limits<double>::infinity();
+    double onednn_s = kNever, kernels_s = kNever;                     // back to back
+    double onednn_in_place_s = kNever, kernels_in_place_s = kNever;  // best window medians
+    std::array<double, kRouteWindowCalls> window{};  // the current window's times
+    int64_t calls = 0;        // calls since the first measurement
+    int64_t next_window = 0;  // the call count that starts the next window; 0: none
+    bool onednn() const {
+      const bool back_to_back = onednn_s < kernels_s;
+      const double chosen = back_to_back ? onednn_in_place_s : kernels_in_place_s;
+      const double other = back_to_back ? kernels_in_place_s : onednn_in_place_s;
+      // (infinite before the first window: never overturned)
+      return back_to_back != (other * (1 + kRouteInPlaceMargin) < chosen);
+    }
   };
   std::mutex mutex_;
   std::map<RouteKey, Entry> entries_;
@@ -174,6 +242,13 @@ class RouteCache {
 inline RouteCache& route_cache() {
   static RouteCache cache;
   return cache;
+}
+
+// Whether this thread is inside a window call of run_routed (one flag for every
+// instantiation of the template).
+inline bool& route_in_window() {
+  thread_local bool in_window = false;
+  return in_window;
 }
 
 // Below this many multiply-adds a pass is not measured: a few microseconds of work, where
@@ -190,9 +265,10 @@ constexpr int64_t kRouteMeasureMacs = int64_t{1} << 18;
 // (see there). In auto mode the first call of a key runs each candidate once untimed (page
 // faults, oneDNN's primitive creation), then three times each, alternating; fewer timed runs
 // picked the slower route on a noisy 2-core machine (a 256-channel 3x3 conv on a 7x7 plane,
-// 1.3x). A later measurement (kRouteFirstCheck...) times the call on its route and runs the
-// other route once. The route with the better best time over all of them runs; a measuring
-// call returns a result of a route it ran (either is the op's result).
+// 1.3x). A window's call (kRouteFirstWindow...) runs its one route, timed in place; a pass
+// run inside it runs its own chosen route, untimed (route_in_window). The faster route back
+// to back runs, unless the windows' times overturn it (Entry::onednn); a measuring call
+// returns a result of a route it ran (either is the op's result).
 //
 // `kernels_best` (called after the first, untimed run of `kernels`) may give the kernels
 // route's best time without timing it: a conv's gradient pair, whose kernels route is its two
@@ -207,30 +283,32 @@ Result run_routed(const RouteKey& key, bool onednn_possible, int64_t macs, bool 
   if (mode == RouteMode::kOnednn) return onednn();
   if (mode == RouteMode::kFixed) return fixed_onednn ? onednn() : kernels();
   if (macs < kRouteMeasureMacs) return kernels();
-  bool remeasure = false;
-  const int known = route_cache().visit(key, remeasure);
-  if (known >= 0 && !remeasure) return known ? onednn() : kernels();
+  // inside another pass's window call (this thread): the chosen route, no window of its own
+  bool& in_window = route_in_window();
+  const RouteCache::Visit visit =
+      in_window ? RouteCache::Visit{route_cache().chosen(key), false} : route_cache().visit(key);
+  if (visit.route >= 0 && !visit.timed) return visit.route ? onednn() : kernels();
   using clock = std::chrono::steady_clock;
   const auto seconds = [](clock::time_point t0) {
     return std::chrono::duration<double>(clock::now() - t0).count();
   };
-  double best_onednn = std::numeric_limits<double>::infinity(), best_kernels = best_onednn;
-  Result result;
-  if (known >= 0) {
-    // A later measurement: this call on its route, timed, and one run of the other route.
-    // One extra run, not the first measurement's seven: the best times of earlier
-    // measurements stand, so one more sample each is enough to correct a choice, and the
-    // full rounds cost S-ResNet-50's training steps 1.3-1.4x while they ran (Zen 3, batch 8:
-    // dozens of shapes re-measured in the same steps).
-    auto t0 = clock::now();
-    result = known ? onednn() : kernels();
-    (known ? best_onednn : best_kernels) = seconds(t0);
-    t0 = clock::now();
-    Result other = known ? kernels() : onednn();
-    (known ? best_kernels : best_onednn) = seconds(t0);
-    route_cache().record(key, best_onednn, best_kernels);
+  if (visit.timed) {  // a window's call: its route timed in place
+    struct InWindow {  // reset on exceptions too
+      bool& flag;
+      explicit InWindow(bool& f) : flag(f) { flag = true; }
+      ~InWindow() { flag = false; }
+    };
+    const auto t0 = clock::now();
+    Result result;
+    {
+      const InWindow scope(in_window);
+      result = visit.route ? onednn() : kernels();
+    }
+    route_cache().record_in_place(key, visit.route, seconds(t0));
     return result;
   }
+  double best_onednn = std::numeric_limits<double>::infinity(), best_kernels = best_onednn;
+  Result result;
   result = kernels();  // untimed: first-call costs
   result = onednn();
   const double known_kernels = kernels_best();
