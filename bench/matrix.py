@@ -122,7 +122,10 @@ class Cell:
     # one {variant: statistic} per pass over the cells (--repeat); rows is their median
     runs: List[Dict[str, float]] = field(default_factory=list)
     min_rounds: int = 5  # fewer for multi-second cells (S-ResNet-50 training at 224)
-    warmups: int = 2
+    # untimed calls first: a conv pass's 1st call measures its routes and its 3rd to 8th
+    # time them in place (route.h's first window), so the timed calls run the route the op
+    # settled on
+    warmups: int = 8
     # what rows and runs hold per variant: a key of STATISTICS (see STATISTICS)
     statistic: str = "median"
     # each pass's per-variant medians, kept beside runs when statistic is not the median
@@ -351,9 +354,9 @@ def _sweep_cells(seed: int, count: int, budget_s: float) -> List[Cell]:
         x = torch.randn(int(g["batch"]), cin, side, side, requires_grad=mode == "train")
         cell = Cell(sweep_name(g), {"slimops": _layer_call(layer, x, w, mode),
                                     "reference": _layer_call(ref, x, w, mode)}, budget_s)
-        # past a conv pass's first route measurements (its 1st and 17th calls, route.h), so
-        # the cell times the route the op settled on, not the measuring
-        cell.warmups = 20
+        # past a conv pass's route measurements up to its second in-place window (its 17th
+        # to 22nd calls, route.h), so the cell times the route the op settled on
+        cell.warmups = 24
         cells.append(cell)
     return cells
 
@@ -385,7 +388,7 @@ def build_cells(which: str, quick: bool, sweep: Tuple[int, int] = (0, 40)) -> Li
                 train = _train_cell(f"train {label} 224 b{batch}",
                                     build(WIDTHS, num_classes=1000),
                                     torch.randn(batch, 3, 224, 224), 1000, 0.0)
-                train.min_rounds, train.warmups = 3, 2
+                train.min_rounds = 3
                 cells.append(train)
     if which in ("ops", "all"):
         cells += _op_cells(budget / 8, quick)
@@ -397,10 +400,10 @@ def build_cells(which: str, quick: bool, sweep: Tuple[int, int] = (0, 40)) -> Li
                              budget / 2, WIDTHS)
         train = _train_cell("train s-resnet-50 224 b8", s_resnet50(WIDTHS, num_classes=1000),
                             torch.randn(8, 3, 224, 224), 1000, 0.0)
-        # two warm-up steps: the first measures every conv pass's route (route.h: several
-        # runs of each candidate, ~4x a step's conv time), the second reaches repeated
-        # blocks' 16th call (a cheap later measurement)
-        train.min_rounds, train.warmups = 3, 2
+        # eight warm-up steps (Cell.warmups): the first measures every conv pass's route
+        # (route.h: several runs of each candidate, ~4x a step's conv time), the 3rd to 8th
+        # time the routes in place
+        train.min_rounds = 3
         cells.append(train)
     if which in ("eval", "all"):
         widths = (0.25, 1.0) if quick else WIDTHS
