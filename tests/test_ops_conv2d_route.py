@@ -238,8 +238,11 @@ def test_auto_times_both_routes_in_place_on_later_calls(monkeypatch):
     """After the first measurement (the candidates back to back), windows of six calls time
     the routes in place, as each call finds its operands, alternating the kernels and oneDNN:
     from the 2nd call after it, then from the 16th, 64th, 256th, 1024th and 4096th (route.h);
-    each window call returns its route's result, as any other call."""
+    each window call returns its route's result, as any other call. (Passes whose routes'
+    back-to-back times are far apart skip the windows before the 256th call, unless
+    ``SLIMOPS_CONV_ROUTE_EARLY_WINDOWS=1``: see the next test.)"""
     monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "auto")
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE_EARLY_WINDOWS", "1")
     torch.ops.slimops.conv2d_routes(True)
     x, weight = torch.randn(2, 16, 24, 24), torch.randn(32, 32, 3, 3)
     expected = reference.conv2d(x, weight, None, 16, 1, 1, 1)
@@ -270,6 +273,29 @@ def test_auto_times_both_routes_in_place_on_later_calls(monkeypatch):
     for _ in range(256 - 70 + 6):
         call()
     assert _rounds() == 5
+    torch.ops.slimops.conv2d_routes(True)
+
+
+def test_far_apart_routes_skip_the_early_windows(monkeypatch):
+    """A pass whose routes took far different times back to back (more than 1.5x, route.h
+    kRouteClearRatio) runs no window before its 256th call; closer ones from the 2nd. Which
+    case a shape falls in is measured, so the test reads which one it got from the first
+    measurements completed and checks where the windows ran in that case."""
+    monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "auto")
+    monkeypatch.delenv("SLIMOPS_CONV_ROUTE_EARLY_WINDOWS", raising=False)
+    torch.ops.slimops.conv2d_routes(True)
+    x, weight = torch.randn(2, 16, 24, 24), torch.randn(32, 32, 3, 3)
+
+    def call():
+        with torch.no_grad():
+            slimops.ops.conv2d(x, weight, None, 16, 1, 1, 1)
+
+    call()
+    runs = [_forward_runs_onednn(call) for _ in range(262)]  # calls 1-262 after the first
+    assert _rounds() in (1 + 4, 1 + 1)
+    starts = [2, 16, 64, 256] if _rounds() == 1 + 4 else [256]
+    windows = [runs[s + i - 1] for s in starts for i in range(6)]
+    assert windows == [False, True] * 3 * len(starts)  # the kernels, oneDNN, ...
     torch.ops.slimops.conv2d_routes(True)
 
 

@@ -129,14 +129,30 @@ constexpr int64_t kRouteSecondWindow = 16;
 constexpr int64_t kRouteWindowGrowth = 4;
 constexpr int64_t kRouteLastWindow = 4096;
 constexpr double kRouteInPlaceMargin = 0.10;
+// A window runs the route not chosen three times. Where the back-to-back times are far apart
+// (the slower more than kRouteClearRatio x the faster: pointwise convs at batch 1, 2-3x slower
+// on oneDNN) the windows before the kRouteClearFirstWindow-th call are skipped: S-MobileNet
+// v2's training step at 224, batch 1, took 1.07-1.11x its time with them in its 25th-40th
+// steps (its 361 passes' windows; 2-core Intel Xeon), while the one wrong back-to-back
+// choice found was 1.27x apart (the grouped conv above). Their later windows still run.
+// SLIMOPS_CONV_ROUTE_EARLY_WINDOWS=1 keeps them for every pass (tests check the schedule).
+constexpr double kRouteClearRatio = 1.5;
+constexpr int64_t kRouteClearFirstWindow = 256;
+
+inline bool route_early_windows_forced() {
+  const char* v = std::getenv("SLIMOPS_CONV_ROUTE_EARLY_WINDOWS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
 
 class RouteCache {
  public:
   // What a call of a key runs: `route` 1 = oneDNN, 0 = the kernels, -1 = not measured yet
-  // (the caller measures); `timed` when the call is one of an in-place window's.
+  // (the caller measures); `timed` when the call is one of an in-place window's: the
+  // window's first call count and this call's place in it (record_in_place's arguments).
   struct Visit {
     int route;
     bool timed;
+    int64_t window = 0, slot = 0;
   };
   // Counts a call of `key` and says what it runs.
   Visit visit(const RouteKey& key) {
@@ -145,8 +161,12 @@ class RouteCache {
     if (it == entries_.end()) return {-1, false};
     Entry& e = it->second;
     ++e.calls;
-    const int64_t at = e.calls - e.next_window;  // the call's place in the window
-    if (e.next_window > 0 && at >= 0 && at < kRouteWindowCalls) return {int(at % 2), true};
+    if (e.calls == e.next_window && e.next_window < kRouteClearFirstWindow && e.clear() &&
+        !route_early_windows_forced())
+      e.next_window = kRouteClearFirstWindow;
+    const int64_t slot = e.calls - e.next_window;  // the call's place in the window
+    if (e.next_window > 0 && slot >= 0 && slot < kRouteWindowCalls)
+      return {int(slot % 2), true, e.next_window, slot};
     return {e.onednn() ? 1 : 0, false};
   }
   // `key`'s route (as visit's) without counting a call: for a pass inside another pass's
@@ -168,17 +188,19 @@ class RouteCache {
     e.kernels_s = std::min(e.kernels_s, kernels_s);
     ++rounds_;
   }
-  // Folds one window call's in-place time (seconds) into `key`'s entry; the window's last
-  // call completes a measurement: each route's median there, kept where it beats its best.
-  void record_in_place(const RouteKey& key, int route, double seconds) {
+  // Folds the in-place time (seconds) of `visit`, a window's call, into `key`'s entry; the
+  // window's last time to arrive completes a measurement: each route's median there, kept
+  // where it beats its best. (A call that threw leaves its window open, and the key with
+  // the routes measured so far.)
+  void record_in_place(const RouteKey& key, const Visit& visit, double seconds) {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = entries_.find(key);
     if (it == entries_.end()) return;  // cleared meanwhile
     Entry& e = it->second;
-    const int64_t at = e.calls - e.next_window;
-    if (at < 0 || at >= kRouteWindowCalls) return;  // another thread's call moved it on
-    e.window[at] = seconds;
-    if (at + 1 < kRouteWindowCalls) return;
+    if (visit.window != e.next_window) return;
+    e.window[visit.slot] = seconds;
+    if (++e.filled < kRouteWindowCalls) return;
+    e.filled = 0;
     for (int r = 0; r < 2; ++r) {
       std::array<double, kRouteWindowCalls / 2> times;
       for (int64_t i = 0; i < kRouteWindowCalls / 2; ++i) times[i] = e.window[2 * i + r];
@@ -224,8 +246,12 @@ class RouteCache {
     double onednn_s = kNever, kernels_s = kNever;                     // back to back
     double onednn_in_place_s = kNever, kernels_in_place_s = kNever;  // best window medians
     std::array<double, kRouteWindowCalls> window{};  // the current window's times
+    int64_t filled = 0;                               // how many of them have arrived
     int64_t calls = 0;        // calls since the first measurement
     int64_t next_window = 0;  // the call count that starts the next window; 0: none
+    bool clear() const {
+      return std::max(onednn_s, kernels_s) > kRouteClearRatio * std::min(onednn_s, kernels_s);
+    }
     bool onednn() const {
       const bool back_to_back = onednn_s < kernels_s;
       const double chosen = back_to_back ? onednn_in_place_s : kernels_in_place_s;
@@ -304,7 +330,7 @@ Result run_routed(const RouteKey& key, bool onednn_possible, int64_t macs, bool 
       const InWindow scope(in_window);
       result = visit.route ? onednn() : kernels();
     }
-    route_cache().record_in_place(key, visit.route, seconds(t0));
+    route_cache().record_in_place(key, visit, seconds(t0));
     return result;
   }
   double best_onednn = std::numeric_limits<double>::infinity(), best_kernels = best_onednn;
