@@ -278,7 +278,7 @@ def test_auto_times_both_routes_in_place_on_later_calls(monkeypatch):
 
 def test_far_apart_routes_skip_the_early_windows(monkeypatch):
     """A pass whose routes took far different times back to back (more than 1.5x, route.h
-    kRouteClearRatio) runs no window before its 256th call; closer ones from the 2nd. Which
+    kRouteFarRatio) runs no window before its 256th call; closer ones from the 2nd. Which
     case a shape falls in is measured, so the test reads which one it got from the first
     measurements completed and checks where the windows ran in that case."""
     monkeypatch.setenv("SLIMOPS_CONV_ROUTE", "auto")

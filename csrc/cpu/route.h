@@ -130,14 +130,14 @@ constexpr int64_t kRouteWindowGrowth = 4;
 constexpr int64_t kRouteLastWindow = 4096;
 constexpr double kRouteInPlaceMargin = 0.10;
 // A window runs the route not chosen three times. Where the back-to-back times are far apart
-// (the slower more than kRouteClearRatio x the faster: pointwise convs at batch 1, 2-3x slower
-// on oneDNN) the windows before the kRouteClearFirstWindow-th call are skipped: S-MobileNet
+// (the slower more than kRouteFarRatio x the faster: pointwise convs at batch 1, 2-3x slower
+// on oneDNN) the windows before the kRouteFarFirstWindow-th call are skipped: S-MobileNet
 // v2's training step at 224, batch 1, took 1.07-1.11x its time with them in its 25th-40th
 // steps (its 361 passes' windows; 2-core Intel Xeon), while the one wrong back-to-back
 // choice found was 1.27x apart (the grouped conv above). Their later windows still run.
 // SLIMOPS_CONV_ROUTE_EARLY_WINDOWS=1 keeps them for every pass (tests check the schedule).
-constexpr double kRouteClearRatio = 1.5;
-constexpr int64_t kRouteClearFirstWindow = 256;
+constexpr double kRouteFarRatio = 1.5;
+constexpr int64_t kRouteFarFirstWindow = 256;
 
 inline bool route_early_windows_forced() {
   const char* v = std::getenv("SLIMOPS_CONV_ROUTE_EARLY_WINDOWS");
@@ -161,9 +161,6 @@ class RouteCache {
     if (it == entries_.end()) return {-1, false};
     Entry& e = it->second;
     ++e.calls;
-    if (e.calls == e.next_window && e.next_window < kRouteClearFirstWindow && e.clear() &&
-        !route_early_windows_forced())
-      e.next_window = kRouteClearFirstWindow;
     const int64_t slot = e.calls - e.next_window;  // the call's place in the window
     if (e.next_window > 0 && slot >= 0 && slot < kRouteWindowCalls)
       return {int(slot % 2), true, e.next_window, slot};
@@ -183,9 +180,12 @@ class RouteCache {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto [it, first] = entries_.try_emplace(key);
     Entry& e = it->second;
-    if (first) e.next_window = kRouteFirstWindow;
     e.onednn_s = std::min(e.onednn_s, onednn_s);
     e.kernels_s = std::min(e.kernels_s, kernels_s);
+    if (first) {
+      e.next_window = e.far_apart() && !route_early_windows_forced() ? kRouteFarFirstWindow
+                                                                     : kRouteFirstWindow;
+    }
     ++rounds_;
   }
   // Folds the in-place time (seconds) of `visit`, a window's call, into `key`'s entry; the
@@ -249,8 +249,8 @@ class RouteCache {
     int64_t filled = 0;                               // how many of them have arrived
     int64_t calls = 0;        // calls since the first measurement
     int64_t next_window = 0;  // the call count that starts the next window; 0: none
-    bool clear() const {
-      return std::max(onednn_s, kernels_s) > kRouteClearRatio * std::min(onednn_s, kernels_s);
+    bool far_apart() const {
+      return std::max(onednn_s, kernels_s) > kRouteFarRatio * std::min(onednn_s, kernels_s);
     }
     bool onednn() const {
       const bool back_to_back = onednn_s < kernels_s;
