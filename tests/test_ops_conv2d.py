@@ -666,7 +666,11 @@ def test_backward_ops_match_reference(tol):
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param((F32, 1, (32, 20), (16, 9), 1, (25, 1, 64, 64)), id="1x1-image-chunks"),
+    pytest.param((F32, 1, (32, 20), (16, 9), 1, (25, 1, 64, 64)), id="1x1-image-per-chunk"),
+    # 7x7 planes (below kPointwiseImageColumns): 20 images side by side, then 5.
+    pytest.param((F32, 1, (520, 600), (500, 560), 1, (25, 1, 7, 7)), id="1x1-images-per-chunk"),
+    pytest.param((F64, 1, (500, 560), (500, 560), 1, (25, 1, 7, 7)),
+                 id="full-width-1x1-images-per-chunk"),
     pytest.param((F64, 3, (16, 12), (10, 6), 2, (2, 12, 160, 160)), id="3x3-position-chunks"),
     pytest.param((F64, 3, (8, 4), (8, 4), 1, (3, 4, 9, 7)), id="full-width-one-chunk"),
     pytest.param((F64, 1, (16, 16), (16, 16), 1, (25, 16, 40, 40)), id="full-width-chunks"),

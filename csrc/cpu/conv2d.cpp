@@ -263,6 +263,22 @@ void col2im_channel(const scalar_t* src, int64_t ld, scalar_t* plane, const Conv
 // (never on the thread count), and chunks are accumulated in order: deterministic.
 constexpr int64_t kChunkBudget = int64_t{1} << 20;  // operand elements per chunk
 
+// A pointwise conv's images of at least this many positions go one to a chunk: its GEMMs then
+// read the image and its output gradient in place and write the input gradient straight into
+// place, where several images side by side are three copies (the output gradient and the input
+// gathered, the input gradient scattered back) that cost more than the wider GEMMs save. Both
+// gradients, side by side (2-core Intel Xeon, AVX-512, 2 threads, median of 21, one image per
+// chunk vs as many as the budget takes): 8 x 64 -> 64 at 56x56 1.65-1.73 vs 2.54-2.60 ms,
+// 8 x 512 -> 128 at 28x28 4.8-5.3 vs 6.2-6.6, 8 x 1024 -> 256 at 14x14 5.0-5.1 vs 5.4-5.6,
+// 64 x 96 -> 24 at 32x32 3.4-3.5 vs 5.7-6.1, 64 x 64 -> 384 at 8x8 1.86-1.92 vs 2.13-2.14,
+// 64 x 16 -> 32 at 8x8 0.085-0.091 vs 0.117-0.118. Below it they stay side by side: at 7x7
+// 8 x 2048 -> 512 7.0-7.1 vs 5.0-5.2 (a 49-column GEMM), at 4x4 64 x 576 -> 96 1.6 vs 1.3-1.4.
+// Just above it, 9x9 planes lose (64 x 64 -> 64: 0.71-0.75 vs 0.57-0.63 ms; 8 x 256 -> 256
+// equal); the route's oneDNN candidate covers such a pass.
+// With im2col (any other conv) the columns are gathered anyway, and side by side measured
+// equal or faster (3x3 s2 8 x 256 -> 512 on 14x14: 7.5-7.7 vs 11.6-12.5 ms one per chunk).
+constexpr int64_t kPointwiseImageColumns = 64;
+
 struct Chunk {
   int64_t n0, k, p0, cnt;                 // images [n0, n0 + k), positions [p0, p0 + cnt)
   int64_t L() const { return k * cnt; }   // columns of the chunk's operands
@@ -288,7 +304,9 @@ struct ChunkPlan {
 ChunkPlan plan_chunks(const ConvGeometry& s, int64_t rows) {
   const int64_t P = s.P(), per_image = rows * P;
   if (per_image <= kChunkBudget) {
-    const int64_t images = std::max<int64_t>(1, std::min(s.N, kChunkBudget / per_image));
+    const int64_t images = s.pointwise() && P >= kPointwiseImageColumns
+                               ? 1
+                               : std::max<int64_t>(1, std::min(s.N, kChunkBudget / per_image));
     return {images, P, 1, (s.N + images - 1) / images};
   }
   const int64_t cols = std::min(P, std::max<int64_t>(256, kChunkBudget / rows));
