@@ -267,17 +267,21 @@ constexpr int64_t kChunkBudget = int64_t{1} << 20;  // operand elements per chun
 // read the image and its output gradient in place and write the input gradient straight into
 // place, where several images side by side are three copies (the output gradient and the input
 // gathered, the input gradient scattered back) that cost more than the wider GEMMs save. Both
-// gradients, side by side (2-core Intel Xeon, AVX-512, 2 threads, median of 21, one image per
-// chunk vs as many as the budget takes): 8 x 64 -> 64 at 56x56 1.65-1.73 vs 2.54-2.60 ms,
-// 8 x 512 -> 128 at 28x28 4.8-5.3 vs 6.2-6.6, 8 x 1024 -> 256 at 14x14 5.0-5.1 vs 5.4-5.6,
-// 64 x 96 -> 24 at 32x32 3.4-3.5 vs 5.7-6.1, 64 x 64 -> 384 at 8x8 1.86-1.92 vs 2.13-2.14,
-// 64 x 16 -> 32 at 8x8 0.085-0.091 vs 0.117-0.118. Below it they stay side by side: at 7x7
-// 8 x 2048 -> 512 7.0-7.1 vs 5.0-5.2 (a 49-column GEMM), at 4x4 64 x 576 -> 96 1.6 vs 1.3-1.4.
-// Just above it, 9x9 planes lose (64 x 64 -> 64: 0.71-0.75 vs 0.57-0.63 ms; 8 x 256 -> 256
-// equal); the route's oneDNN candidate covers such a pass.
-// With im2col (any other conv) the columns are gathered anyway, and side by side measured
-// equal or faster (3x3 s2 8 x 256 -> 512 on 14x14: 7.5-7.7 vs 11.6-12.5 ms one per chunk).
+// gradients (2-core Intel Xeon, AVX-512, 2 threads, median of 21, one process per setting;
+// one image per chunk vs as many as the budget takes): 8 x 64 -> 64 at 56x56 1.65-1.73 vs
+// 2.54-2.60 ms, 8 x 512 -> 128 at 28x28 4.8-5.3 vs 6.2-6.6, 8 x 1024 -> 256 at 14x14 5.0-5.1
+// vs 5.4-5.6, 64 x 96 -> 24 at 32x32 3.4-3.5 vs 5.7-6.1, 64 x 64 -> 384 at 8x8 1.86-1.92 vs
+// 2.13-2.14, 64 x 16 -> 32 at 8x8 0.085-0.091 vs 0.117-0.118. Below it they stay side by
+// side: at 7x7 8 x 2048 -> 512 7.0-7.1 vs 5.0-5.2 (a 49-column GEMM), at 4x4 64 x 576 -> 96
+// 1.6 vs 1.3-1.4. Just above it, 9x9 planes lose (64 x 64 -> 64: 0.71-0.75 vs 0.57-0.63 ms;
+// 8 x 256 -> 256 equal); the route's oneDNN candidate covers such a pass. With im2col (any
+// other conv) the columns are gathered anyway, and side by side measured equal or faster (3x3
+// s2 8 x 256 -> 512 on 14x14: 7.5-7.7 vs 11.6-12.5 ms one per chunk).
 constexpr int64_t kPointwiseImageColumns = 64;
+
+bool pointwise_images_apart(const ConvGeometry& s) {
+  return s.pointwise() && s.P() >= kPointwiseImageColumns;
+}
 
 struct Chunk {
   int64_t n0, k, p0, cnt;                 // images [n0, n0 + k), positions [p0, p0 + cnt)
@@ -304,7 +308,7 @@ struct ChunkPlan {
 ChunkPlan plan_chunks(const ConvGeometry& s, int64_t rows) {
   const int64_t P = s.P(), per_image = rows * P;
   if (per_image <= kChunkBudget) {
-    const int64_t images = s.pointwise() && P >= kPointwiseImageColumns
+    const int64_t images = pointwise_images_apart(s)
                                ? 1
                                : std::max<int64_t>(1, std::min(s.N, kChunkBudget / per_image));
     return {images, P, 1, (s.N + images - 1) / images};
@@ -409,13 +413,12 @@ constexpr int64_t kMinGemmColumns = 256;
 
 BlockPlan plan_blocks(const ConvGeometry& s, int64_t threads) {
   const int64_t P = s.P();
-  // A pointwise conv from kPointwiseImageColumns positions keeps its images apart, as in its
+  // A pointwise conv from kPointwiseImageColumns positions keeps its images apart as in its
   // backward (the copies side by side cost more than the wider GEMM saves): forward alone,
   // 8 x 96 -> 576 at 14x14 0.52-0.53 vs 0.57-0.61 ms, 64 x 64 -> 384 at 8x8 0.58 vs 0.70-0.74,
   // 64 x 16 -> 32 at 8x8 0.024 vs 0.032 (2-core Intel Xeon, AVX-512, median of 21); with
   // im2col side by side stays faster (3x3 dilation 2, 8 x 256 -> 256 at 14x14: 5.7-6.0 vs 7.6).
-  const bool apart = s.pointwise() && P >= kPointwiseImageColumns;
-  if (P < kMinGemmColumns && s.N >= 2 && !apart) {
+  if (P < kMinGemmColumns && s.N >= 2 && !pointwise_images_apart(s)) {
     const int64_t want = (kMinGemmColumns + P - 1) / P;
     const int64_t images = std::max<int64_t>(1, std::min(want, s.N / std::max<int64_t>(1, threads)));
     if (images > 1) return {P, 1, s.O, 1, (s.N + images - 1) / images, images};
