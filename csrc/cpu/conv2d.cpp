@@ -257,8 +257,9 @@ void col2im_channel(const scalar_t* src, int64_t ld, scalar_t* plane, const Conv
 // The backward passes walk the batch in chunks whose GEMM operands fit a fixed budget, so
 // their scratch stays in reused buffers of bounded size whatever the batch. Small images go
 // several to a chunk, side by side along the GEMM's inner (weight gradient) or column (input
-// gradient) dimension: one GEMM per chunk and group instead of one per image, which for an
-// 8x8 image is a 64-column product dominated by call overhead. An image larger than the
+// gradient) dimension: one GEMM per chunk and group instead of one per image, which for a
+// 3x3 conv's 8x8 image is a 64-column product dominated by call overhead (pointwise convs
+// keep images of 64+ positions apart: kPointwiseImageColumns). An image larger than the
 // budget is cut into blocks of output positions. The chunking depends on the shapes only
 // (never on the thread count), and chunks are accumulated in order: deterministic.
 constexpr int64_t kChunkBudget = int64_t{1} << 20;  // operand elements per chunk
